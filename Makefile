@@ -1,0 +1,42 @@
+# The only commands a newcomer needs: `make run` and `make test`. `make lint`, `make gen`, `make bench` for changes.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+DATA    ?= .data
+
+.PHONY: setup run test lint gen bench clean
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ./clients/python -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Serve the example product on 127.0.0.1:50051 with the embedded SQLite store under $(DATA)/.
+run: setup
+	PROCESSOR_DATA_DIR=$(DATA) $(VENV)/bin/ductape-processor serve --manifest examples/ --log-format text
+
+## Run the whole test suite (PostgreSQL tests skip with a message when no server is reachable, fail under CI=true).
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy server/ductape_processor clients/python/ductape/processor
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/buf format --diff --exit-code
+
+## Regenerate the Python stubs and the manifest JSON Schema (both checked in).
+gen: setup
+	$(PY) scripts/gen_protos.py
+	$(VENV)/bin/ductape-processor schema > docs/manifest.schema.json
+
+bench: setup
+	$(PY) bench/bench_foundation.py
+
+clean:
+	rm -rf $(VENV) $(DATA) .mypy_cache .ruff_cache .pytest_cache

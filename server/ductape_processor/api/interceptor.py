@@ -1,0 +1,228 @@
+"""The processor's one server interceptor: request id, authentication, tracing, RPC metrics and error mapping.
+
+Everything a call needs around it is done in one wrapper, built once per method and cached, so the per-call cost
+is a few attribute reads when telemetry is off. Health checks are public and left unwrapped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from ductape_processor.api.auth import ApiKeyAuthenticator
+from ductape_processor.api.status import error_trailers, internal_trailers
+from ductape_processor.errors import ProcessorError
+from ductape_processor.telemetry.context import CallInfo, current_call
+from ductape_processor.telemetry.setup import Telemetry
+
+log = logging.getLogger(__name__)
+
+PUBLIC_SERVICES = ("/grpc.health.v1.Health/",)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_propagator = TraceContextTextMapPropagator()
+
+Behavior = Callable[..., Any]
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if key in ("authorization", "traceparent", "tracestate", "x-request-id") and isinstance(value, str):
+            found[key] = value
+    return found
+
+
+class _Call:
+    """The per-call part of the interceptor: opens the call, closes it, maps errors."""
+
+    __slots__ = ("attributes", "authenticator", "method", "span_name", "telemetry")
+
+    def __init__(self, method: str, authenticator: ApiKeyAuthenticator, telemetry: Telemetry) -> None:
+        self.method = method
+        self.authenticator = authenticator
+        self.telemetry = telemetry
+        service, _, name = method.lstrip("/").partition("/")
+        self.span_name = f"{service}/{name}"
+        self.attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+    def open(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[CallInfo, Any, Any, str | None]:
+        """Start the call: request id, contextvar, span. Returns what `close` needs and the authorization."""
+        metadata = _metadata(context)
+        request_id = metadata.get("x-request-id", "")
+        if not _REQUEST_ID.match(request_id):
+            request_id = secrets.token_hex(8)
+        info = CallInfo(self.method, request_id, metadata.get("traceparent"))
+        token: Any = current_call.set(info)
+        span = None
+        tracer = self.telemetry.tracer
+        if tracer is not None:
+            parent = _propagator.extract(metadata) if "traceparent" in metadata else None
+            span = tracer.start_span(
+                self.span_name, context=parent, kind=trace.SpanKind.SERVER, attributes=self.attributes
+            )
+            otel_token = otel_context.attach(trace.set_span_in_context(span))
+            token = (token, otel_token)
+        return info, span, token, metadata.get("authorization")
+
+    def authenticate(self, authorization: str | None) -> None:
+        """Raise Unauthenticated unless the call carries an accepted API key (when keys are configured)."""
+        if self.authenticator.enabled:
+            self.authenticator.check(authorization)
+
+    def close(self, span: Any, token: Any, code: grpc.StatusCode, started: float) -> None:
+        if span is not None:
+            call_token, otel_token = token
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code != grpc.StatusCode.OK:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+            span.end()
+            otel_context.detach(otel_token)
+            current_call.reset(call_token)
+        else:
+            current_call.reset(token)
+        histogram = self.telemetry.rpc_duration
+        if histogram is not None:
+            histogram.record(
+                (time.perf_counter() - started) * 1000.0,
+                {**self.attributes, "rpc.grpc.status_code": code.value[0]},
+            )
+
+    async def fail(
+        self, exc: Exception, info: CallInfo | None, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> grpc.StatusCode:
+        """Abort the call with the mapped status; returns the code for telemetry (abort raises)."""
+        request_id = info.request_id if info is not None else secrets.token_hex(8)
+        if isinstance(exc, ProcessorError):
+            code, message, trailers = error_trailers(exc, request_id)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("%s failed: %s", self.method, message)
+        else:
+            code, message, trailers = internal_trailers(request_id)
+            log.error("unexpected error in %s (correlation id %s)", self.method, request_id, exc_info=exc)
+        await context.abort(code, message, trailing_metadata=trailers)
+        return code  # pragma: no cover - abort raises
+
+
+class ProcessorInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every non-public method handler once, then serves the cached wrapper."""
+
+    def __init__(self, authenticator: ApiKeyAuthenticator, telemetry: Telemetry) -> None:
+        self._authenticator = authenticator
+        self._telemetry = telemetry
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = handler_call_details.method
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
+        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
+        if handler is None or method.startswith(PUBLIC_SERVICES):
+            return handler
+        wrapped = self._wrap(method, handler)
+        self._handlers[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        call = _Call(method, self._authenticator, self._telemetry)
+        deserializer = handler.request_deserializer
+        serializer = handler.response_serializer
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary(call, handler.unary_unary),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _unary(call, handler.stream_unary),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _streaming(call, handler.unary_stream),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
+            )
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(
+            _streaming(call, handler.stream_stream),
+            request_deserializer=deserializer,
+            response_serializer=serializer,
+        )
+
+
+def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """The code an inner handler aborted with (for telemetry)."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    for candidate in grpc.StatusCode:
+        if candidate.value[0] == code:
+            return candidate
+    return grpc.StatusCode.UNKNOWN
+
+
+def _unary(call: _Call, inner: Behavior) -> Behavior:
+    async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started = time.perf_counter()
+        info = None
+        span = token = None
+        code = grpc.StatusCode.OK
+        try:
+            info, span, token, authorization = call.open(context)
+            call.authenticate(authorization)
+            return await inner(request, context)
+        except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
+        except Exception as exc:
+            code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
+            await call.fail(exc, info, context)
+        finally:
+            if info is not None:
+                call.close(span, token, code, started)
+
+    return behavior
+
+
+def _streaming(call: _Call, inner: Behavior) -> Behavior:
+    if inspect.isasyncgenfunction(inner):
+
+        async def generator(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            info = None
+            span = token = None
+            code = grpc.StatusCode.OK
+            try:
+                info, span, token, authorization = call.open(context)
+                call.authenticate(authorization)
+                async for response in inner(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                code = _aborted_code(context)
+                raise
+            except Exception as exc:
+                code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
+                await call.fail(exc, info, context)
+            finally:
+                if info is not None:
+                    call.close(span, token, code, started)
+
+        return generator
+    return _unary(call, inner)

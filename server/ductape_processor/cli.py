@@ -1,0 +1,166 @@
+"""`ductape-processor`: serve, validate manifests, print the manifest JSON Schema, hash an API key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ductape_processor import __version__
+from ductape_processor.api.auth import hash_key
+from ductape_processor.app import ProcessorApp, StartupError, manifest_files
+from ductape_processor.errors import InvalidManifest
+from ductape_processor.runtime.manifest import Manifest
+from ductape_processor.runtime.manifest_loader import ManifestFormat, load_manifest
+from ductape_processor.settings import Settings
+from ductape_processor.telemetry.logging import configure_logging
+
+log = logging.getLogger("ductape_processor")
+
+# flag -> settings field; only flags given on the command line override the environment.
+_FLAGS: dict[str, dict[str, Any]] = {
+    "address": {"help": "host:port to listen on (PROCESSOR_ADDRESS, default 127.0.0.1:50051)"},
+    "data_dir": {"help": "folder for the embedded store (PROCESSOR_DATA_DIR, default .data)"},
+    "store": {"help": "sqlite, sqlite:///file.db or a postgresql:// DSN (PROCESSOR_STORE)"},
+    "store_schema": {"help": "PostgreSQL schema of the store (PROCESSOR_STORE_SCHEMA, default processor)"},
+    "manifest": {
+        "dest": "manifests",
+        "action": "append",
+        "help": "manifest file or folder to apply at start",
+    },
+    "secrets_file": {"help": "KEY=VALUE file of secrets (PROCESSOR_SECRETS_FILE)"},
+    "log_level": {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+    "log_format": {"choices": ["json", "text"]},
+    "max_message_bytes": {"type": int},
+    "max_concurrent_rpcs": {"type": int},
+    "keepalive_time_s": {"type": float},
+    "keepalive_timeout_s": {"type": float},
+    "shutdown_grace_s": {"type": float, "help": "seconds calls in flight get on SIGTERM (default 15)"},
+    "api_key_hash": {
+        "dest": "api_key_hashes",
+        "action": "append",
+        "help": "hex SHA-256 of an accepted API key",
+    },
+    "tls_cert": {},
+    "tls_key": {},
+    "tls_client_ca": {"help": "CA bundle that client certificates must chain to (mTLS)"},
+    "registry_poll_s": {"type": float},
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ductape-processor", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the gRPC API")
+    for name, options in _FLAGS.items():
+        serve.add_argument(f"--{name.replace('_', '-')}", default=None, **options)
+    serve.add_argument("--insecure", action="store_true", default=None, help="allow an exposed bind without TLS/auth")
+    validate = commands.add_parser("validate", help="validate manifest files and list every problem")
+    validate.add_argument("paths", nargs="+", type=Path)
+    commands.add_parser("schema", help="print the manifest JSON Schema")
+    key = commands.add_parser("hash-key", help="print the SHA-256 of an API key read from standard input")
+    key.add_argument("--key", help="the key (prefer standard input: arguments show in process lists)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags given on the command line taking precedence."""
+    overrides = {
+        field: value
+        for field in (*(o.get("dest", n) for n, o in _FLAGS.items()), "insecure")
+        if (value := getattr(args, field, None)) is not None
+    }
+    return Settings(**overrides)
+
+
+async def serve(settings: Settings) -> int:
+    """Run the server until SIGTERM or SIGINT, then drain."""
+    app = ProcessorApp(settings)
+    try:
+        await app.start()
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(app.wait())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutdown requested")
+    await app.stop()
+    for task in (waiter, stopper):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return 0
+
+
+def _validate(paths: list[Path]) -> int:
+    status = 0
+    for path in manifest_files(paths):
+        fmt = ManifestFormat.JSON if path.suffix == ".json" else ManifestFormat.YAML
+        try:
+            loaded = load_manifest(path.read_bytes(), fmt)
+        except InvalidManifest as exc:
+            status = 1
+            print(f"{path}: invalid")
+            for v in exc.violations:
+                print(f"  {v.field or '(document)'}: {v.description}")
+            continue
+        print(f"{path}: valid (product {loaded.model.product}, checksum {loaded.checksum})")
+    return status
+
+
+def manifest_schema() -> dict[str, Any]:
+    """The manifest's JSON Schema, generated from the models."""
+    schema = Manifest.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Ductape processor product manifest"
+    return schema
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "schema":
+        print(json.dumps(manifest_schema(), indent=2, sort_keys=True))
+        return
+    if args.command == "hash-key":
+        key = args.key if args.key is not None else sys.stdin.readline().strip()
+        if not key:
+            sys.exit("hash-key: no key given on standard input")
+        print(hash_key(key))
+        return
+    if args.command == "validate":
+        try:
+            sys.exit(_validate(args.paths))
+        except StartupError as exc:
+            sys.exit(f"validate: {exc}")
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        sys.exit(f"ductape-processor: invalid configuration: {problems}")
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        sys.exit(asyncio.run(serve(settings)))
+    except StartupError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

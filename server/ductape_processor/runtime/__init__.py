@@ -1,0 +1,1 @@
+"""The engine: product model, registry and, later, one executor per resource kind."""

@@ -1,0 +1,47 @@
+"""Durations in manifests: `200ms`, `5s`, `15m`, `1h`, `30d`, `2w`, or an integer count of milliseconds."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated
+
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+DURATION_PATTERN = r"^\d+(\.\d+)?(ms|s|m|h|d|w)$"
+
+
+def parse_duration(value: object) -> timedelta:
+    """Read a manifest duration; raise ValueError with the accepted forms when it is not one."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("a duration is a string such as '200ms', '5s', '15m', '1h', '30d' or '2w'")
+    if isinstance(value, int) and value >= 0:
+        return timedelta(milliseconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    raise ValueError(
+        f"{value!r} is not a duration: use a number and a unit (ms, s, m, h, d, w) such as '200ms', '15m' or '30d'"
+    )
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest exact manifest form of a duration (`90s`, `15m`, `250ms`)."""
+    ms = round(value.total_seconds() * 1000)
+    for unit, seconds in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if ms % (seconds * 1000) == 0 and ms:
+            return f"{ms // (seconds * 1000)}{unit}"
+    return f"{ms}ms"
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["200ms", "15m", "30d"]}),
+]

@@ -1,0 +1,469 @@
+"""The product manifest as typed, immutable models.
+
+A manifest is validated once, at apply time, into a `Manifest`; the runtime reads these models, never raw dicts.
+Every model forbids unknown fields, so a misspelt key or a resource kind this processor does not know is refused
+instead of silently ignored. A new resource kind is one new model and one new list field on `Manifest`.
+Cross-references (environment slugs, tags, path parameters) are checked by `reference_problems`, which reports
+every problem with its path rather than stopping at the first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+
+from ductape_processor.runtime.durations import Duration
+
+TAG_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+Tag = Annotated[
+    str,
+    Field(
+        pattern=TAG_PATTERN,
+        description="Letters, digits, `_` and `-`, starting with a letter, at most 64 characters.",
+    ),
+]
+SECRET_REFERENCE = re.compile(r"\$Secret\{([^{}]*)\}")
+SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+PATH_PARAMETER = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class _Model(BaseModel):
+    """Base of every manifest model: unknown fields are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Environment(_Model):
+    """A product environment. Callers address it by `slug` (`prd`) or by `name` (`production`)."""
+
+    slug: Tag
+    name: str | None = Field(None, min_length=1, max_length=100, description="Human name; also accepted by calls.")
+    description: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input contracts (actions, sessions)
+
+FieldType = Literal["string", "number", "integer", "boolean", "email", "uuid", "date", "array", "object"]
+
+
+class Decorator(_Model):
+    """Text added to a string value before it is sent."""
+
+    text: str
+    position: Literal["prepend", "append"] = "prepend"
+
+
+class FieldSpec(_Model):
+    """The contract of one input field. `0`, `""` and `false` are values, not missing."""
+
+    type: FieldType = "string"
+    required: bool = False
+    min_length: int | None = Field(None, ge=0, description="Least length of a string or array.")
+    max_length: int | None = Field(None, ge=0, description="Greatest length of a string or array.")
+    default: JsonValue = Field(None, description="Value used when the caller gives none.")
+    decorator: Decorator | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> FieldSpec:
+        if self.min_length is not None and self.max_length is not None and self.min_length > self.max_length:
+            raise ValueError("min_length is greater than max_length")
+        if (self.min_length is not None or self.max_length is not None) and self.type not in (
+            "string",
+            "email",
+            "array",
+        ):
+            raise ValueError(f"min_length/max_length apply to strings and arrays, not to type {self.type!r}")
+        if self.decorator is not None and self.type != "string":
+            raise ValueError(f"a decorator applies to strings, not to type {self.type!r}")
+        return self
+
+
+Schema = dict[Annotated[str, Field(min_length=1, max_length=128)], FieldSpec]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Apps and actions
+
+RequestType = Literal[
+    "application/json",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data",
+    "application/xml",
+    "text/xml",
+    "application/soap+xml",
+]
+HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+_STATUS_RULE = re.compile(r"^([1-5]\d\d)(?:-([1-5]\d\d))?$")
+
+
+class RetryPolicy(_Model):
+    """When and how often a failed upstream call is tried again."""
+
+    max: int = Field(0, ge=0, le=20, description="Retries after the first try; 0 disables retries.")
+    backoff: Literal["constant", "exponential"] = "exponential"
+    initial: Duration = Field(timedelta(milliseconds=200), description="Delay before the first retry.")
+    max_interval: Duration = Field(timedelta(seconds=5), description="Cap on any one delay.")
+    on: list[str] = Field(
+        default_factory=lambda: ["429", "500-599", "network"],
+        description='Status codes ("503"), ranges ("500-599") and "network" (connection errors) that are retried.',
+    )
+
+    @field_validator("on")
+    @classmethod
+    def _rules(cls, value: list[str]) -> list[str]:
+        for rule in value:
+            match = _STATUS_RULE.match(rule)
+            if rule != "network" and (match is None or (match.group(2) and match.group(2) < match.group(1))):
+                raise ValueError(f'{rule!r} is not a status code ("503"), a range ("500-599") or "network"')
+        return value
+
+
+class AppEnv(_Model):
+    """How an app is reached in one product environment."""
+
+    base_url: str = Field(description="Scheme, host, optional port and base path: `https://api.example.com/v2`.")
+    request_type: RequestType = "application/json"
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("base_url may not carry a query, a fragment or credentials (use auths)")
+        return value.rstrip("/")
+
+
+class TokenAuth(_Model):
+    """A static credential: headers, query or body values built from secrets (`$Secret{NAME}`)."""
+
+    tag: Tag
+    type: Literal["token"]
+    headers: dict[str, str] = Field(default_factory=dict)
+    query: dict[str, str] = Field(default_factory=dict)
+    body: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class CredentialAuth(_Model):
+    """A credential flow: a login action of the same app mints a token, reused until `expiry`."""
+
+    tag: Tag
+    type: Literal["credential"]
+    action: Tag = Field(description="Tag of the app's login action.")
+    expiry: Duration = Field(description="How long a minted token is reused.")
+    input: dict[str, JsonValue] = Field(default_factory=dict, description="Input of the login action.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Values built from the login response.")
+    query: dict[str, str] = Field(default_factory=dict)
+    body: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+Auth = Annotated[TokenAuth | CredentialAuth, Field(discriminator="type")]
+
+
+class ActionInput(_Model):
+    """The input contract of an action, per part of the request."""
+
+    params: Schema = Field(default_factory=dict, description="Path parameters (`:name` in the path).")
+    query: Schema = Field(default_factory=dict)
+    body: Schema = Field(default_factory=dict)
+    headers: Schema = Field(default_factory=dict)
+
+
+class Action(_Model):
+    """One endpoint of an app."""
+
+    tag: Tag
+    name: str | None = None
+    description: str = ""
+    method: HttpMethod
+    path: str = Field(min_length=1, max_length=2048, description="Starts with `/`; `:name` marks a path parameter.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Header templates.")
+    query: dict[str, JsonValue] = Field(default_factory=dict, description="Query templates.")
+    body: JsonValue = Field(None, description="Body template.")
+    input: ActionInput = Field(default_factory=ActionInput)
+    timeout: Duration | None = Field(None, description="Overrides the app's timeout.")
+    retry: RetryPolicy | None = Field(None, description="Overrides the app's retry policy.")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or value.startswith("//"):
+            raise ValueError("a path starts with a single '/' and names no host")
+        if "?" in value or "#" in value:
+            raise ValueError("a path has no query or fragment (use query and input.query)")
+        return value
+
+    def path_parameters(self) -> list[str]:
+        """Names of the `:name` parameters in the path, in order."""
+        return PATH_PARAMETER.findall(self.path)
+
+
+class App(_Model):
+    """A third-party API and its actions."""
+
+    tag: Tag
+    name: str | None = None
+    description: str = ""
+    envs: dict[str, AppEnv] = Field(description="Per product environment slug: base URL and request type.")
+    constants: dict[str, JsonValue] = Field(default_factory=dict)
+    variables: dict[str, dict[str, JsonValue]] = Field(
+        default_factory=dict,
+        description="Per product environment slug: values read by `$Variable{app}{key}`.",
+    )
+    auths: list[Auth] = Field(default_factory=list)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout: Duration = Field(timedelta(seconds=30), description="Per-try timeout of the app's actions.")
+    actions: list[Action] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Message brokers
+
+
+def _check_url(value: str, schemes: tuple[str, ...]) -> str:
+    if value.startswith("$Secret{") and value.endswith("}"):
+        return value
+    scheme = urlsplit(value).scheme
+    if scheme not in schemes:
+        allowed = ", ".join(f"{s}://" for s in schemes)
+        raise ValueError(
+            f"{value.split('@')[-1]!r} is not a URL of this broker (expected {allowed}, or $Secret{{NAME}})"
+        )
+    return value
+
+
+class MemoryBrokerEnv(_Model):
+    """The in-process broker: nothing to install, nothing survives a restart."""
+
+    type: Literal["memory"]
+
+
+class RedisBrokerEnv(_Model):
+    """Redis Streams with consumer groups."""
+
+    type: Literal["redis"]
+    url: str = Field(description="`redis://` or `rediss://`; may be `$Secret{NAME}` or contain one.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, ("redis", "rediss"))
+
+
+class RabbitMQBrokerEnv(_Model):
+    """RabbitMQ through AMQP 0-9-1."""
+
+    type: Literal["rabbitmq"]
+    url: str = Field(description="`amqp://` or `amqps://`; may be `$Secret{NAME}` or contain one.")
+    exchange: str = Field("", max_length=255, description="Exchange topics publish to; empty: one per topic.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, ("amqp", "amqps"))
+
+
+class NatsBrokerEnv(_Model):
+    """NATS JetStream."""
+
+    type: Literal["nats"]
+    url: str = Field(description="`nats://` or `tls://`; may be `$Secret{NAME}` or contain one.")
+    stream: str | None = Field(None, max_length=255, description="JetStream stream name; default from the broker tag.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, ("nats", "tls"))
+
+
+BrokerEnv = Annotated[MemoryBrokerEnv | RedisBrokerEnv | RabbitMQBrokerEnv | NatsBrokerEnv, Field(discriminator="type")]
+
+
+class Topic(_Model):
+    """A topic: callers use its tag (`broker:topic`), the broker sees its name."""
+
+    tag: Tag
+    name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.\-]+$")
+
+
+class Broker(_Model):
+    """A message broker and its topics."""
+
+    tag: Tag
+    name: str | None = None
+    description: str = ""
+    envs: dict[str, BrokerEnv] = Field(description="Per product environment slug: broker type and connection.")
+    topics: list[Topic] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sessions and caches
+
+_SESSION_SELECTOR = re.compile(r"^\$Session\{([^{}]+)\}$")
+
+
+class SessionType(_Model):
+    """A kind of user session: the data it carries, who it identifies and how long it lives."""
+
+    tag: Tag
+    description: str = ""
+    data_schema: Schema = Field(alias="schema", description="The fields a session's data holds.")
+    selector: str = Field(description="The field identifying the user: `$Session{userId}`.")
+    expiry: Duration = Field(timedelta(hours=1), description="Lifetime of a session token.")
+    refresh_expiry: Duration = Field(timedelta(days=30), description="Lifetime of a refresh token.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> SessionType:
+        match = _SESSION_SELECTOR.match(self.selector)
+        if match is None:
+            raise ValueError(f"selector {self.selector!r} must be $Session{{field}}")
+        if match.group(1) not in self.data_schema:
+            raise ValueError(f"selector names {match.group(1)!r}, which is not a field of the schema")
+        if self.refresh_expiry < self.expiry:
+            raise ValueError("refresh_expiry is shorter than expiry")
+        return self
+
+    @property
+    def identifier_field(self) -> str:
+        """The schema field that identifies the user."""
+        match = _SESSION_SELECTOR.match(self.selector)
+        assert match is not None
+        return match.group(1)
+
+
+class Cache(_Model):
+    """A cache: an execution naming it memoises its result for `ttl`."""
+
+    tag: Tag
+    description: str = ""
+    ttl: Duration = Field(description="How long a stored result is served.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The manifest
+
+
+class Manifest(_Model):
+    """One product: its environments and its resources."""
+
+    product: Tag
+    name: str | None = None
+    description: str = ""
+    environments: list[Environment] = Field(min_length=1)
+    apps: list[App] = Field(default_factory=list)
+    brokers: list[Broker] = Field(default_factory=list)
+    sessions: list[SessionType] = Field(default_factory=list)
+    caches: list[Cache] = Field(default_factory=list)
+
+    def find_environment(self, slug_or_name: str) -> Environment | None:
+        """The environment with this slug, else the one with this name."""
+        for env in self.environments:
+            if env.slug == slug_or_name:
+                return env
+        for env in self.environments:
+            if env.name == slug_or_name:
+                return env
+        return None
+
+
+def _duplicates(items: list[Any], attr: str, where: str) -> Iterator[tuple[str, str]]:
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        value = getattr(item, attr)
+        if value is None:
+            continue
+        if value in seen:
+            yield f"{where}[{index}].{attr}", f"{attr} {value!r} is already used by {where}[{seen[value]}]"
+        else:
+            seen[value] = index
+
+
+def _env_keys(mapping: Mapping[str, Any], slugs: list[str], where: str, *, complete: bool) -> Iterator[tuple[str, str]]:
+    for key in mapping:
+        if key not in slugs:
+            yield (
+                f"{where}.{key}",
+                f"{key!r} is not an environment of the product (declared: {', '.join(slugs)})",
+            )
+    if complete:
+        for slug in slugs:
+            if slug not in mapping:
+                yield where, f"no configuration for environment {slug!r}"
+
+
+def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
+    """Every cross-reference problem of a structurally valid manifest, as (path, why)."""
+    problems: list[tuple[str, str]] = []
+    slugs = [env.slug for env in manifest.environments]
+    problems += _duplicates(manifest.environments, "slug", "environments")
+    problems += _duplicates(manifest.environments, "name", "environments")
+    names = {env.name for env in manifest.environments if env.name}
+    for index, env in enumerate(manifest.environments):
+        if env.slug in names and env.name != env.slug:
+            problems.append((f"environments[{index}].slug", f"{env.slug!r} is also another environment's name"))
+    for kind in ("apps", "brokers", "sessions", "caches"):
+        problems += _duplicates(getattr(manifest, kind), "tag", kind)
+    for a, app in enumerate(manifest.apps):
+        where = f"apps[{a}]"
+        problems += _env_keys(app.envs, slugs, f"{where}.envs", complete=True)
+        problems += _env_keys(app.variables, slugs, f"{where}.variables", complete=False)
+        problems += _duplicates(app.actions, "tag", f"{where}.actions")
+        problems += _duplicates(app.auths, "tag", f"{where}.auths")
+        action_tags = {action.tag for action in app.actions}
+        for i, auth in enumerate(app.auths):
+            if isinstance(auth, CredentialAuth) and auth.action not in action_tags:
+                problems.append((f"{where}.auths[{i}].action", f"app {app.tag!r} has no action {auth.action!r}"))
+        for i, action in enumerate(app.actions):
+            declared = set(action.input.params)
+            in_path = action.path_parameters()
+            for name in in_path:
+                if name not in declared:
+                    problems.append(
+                        (
+                            f"{where}.actions[{i}].path",
+                            f"path parameter :{name} is not declared in input.params",
+                        )
+                    )
+            for name in declared - set(in_path):
+                problems.append((f"{where}.actions[{i}].input.params.{name}", f"the path has no parameter :{name}"))
+    for b, broker in enumerate(manifest.brokers):
+        problems += _env_keys(broker.envs, slugs, f"brokers[{b}].envs", complete=True)
+        problems += _duplicates(broker.topics, "tag", f"brokers[{b}].topics")
+        problems += _duplicates(broker.topics, "name", f"brokers[{b}].topics")
+    return problems
+
+
+def secret_problems(document: object, path: str = "") -> list[tuple[str, str]]:
+    """Malformed `$Secret{NAME}` references anywhere in the raw document, as (path, why)."""
+    problems: list[tuple[str, str]] = []
+    if isinstance(document, dict):
+        for key, value in document.items():
+            problems += secret_problems(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(document, list):
+        for index, value in enumerate(document):
+            problems += secret_problems(value, f"{path}[{index}]")
+    elif isinstance(document, str):
+        for name in SECRET_REFERENCE.findall(document):
+            if not SECRET_NAME.match(name):
+                problems.append(
+                    (
+                        path,
+                        f"$Secret{{{name}}}: a secret name is letters, digits and '_', not starting with a digit",
+                    )
+                )
+    return problems

@@ -1,0 +1,295 @@
+"""The product registry: stores manifest versions and resolves (product, env, version) to a validated model.
+
+Resolving is served from memory. A product's state (latest version, pins) is cached until it changes: on this
+replica the change drops it at once; other replicas sharing a PostgreSQL store drop it when the store's change
+notification arrives (milliseconds), or at the latest on the next poll of the products' change counters
+(`registry_poll_s`, 2 s by default). Versions are immutable, so their validated models are kept in an LRU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ductape_processor.errors import (
+    EnvNotFound,
+    FieldViolation,
+    InvalidArgument,
+    InvalidManifest,
+    ProductNotFound,
+    VersionNotFound,
+)
+from ductape_processor.runtime.manifest import Environment, Manifest
+from ductape_processor.runtime.manifest_loader import (
+    LoadedManifest,
+    ManifestFormat,
+    load_manifest,
+    parse_document,
+    validate_document,
+)
+from ductape_processor.store.base import Store, VersionRecord
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MODEL_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ProductState:
+    """What the registry knows of a product between two changes."""
+
+    latest: VersionRecord | None
+    pins: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A product version ready to run in one environment."""
+
+    product: str
+    version: int
+    env: Environment
+    manifest: Manifest
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationResult:
+    """The outcome of validating a manifest without storing it."""
+
+    problems: list[FieldViolation]
+    product: str
+    checksum: str
+
+
+@dataclass(slots=True)
+class _Slot:
+    generation: int = 0
+    loading: asyncio.Future[ProductState] | None = None
+    state: ProductState | None = None
+
+
+class Registry:
+    """Product versions and environment pins over a `Store`, with an in-memory cache of resolved models."""
+
+    def __init__(self, store: Store, *, poll_interval: float = 2.0) -> None:
+        self._store = store
+        self._poll_interval = poll_interval
+        self._slots: dict[str, _Slot] = {}
+        self._models: OrderedDict[tuple[str, int], Manifest] = OrderedDict()
+        self._seen_revisions: dict[str, int] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start following changes made by other replicas."""
+        self._seen_revisions = {r.product: r.revision for r in await self._store.revisions()}
+        await self._store.listen(self.invalidate)
+        self._poller = asyncio.get_running_loop().create_task(self._poll(), name="registry-poll")
+
+    async def stop(self) -> None:
+        """Stop following changes."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_interval)
+            try:
+                revisions = await self._store.revisions()
+            except Exception as exc:  # the store may be briefly unreachable; keep serving from memory
+                log.warning("registry poll failed: %s", exc)
+                continue
+            for item in revisions:
+                if self._seen_revisions.get(item.product) != item.revision:
+                    self._seen_revisions[item.product] = item.revision
+                    self.invalidate(item.product)
+
+    def invalidate(self, product: str) -> None:
+        """Forget the cached state of `product` (called on change, locally or from another replica)."""
+        slot = self._slots.get(product)
+        if slot is not None:
+            slot.generation += 1
+            slot.state = None
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    async def state(self, product: str) -> ProductState:
+        """The product's latest version and pins, from memory when unchanged."""
+        slot = self._slots.get(product)
+        if slot is not None and slot.state is not None:
+            return slot.state
+        if slot is None:
+            slot = self._slots.setdefault(product, _Slot())
+        if slot.loading is not None and not slot.loading.done():
+            return await asyncio.shield(slot.loading)
+        generation = slot.generation
+        loop = asyncio.get_running_loop()
+        slot.loading = loop.create_future()
+        try:
+            latest, pins = await asyncio.gather(self._store.latest_version(product), self._store.pins(product))
+        except BaseException as exc:
+            slot.loading.set_exception(exc)
+            slot.loading.exception()  # mark retrieved: waiters re-raise it
+            slot.loading = None
+            raise
+        state = ProductState(latest, pins)
+        if slot.generation == generation:
+            slot.state = state
+        slot.loading.set_result(state)
+        slot.loading = None
+        return state
+
+    async def _existing(self, product: str) -> ProductState:
+        state = await self.state(product)
+        if state.latest is None:
+            raise ProductNotFound(product)
+        return state
+
+    async def record(self, product: str, version: int) -> VersionRecord:
+        """One version's record; VersionNotFound when the product has no such version."""
+        state = await self._existing(product)
+        assert state.latest is not None
+        if state.latest.version == version:
+            return state.latest
+        record = await self._store.get_version(product, version) if 0 < version < state.latest.version else None
+        if record is None:
+            raise VersionNotFound(product, version, state.latest.version)
+        return record
+
+    def model(self, record: VersionRecord) -> Manifest:
+        """The validated model of a stored version (cached; versions never change)."""
+        key = (record.product, record.version)
+        model = self._models.get(key)
+        if model is not None:
+            self._models.move_to_end(key)
+            return model
+        model = validate_document(json.loads(record.document))
+        self._models[key] = model
+        if len(self._models) > MODEL_CACHE_SIZE:
+            self._models.popitem(last=False)
+        return model
+
+    # -- registry operations ------------------------------------------------------------------------------------
+
+    async def apply(self, source: bytes, fmt: ManifestFormat) -> tuple[VersionRecord, bool]:
+        """Validate and store a manifest as the product's next version (or return the identical latest)."""
+        loaded: LoadedManifest = load_manifest(source, fmt)
+        record, created = await self._store.apply_version(
+            loaded.model.product, loaded.checksum, int(loaded.format), source, loaded.canonical_json
+        )
+        if created:
+            self._models[(record.product, record.version)] = loaded.model
+            self.invalidate(record.product)
+        return record, created
+
+    def validate(self, source: bytes, fmt: ManifestFormat) -> ValidationResult:
+        """Every problem of a manifest, without storing it."""
+        try:
+            loaded = load_manifest(source, fmt)
+        except InvalidManifest as exc:
+            product = ""
+            with contextlib.suppress(InvalidManifest):
+                document = parse_document(source, fmt if fmt else ManifestFormat.UNSPECIFIED)
+                value = document.get("product")
+                product = value if isinstance(value, str) else ""
+            return ValidationResult(exc.violations, product, "")
+        return ValidationResult([], loaded.model.product, loaded.checksum)
+
+    async def environment(self, product: str, env: str, version: int | None = None) -> tuple[Environment, int]:
+        """The environment named by slug or name, and the version a call in it runs."""
+        state = await self._existing(product)
+        assert state.latest is not None
+        if version is not None:
+            record = await self.record(product, version)
+            model = self.model(record)
+            found = model.find_environment(env)
+            if found is None:
+                raise EnvNotFound(product, env, version, [e.slug for e in model.environments])
+            return found, version
+        latest_model = self.model(state.latest)
+        found = latest_model.find_environment(env)
+        if found is None:
+            # An environment removed from the latest manifest still runs the version it is pinned to.
+            for slug, pinned in state.pins.items():
+                pinned_model = self.model(await self.record(product, pinned))
+                candidate = pinned_model.find_environment(env)
+                if candidate is not None and candidate.slug == slug:
+                    return candidate, pinned
+            raise EnvNotFound(product, env, state.latest.version, [e.slug for e in latest_model.environments])
+        return found, state.pins.get(found.slug, state.latest.version)
+
+    async def resolve(self, product: str, env: str, version: int | None = None) -> Resolved:
+        """The model a call runs: the version asked for, else the environment's pin, else the latest."""
+        environment, chosen = await self.environment(product, env, version)
+        record = await self.record(product, chosen)
+        return Resolved(product, chosen, environment, self.model(record))
+
+    async def get(
+        self, product: str, *, version: int | None = None, env: str | None = None
+    ) -> tuple[VersionRecord, dict[str, int]]:
+        """A version's record (explicit, pinned for `env`, or latest) and the product's pins."""
+        state = await self._existing(product)
+        assert state.latest is not None
+        if version is not None:
+            return await self.record(product, version), state.pins
+        if env is not None:
+            _, chosen = await self.environment(product, env)
+            return await self.record(product, chosen), state.pins
+        return state.latest, state.pins
+
+    async def list_versions(
+        self, product: str, page_size: int, page_token: str
+    ) -> tuple[list[VersionRecord], str, dict[str, int]]:
+        """One page of versions, newest first, the next page's token, and the pins."""
+        if page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        before = _decode_token(product, page_token) if page_token else None
+        state = await self._existing(product)
+        records = await self._store.list_versions(product, before=before, limit=size + 1)
+        more = len(records) > size
+        records = records[:size]
+        token = _encode_token(product, records[-1].version) if more else ""
+        return records, token, state.pins
+
+    async def promote(self, product: str, env: str, version: int) -> tuple[str, int | None]:
+        """Pin an environment (slug or name, declared by `version`) to `version`; return its slug and old pin."""
+        if version <= 0:
+            raise InvalidArgument.field("version", "must be 1 or more")
+        record = await self.record(product, version)
+        model = self.model(record)
+        found = model.find_environment(env)
+        if found is None:
+            raise EnvNotFound(product, env, version, [e.slug for e in model.environments])
+        previous = await self._store.set_pin(product, found.slug, version)
+        self.invalidate(product)
+        return found.slug, previous
+
+
+def _encode_token(product: str, before: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{product}:{before}".encode()).decode().rstrip("=")
+
+
+def _decode_token(product: str, token: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        prefix, owner, before = raw.split(":")
+        if prefix != "v1" or owner != product:
+            raise ValueError
+        return int(before)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument.field(
+            "page_token", "not a page token of this product's listing; pass next_page_token unchanged"
+        ) from None

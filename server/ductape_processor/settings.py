@@ -1,0 +1,122 @@
+"""The processor's one settings object: `PROCESSOR_*` environment variables, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _split_list(value: object) -> object:
+    """Accept a comma-separated string (as an environment variable gives it) as well as a list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Configuration of one processor instance. Every field has an embedded default that serves on loopback."""
+
+    model_config = SettingsConfigDict(env_prefix="PROCESSOR_", extra="forbid", frozen=True)
+
+    address: str = Field("127.0.0.1:50051", description="host:port the gRPC server listens on.")
+    data_dir: Path = Field(Path(".data"), description="Folder for the embedded SQLite store and local state.")
+    store: str = Field(
+        "sqlite",
+        description="`sqlite` (a file under data_dir), `sqlite:///path/to/file.db`, or a `postgresql://` DSN.",
+    )
+    store_schema: str = Field(
+        "processor",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="PostgreSQL schema holding the store's tables.",
+    )
+    manifests: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Manifest files or folders (*.yaml, *.yml, *.json) applied at start.",
+    )
+    secrets_file: Path | None = Field(None, description="A KEY=VALUE file read as a secret source.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_concurrent_rpcs: int | None = Field(None, ge=1, description="Calls served at once; more wait. None: no cap.")
+    keepalive_time_s: float = Field(60.0, gt=0, description="Ping an idle client connection this often.")
+    keepalive_timeout_s: float = Field(20.0, gt=0, description="Close a connection whose ping is unanswered.")
+    shutdown_grace_s: float = Field(15.0, ge=0, description="Time calls in flight get to finish on SIGTERM.")
+    api_key_hashes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hex SHA-256 hashes of the accepted API keys."
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate chain of the server.")
+    tls_key: Path | None = Field(None, description="PEM private key of the server.")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle; when set, clients must present a cert (mTLS).")
+    insecure: bool = Field(False, description="Allow a non-loopback bind without TLS and authentication.")
+    registry_poll_s: float = Field(
+        2.0, gt=0, description="How often a replica re-checks the store for products changed elsewhere."
+    )
+
+    @field_validator("manifests", "api_key_hashes", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _hashes(cls, value: list[str]) -> list[str]:
+        lowered = [v.lower() for v in value]
+        for item in lowered:
+            if not _HEX_SHA256.match(item):
+                raise ValueError("each API key hash must be 64 hex digits (SHA-256); see `ductape-processor hash-key`")
+        return lowered
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("address must be host:port, e.g. 127.0.0.1:50051 or [::1]:50051")
+        return value
+
+    @property
+    def host(self) -> str:
+        """The host part of `address`, without IPv6 brackets."""
+        return self.address.rpartition(":")[0].strip("[]")
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when the server is reachable from this machine only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def tls_enabled(self) -> bool:
+        """True when the server presents a certificate."""
+        return self.tls_cert is not None
+
+    def exposure_problems(self) -> list[str]:
+        """Why serving on `address` would be unsafe: empty on loopback, or when TLS and authentication are on."""
+        problems: list[str] = []
+        if (self.tls_cert is None and self.tls_key is not None) or (self.tls_cert is not None and self.tls_key is None):
+            problems.append("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and not self.tls_enabled:
+            problems.append("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.is_loopback or self.insecure:
+            return problems
+        if not self.tls_enabled:
+            problems.append(
+                f"{self.address} is not a loopback address and TLS is off (set PROCESSOR_TLS_CERT/PROCESSOR_TLS_KEY)"
+            )
+        if not self.api_key_hashes and self.tls_client_ca is None:
+            problems.append(
+                f"{self.address} is not a loopback address and no client authentication is configured "
+                "(set PROCESSOR_API_KEY_HASHES or PROCESSOR_TLS_CLIENT_CA)"
+            )
+        return problems

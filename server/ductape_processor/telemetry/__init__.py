@@ -1,0 +1,1 @@
+"""OpenTelemetry set-up, per-call context and structured logging."""

@@ -1,0 +1,50 @@
+"""Structured logs: one JSON object a line, carrying the request id and the trace id of the call being served."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from opentelemetry import trace
+from pythonjsonlogger.json import JsonFormatter
+
+from ductape_processor.telemetry.context import current_call
+
+
+class CallContextFilter(logging.Filter):
+    """Adds `request_id`, `rpc_method`, `trace_id` and `span_id` of the current call to each record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        call = current_call.get()
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            record.trace_id = format(span.trace_id, "032x")
+            record.span_id = format(span.span_id, "016x")
+        elif call is not None and (ids := call.trace_ids()) is not None:
+            record.trace_id, record.span_id = ids
+        if call is not None:
+            record.request_id = call.request_id
+            record.rpc_method = call.method
+        return True
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Send the processor's logs to stderr, as JSON lines (`json`) or readable text (`text`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(CallContextFilter())
+    if fmt == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{name}{message}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
