@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
@@ -28,9 +29,9 @@ class CallContextFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    """Send the processor's logs to stderr, as JSON lines (`json`) or readable text (`text`)."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> logging.Handler:
+    """Send the processor's logs to `stream` (stderr), as JSON lines (`json`) or readable text (`text`)."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(CallContextFilter())
     if fmt == "json":
         handler.setFormatter(
@@ -48,3 +49,4 @@ def configure_logging(level: str, fmt: str) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+    return handler

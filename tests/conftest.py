@@ -1,0 +1,148 @@
+"""Shared fixtures: real servers on port 0, real channels, real stores (SQLite files and PostgreSQL schemas).
+
+PostgreSQL tests use PROCESSOR_TEST_POSTGRES_DSN (default: the local server's `test` database). Without a server
+they skip with a message; under CI=true a missing server fails the run instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from ductape.processor import Processor
+from ductape_processor.app import ProcessorApp
+from ductape_processor.settings import Settings
+from ductape_processor.store import Store
+from ductape_processor.store.postgres import PostgresStore
+from ductape_processor.store.sqlite import SqliteStore
+from ductape_processor.telemetry.setup import Telemetry
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "shop.yaml"
+POSTGRES_DSN = os.environ.get("PROCESSOR_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+_postgres_checked: str | None = None  # "" when reachable, else why not
+
+
+async def _postgres_unavailable() -> str:
+    global _postgres_checked
+    if _postgres_checked is None:
+        try:
+            conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+            await conn.close()
+            _postgres_checked = ""
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            _postgres_checked = f"PostgreSQL at {POSTGRES_DSN} is not reachable: {exc}"
+    return _postgres_checked
+
+
+async def require_postgres() -> None:
+    """Skip (or fail under CI=true) when the PostgreSQL server is unreachable."""
+    why = await _postgres_unavailable()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why} (CI=true: a missing server is a failure)")
+        pytest.skip(why)
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema name, dropped after the test."""
+    await require_postgres()
+    schema = f"t_{secrets.token_hex(6)}"
+    yield schema
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[[], Awaitable[Store]]]:
+    """Opens stores of one kind sharing one database (several stores = several replicas)."""
+    opened: list[Store] = []
+    schema: str | None = None
+    if request.param == "postgres":
+        await require_postgres()
+        schema = f"t_{secrets.token_hex(6)}"
+
+        def make() -> Store:
+            return PostgresStore(POSTGRES_DSN, schema)
+    else:
+
+        def make() -> Store:
+            return SqliteStore(tmp_path / "store.db")
+
+    async def factory() -> Store:
+        store = make()
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        await store.close()
+    if schema is not None:
+        conn = await asyncpg.connect(POSTGRES_DSN)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@dataclass
+class Running:
+    """A started processor and a client connected to it."""
+
+    app: ProcessorApp
+    port: int
+    client: Processor
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.address)
+
+
+ServerFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def start_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """Start processors on 127.0.0.1:0: `await start_server(store=..., telemetry=..., **settings)`."""
+    running: list[Running] = []
+
+    async def start(
+        *, store: Store | None = None, telemetry: Telemetry | None = None, api_key: str | None = None, **overrides: Any
+    ) -> Running:
+        values: dict[str, Any] = {"address": "127.0.0.1:0", "data_dir": tmp_path / f"data{len(running)}"}
+        values.update(overrides)
+        app = ProcessorApp(Settings(**values), store=store, telemetry=telemetry)
+        port = await app.start()
+        client = Processor(f"127.0.0.1:{port}", api_key=api_key, timeout=10)
+        handle = Running(app, port, client)
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        await handle.client.close()
+        await handle.app.stop(grace=0)
+
+
+@pytest.fixture
+async def server(start_server: ServerFactory) -> Running:
+    """One processor on the embedded SQLite store."""
+    return await start_server()

@@ -1,0 +1,229 @@
+"""Manifest parsing and validation: every problem is reported with its path and reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+from ductape_processor.errors import InvalidManifest
+from ductape_processor.runtime.manifest import CredentialAuth, RedisBrokerEnv
+from ductape_processor.runtime.manifest_loader import ManifestFormat, load_manifest, parse_document
+
+from tests.conftest import EXAMPLE, ROOT
+
+BASE = {
+    "product": "shop",
+    "environments": [{"slug": "dev"}, {"slug": "prd", "name": "production"}],
+}
+
+
+def problems(document: object, fmt: ManifestFormat = ManifestFormat.UNSPECIFIED) -> dict[str, str]:
+    source = document if isinstance(document, bytes) else json.dumps(document).encode()
+    with pytest.raises(InvalidManifest) as caught:
+        load_manifest(source, fmt)
+    return {v.field: v.description for v in caught.value.violations}
+
+
+def with_(**parts: object) -> dict[str, object]:
+    return {**BASE, **parts}
+
+
+def app(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "tag": "mailer",
+        "envs": {"dev": {"base_url": "http://127.0.0.1:8025"}, "prd": {"base_url": "https://mail.example"}},
+    }
+    return {**base, **overrides}
+
+
+def test_the_example_manifest_is_valid() -> None:
+    loaded = load_manifest(EXAMPLE.read_bytes())
+    model = loaded.model
+    assert model.product == "shop"
+    assert [e.slug for e in model.environments] == ["dev", "prd"]
+    mailer = model.apps[0]
+    assert mailer.retry.max == 3 and mailer.retry.initial == timedelta(milliseconds=200)
+    assert mailer.retry.on == ["429", "500-599", "network"], "YAML `on:` is a key, not the boolean true"
+    assert mailer.actions[0].path_parameters() == ["template"]
+    assert model.sessions[0].identifier_field == "userId"
+    assert model.caches[0].ttl == timedelta(seconds=60)
+    assert isinstance(model.brokers[0].envs["prd"], type(model.brokers[0].envs["prd"]))
+
+
+def test_yaml_and_json_of_the_same_content_share_a_checksum() -> None:
+    document = parse_document(EXAMPLE.read_bytes(), ManifestFormat.YAML)
+    from_yaml = load_manifest(EXAMPLE.read_bytes())
+    from_json = load_manifest(json.dumps(document, indent=4).encode(), ManifestFormat.JSON)
+    assert from_json.format == ManifestFormat.JSON and from_yaml.format == ManifestFormat.YAML
+    assert from_yaml.checksum == from_json.checksum
+
+
+def test_environment_lookup_by_slug_or_name() -> None:
+    model = load_manifest(json.dumps(BASE).encode()).model
+    prd = model.find_environment("prd")
+    assert prd is not None and model.find_environment("production") == prd
+    assert model.find_environment("staging") is None
+
+
+def test_unknown_resource_kind_and_unknown_field_are_refused() -> None:
+    found = problems(with_(databases=[], apps=[app(colour="blue")]))
+    assert "unknown field" in found["databases"]
+    assert "unknown field" in found["apps[0].colour"]
+
+
+def test_every_problem_is_listed_with_its_path() -> None:
+    found = problems(
+        with_(
+            apps=[
+                app(
+                    envs={"dev": {"base_url": "ftp://x"}, "qa": {"base_url": "http://x"}},
+                    actions=[{"tag": "send", "method": "POST", "path": "no-slash"}],
+                )
+            ],
+            caches=[{"tag": "short", "ttl": "soon"}],
+        )
+    )
+    assert "http:// or https://" in found["apps[0].envs.dev.base_url"]
+    assert "starts with a single '/'" in found["apps[0].actions[0].path"]
+    assert "not a duration" in found["caches[0].ttl"]
+
+
+def test_cross_references_are_checked() -> None:
+    found = problems(
+        with_(
+            environments=[{"slug": "dev"}, {"slug": "prd"}, {"slug": "dev"}],
+            apps=[
+                app(
+                    envs={"dev": {"base_url": "http://a"}, "qa": {"base_url": "http://b"}},
+                    variables={"stage": {"x": 1}},
+                    auths=[{"tag": "login", "type": "credential", "action": "missing", "expiry": "1h"}],
+                    actions=[
+                        {"tag": "get", "method": "get", "path": "/users/:id", "input": {"params": {"other": {}}}},
+                        {"tag": "get", "method": "GET", "path": "/x"},
+                    ],
+                )
+            ],
+            brokers=[{"tag": "events", "envs": {"dev": {"type": "memory"}}, "topics": []}],
+        )
+    )
+    assert "already used by environments[0]" in found["environments[2].slug"]
+    assert "'qa' is not an environment" in found["apps[0].envs.qa"]
+    assert "no configuration for environment 'prd'" in found["apps[0].envs"]
+    assert "'stage' is not an environment" in found["apps[0].variables.stage"]
+    assert "has no action 'missing'" in found["apps[0].auths[0].action"]
+    assert ":id is not declared" in found["apps[0].actions[0].path"]
+    assert "no parameter :other" in found["apps[0].actions[0].input.params.other"]
+    assert "already used" in found["apps[0].actions[1].tag"]
+    assert "no configuration for environment 'prd'" in found["brokers[0].envs"]
+
+
+def test_broker_types_and_auth_kinds_are_discriminated() -> None:
+    found = problems(
+        with_(
+            apps=[app(auths=[{"tag": "k", "type": "oauth"}])],
+            brokers=[
+                {"tag": "b", "envs": {"dev": {"type": "kafka"}, "prd": {"type": "redis", "url": "http://r"}}},
+            ],
+        )
+    )
+    assert "'token', 'credential'" in found["apps[0].auths[0]"]
+    assert "'memory', 'redis', 'rabbitmq', 'nats'" in found["brokers[0].envs.dev"]
+    assert "redis://" in found["brokers[0].envs.prd.url"]
+    model = load_manifest(
+        json.dumps(
+            with_(
+                apps=[
+                    app(
+                        auths=[{"tag": "login", "type": "credential", "action": "token", "expiry": "2h"}],
+                        actions=[{"tag": "token", "method": "POST", "path": "/oauth/token"}],
+                    )
+                ],
+                brokers=[
+                    {
+                        "tag": "b",
+                        "envs": {"dev": {"type": "memory"}, "prd": {"type": "redis", "url": "$Secret{REDIS_URL}"}},
+                    }
+                ],
+            )
+        ).encode()
+    ).model
+    assert isinstance(model.apps[0].auths[0], CredentialAuth)
+    assert isinstance(model.brokers[0].envs["prd"], RedisBrokerEnv)
+
+
+def test_sessions_need_a_selector_naming_a_schema_field() -> None:
+    found = problems(
+        with_(
+            sessions=[
+                {"tag": "user", "schema": {"userId": {"type": "string"}}, "selector": "$Session{id}"},
+                {"tag": "admin", "schema": {"id": {}}, "selector": "id", "expiry": "1d", "refresh_expiry": "1h"},
+            ]
+        )
+    )
+    assert "not a field of the schema" in found["sessions[0]"]
+    assert "must be $Session{field}" in found["sessions[1]"]
+
+
+def test_field_specs_are_consistent() -> None:
+    schema = {
+        "a": {"type": "integer", "min_length": 1},
+        "b": {"type": "string", "min_length": 5, "max_length": 2},
+        "c": {"type": "number", "decorator": {"text": "x"}},
+        "d": {"type": "money"},
+    }
+    found = problems(with_(sessions=[{"tag": "s", "schema": schema, "selector": "$Session{a}"}]))
+    assert "apply to strings and arrays" in found["sessions[0].schema.a"]
+    assert "greater than max_length" in found["sessions[0].schema.b"]
+    assert "decorator applies to strings" in found["sessions[0].schema.c"]
+    assert "sessions[0].schema.d.type" in found
+
+
+def test_malformed_secret_references_are_refused() -> None:
+    found = problems(with_(apps=[app(constants={"key": "$Secret{1BAD}"})]))
+    assert "secret name" in found["apps[0].constants.key"]
+
+
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        (b"product: shop\nproduct: blog\nenvironments: [{slug: dev}]\n", "duplicate key 'product'"),
+        (b'{"product": "a", "product": "b", "environments": []}', "duplicate key 'product'"),
+        (b"- just\n- a list\n", "a manifest is a mapping"),
+        (b"product: [unclosed\n", "YAML syntax error"),
+        (b'{"product": ', "JSON syntax error"),
+        (b"\xff\xfe not utf-8", "not UTF-8"),
+        (b'{"product": "a", "environments": [{"slug": "dev"}], "name": NaN}', "NaN"),
+    ],
+)
+def test_unreadable_documents_are_refused_with_a_reason(source: bytes, why: str) -> None:
+    found = problems(source)
+    assert why in found[""]
+
+
+def test_alias_expansion_bombs_are_refused() -> None:
+    lines = ["product: shop", "environments: [{slug: dev}]", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 9):
+        previous = f"*a{level - 1}"
+        lines.append(f"a{level}: &a{level} [{', '.join([previous] * 10)}]")
+    found = problems("\n".join(lines).encode())
+    assert "more than" in found[""]
+
+
+def test_yaml_keeps_words_and_dates_as_strings() -> None:
+    source = (
+        b"product: shop\nenvironments: [{slug: dev}]\n"
+        b"apps:\n- tag: a\n  envs: {dev: {base_url: 'http://a'}}\n  constants: {answer: no, day: 2024-01-01}\n"
+    )
+    constants = load_manifest(source).model.apps[0].constants
+    assert constants == {"answer": "no", "day": "2024-01-01"}
+
+
+def test_the_published_json_schema_is_up_to_date() -> None:
+    generated = subprocess.run(
+        [sys.executable, "-m", "ductape_processor.cli", "schema"], capture_output=True, text=True, check=True
+    ).stdout
+    published = (ROOT / "docs" / "manifest.schema.json").read_text()
+    assert json.loads(generated) == json.loads(published), "run `make gen` and commit docs/manifest.schema.json"
