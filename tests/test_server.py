@@ -311,3 +311,13 @@ def test_settings_read_environment_variables(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("PROCESSOR_API_KEY_HASHES", "not-a-hash")
     with pytest.raises(ValueError, match="64 hex digits"):
         Settings()
+
+
+def test_text_logs_show_the_extra_fields() -> None:
+    stream = io.StringIO()
+    handler = configure_logging("INFO", "text", stream)
+    try:
+        logging.getLogger("ductape_processor.test").info("serving", extra={"port": 50051, "store": "sqlite"})
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert stream.getvalue().rstrip().endswith("ductape_processor.test: serving port=50051 store=sqlite")

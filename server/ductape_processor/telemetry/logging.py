@@ -29,6 +29,26 @@ class CallContextFilter(logging.Filter):
         return True
 
 
+_STANDARD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class TextFormatter(logging.Formatter):
+    """Readable lines for a terminal: the message, then the record's extra fields as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = " ".join(
+            f"{key}={value}" for key, value in record.__dict__.items() if key not in _STANDARD_ATTRIBUTES
+        )
+        if not extras:
+            return line
+        head, newline, rest = line.partition("\n")
+        return f"{head} {extras}{newline}{rest}"
+
+
 def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> logging.Handler:
     """Send the processor's logs to `stream` (stderr), as JSON lines (`json`) or readable text (`text`)."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
@@ -42,7 +62,7 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> log
             )
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
