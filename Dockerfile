@@ -41,10 +41,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
 WORKDIR /src
-# Only what the two packages are built from; .dockerignore keeps local venvs, data and caches out of the context.
-# README.md* matches nothing while the top-level README does not exist, which COPY accepts beside pyproject.toml.
+# Only what the two packages are built from (README.md is the server package's long description);
+# .dockerignore keeps local venvs, data and caches out of the context.
 COPY clients/python/ clients/python/
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml README.md ./
 COPY server/ server/
 
 # `pip wheel` with both local projects in one call resolves the server's dependency on ductape-processor-client

@@ -321,3 +321,11 @@ def test_text_logs_show_the_extra_fields() -> None:
     finally:
         logging.getLogger().removeHandler(handler)
     assert stream.getvalue().rstrip().endswith("ductape_processor.test: serving port=50051 store=sqlite")
+
+
+async def test_an_unreachable_store_is_a_clear_startup_error(tmp_path: Path) -> None:
+    settings = Settings(address="127.0.0.1:0", data_dir=tmp_path, store="postgresql://nobody@127.0.0.1:1/none")
+    with pytest.raises(StartupError, match="cannot open the postgresql store"):
+        await ProcessorApp(settings).start()
+    with pytest.raises(ValueError, match="store must be"):
+        Settings(store="mysql://x")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from ductape_processor.store import Store
+from ductape_processor.store.base import ExecutionFilter, ExecutionRecord
 from ductape_processor.store.migrations import POSTGRES, SQLITE
 
 StoreFactory = Callable[[], Awaitable[Store]]
@@ -115,3 +117,106 @@ async def test_a_pin_to_a_missing_version_is_refused(store_factory: StoreFactory
     with pytest.raises(Exception, match=r"(?i)foreign key"):
         await store.set_pin("shop", "prd", 7)
     assert await store.pins("shop") == {}
+
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+async def test_auth_tokens_expire_and_are_deleted_only_when_unchanged(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    await store.put_auth_token("shop/prd/api/login", '{"t":1}', at(60))
+    assert await store.get_auth_token("shop/prd/api/login", at(59)) == '{"t":1}'
+    assert await store.get_auth_token("shop/prd/api/login", at(60)) is None
+    await store.put_auth_token("shop/prd/api/login", '{"t":2}', at(120))
+    await store.delete_auth_token("shop/prd/api/login", '{"t":1}')  # stale: a newer token is kept
+    assert await store.get_auth_token("shop/prd/api/login", at(0)) == '{"t":2}'
+    await store.delete_auth_token("shop/prd/api/login", '{"t":2}')
+    assert await store.get_auth_token("shop/prd/api/login", at(0)) is None
+
+
+async def test_cache_entries_are_fresh_until_they_expire(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    await store.cache_put("k", b"\x00value", at(10))
+    assert await store.cache_get("k", at(9.9)) == b"\x00value"
+    assert await store.cache_get("k", at(10)) is None
+    await store.cache_put("k", b"new", at(20))
+    assert await store.cache_get("k", at(15)) == b"new"
+    assert await store.purge_expired(at(30)) >= 1
+    assert await store.cache_get("k", at(0)) is None
+
+
+async def test_idempotency_claims_are_exclusive_until_released_or_expired(store_factory: StoreFactory) -> None:
+    a, b = await store_factory(), await store_factory()
+    first = await a.idempotency_claim("key", "h1", "owner-a", at(0), at(30), at(3600))
+    assert (first.owner, first.state) == ("owner-a", "pending")
+    second = await b.idempotency_claim("key", "h1", "owner-b", at(1), at(31), at(3601))
+    assert second.owner == "owner-a", "a live claim is not taken over"
+    assert not await b.idempotency_complete("key", "owner-b", b"nope")
+    assert await a.idempotency_complete("key", "owner-a", b"response")
+    done = await b.idempotency_claim("key", "h1", "owner-b", at(100), at(130), at(3700))
+    assert (done.owner, done.state, done.response) == ("owner-a", "done", b"response")
+    expired = await b.idempotency_claim("key", "h2", "owner-b", at(3600), at(3630), at(7200))
+    assert (expired.owner, expired.request_hash, expired.response) == ("owner-b", "h2", None)
+
+
+async def test_a_dead_owners_lease_can_be_taken_over(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    await store.idempotency_claim("key", "h", "dead", at(0), at(30), at(3600))
+    taken = await store.idempotency_claim("key", "h", "alive", at(31), at(61), at(3631))
+    assert taken.owner == "alive"
+    await store.idempotency_release("key", "alive")
+    assert await store.idempotency_get("key") is None
+
+
+async def test_concurrent_claims_have_one_winner(store_factory: StoreFactory) -> None:
+    replicas = [await store_factory() for _ in range(2)]
+    results = await asyncio.gather(
+        *(replicas[n % 2].idempotency_claim("race", "h", f"owner-{n}", at(0), at(30), at(3600)) for n in range(10))
+    )
+    assert len({r.owner for r in results}) == 1
+
+
+def execution(n: int, **overrides: object) -> ExecutionRecord:
+    values: dict[str, object] = {
+        "process_id": f"p{n:03d}",
+        "product": "shop",
+        "env": "prd",
+        "version": 1,
+        "kind": "action",
+        "resource": "mailer:send",
+        "status": 1,
+        "started_at": at(n),
+        "ended_at": at(n + 0.5),
+        "attempts": 1,
+        "upstream_status": 200,
+        "error_reason": "",
+        "cached": False,
+        "detail": "POST /send",
+    }
+    values.update(overrides)
+    return ExecutionRecord(**values)  # type: ignore[arg-type]
+
+
+async def test_executions_are_listed_newest_first_with_filters(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    await store.insert_executions(
+        [execution(n) for n in range(5)]
+        + [execution(10, env="dev"), execution(11, status=2, error_reason="UPSTREAM_UNREACHABLE")]
+        + [execution(12, resource="mailer:other", cached=True), execution(13, product="blog")]
+    )
+    everything = await store.list_executions(ExecutionFilter("shop"), after=None, limit=100)
+    assert [r.process_id for r in everything] == ["p012", "p011", "p010", "p004", "p003", "p002", "p001", "p000"]
+    assert everything[0].cached and everything[0].started_at == at(12)
+    assert everything[1] == execution(11, status=2, error_reason="UPSTREAM_UNREACHABLE")
+    page = await store.list_executions(ExecutionFilter("shop", env="prd"), after=(at(3), "p003"), limit=2)
+    assert [r.process_id for r in page] == ["p002", "p001"]
+    failed = await store.list_executions(ExecutionFilter("shop", status=2), after=None, limit=10)
+    assert [r.process_id for r in failed] == ["p011"]
+    window = await store.list_executions(
+        ExecutionFilter("shop", resource="mailer:send", since=at(1), until=at(4)), after=None, limit=10
+    )
+    assert [r.process_id for r in window] == ["p003", "p002", "p001"]

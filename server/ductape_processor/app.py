@@ -89,7 +89,10 @@ class ProcessorApp:
         except SecretsFileError as exc:
             raise StartupError(str(exc)) from None
         files = manifest_files(self.settings.manifests)
-        await self.store.open()
+        try:
+            await self.store.open()
+        except Exception as exc:  # any driver error: the operator needs the cause, not a traceback
+            raise StartupError(f"cannot open the {self.store.dialect} store: {type(exc).__name__}: {exc}") from None
         try:
             await self.registry.start()
             for path in files:

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
                 raise ValueError("each API key hash must be 64 hex digits (SHA-256); see `ductape-processor hash-key`")
         return lowered
 
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if value == "sqlite" or value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            return value
+        raise ValueError("store must be 'sqlite', 'sqlite:///path/to/file.db' or a postgresql:// DSN")
+
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:

@@ -29,6 +29,51 @@ class ProductRevision:
     revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """The state of an idempotency key: claimed by `owner` while pending, then holding the first response."""
+
+    key: str
+    request_hash: str
+    owner: str
+    state: str  # "pending" or "done"
+    response: bytes | None
+    lease_until: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionRecord:
+    """One run of a resource, as the execution log keeps it."""
+
+    process_id: str
+    product: str
+    env: str
+    version: int
+    kind: str
+    resource: str
+    status: int
+    started_at: datetime
+    ended_at: datetime
+    attempts: int
+    upstream_status: int
+    error_reason: str
+    cached: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionFilter:
+    """Which executions to list; None means any."""
+
+    product: str
+    env: str | None = None
+    resource: str | None = None
+    status: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
 ChangeListener = Callable[[str], Awaitable[None] | None]
 
 
@@ -84,3 +129,67 @@ class Store(abc.ABC):
 
     async def listen(self, listener: ChangeListener) -> None:  # noqa: B027 - optional capability
         """Call `listener(product)` soon after another replica changes a product. Optional: polling covers it."""
+
+    # -- auth tokens minted by credential flows -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_auth_token(self, key: str, now: datetime) -> str | None:
+        """The stored token values (JSON) under `key` when not expired at `now`."""
+
+    @abc.abstractmethod
+    async def put_auth_token(self, key: str, values: str, expires_at: datetime) -> None:
+        """Store (or replace) token values until `expires_at`."""
+
+    @abc.abstractmethod
+    async def delete_auth_token(self, key: str, values: str) -> None:
+        """Forget the token under `key` if it still holds `values` (so a newer token is kept)."""
+
+    # -- result cache ---------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def cache_get(self, key: str, now: datetime) -> bytes | None:
+        """A cached value that is fresh at `now`."""
+
+    @abc.abstractmethod
+    async def cache_put(self, key: str, value: bytes, expires_at: datetime) -> None:
+        """Store (or replace) a cached value until `expires_at`."""
+
+    # -- idempotency ------------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def idempotency_claim(
+        self, key: str, request_hash: str, owner: str, now: datetime, lease_until: datetime, expires_at: datetime
+    ) -> IdempotencyRecord:
+        """Claim `key` for `owner`, or return who holds it.
+
+        The claim succeeds (the returned record's owner is `owner`) when the key is new, expired at `now`, or
+        pending with a lease that ran out (its owner died). Atomic across replicas.
+        """
+
+    @abc.abstractmethod
+    async def idempotency_complete(self, key: str, owner: str, response: bytes) -> bool:
+        """Record the first response of a claimed key; False if `owner` no longer holds it."""
+
+    @abc.abstractmethod
+    async def idempotency_release(self, key: str, owner: str) -> None:
+        """Give up a pending claim (the call failed before an answer worth keeping)."""
+
+    @abc.abstractmethod
+    async def idempotency_get(self, key: str) -> IdempotencyRecord | None:
+        """The key's record, whatever its state."""
+
+    # -- execution log ----------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def insert_executions(self, records: list[ExecutionRecord]) -> None:
+        """Append execution records (one round trip for the batch)."""
+
+    @abc.abstractmethod
+    async def list_executions(
+        self, where: ExecutionFilter, *, after: tuple[datetime, str] | None, limit: int
+    ) -> list[ExecutionRecord]:
+        """Records matching `where`, newest first, strictly older than the `after` (started_at, process_id) cursor."""
+
+    @abc.abstractmethod
+    async def purge_expired(self, now: datetime) -> int:
+        """Delete expired cache entries, tokens and idempotency records; return how many."""

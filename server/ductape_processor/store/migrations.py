@@ -49,6 +49,51 @@ SQLITE: tuple[Migration, ...] = (
     ),
 )
 
+SQLITE += (
+    Migration(
+        2,
+        "actions: auth tokens, result cache, idempotency keys, execution log",
+        (
+            """CREATE TABLE auth_tokens (
+                key TEXT PRIMARY KEY,
+                token_values TEXT NOT NULL,
+                expires_at REAL NOT NULL
+            )""",
+            """CREATE TABLE cache_entries (
+                key TEXT PRIMARY KEY,
+                value BLOB NOT NULL,
+                expires_at REAL NOT NULL
+            )""",
+            """CREATE TABLE idempotency_keys (
+                key TEXT PRIMARY KEY,
+                request_hash TEXT NOT NULL,
+                owner TEXT NOT NULL,
+                state TEXT NOT NULL,
+                response BLOB,
+                lease_until REAL NOT NULL,
+                expires_at REAL NOT NULL
+            )""",
+            """CREATE TABLE executions (
+                process_id TEXT PRIMARY KEY,
+                product TEXT NOT NULL,
+                env TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                kind TEXT NOT NULL,
+                resource TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                started_at REAL NOT NULL,
+                ended_at REAL NOT NULL,
+                attempts INTEGER NOT NULL,
+                upstream_status INTEGER NOT NULL,
+                error_reason TEXT NOT NULL,
+                cached INTEGER NOT NULL,
+                detail TEXT NOT NULL
+            )""",
+            "CREATE INDEX executions_by_product ON executions (product, started_at DESC, process_id DESC)",
+        ),
+    ),
+)
+
 POSTGRES: tuple[Migration, ...] = (
     Migration(
         1,
@@ -76,6 +121,51 @@ POSTGRES: tuple[Migration, ...] = (
                 PRIMARY KEY (product, env),
                 FOREIGN KEY (product, version) REFERENCES product_versions (product, version)
             )""",
+        ),
+    ),
+)
+
+POSTGRES += (
+    Migration(
+        2,
+        "actions: auth tokens, result cache, idempotency keys, execution log",
+        (
+            """CREATE TABLE auth_tokens (
+                key TEXT PRIMARY KEY,
+                token_values TEXT NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL
+            )""",
+            """CREATE TABLE cache_entries (
+                key TEXT PRIMARY KEY,
+                value BYTEA NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL
+            )""",
+            """CREATE TABLE idempotency_keys (
+                key TEXT PRIMARY KEY,
+                request_hash TEXT NOT NULL,
+                owner TEXT NOT NULL,
+                state TEXT NOT NULL,
+                response BYTEA,
+                lease_until TIMESTAMPTZ NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL
+            )""",
+            """CREATE TABLE executions (
+                process_id TEXT PRIMARY KEY,
+                product TEXT NOT NULL,
+                env TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                kind TEXT NOT NULL,
+                resource TEXT NOT NULL,
+                status SMALLINT NOT NULL,
+                started_at TIMESTAMPTZ NOT NULL,
+                ended_at TIMESTAMPTZ NOT NULL,
+                attempts INTEGER NOT NULL,
+                upstream_status INTEGER NOT NULL,
+                error_reason TEXT NOT NULL,
+                cached BOOLEAN NOT NULL,
+                detail TEXT NOT NULL
+            )""",
+            "CREATE INDEX executions_by_product ON executions (product, started_at DESC, process_id DESC)",
         ),
     ),
 )

@@ -11,11 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from ductape_processor.store.base import ChangeListener, ProductRevision, Store, VersionRecord
+from ductape_processor.store.base import (
+    ChangeListener,
+    ExecutionFilter,
+    ExecutionRecord,
+    IdempotencyRecord,
+    ProductRevision,
+    Store,
+    VersionRecord,
+)
 from ductape_processor.store.migrations import POSTGRES
 
 log = logging.getLogger(__name__)
@@ -34,6 +43,29 @@ def _record(row: Any) -> VersionRecord:
         document=row["document"],
         created_at=row["created_at"],
     )
+
+
+_IDEMPOTENCY_COLUMNS = "key, request_hash, owner, state, response, lease_until, expires_at"
+_EXECUTION_COLUMNS = (
+    "process_id, product, env, version, kind, resource, status, started_at, ended_at, attempts, "
+    "upstream_status, error_reason, cached, detail"
+)
+
+
+def _idempotency(row: Any) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        key=row["key"],
+        request_hash=row["request_hash"],
+        owner=row["owner"],
+        state=row["state"],
+        response=bytes(row["response"]) if row["response"] is not None else None,
+        lease_until=row["lease_until"],
+        expires_at=row["expires_at"],
+    )
+
+
+def _execution(row: Any) -> ExecutionRecord:
+    return ExecutionRecord(**{key: row[key] for key in row.keys()})  # noqa: SIM118 - asyncpg Record
 
 
 class PostgresStore(Store):
@@ -192,6 +224,160 @@ class PostgresStore(Store):
     async def revisions(self) -> list[ProductRevision]:
         rows = await self.pool.fetch("SELECT product, revision FROM products")
         return [ProductRevision(row["product"], int(row["revision"])) for row in rows]
+
+    # -- auth tokens --------------------------------------------------------------------------------------------
+
+    async def get_auth_token(self, key: str, now: datetime) -> str | None:
+        value = await self.pool.fetchval(
+            "SELECT token_values FROM auth_tokens WHERE key = $1 AND expires_at > $2", key, now
+        )
+        return str(value) if value is not None else None
+
+    async def put_auth_token(self, key: str, values: str, expires_at: datetime) -> None:
+        await self.pool.execute(
+            "INSERT INTO auth_tokens (key, token_values, expires_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (key) DO UPDATE SET token_values = excluded.token_values, expires_at = excluded.expires_at",
+            key,
+            values,
+            expires_at,
+        )
+
+    async def delete_auth_token(self, key: str, values: str) -> None:
+        await self.pool.execute("DELETE FROM auth_tokens WHERE key = $1 AND token_values = $2", key, values)
+
+    # -- cache --------------------------------------------------------------------------------------------------
+
+    async def cache_get(self, key: str, now: datetime) -> bytes | None:
+        value = await self.pool.fetchval("SELECT value FROM cache_entries WHERE key = $1 AND expires_at > $2", key, now)
+        return bytes(value) if value is not None else None
+
+    async def cache_put(self, key: str, value: bytes, expires_at: datetime) -> None:
+        await self.pool.execute(
+            "INSERT INTO cache_entries (key, value, expires_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+            key,
+            value,
+            expires_at,
+        )
+
+    # -- idempotency --------------------------------------------------------------------------------------------
+
+    async def idempotency_claim(
+        self, key: str, request_hash: str, owner: str, now: datetime, lease_until: datetime, expires_at: datetime
+    ) -> IdempotencyRecord:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO idempotency_keys (key, request_hash, owner, state, response, lease_until, expires_at) "
+                "VALUES ($1, $2, $3, 'pending', NULL, $4, $5) ON CONFLICT (key) DO UPDATE SET "
+                "request_hash = excluded.request_hash, owner = excluded.owner, state = 'pending', response = NULL, "
+                "lease_until = excluded.lease_until, expires_at = excluded.expires_at "
+                "WHERE idempotency_keys.expires_at <= $6 "
+                "OR (idempotency_keys.state = 'pending' AND idempotency_keys.lease_until <= $6)",
+                key,
+                request_hash,
+                owner,
+                lease_until,
+                expires_at,
+                now,
+            )
+            row = await conn.fetchrow(
+                f"SELECT {_IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE key = $1",  # noqa: S608
+                key,
+            )
+        return _idempotency(row)
+
+    async def idempotency_complete(self, key: str, owner: str, response: bytes) -> bool:
+        status = await self.pool.execute(
+            "UPDATE idempotency_keys SET state = 'done', response = $1 WHERE key = $2 AND owner = $3",
+            response,
+            key,
+            owner,
+        )
+        return bool(status == "UPDATE 1")
+
+    async def idempotency_release(self, key: str, owner: str) -> None:
+        await self.pool.execute(
+            "DELETE FROM idempotency_keys WHERE key = $1 AND owner = $2 AND state = 'pending'", key, owner
+        )
+
+    async def idempotency_get(self, key: str) -> IdempotencyRecord | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE key = $1",  # noqa: S608
+            key,
+        )
+        return _idempotency(row) if row else None
+
+    # -- executions ---------------------------------------------------------------------------------------------
+
+    async def insert_executions(self, records: list[ExecutionRecord]) -> None:
+        if not records:
+            return
+        await self.pool.executemany(
+            f"INSERT INTO executions ({_EXECUTION_COLUMNS}) "  # noqa: S608
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT DO NOTHING",
+            [
+                (
+                    r.process_id,
+                    r.product,
+                    r.env,
+                    r.version,
+                    r.kind,
+                    r.resource,
+                    r.status,
+                    r.started_at,
+                    r.ended_at,
+                    r.attempts,
+                    r.upstream_status,
+                    r.error_reason,
+                    r.cached,
+                    r.detail,
+                )
+                for r in records
+            ],
+        )
+
+    async def list_executions(
+        self, where: ExecutionFilter, *, after: tuple[datetime, str] | None, limit: int
+    ) -> list[ExecutionRecord]:
+        params: list[Any] = [where.product]
+        clauses = ["product = $1"]
+
+        def bind(clause: str, *values: Any) -> None:
+            for value in values:
+                params.append(value)
+                clause = clause.replace("?", f"${len(params)}", 1)
+            clauses.append(clause)
+
+        if where.env is not None:
+            bind("env = ?", where.env)
+        if where.resource is not None:
+            bind("resource = ?", where.resource)
+        if where.status is not None:
+            bind("status = ?", where.status)
+        if where.since is not None:
+            bind("started_at >= ?", where.since)
+        if where.until is not None:
+            bind("started_at < ?", where.until)
+        if after is not None:
+            bind("(started_at, process_id) < (?, ?)", after[0], after[1])
+        params.append(limit)
+        # The clauses are fixed strings chosen above; every value is a bound parameter.
+        sql = (
+            f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE {' AND '.join(clauses)} "  # noqa: S608
+            f"ORDER BY started_at DESC, process_id DESC LIMIT ${len(params)}"
+        )
+        rows = await self.pool.fetch(sql, *params)
+        return [_execution(row) for row in rows]
+
+    async def purge_expired(self, now: datetime) -> int:
+        removed = 0
+        for table in ("auth_tokens", "cache_entries", "idempotency_keys"):
+            status = await self.pool.execute(
+                f"DELETE FROM {table} WHERE expires_at <= $1",  # noqa: S608 - fixed table names
+                now,
+            )
+            removed += int(status.split()[-1])
+        return removed
 
     async def listen(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)

@@ -13,7 +13,14 @@ from typing import Any
 
 import aiosqlite
 
-from ductape_processor.store.base import ProductRevision, Store, VersionRecord
+from ductape_processor.store.base import (
+    ExecutionFilter,
+    ExecutionRecord,
+    IdempotencyRecord,
+    ProductRevision,
+    Store,
+    VersionRecord,
+)
 from ductape_processor.store.migrations import SQLITE
 
 _VERSION_COLUMNS = "product, version, checksum, format, source, document, created_at"
@@ -33,6 +40,52 @@ def _record(row: Any) -> VersionRecord:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def _ts(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+def _dt(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+_IDEMPOTENCY_COLUMNS = "key, request_hash, owner, state, response, lease_until, expires_at"
+_EXECUTION_COLUMNS = (
+    "process_id, product, env, version, kind, resource, status, started_at, ended_at, attempts, "
+    "upstream_status, error_reason, cached, detail"
+)
+
+
+def _idempotency(row: Any) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        key=row[0],
+        request_hash=row[1],
+        owner=row[2],
+        state=row[3],
+        response=bytes(row[4]) if row[4] is not None else None,
+        lease_until=_dt(row[5]),
+        expires_at=_dt(row[6]),
+    )
+
+
+def _execution(row: Any) -> ExecutionRecord:
+    return ExecutionRecord(
+        process_id=row[0],
+        product=row[1],
+        env=row[2],
+        version=row[3],
+        kind=row[4],
+        resource=row[5],
+        status=row[6],
+        started_at=_dt(row[7]),
+        ended_at=_dt(row[8]),
+        attempts=row[9],
+        upstream_status=row[10],
+        error_reason=row[11],
+        cached=bool(row[12]),
+        detail=row[13],
+    )
 
 
 class SqliteStore(Store):
@@ -194,3 +247,173 @@ class SqliteStore(Store):
         async with self.db.execute("SELECT product, revision FROM products") as cur:
             rows = await cur.fetchall()
         return [ProductRevision(str(product), int(revision)) for product, revision in rows]
+
+    # -- auth tokens --------------------------------------------------------------------------------------------
+
+    async def get_auth_token(self, key: str, now: datetime) -> str | None:
+        async with self.db.execute(
+            "SELECT token_values FROM auth_tokens WHERE key = ? AND expires_at > ?", (key, _ts(now))
+        ) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def put_auth_token(self, key: str, values: str, expires_at: datetime) -> None:
+        async with self._write_lock:
+            await self.db.execute(
+                "INSERT INTO auth_tokens (key, token_values, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET token_values = excluded.token_values, "
+                "expires_at = excluded.expires_at",
+                (key, values, _ts(expires_at)),
+            )
+
+    async def delete_auth_token(self, key: str, values: str) -> None:
+        async with self._write_lock:
+            await self.db.execute("DELETE FROM auth_tokens WHERE key = ? AND token_values = ?", (key, values))
+
+    # -- cache --------------------------------------------------------------------------------------------------
+
+    async def cache_get(self, key: str, now: datetime) -> bytes | None:
+        async with self.db.execute(
+            "SELECT value FROM cache_entries WHERE key = ? AND expires_at > ?", (key, _ts(now))
+        ) as cur:
+            row = await cur.fetchone()
+        return bytes(row[0]) if row else None
+
+    async def cache_put(self, key: str, value: bytes, expires_at: datetime) -> None:
+        async with self._write_lock:
+            await self.db.execute(
+                "INSERT INTO cache_entries (key, value, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+                (key, value, _ts(expires_at)),
+            )
+
+    # -- idempotency --------------------------------------------------------------------------------------------
+
+    async def idempotency_claim(
+        self, key: str, request_hash: str, owner: str, now: datetime, lease_until: datetime, expires_at: datetime
+    ) -> IdempotencyRecord:
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.execute(
+                    "INSERT INTO idempotency_keys (key, request_hash, owner, state, response, lease_until, expires_at) "
+                    "VALUES (?, ?, ?, 'pending', NULL, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                    "request_hash = excluded.request_hash, owner = excluded.owner, state = 'pending', response = NULL, "
+                    "lease_until = excluded.lease_until, expires_at = excluded.expires_at "
+                    "WHERE idempotency_keys.expires_at <= ? "
+                    "OR (idempotency_keys.state = 'pending' AND idempotency_keys.lease_until <= ?)",
+                    (key, request_hash, owner, _ts(lease_until), _ts(expires_at), _ts(now), _ts(now)),
+                )
+                async with self.db.execute(
+                    f"SELECT {_IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE key = ?",  # noqa: S608
+                    (key,),
+                ) as cur:
+                    row = await cur.fetchone()
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return _idempotency(row)
+
+    async def idempotency_complete(self, key: str, owner: str, response: bytes) -> bool:
+        async with self._write_lock:
+            cursor = await self.db.execute(
+                "UPDATE idempotency_keys SET state = 'done', response = ? WHERE key = ? AND owner = ?",
+                (response, key, owner),
+            )
+            return cursor.rowcount == 1
+
+    async def idempotency_release(self, key: str, owner: str) -> None:
+        async with self._write_lock:
+            await self.db.execute(
+                "DELETE FROM idempotency_keys WHERE key = ? AND owner = ? AND state = 'pending'", (key, owner)
+            )
+
+    async def idempotency_get(self, key: str) -> IdempotencyRecord | None:
+        async with self.db.execute(
+            f"SELECT {_IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE key = ?",  # noqa: S608
+            (key,),
+        ) as cur:
+            row = await cur.fetchone()
+        return _idempotency(row) if row else None
+
+    # -- executions ---------------------------------------------------------------------------------------------
+
+    async def insert_executions(self, records: list[ExecutionRecord]) -> None:
+        if not records:
+            return
+        rows = [
+            (
+                r.process_id,
+                r.product,
+                r.env,
+                r.version,
+                r.kind,
+                r.resource,
+                r.status,
+                _ts(r.started_at),
+                _ts(r.ended_at),
+                r.attempts,
+                r.upstream_status,
+                r.error_reason,
+                int(r.cached),
+                r.detail,
+            )
+            for r in records
+        ]
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.executemany(
+                    f"INSERT OR IGNORE INTO executions ({_EXECUTION_COLUMNS}) "  # noqa: S608
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def list_executions(
+        self, where: ExecutionFilter, *, after: tuple[datetime, str] | None, limit: int
+    ) -> list[ExecutionRecord]:
+        clauses = ["product = ?"]
+        params: list[Any] = [where.product]
+        if where.env is not None:
+            clauses.append("env = ?")
+            params.append(where.env)
+        if where.resource is not None:
+            clauses.append("resource = ?")
+            params.append(where.resource)
+        if where.status is not None:
+            clauses.append("status = ?")
+            params.append(where.status)
+        if where.since is not None:
+            clauses.append("started_at >= ?")
+            params.append(_ts(where.since))
+        if where.until is not None:
+            clauses.append("started_at < ?")
+            params.append(_ts(where.until))
+        if after is not None:
+            clauses.append("(started_at < ? OR (started_at = ? AND process_id < ?))")
+            params += [_ts(after[0]), _ts(after[0]), after[1]]
+        params.append(limit)
+        # The clauses are fixed strings chosen above; every value is a bound parameter.
+        sql = (
+            f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE {' AND '.join(clauses)} "  # noqa: S608
+            "ORDER BY started_at DESC, process_id DESC LIMIT ?"
+        )
+        async with self.db.execute(sql, params) as cur:
+            rows = await cur.fetchall()
+        return [_execution(row) for row in rows]
+
+    async def purge_expired(self, now: datetime) -> int:
+        removed = 0
+        async with self._write_lock:
+            for table in ("auth_tokens", "cache_entries", "idempotency_keys"):
+                cursor = await self.db.execute(
+                    f"DELETE FROM {table} WHERE expires_at <= ?",  # noqa: S608 - fixed table names
+                    (_ts(now),),
+                )
+                removed += cursor.rowcount
+        return removed
