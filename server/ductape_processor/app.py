@@ -81,9 +81,12 @@ class ProcessorApp:
         """Open the store, apply start-up manifests, bind and serve. Returns the bound port."""
         problems = self.settings.exposure_problems()
         if problems:
-            raise StartupError(
-                "refusing to serve: " + "; ".join(problems) + ". Pass --insecure to serve like this anyway."
+            hint = (
+                ""
+                if self.settings.insecure or self.settings.is_loopback
+                else " Pass --insecure to serve like this anyway."
             )
+            raise StartupError("refusing to serve: " + "; ".join(problems) + "." + hint)
         try:
             self.secrets = SecretSource.from_settings(self.settings.secrets_file)
         except SecretsFileError as exc:

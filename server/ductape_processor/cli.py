@@ -9,15 +9,18 @@ import json
 import logging
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic.json_schema import GenerateJsonSchema
 
 from ductape_processor import __version__
 from ductape_processor.api.auth import hash_key
 from ductape_processor.app import ProcessorApp, StartupError, manifest_files
 from ductape_processor.errors import InvalidManifest
+from ductape_processor.runtime.durations import format_duration
 from ductape_processor.runtime.manifest import Manifest
 from ductape_processor.runtime.manifest_loader import ManifestFormat, load_manifest
 from ductape_processor.settings import Settings
@@ -122,9 +125,18 @@ def _validate(paths: list[Path]) -> int:
     return status
 
 
+class _SchemaGenerator(GenerateJsonSchema):
+    """Writes duration defaults the way manifests write them (`30s`), not in ISO 8601."""
+
+    def encode_default(self, dft: Any) -> Any:
+        if isinstance(dft, timedelta):
+            return format_duration(dft)
+        return super().encode_default(dft)
+
+
 def manifest_schema() -> dict[str, Any]:
     """The manifest's JSON Schema, generated from the models."""
-    schema = Manifest.model_json_schema(by_alias=True)
+    schema = Manifest.model_json_schema(by_alias=True, schema_generator=_SchemaGenerator)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "Ductape processor product manifest"
     return schema

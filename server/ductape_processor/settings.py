@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
-    max_concurrent_rpcs: int | None = Field(None, ge=1, description="Calls served at once; more wait. None: no cap.")
+    max_concurrent_rpcs: int | None = Field(
+        None, ge=1, description="Calls served at once; more are refused with RESOURCE_EXHAUSTED. Unset: no cap."
+    )
     keepalive_time_s: float = Field(60.0, gt=0, description="Ping an idle client connection this often.")
     keepalive_timeout_s: float = Field(20.0, gt=0, description="Close a connection whose ping is unanswered.")
     shutdown_grace_s: float = Field(15.0, ge=0, description="Time calls in flight get to finish on SIGTERM.")
@@ -58,6 +60,16 @@ class Settings(BaseSettings):
     registry_poll_s: float = Field(
         2.0, gt=0, description="How often a replica re-checks the store for products changed elsewhere."
     )
+
+    @field_validator("secrets_file", "tls_cert", "tls_key", "tls_client_ca", "max_concurrent_rpcs", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("manifests", "api_key_hashes", mode="before")
     @classmethod

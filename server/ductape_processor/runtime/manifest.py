@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
-from ductape_processor.runtime.durations import Duration
+from ductape_processor.runtime.durations import Duration, PositiveDuration
 
 TAG_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 Tag = Annotated[
@@ -35,7 +35,7 @@ PATH_PARAMETER = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
 class _Model(BaseModel):
     """Base of every manifest model: unknown fields are errors, instances are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Environment(_Model):
@@ -118,11 +118,27 @@ class RetryPolicy(_Model):
     @field_validator("on")
     @classmethod
     def _rules(cls, value: list[str]) -> list[str]:
+        bad = []
         for rule in value:
             match = _STATUS_RULE.match(rule)
             if rule != "network" and (match is None or (match.group(2) and match.group(2) < match.group(1))):
-                raise ValueError(f'{rule!r} is not a status code ("503"), a range ("500-599") or "network"')
+                bad.append(repr(rule))
+        if bad:
+            raise ValueError(f'{", ".join(bad)}: not a status code ("503"), a range ("500-599") or "network"')
         return value
+
+    @model_validator(mode="after")
+    def _intervals(self) -> RetryPolicy:
+        if self.initial > self.max_interval:
+            raise ValueError("initial is longer than max_interval")
+        return self
+
+
+class CircuitBreakerPolicy(_Model):
+    """When an app environment's calls are refused for a while after repeated failures."""
+
+    failures: int = Field(5, ge=1, le=1000, description="Consecutive failures that open the circuit.")
+    cooldown: PositiveDuration = Field(timedelta(seconds=30), description="How long it stays open before one probe.")
 
 
 class AppEnv(_Model):
@@ -158,7 +174,7 @@ class CredentialAuth(_Model):
     tag: Tag
     type: Literal["credential"]
     action: Tag = Field(description="Tag of the app's login action.")
-    expiry: Duration = Field(description="How long a minted token is reused.")
+    expiry: PositiveDuration = Field(description="How long a minted token is reused.")
     input: dict[str, JsonValue] = Field(default_factory=dict, description="Input of the login action.")
     headers: dict[str, str] = Field(default_factory=dict, description="Values built from the login response.")
     query: dict[str, str] = Field(default_factory=dict)
@@ -189,7 +205,7 @@ class Action(_Model):
     query: dict[str, JsonValue] = Field(default_factory=dict, description="Query templates.")
     body: JsonValue = Field(None, description="Body template.")
     input: ActionInput = Field(default_factory=ActionInput)
-    timeout: Duration | None = Field(None, description="Overrides the app's timeout.")
+    timeout: PositiveDuration | None = Field(None, description="Overrides the app's timeout.")
     retry: RetryPolicy | None = Field(None, description="Overrides the app's retry policy.")
 
     @field_validator("method", mode="before")
@@ -225,7 +241,8 @@ class App(_Model):
     )
     auths: list[Auth] = Field(default_factory=list)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    timeout: Duration = Field(timedelta(seconds=30), description="Per-try timeout of the app's actions.")
+    timeout: PositiveDuration = Field(timedelta(seconds=30), description="Per-try timeout of the app's actions.")
+    circuit_breaker: CircuitBreakerPolicy = Field(default_factory=CircuitBreakerPolicy)
     actions: list[Action] = Field(default_factory=list)
 
 
@@ -322,10 +339,10 @@ class SessionType(_Model):
     description: str = ""
     data_schema: Schema = Field(alias="schema", description="The fields a session's data holds.")
     selector: str = Field(description="The field identifying the user: `$Session{userId}`.")
-    expiry: Duration = Field(timedelta(hours=1), description="Lifetime of a session token.")
-    refresh_expiry: Duration = Field(timedelta(days=30), description="Lifetime of a refresh token.")
+    expiry: PositiveDuration = Field(timedelta(hours=1), description="Lifetime of a session token.")
+    refresh_expiry: PositiveDuration = Field(timedelta(days=30), description="Lifetime of a refresh token.")
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     @model_validator(mode="after")
     def _check(self) -> SessionType:
@@ -351,7 +368,21 @@ class Cache(_Model):
 
     tag: Tag
     description: str = ""
-    ttl: Duration = Field(description="How long a stored result is served.")
+    ttl: PositiveDuration = Field(description="How long a stored result is served.")
+    backend: Literal["store", "redis"] = Field(
+        "store", description="Where entries live: the processor's store or Redis."
+    )
+    url: str | None = Field(None, description="`redis://` URL (or `$Secret{NAME}`) when backend is redis.")
+
+    @model_validator(mode="after")
+    def _backend(self) -> Cache:
+        if self.backend == "redis":
+            if self.url is None:
+                raise ValueError("a redis cache needs url")
+            _check_url(self.url, ("redis", "rediss"))
+        elif self.url is not None:
+            raise ValueError("url is only for backend: redis")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -101,8 +101,8 @@ def _bounded(document: object) -> None:
             stack.extend((value, depth + 1) for value in node.values())
         elif isinstance(node, list):
             stack.extend((value, depth + 1) for value in node)
-        elif isinstance(node, float) and node != node:
-            raise ValueError("NaN is not allowed in a manifest")
+        elif isinstance(node, float) and (node != node or node in (float("inf"), float("-inf"))):
+            raise ValueError("NaN and infinite numbers are not allowed in a manifest")
 
 
 def detect_format(source: bytes, declared: ManifestFormat) -> ManifestFormat:

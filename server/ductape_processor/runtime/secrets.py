@@ -1,6 +1,8 @@
-"""Where `$Secret{NAME}` values come from: a secrets file (KEY=VALUE lines), then environment variables.
+"""Where `$Secret{NAME}` values come from: a secrets file (KEY=VALUE lines), then `PROCESSOR_SECRET_<NAME>`
+environment variables.
 
-Values never reach logs, traces, errors or responses; only names do.
+Only variables with that prefix are secrets: a manifest cannot read the processor's other environment variables
+(`PGPASSWORD`, cloud credentials, ...). Values never reach logs, traces, errors or responses; only names do.
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ def read_secrets_file(path: Path) -> dict[str, str]:
     return values
 
 
+ENV_PREFIX = "PROCESSOR_SECRET_"
+
+
 class SecretSource:
-    """Resolves secret names: the secrets file first, then the environment."""
+    """Resolves secret names: the secrets file first, then `PROCESSOR_SECRET_<NAME>` environment variables."""
 
     def __init__(self, file_values: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None) -> None:
         self._file = dict(file_values or {})
@@ -56,7 +61,7 @@ class SecretSource:
         if not SECRET_NAME.match(name):
             return None
         value = self._file.get(name)
-        return value if value is not None else self._environ.get(name)
+        return value if value is not None else self._environ.get(ENV_PREFIX + name)
 
     def missing(self, names: Iterable[str]) -> list[str]:
         """The names no source can resolve, sorted."""

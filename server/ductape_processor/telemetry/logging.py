@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import TextIO
 
 from opentelemetry import trace
@@ -32,17 +33,28 @@ class CallContextFilter(logging.Filter):
 _STANDARD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
+def _utc_iso(record: logging.LogRecord) -> str:
+    seconds = time.gmtime(record.created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", seconds) + f".{int(record.msecs):03d}Z"
+
+
+class _JsonFormatter(JsonFormatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _utc_iso(record)
+
+
 class TextFormatter(logging.Formatter):
     """Readable lines for a terminal: the message, then the record's extra fields as key=value."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _utc_iso(record)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = " ".join(
-            f"{key}={value}" for key, value in record.__dict__.items() if key not in _STANDARD_ATTRIBUTES
-        )
+        extras = " ".join(f"{key}={value}" for key, value in record.__dict__.items() if key not in _STANDARD_ATTRIBUTES)
         if not extras:
             return line
         head, newline, rest = line.partition("\n")
@@ -55,7 +67,7 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> log
     handler.addFilter(CallContextFilter())
     if fmt == "json":
         handler.setFormatter(
-            JsonFormatter(
+            _JsonFormatter(
                 "{asctime}{levelname}{name}{message}",
                 style="{",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},

@@ -29,6 +29,12 @@ _OTLP_VARIABLES = (
 )
 
 
+def _exports(signal: str) -> bool:
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    )
+
+
 @dataclass(slots=True)
 class Telemetry:
     """The tracer and RPC duration histogram the interceptor uses; both None when telemetry is off."""
@@ -69,15 +75,20 @@ def setup_telemetry(
     use_otlp = span_exporter is None and not metric_readers and otlp_configured()
     if span_exporter is None and not metric_readers and not use_otlp:
         return Telemetry()
-    resource = Resource.create({"service.name": "ductape-processor", "service.version": __version__})
+    attributes = {"service.version": __version__}
+    if not os.environ.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = "ductape-processor"
+    resource = Resource.create(attributes)
     tracer_provider = TracerProvider(resource=resource)
     readers: list[MetricReader] = list(metric_readers)
     if use_otlp:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        if _exports("TRACES"):
+            tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        if _exports("METRICS"):
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     elif span_exporter is not None:
         tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)

@@ -31,7 +31,9 @@ class _ManifestFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Manife
     MANIFEST_FORMAT_UNSPECIFIED: _ManifestFormat.ValueType  # 0
     """Detect the format from the content: JSON when it starts with `{`, else YAML."""
     MANIFEST_FORMAT_YAML: _ManifestFormat.ValueType  # 1
-    """YAML 1.1 (a JSON document is also valid YAML)."""
+    """YAML, with only `true`/`false` read as booleans and no implicit dates (a
+    JSON document is also valid YAML).
+    """
     MANIFEST_FORMAT_JSON: _ManifestFormat.ValueType  # 2
     """JSON."""
 
@@ -41,7 +43,9 @@ class ManifestFormat(_ManifestFormat, metaclass=_ManifestFormatEnumTypeWrapper):
 MANIFEST_FORMAT_UNSPECIFIED: ManifestFormat.ValueType  # 0
 """Detect the format from the content: JSON when it starts with `{`, else YAML."""
 MANIFEST_FORMAT_YAML: ManifestFormat.ValueType  # 1
-"""YAML 1.1 (a JSON document is also valid YAML)."""
+"""YAML, with only `true`/`false` read as booleans and no implicit dates (a
+JSON document is also valid YAML).
+"""
 MANIFEST_FORMAT_JSON: ManifestFormat.ValueType  # 2
 """JSON."""
 Global___ManifestFormat: _TypeAlias = ManifestFormat  # noqa: Y015
