@@ -17,6 +17,7 @@ import asyncpg
 import grpc
 import pytest
 from ductape.processor import Processor
+
 from ductape_processor.app import ProcessorApp
 from ductape_processor.settings import Settings
 from ductape_processor.store import Store

@@ -8,10 +8,10 @@ import sys
 from datetime import timedelta
 
 import pytest
+
 from ductape_processor.errors import InvalidManifest
 from ductape_processor.runtime.manifest import CredentialAuth, RedisBrokerEnv
 from ductape_processor.runtime.manifest_loader import ManifestFormat, load_manifest, parse_document
-
 from tests.conftest import EXAMPLE, ROOT
 
 BASE = {

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from ductape_processor.store.postgres import PostgresStore
 from ductape_processor.store.sqlite import SqliteStore
-
 from tests.conftest import EXAMPLE, POSTGRES_DSN, Running, ServerFactory
 from tests.test_product_service import manifest
 

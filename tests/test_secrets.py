@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ductape_processor.runtime.secrets import SecretSource, SecretsFileError, read_secrets_file, referenced_secrets
+from ductape_processor.runtime.secrets import SecretsFileError, SecretSource, read_secrets_file, referenced_secrets
 
 
 def test_the_file_wins_over_prefixed_environment_variables(tmp_path: Path) -> None:

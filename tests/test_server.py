@@ -19,6 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from ductape.processor import InternalError, Processor, UnauthenticatedError, UnavailableError
 from ductape.processor.v1 import product_pb2, product_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
 from ductape_processor.api.auth import hash_key
 from ductape_processor.app import ProcessorApp, StartupError
 from ductape_processor.settings import Settings
@@ -26,12 +32,6 @@ from ductape_processor.store.base import VersionRecord
 from ductape_processor.store.sqlite import SqliteStore
 from ductape_processor.telemetry.logging import configure_logging
 from ductape_processor.telemetry.setup import setup_telemetry
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
-
 from tests.conftest import EXAMPLE, Running, ServerFactory
 
 
@@ -64,6 +64,8 @@ async def list_services(address: str, metadata: tuple[tuple[str, str], ...] = ()
 
 async def test_reflection_lists_the_services(server: Running) -> None:
     assert await list_services(server.address) == [
+        "ductape.processor.v1.ActionService",
+        "ductape.processor.v1.LogService",
         "ductape.processor.v1.ProductService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from ductape_processor.store import Store
 from ductape_processor.store.base import ExecutionFilter, ExecutionRecord
 from ductape_processor.store.migrations import POSTGRES, SQLITE

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
-from ductape.processor.v1 import product_pb2, product_pb2_grpc
+from ductape.processor.v1 import action_pb2, action_pb2_grpc, log_pb2, log_pb2_grpc, product_pb2, product_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ductape_processor.adapters.http import HttpClientPool
+from ductape_processor.api.action import ActionServicer
 from ductape_processor.api.auth import ApiKeyAuthenticator
 from ductape_processor.api.interceptor import ProcessorInterceptor
+from ductape_processor.api.log import LogServicer
 from ductape_processor.api.product import ProductServicer
 from ductape_processor.errors import InvalidManifest
+from ductape_processor.runtime.actions import ActionExecutor
+from ductape_processor.runtime.cache import ResultCache
+from ductape_processor.runtime.executions import ExecutionRecorder
 from ductape_processor.runtime.manifest_loader import ManifestFormat
 from ductape_processor.runtime.registry import Registry
 from ductape_processor.runtime.secrets import SecretsFileError, SecretSource, referenced_secrets
@@ -27,7 +35,12 @@ from ductape_processor.telemetry.setup import Telemetry, setup_telemetry
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
-SERVICE_NAMES = (product_pb2.DESCRIPTOR.services_by_name["ProductService"].full_name,)
+SERVICE_NAMES = (
+    product_pb2.DESCRIPTOR.services_by_name["ProductService"].full_name,
+    action_pb2.DESCRIPTOR.services_by_name["ActionService"].full_name,
+    log_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
+)
+PURGE_INTERVAL_S = 60.0
 
 
 class StartupError(Exception):
@@ -72,7 +85,10 @@ class ProcessorApp:
         self.telemetry = telemetry if telemetry is not None else setup_telemetry()
         self.registry = Registry(self.store, poll_interval=settings.registry_poll_s)
         self.secrets = SecretSource()
+        self.http = HttpClientPool(max_response_bytes=settings.max_upstream_response_bytes)
+        self.recorder = ExecutionRecorder(self.store, flush_interval=settings.execution_flush_s)
         self.health = health.aio.HealthServicer()
+        self._purger: asyncio.Task[None] | None = None
         self.server: grpc.aio.Server | None = None
         self.port: int = 0
         self._stopped = False
@@ -96,8 +112,20 @@ class ProcessorApp:
             await self.store.open()
         except Exception as exc:  # any driver error: the operator needs the cause, not a traceback
             raise StartupError(f"cannot open the {self.store.dialect} store: {type(exc).__name__}: {exc}") from None
+        self.cache = ResultCache(self.store, self.secrets)
+        self.actions = ActionExecutor(
+            self.registry,
+            self.store,
+            self.http,
+            self.secrets,
+            self.recorder,
+            self.cache,
+            idempotency_retention=timedelta(seconds=self.settings.idempotency_retention_s),
+        )
         try:
             await self.registry.start()
+            self.recorder.start()
+            self._purger = asyncio.get_running_loop().create_task(self._purge(), name="store-purge")
             for path in files:
                 await self._apply_file(path)
             self.server = self._build_server()
@@ -172,6 +200,10 @@ class ProcessorApp:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         product_pb2_grpc.add_ProductServiceServicer_to_server(ProductServicer(self.registry), server)
+        action_pb2_grpc.add_ActionServiceServicer_to_server(ActionServicer(self.actions), server)
+        log_pb2_grpc.add_LogServiceServicer_to_server(
+            LogServicer(self.registry, self.store, self.recorder.flush), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -195,8 +227,24 @@ class ProcessorApp:
         await self._release()
         log.info("stopped")
 
+    async def _purge(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_INTERVAL_S)
+            try:
+                await self.store.purge_expired(datetime.now(UTC))
+            except Exception as exc:  # the store may be briefly unreachable; try again next time
+                log.warning("purging expired store entries failed: %s", exc)
+
     async def _release(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
         await self.registry.stop()
+        await self.recorder.close()
+        await self.http.close()
+        if hasattr(self, "cache"):
+            await self.cache.close()
         await self.store.close()
         self.telemetry.shutdown()
 

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(None, description="PEM private key of the server.")
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle; when set, clients must present a cert (mTLS).")
     insecure: bool = Field(False, description="Allow a non-loopback bind without TLS and authentication.")
+    max_upstream_response_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest upstream response body an action accepts."
+    )
+    idempotency_retention_s: float = Field(
+        86400.0, gt=0, description="How long an idempotency key's first result is kept and replayed."
+    )
+    execution_flush_s: float = Field(0.2, gt=0, description="How often queued execution records are written.")
     registry_poll_s: float = Field(
         2.0, gt=0, description="How often a replica re-checks the store for products changed elsewhere."
     )

@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from ductape_processor.errors import FieldViolation, InvalidManifest
+from ductape_processor.runtime.action_plan import plan_problems
 from ductape_processor.runtime.manifest import Manifest, reference_problems, secret_problems
 
 MAX_NODES = 200_000
@@ -175,6 +176,8 @@ def validate_document(document: dict[str, Any]) -> Manifest:
         violations += [FieldViolation(p, m) for p, m in secret_problems(document)]
         raise InvalidManifest(violations) from None
     problems = reference_problems(model) + secret_problems(document)
+    if not problems:
+        problems = plan_problems(model)
     if problems:
         raise InvalidManifest([FieldViolation(path, why) for path, why in problems])
     return model

@@ -8,13 +8,23 @@ async with Processor("127.0.0.1:50051", api_key="...") as processor:
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from ductape.processor.errors import from_rpc_error
-from ductape.processor.v1 import product_pb2, product_pb2_grpc
+from ductape.processor.v1 import (
+    action_pb2,
+    action_pb2_grpc,
+    common_pb2,
+    log_pb2,
+    log_pb2_grpc,
+    product_pb2,
+    product_pb2_grpc,
+)
+from google.protobuf import json_format, struct_pb2
 
 Response = TypeVar("Response")
 ManifestSource = str | os.PathLike[str] | bytes
@@ -48,6 +58,144 @@ class _Caller:
             return await method(request, metadata=self._metadata, timeout=timeout or self._timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    """An action's answer: the upstream's status, headers and body (parsed JSON, or bytes), and how it was got."""
+
+    status_code: int
+    headers: dict[str, str]
+    body: Any
+    content_type: str
+    process_id: str
+    attempts: int
+    cached: bool
+    version: int
+
+    @property
+    def ok(self) -> bool:
+        """True for a 2xx answer."""
+        return 200 <= self.status_code < 300
+
+
+SessionLike = common_pb2.SessionRef | Mapping[str, str] | tuple[str, str]
+
+
+def _session(session: SessionLike) -> common_pb2.SessionRef:
+    """Accept Ductape's `{tag, token}` shape, a (tag, token) pair, or the message itself."""
+    if isinstance(session, common_pb2.SessionRef):
+        return session
+    if isinstance(session, tuple):
+        return common_pb2.SessionRef(tag=session[0], token=session[1])
+    return common_pb2.SessionRef(tag=session["tag"], token=session["token"])
+
+
+def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    if data is None:
+        return None
+    struct = struct_pb2.Struct()
+    struct.update(dict(data))
+    return struct
+
+
+class ActionClient:
+    """Runs actions: `await processor.action.run(product=..., env=..., app=..., event=..., input={...})`."""
+
+    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
+        self._stub = action_pb2_grpc.ActionServiceStub(channel)
+        self._call = call
+
+    async def run(
+        self,
+        *,
+        product: str,
+        env: str,
+        app: str,
+        event: str,
+        input: Mapping[str, Mapping[str, Any]] | None = None,
+        session: SessionLike | None = None,
+        cache: str = "",
+        retries: int | None = None,
+        version: int = 0,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> ActionResult:
+        """Run an action. `input` has the parts `query`, `params`, `body` and `headers`."""
+        parts = dict(input or {})
+        request = action_pb2.RunRequest(
+            product=product,
+            env=env,
+            app=app,
+            event=event,
+            input=action_pb2.ActionInput(
+                query=_struct(parts.get("query")),
+                params=_struct(parts.get("params")),
+                body=_struct(parts.get("body")),
+                headers=_struct(parts.get("headers")),
+            ),
+            cache=cache,
+            version=version,
+            idempotency_key=idempotency_key,
+        )
+        if session is not None:
+            request.session.CopyFrom(_session(session))
+        if retries is not None:
+            request.retries = retries
+        response = await self._call(self._stub.Run, request, timeout)
+        body: Any = response.raw
+        if response.WhichOneof("body") == "json":
+            body = json_format.MessageToDict(response.json)
+        return ActionResult(
+            status_code=response.status_code,
+            headers=dict(response.headers),
+            body=body,
+            content_type=response.content_type,
+            process_id=response.process_id,
+            attempts=response.attempts,
+            cached=response.cached,
+            version=response.version,
+        )
+
+
+_STATUSES: dict[str, log_pb2.ExecutionStatus.ValueType] = {
+    "": log_pb2.EXECUTION_STATUS_UNSPECIFIED,
+    "success": log_pb2.EXECUTION_STATUS_SUCCESS,
+    "fail": log_pb2.EXECUTION_STATUS_FAIL,
+}
+
+
+class LogClient:
+    """Reads the execution log."""
+
+    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
+        self._stub = log_pb2_grpc.LogServiceStub(channel)
+        self._call = call
+
+    async def list_executions(
+        self,
+        *,
+        product: str,
+        env: str = "",
+        resource: str = "",
+        status: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> log_pb2.ListExecutionsResponse:
+        """One page of executions, newest first; `status` is "success", "fail" or "" (any)."""
+        if status not in _STATUSES:
+            raise ValueError('status must be "success", "fail" or ""')
+        return await self._call(
+            self._stub.ListExecutions,
+            log_pb2.ListExecutionsRequest(
+                product=product,
+                env=env,
+                resource=resource,
+                status=_STATUSES[status],
+                page_size=page_size,
+                page_token=page_token,
+            ),
+        )
 
 
 class ProductClient:
@@ -134,6 +282,8 @@ class Processor:
         metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
         call = _Caller(metadata, timeout)
         self.product = ProductClient(channel, call)
+        self.action = ActionClient(channel, call)
+        self.logs = LogClient(channel, call)
 
     async def close(self) -> None:
         """Close the channel."""

@@ -1,0 +1,77 @@
+"""ActionService: proto in, ActionExecutor call, proto out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import grpc
+from ductape.processor.v1 import action_pb2, action_pb2_grpc
+
+from ductape_processor.api.values import python_to_value, struct_to_dict
+from ductape_processor.errors import InvalidArgument
+from ductape_processor.runtime.actions import ActionCall, ActionExecutor
+from ductape_processor.runtime.policies import Deadline
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_PARTS: tuple[Literal["query"], Literal["params"], Literal["body"], Literal["headers"]] = (
+    "query",
+    "params",
+    "body",
+    "headers",
+)
+
+
+def _required(value: str, field: str, what: str) -> str:
+    if not value:
+        raise InvalidArgument.field(field, f"is required: {what}")
+    return value
+
+
+class ActionServicer(action_pb2_grpc.ActionServiceServicer):
+    """Serves ActionService."""
+
+    def __init__(self, executor: ActionExecutor) -> None:
+        self._executor = executor
+
+    async def Run(self, request: action_pb2.RunRequest, context: Context) -> action_pb2.RunResponse:
+        session = None
+        if request.HasField("session"):
+            if not request.session.tag or not request.session.token:
+                raise InvalidArgument.field("session", "needs both tag and token")
+            session = (request.session.tag, request.session.token)
+        if request.version < 0:
+            raise InvalidArgument.field("version", "must be 1 or more (or 0 for the environment's version)")
+        given = request.input
+        call = ActionCall(
+            product=_required(request.product, "product", "the product's tag"),
+            env=_required(request.env, "env", "the environment's slug or name"),
+            app=_required(request.app, "app", "the app's tag"),
+            event=_required(request.event, "event", "the action's tag"),
+            input={part: struct_to_dict(getattr(given, part)) for part in _PARTS if given.HasField(part)},
+            session=session,
+            cache=request.cache,
+            retries=request.retries if request.HasField("retries") else None,
+            version=request.version or None,
+            idempotency_key=request.idempotency_key,
+        )
+        result = await self._executor.run(call, Deadline(context.time_remaining()))
+        response = action_pb2.RunResponse(
+            status_code=result.status,
+            content_type=result.content_type,
+            process_id=result.process_id,
+            attempts=result.attempts,
+            cached=result.cached,
+            version=result.version,
+        )
+        headers = response.headers
+        for name, value in result.headers:
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        if "json" in result.content_type and result.body:
+            try:
+                python_to_value(json.loads(result.body), response.json)
+            except ValueError:
+                response.raw = result.body
+        else:
+            response.raw = result.body
+        return response

@@ -1,0 +1,49 @@
+"""Conversions between protobuf Struct/Value and plain Python values (the only place that does them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+
+def value_to_python(value: struct_pb2.Value) -> Any:
+    """A `google.protobuf.Value` as JSON-like Python. Whole numbers become ints (JSON has one number type)."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [value_to_python(item) for item in value.list_value.values]
+    return None
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A `google.protobuf.Struct` as a dict."""
+    return {key: value_to_python(item) for key, item in struct.fields.items()}
+
+
+def python_to_value(data: Any, value: struct_pb2.Value | None = None) -> struct_pb2.Value:
+    """A JSON-like Python value as a `google.protobuf.Value` (filled in place when `value` is given)."""
+    target = value if value is not None else struct_pb2.Value()
+    if data is None:
+        target.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(data, bool):
+        target.bool_value = data
+    elif isinstance(data, (int, float)):
+        target.number_value = data
+    elif isinstance(data, str):
+        target.string_value = data
+    elif isinstance(data, dict):
+        target.struct_value.update(data)
+    elif isinstance(data, list):
+        target.list_value.extend(data)
+    else:
+        target.string_value = str(data)
+    return target

@@ -1,0 +1,143 @@
+"""Actions compiled for running: templates parsed, policies compiled, path split. Built once per product version.
+
+`plan_problems` is also what manifest validation calls, so a template that cannot compile is refused at apply time
+with its path in the manifest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ductape_processor.runtime.manifest import Action, App, CredentialAuth, Manifest, TokenAuth
+from ductape_processor.runtime.policies import RetryRules
+from ductape_processor.runtime.templates import Template, TemplateError, compile_template
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+SENSITIVE_SELECTORS = frozenset({"Secret", "Auth", "Session"})
+_PATH_SPLIT = re.compile(r"(:[A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthPlan:
+    """An auth's templates: for a token auth they read secrets; for a credential auth, the login response."""
+
+    app: str
+    auth: TokenAuth | CredentialAuth
+    headers: dict[str, Template]
+    query: dict[str, Template]
+    body: Template
+    login_input: Template | None
+
+
+@dataclass(frozen=True, slots=True)
+class ActionPlan:
+    """One action, ready to render and send."""
+
+    app: App
+    action: Action
+    path_parts: tuple[str, ...]
+    headers: dict[str, Template]
+    query: Template | None
+    body: Template | None
+    auth_tags: frozenset[str]
+    sensitive_headers: frozenset[str]
+    uses_session: bool
+    rules: RetryRules
+    timeout_s: float
+    idempotent: bool
+
+    @property
+    def resource(self) -> str:
+        """`app:action`, the way the execution log names it."""
+        return f"{self.app.tag}:{self.action.tag}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProductPlan:
+    """Every action and auth of one product version."""
+
+    actions: dict[tuple[str, str], ActionPlan]
+    auths: dict[tuple[str, str], AuthPlan]
+
+
+def _auth_tags(*templates: Template | None) -> frozenset[str]:
+    return frozenset(
+        str(ref.keys[0])
+        for template in templates
+        if template is not None
+        for ref in template.references
+        if ref.kind == "Auth" and ref.keys
+    )
+
+
+def _compile_action(app: App, action: Action, where: str) -> ActionPlan:
+    headers = {name: compile_template(value, f"{where}.headers.{name}") for name, value in action.headers.items()}
+    query = compile_template(action.query, f"{where}.query") if action.query else None
+    body = compile_template(action.body, f"{where}.body") if action.body is not None else None
+    templates = [*headers.values(), query, body]
+    return ActionPlan(
+        app=app,
+        action=action,
+        path_parts=tuple(part for part in _PATH_SPLIT.split(action.path) if part),
+        headers=headers,
+        query=query,
+        body=body,
+        auth_tags=_auth_tags(*templates),
+        sensitive_headers=frozenset(
+            name for name, template in headers.items() if template.selectors & SENSITIVE_SELECTORS
+        ),
+        uses_session=any(t is not None and "Session" in t.selectors for t in templates),
+        rules=RetryRules.from_policy(action.retry or app.retry),
+        timeout_s=(action.timeout or app.timeout).total_seconds(),
+        idempotent=action.method in IDEMPOTENT_METHODS,
+    )
+
+
+def _compile_auth(app: App, auth: TokenAuth | CredentialAuth, where: str) -> AuthPlan:
+    return AuthPlan(
+        app=app.tag,
+        auth=auth,
+        headers={name: compile_template(value, f"{where}.headers.{name}") for name, value in auth.headers.items()},
+        query={name: compile_template(value, f"{where}.query.{name}") for name, value in auth.query.items()},
+        body=compile_template(dict(auth.body), f"{where}.body"),
+        login_input=compile_template(dict(auth.input), f"{where}.input") if isinstance(auth, CredentialAuth) else None,
+    )
+
+
+def compile_plan(manifest: Manifest) -> ProductPlan:
+    """Compile every action and auth; raises TemplateError for the first template that cannot compile."""
+    actions: dict[tuple[str, str], ActionPlan] = {}
+    auths: dict[tuple[str, str], AuthPlan] = {}
+    for a, app in enumerate(manifest.apps):
+        for i, action in enumerate(app.actions):
+            actions[(app.tag, action.tag)] = _compile_action(app, action, f"apps[{a}].actions[{i}]")
+        for i, auth in enumerate(app.auths):
+            auths[(app.tag, auth.tag)] = _compile_auth(app, auth, f"apps[{a}].auths[{i}]")
+    return ProductPlan(actions, auths)
+
+
+def plan_problems(manifest: Manifest) -> list[tuple[str, str]]:
+    """Every template problem of a manifest, and every reference to an auth the app does not declare."""
+    problems: list[tuple[str, str]] = []
+    for a, app in enumerate(manifest.apps):
+        declared = {auth.tag: auth for auth in app.auths}
+        for i, auth in enumerate(app.auths):
+            try:
+                _compile_auth(app, auth, f"apps[{a}].auths[{i}]")
+            except TemplateError as exc:
+                problems.append((exc.path, exc.reason))
+        for i, action in enumerate(app.actions):
+            where = f"apps[{a}].actions[{i}]"
+            try:
+                plan = _compile_action(app, action, where)
+            except TemplateError as exc:
+                problems.append((exc.path, exc.reason))
+                continue
+            for tag in sorted(plan.auth_tags - set(declared)):
+                problems.append((where, f"uses $Auth{{{tag}}}, but app {app.tag!r} declares no auth {tag!r}"))
+            for tag in sorted(plan.auth_tags & set(declared)):
+                auth = declared[tag]
+                if isinstance(auth, CredentialAuth) and auth.action == action.tag:
+                    problems.append((where, f"is the login action of auth {tag!r}, so it cannot use $Auth{{{tag}}}"))
+    return problems

@@ -1,0 +1,642 @@
+"""ActionExecutor: runs one action of an app, from the caller's input to the upstream's answer.
+
+The path of a call: resolve the product version → check the input contract → cache lookup → idempotency claim →
+render templates (auth tokens minted when needed) → circuit breaker, timeout and retries around the HTTP adapter →
+cache/idempotency store → execution record (queued, written in batches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import grpc
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from yarl import URL
+
+from ductape_processor.adapters.http import (
+    HttpClientPool,
+    HttpRequest,
+    HttpResponse,
+    ResponseTooLarge,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from ductape_processor.errors import FieldViolation, InvalidArgument, NotFound, ProcessorError
+from ductape_processor.runtime.action_plan import ActionPlan, AuthPlan, ProductPlan, compile_plan
+from ductape_processor.runtime.cache import ResultCache
+from ductape_processor.runtime.contract import check_action_input
+from ductape_processor.runtime.executions import ExecutionRecorder, new_process_id
+from ductape_processor.runtime.manifest import CredentialAuth, Manifest
+from ductape_processor.runtime.policies import CircuitBreaker, Deadline, RetryRules, parse_retry_after
+from ductape_processor.runtime.registry import Registry, Resolved
+from ductape_processor.runtime.secrets import SecretSource
+from ductape_processor.runtime.templates import RenderError, Scope
+from ductape_processor.store.base import ExecutionRecord, Store
+from ductape_processor.telemetry.context import current_call
+
+log = logging.getLogger(__name__)
+
+SUCCESS, FAIL = 1, 2
+MAX_IDEMPOTENCY_KEY = 256
+_FORBIDDEN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te"})
+_propagator = TraceContextTextMapPropagator()
+
+
+class FailedPrecondition(ProcessorError):
+    """The call cannot run in the current state of things."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class Unimplemented(ProcessorError):
+    """The processor does not offer this yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
+
+
+@dataclass(frozen=True, slots=True)
+class ActionCall:
+    """What a caller asks for."""
+
+    product: str
+    env: str
+    app: str
+    event: str
+    input: Mapping[str, Any]
+    session: tuple[str, str] | None = None
+    cache: str = ""
+    retries: int | None = None
+    version: int | None = None
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    """What the upstream answered, and how the processor got it."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    content_type: str
+    process_id: str = ""
+    attempts: int = 0
+    cached: bool = False
+    version: int = 0
+
+    def encode(self) -> bytes:
+        """A JSON form for the cache and idempotency records."""
+        return json.dumps(
+            {
+                "s": self.status,
+                "h": self.headers,
+                "c": self.content_type,
+                "b": base64.b64encode(self.body).decode(),
+            }
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ActionResult:
+        """The inverse of `encode`."""
+        raw = json.loads(data)
+        return cls(raw["s"], [(h[0], h[1]) for h in raw["h"]], base64.b64decode(raw["b"]), raw["c"])
+
+
+@dataclass(slots=True)
+class _Attempts:
+    count: int = 0
+    upstream_status: int = 0
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class _Token:
+    values: dict[str, Any]
+    text: str
+    expires: float
+
+
+@dataclass(slots=True)
+class _Context:
+    """Per-call state threaded through the steps."""
+
+    call: ActionCall
+    resolved: Resolved
+    plan: ActionPlan
+    deadline: Deadline
+    attempts: _Attempts = field(default_factory=_Attempts)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _query_pairs(value: Any, where: str) -> list[tuple[str, str]]:
+    if value is None:
+        return []
+    if not isinstance(value, Mapping):
+        raise InvalidArgument.field(where, "the query renders to something other than an object")
+    pairs: list[tuple[str, str]] = []
+    for key, item in value.items():
+        for one in item if isinstance(item, list) else [item]:
+            if one is None:
+                continue
+            if isinstance(one, bool):
+                pairs.append((key, "true" if one else "false"))
+            elif isinstance(one, (dict, list)):
+                pairs.append((key, _canonical(one)))
+            else:
+                pairs.append((key, str(one)))
+    return pairs
+
+
+def _encode_body(body: Any, request_type: str, method: str) -> tuple[bytes | aiohttp.FormData | None, str | None]:
+    """The request body in the app environment's request type, and its content type."""
+    if body is None or method in ("GET", "HEAD"):
+        return None, None
+    if request_type == "application/json":
+        return json.dumps(body, ensure_ascii=False).encode(), "application/json"
+    if request_type == "application/x-www-form-urlencoded":
+        if not isinstance(body, Mapping):
+            raise InvalidArgument.field("input.body", "a form body must be an object")
+        return urlencode(_query_pairs(body, "input.body")).encode(), request_type
+    if request_type == "multipart/form-data":
+        if not isinstance(body, Mapping):
+            raise InvalidArgument.field("input.body", "a multipart body must be an object")
+        form = aiohttp.FormData(default_to_multipart=True)
+        for key, value in body.items():
+            if isinstance(value, Mapping) and "content_base64" in value:
+                try:
+                    content = base64.b64decode(str(value["content_base64"]), validate=True)
+                except ValueError:
+                    raise InvalidArgument.field(f"input.body.{key}", "content_base64 is not base64") from None
+                form.add_field(
+                    key,
+                    content,
+                    filename=str(value.get("filename", key)),
+                    content_type=str(value.get("content_type", "application/octet-stream")),
+                )
+            else:
+                form.add_field(key, value if isinstance(value, str) else _canonical(value))
+        return form, None
+    if not isinstance(body, str):
+        raise InvalidArgument.field("input.body", f"a {request_type} body must render to text (the XML document)")
+    return body.encode(), f"{request_type}; charset=utf-8"
+
+
+class ActionExecutor:
+    """Runs actions. One instance per processor; safe for concurrent calls."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        store: Store,
+        http: HttpClientPool,
+        secrets: SecretSource,
+        recorder: ExecutionRecorder,
+        cache: ResultCache,
+        *,
+        idempotency_retention: timedelta = timedelta(hours=24),
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self._http = http
+        self._secrets = secrets
+        self._recorder = recorder
+        self._cache = cache
+        self._retention = idempotency_retention
+        self._plans: dict[tuple[str, int], ProductPlan] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._tokens: dict[str, _Token] = {}
+        self._minting: dict[str, asyncio.Future[_Token]] = {}
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._owner = os.urandom(8).hex()
+
+    # -- plans ------------------------------------------------------------------------------------------------
+
+    def _plan(self, resolved: Resolved) -> ProductPlan:
+        key = (resolved.product, resolved.version)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = compile_plan(resolved.manifest)
+            if len(self._plans) > 256:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    # -- the call ---------------------------------------------------------------------------------------------
+
+    async def run(self, call: ActionCall, deadline: Deadline) -> ActionResult:
+        """Run `call`; raise a ProcessorError for anything but an upstream answer."""
+        started = datetime.now(UTC)
+        process_id = new_process_id()
+        resolved = await self._registry.resolve(call.product, call.env, call.version)
+        plan = self._plan(resolved).actions.get((call.app, call.event))
+        if plan is None:
+            self._not_found(resolved.manifest, call)
+        assert plan is not None
+        ctx = _Context(call, resolved, plan, deadline)
+        try:
+            result = await self._run(ctx)
+        except ProcessorError as exc:
+            self._record(ctx, process_id, started, FAIL, exc.reason, cached=False)
+            raise
+        except RenderError as exc:
+            error = InvalidArgument(
+                f"{exc.selector}: {exc.message}",
+                reason="TEMPLATE_UNRESOLVED",
+                metadata={"selector": exc.selector, "template": exc.path},
+                violations=[FieldViolation(exc.selector, exc.message)],
+            )
+            self._record(ctx, process_id, started, FAIL, error.reason, cached=False)
+            raise error from None
+        status = SUCCESS if 200 <= result.status < 300 else FAIL
+        reason = "" if status == SUCCESS else "UPSTREAM_STATUS"
+        self._record(ctx, process_id, started, status, reason, cached=result.cached)
+        return ActionResult(
+            result.status,
+            result.headers,
+            result.body,
+            result.content_type,
+            process_id,
+            result.attempts,
+            result.cached,
+            resolved.version,
+        )
+
+    def _not_found(self, manifest: Manifest, call: ActionCall) -> None:
+        apps = {app.tag: app for app in manifest.apps}
+        app = apps.get(call.app)
+        if app is None:
+            raise NotFound(
+                f"product {call.product!r} has no app {call.app!r}",
+                reason="APP_NOT_FOUND",
+                metadata={"product": call.product, "app": call.app},
+            )
+        raise NotFound(
+            f"app {call.app!r} has no action {call.event!r}",
+            reason="ACTION_NOT_FOUND",
+            metadata={"product": call.product, "app": call.app, "event": call.event},
+        )
+
+    async def _run(self, ctx: _Context) -> ActionResult:
+        call, plan = ctx.call, ctx.plan
+        if call.session is not None:
+            raise Unimplemented(
+                "sessions are not available on this processor yet; call without `session`",
+                reason="SESSIONS_UNAVAILABLE",
+            )
+        checked = check_action_input(plan.action.input, call.input)
+        cache = None
+        cache_key = ""
+        if call.cache:
+            cache = next((c for c in ctx.resolved.manifest.caches if c.tag == call.cache), None)
+            if cache is None:
+                raise NotFound(
+                    f"product {call.product!r} has no cache {call.cache!r}",
+                    reason="CACHE_NOT_FOUND",
+                    metadata={"product": call.product, "cache": call.cache},
+                )
+            cache_key = hashlib.sha256(
+                _canonical(
+                    [call.product, ctx.resolved.env.slug, ctx.resolved.version, call.app, call.event, checked]
+                ).encode()
+            ).hexdigest()
+            hit = await self._cache.get(cache, cache_key)
+            if hit is not None:
+                cached = ActionResult.decode(hit)
+                return ActionResult(cached.status, cached.headers, cached.body, cached.content_type, cached=True)
+        if call.idempotency_key:
+            result = await self._idempotent(ctx, checked)
+        else:
+            result = await self._send(ctx, checked)
+        if cache is not None and 200 <= result.status < 300:
+            await self._cache.put(cache, cache_key, result.encode())
+        return result
+
+    # -- idempotency ------------------------------------------------------------------------------------------
+
+    async def _idempotent(self, ctx: _Context, checked: dict[str, Any]) -> ActionResult:
+        call = ctx.call
+        if len(call.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument.field("idempotency_key", f"is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        key = f"{call.product}/{ctx.resolved.env.slug}/{call.idempotency_key}"
+        request_hash = hashlib.sha256(_canonical([call.app, call.event, checked]).encode()).hexdigest()
+        owner = f"{self._owner}:{new_process_id()}"
+        while True:
+            now = datetime.now(UTC)
+            lease = min(ctx.deadline.remaining() or 300.0, 300.0) + 5.0
+            record = await self._store.idempotency_claim(
+                key, request_hash, owner, now, now + timedelta(seconds=lease), now + self._retention
+            )
+            if record.request_hash != request_hash:
+                raise FailedPrecondition(
+                    "this idempotency key was used for a different request",
+                    reason="IDEMPOTENCY_KEY_REUSED",
+                    metadata={"idempotency_key": call.idempotency_key},
+                )
+            if record.owner == owner:
+                break
+            if record.state == "done" and record.response is not None:
+                return ActionResult.decode(record.response)
+            await self._wait_for(key, ctx.deadline)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = done
+        try:
+            result = await self._send(ctx, checked, retry_unsafe=True)
+        except BaseException:
+            await self._store.idempotency_release(key, owner)
+            raise
+        finally:
+            self._inflight.pop(key, None)
+            done.set_result(None)
+        await self._store.idempotency_complete(key, owner, result.encode())
+        return result
+
+    async def _wait_for(self, key: str, deadline: Deadline) -> None:
+        """Wait while another call holds the key: on this replica by its future, elsewhere by polling."""
+        inflight = self._inflight.get(key)
+        left = deadline.remaining()
+        if left is not None and left <= 0:
+            raise FailedPrecondition(
+                "a call with this idempotency key is still running", reason="IDEMPOTENCY_KEY_IN_USE"
+            )
+        if inflight is not None:
+            await asyncio.wait_for(asyncio.shield(inflight), left)
+        else:
+            await asyncio.sleep(min(0.05, left) if left is not None else 0.05)
+
+    # -- rendering and sending ----------------------------------------------------------------------------------
+
+    def _scope(self, ctx: _Context, checked: Mapping[str, Any], auth: Mapping[str, Mapping[str, Any]]) -> Scope:
+        app = ctx.plan.app
+        return Scope(
+            input=checked,
+            variables={app.tag: app.variables.get(ctx.resolved.env.slug, {})},
+            constants={app.tag: app.constants},
+            auth=auth,
+            secrets=self._secrets.get,
+        )
+
+    def _request(self, ctx: _Context, scope: Scope, checked: Mapping[str, Any]) -> HttpRequest:
+        plan = ctx.plan
+        app_env = plan.app.envs[ctx.resolved.env.slug]
+        params = checked.get("params", {})
+        path = "".join(
+            quote(str(params[part[1:]]), safe="") if part.startswith(":") else part for part in plan.path_parts
+        )
+        url = URL(app_env.base_url + path, encoded=False)
+        base = URL(app_env.base_url)
+        if url.origin() != base.origin():  # pragma: no cover - the encoding above makes this unreachable
+            raise InvalidArgument.field("input.params", "would change the upstream's host")
+        headers: dict[str, str] = {}
+        for name, value in (checked.get("headers") or {}).items():
+            headers[name] = value if isinstance(value, str) else _canonical(value)
+        for name, template in plan.headers.items():
+            rendered = template.render(scope)
+            if rendered is not None:
+                headers[name] = rendered if isinstance(rendered, str) else _canonical(rendered)
+        for name in list(headers):
+            if name.lower() in _FORBIDDEN_HEADERS:
+                raise InvalidArgument.field(f"headers.{name}", "is set by the processor and cannot be given")
+        query = plan.query.render(scope) if plan.query is not None else checked.get("query") or None
+        body = plan.body.render(scope) if plan.body is not None else (checked.get("body") or None)
+        data, content_type = _encode_body(body, app_env.request_type, plan.action.method)
+        if content_type and not any(h.lower() == "content-type" for h in headers):
+            headers["Content-Type"] = content_type
+        self._trace_headers(headers)
+        return HttpRequest(plan.action.method, url, headers, _query_pairs(query, "query"), data)
+
+    @staticmethod
+    def _trace_headers(headers: dict[str, str]) -> None:
+        span = trace.get_current_span()
+        if span.get_span_context().is_valid:
+            _propagator.inject(headers)
+            return
+        call = current_call.get()
+        if call is not None and call.traceparent and call.trace_ids() is not None:
+            headers["traceparent"] = call.traceparent
+
+    def _detail(self, ctx: _Context, request: HttpRequest) -> str:
+        return _canonical(
+            {
+                "method": request.method,
+                "url": str(request.url.with_query(None)),
+                "headers": sorted(
+                    f"{name}: [redacted]" if name in ctx.plan.sensitive_headers else name for name in request.headers
+                ),
+            }
+        )
+
+    async def _send(self, ctx: _Context, checked: dict[str, Any], *, retry_unsafe: bool = False) -> ActionResult:
+        plan, call = ctx.plan, ctx.call
+        rules = plan.rules
+        if call.retries is not None:
+            if call.retries < 0 or call.retries > 20:
+                raise InvalidArgument.field("retries", "must be between 0 and 20")
+            rules = RetryRules(
+                call.retries, rules.exponential, rules.initial_s, rules.max_interval_s, rules.statuses, rules.network
+            )
+        may_retry_sent = plan.idempotent or retry_unsafe
+        breaker_key = f"{call.product}/{ctx.resolved.env.slug}/{call.app}"
+        breaker = self._breakers.get(breaker_key)
+        if breaker is None:
+            policy = plan.app.circuit_breaker
+            breaker = self._breakers[breaker_key] = CircuitBreaker(policy.failures, policy.cooldown.total_seconds())
+        reminted = False
+        retry = 0
+        while True:
+            auth = await self._auth_values(ctx, plan.auth_tags)
+            request = self._request(ctx, self._scope(ctx, checked, auth), checked)
+            ctx.attempts.detail = self._detail(ctx, request)
+            breaker.before_call(f"{call.app} ({ctx.resolved.env.slug})")
+            ctx.attempts.count += 1
+            try:
+                response = await self._http.send(
+                    f"{call.product}/{ctx.resolved.env.slug}/{call.app}", request, ctx.deadline.bound(plan.timeout_s)
+                )
+            except (UpstreamUnreachable, UpstreamTimeout) as exc:
+                breaker.failure()
+                sent = exc.sent if isinstance(exc, UpstreamUnreachable) else True
+                if not (rules.network and retry < rules.max_retries and (not sent or may_retry_sent)):
+                    raise
+                retry += 1
+                await self._sleep(ctx, rules.delay(retry))
+                continue
+            except ResponseTooLarge:
+                breaker.success()
+                raise
+            except BaseException:
+                breaker.release()
+                raise
+            ctx.attempts.upstream_status = response.status
+            if response.status == 401 and not reminted and await self._forget_tokens(ctx, plan.auth_tags):
+                reminted = True
+                continue
+            if response.status in rules.statuses and retry < rules.max_retries and may_retry_sent:
+                if response.status >= 500 or response.status == 429:
+                    breaker.failure()
+                retry += 1
+                await self._sleep(ctx, rules.delay(retry, parse_retry_after(response.header("Retry-After"))))
+                continue
+            if response.status >= 500:
+                breaker.failure()
+            else:
+                breaker.success()
+            return self._result(response, ctx.attempts.count)
+
+    async def _sleep(self, ctx: _Context, seconds: float) -> None:
+        left = ctx.deadline.remaining()
+        if left is not None and seconds >= left:
+            raise UpstreamTimeout(
+                f"the next retry (in {seconds:.2f}s) would pass the caller's deadline",
+                metadata={"attempts": str(ctx.attempts.count)},
+            )
+        await asyncio.sleep(seconds)
+
+    @staticmethod
+    def _result(response: HttpResponse, attempts: int) -> ActionResult:
+        return ActionResult(response.status, response.headers, response.body, response.content_type, attempts=attempts)
+
+    # -- auth -------------------------------------------------------------------------------------------------
+
+    def _token_key(self, ctx: _Context, tag: str) -> str:
+        return f"{ctx.call.product}/{ctx.resolved.env.slug}/{ctx.call.app}/{tag}"
+
+    async def _auth_values(self, ctx: _Context, tags: frozenset[str]) -> dict[str, Mapping[str, Any]]:
+        if not tags:
+            return {}
+        plans = self._plan(ctx.resolved).auths
+        values: dict[str, Mapping[str, Any]] = {}
+        for tag in tags:
+            auth_plan = plans[(ctx.call.app, tag)]
+            if isinstance(auth_plan.auth, CredentialAuth):
+                values[tag] = (await self._credential(ctx, auth_plan)).values
+            else:
+                values[tag] = self._render_auth(auth_plan, self._scope(ctx, {}, {}))
+        return values
+
+    @staticmethod
+    def _render_auth(plan: AuthPlan, scope: Scope) -> dict[str, Any]:
+        return {
+            "headers": {name: t.render(scope) for name, t in plan.headers.items()},
+            "query": {name: t.render(scope) for name, t in plan.query.items()},
+            "body": plan.body.render(scope),
+        }
+
+    async def _forget_tokens(self, ctx: _Context, tags: frozenset[str]) -> bool:
+        """Drop the credential tokens this action used (the upstream said 401); True when there were any."""
+        forgot = False
+        plans = self._plan(ctx.resolved).auths
+        for tag in tags:
+            if isinstance(plans[(ctx.call.app, tag)].auth, CredentialAuth):
+                key = self._token_key(ctx, tag)
+                token = self._tokens.pop(key, None)
+                if token is not None:
+                    await self._store.delete_auth_token(key, token.text)
+                forgot = True
+        return forgot
+
+    async def _credential(self, ctx: _Context, plan: AuthPlan) -> _Token:
+        key = self._token_key(ctx, plan.auth.tag)
+        token = self._tokens.get(key)
+        if token is not None and token.expires > time.time():
+            return token
+        minting = self._minting.get(key)
+        if minting is not None:
+            return await asyncio.shield(minting)
+        future: asyncio.Future[_Token] = asyncio.get_running_loop().create_future()
+        self._minting[key] = future
+        try:
+            token = await self._load_or_mint(ctx, plan, key)
+            self._tokens[key] = token
+            future.set_result(token)
+            return token
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()
+            raise
+        finally:
+            self._minting.pop(key, None)
+
+    async def _load_or_mint(self, ctx: _Context, plan: AuthPlan, key: str) -> _Token:
+        auth = plan.auth
+        assert isinstance(auth, CredentialAuth)
+        now = datetime.now(UTC)
+        stored = await self._store.get_auth_token(key, now)
+        if stored is not None:
+            payload = json.loads(stored)
+            return _Token(payload["values"], stored, payload["expires"])
+        login_plan = self._plan(ctx.resolved).actions[(ctx.call.app, auth.action)]
+        login_scope = self._scope(ctx, {}, {})
+        assert plan.login_input is not None
+        login_input = plan.login_input.render(login_scope)
+        checked = check_action_input(login_plan.action.input, login_input if isinstance(login_input, dict) else {})
+        login_ctx = _Context(ctx.call, ctx.resolved, login_plan, ctx.deadline)
+        started = datetime.now(UTC)
+        process_id = new_process_id()
+        try:
+            response = await self._send(login_ctx, checked)
+        except ProcessorError as exc:
+            self._record(login_ctx, process_id, started, FAIL, exc.reason, cached=False)
+            raise
+        if not 200 <= response.status < 300:
+            self._record(login_ctx, process_id, started, FAIL, "UPSTREAM_AUTH_FAILED", cached=False)
+            raise FailedPrecondition(
+                f"auth {auth.tag!r}: the login action {auth.action!r} answered {response.status}",
+                reason="UPSTREAM_AUTH_FAILED",
+                metadata={"app": ctx.call.app, "auth": auth.tag, "upstream_status": str(response.status)},
+            )
+        self._record(login_ctx, process_id, started, SUCCESS, "", cached=False)
+        body: Any = response.body.decode("utf-8", "replace")
+        if "json" in response.content_type:
+            with contextlib.suppress(ValueError):
+                body = json.loads(response.body)
+        scope = Scope(
+            secrets=self._secrets.get,
+            response={"status": response.status, "headers": dict(response.headers), "body": body},
+        )
+        values = self._render_auth(plan, scope)
+        expires = time.time() + auth.expiry.total_seconds()
+        text = json.dumps({"values": values, "expires": expires})
+        await self._store.put_auth_token(key, text, datetime.fromtimestamp(expires, UTC))
+        return _Token(values, text, expires)
+
+    # -- records ----------------------------------------------------------------------------------------------
+
+    def _record(
+        self, ctx: _Context, process_id: str, started: datetime, status: int, reason: str, *, cached: bool
+    ) -> None:
+        self._recorder.record(
+            ExecutionRecord(
+                process_id=process_id,
+                product=ctx.call.product,
+                env=ctx.resolved.env.slug,
+                version=ctx.resolved.version,
+                kind="action",
+                resource=ctx.plan.resource,
+                status=status,
+                started_at=started,
+                ended_at=datetime.now(UTC),
+                attempts=ctx.attempts.count,
+                upstream_status=ctx.attempts.upstream_status,
+                error_reason=reason,
+                cached=cached,
+                detail=ctx.attempts.detail,
+            )
+        )

@@ -1,0 +1,63 @@
+"""Result caches named by a call's `cache` tag: entries in the processor's store, or in Redis per cache."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ductape_processor.errors import InvalidArgument
+from ductape_processor.runtime.manifest import Cache
+from ductape_processor.runtime.secrets import SecretSource
+from ductape_processor.store.base import Store
+
+
+class ResultCache:
+    """Get and put cached results for a cache definition, on its backend."""
+
+    def __init__(self, store: Store, secrets: SecretSource) -> None:
+        self._store = store
+        self._secrets = secrets
+        self._redis: dict[str, Any] = {}
+
+    def _redis_client(self, cache: Cache) -> Any:
+        assert cache.url is not None
+        url = cache.url
+        if url.startswith("$Secret{") and url.endswith("}"):
+            resolved = self._secrets.get(url[len("$Secret{") : -1])
+            if resolved is None:
+                raise InvalidArgument(
+                    f"cache {cache.tag!r}: secret {url} is not defined on this processor",
+                    reason="SECRET_NOT_FOUND",
+                    metadata={"cache": cache.tag},
+                )
+            url = resolved
+        client = self._redis.get(url)
+        if client is None:
+            import redis.asyncio as redis
+
+            client = redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+            self._redis[url] = client
+        return client
+
+    async def get(self, cache: Cache, key: str) -> bytes | None:
+        """A fresh entry, or None."""
+        if cache.backend == "redis":
+            value = await self._redis_client(cache).get(f"ductape:cache:{key}")
+            return bytes(value) if value is not None else None
+        return await self._store.cache_get(key, datetime.now(UTC))
+
+    async def put(self, cache: Cache, key: str, value: bytes) -> None:
+        """Store an entry for the cache's TTL."""
+        if cache.backend == "redis":
+            milliseconds = max(int(cache.ttl / timedelta(milliseconds=1)), 1)
+            await self._redis_client(cache).set(f"ductape:cache:{key}", value, px=milliseconds)
+            return
+        await self._store.cache_put(key, value, datetime.now(UTC) + cache.ttl)
+
+    async def close(self) -> None:
+        """Close Redis connections."""
+        clients, self._redis = list(self._redis.values()), {}
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.aclose()

@@ -1,0 +1,84 @@
+"""The execution log, written off the hot path: records queue in memory and are stored in batches.
+
+A call only appends to a list. A background task writes the list every `flush_interval` seconds, or as soon as it
+holds `batch_size` records, in one store round trip. `close()` writes what is left. When the store fails, the batch
+is kept and retried at the next flush, up to `max_pending` records; past that the oldest are dropped and counted,
+because serving calls matters more than logging them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+
+from ductape_processor.store.base import ExecutionRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+def new_process_id() -> str:
+    """A unique, roughly time-ordered execution id: 12 hex digits of milliseconds, then 12 random hex digits."""
+    return f"{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
+
+
+class ExecutionRecorder:
+    """Batches execution records into the store."""
+
+    def __init__(
+        self, store: Store, *, flush_interval: float = 0.2, batch_size: int = 500, max_pending: int = 100_000
+    ) -> None:
+        self._store = store
+        self._flush_interval = flush_interval
+        self._batch_size = batch_size
+        self._max_pending = max_pending
+        self._pending: list[ExecutionRecord] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    def start(self) -> None:
+        """Start the background writer."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="execution-recorder")
+
+    def record(self, record: ExecutionRecord) -> None:
+        """Queue one record (no I/O)."""
+        self._pending.append(record)
+        if len(self._pending) >= self._batch_size:
+            self._wake.set()
+        if len(self._pending) > self._max_pending:
+            excess = len(self._pending) - self._max_pending
+            del self._pending[:excess]
+            self.dropped += excess
+
+    async def flush(self) -> None:
+        """Write everything queued now."""
+        while self._pending:
+            batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
+            try:
+                await self._store.insert_executions(batch)
+            except Exception as exc:
+                self._pending[:0] = batch
+                log.warning("execution log: writing %d records failed (%s); will retry", len(batch), exc)
+                return
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._flush_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def close(self) -> None:
+        """Stop the writer and write what is left."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+        if self._pending:
+            log.error("execution log: %d records could not be written at shutdown", len(self._pending))
