@@ -15,9 +15,12 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 
 setup: $(STAMP)
 
-## Serve the example product on 127.0.0.1:50051 with the embedded SQLite store under $(DATA)/.
+## Serve the example product on 127.0.0.1:50051 with the embedded SQLite store under $(DATA)/, and the example
+## mailer stub on 127.0.0.1:8025 that the product's `mailer` app calls in its `dev` environment.
 run: setup
-	PROCESSOR_DATA_DIR=$(DATA) $(VENV)/bin/ductape-processor serve --manifest examples/ --log-format text
+	@$(PY) examples/mailer_stub.py & stub=$$!; trap 'kill $$stub 2>/dev/null' EXIT INT TERM; \
+	PROCESSOR_DATA_DIR=$(DATA) $(VENV)/bin/ductape-processor serve --manifest examples/shop.yaml \
+		--secrets-file examples/secrets.env --log-format text
 
 ## Run the whole test suite (PostgreSQL tests skip with a message when no server is reachable, fail under CI=true).
 test: setup

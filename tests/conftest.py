@@ -6,6 +6,7 @@ they skip with a message; under CI=true a missing server fails the run instead.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,13 +45,28 @@ async def _postgres_unavailable() -> str:
     return _postgres_checked
 
 
+def _missing(why: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why} (CI=true: a missing server is a failure)")
+    pytest.skip(why)
+
+
 async def require_postgres() -> None:
     """Skip (or fail under CI=true) when the PostgreSQL server is unreachable."""
     why = await _postgres_unavailable()
     if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{why} (CI=true: a missing server is a failure)")
-        pytest.skip(why)
+        _missing(why)
+
+
+async def require_tcp(name: str, host: str, port: int) -> None:
+    """Skip (or fail under CI=true) when nothing accepts connections at host:port."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
+    except (OSError, TimeoutError) as exc:
+        _missing(f"{name} at {host}:{port} is not reachable: {exc}")
+        return
+    writer.close()
+    await writer.wait_closed()
 
 
 @pytest.fixture

@@ -21,13 +21,15 @@ from ductape.processor import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    ProcessorError,
     ResourceExhaustedError,
     UnavailableError,
 )
 from ductape.processor.v1 import action_pb2, action_pb2_grpc
 
+from ductape_processor.store.postgres import PostgresStore
 from ductape_processor.telemetry.logging import configure_logging
-from tests.conftest import Running, ServerFactory
+from tests.conftest import POSTGRES_DSN, Running, ServerFactory, require_tcp
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse] | web.StreamResponse]
 
@@ -542,3 +544,49 @@ def _text(text: str, content_type: str) -> web.Response:
 
 def _redirect(location: str) -> web.Response:
     return web.Response(status=302, headers={"Location": location})
+
+
+async def test_a_redis_cache_serves_hits_and_expires(start_server: ServerFactory, upstream: Upstream) -> None:
+    await require_tcp("Redis", "127.0.0.1", 6379)
+    server = await start_server()
+    document = json.loads(shop(upstream.url))
+    document["caches"] = [{"tag": "fast", "ttl": "400ms", "backend": "redis", "url": "redis://127.0.0.1:6379/0"}]
+    await server.client.product.apply(json.dumps(document).encode())
+    key = {"params": {"id": f"r-{time.time_ns()}"}}  # entries outlive a test run: a fresh input per run
+    upstream.on(f"GET /users/{key['params']['id']}", lambda r: _json({"n": len(upstream.seen)}))
+    first = await server.client.action.run(product="shop", env="dev", app="api", event="user", input=key, cache="fast")
+    second = await server.client.action.run(product="shop", env="dev", app="api", event="user", input=key, cache="fast")
+    assert second.cached and second.body == first.body
+    await asyncio.sleep(0.5)
+    third = await server.client.action.run(product="shop", env="dev", app="api", event="user", input=key, cache="fast")
+    assert not third.cached and len(upstream.seen) == 2
+
+
+async def test_sessions_are_refused_until_they_are_available(running: Running, upstream: Upstream) -> None:
+    with pytest.raises(ProcessorError) as caught:
+        await run(running, "user", input={"params": {"id": "1"}}, session={"tag": "user", "token": "abc"})
+    assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED and caught.value.reason == "SESSIONS_UNAVAILABLE"
+    assert upstream.seen == []
+
+
+async def test_one_idempotency_key_makes_one_call_across_replicas(
+    start_server: ServerFactory, upstream: Upstream, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await start_server(store=PostgresStore(POSTGRES_DSN, pg_schema))
+    b = await start_server(store=PostgresStore(POSTGRES_DSN, pg_schema))
+    await a.client.product.apply(shop(upstream.url))
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)
+        return _json({"order": 1}, status=201)
+
+    upstream.on("POST /create", slow)
+    calls = [
+        replica.client.action.run(
+            product="shop", env="dev", app="api", event="create", input={"body": {"name": "x"}}, idempotency_key="o-9"
+        )
+        for replica in (a, b, a, b)
+    ]
+    results = await asyncio.gather(*calls)
+    assert {r.status_code for r in results} == {201}
+    assert len(upstream.hits("/create")) == 1, "one upstream call for four calls on two replicas"

@@ -56,6 +56,9 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "tls_key": {},
     "tls_client_ca": {"help": "CA bundle that client certificates must chain to (mTLS)"},
     "registry_poll_s": {"type": float},
+    "max_upstream_response_bytes": {"type": int},
+    "idempotency_retention_s": {"type": float},
+    "execution_flush_s": {"type": float},
 }
 
 

@@ -8,12 +8,17 @@ from collections.abc import Iterable
 
 from ductape_processor.errors import Unauthenticated
 
+MAX_REMEMBERED = 1024
+
 
 class ApiKeyAuthenticator:
     """Accepts a call whose bearer key hashes to one of the configured hashes (constant-time comparison)."""
 
     def __init__(self, key_hashes: Iterable[str]) -> None:
         self._hashes = [bytes.fromhex(h) for h in key_hashes]
+        # Authorization values already accepted, so a caller's every call does not hash its key again. Only
+        # accepted values are kept (a miss costs a hash and the constant-time comparison); bounded in size.
+        self._accepted: set[str] = set()
 
     @property
     def enabled(self) -> bool:
@@ -22,6 +27,8 @@ class ApiKeyAuthenticator:
 
     def check(self, authorization: str | None) -> None:
         """Raise Unauthenticated unless `authorization` is `Bearer <a configured key>`."""
+        if authorization is not None and authorization in self._accepted:
+            return
         if authorization is None:
             raise Unauthenticated(
                 "missing API key: send metadata 'authorization: Bearer <key>'", reason="API_KEY_MISSING"
@@ -35,6 +42,9 @@ class ApiKeyAuthenticator:
             matched |= hmac.compare_digest(digest, expected)
         if not matched:
             raise Unauthenticated("API key not accepted", reason="API_KEY_INVALID")
+        if len(self._accepted) >= MAX_REMEMBERED:
+            self._accepted.clear()
+        self._accepted.add(authorization)
 
 
 def hash_key(key: str) -> str:

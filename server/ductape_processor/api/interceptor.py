@@ -7,6 +7,7 @@ is a few attribute reads when telemetry is off. Health checks are public and lef
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import re
 import secrets
@@ -34,12 +35,30 @@ _propagator = TraceContextTextMapPropagator()
 Behavior = Callable[..., Any]
 
 
+_WANTED = frozenset({"authorization", "traceparent", "tracestate", "x-request-id"})
+
+
 def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     found: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
-        if key in ("authorization", "traceparent", "tracestate", "x-request-id") and isinstance(value, str):
+        if key in _WANTED and isinstance(value, str):
             found[key] = value
     return found
+
+
+class RequestIds:
+    """Cheap unique request ids: a random per-process prefix and a counter (no system call per call)."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._next = itertools.count(1).__next__
+
+    def new(self) -> str:
+        """A fresh id."""
+        return f"{self._prefix}{self._next():08x}"
+
+
+_request_ids = RequestIds()
 
 
 class _Call:
@@ -58,9 +77,9 @@ class _Call:
     def open(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[CallInfo, Any, Any, str | None]:
         """Start the call: request id, contextvar, span. Returns what `close` needs and the authorization."""
         metadata = _metadata(context)
-        request_id = metadata.get("x-request-id", "")
-        if not _REQUEST_ID.match(request_id):
-            request_id = secrets.token_hex(8)
+        request_id = metadata.get("x-request-id")
+        if request_id is None or not _REQUEST_ID.match(request_id):
+            request_id = _request_ids.new()
         info = CallInfo(self.method, request_id, metadata.get("traceparent"))
         token: Any = current_call.set(info)
         span = None
@@ -101,7 +120,7 @@ class _Call:
         self, exc: Exception, info: CallInfo | None, context: grpc.aio.ServicerContext[Any, Any]
     ) -> grpc.StatusCode:
         """Abort the call with the mapped status; returns the code for telemetry (abort raises)."""
-        request_id = info.request_id if info is not None else secrets.token_hex(8)
+        request_id = info.request_id if info is not None else _request_ids.new()
         if isinstance(exc, ProcessorError):
             code, message, trailers = error_trailers(exc, request_id)
             if code == grpc.StatusCode.INTERNAL:

@@ -17,8 +17,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _version(record: VersionRecord, pins: dict[str, int]) -> product_pb2.ProductVersion:
-    created = timestamp_pb2.Timestamp()
-    created.FromDatetime(record.created_at)
+    moment = record.created_at
+    created = timestamp_pb2.Timestamp(
+        seconds=int(moment.replace(microsecond=0).timestamp()), nanos=moment.microsecond * 1000
+    )
     return product_pb2.ProductVersion(
         product=record.product,
         version=record.version,
@@ -54,6 +56,8 @@ class ProductServicer(product_pb2_grpc.ProductServiceServicer):
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
+        # Get answers for unchanged (version, pins): versions are immutable, so an answer is reusable as is.
+        self._answers: dict[tuple[str, int, tuple[tuple[str, int], ...]], product_pb2.GetResponse] = {}
 
     async def Apply(self, request: product_pb2.ApplyRequest, context: Context) -> product_pb2.ApplyResponse:
         record, created = await self._registry.apply(_manifest(request.manifest), _format(request.format))
@@ -81,12 +85,19 @@ class ProductServicer(product_pb2_grpc.ProductServiceServicer):
             version=request.version if selector == "version" else None,
             env=request.env if selector == "env" else None,
         )
-        return product_pb2.GetResponse(
-            version=_version(record, pins),
-            manifest=record.source,
-            format=record.format,  # type: ignore[arg-type]
-            pins=pins,
-        )
+        key = (record.product, record.version, tuple(sorted(pins.items())))
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = product_pb2.GetResponse(
+                version=_version(record, pins),
+                manifest=record.source,
+                format=record.format,  # type: ignore[arg-type]
+                pins=pins,
+            )
+            if len(self._answers) >= 256:
+                self._answers.clear()
+            self._answers[key] = answer
+        return answer
 
     async def ListVersions(
         self, request: product_pb2.ListVersionsRequest, context: Context

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ductape_processor.errors import (
     EnvNotFound,
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 MODEL_CACHE_SIZE = 256
+MAX_RESOLVED_PER_PRODUCT = 1024
+MAX_PRODUCTS_REMEMBERED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,7 @@ class Resolved:
     version: int
     env: Environment
     manifest: Manifest
+    record: VersionRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,7 @@ class _Slot:
     generation: int = 0
     loading: asyncio.Future[ProductState] | None = None
     state: ProductState | None = None
+    resolved: dict[tuple[str, int | None], Resolved] = field(default_factory=dict)
 
 
 class Registry:
@@ -122,6 +126,7 @@ class Registry:
         if slot is not None:
             slot.generation += 1
             slot.state = None
+            slot.resolved = {}
 
     # -- state ------------------------------------------------------------------------------------------------
 
@@ -145,8 +150,10 @@ class Registry:
             slot.loading = None
             raise
         state = ProductState(latest, pins)
-        if slot.generation == generation:
+        if slot.generation == generation and (latest is not None or len(self._slots) <= MAX_PRODUCTS_REMEMBERED):
             slot.state = state
+        elif latest is None:
+            self._slots.pop(product, None)  # many unknown names: stop remembering them
         slot.loading.set_result(state)
         slot.loading = None
         return state
@@ -231,10 +238,23 @@ class Registry:
         return found, state.pins.get(found.slug, state.latest.version)
 
     async def resolve(self, product: str, env: str, version: int | None = None) -> Resolved:
-        """The model a call runs: the version asked for, else the environment's pin, else the latest."""
+        """The model a call runs: the version asked for, else the environment's pin, else the latest.
+
+        Served from memory (one dictionary lookup) until the product changes.
+        """
+        slot = self._slots.get(product)
+        if slot is not None and slot.state is not None:
+            hit = slot.resolved.get((env, version))
+            if hit is not None:
+                return hit
+        slot = self._slots.setdefault(product, _Slot())
+        generation = slot.generation
         environment, chosen = await self.environment(product, env, version)
         record = await self.record(product, chosen)
-        return Resolved(product, chosen, environment, self.model(record))
+        resolved = Resolved(product, chosen, environment, self.model(record), record)
+        if slot.state is not None and slot.generation == generation and len(slot.resolved) < MAX_RESOLVED_PER_PRODUCT:
+            slot.resolved[(env, version)] = resolved
+        return resolved
 
     async def get(
         self, product: str, *, version: int | None = None, env: str | None = None
@@ -245,8 +265,7 @@ class Registry:
         if version is not None:
             return await self.record(product, version), state.pins
         if env is not None:
-            _, chosen = await self.environment(product, env)
-            return await self.record(product, chosen), state.pins
+            return (await self.resolve(product, env)).record, state.pins
         return state.latest, state.pins
 
     async def list_versions(

@@ -1,0 +1,45 @@
+"""The example product as `make run` serves it: its action reaches the example mailer stub."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import AsyncIterator
+from types import ModuleType
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import EXAMPLE, ROOT, ServerFactory
+
+
+def _stub_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("mailer_stub", ROOT / "examples" / "mailer_stub.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+async def mailer_stub() -> AsyncIterator[None]:
+    server = TestServer(_stub_module().make_app(), host="127.0.0.1", port=8025)
+    try:
+        await server.start_server()
+    except OSError as exc:
+        pytest.skip(f"port 8025, which the example manifest names, is taken: {exc}")
+    yield
+    await server.close()
+
+
+async def test_the_example_action_runs_through_the_processor(start_server: ServerFactory, mailer_stub: None) -> None:
+    running = await start_server(manifests=[EXAMPLE], secrets_file=ROOT / "examples" / "secrets.env")
+    result = await running.client.action.run(
+        product="shop",
+        env="development",
+        app="mailer",
+        event="send_welcome",
+        input={"params": {"template": "welcome"}, "body": {"email": "ada@example.com", "userId": "u-1"}},
+    )
+    assert result.status_code == 202
+    assert result.body["to"] == "ada@example.com" and result.body["template"] == "welcome"
+    assert result.body["queued"] is True
