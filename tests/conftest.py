@@ -25,6 +25,7 @@ from ductape_processor.store import Store
 from ductape_processor.store.postgres import PostgresStore
 from ductape_processor.store.sqlite import SqliteStore
 from ductape_processor.telemetry.setup import Telemetry
+from tests.upstream import Upstream, start_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "shop.yaml"
@@ -157,6 +158,15 @@ async def start_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
     for handle in running:
         await handle.client.close()
         await handle.app.stop(grace=0)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    """A real HTTP server on 127.0.0.1 that records what it receives."""
+    state = await start_upstream()
+    yield state
+    assert state.server is not None
+    await state.server.close()
 
 
 @pytest.fixture

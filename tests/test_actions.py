@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import io
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from ductape.processor import (
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    ProcessorError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -30,63 +26,7 @@ from ductape.processor.v1 import action_pb2, action_pb2_grpc
 from ductape_processor.store.postgres import PostgresStore
 from ductape_processor.telemetry.logging import configure_logging
 from tests.conftest import POSTGRES_DSN, Running, ServerFactory, require_tcp
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse] | web.StreamResponse]
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    raw_path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Upstream:
-    """A real HTTP server; `routes` maps 'METHOD /path' to a handler, `seen` lists every request received."""
-
-    server: TestServer | None = None
-    routes: dict[str, Handler] = field(default_factory=dict)
-    seen: list[Seen] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
-
-    def on(self, route: str, handler: Handler) -> None:
-        self.routes[route] = handler
-
-    def hits(self, path: str) -> list[Seen]:
-        return [s for s in self.seen if s.path == path]
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    state = Upstream()
-
-    async def dispatch(request: web.Request) -> web.StreamResponse:
-        query: dict[str, list[str]] = {}
-        for key, value in request.query.items():
-            query.setdefault(key, []).append(value)
-        state.seen.append(
-            Seen(request.method, request.path, request.raw_path, query, dict(request.headers), await request.read())
-        )
-        handler = state.routes.get(f"{request.method} {request.path}")
-        if handler is None:
-            return web.json_response({"echo": True})
-        answer = handler(request)
-        return await answer if inspect.isawaitable(answer) else answer
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", dispatch)
-    state.server = TestServer(app, host="127.0.0.1", port=0)
-    await state.server.start_server()
-    yield state
-    await state.server.close()
+from tests.upstream import Seen, Upstream, json_answer, redirect_answer, text_answer
 
 
 def shop(base_url: str, **app_extra: Any) -> bytes:
@@ -179,7 +119,7 @@ SEND_INPUT = {"params": {"template": "welcome"}, "body": {"email": "ada@example.
 
 
 async def test_renders_path_query_body_and_headers(running: Running, upstream: Upstream) -> None:
-    upstream.on("POST /v2/templates/welcome/send", lambda r: _json({"id": "m-1"}, status=202))
+    upstream.on("POST /v2/templates/welcome/send", lambda r: json_answer({"id": "m-1"}, status=202))
     result = await run(running, "send", input=SEND_INPUT)
     assert result.status_code == 202 and result.body == {"id": "m-1"}
     assert result.attempts == 1 and not result.cached and result.version == 1 and result.process_id
@@ -227,7 +167,7 @@ async def test_request_types(
     assert check(upstream.hits("/create")[0])
 
 
-async def test_xml_bodies_are_sent_as_text(start_server: ServerFactory, upstream: Upstream) -> None:
+async def test_xml_bodies_are_sent_astext_answer(start_server: ServerFactory, upstream: Upstream) -> None:
     server = await start_server()
     document = json.loads(shop(upstream.url))
     app = document["apps"][0]
@@ -242,7 +182,7 @@ async def test_xml_bodies_are_sent_as_text(start_server: ServerFactory, upstream
         }
     )
     await server.client.product.apply(json.dumps(document).encode())
-    upstream.on("POST /soap", lambda r: _text("<Ok/>", "text/xml"))
+    upstream.on("POST /soap", lambda r: text_answer("<Ok/>", "text/xml"))
     result = await server.client.action.run(
         product="shop", env="dev", app="api", event="soap", input={"body": {"id": 7}}
     )
@@ -273,8 +213,8 @@ async def test_input_can_never_change_the_host(running: Running, upstream: Upstr
 
 
 async def test_redirects_to_another_host_are_not_followed(running: Running, upstream: Upstream) -> None:
-    upstream.on("GET /users/away", lambda r: _redirect("http://evil.example/steal"))
-    upstream.on("GET /users/moved", lambda r: _redirect("/users/here"))
+    upstream.on("GET /users/away", lambda r: redirect_answer("http://evil.example/steal"))
+    upstream.on("GET /users/moved", lambda r: redirect_answer("/users/here"))
     away = await run(running, "user", input={"params": {"id": "away"}})
     assert away.status_code == 302 and away.headers["Location"] == "http://evil.example/steal"
     moved = await run(running, "user", input={"params": {"id": "moved"}})
@@ -283,21 +223,21 @@ async def test_redirects_to_another_host_are_not_followed(running: Running, upst
 
 async def test_retries_503_then_succeeds(running: Running, upstream: Upstream) -> None:
     answers = iter([503, 503, 200])
-    upstream.on("GET /users/1", lambda r: _json({}, status=next(answers)))
+    upstream.on("GET /users/1", lambda r: json_answer({}, status=next(answers)))
     result = await run(running, "user", input={"params": {"id": "1"}})
     assert result.status_code == 200 and result.attempts == 3
     assert len(upstream.hits("/users/1")) == 3
 
 
 async def test_the_last_non_2xx_answer_is_returned_not_hidden(running: Running, upstream: Upstream) -> None:
-    upstream.on("GET /users/1", lambda r: _json({"error": "down"}, status=503))
+    upstream.on("GET /users/1", lambda r: json_answer({"error": "down"}, status=503))
     result = await run(running, "user", input={"params": {"id": "1"}}, retries=1)
     assert result.status_code == 503 and result.body == {"error": "down"} and result.attempts == 2
 
 
 async def test_retry_after_is_honoured(running: Running, upstream: Upstream) -> None:
     answers = iter([429, 200])
-    upstream.on("GET /users/1", lambda r: _json({}, status=next(answers), headers={"Retry-After": "1"}))
+    upstream.on("GET /users/1", lambda r: json_answer({}, status=next(answers), headers={"Retry-After": "1"}))
     started = time.monotonic()
     result = await run(running, "user", input={"params": {"id": "1"}})
     assert result.status_code == 200 and time.monotonic() - started >= 1.0
@@ -305,7 +245,7 @@ async def test_retry_after_is_honoured(running: Running, upstream: Upstream) -> 
 
 async def test_post_is_not_retried_once_sent_unless_idempotent(running: Running, upstream: Upstream) -> None:
     answers = iter([503, 503, 201])
-    upstream.on("POST /create", lambda r: _json({}, status=next(answers)))
+    upstream.on("POST /create", lambda r: json_answer({}, status=next(answers)))
     result = await run(running, "create", input={"body": {"name": "x"}})
     assert result.status_code == 503 and result.attempts == 1 and len(upstream.hits("/create")) == 1
     again = await run(running, "create", input={"body": {"name": "x"}}, idempotency_key="k-1")
@@ -327,7 +267,7 @@ async def test_post_is_retried_when_nothing_reached_the_upstream(
 
 async def test_circuit_opens_and_recovers(running: Running, upstream: Upstream) -> None:
     healthy = False
-    upstream.on("GET /users/1", lambda r: _json({}, status=200 if healthy else 500))
+    upstream.on("GET /users/1", lambda r: json_answer({}, status=200 if healthy else 500))
     for _ in range(3):
         await run(running, "user", input={"params": {"id": "1"}}, retries=0)
     calls = len(upstream.seen)
@@ -341,7 +281,7 @@ async def test_circuit_opens_and_recovers(running: Running, upstream: Upstream) 
 
 
 async def test_cache_hit_skips_the_upstream(running: Running, upstream: Upstream) -> None:
-    upstream.on("GET /users/1", lambda r: _json({"name": "Ada"}))
+    upstream.on("GET /users/1", lambda r: json_answer({"name": "Ada"}))
     first = await run(running, "user", input={"params": {"id": "1"}}, cache="short")
     second = await run(running, "user", input={"params": {"id": "1"}}, cache="short")
     assert not first.cached and second.cached and second.attempts == 0
@@ -354,14 +294,14 @@ async def test_cache_hit_skips_the_upstream(running: Running, upstream: Upstream
 
 
 async def test_only_2xx_results_are_cached(running: Running, upstream: Upstream) -> None:
-    upstream.on("GET /users/1", lambda r: _json({}, status=404))
+    upstream.on("GET /users/1", lambda r: json_answer({}, status=404))
     await run(running, "user", input={"params": {"id": "1"}}, cache="short")
     assert not (await run(running, "user", input={"params": {"id": "1"}}, cache="short")).cached
 
 
 async def test_idempotency_replays_the_first_result(running: Running, upstream: Upstream) -> None:
     counter = iter(range(100))
-    upstream.on("POST /create", lambda r: _json({"n": next(counter)}, status=201))
+    upstream.on("POST /create", lambda r: json_answer({"n": next(counter)}, status=201))
     first = await run(running, "create", input={"body": {"name": "x"}}, idempotency_key="order-1")
     second = await run(running, "create", input={"body": {"name": "x"}}, idempotency_key="order-1")
     assert first.body == second.body == {"n": 0} and second.attempts == 0
@@ -374,7 +314,7 @@ async def test_idempotency_replays_the_first_result(running: Running, upstream: 
 async def test_concurrent_calls_with_one_key_make_one_upstream_call(running: Running, upstream: Upstream) -> None:
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(0.2)
-        return _json({"ok": True}, status=201)
+        return json_answer({"ok": True}, status=201)
 
     upstream.on("POST /create", slow)
     results = await asyncio.gather(
@@ -387,7 +327,7 @@ async def test_concurrent_calls_with_one_key_make_one_upstream_call(running: Run
 async def test_a_deadline_shorter_than_the_timeout_wins(running: Running, upstream: Upstream) -> None:
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(3)
-        return _json({})
+        return json_answer({})
 
     upstream.on("GET /slow", slow)
     started = time.monotonic()
@@ -404,7 +344,7 @@ async def test_an_upstream_timeout_is_deadline_exceeded(running: Running, upstre
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(1)
-        return _json({})
+        return json_answer({})
 
     upstream.on("GET /slow", slow)
     with pytest.raises(DeadlineExceededError) as caught:
@@ -415,7 +355,7 @@ async def test_an_upstream_timeout_is_deadline_exceeded(running: Running, upstre
 async def test_an_oversized_response_is_refused(start_server: ServerFactory, upstream: Upstream) -> None:
     server = await start_server(max_upstream_response_bytes=64 * 1024)
     await server.client.product.apply(shop(upstream.url))
-    upstream.on("GET /users/big", lambda r: _text("x" * (200 * 1024), "text/plain"))
+    upstream.on("GET /users/big", lambda r: text_answer("x" * (200 * 1024), "text/plain"))
     with pytest.raises(ResourceExhaustedError) as caught:
         await server.client.action.run(
             product="shop", env="dev", app="api", event="user", input={"params": {"id": "big"}}
@@ -425,8 +365,8 @@ async def test_an_oversized_response_is_refused(start_server: ServerFactory, ups
 
 async def test_credential_auth_is_minted_once_and_reused(running: Running, upstream: Upstream) -> None:
     tokens = iter(["t-1", "t-2", "t-3"])
-    upstream.on("POST /oauth/token", lambda r: _json({"access_token": next(tokens)}))
-    upstream.on("GET /me", lambda r: _json({"auth": r.headers["Authorization"]}))
+    upstream.on("POST /oauth/token", lambda r: json_answer({"access_token": next(tokens)}))
+    upstream.on("GET /me", lambda r: json_answer({"auth": r.headers["Authorization"]}))
     results = await asyncio.gather(*(run(running, "me") for _ in range(5)))
     assert {r.body["auth"] for r in results} == {"Bearer t-1"}
     [login] = upstream.hits("/oauth/token")
@@ -435,10 +375,12 @@ async def test_credential_auth_is_minted_once_and_reused(running: Running, upstr
 
 async def test_credential_auth_is_reminted_on_401(running: Running, upstream: Upstream) -> None:
     tokens = iter(["t-1", "t-2"])
-    upstream.on("POST /oauth/token", lambda r: _json({"access_token": next(tokens)}))
+    upstream.on("POST /oauth/token", lambda r: json_answer({"access_token": next(tokens)}))
     upstream.on(
         "GET /me",
-        lambda r: _json({}, status=401) if r.headers["Authorization"] == "Bearer t-1" else _json({"ok": True}),
+        lambda r: (
+            json_answer({}, status=401) if r.headers["Authorization"] == "Bearer t-1" else json_answer({"ok": True})
+        ),
     )
     result = await run(running, "me")
     assert result.status_code == 200 and result.attempts == 2
@@ -450,8 +392,8 @@ async def test_credential_auth_is_reminted_after_expiry(running: Running, upstre
     document["apps"][0]["auths"][1]["expiry"] = "300ms"
     await running.client.product.apply(json.dumps(document).encode())
     tokens = iter(["t-1", "t-2"])
-    upstream.on("POST /oauth/token", lambda r: _json({"access_token": next(tokens)}))
-    upstream.on("GET /me", lambda r: _json({"auth": r.headers["Authorization"]}))
+    upstream.on("POST /oauth/token", lambda r: json_answer({"access_token": next(tokens)}))
+    upstream.on("GET /me", lambda r: json_answer({"auth": r.headers["Authorization"]}))
     assert (await run(running, "me")).body == {"auth": "Bearer t-1"}
     assert (await run(running, "me")).body == {"auth": "Bearer t-1"}
     await asyncio.sleep(0.4)
@@ -459,7 +401,7 @@ async def test_credential_auth_is_reminted_after_expiry(running: Running, upstre
 
 
 async def test_failed_login_is_a_clear_error(running: Running, upstream: Upstream) -> None:
-    upstream.on("POST /oauth/token", lambda r: _json({"error": "bad user"}, status=403))
+    upstream.on("POST /oauth/token", lambda r: json_answer({"error": "bad user"}, status=403))
     with pytest.raises(FailedPreconditionError) as caught:
         await run(running, "me")
     assert caught.value.reason == "UPSTREAM_AUTH_FAILED" and caught.value.metadata["upstream_status"] == "403"
@@ -480,7 +422,7 @@ async def test_executions_are_recorded_with_secrets_redacted(running: Running, u
     stream = io.StringIO()
     handler = configure_logging("DEBUG", "json", stream)
     try:
-        upstream.on("GET /users/2", lambda r: _json({}, status=404))
+        upstream.on("GET /users/2", lambda r: json_answer({}, status=404))
         ok = await run(running, "send", input=SEND_INPUT)
         await run(running, "user", input={"params": {"id": "2"}})
         with pytest.raises(InvalidArgumentError):
@@ -534,18 +476,6 @@ async def test_a_missing_secret_names_the_selector(start_server: ServerFactory, 
     assert upstream.seen == []
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(data, status=status, headers=headers)
-
-
-def _text(text: str, content_type: str) -> web.Response:
-    return web.Response(text=text, content_type=content_type)
-
-
-def _redirect(location: str) -> web.Response:
-    return web.Response(status=302, headers={"Location": location})
-
-
 async def test_a_redis_cache_serves_hits_and_expires(start_server: ServerFactory, upstream: Upstream) -> None:
     await require_tcp("Redis", "127.0.0.1", 6379)
     server = await start_server()
@@ -553,20 +483,13 @@ async def test_a_redis_cache_serves_hits_and_expires(start_server: ServerFactory
     document["caches"] = [{"tag": "fast", "ttl": "400ms", "backend": "redis", "url": "redis://127.0.0.1:6379/0"}]
     await server.client.product.apply(json.dumps(document).encode())
     key = {"params": {"id": f"r-{time.time_ns()}"}}  # entries outlive a test run: a fresh input per run
-    upstream.on(f"GET /users/{key['params']['id']}", lambda r: _json({"n": len(upstream.seen)}))
+    upstream.on(f"GET /users/{key['params']['id']}", lambda r: json_answer({"n": len(upstream.seen)}))
     first = await server.client.action.run(product="shop", env="dev", app="api", event="user", input=key, cache="fast")
     second = await server.client.action.run(product="shop", env="dev", app="api", event="user", input=key, cache="fast")
     assert second.cached and second.body == first.body
     await asyncio.sleep(0.5)
     third = await server.client.action.run(product="shop", env="dev", app="api", event="user", input=key, cache="fast")
     assert not third.cached and len(upstream.seen) == 2
-
-
-async def test_sessions_are_refused_until_they_are_available(running: Running, upstream: Upstream) -> None:
-    with pytest.raises(ProcessorError) as caught:
-        await run(running, "user", input={"params": {"id": "1"}}, session={"tag": "user", "token": "abc"})
-    assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED and caught.value.reason == "SESSIONS_UNAVAILABLE"
-    assert upstream.seen == []
 
 
 async def test_one_idempotency_key_makes_one_call_across_replicas(
@@ -578,7 +501,7 @@ async def test_one_idempotency_key_makes_one_call_across_replicas(
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(0.3)
-        return _json({"order": 1}, status=201)
+        return json_answer({"order": 1}, status=201)
 
     upstream.on("POST /create", slow)
     calls = [

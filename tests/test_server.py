@@ -27,6 +27,7 @@ from opentelemetry.trace import SpanKind
 
 from ductape_processor.api.auth import hash_key
 from ductape_processor.app import ProcessorApp, StartupError
+from ductape_processor.runtime.sessions import new_root_key
 from ductape_processor.settings import Settings
 from ductape_processor.store.base import VersionRecord
 from ductape_processor.store.sqlite import SqliteStore
@@ -67,6 +68,7 @@ async def test_reflection_lists_the_services(server: Running) -> None:
         "ductape.processor.v1.ActionService",
         "ductape.processor.v1.LogService",
         "ductape.processor.v1.ProductService",
+        "ductape.processor.v1.SessionService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     ]
@@ -139,8 +141,9 @@ def test_exposure_rules() -> None:
     assert Settings(address="127.0.0.1:1").exposure_problems() == []
     assert Settings(address="localhost:1").exposure_problems() == []
     assert Settings(address="[::1]:1").exposure_problems() == []
-    assert Settings(address="0.0.0.0:1", insecure=True).exposure_problems() == []
-    with_tls = {"tls_cert": Path("c.pem"), "tls_key": Path("k.pem")}
+    keys = {"session_keys": [new_root_key("k1")]}
+    assert Settings(address="0.0.0.0:1", insecure=True, **keys).exposure_problems() == []
+    with_tls = {"tls_cert": Path("c.pem"), "tls_key": Path("k.pem"), **keys}
     problems = Settings(address="0.0.0.0:1", **with_tls).exposure_problems()
     assert len(problems) == 1 and "no client authentication" in problems[0]
     assert Settings(address="0.0.0.0:1", api_key_hashes=[hash_key("k")], **with_tls).exposure_problems() == []

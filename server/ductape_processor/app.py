@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from ductape.processor.v1 import action_pb2, action_pb2_grpc, log_pb2, log_pb2_grpc, product_pb2, product_pb2_grpc
+from ductape.processor.v1 import (
+    action_pb2,
+    action_pb2_grpc,
+    log_pb2,
+    log_pb2_grpc,
+    product_pb2,
+    product_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -21,6 +30,7 @@ from ductape_processor.api.auth import ApiKeyAuthenticator
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.log import LogServicer
 from ductape_processor.api.product import ProductServicer
+from ductape_processor.api.session import SessionServicer
 from ductape_processor.errors import InvalidManifest
 from ductape_processor.runtime.actions import ActionExecutor
 from ductape_processor.runtime.cache import ResultCache
@@ -28,6 +38,7 @@ from ductape_processor.runtime.executions import ExecutionRecorder
 from ductape_processor.runtime.manifest_loader import ManifestFormat
 from ductape_processor.runtime.registry import Registry
 from ductape_processor.runtime.secrets import SecretsFileError, SecretSource, referenced_secrets
+from ductape_processor.runtime.sessions import SessionKeys, SessionManager
 from ductape_processor.settings import Settings
 from ductape_processor.store import Store, open_store
 from ductape_processor.telemetry.setup import Telemetry, setup_telemetry
@@ -39,6 +50,7 @@ SERVICE_NAMES = (
     product_pb2.DESCRIPTOR.services_by_name["ProductService"].full_name,
     action_pb2.DESCRIPTOR.services_by_name["ActionService"].full_name,
     log_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
+    session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
 )
 PURGE_INTERVAL_S = 60.0
 
@@ -97,11 +109,8 @@ class ProcessorApp:
         """Open the store, apply start-up manifests, bind and serve. Returns the bound port."""
         problems = self.settings.exposure_problems()
         if problems:
-            hint = (
-                ""
-                if self.settings.insecure or self.settings.is_loopback
-                else " Pass --insecure to serve like this anyway."
-            )
+            transport = any("TLS is off" in p or "client authentication" in p for p in problems)
+            hint = " Pass --insecure to serve like this anyway." if transport else ""
             raise StartupError("refusing to serve: " + "; ".join(problems) + "." + hint)
         try:
             self.secrets = SecretSource.from_settings(self.settings.secrets_file)
@@ -112,6 +121,19 @@ class ProcessorApp:
             await self.store.open()
         except Exception as exc:  # any driver error: the operator needs the cause, not a traceback
             raise StartupError(f"cannot open the {self.store.dialect} store: {type(exc).__name__}: {exc}") from None
+        try:
+            keys, generated = SessionKeys.load(self.settings.session_keys, self.settings.data_dir)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"session keys: {exc}") from None
+        if generated:
+            log.warning(
+                "no session keys configured: using a key generated for this data directory (set "
+                "PROCESSOR_SESSION_KEYS for replicas that share sessions)",
+                extra={"key_file": str(self.settings.data_dir / "session-keys")},
+            )
+        self.sessions = SessionManager(
+            self.registry, self.store, keys, revocation_poll_s=self.settings.session_revocation_poll_s
+        )
         self.cache = ResultCache(self.store, self.secrets)
         self.actions = ActionExecutor(
             self.registry,
@@ -120,10 +142,12 @@ class ProcessorApp:
             self.secrets,
             self.recorder,
             self.cache,
+            self.sessions,
             idempotency_retention=timedelta(seconds=self.settings.idempotency_retention_s),
         )
         try:
             await self.registry.start()
+            await self.sessions.start_watching()
             self.recorder.start()
             self._purger = asyncio.get_running_loop().create_task(self._purge(), name="store-purge")
             for path in files:
@@ -201,6 +225,7 @@ class ProcessorApp:
         )
         product_pb2_grpc.add_ProductServiceServicer_to_server(ProductServicer(self.registry), server)
         action_pb2_grpc.add_ActionServiceServicer_to_server(ActionServicer(self.actions), server)
+        session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
         log_pb2_grpc.add_LogServiceServicer_to_server(
             LogServicer(self.registry, self.store, self.recorder.flush), server
         )
@@ -241,6 +266,8 @@ class ProcessorApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._purger
         await self.registry.stop()
+        if hasattr(self, "sessions"):
+            await self.sessions.stop_watching()
         await self.recorder.close()
         await self.http.close()
         if hasattr(self, "cache"):

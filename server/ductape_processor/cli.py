@@ -23,6 +23,7 @@ from ductape_processor.errors import InvalidManifest
 from ductape_processor.runtime.durations import format_duration
 from ductape_processor.runtime.manifest import Manifest
 from ductape_processor.runtime.manifest_loader import ManifestFormat, load_manifest
+from ductape_processor.runtime.sessions import new_root_key, parse_root_key
 from ductape_processor.settings import Settings
 from ductape_processor.telemetry.logging import configure_logging
 
@@ -59,6 +60,8 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "max_upstream_response_bytes": {"type": int},
     "idempotency_retention_s": {"type": float},
     "execution_flush_s": {"type": float},
+    "session_key": {"dest": "session_keys", "action": "append", "help": "session root key id:key (newest first)"},
+    "session_revocation_poll_s": {"type": float},
 }
 
 
@@ -73,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="validate manifest files and list every problem")
     validate.add_argument("paths", nargs="+", type=Path)
     commands.add_parser("schema", help="print the manifest JSON Schema")
+    session_key = commands.add_parser("new-session-key", help="print a new session root key (id:key)")
+    session_key.add_argument("--id", default="k1", help="the key's id, e.g. the date it was made (default k1)")
     key = commands.add_parser("hash-key", help="print the SHA-256 of an API key read from standard input")
     key.add_argument("--key", help="the key (prefer standard input: arguments show in process lists)")
     return parser
@@ -150,6 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "schema":
         print(json.dumps(manifest_schema(), indent=2, sort_keys=True))
+        return
+    if args.command == "new-session-key":
+        try:
+            spec = new_root_key(args.id)
+            parse_root_key(spec)  # checks the id
+        except ValueError as exc:
+            sys.exit(f"new-session-key: {exc}")
+        print(spec)
         return
     if args.command == "hash-key":
         key = args.key if args.key is not None else sys.stdin.readline().strip()

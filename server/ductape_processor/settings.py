@@ -64,6 +64,13 @@ class Settings(BaseSettings):
         86400.0, gt=0, description="How long an idempotency key's first result is kept and replayed."
     )
     execution_flush_s: float = Field(0.2, gt=0, description="How often queued execution records are written.")
+    session_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Session root keys `id:base64url(32 bytes)`, newest first; the first encrypts new tokens.",
+    )
+    session_revocation_poll_s: float = Field(
+        2.0, gt=0, description="How often revocations made on other replicas are picked up (their staleness bound)."
+    )
     registry_poll_s: float = Field(
         2.0, gt=0, description="How often a replica re-checks the store for products changed elsewhere."
     )
@@ -78,7 +85,17 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("manifests", "api_key_hashes", mode="before")
+    @field_validator("session_keys")
+    @classmethod
+    def _session_keys(cls, value: list[str]) -> list[str]:
+        from ductape_processor.runtime.sessions import parse_root_key
+
+        ids = [parse_root_key(spec)[0] for spec in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("session key ids must be unique")
+        return value
+
+    @field_validator("manifests", "api_key_hashes", "session_keys", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
@@ -134,6 +151,11 @@ class Settings(BaseSettings):
             problems.append("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and not self.tls_enabled:
             problems.append("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if not self.is_loopback and not self.session_keys:
+            problems.append(
+                f"{self.address} is not a loopback address and no session keys are configured (set "
+                "PROCESSOR_SESSION_KEYS: a key generated for one replica cannot verify another's tokens)"
+            )
         if self.is_loopback or self.insecure:
             return problems
         if not self.tls_enabled:

@@ -44,6 +44,7 @@ from ductape_processor.runtime.manifest import CredentialAuth, Manifest
 from ductape_processor.runtime.policies import CircuitBreaker, Deadline, RetryRules, parse_retry_after
 from ductape_processor.runtime.registry import Registry, Resolved
 from ductape_processor.runtime.secrets import SecretSource
+from ductape_processor.runtime.sessions import SessionManager
 from ductape_processor.runtime.templates import RenderError, Scope
 from ductape_processor.store.base import ExecutionRecord, Store
 from ductape_processor.telemetry.context import current_call
@@ -61,13 +62,6 @@ class FailedPrecondition(ProcessorError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"
-
-
-class Unimplemented(ProcessorError):
-    """The processor does not offer this yet."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "UNIMPLEMENTED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +134,7 @@ class _Context:
     plan: ActionPlan
     deadline: Deadline
     attempts: _Attempts = field(default_factory=_Attempts)
+    session: Mapping[str, Any] | None = None
 
 
 def _canonical(value: Any) -> str:
@@ -210,6 +205,7 @@ class ActionExecutor:
         secrets: SecretSource,
         recorder: ExecutionRecorder,
         cache: ResultCache,
+        sessions: SessionManager,
         *,
         idempotency_retention: timedelta = timedelta(hours=24),
     ) -> None:
@@ -219,6 +215,7 @@ class ActionExecutor:
         self._secrets = secrets
         self._recorder = recorder
         self._cache = cache
+        self._sessions = sessions
         self._retention = idempotency_retention
         self._plans: dict[tuple[str, int], ProductPlan] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
@@ -297,10 +294,8 @@ class ActionExecutor:
     async def _run(self, ctx: _Context) -> ActionResult:
         call, plan = ctx.call, ctx.plan
         if call.session is not None:
-            raise Unimplemented(
-                "sessions are not available on this processor yet; call without `session`",
-                reason="SESSIONS_UNAVAILABLE",
-            )
+            tag, token = call.session
+            ctx.session = (await self._sessions.verify(call.product, call.env, tag, token)).data
         checked = check_action_input(plan.action.input, call.input)
         cache = None
         cache_key = ""
@@ -314,7 +309,15 @@ class ActionExecutor:
                 )
             cache_key = hashlib.sha256(
                 _canonical(
-                    [call.product, ctx.resolved.env.slug, ctx.resolved.version, call.app, call.event, checked]
+                    [
+                        call.product,
+                        ctx.resolved.env.slug,
+                        ctx.resolved.version,
+                        call.app,
+                        call.event,
+                        checked,
+                        ctx.session if ctx.plan.uses_session else None,  # one user's answer is not another's
+                    ]
                 ).encode()
             ).hexdigest()
             hit = await self._cache.get(cache, cache_key)
@@ -336,7 +339,8 @@ class ActionExecutor:
         if len(call.idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidArgument.field("idempotency_key", f"is longer than {MAX_IDEMPOTENCY_KEY} characters")
         key = f"{call.product}/{ctx.resolved.env.slug}/{call.idempotency_key}"
-        request_hash = hashlib.sha256(_canonical([call.app, call.event, checked]).encode()).hexdigest()
+        session = ctx.session if ctx.plan.uses_session else None
+        request_hash = hashlib.sha256(_canonical([call.app, call.event, checked, session]).encode()).hexdigest()
         owner = f"{self._owner}:{new_process_id()}"
         while True:
             now = datetime.now(UTC)
@@ -391,6 +395,7 @@ class ActionExecutor:
             constants={app.tag: app.constants},
             auth=auth,
             secrets=self._secrets.get,
+            session=ctx.session,
         )
 
     def _request(self, ctx: _Context, scope: Scope, checked: Mapping[str, Any]) -> HttpRequest:

@@ -27,10 +27,15 @@ _UUID_HYPHENS = frozenset({8, 13, 18, 23})
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 
-def check_input(schema: Mapping[str, FieldSpec], values: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
-    """The values to use for one part of an input (`where`: `body`, `query`, ...), or `InvalidArgument`."""
+def check_input(
+    schema: Mapping[str, FieldSpec], values: Mapping[str, Any] | None, where: str, *, root: str = "input"
+) -> dict[str, Any]:
+    """The values to use for one part of an input (`where`: `body`, `query`, ...), or `InvalidArgument`.
+
+    Violations name `<root>.<where>.<field>`; an empty `root` names `<where>.<field>` (e.g. a session's `data`).
+    """
     violations: list[FieldViolation] = []
-    result = _check_part(schema, values, where, violations)
+    result = _check_part(schema, values, f"{root}.{where}" if root else where, violations)
     if violations:
         raise _invalid(violations)
     return result
@@ -55,7 +60,7 @@ def check_action_input(action_input: ActionInput, value: Mapping[str, Any] | Non
         values = given.get(part)
         if part == "headers" and isinstance(values, Mapping):
             values = _declared_header_names(schema, values, violations)
-        result[part] = _check_part(schema, values, part, violations)
+        result[part] = _check_part(schema, values, f"input.{part}", violations)
     if violations:
         raise _invalid(violations)
     return result
@@ -97,11 +102,11 @@ def _check_part(
     if values is None:
         values = {}
     elif not isinstance(values, Mapping):
-        violations.append(FieldViolation(f"input.{where}", f"must be an object, not {_json_type(values)}"))
+        violations.append(FieldViolation(where, f"must be an object, not {_json_type(values)}"))
         values = {}
     result = dict(values)
     for name, spec in schema.items():
-        field = f"input.{where}.{name}"
+        field = f"{where}.{name}"
         given = values.get(name)
         if given is None:
             if spec.default is not None:

@@ -74,6 +74,22 @@ class ExecutionFilter:
     until: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """One session (a refresh-token family): who, since when, how far its refresh tokens got, whether revoked."""
+
+    session_id: str
+    product: str
+    env: str
+    tag: str
+    identifier: str
+    generation: int
+    started_at: datetime
+    refreshed_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+
+
 ChangeListener = Callable[[str], Awaitable[None] | None]
 
 
@@ -189,6 +205,45 @@ class Store(abc.ABC):
         self, where: ExecutionFilter, *, after: tuple[datetime, str] | None, limit: int
     ) -> list[ExecutionRecord]:
         """Records matching `where`, newest first, strictly older than the `after` (started_at, process_id) cursor."""
+
+    # -- sessions ---------------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_session(self, record: SessionRecord) -> None:
+        """Store a new session (generation 0, not revoked)."""
+
+    @abc.abstractmethod
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        """A session by id."""
+
+    @abc.abstractmethod
+    async def rotate_session(self, session_id: str, generation: int, now: datetime) -> SessionRecord | None:
+        """Advance a live session from `generation` to the next one (atomic); None when it is not at `generation`,
+        revoked or expired at `now` — `get_session` tells which."""
+
+    @abc.abstractmethod
+    async def revoke_sessions(
+        self, product: str, env: str, tag: str, *, session_id: str | None, identifier: str | None, now: datetime
+    ) -> list[tuple[str, datetime]]:
+        """Revoke one session or every session of one identifier; return (id, expiry) of those that were live."""
+
+    @abc.abstractmethod
+    async def list_sessions(
+        self,
+        product: str,
+        env: str,
+        tag: str,
+        identifier: str | None,
+        now: datetime,
+        *,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        """Live sessions (not revoked, not expired at `now`), newest first, older than the `after` cursor."""
+
+    @abc.abstractmethod
+    async def revoked_since(self, since: datetime) -> list[tuple[str, datetime, datetime]]:
+        """(session id, revoked at, expires at) of sessions revoked at or after `since`, oldest first."""
 
     @abc.abstractmethod
     async def purge_expired(self, now: datetime) -> int:

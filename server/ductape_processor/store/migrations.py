@@ -94,6 +94,30 @@ SQLITE += (
     ),
 )
 
+SQLITE += (
+    Migration(
+        3,
+        "sessions: one row per session (refresh-token family)",
+        (
+            """CREATE TABLE sessions (
+                session_id TEXT PRIMARY KEY,
+                product TEXT NOT NULL,
+                env TEXT NOT NULL,
+                tag TEXT NOT NULL,
+                identifier TEXT NOT NULL,
+                generation INTEGER NOT NULL,
+                started_at REAL NOT NULL,
+                refreshed_at REAL NOT NULL,
+                expires_at REAL NOT NULL,
+                revoked_at REAL
+            )""",
+            "CREATE INDEX sessions_by_identifier ON sessions (product, env, tag, identifier)",
+            "CREATE INDEX sessions_by_start ON sessions (product, env, tag, started_at DESC, session_id DESC)",
+            "CREATE INDEX sessions_by_revocation ON sessions (revoked_at) WHERE revoked_at IS NOT NULL",
+        ),
+    ),
+)
+
 POSTGRES: tuple[Migration, ...] = (
     Migration(
         1,
@@ -166,6 +190,30 @@ POSTGRES += (
                 detail TEXT NOT NULL
             )""",
             "CREATE INDEX executions_by_product ON executions (product, started_at DESC, process_id DESC)",
+        ),
+    ),
+)
+
+POSTGRES += (
+    Migration(
+        3,
+        "sessions: one row per session (refresh-token family)",
+        (
+            """CREATE TABLE sessions (
+                session_id TEXT PRIMARY KEY,
+                product TEXT NOT NULL,
+                env TEXT NOT NULL,
+                tag TEXT NOT NULL,
+                identifier TEXT NOT NULL,
+                generation INTEGER NOT NULL,
+                started_at TIMESTAMPTZ NOT NULL,
+                refreshed_at TIMESTAMPTZ NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL,
+                revoked_at TIMESTAMPTZ
+            )""",
+            "CREATE INDEX sessions_by_identifier ON sessions (product, env, tag, identifier)",
+            "CREATE INDEX sessions_by_start ON sessions (product, env, tag, started_at DESC, session_id DESC)",
+            "CREATE INDEX sessions_by_revocation ON sessions (revoked_at) WHERE revoked_at IS NOT NULL",
         ),
     ),
 )

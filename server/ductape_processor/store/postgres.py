@@ -22,6 +22,7 @@ from ductape_processor.store.base import (
     ExecutionRecord,
     IdempotencyRecord,
     ProductRevision,
+    SessionRecord,
     Store,
     VersionRecord,
 )
@@ -66,6 +67,15 @@ def _idempotency(row: Any) -> IdempotencyRecord:
 
 def _execution(row: Any) -> ExecutionRecord:
     return ExecutionRecord(**{key: row[key] for key in row.keys()})  # noqa: SIM118 - asyncpg Record
+
+
+_SESSION_COLUMNS = (
+    "session_id, product, env, tag, identifier, generation, started_at, refreshed_at, expires_at, revoked_at"
+)
+
+
+def _session(row: Any) -> SessionRecord:
+    return SessionRecord(**{key: row[key] for key in row.keys()})  # noqa: SIM118 - asyncpg Record
 
 
 class PostgresStore(Store):
@@ -368,6 +378,89 @@ class PostgresStore(Store):
         )
         rows = await self.pool.fetch(sql, *params)
         return [_execution(row) for row in rows]
+
+    # -- sessions -----------------------------------------------------------------------------------------------
+
+    async def create_session(self, record: SessionRecord) -> None:
+        await self.pool.execute(
+            f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL)",  # noqa: S608
+            record.session_id,
+            record.product,
+            record.env,
+            record.tag,
+            record.identifier,
+            record.generation,
+            record.started_at,
+            record.refreshed_at,
+            record.expires_at,
+        )
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = $1",  # noqa: S608
+            session_id,
+        )
+        return _session(row) if row else None
+
+    async def rotate_session(self, session_id: str, generation: int, now: datetime) -> SessionRecord | None:
+        row = await self.pool.fetchrow(
+            "UPDATE sessions SET generation = generation + 1, refreshed_at = $1 "  # noqa: S608
+            "WHERE session_id = $2 AND generation = $3 AND revoked_at IS NULL AND expires_at > $1 "
+            f"RETURNING {_SESSION_COLUMNS}",
+            now,
+            session_id,
+            generation,
+        )
+        return _session(row) if row else None
+
+    async def revoke_sessions(
+        self, product: str, env: str, tag: str, *, session_id: str | None, identifier: str | None, now: datetime
+    ) -> list[tuple[str, datetime]]:
+        column, value = ("session_id", session_id) if session_id is not None else ("identifier", identifier)
+        rows = await self.pool.fetch(
+            f"UPDATE sessions SET revoked_at = $1 WHERE product = $2 AND env = $3 AND tag = $4 AND {column} = $5 "  # noqa: S608
+            "AND revoked_at IS NULL RETURNING session_id, expires_at",
+            now,
+            product,
+            env,
+            tag,
+            value,
+        )
+        return [(row["session_id"], row["expires_at"]) for row in rows]
+
+    async def list_sessions(
+        self,
+        product: str,
+        env: str,
+        tag: str,
+        identifier: str | None,
+        now: datetime,
+        *,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        params: list[Any] = [product, env, tag, now]
+        clauses = ["product = $1", "env = $2", "tag = $3", "revoked_at IS NULL", "expires_at > $4"]
+        if identifier is not None:
+            params.append(identifier)
+            clauses.append(f"identifier = ${len(params)}")
+        if after is not None:
+            params += [after[0], after[1]]
+            clauses.append(f"(started_at, session_id) < (${len(params) - 1}, ${len(params)})")
+        params.append(limit)
+        sql = (
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(clauses)} "  # noqa: S608
+            f"ORDER BY started_at DESC, session_id DESC LIMIT ${len(params)}"
+        )
+        return [_session(row) for row in await self.pool.fetch(sql, *params)]
+
+    async def revoked_since(self, since: datetime) -> list[tuple[str, datetime, datetime]]:
+        rows = await self.pool.fetch(
+            "SELECT session_id, revoked_at, expires_at FROM sessions WHERE revoked_at IS NOT NULL AND revoked_at >= $1 "
+            "ORDER BY revoked_at",
+            since,
+        )
+        return [(row["session_id"], row["revoked_at"], row["expires_at"]) for row in rows]
 
     async def purge_expired(self, now: datetime) -> int:
         removed = 0

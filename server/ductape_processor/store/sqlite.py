@@ -18,6 +18,7 @@ from ductape_processor.store.base import (
     ExecutionRecord,
     IdempotencyRecord,
     ProductRevision,
+    SessionRecord,
     Store,
     VersionRecord,
 )
@@ -66,6 +67,26 @@ def _idempotency(row: Any) -> IdempotencyRecord:
         response=bytes(row[4]) if row[4] is not None else None,
         lease_until=_dt(row[5]),
         expires_at=_dt(row[6]),
+    )
+
+
+_SESSION_COLUMNS = (
+    "session_id, product, env, tag, identifier, generation, started_at, refreshed_at, expires_at, revoked_at"
+)
+
+
+def _session(row: Any) -> SessionRecord:
+    return SessionRecord(
+        session_id=row[0],
+        product=row[1],
+        env=row[2],
+        tag=row[3],
+        identifier=row[4],
+        generation=row[5],
+        started_at=_dt(row[6]),
+        refreshed_at=_dt(row[7]),
+        expires_at=_dt(row[8]),
+        revoked_at=_dt(row[9]) if row[9] is not None else None,
     )
 
 
@@ -406,6 +427,96 @@ class SqliteStore(Store):
         async with self.db.execute(sql, params) as cur:
             rows = await cur.fetchall()
         return [_execution(row) for row in rows]
+
+    # -- sessions -----------------------------------------------------------------------------------------------
+
+    async def create_session(self, record: SessionRecord) -> None:
+        async with self._write_lock:
+            await self.db.execute(
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",  # noqa: S608
+                (
+                    record.session_id,
+                    record.product,
+                    record.env,
+                    record.tag,
+                    record.identifier,
+                    record.generation,
+                    _ts(record.started_at),
+                    _ts(record.refreshed_at),
+                    _ts(record.expires_at),
+                ),
+            )
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        async with self.db.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?",  # noqa: S608
+            (session_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        return _session(row) if row else None
+
+    async def rotate_session(self, session_id: str, generation: int, now: datetime) -> SessionRecord | None:
+        async with self._write_lock:
+            cursor = await self.db.execute(
+                "UPDATE sessions SET generation = generation + 1, refreshed_at = ? "
+                "WHERE session_id = ? AND generation = ? AND revoked_at IS NULL AND expires_at > ?",
+                (_ts(now), session_id, generation, _ts(now)),
+            )
+            if cursor.rowcount != 1:
+                return None
+        return await self.get_session(session_id)
+
+    async def revoke_sessions(
+        self, product: str, env: str, tag: str, *, session_id: str | None, identifier: str | None, now: datetime
+    ) -> list[tuple[str, datetime]]:
+        column, value = ("session_id", session_id) if session_id is not None else ("identifier", identifier)
+        async with (
+            self._write_lock,
+            self.db.execute(
+                f"UPDATE sessions SET revoked_at = ? WHERE product = ? AND env = ? AND tag = ? AND {column} = ? "  # noqa: S608
+                "AND revoked_at IS NULL RETURNING session_id, expires_at",
+                (_ts(now), product, env, tag, value),
+            ) as cur,
+        ):
+            rows = await cur.fetchall()
+        return [(str(row[0]), _dt(row[1])) for row in rows]
+
+    async def list_sessions(
+        self,
+        product: str,
+        env: str,
+        tag: str,
+        identifier: str | None,
+        now: datetime,
+        *,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        clauses = ["product = ?", "env = ?", "tag = ?", "revoked_at IS NULL", "expires_at > ?"]
+        params: list[Any] = [product, env, tag, _ts(now)]
+        if identifier is not None:
+            clauses.append("identifier = ?")
+            params.append(identifier)
+        if after is not None:
+            clauses.append("(started_at < ? OR (started_at = ? AND session_id < ?))")
+            params += [_ts(after[0]), _ts(after[0]), after[1]]
+        params.append(limit)
+        sql = (
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(clauses)} "  # noqa: S608
+            "ORDER BY started_at DESC, session_id DESC LIMIT ?"
+        )
+        async with self.db.execute(sql, params) as cur:
+            rows = await cur.fetchall()
+        return [_session(row) for row in rows]
+
+    async def revoked_since(self, since: datetime) -> list[tuple[str, datetime, datetime]]:
+        async with self.db.execute(
+            "SELECT session_id, revoked_at, expires_at FROM sessions WHERE revoked_at IS NOT NULL AND revoked_at >= ? "
+            "ORDER BY revoked_at",
+            (_ts(since),),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(str(row[0]), _dt(row[1]), _dt(row[2])) for row in rows]
 
     async def purge_expired(self, now: datetime) -> int:
         removed = 0

@@ -81,4 +81,6 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> log
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+    # aiosqlite logs every statement with its parameters at DEBUG: those hold tokens and cached answers.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
     return handler

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +24,8 @@ from ductape.processor.v1 import (
     log_pb2_grpc,
     product_pb2,
     product_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
 )
 from google.protobuf import json_format, struct_pb2
 
@@ -91,6 +94,17 @@ def _session(session: SessionLike) -> common_pb2.SessionRef:
     return common_pb2.SessionRef(tag=session["tag"], token=session["token"])
 
 
+def _plain(value: Any) -> Any:
+    """JSON-like Python from a Struct/Value converted by json_format: whole numbers back to ints."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
 def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     if data is None:
         return None
@@ -145,7 +159,7 @@ class ActionClient:
         response = await self._call(self._stub.Run, request, timeout)
         body: Any = response.raw
         if response.WhichOneof("body") == "json":
-            body = json_format.MessageToDict(response.json)
+            body = _plain(json_format.MessageToDict(response.json))
         return ActionResult(
             status_code=response.status_code,
             headers=dict(response.headers),
@@ -155,6 +169,72 @@ class ActionClient:
             attempts=response.attempts,
             cached=response.cached,
             version=response.version,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A verified session: its data, id, the user's identifier and when the token expires."""
+
+    data: dict[str, Any]
+    session_id: str
+    identifier: str
+    expires_at: datetime
+
+
+class SessionClient:
+    """User sessions: `start`, `verify` (Ductape's `decrypt`), `refresh`, `revoke`, `list_active`."""
+
+    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
+        self._stub = session_pb2_grpc.SessionServiceStub(channel)
+        self._call = call
+
+    async def start(self, *, product: str, env: str, tag: str, data: Mapping[str, Any]) -> session_pb2.TokenPair:
+        """Start a session for `data`; returns `token`, `refresh_token`, `session_id` and expiry times."""
+        request = session_pb2.StartRequest(product=product, env=env, tag=tag, data=_struct(data))
+        return (await self._call(self._stub.Start, request)).tokens
+
+    async def verify(self, *, product: str, env: str, tag: str, token: str) -> Session:
+        """The session a token carries; raises UnauthenticatedError (SESSION_INVALID/EXPIRED/REVOKED)."""
+        response = await self._call(
+            self._stub.Verify, session_pb2.VerifyRequest(product=product, env=env, tag=tag, token=token)
+        )
+        return Session(
+            data=_plain(json_format.MessageToDict(response.data)),
+            session_id=response.session_id,
+            identifier=response.identifier,
+            expires_at=response.expire_time.ToDatetime(UTC),
+        )
+
+    decrypt = verify
+
+    async def refresh(self, *, product: str, env: str, tag: str, refresh_token: str) -> session_pb2.TokenPair:
+        """A new token pair; the refresh token given stops working."""
+        request = session_pb2.RefreshRequest(product=product, env=env, tag=tag, refresh_token=refresh_token)
+        return (await self._call(self._stub.Refresh, request)).tokens
+
+    async def revoke(
+        self, *, product: str, env: str, tag: str, session_id: str | None = None, identifier: str | None = None
+    ) -> int:
+        """Revoke one session (`session_id`) or every session of a user (`identifier`); returns how many."""
+        if (session_id is None) == (identifier is None):
+            raise ValueError("give exactly one of session_id and identifier")
+        request = session_pb2.RevokeRequest(product=product, env=env, tag=tag)
+        if session_id is not None:
+            request.session_id = session_id
+        else:
+            request.identifier = identifier or ""
+        return (await self._call(self._stub.Revoke, request)).revoked
+
+    async def list_active(
+        self, *, product: str, env: str, tag: str, identifier: str = "", page_size: int = 0, page_token: str = ""
+    ) -> session_pb2.ListActiveResponse:
+        """One page of active sessions, newest first."""
+        return await self._call(
+            self._stub.ListActive,
+            session_pb2.ListActiveRequest(
+                product=product, env=env, tag=tag, identifier=identifier, page_size=page_size, page_token=page_token
+            ),
         )
 
 
@@ -283,6 +363,7 @@ class Processor:
         call = _Caller(metadata, timeout)
         self.product = ProductClient(channel, call)
         self.action = ActionClient(channel, call)
+        self.session = SessionClient(channel, call)
         self.logs = LogClient(channel, call)
 
     async def close(self) -> None:
