@@ -103,7 +103,7 @@ def shop(base_url: str, **app_extra: Any) -> bytes:
 
 
 @pytest.fixture
-async def running(start_server: ServerFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> Running:
+async def running(upstream: Upstream, start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch) -> Running:
     monkeypatch.setenv("PROCESSOR_SECRET_API_KEY", "sk-very-secret")
     monkeypatch.setenv("PROCESSOR_SECRET_API_USER", "robot")
     server = await start_server(execution_flush_s=0.05)

@@ -62,7 +62,7 @@ async def start_upstream() -> Upstream:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", dispatch)
-    state.server = TestServer(app, host="127.0.0.1", port=0)
+    state.server = TestServer(app, host="127.0.0.1", port=0, shutdown_timeout=2.0)
     await state.server.start_server()
     return state
 

@@ -14,6 +14,8 @@ import grpc
 from ductape.processor.v1 import (
     action_pb2,
     action_pb2_grpc,
+    broker_pb2,
+    broker_pb2_grpc,
     log_pb2,
     log_pb2_grpc,
     product_pb2,
@@ -27,12 +29,14 @@ from grpc_reflection.v1alpha import reflection
 from ductape_processor.adapters.http import HttpClientPool
 from ductape_processor.api.action import ActionServicer
 from ductape_processor.api.auth import ApiKeyAuthenticator
+from ductape_processor.api.broker import BrokerServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.log import LogServicer
 from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.session import SessionServicer
 from ductape_processor.errors import InvalidManifest
 from ductape_processor.runtime.actions import ActionExecutor
+from ductape_processor.runtime.brokers import BrokerRuntime
 from ductape_processor.runtime.cache import ResultCache
 from ductape_processor.runtime.executions import ExecutionRecorder
 from ductape_processor.runtime.manifest_loader import ManifestFormat
@@ -51,6 +55,7 @@ SERVICE_NAMES = (
     action_pb2.DESCRIPTOR.services_by_name["ActionService"].full_name,
     log_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name,
 )
 PURGE_INTERVAL_S = 60.0
 
@@ -133,6 +138,13 @@ class ProcessorApp:
             )
         self.sessions = SessionManager(
             self.registry, self.store, keys, revocation_poll_s=self.settings.session_revocation_poll_s
+        )
+        self.brokers = BrokerRuntime(
+            self.registry,
+            self.store,
+            self.secrets,
+            max_message_bytes=self.settings.broker_max_message_bytes,
+            idempotency_retention=timedelta(seconds=self.settings.idempotency_retention_s),
         )
         self.cache = ResultCache(self.store, self.secrets)
         self.actions = ActionExecutor(
@@ -226,6 +238,7 @@ class ProcessorApp:
         product_pb2_grpc.add_ProductServiceServicer_to_server(ProductServicer(self.registry), server)
         action_pb2_grpc.add_ActionServiceServicer_to_server(ActionServicer(self.actions), server)
         session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
+        broker_pb2_grpc.add_BrokerServiceServicer_to_server(BrokerServicer(self.brokers), server)
         log_pb2_grpc.add_LogServiceServicer_to_server(
             LogServicer(self.registry, self.store, self.recorder.flush), server
         )
@@ -246,6 +259,8 @@ class ProcessorApp:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
+        if hasattr(self, "brokers"):
+            await self.brokers.shutdown_streams()  # streams end with UNAVAILABLE; unacked messages go back
         if self.server is not None:
             log.info("draining", extra={"grace_s": self.settings.shutdown_grace_s if grace is None else grace})
             await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
@@ -270,6 +285,8 @@ class ProcessorApp:
             await self.sessions.stop_watching()
         await self.recorder.close()
         await self.http.close()
+        if hasattr(self, "brokers"):
+            await self.brokers.close()
         if hasattr(self, "cache"):
             await self.cache.close()
         await self.store.close()

@@ -62,6 +62,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "execution_flush_s": {"type": float},
     "session_key": {"dest": "session_keys", "action": "append", "help": "session root key id:key (newest first)"},
     "session_revocation_poll_s": {"type": float},
+    "broker_max_message_bytes": {"type": int},
 }
 
 

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
         86400.0, gt=0, description="How long an idempotency key's first result is kept and replayed."
     )
     execution_flush_s: float = Field(0.2, gt=0, description="How often queued execution records are written.")
+    broker_max_message_bytes: int = Field(
+        1024 * 1024, ge=1, description="Largest message payload BrokerService publishes."
+    )
     session_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Session root keys `id:base64url(32 bytes)`, newest first; the first encrypts new tokens.",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from ductape.processor.brokers import BrokerClient
 from ductape.processor.errors import from_rpc_error
 from ductape.processor.v1 import (
     action_pb2,
@@ -364,6 +365,7 @@ class Processor:
         self.product = ProductClient(channel, call)
         self.action = ActionClient(channel, call)
         self.session = SessionClient(channel, call)
+        self.message_broker = BrokerClient(channel, call, metadata)
         self.logs = LogClient(channel, call)
 
     async def close(self) -> None:

@@ -1,0 +1,349 @@
+"""Message brokers from Python: publish, publish in batches, and consume a topic with `async for`.
+
+    async for message in processor.message_broker.subscribe(product="shop", env="prd",
+                                                             event="events:user-created", group="mailer"):
+        handle(message.json())
+        await message.ack()
+
+Acks and nacks are batched on the wire. When the stream ends with UNAVAILABLE (a replica shutting down, a network
+blip) the subscription reconnects with jittered exponential backoff; messages that were not acked are delivered
+again by the broker, so handlers must tolerate repeats (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json as jsonlib
+import random
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from ductape.processor.errors import ProcessorError, from_rpc_error
+from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
+from google.protobuf import duration_pb2, struct_pb2
+
+ACK_FLUSH_S = 0.01
+ACK_FLUSH_COUNT = 100
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    whole = int(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
+
+
+def outgoing(
+    data: bytes | None = None,
+    *,
+    json: Any = None,
+    content_type: str = "",
+    attributes: Mapping[str, str] | None = None,
+    ordering_key: str = "",
+    idempotency_key: str = "",
+) -> broker_pb2.OutgoingMessage:
+    """A message to publish: `data` bytes (say what they are in `content_type`) or a `json` value."""
+    message = broker_pb2.OutgoingMessage(
+        content_type=content_type,
+        attributes=dict(attributes or {}),
+        ordering_key=ordering_key,
+        idempotency_key=idempotency_key,
+    )
+    if data is not None:
+        message.data = data
+    else:
+        value = struct_pb2.Value()
+        if isinstance(json, dict):
+            value.struct_value.update(json)
+        elif isinstance(json, list):
+            value.list_value.extend(json)
+        elif isinstance(json, bool):
+            value.bool_value = json
+        elif isinstance(json, (int, float)):
+            value.number_value = json
+        elif isinstance(json, str):
+            value.string_value = json
+        else:
+            value.null_value = struct_pb2.NULL_VALUE
+        message.json.CopyFrom(value)
+    return message
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """One batch entry's outcome: `message_id`, or the error's `code`, `reason` and `message`."""
+
+    message_id: str
+    code: grpc.StatusCode
+    reason: str = ""
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the entry was published."""
+        return self.code == grpc.StatusCode.OK
+
+
+@dataclass(eq=False)
+class Message:
+    """A delivered message. Ack it when done, or nack it to have it delivered again."""
+
+    id: str
+    data: bytes
+    content_type: str
+    attributes: dict[str, str]
+    publish_time: datetime
+    delivery_attempt: int
+    source: str
+    type: str
+    ordering_key: str
+    traceparent: str
+    ack_id: str
+    _subscription: Subscription = field(repr=False)
+    _generation: int = field(repr=False, default=0)
+
+    def json(self) -> Any:
+        """The payload parsed as JSON."""
+        return jsonlib.loads(self.data)
+
+    async def ack(self) -> None:
+        """Done: the message is not delivered again."""
+        self._subscription._queue_ack(self)
+
+    async def nack(self, *, delay: float = 0.0, dead_letter: bool = False) -> None:
+        """Deliver again after `delay` seconds, or send to the dead-letter topic now."""
+        await self._subscription._send_nack(self, delay, dead_letter)
+
+
+class Subscription:
+    """An open subscription; iterate it with `async for`. `close()` ends it."""
+
+    def __init__(
+        self,
+        stub: broker_pb2_grpc.BrokerServiceStub,
+        init: broker_pb2.SubscribeInit,
+        *,
+        metadata: Sequence[tuple[str, str]],
+        auto_ack: bool,
+        reconnect: bool,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self._stub = stub
+        self._init = init
+        self._metadata = tuple(metadata)
+        self._auto_ack = auto_ack
+        self._reconnect = reconnect
+        self._max_backoff = max_backoff
+        self._requests: asyncio.Queue[broker_pb2.SubscribeRequest | None] = asyncio.Queue()
+        self._pending_acks: list[str] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._call: Any = None
+        self._generation = 0
+        self._closed = False
+        self.reconnects = 0
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._messages()
+
+    async def _open(self) -> Any:
+        self._requests = asyncio.Queue()
+        self._pending_acks = []
+        self._generation += 1
+        await self._requests.put(broker_pb2.SubscribeRequest(init=self._init))
+        requests = self._requests
+
+        async def request_iterator() -> AsyncIterator[broker_pb2.SubscribeRequest]:
+            while True:
+                request = await requests.get()
+                if request is None:
+                    return
+                yield request
+
+        subscribe: Any = self._stub.Subscribe  # the aio stub takes an async iterator
+        call = subscribe(request_iterator(), metadata=self._metadata)
+        first = await call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "ready":
+            raise ProcessorError(grpc.StatusCode.INTERNAL, "the server did not confirm the subscription")
+        return call
+
+    async def _messages(self) -> AsyncIterator[Message]:
+        backoff = 0.1
+        while not self._closed:
+            try:
+                self._call = await self._open()
+                backoff = 0.1
+                while True:
+                    response = await self._call.read()
+                    if response is grpc.aio.EOF:
+                        return
+                    for received in response.batch.messages:
+                        message = self._message(received)
+                        yield message
+                        if self._auto_ack:
+                            await message.ack()
+            except grpc.aio.AioRpcError as exc:
+                if self._closed or (exc.code() == grpc.StatusCode.CANCELLED and self._closed):
+                    return
+                if not self._reconnect or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_rpc_error(exc) from None
+            self.reconnects += 1
+            await asyncio.sleep(backoff * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not crypto
+            backoff = min(backoff * 2, self._max_backoff)
+
+    def _message(self, received: broker_pb2.ReceivedMessage) -> Message:
+        return Message(
+            id=received.id,
+            data=received.data,
+            content_type=received.content_type,
+            attributes=dict(received.attributes),
+            publish_time=received.publish_time.ToDatetime(UTC),
+            delivery_attempt=received.delivery_attempt,
+            source=received.source,
+            type=received.type,
+            ordering_key=received.ordering_key,
+            traceparent=received.traceparent,
+            ack_id=received.ack_id,
+            _subscription=self,
+            _generation=self._generation,
+        )
+
+    def _queue_ack(self, message: Message) -> None:
+        if message._generation != self._generation or self._closed:
+            return  # from an earlier stream: the broker delivers it again anyway
+        self._pending_acks.append(message.ack_id)
+        if len(self._pending_acks) >= ACK_FLUSH_COUNT:
+            self._flush()
+        elif self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(ACK_FLUSH_S)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._pending_acks:
+            ids, self._pending_acks = self._pending_acks, []
+            self._requests.put_nowait(broker_pb2.SubscribeRequest(ack=broker_pb2.Acknowledge(ack_ids=ids)))
+
+    async def _send_nack(self, message: Message, delay: float, dead_letter: bool) -> None:
+        if message._generation != self._generation or self._closed:
+            return
+        self._flush()
+        await self._requests.put(
+            broker_pb2.SubscribeRequest(
+                nack=broker_pb2.NegativeAcknowledge(
+                    ack_ids=[message.ack_id], delay=_duration(delay), dead_letter=dead_letter
+                )
+            )
+        )
+
+    async def close(self) -> None:
+        """Flush acks and end the stream; unacked messages go back to the group."""
+        if self._closed:
+            return
+        self._flush()
+        self._closed = True
+        await self._requests.put(None)
+        if self._call is not None and not self._call.done():
+            with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
+                await asyncio.wait_for(self._drain(), 2.0)
+            self._call.cancel()
+
+    async def _drain(self) -> None:
+        try:
+            while await self._call.read() is not grpc.aio.EOF:
+                pass
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # close() itself is being cancelled
+            # else: an earlier reader was cancelled, which cancelled the call: nothing left to drain
+
+
+class BrokerClient:
+    """`processor.message_broker`: publish and subscribe."""
+
+    def __init__(
+        self, channel: grpc.aio.Channel, call: Callable[..., Any], metadata: Sequence[tuple[str, str]]
+    ) -> None:
+        self._stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        self._call = call
+        self._metadata = metadata
+
+    async def publish(
+        self,
+        *,
+        product: str,
+        env: str,
+        event: str,
+        data: bytes | None = None,
+        json: Any = None,
+        content_type: str = "",
+        attributes: Mapping[str, str] | None = None,
+        ordering_key: str = "",
+        idempotency_key: str = "",
+    ) -> str:
+        """Publish one message (`data` bytes or a `json` value) to `broker_tag:topic_tag`; returns its id."""
+        message = outgoing(
+            data,
+            json=json,
+            content_type=content_type,
+            attributes=attributes,
+            ordering_key=ordering_key,
+            idempotency_key=idempotency_key,
+        )
+        request = broker_pb2.PublishRequest(product=product, env=env, event=event, message=message)
+        return str((await self._call(self._stub.Publish, request)).message_id)
+
+    async def publish_batch(
+        self, *, product: str, env: str, event: str, messages: Sequence[broker_pb2.OutgoingMessage]
+    ) -> list[PublishResult]:
+        """Publish many messages (build them with `outgoing(...)`); one result per message, in order."""
+        request = broker_pb2.PublishBatchRequest(product=product, env=env, event=event, messages=list(messages))
+        response = await self._call(self._stub.PublishBatch, request)
+        return [
+            PublishResult(r.message_id, grpc.StatusCode.OK if r.code == 0 else _code(r.code), r.reason, r.message)
+            for r in response.results
+        ]
+
+    def subscribe(
+        self,
+        *,
+        product: str,
+        env: str,
+        event: str,
+        group: str,
+        max_in_flight: int = 0,
+        max_batch: int = 0,
+        max_wait: float | None = None,
+        ack_deadline: float | None = None,
+        max_deliveries: int = 0,
+        dead_letter_event: str = "",
+        auto_ack: bool = False,
+        reconnect: bool = True,
+    ) -> Subscription:
+        """A subscription to iterate with `async for`; same `group` = shared messages."""
+        init = broker_pb2.SubscribeInit(
+            product=product,
+            env=env,
+            event=event,
+            group=group,
+            max_in_flight=max_in_flight,
+            max_batch=max_batch,
+            max_deliveries=max_deliveries,
+            dead_letter_event=dead_letter_event,
+        )
+        if max_wait is not None:
+            init.max_wait.CopyFrom(_duration(max_wait))
+        if ack_deadline is not None:
+            init.ack_deadline.CopyFrom(_duration(ack_deadline))
+        return Subscription(self._stub, init, metadata=self._metadata, auto_ack=auto_ack, reconnect=reconnect)
+
+
+def _code(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN

@@ -1,0 +1,131 @@
+"""The interface every message-broker adapter implements, and the registry that finds adapters by type name.
+
+An adapter is one connection (pool) to one broker environment. It publishes CloudEvents-shaped messages and opens
+pull subscriptions: the subscription engine (runtime/subscriptions.py) asks for up to N messages at a time, and
+acks or nacks them by the `handle` the adapter gave. Redelivery counting (`delivery_attempt`) is the adapter's job;
+credit, batching, ack deadlines and dead-lettering are the engine's, written once for every broker.
+
+Adding a broker (Kafka, SQS, ...) is one module that subclasses `BrokerAdapter` and `BrokerSubscription` and
+registers itself in `ADAPTERS` under its manifest type name.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import grpc
+
+from ductape_processor.errors import ProcessorError
+
+
+class BrokerUnavailable(ProcessorError):
+    """The broker cannot be reached (after reconnect attempts) or refused the operation."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BROKER_UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """A message to publish: CloudEvents 1.0 attributes, the payload and the caller's attributes."""
+
+    id: str
+    source: str
+    type: str
+    time: datetime
+    data: bytes
+    content_type: str
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    ordering_key: str = ""
+    traceparent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A message received on a subscription. `handle` is what ack/nack take; `id` is the CloudEvents id."""
+
+    handle: str
+    id: str
+    source: str
+    type: str
+    time: datetime
+    data: bytes
+    content_type: str
+    attributes: dict[str, str]
+    ordering_key: str
+    traceparent: str
+    delivery_attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeOptions:
+    """What the engine asks of a broker-side consumer."""
+
+    prefetch: int
+    ack_deadline_s: float
+
+
+class BrokerSubscription(abc.ABC):
+    """One consumer of one group on one topic. Messages not acked before `close` are delivered again (to the group)."""
+
+    @abc.abstractmethod
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[InboundMessage]:
+        """Up to `max_messages` messages, waiting at most `timeout_s` for the first one; [] when none came."""
+
+    @abc.abstractmethod
+    async def ack(self, handles: list[str]) -> None:
+        """Done with these messages: they are not delivered again."""
+
+    @abc.abstractmethod
+    async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
+        """Deliver these messages again (to any consumer of the group) after `delay_s`, with delivery_attempt + 1."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the broker-side consumer: no message is taken for this subscription after it returns."""
+
+
+class BrokerAdapter(abc.ABC):
+    """A connection to one broker environment."""
+
+    @abc.abstractmethod
+    async def publish(self, topic: str, message: OutboundMessage) -> str:
+        """Publish and return once the broker confirmed the write; returns the broker's id for the message."""
+
+    async def publish_batch(self, topic: str, messages: list[OutboundMessage]) -> list[str | ProcessorError]:
+        """Publish each message; one failure does not stop the others. Adapters may pipeline this."""
+        results: list[str | ProcessorError] = []
+        for message in messages:
+            try:
+                results.append(await self.publish(topic, message))
+            except ProcessorError as exc:
+                results.append(exc)
+        return results
+
+    @abc.abstractmethod
+    async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:
+        """Join consumer group `group` of `topic` (created when missing) and return a pull subscription."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close connections. Idempotent."""
+
+
+AdapterFactory = Callable[[Mapping[str, Any], str], BrokerAdapter]
+"""Builds an adapter from its manifest environment settings (secrets resolved) and a name for logs."""
+
+ADAPTERS: dict[str, AdapterFactory] = {}
+
+
+def register(type_name: str) -> Callable[[AdapterFactory], AdapterFactory]:
+    """Class/function decorator: make an adapter available under its manifest type name."""
+
+    def add(factory: AdapterFactory) -> AdapterFactory:
+        ADAPTERS[type_name] = factory
+        return factory
+
+    return add

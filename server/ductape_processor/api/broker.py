@@ -1,0 +1,208 @@
+"""BrokerService: Publish, PublishBatch and the Subscribe stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from ductape_processor.adapters.broker import InboundMessage
+from ductape_processor.api.values import value_to_python
+from ductape_processor.errors import InvalidArgument, ProcessorError
+from ductape_processor.runtime.brokers import BrokerRuntime, Outgoing
+from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
+from ductape_processor.telemetry.context import current_call
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _seconds(duration: duration_pb2.Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+def _outgoing(message: broker_pb2.OutgoingMessage, field: str) -> Outgoing:
+    kind = message.WhichOneof("payload")
+    if kind == "json":
+        data = json.dumps(value_to_python(message.json), separators=(",", ":"), ensure_ascii=False).encode()
+        content_type = message.content_type or "application/json"
+    elif kind == "data":
+        data, content_type = message.data, message.content_type
+    else:
+        raise InvalidArgument.field(f"{field}.payload", "give data (bytes) or json")
+    return Outgoing(data, content_type, dict(message.attributes), message.ordering_key, message.idempotency_key)
+
+
+def _where(product: str, env: str, event: str, prefix: str = "") -> None:
+    for name, value in (("product", product), ("env", env), ("event", event)):
+        if not value:
+            raise InvalidArgument.field(prefix + name, "is required")
+
+
+def _traceparent() -> str:
+    call = current_call.get()
+    return call.traceparent or "" if call is not None else ""
+
+
+def _limits(init: broker_pb2.SubscribeInit) -> Limits:
+    def bounded(value: int, default: int, high: int, field: str) -> int:
+        if value < 0 or value > high:
+            raise InvalidArgument.field(f"init.{field}", f"must be between 1 and {high} (0: {default})")
+        return value or default
+
+    max_wait = _seconds(init.max_wait) if init.HasField("max_wait") else 0.01
+    ack_deadline = _seconds(init.ack_deadline) if init.HasField("ack_deadline") else 30.0
+    if not 0 <= max_wait <= 60:
+        raise InvalidArgument.field("init.max_wait", "must be between 0 and 60 s")
+    if not 0.1 <= ack_deadline <= 3600:
+        raise InvalidArgument.field("init.ack_deadline", "must be between 0.1 s and 1 h")
+    if init.max_deliveries < 0:
+        raise InvalidArgument.field("init.max_deliveries", "must not be negative")
+    if init.max_deliveries and not init.dead_letter_event:
+        raise InvalidArgument.field("init.dead_letter_event", "is required when max_deliveries is set")
+    return Limits(
+        max_in_flight=bounded(init.max_in_flight, 100, 10_000, "max_in_flight"),
+        max_batch=bounded(init.max_batch, 100, 1000, "max_batch"),
+        max_wait_s=max_wait,
+        ack_deadline_s=ack_deadline,
+        max_deliveries=init.max_deliveries,
+    )
+
+
+def _received(ack_id: str, message: InboundMessage) -> broker_pb2.ReceivedMessage:
+    moment = message.time
+    return broker_pb2.ReceivedMessage(
+        ack_id=ack_id,
+        id=message.id,
+        data=message.data,
+        content_type=message.content_type,
+        attributes=message.attributes,
+        publish_time=timestamp_pb2.Timestamp(
+            seconds=int(moment.replace(microsecond=0).timestamp()), nanos=moment.microsecond * 1000
+        ),
+        delivery_attempt=message.delivery_attempt,
+        source=message.source,
+        type=message.type,
+        ordering_key=message.ordering_key,
+        traceparent=message.traceparent,
+    )
+
+
+class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
+    """Serves BrokerService."""
+
+    def __init__(self, runtime: BrokerRuntime) -> None:
+        self._runtime = runtime
+
+    async def Publish(self, request: broker_pb2.PublishRequest, context: Context) -> broker_pb2.PublishResponse:
+        _where(request.product, request.env, request.event)
+        message_id = await self._runtime.publish(
+            request.product, request.env, request.event, _outgoing(request.message, "message"), _traceparent()
+        )
+        return broker_pb2.PublishResponse(message_id=message_id)
+
+    async def PublishBatch(
+        self, request: broker_pb2.PublishBatchRequest, context: Context
+    ) -> broker_pb2.PublishBatchResponse:
+        _where(request.product, request.env, request.event)
+        entries: list[Outgoing | ProcessorError] = []
+        for index, message in enumerate(request.messages):
+            try:
+                entries.append(_outgoing(message, f"messages[{index}]"))
+            except ProcessorError as exc:
+                entries.append(exc)
+        valid = [entry for entry in entries if isinstance(entry, Outgoing)]
+        published = iter(
+            await self._runtime.publish_batch(request.product, request.env, request.event, valid, _traceparent())
+        )
+        results = []
+        for entry in entries:
+            outcome = next(published) if isinstance(entry, Outgoing) else entry
+            if isinstance(outcome, str):
+                results.append(broker_pb2.PublishResult(message_id=outcome))
+            else:
+                results.append(
+                    broker_pb2.PublishResult(code=outcome.code.value[0], reason=outcome.reason, message=outcome.message)
+                )
+        return broker_pb2.PublishBatchResponse(results=results)
+
+    async def Subscribe(
+        self, request_iterator: AsyncIterator[broker_pb2.SubscribeRequest], context: Context
+    ) -> AsyncIterator[broker_pb2.SubscribeResponse]:
+        try:
+            first = await anext(request_iterator)
+        except StopAsyncIteration:
+            raise InvalidArgument.field("init", "the stream ended before its first request") from None
+        if first.WhichOneof("kind") != "init":
+            raise InvalidArgument.field("init", "the first request must carry init")
+        init = first.init
+        _where(init.product, init.env, init.event, "init.")
+        if not init.group:
+            raise InvalidArgument.field("init.group", "is required: the consumer group")
+        subscription = await self._runtime.subscribe(
+            init.product, init.env, init.event, init.group, _limits(init), init.dead_letter_event
+        )
+        try:
+            yield broker_pb2.SubscribeResponse(ready=broker_pb2.SubscribeReady(subscription_id=secrets.token_hex(8)))
+            async for response in self._stream(subscription, request_iterator):
+                yield response
+        finally:
+            self._runtime.forget(subscription)
+            await subscription.close()
+
+    async def _stream(
+        self, subscription: Subscription, requests: AsyncIterator[broker_pb2.SubscribeRequest]
+    ) -> AsyncIterator[broker_pb2.SubscribeResponse]:
+        ready: asyncio.Queue[list[tuple[str, InboundMessage]]] = asyncio.Queue(maxsize=1)
+
+        async def produce() -> None:
+            async for batch in subscription.batches():
+                await ready.put(batch)
+
+        async def read() -> None:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "ack":
+                    await subscription.ack(list(request.ack.ack_ids))
+                elif kind == "nack":
+                    delay = _seconds(request.nack.delay) if request.nack.HasField("delay") else 0.0
+                    if not 0 <= delay <= 3600:
+                        raise InvalidArgument.field("nack.delay", "must be between 0 and 1 h")
+                    await subscription.nack(list(request.nack.ack_ids), delay, request.nack.dead_letter)
+                elif kind == "init":
+                    raise InvalidArgument.field("init", "a stream takes init only once, as its first request")
+                else:
+                    raise InvalidArgument.field("kind", "a request must carry init, ack or nack")
+
+        producer = asyncio.ensure_future(produce())
+        reader = asyncio.ensure_future(read())
+        closing = asyncio.ensure_future(self._runtime.closing.wait())
+        try:
+            while True:
+                getter = asyncio.ensure_future(ready.get())
+                done, _ = await asyncio.wait({getter, producer, reader, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    batch = getter.result()
+                    yield broker_pb2.SubscribeResponse(
+                        batch=broker_pb2.MessageBatch(messages=[_received(a, m) for a, m in batch])
+                    )
+                    continue
+                getter.cancel()
+                if closing in done:
+                    raise StreamClosing("the server is shutting down; reconnect to another replica")
+                for worker in (reader, producer):
+                    failure = worker.exception() if worker in done else None
+                    if failure is not None:
+                        raise failure
+                return  # the client finished sending (or the subscription closed): the stream is over
+        finally:
+            for pending in (producer, reader, closing):
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending

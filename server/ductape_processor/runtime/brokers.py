@@ -1,0 +1,348 @@
+"""BrokerRuntime: publish to and subscribe on a product's topics, whatever broker each environment uses.
+
+It resolves `broker_tag:topic_tag` in the caller's environment, opens (lazily, once) the adapter of that broker
+environment, shapes messages as CloudEvents 1.0, applies publish idempotency keys through the store, and builds the
+subscription engine for Subscribe streams. Adapters are found by type name in `adapters.broker.ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+
+from ductape_processor.adapters.broker import (
+    ADAPTERS,
+    BrokerAdapter,
+    InboundMessage,
+    OutboundMessage,
+    SubscribeOptions,
+)
+from ductape_processor.errors import FieldViolation, InvalidArgument, NotFound, ProcessorError
+from ductape_processor.runtime.manifest import SECRET_REFERENCE, Broker, Topic
+from ductape_processor.runtime.registry import Registry, Resolved
+from ductape_processor.runtime.secrets import SecretSource
+from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
+from ductape_processor.store.base import Store
+
+ADAPTER_MODULES = {
+    "memory": "ductape_processor.adapters.memory_broker",
+    "redis": "ductape_processor.adapters.redis_broker",
+    "rabbitmq": "ductape_processor.adapters.rabbitmq_broker",
+    "nats": "ductape_processor.adapters.nats_broker",
+}
+MAX_ATTRIBUTES = 64
+MAX_BATCH_ENTRIES = 1000
+_ATTRIBUTE_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+class FailedPrecondition(ProcessorError):
+    """The broker environment is not usable as configured."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message as the caller gave it."""
+
+    data: bytes
+    content_type: str
+    attributes: Mapping[str, str]
+    ordering_key: str = ""
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A resolved `broker:topic` in one environment."""
+
+    resolved: Resolved
+    broker: Broker
+    topic: Topic
+
+    @property
+    def source(self) -> str:
+        """The CloudEvents source of messages published here."""
+        return f"/ductape/{self.resolved.product}/{self.resolved.env.slug}/{self.broker.tag}"
+
+
+class BrokerRuntime:
+    """Publishing and subscribing, with one adapter per broker environment."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        store: Store,
+        secrets: SecretSource,
+        *,
+        max_message_bytes: int,
+        idempotency_retention: timedelta = timedelta(hours=24),
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self._secrets = secrets
+        self._max_bytes = max_message_bytes
+        self._retention = idempotency_retention
+        self._adapters: dict[tuple[str, str, str, str], BrokerAdapter] = {}
+        self._opening: dict[tuple[str, str, str, str], asyncio.Lock] = {}
+        self.closing = asyncio.Event()
+        self._subscriptions: set[Subscription] = set()
+
+    # -- resolution ---------------------------------------------------------------------------------------------
+
+    async def route(self, product: str, env: str, event: str, field: str = "event") -> Route:
+        """The broker and topic an event names in the caller's environment."""
+        broker_tag, sep, topic_tag = event.partition(":")
+        if not sep or not broker_tag or not topic_tag:
+            raise InvalidArgument.field(field, "must be broker_tag:topic_tag")
+        resolved = await self._registry.resolve(product, env)
+        broker = next((b for b in resolved.manifest.brokers if b.tag == broker_tag), None)
+        if broker is None:
+            raise NotFound(
+                f"product {product!r} has no broker {broker_tag!r}",
+                reason="BROKER_NOT_FOUND",
+                metadata={"product": product, "broker": broker_tag},
+            )
+        topic = next((t for t in broker.topics if t.tag == topic_tag), None)
+        if topic is None:
+            raise NotFound(
+                f"broker {broker_tag!r} has no topic {topic_tag!r}",
+                reason="TOPIC_NOT_FOUND",
+                metadata={"product": product, "broker": broker_tag, "topic": topic_tag},
+            )
+        return Route(resolved, broker, topic)
+
+    def _settings(self, route: Route) -> dict[str, Any]:
+        config = route.broker.envs[route.resolved.env.slug].model_dump()
+
+        def secret(match: re.Match[str]) -> str:
+            value = self._secrets.get(match.group(1))
+            if value is None:
+                raise FailedPrecondition(
+                    f"broker {route.broker.tag!r}: secret {match.group(1)} is not defined on this processor",
+                    reason="SECRET_NOT_FOUND",
+                    metadata={"broker": route.broker.tag, "secret": match.group(1)},
+                )
+            return value
+
+        return {
+            key: SECRET_REFERENCE.sub(secret, value) if isinstance(value, str) else value
+            for key, value in config.items()
+        }
+
+    async def adapter(self, route: Route) -> BrokerAdapter:
+        """The (lazily opened, shared) adapter of the route's broker environment."""
+        settings = self._settings(route)
+        fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        key = (route.resolved.product, route.resolved.env.slug, route.broker.tag, fingerprint)
+        adapter = self._adapters.get(key)
+        if adapter is not None:
+            return adapter
+        lock = self._opening.setdefault(key, asyncio.Lock())
+        async with lock:
+            adapter = self._adapters.get(key)
+            if adapter is None:
+                kind = settings["type"]
+                if kind not in ADAPTERS and kind in ADAPTER_MODULES:
+                    importlib.import_module(ADAPTER_MODULES[kind])
+                factory = ADAPTERS.get(kind)
+                if factory is None:
+                    raise FailedPrecondition(
+                        f"broker type {kind!r} is not available on this processor",
+                        reason="BROKER_TYPE_UNAVAILABLE",
+                        metadata={"broker": route.broker.tag, "type": kind},
+                    )
+                adapter = factory(settings, f"{route.resolved.product}/{route.resolved.env.slug}/{route.broker.tag}")
+                self._adapters[key] = adapter
+        return adapter
+
+    # -- publishing ---------------------------------------------------------------------------------------------
+
+    def _check(self, outgoing: Outgoing, field: str) -> None:
+        problems: list[FieldViolation] = []
+        if len(outgoing.data) > self._max_bytes:
+            raise InvalidArgument(
+                f"the message is {len(outgoing.data)} bytes; the limit is {self._max_bytes}",
+                reason="MESSAGE_TOO_LARGE",
+                violations=[FieldViolation(f"{field}.data", f"is larger than {self._max_bytes} bytes")],
+            )
+        if len(outgoing.attributes) > MAX_ATTRIBUTES:
+            problems.append(FieldViolation(f"{field}.attributes", f"has more than {MAX_ATTRIBUTES} entries"))
+        for key, value in outgoing.attributes.items():
+            if not _ATTRIBUTE_KEY.match(key):
+                problems.append(FieldViolation(f"{field}.attributes.{key}", "keys are letters, digits, '-', '_', '.'"))
+            elif len(value) > 4096:
+                problems.append(FieldViolation(f"{field}.attributes.{key}", "is longer than 4096 characters"))
+        if len(outgoing.ordering_key) > 256:
+            problems.append(FieldViolation(f"{field}.ordering_key", "is longer than 256 characters"))
+        if len(outgoing.idempotency_key) > 256:
+            problems.append(FieldViolation(f"{field}.idempotency_key", "is longer than 256 characters"))
+        if problems:
+            raise InvalidArgument(
+                f"invalid message: {problems[0].field}: {problems[0].description}", violations=problems
+            )
+
+    def _message(self, route: Route, outgoing: Outgoing, traceparent: str) -> OutboundMessage:
+        return OutboundMessage(
+            id=os.urandom(12).hex(),
+            source=route.source,
+            type=route.topic.name,
+            time=datetime.now(UTC),
+            data=outgoing.data,
+            content_type=outgoing.content_type or "application/octet-stream",
+            attributes=dict(outgoing.attributes),
+            ordering_key=outgoing.ordering_key,
+            traceparent=traceparent,
+        )
+
+    async def publish(
+        self, product: str, env: str, event: str, outgoing: Outgoing, traceparent: str = "", field: str = "message"
+    ) -> str:
+        """Publish one message; return its id once the broker confirmed it."""
+        self._check(outgoing, field)
+        route = await self.route(product, env, event)
+        adapter = await self.adapter(route)
+        if not outgoing.idempotency_key:
+            message = self._message(route, outgoing, traceparent)
+            await adapter.publish(route.topic.name, message)
+            return message.id
+        return await self._publish_once(route, adapter, outgoing, traceparent)
+
+    async def _publish_once(self, route: Route, adapter: BrokerAdapter, outgoing: Outgoing, traceparent: str) -> str:
+        where = f"{route.resolved.product}/{route.resolved.env.slug}/{route.broker.tag}:{route.topic.tag}"
+        key = f"publish/{where}/{outgoing.idempotency_key}"
+        digest = hashlib.sha256()
+        for part in (
+            outgoing.data,
+            outgoing.content_type.encode(),
+            json.dumps(dict(outgoing.attributes), sort_keys=True).encode(),
+            outgoing.ordering_key.encode(),
+        ):
+            digest.update(len(part).to_bytes(8, "big") + part)
+        request_hash = digest.hexdigest()
+        owner = os.urandom(8).hex()
+        while True:
+            now = datetime.now(UTC)
+            record = await self._store.idempotency_claim(
+                key, request_hash, owner, now, now + timedelta(seconds=60), now + self._retention
+            )
+            if record.request_hash != request_hash:
+                raise FailedPrecondition(
+                    "this idempotency key was used for a different message",
+                    reason="IDEMPOTENCY_KEY_REUSED",
+                    metadata={"idempotency_key": outgoing.idempotency_key},
+                )
+            if record.owner == owner:
+                break
+            if record.state == "done" and record.response is not None:
+                return record.response.decode()
+            await asyncio.sleep(0.05)
+        message = self._message(route, outgoing, traceparent)
+        try:
+            await adapter.publish(route.topic.name, message)
+        except BaseException:
+            await self._store.idempotency_release(key, owner)
+            raise
+        await self._store.idempotency_complete(key, owner, message.id.encode())
+        return message.id
+
+    async def publish_batch(
+        self, product: str, env: str, event: str, entries: list[Outgoing], traceparent: str = ""
+    ) -> list[str | ProcessorError]:
+        """Publish entries independently; each result is an id or the entry's error."""
+        if len(entries) > MAX_BATCH_ENTRIES:
+            raise InvalidArgument.field("messages", f"holds more than {MAX_BATCH_ENTRIES} entries")
+        route = await self.route(product, env, event)
+        adapter = await self.adapter(route)
+        results: list[str | ProcessorError | None] = [None] * len(entries)
+        plain: list[tuple[int, OutboundMessage]] = []
+        for index, outgoing in enumerate(entries):
+            try:
+                self._check(outgoing, f"messages[{index}]")
+            except ProcessorError as exc:
+                results[index] = exc
+                continue
+            if outgoing.idempotency_key:
+                try:
+                    results[index] = await self._publish_once(route, adapter, outgoing, traceparent)
+                except ProcessorError as exc:
+                    results[index] = exc
+            else:
+                plain.append((index, self._message(route, outgoing, traceparent)))
+        if plain:
+            published = await adapter.publish_batch(route.topic.name, [message for _, message in plain])
+            for (index, message), outcome in zip(plain, published, strict=True):
+                results[index] = message.id if isinstance(outcome, str) else outcome
+        return [result if result is not None else ProcessorError("not published") for result in results]
+
+    # -- subscribing --------------------------------------------------------------------------------------------
+
+    async def subscribe(
+        self, product: str, env: str, event: str, group: str, limits: Limits, dead_letter_event: str
+    ) -> Subscription:
+        """Open the engine for one Subscribe stream."""
+        if self.closing.is_set():
+            raise StreamClosing("the server is shutting down; reconnect to another replica")
+        route = await self.route(product, env, event, "init.event")
+        dead_letter = None
+        if dead_letter_event:
+            dead_route = await self.route(product, env, dead_letter_event, "init.dead_letter_event")
+            dead_adapter = await self.adapter(dead_route)
+
+            async def dead_letter(message: InboundMessage) -> None:
+                await dead_adapter.publish(
+                    dead_route.topic.name,
+                    OutboundMessage(
+                        id=message.id,
+                        source=message.source,
+                        type=message.type,
+                        time=message.time,
+                        data=message.data,
+                        content_type=message.content_type,
+                        attributes={
+                            **message.attributes,
+                            "dead_letter_from": event,
+                            "delivery_attempt": str(message.delivery_attempt),
+                        },
+                        ordering_key=message.ordering_key,
+                        traceparent=message.traceparent,
+                    ),
+                )
+
+        adapter = await self.adapter(route)
+        broker_subscription = await adapter.subscribe(
+            route.topic.name,
+            group,
+            SubscribeOptions(prefetch=limits.max_in_flight, ack_deadline_s=limits.ack_deadline_s),
+        )
+        subscription = Subscription(broker_subscription, limits, dead_letter)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def forget(self, subscription: Subscription) -> None:
+        """A stream ended."""
+        self._subscriptions.discard(subscription)
+
+    async def shutdown_streams(self) -> None:
+        """End every stream (they answer UNAVAILABLE), giving their unacked messages back."""
+        self.closing.set()
+        for subscription in list(self._subscriptions):
+            await subscription.close()
+
+    async def close(self) -> None:
+        """Close every adapter."""
+        await self.shutdown_streams()
+        adapters, self._adapters = list(self._adapters.values()), {}
+        for adapter in adapters:
+            await adapter.close()

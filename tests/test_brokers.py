@@ -1,0 +1,457 @@
+"""BrokerService through a real server, once per broker type: memory, Redis, RabbitMQ and NATS.
+
+Every broker passes the same behaviour tests (the contract); broker-specific tests (connection drops, durability
+across a restart) sit at the end. Topic and group names are unique per test, so durable brokers never mix runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from ductape.processor import InvalidArgumentError, NotFoundError, ProcessorError, UnavailableError
+from ductape.processor.brokers import Message, Subscription, outgoing
+from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
+
+from tests.conftest import Running, ServerFactory, require_tcp
+
+SERVERS = {
+    "redis": ("Redis", "127.0.0.1", 6379, {"type": "redis", "url": "redis://127.0.0.1:6379/0"}),
+    "rabbitmq": ("RabbitMQ", "127.0.0.1", 5672, {"type": "rabbitmq", "url": "amqp://guest:guest@127.0.0.1:5672/"}),
+    "nats": ("NATS", "127.0.0.1", 4222, {"type": "nats", "url": "nats://127.0.0.1:4222"}),
+}
+MODULES = {
+    "memory": "ductape_processor.adapters.memory_broker",
+    "redis": "ductape_processor.adapters.redis_broker",
+    "rabbitmq": "ductape_processor.adapters.rabbitmq_broker",
+    "nats": "ductape_processor.adapters.nats_broker",
+}
+
+
+def _available(kind: str) -> bool:
+    try:
+        importlib.import_module(MODULES[kind])
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+KINDS = [kind for kind in MODULES if _available(kind)]
+
+
+def manifest(kind: str, run: str) -> bytes:
+    config: dict[str, Any] = {"type": "memory"} if kind == "memory" else dict(SERVERS[kind][3])
+    if kind == "nats":
+        config["stream"] = f"t_{run}"
+    document = {
+        "product": "shop",
+        "environments": [{"slug": "dev"}, {"slug": "prd", "name": "production"}],
+        "brokers": [
+            {
+                "tag": "events",
+                "envs": {"dev": config, "prd": config},
+                "topics": [
+                    {"tag": "orders", "name": f"orders.{run}"},
+                    {"tag": "dead", "name": f"dead.{run}"},
+                    {"tag": "other", "name": f"other.{run}"},
+                ],
+            }
+        ],
+    }
+    return json.dumps(document).encode()
+
+
+@pytest.fixture(autouse=True)
+async def _forget_pending_reads() -> AsyncIterator[None]:
+    yield
+    for future in pending_first.values():
+        future.cancel()
+        with contextlib.suppress(BaseException):
+            await future
+    pending_first.clear()
+
+
+@pytest.fixture(params=KINDS)
+async def broker(request: pytest.FixtureRequest, start_server: ServerFactory) -> Running:
+    kind: str = request.param
+    if kind != "memory":
+        name, host, port, _ = SERVERS[kind]
+        await require_tcp(name, host, port)
+    running = await start_server()
+    running.kind = kind  # type: ignore[attr-defined]
+    running.run = secrets.token_hex(4)  # type: ignore[attr-defined]
+    await running.client.product.apply(manifest(kind, running.run))  # type: ignore[attr-defined]
+    return running
+
+
+def subscribe(running: Running, group: str = "g", **options: Any) -> Subscription:
+    options.setdefault("ack_deadline", 10.0)
+    return running.client.message_broker.subscribe(
+        product="shop", env="dev", event=options.pop("event", "events:orders"), group=group, **options
+    )
+
+
+async def opened(subscription: Subscription) -> AsyncIterator[Message]:
+    """Open the stream (the server created the group once `ready` came) and return its message iterator."""
+    iterator = subscription.__aiter__()
+    reader = asyncio.ensure_future(anext(iterator))
+    for _ in range(200):
+        if subscription._call is not None:
+            break
+        await asyncio.sleep(0.01)
+    pending_first[id(iterator)] = reader
+    return iterator
+
+
+pending_first: dict[int, asyncio.Future[Message]] = {}
+
+
+def _next(iterator: AsyncIterator[Message]) -> asyncio.Future[Message]:
+    # A pending read is kept, never cancelled: cancelling it would end the subscription's generator.
+    future = pending_first.get(id(iterator))
+    if future is None:
+        future = pending_first[id(iterator)] = asyncio.ensure_future(anext(iterator))
+    return future
+
+
+async def take(iterator: AsyncIterator[Message], count: int, timeout: float = 10.0) -> list[Message]:
+    """The next `count` messages (fails after `timeout`)."""
+    got: list[Message] = []
+    loop = asyncio.get_running_loop()
+    until = loop.time() + timeout
+    while len(got) < count:
+        future = _next(iterator)
+        done, _ = await asyncio.wait({future}, timeout=max(until - loop.time(), 0))
+        if not done:
+            raise AssertionError(f"got {len(got)} of {count} messages within {timeout}s")
+        del pending_first[id(iterator)]
+        got.append(future.result())
+    return got
+
+
+async def nothing_more(iterator: AsyncIterator[Message], wait: float = 0.7) -> None:
+    future = _next(iterator)
+    done, _ = await asyncio.wait({future}, timeout=wait)
+    if done:
+        message = future.result()
+        raise AssertionError(f"unexpected message {message.data!r} (attempt {message.delivery_attempt})")
+
+
+async def publish(running: Running, *bodies: str, event: str = "events:orders", **options: Any) -> list[str]:
+    return [
+        await running.client.message_broker.publish(
+            product="shop", env="dev", event=event, data=body.encode(), content_type="text/plain", **options
+        )
+        for body in bodies
+    ]
+
+
+async def test_roundtrip_with_attributes_and_trace_context(broker: Running) -> None:
+    sub = subscribe(broker)
+    messages = await opened(sub)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        response = await stub.Publish(
+            broker_pb2.PublishRequest(
+                product="shop",
+                env="dev",
+                event="events:orders",
+                message=outgoing(json={"order": 7}, attributes={"region": "eu", "kind": "created"}),
+            ),
+            metadata=(("traceparent", traceparent),),
+        )
+    [message] = await take(messages, 1)
+    assert message.id == response.message_id
+    assert message.json() == {"order": 7} and message.content_type == "application/json"
+    assert message.attributes == {"region": "eu", "kind": "created"}
+    assert message.traceparent == traceparent
+    assert message.source == "/ductape/shop/dev/events" and message.type == f"orders.{broker.run}"  # type: ignore[attr-defined]
+    assert message.delivery_attempt == 1 and message.publish_time.year >= 2026
+    await message.ack()
+    await sub.close()
+
+
+async def test_one_group_shares_and_two_groups_each_get_everything(broker: Running) -> None:
+    a, b, other = (
+        subscribe(broker, "shared", max_batch=1),
+        subscribe(broker, "shared", max_batch=1),
+        subscribe(broker, "solo"),
+    )
+    ia, ib, io = await opened(a), await opened(b), await opened(other)
+    bodies = [f"m{n}" for n in range(20)]
+    await publish(broker, *bodies)
+    everything = await take(io, 20)
+    assert sorted(m.data.decode() for m in everything) == sorted(bodies)
+    got: list[Message] = []
+
+    async def drain(iterator: AsyncIterator[Message]) -> None:
+        while True:
+            [message] = await take(iterator, 1)
+            got.append(message)
+            await message.ack()
+
+    tasks = [asyncio.ensure_future(drain(ia)), asyncio.ensure_future(drain(ib))]
+    try:
+        async with asyncio.timeout(10):
+            while len(got) < 20:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+    finally:
+        for task in tasks:
+            task.cancel()
+    assert sorted(m.data.decode() for m in got) == sorted(bodies), "shared, with no duplicates in a clean run"
+    for sub in (a, b, other):
+        await sub.close()
+
+
+async def test_nack_redelivers_with_the_next_attempt(broker: Running) -> None:
+    sub = subscribe(broker)
+    messages = await opened(sub)
+    await publish(broker, "again")
+    [first] = await take(messages, 1)
+    await first.nack()
+    [second] = await take(messages, 1)
+    assert second.id == first.id and second.delivery_attempt == first.delivery_attempt + 1
+    await second.nack(delay=0.5)
+    [third] = await take(messages, 1, timeout=10)
+    assert third.delivery_attempt == 3
+    await third.ack()
+    await nothing_more(messages)
+    await sub.close()
+
+
+async def test_an_expired_ack_deadline_redelivers(broker: Running) -> None:
+    sub = subscribe(broker, ack_deadline=0.5)
+    messages = await opened(sub)
+    await publish(broker, "slow")
+    [first] = await take(messages, 1)
+    [second] = await take(messages, 1, timeout=10)
+    assert second.id == first.id and second.delivery_attempt == 2
+    await second.ack()
+    await sub.close()
+
+
+async def test_dead_letter_after_max_deliveries(broker: Running) -> None:
+    dead = subscribe(broker, "dl", event="events:dead")
+    dead_messages = await opened(dead)
+    sub = subscribe(broker, max_deliveries=2, dead_letter_event="events:dead")
+    messages = await opened(sub)
+    await publish(broker, "poison")
+    for attempt in (1, 2):
+        [message] = await take(messages, 1)
+        assert message.delivery_attempt == attempt
+        await message.nack()
+    [buried] = await take(dead_messages, 1)
+    assert buried.data == b"poison" and buried.attributes["dead_letter_from"] == "events:orders"
+    await nothing_more(messages)
+    await buried.ack()
+    await sub.close()
+    await dead.close()
+
+
+async def test_a_subscriber_leaving_mid_batch_hands_its_messages_to_the_group(broker: Running) -> None:
+    leaving = subscribe(broker, "team", max_batch=10)
+    leaving_messages = await opened(leaving)
+    await publish(broker, *[f"m{n}" for n in range(5)])
+    held = await take(leaving_messages, 5)
+    await held[0].ack()
+    await asyncio.sleep(0.1)
+    await leaving.close()
+    staying = subscribe(broker, "team")
+    staying_messages = await opened(staying)
+    redelivered = await take(staying_messages, 4)
+    assert sorted(m.data.decode() for m in redelivered) == ["m1", "m2", "m3", "m4"]
+    assert all(m.delivery_attempt == 2 for m in redelivered)
+    await staying.close()
+
+
+async def test_max_in_flight_is_never_exceeded(broker: Running) -> None:
+    sub = subscribe(broker, max_in_flight=3, max_batch=10)
+    messages = await opened(sub)
+    await publish(broker, *[f"m{n}" for n in range(8)])
+    first = await take(messages, 3)
+    await nothing_more(messages, 0.5)
+    for message in first:
+        await message.ack()
+    rest = await take(messages, 3)
+    assert {m.data for m in rest}.isdisjoint({m.data for m in first})
+    await sub.close()
+
+
+async def test_batches_honour_max_batch_and_max_wait(broker: Running) -> None:
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        requests: asyncio.Queue[broker_pb2.SubscribeRequest | None] = asyncio.Queue()
+        init = broker_pb2.SubscribeInit(product="shop", env="dev", event="events:orders", group="batching", max_batch=4)
+        init.max_wait.FromMilliseconds(300)
+        await requests.put(broker_pb2.SubscribeRequest(init=init))
+
+        async def feed() -> AsyncIterator[broker_pb2.SubscribeRequest]:
+            while (request := await requests.get()) is not None:
+                yield request
+
+        call = stub.Subscribe(feed())
+        assert (await call.read()).WhichOneof("kind") == "ready"
+        await publish(broker, *[f"m{n}" for n in range(6)])
+        sizes = []
+        for _ in range(2):
+            batch = await asyncio.wait_for(call.read(), 10)
+            sizes.append(len(batch.batch.messages))
+        assert sizes == [4, 2], "full batches of max_batch, the rest after max_wait"
+        await publish(broker, "late")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await publish(broker, "later")
+        batch = await asyncio.wait_for(call.read(), 10)
+        assert len(batch.batch.messages) >= 1 and loop.time() - started < 2
+        await requests.put(None)
+        call.cancel()
+
+
+async def test_a_closed_stream_leaves_no_consumer_behind(broker: Running) -> None:
+    gone = subscribe(broker, "pair")
+    await opened(gone)
+    stays = subscribe(broker, "pair")
+    stays_messages = await opened(stays)
+    await asyncio.sleep(0.2)
+    await gone.close()
+    await asyncio.sleep(0.3)
+    bodies = [f"after{n}" for n in range(10)]
+    await publish(broker, *bodies)
+    received = await take(stays_messages, 10)
+    assert sorted(m.data.decode() for m in received) == sorted(bodies), "nothing went to the closed stream"
+    assert all(m.delivery_attempt == 1 for m in received)
+    await stays.close()
+
+
+async def test_one_ordering_key_keeps_publish_order_for_one_consumer(broker: Running) -> None:
+    sub = subscribe(broker)
+    messages = await opened(sub)
+    bodies = [f"m{n:02d}" for n in range(30)]
+    await publish(broker, *bodies, ordering_key="customer-1")
+    received = await take(messages, 30)
+    assert [m.data.decode() for m in received] == bodies
+    assert {m.ordering_key for m in received} == {"customer-1"}
+    await sub.close()
+
+
+async def test_publish_batch_reports_each_entry(broker: Running) -> None:
+    sub = subscribe(broker)
+    messages = await opened(sub)
+    results = await broker.client.message_broker.publish_batch(
+        product="shop",
+        env="dev",
+        event="events:orders",
+        messages=[
+            outgoing(b"a"),
+            outgoing(b"x" * (2 * 1024 * 1024)),
+            outgoing(json=[1, 2]),
+            outgoing(b"b", attributes={"bad key": "v"}),
+        ],
+    )
+    assert [r.ok for r in results] == [True, False, True, False]
+    assert results[1].reason == "MESSAGE_TOO_LARGE" and results[3].reason == "INVALID_ARGUMENT"
+    received = await take(messages, 2)
+    assert sorted(m.id for m in received) == sorted([results[0].message_id, results[2].message_id])
+    await sub.close()
+
+
+async def test_an_idempotency_key_publishes_once(broker: Running) -> None:
+    sub = subscribe(broker)
+    messages = await opened(sub)
+    first = await publish(broker, "once", idempotency_key="k-1")
+    again = await publish(broker, "once", idempotency_key="k-1")
+    assert first == again
+    await take(messages, 1)
+    await nothing_more(messages)
+    with pytest.raises(ProcessorError) as caught:
+        await publish(broker, "different", idempotency_key="k-1")
+    assert caught.value.reason == "IDEMPOTENCY_KEY_REUSED"
+    await sub.close()
+
+
+async def test_shutdown_ends_streams_with_unavailable_and_keeps_unacked_messages(
+    broker: Running, start_server: ServerFactory
+) -> None:
+    if broker.kind == "memory":  # type: ignore[attr-defined]
+        pytest.skip("the in-process broker keeps nothing across processes")
+    sub = subscribe(broker, "drain", reconnect=False)
+    messages = await opened(sub)
+    await publish(broker, "in-flight")
+    [held] = await take(messages, 1)
+    stopping = asyncio.ensure_future(broker.app.stop(grace=5))
+    with pytest.raises(UnavailableError):
+        await take(messages, 1, timeout=10)
+    pending_first.pop(id(messages), None)
+    await stopping
+    other = await start_server()
+    again = other.client.message_broker.subscribe(product="shop", env="dev", event="events:orders", group="drain")
+    [redelivered] = await take(await opened(again), 1)
+    assert redelivered.id == held.id and redelivered.delivery_attempt >= 2
+    await redelivered.ack()
+    await again.close()
+
+
+@pytest.mark.parametrize(
+    ("init", "reason"),
+    [
+        ({"event": "events"}, "INVALID_ARGUMENT"),
+        ({"event": "nope:orders"}, "BROKER_NOT_FOUND"),
+        ({"event": "events:nope"}, "TOPIC_NOT_FOUND"),
+        ({"env": "staging"}, "ENV_NOT_FOUND"),
+        ({"group": ""}, "INVALID_ARGUMENT"),
+        ({"max_in_flight": -1}, "INVALID_ARGUMENT"),
+        ({"max_deliveries": 3}, "INVALID_ARGUMENT"),
+    ],
+)
+async def test_bad_subscriptions_are_refused_with_a_reason(broker: Running, init: dict[str, Any], reason: str) -> None:
+    fields = {"product": "shop", "env": "dev", "event": "events:orders", "group": "g", **init}
+    sub = broker.client.message_broker.subscribe(reconnect=False, **fields)
+    iterator = sub.__aiter__()
+    with pytest.raises(ProcessorError) as caught:
+        await take(iterator, 1, timeout=10)
+    pending_first.pop(id(iterator), None)
+    assert caught.value.reason == reason
+
+
+async def test_protocol_errors_on_the_stream(broker: Running) -> None:
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        for second in (
+            broker_pb2.SubscribeRequest(ack=broker_pb2.Acknowledge(ack_ids=["nope"])),
+            broker_pb2.SubscribeRequest(
+                init=broker_pb2.SubscribeInit(product="shop", env="dev", event="events:orders", group="g")
+            ),
+        ):
+            init = broker_pb2.SubscribeRequest(
+                init=broker_pb2.SubscribeInit(product="shop", env="dev", event="events:orders", group="proto")
+            )
+            call = stub.Subscribe(iter([init, second]))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in call:
+                    pass
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        call = stub.Subscribe(iter([broker_pb2.SubscribeRequest(ack=broker_pb2.Acknowledge(ack_ids=["x"]))]))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_bad_publishes_are_refused(broker: Running) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        await publish(broker, "x" * (2 * 1024 * 1024))
+    assert caught.value.reason == "MESSAGE_TOO_LARGE"
+    with pytest.raises(NotFoundError) as missing:
+        await publish(broker, "x", event="events:nope")
+    assert missing.value.reason == "TOPIC_NOT_FOUND"
+    with pytest.raises(InvalidArgumentError):
+        await publish(broker, "x", event="no-colon")
