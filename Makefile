@@ -40,6 +40,7 @@ gen: setup
 
 bench: setup
 	$(PY) bench/bench_foundation.py
+	$(PY) bench/bench_actions.py
 
 clean:
 	rm -rf $(VENV) $(DATA) .mypy_cache .ruff_cache .pytest_cache

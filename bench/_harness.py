@@ -354,11 +354,18 @@ def wait_ready(server: Server) -> None:
 async def serve_canned(port: int, service: str, method: str, reply: bytes) -> None:
     """A grpc.aio server with one generic handler, identity serializers and no interceptors (+ health checks),
     answering `service`/`method` with `reply`, until SIGTERM or SIGINT."""
+
+    async def handle(request: bytes, context: Any) -> bytes:
+        return reply
+
+    await serve_generic(port, service, method, handle)
+
+
+async def serve_generic(port: int, service: str, method: str, handle: Callable[[bytes, Any], Awaitable[bytes]]) -> None:
+    """A grpc.aio server with one generic unary handler `handle(request bytes, context) -> reply bytes`, identity
+    serializers and no interceptors (+ health checks), serving `service`/`method` until SIGTERM or SIGINT."""
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        return reply
 
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(

@@ -2,9 +2,9 @@
 """Actions end to end: ActionService.Run through the processor to a local HTTP upstream, side by side with the
 bare gRPC stack and with calling the upstream directly.
 
-    python bench/bench_actions.py [--duration 3] [--rounds 3] [--calls 100000] [--json FILE]
+    python bench/bench_actions.py [--duration 3] [--rounds 3] [--calls 100000] [--floor] [--json FILE]
 
-Four processes serve, each its own subprocess on 127.0.0.1 only:
+Three servers run (four with --floor), each its own subprocess on 127.0.0.1 only:
 
 - `upstream`: an aiohttp web server answering `GET /users/{id}` with the small JSON body {"ok": true, "id": 1}
   (no access log);
@@ -13,7 +13,9 @@ Four processes serve, each its own subprocess on 127.0.0.1 only:
   app, `api`, whose `dev` environment points at the upstream, with one action `user` = `GET /users/:id` (one path
   parameter; no cache, no auth, no idempotency key);
 - `bare`: a grpc.aio server with one generic ActionService.Run handler (identity serializers, no interceptors)
-  answering the pre-serialized bytes of the processor's own reply, so both put the same bytes on the wire.
+  answering the pre-serialized bytes of the processor's own reply, so both put the same bytes on the wire;
+- `floor` (with --floor): the bare server, except that its handler first makes the same GET with aiohttp (session
+  set up as the processor's): what gRPC + aiohttp cost without any of the processor's own work.
 
 What is measured, in one run:
 
@@ -32,7 +34,7 @@ bench_foundation.py, whose machinery `_harness.py` holds). CPU layout with two o
 the processor and the bare server on CPU 0; the client and the upstream on CPU 1 (`--upstream-cpu 0` puts the
 upstream beside the processor instead); the direct aiohttp client on the CPU the upstream is not on.
 
-Internal sub-commands (the script runs itself with them): `_upstream`, `_bare-server`, `_client`.
+Internal sub-commands (the script runs itself with them): `_upstream`, `_bare-server`, `_floor-server`, `_client`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from _harness import (
     Summary,
     child_env,
     clean_runs,
+    cpu_seconds,
     free_port,
     measure,
     percentile,
@@ -73,6 +76,7 @@ from _harness import (
     rss_mb,
     rusage_s,
     serve_canned,
+    serve_generic,
     signals_as_interrupt,
     timed_load,
     verdict,
@@ -123,6 +127,7 @@ class Soak:
     concurrency: int
     idle_rss_mb: float
     samples: list[tuple[int, float]] = field(default_factory=list)  # (calls done, RSS MB)
+    cpu_s: list[float] = field(default_factory=list)  # the processor's CPU seconds at each sample
     qps: float = 0.0
     errors: int = 0
     error_codes: dict[str, int] = field(default_factory=dict)
@@ -144,6 +149,12 @@ class Config:
     idle: float
     pin: bool
     upstream_cpu: int
+    floor: bool = False
+
+    @property
+    def targets(self) -> list[str]:
+        """What the gRPC client measures: bare, processor, and with --floor the floor server."""
+        return ["bare", "processor", *(["floor"] if self.floor else [])]
 
     @property
     def every(self) -> int:
@@ -157,10 +168,11 @@ class Config:
     def layout(self) -> dict[str, int | None]:
         """Role -> CPU it is pinned to."""
         if not self.pin:
-            return {"processor": None, "bare": None, "client": None, "upstream": None, "direct client": None}
+            return dict.fromkeys(("processor", "bare", "floor", "client", "upstream", "direct client"))
         return {
             "processor": SERVER_CPU,
             "bare": SERVER_CPU,
+            **({"floor": SERVER_CPU} if self.floor else {}),
             "client": CLIENT_CPU,
             "upstream": self.upstream_cpu,
             "direct client": self.direct_cpu,
@@ -214,6 +226,25 @@ def wait_http(server: Server) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the upstream does not answer after {READY_TIMEOUT_S:.0f} s")
         time.sleep(0.05)
+
+
+async def serve_floor(port: int, reply: bytes, url: str) -> None:
+    """The floor: a bare Run handler that GETs `url` with an aiohttp session set up as the processor sets up its
+    own (pooled connector, no cookies), reads the body, then answers the canned reply. No interceptor, no parsing,
+    no templates, no records: what gRPC + aiohttp cost alone."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=100, ttl_dns_cache=300, keepalive_timeout=30)
+    async with aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
+    ) as session:
+
+        async def handle(request: bytes, context: Any) -> bytes:
+            async with session.get(url, allow_redirects=False) as response:
+                await response.read()
+            return reply
+
+        await serve_generic(port, SERVICE, "Run", handle)
 
 
 # -- the processor's manifest and reply (in this process) -----------------------------------------------------------
@@ -373,6 +404,7 @@ class Servers:
     processor: Server
     bare: Server
     data_dir: Path
+    floor: Server | None = None
 
 
 def start_all(procs: Processes, config: Config, work: Path) -> tuple[Servers, float, int]:
@@ -406,17 +438,35 @@ def start_all(procs: Processes, config: Config, work: Path) -> tuple[Servers, fl
     command = [sys.executable, SCRIPT, "_bare-server", "--port", str(port), "--reply-file", str(reply_file)]
     bare = procs.start_server("bare", command, f"{HOST}:{port}", child_env())
     wait_ready(bare)
-    return Servers(upstream, processor, bare, data_dir), idle_rss, len(reply)
+    floor = None
+    if config.floor:
+        port = free_port()
+        command = [sys.executable, SCRIPT, "_floor-server", "--port", str(port), "--reply-file", str(reply_file)]
+        command += ["--url", f"{upstream.target}/users/{USER_ID}"]
+        floor = procs.start_server("floor", command, f"{HOST}:{port}", child_env())
+        wait_ready(floor)
+    return Servers(upstream, processor, bare, data_dir, floor), idle_rss, len(reply)
 
 
 def soak(procs: Processes, servers: Servers, config: Config, idle_rss: float) -> Soak:
     """--calls calls at --concurrency through the processor, its RSS read every `config.every` calls."""
     result = Soak(config.calls, config.every, config.concurrency, idle_rss)
-    result.samples.append((0, rss_mb(servers.processor.pid)))
+    pid = servers.processor.pid
+
+    def take(calls: int) -> None:
+        try:
+            rss, cpu = rss_mb(pid), cpu_seconds(pid)
+        except OSError:  # gone: say why
+            servers.processor.check_alive()
+            raise
+        result.samples.append((calls, rss))
+        result.cpu_s.append(cpu)
+
+    take(0)
 
     def sample(line: dict[str, Any]) -> None:
         if "progress" in line:
-            result.samples.append((int(line["progress"]), rss_mb(servers.processor.pid)))
+            take(int(line["progress"]))
             print(
                 f"  soak  {line['progress']:>7} calls  RSS {result.samples[-1][1]:6.1f} MB",
                 file=sys.stderr,
@@ -427,7 +477,7 @@ def soak(procs: Processes, servers: Servers, config: Config, idle_rss: float) ->
     args += ["--calls", str(config.calls), "--every", str(config.every)]
     load, (upstream_cpu,) = measure(procs, servers.processor, args, also=[servers.upstream], on_line=sample)
     if result.samples[-1][0] != config.calls:
-        result.samples.append((config.calls, rss_mb(servers.processor.pid)))
+        take(config.calls)
     result.qps = load.qps
     result.errors, result.error_codes = load.errors, load.error_codes
     result.server_cpu_us_per_call = load.server_cpu_s * 1e6 / max(1, load.total_calls)
@@ -443,20 +493,23 @@ def measure_one(procs: Processes, servers: Servers, target: str, concurrency: in
         load, _ = measure(procs, servers.upstream, args, cpu=config.direct_cpu)
         upstream_cpu, load.server_cpu_s = load.server_cpu_s, 0.0  # no server between the client and the upstream
         return Run(target, load, upstream_cpu)
-    server = servers.processor if target == "processor" else servers.bare
+    server = {"processor": servers.processor, "bare": servers.bare, "floor": servers.floor}[target]
+    assert server is not None
     args = ["--mode", "grpc", "--target", server.target, *timing]
     load, (upstream_cpu,) = measure(procs, server, args, also=[servers.upstream])
     return Run(target, load, upstream_cpu)
+
+
+def _rotate(items: list[str], by: int) -> list[str]:
+    return items[by % len(items) :] + items[: by % len(items)]
 
 
 def run_rounds(procs: Processes, servers: Servers, config: Config) -> list[Run]:
     """Interleaved rounds: bare and processor at --concurrency, then direct, bare and processor at 1."""
     runs: list[Run] = []
     for round_no in range(config.rounds):
-        qps_order = ["bare", "processor"][round_no % 2 :] + ["bare", "processor"][: round_no % 2]
-        latency_order = ["direct", "bare", "processor"][round_no % 3 :] + ["direct", "bare", "processor"][
-            : round_no % 3
-        ]
+        qps_order = _rotate(config.targets, round_no)  # so no target always goes first
+        latency_order = _rotate(["direct", *config.targets], round_no)
         for concurrency, order in ((config.concurrency, qps_order), (1, latency_order)):
             for target in order:
                 run = measure_one(procs, servers, target, concurrency, config)
@@ -552,15 +605,18 @@ def report(runs: list[Run], soaked: Soak, config: Config, reply_size: int) -> tu
     lines.append(
         f"{'server':<10} {'QPS':>8} {'min-max':>11} {'ratio':>7} {'':4}  {'p50 ms':>7} {'p99 ms':>7}  {header_tail}"
     )
-    bare_q, proc_q = row(runs, "bare", c, config), row(runs, "processor", c, config)
+    bare_q, proc_q, *floor_q = (row(runs, t, c, config) for t in config.targets)
     ratio = proc_q.summary.qps / bare_q.summary.qps if bare_q.summary.qps else 0.0
     comparisons["qps_ratio"] = ratio
     comparisons["qps_ratio_pass"] = ratio >= QPS_RATIO_GOAL
+    for r in floor_q:
+        comparisons["floor_qps_ratio"] = r.summary.qps / bare_q.summary.qps if bare_q.summary.qps else 0.0
     load_bound = False
-    for r in (bare_q, proc_q):
+    for r in (bare_q, proc_q, *floor_q):
         s = r.summary
         note(r, c)
-        ratio_txt, ratio_ok = ("", "") if r is bare_q else (f"{ratio:.3f}x", verdict(ratio >= QPS_RATIO_GOAL))
+        ratio_txt = "" if r is bare_q else f"{r.summary.qps / bare_q.summary.qps if bare_q.summary.qps else 0.0:.3f}x"
+        ratio_ok = verdict(ratio >= QPS_RATIO_GOAL) if r is proc_q else ""
         busy_txt = _busy_cols(r)
         load_cpu = r.busy.get(CLIENT_CPU, 0.0) if config.pin else 0.0
         mark = "*" if load_cpu >= CLIENT_BOUND else " "
@@ -576,8 +632,8 @@ def report(runs: list[Run], soaked: Soak, config: Config, reply_size: int) -> tu
         f"{'path':<10} {'QPS':>8} {'p50 ms':>8} {'Δp50 ms':>8} {'':4}  {'p99 ms':>8} {'Δp99 ms':>8} {'':4}  "
         f"{header_tail}"
     )
-    direct, bare_1, proc_1 = (row(runs, t, 1, config) for t in ("direct", "bare", "processor"))
-    for r in (direct, bare_1, proc_1):
+    direct, bare_1, proc_1, *floor_1 = (row(runs, t, 1, config) for t in ("direct", *config.targets))
+    for r in (direct, bare_1, proc_1, *floor_1):
         s = r.summary
         note(r, 1)
         d50 = s.p50_ms - direct.summary.p50_ms
@@ -595,6 +651,8 @@ def report(runs: list[Run], soaked: Soak, config: Config, reply_size: int) -> tu
             )
         elif r is bare_1:
             comparisons.update(grpc_only_p50_added_ms=d50, grpc_only_p99_added_ms=d99)
+        elif r is not direct:
+            comparisons.update(floor_p50_added_ms=d50, floor_p99_added_ms=d99)
         busy_txt = _busy_cols(r)
         lines.append(
             f"{r.target:<10} {s.qps:>8.1f} {s.p50_ms:>8.3f} {d50_txt:>8} {ok50:<4}  {s.p99_ms:>8.3f} {d99_txt:>8} "
@@ -604,6 +662,11 @@ def report(runs: list[Run], soaked: Soak, config: Config, reply_size: int) -> tu
     lines += [
         "",
         "direct: an aiohttp client calling the upstream itself; bare: the gRPC round trip alone (canned reply)",
+        *(
+            ["floor: a bare gRPC handler that makes the same GET with aiohttp, then answers the canned reply"]
+            if config.floor
+            else []
+        ),
         "CPU µs/call: CPU time of the server / the client / the upstream process per call (warm-up included)",
         "busy: share of CPU 0 / CPU 1 the benchmark's processes kept busy during the load (mean of the rounds used)",
         "others, steal: CPU used meanwhile by other processes / taken by the hypervisor, in % of one CPU (highest)",
@@ -630,12 +693,18 @@ def report(runs: list[Run], soaked: Soak, config: Config, reply_size: int) -> tu
         f"Processor RSS: {soaked.idle_rss_mb:.1f} MB idle after start-up; then {config.calls} calls at concurrency "
         f"{soaked.concurrency} ({soaked.qps:.0f} QPS, srv {soaked.server_cpu_us_per_call:.0f} µs/call, "
         f"ups {soaked.upstream_cpu_us_per_call:.0f} µs/call, others {soaked.other_cpus:.0%}, steal "
-        f"{soaked.steal_cpus:.0%}, {soaked.errors} errors), sampled every {soaked.every} calls:",
+        f"{soaked.steal_cpus:.0%}, {soaked.errors} errors), sampled every {soaked.every} calls "
+        "(µs/call: the processor's CPU per call since the previous sample):",
+    ]
+    per_call = ["-"] + [
+        f"{(soaked.cpu_s[i] - soaked.cpu_s[i - 1]) * 1e6 / max(1, samples[i][0] - samples[i - 1][0]):.0f}"
+        for i in range(1, len(samples))
     ]
     for start in range(0, len(samples), 11):
         chunk = samples[start : start + 11]
-        lines.append("  calls  " + " ".join(f"{_short(n):>6}" for n, _ in chunk))
-        lines.append("  MB     " + " ".join(f"{mb:>6.1f}" for _, mb in chunk))
+        lines.append("  calls    " + " ".join(f"{_short(n):>6}" for n, _ in chunk))
+        lines.append("  MB       " + " ".join(f"{mb:>6.1f}" for _, mb in chunk))
+        lines.append("  µs/call  " + " ".join(f"{us:>6}" for us in per_call[start : start + 11]))
     lines += [
         f"RSS after {config.calls} calls: {final_rss:.1f} MB  {verdict(rss_ok)}  (goal <= {RSS_GOAL_MB:.0f} MB)",
         f"growth over the second half ({samples[mid_index][0]} -> {samples[-1][0]} calls): {growth:+.1%} "
@@ -733,6 +802,11 @@ def _parser() -> argparse.ArgumentParser:
         default=CLIENT_CPU,
         help=f"CPU of the upstream: {CLIENT_CPU} beside the client (default), {SERVER_CPU} beside the processor",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure a bare gRPC handler that makes the same GET with aiohttp (what gRPC + aiohttp cost alone)",
+    )
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the processes to CPUs")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
     return parser
@@ -745,6 +819,12 @@ def _internal(argv: list[str]) -> int:
     sub.add_argument("--port", type=int)
     if command == "_upstream":
         asyncio.run(serve_upstream(sub.parse_args(rest).port))
+        return 0
+    if command == "_floor-server":
+        sub.add_argument("--reply-file", type=Path, required=True)
+        sub.add_argument("--url", required=True)
+        args = sub.parse_args(rest)
+        asyncio.run(serve_floor(args.port, args.reply_file.read_bytes(), args.url))
         return 0
     if command == "_bare-server":
         sub.add_argument("--reply-file", type=Path, required=True)
@@ -771,7 +851,7 @@ def _internal(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["_upstream"], ["_bare-server"], ["_client"]):
+    if argv[:1] in (["_upstream"], ["_bare-server"], ["_floor-server"], ["_client"]):
         return _internal(argv)
     parser = _parser()
     args = parser.parse_args(argv)
@@ -787,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         idle=args.idle,
         pin=args.pin and {SERVER_CPU, CLIENT_CPU} <= cpus,
         upstream_cpu=args.upstream_cpu,
+        floor=args.floor,
     )
     return run_benchmark(config, json_path=args.json)
 

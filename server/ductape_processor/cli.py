@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     },
     "secrets_file": {"help": "KEY=VALUE file of secrets (PROCESSOR_SECRETS_FILE)"},
     "log_level": {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+    "event_loop": {"choices": ["auto", "asyncio", "uvloop"]},
     "log_format": {"choices": ["json", "text"]},
     "max_message_bytes": {"type": int},
     "max_concurrent_rpcs": {"type": int},
@@ -151,6 +153,19 @@ def manifest_schema() -> dict[str, Any]:
     return schema
 
 
+def _run(main: Coroutine[Any, Any, int], loop: str) -> int:
+    """Run `main` on the configured event loop: uvloop when asked for or, with `auto`, when installed."""
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise StartupError("event_loop is uvloop, but uvloop is not installed") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     args = _parser().parse_args(argv)
@@ -183,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"ductape-processor: invalid configuration: {problems}")
     configure_logging(settings.log_level, settings.log_format)
     try:
-        sys.exit(asyncio.run(serve(settings)))
+        sys.exit(_run(serve(settings), settings.event_loop))
     except StartupError as exc:
         log.error("%s", exc)
         sys.exit(2)

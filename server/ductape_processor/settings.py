@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         description="Manifest files or folders (*.yaml, *.yml, *.json) applied at start.",
     )
     secrets_file: Path | None = Field(None, description="A KEY=VALUE file read as a secret source.")
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="The asyncio event loop: uvloop when installed (auto), or the standard one."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)

@@ -97,6 +97,7 @@ class HttpClientPool:
                 auto_decompress=True,
                 raise_for_status=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(total=None),  # `send` bounds each exchange with one asyncio timeout
                 skip_auto_headers=("User-Agent",),
                 headers={"User-Agent": "ductape-processor"},
             )
@@ -148,6 +149,14 @@ class HttpClientPool:
                     raise ResponseTooLarge(
                         f"the upstream's response ({declared} bytes) is larger than {self._max_response_bytes} bytes",
                         metadata=where,
+                    )
+                if declared is not None:
+                    body = await response.content.read()
+                    return HttpResponse(
+                        status=response.status,
+                        headers=list(response.headers.items()),
+                        body=body,
+                        content_type=response.content_type,
                     )
                 chunks: list[bytes] = []
                 size = 0

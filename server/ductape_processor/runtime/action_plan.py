@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from ductape_processor.runtime.manifest import Action, App, CredentialAuth, Manifest, TokenAuth
 from ductape_processor.runtime.policies import RetryRules
@@ -79,7 +80,12 @@ def _compile_action(app: App, action: Action, where: str) -> ActionPlan:
     return ActionPlan(
         app=app,
         action=action,
-        path_parts=tuple(part for part in _PATH_SPLIT.split(action.path) if part),
+        # Literal parts are percent-encoded once here; parameters are encoded per call as one segment each.
+        path_parts=tuple(
+            part if part.startswith(":") else quote(part, safe="/:@!$&'()*+,;=-._~%")
+            for part in _PATH_SPLIT.split(action.path)
+            if part
+        ),
         headers=headers,
         query=query,
         body=body,

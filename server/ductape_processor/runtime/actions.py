@@ -141,6 +141,12 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def _segment(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else _canonical(value) if isinstance(value, (dict, list)) else str(value)
+
+
 def _query_pairs(value: Any, where: str) -> list[tuple[str, str]]:
     if value is None:
         return []
@@ -403,12 +409,11 @@ class ActionExecutor:
         app_env = plan.app.envs[ctx.resolved.env.slug]
         params = checked.get("params", {})
         path = "".join(
-            quote(str(params[part[1:]]), safe="") if part.startswith(":") else part for part in plan.path_parts
+            quote(_segment(params[part[1:]]), safe="") if part.startswith(":") else part for part in plan.path_parts
         )
-        url = URL(app_env.base_url + path, encoded=False)
-        base = URL(app_env.base_url)
-        if url.origin() != base.origin():  # pragma: no cover - the encoding above makes this unreachable
-            raise InvalidArgument.field("input.params", "would change the upstream's host")
+        # The base URL is the manifest's own; the path is fully encoded, and a parameter is one segment with every
+        # reserved character escaped, so input can change neither scheme, host, port nor the path above it.
+        url = URL(app_env.base_url + path, encoded=True)
         headers: dict[str, str] = {}
         for name, value in (checked.get("headers") or {}).items():
             headers[name] = value if isinstance(value, str) else _canonical(value)
@@ -437,16 +442,12 @@ class ActionExecutor:
         if call is not None and call.traceparent and call.trace_ids() is not None:
             headers["traceparent"] = call.traceparent
 
-    def _detail(self, ctx: _Context, request: HttpRequest) -> str:
-        return _canonical(
-            {
-                "method": request.method,
-                "url": str(request.url.with_query(None)),
-                "headers": sorted(
-                    f"{name}: [redacted]" if name in ctx.plan.sensitive_headers else name for name in request.headers
-                ),
-            }
-        )
+    @staticmethod
+    def _detail(ctx: _Context, request: HttpRequest) -> str:
+        sensitive = ctx.plan.sensitive_headers
+        names = ", ".join(f"{name}: [redacted]" if name in sensitive else name for name in sorted(request.headers))
+        url = request.url
+        return f"{request.method} {url.scheme}://{url.raw_authority}{url.raw_path}; headers: {names}"
 
     async def _send(self, ctx: _Context, checked: dict[str, Any], *, retry_unsafe: bool = False) -> ActionResult:
         plan, call = ctx.plan, ctx.call

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -19,9 +20,13 @@ from ductape_processor.store.base import ExecutionRecord, Store
 log = logging.getLogger(__name__)
 
 
+_PROCESS = os.urandom(4).hex()
+_counter = itertools.count(1).__next__
+
+
 def new_process_id() -> str:
-    """A unique, roughly time-ordered execution id: 12 hex digits of milliseconds, then 12 random hex digits."""
-    return f"{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
+    """A unique, roughly time-ordered execution id: milliseconds (12 hex), this process (8 hex), a counter (6 hex)."""
+    return f"{int(time.time() * 1000):012x}{_PROCESS}{_counter() & 0xFFFFFF:06x}"
 
 
 class ExecutionRecorder:
@@ -37,6 +42,7 @@ class ExecutionRecorder:
         self._pending: list[ExecutionRecord] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.dropped = 0
 
     def start(self) -> None:
@@ -65,7 +71,7 @@ class ExecutionRecorder:
                 return
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._flush_interval):
                     await self._wake.wait()
@@ -73,11 +79,16 @@ class ExecutionRecorder:
             await self.flush()
 
     async def close(self) -> None:
-        """Stop the writer and write what is left."""
+        """Stop the writer (letting a write in progress finish, so no transaction is cut) and write what is left."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping = True
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 10.0)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
         await self.flush()
         if self._pending:

@@ -7,6 +7,8 @@ against another process using the same file (busy timeout 5 s).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -140,29 +142,41 @@ class SqliteStore(Store):
             await db.close()
 
     async def _migrate(self) -> None:
-        async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
+        async with self._transaction():
+            await self.db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            async with self.db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations") as cur:
+                row = await cur.fetchone()
+            current = int(row[0]) if row else 0
+            for migration in SQLITE:
+                if migration.version <= current:
+                    continue
+                for statement in migration.statements:
+                    await self.db.execute(statement)
                 await self.db.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations "
-                    "(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+                    "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.description, _now()),
                 )
-                async with self.db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations") as cur:
-                    row = await cur.fetchone()
-                current = int(row[0]) if row else 0
-                for migration in SQLITE:
-                    if migration.version <= current:
-                        continue
-                    for statement in migration.statements:
-                        await self.db.execute(statement)
-                    await self.db.execute(
-                        "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
-                        (migration.version, migration.description, _now()),
-                    )
-                await self.db.execute("COMMIT")
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """One write transaction: serialised in-process by a lock and across processes by BEGIN IMMEDIATE.
+
+        Rolled back on any exception, cancellation included; the rollback is shielded so a cancelled caller still
+        leaves the connection outside a transaction for the next one.
+        """
+        async with self._write_lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                if db.in_transaction:
+                    await asyncio.shield(db.execute("ROLLBACK"))
                 raise
+            await db.execute("COMMIT")
 
     async def schema_version(self) -> int:
         async with self.db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations") as cur:
@@ -179,38 +193,31 @@ class SqliteStore(Store):
     async def apply_version(
         self, product: str, checksum: str, fmt: int, source: bytes, document: str
     ) -> tuple[VersionRecord, bool]:
-        async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                async with self.db.execute(
-                    f"SELECT {_VERSION_COLUMNS} FROM product_versions WHERE product = ? "  # noqa: S608
-                    "ORDER BY version DESC LIMIT 1",
-                    (product,),
-                ) as cur:
-                    row = await cur.fetchone()
-                latest = _record(row) if row else None
-                if latest is not None and latest.checksum == checksum:
-                    await self.db.execute("COMMIT")
-                    return latest, False
-                record = VersionRecord(
-                    product=product,
-                    version=(latest.version if latest else 0) + 1,
-                    checksum=checksum,
-                    format=fmt,
-                    source=source,
-                    document=document,
-                    created_at=datetime.now(UTC),
-                )
-                await self.db.execute(
-                    f"INSERT INTO product_versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                    (product, record.version, checksum, fmt, source, document, record.created_at.isoformat()),
-                )
-                await self._bump(product)
-                await self.db.execute("COMMIT")
-                return record, True
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            async with self.db.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM product_versions WHERE product = ? "  # noqa: S608
+                "ORDER BY version DESC LIMIT 1",
+                (product,),
+            ) as cur:
+                row = await cur.fetchone()
+            latest = _record(row) if row else None
+            if latest is not None and latest.checksum == checksum:
+                return latest, False
+            record = VersionRecord(
+                product=product,
+                version=(latest.version if latest else 0) + 1,
+                checksum=checksum,
+                format=fmt,
+                source=source,
+                document=document,
+                created_at=datetime.now(UTC),
+            )
+            await self.db.execute(
+                f"INSERT INTO product_versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (product, record.version, checksum, fmt, source, document, record.created_at.isoformat()),
+            )
+            await self._bump(product)
+            return record, True
 
     async def get_version(self, product: str, version: int) -> VersionRecord | None:
         async with self.db.execute(
@@ -239,24 +246,18 @@ class SqliteStore(Store):
         return [_record(row) for row in rows]
 
     async def set_pin(self, product: str, env: str, version: int) -> int | None:
-        async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                async with self.db.execute(
-                    "SELECT version FROM environment_pins WHERE product = ? AND env = ?", (product, env)
-                ) as cur:
-                    row = await cur.fetchone()
-                await self.db.execute(
-                    "INSERT INTO environment_pins (product, env, version, updated_at) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (product, env) DO UPDATE SET version = excluded.version, "
-                    "updated_at = excluded.updated_at",
-                    (product, env, version, _now()),
-                )
-                await self._bump(product)
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            async with self.db.execute(
+                "SELECT version FROM environment_pins WHERE product = ? AND env = ?", (product, env)
+            ) as cur:
+                row = await cur.fetchone()
+            await self.db.execute(
+                "INSERT INTO environment_pins (product, env, version, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (product, env) DO UPDATE SET version = excluded.version, "
+                "updated_at = excluded.updated_at",
+                (product, env, version, _now()),
+            )
+            await self._bump(product)
         return int(row[0]) if row else None
 
     async def pins(self, product: str) -> dict[str, int]:
@@ -313,27 +314,21 @@ class SqliteStore(Store):
     async def idempotency_claim(
         self, key: str, request_hash: str, owner: str, now: datetime, lease_until: datetime, expires_at: datetime
     ) -> IdempotencyRecord:
-        async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                await self.db.execute(
-                    "INSERT INTO idempotency_keys (key, request_hash, owner, state, response, lease_until, expires_at) "
-                    "VALUES (?, ?, ?, 'pending', NULL, ?, ?) ON CONFLICT (key) DO UPDATE SET "
-                    "request_hash = excluded.request_hash, owner = excluded.owner, state = 'pending', response = NULL, "
-                    "lease_until = excluded.lease_until, expires_at = excluded.expires_at "
-                    "WHERE idempotency_keys.expires_at <= ? "
-                    "OR (idempotency_keys.state = 'pending' AND idempotency_keys.lease_until <= ?)",
-                    (key, request_hash, owner, _ts(lease_until), _ts(expires_at), _ts(now), _ts(now)),
-                )
-                async with self.db.execute(
-                    f"SELECT {_IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE key = ?",  # noqa: S608
-                    (key,),
-                ) as cur:
-                    row = await cur.fetchone()
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            await self.db.execute(
+                "INSERT INTO idempotency_keys (key, request_hash, owner, state, response, lease_until, expires_at) "
+                "VALUES (?, ?, ?, 'pending', NULL, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                "request_hash = excluded.request_hash, owner = excluded.owner, state = 'pending', response = NULL, "
+                "lease_until = excluded.lease_until, expires_at = excluded.expires_at "
+                "WHERE idempotency_keys.expires_at <= ? "
+                "OR (idempotency_keys.state = 'pending' AND idempotency_keys.lease_until <= ?)",
+                (key, request_hash, owner, _ts(lease_until), _ts(expires_at), _ts(now), _ts(now)),
+            )
+            async with self.db.execute(
+                f"SELECT {_IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE key = ?",  # noqa: S608
+                (key,),
+            ) as cur:
+                row = await cur.fetchone()
         return _idempotency(row)
 
     async def idempotency_complete(self, key: str, owner: str, response: bytes) -> bool:
@@ -382,18 +377,12 @@ class SqliteStore(Store):
             )
             for r in records
         ]
-        async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                await self.db.executemany(
-                    f"INSERT OR IGNORE INTO executions ({_EXECUTION_COLUMNS}) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            await self.db.executemany(
+                f"INSERT OR IGNORE INTO executions ({_EXECUTION_COLUMNS}) "  # noqa: S608
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
 
     async def list_executions(
         self, where: ExecutionFilter, *, after: tuple[datetime, str] | None, limit: int
