@@ -43,3 +43,14 @@ async def test_the_example_action_runs_through_the_processor(start_server: Serve
     assert result.status_code == 202
     assert result.body["to"] == "ada@example.com" and result.body["template"] == "welcome"
     assert result.body["queued"] is True
+
+
+async def test_the_readme_first_calls_work(start_server: ServerFactory, mailer_stub: None) -> None:
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    running = await start_server(manifests=[EXAMPLE], secrets_file=ROOT / "examples" / "secrets.env")
+    code = code.replace("127.0.0.1:50051", running.address).replace("asyncio.run(main())", "")
+    code = code.replace('"examples/shop.yaml"', repr(str(EXAMPLE)))
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    await namespace["main"]()  # type: ignore[operator]
