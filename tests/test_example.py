@@ -52,5 +52,5 @@ async def test_the_readme_first_calls_work(start_server: ServerFactory, mailer_s
     code = code.replace("127.0.0.1:50051", running.address).replace("asyncio.run(main())", "")
     code = code.replace('"examples/shop.yaml"', repr(str(EXAMPLE)))
     namespace: dict[str, object] = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    exec(compile(code, "README.md", "exec"), namespace)
     await namespace["main"]()  # type: ignore[operator]
