@@ -110,6 +110,13 @@ class VersionNotFound(NotFound):
         )
 
 
+class FailedPrecondition(ProcessorError):
+    """The call cannot run in the current state of things (or as the product is configured)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
 class Unauthenticated(ProcessorError):
     """The caller did not prove who it is."""
 

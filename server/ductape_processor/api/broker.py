@@ -11,10 +11,10 @@ from typing import Any
 
 import grpc
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from ductape_processor.adapters.broker import InboundMessage
-from ductape_processor.api.values import value_to_python
+from ductape_processor.api.values import timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.runtime.brokers import BrokerRuntime, Outgoing
 from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
@@ -76,16 +76,13 @@ def _limits(init: broker_pb2.SubscribeInit) -> Limits:
 
 
 def _received(ack_id: str, message: InboundMessage) -> broker_pb2.ReceivedMessage:
-    moment = message.time
     return broker_pb2.ReceivedMessage(
         ack_id=ack_id,
         id=message.id,
         data=message.data,
         content_type=message.content_type,
         attributes=message.attributes,
-        publish_time=timestamp_pb2.Timestamp(
-            seconds=int(moment.replace(microsecond=0).timestamp()), nanos=moment.microsecond * 1000
-        ),
+        publish_time=timestamp(message.time),
         delivery_attempt=message.delivery_attempt,
         source=message.source,
         type=message.type,

@@ -11,19 +11,13 @@ from typing import Any
 
 import grpc
 from ductape.processor.v1 import log_pb2, log_pb2_grpc
-from google.protobuf import timestamp_pb2
 
+from ductape_processor.api.values import timestamp
 from ductape_processor.errors import EnvNotFound, InvalidArgument
 from ductape_processor.runtime.registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry
 from ductape_processor.store.base import ExecutionFilter, ExecutionRecord, Store
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 def _execution(record: ExecutionRecord) -> log_pb2.Execution:
@@ -35,8 +29,8 @@ def _execution(record: ExecutionRecord) -> log_pb2.Execution:
         kind=record.kind,
         resource=record.resource,
         status=record.status,  # type: ignore[arg-type]
-        start_time=_timestamp(record.started_at),
-        end_time=_timestamp(record.ended_at),
+        start_time=timestamp(record.started_at),
+        end_time=timestamp(record.ended_at),
         attempts=record.attempts,
         upstream_status=record.upstream_status,
         error_reason=record.error_reason,

@@ -6,8 +6,8 @@ from typing import Any
 
 import grpc
 from ductape.processor.v1 import product_pb2, product_pb2_grpc
-from google.protobuf import timestamp_pb2
 
+from ductape_processor.api.values import timestamp
 from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.manifest_loader import ManifestFormat
 from ductape_processor.runtime.registry import Registry
@@ -17,10 +17,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _version(record: VersionRecord, pins: dict[str, int]) -> product_pb2.ProductVersion:
-    moment = record.created_at
-    created = timestamp_pb2.Timestamp(
-        seconds=int(moment.replace(microsecond=0).timestamp()), nanos=moment.microsecond * 1000
-    )
+    created = timestamp(record.created_at)
     return product_pb2.ProductVersion(
         product=record.product,
         version=record.version,

@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import grpc
 from ductape.processor.v1 import session_pb2, session_pb2_grpc
-from google.protobuf import timestamp_pb2
 
-from ductape_processor.api.values import struct_to_dict
+from ductape_processor.api.values import struct_to_dict, timestamp
 from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.sessions import SessionManager, TokenPair
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
 def _tokens(pair: TokenPair) -> session_pb2.TokenPair:
     return session_pb2.TokenPair(
         token=pair.token,
         refresh_token=pair.refresh_token,
-        expire_time=_timestamp(pair.expires_at),
-        refresh_expire_time=_timestamp(pair.refresh_expires_at),
+        expire_time=timestamp(pair.expires_at),
+        refresh_expire_time=timestamp(pair.refresh_expires_at),
         session_id=pair.session_id,
     )
 
@@ -58,7 +50,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         response = session_pb2.VerifyResponse(
             session_id=verified.session_id,
             identifier=verified.identifier,
-            expire_time=_timestamp(verified.expires_at),
+            expire_time=timestamp(verified.expires_at),
         )
         response.data.update(verified.data)
         return response
@@ -97,9 +89,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 session_pb2.ActiveSession(
                     session_id=r.session_id,
                     identifier=r.identifier,
-                    start_time=_timestamp(r.started_at),
-                    refresh_time=_timestamp(r.refreshed_at),
-                    expire_time=_timestamp(r.expires_at),
+                    start_time=timestamp(r.started_at),
+                    refresh_time=timestamp(r.refreshed_at),
+                    expire_time=timestamp(r.expires_at),
                 )
                 for r in records
             ],

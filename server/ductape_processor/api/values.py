@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 
 def value_to_python(value: struct_pb2.Value) -> Any:
@@ -47,3 +48,10 @@ def python_to_value(data: Any, value: struct_pb2.Value | None = None) -> struct_
     else:
         target.string_value = str(data)
     return target
+
+
+def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    """A `google.protobuf.Timestamp` for an aware datetime (microsecond precision, without protobuf's slow path)."""
+    return timestamp_pb2.Timestamp(
+        seconds=int(moment.replace(microsecond=0).timestamp()), nanos=moment.microsecond * 1000
+    )

@@ -22,7 +22,6 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
-import grpc
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
@@ -35,7 +34,7 @@ from ductape_processor.adapters.http import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from ductape_processor.errors import FieldViolation, InvalidArgument, NotFound, ProcessorError
+from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.runtime.action_plan import ActionPlan, AuthPlan, ProductPlan, compile_plan
 from ductape_processor.runtime.cache import ResultCache
 from ductape_processor.runtime.contract import check_action_input
@@ -55,13 +54,6 @@ SUCCESS, FAIL = 1, 2
 MAX_IDEMPOTENCY_KEY = 256
 _FORBIDDEN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te"})
 _propagator = TraceContextTextMapPropagator()
-
-
-class FailedPrecondition(ProcessorError):
-    """The call cannot run in the current state of things."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import grpc
-
 from ductape_processor.adapters.broker import (
     ADAPTERS,
     BrokerAdapter,
@@ -27,7 +25,7 @@ from ductape_processor.adapters.broker import (
     OutboundMessage,
     SubscribeOptions,
 )
-from ductape_processor.errors import FieldViolation, InvalidArgument, NotFound, ProcessorError
+from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.runtime.manifest import SECRET_REFERENCE, Broker, Topic
 from ductape_processor.runtime.registry import Registry, Resolved
 from ductape_processor.runtime.secrets import SecretSource
@@ -43,13 +41,6 @@ ADAPTER_MODULES = {
 MAX_ATTRIBUTES = 64
 MAX_BATCH_ENTRIES = 1000
 _ATTRIBUTE_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-
-
-class FailedPrecondition(ProcessorError):
-    """The broker environment is not usable as configured."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from ductape_processor.errors import FieldViolation, InvalidArgument
 from ductape_processor.runtime.manifest import ActionInput, FieldSpec
+from ductape_processor.runtime.templates import json_kind
 
 ACTION_PARTS: Final = ("params", "query", "body", "headers")
 INVALID_INPUT: Final = "INVALID_INPUT"
@@ -102,7 +103,7 @@ def _check_part(
     if values is None:
         values = {}
     elif not isinstance(values, Mapping):
-        violations.append(FieldViolation(where, f"must be an object, not {_json_type(values)}"))
+        violations.append(FieldViolation(where, f"must be an object, not {json_kind(values)}"))
         values = {}
     result = dict(values)
     for name, spec in schema.items():
@@ -137,28 +138,12 @@ def _normalised(spec: FieldSpec, value: Any) -> Any:
     return value
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return f"a {type(value).__name__}"
-
-
 def _problems(spec: FieldSpec, value: Any) -> Iterable[str]:
     """What is wrong with a present value, if anything."""
     kind = spec.type
     if kind in ("string", "email", "uuid", "date"):
         if not isinstance(value, str):
-            yield f"must be a string, not {_json_type(value)}"
+            yield f"must be a string, not {json_kind(value)}"
             return
         if kind == "email" and not is_email(value):
             yield "is not an email address"
@@ -169,24 +154,24 @@ def _problems(spec: FieldSpec, value: Any) -> Iterable[str]:
         yield from _length_problems(spec, len(value), "character")
     elif kind == "number":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            yield f"must be a number, not {_json_type(value)}"
+            yield f"must be a number, not {json_kind(value)}"
         elif isinstance(value, float) and not math.isfinite(value):
             yield "must be a finite number"
     elif kind == "integer":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            yield f"must be an integer, not {_json_type(value)}"
+            yield f"must be an integer, not {json_kind(value)}"
         elif isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
             yield "must be an integer, not a fractional number"
     elif kind == "boolean":
         if not isinstance(value, bool):
-            yield f"must be a boolean, not {_json_type(value)}"
+            yield f"must be a boolean, not {json_kind(value)}"
     elif kind == "array":
         if not isinstance(value, list | tuple):
-            yield f"must be an array, not {_json_type(value)}"
+            yield f"must be an array, not {json_kind(value)}"
             return
         yield from _length_problems(spec, len(value), "item")
     elif kind == "object" and not isinstance(value, Mapping):
-        yield f"must be an object, not {_json_type(value)}"
+        yield f"must be an object, not {json_kind(value)}"
 
 
 def _length_problems(spec: FieldSpec, length: int, unit: str) -> Iterable[str]:

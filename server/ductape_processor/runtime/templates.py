@@ -157,7 +157,8 @@ class Scope:
 # Values: type names, text, numbers
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """How an error message names a JSON value's type: `a string`, `an object`, `null`..."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -212,10 +213,10 @@ def _to_text(value: Any) -> str:
         try:
             return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default)
         except (TypeError, ValueError):
-            raise _Bad(f"{_kind(value)} holds a value that is not JSON") from None
+            raise _Bad(f"{json_kind(value)} holds a value that is not JSON") from None
         except RecursionError:
-            raise _Bad(f"{_kind(value)} is nested too deeply to be written") from None
-    raise _Bad(f"{_kind(value)} is not a JSON value")
+            raise _Bad(f"{json_kind(value)} is nested too deeply to be written") from None
+    raise _Bad(f"{json_kind(value)} is not a JSON value")
 
 
 def _scan_number(text: str, start: int) -> int:
@@ -268,7 +269,7 @@ def _parse_number_text(text: str) -> int | float | None:
 def _number(value: Any, what: str) -> int | float:
     """A number operand: a JSON number, or a string holding one (`"12"`)."""
     if isinstance(value, bool) or value is None:
-        raise _Bad(f"{what} is {_kind(value)}, not a number")
+        raise _Bad(f"{what} is {json_kind(value)}, not a number")
     if isinstance(value, int):
         return value
     if isinstance(value, float):
@@ -280,7 +281,7 @@ def _number(value: Any, what: str) -> int | float:
         if parsed is None:
             raise _Bad(f"{what} is a string that is not a number")
         return parsed
-    raise _Bad(f"{what} is {_kind(value)}, not a number")
+    raise _Bad(f"{what} is {json_kind(value)}, not a number")
 
 
 def _index(value: Any, what: str) -> int:
@@ -297,13 +298,13 @@ def _index(value: Any, what: str) -> int:
 
 def _string(value: Any, what: str) -> str:
     if not isinstance(value, str):
-        raise _Bad(f"{what} is {_kind(value)}, not a string")
+        raise _Bad(f"{what} is {json_kind(value)}, not a string")
     return value
 
 
 def _array(value: Any, what: str) -> list[Any] | tuple[Any, ...]:
     if not isinstance(value, list | tuple):
-        raise _Bad(f"{what} is {_kind(value)}, not an array")
+        raise _Bad(f"{what} is {json_kind(value)}, not an array")
     return value
 
 
@@ -408,7 +409,7 @@ def _op_pick(args: list[Any], budget: _Budget) -> Any:
     value, key = args
     if isinstance(value, Mapping):
         if not isinstance(key, str):
-            raise _Bad(f"an object is picked by a string key, not by {_kind(key)}")
+            raise _Bad(f"an object is picked by a string key, not by {json_kind(key)}")
         if key not in value:
             raise _Bad(f"the object has no key {key!r}")
         return value[key]
@@ -418,7 +419,7 @@ def _op_pick(args: list[Any], budget: _Budget) -> Any:
             unit = "character" if isinstance(value, str) else "item"
             raise _Bad(f"index {index} is out of range ({_count(len(value), unit)})")
         return value[index]
-    raise _Bad(f"the first argument is {_kind(value)}; only an array, a string or an object can be picked from")
+    raise _Bad(f"the first argument is {json_kind(value)}; only an array, a string or an object can be picked from")
 
 
 def _op_uppercase(args: list[Any], budget: _Budget) -> Any:
@@ -479,7 +480,7 @@ def _to_datetime(value: Any) -> datetime:
             return datetime.fromtimestamp(value, tz=UTC)
         except (OverflowError, OSError, ValueError):
             raise _Bad("the date is a number that is not a valid unix time in seconds") from None
-    raise _Bad(f"the date is {_kind(value)}, not an ISO 8601 string or a unix time")
+    raise _Bad(f"the date is {json_kind(value)}, not an ISO 8601 string or a unix time")
 
 
 _DATE_FIELDS: dict[str, Callable[[datetime], str]] = {
@@ -529,7 +530,7 @@ def _compare(subject: Any, op: str, value: Any) -> bool:
         and not isinstance(value, bool)
     )
     if not numbers and not (isinstance(subject, str) and isinstance(value, str)):
-        raise _Bad(f"cannot compare {_kind(subject)} with {_kind(value)} using {op}")
+        raise _Bad(f"cannot compare {json_kind(subject)} with {json_kind(value)} using {op}")
     if op == ">":
         return bool(subject > value)
     if op == "<":
@@ -552,7 +553,7 @@ def _matches(args: list[Any]) -> Iterator[Any]:
         subject = item
         if key is not None:
             if not isinstance(item, Mapping):
-                raise _Bad(f"item [{position}] is {_kind(item)}, not an object with key {key!r}")
+                raise _Bad(f"item [{position}] is {json_kind(item)}, not an object with key {key!r}")
             if key not in item:
                 continue
             subject = item[key]
@@ -725,7 +726,7 @@ class _Selector(_Node):
         if isinstance(key, int):
             if not isinstance(value, list | tuple):
                 raise RenderError(
-                    self.text, f"{self._prefix(count)} is {_kind(value)}, not an array: [{key}] cannot index it"
+                    self.text, f"{self._prefix(count)} is {json_kind(value)}, not an array: [{key}] cannot index it"
                 )
             if key >= len(value):
                 raise RenderError(
@@ -733,7 +734,7 @@ class _Selector(_Node):
                 )
             return value[key]
         if not isinstance(value, Mapping):
-            raise RenderError(self.text, f"{self._prefix(count)} is {_kind(value)}, not an object")
+            raise RenderError(self.text, f"{self._prefix(count)} is {json_kind(value)}, not an object")
         if key not in value:
             raise RenderError(self.text, f"{self._prefix(count)} has no key {key!r}")
         return value[key]
@@ -941,7 +942,7 @@ class _Compiler:
             items: list[tuple[str, _Renderer]] = []
             for key, child in value.items():
                 if not isinstance(key, str):
-                    raise TemplateError(f"an object key must be a string, not {_kind(key)}", path=path)
+                    raise TemplateError(f"an object key must be a string, not {json_kind(key)}", path=path)
                 items.append((key, self.value(child, _child_path(path, key), depth + 1)))
             if all(isinstance(renderer, _Constant) for _, renderer in items):
                 rendered = {key: cast(_Constant, renderer).value for key, renderer in items}
@@ -955,7 +956,7 @@ class _Compiler:
                 same = all(new is old for new, old in zip(values, value, strict=True))
                 return _Constant(value if same else values)
             return _Array(tuple(renderers))
-        raise TemplateError(f"{_kind(value)} is not a JSON value", path=path)
+        raise TemplateError(f"{json_kind(value)} is not a JSON value", path=path)
 
     def string(self, text: str, path: str) -> _Renderer:
         if len(text) > MAX_TEMPLATE_LENGTH:
