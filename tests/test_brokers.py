@@ -392,7 +392,7 @@ async def test_shutdown_ends_streams_with_unavailable_and_keeps_unacked_messages
         await take(messages, 1, timeout=10)
     pending_first.pop(id(messages), None)
     await stopping
-    other = await start_server()
+    other = await start_server(data_dir=broker.app.settings.data_dir)
     again = other.client.message_broker.subscribe(product="shop", env="dev", event="events:orders", group="drain")
     [redelivered] = await take(await opened(again), 1)
     assert redelivered.id == held.id and redelivered.delivery_attempt >= 2
@@ -434,7 +434,7 @@ async def test_protocol_errors_on_the_stream(broker: Running) -> None:
             init = broker_pb2.SubscribeRequest(
                 init=broker_pb2.SubscribeInit(product="shop", env="dev", event="events:orders", group="proto")
             )
-            call = stub.Subscribe(iter([init, second]))
+            call = stub.Subscribe(iter([init, second]), timeout=10)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 async for _ in call:
                     pass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -201,5 +200,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         finally:
             for pending in (producer, reader, closing):
                 pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pending
+            # Bounded: a driver that swallows a cancellation must not keep the stream (and its status) hanging;
+            # the subscription's close() below stops any fetch still running.
+            await asyncio.wait({producer, reader, closing}, timeout=1.0)
+            for pending in (producer, reader, closing):
+                if pending.done() and not pending.cancelled():
+                    pending.exception()  # retrieved: already reported through the stream

@@ -83,4 +83,7 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> log
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     # aiosqlite logs every statement with its parameters at DEBUG: those hold tokens and cached answers.
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+    # The AMQP client logs a traceback at WARNING on every dropped connection; the adapter logs the drop itself.
+    for noisy in ("aiormq", "aio_pika"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     return handler

@@ -1,0 +1,563 @@
+"""Redis Streams with consumer groups (`redis.asyncio`, Redis >= 6.2).
+
+Layout
+    One stream per topic, key ``ductape:topic:<topic name>``. A manifest consumer group is a Redis consumer group of
+    that stream, created on first subscribe with ``XGROUP CREATE <key> <group> $ MKSTREAM`` (so it starts with the
+    messages published after it was created, and keeps collecting them while nobody is subscribed). Each
+    subscription is its own Redis consumer, ``ductape:<ack deadline ms>:<random>``; the ack deadline in the name
+    lets any consumer tell when another consumer's messages are abandoned (see Redelivery).
+
+Message fields (one stream entry, binary safe)
+    CloudEvents 1.0 attributes under their own names: ``specversion`` ("1.0"), ``id``, ``source``, ``type``,
+    ``time`` (RFC 3339 / ISO 8601), ``datacontenttype``; the extensions ``traceparent`` (W3C) and ``orderingkey``
+    when set; the payload under ``data`` (raw bytes). Every caller attribute ``k`` travels as ``attr-k``, so it can
+    never collide with the fields above. Entries written by other producers are read leniently: a missing ``id``
+    becomes the stream entry id, a missing ``time`` the entry id's timestamp, unknown fields are ignored.
+
+Delivery and `delivery_attempt`
+    Redis keeps, per group, a pending-entries list (PEL) with a delivery counter per entry; `delivery_attempt` *is*
+    that counter at the moment of delivery: XREADGROUP `>` sets it to 1, every XCLAIM to a consumer adds 1.
+    A handle is ``<entry id>@<attempt>``, one per delivery, so a stale handle never settles a later delivery.
+    `fetch` first takes back, in one Lua script (atomic, so two consumers never claim the same entry), the entries
+    that are due for redelivery, then reads new entries with ``XREADGROUP ... BLOCK`` (each block at most 0.5 s).
+
+Redelivery (nack, delay, ack deadline, close, crashed processors)
+    A nack parks the entry on the group's pseudo-consumer ``ductape:redeliver`` with
+    ``XCLAIM ... IDLE (PARK_MS - delay) JUSTID``: the entry stays in the PEL (nothing is copied or re-published, so
+    other groups of the stream are unaffected and the counter stays exact), and its idle time reaches `PARK_MS`
+    (ten years) exactly `delay` later, when any consumer of the group claims it (counter + 1). The alternative,
+    XADD of a copy plus XACK of the original, was rejected: the copy would reach every group of the stream and
+    loses the entry id. Trade-offs: a parked entry is taken only when some consumer of the group fetches (every
+    fetch checks, so at most one 0.5 s block late), and the parked entries are visible as a consumer in
+    ``XINFO CONSUMERS``. The nack script only parks entries this consumer still owns.
+    `close` (after the engine nacked what it held) parks whatever the consumer still holds and deletes the consumer
+    (``XGROUP DELCONSUMER``) in the same script, so it leaves no phantom consumer and loses nothing (deleting a
+    consumer with pending entries would drop them). Entries it took but never handed out (a cancelled read) are
+    parked with the counter lowered by one, so their next delivery carries the same attempt number.
+    A processor that dies without closing leaves entries in its consumer's PEL; any consumer of the group claims
+    them once they are idle longer than the owner's ack deadline (from its name) plus `GRACE_MS`.
+
+Ordering
+    A stream is totally ordered, so one consumer receives the first deliveries of one ordering key (indeed of the
+    whole topic) in publish order (publish returns after the XADD reply). There is no per-key affinity across the
+    consumers of a group, and a redelivered message comes after the messages delivered meanwhile.
+
+Connections and failures
+    One `redis.asyncio` client (one connection pool, `decode_responses=False`) per adapter, opened on first use and
+    named ``ductape:<product/env/broker>`` in ``CLIENT LIST``. redis-py reconnects on the next command; every
+    command here is retried on connection errors and timeouts with exponential backoff (50 ms doubling to 1 s)
+    for `RETRY_BUDGET_S`, then fails with `BrokerUnavailable`, as does any error reply. A blocking read whose
+    connection is killed is retried the same way. Delivery is at least once: a publish retried after a lost reply
+    may be stored twice; an entry claimed by a read whose reply was lost comes back after the ack deadline + grace
+    (its counter then counts that lost delivery too).
+
+Housekeeping
+    Streams are never trimmed on XADD (a length cap would drop messages a durable group has not read yet).
+    Instead, at most every `MAINTENANCE_INTERVAL_S` per stream and adapter (on publish and on fetch), a script
+    trims the stream (``XTRIM MINID ~``) below the oldest entry any group still needs (its oldest pending entry,
+    else its last delivered one) — all of it when the stream has no group, as a group created later starts at the
+    end anyway — and deletes consumers idle for `STALE_CONSUMER_MS` with nothing pending (left by crashed
+    processors; deleting a live one is harmless, its next read recreates it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ductape_processor.adapters.broker import (
+    BrokerAdapter,
+    BrokerSubscription,
+    BrokerUnavailable,
+    InboundMessage,
+    OutboundMessage,
+    SubscribeOptions,
+    register,
+)
+from ductape_processor.errors import ProcessorError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+KEY_PREFIX = "ductape:topic:"
+ATTRIBUTE_PREFIX = b"attr-"
+PARK_CONSUMER = "ductape:redeliver"
+PARK_MS = 10 * 365 * 24 * 3600 * 1000  # a parked entry is due once its idle time reaches this
+GRACE_MS = 3000  # an entry held this long past its owner's ack deadline is abandoned
+UNKNOWN_OWNER_DEADLINE_MS = 60_000  # owners whose name carries no ack deadline (not ours)
+BLOCK_CAP_S = 0.5  # one XREADGROUP blocks at most this long, so parked entries are noticed soon
+SCAN = 100  # pending entries examined per fetch when looking for abandoned ones
+RETRY_BUDGET_S = 5.0
+CLOSE_RETRY_BUDGET_S = 1.0
+MAINTENANCE_INTERVAL_S = 30.0
+STALE_CONSUMER_MS = 3_600_000
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+
+# Takes back due entries: parked ones whose delay passed, then abandoned ones (idle past owner deadline + grace).
+# Returns {next cursor, {{id, delivery count, {field, value, ...}}, ...}}.
+_RECLAIM = """
+local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
+local want, park, park_ms = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local grace, unknown_ms, cursor, scan = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+local out = {}
+local function claim(id, min_idle)
+  local got = redis.call('XCLAIM', stream, group, me, min_idle, id)
+  local entry = got[1]
+  if type(entry) == 'table' then
+    local info = redis.call('XPENDING', stream, group, id, id, 1)[1]
+    out[#out + 1] = {entry[1], info[4], entry[2]}
+  end
+end
+for _, row in ipairs(redis.call('XPENDING', stream, group, 'IDLE', park_ms, '-', '+', want, park)) do
+  claim(row[1], park_ms)
+end
+local next_cursor = cursor
+if #out < want then
+  local start = '-'
+  if cursor ~= '-' then start = '(' .. cursor end
+  local rows = redis.call('XPENDING', stream, group, 'IDLE', grace, start, '+', scan)
+  local seen = 0
+  for _, row in ipairs(rows) do
+    if #out >= want then break end
+    local owner, idle = row[2], row[3]
+    if owner ~= park then
+      local threshold = (tonumber(string.match(owner, '^ductape:(%d+):')) or unknown_ms) + grace
+      if idle >= threshold then claim(row[1], threshold) end
+    end
+    next_cursor = row[1]
+    seen = seen + 1
+  end
+  if seen == #rows and #rows < scan then next_cursor = '-' end
+end
+return {next_cursor, out}
+"""
+
+# Parks the given entries (if this consumer still owns them) until their idle time reaches PARK_MS.
+_NACK = """
+local stream, group, me, park, idle = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local parked = 0
+for i = 5, #ARGV do
+  local info = redis.call('XPENDING', stream, group, ARGV[i], ARGV[i], 1)[1]
+  if info and info[2] == me then
+    redis.call('XCLAIM', stream, group, park, 0, ARGV[i], 'IDLE', idle, 'JUSTID')
+    parked = parked + 1
+  end
+end
+return parked
+"""
+
+# Parks everything the consumer holds (due now; entries not handed out keep their attempt number), then deletes it.
+_CLOSE = """
+local stream, group, me, park, park_ms = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local held = {}
+for i = 5, #ARGV do held[ARGV[i]] = true end
+local ok = redis.pcall('XPENDING', stream, group, '-', '+', 1, me)
+if type(ok) == 'table' and ok.err then return -1 end
+local moved, start = 0, '-'
+while true do
+  local rows = redis.call('XPENDING', stream, group, start, '+', 100, me)
+  if #rows == 0 then break end
+  for _, row in ipairs(rows) do
+    local count = row[4]
+    if not held[row[1]] and count > 0 then count = count - 1 end
+    redis.call('XCLAIM', stream, group, park, 0, row[1], 'IDLE', park_ms, 'RETRYCOUNT', count, 'JUSTID')
+    moved = moved + 1
+    start = '(' .. row[1]
+  end
+end
+redis.call('XGROUP', 'DELCONSUMER', stream, group, me)
+return moved
+"""
+
+# Trims what no group needs any more and deletes long-idle consumers with nothing pending.
+_MAINTAIN = """
+local stream, stale, park = KEYS[1], tonumber(ARGV[1]), ARGV[2]
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function less(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am < bm or (am == bm and as < bs)
+end
+local function fields(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+local groups = redis.pcall('XINFO', 'GROUPS', stream)
+if type(groups) ~= 'table' or groups.err then return 0 end
+local keep = nil
+for _, raw in ipairs(groups) do
+  local g = fields(raw)
+  local from = g['last-delivered-id']
+  if g['pending'] > 0 then
+    local oldest = redis.call('XPENDING', stream, g['name'])[2]
+    if less(oldest, from) then from = oldest end
+  end
+  if keep == nil or less(from, keep) then keep = from end
+  for _, rawc in ipairs(redis.call('XINFO', 'CONSUMERS', stream, g['name'])) do
+    local c = fields(rawc)
+    if c['pending'] == 0 and c['idle'] > stale then
+      redis.call('XGROUP', 'DELCONSUMER', stream, g['name'], c['name'])
+    end
+  end
+end
+if keep == nil then return redis.call('XTRIM', stream, 'MAXLEN', '~', 0) end  -- no group: nobody can read them
+return redis.call('XTRIM', stream, 'MINID', '~', keep)
+"""
+
+
+def stream_key(topic: str) -> str:
+    """The stream holding a topic's messages."""
+    return KEY_PREFIX + topic
+
+
+def _text(value: bytes | None, default: str = "") -> str:
+    return default if value is None else value.decode("utf-8", "replace")
+
+
+def _fields(message: OutboundMessage) -> dict[bytes, bytes]:
+    when = message.time if message.time.tzinfo else message.time.replace(tzinfo=UTC)
+    fields: dict[bytes, bytes] = {
+        b"specversion": b"1.0",
+        b"id": message.id.encode(),
+        b"source": message.source.encode(),
+        b"type": message.type.encode(),
+        b"time": when.isoformat().encode(),
+        b"datacontenttype": message.content_type.encode(),
+    }
+    if message.traceparent:
+        fields[b"traceparent"] = message.traceparent.encode()
+    if message.ordering_key:
+        fields[b"orderingkey"] = message.ordering_key.encode()
+    for key, value in message.attributes.items():
+        fields[ATTRIBUTE_PREFIX + key.encode()] = value.encode()
+    fields[b"data"] = message.data
+    return fields
+
+
+def _time(value: bytes | None, entry_id: str) -> datetime:
+    if value is not None:
+        with contextlib.suppress(ValueError):
+            parsed = datetime.fromisoformat(value.decode())
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    millis = entry_id.partition("-")[0]
+    return datetime.fromtimestamp(int(millis) / 1000 if millis.isdigit() else 0, UTC)
+
+
+def _inbound(entry_id: str, flat: list[bytes], attempt: int, topic: str) -> InboundMessage:
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    attributes = {
+        key[len(ATTRIBUTE_PREFIX) :].decode("utf-8", "replace"): _text(value)
+        for key, value in fields.items()
+        if key.startswith(ATTRIBUTE_PREFIX)
+    }
+    attempt = max(attempt, 1)
+    return InboundMessage(
+        handle=f"{entry_id}@{attempt}",  # one per delivery: a stale handle never settles a later delivery
+        id=_text(fields.get(b"id"), entry_id),
+        source=_text(fields.get(b"source")),
+        type=_text(fields.get(b"type"), topic),
+        time=_time(fields.get(b"time"), entry_id),
+        data=fields.get(b"data", b""),
+        content_type=_text(fields.get(b"datacontenttype"), "application/octet-stream"),
+        attributes=attributes,
+        ordering_key=_text(fields.get(b"orderingkey")),
+        traceparent=_text(fields.get(b"traceparent")),
+        delivery_attempt=attempt,
+    )
+
+
+def _flat(value: Any) -> list[bytes]:
+    """An entry's field list as redis-py returns it: a flat list, or a dict from the parsed XREADGROUP reply."""
+    if isinstance(value, dict):
+        return [item for pair in value.items() for item in pair]
+    return list(value)
+
+
+class RedisBroker(BrokerAdapter):
+    """Topics as Redis streams, groups as Redis consumer groups."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self._url = url
+        self._name = name
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._closed = False
+        self._maintained: dict[str, float] = {}
+
+    # -- plumbing -----------------------------------------------------------------------------------------------
+
+    def _redis(self) -> Any:
+        if self._closed:
+            raise BrokerUnavailable(f"broker {self._name}: the Redis adapter is closed")
+        if self._client is None:
+            try:
+                self._client = aioredis.Redis.from_url(
+                    self._url,
+                    decode_responses=False,
+                    socket_connect_timeout=5.0,
+                    socket_timeout=10.0,  # longer than any blocking read (BLOCK_CAP_S)
+                    socket_keepalive=True,
+                    retry=Retry(NoBackoff(), 0),  # retries are ours (`call`), with backoff and a budget
+                    client_name=self.client_name,
+                )
+            except (ValueError, RedisError) as exc:
+                raise BrokerUnavailable(f"broker {self._name}: bad Redis URL: {exc}") from None
+        return self._client
+
+    @property
+    def client_name(self) -> str:
+        """The name this adapter's connections carry in CLIENT LIST."""
+        return "ductape:" + re.sub(r"[^A-Za-z0-9_.:/-]", "_", self._name)
+
+    def script(self, name: str, source: str) -> Any:
+        """A registered Lua script (EVALSHA, loaded again when the server lost it)."""
+        found = self._scripts.get(name)
+        if found is None:
+            found = self._scripts[name] = self._redis().register_script(source)
+        return found
+
+    async def call(self, what: str, op: Callable[[Any], Awaitable[T]], budget_s: float | None = None) -> T:
+        """Run `op(client)`, retrying connection failures with backoff for `budget_s` (default RETRY_BUDGET_S).
+
+        Failures past the budget and error replies become BrokerUnavailable.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + (RETRY_BUDGET_S if budget_s is None else budget_s)
+        pause = 0.05
+        failures = 0
+        while True:
+            try:
+                return await op(self._redis())
+            except ProcessorError:
+                raise
+            except _CONNECTION_ERRORS as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # redis-py turns a cancelled blocking read into a connection error: keep the cancellation.
+                    raise asyncio.CancelledError from exc
+                failures += 1
+                if self._closed or loop.time() + pause > give_up:
+                    raise BrokerUnavailable(
+                        f"broker {self._name}: Redis is unreachable ({what} failed {failures} time(s)): {exc}",
+                        metadata={"broker": self._name},
+                    ) from None
+                if failures == 1:
+                    log.warning("broker %s: Redis connection lost during %s (%s); reconnecting", self._name, what, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+            except (RedisError, OSError) as exc:
+                raise BrokerUnavailable(
+                    f"broker {self._name}: Redis refused {what}: {exc}", metadata={"broker": self._name}
+                ) from None
+
+    async def maintain(self, key: str) -> None:
+        """Trim `key` and drop stale consumers, at most every MAINTENANCE_INTERVAL_S per stream."""
+        now = asyncio.get_running_loop().time()
+        if self._maintained.get(key, 0.0) > now:
+            return
+        self._maintained[key] = now + MAINTENANCE_INTERVAL_S
+        script = self.script("maintain", _MAINTAIN)
+        try:
+            await self.call(
+                "stream trimming",
+                lambda _: script(keys=[key], args=[STALE_CONSUMER_MS, PARK_CONSUMER]),
+                budget_s=0.0,
+            )
+        except BrokerUnavailable as exc:
+            log.warning("%s", exc.message)
+
+    # -- the adapter ----------------------------------------------------------------------------------------------
+
+    async def publish(self, topic: str, message: OutboundMessage) -> str:
+        key = stream_key(topic)
+        fields = _fields(message)
+        entry_id = await self.call("publish (XADD)", lambda r: r.xadd(key, fields))
+        await self.maintain(key)
+        return _text(entry_id)
+
+    async def publish_batch(self, topic: str, messages: list[OutboundMessage]) -> list[str | ProcessorError]:
+        key = stream_key(topic)
+        all_fields = [_fields(message) for message in messages]
+
+        async def run(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for fields in all_fields:
+                pipe.xadd(key, fields)
+            return cast(list[Any], await pipe.execute(raise_on_error=False))
+
+        replies = await self.call("publish batch (XADD)", run) if messages else []
+        await self.maintain(key)
+        results: list[str | ProcessorError] = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                results.append(BrokerUnavailable(f"broker {self._name}: Redis refused the publish: {reply}"))
+            else:
+                results.append(_text(reply))
+        return results
+
+    async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:
+        key = stream_key(topic)
+        await self.ensure_group(key, group)
+        consumer = f"ductape:{max(round(options.ack_deadline_s * 1000), 1)}:{secrets.token_hex(8)}"
+        return RedisSubscription(self, topic, key, group, consumer)
+
+    async def ensure_group(self, key: str, group: str) -> None:
+        """Create the group at the stream's end (and the stream) unless it exists."""
+
+        async def create(client: Any) -> None:
+            try:
+                await client.xgroup_create(key, group, id="$", mkstream=True)
+            except ResponseError as exc:
+                if not str(exc).startswith("BUSYGROUP"):
+                    raise
+
+        await self.call("creating the consumer group", create)
+
+    async def close(self) -> None:
+        self._closed = True
+        client, self._client = self._client, None
+        self._scripts.clear()
+        if client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+
+
+class RedisSubscription(BrokerSubscription):
+    """One Redis consumer of one group."""
+
+    def __init__(self, broker: RedisBroker, topic: str, key: str, group: str, consumer: str) -> None:
+        self._broker = broker
+        self._topic = topic
+        self._key = key
+        self._group = group
+        self.consumer = consumer
+        self._held: dict[str, str] = {}  # handed out, not yet acked/nacked: handle -> entry id
+        self._delivery: dict[str, str] = {}  # entry id -> its current handle
+        self._cursor = "-"
+        self._lock = asyncio.Lock()  # fetches and close never overlap
+        self._closed = False
+
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[InboundMessage]:
+        if self._closed or max_messages <= 0:
+            return []
+        loop = asyncio.get_running_loop()
+        until = loop.time() + max(timeout_s, 0.0)
+        async with self._lock:
+            taken: list[tuple[str, int, list[bytes]]] = []
+            while not self._closed:
+                taken = await self._reclaim(max_messages)
+                room = max_messages - len(taken)
+                if room > 0:
+                    block_ms = 0 if taken else int(min(until - loop.time(), BLOCK_CAP_S) * 1000)
+                    taken += await self._read(room, block_ms if block_ms > 0 else None)
+                if taken or loop.time() >= until:
+                    break
+            if self._closed:
+                return []  # close() parks them, keeping their attempt number: nobody saw them
+            messages = [_inbound(entry_id, flat, attempt, self._topic) for entry_id, attempt, flat in taken]
+            for message, (entry_id, _, _) in zip(messages, taken, strict=True):
+                stale = self._delivery.pop(entry_id, None)  # taken again after its deadline: forget the old one
+                if stale is not None:
+                    self._held.pop(stale, None)
+                self._held[message.handle] = entry_id
+                self._delivery[entry_id] = message.handle
+            await self._broker.maintain(self._key)
+        return messages
+
+    async def _reclaim(self, want: int) -> list[tuple[str, int, list[bytes]]]:
+        script = self._broker.script("reclaim", _RECLAIM)
+        args = [self._group, self.consumer, want, PARK_CONSUMER, PARK_MS, GRACE_MS, UNKNOWN_OWNER_DEADLINE_MS]
+        reply = await self._broker.call(
+            "reclaiming messages", lambda _: script(keys=[self._key], args=[*args, self._cursor, SCAN])
+        )
+        self._cursor = _text(reply[0])
+        return [(_text(entry_id), int(count), _flat(flat)) for entry_id, count, flat in reply[1]]
+
+    async def _read(self, count: int, block_ms: int | None) -> list[tuple[str, int, list[bytes]]]:
+        async def read(client: Any) -> Any:
+            try:
+                return await client.xreadgroup(
+                    self._group, self.consumer, {self._key: ">"}, count=count, block=block_ms
+                )
+            except ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+            # The stream or group was deleted behind our back: start the group again at the end.
+            await self._broker.ensure_group(self._key, self._group)
+            return []
+
+        reply = await self._broker.call("reading messages (XREADGROUP)", read)
+        entries: list[tuple[str, int, list[bytes]]] = []
+        streams = reply.items() if isinstance(reply, dict) else (reply or [])
+        for _, stream_entries in streams:
+            for entry_id, flat in stream_entries:
+                if flat is not None:  # None: deleted while pending (older servers)
+                    entries.append((_text(entry_id), 1, _flat(flat)))
+        return entries
+
+    async def ack(self, handles: list[str]) -> None:
+        mine = [handle for handle in dict.fromkeys(handles) if handle in self._held]
+        if not mine:
+            return
+        ids = [self._held[handle] for handle in mine]
+        await self._broker.call("acknowledging (XACK)", lambda r: r.xack(self._key, self._group, *ids))
+        self._forget(mine)
+
+    async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
+        mine = [handle for handle in dict.fromkeys(handles) if handle in self._held]
+        if not mine:
+            return
+        idle = PARK_MS - min(max(round(delay_s * 1000), 0), PARK_MS)
+        script = self._broker.script("nack", _NACK)
+        args = [self._group, self.consumer, PARK_CONSUMER, idle, *(self._held[handle] for handle in mine)]
+        await self._broker.call("giving messages back", lambda _: script(keys=[self._key], args=args))
+        self._forget(mine)
+
+    def _forget(self, handles: list[str]) -> None:
+        for handle in handles:
+            entry_id = self._held.pop(handle, None)
+            if entry_id is not None and self._delivery.get(entry_id) == handle:
+                del self._delivery[entry_id]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        async with self._lock:
+            args = [self._group, self.consumer, PARK_CONSUMER, PARK_MS, *self._held.values()]
+            try:
+                script = self._broker.script("close", _CLOSE)
+                await self._broker.call(
+                    "closing the consumer",
+                    lambda _: script(keys=[self._key], args=args),
+                    budget_s=CLOSE_RETRY_BUDGET_S,
+                )
+            except BrokerUnavailable as exc:
+                # Nothing is lost: the group claims this consumer's entries after its ack deadline + grace.
+                log.warning("%s; consumer %s is left for the group to clean up", exc.message, self.consumer)
+            self._held.clear()
+            self._delivery.clear()
+
+
+@register("redis")
+def redis_adapter(settings: Mapping[str, Any], name: str) -> BrokerAdapter:
+    """The Redis Streams adapter of one broker environment (settings: {"type": "redis", "url": ...})."""
+    return RedisBroker(str(settings["url"]), name)

@@ -1,0 +1,317 @@
+"""The Redis Streams adapter against the local Redis server: connection drops, durability across a restart,
+exact delivery attempts, abandoned consumers, housekeeping and the CloudEvents field mapping.
+
+Needs Redis at 127.0.0.1:6379 (skipped without it; under CI=true a missing server fails the run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from ductape.processor.brokers import Message
+
+from ductape_processor.adapters import redis_broker
+from ductape_processor.adapters.broker import BrokerUnavailable, OutboundMessage, SubscribeOptions
+from ductape_processor.adapters.redis_broker import PARK_CONSUMER, RedisBroker, stream_key
+from tests.conftest import Running, ServerFactory, require_tcp
+from tests.test_brokers import manifest, opened, pending_first, publish, subscribe, take
+
+URL = "redis://127.0.0.1:6379/0"
+
+
+CREATED: list[str] = []  # streams the running test created; deleted after it
+
+
+@pytest.fixture(autouse=True)
+async def _forget_pending_reads() -> AsyncIterator[None]:
+    yield
+    for future in pending_first.values():
+        future.cancel()
+        with contextlib.suppress(BaseException):
+            await future
+    pending_first.clear()
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[aioredis.Redis]:
+    """A separate client: inspects streams, kills the adapter's connections, deletes the test's streams."""
+    await require_tcp("Redis", "127.0.0.1", 6379)
+    client = aioredis.Redis.from_url(URL)
+    yield client
+    if CREATED:
+        await client.delete(*CREATED)
+        CREATED.clear()
+    await client.aclose()
+
+
+@pytest.fixture
+async def adapter(admin: aioredis.Redis) -> AsyncIterator[RedisBroker]:
+    broker = RedisBroker(URL, "test/redis")
+    yield broker
+    await broker.close()
+
+
+def topic() -> str:
+    name = f"t.{secrets.token_hex(4)}"
+    CREATED.append(stream_key(name))
+    return name
+
+
+def message(body: bytes, **fields: Any) -> OutboundMessage:
+    return OutboundMessage(
+        id=secrets.token_hex(12),
+        source="/ductape/shop/dev/events",
+        type="orders",
+        time=datetime.now(UTC),
+        data=body,
+        content_type="application/octet-stream",
+        **fields,
+    )
+
+
+async def started(start_server: ServerFactory, admin: aioredis.Redis, **settings: Any) -> Running:
+    running = await start_server(**settings)
+    run = secrets.token_hex(4)
+    running.run = run  # type: ignore[attr-defined]
+    CREATED.extend(stream_key(f"{name}.{run}") for name in ("orders", "dead", "other"))
+    await running.client.product.apply(manifest("redis", run))
+    return running
+
+
+async def kill_adapter_connections(admin: aioredis.Redis) -> int:
+    """CLIENT KILL every connection of the processors' Redis broker adapters (by id, so nothing else is hit)."""
+    killed = 0
+    for client in await admin.client_list():
+        if client.get("name") == "ductape:shop/dev/events":
+            killed += await admin.execute_command("CLIENT", "KILL", "ID", client["id"])
+    return killed
+
+
+# -- through the server ---------------------------------------------------------------------------------------------
+
+
+async def test_a_subscriber_survives_killed_connections_with_nothing_lost(
+    start_server: ServerFactory, admin: aioredis.Redis
+) -> None:
+    running = await started(start_server, admin)
+    sub = subscribe(running, "survivor", ack_deadline=2.0, max_in_flight=50)
+    messages = await opened(sub)
+    received: list[str] = []
+
+    async def consume() -> None:
+        while True:
+            [got] = await take(messages, 1, timeout=30)
+            received.append(got.data.decode())
+            await got.ack()
+
+    consumer = asyncio.ensure_future(consume())
+    sent: list[str] = []
+    kills = 0
+    try:
+        for n in range(120):
+            await publish(running, f"m{n:03d}")
+            sent.append(f"m{n:03d}")
+            if n % 30 == 15:  # mid-stream, while the subscriber is blocked reading
+                kills += await kill_adapter_connections(admin)
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(12):
+            while not set(sent) <= set(received):
+                await asyncio.sleep(0.05)
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(BaseException):
+            await consumer
+        pending_first.pop(id(messages), None)
+    duplicates = sum(count - 1 for count in Counter(received).values())
+    assert kills >= 4, "the adapter's connections (publisher and blocked reader) were killed"
+    assert set(received) == set(sent) and len(sent) == 120
+    assert duplicates <= 10, f"{duplicates} duplicates"
+    await sub.close()
+
+
+async def test_a_group_keeps_collecting_while_nobody_listens_and_across_a_restart(
+    start_server: ServerFactory, admin: aioredis.Redis
+) -> None:
+    first = await started(start_server, admin)
+    sub = subscribe(first, "durable", reconnect=False)
+    messages = await opened(sub)  # the group exists from here on
+    await publish(first, "before")
+    [before] = await take(messages, 1)
+    await before.ack()
+    await publish(first, "held")
+    [held] = await take(messages, 1)  # not acked: the shutdown gives it back
+    await sub.close()
+    pending_first.pop(id(messages), None)
+    offline = [f"offline{n}" for n in range(10)]
+    await publish(first, *offline[:5])  # no subscriber connected
+    await first.app.stop(grace=1)
+
+    second = await start_server(data_dir=first.app.settings.data_dir)  # same store, same Redis
+    second.run = first.run  # type: ignore[attr-defined]
+    await publish(second, *offline[5:])
+    again = second.client.message_broker.subscribe(product="shop", env="dev", event="events:orders", group="durable")
+    got: list[Message] = await take(await opened(again), 11)
+    assert sorted(m.data.decode() for m in got) == sorted([*offline, "held"]), "every publish, none twice"
+    [redelivered] = [m for m in got if m.data == b"held"]
+    assert redelivered.id == held.id and redelivered.delivery_attempt == 2
+    assert all(m.delivery_attempt == 1 for m in got if m is not redelivered)
+    for m in got:
+        await m.ack()
+    key = stream_key(f"orders.{first.run}")  # type: ignore[attr-defined]
+    async with asyncio.timeout(5):  # acks travel on the stream; wait until the server applied them
+        while (await admin.xpending(key, "durable"))["pending"]:
+            await asyncio.sleep(0.05)
+    consumers = {c["name"].decode() for c in await admin.xinfo_consumers(key, "durable")} - {PARK_CONSUMER}
+    assert len(consumers) == 1, f"only the second processor's consumer is there, not the first's: {consumers}"
+    await again.close()
+    await asyncio.sleep(0.2)
+    assert {c["name"].decode() for c in await admin.xinfo_consumers(key, "durable")} <= {PARK_CONSUMER}
+
+
+# -- the adapter itself ---------------------------------------------------------------------------------------------
+
+
+async def test_cloudevents_fields_round_trip_binary_data_and_colliding_attribute_names(
+    adapter: RedisBroker, admin: aioredis.Redis
+) -> None:
+    name = topic()
+    sub = await adapter.subscribe(name, "g", SubscribeOptions(prefetch=10, ack_deadline_s=5))
+    sent = message(
+        bytes(range(256)),
+        attributes={"id": "mine", "data": "x", "type": "t", "attr-x": "y"},
+        ordering_key="customer-1",
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    )
+    broker_id = await adapter.publish(name, sent)
+    [got] = await sub.fetch(10, 2)
+    assert got.handle.startswith(broker_id) and got.id == sent.id and got.data == sent.data
+    assert (got.source, got.type, got.time, got.content_type) == (sent.source, sent.type, sent.time, sent.content_type)
+    assert got.attributes == dict(sent.attributes)
+    assert (got.ordering_key, got.traceparent, got.delivery_attempt) == (sent.ordering_key, sent.traceparent, 1)
+    [(_, fields)] = await admin.xrange(stream_key(name))
+    assert fields[b"specversion"] == b"1.0" and fields[b"attr-id"] == b"mine" and fields[b"id"] == sent.id.encode()
+    await sub.ack([got.handle])
+    await sub.close()
+
+
+async def test_delivery_attempts_count_every_redelivery_and_delays_hold(
+    adapter: RedisBroker, admin: aioredis.Redis
+) -> None:
+    name = topic()
+    options = SubscribeOptions(prefetch=10, ack_deadline_s=5)
+    one, two = await adapter.subscribe(name, "g", options), await adapter.subscribe(name, "g", options)
+    await adapter.publish(name, message(b"x"))
+    [first] = await one.fetch(1, 2)
+    await one.nack([first.handle])
+    [second] = await two.fetch(1, 2)  # any consumer of the group
+    assert (second.id, second.delivery_attempt) == (first.id, 2)
+    await two.nack([second.handle], delay_s=0.6)
+    loop = asyncio.get_running_loop()
+    started_at = loop.time()
+    assert await one.fetch(1, 0.3) == []
+    third = await one.fetch(1, 2)
+    assert [m.delivery_attempt for m in third] == [3] and loop.time() - started_at >= 0.55
+    await one.nack([first.handle])  # a stale handle (an earlier delivery) is ignored
+    await one.ack([third[0].handle])
+    assert await two.fetch(1, 0.3) == []
+    summary = await admin.xpending(stream_key(name), "g")
+    assert summary["pending"] == 0
+    await one.close()
+    await two.close()
+
+
+async def test_close_hands_back_what_it_took_and_deletes_its_consumer(
+    adapter: RedisBroker, admin: aioredis.Redis
+) -> None:
+    name = topic()
+    options = SubscribeOptions(prefetch=10, ack_deadline_s=5)
+    leaving = await adapter.subscribe(name, "g", options)
+    for n in range(3):
+        await adapter.publish(name, message(b"%d" % n))
+    held = await leaving.fetch(2, 2)
+    # A read whose result never reached the engine (a cancelled fetch): taken in Redis, not handed out.
+    lost = await admin.xreadgroup("g", leaving.consumer, {stream_key(name): ">"}, count=1)
+    assert lost
+    await leaving.close()
+    consumers = [c["name"].decode() for c in await admin.xinfo_consumers(stream_key(name), "g")]
+    assert leaving.consumer not in consumers
+    assert await leaving.fetch(5, 0.1) == [], "a closed subscription takes nothing"
+    staying = await adapter.subscribe(name, "g", options)
+    again = await staying.fetch(5, 2)
+    attempts = {m.data: m.delivery_attempt for m in again}
+    assert attempts == {held[0].data: 2, held[1].data: 2, b"2": 1}, "the never-delivered one keeps attempt 1"
+    await staying.ack([m.handle for m in again])
+    await staying.close()
+
+
+async def test_messages_of_a_crashed_consumer_come_back_after_its_deadline(
+    adapter: RedisBroker, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_broker, "GRACE_MS", 200)
+    name = topic()
+    crashed = await adapter.subscribe(name, "g", SubscribeOptions(prefetch=1, ack_deadline_s=0.3))
+    patient = await adapter.subscribe(name, "g", SubscribeOptions(prefetch=1, ack_deadline_s=30))
+    await adapter.publish(name, message(b"orphan"))
+    [taken] = await crashed.fetch(1, 2)  # ...and the process dies: no nack, no close
+    assert await patient.fetch(1, 0.2) == [], "not before the owner's ack deadline + grace"
+    [back] = await patient.fetch(1, 2)
+    assert (back.id, back.delivery_attempt) == (taken.id, 2)
+    # The patient one's long deadline protects what it holds from consumers with short deadlines.
+    await asyncio.sleep(0.6)
+    assert await crashed.fetch(1, 0.2) == []
+    await patient.ack([back.handle])
+    await patient.close()
+
+
+async def test_housekeeping_trims_what_every_group_has_done_with(adapter: RedisBroker, admin: aioredis.Redis) -> None:
+    name = topic()
+    key = stream_key(name)
+    options = SubscribeOptions(prefetch=500, ack_deadline_s=5)
+    fast, slow = await adapter.subscribe(name, "fast", options), await adapter.subscribe(name, "slow", options)
+    results = await adapter.publish_batch(name, [message(b"%d" % n) for n in range(450)])
+    assert all(isinstance(r, str) for r in results)
+    done = []
+    while len(done) < 450:
+        done += await fast.fetch(450, 1)
+    await fast.ack([m.handle for m in done])
+    adapter._maintained.clear()
+    await fast.fetch(1, 0.05)
+    assert await admin.xlen(key) == 450, "the slow group has not read anything yet"
+    slow_done = []
+    while len(slow_done) < 300:
+        slow_done += await slow.fetch(300 - len(slow_done), 1)
+    await slow.ack([m.handle for m in slow_done])
+    adapter._maintained.clear()
+    await slow.fetch(1, 0.05)  # takes one more, pending: it and everything after must stay
+    left = await admin.xlen(key)
+    assert 150 <= left < 450
+    remaining = [m.data for m in await slow.fetch(500, 1)]
+    assert len(remaining) == 149 and b"449" in remaining
+    await fast.close()
+    await slow.close()
+    unheard = topic()  # no group: nobody can ever receive these (a group starts at the end)
+    await adapter.publish_batch(unheard, [message(b"%d" % n) for n in range(450)])
+    assert await admin.xlen(stream_key(unheard)) < 450
+
+
+async def test_an_unreachable_server_is_broker_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_broker, "RETRY_BUDGET_S", 0.3)
+    broker = RedisBroker("redis://127.0.0.1:1/0", "test/unreachable")
+    try:
+        with pytest.raises(BrokerUnavailable) as caught:
+            await broker.publish("t", message(b"x"))
+        assert caught.value.reason == "BROKER_UNAVAILABLE" and "unreachable" in caught.value.message
+        with pytest.raises(BrokerUnavailable):
+            await broker.subscribe("t", "g", SubscribeOptions(prefetch=1, ack_deadline_s=1))
+    finally:
+        await broker.close()
+    with pytest.raises(BrokerUnavailable):
+        await broker.publish("t", message(b"x"))
