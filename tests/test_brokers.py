@@ -79,7 +79,7 @@ async def _forget_pending_reads() -> AsyncIterator[None]:
 
 
 @pytest.fixture(params=KINDS)
-async def broker(request: pytest.FixtureRequest, start_server: ServerFactory) -> Running:
+async def broker(request: pytest.FixtureRequest, start_server: ServerFactory) -> AsyncIterator[Running]:
     kind: str = request.param
     if kind != "memory":
         name, host, port, _ = SERVERS[kind]
@@ -88,7 +88,31 @@ async def broker(request: pytest.FixtureRequest, start_server: ServerFactory) ->
     running.kind = kind  # type: ignore[attr-defined]
     running.run = secrets.token_hex(4)  # type: ignore[attr-defined]
     await running.client.product.apply(manifest(kind, running.run))  # type: ignore[attr-defined]
-    return running
+    yield running
+    await _forget_run(kind, running.run)  # type: ignore[attr-defined]
+
+
+async def _forget_run(kind: str, run: str) -> None:
+    """Delete what a durable broker keeps for this test's topics, so runs do not pile up on the servers."""
+    if kind == "redis":
+        import redis.asyncio as redis
+
+        client = redis.from_url("redis://127.0.0.1:6379/0")
+        try:
+            keys = [key async for key in client.scan_iter(match=f"ductape:topic:*.{run}")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
+    elif kind == "nats":
+        import nats
+
+        connection = await nats.connect("nats://127.0.0.1:4222")
+        try:
+            with contextlib.suppress(Exception):
+                await connection.jetstream().delete_stream(f"t_{run}")
+        finally:
+            await connection.close()
 
 
 def subscribe(running: Running, group: str = "g", **options: Any) -> Subscription:

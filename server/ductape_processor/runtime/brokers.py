@@ -328,12 +328,10 @@ class BrokerRuntime:
     async def shutdown_streams(self) -> None:
         """End every stream (they answer UNAVAILABLE), giving their unacked messages back."""
         self.closing.set()
-        for subscription in list(self._subscriptions):
-            await subscription.close()
+        await asyncio.gather(*(subscription.close() for subscription in list(self._subscriptions)))
 
     async def close(self) -> None:
         """Close every adapter."""
         await self.shutdown_streams()
         adapters, self._adapters = list(self._adapters.values()), {}
-        for adapter in adapters:
-            await adapter.close()
+        await asyncio.gather(*(adapter.close() for adapter in adapters), return_exceptions=True)

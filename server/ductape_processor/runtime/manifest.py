@@ -298,7 +298,7 @@ class NatsBrokerEnv(_Model):
 
     type: Literal["nats"]
     url: str = Field(description="`nats://` or `tls://`; may be `$Secret{NAME}` or contain one.")
-    stream: str | None = Field(None, max_length=255, description="JetStream stream name; default from the broker tag.")
+    stream: str | None = Field(None, max_length=255, description="JetStream stream name; default `ductape`.")
 
     @field_validator("url")
     @classmethod

@@ -1,0 +1,335 @@
+"""The NATS JetStream adapter against the local server: connection drops, durability across a processor restart,
+the CloudEvents header mapping, consumer naming and an unreachable server.
+
+Needs NATS with JetStream at 127.0.0.1:4222 (skipped without it; under CI=true a missing server fails the run).
+The connection drop goes through a TCP proxy the test cuts, so the shared NATS server itself is never restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import secrets
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nats
+import nats.js.errors
+import pytest
+from ductape.processor import UnavailableError
+from ductape.processor.brokers import Message
+
+from ductape_processor.adapters import nats_broker
+from ductape_processor.adapters.broker import BrokerUnavailable, OutboundMessage, SubscribeOptions
+from ductape_processor.adapters.nats_broker import NatsBroker, consumer_name, subject_covered
+from ductape_processor.store.sqlite import SqliteStore
+from tests.conftest import ServerFactory, require_tcp
+from tests.test_brokers import manifest, opened, pending_first, publish, subscribe, take
+
+URL = "nats://127.0.0.1:4222"
+STREAMS: list[str] = []  # streams the running test created; deleted after it
+
+
+@pytest.fixture(autouse=True)
+async def _forget_pending_reads() -> AsyncIterator[None]:
+    yield
+    for future in pending_first.values():
+        future.cancel()
+        with contextlib.suppress(BaseException):
+            await future
+    pending_first.clear()
+
+
+@pytest.fixture
+async def nats_up() -> AsyncIterator[None]:
+    """The local server is there; afterwards, delete the streams the test made."""
+    await require_tcp("NATS", "127.0.0.1", 4222)
+    yield
+    if STREAMS:
+        nc = await nats.connect(URL)
+        try:
+            js = nc.jetstream()
+            for stream in STREAMS:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await js.delete_stream(stream)
+        finally:
+            STREAMS.clear()
+            await nc.close()
+
+
+def _run() -> str:
+    run = secrets.token_hex(4)
+    STREAMS.append(f"t_{run}")
+    return run
+
+
+def _message(body: str, **fields: object) -> OutboundMessage:
+    values: dict[str, object] = {
+        "id": secrets.token_hex(12),
+        "source": "/ductape/shop/dev/events",
+        "type": "orders",
+        "time": datetime.now(UTC),
+        "data": body.encode(),
+        "content_type": "text/plain",
+    }
+    values.update(fields)
+    return OutboundMessage(**values)  # type: ignore[arg-type]
+
+
+class CuttableProxy:
+    """A TCP proxy in front of NATS whose connections the test can cut, and that can refuse for a while."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._upstream = (host, port)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.refusing = False
+        self.connections = 0
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        pair = {writer, up_writer}
+        self._writers |= pair
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._writers -= pair
+
+    async def wait_for_connections(self, count: int, within: float) -> None:
+        async with asyncio.timeout(within):
+            while self.connections < count:
+                await asyncio.sleep(0.02)
+
+    def cut(self) -> None:
+        """Drop every proxied connection at once (both sides see a reset)."""
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        self.refusing = True
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+# -- through a processor ---------------------------------------------------------------------------------------
+
+
+async def test_a_dropped_connection_is_restored_and_the_subscriber_keeps_receiving(
+    nats_up: None, start_server: ServerFactory
+) -> None:
+    proxy = CuttableProxy("127.0.0.1", 4222)
+    port = await proxy.start()
+    try:
+        running = await start_server()
+        run = _run()
+        document = json.loads(manifest("nats", run))
+        for config in document["brokers"][0]["envs"].values():
+            config["url"] = f"nats://127.0.0.1:{port}"
+        await running.client.product.apply(json.dumps(document).encode())
+        # reconnect=False: the processor's stream itself must survive the drop, not a client-side resubscribe
+        sub = subscribe(running, "through-drops", ack_deadline=1.5, reconnect=False)
+        messages = await opened(sub)
+        received: list[str] = []
+
+        async def consume() -> None:
+            while True:
+                [message] = await take(messages, 1, timeout=60)
+                received.append(message.data.decode())
+                await message.ack()
+
+        sent: list[str] = []
+        retries = 0
+
+        stop = asyncio.Event()
+
+        async def produce() -> None:  # keeps publishing through both drops
+            nonlocal retries
+            for n in itertools.count():
+                if stop.is_set():
+                    return
+                body = f"m{n:05d}"
+                while True:
+                    try:
+                        await publish(running, body)
+                        break
+                    except UnavailableError:
+                        retries += 1
+                        await asyncio.sleep(0.1)
+                sent.append(body)
+                await asyncio.sleep(0.01)
+
+        consumer = asyncio.ensure_future(consume())
+        producer = asyncio.ensure_future(produce())
+        try:
+            await asyncio.sleep(0.5)
+            proxy.refusing = True  # down for a second: reconnect attempts fail and back off
+            proxy.cut()
+            await asyncio.sleep(1.0)
+            proxy.refusing = False
+            await proxy.wait_for_connections(2, within=10)
+            await asyncio.sleep(0.3)
+            proxy.cut()  # and a plain drop that reconnects at once
+            at_last_cut = len(sent)
+            await proxy.wait_for_connections(3, within=10)
+            await asyncio.sleep(0.3)
+            stop.set()
+            async with asyncio.timeout(20):
+                await producer
+                while not set(sent) <= set(received):
+                    assert not consumer.done(), consumer.exception()
+                    await asyncio.sleep(0.05)
+        finally:
+            producer.cancel()
+            consumer.cancel()
+            with contextlib.suppress(BaseException):
+                await consumer
+        duplicates = sum(count - 1 for count in Counter(received).values())
+        assert 0 < at_last_cut < len(sent), "messages were published before, across and after the drops"
+        assert sorted(set(received)) == sorted(sent), "every confirmed publish arrived"
+        assert duplicates <= 20, f"{duplicates} duplicates ({retries} publish retries)"
+        assert sub.reconnects == 0, "the Subscribe stream stayed open across the drops"
+        await sub.close()
+    finally:
+        await proxy.close()
+
+
+async def test_a_group_keeps_its_messages_across_a_processor_restart(
+    nats_up: None, start_server: ServerFactory, tmp_path: Path
+) -> None:
+    run = _run()
+    first = await start_server(store=SqliteStore(tmp_path / "shared.db"))
+    await first.client.product.apply(manifest("nats", run))
+    created = subscribe(first, "durable", reconnect=False)
+    await opened(created)  # the group exists from here on
+    await asyncio.sleep(0.2)
+    await created.close()
+    await asyncio.sleep(0.3)
+    bodies = [f"while-away-{n:02d}" for n in range(20)]
+    await publish(first, *bodies)  # nobody subscribed: the group keeps them
+    held_stream = subscribe(first, "durable", reconnect=False, max_batch=1, max_in_flight=1)
+    [held] = await take(await opened(held_stream), 1)  # taken and never acked when the processor stops
+    assert held.delivery_attempt == 1
+    await first.app.stop(grace=5)
+
+    second = await start_server(store=SqliteStore(tmp_path / "shared.db"))
+    resumed = subscribe(second, "durable", reconnect=False)
+    messages = await opened(resumed)
+    got: list[Message] = await take(messages, len(bodies), timeout=10)
+    assert sorted(m.data.decode() for m in got) == bodies
+    attempts = {m.data.decode(): m.delivery_attempt for m in got}
+    assert attempts[held.data.decode()] >= 2, "the message held at shutdown came back with the next attempt"
+    assert all(attempt == 1 for body, attempt in attempts.items() if body != held.data.decode())
+    for message in got:
+        await message.ack()
+    await publish(second, "after-restart")
+    [after] = await take(messages, 1)
+    assert after.data == b"after-restart" and after.delivery_attempt == 1
+    await after.ack()
+    await resumed.close()
+
+
+# -- the adapter itself ----------------------------------------------------------------------------------------
+
+
+async def test_cloudevents_fields_and_awkward_attribute_values_round_trip(nats_up: None) -> None:
+    run = _run()
+    adapter = NatsBroker(URL, f"t_{run}", "test/nats")
+    try:
+        topic = f"orders.{run}"
+        sub = await adapter.subscribe(topic, "fields", SubscribeOptions(prefetch=10, ack_deadline_s=5))
+        attributes = {
+            "Case.Key_x-y": "Mixed Case",
+            "crlf": "a\r\nNats-Msg-Id: forged",
+            "unicode": "Zürich — 東京 ✓",
+            "percent": '100% %41 "quoted"',
+            "spaces": "  padded  ",
+            "empty": "",
+        }
+        sent = _message(
+            "payload",
+            attributes=attributes,
+            ordering_key="customer 7/ä",
+            traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            content_type="application/json; charset=utf-8",
+        )
+        broker_id = await adapter.publish(topic, sent)
+        assert broker_id.startswith(f"t_{run}:")
+        [got] = await sub.fetch(1, 5)
+        assert (got.id, got.source, got.type, got.time) == (sent.id, sent.source, sent.type, sent.time)
+        assert got.attributes == attributes
+        assert got.ordering_key == sent.ordering_key and got.traceparent == sent.traceparent
+        assert got.content_type == sent.content_type and got.data == b"payload" and got.delivery_attempt == 1
+        await sub.ack([got.handle])
+        # a re-sent copy (same id, same topic) is dropped by JetStream's duplicate window
+        await adapter.publish(topic, sent)
+        assert await sub.fetch(1, 0.5) == []
+        await sub.close()
+    finally:
+        await adapter.close()
+
+
+async def test_groups_are_distinct_per_topic_and_names_are_valid(nats_up: None) -> None:
+    assert consumer_name("orders.eu", "billing") != consumer_name("orders.us", "billing")
+    assert consumer_name("a.b", "c") != consumer_name("a", "b.c")
+    for name in (consumer_name("orders.eu", "g.with*odd>chars/and spaces"), consumer_name("x" * 255, "y" * 255)):
+        assert all(ch.isalnum() or ch in "_-" for ch in name) and len(name) <= 130
+    assert subject_covered("orders.eu", ["orders.*"]) and subject_covered("orders.eu.x", ["orders.>"])
+    assert not subject_covered("orders", ["orders.>"]) and not subject_covered("orders.eu", ["orders"])
+    run = _run()
+    adapter = NatsBroker(URL, f"t_{run}", "test/nats")
+    try:
+        options = SubscribeOptions(prefetch=10, ack_deadline_s=5)
+        eu = await adapter.subscribe(f"orders.eu.{run}", "same", options)
+        us = await adapter.subscribe(f"orders.us.{run}", "same", options)
+        await adapter.publish(f"orders.eu.{run}", _message("eu"))
+        await adapter.publish(f"orders.us.{run}", _message("us"))
+        [from_eu] = await eu.fetch(5, 5)
+        [from_us] = await us.fetch(5, 5)
+        assert (from_eu.data, from_us.data) == (b"eu", b"us")
+        await eu.ack([from_eu.handle])
+        await us.ack([from_us.handle])
+        await eu.close()
+        await us.close()
+    finally:
+        await adapter.close()
+
+
+async def test_an_unreachable_server_is_broker_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nats_broker, "CONNECT_DEADLINE_S", 1.0)
+    proxy = CuttableProxy("127.0.0.1", 4222)
+    port = await proxy.start()
+    proxy.refusing = True
+    adapter = NatsBroker(f"nats://user:secret@127.0.0.1:{port}", "t_unreachable", "test/nats")
+    try:
+        with pytest.raises(BrokerUnavailable) as caught:
+            await adapter.publish("orders", _message("x"))
+        assert "cannot connect" in caught.value.message and "secret" not in caught.value.message
+        with pytest.raises(BrokerUnavailable):
+            await adapter.subscribe("orders", "g", SubscribeOptions(prefetch=1, ack_deadline_s=1))
+    finally:
+        await adapter.close()
+        await proxy.close()
