@@ -7,6 +7,7 @@
 #     -v /path/to/tls:/etc/ductape/tls:ro -v /path/to/manifests:/etc/ductape/manifests:ro \
 #     -e PROCESSOR_TLS_CERT=/etc/ductape/tls/tls.crt -e PROCESSOR_TLS_KEY=/etc/ductape/tls/tls.key \
 #     -e PROCESSOR_API_KEY_HASHES=<output of `ductape-processor hash-key`> \
+#     -e PROCESSOR_SESSION_KEYS=<output of `ductape-processor new-session-key --id k1`> \
 #     -e PROCESSOR_MANIFESTS=/etc/ductape/manifests \
 #     -e DUCTAPE_HEALTHCHECK_SERVER_NAME=processor.example.internal \
 #     --stop-timeout 25 ductape-processor
@@ -16,8 +17,9 @@
 #   - TLS:                   PROCESSOR_TLS_CERT and PROCESSOR_TLS_KEY (PEM files), and
 #   - client authentication: PROCESSOR_API_KEY_HASHES (comma-separated hex SHA-256 hashes from
 #                            `ductape-processor hash-key`) and/or PROCESSOR_TLS_CLIENT_CA (mTLS),
+# and, whatever the transport, PROCESSOR_SESSION_KEYS (session tokens must open on every replica),
 # so a container started with no configuration exits with "refusing to serve: ...". That is deliberate.
-# `serve --insecure` lifts the rule; pass it only when nothing but trusted callers can reach the port. A sidecar,
+# `serve --insecure` lifts the transport rule (not the session-key one); pass it only when nothing but trusted callers can reach the port. A sidecar,
 # where only the application container in the same pod talks to the processor, should instead bind loopback
 # (PROCESSOR_ADDRESS=127.0.0.1:50051), which needs neither TLS nor --insecure: see deploy/kubernetes/sidecar.yaml.
 #
