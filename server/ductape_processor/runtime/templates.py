@@ -13,6 +13,7 @@ value it was compiled from; `$Input{body}` renders to the caller's object itself
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -606,7 +607,7 @@ def _arity(low: int, high: int | None) -> str:
 # Expression nodes
 
 
-class _Node:
+class _Node(abc.ABC):
     """One expression; `text` is the expression as written, for error messages."""
 
     __slots__ = ("text",)
@@ -614,8 +615,9 @@ class _Node:
     def __init__(self, text: str) -> None:
         self.text = text
 
+    @abc.abstractmethod
     def eval(self, scope: Scope, budget: _Budget) -> Any:
-        raise NotImplementedError
+        """The expression's value for this scope."""
 
 
 class _Literal(_Node):
@@ -776,11 +778,12 @@ class _Operator(_Node):
 # Renderers: the compiled shape of a JSON value
 
 
-class _Renderer:
+class _Renderer(abc.ABC):
     __slots__ = ()
 
+    @abc.abstractmethod
     def render(self, scope: Scope, budget: _Budget) -> Any:
-        raise NotImplementedError
+        """The compiled value for this scope."""
 
 
 class _Constant(_Renderer):
