@@ -46,6 +46,7 @@ NONCE_BYTES = 12
 MAX_TOKEN_CHARS = 16_384
 REFRESH_RACE_GRACE_S = 10.0
 GENERATED_KEY_FILE = "session-keys"
+VERIFIED_CACHE_SIZE = 10_000
 
 
 class SessionError(Unauthenticated):
@@ -166,6 +167,8 @@ class SessionManager:
         self._revoked: dict[str, float] = {}  # session id -> when its tokens stop mattering (session expiry)
         self._since = datetime.fromtimestamp(clock(), UTC) - timedelta(days=3650)
         self._watcher: asyncio.Task[None] | None = None
+        # Tokens already opened (decrypting is the costly part of a verify); bounded, never trusted past expiry.
+        self._verified: dict[tuple[str, str, str, str], VerifiedSession] = {}
 
     # -- revocation cache ---------------------------------------------------------------------------------------
 
@@ -303,13 +306,26 @@ class SessionManager:
     async def verify(self, product: str, env: str, tag: str, token: str) -> VerifiedSession:
         """The session a token carries; SessionError when it is invalid, expired or revoked."""
         slug, _ = await self._session_type(product, env, tag)
+        key = (product, slug, tag, token)
+        known = self._verified.get(key)
+        if known is not None:
+            # A token verified before: only expiry and revocation can have changed since.
+            if known.expires_at.timestamp() <= self._clock():
+                raise SessionError("the session has expired", reason="SESSION_EXPIRED")
+            if known.session_id in self._revoked:
+                raise SessionError("the session was revoked", reason="SESSION_REVOKED")
+            return known
         payload = self._open("a", product, slug, tag, token)
-        return VerifiedSession(
+        verified = VerifiedSession(
             data=payload["d"],
             session_id=payload["sid"],
             identifier=payload["idn"],
             expires_at=datetime.fromtimestamp(payload["exp"], UTC),
         )
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[key] = verified
+        return verified
 
     async def refresh(self, product: str, env: str, tag: str, refresh_token: str) -> TokenPair:
         """Exchange a refresh token for a new pair; reuse of an exchanged one revokes the session."""
