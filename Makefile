@@ -41,6 +41,8 @@ gen: setup
 bench: setup
 	$(PY) bench/bench_foundation.py
 	$(PY) bench/bench_actions.py
+	$(PY) bench/bench_sessions.py
+	$(PY) bench/bench_brokers.py
 
 clean:
 	rm -rf $(VENV) $(DATA) .mypy_cache .ruff_cache .pytest_cache
