@@ -87,6 +87,7 @@ class BrokerRuntime:
         self._retention = idempotency_retention
         self._adapters: dict[tuple[str, str, str, str], BrokerAdapter] = {}
         self._opening: dict[tuple[str, str, str, str], asyncio.Lock] = {}
+        self._by_version: dict[tuple[str, int, str, str], BrokerAdapter] = {}
         self.closing = asyncio.Event()
         self._subscriptions: set[Subscription] = set()
 
@@ -134,6 +135,19 @@ class BrokerRuntime:
 
     async def adapter(self, route: Route) -> BrokerAdapter:
         """The (lazily opened, shared) adapter of the route's broker environment."""
+        # Versions are immutable and secrets are read at start, so one version's route always maps to one adapter:
+        # remember it, and skip rebuilding and hashing the settings on every call.
+        known = (route.resolved.product, route.resolved.version, route.resolved.env.slug, route.broker.tag)
+        adapter = self._by_version.get(known)
+        if adapter is not None:
+            return adapter
+        adapter = await self._open_adapter(route)
+        if len(self._by_version) >= 1024:
+            self._by_version.clear()
+        self._by_version[known] = adapter
+        return adapter
+
+    async def _open_adapter(self, route: Route) -> BrokerAdapter:
         settings = self._settings(route)
         fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         key = (route.resolved.product, route.resolved.env.slug, route.broker.tag, fingerprint)
@@ -334,4 +348,5 @@ class BrokerRuntime:
         """Close every adapter."""
         await self.shutdown_streams()
         adapters, self._adapters = list(self._adapters.values()), {}
+        self._by_version.clear()
         await asyncio.gather(*(adapter.close() for adapter in adapters), return_exceptions=True)
