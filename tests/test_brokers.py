@@ -388,6 +388,40 @@ async def test_publish_batch_reports_each_entry(broker: Running) -> None:
     await sub.close()
 
 
+async def test_publish_batch_names_each_failed_entry_by_its_own_position(broker: Running) -> None:
+    await publish(broker, "taken", idempotency_key="batch-k")
+    results = await broker.client.message_broker.publish_batch(
+        product="shop",
+        env="dev",
+        event="events:orders",
+        messages=[
+            broker_pb2.OutgoingMessage(),  # no payload
+            outgoing(b"ok-1"),
+            outgoing(b"b", attributes={"bad key": "v"}),
+            outgoing(b"other", idempotency_key="batch-k"),  # fails after validation: the key was used for another
+            outgoing(b"x" * (2 * 1024 * 1024)),
+            outgoing(b"c", ordering_key="k" * 300),
+            outgoing(b"ok-2"),
+        ],
+    )
+    assert [r.ok for r in results] == [False, True, False, False, False, False, True]
+    assert [r.reason for r in results] == [
+        "INVALID_ARGUMENT",
+        "",
+        "INVALID_ARGUMENT",
+        "IDEMPOTENCY_KEY_REUSED",
+        "MESSAGE_TOO_LARGE",
+        "INVALID_ARGUMENT",
+        "",
+    ]
+    # Every validation failure reads `<field of that entry>: <why>`, whatever layer found it.
+    assert results[0].message == "messages[0].payload: give data (bytes) or json"
+    assert results[2].message.startswith("messages[2].attributes.bad key: ")
+    assert results[4].message == "messages[4].data: is 2097152 bytes; the limit is 1048576"
+    assert results[5].message == "messages[5].ordering_key: is longer than 256 characters"
+    assert "idempotency key" in results[3].message
+
+
 async def test_an_idempotency_key_publishes_once(broker: Running) -> None:
     sub = subscribe(broker)
     messages = await opened(sub)

@@ -113,13 +113,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
                 entries.append(_outgoing(message, f"messages[{index}]"))
             except ProcessorError as exc:
                 entries.append(exc)
-        valid = [entry for entry in entries if isinstance(entry, Outgoing)]
-        published = iter(
-            await self._runtime.publish_batch(request.product, request.env, request.event, valid, _traceparent())
+        published = await self._runtime.publish_batch(
+            request.product, request.env, request.event, entries, _traceparent()
         )
         results = []
-        for entry in entries:
-            outcome = next(published) if isinstance(entry, Outgoing) else entry
+        for outcome in published:
             if isinstance(outcome, str):
                 results.append(broker_pb2.PublishResult(message_id=outcome))
             else:

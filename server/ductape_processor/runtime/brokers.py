@@ -13,7 +13,7 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -177,11 +177,11 @@ class BrokerRuntime:
     def _check(self, outgoing: Outgoing, field: str) -> None:
         problems: list[FieldViolation] = []
         if len(outgoing.data) > self._max_bytes:
-            raise InvalidArgument(
-                f"the message is {len(outgoing.data)} bytes; the limit is {self._max_bytes}",
-                reason="MESSAGE_TOO_LARGE",
-                violations=[FieldViolation(f"{field}.data", f"is larger than {self._max_bytes} bytes")],
+            too_large = InvalidArgument.field(
+                f"{field}.data", f"is {len(outgoing.data)} bytes; the limit is {self._max_bytes}"
             )
+            too_large.reason = "MESSAGE_TOO_LARGE"
+            raise too_large
         if len(outgoing.attributes) > MAX_ATTRIBUTES:
             problems.append(FieldViolation(f"{field}.attributes", f"has more than {MAX_ATTRIBUTES} entries"))
         for key, value in outgoing.attributes.items():
@@ -194,9 +194,9 @@ class BrokerRuntime:
         if len(outgoing.idempotency_key) > 256:
             problems.append(FieldViolation(f"{field}.idempotency_key", "is longer than 256 characters"))
         if problems:
-            raise InvalidArgument(
-                f"invalid message: {problems[0].field}: {problems[0].description}", violations=problems
-            )
+            # Worded like every other field error (`<field>: <why>`), so a batch entry reads the same whichever
+            # layer refused it.
+            raise InvalidArgument(f"{problems[0].field}: {problems[0].description}", violations=problems)
 
     def _message(self, route: Route, outgoing: Outgoing, traceparent: str) -> OutboundMessage:
         return OutboundMessage(
@@ -263,9 +263,18 @@ class BrokerRuntime:
         return message.id
 
     async def publish_batch(
-        self, product: str, env: str, event: str, entries: list[Outgoing], traceparent: str = ""
+        self,
+        product: str,
+        env: str,
+        event: str,
+        entries: Sequence[Outgoing | ProcessorError],
+        traceparent: str = "",
     ) -> list[str | ProcessorError]:
-        """Publish entries independently; each result is an id or the entry's error."""
+        """Publish entries independently; each result is an id or the entry's error.
+
+        An entry the caller's layer already refused is passed as its error and comes back as it is, so every entry
+        keeps its position (`messages[i]` names the i-th entry of the request).
+        """
         if len(entries) > MAX_BATCH_ENTRIES:
             raise InvalidArgument.field("messages", f"holds more than {MAX_BATCH_ENTRIES} entries")
         route = await self.route(product, env, event)
@@ -273,6 +282,9 @@ class BrokerRuntime:
         results: list[str | ProcessorError | None] = [None] * len(entries)
         plain: list[tuple[int, OutboundMessage]] = []
         for index, outgoing in enumerate(entries):
+            if isinstance(outgoing, ProcessorError):
+                results[index] = outgoing
+                continue
             try:
                 self._check(outgoing, f"messages[{index}]")
             except ProcessorError as exc:
