@@ -1,0 +1,215 @@
+"""Security regressions that a mutation run showed no test would catch (issue 8 item 7).
+
+Each test pins one behaviour whose loss was a surviving mutant: the verified-token memo keyed by product,
+environment and session type; every configured API key accepted (key rotation); the idempotency key bound to the
+caller's session when the action uses session data; redirects never followed to another port or scheme.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from ductape.processor import FailedPreconditionError, Processor, UnauthenticatedError
+
+from ductape_processor.api.auth import hash_key
+from ductape_processor.runtime.sessions import new_root_key
+from ductape_processor.settings import Settings
+from tests.conftest import ServerFactory
+from tests.upstream import Upstream, json_answer, redirect_answer, start_upstream
+
+USER_SCHEMA = {"userId": {"type": "string", "required": True}}
+ITEM = {"item": {"type": "string"}}
+
+
+def product(name: str, base_url: str = "http://127.0.0.1:9") -> bytes:
+    """A product with two session types and two actions: one that sends session data upstream, one that does not."""
+    document: dict[str, Any] = {
+        "product": name,
+        "environments": [{"slug": "dev"}, {"slug": "prd"}],
+        "sessions": [
+            {"tag": "user", "schema": USER_SCHEMA, "selector": "$Session{userId}"},
+            {
+                "tag": "admin",
+                "schema": USER_SCHEMA,
+                "selector": "$Session{userId}",
+            },
+        ],
+        "apps": [
+            {
+                "tag": "api",
+                "envs": {"dev": {"base_url": base_url}, "prd": {"base_url": base_url}},
+                "retry": {"max": 0},
+                "actions": [
+                    {
+                        "tag": "order",
+                        "method": "POST",
+                        "path": "/orders",
+                        "headers": {"X-User": "$Session{userId}"},
+                        "input": {"body": ITEM},
+                    },
+                    {"tag": "ping", "method": "POST", "path": "/ping", "input": {"body": ITEM}},
+                    {
+                        "tag": "get",
+                        "method": "GET",
+                        "path": "/items/:id",
+                        "input": {"params": {"id": {"type": "string"}}},
+                    },
+                ],
+            }
+        ],
+    }
+    return json.dumps(document).encode()
+
+
+# -- the verified-token memo ----------------------------------------------------------------------------------------
+
+
+async def test_a_token_verified_in_its_own_product_is_still_refused_elsewhere(start_server: ServerFactory) -> None:
+    running = await start_server(session_keys=[new_root_key("k1")])
+    await running.client.product.apply(product("shop"))
+    await running.client.product.apply(product("blog"))
+    session = running.client.session
+    pair = await session.start(product="shop", env="dev", tag="user", data={"userId": "u-1"})
+    for _ in range(2):  # the second verify is answered from the memo: it must still be the right place
+        assert (await session.verify(product="shop", env="dev", tag="user", token=pair.token)).identifier == "u-1"
+    for where in (
+        {"product": "blog", "env": "dev", "tag": "user"},
+        {"product": "shop", "env": "prd", "tag": "user"},
+        {"product": "shop", "env": "dev", "tag": "admin"},
+    ):
+        with pytest.raises(UnauthenticatedError) as caught:
+            await session.verify(token=pair.token, **where)
+        assert caught.value.reason == "SESSION_INVALID", where
+    with pytest.raises(UnauthenticatedError) as caught:
+        await running.client.action.run(
+            product="blog", env="dev", app="api", event="ping", session=("user", pair.token), input={}
+        )
+    assert caught.value.reason == "SESSION_INVALID", "ActionService.Run uses the same memo"
+
+
+async def test_a_token_verified_in_the_wrong_place_first_still_opens_in_its_own(start_server: ServerFactory) -> None:
+    running = await start_server(session_keys=[new_root_key("k1")])
+    await running.client.product.apply(product("shop"))
+    await running.client.product.apply(product("blog"))
+    session = running.client.session
+    pair = await session.start(product="blog", env="prd", tag="admin", data={"userId": "a-1"})
+    with pytest.raises(UnauthenticatedError):
+        await session.verify(product="shop", env="prd", tag="admin", token=pair.token)
+    assert (await session.verify(product="blog", env="prd", tag="admin", token=pair.token)).identifier == "a-1"
+
+
+# -- API keys --------------------------------------------------------------------------------------------------------
+
+
+async def test_every_configured_api_key_is_accepted_and_no_other(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rotation: the operator adds the new key's hash beside the old one; both must work until the old one is removed.
+    monkeypatch.setenv("PROCESSOR_API_KEY_HASHES", f"{hash_key('old-key')}, {hash_key('new-key')}")
+    hashes = Settings().api_key_hashes
+    running = await start_server(api_key_hashes=hashes, api_key="old-key")
+    await running.client.product.apply(product("shop"))
+    for key in ("old-key", "new-key", "old-key", "new-key"):
+        async with Processor(running.address, api_key=key) as caller:
+            assert (await caller.product.get("shop")).version.version == 1, key
+    for key in ("other-key", "OLD-KEY", "new-keyx", "old"):
+        async with Processor(running.address, api_key=key) as stranger:
+            with pytest.raises(UnauthenticatedError) as caught:
+                await stranger.product.get("shop")
+            assert caught.value.reason == "API_KEY_INVALID", key
+
+
+# -- idempotency and sessions ----------------------------------------------------------------------------------------
+
+
+async def test_another_user_reusing_an_idempotency_key_never_gets_the_first_users_answer(
+    start_server: ServerFactory, upstream: Upstream
+) -> None:
+    running = await start_server(session_keys=[new_root_key("k1")])
+    await running.client.product.apply(product("shop", upstream.url))
+    upstream.on("POST /orders", lambda r: json_answer({"owner": r.headers["X-User"]}, status=201))
+    alice = await running.client.session.start(product="shop", env="dev", tag="user", data={"userId": "alice"})
+    bob = await running.client.session.start(product="shop", env="dev", tag="user", data={"userId": "bob"})
+    call: dict[str, Any] = {
+        "product": "shop",
+        "env": "dev",
+        "app": "api",
+        "event": "order",
+        "input": {"body": {"item": "book"}},
+        "idempotency_key": "order-1",
+    }
+    first = await running.client.action.run(**call, session=("user", alice.token))
+    again = await running.client.action.run(**call, session=("user", alice.token))
+    assert first.body == again.body == {"owner": "alice"} and again.attempts == 0, "alice's retry is replayed"
+    with pytest.raises(FailedPreconditionError) as caught:
+        await running.client.action.run(**call, session=("user", bob.token))
+    assert caught.value.reason == "IDEMPOTENCY_KEY_REUSED"
+    assert [seen.headers["X-User"] for seen in upstream.hits("/orders")] == ["alice"]
+
+
+async def test_an_action_without_session_data_replays_across_sessions(
+    start_server: ServerFactory, upstream: Upstream
+) -> None:
+    # The session is part of the request only when the action reads it; otherwise the answer is the same for all.
+    running = await start_server(session_keys=[new_root_key("k1")])
+    await running.client.product.apply(product("shop", upstream.url))
+    upstream.on("POST /ping", lambda r: json_answer({"n": len(upstream.hits("/ping"))}, status=201))
+    alice = await running.client.session.start(product="shop", env="dev", tag="user", data={"userId": "alice"})
+    bob = await running.client.session.start(product="shop", env="dev", tag="user", data={"userId": "bob"})
+    call: dict[str, Any] = {
+        "product": "shop",
+        "env": "dev",
+        "app": "api",
+        "event": "ping",
+        "input": {"body": {"item": "x"}},
+        "idempotency_key": "ping-1",
+    }
+    first = await running.client.action.run(**call, session=("user", alice.token))
+    second = await running.client.action.run(**call, session=("user", bob.token))
+    assert first.body == second.body == {"n": 1} and second.attempts == 0
+    assert len(upstream.hits("/ping")) == 1
+
+
+# -- redirects -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def other_upstream() -> AsyncIterator[Upstream]:
+    """A second real HTTP server on 127.0.0.1: same host as `upstream`, another port."""
+    state = await start_upstream()
+    yield state
+    assert state.server is not None
+    await state.server.close()
+
+
+async def test_a_redirect_to_the_same_host_on_another_port_or_scheme_is_not_followed(
+    start_server: ServerFactory, upstream: Upstream, other_upstream: Upstream
+) -> None:
+    running = await start_server()
+    await running.client.product.apply(product("shop", upstream.url))
+    assert other_upstream.server is not None and upstream.server is not None
+    port, other_port = upstream.server.port, other_upstream.server.port
+    targets = {
+        "port": f"http://127.0.0.1:{other_port}/items/stolen",
+        "scheme": f"https://127.0.0.1:{port}/items/stolen",
+        "scheme-and-port": f"https://127.0.0.1:{other_port}/items/stolen",
+        "name": f"http://localhost:{port}/items/stolen",
+    }
+    for case, location in targets.items():
+        upstream.on(f"GET /items/{case}", lambda r, location=location: redirect_answer(location))
+        result = await running.client.action.run(
+            product="shop", env="dev", app="api", event="get", input={"params": {"id": case}}
+        )
+        assert result.status_code == 302 and result.headers["Location"] == location, case
+    assert other_upstream.seen == [], "nothing reached the server on the other port"
+    assert upstream.hits("/items/stolen") == [], "nothing came back to the first server by another name or scheme"
+    upstream.on("GET /items/moved", lambda r: redirect_answer(f"http://127.0.0.1:{port}/items/here"))
+    upstream.on("GET /items/here", lambda r: web.json_response({"here": True}))
+    moved = await running.client.action.run(
+        product="shop", env="dev", app="api", event="get", input={"params": {"id": "moved"}}
+    )
+    assert moved.status_code == 200 and moved.body == {"here": True}, "the same origin, spelled out, is followed"
