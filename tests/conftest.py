@@ -70,6 +70,16 @@ async def require_tcp(name: str, host: str, port: int) -> None:
     await writer.wait_closed()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs PostgreSQL `postgres` (so `-m "not postgres"` selects the rest): those using the
+    `pg_schema` fixture or the PostgreSQL case of `store_factory`. Marked here, from the fixtures, so none is missed."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        uses_schema = "pg_schema" in getattr(item, "fixturenames", ())
+        if uses_schema or (callspec is not None and callspec.params.get("store_factory") == "postgres"):
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.fixture
 async def pg_schema() -> AsyncIterator[str]:
     """A fresh PostgreSQL schema name, dropped after the test."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import AsyncIterator
 from types import ModuleType
 
@@ -51,6 +52,26 @@ async def test_the_readme_first_calls_work(start_server: ServerFactory, mailer_s
     running = await start_server(manifests=[EXAMPLE], secrets_file=ROOT / "examples" / "secrets.env")
     code = code.replace("127.0.0.1:50051", running.address).replace("asyncio.run(main())", "")
     code = code.replace('"examples/shop.yaml"', repr(str(EXAMPLE)))
-    namespace: dict[str, object] = {}
+    printed: list[tuple[object, ...]] = []
+    namespace: dict[str, object] = {"print": lambda *values: printed.append(values)}
     exec(compile(code, "README.md", "exec"), namespace)
     await namespace["main"]()  # type: ignore[operator]
+    version, checksum = printed[0]
+    assert version == 1 and isinstance(checksum, str) and re.fullmatch(r"[0-9a-f]{64}", checksum), printed[0]
+    assert printed[1][:2] == (202, "msg-1") and isinstance(printed[1][2], str) and printed[1][2], printed[1]
+    assert printed[2] == ({"userId": "u-1"}, 1)
+    assert printed[3] == (False, 1), "applying the same manifest again creates no version"
+    assert printed[4] == ("PRODUCT_NOT_FOUND", {"product": "blog"})
+    assert len(printed) == 5
+    # What the README says each print shows (its trailing comment, `...` standing for the rest) is what it shows.
+    promised = re.findall(r"^\s*print\(.*\)  # (.+)$", code, re.MULTILINE)
+    lines = [" ".join(str(value) for value in values) for values in printed]
+    assert len(promised) == 3, promised
+    for comment in promised:
+        assert any(_shows(line, comment) for line in lines), (comment, lines)
+
+
+def _shows(line: str, comment: str) -> bool:
+    """True when `line` is what `comment` promises: `...` stands for anything, a trailing `(…)` is prose."""
+    promise = re.sub(r"\s*\([^)]*\)$", "", comment)
+    return re.fullmatch(".*".join(re.escape(part) for part in promise.split("...")), line) is not None
