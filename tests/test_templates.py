@@ -23,6 +23,7 @@ from ductape_processor.runtime.templates import (
     Reference,
     RenderError,
     Scope,
+    Taint,
     TemplateError,
     compile_template,
 )
@@ -711,3 +712,76 @@ def test_escaped_text_renders_to_the_original_text(text: str) -> None:
     compiled = compile_template(text.replace("$", "$$"))
     assert compiled.is_static
     assert compiled.render(Scope()) == text
+
+
+# -- secrets: errors withhold, renders report what derives from them ---------------------------------------------
+
+LONG_SECRET = "s3cr3t-value-19char"
+SECRET_SCOPE = Scope(
+    input={"body": {"a": 1}},
+    secrets={"LONG": LONG_SECRET, "WORD": "hunter"}.get,
+    auth={"key": {"headers": {"Authorization": "Bearer abcdefgh"}, "query": {"parts": ["x", "y"]}, "body": {}}},
+    response={"status": 200, "headers": {}, "body": {"access_token": "tok-123456"}},
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "selector", "revealing"),
+    [
+        ("$Substring($Secret{LONG}, 30)", "$Secret{LONG}", [str(len(LONG_SECRET)), "characters"]),
+        ("$Substring($Secret{LONG}, 5, 2)", "$Secret{LONG}", ["the end"]),
+        ("$Pick($Secret{LONG}, 40)", "$Secret{LONG}", [str(len(LONG_SECRET))]),
+        ("$Pick($Input{body}, $Secret{WORD})", "$Secret{WORD}", ["hunter"]),
+        ("$Add($Secret{WORD}, 1)", "$Secret{WORD}", ["not a number"]),
+        ("$Pick($Auth{key}{headers}{Authorization}, 99)", "$Auth{key}{headers}{Authorization}", ["15"]),
+        ("$Substring($Response{body}{access_token}, 50)", "$Response{body}{access_token}", ["10"]),
+        ("$Find([$Uppercase($Secret{WORD})], '==', 'HUNTER2')", "$Secret{WORD}", ["no item matches"]),
+        ("$Dateformat($Secret{WORD}, 'YYYY')", "$Secret{WORD}", ["ISO"]),
+        ("x-$Substring($Trim($Secret{LONG}), 30)", "$Secret{LONG}", [str(len(LONG_SECRET))]),
+    ],
+)
+def test_an_operator_error_on_a_secret_names_the_operator_and_selector_never_the_value(
+    template: str, selector: str, revealing: list[str]
+) -> None:
+    error = render_error(template, SECRET_SCOPE)
+    operator = error.selector[: error.selector.index("(")]
+    assert selector in error.message and operator in error.message and "withheld" in error.message
+    for text in [LONG_SECRET, "hunter", "abcdefgh", "tok-123456", *revealing]:
+        assert text not in error.message, error.message
+
+
+def test_an_index_past_a_secret_array_withholds_its_length() -> None:
+    error = render_error("$Auth{key}{query}{parts}{[5]}", SECRET_SCOPE)
+    assert "2 items" not in str(error) and "[5] is out of range" in error.message
+
+
+def test_a_render_reports_every_value_that_derives_from_a_secret() -> None:
+    taint = Taint()
+    scope = Scope(
+        input={"q": "public"},
+        secrets={"KEY": "k-123"}.get,
+        session={"user": "u-7"},
+        auth={"login": {"headers": {"Authorization": "Bearer t-9"}, "query": {}, "body": {}}},
+        taint=taint,
+    )
+    value = {
+        "a": "Bearer $Secret{KEY}",
+        "b": "$Uppercase($Secret{KEY})",
+        "c": "$Input{q}",
+        "d": "/x/$Session{user}/y",
+        "e": "$Auth{login}{headers}{Authorization}",
+    }
+    assert compile_template(value).render(scope) == {
+        "a": "Bearer k-123",
+        "b": "K-123",
+        "c": "public",
+        "d": "/x/u-7/y",
+        "e": "Bearer t-9",
+    }
+    assert {"k-123", "Bearer k-123", "K-123", "u-7", "Bearer t-9"} <= taint.texts
+    assert not taint.touches("public") and taint.touches("/a/k-123/b")
+    # The login action's input is rendered from secrets: reading it again through $Input stays tainted.
+    again = Scope(input={"key": "k-123"}, taint=taint)
+    assert render_error("$Substring($Input{key}, 40)", again).message.endswith(
+        "(the reason is withheld: it could reveal the value)"
+    )

@@ -41,7 +41,7 @@ from ductape_processor.runtime.cache import ResultCache
 from ductape_processor.runtime.executions import ExecutionRecorder
 from ductape_processor.runtime.manifest_loader import ManifestFormat
 from ductape_processor.runtime.registry import Registry
-from ductape_processor.runtime.secrets import SecretsFileError, SecretSource, referenced_secrets
+from ductape_processor.runtime.secrets import SecretsFileError, SecretSource, TokenVault, referenced_secrets
 from ductape_processor.runtime.sessions import SessionKeys, SessionManager
 from ductape_processor.settings import Settings
 from ductape_processor.store import Store, open_store
@@ -155,6 +155,7 @@ class ProcessorApp:
             self.recorder,
             self.cache,
             self.sessions,
+            TokenVault(keys.root_keys()),
             idempotency_retention=timedelta(seconds=self.settings.idempotency_retention_s),
         )
         try:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 import aiohttp
 from opentelemetry import trace
@@ -42,15 +42,16 @@ from ductape_processor.runtime.executions import ExecutionRecorder, new_process_
 from ductape_processor.runtime.manifest import CredentialAuth, Manifest
 from ductape_processor.runtime.policies import CircuitBreaker, Deadline, RetryRules, parse_retry_after
 from ductape_processor.runtime.registry import Registry, Resolved
-from ductape_processor.runtime.secrets import SecretSource
+from ductape_processor.runtime.secrets import SecretSource, TokenVault
 from ductape_processor.runtime.sessions import SessionManager
-from ductape_processor.runtime.templates import RenderError, Scope
+from ductape_processor.runtime.templates import RenderError, Scope, Taint
 from ductape_processor.store.base import ExecutionRecord, Store
 from ductape_processor.telemetry.context import current_call
 
 log = logging.getLogger(__name__)
 
 SUCCESS, FAIL = 1, 2
+_REDACTED = "[redacted]"
 MAX_IDEMPOTENCY_KEY = 256
 _FORBIDDEN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te"})
 _propagator = TraceContextTextMapPropagator()
@@ -127,6 +128,8 @@ class _Context:
     deadline: Deadline
     attempts: _Attempts = field(default_factory=_Attempts)
     session: Mapping[str, Any] | None = None
+    taint: Taint = field(default_factory=Taint)
+    """The call's rendered values that derive from secrets, auths or the session: the record redacts them."""
 
 
 def _canonical(value: Any) -> str:
@@ -204,6 +207,7 @@ class ActionExecutor:
         recorder: ExecutionRecorder,
         cache: ResultCache,
         sessions: SessionManager,
+        vault: TokenVault,
         *,
         idempotency_retention: timedelta = timedelta(hours=24),
     ) -> None:
@@ -214,6 +218,7 @@ class ActionExecutor:
         self._recorder = recorder
         self._cache = cache
         self._sessions = sessions
+        self._vault = vault
         self._retention = idempotency_retention
         self._plans: dict[tuple[str, int], ProductPlan] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
@@ -394,6 +399,7 @@ class ActionExecutor:
             auth=auth,
             secrets=self._secrets.get,
             session=ctx.session,
+            taint=ctx.taint,
         )
 
     def _request(self, ctx: _Context, scope: Scope, checked: Mapping[str, Any]) -> HttpRequest:
@@ -436,10 +442,28 @@ class ActionExecutor:
 
     @staticmethod
     def _detail(ctx: _Context, request: HttpRequest) -> str:
-        sensitive = ctx.plan.sensitive_headers
-        names = ", ".join(f"{name}: [redacted]" if name in sensitive else name for name in sorted(request.headers))
+        """The request as the execution record shows it: every part built from a sensitive value is `[redacted]`.
+
+        Redaction follows the call's taint (what was rendered from secrets, auths, a login response or the session),
+        so a secret is hidden wherever it went: a path segment, a query name or value, a header; a part that merely
+        contains one (`Bearer …`, `/x/…/y` as one parameter) is hidden whole. Header values are never shown.
+        """
+        taint = ctx.taint
+
+        def shown(raw: str) -> str:
+            return _REDACTED if taint.touches(raw) or taint.touches(unquote(raw)) else raw
+
         url = request.url
-        return f"{request.method} {url.scheme}://{url.raw_authority}{url.raw_path}; headers: {names}"
+        path = "/".join(shown(segment) for segment in url.raw_path.split("/"))
+        pairs = [*url.query.items(), *request.query]
+        query = "&".join(f"{shown(quote(k, safe=''))}={shown(quote(v, safe=''))}" for k, v in pairs)
+        sensitive = ctx.plan.sensitive_headers
+        names = ", ".join(
+            f"{name}: {_REDACTED}" if name in sensitive or taint.touches(value) else name
+            for name, value in sorted(request.headers.items())
+        )
+        target = f"{url.scheme}://{url.raw_authority}{path}" + (f"?{query}" if query else "")
+        return f"{request.method} {target}; headers: {names}"
 
     async def _send(self, ctx: _Context, checked: dict[str, Any], *, retry_unsafe: bool = False) -> ActionResult:
         plan, call = ctx.plan, ctx.call
@@ -577,15 +601,31 @@ class ActionExecutor:
         assert isinstance(auth, CredentialAuth)
         now = datetime.now(UTC)
         stored = await self._store.get_auth_token(key, now)
-        if stored is not None:
-            payload = json.loads(stored)
+        opened = self._vault.open(key, stored) if stored is not None else None
+        if stored is not None and opened is not None:
+            payload = json.loads(opened)
             return _Token(payload["values"], stored, payload["expires"])
+        # Nothing stored, or a row this processor cannot open (sealed under other root keys): mint a new token.
         login_plan = self._plan(ctx.resolved).actions[(ctx.call.app, auth.action)]
-        login_scope = self._scope(ctx, {}, {})
-        assert plan.login_input is not None
-        login_input = plan.login_input.render(login_scope)
-        checked = check_action_input(login_plan.action.input, login_input if isinstance(login_input, dict) else {})
         login_ctx = _Context(ctx.call, ctx.resolved, login_plan, ctx.deadline)
+        assert plan.login_input is not None
+        login_input = plan.login_input.render(self._scope(login_ctx, {}, {}))
+        try:
+            checked = check_action_input(login_plan.action.input, login_input if isinstance(login_input, dict) else {})
+        except InvalidArgument as exc:
+            if not login_ctx.taint.texts:
+                raise
+            # The login input is rendered from secrets: a contract's reasons (`has 19 characters`) would describe them.
+            raise InvalidArgument(
+                f"auth {auth.tag!r}: the login input breaks the input contract of action {auth.action!r} "
+                "(the reasons are withheld: the input derives from secrets)",
+                reason=exc.reason,
+                metadata={"app": ctx.call.app, "auth": auth.tag},
+                violations=[
+                    FieldViolation(v.field, "breaks the contract (the reason is withheld: it could reveal a secret)")
+                    for v in exc.violations
+                ],
+            ) from None
         started = datetime.now(UTC)
         process_id = new_process_id()
         try:
@@ -611,7 +651,7 @@ class ActionExecutor:
         )
         values = self._render_auth(plan, scope)
         expires = time.time() + auth.expiry.total_seconds()
-        text = json.dumps({"values": values, "expires": expires})
+        text = self._vault.seal(key, json.dumps({"values": values, "expires": expires}))
         await self._store.put_auth_token(key, text, datetime.fromtimestamp(expires, UTC))
         return _Token(values, text, expires)
 

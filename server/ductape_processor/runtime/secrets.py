@@ -1,5 +1,5 @@
 """Where `$Secret{NAME}` values come from: a secrets file (KEY=VALUE lines), then `PROCESSOR_SECRET_<NAME>`
-environment variables.
+environment variables; and how secrets the processor mints itself (upstream tokens) are kept at rest.
 
 Only variables with that prefix are secrets: a manifest cannot read the processor's other environment variables
 (`PGPASSWORD`, cloud credentials, ...). Values never reach logs, traces, errors or responses; only names do.
@@ -7,10 +7,17 @@ Only variables with that prefix are secrets: a manifest cannot read the processo
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ductape_processor.runtime.manifest import SECRET_NAME, SECRET_REFERENCE
 
@@ -81,3 +88,49 @@ def referenced_secrets(document: object) -> set[str]:
         elif isinstance(node, str):
             found.update(SECRET_REFERENCE.findall(node))
     return found
+
+
+_SEALED_PREFIX = "sealed.v1"
+_NONCE_BYTES = 12
+TOKEN_KEY_INFO = b"ductape-processor/auth-token/v1"
+"""The HKDF info label of the key that seals minted tokens: distinct from every session key's label, so the same
+root key never encrypts two kinds of data under one derived key."""
+
+
+class TokenVault:
+    """Seals the upstream tokens credential auths mint, before they reach the store.
+
+    AES-256-GCM under a key derived with HKDF-SHA256 from the processor's session root keys (`PROCESSOR_SESSION_KEYS`,
+    or the key generated in the data directory) with its own info label. The store row's key (product, environment,
+    app and auth) is the authenticated data, so a sealed token opens only where it was stored. Every replica that
+    shares the root keys opens what another sealed; one that cannot (other keys, a damaged row) mints again.
+    """
+
+    def __init__(self, root_keys: Sequence[tuple[str, bytes]]) -> None:
+        if not root_keys:
+            raise ValueError("at least one root key is needed")
+        self._current = root_keys[0][0]
+        self._ciphers = {
+            kid: AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=TOKEN_KEY_INFO).derive(root))
+            for kid, root in root_keys
+        }
+
+    def seal(self, key: str, plaintext: str) -> str:
+        """`plaintext` encrypted for the store row `key`: `sealed.v1.<key id>.<base64url of nonce and ciphertext>`."""
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._ciphers[self._current].encrypt(nonce, plaintext.encode(), key.encode())
+        encoded = base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
+        return f"{_SEALED_PREFIX}.{self._current}.{encoded}"
+
+    def open(self, key: str, sealed: str) -> str | None:
+        """The plaintext of a row sealed for `key`, or None when this processor cannot open it."""
+        prefix, _, rest = sealed.partition(f"{_SEALED_PREFIX}.")
+        kid, _, encoded = rest.partition(".")
+        cipher = self._ciphers.get(kid)
+        if prefix or cipher is None:
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            return cipher.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], key.encode()).decode()
+        except (ValueError, binascii.Error, InvalidTag):
+            return None

@@ -111,6 +111,12 @@ class SessionKeys:
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         return cls([parse_root_key(line) for line in lines]), True
 
+    def root_keys(self) -> list[tuple[str, bytes]]:
+        """The root keys, the current one first: other secrets the processor keeps derive their keys from them."""
+        return [(self.current, self._roots[self.current])] + [
+            (kid, root) for kid, root in self._roots.items() if kid != self.current
+        ]
+
     def cipher(self, kid: str, product: str, env: str) -> AESGCM | None:
         """The AEAD for tokens of (product, env) under root key `kid`, or None for an unknown key id."""
         cached = self._derived.get((kid, product, env))

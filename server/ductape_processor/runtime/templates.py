@@ -14,6 +14,7 @@ value it was compiled from; `$Input{body}` renders to the caller's object itself
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +42,12 @@ SELECTOR_KINDS: Final = frozenset(
 AUTH_PARTS: Final = frozenset({"headers", "query", "body", "params"})
 RESPONSE_PARTS: Final = frozenset({"status", "headers", "body"})
 COMPARISONS: Final = frozenset({">", "<", ">=", "<=", "==", "!="})
+SECRET_KINDS: Final = frozenset({"Secret", "Auth", "Response"})
+"""Selectors whose values are secret: secrets, auth values (minted tokens included), a login response. Errors
+about them, or about anything computed from them, withhold what went wrong."""
+SENSITIVE_KINDS: Final = SECRET_KINDS | {"Session"}
+"""Selectors whose values are redacted from what is recorded about a call: the secret ones and the session's data
+(which the caller may show in its own errors, but the processor never records)."""
 
 _SELECTOR_NAMES = SELECTOR_KINDS | {"Token"}
 _ASCII_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -112,6 +119,51 @@ def _snippet(text: str, position: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Taint
+
+
+class Taint:
+    """The texts of a call's rendered values that derive from sensitive selectors (`SENSITIVE_KINDS`).
+
+    Give one to the renders of a call through `Scope.taint`: each render adds the text of every value it read from
+    a sensitive selector, of every operator result computed from one, and of every text with one inside. What is
+    recorded about the call (its URL, query, headers) is then redacted by what it was built from, not by patterns:
+    any part that contains a tainted text is shown as `[redacted]`. A value the caller's input holds is tainted too
+    when it is a tainted text (a credential auth's login input, rendered from secrets, is its login action's input).
+    """
+
+    __slots__ = ("texts",)
+
+    def __init__(self) -> None:
+        self.texts: set[str] = set()
+
+    def add(self, value: Any) -> None:
+        """Taint the text of `value`, or of each of its leaves for an object or an array."""
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, Mapping):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif isinstance(item, list | tuple):
+                stack.extend(item)
+            elif isinstance(item, str):
+                if item:
+                    self.texts.add(item)
+                    # As it reads inside JSON text (an object sent as one parameter).
+                    quoted = json.dumps(item, ensure_ascii=False)[1:-1]
+                    if quoted != item:
+                        self.texts.add(quoted)
+            elif isinstance(item, int | float) and not isinstance(item, bool):
+                with contextlib.suppress(_Bad, ValueError):
+                    self.texts.add(_to_text(item))
+
+    def touches(self, text: str) -> bool:
+        """True when `text` contains a tainted text."""
+        return any(tainted in text for tainted in self.texts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Scope
 
 
@@ -152,6 +204,8 @@ class Scope:
     """In an auth flow, the login response `{"status": int, "headers": {...}, "body": ...}`."""
     default: Any = NO_DEFAULT
     """The value of `$Default` (the field's default), or NO_DEFAULT."""
+    taint: Taint | None = None
+    """Where renders with this scope record their sensitive values, when the caller needs to know them."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,13 +373,21 @@ def _checked(result: int | float) -> int | float:
 # Render budget
 
 
-class _Budget:
-    """Characters one render may still produce."""
+class _Render:
+    """The state of one render: characters it may still produce, secret selectors it has read so far."""
 
-    __slots__ = ("left",)
+    __slots__ = ("left", "sources")
 
     def __init__(self) -> None:
         self.left = MAX_RENDERED_LENGTH
+        self.sources: list[str] = []
+        """The secret selectors read, as written; an expression is secret when its evaluation made this longer."""
+
+    def taint(self, scope: Scope, source: str, value: Any) -> None:
+        """`value`, read through `source`, derives from a secret."""
+        self.sources.append(source)
+        if scope.taint is not None:
+            scope.taint.add(value)
 
     def spend(self, amount: int) -> None:
         self.left -= amount
@@ -336,10 +398,10 @@ class _Budget:
 # ---------------------------------------------------------------------------------------------------------------
 # Operators: each takes its evaluated arguments and the budget; arity is checked at compile time.
 
-_OperatorFn = Callable[[list[Any], _Budget], Any]
+_OperatorFn = Callable[[list[Any], _Render], Any]
 
 
-def _op_add(args: list[Any], budget: _Budget) -> Any:
+def _op_add(args: list[Any], budget: _Render) -> Any:
     try:
         total: int | float = 0
         for position, arg in enumerate(args, start=1):
@@ -349,7 +411,7 @@ def _op_add(args: list[Any], budget: _Budget) -> Any:
         raise _Bad("the result is out of range") from None
 
 
-def _op_subtract(args: list[Any], budget: _Budget) -> Any:
+def _op_subtract(args: list[Any], budget: _Render) -> Any:
     try:
         total = _number(args[0], "argument 1")
         for position, arg in enumerate(args[1:], start=2):
@@ -359,7 +421,7 @@ def _op_subtract(args: list[Any], budget: _Budget) -> Any:
         raise _Bad("the result is out of range") from None
 
 
-def _joined(array: Any, sep: Any, budget: _Budget) -> str:
+def _joined(array: Any, sep: Any, budget: _Render) -> str:
     items = _array(array, "the first argument")
     separator = _string(sep, "the separator")
     pieces: list[str] = []
@@ -370,15 +432,15 @@ def _joined(array: Any, sep: Any, budget: _Budget) -> str:
     return separator.join(pieces)
 
 
-def _op_concat(args: list[Any], budget: _Budget) -> Any:
+def _op_concat(args: list[Any], budget: _Render) -> Any:
     return _joined(args[0], args[1] if len(args) > 1 else "", budget)
 
 
-def _op_join(args: list[Any], budget: _Budget) -> Any:
+def _op_join(args: list[Any], budget: _Render) -> Any:
     return _joined(args[0], args[1], budget)
 
 
-def _op_substring(args: list[Any], budget: _Budget) -> Any:
+def _op_substring(args: list[Any], budget: _Render) -> Any:
     text = _string(args[0], "the first argument")
     start = _index(args[1], "the start")
     end = _index(args[2], "the end") if len(args) > 2 else len(text)
@@ -391,13 +453,13 @@ def _op_substring(args: list[Any], budget: _Budget) -> Any:
     return result
 
 
-def _op_trim(args: list[Any], budget: _Budget) -> Any:
+def _op_trim(args: list[Any], budget: _Render) -> Any:
     result = _string(args[0], "the argument").strip()
     budget.spend(len(result))
     return result
 
 
-def _op_split(args: list[Any], budget: _Budget) -> Any:
+def _op_split(args: list[Any], budget: _Render) -> Any:
     text = _string(args[0], "the first argument")
     separator = _string(args[1], "the separator")
     if not separator:
@@ -406,7 +468,7 @@ def _op_split(args: list[Any], budget: _Budget) -> Any:
     return text.split(separator)
 
 
-def _op_pick(args: list[Any], budget: _Budget) -> Any:
+def _op_pick(args: list[Any], budget: _Render) -> Any:
     value, key = args
     if isinstance(value, Mapping):
         if not isinstance(key, str):
@@ -423,19 +485,19 @@ def _op_pick(args: list[Any], budget: _Budget) -> Any:
     raise _Bad(f"the first argument is {json_kind(value)}; only an array, a string or an object can be picked from")
 
 
-def _op_uppercase(args: list[Any], budget: _Budget) -> Any:
+def _op_uppercase(args: list[Any], budget: _Render) -> Any:
     result = _string(args[0], "the argument").upper()
     budget.spend(len(result))
     return result
 
 
-def _op_lowercase(args: list[Any], budget: _Budget) -> Any:
+def _op_lowercase(args: list[Any], budget: _Render) -> Any:
     result = _string(args[0], "the argument").lower()
     budget.spend(len(result))
     return result
 
 
-def _op_replace(args: list[Any], budget: _Budget) -> Any:
+def _op_replace(args: list[Any], budget: _Render) -> Any:
     text = _string(args[0], "the first argument")
     find = _string(args[1], "the text to find")
     replacement = _string(args[2], "the replacement")
@@ -495,7 +557,7 @@ _DATE_FIELDS: dict[str, Callable[[datetime], str]] = {
 }
 
 
-def _op_dateformat(args: list[Any], budget: _Budget) -> Any:
+def _op_dateformat(args: list[Any], budget: _Render) -> Any:
     moment = _to_datetime(args[0])
     pattern = _string(args[1], "the format")
     budget.spend(len(pattern))
@@ -562,11 +624,11 @@ def _matches(args: list[Any]) -> Iterator[Any]:
             yield item
 
 
-def _op_filter(args: list[Any], budget: _Budget) -> Any:
+def _op_filter(args: list[Any], budget: _Render) -> Any:
     return list(_matches(args))
 
 
-def _op_find(args: list[Any], budget: _Budget) -> Any:
+def _op_find(args: list[Any], budget: _Render) -> Any:
     for item in _matches(args):
         return item
     raise _Bad("no item matches")
@@ -616,7 +678,7 @@ class _Node(abc.ABC):
         self.text = text
 
     @abc.abstractmethod
-    def eval(self, scope: Scope, budget: _Budget) -> Any:
+    def eval(self, scope: Scope, budget: _Render) -> Any:
         """The expression's value for this scope."""
 
 
@@ -627,7 +689,7 @@ class _Literal(_Node):
         super().__init__(text)
         self.value = value
 
-    def eval(self, scope: Scope, budget: _Budget) -> Any:
+    def eval(self, scope: Scope, budget: _Render) -> Any:
         return self.value
 
 
@@ -638,7 +700,7 @@ class _ArrayLiteral(_Node):
         super().__init__(text)
         self.items = items
 
-    def eval(self, scope: Scope, budget: _Budget) -> Any:
+    def eval(self, scope: Scope, budget: _Render) -> Any:
         return [item.eval(scope, budget) for item in self.items]
 
 
@@ -697,18 +759,20 @@ def _key_text(key: str | int) -> str:
 
 
 class _Selector(_Node):
-    __slots__ = ("keys", "name", "root")
+    __slots__ = ("keys", "name", "root", "secret", "sensitive")
 
     def __init__(self, text: str, name: str, keys: tuple[str | int, ...]) -> None:
         super().__init__(text)
         self.name = name
         self.keys = keys
         self.root = _ROOTS[name]
+        self.secret = name in SECRET_KINDS
+        self.sensitive = name in SENSITIVE_KINDS
 
     def _prefix(self, count: int) -> str:
         return "$" + self.name + "".join(_key_text(key) for key in self.keys[:count])
 
-    def eval(self, scope: Scope, budget: _Budget) -> Any:
+    def eval(self, scope: Scope, budget: _Render) -> Any:
         try:
             value = self.root(scope)
         except _Bad as exc:
@@ -722,6 +786,10 @@ class _Selector(_Node):
                 value = value[key]
             else:
                 value = self._step(value, count, key)
+        if self.secret or (scope.taint is not None and type(value) is str and value in scope.taint.texts):
+            budget.taint(scope, self.text, value)
+        elif self.sensitive and scope.taint is not None:
+            scope.taint.add(value)
         return value
 
     def _step(self, value: Any, count: int, key: str | int) -> Any:
@@ -731,9 +799,9 @@ class _Selector(_Node):
                     self.text, f"{self._prefix(count)} is {json_kind(value)}, not an array: [{key}] cannot index it"
                 )
             if key >= len(value):
-                raise RenderError(
-                    self.text, f"{self._prefix(count)} has {_count(len(value), 'item')}: [{key}] is out of range"
-                )
+                # The length of a sensitive array (a token's parts) is withheld like its values.
+                size = "fewer items" if self.secret else _count(len(value), "item")
+                raise RenderError(self.text, f"{self._prefix(count)} has {size}: [{key}] is out of range")
             return value[key]
         if not isinstance(value, Mapping):
             raise RenderError(self.text, f"{self._prefix(count)} is {json_kind(value)}, not an object")
@@ -749,11 +817,18 @@ class _Secret(_Node):
         super().__init__(text)
         self.secret = secret
 
-    def eval(self, scope: Scope, budget: _Budget) -> Any:
+    def eval(self, scope: Scope, budget: _Render) -> Any:
         value = scope.secrets(self.secret)
         if value is None:
             raise RenderError(self.text, f"secret {self.secret} is not defined")
+        budget.taint(scope, self.text, value)
         return value
+
+
+def _withheld(operator: str, sources: list[str]) -> str:
+    """An operator's error about a sensitive value: which operator and which selectors, never what went wrong."""
+    read = ", ".join(dict.fromkeys(sources))
+    return f"{operator} cannot use the value of {read} (the reason is withheld: it could reveal the value)"
 
 
 class _Operator(_Node):
@@ -764,14 +839,25 @@ class _Operator(_Node):
         self.fn = fn
         self.args = args
 
-    def eval(self, scope: Scope, budget: _Budget) -> Any:
+    def eval(self, scope: Scope, budget: _Render) -> Any:
+        read = len(budget.sources)
         args = [arg.eval(scope, budget) for arg in self.args]
         try:
-            return self.fn(args, budget)
+            result = self.fn(args, budget)
         except _Bad as exc:
+            if len(budget.sources) > read:
+                raise RenderError(self.text, _withheld(self.name, budget.sources[read:])) from None
             raise RenderError(self.text, exc.message) from None
         except RecursionError:
             raise RenderError(self.text, "a value is nested too deeply") from None
+        if len(budget.sources) > read and scope.taint is not None:
+            scope.taint.add(result)
+        return result
+
+    @property
+    def name(self) -> str:
+        """The operator as written, `$Substring`."""
+        return self.text[: self.text.index("(")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -782,7 +868,7 @@ class _Renderer(abc.ABC):
     __slots__ = ()
 
     @abc.abstractmethod
-    def render(self, scope: Scope, budget: _Budget) -> Any:
+    def render(self, scope: Scope, budget: _Render) -> Any:
         """The compiled value for this scope."""
 
 
@@ -792,7 +878,7 @@ class _Constant(_Renderer):
     def __init__(self, value: Any) -> None:
         self.value = value
 
-    def render(self, scope: Scope, budget: _Budget) -> Any:
+    def render(self, scope: Scope, budget: _Render) -> Any:
         return self.value
 
 
@@ -805,7 +891,7 @@ class _Whole(_Renderer):
         self.node = node
         self.path = path
 
-    def render(self, scope: Scope, budget: _Budget) -> Any:
+    def render(self, scope: Scope, budget: _Render) -> Any:
         try:
             return self.node.eval(scope, budget)
         except RenderError as exc:
@@ -823,9 +909,10 @@ class _Text(_Renderer):
         self.path = path
         self.fixed = sum(len(part) for part in parts if isinstance(part, str))
 
-    def render(self, scope: Scope, budget: _Budget) -> Any:
+    def render(self, scope: Scope, budget: _Render) -> Any:
         out: list[str] = []
         current: _Node | None = None
+        read = len(budget.sources)
         try:
             budget.spend(self.fixed)
             for part in self.parts:
@@ -833,7 +920,17 @@ class _Text(_Renderer):
                     out.append(part)
                     continue
                 current = part
-                text = _to_text(part.eval(scope, budget))
+                before = len(budget.sources)
+                value = part.eval(scope, budget)
+                if len(budget.sources) > before:
+                    try:
+                        text = _to_text(value)
+                    except _Bad:
+                        raise RenderError(
+                            part.text, "cannot be written as text (the reason is withheld: it could reveal the value)"
+                        ) from None
+                else:
+                    text = _to_text(value)
                 budget.spend(len(text))
                 out.append(text)
         except _Bad as exc:
@@ -842,7 +939,10 @@ class _Text(_Renderer):
         except RenderError as exc:
             exc.path = exc.path or self.path
             raise
-        return "".join(out)
+        rendered = "".join(out)
+        if len(budget.sources) > read and scope.taint is not None:
+            scope.taint.add(rendered)
+        return rendered
 
 
 class _Object(_Renderer):
@@ -851,7 +951,7 @@ class _Object(_Renderer):
     def __init__(self, items: tuple[tuple[str, _Renderer], ...]) -> None:
         self.items = items
 
-    def render(self, scope: Scope, budget: _Budget) -> Any:
+    def render(self, scope: Scope, budget: _Render) -> Any:
         return {key: renderer.render(scope, budget) for key, renderer in self.items}
 
 
@@ -861,7 +961,7 @@ class _Array(_Renderer):
     def __init__(self, items: tuple[_Renderer, ...]) -> None:
         self.items = items
 
-    def render(self, scope: Scope, budget: _Budget) -> Any:
+    def render(self, scope: Scope, budget: _Render) -> Any:
         return [renderer.render(scope, budget) for renderer in self.items]
 
 
@@ -905,7 +1005,7 @@ class Template:
         """The template's value for this scope; raises `RenderError` when a selector or an operator fails."""
         if self._renderer is None:
             return cast(JsonValue, self._value)
-        return cast(JsonValue, self._renderer.render(scope, _Budget()))
+        return cast(JsonValue, self._renderer.render(scope, _Render()))
 
     def __repr__(self) -> str:
         return f"Template(path={self.path!r}, selectors={sorted(self.selectors)!r})"
@@ -1149,7 +1249,7 @@ class _Parser:
     def fold(self, node: _Node, position: int) -> _Literal:
         """Evaluate an expression of literals now: its errors become compile errors, its renders cost nothing."""
         try:
-            return _Literal(node.text, node.eval(_FOLD_SCOPE, _Budget()))
+            return _Literal(node.text, node.eval(_FOLD_SCOPE, _Render()))
         except RenderError as exc:
             raise self.error(f"{exc.selector}: {exc.message}", position) from None
 
