@@ -29,8 +29,8 @@
 # certificate is issued for (as above), or the container never becomes healthy.
 #
 # Shutdown: SIGTERM makes the server report NOT_SERVING and give calls in flight PROCESSOR_SHUTDOWN_GRACE_S seconds
-# (default 15) to finish. `docker stop` waits only 10 s before SIGKILL, so run with --stop-timeout (or
-# `docker stop -t`) above that grace, as in the example above.
+# (default 15) to finish, then the telemetry flush takes at most 5 s more. `docker stop` waits only 10 s before
+# SIGKILL, so run with --stop-timeout (or `docker stop -t`) above grace + 5 s, as in the example above.
 #
 # Building needs BuildKit (the default builder since Docker 23): it uses a heredoc and a bind mount.
 

@@ -291,7 +291,7 @@ class ProcessorApp:
         if hasattr(self, "cache"):
             await self.cache.close()
         await self.store.close()
-        self.telemetry.shutdown()
+        await self.telemetry.shutdown()
 
     async def wait(self) -> None:
         """Until the server terminates."""

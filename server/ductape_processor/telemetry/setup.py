@@ -4,13 +4,21 @@ Tracing and RPC metrics are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT
 variables) is set. Otherwise no provider is built and the interceptor skips spans and metrics entirely, so the
 cost per call is a dictionary lookup. Tests inject their own exporter. No global provider is installed: the
 composition root passes this object to whoever needs it.
+
+The last export at shutdown is bounded (TELEMETRY_FLUSH_TIMEOUT_S): the SDK's own shutdown waits up to 30 s per
+provider and the OTLP exporter retries for up to its timeout, so a down or silent collector would otherwise hold a
+stopping processor past its orchestrator's grace period.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final, Protocol
 
 from opentelemetry.metrics import Histogram
 from opentelemetry.sdk.metrics import MeterProvider
@@ -21,6 +29,19 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.trace import Tracer
 
 from ductape_processor import __version__
+
+log = logging.getLogger(__name__)
+
+TELEMETRY_FLUSH_TIMEOUT_S: Final = 5.0
+"""Longest the final export of spans and metrics may take when the processor stops; what is unsent then is dropped."""
+
+_CANCEL_WAIT_S: Final = 0.5
+"""How long to wait for the exporters' threads after their channels were closed at the flush deadline."""
+
+
+class _Exporter(Protocol):
+    def shutdown(self) -> None: ...
+
 
 _OTLP_VARIABLES = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -43,6 +64,7 @@ class Telemetry:
     rpc_duration: Histogram | None = None
     _tracer_provider: TracerProvider | None = None
     _meter_provider: MeterProvider | None = None
+    _exporters: list[_Exporter] = field(default_factory=list)
     _closed: bool = field(default=False)
 
     @property
@@ -50,15 +72,57 @@ class Telemetry:
         """True when spans or metrics are recorded."""
         return self.tracer is not None or self.rpc_duration is not None
 
-    def shutdown(self) -> None:
-        """Flush and stop exporters. Idempotent."""
+    async def shutdown(self, timeout_s: float = TELEMETRY_FLUSH_TIMEOUT_S) -> bool:
+        """Export what is pending and stop, within `timeout_s`; False when something had to be dropped. Idempotent.
+
+        The SDK calls block, so they run on their own daemon threads (one per provider, so a stuck trace export
+        does not eat the metrics' time), never on the event loop nor in its executor, which the interpreter would
+        wait for at exit. At the deadline the exporters are shut down, which closes their channels and ends an
+        export in flight.
+        """
         if self._closed:
-            return
+            return True
         self._closed = True
+        steps: list[Callable[[], object]] = []
         if self._tracer_provider is not None:
-            self._tracer_provider.shutdown()
+            steps.append(self._tracer_provider.shutdown)
         if self._meter_provider is not None:
-            self._meter_provider.shutdown()
+            meter_provider = self._meter_provider
+            steps.append(lambda: meter_provider.shutdown(timeout_millis=timeout_s * 1000))
+        if not steps:
+            return True
+        loop = asyncio.get_running_loop()
+        pending = [_run_in_daemon_thread(loop, step) for step in steps]
+        _, late = await asyncio.wait(pending, timeout=timeout_s)
+        if not late:
+            return True
+        for exporter in self._exporters:
+            exporter.shutdown()
+        await asyncio.wait(late, timeout=_CANCEL_WAIT_S)
+        log.warning(
+            "telemetry not exported within %.1fs of stopping: the rest is dropped (is the OTLP collector reachable?)",
+            timeout_s,
+        )
+        return False
+
+
+def _run_in_daemon_thread(loop: asyncio.AbstractEventLoop, step: Callable[[], object]) -> asyncio.Future[None]:
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finish() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def run() -> None:
+        try:
+            step()
+        except Exception as exc:  # an SDK failure must not stop the rest of the shutdown
+            log.warning("telemetry shutdown failed: %s", exc)
+        finally:
+            loop.call_soon_threadsafe(finish)
+
+    threading.Thread(target=run, name="telemetry-shutdown", daemon=True).start()
+    return done
 
 
 def otlp_configured() -> bool:
@@ -81,14 +145,19 @@ def setup_telemetry(
     resource = Resource.create(attributes)
     tracer_provider = TracerProvider(resource=resource)
     readers: list[MetricReader] = list(metric_readers)
+    exporters: list[_Exporter] = []
     if use_otlp:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         if _exports("TRACES"):
-            tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            span_otlp = OTLPSpanExporter()
+            exporters.append(span_otlp)
+            tracer_provider.add_span_processor(BatchSpanProcessor(span_otlp))
         if _exports("METRICS"):
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+            metric_otlp = OTLPMetricExporter()
+            exporters.append(metric_otlp)
+            readers.append(PeriodicExportingMetricReader(metric_otlp))
     elif span_exporter is not None:
         tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
@@ -101,4 +170,5 @@ def setup_telemetry(
         rpc_duration=histogram,
         _tracer_provider=tracer_provider,
         _meter_provider=meter_provider,
+        _exporters=exporters,
     )
