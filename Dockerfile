@@ -74,7 +74,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 RUN groupadd --system --gid 10001 ductape \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
        --home-dir /var/lib/ductape-processor --shell /usr/sbin/nologin ductape \
-    && install -d -o 10001 -g 10001 -m 0750 /var/lib/ductape-processor
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/ductape-processor
 
 # The health check, used by HEALTHCHECK below and by the Kubernetes exec probes in deploy/kubernetes/.
 COPY --chmod=0755 <<'EOF' /usr/local/bin/ductape-healthcheck

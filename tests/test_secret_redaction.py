@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,7 @@ import pytest
 from ductape.processor import InvalidArgumentError
 
 from ductape_processor.store.postgres import PostgresStore
+from ductape_processor.store.sqlite import SqliteStore
 from tests.conftest import POSTGRES_DSN, Running, ServerFactory
 from tests.upstream import Upstream, json_answer
 
@@ -206,3 +211,63 @@ async def test_a_replica_with_other_root_keys_mints_its_own_token(
     await call_me(a)
     await call_me(b)
     assert len(upstream.hits(f"/login/{LOGIN_KEY}/at//x/{LOGIN_KEY}/y")) == 2
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """The common umask 022, under which files are created world-readable unless the processor says otherwise."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_the_data_directory_is_0700_and_every_file_in_it_0600(
+    open_umask: None, secrets_env: None, start_server: ServerFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "new" / "data"
+    server = await start_server(data_dir=data_dir, execution_flush_s=0.05)
+    await server.client.product.apply(product(upstream.url))
+    answer_login(upstream)
+    await call_me(server)
+    await server.app.recorder.flush()
+    written = {path.name: mode(path) for path in data_dir.iterdir()}
+    assert {"processor.db", "processor.db-wal", "processor.db-shm", "session-keys"} <= set(written)
+    assert written == dict.fromkeys(written, 0o600)
+    assert mode(data_dir) == 0o700 and mode(data_dir.parent) == 0o700
+
+
+async def test_an_existing_data_directory_and_files_open_to_others_are_tightened(
+    open_umask: None, start_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "old"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    for name in ("processor.db", "processor.db-wal", "session-keys"):
+        (data_dir / name).touch(mode=0o644)
+        (data_dir / name).chmod(0o644)
+    (data_dir / "session-keys").write_text("local:" + "A" * 43 + "\n")
+    caplog.set_level(logging.WARNING)
+    await start_server(data_dir=data_dir)
+    assert mode(data_dir) == 0o700
+    assert {path.name: mode(path) for path in data_dir.iterdir()} == {
+        "processor.db": 0o600,
+        "processor.db-wal": 0o600,
+        "processor.db-shm": 0o600,
+        "session-keys": 0o600,
+    }
+    assert any("tightened" in record.getMessage() and str(data_dir) in record.getMessage() for record in caplog.records)
+
+
+async def test_a_store_file_named_elsewhere_is_0600_and_its_existing_folder_left_alone(
+    open_umask: None, start_server: ServerFactory, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    database = shared / "elsewhere.db"
+    await start_server(store=SqliteStore(database), session_keys=["k1:" + "A" * 43])
+    assert mode(database) == 0o600 and mode(shared) == 0o755

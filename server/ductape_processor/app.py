@@ -45,6 +45,7 @@ from ductape_processor.runtime.secrets import SecretsFileError, SecretSource, To
 from ductape_processor.runtime.sessions import SessionKeys, SessionManager
 from ductape_processor.settings import Settings
 from ductape_processor.store import Store, open_store
+from ductape_processor.store.files import private_directory
 from ductape_processor.telemetry.setup import Telemetry, setup_telemetry
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,12 @@ class ProcessorApp:
         except SecretsFileError as exc:
             raise StartupError(str(exc)) from None
         files = manifest_files(self.settings.manifests)
+        if self.settings.store == "sqlite" or not self.settings.session_keys:
+            try:  # the data directory is in use: the store's files or the generated session key live there
+                private_directory(self.settings.data_dir, tighten=True)
+            except OSError as exc:
+                where = self.settings.data_dir
+                raise StartupError(f"cannot prepare the data directory {where}: {exc.strerror}") from None
         try:
             await self.store.open()
         except Exception as exc:  # any driver error: the operator needs the cause, not a traceback

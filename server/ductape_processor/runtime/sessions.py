@@ -37,6 +37,7 @@ from ductape_processor.runtime.contract import check_input
 from ductape_processor.runtime.manifest import SessionType
 from ductape_processor.runtime.registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry
 from ductape_processor.store.base import SessionRecord, Store
+from ductape_processor.store.files import private_directory, private_file
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,9 @@ class SessionKeys:
         if specs:
             return cls([parse_root_key(spec) for spec in specs]), False
         path = data_dir / GENERATED_KEY_FILE
+        private_file(path, create=False)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_directory(path.parent, tighten=True)
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "w") as handle:
                 handle.write(new_root_key("local") + "\n")

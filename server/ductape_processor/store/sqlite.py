@@ -24,6 +24,7 @@ from ductape_processor.store.base import (
     Store,
     VersionRecord,
 )
+from ductape_processor.store.files import private_directory, private_file
 from ductape_processor.store.migrations import SQLITE
 
 _VERSION_COLUMNS = "product, version, checksum, format, source, document, created_at"
@@ -128,7 +129,11 @@ class SqliteStore(Store):
         return self._db
 
     async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        # SQLite gives the -wal and -shm files it creates the database file's mode: a 0600 database keeps them 0600.
+        private_directory(self._path.parent, tighten=False)
+        private_file(self._path)
+        for suffix in ("-wal", "-shm", "-journal"):
+            private_file(self._path.with_name(self._path.name + suffix), create=False)
         self._db = await aiosqlite.connect(self._path, isolation_level=None)
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA busy_timeout=5000")
