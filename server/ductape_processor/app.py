@@ -24,7 +24,6 @@ from ductape.processor.v1 import (
     session_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from ductape_processor.adapters.http import HttpClientPool
 from ductape_processor.api.action import ActionServicer
@@ -33,6 +32,7 @@ from ductape_processor.api.broker import BrokerServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.log import LogServicer
 from ductape_processor.api.product import ProductServicer
+from ductape_processor.api.reflection import enable_reflection
 from ductape_processor.api.session import SessionServicer
 from ductape_processor.errors import InvalidManifest
 from ductape_processor.runtime.actions import ActionExecutor
@@ -251,14 +251,7 @@ class ProcessorApp:
             LogServicer(self.registry, self.store, self.recorder.flush), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
+        enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         return server
 
     async def stop(self, grace: float | None = None) -> None:

@@ -34,6 +34,7 @@ class ProcessorError(Exception):
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
         violations: Iterable[FieldViolation] = (),
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -41,6 +42,8 @@ class ProcessorError(Exception):
             self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
         self.violations: list[FieldViolation] = list(violations)
+        # When a retry may succeed: sent as google.rpc.RetryInfo.retry_delay.
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(ProcessorError):

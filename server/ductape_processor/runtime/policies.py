@@ -112,7 +112,8 @@ class CircuitBreaker:
             retry_in = max(self.cooldown_s - (self.clock() - self.opened_at), 0.0)
             raise CircuitOpen(
                 f"{name} failed {self.failures} times in a row; calls resume after a probe in {retry_in:.1f}s",
-                metadata={"upstream": name, "retry_in_s": f"{retry_in:.1f}"},
+                metadata={"upstream": name},
+                retry_after_s=retry_in,
             )
         self.probing = True
 

@@ -2,7 +2,8 @@
 
 Every failed call raises a `ProcessorError` subclass chosen by the status code. It carries the code, the
 message, the `reason` (`PRODUCT_NOT_FOUND`, `INVALID_MANIFEST`, ...), the `domain`, the error metadata, the
-field violations of a bad request, and the request id the server logged the call under.
+field violations of a bad request, the retry delay the server suggests (`google.rpc.RetryInfo`, as
+`retry_after_s`), and the request id the server logged the call under.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ProcessorError(Exception):
         metadata: dict[str, str] | None = None,
         field_violations: list[FieldViolation] | None = None,
         request_id: str = "",
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {reason + ': ' if reason else ''}{message}")
         self.code = code
@@ -45,6 +47,8 @@ class ProcessorError(Exception):
         self.metadata = metadata or {}
         self.field_violations = field_violations or []
         self.request_id = request_id
+        # Seconds to wait before a retry may succeed, when the server said (google.rpc.RetryInfo); else None.
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgumentError(ProcessorError):
@@ -107,6 +111,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ProcessorError:
     reason = domain = request_id = ""
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
+    retry_after_s: float | None = None
     for key, value in error.trailing_metadata() or ():
         if key == "x-request-id" and isinstance(value, str):
             request_id = value
@@ -122,6 +127,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ProcessorError:
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
     cls = _BY_CODE.get(code, ProcessorError)
     return cls(
         code,
@@ -131,4 +140,5 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ProcessorError:
         metadata=metadata,
         field_violations=violations,
         request_id=request_id,
+        retry_after_s=retry_after_s,
     )
