@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -9,9 +10,15 @@ from datetime import timedelta
 
 import pytest
 
-from ductape_processor.errors import InvalidManifest
+from ductape_processor.errors import InvalidManifest, ManifestTooLarge
 from ductape_processor.runtime.manifest import CredentialAuth, RedisBrokerEnv
-from ductape_processor.runtime.manifest_loader import ManifestFormat, load_manifest, parse_document
+from ductape_processor.runtime.manifest_loader import (
+    MAX_MANIFEST_BYTES,
+    MAX_VALUES,
+    ManifestFormat,
+    load_manifest,
+    parse_document,
+)
 from tests.conftest import EXAMPLE, ROOT
 
 BASE = {
@@ -24,7 +31,7 @@ def problems(document: object, fmt: ManifestFormat = ManifestFormat.UNSPECIFIED)
     source = document if isinstance(document, bytes) else json.dumps(document).encode()
     with pytest.raises(InvalidManifest) as caught:
         load_manifest(source, fmt)
-    return {v.field: v.description for v in caught.value.violations}
+    return {v.field: v.description for v in caught.value.problems}
 
 
 def with_(**parts: object) -> dict[str, object]:
@@ -129,8 +136,8 @@ def test_broker_types_and_auth_kinds_are_discriminated() -> None:
             ],
         )
     )
-    assert "'token', 'credential'" in found["apps[0].auths[0]"]
-    assert "'memory', 'redis', 'rabbitmq', 'nats'" in found["brokers[0].envs.dev"]
+    assert found["apps[0].auths[0].type"] == "must be one of token, credential, not 'oauth'"
+    assert found["brokers[0].envs.dev.type"] == "must be one of memory, redis, rabbitmq, nats, not 'kafka'"
     assert "redis://" in found["brokers[0].envs.prd.url"]
     model = load_manifest(
         json.dumps(
@@ -208,8 +215,122 @@ def test_alias_expansion_bombs_are_refused() -> None:
     for level in range(1, 9):
         previous = f"*a{level - 1}"
         lines.append(f"a{level}: &a{level} [{', '.join([previous] * 10)}]")
-    found = problems("\n".join(lines).encode())
-    assert "more than" in found[""]
+    with pytest.raises(ManifestTooLarge) as caught:
+        load_manifest("\n".join(lines).encode())
+    assert caught.value.limit == "values"
+    assert caught.value.violations[0].field == "manifest"
+
+
+def test_size_limits_are_refused_with_the_limit_named() -> None:
+    with pytest.raises(ManifestTooLarge) as caught:
+        load_manifest(b"product: [" + b" " * MAX_MANIFEST_BYTES)
+    assert caught.value.reason == "MANIFEST_TOO_LARGE" and caught.value.limit == "bytes"
+    assert caught.value.violations[0].description == (
+        f"is {MAX_MANIFEST_BYTES + 10} bytes, more than the {MAX_MANIFEST_BYTES} bytes allowed "
+        "(PROCESSOR_MANIFEST_MAX_BYTES)"
+    )
+    assert caught.value.metadata == {"limit": "bytes", "maximum": str(MAX_MANIFEST_BYTES)}
+    with pytest.raises(ManifestTooLarge, match="1000 bytes allowed"):
+        load_manifest(EXAMPLE.read_bytes(), max_bytes=1000)
+    many = json.dumps({**BASE, "constants": [0] * MAX_VALUES}).encode()
+    deep = json.dumps({**BASE, "constants": json.loads("[" * 65 + "]" * 65)}).encode()
+    very_deep = b'{"product": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    yaml_deep = b"product: shop\nx:\n" + b"".join(b" " * i + b"- \n" for i in range(1, 1100))
+    for source, limit in [(many, "values"), (deep, "depth"), (very_deep, "depth"), (yaml_deep, "depth")]:
+        with pytest.raises(ManifestTooLarge) as caught:
+            load_manifest(source)
+        assert caught.value.limit == limit, source[:40]
+    load_manifest(json.dumps({**BASE, "description": "x", "name": None}).encode())
+
+
+# Phrases of the validation library that must never reach a caller.
+LIBRARY_WORDS = (
+    "Input should",
+    "Field required",
+    "Extra inputs",
+    "String should",
+    "List should",
+    "Value error",
+    "Assertion failed",
+    "dictionary",
+    "Unable to extract tag",
+    "expected tags",
+    "valid JSON value",
+    "is not a valid value here",  # our fallback: an error kind left unmapped
+)
+
+
+def test_problems_read_in_the_processors_words() -> None:
+    schema = {"": {"type": "string"}, "ok": {"type": "string", "required": "yes", "min_length": -1}}
+    found = problems(
+        {
+            "product": 5,
+            "environments": [{"slug": "1dev", "name": "n" * 101}],
+            "apps": [
+                app(
+                    auths=[{"tag": "k"}, {"tag": "j", "type": "oauth"}],
+                    retry={"max": 50, "backoff": "linear"},
+                    actions=[{"tag": "a", "method": "FETCH", "path": "/", "input": {"body": schema}, "retry": 3}],
+                )
+            ],
+            "brokers": {},
+            "caches": [{"tag": "c", "ttl": "1m", "backend": "memcached"}],
+            "colour": "red",
+        }
+    )
+    assert found == {
+        "product": "must be text",
+        "environments[0].slug": "must be a tag: letters, digits, '_' and '-', starting with a letter, at most 64 "
+        "characters",
+        "environments[0].name": "must have at most 100 characters",
+        "apps[0].auths[0].type": "required field is missing: it says which kind of entry this is",
+        "apps[0].auths[1].type": "must be one of token, credential, not 'oauth'",
+        "apps[0].retry.max": "must be at most 20",
+        "apps[0].retry.backoff": "must be one of constant, exponential, not 'linear'",
+        "apps[0].actions[0].method": "must be one of GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS, not 'FETCH'",
+        "apps[0].actions[0].input.body.": "the key must not be empty",
+        "apps[0].actions[0].input.body.ok.required": "must be true or false",
+        "apps[0].actions[0].input.body.ok.min_length": "must be at least 0",
+        "apps[0].actions[0].retry": "must be a mapping (key: value pairs)",
+        "brokers": "must be a list",
+        "caches[0].backend": "must be one of store, redis, not 'memcached'",
+        "colour": "unknown field: not part of the manifest schema (see docs/manifest.md)",
+    }
+    assert problems(with_(environments=[]))["environments"] == "must not be empty"
+    assert problems({"product": "shop"})["environments"] == "required field is missing"
+
+
+def _paths(node: object, path: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    found = [path]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += _paths(value, (*path, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _paths(value, (*path, index))
+    return found
+
+
+def test_no_problem_is_worded_by_the_validation_library() -> None:
+    """Every value of the example replaced by values of every other kind: each problem is in our words."""
+    example = parse_document(EXAMPLE.read_bytes(), ManifestFormat.YAML)
+    replacements: list[object] = [7, -1, 1.5, "text", "", "x" * 3000, True, None, [], [1], {}, {"extra": 1}]
+    reasons: set[str] = set()
+    for path in _paths(example)[1:]:
+        for replacement in replacements:
+            document = copy.deepcopy(example)
+            parent = document
+            for part in path[:-1]:
+                parent = parent[part]
+            parent[path[-1]] = replacement
+            try:
+                load_manifest(json.dumps(document).encode())
+            except InvalidManifest as exc:
+                reasons.update(problem.description for problem in exc.problems)
+    assert len(reasons) > 40
+    worded_by_the_library = sorted(r for r in reasons if any(words in r for words in LIBRARY_WORDS))
+    assert worded_by_the_library == []
+    assert all(len(reason) <= 300 for reason in reasons)
 
 
 def test_yaml_keeps_words_and_dates_as_strings() -> None:

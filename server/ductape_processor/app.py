@@ -34,7 +34,7 @@ from ductape_processor.api.log import LogServicer
 from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.reflection import enable_reflection
 from ductape_processor.api.session import SessionServicer
-from ductape_processor.errors import InvalidManifest
+from ductape_processor.errors import InvalidManifest, ProcessorError
 from ductape_processor.runtime.actions import ActionExecutor
 from ductape_processor.runtime.brokers import BrokerRuntime
 from ductape_processor.runtime.cache import ResultCache
@@ -101,7 +101,9 @@ class ProcessorApp:
             store if store is not None else open_store(settings.store, settings.data_dir, settings.store_schema)
         )
         self.telemetry = telemetry if telemetry is not None else setup_telemetry()
-        self.registry = Registry(self.store, poll_interval=settings.registry_poll_s)
+        self.registry = Registry(
+            self.store, poll_interval=settings.registry_poll_s, manifest_max_bytes=settings.manifest_max_bytes
+        )
         self.secrets = SecretSource()
         self.http = HttpClientPool(max_response_bytes=settings.max_upstream_response_bytes)
         self.recorder = ExecutionRecorder(self.store, flush_interval=settings.execution_flush_s)
@@ -205,8 +207,11 @@ class ProcessorApp:
         fmt = ManifestFormat.JSON if path.suffix == ".json" else ManifestFormat.YAML
         try:
             record, created = await self.registry.apply(source, fmt)
-        except InvalidManifest as exc:
-            listed = "\n".join(f"  {v.field or '(document)'}: {v.description}" for v in exc.violations)
+        except ProcessorError as exc:
+            problems = exc.problems if isinstance(exc, InvalidManifest) else exc.violations
+            listed = "\n".join(f"  {v.field or '(document)'}: {v.description}" for v in problems)
+            more = exc.total - len(problems) if isinstance(exc, InvalidManifest) else 0
+            listed += f"\n  … and {more} more problems" if more else ""
             raise StartupError(f"manifest {path} is invalid:\n{listed}") from None
         document = json.loads(record.document)
         missing = self.secrets.missing(referenced_secrets(document))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -20,7 +21,7 @@ from pydantic.json_schema import GenerateJsonSchema
 from ductape_processor import __version__
 from ductape_processor.api.auth import hash_key
 from ductape_processor.app import ProcessorApp, StartupError, manifest_files
-from ductape_processor.errors import InvalidManifest
+from ductape_processor.errors import InvalidManifest, ManifestTooLarge
 from ductape_processor.runtime.durations import format_duration
 from ductape_processor.runtime.manifest import Manifest
 from ductape_processor.runtime.manifest_loader import ManifestFormat, load_manifest
@@ -59,6 +60,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "tls_key": {},
     "tls_client_ca": {"help": "CA bundle that client certificates must chain to (mTLS)"},
     "registry_poll_s": {"type": float},
+    "manifest_max_bytes": {"type": int},
     "max_upstream_response_bytes": {"type": int},
     "idempotency_retention_s": {"type": float},
     "execution_flush_s": {"type": float},
@@ -78,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure", action="store_true", default=None, help="allow an exposed bind without TLS/auth")
     validate = commands.add_parser("validate", help="validate manifest files and list every problem")
     validate.add_argument("paths", nargs="+", type=Path)
+    validate.add_argument(
+        "--manifest-max-bytes", type=int, default=None, help="largest manifest accepted (PROCESSOR_MANIFEST_MAX_BYTES)"
+    )
     commands.add_parser("schema", help="print the manifest JSON Schema")
     session_key = commands.add_parser("new-session-key", help="print a new session root key (id:key)")
     session_key.add_argument("--id", default="k1", help="the key's id, e.g. the date it was made (default k1)")
@@ -120,17 +125,31 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def _validate(paths: list[Path]) -> int:
+def _validate(paths: list[Path], max_bytes: int) -> int:
     status = 0
     for path in manifest_files(paths):
         fmt = ManifestFormat.JSON if path.suffix == ".json" else ManifestFormat.YAML
         try:
-            loaded = load_manifest(path.read_bytes(), fmt)
+            with path.open("rb") as file:
+                source = file.read(max_bytes + 1)  # a larger file is refused unread, as the server does
+                if len(source) > max_bytes:
+                    raise ManifestTooLarge("bytes", max_bytes, os.fstat(file.fileno()).st_size)
+            loaded = load_manifest(source, fmt, max_bytes=max_bytes)
+        except OSError as exc:
+            status = 1
+            print(f"{path}: unreadable: {exc.strerror}")
+            continue
+        except ManifestTooLarge as exc:
+            status = 1
+            print(f"{path}: invalid\n  (document): {exc.violations[0].description}")
+            continue
         except InvalidManifest as exc:
             status = 1
             print(f"{path}: invalid")
-            for v in exc.violations:
+            for v in exc.problems:
                 print(f"  {v.field or '(document)'}: {v.description}")
+            if exc.total > len(exc.problems):
+                print(f"  … and {exc.total - len(exc.problems)} more problems")
             continue
         print(f"{path}: valid (product {loaded.model.product}, checksum {loaded.checksum})")
     return status
@@ -186,16 +205,16 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit("hash-key: no key given on standard input")
         print(hash_key(key))
         return
-    if args.command == "validate":
-        try:
-            sys.exit(_validate(args.paths))
-        except StartupError as exc:
-            sys.exit(f"validate: {exc}")
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         sys.exit(f"ductape-processor: invalid configuration: {problems}")
+    if args.command == "validate":
+        try:
+            sys.exit(_validate(args.paths, settings.manifest_max_bytes))
+        except StartupError as exc:
+            sys.exit(f"validate: {exc}")
     configure_logging(settings.log_level, settings.log_format)
     try:
         sys.exit(_run(serve(settings), settings.event_loop))

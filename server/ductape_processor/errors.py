@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 import grpc
 
@@ -58,18 +59,88 @@ class InvalidArgument(ProcessorError):
         return cls(f"{field}: {description}", violations=[FieldViolation(field, description)])
 
 
+MAX_PROBLEMS_LISTED: Final = 100
+"""Problems an invalid manifest lists; the others are only counted, so no answer outgrows a gRPC message."""
+MAX_PROBLEM_TEXT: Final = 300
+"""Characters kept of a problem's path and of its reason (a value quoted in a reason can be long)."""
+MAX_DETAIL_BYTES: Final = 3000
+"""UTF-8 bytes of paths and reasons an INVALID_MANIFEST error carries. Error details and the status message travel
+in trailing metadata, which gRPC clients start refusing at 8 KiB (the details base64-encoded, the message
+percent-encoded): this budget keeps the worst case under it."""
+MAX_MESSAGE_TEXT: Final = 200
+"""Characters of the first problem quoted in an INVALID_MANIFEST status message."""
+
+
+def _clip(text: str, limit: int = MAX_PROBLEM_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class InvalidManifest(InvalidArgument):
-    """A product manifest has problems; each is a violation whose field is its path in the manifest."""
+    """A product manifest has problems; each is a violation whose field is its path in the manifest.
+
+    `problems` keeps the first `MAX_PROBLEMS_LISTED` (paths and reasons clipped to `MAX_PROBLEM_TEXT`) and
+    `total` counts them all. The error's own violations, sent as a `BadRequest`, are the first problems that fit in
+    `MAX_DETAIL_BYTES`; `metadata["problems"]` is the total, so a caller knows how many it was not shown.
+    """
 
     reason = "INVALID_MANIFEST"
 
-    def __init__(self, problems: Iterable[FieldViolation]) -> None:
-        listed = list(problems)
+    def __init__(self, problems: Iterable[FieldViolation], total: int | None = None) -> None:
+        listed: list[FieldViolation] = []
+        found = 0
+        for problem in problems:
+            found += 1
+            if len(listed) < MAX_PROBLEMS_LISTED:
+                listed.append(FieldViolation(_clip(problem.field), _clip(problem.description)))
+        self.problems = listed
+        self.total = max(found, total or 0)
+        shown: list[FieldViolation] = []
+        budget = MAX_DETAIL_BYTES
+        for problem in listed:
+            budget -= len(problem.field.encode()) + len(problem.description.encode()) + 8
+            if budget < 0:
+                break
+            shown.append(problem)
         first = listed[0] if listed else FieldViolation("", "invalid manifest")
         where = f"{first.field}: " if first.field else ""
-        others = len(listed) - 1
-        more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
-        super().__init__(f"invalid manifest: {where}{first.description}{more}", violations=listed)
+        others = self.total - 1
+        more = f" (and {others} more problem{'s' if others > 1 else ''})" if others > 0 else ""
+        super().__init__(
+            f"invalid manifest: {_clip(where + first.description, MAX_MESSAGE_TEXT)}{more}",
+            metadata={"problems": str(self.total)},
+            violations=shown,
+        )
+
+    def __reduce__(self) -> tuple[type[InvalidManifest], tuple[list[FieldViolation], int]]:
+        # Crosses the boundary of the process that checks manifests.
+        return (type(self), (self.problems, self.total))
+
+
+_TOO_LARGE: Final = {
+    "bytes": "is {found} bytes, more than the {maximum} bytes allowed (PROCESSOR_MANIFEST_MAX_BYTES)",
+    "values": "holds more than {maximum} values (lists, mappings and scalars; YAML aliases count once per use)",
+    "depth": "nests deeper than {maximum} levels",
+}
+
+
+class ManifestTooLarge(InvalidArgument):
+    """A manifest is over one of the limits checked before it is validated: bytes, values or nesting depth."""
+
+    reason = "MANIFEST_TOO_LARGE"
+
+    def __init__(self, limit: str, maximum: int, found: int = 0) -> None:
+        self.limit = limit
+        self.maximum = maximum
+        self.found = found
+        why = _TOO_LARGE[limit].format(found=found, maximum=maximum)
+        super().__init__(
+            f"manifest: {why}",
+            metadata={"limit": limit, "maximum": str(maximum)},
+            violations=[FieldViolation("manifest", why)],
+        )
+
+    def __reduce__(self) -> tuple[type[ManifestTooLarge], tuple[str, int, int]]:
+        return (type(self), (self.limit, self.maximum, self.found))
 
 
 class NotFound(ProcessorError):

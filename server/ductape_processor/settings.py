@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     session_revocation_poll_s: float = Field(
         2.0, gt=0, description="How often revocations made on other replicas are picked up (their staleness bound)."
     )
+    manifest_max_bytes: int = Field(
+        1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Largest manifest Apply and Validate accept, in bytes."
+    )
     registry_poll_s: float = Field(
         2.0, gt=0, description="How often a replica re-checks the store for products changed elsewhere."
     )

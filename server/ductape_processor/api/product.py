@@ -62,12 +62,13 @@ class ProductServicer(product_pb2_grpc.ProductServiceServicer):
         return product_pb2.ApplyResponse(version=_version(record, state.pins), created=created)
 
     async def Validate(self, request: product_pb2.ValidateRequest, context: Context) -> product_pb2.ValidateResponse:
-        result = self._registry.validate(_manifest(request.manifest), _format(request.format))
+        result = await self._registry.validate(_manifest(request.manifest), _format(request.format))
         return product_pb2.ValidateResponse(
             valid=not result.problems,
             problems=[product_pb2.ManifestProblem(path=p.field, message=p.description) for p in result.problems],
             product=result.product,
             checksum=result.checksum,
+            omitted_problems=result.total - len(result.problems),
         )
 
     async def Get(self, request: product_pb2.GetRequest, context: Context) -> product_pb2.GetResponse:

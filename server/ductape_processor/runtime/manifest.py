@@ -27,6 +27,7 @@ Tag = Annotated[
         description="Letters, digits, `_` and `-`, starting with a letter, at most 64 characters.",
     ),
 ]
+TOPIC_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 SECRET_REFERENCE = re.compile(r"\$Secret\{([^{}]*)\}")
 SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 PATH_PARAMETER = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
@@ -313,7 +314,7 @@ class Topic(_Model):
     """A topic: callers use its tag (`broker:topic`), the broker sees its name."""
 
     tag: Tag
-    name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1, max_length=255, pattern=TOPIC_NAME_PATTERN)
 
 
 class Broker(_Model):

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -21,18 +20,11 @@ from ductape_processor.errors import (
     EnvNotFound,
     FieldViolation,
     InvalidArgument,
-    InvalidManifest,
     ProductNotFound,
     VersionNotFound,
 )
 from ductape_processor.runtime.manifest import Environment, Manifest
-from ductape_processor.runtime.manifest_loader import (
-    LoadedManifest,
-    ManifestFormat,
-    load_manifest,
-    parse_document,
-    validate_document,
-)
+from ductape_processor.runtime.manifest_loader import MAX_MANIFEST_BYTES, ManifestFormat, ManifestLoader
 from ductape_processor.store.base import Store, VersionRecord
 
 log = logging.getLogger(__name__)
@@ -68,6 +60,7 @@ class ValidationResult:
     """The outcome of validating a manifest without storing it."""
 
     problems: list[FieldViolation]
+    total: int
     product: str
     checksum: str
 
@@ -83,8 +76,11 @@ class _Slot:
 class Registry:
     """Product versions and environment pins over a `Store`, with an in-memory cache of resolved models."""
 
-    def __init__(self, store: Store, *, poll_interval: float = 2.0) -> None:
+    def __init__(
+        self, store: Store, *, poll_interval: float = 2.0, manifest_max_bytes: int = MAX_MANIFEST_BYTES
+    ) -> None:
         self._store = store
+        self._loader = ManifestLoader(manifest_max_bytes)
         self._poll_interval = poll_interval
         self._slots: dict[str, _Slot] = {}
         self._models: OrderedDict[tuple[str, int], Manifest] = OrderedDict()
@@ -100,12 +96,13 @@ class Registry:
         self._poller = asyncio.get_running_loop().create_task(self._poll(), name="registry-poll")
 
     async def stop(self) -> None:
-        """Stop following changes."""
+        """Stop following changes, and the worker that reads large manifests."""
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        await self._loader.close()
 
     async def _poll(self) -> None:
         while True:
@@ -175,14 +172,14 @@ class Registry:
             raise VersionNotFound(product, version, state.latest.version)
         return record
 
-    def model(self, record: VersionRecord) -> Manifest:
+    async def model(self, record: VersionRecord) -> Manifest:
         """The validated model of a stored version (cached; versions never change)."""
         key = (record.product, record.version)
         model = self._models.get(key)
         if model is not None:
             self._models.move_to_end(key)
             return model
-        model = validate_document(json.loads(record.document))
+        model = await self._loader.model(record.document)
         self._models[key] = model
         if len(self._models) > MODEL_CACHE_SIZE:
             self._models.popitem(last=False)
@@ -192,7 +189,7 @@ class Registry:
 
     async def apply(self, source: bytes, fmt: ManifestFormat) -> tuple[VersionRecord, bool]:
         """Validate and store a manifest as the product's next version (or return the identical latest)."""
-        loaded: LoadedManifest = load_manifest(source, fmt)
+        loaded = await self._loader.load(source, fmt)
         record, created = await self._store.apply_version(
             loaded.model.product, loaded.checksum, int(loaded.format), source, loaded.canonical_json
         )
@@ -201,18 +198,13 @@ class Registry:
             self.invalidate(record.product)
         return record, created
 
-    def validate(self, source: bytes, fmt: ManifestFormat) -> ValidationResult:
-        """Every problem of a manifest, without storing it."""
-        try:
-            loaded = load_manifest(source, fmt)
-        except InvalidManifest as exc:
-            product = ""
-            with contextlib.suppress(InvalidManifest):
-                document = parse_document(source, fmt if fmt else ManifestFormat.UNSPECIFIED)
-                value = document.get("product")
-                product = value if isinstance(value, str) else ""
-            return ValidationResult(exc.violations, product, "")
-        return ValidationResult([], loaded.model.product, loaded.checksum)
+    async def validate(self, source: bytes, fmt: ManifestFormat) -> ValidationResult:
+        """The problems of a manifest (the first `MAX_PROBLEMS_LISTED`, and how many in all), without storing it."""
+        checked = await self._loader.check(source, fmt)
+        if checked.invalid is not None:
+            return ValidationResult(checked.invalid.problems, checked.invalid.total, checked.product, "")
+        assert checked.loaded is not None
+        return ValidationResult([], 0, checked.product, checked.loaded.checksum)
 
     async def environment(self, product: str, env: str, version: int | None = None) -> tuple[Environment, int]:
         """The environment named by slug or name, and the version a call in it runs."""
@@ -220,17 +212,17 @@ class Registry:
         assert state.latest is not None
         if version is not None:
             record = await self.record(product, version)
-            model = self.model(record)
+            model = await self.model(record)
             found = model.find_environment(env)
             if found is None:
                 raise EnvNotFound(product, env, version, [e.slug for e in model.environments])
             return found, version
-        latest_model = self.model(state.latest)
+        latest_model = await self.model(state.latest)
         found = latest_model.find_environment(env)
         if found is None:
             # An environment removed from the latest manifest still runs the version it is pinned to.
             for slug, pinned in state.pins.items():
-                pinned_model = self.model(await self.record(product, pinned))
+                pinned_model = await self.model(await self.record(product, pinned))
                 candidate = pinned_model.find_environment(env)
                 if candidate is not None and candidate.slug == slug:
                     return candidate, pinned
@@ -251,7 +243,7 @@ class Registry:
         generation = slot.generation
         environment, chosen = await self.environment(product, env, version)
         record = await self.record(product, chosen)
-        resolved = Resolved(product, chosen, environment, self.model(record), record)
+        resolved = Resolved(product, chosen, environment, await self.model(record), record)
         if slot.state is not None and slot.generation == generation and len(slot.resolved) < MAX_RESOLVED_PER_PRODUCT:
             slot.resolved[(env, version)] = resolved
         return resolved
@@ -288,7 +280,7 @@ class Registry:
         if version <= 0:
             raise InvalidArgument.field("version", "must be 1 or more")
         record = await self.record(product, version)
-        model = self.model(record)
+        model = await self.model(record)
         found = model.find_environment(env)
         if found is None:
             raise EnvNotFound(product, env, version, [e.slug for e in model.environments])

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ductape/processor/v1/product.proto\x12\x14\x64uctape.processor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\x0eProductVersion\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bpinned_envs\x18\x05 \x03(\t\"0\n\x0fManifestProblem\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"V\n\x0c\x41pplyRequest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x34\n\x06\x66ormat\x18\x02 \x01(\x0e\x32$.ductape.processor.v1.ManifestFormat\"W\n\rApplyResponse\x12\x35\n\x07version\x18\x01 \x01(\x0b\x32$.ductape.processor.v1.ProductVersion\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"Y\n\x0fValidateRequest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x34\n\x06\x66ormat\x18\x02 \x01(\x0e\x32$.ductape.processor.v1.ManifestFormat\"}\n\x10ValidateResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x37\n\x08problems\x18\x02 \x03(\x0b\x32%.ductape.processor.v1.ManifestProblem\x12\x0f\n\x07product\x18\x03 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\"K\n\nGetRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x11\n\x07version\x18\x02 \x01(\x05H\x00\x12\r\n\x03\x65nv\x18\x03 \x01(\tH\x00\x42\n\n\x08selector\"\xf4\x01\n\x0bGetResponse\x12\x35\n\x07version\x18\x01 \x01(\x0b\x32$.ductape.processor.v1.ProductVersion\x12\x10\n\x08manifest\x18\x02 \x01(\x0c\x12\x34\n\x06\x66ormat\x18\x03 \x01(\x0e\x32$.ductape.processor.v1.ManifestFormat\x12\x39\n\x04pins\x18\x04 \x03(\x0b\x32+.ductape.processor.v1.GetResponse.PinsEntry\x1a+\n\tPinsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"M\n\x13ListVersionsRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"g\n\x14ListVersionsResponse\x12\x36\n\x08versions\x18\x01 \x03(\x0b\x32$.ductape.processor.v1.ProductVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x0ePromoteRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\"Z\n\x0fPromoteResponse\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\x18\n\x10previous_version\x18\x04 \x01(\x05*e\n\x0eManifestFormat\x12\x1f\n\x1bMANIFEST_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14MANIFEST_FORMAT_YAML\x10\x01\x12\x18\n\x14MANIFEST_FORMAT_JSON\x10\x02\x32\xc8\x03\n\x0eProductService\x12P\n\x05\x41pply\x12\".ductape.processor.v1.ApplyRequest\x1a#.ductape.processor.v1.ApplyResponse\x12Y\n\x08Validate\x12%.ductape.processor.v1.ValidateRequest\x1a&.ductape.processor.v1.ValidateResponse\x12J\n\x03Get\x12 .ductape.processor.v1.GetRequest\x1a!.ductape.processor.v1.GetResponse\x12\x65\n\x0cListVersions\x12).ductape.processor.v1.ListVersionsRequest\x1a*.ductape.processor.v1.ListVersionsResponse\x12V\n\x07Promote\x12$.ductape.processor.v1.PromoteRequest\x1a%.ductape.processor.v1.PromoteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ductape/processor/v1/product.proto\x12\x14\x64uctape.processor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\x0eProductVersion\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bpinned_envs\x18\x05 \x03(\t\"0\n\x0fManifestProblem\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"V\n\x0c\x41pplyRequest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x34\n\x06\x66ormat\x18\x02 \x01(\x0e\x32$.ductape.processor.v1.ManifestFormat\"W\n\rApplyResponse\x12\x35\n\x07version\x18\x01 \x01(\x0b\x32$.ductape.processor.v1.ProductVersion\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"Y\n\x0fValidateRequest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x34\n\x06\x66ormat\x18\x02 \x01(\x0e\x32$.ductape.processor.v1.ManifestFormat\"\x97\x01\n\x10ValidateResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x37\n\x08problems\x18\x02 \x03(\x0b\x32%.ductape.processor.v1.ManifestProblem\x12\x0f\n\x07product\x18\x03 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\x12\x18\n\x10omitted_problems\x18\x05 \x01(\x05\"K\n\nGetRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x11\n\x07version\x18\x02 \x01(\x05H\x00\x12\r\n\x03\x65nv\x18\x03 \x01(\tH\x00\x42\n\n\x08selector\"\xf4\x01\n\x0bGetResponse\x12\x35\n\x07version\x18\x01 \x01(\x0b\x32$.ductape.processor.v1.ProductVersion\x12\x10\n\x08manifest\x18\x02 \x01(\x0c\x12\x34\n\x06\x66ormat\x18\x03 \x01(\x0e\x32$.ductape.processor.v1.ManifestFormat\x12\x39\n\x04pins\x18\x04 \x03(\x0b\x32+.ductape.processor.v1.GetResponse.PinsEntry\x1a+\n\tPinsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"M\n\x13ListVersionsRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"g\n\x14ListVersionsResponse\x12\x36\n\x08versions\x18\x01 \x03(\x0b\x32$.ductape.processor.v1.ProductVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x0ePromoteRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\"Z\n\x0fPromoteResponse\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\x18\n\x10previous_version\x18\x04 \x01(\x05*e\n\x0eManifestFormat\x12\x1f\n\x1bMANIFEST_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14MANIFEST_FORMAT_YAML\x10\x01\x12\x18\n\x14MANIFEST_FORMAT_JSON\x10\x02\x32\xc8\x03\n\x0eProductService\x12P\n\x05\x41pply\x12\".ductape.processor.v1.ApplyRequest\x1a#.ductape.processor.v1.ApplyResponse\x12Y\n\x08Validate\x12%.ductape.processor.v1.ValidateRequest\x1a&.ductape.processor.v1.ValidateResponse\x12J\n\x03Get\x12 .ductape.processor.v1.GetRequest\x1a!.ductape.processor.v1.GetResponse\x12\x65\n\x0cListVersions\x12).ductape.processor.v1.ListVersionsRequest\x1a*.ductape.processor.v1.ListVersionsResponse\x12V\n\x07Promote\x12$.ductape.processor.v1.PromoteRequest\x1a%.ductape.processor.v1.PromoteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETRESPONSE_PINSENTRY']._loaded_options = None
   _globals['_GETRESPONSE_PINSENTRY']._serialized_options = b'8\001'
-  _globals['_MANIFESTFORMAT']._serialized_start=1344
-  _globals['_MANIFESTFORMAT']._serialized_end=1445
+  _globals['_MANIFESTFORMAT']._serialized_start=1371
+  _globals['_MANIFESTFORMAT']._serialized_end=1472
   _globals['_PRODUCTVERSION']._serialized_start=94
   _globals['_PRODUCTVERSION']._serialized_end=232
   _globals['_MANIFESTPROBLEM']._serialized_start=234
@@ -46,22 +46,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPLYRESPONSE']._serialized_end=459
   _globals['_VALIDATEREQUEST']._serialized_start=461
   _globals['_VALIDATEREQUEST']._serialized_end=550
-  _globals['_VALIDATERESPONSE']._serialized_start=552
-  _globals['_VALIDATERESPONSE']._serialized_end=677
-  _globals['_GETREQUEST']._serialized_start=679
-  _globals['_GETREQUEST']._serialized_end=754
-  _globals['_GETRESPONSE']._serialized_start=757
-  _globals['_GETRESPONSE']._serialized_end=1001
-  _globals['_GETRESPONSE_PINSENTRY']._serialized_start=958
-  _globals['_GETRESPONSE_PINSENTRY']._serialized_end=1001
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=1003
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=1080
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1082
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1185
-  _globals['_PROMOTEREQUEST']._serialized_start=1187
-  _globals['_PROMOTEREQUEST']._serialized_end=1250
-  _globals['_PROMOTERESPONSE']._serialized_start=1252
-  _globals['_PROMOTERESPONSE']._serialized_end=1342
-  _globals['_PRODUCTSERVICE']._serialized_start=1448
-  _globals['_PRODUCTSERVICE']._serialized_end=1904
+  _globals['_VALIDATERESPONSE']._serialized_start=553
+  _globals['_VALIDATERESPONSE']._serialized_end=704
+  _globals['_GETREQUEST']._serialized_start=706
+  _globals['_GETREQUEST']._serialized_end=781
+  _globals['_GETRESPONSE']._serialized_start=784
+  _globals['_GETRESPONSE']._serialized_end=1028
+  _globals['_GETRESPONSE_PINSENTRY']._serialized_start=985
+  _globals['_GETRESPONSE_PINSENTRY']._serialized_end=1028
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1030
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1107
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1109
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1212
+  _globals['_PROMOTEREQUEST']._serialized_start=1214
+  _globals['_PROMOTEREQUEST']._serialized_end=1277
+  _globals['_PROMOTERESPONSE']._serialized_start=1279
+  _globals['_PROMOTERESPONSE']._serialized_end=1369
+  _globals['_PRODUCTSERVICE']._serialized_start=1475
+  _globals['_PRODUCTSERVICE']._serialized_end=1931
 # @@protoc_insertion_point(module_scope)

@@ -216,15 +216,20 @@ class ValidateResponse(_message.Message):
     PROBLEMS_FIELD_NUMBER: _builtins.int
     PRODUCT_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
+    OMITTED_PROBLEMS_FIELD_NUMBER: _builtins.int
     valid: _builtins.bool
     """True when the manifest has no problem and Apply would accept it."""
     product: _builtins.str
     """The product tag the manifest declares, when it could be read."""
     checksum: _builtins.str
     """The checksum the manifest would be stored under, when it is valid."""
+    omitted_problems: _builtins.int
+    """How many problems were found beyond those listed in `problems`."""
     @_builtins.property
     def problems(self) -> _containers.RepeatedCompositeFieldContainer[Global___ManifestProblem]:
-        """Every problem found, each with its path; empty when `valid`."""
+        """The problems found, each with its path, in document order: the first 100
+        at most. Empty when `valid`.
+        """
 
     def __init__(
         self,
@@ -233,10 +238,11 @@ class ValidateResponse(_message.Message):
         problems: _abc.Iterable[Global___ManifestProblem] | None = ...,
         product: _builtins.str = ...,
         checksum: _builtins.str = ...,
+        omitted_problems: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "problems", b"problems", "product", b"product", "valid", b"valid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "omitted_problems", b"omitted_problems", "problems", b"problems", "product", b"product", "valid", b"valid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -80,16 +80,22 @@ class ProductServiceServicer:
         Applying content identical to the latest version (same checksum) creates no
         version and returns the latest one with `created = false`. An invalid
         manifest fails with INVALID_ARGUMENT, reason `INVALID_MANIFEST`, and one
-        `BadRequest` field violation per problem (field = path in the manifest).
+        `BadRequest` field violation per problem (field = path in the manifest),
+        for as many problems as fit in an error's details (`ErrorInfo.metadata`
+        `problems` counts them all). A manifest over the size limits fails with
+        INVALID_ARGUMENT, reason `MANIFEST_TOO_LARGE`, before it is read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Validate(self, request, context):
-        """Validates a manifest without storing it and lists every problem found.
+        """Validates a manifest without storing it and lists the problems found (the
+        first 100; `omitted_problems` counts the others).
 
-        An invalid manifest is a successful call with `valid = false`.
+        An invalid manifest is a successful call with `valid = false`. A manifest
+        over the size limits fails with INVALID_ARGUMENT, reason
+        `MANIFEST_TOO_LARGE`, as Apply does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

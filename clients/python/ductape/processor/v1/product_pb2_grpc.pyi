@@ -46,12 +46,18 @@ class ProductServiceStub:
     Applying content identical to the latest version (same checksum) creates no
     version and returns the latest one with `created = false`. An invalid
     manifest fails with INVALID_ARGUMENT, reason `INVALID_MANIFEST`, and one
-    `BadRequest` field violation per problem (field = path in the manifest).
+    `BadRequest` field violation per problem (field = path in the manifest),
+    for as many problems as fit in an error's details (`ErrorInfo.metadata`
+    `problems` counts them all). A manifest over the size limits fails with
+    INVALID_ARGUMENT, reason `MANIFEST_TOO_LARGE`, before it is read.
     """
     Validate: _grpc.UnaryUnaryMultiCallable[_product_pb2.ValidateRequest, _product_pb2.ValidateResponse]
-    """Validates a manifest without storing it and lists every problem found.
+    """Validates a manifest without storing it and lists the problems found (the
+    first 100; `omitted_problems` counts the others).
 
-    An invalid manifest is a successful call with `valid = false`.
+    An invalid manifest is a successful call with `valid = false`. A manifest
+    over the size limits fails with INVALID_ARGUMENT, reason
+    `MANIFEST_TOO_LARGE`, as Apply does.
     """
     Get: _grpc.UnaryUnaryMultiCallable[_product_pb2.GetRequest, _product_pb2.GetResponse]
     """Returns one version of a product's manifest: the version asked for, the
@@ -78,12 +84,18 @@ class ProductServiceAsyncStub(ProductServiceStub):
     Applying content identical to the latest version (same checksum) creates no
     version and returns the latest one with `created = false`. An invalid
     manifest fails with INVALID_ARGUMENT, reason `INVALID_MANIFEST`, and one
-    `BadRequest` field violation per problem (field = path in the manifest).
+    `BadRequest` field violation per problem (field = path in the manifest),
+    for as many problems as fit in an error's details (`ErrorInfo.metadata`
+    `problems` counts them all). A manifest over the size limits fails with
+    INVALID_ARGUMENT, reason `MANIFEST_TOO_LARGE`, before it is read.
     """
     Validate: _aio.UnaryUnaryMultiCallable[_product_pb2.ValidateRequest, _product_pb2.ValidateResponse]  # type: ignore[assignment]
-    """Validates a manifest without storing it and lists every problem found.
+    """Validates a manifest without storing it and lists the problems found (the
+    first 100; `omitted_problems` counts the others).
 
-    An invalid manifest is a successful call with `valid = false`.
+    An invalid manifest is a successful call with `valid = false`. A manifest
+    over the size limits fails with INVALID_ARGUMENT, reason
+    `MANIFEST_TOO_LARGE`, as Apply does.
     """
     Get: _aio.UnaryUnaryMultiCallable[_product_pb2.GetRequest, _product_pb2.GetResponse]  # type: ignore[assignment]
     """Returns one version of a product's manifest: the version asked for, the
@@ -113,7 +125,10 @@ class ProductServiceServicer(metaclass=_abc_1.ABCMeta):
         Applying content identical to the latest version (same checksum) creates no
         version and returns the latest one with `created = false`. An invalid
         manifest fails with INVALID_ARGUMENT, reason `INVALID_MANIFEST`, and one
-        `BadRequest` field violation per problem (field = path in the manifest).
+        `BadRequest` field violation per problem (field = path in the manifest),
+        for as many problems as fit in an error's details (`ErrorInfo.metadata`
+        `problems` counts them all). A manifest over the size limits fails with
+        INVALID_ARGUMENT, reason `MANIFEST_TOO_LARGE`, before it is read.
         """
 
     @_abc_1.abstractmethod
@@ -122,9 +137,12 @@ class ProductServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _product_pb2.ValidateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_product_pb2.ValidateResponse, _abc.Awaitable[_product_pb2.ValidateResponse]]:
-        """Validates a manifest without storing it and lists every problem found.
+        """Validates a manifest without storing it and lists the problems found (the
+        first 100; `omitted_problems` counts the others).
 
-        An invalid manifest is a successful call with `valid = false`.
+        An invalid manifest is a successful call with `valid = false`. A manifest
+        over the size limits fails with INVALID_ARGUMENT, reason
+        `MANIFEST_TOO_LARGE`, as Apply does.
         """
 
     @_abc_1.abstractmethod
