@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from ductape.processor import InvalidArgumentError
+from ductape.processor import InvalidArgumentError, ProcessorError
 
 from ductape_processor.store.postgres import PostgresStore
 from ductape_processor.store.sqlite import SqliteStore
@@ -271,3 +271,73 @@ async def test_a_store_file_named_elsewhere_is_0600_and_its_existing_folder_left
     database = shared / "elsewhere.db"
     await start_server(store=SqliteStore(database), session_keys=["k1:" + "A" * 43])
     assert mode(database) == 0o600 and mode(shared) == 0o755
+
+
+# -- connection URLs with a password: errors and logs never quote it -----------------------------------------------
+
+# Base64 passwords carry '/' and '+': written raw into a URL, the '/' ends the authority and parsers quote the rest.
+URL_PASSWORDS = ["Pw0rd/Zq8w+P3v", "Pw0rd@Zq8w:P3v", "Pw0rd%2FZq8wP3v"]
+
+
+@pytest.mark.parametrize("password", URL_PASSWORDS)
+@pytest.mark.parametrize(
+    ("kind", "url"),
+    [
+        ("nats", "nats://app:$Secret{BROKER_PASSWORD}@127.0.0.1:1"),
+        ("redis", "redis://app:$Secret{BROKER_PASSWORD}@127.0.0.1:1/0"),
+        ("rabbitmq", "amqp://app:$Secret{BROKER_PASSWORD}@127.0.0.1:1/"),
+    ],
+)
+async def test_a_broker_error_never_quotes_the_password_of_its_url(
+    kind: str,
+    url: str,
+    password: str,
+    start_server: ServerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("PROCESSOR_SECRET_BROKER_PASSWORD", password)
+    caplog.set_level(logging.DEBUG)
+    server = await start_server()
+    config: dict[str, Any] = {"type": kind, "url": url}
+    document = {
+        "product": "vault",
+        "environments": [{"slug": "dev"}],
+        "brokers": [{"tag": "events", "envs": {"dev": config}, "topics": [{"tag": "orders", "name": "orders"}]}],
+    }
+    await server.client.product.apply(json.dumps(document).encode())
+    with pytest.raises(ProcessorError) as caught:
+        await server.client.message_broker.publish(product="vault", env="dev", event="events:orders", data=b"x")
+    assert caught.value.reason == "BROKER_UNAVAILABLE", caught.value
+    seen = f"{caught.value.message} {caught.value.metadata} {caplog.text}"
+    for piece in ("Pw0rd", "Zq8w", "P3v"):
+        assert piece not in seen, seen
+
+
+@pytest.mark.parametrize(
+    ("password", "reason"), [(URL_PASSWORDS[0], "CACHE_URL_INVALID"), (URL_PASSWORDS[1], "CACHE_UNAVAILABLE")]
+)
+async def test_a_redis_cache_that_fails_never_quotes_its_url(
+    password: str,
+    reason: str,
+    secrets_env: None,
+    start_server: ServerFactory,
+    upstream: Upstream,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("PROCESSOR_SECRET_REDIS_URL", f"redis://app:{password}@127.0.0.1:6379/0")
+    caplog.set_level(logging.DEBUG)
+    server = await start_server()
+    document = json.loads(product(upstream.url))
+    document["caches"] = [{"tag": "hot", "ttl": "5s", "backend": "redis", "url": "$Secret{REDIS_URL}"}]
+    await server.client.product.apply(json.dumps(document).encode())
+    answer_login(upstream)
+    with pytest.raises(ProcessorError) as caught:
+        await server.client.action.run(
+            product="vault", env="dev", app="api", event="me", input={"params": {"id": "42"}}, cache="hot"
+        )
+    assert caught.value.reason == reason
+    seen = f"{caught.value.message} {caught.value.metadata} {caplog.text}"
+    for piece in ("Pw0rd", "Zq8w", "P3v"):
+        assert piece not in seen, seen

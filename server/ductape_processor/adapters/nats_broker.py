@@ -330,7 +330,11 @@ class NatsBroker(BrokerAdapter):
             return nc, self._js
 
     def _redacted_url(self) -> str:
-        return re.sub(r"//[^@/]*@", "//***@", self._url)
+        # Everything up to the last '@' is credentials, even a password with a raw '/', ':' or '@' in it.
+        scheme, separator, rest = self._url.partition("://")
+        if not separator or "@" not in rest:
+            return self._url
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
     def _reconnect_delay(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
         """Capped exponential backoff with jitter between reconnect attempts; the least-tried server first."""

@@ -275,9 +275,18 @@ class RabbitMQBroker(BrokerAdapter):
         self._url = url
         self._exchange_setting = exchange
         self._name = name
-        parsed = URL(url)
+        try:
+            parsed = URL(url)
+        except ValueError:
+            # Not the parser's message: it may quote a piece of the password.
+            raise BrokerUnavailable(
+                f"RabbitMQ broker {name}: the URL cannot be parsed (reserved characters in a password must be "
+                "percent-encoded)",
+                metadata={"broker": name},
+            ) from None
         self._where = f"{parsed.host or 'localhost'}:{parsed.port or 5672}"
-        self._password = parsed.password or ""
+        # As written (percent-encoded) and as sent: an exception may quote either.
+        self._passwords = sorted({parsed.password or "", parsed.raw_password or ""} - {""}, key=len, reverse=True)
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -300,8 +309,8 @@ class RabbitMQBroker(BrokerAdapter):
     def describe(self, exc: BaseException) -> str:
         """An exception as text for an error message, without the password."""
         text = str(exc) or type(exc).__name__
-        if self._password:
-            text = text.replace(self._password, "******")
+        for password in self._passwords:
+            text = text.replace(password, "******")
         return f"{type(exc).__name__}: {text}"
 
     def unavailable(self, what: str, exc: BaseException | None = None) -> BrokerUnavailable:

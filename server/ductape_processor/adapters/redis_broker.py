@@ -318,8 +318,12 @@ class RedisBroker(BrokerAdapter):
                     retry=Retry(NoBackoff(), 0),  # retries are ours (`call`), with backoff and a budget
                     client_name=self.client_name,
                 )
-            except (ValueError, RedisError) as exc:
-                raise BrokerUnavailable(f"broker {self._name}: bad Redis URL: {exc}") from None
+            except (ValueError, RedisError):
+                # The parser's message quotes the part it could not read, which may be a piece of the password.
+                raise BrokerUnavailable(
+                    f"broker {self._name}: the Redis URL cannot be parsed (reserved characters in a password must be "
+                    "percent-encoded)"
+                ) from None
         return self._client
 
     @property

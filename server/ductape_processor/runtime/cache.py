@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ductape_processor.errors import InvalidArgument
+from ductape_processor.errors import FailedPrecondition, InvalidArgument, Unavailable
 from ductape_processor.runtime.manifest import Cache
 from ductape_processor.runtime.secrets import SecretSource
 from ductape_processor.store.base import Store
@@ -36,14 +37,24 @@ class ResultCache:
         if client is None:
             import redis.asyncio as redis
 
-            client = redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+            try:
+                client = redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+            except ValueError:
+                # Not the parser's message: it may quote a piece of the password.
+                raise FailedPrecondition(
+                    f"cache {cache.tag!r}: the Redis URL cannot be parsed (reserved characters in a password must be "
+                    "percent-encoded)",
+                    reason="CACHE_URL_INVALID",
+                    metadata={"cache": cache.tag},
+                ) from None
             self._redis[url] = client
         return client
 
     async def get(self, cache: Cache, key: str) -> bytes | None:
         """A fresh entry, or None."""
         if cache.backend == "redis":
-            value = await self._redis_client(cache).get(f"ductape:cache:{key}")
+            with self._redis_errors(cache):
+                value = await self._redis_client(cache).get(f"ductape:cache:{key}")
             return bytes(value) if value is not None else None
         return await self._store.cache_get(key, datetime.now(UTC))
 
@@ -51,9 +62,25 @@ class ResultCache:
         """Store an entry for the cache's TTL."""
         if cache.backend == "redis":
             milliseconds = max(int(cache.ttl / timedelta(milliseconds=1)), 1)
-            await self._redis_client(cache).set(f"ductape:cache:{key}", value, px=milliseconds)
+            with self._redis_errors(cache):
+                await self._redis_client(cache).set(f"ductape:cache:{key}", value, px=milliseconds)
             return
         await self._store.cache_put(key, value, datetime.now(UTC) + cache.ttl)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _redis_errors(cache: Cache) -> Iterator[None]:
+        """Redis failures as UNAVAILABLE `CACHE_UNAVAILABLE`, naming the error's type, never its text or the URL."""
+        from redis.exceptions import RedisError
+
+        try:
+            yield
+        except RedisError as exc:
+            raise Unavailable(
+                f"cache {cache.tag!r}: Redis failed ({type(exc).__name__})",
+                reason="CACHE_UNAVAILABLE",
+                metadata={"cache": cache.tag},
+            ) from None
 
     async def close(self) -> None:
         """Close Redis connections."""
