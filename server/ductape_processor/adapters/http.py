@@ -3,25 +3,70 @@
 A request can only go to the origin (scheme, host, port) of its app environment's `base_url`: the executor builds
 the URL from the base URL and an encoded path, this adapter checks the origin again, follows redirects only within
 that origin, and refuses response bodies larger than the configured bound.
+
+Nothing ambiguous goes onto a pooled connection, and no connection that may be out of step is reused: every header
+name must be an RFC 9110 token outside the framing and hop-by-hop list and every value free of control characters
+(`header_problem`, checked by the executor with the caller's field names and here again before sending); a connection
+is closed instead of pooled after any answer whose end it cannot be sure of (see `_must_close`), and an idle pooled
+connection on which the upstream sent anything unasked is dropped, never read by the next request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import grpc
 from yarl import URL
 
-from ductape_processor.errors import ProcessorError
+from ductape_processor.errors import InvalidArgument, ProcessorError
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
+
+FRAMING_HEADERS: Final = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "keep-alive", "expect"}
+)
+"""Headers that frame or route a message hop by hop (plus every `Proxy-*`): only the HTTP client sets them."""
+
+CLOSE_AFTER_STATUSES: Final = frozenset({400, 408, 411, 413, 414, 417, 431, 501, 505})
+"""Answers meaning the upstream may not have read the request the way it was framed: its connection is not reused."""
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def header_name_problem(name: str) -> str | None:
+    """Why `name` cannot be sent as a header name, or None when it can."""
+    lowered = name.strip().lower()
+    if lowered in FRAMING_HEADERS or lowered.startswith("proxy-"):
+        return "is a framing or hop-by-hop header (set by the processor's HTTP client), so it cannot be given"
+    if not _TOKEN.fullmatch(name):
+        return (
+            "is not a valid header name (RFC 9110 token: letters, digits and !#$%&'*+-.^_`|~ only; "
+            "no spaces, colons or control characters)"
+        )
+    return None
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why `value` cannot be sent as a header value (a CR, LF, NUL or other control character), or None."""
+    found = _CONTROL.search(value)
+    if found is None:
+        return None
+    return f"contains the control character U+{ord(found.group()):04X}; header values cannot hold CR, LF, NUL or others"
+
+
+def header_field(where: str, name: str) -> str:
+    """How an error names one header: `input.headers["X Y"]` (JSON-quoted, so any name prints safely)."""
+    return f"{where}[{json.dumps(name)}]"
 
 
 class UpstreamUnreachable(ProcessorError):
@@ -78,6 +123,63 @@ class HttpResponse:
         return None
 
 
+def _text(raw: bytes) -> str:
+    # RFC 9110 allows obs-text (bytes 0x80-0xFF) in field values without naming a charset: UTF-8 when the bytes
+    # are UTF-8, else ISO-8859-1 (every byte is a character), so any answer can be handed on as text.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _must_close(method: str, response: aiohttp.ClientResponse) -> bool:
+    """True when the connection may be out of step after this answer, so it must not carry another request.
+
+    That is an answer the upstream sends when it may not have read the request as framed (CLOSE_AFTER_STATUSES),
+    or a body delimited by the connection's end (no Content-Length, not chunked). aiohttp already closes after
+    answers it cannot parse, bodies not read to their end (errors, timeouts, cancelled calls) and `Connection:
+    close`; saying so here too costs nothing and does not depend on that.
+    """
+    if response.status in CLOSE_AFTER_STATUSES:
+        return True
+    if method == "HEAD" or response.status < 200 or response.status in (204, 304):
+        return False
+    chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
+    return response.content_length is None and not chunked
+
+
+class _GuardedResponse(aiohttp.ClientResponse):
+    """A response that marks its connection not to be reused when `_must_close` says so."""
+
+    async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
+        # Taken before `start`: aiohttp pools the connection as soon as the body has ended, which for a small body
+        # is inside `start`. A pooled connection marked here is dropped by `_GuardedConnector` instead of reused.
+        protocol = connection.protocol
+        started = await super().start(connection)
+        if protocol is not None and _must_close(self.method, self):
+            protocol.force_close()
+        return started
+
+
+class _GuardedConnector(aiohttp.TCPConnector):
+    """A connector that never hands out an idle connection on which the upstream sent something unasked.
+
+    aiohttp parses bytes that arrive on an idle pooled connection and queues them, and the next request on that
+    connection reads them as its own answer: one caller's response (or a smuggled one) would reach another caller.
+    Such a connection reports `should_close` (queued data, a tail, EOF or an error); it is closed here instead.
+    """
+
+    async def _get(self, key: Any, traces: Any) -> Any:
+        idle = self._conns.get(key)
+        if idle:
+            for entry in [entry for entry in idle if entry[0].should_close]:
+                idle.remove(entry)
+                entry[0].close()
+            if not idle:
+                del self._conns[key]
+        return await super()._get(key, traces)
+
+
 class HttpClientPool:
     """Pooled sessions, one per app environment, closed together on shutdown."""
 
@@ -89,7 +191,7 @@ class HttpClientPool:
     def _session(self, key: str) -> aiohttp.ClientSession:
         session = self._sessions.get(key)
         if session is None or session.closed:
-            connector = aiohttp.TCPConnector(
+            connector = _GuardedConnector(
                 limit=self._connections, ttl_dns_cache=300, enable_cleanup_closed=True, keepalive_timeout=30
             )
             session = aiohttp.ClientSession(
@@ -97,6 +199,7 @@ class HttpClientPool:
                 auto_decompress=True,
                 raise_for_status=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
+                response_class=_GuardedResponse,
                 timeout=aiohttp.ClientTimeout(total=None),  # `send` bounds each exchange with one asyncio timeout
                 skip_auto_headers=("User-Agent",),
                 headers={"User-Agent": "ductape-processor"},
@@ -108,6 +211,10 @@ class HttpClientPool:
         """Send `request` on the session of `key`; follow same-origin redirects; bound the whole exchange."""
         if timeout_s <= 0:
             raise UpstreamTimeout("no time left before the caller's deadline")
+        for name, value in request.headers.items():
+            problem = header_name_problem(name) or header_value_problem(value)
+            if problem is not None:
+                raise InvalidArgument.field(header_field("headers", name), problem)
         origin = request.url.origin()
         method, url, data, query = request.method, request.url, request.data, request.query
         session = self._session(key)
@@ -152,27 +259,23 @@ class HttpClientPool:
                     )
                 if declared is not None:
                     body = await response.content.read()
-                    return HttpResponse(
-                        status=response.status,
-                        headers=list(response.headers.items()),
-                        body=body,
-                        content_type=response.content_type,
-                    )
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.content.iter_chunked(_CHUNK):
-                    size += len(chunk)
-                    if size > self._max_response_bytes:
-                        raise ResponseTooLarge(
-                            f"the upstream's response is larger than {self._max_response_bytes} bytes",
-                            metadata=where,
-                        )
-                    chunks.append(chunk)
+                else:
+                    chunks: list[bytes] = []
+                    size = 0
+                    async for chunk in response.content.iter_chunked(_CHUNK):
+                        size += len(chunk)
+                        if size > self._max_response_bytes:
+                            raise ResponseTooLarge(
+                                f"the upstream's response is larger than {self._max_response_bytes} bytes",
+                                metadata=where,
+                            )
+                        chunks.append(chunk)
+                    body = b"".join(chunks)
                 return HttpResponse(
                     status=response.status,
-                    headers=list(response.headers.items()),
-                    body=b"".join(chunks),
-                    content_type=response.content_type,
+                    headers=[(_text(name), _text(value)) for name, value in response.raw_headers],
+                    body=body,
+                    content_type=_text(response.content_type.encode("utf-8", "surrogateescape")),
                 )
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamUnreachable(

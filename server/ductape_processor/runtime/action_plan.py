@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from ductape_processor.adapters.http import header_field, header_name_problem, header_value_problem
 from ductape_processor.runtime.manifest import Action, App, CredentialAuth, Manifest, TokenAuth
 from ductape_processor.runtime.policies import RetryRules
 from ductape_processor.runtime.templates import Template, TemplateError, compile_template
@@ -43,6 +44,8 @@ class ActionPlan:
     body: Template | None
     auth_tags: frozenset[str]
     sensitive_headers: frozenset[str]
+    input_headers_read: frozenset[str] | None
+    """Lower-cased caller header names the templates read (`$Input{headers}{X-Trace}`); None when they read all."""
     uses_session: bool
     rules: RetryRules
     timeout_s: float
@@ -72,6 +75,34 @@ def _auth_tags(*templates: Template | None) -> frozenset[str]:
     )
 
 
+def _input_headers_read(*templates: Template | None) -> frozenset[str] | None:
+    names: set[str] = set()
+    for template in templates:
+        for ref in template.references if template is not None else ():
+            if ref.kind != "Input" or (ref.keys and ref.keys[0] != "headers"):
+                continue
+            if len(ref.keys) < 2:
+                return None  # `$Input` or `$Input{headers}`: every caller header is read
+            names.add(str(ref.keys[1]).lower())
+    return frozenset(names)
+
+
+def _header_problems(action: Action, where: str) -> list[tuple[str, str]]:
+    """Header names that are not tokens or are framing headers, and template text with control characters."""
+    problems: list[tuple[str, str]] = []
+    for name, template in action.headers.items():
+        problem = header_name_problem(name) or header_value_problem(template)
+        if problem is not None:
+            problems.append((header_field(f"{where}.headers", name), problem))
+    for name, spec in action.input.headers.items():
+        problem = header_name_problem(name)
+        if problem is None and spec.decorator is not None:
+            problem = header_value_problem(spec.decorator.text)
+        if problem is not None:
+            problems.append((header_field(f"{where}.input.headers", name), problem))
+    return problems
+
+
 def _compile_action(app: App, action: Action, where: str) -> ActionPlan:
     headers = {name: compile_template(value, f"{where}.headers.{name}") for name, value in action.headers.items()}
     query = compile_template(action.query, f"{where}.query") if action.query else None
@@ -93,6 +124,7 @@ def _compile_action(app: App, action: Action, where: str) -> ActionPlan:
         sensitive_headers=frozenset(
             name for name, template in headers.items() if template.selectors & SENSITIVE_SELECTORS
         ),
+        input_headers_read=_input_headers_read(*templates),
         uses_session=any(t is not None and "Session" in t.selectors for t in templates),
         rules=RetryRules.from_policy(action.retry or app.retry),
         timeout_s=(action.timeout or app.timeout).total_seconds(),
@@ -124,17 +156,22 @@ def compile_plan(manifest: Manifest) -> ProductPlan:
 
 
 def plan_problems(manifest: Manifest) -> list[tuple[str, str]]:
-    """Every template problem of a manifest, and every reference to an auth the app does not declare."""
+    """Every template and header problem of a manifest, and every reference to an auth the app does not declare."""
     problems: list[tuple[str, str]] = []
     for a, app in enumerate(manifest.apps):
         declared = {auth.tag: auth for auth in app.auths}
         for i, auth in enumerate(app.auths):
+            for name, text in auth.headers.items():
+                problem = header_value_problem(text)
+                if problem is not None:
+                    problems.append((header_field(f"apps[{a}].auths[{i}].headers", name), problem))
             try:
                 _compile_auth(app, auth, f"apps[{a}].auths[{i}]")
             except TemplateError as exc:
                 problems.append((exc.path, exc.reason))
         for i, action in enumerate(app.actions):
             where = f"apps[{a}].actions[{i}]"
+            problems.extend(_header_problems(action, where))
             try:
                 plan = _compile_action(app, action, where)
             except TemplateError as exc:

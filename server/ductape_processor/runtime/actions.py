@@ -33,11 +33,14 @@ from ductape_processor.adapters.http import (
     ResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnreachable,
+    header_field,
+    header_name_problem,
+    header_value_problem,
 )
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.runtime.action_plan import ActionPlan, AuthPlan, ProductPlan, compile_plan
 from ductape_processor.runtime.cache import ResultCache
-from ductape_processor.runtime.contract import check_action_input
+from ductape_processor.runtime.contract import INVALID_INPUT, check_action_input
 from ductape_processor.runtime.executions import ExecutionRecorder, new_process_id
 from ductape_processor.runtime.manifest import CredentialAuth, Manifest
 from ductape_processor.runtime.policies import CircuitBreaker, Deadline, RetryRules, parse_retry_after
@@ -53,7 +56,8 @@ log = logging.getLogger(__name__)
 SUCCESS, FAIL = 1, 2
 _REDACTED = "[redacted]"
 MAX_IDEMPOTENCY_KEY = 256
-_FORBIDDEN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te"})
+HEADER_VALUE_INVALID = "HEADER_VALUE_INVALID"
+"""The `ErrorInfo.reason` of a call whose rendered header value holds a control character."""
 _propagator = TraceContextTextMapPropagator()
 
 
@@ -159,6 +163,37 @@ def _query_pairs(value: Any, where: str) -> list[tuple[str, str]]:
             else:
                 pairs.append((key, str(one)))
     return pairs
+
+
+def _caller_headers(plan: ActionPlan, given: Mapping[str, Any]) -> dict[str, str]:
+    """The caller's headers to send: only those the action's input contract declares, each a valid field.
+
+    An undeclared header is refused unless a template reads it (`$Input{headers}{X-Trace}`): then it is data for
+    the template, not sent as it is. Every problem is one violation naming `input.headers["<name>"]`.
+    """
+    declared = plan.action.input.headers
+    read = plan.input_headers_read
+    headers: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    for name, value in given.items():
+        field = header_field("input.headers", name)
+        problem = header_name_problem(name)
+        if problem is None and name not in declared:
+            if read is None or name.lower() in read:
+                continue
+            problem = "is not declared in the action's input.headers; an action sends only the headers it declares"
+        if problem is None and value is not None:
+            text = value if isinstance(value, str) else _canonical(value)
+            problem = header_value_problem(text)
+            headers[name] = text
+        if problem is not None:
+            violations.append(FieldViolation(field, problem))
+    if violations:
+        first = violations[0]
+        raise InvalidArgument(
+            f"invalid input: {first.field}: {first.description}", reason=INVALID_INPUT, violations=violations
+        )
+    return headers
 
 
 def _encode_body(body: Any, request_type: str, method: str) -> tuple[bytes | aiohttp.FormData | None, str | None]:
@@ -412,16 +447,24 @@ class ActionExecutor:
         # The base URL is the manifest's own; the path is fully encoded, and a parameter is one segment with every
         # reserved character escaped, so input can change neither scheme, host, port nor the path above it.
         url = URL(app_env.base_url + path, encoded=True)
-        headers: dict[str, str] = {}
-        for name, value in (checked.get("headers") or {}).items():
-            headers[name] = value if isinstance(value, str) else _canonical(value)
+        headers = _caller_headers(plan, checked.get("headers") or {})
         for name, template in plan.headers.items():
             rendered = template.render(scope)
-            if rendered is not None:
-                headers[name] = rendered if isinstance(rendered, str) else _canonical(rendered)
-        for name in list(headers):
-            if name.lower() in _FORBIDDEN_HEADERS:
-                raise InvalidArgument.field(f"headers.{name}", "is set by the processor and cannot be given")
+            if rendered is None:
+                continue
+            text = rendered if isinstance(rendered, str) else _canonical(rendered)
+            problem = header_value_problem(text)
+            if problem is not None:
+                field = header_field("headers", name)
+                raise InvalidArgument(
+                    f"{field}: the value rendered from {template.path} {problem}",
+                    reason=HEADER_VALUE_INVALID,
+                    metadata={"template": template.path},
+                    violations=[FieldViolation(field, f"the value rendered from {template.path} {problem}")],
+                )
+            for given in [given for given in headers if given.lower() == name.lower()]:
+                del headers[given]  # the action's own header wins over the caller's, whatever the letter case
+            headers[name] = text
         query = plan.query.render(scope) if plan.query is not None else checked.get("query") or None
         body = plan.body.render(scope) if plan.body is not None else (checked.get("body") or None)
         data, content_type = _encode_body(body, app_env.request_type, plan.action.method)
