@@ -16,7 +16,9 @@ Publishing
     because the window is per stream and a dead-lettered copy keeps its id while moving to another topic. The
     PubAck is the confirmation; the returned broker id is `<stream>:<sequence>`. A publish that gets no PubAck
     (connection dropped, JetStream electing a leader) is re-sent with the same id until `PUBLISH_DEADLINE_S`,
-    then fails with BrokerUnavailable.
+    then fails with BrokerUnavailable; the runtime cuts the whole publish (connecting and preparing the stream
+    included) at the caller's deadline or its own limit, whichever is first. A publish with an idempotency key
+    carries the same CloudEvents id on every attempt, so the server also drops a copy re-sent by a later call.
 
 Headers (CloudEvents 1.0, binary content mode of the NATS binding as the CloudEvents Go SDK writes it)
     ce-specversion "1.0", ce-id, ce-source, ce-type, ce-time (ISO 8601, UTC) and `content-type` (datacontenttype);
@@ -323,6 +325,10 @@ class NatsBroker(BrokerAdapter):
                 raise self._unavailable(
                     f"cannot connect within {CONNECT_DEADLINE_S:g}s to {self._redacted_url()} ({why})"
                 ) from None
+            except asyncio.CancelledError:  # the publish's deadline came first: leave no half-open client behind
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                raise
             self._nc, self._js = nc, nc.jetstream(timeout=REQUEST_TIMEOUT_S)
             self._subjects.clear()
             self._consumers.clear()

@@ -16,6 +16,7 @@ from ductape_processor.adapters.broker import InboundMessage
 from ductape_processor.api.values import timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.runtime.brokers import BrokerRuntime, Outgoing
+from ductape_processor.runtime.policies import Deadline
 from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.telemetry.context import current_call
 
@@ -99,7 +100,12 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
     async def Publish(self, request: broker_pb2.PublishRequest, context: Context) -> broker_pb2.PublishResponse:
         _where(request.product, request.env, request.event)
         message_id = await self._runtime.publish(
-            request.product, request.env, request.event, _outgoing(request.message, "message"), _traceparent()
+            request.product,
+            request.env,
+            request.event,
+            _outgoing(request.message, "message"),
+            _traceparent(),
+            deadline=Deadline(context.time_remaining()),
         )
         return broker_pb2.PublishResponse(message_id=message_id)
 
@@ -114,7 +120,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             except ProcessorError as exc:
                 entries.append(exc)
         published = await self._runtime.publish_batch(
-            request.product, request.env, request.event, entries, _traceparent()
+            request.product, request.env, request.event, entries, _traceparent(), Deadline(context.time_remaining())
         )
         results = []
         for outcome in published:

@@ -13,20 +13,23 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from ductape_processor.adapters.broker import (
     ADAPTERS,
     BrokerAdapter,
+    BrokerUnavailable,
     InboundMessage,
     OutboundMessage,
     SubscribeOptions,
 )
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.runtime.manifest import SECRET_REFERENCE, Broker, Topic
+from ductape_processor.runtime.policies import Deadline
 from ductape_processor.runtime.registry import Registry, Resolved
 from ductape_processor.runtime.secrets import SecretSource
 from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
@@ -38,9 +41,15 @@ ADAPTER_MODULES = {
     "rabbitmq": "ductape_processor.adapters.rabbitmq_broker",
     "nats": "ductape_processor.adapters.nats_broker",
 }
+PUBLISH_LIMIT_S: Final = 8.0
+"""The longest one Publish or PublishBatch waits for its broker, connecting included, when the caller's deadline is
+later (or unset); then it answers UNAVAILABLE `BROKER_UNAVAILABLE` (docs/brokers.md says what that means)."""
+PUBLISH_LEASE: Final = timedelta(seconds=PUBLISH_LIMIT_S + 5)
+"""How long an idempotency key stays claimed by a publish: past PUBLISH_LIMIT_S its owner has given up or died."""
 MAX_ATTRIBUTES = 64
 MAX_BATCH_ENTRIES = 1000
 _ATTRIBUTE_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,9 +207,9 @@ class BrokerRuntime:
             # layer refused it.
             raise InvalidArgument(f"{problems[0].field}: {problems[0].description}", violations=problems)
 
-    def _message(self, route: Route, outgoing: Outgoing, traceparent: str) -> OutboundMessage:
+    def _message(self, route: Route, outgoing: Outgoing, traceparent: str, message_id: str = "") -> OutboundMessage:
         return OutboundMessage(
-            id=os.urandom(12).hex(),
+            id=message_id or os.urandom(12).hex(),
             source=route.source,
             type=route.topic.name,
             time=datetime.now(UTC),
@@ -211,20 +220,43 @@ class BrokerRuntime:
             traceparent=traceparent,
         )
 
+    async def _send(self, route: Route, send: Callable[[], Awaitable[T]], seconds: float) -> T:
+        """Run one broker write (connecting included) for at most `seconds`."""
+        try:
+            async with asyncio.timeout(max(seconds, 0.0)):
+                return await send()
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"broker {route.broker.tag!r} did not confirm the publish within {max(seconds, 0.0):.3g}s: the message "
+                "may or may not have been stored; publishing it again with the same idempotency key is safe",
+                metadata={"broker": route.broker.tag, "topic": route.topic.tag},
+            ) from None
+
     async def publish(
-        self, product: str, env: str, event: str, outgoing: Outgoing, traceparent: str = "", field: str = "message"
+        self,
+        product: str,
+        env: str,
+        event: str,
+        outgoing: Outgoing,
+        traceparent: str = "",
+        field: str = "message",
+        deadline: Deadline | None = None,
     ) -> str:
-        """Publish one message; return its id once the broker confirmed it."""
+        """Publish one message; return its id once the broker confirmed it (within the caller's deadline and
+        PUBLISH_LIMIT_S, else BrokerUnavailable)."""
+        give_up = time.monotonic() + (deadline or Deadline(None)).bound(PUBLISH_LIMIT_S)
         self._check(outgoing, field)
         route = await self.route(product, env, event)
         adapter = await self.adapter(route)
         if not outgoing.idempotency_key:
             message = self._message(route, outgoing, traceparent)
-            await adapter.publish(route.topic.name, message)
+            await self._send(route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic())
             return message.id
-        return await self._publish_once(route, adapter, outgoing, traceparent)
+        return await self._publish_once(route, adapter, outgoing, traceparent, give_up)
 
-    async def _publish_once(self, route: Route, adapter: BrokerAdapter, outgoing: Outgoing, traceparent: str) -> str:
+    async def _publish_once(
+        self, route: Route, adapter: BrokerAdapter, outgoing: Outgoing, traceparent: str, give_up: float
+    ) -> str:
         where = f"{route.resolved.product}/{route.resolved.env.slug}/{route.broker.tag}:{route.topic.tag}"
         key = f"publish/{where}/{outgoing.idempotency_key}"
         digest = hashlib.sha256()
@@ -236,11 +268,16 @@ class BrokerRuntime:
         ):
             digest.update(len(part).to_bytes(8, "big") + part)
         request_hash = digest.hexdigest()
+        # The id is a function of where, the key and the message: every attempt for one key publishes the same id, so
+        # a copy stored by an attempt that answered UNAVAILABLE is dropped by JetStream (Nats-Msg-Id) and carries the
+        # same id as the retry everywhere else. The message is part of it because a key may come back with another
+        # message once its record has expired.
+        message_id = hashlib.sha256(f"{key}\n{request_hash}".encode()).hexdigest()[:24]
         owner = os.urandom(8).hex()
         while True:
             now = datetime.now(UTC)
             record = await self._store.idempotency_claim(
-                key, request_hash, owner, now, now + timedelta(seconds=60), now + self._retention
+                key, request_hash, owner, now, now + PUBLISH_LEASE, now + self._retention
             )
             if record.request_hash != request_hash:
                 raise FailedPrecondition(
@@ -252,10 +289,16 @@ class BrokerRuntime:
                 break
             if record.state == "done" and record.response is not None:
                 return record.response.decode()
+            if time.monotonic() + 0.05 >= give_up:
+                raise BrokerUnavailable(
+                    "another publish with this idempotency key is not confirmed yet: the message may or may not have "
+                    "been stored; publishing it again with the same idempotency key is safe",
+                    metadata={"broker": route.broker.tag, "idempotency_key": outgoing.idempotency_key},
+                )
             await asyncio.sleep(0.05)
-        message = self._message(route, outgoing, traceparent)
+        message = self._message(route, outgoing, traceparent, message_id)
         try:
-            await adapter.publish(route.topic.name, message)
+            await self._send(route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic())
         except BaseException:
             await self._store.idempotency_release(key, owner)
             raise
@@ -269,12 +312,14 @@ class BrokerRuntime:
         event: str,
         entries: Sequence[Outgoing | ProcessorError],
         traceparent: str = "",
+        deadline: Deadline | None = None,
     ) -> list[str | ProcessorError]:
         """Publish entries independently; each result is an id or the entry's error.
 
         An entry the caller's layer already refused is passed as its error and comes back as it is, so every entry
         keeps its position (`messages[i]` names the i-th entry of the request).
         """
+        give_up = time.monotonic() + (deadline or Deadline(None)).bound(PUBLISH_LIMIT_S)
         if len(entries) > MAX_BATCH_ENTRIES:
             raise InvalidArgument.field("messages", f"holds more than {MAX_BATCH_ENTRIES} entries")
         route = await self.route(product, env, event)
@@ -292,13 +337,19 @@ class BrokerRuntime:
                 continue
             if outgoing.idempotency_key:
                 try:
-                    results[index] = await self._publish_once(route, adapter, outgoing, traceparent)
+                    results[index] = await self._publish_once(route, adapter, outgoing, traceparent, give_up)
                 except ProcessorError as exc:
                     results[index] = exc
             else:
                 plain.append((index, self._message(route, outgoing, traceparent)))
         if plain:
-            published = await adapter.publish_batch(route.topic.name, [message for _, message in plain])
+            messages = [message for _, message in plain]
+            try:
+                published = await self._send(
+                    route, lambda: adapter.publish_batch(route.topic.name, messages), give_up - time.monotonic()
+                )
+            except BrokerUnavailable as exc:
+                published = [exc] * len(plain)
             for (index, message), outcome in zip(plain, published, strict=True):
                 results[index] = message.id if isinstance(outcome, str) else outcome
         return [result if result is not None else ProcessorError("not published") for result in results]

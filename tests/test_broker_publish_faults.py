@@ -1,0 +1,209 @@
+"""Publishing through broker faults: replies lost after the broker stored a message, and brokers that stop answering.
+
+The processor reaches each real broker through `FaultyLink`, a TCP proxy on loopback that this test controls: it
+can drop the broker's replies (the broker accepted the write, the processor never hears so), stop forwarding
+anything (a broker that accepts connections and never answers), and cut every connection. Subscribers use a second
+environment that reaches the broker directly. The machine's shared brokers are never stopped or paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from ductape.processor.brokers import outgoing
+from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
+
+from ductape_processor.adapters.broker import BrokerUnavailable
+from ductape_processor.runtime.brokers import PUBLISH_LIMIT_S, Outgoing
+from ductape_processor.runtime.policies import Deadline
+from tests.conftest import Running, ServerFactory, require_tcp
+from tests.test_brokers import SERVERS, _forget_run, opened, take
+
+pytestmark = pytest.mark.faults
+
+DURABLE = ["redis", "rabbitmq", "nats"]
+
+
+class FaultyLink:
+    """A TCP proxy to one broker: `mode` is "pass", "drop-replies" (client bytes reach the broker, replies are
+    dropped) or "blackhole" (nothing is forwarded; new connections are accepted and never answered)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.mode = "pass"
+        self.listen_port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.listen_port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        if self.mode == "blackhole":
+            with contextlib.suppress(OSError):
+                while await reader.read(65536):
+                    pass
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.add(up_writer)
+        for task in (
+            asyncio.ensure_future(self._pump(reader, up_writer, replies=False)),
+            asyncio.ensure_future(self._pump(up_reader, writer, replies=True)),
+        ):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while chunk := await reader.read(65536):
+                if self.mode == "pass" or (self.mode == "drop-replies" and not replies):
+                    writer.write(chunk)
+                    await writer.drain()
+        writer.close()
+
+    def cut(self) -> None:
+        """Close every connection through the link (both sides)."""
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _url(kind: str, port: int) -> str:
+    return str(SERVERS[kind][3]["url"]).replace(f":{SERVERS[kind][2]}", f":{port}")
+
+
+def _manifest(kind: str, run: str, dev_port: int, prd_port: int) -> bytes:
+    def config(port: int) -> dict[str, Any]:
+        settings: dict[str, Any] = {**SERVERS[kind][3], "url": _url(kind, port)}
+        if kind == "nats":
+            settings["stream"] = f"t_{run}"
+        return settings
+
+    document = {
+        "product": "shop",
+        "environments": [{"slug": "dev"}, {"slug": "prd"}],
+        "brokers": [
+            {
+                "tag": "events",
+                "envs": {"dev": config(dev_port), "prd": config(prd_port)},
+                "topics": [{"tag": "orders", "name": f"orders.{run}"}],
+            }
+        ],
+    }
+    return json.dumps(document).encode()
+
+
+@pytest.fixture(params=DURABLE)
+async def faulty(
+    request: pytest.FixtureRequest, start_server: ServerFactory
+) -> AsyncIterator[tuple[Running, FaultyLink]]:
+    """A processor whose `dev` environment reaches the broker through a FaultyLink and `prd` directly."""
+    kind: str = request.param
+    name, host, port, _ = SERVERS[kind]
+    await require_tcp(name, host, port)
+    link = FaultyLink(host, port)
+    await link.start()
+    running = await start_server()
+    running.kind = kind  # type: ignore[attr-defined]
+    running.run = secrets.token_hex(4)  # type: ignore[attr-defined]
+    await running.client.product.apply(_manifest(kind, running.run, link.listen_port, port))  # type: ignore[attr-defined]
+    yield running, link
+    await link.close()
+    await _forget_run(kind, running.run)  # type: ignore[attr-defined]
+
+
+async def _publish(running: Running, body: bytes, key: str = "", timeout: float | None = None) -> str:
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        response = await broker_pb2_grpc.BrokerServiceStub(channel).Publish(
+            broker_pb2.PublishRequest(
+                product="shop", env="dev", event="events:orders", message=outgoing(body, idempotency_key=key)
+            ),
+            timeout=timeout,
+        )
+    return str(response.message_id)
+
+
+async def test_a_retry_with_the_same_key_after_a_lost_confirmation_keeps_one_id(
+    faulty: tuple[Running, FaultyLink],
+) -> None:
+    running, link = faulty
+    sub = running.client.message_broker.subscribe(
+        product="shop", env="prd", event="events:orders", group="g", ack_deadline=30
+    )
+    messages = await opened(sub)
+    await _publish(running, b"warm-up")  # connection, stream and exchange are set up through the link
+    [warm] = await take(messages, 1)
+    await warm.ack()
+
+    link.mode = "drop-replies"  # the broker stores the message; the processor never hears it
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _publish(running, b"order-1", key="order-1", timeout=2.0)
+    assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    link.cut()
+    link.mode = "pass"
+    retried = await _publish(running, b"order-1", key="order-1", timeout=15.0)
+    assert await _publish(running, b"order-1", key="order-1") == retried
+
+    copies = await take(messages, 1)
+    with contextlib.suppress(AssertionError):
+        copies += await take(messages, 1, timeout=2.0)
+    for copy in copies:
+        await copy.ack()
+    print(f"\n{running.kind}: {len(copies)} cop(ies) delivered, ids {sorted({c.id for c in copies})}")  # type: ignore[attr-defined]
+    assert {copy.id for copy in copies} == {retried}  # one id, however many copies
+    if running.kind == "nats":  # type: ignore[attr-defined]
+        assert len(copies) == 1  # JetStream dropped the second copy (Nats-Msg-Id)
+    await sub.close()
+
+
+async def test_a_publish_to_a_broker_that_stopped_answering_honours_the_limit_and_the_deadline(
+    faulty: tuple[Running, FaultyLink],
+) -> None:
+    running, link = faulty
+    await _publish(running, b"warm-up")
+    link.mode = "blackhole"
+
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _publish(running, b"no deadline")
+    unbounded = time.monotonic() - started
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    runtime = running.app.brokers
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        await runtime.publish("shop", "dev", "events:orders", Outgoing(b"2 s", "text/plain", {}), deadline=Deadline(2))
+    bounded = time.monotonic() - started
+
+    started = time.monotonic()
+    entries = [Outgoing(b"a", "text/plain", {}), Outgoing(b"b", "text/plain", {}, idempotency_key="b")]
+    results = await runtime.publish_batch("shop", "dev", "events:orders", entries, deadline=Deadline(2))
+    batch = time.monotonic() - started
+    assert [isinstance(result, BrokerUnavailable) for result in results] == [True, True]
+    print(f"\n{running.kind}: no deadline {unbounded:.2f}s, 2 s deadline {bounded:.2f}s, batch {batch:.2f}s")  # type: ignore[attr-defined]
+    assert unbounded <= PUBLISH_LIMIT_S + 1.0
+    assert bounded <= 2.5
+    assert batch <= 2.5
