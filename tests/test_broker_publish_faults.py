@@ -11,20 +11,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
+import aio_pika
 import grpc
 import pytest
 from ductape.processor.brokers import outgoing
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 
-from ductape_processor.adapters.broker import BrokerUnavailable
+from ductape_processor.adapters.broker import BrokerUnavailable, OutboundMessage, SubscribeOptions
+from ductape_processor.adapters.rabbitmq_broker import RabbitMQBroker, queue_name
 from ductape_processor.runtime.brokers import PUBLISH_LIMIT_S, Outgoing
 from ductape_processor.runtime.policies import Deadline
 from tests.conftest import Running, ServerFactory, require_tcp
+from tests.test_broker_rabbitmq import _rabbitmqctl, _require_rabbitmqctl
 from tests.test_brokers import SERVERS, _forget_run, opened, take
 
 pytestmark = pytest.mark.faults
@@ -207,3 +212,44 @@ async def test_a_publish_to_a_broker_that_stopped_answering_honours_the_limit_an
     assert unbounded <= PUBLISH_LIMIT_S + 1.0
     assert bounded <= 2.5
     assert batch <= 2.5
+
+
+async def test_a_connection_closed_by_rabbitmq_logs_one_warning_and_no_driver_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    name, host, port, settings = SERVERS["rabbitmq"]
+    await require_tcp(name, host, port)
+    _require_rabbitmqctl()
+    run = secrets.token_hex(4)
+    adapter = RabbitMQBroker(f"{settings['url']}?name=pf-{run}", "", f"shop/dev/logs-{run}")
+    topic = f"logs.{run}"
+    sent = OutboundMessage(id="m", source="s", type=topic, time=datetime.now(UTC), data=b"x", content_type="text/plain")
+    try:
+        await adapter.publish(topic, sent)
+        subscription = await adapter.subscribe(topic, "g", SubscribeOptions(prefetch=10, ack_deadline_s=10))
+        listed = await _rabbitmqctl("-q", "list_connections", "pid", "client_properties", "--no-table-headers")
+        [pid] = [line.split("\t")[0] for line in listed.splitlines() if f'"pf-{run}"' in line]
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            await _rabbitmqctl("close_connection", pid, "test: forced close")  # only this test's connection
+            async with asyncio.timeout(10):
+                while adapter.reconnections < 1:
+                    await asyncio.sleep(0.05)
+            await adapter.publish(topic, sent)  # handled: publishing goes on
+        driver = [
+            r for r in caplog.records if r.name.startswith(("aiormq", "aio_pika")) and r.levelno >= logging.WARNING
+        ]
+        ours = [r for r in caplog.records if r.name == "ductape_processor.adapters.rabbitmq_broker"]
+        print(f"\ndriver records: {[str(r.msg)[:60] for r in driver]}\nours: {[r.getMessage() for r in ours]}")
+        assert driver == []
+        [lost] = [r for r in ours if r.levelno == logging.WARNING]
+        assert "CONNECTION_FORCED" in lost.getMessage() and "guest:guest" not in lost.getMessage()
+        await subscription.close()
+    finally:
+        await adapter.close()
+        with contextlib.suppress(Exception):
+            connection = await aio_pika.connect(settings["url"])
+            channel = await connection.channel()
+            await channel.queue_delete(queue_name(topic, "g"))
+            await channel.exchange_delete(topic)
+            await connection.close()

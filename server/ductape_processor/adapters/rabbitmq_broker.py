@@ -58,7 +58,9 @@ Connection
     reconnects in the background, waiting longer the longer the outage lasts (RECONNECT_MIN_S up to
     RECONNECT_MAX_S), re-declares exchanges and queues and restarts the consumers. Messages that were delivered on
     the lost channel are redelivered by RabbitMQ; their old handles are dropped from the buffer, and acking or
-    nacking them is a no-op. A broker that cannot be reached raises BrokerUnavailable; RabbitMQ's own
+    nacking them is a no-op. A drop is logged once, as a warning (`... lost (reason); reconnecting`), and its
+    restoration as info; what aiormq and aio-pika log as errors about a drop the robust connection handles is
+    filtered out (`_HandledDriverNoise`). A broker that cannot be reached raises BrokerUnavailable; RabbitMQ's own
     `consumer_timeout` (30 min by default) must stay above the longest ack deadline (plus nack delay) used.
 
 Checked against RabbitMQ 3.10 (quorum queues count every return in `x-delivery-count` there).
@@ -78,6 +80,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
@@ -159,6 +162,9 @@ class _BackoffConnection(aio_pika.RobustConnection):
     async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
+            if not self._close_called and not self.is_closed:
+                why = closing.exception() if closing.done() and not closing.cancelled() else None
+                log.warning("RabbitMQ connection %s lost (%s); reconnecting", self, why or "closed")
         await super()._on_connection_close(closing)
 
     async def _on_connected(self) -> None:
@@ -166,6 +172,40 @@ class _BackoffConnection(aio_pika.RobustConnection):
         if self._down_since is not None:
             log.info("RabbitMQ connection %s restored after %.1fs", self, time.monotonic() - self._down_since)
         self._down_since = None
+
+
+class _HandledDriverNoise(logging.Filter):
+    """Drops what aiormq and aio-pika log, as errors, about a connection drop that the robust connection handles:
+    one drop gave three ERROR records (and a traceback); `_BackoffConnection` logs it once as a warning instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if record.name == "aiormq.connection":
+            if message.startswith("Unexpected connection close from remote"):
+                return False
+            if message.startswith("Cancelling cause reader exited abnormally"):
+                failure = record.exc_info[1] if record.exc_info else None
+                return not isinstance(failure, aiormq.exceptions.AMQPConnectionError | ConnectionError)
+        elif record.name == "aio_pika.tools" and message.startswith("Callback %r error"):
+            # A robust channel's close callback failing because its connection is gone: the channel is reopened
+            # with the connection.
+            args = record.args if isinstance(record.args, tuple) else ()
+            return not (
+                len(args) >= 2
+                and "RobustChannel._on_close" in repr(args[0])
+                and args[1] in ("RuntimeError", "ChannelInvalidStateError")
+            )
+        elif record.name == "aio_pika.robust_connection" and message.startswith("Connection to %s closed."):
+            return False
+        return True
+
+
+def _quiet_driver_logs() -> None:
+    """Install `_HandledDriverNoise` on the driver's loggers (once per process)."""
+    for name in ("aiormq.connection", "aio_pika.tools", "aio_pika.robust_connection"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, _HandledDriverNoise) for existing in logger.filters):
+            logger.addFilter(_HandledDriverNoise())
 
 
 def queue_name(topic: str, group: str) -> str:
@@ -293,6 +333,7 @@ class RabbitMQBroker(BrokerAdapter):
         self._lock = asyncio.Lock()
         self._subscriptions: set[_RabbitSubscription] = set()
         self._closed = False
+        _quiet_driver_logs()
 
     @property
     def reconnections(self) -> int:
