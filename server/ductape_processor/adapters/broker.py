@@ -42,6 +42,7 @@ class OutboundMessage:
     attributes: Mapping[str, str] = field(default_factory=dict)
     ordering_key: str = ""
     traceparent: str = ""
+    tracestate: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,7 @@ class InboundMessage:
     ordering_key: str
     traceparent: str
     delivery_attempt: int
+    tracestate: str = ""
 
 
 @dataclass(frozen=True, slots=True)

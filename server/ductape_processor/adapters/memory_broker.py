@@ -126,6 +126,7 @@ def _inbound(handle: str, message: OutboundMessage, attempt: int) -> InboundMess
         attributes=dict(message.attributes),
         ordering_key=message.ordering_key,
         traceparent=message.traceparent,
+        tracestate=message.tracestate,
         delivery_attempt=attempt,
     )
 

@@ -22,8 +22,9 @@ Publishing
 
 Headers (CloudEvents 1.0, binary content mode of the NATS binding as the CloudEvents Go SDK writes it)
     ce-specversion "1.0", ce-id, ce-source, ce-type, ce-time (ISO 8601, UTC) and `content-type` (datacontenttype);
-    the ordering key travels as the extension ce-orderingkey, W3C trace context as `traceparent`, and each of the
-    caller's attributes as `attr-<key>` (keys keep their case; no `ce-`/`attr-` clash is possible). Every value is
+    the ordering key travels as the extension ce-orderingkey, W3C trace context as `traceparent` and `tracestate`,
+    and each of the caller's attributes as `attr-<key>` (keys keep their case; no `ce-`/`attr-` clash is
+    possible). Every value is
     percent-encoded as the CloudEvents HTTP binding prescribes (space, '"', '%' and anything outside printable
     ASCII), so a value holding CR/LF cannot forge a header; receiving decodes them back exactly. Messages that
     did not come from a processor get defaults: id = Nats-Msg-Id or `<stream>:<seq>`, type = the subject,
@@ -212,6 +213,8 @@ def _headers(topic: str, message: OutboundMessage) -> dict[str, str]:
         headers["ce-orderingkey"] = _encode(message.ordering_key)
     if message.traceparent:
         headers["traceparent"] = _encode(message.traceparent)
+    if message.tracestate:
+        headers["tracestate"] = _encode(message.tracestate)
     for key, value in message.attributes.items():
         headers[_ATTRIBUTE_PREFIX + key] = _encode(value)
     return headers
@@ -251,6 +254,7 @@ def _inbound(handle: str, msg: Msg) -> InboundMessage:
         },
         ordering_key=_decode(headers.get("ce-orderingkey")),
         traceparent=_decode(headers.get("traceparent")),
+        tracestate=_decode(headers.get("tracestate")),
         delivery_attempt=max(meta.num_delivered, 1),
     )
 

@@ -17,11 +17,11 @@ Topology
 Messages (CloudEvents 1.0, AMQP binary mode)
     data is the body and `datacontenttype` the `content_type` property. Headers carry `cloudEvents_specversion`
     ("1.0"), `cloudEvents_id`, `cloudEvents_source`, `cloudEvents_type`, `cloudEvents_time` (ISO 8601, microseconds)
-    and, when set, `cloudEvents_partitionkey` (the ordering key) and `traceparent` (W3C, as OpenTelemetry's AMQP
-    instrumentations write it). The caller's attributes travel as `attr-<key>` headers, so they never collide with
-    these. The `message_id`, `type` and `timestamp` (seconds) properties repeat id, type and time for AMQP tools.
-    Messages are persistent (delivery mode 2). A message from another producer without these headers is still
-    received: id from `message_id`, type from `type` or the routing key, time from `timestamp`.
+    and, when set, `cloudEvents_partitionkey` (the ordering key) and `traceparent`/`tracestate` (W3C, as
+    OpenTelemetry's AMQP instrumentations write them). The caller's attributes travel as `attr-<key>` headers, so
+    they never collide with these. The `message_id`, `type` and `timestamp` (seconds) properties repeat id, type and
+    time for AMQP tools. Messages are persistent (delivery mode 2). A message from another producer without these
+    headers is still received: id from `message_id`, type from `type` or the routing key, time from `timestamp`.
 
 Publishing
     One publisher channel per adapter with publisher confirms: `publish` returns once RabbitMQ acked the message
@@ -244,6 +244,8 @@ def _to_amqp(message: OutboundMessage) -> aio_pika.Message:
         headers[f"{CE}partitionkey"] = message.ordering_key
     if message.traceparent:
         headers["traceparent"] = message.traceparent
+    if message.tracestate:
+        headers["tracestate"] = message.tracestate
     for key, value in message.attributes.items():
         headers[f"{ATTRIBUTE_PREFIX}{key}"] = value
     return aio_pika.Message(
@@ -295,6 +297,7 @@ def _to_inbound(handle: str, message: AbstractIncomingMessage) -> InboundMessage
         },
         ordering_key=_text(headers.get(f"{CE}partitionkey", "")),
         traceparent=_text(headers.get("traceparent", "")),
+        tracestate=_text(headers.get("tracestate", "")),
         delivery_attempt=delivery_attempt(message),
     )
 

@@ -9,10 +9,11 @@ Layout
 
 Message fields (one stream entry, binary safe)
     CloudEvents 1.0 attributes under their own names: ``specversion`` ("1.0"), ``id``, ``source``, ``type``,
-    ``time`` (RFC 3339 / ISO 8601), ``datacontenttype``; the extensions ``traceparent`` (W3C) and ``orderingkey``
-    when set; the payload under ``data`` (raw bytes). Every caller attribute ``k`` travels as ``attr-k``, so it can
-    never collide with the fields above. Entries written by other producers are read leniently: a missing ``id``
-    becomes the stream entry id, a missing ``time`` the entry id's timestamp, unknown fields are ignored.
+    ``time`` (RFC 3339 / ISO 8601), ``datacontenttype``; the extensions ``traceparent``, ``tracestate`` (W3C) and
+    ``orderingkey`` when set; the payload under ``data`` (raw bytes). Every caller attribute ``k`` travels as
+    ``attr-k``, so it can never collide with the fields above. Entries written by other producers are read
+    leniently: a missing ``id`` becomes the stream entry id, a missing ``time`` the entry id's timestamp, unknown
+    fields are ignored.
 
 Delivery and `delivery_attempt`
     Redis keeps, per group, a pending-entries list (PEL) with a delivery counter per entry; `delivery_attempt` *is*
@@ -244,6 +245,8 @@ def _fields(message: OutboundMessage) -> dict[bytes, bytes]:
     }
     if message.traceparent:
         fields[b"traceparent"] = message.traceparent.encode()
+    if message.tracestate:
+        fields[b"tracestate"] = message.tracestate.encode()
     if message.ordering_key:
         fields[b"orderingkey"] = message.ordering_key.encode()
     for key, value in message.attributes.items():
@@ -280,6 +283,7 @@ def _inbound(entry_id: str, flat: list[bytes], attempt: int, topic: str) -> Inbo
         attributes=attributes,
         ordering_key=_text(fields.get(b"orderingkey")),
         traceparent=_text(fields.get(b"traceparent")),
+        tracestate=_text(fields.get(b"tracestate")),
         delivery_attempt=attempt,
     )
 

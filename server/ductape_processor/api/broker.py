@@ -18,7 +18,7 @@ from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.runtime.brokers import BrokerRuntime, Outgoing
 from ductape_processor.runtime.policies import Deadline
 from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
-from ductape_processor.telemetry.context import current_call
+from ductape_processor.telemetry.context import outgoing_trace_context
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -43,11 +43,6 @@ def _where(product: str, env: str, event: str, prefix: str = "") -> None:
     for name, value in (("product", product), ("env", env), ("event", event)):
         if not value:
             raise InvalidArgument.field(prefix + name, "is required")
-
-
-def _traceparent() -> str:
-    call = current_call.get()
-    return call.traceparent or "" if call is not None else ""
 
 
 def _limits(init: broker_pb2.SubscribeInit) -> Limits:
@@ -88,6 +83,7 @@ def _received(ack_id: str, message: InboundMessage) -> broker_pb2.ReceivedMessag
         type=message.type,
         ordering_key=message.ordering_key,
         traceparent=message.traceparent,
+        tracestate=message.tracestate,
     )
 
 
@@ -104,7 +100,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             request.env,
             request.event,
             _outgoing(request.message, "message"),
-            _traceparent(),
+            outgoing_trace_context(),
             deadline=Deadline(context.time_remaining()),
         )
         return broker_pb2.PublishResponse(message_id=message_id)
@@ -120,7 +116,12 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             except ProcessorError as exc:
                 entries.append(exc)
         published = await self._runtime.publish_batch(
-            request.product, request.env, request.event, entries, _traceparent(), Deadline(context.time_remaining())
+            request.product,
+            request.env,
+            request.event,
+            entries,
+            outgoing_trace_context(),
+            Deadline(context.time_remaining()),
         )
         results = []
         for outcome in published:

@@ -80,7 +80,7 @@ class _Call:
         request_id = metadata.get("x-request-id")
         if request_id is None or not _REQUEST_ID.match(request_id):
             request_id = _request_ids.new()
-        info = CallInfo(self.method, request_id, metadata.get("traceparent"))
+        info = CallInfo(self.method, request_id, metadata.get("traceparent"), metadata.get("tracestate"))
         token: Any = current_call.set(info)
         span = None
         tracer = self.telemetry.tracer

@@ -22,8 +22,6 @@ from typing import Any
 from urllib.parse import quote, unquote, urlencode
 
 import aiohttp
-from opentelemetry import trace
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
 
 from ductape_processor.adapters.http import (
@@ -49,7 +47,7 @@ from ductape_processor.runtime.secrets import SecretSource, TokenVault
 from ductape_processor.runtime.sessions import SessionManager
 from ductape_processor.runtime.templates import RenderError, Scope, Taint
 from ductape_processor.store.base import ExecutionRecord, Store
-from ductape_processor.telemetry.context import current_call
+from ductape_processor.telemetry.context import outgoing_trace_context
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +56,6 @@ _REDACTED = "[redacted]"
 MAX_IDEMPOTENCY_KEY = 256
 HEADER_VALUE_INVALID = "HEADER_VALUE_INVALID"
 """The `ErrorInfo.reason` of a call whose rendered header value holds a control character."""
-_propagator = TraceContextTextMapPropagator()
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,13 +472,7 @@ class ActionExecutor:
 
     @staticmethod
     def _trace_headers(headers: dict[str, str]) -> None:
-        span = trace.get_current_span()
-        if span.get_span_context().is_valid:
-            _propagator.inject(headers)
-            return
-        call = current_call.get()
-        if call is not None and call.traceparent and call.trace_ids() is not None:
-            headers["traceparent"] = call.traceparent
+        headers.update(outgoing_trace_context())
 
     @staticmethod
     def _detail(ctx: _Context, request: HttpRequest) -> str:

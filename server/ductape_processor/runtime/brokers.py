@@ -207,7 +207,9 @@ class BrokerRuntime:
             # layer refused it.
             raise InvalidArgument(f"{problems[0].field}: {problems[0].description}", violations=problems)
 
-    def _message(self, route: Route, outgoing: Outgoing, traceparent: str, message_id: str = "") -> OutboundMessage:
+    def _message(
+        self, route: Route, outgoing: Outgoing, trace: Mapping[str, str], message_id: str = ""
+    ) -> OutboundMessage:
         return OutboundMessage(
             id=message_id or os.urandom(12).hex(),
             source=route.source,
@@ -217,7 +219,8 @@ class BrokerRuntime:
             content_type=outgoing.content_type or "application/octet-stream",
             attributes=dict(outgoing.attributes),
             ordering_key=outgoing.ordering_key,
-            traceparent=traceparent,
+            traceparent=trace.get("traceparent", ""),
+            tracestate=trace.get("tracestate", ""),
         )
 
     async def _send(self, route: Route, send: Callable[[], Awaitable[T]], seconds: float) -> T:
@@ -238,7 +241,7 @@ class BrokerRuntime:
         env: str,
         event: str,
         outgoing: Outgoing,
-        traceparent: str = "",
+        trace: Mapping[str, str] | None = None,
         field: str = "message",
         deadline: Deadline | None = None,
     ) -> str:
@@ -249,13 +252,13 @@ class BrokerRuntime:
         route = await self.route(product, env, event)
         adapter = await self.adapter(route)
         if not outgoing.idempotency_key:
-            message = self._message(route, outgoing, traceparent)
+            message = self._message(route, outgoing, trace or {})
             await self._send(route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic())
             return message.id
-        return await self._publish_once(route, adapter, outgoing, traceparent, give_up)
+        return await self._publish_once(route, adapter, outgoing, trace or {}, give_up)
 
     async def _publish_once(
-        self, route: Route, adapter: BrokerAdapter, outgoing: Outgoing, traceparent: str, give_up: float
+        self, route: Route, adapter: BrokerAdapter, outgoing: Outgoing, trace: Mapping[str, str], give_up: float
     ) -> str:
         where = f"{route.resolved.product}/{route.resolved.env.slug}/{route.broker.tag}:{route.topic.tag}"
         key = f"publish/{where}/{outgoing.idempotency_key}"
@@ -296,7 +299,7 @@ class BrokerRuntime:
                     metadata={"broker": route.broker.tag, "idempotency_key": outgoing.idempotency_key},
                 )
             await asyncio.sleep(0.05)
-        message = self._message(route, outgoing, traceparent, message_id)
+        message = self._message(route, outgoing, trace, message_id)
         try:
             await self._send(route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic())
         except BaseException:
@@ -311,7 +314,7 @@ class BrokerRuntime:
         env: str,
         event: str,
         entries: Sequence[Outgoing | ProcessorError],
-        traceparent: str = "",
+        trace: Mapping[str, str] | None = None,
         deadline: Deadline | None = None,
     ) -> list[str | ProcessorError]:
         """Publish entries independently; each result is an id or the entry's error.
@@ -337,11 +340,11 @@ class BrokerRuntime:
                 continue
             if outgoing.idempotency_key:
                 try:
-                    results[index] = await self._publish_once(route, adapter, outgoing, traceparent, give_up)
+                    results[index] = await self._publish_once(route, adapter, outgoing, trace or {}, give_up)
                 except ProcessorError as exc:
                     results[index] = exc
             else:
-                plain.append((index, self._message(route, outgoing, traceparent)))
+                plain.append((index, self._message(route, outgoing, trace or {})))
         if plain:
             messages = [message for _, message in plain]
             try:
@@ -385,6 +388,7 @@ class BrokerRuntime:
                         },
                         ordering_key=message.ordering_key,
                         traceparent=message.traceparent,
+                        tracestate=message.tracestate,
                     ),
                 )
 

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import contextvars
 
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_propagator = TraceContextTextMapPropagator()
+
 
 class CallInfo:
-    """What is known of the call being served: its method, its request id and its W3C `traceparent`.
+    """What is known of the call being served: its method, its request id and its W3C `traceparent`/`tracestate`.
 
     A plain slotted class rather than a dataclass: one is built per call, so construction cost counts.
     """
 
-    __slots__ = ("method", "request_id", "traceparent")
+    __slots__ = ("method", "request_id", "traceparent", "tracestate")
 
-    def __init__(self, method: str, request_id: str, traceparent: str | None = None) -> None:
+    def __init__(
+        self, method: str, request_id: str, traceparent: str | None = None, tracestate: str | None = None
+    ) -> None:
         self.method = method
         self.request_id = request_id
         self.traceparent = traceparent
+        self.tracestate = tracestate
 
     def trace_ids(self) -> tuple[str, str] | None:
         """(trace id, parent span id) from the caller's traceparent, when it sent a well-formed one."""
@@ -26,6 +34,26 @@ class CallInfo:
         if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
             return None
         return parts[1], parts[2]
+
+
+def outgoing_trace_context() -> dict[str, str]:
+    """W3C `traceparent` (and `tracestate`) for what the current call sends on: an upstream request, a message.
+
+    With tracing on, the processor's span for the call is the parent (so a message published by a caller without
+    trace context still carries one). With tracing off, the caller's context passes through, but only when the
+    propagator accepts it: a malformed value is never forwarded.
+    """
+    carrier: dict[str, str] = {}
+    if trace.get_current_span().get_span_context().is_valid:
+        _propagator.inject(carrier)
+        return carrier
+    call = current_call.get()
+    if call is not None and call.traceparent:
+        given = {"traceparent": call.traceparent}
+        if call.tracestate:
+            given["tracestate"] = call.tracestate
+        _propagator.inject(carrier, context=_propagator.extract(given))
+    return carrier
 
 
 current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("current_call", default=None)

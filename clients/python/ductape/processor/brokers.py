@@ -100,6 +100,7 @@ class Message:
     type: str
     ordering_key: str
     traceparent: str
+    tracestate: str
     ack_id: str
     _subscription: Subscription = field(repr=False)
     _generation: int = field(repr=False, default=0)
@@ -204,6 +205,7 @@ class Subscription:
             type=received.type,
             ordering_key=received.ordering_key,
             traceparent=received.traceparent,
+            tracestate=received.tracestate,
             ack_id=received.ack_id,
             _subscription=self,
             _generation=self._generation,

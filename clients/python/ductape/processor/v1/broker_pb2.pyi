@@ -526,6 +526,7 @@ class ReceivedMessage(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     ORDERING_KEY_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TRACESTATE_FIELD_NUMBER: _builtins.int
     ack_id: _builtins.str
     """What to ack or nack the message with, on this stream."""
     id: _builtins.str
@@ -543,7 +544,12 @@ class ReceivedMessage(_message.Message):
     ordering_key: _builtins.str
     """The ordering key it was published with."""
     traceparent: _builtins.str
-    """The publisher's W3C trace context, when it had one."""
+    """The W3C trace context the message was published with: its parent is the
+    processor's Publish span when tracing is on, else the publisher's own
+    (forwarded only when well-formed).
+    """
+    tracestate: _builtins.str
+    """The W3C `tracestate` that travels with `traceparent`, when there is one."""
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The attributes it was published with."""
@@ -566,10 +572,11 @@ class ReceivedMessage(_message.Message):
         type: _builtins.str = ...,
         ordering_key: _builtins.str = ...,
         traceparent: _builtins.str = ...,
+        tracestate: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["publish_time", b"publish_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_id", b"ack_id", "attributes", b"attributes", "content_type", b"content_type", "data", b"data", "delivery_attempt", b"delivery_attempt", "id", b"id", "ordering_key", b"ordering_key", "publish_time", b"publish_time", "source", b"source", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_id", b"ack_id", "attributes", b"attributes", "content_type", b"content_type", "data", b"data", "delivery_attempt", b"delivery_attempt", "id", b"id", "ordering_key", b"ordering_key", "publish_time", b"publish_time", "source", b"source", "traceparent", b"traceparent", "tracestate", b"tracestate", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
