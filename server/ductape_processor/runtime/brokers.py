@@ -223,15 +223,20 @@ class BrokerRuntime:
             tracestate=trace.get("tracestate", ""),
         )
 
-    async def _send(self, route: Route, send: Callable[[], Awaitable[T]], seconds: float) -> T:
+    async def _send(self, route: Route, send: Callable[[], Awaitable[T]], seconds: float, *, keyed: bool) -> T:
         """Run one broker write (connecting included) for at most `seconds`."""
         try:
             async with asyncio.timeout(max(seconds, 0.0)):
                 return await send()
         except TimeoutError:
+            retry = (
+                "publishing it again with the same idempotency key cannot store a second copy under another id"
+                if keyed
+                else "publishing it again may store a second copy (an idempotency key prevents that)"
+            )
             raise BrokerUnavailable(
                 f"broker {route.broker.tag!r} did not confirm the publish within {max(seconds, 0.0):.3g}s: the message "
-                "may or may not have been stored; publishing it again with the same idempotency key is safe",
+                f"may or may not have been stored; {retry}",
                 metadata={"broker": route.broker.tag, "topic": route.topic.tag},
             ) from None
 
@@ -253,7 +258,9 @@ class BrokerRuntime:
         adapter = await self.adapter(route)
         if not outgoing.idempotency_key:
             message = self._message(route, outgoing, trace or {})
-            await self._send(route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic())
+            await self._send(
+                route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic(), keyed=False
+            )
             return message.id
         return await self._publish_once(route, adapter, outgoing, trace or {}, give_up)
 
@@ -301,7 +308,9 @@ class BrokerRuntime:
             await asyncio.sleep(0.05)
         message = self._message(route, outgoing, trace, message_id)
         try:
-            await self._send(route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic())
+            await self._send(
+                route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic(), keyed=True
+            )
         except BaseException:
             await self._store.idempotency_release(key, owner)
             raise
@@ -349,7 +358,10 @@ class BrokerRuntime:
             messages = [message for _, message in plain]
             try:
                 published = await self._send(
-                    route, lambda: adapter.publish_batch(route.topic.name, messages), give_up - time.monotonic()
+                    route,
+                    lambda: adapter.publish_batch(route.topic.name, messages),
+                    give_up - time.monotonic(),
+                    keyed=False,
                 )
             except BrokerUnavailable as exc:
                 published = [exc] * len(plain)
