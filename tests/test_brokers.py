@@ -252,14 +252,26 @@ async def test_nack_redelivers_with_the_next_attempt(broker: Running) -> None:
     await sub.close()
 
 
-async def test_an_expired_ack_deadline_redelivers(broker: Running) -> None:
+async def test_an_expired_ack_deadline_redelivers_and_a_late_ack_keeps_the_stream(broker: Running) -> None:
     sub = subscribe(broker, ack_deadline=0.5)
     messages = await opened(sub)
-    await publish(broker, "slow")
-    [first] = await take(messages, 1)
+    await publish(broker, "slow", "next")
+    first, other = await take(messages, 2)
+    await other.ack()
+    await asyncio.sleep(1.0)  # past the deadline: `first` went back to the group
+    await first.ack()  # too late: ignored and reported, and the stream goes on
     [second] = await take(messages, 1, timeout=10)
     assert second.id == first.id and second.delivery_attempt == 2
-    await second.ack()
+    assert (sub.stale_acks, sub.expired_acks) == (1, 1)
+    await second.nack()
+    await second.ack()  # already nacked: ignored too (not expired)
+    [third] = await take(messages, 1, timeout=10)
+    assert third.id == first.id and third.delivery_attempt == 3
+    await third.ack()
+    await publish(broker, "after")
+    [after] = await take(messages, 1)
+    assert after.data == b"after" and (sub.stale_acks, sub.expired_acks) == (2, 1)
+    await after.ack()
     await sub.close()
 
 
@@ -481,27 +493,52 @@ async def test_bad_subscriptions_are_refused_with_a_reason(broker: Running, init
 
 
 async def test_protocol_errors_on_the_stream(broker: Running) -> None:
+    init = broker_pb2.SubscribeRequest(
+        init=broker_pb2.SubscribeInit(product="shop", env="dev", event="events:orders", group="proto")
+    )
     async with grpc.aio.insecure_channel(broker.address) as channel:
         stub = broker_pb2_grpc.BrokerServiceStub(channel)
-        for second in (
-            broker_pb2.SubscribeRequest(ack=broker_pb2.Acknowledge(ack_ids=["nope"])),
-            broker_pb2.SubscribeRequest(
-                init=broker_pb2.SubscribeInit(product="shop", env="dev", event="events:orders", group="g")
-            ),
-        ):
-            init = broker_pb2.SubscribeRequest(
-                init=broker_pb2.SubscribeInit(product="shop", env="dev", event="events:orders", group="proto")
-            )
-            call = stub.Subscribe(iter([init, second]), timeout=10)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                async for _ in call:
-                    pass
-            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        call = stub.Subscribe(iter([init, init]), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         call = stub.Subscribe(iter([broker_pb2.SubscribeRequest(ack=broker_pb2.Acknowledge(ack_ids=["x"]))]))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in call:
                 pass
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_an_unknown_ack_id_is_reported_and_the_stream_goes_on(broker: Running) -> None:
+    init = broker_pb2.SubscribeRequest(
+        init=broker_pb2.SubscribeInit(product="shop", env="dev", event="events:orders", group="proto")
+    )
+    requests: asyncio.Queue[broker_pb2.SubscribeRequest | None] = asyncio.Queue()
+
+    async def outgoing_requests() -> AsyncIterator[broker_pb2.SubscribeRequest]:
+        while (request := await requests.get()) is not None:
+            yield request
+
+    await requests.put(init)
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        call = broker_pb2_grpc.BrokerServiceStub(channel).Subscribe(outgoing_requests(), timeout=20)
+        assert (await call.read()).HasField("ready")
+        await requests.put(broker_pb2.SubscribeRequest(ack=broker_pb2.Acknowledge(ack_ids=["nope", "ff"])))
+        notice = await call.read()
+        assert list(notice.stale_acks.ack_ids) == ["nope", "ff"] and not notice.stale_acks.expired_ack_ids
+        await publish(broker, "still here")
+        batch = await call.read()
+        [message] = batch.batch.messages
+        assert message.data == b"still here"
+        ack = broker_pb2.Acknowledge(ack_ids=[message.ack_id])
+        await requests.put(broker_pb2.SubscribeRequest(ack=ack))
+        await requests.put(broker_pb2.SubscribeRequest(nack=broker_pb2.NegativeAcknowledge(ack_ids=[message.ack_id])))
+        notice = await call.read()
+        assert list(notice.stale_acks.ack_ids) == [message.ack_id]
+        await requests.put(None)
+        assert await call.read() == grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
 
 
 async def test_bad_publishes_are_refused(broker: Running) -> None:

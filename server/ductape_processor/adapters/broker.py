@@ -86,6 +86,16 @@ class BrokerSubscription(abc.ABC):
     async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
         """Deliver these messages again (to any consumer of the group) after `delay_s`, with delivery_attempt + 1."""
 
+    async def release(self, handles: list[str]) -> None:
+        """Give back messages no client has seen (fetched, never written), without counting a delivery attempt
+        where the broker allows it. Brokers that count every return (NATS, RabbitMQ) nack."""
+        await self.nack(handles)
+
+    async def hold(self) -> None:
+        """Take nothing more for this subscription until its next fetch, so that messages given back next go to
+        the group's other consumers. Pull brokers take nothing between fetches already; push brokers stop."""
+        return
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the broker-side consumer: no message is taken for this subscription after it returns."""

@@ -108,6 +108,15 @@ class _MemorySubscription(BrokerSubscription):
             else:
                 self._group.put(message, attempt + 1, front=True)
 
+    async def release(self, handles: list[str]) -> None:
+        for handle in reversed(handles):
+            if handle not in self._mine:
+                continue
+            self._mine.discard(handle)
+            entry = self._group.inflight.pop(handle, None)
+            if entry is not None:
+                self._group.put(*entry, front=True)  # nobody saw it: same attempt
+
     async def close(self) -> None:
         self._closed = True
         await self.nack(sorted(self._mine, key=int, reverse=True))

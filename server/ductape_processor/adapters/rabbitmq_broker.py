@@ -506,6 +506,7 @@ class _RabbitSubscription(BrokerSubscription):
         self._requeue: deque[AbstractIncomingMessage] = deque()
         self._flusher: asyncio.Task[None] | None = None
         self._handles = itertools.count(1)
+        self._holding = False
         self._closed = False
 
     async def open(self) -> None:
@@ -539,7 +540,38 @@ class _RabbitSubscription(BrokerSubscription):
         self._buffer.append(message)
         self._arrived.set()
 
+    async def hold(self) -> None:
+        """Cancel the consumer (basic.cancel) and give back what it buffered, until the next fetch consumes again.
+
+        Without this RabbitMQ would push the messages the engine gives back next (expired ones) straight back into
+        this consumer's free prefetch room, away from the group's other consumers.
+        """
+        queue, tag, channel = self._queue, self._tag, self._channel
+        if self._closed or self._holding or queue is None or tag is None or channel is None or channel.is_closed:
+            return
+        self._holding = True
+        self._tag = None
+        with contextlib.suppress(*_TRANSIENT):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await queue.cancel(tag)
+        self._requeue.extend(self._buffer)
+        self._buffer.clear()
+        if self._requeue and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _resume(self) -> None:
+        queue = self._queue
+        if queue is None:
+            return
+        try:
+            self._tag = await queue.consume(self._deliver)
+        except _TRANSIENT as exc:
+            raise self._adapter.unavailable(f"consuming {self._topic!r} again", exc) from exc
+        self._holding = False
+
     async def fetch(self, max_messages: int, timeout_s: float) -> list[InboundMessage]:
+        if self._holding and not self._closed:
+            await self._resume()
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout_s
         taken: list[InboundMessage] = []

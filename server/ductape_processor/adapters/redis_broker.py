@@ -161,6 +161,23 @@ end
 return parked
 """
 
+# Parks the given entries (if this consumer still owns them) as due now, with the counter lowered by one: they were
+# fetched but never handed to a client, so their next delivery carries the same attempt number.
+_RELEASE = """
+local stream, group, me, park, park_ms = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local released = 0
+for i = 5, #ARGV do
+  local info = redis.call('XPENDING', stream, group, ARGV[i], ARGV[i], 1)[1]
+  if info and info[2] == me then
+    local count = info[4]
+    if count > 0 then count = count - 1 end
+    redis.call('XCLAIM', stream, group, park, 0, ARGV[i], 'IDLE', park_ms, 'RETRYCOUNT', count, 'JUSTID')
+    released = released + 1
+  end
+end
+return released
+"""
+
 # Parks everything the consumer holds (due now; entries not handed out keep their attempt number), then deletes it.
 _CLOSE = """
 local stream, group, me, park, park_ms = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -537,6 +554,15 @@ class RedisSubscription(BrokerSubscription):
         script = self._broker.script("nack", _NACK)
         args = [self._group, self.consumer, PARK_CONSUMER, idle, *(self._held[handle] for handle in mine)]
         await self._broker.call("giving messages back", lambda _: script(keys=[self._key], args=args))
+        self._forget(mine)
+
+    async def release(self, handles: list[str]) -> None:
+        mine = [handle for handle in dict.fromkeys(handles) if handle in self._held]
+        if not mine:
+            return
+        script = self._broker.script("release", _RELEASE)
+        args = [self._group, self.consumer, PARK_CONSUMER, PARK_MS, *(self._held[handle] for handle in mine)]
+        await self._broker.call("giving unseen messages back", lambda _: script(keys=[self._key], args=args))
         self._forget(mine)
 
     def _forget(self, handles: list[str]) -> None:

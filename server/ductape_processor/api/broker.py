@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -13,14 +14,27 @@ from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 from google.protobuf import duration_pb2
 
 from ductape_processor.adapters.broker import InboundMessage
+from ductape_processor.api.status import error_trailers
 from ductape_processor.api.values import timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.runtime.brokers import BrokerRuntime, Outgoing
+<<<<<<< HEAD
 from ductape_processor.runtime.policies import Deadline
 from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.telemetry.context import outgoing_trace_context
+=======
+from ductape_processor.runtime.subscriptions import (
+    Ignored,
+    Limits,
+    StreamClosing,
+    SubscriberNotReading,
+    Subscription,
+)
+from ductape_processor.telemetry.context import current_call
+>>>>>>> 51d58e7 (Subscribe: a late or unknown ack/nack is ignored and reported (StaleAcks on the stream) instead of ending the stream with ACK_ID_UNKNOWN; ack deadlines start when a batch is written; a stream whose messages expired takes nothing more until its client acks or nacks (expired messages go to the group's other consumers first; RabbitMQ cancels its consumer meanwhile); a write pending past the ack deadline ends the stream with UNAVAILABLE SUBSCRIBER_NOT_READING and gives back its messages (unwritten ones uncounted on memory and Redis); no Queue.get task is left behind by a dropped stream)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+MAX_STALE_REPORTED = 10_000  # ids in one StaleAcks notice; more are dropped from the notice (still ignored)
 
 
 def _seconds(duration: duration_pb2.Duration) -> float:
@@ -151,63 +165,96 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         )
         try:
             yield broker_pb2.SubscribeResponse(ready=broker_pb2.SubscribeReady(subscription_id=secrets.token_hex(8)))
-            async for response in self._stream(subscription, request_iterator):
+            async for response in self._stream(subscription, request_iterator, context):
                 yield response
         finally:
             self._runtime.forget(subscription)
             await subscription.close()
 
     async def _stream(
-        self, subscription: Subscription, requests: AsyncIterator[broker_pb2.SubscribeRequest]
+        self, subscription: Subscription, requests: AsyncIterator[broker_pb2.SubscribeRequest], context: Context
     ) -> AsyncIterator[broker_pb2.SubscribeResponse]:
-        ready: asyncio.Queue[list[tuple[str, InboundMessage]]] = asyncio.Queue(maxsize=1)
+        stale = broker_pb2.StaleAcks()
+        noticed = asyncio.Event()
 
-        async def produce() -> None:
-            async for batch in subscription.batches():
-                await ready.put(batch)
+        def report(ignored: Ignored | None) -> None:
+            if ignored is not None and len(stale.ack_ids) < MAX_STALE_REPORTED:
+                included = ignored.ack_ids[: MAX_STALE_REPORTED - len(stale.ack_ids)]
+                stale.ack_ids.extend(included)
+                stale.expired_ack_ids.extend(set(ignored.expired).intersection(included))
+                noticed.set()
 
         async def read() -> None:
             async for request in requests:
                 kind = request.WhichOneof("kind")
                 if kind == "ack":
-                    await subscription.ack(list(request.ack.ack_ids))
+                    report(await subscription.ack(list(request.ack.ack_ids)))
                 elif kind == "nack":
                     delay = _seconds(request.nack.delay) if request.nack.HasField("delay") else 0.0
                     if not 0 <= delay <= 3600:
                         raise InvalidArgument.field("nack.delay", "must be between 0 and 1 h")
-                    await subscription.nack(list(request.nack.ack_ids), delay, request.nack.dead_letter)
+                    report(await subscription.nack(list(request.nack.ack_ids), delay, request.nack.dead_letter))
                 elif kind == "init":
                     raise InvalidArgument.field("init", "a stream takes init only once, as its first request")
                 else:
                     raise InvalidArgument.field("kind", "a request must carry init, ack or nack")
 
-        producer = asyncio.ensure_future(produce())
+        async def watch() -> None:
+            if await subscription.watch():
+                # The handler is stuck in a write the client does not read: end the call from here.
+                call = current_call.get()
+                code, message, trailers = error_trailers(
+                    SubscriberNotReading(
+                        f"the stream was not read for {subscription.stall_s:g} s; its messages went back to the group"
+                    ),
+                    call.request_id if call is not None else "",
+                )
+                with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
+                    await context.abort(code, message, trailing_metadata=trailers)
+
         reader = asyncio.ensure_future(read())
         closing = asyncio.ensure_future(self._runtime.closing.wait())
+        watcher = asyncio.ensure_future(watch())
+        notice = asyncio.ensure_future(noticed.wait())
+        fetching: asyncio.Future[list[tuple[str, InboundMessage]]] | None = None
         try:
             while True:
-                getter = asyncio.ensure_future(ready.get())
-                done, _ = await asyncio.wait({getter, producer, reader, closing}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    batch = getter.result()
+                if fetching is None:
+                    fetching = asyncio.ensure_future(subscription.next_batch())
+                waiting: set[asyncio.Future[Any]] = {fetching, reader, closing, watcher, notice}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if notice in done:
+                    response = broker_pb2.SubscribeResponse(stale_acks=stale)
+                    stale = broker_pb2.StaleAcks()
+                    noticed.clear()
+                    notice = asyncio.ensure_future(noticed.wait())
+                    yield response
+                    continue
+                if fetching in done and not fetching.exception() and fetching.result():
+                    batch = fetching.result()
+                    fetching = None
+                    subscription.writing()
                     yield broker_pb2.SubscribeResponse(
                         batch=broker_pb2.MessageBatch(messages=[_received(a, m) for a, m in batch])
                     )
+                    subscription.written(batch)
                     continue
-                getter.cancel()
                 if closing in done:
                     raise StreamClosing("the server is shutting down; reconnect to another replica")
-                for worker in (reader, producer):
+                for worker in (reader, fetching):
                     failure = worker.exception() if worker in done else None
                     if failure is not None:
                         raise failure
                 return  # the client finished sending (or the subscription closed): the stream is over
         finally:
-            for pending in (producer, reader, closing):
+            workers: set[asyncio.Future[Any]] = {reader, closing, watcher, notice}
+            if fetching is not None:
+                workers.add(fetching)
+            for pending in workers:
                 pending.cancel()
             # Bounded: a driver that swallows a cancellation must not keep the stream (and its status) hanging;
             # the subscription's close() below stops any fetch still running.
-            await asyncio.wait({producer, reader, closing}, timeout=1.0)
-            for pending in (producer, reader, closing):
+            await asyncio.wait(workers, timeout=1.0)
+            for pending in workers:
                 if pending.done() and not pending.cancelled():
                     pending.exception()  # retrieved: already reported through the stream

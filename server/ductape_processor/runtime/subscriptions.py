@@ -4,6 +4,17 @@ One `Subscription` serves one Subscribe stream. It pulls from the adapter only a
 (`max_in_flight` minus what is out unacknowledged), sends a batch when it holds `max_batch` messages or `max_wait`
 after the first one, gives messages back to the broker when their ack deadline passes, and sends a message that
 was delivered more than `max_deliveries` times to the dead-letter topic instead of to the client.
+
+Leases and frozen clients
+    A message's ack deadline starts when its batch was written to the stream, not when it was fetched: time spent
+    in the processor's own hands never counts against the client, and messages the processor fetched but never
+    wrote are given back with `release` (their delivery attempt is not counted where the broker allows it).
+    A stream whose messages expired takes nothing more from the broker (`held`) until its client acks or nacks
+    again, so the expired messages go to the other consumers of the group first instead of back to a client that
+    is not processing them. A stream whose write stays pending longer than `stall_s` (HTTP/2 flow control: the
+    client stopped reading) gives back everything it holds (`watch` returns) and the API ends it.
+    An ack or nack for an id that is not outstanding any more (its deadline passed, or it was settled) is ignored
+    and reported back, never an error: a slow handler must not cost the whole stream.
 """
 
 from __future__ import annotations
@@ -13,17 +24,20 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 
 from ductape_processor.adapters.broker import BrokerSubscription, InboundMessage
-from ductape_processor.errors import FieldViolation, InvalidArgument, ProcessorError
+from ductape_processor.errors import InvalidArgument, ProcessorError
 
 log = logging.getLogger(__name__)
 
 FETCH_POLL_S = 0.5
+STALL_MIN_S = 2.0  # a write pending this long (or the ack deadline, when longer) means the client stopped reading
+EXPIRED_REMEMBERED = 10_000  # expired ack ids kept per stream, to tell a late ack from an unknown id
 DeadLetter = Callable[[InboundMessage], Awaitable[None]]
 
 
@@ -32,6 +46,13 @@ class StreamClosing(ProcessorError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"
+
+
+class SubscriberNotReading(ProcessorError):
+    """The client stopped reading its stream: its messages went back to the group; reconnect when ready."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SUBSCRIBER_NOT_READING"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +69,15 @@ class Limits:
 @dataclass(slots=True)
 class _Outstanding:
     message: InboundMessage
-    deadline: float
+    deadline: float | None  # None: not written to the client yet, so its lease has not started
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """Ack ids of one ack or nack that were not outstanding: all of them, and those whose deadline had passed."""
+
+    ack_ids: list[str]
+    expired: list[str]
 
 
 class Subscription:
@@ -67,10 +96,15 @@ class Subscription:
         self._dead_letter = dead_letter
         self._clock = clock
         self._outstanding: dict[str, _Outstanding] = {}
+        self._expired: OrderedDict[str, None] = OrderedDict()
         self._ids = itertools.count(1)
-        self._credit = asyncio.Event()
+        self._credit = asyncio.Event()  # set when fetching may go on: credit freed, client acted, or closed
         self._credit.set()
+        self._changed = asyncio.Event()  # wakes `watch`: something was written
+        self._held = False  # messages expired: take nothing more until the client acks or nacks
+        self._writing_since: float | None = None
         self._closed = False
+        self.stall_s = max(limits.ack_deadline_s, STALL_MIN_S)
         self.delivered = 0
 
     @property
@@ -78,26 +112,36 @@ class Subscription:
         """Messages sent on the stream and not yet acked or nacked."""
         return len(self._outstanding)
 
-    async def batches(self) -> AsyncIterator[list[tuple[str, InboundMessage]]]:
-        """Batches of (ack id, message) to send, honouring credit and batching; ends when closed."""
+    @property
+    def held(self) -> bool:
+        """Whether the stream waits for its client to ack or nack before it takes more messages."""
+        return self._held
+
+    async def next_batch(self) -> list[tuple[str, InboundMessage]]:
+        """The next batch of (ack id, message) to write, honouring credit and batching; [] once closed.
+
+        Call `writing` before writing it and `written` after, so that its ack deadlines start then.
+        """
         limits = self._limits
         while not self._closed:
-            await self._expire()
             room = limits.max_in_flight - len(self._outstanding)
-            if room <= 0:
+            if room <= 0 or self._held:
                 self._credit.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._next_deadline_in()):
-                        await self._credit.wait()
+                await self._credit.wait()
                 continue
             batch = await self._collect(min(room, limits.max_batch))
+            if self._held and batch:
+                # Messages expired while this fetch ran: these go back to the group unseen.
+                await self._release([ack_id for ack_id, _ in batch])
+                continue
             if batch:
-                yield batch
+                return batch
+        return []
 
     async def _collect(self, wanted: int) -> list[tuple[str, InboundMessage]]:
         limits = self._limits
         taken: list[tuple[str, InboundMessage]] = []
-        first = await self._broker.fetch(wanted, min(FETCH_POLL_S, self._next_deadline_in()))
+        first = await self._broker.fetch(wanted, FETCH_POLL_S)
         taken += await self._admit(first)
         if not first:
             return taken
@@ -118,10 +162,25 @@ class Subscription:
                 await self._to_dead_letter(message)
                 continue
             ack_id = f"{next(self._ids):x}"
-            self._outstanding[ack_id] = _Outstanding(message, self._clock() + limits.ack_deadline_s)
+            self._outstanding[ack_id] = _Outstanding(message, None)
             admitted.append((ack_id, message))
         self.delivered += len(admitted)
         return admitted
+
+    def writing(self) -> None:
+        """A batch is being written to the client."""
+        self._writing_since = self._clock()
+        self._changed.set()
+
+    def written(self, batch: list[tuple[str, InboundMessage]]) -> None:
+        """The batch reached the stream: its messages' ack deadlines start now."""
+        self._writing_since = None
+        deadline = self._clock() + self._limits.ack_deadline_s
+        for ack_id, _ in batch:
+            item = self._outstanding.get(ack_id)
+            if item is not None:
+                item.deadline = deadline
+        self._changed.set()
 
     async def _to_dead_letter(self, message: InboundMessage) -> None:
         assert self._dead_letter is not None
@@ -133,47 +192,85 @@ class Subscription:
             return
         await self._broker.ack([message.handle])
 
-    def _next_deadline_in(self) -> float:
-        if not self._outstanding:
-            return FETCH_POLL_S
-        soonest = min(item.deadline for item in self._outstanding.values())
-        return max(min(soonest - self._clock(), FETCH_POLL_S), 0.001)
+    async def watch(self) -> bool:
+        """Expire leases as their deadlines pass. True once the client stopped reading (everything given back)."""
+        while not self._closed:
+            now = self._clock()
+            if self._writing_since is not None and now - self._writing_since >= self.stall_s:
+                log.warning(
+                    "a subscriber stopped reading its stream for %.1f s; giving its messages back", self.stall_s
+                )
+                await self.close()
+                return True
+            await self._expire(now)
+            wake_in = FETCH_POLL_S * 2
+            deadlines = [item.deadline for item in self._outstanding.values() if item.deadline is not None]
+            if deadlines:
+                wake_in = min(wake_in, min(deadlines) - now)
+            if self._writing_since is not None:
+                wake_in = min(wake_in, self._writing_since + self.stall_s - now)
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(wake_in, 0.001)):
+                    await self._changed.wait()
+        return False
 
-    async def _expire(self) -> None:
-        now = self._clock()
-        late = [ack_id for ack_id, item in self._outstanding.items() if item.deadline <= now]
-        if late:
-            handles = [self._outstanding.pop(ack_id).message.handle for ack_id in late]
-            await self._broker.nack(handles)
-            self._credit.set()
+    async def _expire(self, now: float) -> None:
+        late = [
+            ack_id for ack_id, item in self._outstanding.items() if item.deadline is not None and item.deadline <= now
+        ]
+        if not late:
+            return
+        handles = []
+        for ack_id in late:
+            handles.append(self._outstanding.pop(ack_id).message.handle)
+            self._expired[ack_id] = None
+        while len(self._expired) > EXPIRED_REMEMBERED:
+            self._expired.popitem(last=False)
+        # Hold before giving them back, so that the group's other consumers get them rather than this stream.
+        self._held = True
+        await self._broker.hold()
+        await self._broker.nack(handles)
 
-    def _take(self, ack_ids: list[str], field: str) -> list[_Outstanding]:
-        unknown = [ack_id for ack_id in ack_ids if ack_id not in self._outstanding]
-        if unknown:
-            raise InvalidArgument(
-                f"{len(unknown)} ack id(s) are not outstanding on this stream (already acked, expired or unknown)",
-                reason="ACK_ID_UNKNOWN",
-                violations=[FieldViolation(f"{field}.ack_ids", f"{ack_id!r} is not outstanding") for ack_id in unknown],
-            )
-        taken = [self._outstanding.pop(ack_id) for ack_id in ack_ids]
+    def _take(self, ack_ids: list[str]) -> tuple[list[_Outstanding], Ignored | None]:
+        taken: list[_Outstanding] = []
+        ignored: list[str] = []
+        for ack_id in ack_ids:
+            item = self._outstanding.pop(ack_id, None)
+            if item is None:
+                ignored.append(ack_id)
+            else:
+                taken.append(item)
+        # The client is alive and settling: the stream may take messages again.
+        self._held = False
         self._credit.set()
-        return taken
+        if not ignored:
+            return taken, None
+        return taken, Ignored(ignored, [ack_id for ack_id in ignored if ack_id in self._expired])
 
-    async def ack(self, ack_ids: list[str]) -> None:
-        """The client is done with these messages."""
-        taken = self._take(ack_ids, "ack")
-        await self._broker.ack([item.message.handle for item in taken])
+    async def ack(self, ack_ids: list[str]) -> Ignored | None:
+        """The client is done with these messages; returns the ids that were not outstanding (ignored)."""
+        taken, ignored = self._take(ack_ids)
+        if taken:
+            await self._broker.ack([item.message.handle for item in taken])
+        return ignored
 
-    async def nack(self, ack_ids: list[str], delay_s: float, dead_letter: bool) -> None:
-        """The client gives these messages back, or sends them to the dead-letter topic."""
+    async def nack(self, ack_ids: list[str], delay_s: float, dead_letter: bool) -> Ignored | None:
+        """The client gives these messages back, or sends them to the dead-letter topic; returns the ignored ids."""
         if dead_letter and self._dead_letter is None:
             raise InvalidArgument.field("nack.dead_letter", "this subscription has no dead_letter_event")
-        taken = self._take(ack_ids, "nack")
+        taken, ignored = self._take(ack_ids)
         if dead_letter:
             for item in taken:
                 await self._to_dead_letter(item.message)
-            return
-        await self._broker.nack([item.message.handle for item in taken], delay_s)
+        elif taken:
+            await self._broker.nack([item.message.handle for item in taken], delay_s)
+        return ignored
+
+    async def _release(self, ack_ids: list[str]) -> None:
+        items = [self._outstanding.pop(ack_id) for ack_id in ack_ids if ack_id in self._outstanding]
+        if items:
+            await self._broker.release([item.message.handle for item in items])
 
     async def close(self) -> None:
         """Give back everything unacked and release the broker-side consumer."""
@@ -181,10 +278,14 @@ class Subscription:
             return
         self._closed = True
         self._credit.set()
-        handles = [item.message.handle for item in self._outstanding.values()]
+        self._changed.set()
+        seen = [item.message.handle for item in self._outstanding.values() if item.deadline is not None]
+        unseen = [item.message.handle for item in self._outstanding.values() if item.deadline is None]
         self._outstanding.clear()
         try:
-            if handles:
-                await self._broker.nack(handles)
+            if seen:
+                await self._broker.nack(seen)
+            if unseen:
+                await self._broker.release(unseen)
         finally:
             await self._broker.close()

@@ -119,7 +119,11 @@ class Message:
 
 
 class Subscription:
-    """An open subscription; iterate it with `async for`. `close()` ends it."""
+    """An open subscription; iterate it with `async for`. `close()` ends it.
+
+    `stale_acks` counts the acks and nacks the server ignored because their message was no longer outstanding;
+    `expired_acks` those of them that came after the message's ack deadline (it may be delivered again).
+    """
 
     def __init__(
         self,
@@ -144,6 +148,8 @@ class Subscription:
         self._generation = 0
         self._closed = False
         self.reconnects = 0
+        self.stale_acks = 0
+        self.expired_acks = 0
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._messages()
@@ -179,6 +185,10 @@ class Subscription:
                     response = await self._call.read()
                     if response is grpc.aio.EOF:
                         return
+                    if response.HasField("stale_acks"):
+                        self.stale_acks += len(response.stale_acks.ack_ids)
+                        self.expired_acks += len(response.stale_acks.expired_ack_ids)
+                        continue
                     for received in response.batch.messages:
                         message = self._message(received)
                         yield message

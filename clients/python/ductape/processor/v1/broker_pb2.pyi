@@ -419,6 +419,7 @@ class SubscribeResponse(_message.Message):
 
     READY_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    STALE_ACKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ready(self) -> Global___SubscribeReady:
         """The subscription is open."""
@@ -427,21 +428,60 @@ class SubscribeResponse(_message.Message):
     def batch(self) -> Global___MessageBatch:
         """Messages."""
 
+    @_builtins.property
+    def stale_acks(self) -> Global___StaleAcks:
+        """Acks and nacks the server ignored."""
+
     def __init__(
         self,
         *,
         ready: Global___SubscribeReady | None = ...,
         batch: Global___MessageBatch | None = ...,
+        stale_acks: Global___StaleAcks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "kind", b"kind", "ready", b"ready"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "kind", b"kind", "ready", b"ready", "stale_acks", b"stale_acks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "kind", b"kind", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "kind", b"kind", "ready", b"ready", "stale_acks", b"stale_acks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ready", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ready", "batch", "stale_acks"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___SubscribeResponse: _TypeAlias = SubscribeResponse  # noqa: Y015
+
+@_typing.final
+class StaleAcks(_message.Message):
+    """Acks and nacks the server ignored because their ids were not outstanding on
+    this stream: the message's ack deadline had passed (it went back to the
+    group and may be delivered again), it was already acked or nacked, or the id
+    was never issued. The stream goes on.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACK_IDS_FIELD_NUMBER: _builtins.int
+    EXPIRED_ACK_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ack_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ignored ids, in the order they came."""
+
+    @_builtins.property
+    def expired_ack_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Of those, the ones whose ack deadline had passed on this stream."""
+
+    def __init__(
+        self,
+        *,
+        ack_ids: _abc.Iterable[_builtins.str] | None = ...,
+        expired_ack_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_ids", b"ack_ids", "expired_ack_ids", b"expired_ack_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StaleAcks: _TypeAlias = StaleAcks  # noqa: Y015
 
 @_typing.final
 class SubscribeReady(_message.Message):

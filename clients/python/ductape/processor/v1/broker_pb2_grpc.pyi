@@ -52,10 +52,15 @@ class BrokerServiceStub:
     The first request must carry `init`; the server answers `ready`, then
     batches of messages. Later requests carry acks and nacks. Unacked messages
     past their ack deadline, and every unacked message when the stream ends,
-    are delivered again to the group (at least once). A message delivered more
-    than `max_deliveries` times goes to the dead-letter topic instead. When the
-    server shuts down it ends streams with UNAVAILABLE: reconnect (to another
-    replica).
+    are delivered again to the group (at least once), to another subscriber
+    first: a stream whose messages expired takes no more until its client acks
+    or nacks again. An ack or nack for an id that is no longer outstanding is
+    ignored and reported in `stale_acks`; the stream goes on. A message
+    delivered more than `max_deliveries` times goes to the dead-letter topic
+    instead. A stream whose client stops reading (a write pending longer than
+    the ack deadline) gives its messages back and ends with UNAVAILABLE
+    `SUBSCRIBER_NOT_READING`. When the server shuts down it ends streams with
+    UNAVAILABLE: reconnect (to another replica).
     """
 
 @_typing.type_check_only
@@ -80,10 +85,15 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     The first request must carry `init`; the server answers `ready`, then
     batches of messages. Later requests carry acks and nacks. Unacked messages
     past their ack deadline, and every unacked message when the stream ends,
-    are delivered again to the group (at least once). A message delivered more
-    than `max_deliveries` times goes to the dead-letter topic instead. When the
-    server shuts down it ends streams with UNAVAILABLE: reconnect (to another
-    replica).
+    are delivered again to the group (at least once), to another subscriber
+    first: a stream whose messages expired takes no more until its client acks
+    or nacks again. An ack or nack for an id that is no longer outstanding is
+    ignored and reported in `stale_acks`; the stream goes on. A message
+    delivered more than `max_deliveries` times goes to the dead-letter topic
+    instead. A stream whose client stops reading (a write pending longer than
+    the ack deadline) gives its messages back and ends with UNAVAILABLE
+    `SUBSCRIBER_NOT_READING`. When the server shuts down it ends streams with
+    UNAVAILABLE: reconnect (to another replica).
     """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -123,10 +133,15 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         The first request must carry `init`; the server answers `ready`, then
         batches of messages. Later requests carry acks and nacks. Unacked messages
         past their ack deadline, and every unacked message when the stream ends,
-        are delivered again to the group (at least once). A message delivered more
-        than `max_deliveries` times goes to the dead-letter topic instead. When the
-        server shuts down it ends streams with UNAVAILABLE: reconnect (to another
-        replica).
+        are delivered again to the group (at least once), to another subscriber
+        first: a stream whose messages expired takes no more until its client acks
+        or nacks again. An ack or nack for an id that is no longer outstanding is
+        ignored and reported in `stale_acks`; the stream goes on. A message
+        delivered more than `max_deliveries` times goes to the dead-letter topic
+        instead. A stream whose client stops reading (a write pending longer than
+        the ack deadline) gives its messages back and ends with UNAVAILABLE
+        `SUBSCRIBER_NOT_READING`. When the server shuts down it ends streams with
+        UNAVAILABLE: reconnect (to another replica).
         """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,106 @@
+"""The Subscribe stream's edges: stale acks, tasks left behind, closing from another task (memory broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import secrets
+import warnings
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
+
+from tests.conftest import Running, ServerFactory
+from tests.test_brokers import manifest, publish, subscribe
+
+
+@pytest.fixture
+async def memory(start_server: ServerFactory) -> Running:
+    running = await start_server()
+    running.kind = "memory"  # type: ignore[attr-defined]
+    running.run = secrets.token_hex(4)  # type: ignore[attr-defined]
+    await running.client.product.apply(manifest("memory", running.run))
+    return running
+
+
+async def test_closing_a_subscription_from_another_task_ends_the_iteration_quietly(
+    memory: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    sub = subscribe(memory)
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for message in sub:
+            got.append(message.data.decode())
+            await message.ack()
+
+    loop = asyncio.get_running_loop()
+    problems: list[str] = []
+    loop.set_exception_handler(lambda _, context: problems.append(str(context.get("message"))))
+    consumer = asyncio.ensure_future(consume())
+    for _ in range(200):
+        if sub._call is not None:
+            break
+        await asyncio.sleep(0.01)
+    await publish(memory, "one")
+    for _ in range(200):
+        if got:
+            break
+        await asyncio.sleep(0.01)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        await sub.close()
+        await asyncio.wait_for(consumer, 5)  # the `async for` ends by itself, without an error
+        gc.collect()
+        await asyncio.sleep(0.1)
+    texts = [str(w.message) for w in caught] + problems + [r.getMessage() for r in caplog.records]
+    assert got == ["one"]
+    assert not [t for t in texts if "already running" in t or "was never awaited" in t], texts
+
+
+def _stream_tasks() -> list[str]:
+    """Pending tasks that belong to a Subscribe stream on the server (this test's process and loop)."""
+    left = []
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        code = getattr(coro, "cr_code", None)
+        where = f"{getattr(code, 'co_filename', '')}:{getattr(coro, '__qualname__', '')}"
+        if "Queue.get" in where or "api/broker.py" in where or "runtime/subscriptions.py" in where:
+            left.append(where)
+    return left
+
+
+async def _from(requests: asyncio.Queue[broker_pb2.SubscribeRequest]) -> AsyncIterator[broker_pb2.SubscribeRequest]:
+    while True:
+        yield await requests.get()
+
+
+async def test_a_client_dropping_its_stream_leaves_no_task_behind(memory: Running) -> None:
+    init = broker_pb2.SubscribeRequest(
+        init=broker_pb2.SubscribeInit(product="shop", env="dev", event="events:orders", group="drop")
+    )
+    runtime = memory.app.brokers  # type: ignore[attr-defined]
+    problems: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: problems.append(str(context.get("message"))))
+    for _ in range(3):
+        requests: asyncio.Queue[broker_pb2.SubscribeRequest] = asyncio.Queue()
+        await requests.put(init)
+
+        async with grpc.aio.insecure_channel(memory.address) as channel:
+            call = broker_pb2_grpc.BrokerServiceStub(channel).Subscribe(_from(requests), timeout=20)
+            assert (await call.read()).HasField("ready")
+            await publish(memory, "m")
+            assert len((await call.read()).batch.messages) >= 1
+            call.cancel()  # the client drops the stream while the server waits for more to send
+        for _ in range(200):
+            if not runtime._subscriptions and not _stream_tasks():
+                break
+            await asyncio.sleep(0.01)
+        assert not runtime._subscriptions
+        gc.collect()  # a task nobody references any more is destroyed here, pending or not
+    await asyncio.sleep(0.1)
+    assert _stream_tasks() == []
+    assert problems == []
