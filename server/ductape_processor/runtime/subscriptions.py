@@ -102,6 +102,8 @@ class Subscription:
         self._credit.set()
         self._changed = asyncio.Event()  # wakes `watch`: something was written
         self._held = False  # messages expired: take nothing more until the client acks or nacks
+        self._not_fetching = asyncio.Event()
+        self._not_fetching.set()
         self._writing_since: float | None = None
         self._closed = False
         self.stall_s = max(limits.ack_deadline_s, STALL_MIN_S)
@@ -129,7 +131,11 @@ class Subscription:
                 self._credit.clear()
                 await self._credit.wait()
                 continue
-            batch = await self._collect(min(room, limits.max_batch))
+            self._not_fetching.clear()
+            try:
+                batch = await self._collect(min(room, limits.max_batch))
+            finally:
+                self._not_fetching.set()
             if self._held and batch:
                 # Messages expired while this fetch ran: these go back to the group unseen.
                 await self._release([ack_id for ack_id, _ in batch])
@@ -227,8 +233,10 @@ class Subscription:
             self._expired[ack_id] = None
         while len(self._expired) > EXPIRED_REMEMBERED:
             self._expired.popitem(last=False)
-        # Hold before giving them back, so that the group's other consumers get them rather than this stream.
+        # Hold, and let a fetch under way end, before giving them back: the group's other consumers get them
+        # rather than this stream (a pull request still open here would take them straight back).
         self._held = True
+        await self._not_fetching.wait()
         await self._broker.hold()
         await self._broker.nack(handles)
 
