@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
+from google.protobuf import duration_pb2
 
 from tests.conftest import Running, ServerFactory
-from tests.test_brokers import manifest, publish, subscribe
+from tests.test_brokers import manifest, publish, subscribe, take
 
 
 @pytest.fixture
@@ -104,3 +105,49 @@ async def test_a_client_dropping_its_stream_leaves_no_task_behind(memory: Runnin
     await asyncio.sleep(0.1)
     assert _stream_tasks() == []
     assert problems == []
+
+
+@pytest.mark.faults
+async def test_a_stream_its_client_stops_reading_is_closed_and_its_messages_go_to_the_group(
+    memory: Running,
+) -> None:
+    from ductape.processor.brokers import outgoing
+
+    runtime = memory.app.brokers  # type: ignore[attr-defined]
+    options = {"product": "shop", "env": "dev", "event": "events:orders", "group": "stall"}
+    init = broker_pb2.SubscribeRequest(
+        init=broker_pb2.SubscribeInit(max_batch=1, ack_deadline=duration_pb2.Duration(seconds=1), **options)
+    )
+    requests: asyncio.Queue[broker_pb2.SubscribeRequest] = asyncio.Queue()
+    await requests.put(init)
+    async with grpc.aio.insecure_channel(memory.address) as channel:
+        call = broker_pb2_grpc.BrokerServiceStub(channel).Subscribe(_from(requests), timeout=60)
+        assert (await call.read()).HasField("ready")
+        payload = b"x" * 900_000
+        for _ in range(4):
+            results = await memory.client.message_broker.publish_batch(
+                product="shop", env="dev", event="events:orders", messages=[outgoing(payload) for _ in range(4)]
+            )
+            assert all(result.ok for result in results)
+        # The client reads nothing more: once its buffers are full the server's write stays pending.
+        started = asyncio.get_running_loop().time()
+        for _ in range(1500):
+            if not runtime._subscriptions:
+                break
+            await asyncio.sleep(0.01)
+        assert not runtime._subscriptions, "the stream is still open"
+        closed_after = asyncio.get_running_loop().time() - started
+        assert closed_after < 10
+        read = 0
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while await call.read() is not grpc.aio.EOF:
+                read += 1
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "not read" in (caught.value.details() or "")
+    assert 0 < read < 16
+    # Everything the stalled stream held goes back to the group: another subscriber gets all of it.
+    other = subscribe(memory, "stall", max_batch=1)
+    iterator = other.__aiter__()
+    got = await take(iterator, 16 - read, timeout=10)
+    assert all(m.data == payload for m in got)
+    await other.close()

@@ -201,7 +201,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
         async def watch() -> None:
             if await subscription.watch():
-                # The handler is stuck in a write the client does not read: end the call from here.
+                # The handler is stuck in a write the client does not read: end the call from here (the generator
+                # is only finalised later, by the garbage collector).
+                self._runtime.forget(subscription)
                 call = current_call.get()
                 code, message, trailers = error_trailers(
                     SubscriberNotReading(
@@ -233,7 +235,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
                 if fetching in done and not fetching.exception() and fetching.result():
                     batch = fetching.result()
                     fetching = None
-                    subscription.writing()
+                    subscription.writing(batch)
                     yield broker_pb2.SubscribeResponse(
                         batch=broker_pb2.MessageBatch(messages=[_received(a, m) for a, m in batch])
                     )

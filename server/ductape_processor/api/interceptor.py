@@ -6,6 +6,7 @@ is a few attribute reads when telemetry is off. Health checks are public and lef
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
@@ -106,9 +107,12 @@ class _Call:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
             span.end()
             otel_context.detach(otel_token)
-            current_call.reset(call_token)
         else:
-            current_call.reset(token)
+            call_token = token
+        # A streaming handler that gRPC dropped mid-write (a Subscribe stream ended for not being read) is finalised
+        # by the garbage collector in another context, where the token cannot be reset; that context dies anyway.
+        with contextlib.suppress(ValueError):
+            current_call.reset(call_token)
         histogram = self.telemetry.rpc_duration
         if histogram is not None:
             histogram.record(

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -69,7 +70,7 @@ class Limits:
 @dataclass(slots=True)
 class _Outstanding:
     message: InboundMessage
-    deadline: float | None  # None: not written to the client yet, so its lease has not started
+    deadline: float | None  # None: not handed to gRPC yet; inf: being written (its lease starts once written)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +174,13 @@ class Subscription:
         self.delivered += len(admitted)
         return admitted
 
-    def writing(self) -> None:
-        """A batch is being written to the client."""
+    def writing(self, batch: list[tuple[str, InboundMessage]]) -> None:
+        """A batch is handed to gRPC to write: from here it counts as delivered, and its deadline waits for the write."""
         self._writing_since = self._clock()
+        for ack_id, _ in batch:
+            item = self._outstanding.get(ack_id)
+            if item is not None:
+                item.deadline = math.inf
         self._changed.set()
 
     def written(self, batch: list[tuple[str, InboundMessage]]) -> None:
@@ -211,6 +216,7 @@ class Subscription:
             await self._expire(now)
             wake_in = FETCH_POLL_S * 2
             deadlines = [item.deadline for item in self._outstanding.values() if item.deadline is not None]
+            deadlines = [deadline for deadline in deadlines if deadline != math.inf]
             if deadlines:
                 wake_in = min(wake_in, min(deadlines) - now)
             if self._writing_since is not None:
