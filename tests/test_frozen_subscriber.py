@@ -19,7 +19,14 @@ import pytest
 from ductape.processor.brokers import Message
 
 from tests.conftest import Running
-from tests.test_brokers import broker, opened, publish, subscribe, take  # noqa: F401 - `broker` is the fixture
+from tests.test_brokers import (  # noqa: F401 - `broker` and `_forget_pending_reads` are fixtures
+    _forget_pending_reads,
+    broker,
+    opened,
+    publish,
+    subscribe,
+    take,
+)
 
 pytestmark = pytest.mark.faults
 

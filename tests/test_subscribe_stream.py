@@ -15,7 +15,13 @@ from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 from google.protobuf import duration_pb2
 
 from tests.conftest import Running, ServerFactory
-from tests.test_brokers import manifest, publish, subscribe, take
+from tests.test_brokers import (  # noqa: F401 - `_forget_pending_reads` ends the reads `take` leaves pending
+    _forget_pending_reads,
+    manifest,
+    publish,
+    subscribe,
+    take,
+)
 
 
 @pytest.fixture
@@ -138,10 +144,15 @@ async def test_a_stream_its_client_stops_reading_is_closed_and_its_messages_go_t
         assert not runtime._subscriptions, "the stream is still open"
         closed_after = asyncio.get_running_loop().time() - started
         assert closed_after < 10
-        read = 0
+        responses: list[object] = []
+
+        async def read_all() -> None:
+            while (response := await call.read()) is not grpc.aio.EOF:
+                responses.append(response)
+
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            while await call.read() is not grpc.aio.EOF:
-                read += 1
+            await read_all()
+        read = len(responses)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "not read" in (caught.value.details() or "")
     assert 0 < read < 16

@@ -175,7 +175,7 @@ class Subscription:
         return admitted
 
     def writing(self, batch: list[tuple[str, InboundMessage]]) -> None:
-        """A batch is handed to gRPC to write: from here it counts as delivered, and its deadline waits for the write."""
+        """A batch is handed to gRPC: from here it counts as delivered; its deadline waits for the write to end."""
         self._writing_since = self._clock()
         for ack_id, _ in batch:
             item = self._outstanding.get(ack_id)
