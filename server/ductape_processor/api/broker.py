@@ -18,11 +18,7 @@ from ductape_processor.api.status import error_trailers
 from ductape_processor.api.values import timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.runtime.brokers import BrokerRuntime, Outgoing
-<<<<<<< HEAD
 from ductape_processor.runtime.policies import Deadline
-from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
-from ductape_processor.telemetry.context import outgoing_trace_context
-=======
 from ductape_processor.runtime.subscriptions import (
     Ignored,
     Limits,
@@ -30,8 +26,7 @@ from ductape_processor.runtime.subscriptions import (
     SubscriberNotReading,
     Subscription,
 )
-from ductape_processor.telemetry.context import current_call
->>>>>>> 51d58e7 (Subscribe: a late or unknown ack/nack is ignored and reported (StaleAcks on the stream) instead of ending the stream with ACK_ID_UNKNOWN; ack deadlines start when a batch is written; a stream whose messages expired takes nothing more until its client acks or nacks (expired messages go to the group's other consumers first; RabbitMQ cancels its consumer meanwhile); a write pending past the ack deadline ends the stream with UNAVAILABLE SUBSCRIBER_NOT_READING and gives back its messages (unwritten ones uncounted on memory and Redis); no Queue.get task is left behind by a dropped stream)
+from ductape_processor.telemetry.context import current_call, outgoing_trace_context
 
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_STALE_REPORTED = 10_000  # ids in one StaleAcks notice; more are dropped from the notice (still ignored)
