@@ -203,3 +203,9 @@ class Unavailable(ProcessorError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"
+
+
+class StoreUnavailable(Unavailable):
+    """The processor's store could not be reached or failed mid-operation; the call may be retried."""
+
+    reason = "STORE_UNAVAILABLE"

@@ -14,9 +14,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
@@ -35,7 +36,14 @@ from ductape_processor.adapters.http import (
     header_name_problem,
     header_value_problem,
 )
-from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
+from ductape_processor.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ProcessorError,
+    Unavailable,
+)
 from ductape_processor.runtime.action_plan import ActionPlan, AuthPlan, ProductPlan, compile_plan
 from ductape_processor.runtime.cache import ResultCache
 from ductape_processor.runtime.contract import INVALID_INPUT, check_action_input
@@ -56,6 +64,9 @@ _REDACTED = "[redacted]"
 MAX_IDEMPOTENCY_KEY = 256
 HEADER_VALUE_INVALID = "HEADER_VALUE_INVALID"
 """The `ErrorInfo.reason` of a call whose rendered header value holds a control character."""
+# How long an idempotency claim outlives its owner's last renewal: the longest a repeat waits after a replica died.
+IDEMPOTENCY_LEASE_S = 5.0
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +142,15 @@ class _Context:
     session: Mapping[str, Any] | None = None
     taint: Taint = field(default_factory=Taint)
     """The call's rendered values that derive from secrets, auths or the session: the record redacts them."""
+    upstream_headers: Mapping[str, str] = field(default_factory=dict)  # set by the processor, over the request's
+    process_id: str = ""
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    recorded: bool = False  # the execution record was written with the idempotency answer
+
+
+def _outcome(result: ActionResult) -> tuple[int, str]:
+    """The execution record's status and reason for an upstream answer."""
+    return (SUCCESS, "") if 200 <= result.status < 300 else (FAIL, "UPSTREAM_STATUS")
 
 
 def _canonical(value: Any) -> str:
@@ -257,6 +277,7 @@ class ActionExecutor:
         self._tokens: dict[str, _Token] = {}
         self._minting: dict[str, asyncio.Future[_Token]] = {}
         self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._completing: set[asyncio.Task[None]] = set()
         self._owner = os.urandom(8).hex()
 
     # -- plans ------------------------------------------------------------------------------------------------
@@ -282,7 +303,7 @@ class ActionExecutor:
         if plan is None:
             self._not_found(resolved.manifest, call)
         assert plan is not None
-        ctx = _Context(call, resolved, plan, deadline)
+        ctx = _Context(call, resolved, plan, deadline, process_id=process_id, started=started)
         try:
             result = await self._run(ctx)
         except ProcessorError as exc:
@@ -297,9 +318,9 @@ class ActionExecutor:
             )
             self._record(ctx, process_id, started, FAIL, error.reason, cached=False)
             raise error from None
-        status = SUCCESS if 200 <= result.status < 300 else FAIL
-        reason = "" if status == SUCCESS else "UPSTREAM_STATUS"
-        self._record(ctx, process_id, started, status, reason, cached=result.cached)
+        if not ctx.recorded:
+            status, reason = _outcome(result)
+            self._record(ctx, process_id, started, status, reason, cached=result.cached)
         return ActionResult(
             result.status,
             result.headers,
@@ -373,15 +394,24 @@ class ActionExecutor:
         call = ctx.call
         if len(call.idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidArgument.field("idempotency_key", f"is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        header = ctx.plan.app.idempotency_header
+        if header:
+            if not _PRINTABLE_ASCII.fullmatch(call.idempotency_key):
+                raise InvalidArgument.field(
+                    "idempotency_key", f"must be printable ASCII: it is sent to the upstream in the {header} header"
+                )
+            # The IETF draft's Idempotency-Key is a structured-field string: quoted, with \ and " escaped.
+            quoted = call.idempotency_key.replace("\\", "\\\\").replace('"', '\\"')
+            ctx.upstream_headers = {header: f'"{quoted}"'}
         key = f"{call.product}/{ctx.resolved.env.slug}/{call.idempotency_key}"
         session = ctx.session if ctx.plan.uses_session else None
         request_hash = hashlib.sha256(_canonical([call.app, call.event, checked, session]).encode()).hexdigest()
         owner = f"{self._owner}:{new_process_id()}"
         while True:
             now = datetime.now(UTC)
-            lease = min(ctx.deadline.remaining() or 300.0, 300.0) + 5.0
+            lease_until = now + timedelta(seconds=IDEMPOTENCY_LEASE_S)
             record = await self._store.idempotency_claim(
-                key, request_hash, owner, now, now + timedelta(seconds=lease), now + self._retention
+                key, request_hash, owner, now, lease_until, now + self._retention
             )
             if record.request_hash != request_hash:
                 raise FailedPrecondition(
@@ -390,33 +420,107 @@ class ActionExecutor:
                     metadata={"idempotency_key": call.idempotency_key},
                 )
             if record.owner == owner:
-                break
+                try:
+                    if await self._store.idempotency_mark_sent(key, owner, lease_until):
+                        break
+                except ProcessorError:
+                    await self._release(key, owner)
+                    raise
+                continue  # the claim was taken over between the two statements: look again
             if record.state == "done" and record.response is not None:
                 return ActionResult.decode(record.response)
+            if record.state == "sent" and record.lease_until <= now:
+                raise Unavailable(
+                    "the call holding this idempotency key ended without recording the upstream's answer (its "
+                    "replica stopped or the store failed); the request may have reached the upstream, so it is not "
+                    "sent again. Retry later to get the answer if it is recorded, or check with the upstream",
+                    reason="IDEMPOTENCY_OUTCOME_UNKNOWN",
+                    metadata={"idempotency_key": call.idempotency_key},
+                )
             await self._wait_for(key, ctx.deadline)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[key] = done
+        renewing = asyncio.get_running_loop().create_task(self._renew(key, owner), name="idempotency-lease")
         try:
             result = await self._send(ctx, checked, retry_unsafe=True)
         except BaseException:
-            await self._store.idempotency_release(key, owner)
+            renewing.cancel()
+            await self._release(key, owner)
             raise
         finally:
             self._inflight.pop(key, None)
             done.set_result(None)
-        await self._store.idempotency_complete(key, owner, result.encode())
+        renewing.cancel()
+        status, reason = _outcome(result)
+        execution = self._execution(ctx, ctx.process_id, ctx.started, status, reason, cached=False)
+        await self._complete(key, owner, result, execution)
+        ctx.recorded = True
         return result
+
+    async def _renew(self, key: str, owner: str) -> None:
+        """Keep the claim's lease ahead while the call runs, so a dead replica's claim ends within one lease."""
+        while True:
+            await asyncio.sleep(IDEMPOTENCY_LEASE_S / 3)
+            try:
+                held = await self._store.idempotency_renew(
+                    key, owner, datetime.now(UTC) + timedelta(seconds=IDEMPOTENCY_LEASE_S)
+                )
+            except ProcessorError as exc:
+                log.warning("idempotency: renewing the lease of a key failed (%s); trying again", exc.message)
+                continue
+            if not held:
+                return
+
+    async def _release(self, key: str, owner: str) -> None:
+        """Give the claim up; if the store fails, its lease ends it (a sent claim then answers OUTCOME_UNKNOWN)."""
+        try:
+            await self._store.idempotency_release(key, owner)
+        except ProcessorError as exc:
+            log.warning("idempotency: releasing a key failed (%s); its lease will end it", exc.message)
+
+    async def _complete(self, key: str, owner: str, result: ActionResult, record: ExecutionRecord) -> None:
+        """Record the answer under the key, with the execution record in the same transaction, before the caller
+        gets it (so a kill -9 cannot lose the record of an answered idempotent call). The caller gets the answer also
+        when the store fails now: the record is queued, the answer is recorded in the background (for a bounded
+        time), and until it lands repeats wait, then answer IDEMPOTENCY_OUTCOME_UNKNOWN."""
+        try:
+            await self._store.idempotency_complete(key, owner, result.encode(), record)
+        except ProcessorError as exc:
+            log.warning("idempotency: recording an answer failed (%s); retrying in the background", exc.message)
+            self._recorder.record(record)
+            task = asyncio.get_running_loop().create_task(
+                self._complete_later(key, owner, result.encode(), record), name="idempotency-complete"
+            )
+            self._completing.add(task)
+            task.add_done_callback(self._completing.discard)
+
+    async def _complete_later(self, key: str, owner: str, response: bytes, record: ExecutionRecord) -> None:
+        delay = 0.1
+        for _ in range(12):  # about a minute in all
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            try:
+                await self._store.idempotency_complete(key, owner, response, record)
+            except ProcessorError:
+                continue
+            log.info("idempotency: a delayed answer was recorded")
+            return
+        log.error("idempotency: an answer could not be recorded; repeats of its key answer IDEMPOTENCY_OUTCOME_UNKNOWN")
 
     async def _wait_for(self, key: str, deadline: Deadline) -> None:
         """Wait while another call holds the key: on this replica by its future, elsewhere by polling."""
         inflight = self._inflight.get(key)
         left = deadline.remaining()
+        in_use = FailedPrecondition(
+            "a call with this idempotency key is still running", reason="IDEMPOTENCY_KEY_IN_USE"
+        )
         if left is not None and left <= 0:
-            raise FailedPrecondition(
-                "a call with this idempotency key is still running", reason="IDEMPOTENCY_KEY_IN_USE"
-            )
+            raise in_use
         if inflight is not None:
-            await asyncio.wait_for(asyncio.shield(inflight), left)
+            try:
+                await asyncio.wait_for(asyncio.shield(inflight), left)
+            except TimeoutError:
+                raise in_use from None
         else:
             await asyncio.sleep(min(0.05, left) if left is not None else 0.05)
 
@@ -519,6 +623,10 @@ class ActionExecutor:
         while True:
             auth = await self._auth_values(ctx, plan.auth_tags)
             request = self._request(ctx, self._scope(ctx, checked, auth), checked)
+            if ctx.upstream_headers:
+                ours = {name.lower() for name in ctx.upstream_headers}
+                kept = {name: value for name, value in request.headers.items() if name.lower() not in ours}
+                request = replace(request, headers={**kept, **ctx.upstream_headers})
             ctx.attempts.detail = self._detail(ctx, request)
             breaker.before_call(f"{call.app} ({ctx.resolved.env.slug})")
             ctx.attempts.count += 1
@@ -694,21 +802,25 @@ class ActionExecutor:
     def _record(
         self, ctx: _Context, process_id: str, started: datetime, status: int, reason: str, *, cached: bool
     ) -> None:
-        self._recorder.record(
-            ExecutionRecord(
-                process_id=process_id,
-                product=ctx.call.product,
-                env=ctx.resolved.env.slug,
-                version=ctx.resolved.version,
-                kind="action",
-                resource=ctx.plan.resource,
-                status=status,
-                started_at=started,
-                ended_at=datetime.now(UTC),
-                attempts=ctx.attempts.count,
-                upstream_status=ctx.attempts.upstream_status,
-                error_reason=reason,
-                cached=cached,
-                detail=ctx.attempts.detail,
-            )
+        self._recorder.record(self._execution(ctx, process_id, started, status, reason, cached=cached))
+
+    @staticmethod
+    def _execution(
+        ctx: _Context, process_id: str, started: datetime, status: int, reason: str, *, cached: bool
+    ) -> ExecutionRecord:
+        return ExecutionRecord(
+            process_id=process_id,
+            product=ctx.call.product,
+            env=ctx.resolved.env.slug,
+            version=ctx.resolved.version,
+            kind="action",
+            resource=ctx.plan.resource,
+            status=status,
+            started_at=started,
+            ended_at=datetime.now(UTC),
+            attempts=ctx.attempts.count,
+            upstream_status=ctx.attempts.upstream_status,
+            error_reason=reason,
+            cached=cached,
+            detail=ctx.attempts.detail,
         )

@@ -244,6 +244,12 @@ class App(_Model):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     timeout: PositiveDuration = Field(timedelta(seconds=30), description="Per-try timeout of the app's actions.")
     circuit_breaker: CircuitBreakerPolicy = Field(default_factory=CircuitBreakerPolicy)
+    idempotency_header: str = Field(
+        "Idempotency-Key",
+        max_length=64,
+        pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]*$",
+        description="The header that carries a call's idempotency key to the upstream; empty to send none.",
+    )
     actions: list[Action] = Field(default_factory=list)
 
 

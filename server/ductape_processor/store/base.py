@@ -31,12 +31,17 @@ class ProductRevision:
 
 @dataclass(frozen=True, slots=True)
 class IdempotencyRecord:
-    """The state of an idempotency key: claimed by `owner` while pending, then holding the first response."""
+    """The state of an idempotency key, held by `owner` until `lease_until` (renewed while its call runs).
+
+    `pending`: claimed, nothing sent upstream yet (a dead owner's claim is taken over when its lease ends);
+    `sent`: the request may have reached the upstream (never run again; a dead owner leaves the outcome unknown);
+    `done`: `response` holds the first answer.
+    """
 
     key: str
     request_hash: str
     owner: str
-    state: str  # "pending" or "done"
+    state: str  # "pending", "sent" or "done"
     response: bytes | None
     lease_until: datetime
     expires_at: datetime
@@ -183,12 +188,23 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def idempotency_complete(self, key: str, owner: str, response: bytes) -> bool:
-        """Record the first response of a claimed key; False if `owner` no longer holds it."""
+    async def idempotency_mark_sent(self, key: str, owner: str, lease_until: datetime) -> bool:
+        """Move `owner`'s claim to `sent` (before the request leaves); False if `owner` no longer holds the key."""
+
+    @abc.abstractmethod
+    async def idempotency_renew(self, key: str, owner: str, lease_until: datetime) -> bool:
+        """Extend `owner`'s lease on a pending or sent key; False if `owner` no longer holds it."""
+
+    @abc.abstractmethod
+    async def idempotency_complete(
+        self, key: str, owner: str, response: bytes, record: ExecutionRecord | None = None
+    ) -> bool:
+        """Record the first response of a claimed key, and `record` (its execution) in the same transaction; False
+        if `owner` no longer holds the key. Safe to repeat: the record is kept once."""
 
     @abc.abstractmethod
     async def idempotency_release(self, key: str, owner: str) -> None:
-        """Give up a pending claim (the call failed before an answer worth keeping)."""
+        """Give up a pending or sent claim (its owner knows the call failed before an answer worth keeping)."""
 
     @abc.abstractmethod
     async def idempotency_get(self, key: str) -> IdempotencyRecord | None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
+from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store.base import (
     ChangeListener,
     ExecutionFilter,
@@ -29,6 +31,91 @@ from ductape_processor.store.base import (
 from ductape_processor.store.migrations import POSTGRES
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# A connection that died under a statement (pg_terminate_backend, a restart, a network cut) shows up as one of these.
+# The statement's effect is then unknown, so only idempotent statements are sent again.
+_CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+# What a caller sees as "the store failed": connection losses, and server-side failures that are not caused by the
+# statement itself (too many connections, out of disk, serialisation failures).
+_STORE_FAILURE: tuple[type[BaseException], ...] = (
+    *_CONNECTION_LOST,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"the store (PostgreSQL) failed: {type(exc).__name__}; retry the call", metadata={"store": "postgresql"}
+    )
+
+
+class _Pool:
+    """The asyncpg pool as the store uses it: store failures become StoreUnavailable (the one place they are mapped),
+    and a statement whose connection died is sent once more on a fresh connection unless told it must not be
+    (`retry=False` for statements that are not idempotent)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.raw = pool
+
+    async def _call(self, operation: Callable[[asyncpg.Pool], Awaitable[_T]], *, retry: bool = True) -> _T:
+        try:
+            return await operation(self.raw)
+        except _CONNECTION_LOST as exc:
+            if not retry:
+                raise _unavailable(exc) from exc
+            log.warning("store: the connection was lost (%s); retrying once on a fresh connection", exc)
+            # Connections idle in the pool were most likely cut at the same time: replace them all.
+            self.raw.expire_connections()
+        except _STORE_FAILURE as exc:
+            raise _unavailable(exc) from exc
+        try:
+            return await operation(self.raw)
+        except _STORE_FAILURE as exc:
+            raise _unavailable(exc) from exc
+
+    async def execute(self, query: str, *args: Any, retry: bool = True) -> str:
+        return await self._call(lambda pool: pool.execute(query, *args), retry=retry)
+
+    async def executemany(self, query: str, args: list[tuple[Any, ...]]) -> None:
+        await self._call(lambda pool: pool.executemany(query, args))
+
+    async def fetch(self, query: str, *args: Any, retry: bool = True) -> list[Any]:
+        return await self._call(lambda pool: pool.fetch(query, *args), retry=retry)
+
+    async def fetchrow(self, query: str, *args: Any, retry: bool = True) -> Any:
+        return await self._call(lambda pool: pool.fetchrow(query, *args), retry=retry)
+
+    async def fetchval(self, query: str, *args: Any, retry: bool = True) -> Any:
+        return await self._call(lambda pool: pool.fetchval(query, *args), retry=retry)
+
+    async def transaction(self, body: Callable[[asyncpg.Connection], Awaitable[_T]], *, retry: bool = True) -> _T:
+        """Run `body` in one transaction; again on a fresh connection when the first one died (if `retry`)."""
+
+        async def run(pool: asyncpg.Pool) -> _T:
+            async with pool.acquire() as conn, conn.transaction():
+                return await body(conn)
+
+        return await self._call(run, retry=retry)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for a transaction that is not sent again (its statements are not all idempotent)."""
+        try:
+            async with self.raw.acquire() as conn:
+                yield conn
+        except _STORE_FAILURE as exc:
+            raise _unavailable(exc) from exc
+
 
 _VERSION_COLUMNS = "product, version, checksum, format, source, document, created_at"
 _MIGRATION_LOCK = 0x70726F63  # advisory lock key held while migrating ("proc")
@@ -65,6 +152,31 @@ def _idempotency(row: Any) -> IdempotencyRecord:
     )
 
 
+_INSERT_EXECUTION = (
+    f"INSERT INTO executions ({_EXECUTION_COLUMNS}) "  # noqa: S608
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT DO NOTHING"
+)
+
+
+def _execution_row(r: ExecutionRecord) -> tuple[Any, ...]:
+    return (
+        r.process_id,
+        r.product,
+        r.env,
+        r.version,
+        r.kind,
+        r.resource,
+        r.status,
+        r.started_at,
+        r.ended_at,
+        r.attempts,
+        r.upstream_status,
+        r.error_reason,
+        r.cached,
+        r.detail,
+    )
+
+
 def _execution(row: Any) -> ExecutionRecord:
     return ExecutionRecord(**{key: row[key] for key in row.keys()})  # noqa: SIM118 - asyncpg Record
 
@@ -89,14 +201,14 @@ class PostgresStore(Store):
         self._channel = f"{schema}_product_changes"
         self._min_size = min_size
         self._max_size = max_size
-        self._pool: asyncpg.Pool | None = None
+        self._pool: _Pool | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._listeners: list[ChangeListener] = []
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
 
     @property
-    def pool(self) -> asyncpg.Pool:
+    def pool(self) -> _Pool:
         if self._pool is None:
             raise RuntimeError("the store is not open")
         return self._pool
@@ -107,12 +219,14 @@ class PostgresStore(Store):
             await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
         finally:
             await conn.close()
-        self._pool = await asyncpg.create_pool(
+        pool = await asyncpg.create_pool(
             self._dsn,
             min_size=self._min_size,
             max_size=self._max_size,
-            server_settings={"search_path": self._schema, "application_name": "ductape-processor"},
+            # The schema in the name tells an operator (and the fault tests) which deployment a connection serves.
+            server_settings={"search_path": self._schema, "application_name": f"ductape-processor/{self._schema}"[:63]},
         )
+        self._pool = _Pool(pool)
         await self._migrate()
 
     async def close(self) -> None:
@@ -127,7 +241,7 @@ class PostgresStore(Store):
                 await conn.close(timeout=2)
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            await pool.raw.close()
 
     async def _migrate(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -275,7 +389,7 @@ class PostgresStore(Store):
     async def idempotency_claim(
         self, key: str, request_hash: str, owner: str, now: datetime, lease_until: datetime, expires_at: datetime
     ) -> IdempotencyRecord:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async def claim(conn: asyncpg.Connection) -> Any:
             await conn.execute(
                 "INSERT INTO idempotency_keys (key, request_hash, owner, state, response, lease_until, expires_at) "
                 "VALUES ($1, $2, $3, 'pending', NULL, $4, $5) ON CONFLICT (key) DO UPDATE SET "
@@ -290,24 +404,52 @@ class PostgresStore(Store):
                 expires_at,
                 now,
             )
-            row = await conn.fetchrow(
+            return await conn.fetchrow(
                 f"SELECT {_IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE key = $1",  # noqa: S608
                 key,
             )
-        return _idempotency(row)
 
-    async def idempotency_complete(self, key: str, owner: str, response: bytes) -> bool:
+        # Sent again after a lost connection, the claim finds its own row (the owner is this call): idempotent.
+        return _idempotency(await self.pool.transaction(claim))
+
+    async def idempotency_mark_sent(self, key: str, owner: str, lease_until: datetime) -> bool:
         status = await self.pool.execute(
-            "UPDATE idempotency_keys SET state = 'done', response = $1 WHERE key = $2 AND owner = $3",
-            response,
+            "UPDATE idempotency_keys SET state = 'sent', lease_until = $1 "
+            "WHERE key = $2 AND owner = $3 AND state IN ('pending', 'sent')",
+            lease_until,
             key,
             owner,
         )
         return bool(status == "UPDATE 1")
 
+    async def idempotency_renew(self, key: str, owner: str, lease_until: datetime) -> bool:
+        status = await self.pool.execute(
+            "UPDATE idempotency_keys SET lease_until = $1 WHERE key = $2 AND owner = $3 AND state <> 'done'",
+            lease_until,
+            key,
+            owner,
+        )
+        return bool(status == "UPDATE 1")
+
+    async def idempotency_complete(
+        self, key: str, owner: str, response: bytes, record: ExecutionRecord | None = None
+    ) -> bool:
+        async def complete(conn: asyncpg.Connection) -> str:
+            status: str = await conn.execute(
+                "UPDATE idempotency_keys SET state = 'done', response = $1 WHERE key = $2 AND owner = $3",
+                response,
+                key,
+                owner,
+            )
+            if record is not None:
+                await conn.execute(_INSERT_EXECUTION, *_execution_row(record))
+            return status
+
+        return bool(await self.pool.transaction(complete) == "UPDATE 1")
+
     async def idempotency_release(self, key: str, owner: str) -> None:
         await self.pool.execute(
-            "DELETE FROM idempotency_keys WHERE key = $1 AND owner = $2 AND state = 'pending'", key, owner
+            "DELETE FROM idempotency_keys WHERE key = $1 AND owner = $2 AND state IN ('pending', 'sent')", key, owner
         )
 
     async def idempotency_get(self, key: str) -> IdempotencyRecord | None:
@@ -322,29 +464,7 @@ class PostgresStore(Store):
     async def insert_executions(self, records: list[ExecutionRecord]) -> None:
         if not records:
             return
-        await self.pool.executemany(
-            f"INSERT INTO executions ({_EXECUTION_COLUMNS}) "  # noqa: S608
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT DO NOTHING",
-            [
-                (
-                    r.process_id,
-                    r.product,
-                    r.env,
-                    r.version,
-                    r.kind,
-                    r.resource,
-                    r.status,
-                    r.started_at,
-                    r.ended_at,
-                    r.attempts,
-                    r.upstream_status,
-                    r.error_reason,
-                    r.cached,
-                    r.detail,
-                )
-                for r in records
-            ],
-        )
+        await self.pool.executemany(_INSERT_EXECUTION, [_execution_row(r) for r in records])
 
     async def list_executions(
         self, where: ExecutionFilter, *, after: tuple[datetime, str] | None, limit: int
@@ -393,6 +513,7 @@ class PostgresStore(Store):
             record.started_at,
             record.refreshed_at,
             record.expires_at,
+            retry=False,  # a second INSERT after a commit would fail on the key
         )
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -410,6 +531,7 @@ class PostgresStore(Store):
             now,
             session_id,
             generation,
+            retry=False,  # sent again after a commit, it would answer as if another refresh won
         )
         return _session(row) if row else None
 

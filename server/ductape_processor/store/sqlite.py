@@ -73,6 +73,31 @@ def _idempotency(row: Any) -> IdempotencyRecord:
     )
 
 
+_INSERT_EXECUTION = (
+    f"INSERT OR IGNORE INTO executions ({_EXECUTION_COLUMNS}) "  # noqa: S608
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _execution_row(r: ExecutionRecord) -> tuple[Any, ...]:
+    return (
+        r.process_id,
+        r.product,
+        r.env,
+        r.version,
+        r.kind,
+        r.resource,
+        r.status,
+        _ts(r.started_at),
+        _ts(r.ended_at),
+        r.attempts,
+        r.upstream_status,
+        r.error_reason,
+        int(r.cached),
+        r.detail,
+    )
+
+
 _SESSION_COLUMNS = (
     "session_id, product, env, tag, identifier, generation, started_at, refreshed_at, expires_at, revoked_at"
 )
@@ -336,18 +361,40 @@ class SqliteStore(Store):
                 row = await cur.fetchone()
         return _idempotency(row)
 
-    async def idempotency_complete(self, key: str, owner: str, response: bytes) -> bool:
+    async def idempotency_mark_sent(self, key: str, owner: str, lease_until: datetime) -> bool:
         async with self._write_lock:
+            cursor = await self.db.execute(
+                "UPDATE idempotency_keys SET state = 'sent', lease_until = ? "
+                "WHERE key = ? AND owner = ? AND state IN ('pending', 'sent')",
+                (_ts(lease_until), key, owner),
+            )
+            return cursor.rowcount == 1
+
+    async def idempotency_renew(self, key: str, owner: str, lease_until: datetime) -> bool:
+        async with self._write_lock:
+            cursor = await self.db.execute(
+                "UPDATE idempotency_keys SET lease_until = ? WHERE key = ? AND owner = ? AND state <> 'done'",
+                (_ts(lease_until), key, owner),
+            )
+            return cursor.rowcount == 1
+
+    async def idempotency_complete(
+        self, key: str, owner: str, response: bytes, record: ExecutionRecord | None = None
+    ) -> bool:
+        async with self._transaction():
             cursor = await self.db.execute(
                 "UPDATE idempotency_keys SET state = 'done', response = ? WHERE key = ? AND owner = ?",
                 (response, key, owner),
             )
+            if record is not None:
+                await self.db.execute(_INSERT_EXECUTION, _execution_row(record))
             return cursor.rowcount == 1
 
     async def idempotency_release(self, key: str, owner: str) -> None:
         async with self._write_lock:
             await self.db.execute(
-                "DELETE FROM idempotency_keys WHERE key = ? AND owner = ? AND state = 'pending'", (key, owner)
+                "DELETE FROM idempotency_keys WHERE key = ? AND owner = ? AND state IN ('pending', 'sent')",
+                (key, owner),
             )
 
     async def idempotency_get(self, key: str) -> IdempotencyRecord | None:
@@ -363,31 +410,8 @@ class SqliteStore(Store):
     async def insert_executions(self, records: list[ExecutionRecord]) -> None:
         if not records:
             return
-        rows = [
-            (
-                r.process_id,
-                r.product,
-                r.env,
-                r.version,
-                r.kind,
-                r.resource,
-                r.status,
-                _ts(r.started_at),
-                _ts(r.ended_at),
-                r.attempts,
-                r.upstream_status,
-                r.error_reason,
-                int(r.cached),
-                r.detail,
-            )
-            for r in records
-        ]
         async with self._transaction():
-            await self.db.executemany(
-                f"INSERT OR IGNORE INTO executions ({_EXECUTION_COLUMNS}) "  # noqa: S608
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            await self.db.executemany(_INSERT_EXECUTION, [_execution_row(r) for r in records])
 
     async def list_executions(
         self, where: ExecutionFilter, *, after: tuple[datetime, str] | None, limit: int
