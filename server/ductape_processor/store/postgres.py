@@ -40,6 +40,8 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.InterfaceError,
+    # "another operation is in progress": a connection left mid-protocol by a termination.
+    asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,
 )
@@ -75,7 +77,7 @@ class _Pool:
                 raise _unavailable(exc) from exc
             log.warning("store: the connection was lost (%s); retrying once on a fresh connection", exc)
             # Connections idle in the pool were most likely cut at the same time: replace them all.
-            self.raw.expire_connections()
+            await self.raw.expire_connections()
         except _STORE_FAILURE as exc:
             raise _unavailable(exc) from exc
         try:
