@@ -158,9 +158,7 @@ class Figures:
         )
 
 
-def figures(
-    fault: str, upstream: CountingUpstream, outcomes: list[Outcome], stored: list[ExecutionRecord]
-) -> Figures:
+def figures(fault: str, upstream: CountingUpstream, outcomes: list[Outcome], stored: list[ExecutionRecord]) -> Figures:
     recorded = {record.process_id for record in stored}
     errors: Counter[str] = Counter()
     for outcome in outcomes:
@@ -175,5 +173,3 @@ def figures(
         recovery_s=max((o.recovery_s for o in outcomes), default=0.0),
         errors=errors,
     )
-
-
