@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 DATA    ?= .data
 
-.PHONY: setup run test lint gen bench clean
+.PHONY: setup run test faults lint gen bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: setup
 ## Run the whole test suite (PostgreSQL tests skip with a message when no server is reachable, fail under CI=true).
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## Only the fault-injection tests (terminated store connections, kill -9 of a replica), with their figures printed.
+## `make test` runs them too.
+faults: setup
+	$(PY) -m pytest -m faults -s $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -115,7 +115,7 @@ async def call_until_settled(
                 return
             await asyncio.sleep(0.05)
             continue
-        except Exception as exc:  # noqa: BLE001 - every other error is a finding, reported in the figures
+        except Exception as exc:  # every other error is a finding, reported in the figures
             outcome.errors.append(getattr(exc, "reason", "") or type(exc).__name__)
             if outcome.first_failure is None:
                 outcome.first_failure = time.monotonic()
