@@ -89,10 +89,18 @@ class Outcome:
 
 
 async def call_until_settled(
-    clients: Callable[[], Processor], key: str, outcome: Outcome, *, budget_s: float = 12.0, timeout_s: float = 8.0
+    clients: Callable[[], Processor],
+    key: str,
+    outcome: Outcome,
+    *,
+    budget_s: float = 15.0,
+    timeout_s: float = 8.0,
+    unknown_is_final: bool = True,
 ) -> None:
     """Run `create` with idempotency key `key` until it is answered, retrying retryable errors with the same key (on
-    whichever replica `clients()` names at the time), as a client following the documented contract does."""
+    whichever replica `clients()` names at the time), as a client following the documented contract does. With
+    `unknown_is_final=False`, IDEMPOTENCY_OUTCOME_UNKNOWN is retried too (the answer may still be recorded) and counts
+    only if it is still the answer when the budget runs out."""
     started = time.monotonic()
     while time.monotonic() - started < budget_s:
         try:
@@ -109,8 +117,8 @@ async def call_until_settled(
             outcome.errors.append(exc.reason or type(exc).__name__)
             if outcome.first_failure is None:
                 outcome.first_failure = time.monotonic()
-            if exc.reason == OUTCOME_UNKNOWN:
-                outcome.unknown = True
+            outcome.unknown = exc.reason == OUTCOME_UNKNOWN
+            if outcome.unknown and unknown_is_final:
                 outcome.settled = time.monotonic()
                 return
             await asyncio.sleep(0.05)
@@ -122,6 +130,7 @@ async def call_until_settled(
             await asyncio.sleep(0.05)
             continue
         outcome.process_id = result.process_id
+        outcome.unknown = False
         outcome.settled = time.monotonic()
         return
 

@@ -66,6 +66,8 @@ HEADER_VALUE_INVALID = "HEADER_VALUE_INVALID"
 """The `ErrorInfo.reason` of a call whose rendered header value holds a control character."""
 # How long an idempotency claim outlives its owner's last renewal: the longest a repeat waits after a replica died.
 IDEMPOTENCY_LEASE_S = 5.0
+# How long an answer whose recording failed is retried (the owner keeps its lease meanwhile).
+_COMPLETE_FOR_S = 60.0
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 
 
@@ -450,26 +452,28 @@ class ActionExecutor:
         finally:
             self._inflight.pop(key, None)
             done.set_result(None)
-        renewing.cancel()
         status, reason = _outcome(result)
         execution = self._execution(ctx, ctx.process_id, ctx.started, status, reason, cached=False)
-        await self._complete(key, owner, result, execution)
+        await self._complete(key, owner, result, execution, renewing)
         ctx.recorded = True
         return result
 
     async def _renew(self, key: str, owner: str) -> None:
         """Keep the claim's lease ahead while the call runs, so a dead replica's claim ends within one lease."""
+        pause = IDEMPOTENCY_LEASE_S / 3
         while True:
-            await asyncio.sleep(IDEMPOTENCY_LEASE_S / 3)
+            await asyncio.sleep(pause)
             try:
                 held = await self._store.idempotency_renew(
                     key, owner, datetime.now(UTC) + timedelta(seconds=IDEMPOTENCY_LEASE_S)
                 )
             except ProcessorError as exc:
                 log.warning("idempotency: renewing the lease of a key failed (%s); trying again", exc.message)
+                pause = 0.2  # the lease is running out: try again soon
                 continue
             if not held:
                 return
+            pause = IDEMPOTENCY_LEASE_S / 3
 
     async def _release(self, key: str, owner: str) -> None:
         """Give the claim up; if the store fails, its lease ends it (a sent claim then answers OUTCOME_UNKNOWN)."""
@@ -478,34 +482,47 @@ class ActionExecutor:
         except ProcessorError as exc:
             log.warning("idempotency: releasing a key failed (%s); its lease will end it", exc.message)
 
-    async def _complete(self, key: str, owner: str, result: ActionResult, record: ExecutionRecord) -> None:
+    async def _complete(
+        self, key: str, owner: str, result: ActionResult, record: ExecutionRecord, renewing: asyncio.Task[None]
+    ) -> None:
         """Record the answer under the key, with the execution record in the same transaction, before the caller
         gets it (so a kill -9 cannot lose the record of an answered idempotent call). The caller gets the answer also
-        when the store fails now: the record is queued, the answer is recorded in the background (for a bounded
-        time), and until it lands repeats wait, then answer IDEMPOTENCY_OUTCOME_UNKNOWN."""
+        when the store fails now: the record is queued, and the answer is recorded in the background for up to
+        `_COMPLETE_FOR_S` while the lease is kept, so repeats wait for it and then get it; only if it never lands do
+        repeats answer IDEMPOTENCY_OUTCOME_UNKNOWN."""
         try:
             await self._store.idempotency_complete(key, owner, result.encode(), record)
         except ProcessorError as exc:
             log.warning("idempotency: recording an answer failed (%s); retrying in the background", exc.message)
             self._recorder.record(record)
             task = asyncio.get_running_loop().create_task(
-                self._complete_later(key, owner, result.encode(), record), name="idempotency-complete"
+                self._complete_later(key, owner, result.encode(), record, renewing), name="idempotency-complete"
             )
             self._completing.add(task)
             task.add_done_callback(self._completing.discard)
+        else:
+            renewing.cancel()
 
-    async def _complete_later(self, key: str, owner: str, response: bytes, record: ExecutionRecord) -> None:
-        delay = 0.1
-        for _ in range(12):  # about a minute in all
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-            try:
-                await self._store.idempotency_complete(key, owner, response, record)
-            except ProcessorError:
-                continue
-            log.info("idempotency: a delayed answer was recorded")
-            return
-        log.error("idempotency: an answer could not be recorded; repeats of its key answer IDEMPOTENCY_OUTCOME_UNKNOWN")
+    async def _complete_later(
+        self, key: str, owner: str, response: bytes, record: ExecutionRecord, renewing: asyncio.Task[None]
+    ) -> None:
+        try:
+            give_up = time.monotonic() + _COMPLETE_FOR_S
+            delay = 0.05
+            while time.monotonic() < give_up:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                try:
+                    await self._store.idempotency_complete(key, owner, response, record)
+                except ProcessorError:
+                    continue
+                log.info("idempotency: a delayed answer was recorded")
+                return
+            log.error(
+                "idempotency: an answer could not be recorded; repeats of its key answer IDEMPOTENCY_OUTCOME_UNKNOWN"
+            )
+        finally:
+            renewing.cancel()
 
     async def _wait_for(self, key: str, deadline: Deadline) -> None:
         """Wait while another call holds the key: on this replica by its future, elsewhere by polling."""
