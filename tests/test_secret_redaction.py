@@ -341,3 +341,22 @@ async def test_a_redis_cache_that_fails_never_quotes_its_url(
     seen = f"{caught.value.message} {caught.value.metadata} {caplog.text}"
     for piece in ("Pw0rd", "Zq8w", "P3v"):
         assert piece not in seen, seen
+
+
+async def test_a_secret_that_cannot_be_sent_in_a_header_is_never_quoted(
+    start_server: ServerFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("PROCESSOR_SECRET_LOGIN_KEY", LOGIN_KEY)
+    monkeypatch.setenv("PROCESSOR_SECRET_API_KEY", "Yx5nB1k\r\nX-Evil: Rt7uJ2m")
+    caplog.set_level(logging.DEBUG)
+    server = await start_server(execution_flush_s=0.05)
+    await server.client.product.apply(product(upstream.url))
+    answer_login(upstream)
+    with pytest.raises(ProcessorError) as caught:
+        await call_me(server)
+    assert upstream.hits("/me/42") == []
+    await server.app.recorder.flush()
+    listed = await server.client.logs.list_executions(product="vault")
+    seen = f"{caught.value.message} {caught.value.metadata} {caught.value.field_violations} {caplog.text} {listed}"
+    for piece in ("Yx5nB1k", "Rt7uJ2m", "X-Evil"):
+        assert piece not in seen, seen
