@@ -150,10 +150,9 @@ class Taint:
             elif isinstance(item, str):
                 if item:
                     self.texts.add(item)
-                    # As it reads inside JSON text (an object sent as one parameter).
-                    quoted = json.dumps(item, ensure_ascii=False)[1:-1]
-                    if quoted != item:
-                        self.texts.add(quoted)
+                    if '"' in item or "\\" in item or not item.isprintable():
+                        # As it reads inside JSON text (an object sent as one parameter).
+                        self.texts.add(json.dumps(item, ensure_ascii=False)[1:-1])
             elif isinstance(item, int | float) and not isinstance(item, bool):
                 with contextlib.suppress(_Bad, ValueError):
                     self.texts.add(_to_text(item))
