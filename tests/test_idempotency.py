@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from ductape.processor import InvalidArgumentError
+from ductape.processor import InvalidArgumentError, UnavailableError
 
 from ductape_processor.runtime.manifest import App
 from ductape_processor.store.base import ExecutionFilter, ExecutionRecord
+from ductape_processor.store.sqlite import SqliteStore
 from tests.conftest import ServerFactory
 from tests.faults.harness import product
 from tests.test_store_contract import StoreFactory, at
@@ -114,3 +116,30 @@ def test_the_manifest_refuses_a_header_name_that_is_not_a_token() -> None:
     assert App.model_validate({"tag": "api", "envs": {}, "idempotency_header": "X-Key"}).idempotency_header == "X-Key"
     with pytest.raises(ValueError, match="idempotency_header"):
         App.model_validate({"tag": "api", "envs": {}, "idempotency_header": "Bad Header:"})
+
+
+async def test_a_locked_sqlite_store_is_unavailable_not_internal(
+    start_server: ServerFactory, upstream: Upstream
+) -> None:
+    server = await start_server()
+    await server.client.product.apply(product(upstream.url))
+    store = server.app.store
+    assert isinstance(store, SqliteStore)
+    await store.db.raw.execute("PRAGMA busy_timeout=50")  # the default waits 5 s for the lock
+    other = sqlite3.connect(store.path)
+    try:
+        other.execute("BEGIN EXCLUSIVE")  # another process writing, past the busy timeout
+        with pytest.raises(UnavailableError) as caught:
+            await server.client.action.run(
+                product="faults",
+                env="dev",
+                app="api",
+                event="create",
+                input={"body": {"name": "x"}},
+                idempotency_key="k",
+            )
+        assert caught.value.reason == "STORE_UNAVAILABLE"
+    finally:
+        other.rollback()
+        other.close()
+    assert upstream.hits("/create") == [], "nothing was sent without a claim"

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Generator, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store.base import (
     ExecutionFilter,
     ExecutionRecord,
@@ -137,6 +139,59 @@ def _execution(row: Any) -> ExecutionRecord:
     )
 
 
+# Failures of the database rather than of the statement: locked past the busy timeout, disk full, I/O errors.
+# (IntegrityError and ProgrammingError are bugs or conflicts the caller handles, not outages.)
+_STORE_FAILURE = (sqlite3.OperationalError, sqlite3.InternalError)
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"the store (SQLite) failed: {exc}; retry the call", metadata={"store": "sqlite"})
+
+
+class _Statement:
+    """One statement's result, awaited or used as `async with`; store failures become StoreUnavailable."""
+
+    def __init__(self, result: Any) -> None:
+        self._result = result
+
+    def __await__(self) -> Generator[Any, None, aiosqlite.Cursor]:
+        return self._run().__await__()
+
+    async def _run(self) -> aiosqlite.Cursor:
+        try:
+            cursor: aiosqlite.Cursor = await self._result
+        except _STORE_FAILURE as exc:
+            raise _unavailable(exc) from exc
+        return cursor
+
+    async def __aenter__(self) -> aiosqlite.Cursor:
+        try:
+            cursor: aiosqlite.Cursor = await self._result.__aenter__()
+        except _STORE_FAILURE as exc:
+            raise _unavailable(exc) from exc
+        return cursor
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._result.__aexit__(*exc_info)
+
+
+class _Connection:
+    """The aiosqlite connection as the store uses it: the one place where SQLite failures become StoreUnavailable."""
+
+    def __init__(self, raw: aiosqlite.Connection) -> None:
+        self.raw = raw
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.raw.in_transaction)
+
+    def execute(self, sql: str, parameters: Iterable[Any] | None = None) -> _Statement:
+        return _Statement(self.raw.execute(sql, parameters))
+
+    def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> Awaitable[aiosqlite.Cursor]:
+        return _Statement(self.raw.executemany(sql, parameters))
+
+
 class SqliteStore(Store):
     """Store on a local SQLite file."""
 
@@ -148,10 +203,15 @@ class SqliteStore(Store):
         self._write_lock = asyncio.Lock()
 
     @property
-    def db(self) -> aiosqlite.Connection:
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def db(self) -> _Connection:
         if self._db is None:
             raise RuntimeError("the store is not open")
-        return self._db
+        return _Connection(self._db)
 
     async def open(self) -> None:
         # SQLite gives the -wal and -shm files it creates the database file's mode: a 0600 database keeps them 0600.
