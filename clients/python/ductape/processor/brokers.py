@@ -296,8 +296,12 @@ class BrokerClient:
         attributes: Mapping[str, str] | None = None,
         ordering_key: str = "",
         idempotency_key: str = "",
+        metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     ) -> str:
-        """Publish one message (`data` bytes or a `json` value) to `broker_tag:topic_tag`; returns its id."""
+        """Publish one message (`data` bytes or a `json` value) to `broker_tag:topic_tag`; returns its id.
+
+        `metadata` is added to this call's gRPC metadata (a caller's `traceparent`, its own `x-request-id`).
+        """
         message = outgoing(
             data,
             json=json,
@@ -307,14 +311,20 @@ class BrokerClient:
             idempotency_key=idempotency_key,
         )
         request = broker_pb2.PublishRequest(product=product, env=env, event=event, message=message)
-        return str((await self._call(self._stub.Publish, request)).message_id)
+        return str((await self._call(self._stub.Publish, request, metadata=metadata)).message_id)
 
     async def publish_batch(
-        self, *, product: str, env: str, event: str, messages: Sequence[broker_pb2.OutgoingMessage]
+        self,
+        *,
+        product: str,
+        env: str,
+        event: str,
+        messages: Sequence[broker_pb2.OutgoingMessage],
+        metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     ) -> list[PublishResult]:
         """Publish many messages (build them with `outgoing(...)`); one result per message, in order."""
         request = broker_pb2.PublishBatchRequest(product=product, env=env, event=event, messages=list(messages))
-        response = await self._call(self._stub.PublishBatch, request)
+        response = await self._call(self._stub.PublishBatch, request, metadata=metadata)
         return [
             PublishResult(r.message_id, grpc.StatusCode.OK if r.code == 0 else _code(r.code), r.reason, r.message)
             for r in response.results

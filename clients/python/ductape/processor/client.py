@@ -3,6 +3,10 @@
 async with Processor("127.0.0.1:50051", api_key="...") as processor:
     version = await processor.product.apply("examples/shop.yaml")
     await processor.product.promote("shop", env="prd", version=version.version)
+
+Every method takes `metadata=`: gRPC metadata for that call only, such as the caller's W3C `traceparent` (the
+server's span becomes its child) or its own `x-request-id` (the server logs the call under it and returns it in the
+error's `request_id`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from google.protobuf import json_format, struct_pb2
 
 Response = TypeVar("Response")
 ManifestSource = str | os.PathLike[str] | bytes
+CallMetadata = Mapping[str, str] | Sequence[tuple[str, str]]
+"""Metadata for one call: a mapping or (key, value) pairs; keys are case-insensitive (sent in lower case)."""
 
 _FORMATS = {
     ".json": product_pb2.MANIFEST_FORMAT_JSON,
@@ -49,17 +55,30 @@ def _manifest_bytes(manifest: ManifestSource) -> tuple[bytes, product_pb2.Manife
 
 
 class _Caller:
-    """Adds the API key and the default timeout to each call, and raises typed errors."""
+    """Adds the API key, the caller's per-call metadata and the default timeout to each call; raises typed errors."""
 
     def __init__(self, metadata: Sequence[tuple[str, str]], timeout: float | None) -> None:
         self._metadata = tuple(metadata)
         self._timeout = timeout
 
+    def metadata(self, extra: CallMetadata | None) -> tuple[tuple[str, str], ...]:
+        """The client's metadata with `extra` added; an `extra` key replaces the client's value for that key."""
+        if not extra:
+            return self._metadata
+        pairs = extra.items() if isinstance(extra, Mapping) else extra
+        added = tuple((key.lower(), value) for key, value in pairs)
+        replaced = {key for key, _ in added}
+        return tuple(item for item in self._metadata if item[0] not in replaced) + added
+
     async def __call__(
-        self, method: Callable[..., Awaitable[Response]], request: Any, timeout: float | None = None
+        self,
+        method: Callable[..., Awaitable[Response]],
+        request: Any,
+        timeout: float | None = None,
+        metadata: CallMetadata | None = None,
     ) -> Response:
         try:
-            return await method(request, metadata=self._metadata, timeout=timeout or self._timeout)
+            return await method(request, metadata=self.metadata(metadata), timeout=timeout or self._timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -135,6 +154,7 @@ class ActionClient:
         version: int = 0,
         idempotency_key: str = "",
         timeout: float | None = None,
+        metadata: CallMetadata | None = None,
     ) -> ActionResult:
         """Run an action. `input` has the parts `query`, `params`, `body` and `headers`."""
         parts = dict(input or {})
@@ -157,7 +177,7 @@ class ActionClient:
             request.session.CopyFrom(_session(session))
         if retries is not None:
             request.retries = retries
-        response = await self._call(self._stub.Run, request, timeout)
+        response = await self._call(self._stub.Run, request, timeout, metadata)
         body: Any = response.raw
         if response.WhichOneof("body") == "json":
             body = _plain(json_format.MessageToDict(response.json))
@@ -190,15 +210,21 @@ class SessionClient:
         self._stub = session_pb2_grpc.SessionServiceStub(channel)
         self._call = call
 
-    async def start(self, *, product: str, env: str, tag: str, data: Mapping[str, Any]) -> session_pb2.TokenPair:
+    async def start(
+        self, *, product: str, env: str, tag: str, data: Mapping[str, Any], metadata: CallMetadata | None = None
+    ) -> session_pb2.TokenPair:
         """Start a session for `data`; returns `token`, `refresh_token`, `session_id` and expiry times."""
         request = session_pb2.StartRequest(product=product, env=env, tag=tag, data=_struct(data))
-        return (await self._call(self._stub.Start, request)).tokens
+        return (await self._call(self._stub.Start, request, metadata=metadata)).tokens
 
-    async def verify(self, *, product: str, env: str, tag: str, token: str) -> Session:
+    async def verify(
+        self, *, product: str, env: str, tag: str, token: str, metadata: CallMetadata | None = None
+    ) -> Session:
         """The session a token carries; raises UnauthenticatedError (SESSION_INVALID/EXPIRED/REVOKED)."""
         response = await self._call(
-            self._stub.Verify, session_pb2.VerifyRequest(product=product, env=env, tag=tag, token=token)
+            self._stub.Verify,
+            session_pb2.VerifyRequest(product=product, env=env, tag=tag, token=token),
+            metadata=metadata,
         )
         return Session(
             data=_plain(json_format.MessageToDict(response.data)),
@@ -209,13 +235,22 @@ class SessionClient:
 
     decrypt = verify
 
-    async def refresh(self, *, product: str, env: str, tag: str, refresh_token: str) -> session_pb2.TokenPair:
+    async def refresh(
+        self, *, product: str, env: str, tag: str, refresh_token: str, metadata: CallMetadata | None = None
+    ) -> session_pb2.TokenPair:
         """A new token pair; the refresh token given stops working."""
         request = session_pb2.RefreshRequest(product=product, env=env, tag=tag, refresh_token=refresh_token)
-        return (await self._call(self._stub.Refresh, request)).tokens
+        return (await self._call(self._stub.Refresh, request, metadata=metadata)).tokens
 
     async def revoke(
-        self, *, product: str, env: str, tag: str, session_id: str | None = None, identifier: str | None = None
+        self,
+        *,
+        product: str,
+        env: str,
+        tag: str,
+        session_id: str | None = None,
+        identifier: str | None = None,
+        metadata: CallMetadata | None = None,
     ) -> int:
         """Revoke one session (`session_id`) or every session of a user (`identifier`); returns how many."""
         if (session_id is None) == (identifier is None):
@@ -225,10 +260,18 @@ class SessionClient:
             request.session_id = session_id
         else:
             request.identifier = identifier or ""
-        return (await self._call(self._stub.Revoke, request)).revoked
+        return (await self._call(self._stub.Revoke, request, metadata=metadata)).revoked
 
     async def list_active(
-        self, *, product: str, env: str, tag: str, identifier: str = "", page_size: int = 0, page_token: str = ""
+        self,
+        *,
+        product: str,
+        env: str,
+        tag: str,
+        identifier: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        metadata: CallMetadata | None = None,
     ) -> session_pb2.ListActiveResponse:
         """One page of active sessions, newest first."""
         return await self._call(
@@ -236,6 +279,7 @@ class SessionClient:
             session_pb2.ListActiveRequest(
                 product=product, env=env, tag=tag, identifier=identifier, page_size=page_size, page_token=page_token
             ),
+            metadata=metadata,
         )
 
 
@@ -262,6 +306,7 @@ class LogClient:
         status: str = "",
         page_size: int = 0,
         page_token: str = "",
+        metadata: CallMetadata | None = None,
     ) -> log_pb2.ListExecutionsResponse:
         """One page of executions, newest first; `status` is "success", "fail" or "" (any)."""
         if status not in _STATUSES:
@@ -276,6 +321,7 @@ class LogClient:
                 page_size=page_size,
                 page_token=page_token,
             ),
+            metadata=metadata,
         )
 
 
@@ -286,49 +332,71 @@ class ProductClient:
         self._stub = product_pb2_grpc.ProductServiceStub(channel)
         self._call = call
 
-    async def apply(self, manifest: ManifestSource) -> product_pb2.ApplyResponse:
+    async def apply(
+        self, manifest: ManifestSource, *, metadata: CallMetadata | None = None
+    ) -> product_pb2.ApplyResponse:
         """Store a manifest (a path, or YAML/JSON bytes) as the product's next version."""
         data, fmt = _manifest_bytes(manifest)
-        return await self._call(self._stub.Apply, product_pb2.ApplyRequest(manifest=data, format=fmt))
+        return await self._call(
+            self._stub.Apply, product_pb2.ApplyRequest(manifest=data, format=fmt), metadata=metadata
+        )
 
-    async def validate(self, manifest: ManifestSource) -> product_pb2.ValidateResponse:
+    async def validate(
+        self, manifest: ManifestSource, *, metadata: CallMetadata | None = None
+    ) -> product_pb2.ValidateResponse:
         """Every problem of a manifest, without storing it."""
         data, fmt = _manifest_bytes(manifest)
-        return await self._call(self._stub.Validate, product_pb2.ValidateRequest(manifest=data, format=fmt))
+        return await self._call(
+            self._stub.Validate, product_pb2.ValidateRequest(manifest=data, format=fmt), metadata=metadata
+        )
 
-    async def get(self, product: str, *, version: int | None = None, env: str | None = None) -> product_pb2.GetResponse:
+    async def get(
+        self,
+        product: str,
+        *,
+        version: int | None = None,
+        env: str | None = None,
+        metadata: CallMetadata | None = None,
+    ) -> product_pb2.GetResponse:
         """A version of the product: `version`, the one pinned for `env`, or the latest."""
         request = product_pb2.GetRequest(product=product)
         if version is not None:
             request.version = version
         elif env is not None:
             request.env = env
-        return await self._call(self._stub.Get, request)
+        return await self._call(self._stub.Get, request, metadata=metadata)
 
     async def list_versions(
-        self, product: str, *, page_size: int = 0, page_token: str = ""
+        self, product: str, *, page_size: int = 0, page_token: str = "", metadata: CallMetadata | None = None
     ) -> product_pb2.ListVersionsResponse:
         """One page of versions, newest first."""
         return await self._call(
             self._stub.ListVersions,
             product_pb2.ListVersionsRequest(product=product, page_size=page_size, page_token=page_token),
+            metadata=metadata,
         )
 
-    async def versions(self, product: str, *, page_size: int = 0) -> AsyncIterator[product_pb2.ProductVersion]:
-        """Every version, newest first, fetching pages as needed."""
+    async def versions(
+        self, product: str, *, page_size: int = 0, metadata: CallMetadata | None = None
+    ) -> AsyncIterator[product_pb2.ProductVersion]:
+        """Every version, newest first, fetching pages as needed (each page call carries `metadata`)."""
         token = ""
         while True:
-            page = await self.list_versions(product, page_size=page_size, page_token=token)
+            page = await self.list_versions(product, page_size=page_size, page_token=token, metadata=metadata)
             for version in page.versions:
                 yield version
             token = page.next_page_token
             if not token:
                 return
 
-    async def promote(self, product: str, *, env: str, version: int) -> product_pb2.PromoteResponse:
+    async def promote(
+        self, product: str, *, env: str, version: int, metadata: CallMetadata | None = None
+    ) -> product_pb2.PromoteResponse:
         """Pin `env` (slug or name) to `version`; promoting an older version rolls back."""
         return await self._call(
-            self._stub.Promote, product_pb2.PromoteRequest(product=product, env=env, version=version)
+            self._stub.Promote,
+            product_pb2.PromoteRequest(product=product, env=env, version=version),
+            metadata=metadata,
         )
 
 

@@ -1,0 +1,85 @@
+"""The Python client's per-call `metadata=`: the server sees the caller's traceparent and request id."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from ductape.processor import NotFoundError, Processor, ProcessorError, UnauthenticatedError
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from ductape_processor.api.auth import hash_key
+from ductape_processor.telemetry.setup import setup_telemetry
+from tests.conftest import EXAMPLE, ServerFactory
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+Call = Callable[[Processor, Any], Awaitable[object]]
+
+# One call of each facade client, each passing `metadata` through.
+CALLS: dict[str, Call] = {
+    "ProductService/Get": lambda p, m: p.product.get("shop", env="dev", metadata=m),
+    "ProductService/Validate": lambda p, m: p.product.validate(EXAMPLE, metadata=m),
+    "ProductService/Apply": lambda p, m: p.product.apply(EXAMPLE, metadata=m),
+    "ProductService/ListVersions": lambda p, m: p.product.list_versions("shop", metadata=m),
+    "ProductService/Promote": lambda p, m: p.product.promote("shop", env="dev", version=1, metadata=m),
+    "ActionService/Run": lambda p, m: p.action.run(
+        product="shop", env="dev", app="nope", event="nope", metadata=m, timeout=5
+    ),
+    "SessionService/Start": lambda p, m: p.session.start(
+        product="shop", env="dev", tag="user", data={"userId": "u-1"}, metadata=m
+    ),
+    "SessionService/Verify": lambda p, m: p.session.verify(
+        product="shop", env="dev", tag="user", token="x", metadata=m
+    ),
+    "SessionService/Refresh": lambda p, m: p.session.refresh(
+        product="shop", env="dev", tag="user", refresh_token="x", metadata=m
+    ),
+    "SessionService/Revoke": lambda p, m: p.session.revoke(
+        product="shop", env="dev", tag="user", identifier="u-1", metadata=m
+    ),
+    "SessionService/ListActive": lambda p, m: p.session.list_active(product="shop", env="dev", tag="user", metadata=m),
+    "LogService/ListExecutions": lambda p, m: p.logs.list_executions(product="shop", metadata=m),
+    "BrokerService/Publish": lambda p, m: p.message_broker.publish(
+        product="shop", env="dev", event="events:user-created", data=b"{}", metadata=m
+    ),
+    "BrokerService/PublishBatch": lambda p, m: p.message_broker.publish_batch(
+        product="shop", env="dev", event="events:user-created", messages=[], metadata=m
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CALLS))
+async def test_the_callers_traceparent_is_the_parent_of_the_server_span(
+    method: str, start_server: ServerFactory
+) -> None:
+    spans = InMemorySpanExporter()
+    running = await start_server(telemetry=setup_telemetry(span_exporter=spans), manifests=[EXAMPLE])
+    with contextlib.suppress(ProcessorError):  # some calls fail on purpose; the span is there either way
+        await CALLS[method](running.client, {"traceparent": TRACEPARENT})
+    [span] = [s for s in spans.get_finished_spans() if s.name == f"ductape.processor.v1.{method}"]
+    assert format(span.context.trace_id, "032x") == TRACE_ID
+    assert span.parent is not None and format(span.parent.span_id, "016x") == PARENT_ID
+
+
+async def test_the_callers_request_id_comes_back_with_an_error(start_server: ServerFactory) -> None:
+    running = await start_server()
+    with pytest.raises(NotFoundError) as caught:
+        await running.client.product.get("nope", metadata=[("X-Request-Id", "caller-req-7")])
+    assert caught.value.request_id == "caller-req-7"
+    with pytest.raises(NotFoundError) as again:
+        await running.client.product.get("nope")
+    assert again.value.request_id not in ("", "caller-req-7"), "metadata is per call, not kept on the client"
+
+
+async def test_per_call_metadata_replaces_the_clients_value_for_the_same_key(start_server: ServerFactory) -> None:
+    running = await start_server(api_key_hashes=[hash_key("right")])
+    async with Processor(running.address, api_key="wrong") as processor:
+        with pytest.raises(UnauthenticatedError):
+            await processor.product.list_versions("shop")
+        with pytest.raises(NotFoundError):  # authenticated: the product just does not exist
+            await processor.product.list_versions("shop", metadata={"authorization": "Bearer right"})
