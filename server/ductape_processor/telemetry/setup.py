@@ -139,10 +139,10 @@ def setup_telemetry(
     use_otlp = span_exporter is None and not metric_readers and otlp_configured()
     if span_exporter is None and not metric_readers and not use_otlp:
         return Telemetry()
-    attributes = {"service.version": __version__}
-    if not os.environ.get("OTEL_SERVICE_NAME"):
-        attributes["service.name"] = "ductape-processor"
-    resource = Resource.create(attributes)
+    resource = Resource.create({"service.version": __version__})
+    # The SDK's default name is "unknown_service…"; OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES may set one.
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "ductape-processor"}))
     tracer_provider = TracerProvider(resource=resource)
     readers: list[MetricReader] = list(metric_readers)
     exporters: list[_Exporter] = []
