@@ -114,15 +114,21 @@ def _self_signed(directory: Path, name: str) -> None:
 
 def record_docker_runs(block: str, workdir: Path) -> list[list[str]]:
     """Run the block in bash from `workdir`; `docker` records its arguments instead of running anything."""
-    record = workdir / "docker-calls.jsonl"
-    recorder = f"{shlex.quote(str(BIN / 'python'))} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
-    shim = f'docker() {{ {recorder} "$@" >> {shlex.quote(str(record))}; }}\n'
+    records = workdir / "docker-calls"
+    records.mkdir()
+    # One file per call, arguments NUL-separated: exactly the words bash passed, whatever they contain.
+    shim = f'docker() {{ printf "%s\\0" "$@" > {shlex.quote(str(records))}/$((++docker_calls)); }}\n'
     env = {**os.environ, "API_KEY": "the-api-key", "PWD": str(workdir)}
     result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", shim + block], cwd=workdir, env=env, capture_output=True, text=True
+        ["bash", "-euo", "pipefail", "-c", "docker_calls=0\n" + shim + block],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in record.read_text().splitlines()]
+    calls = sorted(records.iterdir(), key=lambda path: int(path.name))
+    return [path.read_text().split("\0")[:-1] for path in calls]
 
 
 def free_port() -> int:
