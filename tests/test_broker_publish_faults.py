@@ -254,3 +254,69 @@ async def test_a_connection_closed_by_rabbitmq_logs_one_warning_and_no_driver_er
             await channel.queue_delete(queue_name(topic, "g"))
             await channel.exchange_delete(topic)
             await connection.close()
+
+
+class RestartingJetStream:
+    """A NATS server as one looks while JetStream is coming back after a restart: the connection works, a publish
+    gets a "no responders" (503) status, and JetStream API requests ($JS.API...) get no answer at all."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        info = {"server_id": "restarting", "version": "2.10.0", "proto": 1, "headers": True, "max_payload": 1 << 20}
+        writer.write(f"INFO {json.dumps(info)}\r\n".encode())
+        subscriptions: dict[str, str] = {}  # subject pattern -> sid
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while line := await reader.readline():
+                verb, *args = line.decode().split()
+                if verb == "PING":
+                    writer.write(b"PONG\r\n")
+                elif verb == "SUB":
+                    subscriptions[args[0]] = args[-1]
+                elif verb in ("PUB", "HPUB"):
+                    await reader.readexactly(int(args[-1]) + 2)
+                    subject, reply = args[0], args[1] if len(args) > (3 if verb == "HPUB" else 2) else ""
+                    if reply and not subject.startswith("$JS.API"):
+                        sid = next((s for p, s in subscriptions.items() if reply.startswith(p.rstrip("*"))), None)
+                        if sid is not None:
+                            status = b"NATS/1.0 503\r\n\r\n"
+                            writer.write(b"HMSG %s %s %d %d\r\n%s\r\n" % (reply.encode(), sid.encode(), 16, 16, status))
+                await writer.drain()
+        writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_a_nats_publish_while_jetstream_comes_back_honours_the_limit(start_server: ServerFactory) -> None:
+    name, host, port, _ = SERVERS["nats"]
+    await require_tcp(name, host, port)
+    link = FaultyLink(host, port)
+    await link.start()
+    fake = RestartingJetStream()
+    await fake.start()
+    running = await start_server()
+    run = secrets.token_hex(4)
+    await running.client.product.apply(_manifest("nats", run, link.listen_port, port))
+    try:
+        await _publish(running, b"warm-up")  # connected, stream set up
+        link.port = fake.port  # the server "restarts": the client reconnects to one whose JetStream is not back
+        link.cut()
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _publish(running, b"during the restart")
+        took = time.monotonic() - started
+        print(f"\nnats, JetStream not answering after a reconnect: publish took {took:.2f}s")
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert took <= PUBLISH_LIMIT_S + 1.0
+    finally:
+        await link.close()
+        await fake.close()
+        await _forget_run("nats", run)
