@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import secrets
@@ -162,3 +163,35 @@ async def test_a_stream_its_client_stops_reading_is_closed_and_its_messages_go_t
     got = await take(iterator, 16 - read, timeout=10)
     assert all(m.data == payload for m in got)
     await other.close()
+
+
+async def test_closing_after_a_reconnect_leaves_no_request_stream_behind(start_server: ServerFactory) -> None:
+    first = await start_server()
+    run = secrets.token_hex(4)
+    await first.client.product.apply(manifest("memory", run))
+    problems: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: problems.append(str(context.get("message"))))
+    from ductape.processor import Processor
+
+    client = Processor(first.address, timeout=10)
+    sub = client.message_broker.subscribe(product="shop", env="dev", event="events:orders", group="re")
+    consumer = asyncio.ensure_future(anext(sub.__aiter__()))
+    for _ in range(200):
+        if sub._call is not None:
+            break
+        await asyncio.sleep(0.01)
+    await first.app.stop(grace=0)  # the stream ends with UNAVAILABLE: the subscription keeps reconnecting
+    for _ in range(300):
+        if sub.reconnects >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert sub.reconnects >= 2
+    await sub.close()
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(consumer, 5)
+    await client.close()
+    for _ in range(3):
+        gc.collect()
+        await asyncio.sleep(0.05)
+    left = [t for t in asyncio.all_tasks() if "_consume_request_iterator" in repr(t.get_coro())]
+    assert left == [] and problems == [], (left, problems)

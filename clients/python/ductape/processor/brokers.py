@@ -155,6 +155,9 @@ class Subscription:
         return self._messages()
 
     async def _open(self) -> Any:
+        # End the previous stream's request iterator: left waiting on its queue, gRPC's task that drains it would
+        # stay pending until garbage-collected mid-iteration ("aclose(): asynchronous generator is already running").
+        self._requests.put_nowait(None)
         self._requests = asyncio.Queue()
         self._pending_acks = []
         self._generation += 1
