@@ -141,6 +141,16 @@ async def test_a_stored_maximal_manifest_is_read_off_the_loop_after_a_restart(
     assert p99(latencies) < 50, f"p99 {p99(latencies):.1f} ms over {len(latencies)} calls"
 
 
+async def test_calls_needing_a_stored_manifest_at_once_share_one_read(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    first = await start_server(store=SqliteStore(tmp_path / "shared.db"))
+    await first.client.product.apply(maximal_manifest(128 * 1024))
+    second = await start_server(store=SqliteStore(tmp_path / "shared.db"))
+    resolved = await asyncio.gather(*(second.app.registry.resolve("big", "dev") for _ in range(8)))
+    assert len({id(r.manifest) for r in resolved}) == 1, "each call read the manifest again"
+
+
 async def test_answers_about_100k_problems_stay_bounded(server: Running) -> None:
     manifest = many_problems(100_000)
     assert len(manifest) <= MAX_MANIFEST_BYTES

@@ -84,6 +84,7 @@ class Registry:
         self._poll_interval = poll_interval
         self._slots: dict[str, _Slot] = {}
         self._models: OrderedDict[tuple[str, int], Manifest] = OrderedDict()
+        self._loading: dict[tuple[str, int], asyncio.Future[Manifest]] = {}
         self._seen_revisions: dict[str, int] = {}
         self._poller: asyncio.Task[None] | None = None
 
@@ -179,11 +180,21 @@ class Registry:
         if model is not None:
             self._models.move_to_end(key)
             return model
-        model = await self._loader.model(record.document)
+        loading = self._loading.get(key)
+        if loading is None:
+            # One read per version however many calls need it at once (after a restart, every call does).
+            loading = self._loading[key] = asyncio.ensure_future(self._loader.model(record.document))
+            loading.add_done_callback(lambda done: self._loaded(key, done))
+        model = await asyncio.shield(loading)
         self._models[key] = model
         if len(self._models) > MODEL_CACHE_SIZE:
             self._models.popitem(last=False)
         return model
+
+    def _loaded(self, key: tuple[str, int], done: asyncio.Future[Manifest]) -> None:
+        self._loading.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here in case every caller gave up
 
     # -- registry operations ------------------------------------------------------------------------------------
 
