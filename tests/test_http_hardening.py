@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import pytest
 from ductape.processor import InvalidArgumentError, UnavailableError
+from ductape.processor.v1 import action_pb2, session_pb2
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import Running, ServerFactory
 
@@ -384,3 +389,149 @@ async def test_non_utf8_upstream_header_bytes_are_handed_on_as_latin1(
     answer = await run(running, "profile")
     assert answer.status_code == 200
     assert answer.headers["X-Name"] == "café" and answer.headers["X-Utf8"] == "café"
+
+
+# -- dot-segments in path parameters --------------------------------------------------------------------------------
+
+
+def normalised(target: str) -> str:
+    """The path a normalising proxy routes to (RFC 3986: `%2E` is `.`, then dot-segments are removed)."""
+    path = re.sub("%2[eE]", ".", target.split("?", 1)[0])
+    segments: list[str] = []
+    for segment in path.split("/")[1:]:
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment != ".":
+            segments.append(segment)
+    return "/" + "/".join(segments)
+
+
+ITEM = {
+    "tag": "item",
+    "method": "GET",
+    "path": "/api/items/:id/detail",
+    "input": {"params": {"id": {"type": "string", "required": True}}},
+}
+
+
+@pytest.mark.parametrize("value", [".", "..", "%2e", "%2E%2e", ".%2E", "%252e%252e", "%25252E"])
+async def test_a_dot_segment_path_parameter_is_refused(running: Running, raw_upstream: RawUpstream, value: str) -> None:
+    raw_upstream.answer = lambda request: http_answer(200, {"routed": normalised(request.target)})
+    await running.client.product.apply(product(raw_upstream.url, ITEM))
+    with pytest.raises(InvalidArgumentError) as caught:
+        await run(running, "item", input={"params": {"id": value}})
+    assert caught.value.reason == "INVALID_INPUT"
+    assert [v.field for v in caught.value.field_violations] == ["input.params.id"]
+    assert raw_upstream.received == {}
+
+
+@pytest.mark.parametrize("value", ["...", ".a", "a..", "a/../b", "%2e%2e%2f", " .."])
+async def test_other_path_parameters_stay_inside_the_path_behind_a_normalising_proxy(
+    running: Running, raw_upstream: RawUpstream, value: str
+) -> None:
+    raw_upstream.answer = lambda request: http_answer(200, {"routed": normalised(request.target)})
+    await running.client.product.apply(product(raw_upstream.url, ITEM))
+    routed = (await run(running, "item", input={"params": {"id": value}})).body["routed"]
+    assert routed.startswith("/api/items/") and routed.endswith("/detail") and routed.count("/") == 4
+
+
+# -- multipart part headers -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"a\r\nX-Evil: 1": "v"}, 'input.body["a\\r\\nX-Evil: 1"]'),
+        ({"f": {"content_base64": "aGk=", "filename": "x\r\n.txt"}}, "input.body.f.filename"),
+        ({"f": {"content_base64": "aGk=", "filename": "x\x00.txt"}}, "input.body.f.filename"),
+        ({"f": {"content_base64": "aGk=", "content_type": "text/plain\r\nX-Evil: 1"}}, "input.body.f.content_type"),
+    ],
+)
+async def test_control_characters_in_multipart_part_headers_are_refused(
+    running: Running, raw_upstream: RawUpstream, body: dict[str, Any], field: str
+) -> None:
+    upload = {"tag": "upload", "method": "POST", "path": "/upload"}
+    await running.client.product.apply(product(raw_upstream.url, upload, request_type="multipart/form-data"))
+    with pytest.raises(InvalidArgumentError) as caught:
+        await run(running, "upload", input={"body": body})
+    assert caught.value.reason == "INVALID_INPUT"
+    assert [v.field for v in caught.value.field_violations] == [field]
+    assert raw_upstream.received == {}
+
+
+# -- deep JSON, both ways -------------------------------------------------------------------------------------------
+
+
+def nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize("depth", [33, 900, 100_000])
+async def test_upstream_json_too_deep_for_protobuf_comes_back_as_bytes(
+    running: Running, raw_upstream: RawUpstream, depth: int
+) -> None:
+    text = nested(depth).encode()
+    raw_upstream.answer = lambda request: (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(text) + text
+    )
+    answer = await run(running, "profile")
+    assert answer.status_code == 200 and answer.content_type == "application/json"
+    assert answer.body == text
+
+
+async def test_upstream_json_as_deep_as_protobuf_allows_is_parsed(running: Running, raw_upstream: RawUpstream) -> None:
+    text = nested(32).encode()
+    raw_upstream.answer = lambda request: (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(text) + text
+    )
+    answer = await run(running, "profile")
+    assert answer.body == json.loads(text)
+
+
+def deep_struct(depth: int) -> struct_pb2.Struct:
+    data: Any = 1
+    for _ in range(depth):
+        data = {"a": data}
+    struct = struct_pb2.Struct()
+    struct.update(data)
+    return struct
+
+
+def field_bytes(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field, written by hand (a client library would refuse to build it)."""
+
+    def varint(value: int) -> bytes:
+        out = b""
+        while value > 0x7F:
+            out += bytes([value & 0x7F | 0x80])
+            value >>= 7
+        return out + bytes([value])
+
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+async def test_a_request_nested_past_protobufs_limit_is_invalid_argument(running: Running) -> None:
+    deep = deep_struct(40).SerializeToString()
+    run_request = action_pb2.RunRequest(product="shop", env="dev", app="api", event="submit").SerializeToString()
+    run_request += field_bytes(
+        action_pb2.RunRequest.DESCRIPTOR.fields_by_name["input"].number,
+        field_bytes(action_pb2.ActionInput.DESCRIPTOR.fields_by_name["body"].number, deep),
+    )
+    start_request = session_pb2.StartRequest(product="shop", env="dev", tag="user").SerializeToString()
+    start_request += field_bytes(session_pb2.StartRequest.DESCRIPTOR.fields_by_name["data"].number, deep)
+    channel = running.channel()
+    try:
+        for method, request in (
+            ("/ductape.processor.v1.ActionService/Run", run_request),
+            ("/ductape.processor.v1.SessionService/Start", start_request),
+        ):
+            call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(request)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "cannot be decoded" in (caught.value.details() or "")
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await channel.close()

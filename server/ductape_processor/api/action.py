@@ -8,7 +8,7 @@ from typing import Any, Literal
 import grpc
 from ductape.processor.v1 import action_pb2, action_pb2_grpc
 
-from ductape_processor.api.values import python_to_value, struct_to_dict
+from ductape_processor.api.values import MAX_JSON_DEPTH, json_depth, python_to_value, struct_to_dict
 from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.actions import ActionCall, ActionExecutor
 from ductape_processor.runtime.policies import Deadline
@@ -67,11 +67,12 @@ class ActionServicer(action_pb2_grpc.ActionServiceServicer):
         headers = response.headers
         for name, value in result.headers:
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        response.raw = result.body
         if "json" in result.content_type and result.body:
             try:
-                python_to_value(json.loads(result.body), response.json)
-            except ValueError:
-                response.raw = result.body
-        else:
-            response.raw = result.body
+                data = json.loads(result.body)
+            except (ValueError, RecursionError):
+                return response  # not JSON after all (or nested past Python's recursion limit): the bytes
+            if json_depth(data) <= MAX_JSON_DEPTH:
+                python_to_value(data, response.json)
         return response

@@ -17,13 +17,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ductape_processor.api.auth import ApiKeyAuthenticator
 from ductape_processor.api.status import error_trailers, internal_trailers
-from ductape_processor.errors import ProcessorError
+from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.telemetry.context import CallInfo, current_call
 from ductape_processor.telemetry.setup import Telemetry
 
@@ -60,6 +61,56 @@ class RequestIds:
 
 
 _request_ids = RequestIds()
+
+
+REQUEST_UNDECODABLE = "REQUEST_UNDECODABLE"
+"""The `ErrorInfo.reason` of a request whose bytes protobuf cannot decode (e.g. nested past its depth limit)."""
+
+
+class _Undecodable:
+    """Stands in for a request that could not be decoded, so the call fails as INVALID_ARGUMENT, not UNKNOWN."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the request cannot be decoded: {self.message} (protobuf refuses messages nested more than 100 levels;"
+            " a Struct or Value costs up to three levels per JSON level)",
+            reason=REQUEST_UNDECODABLE,
+        )
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # grpc answers UNKNOWN "Unexpected DecodeError" when the deserializer raises; the behaviour reports it instead.
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return deserialize
+
+
+async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise request.error()
+        yield request
+
+
+def _checked(request: Any, streamed: bool) -> Any:
+    """The request (a stream of them when `streamed`), refusing one that could not be decoded."""
+    if streamed:
+        return _decoded(request)
+    if isinstance(request, _Undecodable):
+        raise request.error()
+    return request
 
 
 class _Call:
@@ -162,29 +213,29 @@ class ProcessorInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         call = _Call(method, self._authenticator, self._telemetry)
-        deserializer = handler.request_deserializer
+        deserializer = _lenient(handler.request_deserializer)
         serializer = handler.response_serializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(call, handler.unary_unary),
+                _unary(call, handler.unary_unary, streamed=False),
                 request_deserializer=deserializer,
                 response_serializer=serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _unary(call, handler.stream_unary),
+                _unary(call, handler.stream_unary, streamed=True),
                 request_deserializer=deserializer,
                 response_serializer=serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _streaming(call, handler.unary_stream),
+                _streaming(call, handler.unary_stream, streamed=False),
                 request_deserializer=deserializer,
                 response_serializer=serializer,
             )
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
-            _streaming(call, handler.stream_stream),
+            _streaming(call, handler.stream_stream, streamed=True),
             request_deserializer=deserializer,
             response_serializer=serializer,
         )
@@ -201,7 +252,7 @@ def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCod
     return grpc.StatusCode.UNKNOWN
 
 
-def _unary(call: _Call, inner: Behavior) -> Behavior:
+def _unary(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
     async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
         info = None
@@ -210,7 +261,7 @@ def _unary(call: _Call, inner: Behavior) -> Behavior:
         try:
             info, span, token, authorization = call.open(context)
             call.authenticate(authorization)
-            return await inner(request, context)
+            return await inner(_checked(request, streamed), context)
         except grpc.aio.AbortError:
             code = _aborted_code(context)
             raise
@@ -224,7 +275,7 @@ def _unary(call: _Call, inner: Behavior) -> Behavior:
     return behavior
 
 
-def _streaming(call: _Call, inner: Behavior) -> Behavior:
+def _streaming(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
     if inspect.isasyncgenfunction(inner):
 
         async def generator(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
@@ -235,7 +286,7 @@ def _streaming(call: _Call, inner: Behavior) -> Behavior:
             try:
                 info, span, token, authorization = call.open(context)
                 call.authenticate(authorization)
-                async for response in inner(request, context):
+                async for response in inner(_checked(request, streamed), context):
                     yield response
             except grpc.aio.AbortError:
                 code = _aborted_code(context)
@@ -248,4 +299,4 @@ def _streaming(call: _Call, inner: Behavior) -> Behavior:
                     call.close(span, token, code, started)
 
         return generator
-    return _unary(call, inner)
+    return _unary(call, inner, streamed=streamed)

@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from google.protobuf import struct_pb2, timestamp_pb2
+
+MAX_JSON_DEPTH: Final = 32
+"""The deepest JSON (objects and arrays inside each other) handed on as a `google.protobuf.Value`.
+
+Protobuf parsers refuse messages nested more than 100 levels (Python, C++, Java by default), and each JSON object
+level is three (Value, Struct, map entry) inside the response: deeper JSON would reach the caller as a response its
+client cannot read, or fail here on recursion. Deeper JSON is returned as bytes instead.
+"""
+
+
+def json_depth(data: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply objects and arrays nest in `data` (a scalar is 0), counting no further than `limit + 1`."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            if depth > limit:
+                return depth
+            deepest = max(deepest, depth)
+            stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def value_to_python(value: struct_pb2.Value) -> Any:

@@ -165,6 +165,32 @@ def _segment(value: Any) -> str:
     return value if isinstance(value, str) else _canonical(value) if isinstance(value, (dict, list)) else str(value)
 
 
+def _path_parameter(name: str, value: Any) -> str:
+    """One path parameter, encoded as one segment; a dot-segment (`.`, `..`, `%2e`, ...) is refused.
+
+    Encoding cannot make a dot-segment safe: RFC 3986 normalisation decodes `%2E` back to `.` and then removes dot
+    segments, so a proxy or framework in front of the upstream would take `/items/%2E%2E/detail` to `/detail`.
+    """
+    text = _segment(value)
+    decoded = text
+    for _ in range(8):  # and what any number of rounds of percent-decoding make of it (bounded)
+        if decoded in (".", ".."):
+            raise InvalidArgument(
+                f"invalid input: input.params.{name}: is a dot-segment",
+                reason=INVALID_INPUT,
+                violations=[
+                    FieldViolation(
+                        f"input.params.{name}",
+                        "is a dot-segment ('.' or '..', or a percent-encoded form): it would change the path",
+                    )
+                ],
+            )
+        decoded, before = unquote(decoded), decoded
+        if decoded == before:
+            break
+    return quote(text, safe="")
+
+
 def _query_pairs(value: Any, where: str) -> list[tuple[str, str]]:
     if value is None:
         return []
@@ -215,6 +241,17 @@ def _caller_headers(plan: ActionPlan, given: Mapping[str, Any]) -> dict[str, str
     return headers
 
 
+def _multipart_text(text: str, field: str, what: str) -> None:
+    """A multipart part's name, file name or content type goes into its headers: no control characters there."""
+    problem = header_value_problem(text)
+    if problem is not None:
+        raise InvalidArgument(
+            f"invalid input: {field}: the {what} {problem}",
+            reason=INVALID_INPUT,
+            violations=[FieldViolation(field, f"the {what} {problem}")],
+        )
+
+
 def _encode_body(body: Any, request_type: str, method: str) -> tuple[bytes | aiohttp.FormData | None, str | None]:
     """The request body in the app environment's request type, and its content type."""
     if body is None or method in ("GET", "HEAD"):
@@ -230,17 +267,17 @@ def _encode_body(body: Any, request_type: str, method: str) -> tuple[bytes | aio
             raise InvalidArgument.field("input.body", "a multipart body must be an object")
         form = aiohttp.FormData(default_to_multipart=True)
         for key, value in body.items():
+            _multipart_text(key, header_field("input.body", key), "field name")
             if isinstance(value, Mapping) and "content_base64" in value:
                 try:
                     content = base64.b64decode(str(value["content_base64"]), validate=True)
                 except ValueError:
                     raise InvalidArgument.field(f"input.body.{key}", "content_base64 is not base64") from None
-                form.add_field(
-                    key,
-                    content,
-                    filename=str(value.get("filename", key)),
-                    content_type=str(value.get("content_type", "application/octet-stream")),
-                )
+                filename = str(value.get("filename", key))
+                content_type = str(value.get("content_type", "application/octet-stream"))
+                _multipart_text(filename, f"input.body.{key}.filename", "file name")
+                _multipart_text(content_type, f"input.body.{key}.content_type", "content type")
+                form.add_field(key, content, filename=filename, content_type=content_type)
             else:
                 form.add_field(key, value if isinstance(value, str) else _canonical(value))
         return form, None
@@ -560,7 +597,7 @@ class ActionExecutor:
         app_env = plan.app.envs[ctx.resolved.env.slug]
         params = checked.get("params", {})
         path = "".join(
-            quote(_segment(params[part[1:]]), safe="") if part.startswith(":") else part for part in plan.path_parts
+            _path_parameter(part[1:], params[part[1:]]) if part.startswith(":") else part for part in plan.path_parts
         )
         # The base URL is the manifest's own; the path is fully encoded, and a parameter is one segment with every
         # reserved character escaped, so input can change neither scheme, host, port nor the path above it.
