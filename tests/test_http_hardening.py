@@ -535,3 +535,23 @@ async def test_a_request_nested_past_protobufs_limit_is_invalid_argument(running
         assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await channel.close()
+
+
+# -- the same mistake elsewhere: caller-controlled names onto other wires ------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["region\n", "region\r\nNats-Msg-Id", "re gion", "région"])
+async def test_a_broker_attribute_key_with_a_newline_or_space_is_refused(start_server: ServerFactory, key: str) -> None:
+    """Attribute keys become NATS header names (`attr-<key>`); a regex ending in `$` let a trailing newline through."""
+    server = await start_server()
+    document = {
+        "product": "shop",
+        "environments": [{"slug": "dev"}],
+        "brokers": [{"tag": "events", "envs": {"dev": {"type": "memory"}}, "topics": [{"tag": "orders", "name": "o"}]}],
+    }
+    await server.client.product.apply(json.dumps(document).encode())
+    with pytest.raises(InvalidArgumentError) as caught:
+        await server.client.message_broker.publish(
+            product="shop", env="dev", event="events:orders", data=b"x", attributes={key: "v"}
+        )
+    assert caught.value.field_violations[0].field == f"message.attributes.{key}"

@@ -48,7 +48,7 @@ PUBLISH_LEASE: Final = timedelta(seconds=PUBLISH_LIMIT_S + 5)
 """How long an idempotency key stays claimed by a publish: past PUBLISH_LIMIT_S its owner has given up or died."""
 MAX_ATTRIBUTES = 64
 MAX_BATCH_ENTRIES = 1000
-_ATTRIBUTE_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_ATTRIBUTE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")  # \Z: "$" would let a trailing newline through
 T = TypeVar("T")
 
 
