@@ -11,14 +11,16 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 from aiohttp import web
-from ductape.processor import FailedPreconditionError, Processor, UnauthenticatedError
+from ductape.processor import FailedPreconditionError, InvalidArgumentError, Processor, UnauthenticatedError
+from ductape.processor.v1 import log_pb2, log_pb2_grpc
 
 from ductape_processor.api.auth import hash_key
 from ductape_processor.runtime.sessions import new_root_key
 from ductape_processor.settings import Settings
-from tests.conftest import ServerFactory
+from tests.conftest import Running, ServerFactory
 from tests.upstream import Upstream, json_answer, redirect_answer, start_upstream
 
 USER_SCHEMA = {"userId": {"type": "string", "required": True}}
@@ -213,3 +215,65 @@ async def test_a_redirect_to_the_same_host_on_another_port_or_scheme_is_not_foll
         product="shop", env="dev", app="api", event="get", input={"params": {"id": "moved"}}
     )
     assert moved.status_code == 200 and moved.body == {"here": True}, "the same origin, spelled out, is followed"
+
+
+# -- found by tests/test_fuzz_rpcs.py --------------------------------------------------------------------------------
+
+
+async def test_an_optional_path_parameter_left_out_is_invalid_input_not_internal(
+    start_server: ServerFactory, upstream: Upstream
+) -> None:
+    running = await start_server()
+    await running.client.product.apply(product("shop", upstream.url))
+    for given in ({}, {"params": {}}, {"params": {"id": None}}):
+        with pytest.raises(InvalidArgumentError) as caught:
+            await running.client.action.run(product="shop", env="dev", app="api", event="get", input=given)
+        assert caught.value.reason == "INVALID_INPUT", given
+        assert [v.field for v in caught.value.field_violations] == ["input.params.id"]
+    assert upstream.seen == [], "nothing was sent"
+
+
+async def test_bytes_that_do_not_parse_as_the_request_are_invalid_argument_not_unknown(server: Running) -> None:
+    deep = b"\x1a\x01x"  # Value.string_value
+    for _ in range(150):  # Struct/ListValue nested past protobuf's limit of 100
+        deep = b"\x32" + _varint(len(b"\x0a" + _varint(len(deep)) + deep)) + b"\x0a" + _varint(len(deep)) + deep
+    body = b"\x0a" + _varint(len(b"\x0a\x01k\x12" + _varint(len(deep)) + deep)) + b"\x0a\x01k\x12" + _varint(len(deep))
+    body += deep
+    action_input = b"\x1a" + _varint(len(body)) + body
+    deep_request = b"\x0a\x04shop\x12\x03dev\x1a\x03api\x22\x03get\x2a" + _varint(len(action_input)) + action_input
+    async with server.channel() as channel:
+        for path, payload in (
+            ("/ductape.processor.v1.ActionService/Run", b"\xff\xff\xff"),
+            ("/ductape.processor.v1.ActionService/Run", deep_request),
+            ("/ductape.processor.v1.ProductService/Get", b"\x0a\x05sho"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary(path)(payload, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, caught.value.details())
+            assert "the request cannot be decoded" in (caught.value.details() or "")
+        stream = channel.stream_stream("/ductape.processor.v1.BrokerService/Subscribe")(timeout=5)
+        await stream.write(b"\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream.read()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_an_out_of_range_timestamp_filter_is_invalid_argument(server: Running) -> None:
+    async with server.channel() as channel:
+        stub = log_pb2_grpc.LogServiceStub(channel)
+        for field in ("start_time", "end_time"):
+            request = log_pb2.ListExecutionsRequest(product="shop")
+            getattr(request, field).seconds = 2**62
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ListExecutions(request, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+            assert field in (caught.value.details() or "")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 from ductape.processor.v1 import log_pb2, log_pb2_grpc
+from google.protobuf import timestamp_pb2
 
 from ductape_processor.api.values import timestamp
 from ductape_processor.errors import EnvNotFound, InvalidArgument
@@ -60,6 +61,15 @@ def _decode_token(where: ExecutionFilter, token: str) -> tuple[datetime, str]:
         ) from None
 
 
+def _moment(value: timestamp_pb2.Timestamp, field: str) -> datetime:
+    try:
+        return value.ToDatetime(UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument.field(
+            field, "is not a valid timestamp (years 1 to 9999, nanos between 0 and 999,999,999)"
+        ) from None
+
+
 class LogServicer(log_pb2_grpc.LogServiceServicer):
     """Serves LogService."""
 
@@ -86,8 +96,8 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
             env=env,
             resource=request.resource or None,
             status=request.status or None,
-            since=request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None,
-            until=request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None,
+            since=_moment(request.start_time, "start_time") if request.HasField("start_time") else None,
+            until=_moment(request.end_time, "end_time") if request.HasField("end_time") else None,
         )
         after = _decode_token(where, request.page_token) if request.page_token else None
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)

@@ -286,6 +286,20 @@ def _encode_body(body: Any, request_type: str, method: str) -> tuple[bytes | aio
     return body.encode(), f"{request_type}; charset=utf-8"
 
 
+def _require_path_params(plan: ActionPlan, checked: Mapping[str, Any]) -> None:
+    """Every `:name` of the path needs a value, even when the contract left the parameter optional."""
+    params = checked.get("params") or {}
+    missing = [part[1:] for part in plan.path_parts if part.startswith(":") and params.get(part[1:]) is None]
+    if missing:
+        raise InvalidArgument(
+            f"the action's path needs {', '.join(':' + name for name in missing)}",
+            reason="INVALID_INPUT",
+            violations=[
+                FieldViolation(f"input.params.{name}", "is required: the path has :" + name) for name in missing
+            ],
+        )
+
+
 class ActionExecutor:
     """Runs actions. One instance per processor; safe for concurrent calls."""
 
@@ -392,6 +406,7 @@ class ActionExecutor:
             tag, token = call.session
             ctx.session = (await self._sessions.verify(call.product, call.env, tag, token)).data
         checked = check_action_input(plan.action.input, call.input)
+        _require_path_params(plan, checked)
         cache = None
         cache_key = ""
         if call.cache:
