@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 DATA    ?= .data
 
-.PHONY: setup run test faults lint gen bench clean
+.PHONY: setup run test faults lint gen bench mutate clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,5 +49,10 @@ bench: setup
 	$(PY) bench/bench_sessions.py
 	$(PY) bench/bench_brokers.py
 
+## Mutation testing (cosmic-ray) of the security-critical modules, each in a scratch copy under .mutate/; prints the
+## surviving mutants (docs/mutation.md has the verdict on each). Not part of `make test`. MUTATE_ARGS="--module auth".
+mutate: setup
+	$(PY) scripts/mutate.py $(MUTATE_ARGS)
+
 clean:
-	rm -rf $(VENV) $(DATA) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(DATA) .mypy_cache .ruff_cache .pytest_cache .mutate
