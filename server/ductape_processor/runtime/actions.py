@@ -49,7 +49,9 @@ from ductape_processor.runtime.cache import ResultCache
 from ductape_processor.runtime.contract import INVALID_INPUT, check_action_input
 from ductape_processor.runtime.executions import ExecutionRecorder, new_process_id
 from ductape_processor.runtime.manifest import CredentialAuth, Manifest
-from ductape_processor.runtime.policies import CircuitBreaker, Deadline, RetryRules, parse_retry_after
+from ductape_processor.runtime.policies.breaker import CircuitBreaker
+from ductape_processor.runtime.policies.deadline import Deadline
+from ductape_processor.runtime.policies.retry import RetryBudget, parse_retry_after
 from ductape_processor.runtime.registry import Registry, Resolved
 from ductape_processor.runtime.secrets import SecretSource, TokenVault
 from ductape_processor.runtime.sessions import SessionManager
@@ -678,9 +680,7 @@ class ActionExecutor:
         if call.retries is not None:
             if call.retries < 0 or call.retries > 20:
                 raise InvalidArgument.field("retries", "must be between 0 and 20")
-            rules = RetryRules(
-                call.retries, rules.exponential, rules.initial_s, rules.max_interval_s, rules.statuses, rules.network
-            )
+            rules = replace(rules, max_retries=call.retries)
         may_retry_sent = plan.idempotent or retry_unsafe
         breaker_key = f"{call.product}/{ctx.resolved.env.slug}/{call.app}"
         breaker = self._breakers.get(breaker_key)
@@ -688,7 +688,7 @@ class ActionExecutor:
             policy = plan.app.circuit_breaker
             breaker = self._breakers[breaker_key] = CircuitBreaker(policy.failures, policy.cooldown.total_seconds())
         reminted = False
-        retry = 0
+        budget = RetryBudget(rules.backoff, ctx.deadline)
         while True:
             auth = await self._auth_values(ctx, plan.auth_tags)
             request = self._request(ctx, self._scope(ctx, checked, auth), checked)
@@ -706,10 +706,9 @@ class ActionExecutor:
             except (UpstreamUnreachable, UpstreamTimeout) as exc:
                 breaker.failure()
                 sent = exc.sent if isinstance(exc, UpstreamUnreachable) else True
-                if not (rules.network and retry < rules.max_retries and (not sent or may_retry_sent)):
+                if not (rules.network and budget.retries < rules.max_retries and (not sent or may_retry_sent)):
                     raise
-                retry += 1
-                await self._sleep(ctx, rules.delay(retry))
+                await self._pause(ctx, budget)
                 continue
             except ResponseTooLarge:
                 breaker.success()
@@ -721,11 +720,10 @@ class ActionExecutor:
             if response.status == 401 and not reminted and await self._forget_tokens(ctx, plan.auth_tags):
                 reminted = True
                 continue
-            if response.status in rules.statuses and retry < rules.max_retries and may_retry_sent:
+            if response.status in rules.statuses and budget.retries < rules.max_retries and may_retry_sent:
                 if response.status >= 500 or response.status == 429:
                     breaker.failure()
-                retry += 1
-                await self._sleep(ctx, rules.delay(retry, parse_retry_after(response.header("Retry-After"))))
+                await self._pause(ctx, budget, parse_retry_after(response.header("Retry-After")))
                 continue
             if response.status >= 500:
                 breaker.failure()
@@ -733,14 +731,13 @@ class ActionExecutor:
                 breaker.success()
             return self._result(response, ctx.attempts.count)
 
-    async def _sleep(self, ctx: _Context, seconds: float) -> None:
-        left = ctx.deadline.remaining()
-        if left is not None and seconds >= left:
+    @staticmethod
+    async def _pause(ctx: _Context, budget: RetryBudget, retry_after_s: float | None = None) -> None:
+        if not await budget.pause(retry_after_s):
             raise UpstreamTimeout(
-                f"the next retry (in {seconds:.2f}s) would pass the caller's deadline",
+                f"the next retry (in {budget.pause_s:.2f}s) would pass the caller's deadline",
                 metadata={"attempts": str(ctx.attempts.count)},
             )
-        await asyncio.sleep(seconds)
 
     @staticmethod
     def _result(response: HttpResponse, attempts: int) -> ActionResult:

@@ -1,0 +1,8 @@
+"""Policies that wrap a call to the outside world, each written once for every resource kind and adapter: retry
+and backoff, the circuit breaker, deadlines."""
+
+from ductape_processor.runtime.policies.breaker import CircuitBreaker, CircuitOpen
+from ductape_processor.runtime.policies.deadline import Deadline
+from ductape_processor.runtime.policies.retry import Backoff, RetryBudget, RetryRules, parse_retry_after
+
+__all__ = ["Backoff", "CircuitBreaker", "CircuitOpen", "Deadline", "RetryBudget", "RetryRules", "parse_retry_after"]
