@@ -48,7 +48,7 @@ TARGETS = (
         "tests/test_sessions.py tests/test_security_regressions.py",
     ),
     Target("http", "server/ductape_processor/adapters/http.py", f"tests/test_security_regressions.py {ACTION_TESTS}"),
-    Target("policies", "server/ductape_processor/runtime/policies.py", ACTION_TESTS),
+    Target("policies", "server/ductape_processor/runtime/policies", f"tests/test_policies.py {ACTION_TESTS}"),
 )
 
 EXCLUDED_OPERATORS = [
