@@ -20,9 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, unquote, urlencode
+from urllib.parse import quote, unquote
 
-import aiohttp
 from yarl import URL
 
 from ductape_processor.adapters.http import (
@@ -32,9 +31,15 @@ from ductape_processor.adapters.http import (
     ResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnreachable,
+)
+from ductape_processor.adapters.http.encoding import (
+    canonical_json,
+    encode_body,
     header_field,
     header_name_problem,
     header_value_problem,
+    path_parameter,
+    query_pairs,
 )
 from ductape_processor.errors import (
     FailedPrecondition,
@@ -157,61 +162,6 @@ def _outcome(result: ActionResult) -> tuple[int, str]:
     return (SUCCESS, "") if 200 <= result.status < 300 else (FAIL, "UPSTREAM_STATUS")
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def _segment(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value if isinstance(value, str) else _canonical(value) if isinstance(value, (dict, list)) else str(value)
-
-
-def _path_parameter(name: str, value: Any) -> str:
-    """One path parameter, encoded as one segment; a dot-segment (`.`, `..`, `%2e`, ...) is refused.
-
-    Encoding cannot make a dot-segment safe: RFC 3986 normalisation decodes `%2E` back to `.` and then removes dot
-    segments, so a proxy or framework in front of the upstream would take `/items/%2E%2E/detail` to `/detail`.
-    """
-    text = _segment(value)
-    decoded = text
-    for _ in range(8):  # and what any number of rounds of percent-decoding make of it (bounded)
-        if decoded in (".", ".."):
-            raise InvalidArgument(
-                f"invalid input: input.params.{name}: is a dot-segment",
-                reason=INVALID_INPUT,
-                violations=[
-                    FieldViolation(
-                        f"input.params.{name}",
-                        "is a dot-segment ('.' or '..', or a percent-encoded form): it would change the path",
-                    )
-                ],
-            )
-        decoded, before = unquote(decoded), decoded
-        if decoded == before:
-            break
-    return quote(text, safe="")
-
-
-def _query_pairs(value: Any, where: str) -> list[tuple[str, str]]:
-    if value is None:
-        return []
-    if not isinstance(value, Mapping):
-        raise InvalidArgument.field(where, "the query renders to something other than an object")
-    pairs: list[tuple[str, str]] = []
-    for key, item in value.items():
-        for one in item if isinstance(item, list) else [item]:
-            if one is None:
-                continue
-            if isinstance(one, bool):
-                pairs.append((key, "true" if one else "false"))
-            elif isinstance(one, (dict, list)):
-                pairs.append((key, _canonical(one)))
-            else:
-                pairs.append((key, str(one)))
-    return pairs
-
-
 def _caller_headers(plan: ActionPlan, given: Mapping[str, Any]) -> dict[str, str]:
     """The caller's headers to send: only those the action's input contract declares, each a valid field.
 
@@ -230,7 +180,7 @@ def _caller_headers(plan: ActionPlan, given: Mapping[str, Any]) -> dict[str, str
                 continue
             problem = "is not declared in the action's input.headers; an action sends only the headers it declares"
         if problem is None and value is not None:
-            text = value if isinstance(value, str) else _canonical(value)
+            text = value if isinstance(value, str) else canonical_json(value)
             problem = header_value_problem(text)
             headers[name] = text
         if problem is not None:
@@ -241,51 +191,6 @@ def _caller_headers(plan: ActionPlan, given: Mapping[str, Any]) -> dict[str, str
             f"invalid input: {first.field}: {first.description}", reason=INVALID_INPUT, violations=violations
         )
     return headers
-
-
-def _multipart_text(text: str, field: str, what: str) -> None:
-    """A multipart part's name, file name or content type goes into its headers: no control characters there."""
-    problem = header_value_problem(text)
-    if problem is not None:
-        raise InvalidArgument(
-            f"invalid input: {field}: the {what} {problem}",
-            reason=INVALID_INPUT,
-            violations=[FieldViolation(field, f"the {what} {problem}")],
-        )
-
-
-def _encode_body(body: Any, request_type: str, method: str) -> tuple[bytes | aiohttp.FormData | None, str | None]:
-    """The request body in the app environment's request type, and its content type."""
-    if body is None or method in ("GET", "HEAD"):
-        return None, None
-    if request_type == "application/json":
-        return json.dumps(body, ensure_ascii=False).encode(), "application/json"
-    if request_type == "application/x-www-form-urlencoded":
-        if not isinstance(body, Mapping):
-            raise InvalidArgument.field("input.body", "a form body must be an object")
-        return urlencode(_query_pairs(body, "input.body")).encode(), request_type
-    if request_type == "multipart/form-data":
-        if not isinstance(body, Mapping):
-            raise InvalidArgument.field("input.body", "a multipart body must be an object")
-        form = aiohttp.FormData(default_to_multipart=True)
-        for key, value in body.items():
-            _multipart_text(key, header_field("input.body", key), "field name")
-            if isinstance(value, Mapping) and "content_base64" in value:
-                try:
-                    content = base64.b64decode(str(value["content_base64"]), validate=True)
-                except ValueError:
-                    raise InvalidArgument.field(f"input.body.{key}", "content_base64 is not base64") from None
-                filename = str(value.get("filename", key))
-                content_type = str(value.get("content_type", "application/octet-stream"))
-                _multipart_text(filename, f"input.body.{key}.filename", "file name")
-                _multipart_text(content_type, f"input.body.{key}.content_type", "content type")
-                form.add_field(key, content, filename=filename, content_type=content_type)
-            else:
-                form.add_field(key, value if isinstance(value, str) else _canonical(value))
-        return form, None
-    if not isinstance(body, str):
-        raise InvalidArgument.field("input.body", f"a {request_type} body must render to text (the XML document)")
-    return body.encode(), f"{request_type}; charset=utf-8"
 
 
 def _require_path_params(plan: ActionPlan, checked: Mapping[str, Any]) -> None:
@@ -420,7 +325,7 @@ class ActionExecutor:
                     metadata={"product": call.product, "cache": call.cache},
                 )
             cache_key = hashlib.sha256(
-                _canonical(
+                canonical_json(
                     [
                         call.product,
                         ctx.resolved.env.slug,
@@ -461,7 +366,7 @@ class ActionExecutor:
             ctx.upstream_headers = {header: f'"{quoted}"'}
         key = f"{call.product}/{ctx.resolved.env.slug}/{call.idempotency_key}"
         session = ctx.session if ctx.plan.uses_session else None
-        request_hash = hashlib.sha256(_canonical([call.app, call.event, checked, session]).encode()).hexdigest()
+        request_hash = hashlib.sha256(canonical_json([call.app, call.event, checked, session]).encode()).hexdigest()
         owner = f"{self._owner}:{new_process_id()}"
         while True:
             now = datetime.now(UTC)
@@ -614,7 +519,7 @@ class ActionExecutor:
         app_env = plan.app.envs[ctx.resolved.env.slug]
         params = checked.get("params", {})
         path = "".join(
-            _path_parameter(part[1:], params[part[1:]]) if part.startswith(":") else part for part in plan.path_parts
+            path_parameter(part[1:], params[part[1:]]) if part.startswith(":") else part for part in plan.path_parts
         )
         # The base URL is the manifest's own; the path is fully encoded, and a parameter is one segment with every
         # reserved character escaped, so input can change neither scheme, host, port nor the path above it.
@@ -624,7 +529,7 @@ class ActionExecutor:
             rendered = template.render(scope)
             if rendered is None:
                 continue
-            text = rendered if isinstance(rendered, str) else _canonical(rendered)
+            text = rendered if isinstance(rendered, str) else canonical_json(rendered)
             problem = header_value_problem(text)
             if problem is not None:
                 field = header_field("headers", name)
@@ -639,11 +544,11 @@ class ActionExecutor:
             headers[name] = text
         query = plan.query.render(scope) if plan.query is not None else checked.get("query") or None
         body = plan.body.render(scope) if plan.body is not None else (checked.get("body") or None)
-        data, content_type = _encode_body(body, app_env.request_type, plan.action.method)
+        data, content_type = encode_body(body, app_env.request_type, plan.action.method)
         if content_type and not any(h.lower() == "content-type" for h in headers):
             headers["Content-Type"] = content_type
         self._trace_headers(headers)
-        return HttpRequest(plan.action.method, url, headers, _query_pairs(query, "query"), data)
+        return HttpRequest(plan.action.method, url, headers, query_pairs(query, "query"), data)
 
     @staticmethod
     def _trace_headers(headers: dict[str, str]) -> None:

@@ -6,17 +6,16 @@ that origin, and refuses response bodies larger than the configured bound.
 
 Nothing ambiguous goes onto a pooled connection, and no connection that may be out of step is reused: every header
 name must be an RFC 9110 token outside the framing and hop-by-hop list and every value free of control characters
-(`header_problem`, checked by the executor with the caller's field names and here again before sending); a connection
-is closed instead of pooled after any answer whose end it cannot be sure of (see `_must_close`), and an idle pooled
-connection on which the upstream sent anything unasked is dropped, never read by the next request.
+(`encoding.header_name_problem` and `header_value_problem`, checked by the executor with the caller's field names and
+here again before sending); a connection is closed instead of pooled after any answer whose end it cannot be sure of
+(see `_must_close`), and an idle pooled connection on which the upstream sent anything unasked is dropped, never read
+by the next request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -25,48 +24,15 @@ import aiohttp
 import grpc
 from yarl import URL
 
+from ductape_processor.adapters.http.encoding import header_field, header_name_problem, header_value_problem
 from ductape_processor.errors import InvalidArgument, ProcessorError
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
 
-FRAMING_HEADERS: Final = frozenset(
-    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "keep-alive", "expect"}
-)
-"""Headers that frame or route a message hop by hop (plus every `Proxy-*`): only the HTTP client sets them."""
-
 CLOSE_AFTER_STATUSES: Final = frozenset({400, 408, 411, 413, 414, 417, 431, 501, 505})
 """Answers meaning the upstream may not have read the request the way it was framed: its connection is not reused."""
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-
-
-def header_name_problem(name: str) -> str | None:
-    """Why `name` cannot be sent as a header name, or None when it can."""
-    lowered = name.strip().lower()
-    if lowered in FRAMING_HEADERS or lowered.startswith("proxy-"):
-        return "is a framing or hop-by-hop header (set by the processor's HTTP client), so it cannot be given"
-    if not _TOKEN.fullmatch(name):
-        return (
-            "is not a valid header name (RFC 9110 token: letters, digits and !#$%&'*+-.^_`|~ only; "
-            "no spaces, colons or control characters)"
-        )
-    return None
-
-
-def header_value_problem(value: str) -> str | None:
-    """Why `value` cannot be sent as a header value (a CR, LF, NUL or other control character), or None."""
-    found = _CONTROL.search(value)
-    if found is None:
-        return None
-    return f"contains the control character U+{ord(found.group()):04X}; header values cannot hold CR, LF, NUL or others"
-
-
-def header_field(where: str, name: str) -> str:
-    """How an error names one header: `input.headers["X Y"]` (JSON-quoted, so any name prints safely)."""
-    return f"{where}[{json.dumps(name)}]"
 
 
 class UpstreamUnreachable(ProcessorError):
