@@ -1,10 +1,24 @@
-"""The policies every resource kind and adapter share: backoff, retry budgets."""
+"""The policies every resource kind and adapter share: backoff, retry budgets, paging."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
+import pytest
+
+from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.policies.deadline import Deadline
+from ductape_processor.runtime.policies.paging import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    decode_page_token,
+    effective_page_size,
+    encode_page_token,
+    page,
+    time_position,
+    version_position,
+)
 from ductape_processor.runtime.policies.retry import MAX_RETRY_AFTER_S, Backoff, RetryBudget
 
 
@@ -45,3 +59,54 @@ async def test_a_budget_honours_an_upstreams_retry_after_within_its_bound() -> N
     limited = RetryBudget(Backoff(0.01, 0.01), Deadline(1.0))
     assert not await limited.pause(retry_after_s=3600.0)
     assert limited.pause_s == MAX_RETRY_AFTER_S
+
+
+def test_a_page_token_reads_back_only_in_its_own_listing() -> None:
+    sessions = ("sessions", "shop", "dev", "user", "")
+    moment = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    token = encode_page_token(sessions, (moment.timestamp(), "s-1"))
+    assert decode_page_token(sessions, token, time_position) == (moment, "s-1")
+    with pytest.raises(InvalidArgument) as refused:
+        decode_page_token(("sessions", "shop", "dev", "user", "u-1"), token, time_position)  # other filters
+    assert refused.value.violations[0].field == "page_token"
+    with pytest.raises(InvalidArgument):
+        decode_page_token(("versions", "shop"), token, version_position)  # another listing
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        pytest.param((1e300, "s-1"), id="time out of range"),  # was an OverflowError (INTERNAL) in sessions
+        pytest.param((float("inf"), "s-1"), id="infinite time"),
+        pytest.param(("yesterday", "s-1"), id="time not a number"),
+        pytest.param((1.0,), id="id missing"),
+        pytest.param((1.0, 7), id="id not text"),
+    ],
+)
+def test_a_page_token_whose_position_does_not_read_is_invalid_argument(position: tuple[object, ...]) -> None:
+    listing = ("executions", "shop")
+    token = encode_page_token(listing, position)  # type: ignore[arg-type]  # positions no listing writes
+    with pytest.raises(InvalidArgument) as refused:
+        decode_page_token(listing, token, time_position)
+    assert refused.value.violations[0].field == "page_token"
+
+
+@pytest.mark.parametrize("token", ["junk", "", "!!!", "bnVsbA", "WzEsMiwzXQ"])  # junk, null, [1,2,3]
+def test_a_page_token_that_is_not_one_is_invalid_argument(token: str) -> None:
+    with pytest.raises(InvalidArgument):
+        decode_page_token(("versions", "shop"), token, version_position)
+
+
+def test_a_page_keeps_size_items_and_a_token_only_when_more_follow() -> None:
+    listing = ("versions", "shop")
+    kept, token = page([5, 4, 3], 2, listing, lambda version: (version,))
+    assert kept == [5, 4] and decode_page_token(listing, token, version_position) == 4
+    assert page([2, 1], 2, listing, lambda version: (version,)) == ([2, 1], "")
+
+
+def test_page_size_defaults_caps_and_refuses_negative() -> None:
+    assert effective_page_size(0) == DEFAULT_PAGE_SIZE
+    assert effective_page_size(7) == 7
+    assert effective_page_size(10**6) == MAX_PAGE_SIZE
+    with pytest.raises(InvalidArgument):
+        effective_page_size(-1)

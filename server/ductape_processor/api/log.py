@@ -15,7 +15,8 @@ from google.protobuf import timestamp_pb2
 
 from ductape_processor.api.values import timestamp
 from ductape_processor.errors import EnvNotFound, InvalidArgument
-from ductape_processor.runtime.registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry
+from ductape_processor.runtime.policies.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from ductape_processor.runtime.registry import Registry
 from ductape_processor.store.base import ExecutionFilter, ExecutionRecord, Store
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -9,8 +9,6 @@ notification arrives (milliseconds), or at the latest on the next poll of the pr
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 from collections import OrderedDict
@@ -25,12 +23,16 @@ from ductape_processor.errors import (
 )
 from ductape_processor.runtime.manifest import Environment, Manifest
 from ductape_processor.runtime.manifest_loader import MAX_MANIFEST_BYTES, ManifestFormat, ManifestLoader
+from ductape_processor.runtime.policies.paging import (
+    decode_page_token,
+    effective_page_size,
+    page,
+    version_position,
+)
 from ductape_processor.store.base import Store, VersionRecord
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 MODEL_CACHE_SIZE = 256
 MAX_RESOLVED_PER_PRODUCT = 1024
 MAX_PRODUCTS_REMEMBERED = 10_000
@@ -275,15 +277,12 @@ class Registry:
         self, product: str, page_size: int, page_token: str
     ) -> tuple[list[VersionRecord], str, dict[str, int]]:
         """One page of versions, newest first, the next page's token, and the pins."""
-        if page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        before = _decode_token(product, page_token) if page_token else None
+        size = effective_page_size(page_size)
+        listing = ("versions", product)
+        before = decode_page_token(listing, page_token, version_position) if page_token else None
         state = await self._existing(product)
         records = await self._store.list_versions(product, before=before, limit=size + 1)
-        more = len(records) > size
-        records = records[:size]
-        token = _encode_token(product, records[-1].version) if more else ""
+        records, token = page(records, size, listing, lambda record: (record.version,))
         return records, token, state.pins
 
     async def promote(self, product: str, env: str, version: int) -> tuple[str, int | None]:
@@ -298,20 +297,3 @@ class Registry:
         previous = await self._store.set_pin(product, found.slug, version)
         self.invalidate(product)
         return found.slug, previous
-
-
-def _encode_token(product: str, before: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{product}:{before}".encode()).decode().rstrip("=")
-
-
-def _decode_token(product: str, token: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        prefix, owner, before = raw.split(":")
-        if prefix != "v1" or owner != product:
-            raise ValueError
-        return int(before)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument.field(
-            "page_token", "not a page token of this product's listing; pass next_page_token unchanged"
-        ) from None

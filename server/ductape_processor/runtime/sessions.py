@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ductape_processor.errors import InvalidArgument, NotFound, ProcessorError, Unauthenticated
 from ductape_processor.runtime.contract import check_input
 from ductape_processor.runtime.manifest import SessionType
-from ductape_processor.runtime.registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry
+from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
+from ductape_processor.runtime.registry import Registry
 from ductape_processor.store.base import SessionRecord, Store
 from ductape_processor.store.files import private_directory, private_file
 
@@ -381,30 +382,10 @@ class SessionManager:
         self, product: str, env: str, tag: str, identifier: str | None, page_size: int, page_token: str
     ) -> tuple[list[SessionRecord], str]:
         """One page of live sessions, newest first, and the next page's token."""
-        if page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
+        size = effective_page_size(page_size)
         slug, _ = await self._session_type(product, env, tag)
-        scope = f"{product}|{slug}|{tag}|{identifier or ''}"
-        after = _decode_cursor(scope, page_token) if page_token else None
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        listing = ("sessions", product, slug, tag, identifier or "")
+        after = decode_page_token(listing, page_token, time_position) if page_token else None
         now = datetime.fromtimestamp(self._clock(), UTC)
         records = await self._store.list_sessions(product, slug, tag, identifier, now, after=after, limit=size + 1)
-        more = len(records) > size
-        records = records[:size]
-        return records, _encode_cursor(scope, records[-1]) if more else ""
-
-
-def _encode_cursor(scope: str, last: SessionRecord) -> str:
-    return _b64(json.dumps([scope, last.started_at.timestamp(), last.session_id]).encode())
-
-
-def _decode_cursor(scope: str, token: str) -> tuple[datetime, str]:
-    try:
-        owner, seconds, session_id = json.loads(_unb64(token))
-        if owner != scope:
-            raise ValueError
-        return datetime.fromtimestamp(float(seconds), UTC), str(session_id)
-    except (ValueError, TypeError, binascii.Error):
-        raise InvalidArgument.field(
-            "page_token", "not a page token of this listing (same filters); pass next_page_token unchanged"
-        ) from None
+        return page(records, size, listing, lambda record: (record.started_at.timestamp(), record.session_id))

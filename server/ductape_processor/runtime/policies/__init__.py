@@ -1,5 +1,5 @@
-"""Policies that wrap a call to the outside world, each written once for every resource kind and adapter: retry
-and backoff, the circuit breaker, deadlines."""
+"""Policies written once for every resource kind and adapter: retry and backoff (retry), the circuit breaker
+(breaker), deadlines (deadline), paging of list calls (paging)."""
 
 from ductape_processor.runtime.policies.breaker import CircuitBreaker, CircuitOpen
 from ductape_processor.runtime.policies.deadline import Deadline
