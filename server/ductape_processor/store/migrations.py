@@ -1,12 +1,17 @@
-"""Versioned schema migrations of the store, per dialect.
+"""Versioned schema migrations of the store, written once for both dialects.
 
-Append a migration to the end of a list to change the schema; never edit one that has shipped. Each store applies
-the ones it has not applied yet at start, in one transaction each, and records them in `schema_migrations`.
+Append a migration to the end of the list to change the schema; never edit one that has shipped. Column types that
+differ between the dialects are `{role}` fields, filled from `Dialect.types` (statements.py). Each store applies the
+ones it has not applied yet at start, in one transaction each, and records them in `schema_migrations`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
+
+from ductape_processor.store import statements
+from ductape_processor.store.statements import Dialect, Statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,38 +23,41 @@ class Migration:
     statements: tuple[str, ...]
 
 
-SQLITE: tuple[Migration, ...] = (
+MIGRATIONS_TABLE: Final = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations "
+    "(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at {stamp})"
+)
+"""The table that records which migrations were applied (created before the first one runs)."""
+
+_TEMPLATES: tuple[Migration, ...] = (
     Migration(
         1,
         "product registry: versions, environment pins, change counters",
         (
             """CREATE TABLE products (
                 product TEXT PRIMARY KEY,
-                revision INTEGER NOT NULL
+                revision {counter} NOT NULL
             )""",
             """CREATE TABLE product_versions (
                 product TEXT NOT NULL,
                 version INTEGER NOT NULL,
                 checksum TEXT NOT NULL,
-                format INTEGER NOT NULL,
-                source BLOB NOT NULL,
+                format {small} NOT NULL,
+                source {blob} NOT NULL,
                 document TEXT NOT NULL,
-                created_at TEXT NOT NULL,
+                created_at {stamp},
                 PRIMARY KEY (product, version)
             )""",
             """CREATE TABLE environment_pins (
                 product TEXT NOT NULL,
                 env TEXT NOT NULL,
                 version INTEGER NOT NULL,
-                updated_at TEXT NOT NULL,
+                updated_at {stamp},
                 PRIMARY KEY (product, env),
                 FOREIGN KEY (product, version) REFERENCES product_versions (product, version)
             )""",
         ),
     ),
-)
-
-SQLITE += (
     Migration(
         2,
         "actions: auth tokens, result cache, idempotency keys, execution log",
@@ -57,21 +65,21 @@ SQLITE += (
             """CREATE TABLE auth_tokens (
                 key TEXT PRIMARY KEY,
                 token_values TEXT NOT NULL,
-                expires_at REAL NOT NULL
+                expires_at {time} NOT NULL
             )""",
             """CREATE TABLE cache_entries (
                 key TEXT PRIMARY KEY,
-                value BLOB NOT NULL,
-                expires_at REAL NOT NULL
+                value {blob} NOT NULL,
+                expires_at {time} NOT NULL
             )""",
             """CREATE TABLE idempotency_keys (
                 key TEXT PRIMARY KEY,
                 request_hash TEXT NOT NULL,
                 owner TEXT NOT NULL,
                 state TEXT NOT NULL,
-                response BLOB,
-                lease_until REAL NOT NULL,
-                expires_at REAL NOT NULL
+                response {blob},
+                lease_until {time} NOT NULL,
+                expires_at {time} NOT NULL
             )""",
             """CREATE TABLE executions (
                 process_id TEXT PRIMARY KEY,
@@ -80,21 +88,18 @@ SQLITE += (
                 version INTEGER NOT NULL,
                 kind TEXT NOT NULL,
                 resource TEXT NOT NULL,
-                status INTEGER NOT NULL,
-                started_at REAL NOT NULL,
-                ended_at REAL NOT NULL,
+                status {small} NOT NULL,
+                started_at {time} NOT NULL,
+                ended_at {time} NOT NULL,
                 attempts INTEGER NOT NULL,
                 upstream_status INTEGER NOT NULL,
                 error_reason TEXT NOT NULL,
-                cached INTEGER NOT NULL,
+                cached {flag} NOT NULL,
                 detail TEXT NOT NULL
             )""",
             "CREATE INDEX executions_by_product ON executions (product, started_at DESC, process_id DESC)",
         ),
     ),
-)
-
-SQLITE += (
     Migration(
         3,
         "sessions: one row per session (refresh-token family)",
@@ -106,10 +111,10 @@ SQLITE += (
                 tag TEXT NOT NULL,
                 identifier TEXT NOT NULL,
                 generation INTEGER NOT NULL,
-                started_at REAL NOT NULL,
-                refreshed_at REAL NOT NULL,
-                expires_at REAL NOT NULL,
-                revoked_at REAL
+                started_at {time} NOT NULL,
+                refreshed_at {time} NOT NULL,
+                expires_at {time} NOT NULL,
+                revoked_at {time}
             )""",
             "CREATE INDEX sessions_by_identifier ON sessions (product, env, tag, identifier)",
             "CREATE INDEX sessions_by_start ON sessions (product, env, tag, started_at DESC, session_id DESC)",
@@ -118,102 +123,19 @@ SQLITE += (
     ),
 )
 
-POSTGRES: tuple[Migration, ...] = (
-    Migration(
-        1,
-        "product registry: versions, environment pins, change counters",
-        (
-            """CREATE TABLE products (
-                product TEXT PRIMARY KEY,
-                revision BIGINT NOT NULL
-            )""",
-            """CREATE TABLE product_versions (
-                product TEXT NOT NULL,
-                version INTEGER NOT NULL,
-                checksum TEXT NOT NULL,
-                format SMALLINT NOT NULL,
-                source BYTEA NOT NULL,
-                document TEXT NOT NULL,
-                created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-                PRIMARY KEY (product, version)
-            )""",
-            """CREATE TABLE environment_pins (
-                product TEXT NOT NULL,
-                env TEXT NOT NULL,
-                version INTEGER NOT NULL,
-                updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-                PRIMARY KEY (product, env),
-                FOREIGN KEY (product, version) REFERENCES product_versions (product, version)
-            )""",
-        ),
-    ),
-)
 
-POSTGRES += (
-    Migration(
-        2,
-        "actions: auth tokens, result cache, idempotency keys, execution log",
-        (
-            """CREATE TABLE auth_tokens (
-                key TEXT PRIMARY KEY,
-                token_values TEXT NOT NULL,
-                expires_at TIMESTAMPTZ NOT NULL
-            )""",
-            """CREATE TABLE cache_entries (
-                key TEXT PRIMARY KEY,
-                value BYTEA NOT NULL,
-                expires_at TIMESTAMPTZ NOT NULL
-            )""",
-            """CREATE TABLE idempotency_keys (
-                key TEXT PRIMARY KEY,
-                request_hash TEXT NOT NULL,
-                owner TEXT NOT NULL,
-                state TEXT NOT NULL,
-                response BYTEA,
-                lease_until TIMESTAMPTZ NOT NULL,
-                expires_at TIMESTAMPTZ NOT NULL
-            )""",
-            """CREATE TABLE executions (
-                process_id TEXT PRIMARY KEY,
-                product TEXT NOT NULL,
-                env TEXT NOT NULL,
-                version INTEGER NOT NULL,
-                kind TEXT NOT NULL,
-                resource TEXT NOT NULL,
-                status SMALLINT NOT NULL,
-                started_at TIMESTAMPTZ NOT NULL,
-                ended_at TIMESTAMPTZ NOT NULL,
-                attempts INTEGER NOT NULL,
-                upstream_status INTEGER NOT NULL,
-                error_reason TEXT NOT NULL,
-                cached BOOLEAN NOT NULL,
-                detail TEXT NOT NULL
-            )""",
-            "CREATE INDEX executions_by_product ON executions (product, started_at DESC, process_id DESC)",
-        ),
-    ),
-)
+def render(dialect: Dialect) -> tuple[Migration, ...]:
+    """The migrations with `dialect`'s column types."""
+    return tuple(
+        Migration(m.version, m.description, tuple(text.format(**dialect.types) for text in m.statements))
+        for m in _TEMPLATES
+    )
 
-POSTGRES += (
-    Migration(
-        3,
-        "sessions: one row per session (refresh-token family)",
-        (
-            """CREATE TABLE sessions (
-                session_id TEXT PRIMARY KEY,
-                product TEXT NOT NULL,
-                env TEXT NOT NULL,
-                tag TEXT NOT NULL,
-                identifier TEXT NOT NULL,
-                generation INTEGER NOT NULL,
-                started_at TIMESTAMPTZ NOT NULL,
-                refreshed_at TIMESTAMPTZ NOT NULL,
-                expires_at TIMESTAMPTZ NOT NULL,
-                revoked_at TIMESTAMPTZ
-            )""",
-            "CREATE INDEX sessions_by_identifier ON sessions (product, env, tag, identifier)",
-            "CREATE INDEX sessions_by_start ON sessions (product, env, tag, started_at DESC, session_id DESC)",
-            "CREATE INDEX sessions_by_revocation ON sessions (revoked_at) WHERE revoked_at IS NOT NULL",
-        ),
-    ),
-)
+
+def migrations_table(dialect: Dialect) -> Statement:
+    """The `schema_migrations` table in `dialect`."""
+    return Statement(MIGRATIONS_TABLE.format(**dialect.types))
+
+
+SQLITE: Final = render(statements.SQLITE)
+POSTGRES: Final = render(statements.POSTGRES)
