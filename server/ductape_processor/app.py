@@ -38,7 +38,7 @@ from ductape_processor.errors import InvalidManifest, ProcessorError
 from ductape_processor.runtime.actions import ActionExecutor
 from ductape_processor.runtime.brokers import BrokerRuntime
 from ductape_processor.runtime.cache import ResultCache
-from ductape_processor.runtime.executions import ExecutionRecorder
+from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecorder
 from ductape_processor.runtime.manifest_loader import ManifestFormat
 from ductape_processor.runtime.registry import Registry
 from ductape_processor.runtime.secrets import SecretsFileError, SecretSource, TokenVault, referenced_secrets
@@ -252,9 +252,8 @@ class ProcessorApp:
         action_pb2_grpc.add_ActionServiceServicer_to_server(ActionServicer(self.actions), server)
         session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
         broker_pb2_grpc.add_BrokerServiceServicer_to_server(BrokerServicer(self.brokers), server)
-        log_pb2_grpc.add_LogServiceServicer_to_server(
-            LogServicer(self.registry, self.store, self.recorder.flush), server
-        )
+        queries = ExecutionQueries(self.registry, self.store, self.recorder.flush)
+        log_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(queries), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         return server

@@ -52,7 +52,7 @@ from ductape_processor.errors import (
 from ductape_processor.runtime.action_plan import ActionPlan, AuthPlan, ProductPlan, compile_plan
 from ductape_processor.runtime.cache import ResultCache
 from ductape_processor.runtime.contract import INVALID_INPUT, check_action_input
-from ductape_processor.runtime.executions import ExecutionRecorder, new_process_id
+from ductape_processor.runtime.logs.recorder import ExecutionRecorder, new_process_id
 from ductape_processor.runtime.manifest import CredentialAuth, Manifest
 from ductape_processor.runtime.policies.breaker import CircuitBreaker
 from ductape_processor.runtime.policies.deadline import Deadline
