@@ -24,8 +24,8 @@ import pytest
 from ductape.processor.brokers import outgoing
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 
-from ductape_processor.adapters.broker import BrokerUnavailable, OutboundMessage, SubscribeOptions
-from ductape_processor.adapters.rabbitmq_broker import RabbitMQBroker, queue_name
+from ductape_processor.adapters.brokers.base import BrokerUnavailable, OutboundMessage, SubscribeOptions
+from ductape_processor.adapters.brokers.rabbitmq import RabbitMQBroker, queue_name
 from ductape_processor.runtime.brokers import PUBLISH_LIMIT_S, Outgoing
 from ductape_processor.runtime.policies import Deadline
 from tests.conftest import Running, ServerFactory, require_tcp
@@ -240,7 +240,7 @@ async def test_a_connection_closed_by_rabbitmq_logs_one_warning_and_no_driver_er
         driver = [
             r for r in caplog.records if r.name.startswith(("aiormq", "aio_pika")) and r.levelno >= logging.WARNING
         ]
-        ours = [r for r in caplog.records if r.name == "ductape_processor.adapters.rabbitmq_broker"]
+        ours = [r for r in caplog.records if r.name == "ductape_processor.adapters.brokers.rabbitmq"]
         print(f"\ndriver records: {[str(r.msg)[:60] for r in driver]}\nours: {[r.getMessage() for r in ours]}")
         assert driver == []
         [lost] = [r for r in ours if r.levelno == logging.WARNING]

@@ -26,8 +26,8 @@ import aio_pika
 import pytest
 from ductape.processor import UnavailableError
 
-from ductape_processor.adapters.broker import BrokerUnavailable, OutboundMessage, SubscribeOptions
-from ductape_processor.adapters.rabbitmq_broker import RabbitMQBroker, queue_name
+from ductape_processor.adapters.brokers.base import BrokerUnavailable, OutboundMessage, SubscribeOptions
+from ductape_processor.adapters.brokers.rabbitmq import RabbitMQBroker, queue_name
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_brokers import (
     _forget_pending_reads,  # noqa: F401 - the autouse fixture that ends reads left pending by `take`

@@ -18,9 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 from ductape.processor.brokers import Message
 
-from ductape_processor.adapters import redis_broker
-from ductape_processor.adapters.broker import BrokerUnavailable, OutboundMessage, SubscribeOptions
-from ductape_processor.adapters.redis_broker import PARK_CONSUMER, RedisBroker, stream_key
+from ductape_processor.adapters.brokers import redis as redis_broker
+from ductape_processor.adapters.brokers.base import BrokerUnavailable, OutboundMessage, SubscribeOptions
+from ductape_processor.adapters.brokers.redis import PARK_CONSUMER, RedisBroker, stream_key
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_brokers import manifest, opened, pending_first, publish, subscribe, take
 

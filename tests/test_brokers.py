@@ -28,10 +28,10 @@ SERVERS = {
     "nats": ("NATS", "127.0.0.1", 4222, {"type": "nats", "url": "nats://127.0.0.1:4222"}),
 }
 MODULES = {
-    "memory": "ductape_processor.adapters.memory_broker",
-    "redis": "ductape_processor.adapters.redis_broker",
-    "rabbitmq": "ductape_processor.adapters.rabbitmq_broker",
-    "nats": "ductape_processor.adapters.nats_broker",
+    "memory": "ductape_processor.adapters.brokers.memory",
+    "redis": "ductape_processor.adapters.brokers.redis",
+    "rabbitmq": "ductape_processor.adapters.brokers.rabbitmq",
+    "nats": "ductape_processor.adapters.brokers.nats",
 }
 
 

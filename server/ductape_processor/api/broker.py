@@ -13,7 +13,7 @@ import grpc
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 from google.protobuf import duration_pb2
 
-from ductape_processor.adapters.broker import InboundMessage
+from ductape_processor.adapters.brokers.base import InboundMessage
 from ductape_processor.api.status import error_trailers
 from ductape_processor.api.values import timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError

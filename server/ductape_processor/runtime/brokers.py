@@ -2,14 +2,13 @@
 
 It resolves `broker_tag:topic_tag` in the caller's environment, opens (lazily, once) the adapter of that broker
 environment, shapes messages as CloudEvents 1.0, applies publish idempotency keys through the store, and builds the
-subscription engine for Subscribe streams. Adapters are found by type name in `adapters.broker.ADAPTERS`.
+subscription engine for Subscribe streams. Adapters are found by type name in `adapters.brokers.registry.BROKER_TYPES`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -19,14 +18,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
-from ductape_processor.adapters.broker import (
-    ADAPTERS,
+from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerUnavailable,
     InboundMessage,
     OutboundMessage,
     SubscribeOptions,
 )
+from ductape_processor.adapters.brokers.registry import BROKER_TYPES
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.runtime.manifest import SECRET_REFERENCE, Broker, Topic
 from ductape_processor.runtime.policies import Deadline
@@ -35,12 +34,6 @@ from ductape_processor.runtime.secrets import SecretSource
 from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.store.base import Store
 
-ADAPTER_MODULES = {
-    "memory": "ductape_processor.adapters.memory_broker",
-    "redis": "ductape_processor.adapters.redis_broker",
-    "rabbitmq": "ductape_processor.adapters.rabbitmq_broker",
-    "nats": "ductape_processor.adapters.nats_broker",
-}
 PUBLISH_LIMIT_S: Final = 8.0
 """The longest one Publish or PublishBatch waits for its broker, connecting included, when the caller's deadline is
 later (or unset); then it answers UNAVAILABLE `BROKER_UNAVAILABLE` (docs/brokers.md says what that means)."""
@@ -168,16 +161,16 @@ class BrokerRuntime:
             adapter = self._adapters.get(key)
             if adapter is None:
                 kind = settings["type"]
-                if kind not in ADAPTERS and kind in ADAPTER_MODULES:
-                    importlib.import_module(ADAPTER_MODULES[kind])
-                factory = ADAPTERS.get(kind)
-                if factory is None:
+                broker_type = BROKER_TYPES.get(kind)
+                if broker_type is None:
                     raise FailedPrecondition(
                         f"broker type {kind!r} is not available on this processor",
                         reason="BROKER_TYPE_UNAVAILABLE",
                         metadata={"broker": route.broker.tag, "type": kind},
                     )
-                adapter = factory(settings, f"{route.resolved.product}/{route.resolved.env.slug}/{route.broker.tag}")
+                typed = route.broker.envs[route.resolved.env.slug].model_copy(update=settings)  # secrets resolved
+                name = f"{route.resolved.product}/{route.resolved.env.slug}/{route.broker.tag}"
+                adapter = broker_type.open(typed, name)
                 self._adapters[key] = adapter
         return adapter
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from ductape_processor.adapters.broker import BrokerSubscription, InboundMessage
+from ductape_processor.adapters.brokers.base import BrokerSubscription, InboundMessage
 from ductape_processor.errors import InvalidArgument, ProcessorError
 
 log = logging.getLogger(__name__)

@@ -1,21 +1,20 @@
-"""The interface every message-broker adapter implements, and the registry that finds adapters by type name.
+"""The interface every message-broker adapter implements.
 
 An adapter is one connection (pool) to one broker environment. It publishes CloudEvents-shaped messages and opens
 pull subscriptions: the subscription engine (runtime/subscriptions.py) asks for up to N messages at a time, and
 acks or nacks them by the `handle` the adapter gave. Redelivery counting (`delivery_attempt`) is the adapter's job;
 credit, batching, ack deadlines and dead-lettering are the engine's, written once for every broker.
 
-Adding a broker (Kafka, SQS, ...) is one module that subclasses `BrokerAdapter` and `BrokerSubscription` and
-registers itself in `ADAPTERS` under its manifest type name.
+Adding a broker (Kafka, SQS, ...) is one module that subclasses `BrokerAdapter` and `BrokerSubscription`, plus
+one entry in `registry.BROKER_TYPES` (its manifest type name, typed settings model and factory).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import grpc
 
@@ -125,19 +124,3 @@ class BrokerAdapter(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Close connections. Idempotent."""
-
-
-AdapterFactory = Callable[[Mapping[str, Any], str], BrokerAdapter]
-"""Builds an adapter from its manifest environment settings (secrets resolved) and a name for logs."""
-
-ADAPTERS: dict[str, AdapterFactory] = {}
-
-
-def register(type_name: str) -> Callable[[AdapterFactory], AdapterFactory]:
-    """Class/function decorator: make an adapter available under its manifest type name."""
-
-    def add(factory: AdapterFactory) -> AdapterFactory:
-        ADAPTERS[type_name] = factory
-        return factory
-
-    return add

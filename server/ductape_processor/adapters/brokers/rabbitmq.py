@@ -103,14 +103,13 @@ from aiormq.exceptions import ChannelAccessRefused, ChannelLockedResource
 from pamqp.common import FieldTable
 from yarl import URL
 
-from ductape_processor.adapters.broker import (
+from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
     BrokerUnavailable,
     InboundMessage,
     OutboundMessage,
     SubscribeOptions,
-    register,
 )
 from ductape_processor.errors import ProcessorError
 
@@ -675,9 +674,3 @@ class _RabbitSubscription(BrokerSubscription):
             with contextlib.suppress(*_TRANSIENT):
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await channel.close()  # what is still unacked (prefetched, held) goes back to the group
-
-
-@register("rabbitmq")
-def rabbitmq_adapter(settings: Mapping[str, Any], name: str) -> BrokerAdapter:
-    """The RabbitMQ adapter of one broker environment: {"type": "rabbitmq", "url": "amqp://...", "exchange": ""}."""
-    return RabbitMQBroker(str(settings["url"]), str(settings.get("exchange") or ""), name)

@@ -9,17 +9,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from ductape_processor.adapters.broker import (
+from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
     InboundMessage,
     OutboundMessage,
     SubscribeOptions,
-    register,
 )
 
 
@@ -138,9 +135,3 @@ def _inbound(handle: str, message: OutboundMessage, attempt: int) -> InboundMess
         tracestate=message.tracestate,
         delivery_attempt=attempt,
     )
-
-
-@register("memory")
-def memory_adapter(settings: Mapping[str, Any], name: str) -> BrokerAdapter:
-    """The in-process broker of one broker environment."""
-    return MemoryBroker()

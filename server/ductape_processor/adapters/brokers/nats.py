@@ -99,14 +99,13 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext, api
 
-from ductape_processor.adapters.broker import (
+from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
     BrokerUnavailable,
     InboundMessage,
     OutboundMessage,
     SubscribeOptions,
-    register,
 )
 from ductape_processor.errors import FieldViolation, InvalidArgument, ProcessorError
 
@@ -780,9 +779,3 @@ class _NatsSubscription(BrokerSubscription):
         if leftovers and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await self._nc.flush(timeout=int(CLOSE_DEADLINE_S))
-
-
-@register("nats")
-def nats_adapter(settings: Mapping[str, Any], name: str) -> BrokerAdapter:
-    """The NATS JetStream adapter of one broker environment (`stream` defaults to DEFAULT_STREAM)."""
-    return NatsBroker(str(settings["url"]), str(settings.get("stream") or DEFAULT_STREAM), name)

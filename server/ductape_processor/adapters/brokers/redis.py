@@ -68,7 +68,7 @@ import contextlib
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -79,14 +79,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ductape_processor.adapters.broker import (
+from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
     BrokerUnavailable,
     InboundMessage,
     OutboundMessage,
     SubscribeOptions,
-    register,
 )
 from ductape_processor.errors import ProcessorError
 
@@ -589,9 +588,3 @@ class RedisSubscription(BrokerSubscription):
                 log.warning("%s; consumer %s is left for the group to clean up", exc.message, self.consumer)
             self._held.clear()
             self._delivery.clear()
-
-
-@register("redis")
-def redis_adapter(settings: Mapping[str, Any], name: str) -> BrokerAdapter:
-    """The Redis Streams adapter of one broker environment (settings: {"type": "redis", "url": ...})."""
-    return RedisBroker(str(settings["url"]), name)
