@@ -23,6 +23,7 @@ from ductape.processor import (
 )
 from ductape.processor.v1 import action_pb2, action_pb2_grpc
 
+from ductape_processor.runtime.templates.parser import _Compiler
 from ductape_processor.store.postgres import PostgresStore
 from ductape_processor.telemetry.logging import configure_logging
 from tests.conftest import POSTGRES_DSN, Running, ServerFactory, require_tcp
@@ -130,6 +131,23 @@ async def test_renders_path_query_body_and_headers(running: Running, upstream: U
     assert seen.headers["Authorization"] == "Bearer sk-very-secret"
     assert seen.headers["X-Region"] == "local"
     assert seen.headers["Content-Type"] == "application/json"
+
+
+async def test_calls_run_the_plan_compiled_when_the_manifest_was_applied(
+    running: Running, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def compiling(*args: Any) -> None:
+        raise AssertionError("a call compiled a template: the plan is compiled when the manifest is applied")
+
+    monkeypatch.setattr(_Compiler, "value", compiling)
+    upstream.on("POST /v2/templates/welcome/send", lambda r: json_answer({"id": "m-1"}, status=202))
+    upstream.on("POST /oauth/token", lambda r: json_answer({"access_token": "t-1"}))
+    upstream.on("GET /me", lambda r: json_answer({"auth": r.headers["Authorization"]}))
+    sent = await run(running, "send", input=SEND_INPUT)
+    assert sent.status_code == 202 and sent.body == {"id": "m-1"}
+    assert (await run(running, "me")).body == {"auth": "Bearer t-1"}, "the auths' templates are compiled too"
+    [seen] = upstream.hits("/v2/templates/welcome/send")
+    assert seen.headers["Authorization"] == "Bearer sk-very-secret"
 
 
 async def test_the_environment_name_selects_its_variables(running: Running, upstream: Upstream) -> None:

@@ -35,7 +35,7 @@ from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.reflection import enable_reflection
 from ductape_processor.api.session import SessionServicer
 from ductape_processor.errors import InvalidManifest, ProcessorError
-from ductape_processor.runtime.actions import ActionExecutor
+from ductape_processor.runtime.actions.executor import ActionExecutor
 from ductape_processor.runtime.brokers import BrokerRuntime
 from ductape_processor.runtime.cache import ResultCache
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecorder

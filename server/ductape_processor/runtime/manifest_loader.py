@@ -36,7 +36,7 @@ from ductape_processor.errors import (
     ManifestTooLarge,
     Unavailable,
 )
-from ductape_processor.runtime.action_plan import plan_problems
+from ductape_processor.runtime.actions.plan import ProductPlan, compile_plan
 from ductape_processor.runtime.manifest import (
     TAG_PATTERN,
     TOPIC_NAME_PATTERN,
@@ -70,10 +70,19 @@ class ManifestFormat(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class LoadedManifest:
-    """A validated manifest with the forms the registry stores."""
+class CompiledManifest:
+    """A validated manifest and the plan compiled from it while validating (what calls run)."""
 
     model: Manifest
+    plan: ProductPlan
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedManifest:
+    """A validated manifest with its plan and the forms the registry stores."""
+
+    model: Manifest
+    plan: ProductPlan
     canonical_json: str
     checksum: str
     format: ManifestFormat
@@ -313,8 +322,9 @@ def _violation(document: object, error: ErrorDetails) -> FieldViolation:
     return FieldViolation(path, problem_reason(error))
 
 
-def validate_document(document: dict[str, Any]) -> Manifest:
-    """Validate parsed data into a `Manifest`; raise InvalidManifest listing every problem with its path."""
+def validate_document(document: dict[str, Any]) -> CompiledManifest:
+    """Validate parsed data into a `Manifest` and compile its plan; raise InvalidManifest listing every problem with
+    its path."""
     try:
         model = Manifest.model_validate(document)
     except ValidationError as exc:
@@ -327,11 +337,12 @@ def validate_document(document: dict[str, Any]) -> Manifest:
             itertools.islice(problems, MAX_PROBLEMS_LISTED), total=len(errors) + len(secrets)
         ) from None
     problems_found = reference_problems(model) + secret_problems(document)
+    plan = None
     if not problems_found:
-        problems_found = plan_problems(model)
-    if problems_found:
+        plan, problems_found = compile_plan(model)
+    if plan is None:
         raise InvalidManifest([FieldViolation(path, why) for path, why in problems_found])
-    return model
+    return CompiledManifest(model, plan)
 
 
 def canonical_json(document: dict[str, Any]) -> str:
@@ -340,9 +351,9 @@ def canonical_json(document: dict[str, Any]) -> str:
 
 
 def _loaded(document: dict[str, Any], fmt: ManifestFormat) -> LoadedManifest:
-    model = validate_document(document)
+    compiled = validate_document(document)
     text = canonical_json(document)
-    return LoadedManifest(model, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), fmt)
+    return LoadedManifest(compiled.model, compiled.plan, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), fmt)
 
 
 def load_manifest(
@@ -376,8 +387,8 @@ def check_manifest(
         return CheckedManifest(None, exc, named)
 
 
-def model_from_json(document: str) -> Manifest:
-    """The model of a stored version's canonical JSON (validated again: the processor may be newer than it)."""
+def model_from_json(document: str) -> CompiledManifest:
+    """The model and plan of a stored version's canonical JSON (validated again: the processor may be newer)."""
     return validate_document(json.loads(document))
 
 
@@ -391,7 +402,7 @@ class ManifestLoader:
     millisecond, less than a trip to another process. Anything larger is read in a worker process. A thread does
     not do: while it builds a maximal manifest, the GIL is held for long stretches (libyaml, json and pydantic-core
     run in C, and the cycle collector walks the growing document), and health checks measured a p99 of 1.4 s.
-    Only the loaded model comes back, adopted by `_adopt`.
+    Only the loaded model and its compiled plan come back, adopted by `_adopt`.
 
     One worker, started on first use from a fork server (later starts take milliseconds), stopped after
     `WORKER_IDLE_S` unused and replaced when it dies: the call it was serving fails with UNAVAILABLE
@@ -428,8 +439,8 @@ class ManifestLoader:
                     raise
         return await self._in_worker(check_manifest, source, fmt, self.max_bytes)
 
-    async def model(self, document: str) -> Manifest:
-        """The model of a stored version's canonical JSON."""
+    async def model(self, document: str) -> CompiledManifest:
+        """The model and plan of a stored version's canonical JSON."""
         if len(document) <= INLINE_MAX_BYTES:
             return model_from_json(document)
         return await self._in_worker(model_from_json, document)

@@ -21,8 +21,14 @@ from ductape_processor.errors import (
     ProductNotFound,
     VersionNotFound,
 )
+from ductape_processor.runtime.actions.plan import ProductPlan
 from ductape_processor.runtime.manifest import Environment, Manifest
-from ductape_processor.runtime.manifest_loader import MAX_MANIFEST_BYTES, ManifestFormat, ManifestLoader
+from ductape_processor.runtime.manifest_loader import (
+    MAX_MANIFEST_BYTES,
+    CompiledManifest,
+    ManifestFormat,
+    ManifestLoader,
+)
 from ductape_processor.runtime.policies.paging import (
     decode_page_token,
     effective_page_size,
@@ -55,6 +61,8 @@ class Resolved:
     env: Environment
     manifest: Manifest
     record: VersionRecord
+    plan: ProductPlan
+    """The version's actions and auths, compiled once when its manifest was validated."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +93,8 @@ class Registry:
         self._loader = ManifestLoader(manifest_max_bytes)
         self._poll_interval = poll_interval
         self._slots: dict[str, _Slot] = {}
-        self._models: OrderedDict[tuple[str, int], Manifest] = OrderedDict()
-        self._loading: dict[tuple[str, int], asyncio.Future[Manifest]] = {}
+        self._models: OrderedDict[tuple[str, int], CompiledManifest] = OrderedDict()
+        self._loading: dict[tuple[str, int], asyncio.Future[CompiledManifest]] = {}
         self._seen_revisions: dict[str, int] = {}
         self._poller: asyncio.Task[None] | None = None
 
@@ -176,24 +184,28 @@ class Registry:
         return record
 
     async def model(self, record: VersionRecord) -> Manifest:
-        """The validated model of a stored version (cached; versions never change)."""
+        """The validated model of a stored version."""
+        return (await self.compiled(record)).model
+
+    async def compiled(self, record: VersionRecord) -> CompiledManifest:
+        """The validated model of a stored version and its plan (cached; versions never change)."""
         key = (record.product, record.version)
-        model = self._models.get(key)
-        if model is not None:
+        compiled = self._models.get(key)
+        if compiled is not None:
             self._models.move_to_end(key)
-            return model
+            return compiled
         loading = self._loading.get(key)
         if loading is None:
             # One read per version however many calls need it at once (after a restart, every call does).
             loading = self._loading[key] = asyncio.ensure_future(self._loader.model(record.document))
             loading.add_done_callback(lambda done: self._loaded(key, done))
-        model = await asyncio.shield(loading)
-        self._models[key] = model
+        compiled = await asyncio.shield(loading)
+        self._models[key] = compiled
         if len(self._models) > MODEL_CACHE_SIZE:
             self._models.popitem(last=False)
-        return model
+        return compiled
 
-    def _loaded(self, key: tuple[str, int], done: asyncio.Future[Manifest]) -> None:
+    def _loaded(self, key: tuple[str, int], done: asyncio.Future[CompiledManifest]) -> None:
         self._loading.pop(key, None)
         if not done.cancelled():
             done.exception()  # retrieved here in case every caller gave up
@@ -207,7 +219,7 @@ class Registry:
             loaded.model.product, loaded.checksum, int(loaded.format), source, loaded.canonical_json
         )
         if created:
-            self._models[(record.product, record.version)] = loaded.model
+            self._models[(record.product, record.version)] = CompiledManifest(loaded.model, loaded.plan)
             self.invalidate(record.product)
         return record, created
 
@@ -256,7 +268,8 @@ class Registry:
         generation = slot.generation
         environment, chosen = await self.environment(product, env, version)
         record = await self.record(product, chosen)
-        resolved = Resolved(product, chosen, environment, await self.model(record), record)
+        compiled = await self.compiled(record)
+        resolved = Resolved(product, chosen, environment, compiled.model, record, compiled.plan)
         if slot.state is not None and slot.generation == generation and len(slot.resolved) < MAX_RESOLVED_PER_PRODUCT:
             slot.resolved[(env, version)] = resolved
         return resolved

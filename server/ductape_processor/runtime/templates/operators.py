@@ -10,7 +10,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Final
 
 from ductape_processor.runtime.templates.scope import RenderState
@@ -83,13 +83,9 @@ def _op_substring(args: list[Any], budget: RenderState) -> Any:
     return budget.produced(text[start:end])
 
 
-def _text_method(method: Callable[[str], str]) -> OperatorFn:
-    """An operator of one string argument that returns `method(argument)`."""
-
-    def apply(args: list[Any], budget: RenderState) -> Any:
-        return budget.produced(method(as_string(args[0], "the argument")))
-
-    return apply
+def _text_method(method: Callable[[str], str], args: list[Any], budget: RenderState) -> Any:
+    """An operator of one string argument that returns `method(argument)` (bound with `partial`)."""
+    return budget.produced(method(as_string(args[0], "the argument")))
 
 
 def _op_split(args: list[Any], budget: RenderState) -> Any:
@@ -245,12 +241,12 @@ OPERATORS: Final[dict[str, tuple[OperatorFn, int, int | None]]] = {
     "Subtract": (_op_subtract, 2, None),
     "Concat": (_op_concat, 1, 2),
     "Substring": (_op_substring, 2, 3),
-    "Trim": (_text_method(str.strip), 1, 1),
+    "Trim": (partial(_text_method, str.strip), 1, 1),
     "Split": (_op_split, 2, 2),
     "Pick": (_op_pick, 2, 2),
     "Join": (_op_join, 2, 2),
-    "Uppercase": (_text_method(str.upper), 1, 1),
-    "Lowercase": (_text_method(str.lower), 1, 1),
+    "Uppercase": (partial(_text_method, str.upper), 1, 1),
+    "Lowercase": (partial(_text_method, str.lower), 1, 1),
     "Dateformat": (_op_dateformat, 2, 2),
     "Replace": (_op_replace, 3, 3),
     "Filter": (_op_filter, 3, 4),

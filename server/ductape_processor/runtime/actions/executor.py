@@ -49,7 +49,7 @@ from ductape_processor.errors import (
     ProcessorError,
     Unavailable,
 )
-from ductape_processor.runtime.action_plan import ActionPlan, AuthPlan, ProductPlan, compile_plan
+from ductape_processor.runtime.actions.plan import ActionPlan, AuthPlan
 from ductape_processor.runtime.cache import ResultCache
 from ductape_processor.runtime.contract import INVALID_INPUT, check_action_input
 from ductape_processor.runtime.logs.recorder import ExecutionRecorder, new_process_id
@@ -232,25 +232,12 @@ class ActionExecutor:
         self._sessions = sessions
         self._vault = vault
         self._retention = idempotency_retention
-        self._plans: dict[tuple[str, int], ProductPlan] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._tokens: dict[str, _Token] = {}
         self._minting: dict[str, asyncio.Future[_Token]] = {}
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self._completing: set[asyncio.Task[None]] = set()
         self._owner = os.urandom(8).hex()
-
-    # -- plans ------------------------------------------------------------------------------------------------
-
-    def _plan(self, resolved: Resolved) -> ProductPlan:
-        key = (resolved.product, resolved.version)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = compile_plan(resolved.manifest)
-            if len(self._plans) > 256:
-                self._plans.clear()
-            self._plans[key] = plan
-        return plan
 
     # -- the call ---------------------------------------------------------------------------------------------
 
@@ -259,7 +246,7 @@ class ActionExecutor:
         started = datetime.now(UTC)
         process_id = new_process_id()
         resolved = await self._registry.resolve(call.product, call.env, call.version)
-        plan = self._plan(resolved).actions.get((call.app, call.event))
+        plan = resolved.plan.actions.get((call.app, call.event))
         if plan is None:
             self._not_found(resolved.manifest, call)
         assert plan is not None
@@ -656,7 +643,7 @@ class ActionExecutor:
     async def _auth_values(self, ctx: _Context, tags: frozenset[str]) -> dict[str, Mapping[str, Any]]:
         if not tags:
             return {}
-        plans = self._plan(ctx.resolved).auths
+        plans = ctx.resolved.plan.auths
         values: dict[str, Mapping[str, Any]] = {}
         for tag in tags:
             auth_plan = plans[(ctx.call.app, tag)]
@@ -677,7 +664,7 @@ class ActionExecutor:
     async def _forget_tokens(self, ctx: _Context, tags: frozenset[str]) -> bool:
         """Drop the credential tokens this action used (the upstream said 401); True when there were any."""
         forgot = False
-        plans = self._plan(ctx.resolved).auths
+        plans = ctx.resolved.plan.auths
         for tag in tags:
             if isinstance(plans[(ctx.call.app, tag)].auth, CredentialAuth):
                 key = self._token_key(ctx, tag)
@@ -719,7 +706,7 @@ class ActionExecutor:
             payload = json.loads(opened)
             return _Token(payload["values"], stored, payload["expires"])
         # Nothing stored, or a row this processor cannot open (sealed under other root keys): mint a new token.
-        login_plan = self._plan(ctx.resolved).actions[(ctx.call.app, auth.action)]
+        login_plan = ctx.resolved.plan.actions[(ctx.call.app, auth.action)]
         login_ctx = _Context(ctx.call, ctx.resolved, login_plan, ctx.deadline)
         assert plan.login_input is not None
         login_input = plan.login_input.render(self._scope(login_ctx, {}, {}))

@@ -1,7 +1,7 @@
 """Actions compiled for running: templates parsed, policies compiled, path split. Built once per product version.
 
-`plan_problems` is also what manifest validation calls, so a template that cannot compile is refused at apply time
-with its path in the manifest.
+Manifest validation calls `compile_plan`: a template that cannot compile is refused at apply time with its path in
+the manifest, and the plan of a valid manifest travels with its model (`Resolved.plan`), so calls never compile.
 """
 
 from __future__ import annotations
@@ -143,20 +143,14 @@ def _compile_auth(app: App, auth: TokenAuth | CredentialAuth, where: str) -> Aut
     )
 
 
-def compile_plan(manifest: Manifest) -> ProductPlan:
-    """Compile every action and auth; raises TemplateError for the first template that cannot compile."""
+def compile_plan(manifest: Manifest) -> tuple[ProductPlan | None, list[tuple[str, str]]]:
+    """Compile every action and auth of a manifest, once, when it is validated; the registry keeps the plan.
+
+    Returns the plan, or None with every problem found (path in the manifest, why): templates that cannot compile,
+    header names and values that cannot be sent, references to an auth the app does not declare.
+    """
     actions: dict[tuple[str, str], ActionPlan] = {}
     auths: dict[tuple[str, str], AuthPlan] = {}
-    for a, app in enumerate(manifest.apps):
-        for i, action in enumerate(app.actions):
-            actions[(app.tag, action.tag)] = _compile_action(app, action, f"apps[{a}].actions[{i}]")
-        for i, auth in enumerate(app.auths):
-            auths[(app.tag, auth.tag)] = _compile_auth(app, auth, f"apps[{a}].auths[{i}]")
-    return ProductPlan(actions, auths)
-
-
-def plan_problems(manifest: Manifest) -> list[tuple[str, str]]:
-    """Every template and header problem of a manifest, and every reference to an auth the app does not declare."""
     problems: list[tuple[str, str]] = []
     for a, app in enumerate(manifest.apps):
         declared = {auth.tag: auth for auth in app.auths}
@@ -166,14 +160,14 @@ def plan_problems(manifest: Manifest) -> list[tuple[str, str]]:
                 if problem is not None:
                     problems.append((header_field(f"apps[{a}].auths[{i}].headers", name), problem))
             try:
-                _compile_auth(app, auth, f"apps[{a}].auths[{i}]")
+                auths[(app.tag, auth.tag)] = _compile_auth(app, auth, f"apps[{a}].auths[{i}]")
             except TemplateError as exc:
                 problems.append((exc.path, exc.reason))
         for i, action in enumerate(app.actions):
             where = f"apps[{a}].actions[{i}]"
             problems.extend(_header_problems(action, where))
             try:
-                plan = _compile_action(app, action, where)
+                plan = actions[(app.tag, action.tag)] = _compile_action(app, action, where)
             except TemplateError as exc:
                 problems.append((exc.path, exc.reason))
                 continue
@@ -183,4 +177,4 @@ def plan_problems(manifest: Manifest) -> list[tuple[str, str]]:
                 auth = declared[tag]
                 if isinstance(auth, CredentialAuth) and auth.action == action.tag:
                     problems.append((where, f"is the login action of auth {tag!r}, so it cannot use $Auth{{{tag}}}"))
-    return problems
+    return (None, problems) if problems else (ProductPlan(actions, auths), problems)
