@@ -1,4 +1,4 @@
-"""The composition root: builds the object graph from the settings, serves, and drains on shutdown."""
+"""The composition root: checks the settings, builds the object graph in one phase, serves, drains on shutdown."""
 
 from __future__ import annotations
 
@@ -6,24 +6,12 @@ import asyncio
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import grpc
-from ductape.processor.v1 import (
-    action_pb2,
-    action_pb2_grpc,
-    broker_pb2,
-    broker_pb2_grpc,
-    log_pb2,
-    log_pb2_grpc,
-    product_pb2,
-    product_pb2_grpc,
-    session_pb2,
-    session_pb2_grpc,
-)
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 
 from ductape_processor.adapters.http import HttpClientPool
 from ductape_processor.api.action import ActionServicer
@@ -32,9 +20,9 @@ from ductape_processor.api.broker import BrokerServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.log import LogServicer
 from ductape_processor.api.product import ProductServicer
-from ductape_processor.api.reflection import enable_reflection
 from ductape_processor.api.session import SessionServicer
 from ductape_processor.errors import InvalidManifest, ProcessorError
+from ductape_processor.grpc_server import ListenError, Servicers, grpc_server, listen, set_serving
 from ductape_processor.runtime.actions.executor import ActionExecutor
 from ductape_processor.runtime.brokers import BrokerRuntime
 from ductape_processor.runtime.cache import ResultCache
@@ -51,13 +39,6 @@ from ductape_processor.telemetry.setup import Telemetry, setup_telemetry
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
-SERVICE_NAMES = (
-    product_pb2.DESCRIPTOR.services_by_name["ProductService"].full_name,
-    action_pb2.DESCRIPTOR.services_by_name["ActionService"].full_name,
-    log_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
-    session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
-    broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name,
-)
 PURGE_INTERVAL_S = 60.0
 
 
@@ -78,63 +59,190 @@ def manifest_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    if settings.tls_cert is None or settings.tls_key is None:
-        return None
-    try:
-        chain = settings.tls_cert.read_bytes()
-        key = settings.tls_key.read_bytes()
-        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-    except OSError as exc:
-        raise StartupError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
-    return grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+@dataclass(frozen=True, slots=True)
+class Components:
+    """The long-lived objects of one processor, built together by `build` (each gets its dependencies at birth)."""
+
+    store: Store
+    telemetry: Telemetry
+    secrets: SecretSource
+    registry: Registry
+    http: HttpClientPool
+    recorder: ExecutionRecorder
+    sessions: SessionManager
+    brokers: BrokerRuntime
+    cache: ResultCache
+    actions: ActionExecutor
+    health: health.aio.HealthServicer
+    server: grpc.aio.Server
+
+
+def build(
+    settings: Settings, store: Store, telemetry: Telemetry, secrets: SecretSource, keys: SessionKeys
+) -> Components:
+    """The object graph, from the leaves (store, secrets, HTTP pool) up to the gRPC server. No I/O happens here."""
+    retention = timedelta(seconds=settings.idempotency_retention_s)
+    registry = Registry(store, poll_interval=settings.registry_poll_s, manifest_max_bytes=settings.manifest_max_bytes)
+    http = HttpClientPool(max_response_bytes=settings.max_upstream_response_bytes)
+    recorder = ExecutionRecorder(store, flush_interval=settings.execution_flush_s)
+    sessions = SessionManager(registry, store, keys, revocation_poll_s=settings.session_revocation_poll_s)
+    brokers = BrokerRuntime(
+        registry,
+        store,
+        secrets,
+        max_message_bytes=settings.broker_max_message_bytes,
+        idempotency_retention=retention,
+    )
+    cache = ResultCache(store, secrets)
+    vault = TokenVault(keys.root_keys())
+    actions = ActionExecutor(
+        registry, store, http, secrets, recorder, cache, sessions, vault, idempotency_retention=retention
+    )
+    servicers = Servicers(
+        product=ProductServicer(registry),
+        action=ActionServicer(actions),
+        session=SessionServicer(sessions),
+        broker=BrokerServicer(brokers),
+        log=LogServicer(ExecutionQueries(registry, store, recorder.flush)),
+        health=health.aio.HealthServicer(),
+    )
+    interceptor = ProcessorInterceptor(ApiKeyAuthenticator(settings.api_key_hashes), telemetry)
+    return Components(
+        store=store,
+        telemetry=telemetry,
+        secrets=secrets,
+        registry=registry,
+        http=http,
+        recorder=recorder,
+        sessions=sessions,
+        brokers=brokers,
+        cache=cache,
+        actions=actions,
+        health=servicers.health,
+        server=grpc_server(settings, interceptor, servicers),
     )
 
 
 class ProcessorApp:
-    """One processor instance: store, registry, gRPC server with health and reflection."""
+    """One processor instance: `start` checks the settings, builds the components and serves; `stop` drains.
+
+    `store` and `telemetry` replace the ones the settings would make (tests pass their own).
+    """
 
     def __init__(self, settings: Settings, *, store: Store | None = None, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
-        self.store = (
-            store if store is not None else open_store(settings.store, settings.data_dir, settings.store_schema)
-        )
-        self.telemetry = telemetry if telemetry is not None else setup_telemetry()
-        self.registry = Registry(
-            self.store, poll_interval=settings.registry_poll_s, manifest_max_bytes=settings.manifest_max_bytes
-        )
-        self.secrets = SecretSource()
-        self.http = HttpClientPool(max_response_bytes=settings.max_upstream_response_bytes)
-        self.recorder = ExecutionRecorder(self.store, flush_interval=settings.execution_flush_s)
-        self.health = health.aio.HealthServicer()
+        self._store = store
+        self._telemetry = telemetry
+        self._components: Components | None = None
         self._purger: asyncio.Task[None] | None = None
-        self.server: grpc.aio.Server | None = None
-        self.port: int = 0
+        self.port = 0
         self._stopped = False
 
+    @property
+    def components(self) -> Components:
+        """The object graph; it exists once `start` got past the settings' checks and opened the store."""
+        if self._components is None:
+            raise RuntimeError("the processor is not started")
+        return self._components
+
+    @property
+    def store(self) -> Store:
+        """The processor's own state."""
+        return self.components.store
+
+    @property
+    def registry(self) -> Registry:
+        """Product manifests, versions and pins."""
+        return self.components.registry
+
+    @property
+    def recorder(self) -> ExecutionRecorder:
+        """The execution log's writer."""
+        return self.components.recorder
+
+    @property
+    def sessions(self) -> SessionManager:
+        """Session tokens."""
+        return self.components.sessions
+
+    @property
+    def brokers(self) -> BrokerRuntime:
+        """Publishing and subscriptions."""
+        return self.components.brokers
+
     async def start(self) -> int:
-        """Open the store, apply start-up manifests, bind and serve. Returns the bound port."""
-        problems = self.settings.exposure_problems()
+        """Check the settings, open the store, build the components, apply start-up manifests, bind and serve.
+
+        Returns the bound port. Raises StartupError (with what to change) when the processor cannot start.
+        """
+        secrets, files = self._checked_settings()
+        settings = self.settings
+        store = (
+            self._store
+            if self._store is not None
+            else open_store(settings.store, settings.data_dir, settings.store_schema)
+        )
+        try:
+            await store.open()
+        except Exception as exc:  # any driver error: the operator needs the cause, not a traceback
+            raise StartupError(f"cannot open the {store.dialect} store: {type(exc).__name__}: {exc}") from None
+        try:
+            keys = self._session_keys()
+        except BaseException:
+            await store.close()
+            raise
+        telemetry = self._telemetry if self._telemetry is not None else setup_telemetry()
+        self._components = parts = build(settings, store, telemetry, secrets, keys)
+        try:
+            await parts.registry.start()
+            await parts.sessions.start_watching()
+            parts.recorder.start()
+            self._purger = asyncio.get_running_loop().create_task(self._purge(parts.store), name="store-purge")
+            for path in files:
+                await self._apply_file(parts, path)
+            try:
+                self.port = listen(parts.server, settings)
+            except ListenError as exc:
+                raise StartupError(str(exc)) from None
+            await parts.server.start()
+        except BaseException:
+            self._stopped = True  # released here: a later stop() has nothing left to do
+            await self._release(parts)
+            raise
+        await set_serving(parts.health)
+        log.info(
+            "serving",
+            extra={
+                "address": settings.address,
+                "port": self.port,
+                "store": store.dialect,
+                "tls": settings.tls_enabled,
+                "api_keys": len(settings.api_key_hashes),
+            },
+        )
+        return self.port
+
+    def _checked_settings(self) -> tuple[SecretSource, list[Path]]:
+        """Refuse settings the processor cannot serve with; returns the secret source and the start-up manifests."""
+        settings = self.settings
+        problems = settings.exposure_problems()
         if problems:
             transport = any("TLS is off" in p or "client authentication" in p for p in problems)
             hint = " Pass --insecure to serve like this anyway." if transport else ""
             raise StartupError("refusing to serve: " + "; ".join(problems) + "." + hint)
         try:
-            self.secrets = SecretSource.from_settings(self.settings.secrets_file)
+            secrets = SecretSource.from_settings(settings.secrets_file)
         except SecretsFileError as exc:
             raise StartupError(str(exc)) from None
-        files = manifest_files(self.settings.manifests)
-        if self.settings.store == "sqlite" or not self.settings.session_keys:
+        files = manifest_files(settings.manifests)
+        if settings.store == "sqlite" or not settings.session_keys:
             try:  # the data directory is in use: the store's files or the generated session key live there
-                private_directory(self.settings.data_dir, tighten=True)
+                private_directory(settings.data_dir, tighten=True)
             except OSError as exc:
-                where = self.settings.data_dir
-                raise StartupError(f"cannot prepare the data directory {where}: {exc.strerror}") from None
-        try:
-            await self.store.open()
-        except Exception as exc:  # any driver error: the operator needs the cause, not a traceback
-            raise StartupError(f"cannot open the {self.store.dialect} store: {type(exc).__name__}: {exc}") from None
+                raise StartupError(f"cannot prepare the data directory {settings.data_dir}: {exc.strerror}") from None
+        return secrets, files
+
+    def _session_keys(self) -> SessionKeys:
         try:
             keys, generated = SessionKeys.load(self.settings.session_keys, self.settings.data_dir)
         except (OSError, ValueError) as exc:
@@ -145,68 +253,13 @@ class ProcessorApp:
                 "PROCESSOR_SESSION_KEYS for replicas that share sessions)",
                 extra={"key_file": str(self.settings.data_dir / "session-keys")},
             )
-        self.sessions = SessionManager(
-            self.registry, self.store, keys, revocation_poll_s=self.settings.session_revocation_poll_s
-        )
-        self.brokers = BrokerRuntime(
-            self.registry,
-            self.store,
-            self.secrets,
-            max_message_bytes=self.settings.broker_max_message_bytes,
-            idempotency_retention=timedelta(seconds=self.settings.idempotency_retention_s),
-        )
-        self.cache = ResultCache(self.store, self.secrets)
-        self.actions = ActionExecutor(
-            self.registry,
-            self.store,
-            self.http,
-            self.secrets,
-            self.recorder,
-            self.cache,
-            self.sessions,
-            TokenVault(keys.root_keys()),
-            idempotency_retention=timedelta(seconds=self.settings.idempotency_retention_s),
-        )
-        try:
-            await self.registry.start()
-            await self.sessions.start_watching()
-            self.recorder.start()
-            self._purger = asyncio.get_running_loop().create_task(self._purge(), name="store-purge")
-            for path in files:
-                await self._apply_file(path)
-            self.server = self._build_server()
-            address = self.settings.address
-            credentials = _server_credentials(self.settings)
-            try:
-                if credentials is not None:
-                    self.port = self.server.add_secure_port(address, credentials)
-                else:
-                    self.port = self.server.add_insecure_port(address)
-            except RuntimeError as exc:
-                raise StartupError(f"cannot listen on {address}: {exc}") from None
-            await self.server.start()
-        except BaseException:
-            await self._release()
-            raise
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "serving",
-            extra={
-                "address": self.settings.address,
-                "port": self.port,
-                "store": self.store.dialect,
-                "tls": self.settings.tls_enabled,
-                "api_keys": len(self.settings.api_key_hashes),
-            },
-        )
-        return self.port
+        return keys
 
-    async def _apply_file(self, path: Path) -> None:
+    async def _apply_file(self, parts: Components, path: Path) -> None:
         source = await asyncio.to_thread(path.read_bytes)
         fmt = ManifestFormat.JSON if path.suffix == ".json" else ManifestFormat.YAML
         try:
-            record, created = await self.registry.apply(source, fmt)
+            record, created = await parts.registry.apply(source, fmt)
         except ProcessorError as exc:
             problems = exc.problems if isinstance(exc, InvalidManifest) else exc.violations
             listed = "\n".join(f"  {v.field or '(document)'}: {v.description}" for v in problems)
@@ -214,15 +267,10 @@ class ProcessorApp:
             listed += f"\n  … and {more} more problems" if more else ""
             raise StartupError(f"manifest {path} is invalid:\n{listed}") from None
         document = json.loads(record.document)
-        missing = self.secrets.missing(referenced_secrets(document))
+        missing = parts.secrets.missing(referenced_secrets(document))
         log.info(
             "manifest applied",
-            extra={
-                "file": str(path),
-                "product": record.product,
-                "version": record.version,
-                "new_version": created,
-            },
+            extra={"file": str(path), "product": record.product, "version": record.version, "new_version": created},
         )
         if missing:
             log.warning(
@@ -230,74 +278,45 @@ class ProcessorApp:
                 extra={"product": record.product, "secret_names": missing},
             )
 
-    def _build_server(self) -> grpc.aio.Server:
-        settings = self.settings
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
-            ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.so_reuseport", 0),
-        ]
-        server = grpc.aio.server(
-            interceptors=[
-                ProcessorInterceptor(ApiKeyAuthenticator(settings.api_key_hashes), self.telemetry),
-            ],
-            options=options,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        )
-        product_pb2_grpc.add_ProductServiceServicer_to_server(ProductServicer(self.registry), server)
-        action_pb2_grpc.add_ActionServiceServicer_to_server(ActionServicer(self.actions), server)
-        session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
-        broker_pb2_grpc.add_BrokerServiceServicer_to_server(BrokerServicer(self.brokers), server)
-        queries = ExecutionQueries(self.registry, self.store, self.recorder.flush)
-        log_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(queries), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
-        return server
-
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, let calls in flight finish within `grace`, then release everything."""
         if self._stopped:
             return
         self._stopped = True
-        await self.health.enter_graceful_shutdown()
-        if hasattr(self, "brokers"):
-            await self.brokers.shutdown_streams()  # streams end with UNAVAILABLE; unacked messages go back
-        if self.server is not None:
-            log.info("draining", extra={"grace_s": self.settings.shutdown_grace_s if grace is None else grace})
-            await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
-        await self._release()
+        parts = self._components
+        if parts is None:  # never started: nothing was built
+            return
+        await parts.health.enter_graceful_shutdown()
+        await parts.brokers.shutdown_streams()  # streams end with UNAVAILABLE; unacked messages go back
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        log.info("draining", extra={"grace_s": grace})
+        await parts.server.stop(grace)
+        await self._release(parts)
         log.info("stopped")
 
-    async def _purge(self) -> None:
+    async def _purge(self, store: Store) -> None:
         while True:
             await asyncio.sleep(PURGE_INTERVAL_S)
             try:
-                await self.store.purge_expired(datetime.now(UTC))
+                await store.purge_expired(datetime.now(UTC))
             except Exception as exc:  # the store may be briefly unreachable; try again next time
                 log.warning("purging expired store entries failed: %s", exc)
 
-    async def _release(self) -> None:
+    async def _release(self, parts: Components) -> None:
         if self._purger is not None:
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._purger
-        await self.registry.stop()
-        if hasattr(self, "sessions"):
-            await self.sessions.stop_watching()
-        await self.recorder.close()
-        await self.http.close()
-        if hasattr(self, "brokers"):
-            await self.brokers.close()
-        if hasattr(self, "cache"):
-            await self.cache.close()
-        await self.store.close()
-        await self.telemetry.shutdown()
+            self._purger = None
+        await parts.registry.stop()
+        await parts.sessions.stop_watching()
+        await parts.recorder.close()
+        await parts.http.close()
+        await parts.brokers.close()
+        await parts.cache.close()
+        await parts.store.close()
+        await parts.telemetry.shutdown()
 
     async def wait(self) -> None:
         """Until the server terminates."""
-        if self.server is not None:
-            await self.server.wait_for_termination()
+        await self.components.server.wait_for_termination()

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 PUBLIC_SERVICES = ("/grpc.health.v1.Health/",)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_propagator = TraceContextTextMapPropagator()
+_propagator = TraceContextTextMapPropagator()  # stateless: it only parses and formats the W3C headers
 
 Behavior = Callable[..., Any]
 
@@ -58,9 +58,6 @@ class RequestIds:
     def new(self) -> str:
         """A fresh id."""
         return f"{self._prefix}{self._next():08x}"
-
-
-_request_ids = RequestIds()
 
 
 REQUEST_UNDECODABLE = "REQUEST_UNDECODABLE"
@@ -116,12 +113,15 @@ def _checked(request: Any, streamed: bool) -> Any:
 class _Call:
     """The per-call part of the interceptor: opens the call, closes it, maps errors."""
 
-    __slots__ = ("attributes", "authenticator", "method", "span_name", "telemetry")
+    __slots__ = ("attributes", "authenticator", "method", "request_ids", "span_name", "telemetry")
 
-    def __init__(self, method: str, authenticator: ApiKeyAuthenticator, telemetry: Telemetry) -> None:
+    def __init__(
+        self, method: str, authenticator: ApiKeyAuthenticator, telemetry: Telemetry, request_ids: RequestIds
+    ) -> None:
         self.method = method
         self.authenticator = authenticator
         self.telemetry = telemetry
+        self.request_ids = request_ids
         service, _, name = method.lstrip("/").partition("/")
         self.span_name = f"{service}/{name}"
         self.attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
@@ -131,7 +131,7 @@ class _Call:
         metadata = _metadata(context)
         request_id = metadata.get("x-request-id")
         if request_id is None or not _REQUEST_ID.match(request_id):
-            request_id = _request_ids.new()
+            request_id = self.request_ids.new()
         info = CallInfo(self.method, request_id, metadata.get("traceparent"), metadata.get("tracestate"))
         token: Any = current_call.set(info)
         span = None
@@ -175,7 +175,7 @@ class _Call:
         self, exc: Exception, info: CallInfo | None, context: grpc.aio.ServicerContext[Any, Any]
     ) -> grpc.StatusCode:
         """Abort the call with the mapped status; returns the code for telemetry (abort raises)."""
-        request_id = info.request_id if info is not None else _request_ids.new()
+        request_id = info.request_id if info is not None else self.request_ids.new()
         if isinstance(exc, ProcessorError):
             code, message, trailers = error_trailers(exc, request_id)
             if code == grpc.StatusCode.INTERNAL:
@@ -193,6 +193,7 @@ class ProcessorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: ApiKeyAuthenticator, telemetry: Telemetry) -> None:
         self._authenticator = authenticator
         self._telemetry = telemetry
+        self._request_ids = RequestIds()
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
@@ -212,7 +213,7 @@ class ProcessorInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        call = _Call(method, self._authenticator, self._telemetry)
+        call = _Call(method, self._authenticator, self._telemetry, self._request_ids)
         deserializer = _lenient(handler.request_deserializer)
         serializer = handler.response_serializer
         if handler.unary_unary is not None:

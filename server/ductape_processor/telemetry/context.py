@@ -7,7 +7,7 @@ import contextvars
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-_propagator = TraceContextTextMapPropagator()
+_propagator = TraceContextTextMapPropagator()  # stateless: it only parses and formats the W3C headers
 
 
 class CallInfo:

@@ -1,0 +1,112 @@
+"""The gRPC server of one processor: channel options, TLS credentials, the interceptor, servicers, health, reflection.
+
+The composition root (app.py) builds the servicers; this module only puts them on a server and binds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from ductape.processor.v1 import (
+    action_pb2,
+    action_pb2_grpc,
+    broker_pb2,
+    broker_pb2_grpc,
+    log_pb2,
+    log_pb2_grpc,
+    product_pb2,
+    product_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+)
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ductape_processor.api.action import ActionServicer
+from ductape_processor.api.broker import BrokerServicer
+from ductape_processor.api.interceptor import ProcessorInterceptor
+from ductape_processor.api.log import LogServicer
+from ductape_processor.api.product import ProductServicer
+from ductape_processor.api.reflection import enable_reflection
+from ductape_processor.api.session import SessionServicer
+from ductape_processor.settings import Settings
+
+SERVICE_NAMES = (
+    product_pb2.DESCRIPTOR.services_by_name["ProductService"].full_name,
+    action_pb2.DESCRIPTOR.services_by_name["ActionService"].full_name,
+    log_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
+    session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name,
+)
+"""The processor's services, as health checks and reflection name them."""
+
+
+@dataclass(frozen=True, slots=True)
+class Servicers:
+    """One servicer per proto service, and the health service a load balancer asks."""
+
+    product: ProductServicer
+    action: ActionServicer
+    session: SessionServicer
+    broker: BrokerServicer
+    log: LogServicer
+    health: health.aio.HealthServicer
+
+
+class ListenError(Exception):
+    """The address cannot be listened on, or a TLS file cannot be read; the message says which and why."""
+
+
+def grpc_server(settings: Settings, interceptor: ProcessorInterceptor, servicers: Servicers) -> grpc.aio.Server:
+    """A server (not yet bound) serving `servicers` behind `interceptor`, with the settings' limits and keepalive."""
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(
+        interceptors=[interceptor], options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs
+    )
+    product_pb2_grpc.add_ProductServiceServicer_to_server(servicers.product, server)
+    action_pb2_grpc.add_ActionServiceServicer_to_server(servicers.action, server)
+    session_pb2_grpc.add_SessionServiceServicer_to_server(servicers.session, server)
+    broker_pb2_grpc.add_BrokerServiceServicer_to_server(servicers.broker, server)
+    log_pb2_grpc.add_LogServiceServicer_to_server(servicers.log, server)
+    health_pb2_grpc.add_HealthServicer_to_server(servicers.health, server)
+    enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    return server
+
+
+def listen(server: grpc.aio.Server, settings: Settings) -> int:
+    """Bind `server` to the settings' address (with TLS when configured); returns the bound port."""
+    credentials = _server_credentials(settings)
+    try:
+        if credentials is not None:
+            return server.add_secure_port(settings.address, credentials)
+        return server.add_insecure_port(settings.address)
+    except RuntimeError as exc:
+        raise ListenError(f"cannot listen on {settings.address}: {exc}") from None
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    try:
+        chain = settings.tls_cert.read_bytes()
+        key = settings.tls_key.read_bytes()
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise ListenError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+async def set_serving(servicer: health.aio.HealthServicer) -> None:
+    """Report every service (and the server as a whole, the empty name) SERVING."""
+    for name in ("", *SERVICE_NAMES):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
