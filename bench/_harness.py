@@ -21,9 +21,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,14 @@ class Processes:
             )
         self._procs.append(proc)
         return Server(name, proc, log_path, target)
+
+    def start_canned(self, work: Path, reply: bytes) -> Server:
+        """The `bare` server: `<script> _bare-server` answering every call with `reply` (see `serve_canned_command`)."""
+        reply_file = work / "reply.bin"
+        reply_file.write_bytes(reply)
+        port = free_port()
+        command = [sys.executable, self._script, "_bare-server", "--port", str(port), "--reply-file", str(reply_file)]
+        return self.start_server("bare", command, f"{HOST}:{port}", child_env())
 
     def run_client(
         self,
@@ -352,25 +361,40 @@ def wait_ready(server: Server) -> None:
 
 
 async def serve_canned(port: int, service: str, method: str, reply: bytes) -> None:
-    """A grpc.aio server with one generic handler, identity serializers and no interceptors (+ health checks),
-    answering `service`/`method` with `reply`, until SIGTERM or SIGINT."""
+    """A bare server (see `serve_handlers`) answering `service`/`method` with `reply`."""
+    import grpc
 
     async def handle(request: bytes, context: Any) -> bytes:
         return reply
 
-    await serve_generic(port, service, method, handle)
+    await serve_handlers(port, service, {method: grpc.unary_unary_rpc_method_handler(handle)})
+
+
+def serve_canned_command(rest: list[str], service: str, method: str) -> int:
+    """The `_bare-server --port N --reply-file FILE` sub-command: `serve_canned` with the file's bytes."""
+    sub = argparse.ArgumentParser(prog="_bare-server")
+    sub.add_argument("--port", type=int, required=True)
+    sub.add_argument("--reply-file", type=Path, required=True)
+    args = sub.parse_args(rest)
+    asyncio.run(serve_canned(args.port, service, method, args.reply_file.read_bytes()))
+    return 0
 
 
 async def serve_generic(port: int, service: str, method: str, handle: Callable[[bytes, Any], Awaitable[bytes]]) -> None:
-    """A grpc.aio server with one generic unary handler `handle(request bytes, context) -> reply bytes`, identity
-    serializers and no interceptors (+ health checks), serving `service`/`method` until SIGTERM or SIGINT."""
+    """A bare server (see `serve_handlers`) with one unary handler `handle(request bytes, context) -> reply bytes`."""
+    import grpc
+
+    await serve_handlers(port, service, {method: grpc.unary_unary_rpc_method_handler(handle)})
+
+
+async def serve_handlers(port: int, service: str, handlers: dict[str, Any]) -> None:
+    """A grpc.aio server with generic method `handlers` (method name -> grpc.RpcMethodHandler), identity
+    serializers and no interceptors (+ health checks), serving `service` until SIGTERM or SIGINT."""
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(handle)}),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     server.add_insecure_port(f"{HOST}:{port}")
@@ -440,6 +464,21 @@ async def timed_load(
         gc.enable()
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     wall = clock() - begin
+    return load_result(
+        latencies, error_codes, concurrency, duration, total, rusage_s(cpu_after) - rusage_s(cpu_before), wall
+    )
+
+
+def load_result(
+    latencies: list[float],
+    error_codes: dict[str, int],
+    concurrency: int,
+    duration: float,
+    total: int,
+    client_cpu_s: float,
+    wall: float,
+) -> LoadResult:
+    """The figures of a load run from its calls' latencies (seconds, any order) in a window of `duration` s."""
     latencies.sort()
     ms = [1000.0 * percentile(latencies, p) for p in (0.5, 0.9, 0.99)]
     return LoadResult(
@@ -454,9 +493,87 @@ async def timed_load(
         errors=sum(error_codes.values()),
         error_codes=error_codes,
         total_calls=total,
-        client_cpu_s=rusage_s(cpu_after) - rusage_s(cpu_before),
+        client_cpu_s=client_cpu_s,
         wall_s=wall,
     )
+
+
+# -- the command line and the run of a benchmark script ---------------------------------------------------------------
+
+Report = tuple[list[str], dict[str, Any]]
+"""A benchmark's report: the lines printed and the figures written with --json."""
+
+
+def bench_parser(doc: str | None, *, duration: float = 3.0) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --duration, --warmup, --rounds, --no-pin, --json."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--duration", type=float, default=duration, help=f"seconds measured per run (default {duration:g})"
+    )
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up before each run (default 0.5)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is shown (default 3)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the processes to CPUs")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The parsed options, refusing a --duration that is not > 0, a negative --warmup or --rounds below 1."""
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--duration must be > 0, --warmup >= 0 and --rounds >= 1")
+    return args
+
+
+def pinnable(pin: bool) -> bool:
+    """Whether to pin: asked for, and both the server's and the client's CPU are ours."""
+    return pin and {SERVER_CPU, CLIENT_CPU} <= os.sched_getaffinity(0)
+
+
+def emit(result: Any) -> int:
+    """A client subprocess's answer to the parent: its result (a dataclass) as one JSON line on standard output."""
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+def run_and_report(
+    script: str,
+    pin: bool,
+    measure: Callable[[Processes, Path], Report],
+    json_path: Path | None,
+    *,
+    failures: tuple[type[BaseException], ...] = (RuntimeError,),
+    after: Callable[[], None] | None = None,
+    notes: Sequence[str] = (),
+) -> int:
+    """Run `measure(processes, work folder)` in a temporary folder, stop every subprocess it started, then print its
+    report (and `notes`), the total time, and write the figures to `json_path`. Returns the exit status: 130 when
+    interrupted, 1 when a server or client failed (an exception in `failures`: said without a traceback)."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"{Path(script).stem.replace('_', '-')}-") as tmp, signals_as_interrupt():
+        work = Path(tmp)
+        procs = Processes(script, pin, work)
+        try:
+            lines, data = measure(procs, work)
+        except KeyboardInterrupt:
+            print("\ninterrupted; stopping the servers", file=sys.stderr)
+            return 130
+        except failures as exc:
+            print(f"benchmark failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            procs.stop_all()
+            if after is not None:
+                after()
+    data["elapsed_s"] = time.monotonic() - started
+    print("\n".join(lines))
+    for note in notes:
+        print(note)
+    print(f"\ntotal time {data['elapsed_s']:.0f} s")
+    if json_path is not None:
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"results written to {json_path}")
+    return 0
 
 
 if __name__ == "__main__":  # the launcher: python _harness.py [--cpu N] -- command ...

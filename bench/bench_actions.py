@@ -42,12 +42,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -64,20 +62,25 @@ from _harness import (
     SERVER_CPU,
     LoadResult,
     Processes,
+    Report,
     Server,
     Summary,
+    bench_parser,
     child_env,
     clean_runs,
     cpu_seconds,
+    emit,
     free_port,
+    load_result,
     measure,
-    percentile,
+    parse_bench_args,
+    pinnable,
     processor_command,
     rss_mb,
+    run_and_report,
     rusage_s,
-    serve_canned,
+    serve_canned_command,
     serve_generic,
-    signals_as_interrupt,
     timed_load,
     verdict,
     wait_ready,
@@ -376,22 +379,8 @@ async def load_count(target: str, concurrency: int, calls: int, every: int) -> L
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = clock() - begin
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-    latencies.sort()
-    ms = [1000.0 * percentile(latencies, p) for p in (0.5, 0.9, 0.99)]
-    return LoadResult(
-        concurrency=concurrency,
-        duration_s=wall,
-        calls=len(latencies),
-        qps=len(latencies) / wall,
-        p50_ms=ms[0],
-        p90_ms=ms[1],
-        p99_ms=ms[2],
-        max_ms=(latencies[-1] * 1000.0) if latencies else 0.0,
-        errors=sum(error_codes.values()),
-        error_codes=error_codes,
-        total_calls=done,
-        client_cpu_s=rusage_s(cpu_after) - rusage_s(cpu_before),
-        wall_s=wall,
+    return load_result(
+        latencies, error_codes, concurrency, wall, done, rusage_s(cpu_after) - rusage_s(cpu_before), wall
     )
 
 
@@ -432,16 +421,20 @@ def start_all(procs: Processes, config: Config, work: Path) -> tuple[Servers, fl
     idle_rss = rss_mb(processor.pid)
 
     reply = fetch_reply(processor.target)
-    reply_file = work / "reply.bin"
-    reply_file.write_bytes(reply)
-    port = free_port()
-    command = [sys.executable, SCRIPT, "_bare-server", "--port", str(port), "--reply-file", str(reply_file)]
-    bare = procs.start_server("bare", command, f"{HOST}:{port}", child_env())
+    bare = procs.start_canned(work, reply)
     wait_ready(bare)
     floor = None
     if config.floor:
         port = free_port()
-        command = [sys.executable, SCRIPT, "_floor-server", "--port", str(port), "--reply-file", str(reply_file)]
+        command = [
+            sys.executable,
+            SCRIPT,
+            "_floor-server",
+            "--port",
+            str(port),
+            "--reply-file",
+            str(work / "reply.bin"),
+        ]
         command += ["--url", f"{upstream.target}/users/{USER_ID}"]
         floor = procs.start_server("floor", command, f"{HOST}:{port}", child_env())
         wait_ready(floor)
@@ -749,47 +742,27 @@ def _short(n: int) -> str:
 
 
 def run_benchmark(config: Config, json_path: Path | None) -> int:
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-actions-") as tmp, signals_as_interrupt():
-        work = Path(tmp)
-        procs = Processes(SCRIPT, config.pin, work)
-        try:
-            print("starting the upstream, the processor and the bare server ...", file=sys.stderr, flush=True)
-            servers, idle_rss, reply_size = start_all(procs, config, work)
-            print(f"  processor idle RSS {idle_rss:.1f} MB", file=sys.stderr, flush=True)
-            soaked = soak(procs, servers, config, idle_rss)
-            runs = run_rounds(procs, servers, config)
-            time.sleep(0.5)  # the recorder writes every 0.2 s
-            soaked.records_stored = stored_records(servers.data_dir)
-            # fetch_reply's call, the soak's, and each processor run's first (connecting) call and measured ones
-            soaked.total_calls = 1 + config.calls - soaked.errors
-            soaked.total_calls += sum(1 + r.load.total_calls for r in runs if r.target == "processor")
-        except KeyboardInterrupt:
-            print("\ninterrupted; stopping the servers", file=sys.stderr)
-            return 130
-        except RuntimeError as exc:  # a server or client failed: say why, without a traceback
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            procs.stop_all()
-    lines, data = report(runs, soaked, config, reply_size)
-    data["elapsed_s"] = time.monotonic() - started
-    print("\n".join(lines))
-    print(f"\ntotal time {data['elapsed_s']:.0f} s")
-    if json_path is not None:
-        json_path.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"results written to {json_path}")
-    return 0
+    def measure_all(procs: Processes, work: Path) -> Report:
+        print("starting the upstream, the processor and the bare server ...", file=sys.stderr, flush=True)
+        servers, idle_rss, reply_size = start_all(procs, config, work)
+        print(f"  processor idle RSS {idle_rss:.1f} MB", file=sys.stderr, flush=True)
+        soaked = soak(procs, servers, config, idle_rss)
+        runs = run_rounds(procs, servers, config)
+        time.sleep(0.5)  # the recorder writes every 0.2 s
+        soaked.records_stored = stored_records(servers.data_dir)
+        # fetch_reply's call, the soak's, and each processor run's first (connecting) call and measured ones
+        soaked.total_calls = 1 + config.calls - soaked.errors
+        soaked.total_calls += sum(1 + r.load.total_calls for r in runs if r.target == "processor")
+        return report(runs, soaked, config, reply_size)
+
+    return run_and_report(SCRIPT, config.pin, measure_all, json_path)
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per run (default 3)")
-    parser.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up before each run (default 0.5)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is shown (default 3)")
+    parser = bench_parser(__doc__)
     parser.add_argument(
         "--calls", type=int, default=100_000, help="calls of the RSS soak, right after start-up (default 100000)"
     )
@@ -807,8 +780,6 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure a bare gRPC handler that makes the same GET with aiohttp (what gRPC + aiohttp cost alone)",
     )
-    parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the processes to CPUs")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
     return parser
 
 
@@ -827,10 +798,7 @@ def _internal(argv: list[str]) -> int:
         asyncio.run(serve_floor(args.port, args.reply_file.read_bytes(), args.url))
         return 0
     if command == "_bare-server":
-        sub.add_argument("--reply-file", type=Path, required=True)
-        args = sub.parse_args(rest)
-        asyncio.run(serve_canned(args.port, SERVICE, "Run", args.reply_file.read_bytes()))
-        return 0
+        return serve_canned_command(rest, SERVICE, "Run")
     sub.add_argument("--mode", choices=("grpc", "http", "count"), required=True)
     sub.add_argument("--target", required=True)
     sub.add_argument("--concurrency", type=int, required=True)
@@ -845,8 +813,7 @@ def _internal(argv: list[str]) -> int:
         result = asyncio.run(load_http(args.target, args.concurrency, args.duration, args.warmup))
     else:
         result = asyncio.run(load_count(args.target, args.concurrency, args.calls, args.every))
-    print(json.dumps(asdict(result)))
-    return 0
+    return emit(result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -854,10 +821,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["_upstream"], ["_bare-server"], ["_floor-server"], ["_client"]):
         return _internal(argv)
     parser = _parser()
-    args = parser.parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.rounds < 1 or args.calls < 1 or args.concurrency < 1:
-        parser.error("--duration must be > 0, --warmup >= 0, --rounds, --calls and --concurrency >= 1")
-    cpus = os.sched_getaffinity(0)
+    args = parse_bench_args(parser, argv)
+    if args.calls < 1 or args.concurrency < 1:
+        parser.error("--calls and --concurrency must be >= 1")
     config = Config(
         duration=args.duration,
         warmup=args.warmup,
@@ -865,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         calls=args.calls,
         concurrency=args.concurrency,
         idle=args.idle,
-        pin=args.pin and {SERVER_CPU, CLIENT_CPU} <= cpus,
+        pin=pinnable(args.pin),
         upstream_cpu=args.upstream_cpu,
         floor=args.floor,
     )

@@ -57,7 +57,6 @@ import secrets
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -72,14 +71,20 @@ from _harness import (
     SERVER_CPU,
     LoadResult,
     Processes,
+    Report,
     Server,
+    bench_parser,
     child_env,
     cpu_seconds,
+    emit,
     free_port,
     machine_seconds,
+    parse_bench_args,
+    pinnable,
     processor_command,
+    run_and_report,
     rusage_s,
-    signals_as_interrupt,
+    serve_handlers,
     timed_load,
     verdict,
     wait_ready,
@@ -598,11 +603,8 @@ async def serve_bare(port: int, messages: int) -> None:
     """A grpc.aio server with generic handlers (identity serializers, no interceptors): Subscribe answers every
     stream with `ready`, then all the pre-serialized batches, reading (and dropping) the acks meanwhile; Publish
     answers a pre-serialized PublishResponse."""
-    import signal
-
     import grpc
     from ductape.processor.v1 import broker_pb2
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     ready, batches = bare_batches(messages)
     published = broker_pb2.PublishResponse(message_id=os.urandom(12).hex()).SerializeToString()
@@ -626,23 +628,11 @@ async def serve_bare(port: int, messages: int) -> None:
         finally:
             reader.cancel()
 
-    server = grpc.aio.server()
     handlers = {
         "Subscribe": grpc.stream_stream_rpc_method_handler(subscribe),
         "Publish": grpc.unary_unary_rpc_method_handler(publish),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    checker = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    server.add_insecure_port(f"{HOST}:{port}")
-    await server.start()
-    await checker.set("", health_pb2.HealthCheckResponse.SERVING)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1.0)
+    await serve_handlers(port, SERVICE, handlers)
 
 
 # -- broker housekeeping (in this process) -------------------------------------------------------------------------
@@ -1333,56 +1323,36 @@ def report(bench: Bench, config: Config) -> tuple[list[str], dict[str, Any]]:
 
 
 def run_benchmark(config: Config, json_path: Path | None, skipped: list[str]) -> int:
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-brokers-") as tmp, signals_as_interrupt():
-        work = Path(tmp)
-        procs = Processes(SCRIPT, config.pin, work)
+    def measure_all(procs: Processes, work: Path) -> Report:
         bench = Bench(procs, config, work)
-        try:
-            print(f"starting the servers (run {config.run}) ...", file=sys.stderr, flush=True)
-            bench.start()
-            bench.run()
-        except KeyboardInterrupt:
-            print("\ninterrupted; stopping the servers", file=sys.stderr)
-            return 130
-        except RuntimeError as exc:
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            procs.stop_all()
-            with contextlib.suppress(Exception):
-                asyncio.run(forget_run(config.run, config.kinds))
-    lines, data = report(bench, config)
-    data["elapsed_s"] = time.monotonic() - started
-    data["skipped"] = skipped
-    print("\n".join(lines))
-    for note in skipped:
-        print(f"SKIPPED: {note}")
-    print(f"\ntotal time {data['elapsed_s']:.0f} s")
-    if json_path is not None:
-        json_path.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"results written to {json_path}")
-    return 0
+        print(f"starting the servers (run {config.run}) ...", file=sys.stderr, flush=True)
+        bench.start()
+        bench.run()
+        lines, data = report(bench, config)
+        data["skipped"] = skipped
+        return lines, data
+
+    def forget() -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run(forget_run(config.run, config.kinds))
+
+    notes = [f"SKIPPED: {note}" for note in skipped]
+    return run_and_report(SCRIPT, config.pin, measure_all, json_path, after=forget, notes=notes)
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, duration=1.5)
     parser.add_argument("--messages", type=int, default=20_000, help="messages per `batch` run (default 20000)")
     parser.add_argument("--single-messages", type=int, default=2_000, help="messages per `single` run (default 2000)")
     parser.add_argument("--batch", type=int, default=100, help="messages per PublishBatch / pipeline (default 100)")
     parser.add_argument("--batches-in-flight", dest="inflight", type=int, default=4, help="(default 4)")
     parser.add_argument("--concurrency", type=int, default=32, help="single publishes in flight (default 32)")
-    parser.add_argument("--duration", type=float, default=1.5, help="seconds per latency run (default 1.5)")
-    parser.add_argument("--warmup", type=float, default=0.5, help="warm-up before each latency run (default 0.5)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is shown (default 3)")
     parser.add_argument(
         "--brokers", nargs="+", choices=["nats", "redis", "memory"], default=["nats", "redis", "memory"]
     )
-    parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the processes to CPUs")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
     return parser
 
 
@@ -1404,8 +1374,7 @@ def _internal(argv: list[str]) -> int:
         sub.add_argument("--duration", type=float, required=True)
         sub.add_argument("--warmup", type=float, required=True)
         args = sub.parse_args(rest)
-        print(json.dumps(asdict(asyncio.run(latency(args)))))
-        return 0
+        return emit(asyncio.run(latency(args)))
     sub.add_argument("--messages", type=int, required=True)
     if command == "_pub":
         for name in ("batch", "inflight", "concurrency"):
@@ -1431,11 +1400,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["_bare-server"], ["_sub"], ["_pub"], ["_lat"]):
         return _internal(argv)
     parser = _parser()
-    args = parser.parse_args(argv)
-    if min(args.messages, args.single_messages, args.batch, args.inflight, args.concurrency, args.rounds) < 1:
-        parser.error("--messages, --single-messages, --batch, --batches-in-flight, --concurrency, --rounds: >= 1")
-    if args.duration <= 0 or args.warmup < 0 or args.batch > 1000:
-        parser.error("--duration must be > 0, --warmup >= 0, --batch <= 1000")
+    args = parse_bench_args(parser, argv)
+    if min(args.messages, args.single_messages, args.batch, args.inflight, args.concurrency) < 1:
+        parser.error("--messages, --single-messages, --batch, --batches-in-flight, --concurrency: >= 1")
+    if args.batch > 1000:
+        parser.error("--batch must be <= 1000")
     kinds, skipped = [], []
     for kind in ("nats", "redis"):
         if kind in args.brokers:
@@ -1453,7 +1422,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=args.duration,
         warmup=args.warmup,
         rounds=args.rounds,
-        pin=args.pin and {SERVER_CPU, CLIENT_CPU} <= os.sched_getaffinity(0),
+        pin=pinnable(args.pin),
         kinds=kinds,
         memory="memory" in args.brokers,
     )

@@ -29,11 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
-import os
 import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,14 +46,19 @@ from _harness import (
     SERVER_CPU,
     LoadResult,
     Processes,
+    Report,
     Server,
     Summary,
+    bench_parser,
     child_env,
+    emit,
     free_port,
+    parse_bench_args,
+    pinnable,
     processor_command,
     rss_mb,
-    serve_canned,
-    signals_as_interrupt,
+    run_and_report,
+    serve_canned_command,
     timed_load,
     verdict,
     wait_ready,
@@ -102,14 +104,6 @@ def fetch_reply(target: str, metadata: Sequence[tuple[str, str]]) -> bytes:
             product_pb2.GetRequest(product="shop", env="dev"), metadata=tuple(metadata), timeout=CALL_TIMEOUT_S
         )
     return bytes(reply.SerializeToString())
-
-
-# -- the bare server (a subprocess) -----------------------------------------------------------------------------------
-
-
-async def serve_bare(port: int, reply: bytes) -> None:
-    """A grpc.aio server with a generic Get handler, identity serializers and no interceptors (+ health checks)."""
-    await serve_canned(port, SERVICE, "Get", reply)
 
 
 # -- the load generator (a subprocess) ------------------------------------------------------------------------------
@@ -169,14 +163,6 @@ def start_processor(procs: Processes, name: str, work: Path, api_key: str | None
     return procs.start_server(name, command, f"{HOST}:{port}", child_env(data_dir))
 
 
-def start_bare(procs: Processes, work: Path, reply: bytes) -> Server:
-    reply_file = work / "reply.bin"
-    reply_file.write_bytes(reply)
-    port = free_port()
-    command = [sys.executable, SCRIPT, "_bare-server", "--port", str(port), "--reply-file", str(reply_file)]
-    return procs.start_server("bare", command, f"{HOST}:{port}", child_env())
-
-
 def measure(procs: Processes, server: Server, concurrency: int, config: Config) -> LoadResult:
     """One client process against one server; CPU time of the server and of everything else is read around it."""
     run, _ = measure_client(
@@ -199,7 +185,7 @@ def run_all(procs: Processes, config: Config, work: Path) -> tuple[list[ServerRe
     time.sleep(config.idle)
     idle = {s.name: rss_mb(s.pid) for s in (full, full_auth)}
     reply = fetch_reply(full.target, (("authorization", f"Bearer {config.api_key}"),))
-    bare = start_bare(procs, work, reply)
+    bare = procs.start_canned(work, reply)
     wait_ready(bare)
     time.sleep(config.idle)
     idle[bare.name] = rss_mb(bare.pid)
@@ -322,46 +308,24 @@ def report(results: list[ServerResult], config: Config, reply_size: int) -> tupl
 
 
 def run_benchmark(config: Config, json_path: Path | None) -> int:
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-foundation-") as tmp, signals_as_interrupt():
-        work = Path(tmp)
-        procs = Processes(SCRIPT, config.pin, work)
-        try:
-            print("starting the servers ...", file=sys.stderr, flush=True)
-            results, reply_size = run_all(procs, config, work)
-        except KeyboardInterrupt:
-            print("\ninterrupted; stopping the servers", file=sys.stderr)
-            return 130
-        except RuntimeError as exc:  # a server or client failed: say why, without a traceback
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            procs.stop_all()
-    lines, data = report(results, config, reply_size)
-    data["elapsed_s"] = time.monotonic() - started
-    print("\n".join(lines))
-    print(f"\ntotal time {data['elapsed_s']:.0f} s")
-    if json_path is not None:
-        json_path.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"results written to {json_path}")
-    return 0
+    def measure_all(procs: Processes, work: Path) -> Report:
+        print("starting the servers ...", file=sys.stderr, flush=True)
+        results, reply_size = run_all(procs, config, work)
+        return report(results, config, reply_size)
+
+    return run_and_report(SCRIPT, config.pin, measure_all, json_path)
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per run (default 3)")
-    parser.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up before each run (default 0.5)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is shown (default 3)")
+    parser = bench_parser(__doc__)
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[1, 32], help="concurrent calls per run (default 1 32)"
     )
     parser.add_argument("--channels", type=int, default=1, help="client channels the calls spread over (default 1)")
     parser.add_argument("--idle", type=float, default=2.0, help="seconds idle before reading the idle RSS (default 2)")
-    parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin servers and client to CPUs")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
     return parser
 
 
@@ -370,19 +334,14 @@ def _internal(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     sub = argparse.ArgumentParser(prog=command)
     if command == "_bare-server":
-        sub.add_argument("--port", type=int, required=True)
-        sub.add_argument("--reply-file", type=Path, required=True)
-        args = sub.parse_args(rest)
-        asyncio.run(serve_bare(args.port, args.reply_file.read_bytes()))
-        return 0
+        return serve_canned_command(rest, SERVICE, "Get")
     for name, kind in (("target", str), ("concurrency", int), ("duration", float), ("warmup", float)):
         sub.add_argument(f"--{name}", type=kind, required=True)
     sub.add_argument("--channels", type=int, required=True)
     sub.add_argument("--api-key", required=True)
     args = sub.parse_args(rest)
     result = asyncio.run(load(args.target, args.concurrency, args.duration, args.warmup, args.channels, args.api_key))
-    print(json.dumps(asdict(result)))
-    return 0
+    return emit(result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,10 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["_bare-server"], ["_client"]):
         return _internal(argv)
     parser = _parser()
-    args = parser.parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.rounds < 1 or args.channels < 1 or min(args.concurrency) < 1:
-        parser.error("--duration must be > 0, --warmup >= 0, --rounds, --channels and --concurrency >= 1")
-    cpus = os.sched_getaffinity(0)
+    args = parse_bench_args(parser, argv)
+    if args.channels < 1 or min(args.concurrency) < 1:
+        parser.error("--channels and --concurrency must be >= 1")
     config = Config(
         duration=args.duration,
         warmup=args.warmup,
@@ -401,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=sorted(set(args.concurrency)),
         channels=args.channels,
         idle=args.idle,
-        pin=args.pin and {SERVER_CPU, CLIENT_CPU} <= cpus,
+        pin=pinnable(args.pin),
     )
     return run_benchmark(config, args.json)
 

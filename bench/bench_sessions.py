@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -47,15 +45,20 @@ from _harness import (
     SERVER_CPU,
     LoadResult,
     Processes,
+    Report,
     Server,
     Summary,
+    bench_parser,
     child_env,
+    emit,
     free_port,
     measure,
+    parse_bench_args,
+    pinnable,
     processor_command,
     rss_mb,
-    serve_canned,
-    signals_as_interrupt,
+    run_and_report,
+    serve_canned_command,
     timed_load,
     verdict,
     wait_ready,
@@ -212,11 +215,7 @@ def start_servers(procs: Processes, work: Path) -> tuple[Server, Server, str, in
     wait_ready(processor)
     token, reply = start_session(processor.target)
 
-    reply_file = work / "reply.bin"
-    reply_file.write_bytes(reply)
-    port = free_port()
-    command = [sys.executable, SCRIPT, "_bare-server", "--port", str(port), "--reply-file", str(reply_file)]
-    bare = procs.start_server("bare", command, f"{HOST}:{port}", child_env())
+    bare = procs.start_canned(work, reply)
     wait_ready(bare)
     return bare, processor, token, len(reply)
 
@@ -350,45 +349,24 @@ def report(
 
 
 def run_benchmark(config: Config, json_path: Path | None) -> int:
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-sessions-") as tmp, signals_as_interrupt():
-        work = Path(tmp)
-        procs = Processes(SCRIPT, config.pin, work)
-        try:
-            print("starting the processor, a session and the bare server ...", file=sys.stderr, flush=True)
-            results, reply_size, token_size = run_all(procs, config, work)
-        except KeyboardInterrupt:
-            print("\ninterrupted; stopping the servers", file=sys.stderr)
-            return 130
-        except (RuntimeError, subprocess.CalledProcessError) as exc:  # a server or client failed: say why
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            procs.stop_all()
-    lines, data = report(results, config, reply_size, token_size)
-    data["elapsed_s"] = time.monotonic() - started
-    print("\n".join(lines))
-    print(f"\ntotal time {data['elapsed_s']:.0f} s")
-    if json_path is not None:
-        json_path.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"results written to {json_path}")
-    return 0
+    def measure_all(procs: Processes, work: Path) -> Report:
+        print("starting the processor, a session and the bare server ...", file=sys.stderr, flush=True)
+        results, reply_size, token_size = run_all(procs, config, work)
+        return report(results, config, reply_size, token_size)
+
+    failures = (RuntimeError, subprocess.CalledProcessError)  # a server or client failed: say why
+    return run_and_report(SCRIPT, config.pin, measure_all, json_path, failures=failures)
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per run (default 3)")
-    parser.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up before each run (default 0.5)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is shown (default 3)")
+    parser = bench_parser(__doc__)
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[1, 32], help="concurrent calls per run (default 1 32)"
     )
     parser.add_argument("--idle", type=float, default=2.0, help="seconds idle before reading the idle RSS (default 2)")
-    parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin servers and client to CPUs")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
     return parser
 
 
@@ -397,17 +375,12 @@ def _internal(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     sub = argparse.ArgumentParser(prog=command)
     if command == "_bare-server":
-        sub.add_argument("--port", type=int, required=True)
-        sub.add_argument("--reply-file", type=Path, required=True)
-        args = sub.parse_args(rest)
-        asyncio.run(serve_canned(args.port, SERVICE, "Verify", args.reply_file.read_bytes()))
-        return 0
+        return serve_canned_command(rest, SERVICE, "Verify")
     for name, kind in (("target", str), ("token", str), ("concurrency", int), ("duration", float), ("warmup", float)):
         sub.add_argument(f"--{name}", type=kind, required=True)
     args = sub.parse_args(rest)
     result = asyncio.run(load(args.target, args.token, args.concurrency, args.duration, args.warmup))
-    print(json.dumps(asdict(result)))
-    return 0
+    return emit(result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,17 +388,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["_bare-server"], ["_client"]):
         return _internal(argv)
     parser = _parser()
-    args = parser.parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.rounds < 1 or min(args.concurrency) < 1:
-        parser.error("--duration must be > 0, --warmup >= 0, --rounds and --concurrency >= 1")
-    cpus = os.sched_getaffinity(0)
+    args = parse_bench_args(parser, argv)
+    if min(args.concurrency) < 1:
+        parser.error("--concurrency must be >= 1")
     config = Config(
         duration=args.duration,
         warmup=args.warmup,
         rounds=args.rounds,
         concurrency=sorted(set(args.concurrency)),
         idle=args.idle,
-        pin=args.pin and {SERVER_CPU, CLIENT_CPU} <= cpus,
+        pin=pinnable(args.pin),
     )
     return run_benchmark(config, args.json)
 
