@@ -19,7 +19,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import grpc
 from ductape.processor.errors import ProcessorError, from_rpc_error
@@ -33,6 +33,17 @@ ACK_FLUSH_COUNT = 100
 def _duration(seconds: float) -> duration_pb2.Duration:
     whole = int(seconds)
     return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
+
+
+class MessageFields(TypedDict, total=False):
+    """The keyword arguments of `outgoing`, which `BrokerClient.publish` takes too."""
+
+    data: bytes | None
+    json: Any
+    content_type: str
+    attributes: Mapping[str, str] | None
+    ordering_key: str
+    idempotency_key: str
 
 
 def outgoing(
@@ -293,27 +304,15 @@ class BrokerClient:
         product: str,
         env: str,
         event: str,
-        data: bytes | None = None,
-        json: Any = None,
-        content_type: str = "",
-        attributes: Mapping[str, str] | None = None,
-        ordering_key: str = "",
-        idempotency_key: str = "",
         metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        **message: Unpack[MessageFields],
     ) -> str:
-        """Publish one message (`data` bytes or a `json` value) to `broker_tag:topic_tag`; returns its id.
+        """Publish one message to `broker_tag:topic_tag`; returns its id. The message is given as to `outgoing`:
+        `data` bytes or a `json` value, `content_type`, `attributes`, `ordering_key`, `idempotency_key`.
 
         `metadata` is added to this call's gRPC metadata (a caller's `traceparent`, its own `x-request-id`).
         """
-        message = outgoing(
-            data,
-            json=json,
-            content_type=content_type,
-            attributes=attributes,
-            ordering_key=ordering_key,
-            idempotency_key=idempotency_key,
-        )
-        request = broker_pb2.PublishRequest(product=product, env=env, event=event, message=message)
+        request = broker_pb2.PublishRequest(product=product, env=env, event=event, message=outgoing(**message))
         return str((await self._call(self._stub.Publish, request, metadata=metadata)).message_id)
 
     async def publish_batch(
