@@ -37,7 +37,7 @@ from ductape_processor.runtime.contract import check_input
 from ductape_processor.runtime.manifest import SessionType
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
 from ductape_processor.runtime.registry import Registry
-from ductape_processor.store.base import SessionRecord, Store
+from ductape_processor.store.base import SessionFilter, SessionRecord, Store
 from ductape_processor.store.files import private_directory, private_file
 
 log = logging.getLogger(__name__)
@@ -387,5 +387,6 @@ class SessionManager:
         listing = ("sessions", product, slug, tag, identifier or "")
         after = decode_page_token(listing, page_token, time_position) if page_token else None
         now = datetime.fromtimestamp(self._clock(), UTC)
-        records = await self._store.list_sessions(product, slug, tag, identifier, now, after=after, limit=size + 1)
+        where = SessionFilter(product, slug, tag, identifier)
+        records = await self._store.list_sessions(where, now, after=after, limit=size + 1)
         return page(records, size, listing, lambda record: (record.started_at.timestamp(), record.session_id))

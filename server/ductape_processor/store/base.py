@@ -80,6 +80,16 @@ class ExecutionFilter:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionFilter:
+    """Which sessions to list: one session type of one environment; `identifier` None means any user."""
+
+    product: str
+    env: str
+    tag: str
+    identifier: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class SessionRecord:
     """One session (a refresh-token family): who, since when, how far its refresh tokens got, whether revoked."""
 
@@ -245,15 +255,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_sessions(
-        self,
-        product: str,
-        env: str,
-        tag: str,
-        identifier: str | None,
-        now: datetime,
-        *,
-        after: tuple[datetime, str] | None,
-        limit: int,
+        self, where: SessionFilter, now: datetime, *, after: tuple[datetime, str] | None, limit: int
     ) -> list[SessionRecord]:
         """Live sessions (not revoked, not expired at `now`), newest first, older than the `after` cursor."""
 

@@ -24,26 +24,26 @@ FILE_MODE: Final = 0o600
 """Mode of the files the processor keeps its state in."""
 
 
+def _left_open(path: Path, mode: int, message: str) -> None:
+    log.warning(message, path, oct(mode), extra={"path": str(path), "mode": oct(mode)})
+
+
 def _tighten(path: Path, mode: int) -> None:
     current = stat.S_IMODE(path.stat().st_mode)
     if current & ~mode == 0:
         return
     if current & stat.S_ISVTX:
-        log.warning(
-            "%s is shared with other users (mode %s): keep the processor's state in a folder of its own",
-            path,
-            oct(current),
-            extra={"path": str(path), "mode": oct(current)},
+        _left_open(
+            path, current, "%s is shared with other users (mode %s): keep the processor's state in a folder of its own"
         )
         return
     try:
         path.chmod(current & mode)
     except PermissionError:
-        log.warning(
-            "%s is open to other users (mode %s) and the processor cannot change that: it does not own it",
+        _left_open(
             path,
-            oct(current),
-            extra={"path": str(path), "mode": oct(current)},
+            current,
+            "%s is open to other users (mode %s) and the processor cannot change that: it does not own it",
         )
         return
     log.warning(

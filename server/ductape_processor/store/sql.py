@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol, TypeVar
 
@@ -20,6 +21,7 @@ from ductape_processor.store.base import (
     ExecutionRecord,
     IdempotencyRecord,
     ProductRevision,
+    SessionFilter,
     SessionRecord,
     Store,
     VersionRecord,
@@ -35,10 +37,8 @@ _NO_VERSION: Final = 2**31 - 1
 """Above every version number (an INTEGER column)."""
 
 
-class Row(Protocol):
-    """A result row, read by column position (a tuple from SQLite, an asyncpg Record)."""
-
-    def __getitem__(self, index: int, /) -> Any: ...
+Row = Sequence[Any]
+"""A result row, read by column position (a tuple from SQLite, an asyncpg Record)."""
 
 
 class Connection(Protocol):
@@ -55,6 +55,22 @@ class Connection(Protocol):
 
     async def executemany(self, statement: Statement, rows: list[tuple[Any, ...]]) -> None:
         """Run a statement once per row of parameters."""
+
+
+def _named(record: type[Any], row: Row, **convert: Callable[[Any], Any]) -> dict[str, Any]:
+    """`row`'s values by the names of `record`'s fields (the statements list the columns in field order), those named
+    in `convert` converted (NULL stays None)."""
+    values: dict[str, Any] = {}
+    for column, value in zip(fields(record), row, strict=True):
+        to = convert.get(column.name)
+        values[column.name] = to(value) if to is not None and value is not None else value
+    return values
+
+
+def _values(record: Any, **convert: Callable[[Any], Any]) -> tuple[Any, ...]:
+    """`record`'s fields in order (the statements' column order), those named in `convert` converted."""
+    values = ((column.name, getattr(record, column.name)) for column in fields(record))
+    return tuple(convert[name](value) if name in convert and value is not None else value for name, value in values)
 
 
 class SqlStore(Store):
@@ -94,80 +110,25 @@ class SqlStore(Store):
     # -- row mappers ------------------------------------------------------------------------------------------------
 
     def _version(self, row: Row) -> VersionRecord:
-        return VersionRecord(
-            product=row[0],
-            version=row[1],
-            checksum=row[2],
-            format=row[3],
-            source=bytes(row[4]),
-            document=row[5],
-            created_at=self._dialect.stamp_moment(row[6]),
-        )
+        return VersionRecord(**_named(VersionRecord, row, source=bytes, created_at=self._dialect.stamp_moment))
 
     def _idempotency(self, row: Row) -> IdempotencyRecord:
         moment = self._dialect.moment
         return IdempotencyRecord(
-            key=row[0],
-            request_hash=row[1],
-            owner=row[2],
-            state=row[3],
-            response=bytes(row[4]) if row[4] is not None else None,
-            lease_until=moment(row[5]),
-            expires_at=moment(row[6]),
+            **_named(IdempotencyRecord, row, response=bytes, lease_until=moment, expires_at=moment)
         )
 
     def _execution(self, row: Row) -> ExecutionRecord:
         moment = self._dialect.moment
-        return ExecutionRecord(
-            process_id=row[0],
-            product=row[1],
-            env=row[2],
-            version=row[3],
-            kind=row[4],
-            resource=row[5],
-            status=row[6],
-            started_at=moment(row[7]),
-            ended_at=moment(row[8]),
-            attempts=row[9],
-            upstream_status=row[10],
-            error_reason=row[11],
-            cached=bool(row[12]),
-            detail=row[13],
-        )
+        return ExecutionRecord(**_named(ExecutionRecord, row, started_at=moment, ended_at=moment, cached=bool))
 
-    def _execution_row(self, r: ExecutionRecord) -> tuple[Any, ...]:
-        time = self._dialect.time
-        return (
-            r.process_id,
-            r.product,
-            r.env,
-            r.version,
-            r.kind,
-            r.resource,
-            r.status,
-            time(r.started_at),
-            time(r.ended_at),
-            r.attempts,
-            r.upstream_status,
-            r.error_reason,
-            r.cached,
-            r.detail,
-        )
+    def _execution_row(self, record: ExecutionRecord) -> tuple[Any, ...]:
+        return _values(record, started_at=self._dialect.time, ended_at=self._dialect.time)
 
     def _session(self, row: Row) -> SessionRecord:
         moment = self._dialect.moment
-        return SessionRecord(
-            session_id=row[0],
-            product=row[1],
-            env=row[2],
-            tag=row[3],
-            identifier=row[4],
-            generation=row[5],
-            started_at=moment(row[6]),
-            refreshed_at=moment(row[7]),
-            expires_at=moment(row[8]),
-            revoked_at=moment(row[9]) if row[9] is not None else None,
-        )
+        times = dict.fromkeys(("started_at", "refreshed_at", "expires_at", "revoked_at"), moment)
+        return SessionRecord(**_named(SessionRecord, row, **times))
 
     # -- schema -----------------------------------------------------------------------------------------------------
 
@@ -347,19 +308,9 @@ class SqlStore(Store):
 
     async def create_session(self, record: SessionRecord) -> None:
         time = self._dialect.time
-        await self._write(
-            sql.INSERT_SESSION,
-            record.session_id,
-            record.product,
-            record.env,
-            record.tag,
-            record.identifier,
-            record.generation,
-            time(record.started_at),
-            time(record.refreshed_at),
-            time(record.expires_at),
-            retry=False,  # a second INSERT after a commit would fail on the key
-        )
+        # A new session is not revoked: the statement writes NULL for the last column, revoked_at.
+        values = _values(record, started_at=time, refreshed_at=time, expires_at=time)[:-1]
+        await self._write(sql.INSERT_SESSION, *values, retry=False)  # sent again after a commit, it fails on the key
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         row = await self._reader.fetchrow(sql.SESSION, session_id)
@@ -380,20 +331,12 @@ class SqlStore(Store):
         return [(str(row[0]), self._dialect.moment(row[1])) for row in rows]
 
     async def list_sessions(
-        self,
-        product: str,
-        env: str,
-        tag: str,
-        identifier: str | None,
-        now: datetime,
-        *,
-        after: tuple[datetime, str] | None,
-        limit: int,
+        self, where: SessionFilter, now: datetime, *, after: tuple[datetime, str] | None, limit: int
     ) -> list[SessionRecord]:
         time = self._dialect.time
-        clause = Where("product = ? AND env = ? AND tag = ?", product, env, tag)
+        clause = Where("product = ? AND env = ? AND tag = ?", where.product, where.env, where.tag)
         clause.add("revoked_at IS NULL AND expires_at > ?", time(now))
-        clause.when("identifier = ?", identifier)
+        clause.when("identifier = ?", where.identifier)
         if after is not None:
             clause.add("(started_at, session_id) < (?, ?)", time(after[0]), after[1])
         query = clause.select(sql.SESSION_COLUMNS, "sessions", "started_at DESC, session_id DESC")
