@@ -12,6 +12,7 @@ one entry in `registry.BROKER_TYPES` (its manifest type name, typed settings mod
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,17 +21,13 @@ import grpc
 
 from ductape_processor.errors import ProcessorError
 
-
-class BrokerUnavailable(ProcessorError):
-    """The broker cannot be reached (after reconnect attempts) or refused the operation."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = "BROKER_UNAVAILABLE"
+CONCURRENT_PUBLISHES = 256
+"""Writes of one publish_batch awaiting their confirmation at once."""
 
 
 @dataclass(frozen=True, slots=True)
-class OutboundMessage:
-    """A message to publish: CloudEvents 1.0 attributes, the payload and the caller's attributes."""
+class CloudEvent:
+    """The CloudEvents 1.0 attributes and payload every message has, published or received."""
 
     id: str
     source: str
@@ -38,6 +35,12 @@ class OutboundMessage:
     time: datetime
     data: bytes
     content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage(CloudEvent):
+    """A message to publish, with the caller's attributes."""
+
     attributes: Mapping[str, str] = field(default_factory=dict)
     ordering_key: str = ""
     traceparent: str = ""
@@ -45,16 +48,10 @@ class OutboundMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class InboundMessage:
+class InboundMessage(CloudEvent):
     """A message received on a subscription. `handle` is what ack/nack take; `id` is the CloudEvents id."""
 
     handle: str
-    id: str
-    source: str
-    type: str
-    time: datetime
-    data: bytes
-    content_type: str
     attributes: dict[str, str]
     ordering_key: str
     traceparent: str
@@ -68,6 +65,13 @@ class SubscribeOptions:
 
     prefetch: int
     ack_deadline_s: float
+
+
+class BrokerUnavailable(ProcessorError):
+    """The broker cannot be reached (after reconnect attempts) or refused the operation."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BROKER_UNAVAILABLE"
 
 
 class BrokerSubscription(abc.ABC):
@@ -108,14 +112,18 @@ class BrokerAdapter(abc.ABC):
         """Publish and return once the broker confirmed the write; returns the broker's id for the message."""
 
     async def publish_batch(self, topic: str, messages: list[OutboundMessage]) -> list[str | ProcessorError]:
-        """Publish each message; one failure does not stop the others. Adapters may pipeline this."""
-        results: list[str | ProcessorError] = []
-        for message in messages:
-            try:
-                results.append(await self.publish(topic, message))
-            except ProcessorError as exc:
-                results.append(exc)
-        return results
+        """Publish concurrently, at most CONCURRENT_PUBLISHES at a time (the broker confirms each write on its own),
+        and one failure does not stop the others; the results keep the input order. Adapters may pipeline instead."""
+        gate = asyncio.Semaphore(CONCURRENT_PUBLISHES)
+
+        async def one(message: OutboundMessage) -> str | ProcessorError:
+            async with gate:
+                try:
+                    return await self.publish(topic, message)
+                except ProcessorError as exc:
+                    return exc
+
+        return list(await asyncio.gather(*(one(message) for message in messages)))
 
     @abc.abstractmethod
     async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:

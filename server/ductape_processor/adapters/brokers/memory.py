@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
+    CloudEvent,
     InboundMessage,
     OutboundMessage,
     SubscribeOptions,
 )
+from ductape_processor.errors import ProcessorError
+
+_EVENT_FIELDS = tuple(f.name for f in fields(CloudEvent))
 
 
 @dataclass(slots=True)
@@ -45,6 +49,9 @@ class MemoryBroker(BrokerAdapter):
         for group in self._topics.get(topic, {}).values():
             group.put(message, 1)
         return message.id
+
+    async def publish_batch(self, topic: str, messages: list[OutboundMessage]) -> list[str | ProcessorError]:
+        return [await self.publish(topic, message) for message in messages]  # nothing to wait for: no concurrency
 
     async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:
         groups = self._topics.setdefault(topic, {})
@@ -121,14 +128,10 @@ class _MemorySubscription(BrokerSubscription):
 
 
 def _inbound(handle: str, message: OutboundMessage, attempt: int) -> InboundMessage:
+    event = {name: getattr(message, name) for name in _EVENT_FIELDS}
     return InboundMessage(
+        **event,
         handle=handle,
-        id=message.id,
-        source=message.source,
-        type=message.type,
-        time=message.time,
-        data=message.data,
-        content_type=message.content_type,
         attributes=dict(message.attributes),
         ordering_key=message.ordering_key,
         traceparent=message.traceparent,

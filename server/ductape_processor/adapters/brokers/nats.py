@@ -79,35 +79,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
-import json
 import logging
-import random
 import re
-from collections import deque
-from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote
 
 import grpc
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext, api
 
 from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
     BrokerUnavailable,
-    InboundMessage,
     OutboundMessage,
     SubscribeOptions,
 )
+from ductape_processor.adapters.brokers.connection import Endpoint, LazyConnection
+from ductape_processor.adapters.brokers.nats_headers import header_bytes, outbound_headers
+from ductape_processor.adapters.brokers.nats_pull import CLOSE_DEADLINE_S, NatsPullSubscription
 from ductape_processor.errors import FieldViolation, InvalidArgument, ProcessorError
+from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +113,10 @@ PUBLISH_ATTEMPT_S = 2.0
 ACK_WAIT_MARGIN_S = 5.0  # above the engine's own delays in giving an expired message back (fetch end, pull end)
 ACK_WAIT_MARGIN_RATIO = 0.2
 MAX_ACK_PENDING = 20_000
-MIN_PULL_EXPIRES_S = 0.05
-PULL_EXPIRES_MAX_S = 0.25
-PULL_END_GRACE_S = 0.5
-CLOSE_DEADLINE_S = 3.0
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 5.0
-CONCURRENT_PUBLISHES = 256
+RECONNECT_BACKOFF = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S)  # with jitter: clients of one server spread out
+PUBLISH_BACKOFF = Backoff(0.05, 1.0, jitter=False)
 
 _ERR_STREAM_NAME_IN_USE = 10058
 _ERR_STREAM_NOT_FOUND = 10059
@@ -133,9 +124,6 @@ _ERR_EXPECTED_STREAM = 10060
 _ERR_SUBJECTS_OVERLAP = 10065
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
-_STATUS = api.Header.STATUS.value
-_DESCRIPTION = api.Header.DESCRIPTION.value
-_ATTRIBUTE_PREFIX = "attr-"
 
 _Retryable = (
     nats.errors.TimeoutError,
@@ -183,81 +171,6 @@ def subject_covered(subject: str, patterns: list[str]) -> bool:
     return False
 
 
-def _encode(value: str) -> str:
-    """Percent-encode a header value (CloudEvents HTTP binding 3.1.3.2): space, '"', '%' and non-printable ASCII."""
-    out: list[str] = []
-    for char in value:
-        if "!" <= char <= "~" and char not in '"%':
-            out.append(char)
-        else:
-            out.extend(f"%{byte:02X}" for byte in char.encode())
-    return "".join(out)
-
-
-def _decode(value: str | None) -> str:
-    return unquote(value, errors="replace") if value else ""
-
-
-def _headers(topic: str, message: OutboundMessage) -> dict[str, str]:
-    headers = {
-        api.Header.MSG_ID.value: _encode(f"{topic}:{message.id}"),
-        "ce-specversion": "1.0",
-        "ce-id": _encode(message.id),
-        "ce-source": _encode(message.source),
-        "ce-type": _encode(message.type),
-        "ce-time": _encode(message.time.astimezone(UTC).isoformat()),
-        "content-type": _encode(message.content_type),
-    }
-    if message.ordering_key:
-        headers["ce-orderingkey"] = _encode(message.ordering_key)
-    if message.traceparent:
-        headers["traceparent"] = _encode(message.traceparent)
-    if message.tracestate:
-        headers["tracestate"] = _encode(message.tracestate)
-    for key, value in message.attributes.items():
-        headers[_ATTRIBUTE_PREFIX + key] = _encode(value)
-    return headers
-
-
-def _header_bytes(headers: Mapping[str, str]) -> int:
-    # NATS/1.0\r\n + "key: value\r\n" per header + \r\n
-    return 12 + sum(len(key) + len(value) + 4 for key, value in headers.items())
-
-
-def _parse_time(value: str, fallback: datetime) -> datetime:
-    if value:
-        with contextlib.suppress(ValueError):
-            parsed = datetime.fromisoformat(value)
-            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    return fallback
-
-
-def _inbound(handle: str, msg: Msg) -> InboundMessage:
-    headers = msg.headers or {}
-    meta = msg.metadata
-    stamp = meta.timestamp if meta.timestamp is not None else datetime.now(UTC)
-    fallback_id = headers.get(api.Header.MSG_ID.value) or f"{meta.stream}:{meta.sequence.stream}"  # foreign
-    return InboundMessage(
-        handle=handle,
-        id=_decode(headers.get("ce-id")) or _decode(fallback_id),
-        source=_decode(headers.get("ce-source")),
-        type=_decode(headers.get("ce-type")) or msg.subject,
-        time=_parse_time(_decode(headers.get("ce-time")), stamp),
-        data=msg.data,
-        content_type=_decode(headers.get("content-type") or headers.get("ce-datacontenttype"))
-        or "application/octet-stream",
-        attributes={
-            key[len(_ATTRIBUTE_PREFIX) :]: _decode(value)
-            for key, value in headers.items()
-            if key.startswith(_ATTRIBUTE_PREFIX)
-        },
-        ordering_key=_decode(headers.get("ce-orderingkey")),
-        traceparent=_decode(headers.get("traceparent")),
-        tracestate=_decode(headers.get("tracestate")),
-        delivery_attempt=max(meta.num_delivered, 1),
-    )
-
-
 def _check_subject(topic: str) -> None:
     if not topic or any(not token for token in topic.split(".")):
         raise InvalidArgument(
@@ -276,13 +189,12 @@ class NatsBroker(BrokerAdapter):
         self._url = url
         self._stream = stream
         self._name = name
-        self._nc: NATS | None = None
-        self._js: JetStreamContext | None = None
-        self._connecting = asyncio.Lock()
+        self._endpoint = Endpoint(f"NATS broker {name}", url, {"broker": name, "stream": stream})
+        self._connection = LazyConnection(self._connect, lambda connection: not connection[0].is_closed)
         self._stream_lock = asyncio.Lock()
         self._subjects: set[str] = set()
         self._consumers: dict[str, float] = {}  # consumer name -> ack_wait known to be set
-        self._subscriptions: set[_NatsSubscription] = set()
+        self._subscriptions: set[BrokerSubscription] = set()
         self._closed = False
         self._last_error = ""
         self._reconnect_attempts = 0
@@ -290,71 +202,64 @@ class NatsBroker(BrokerAdapter):
 
     # -- connection --------------------------------------------------------------------------------------------
 
-    def _unavailable(self, what: str, exc: BaseException | None = None) -> BrokerUnavailable:
-        detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
-        return BrokerUnavailable(
-            f"NATS broker {self._name}: {what}{detail}", metadata={"broker": self._name, "stream": self._stream}
+    def unavailable(self, what: str, exc: BaseException | None = None) -> BrokerUnavailable:
+        """The error callers see."""
+        return self._endpoint.unavailable(what, exc)
+
+    def _conflict(self, topic: str, why: str) -> StreamConflict:
+        return StreamConflict(
+            f"NATS broker {self._name}: {why}", metadata={"broker": self._name, "stream": self._stream, "topic": topic}
         )
 
-    async def _connection(self) -> tuple[NATS, JetStreamContext]:
-        nc, js = self._nc, self._js
-        if nc is not None and js is not None and not nc.is_closed:
-            return nc, js
-        async with self._connecting:
-            if self._closed:
-                raise self._unavailable("the adapter is closed")
-            nc, js = self._nc, self._js
-            if nc is not None and js is not None and not nc.is_closed:
-                return nc, js
-            nc = NATS()
-            try:
-                async with asyncio.timeout(CONNECT_DEADLINE_S):
-                    await nc.connect(
-                        servers=[self._url],
-                        name=f"ductape-processor {self._name}",
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,
-                        connect_timeout=2,
-                        reconnect_time_wait=1,
-                        reconnect_to_server_handler=self._reconnect_delay,
-                        error_cb=self._on_error,
-                        disconnected_cb=self._on_disconnected,
-                        reconnected_cb=self._on_reconnected,
-                    )
-            except (TimeoutError, OSError, nats.errors.Error) as exc:
-                with contextlib.suppress(Exception):
-                    await nc.close()
-                why = self._last_error or f"{type(exc).__name__}: {exc}"
-                raise self._unavailable(
-                    f"cannot connect within {CONNECT_DEADLINE_S:g}s to {self._redacted_url()} ({why})"
-                ) from None
-            except asyncio.CancelledError:  # the publish's deadline came first: leave no half-open client behind
-                with contextlib.suppress(Exception):
-                    await nc.close()
-                raise
-            self._nc, self._js = nc, nc.jetstream(timeout=REQUEST_TIMEOUT_S)
-            self._subjects.clear()
-            self._consumers.clear()
-            log.info("connected to NATS %s for broker %s (stream %s)", self._redacted_url(), self._name, self._stream)
-            return nc, self._js
+    async def _connected(self) -> tuple[NATS, JetStreamContext]:
+        if self._closed:
+            raise self.unavailable("the adapter is closed")
+        return await self._connection.get()
 
-    def _redacted_url(self) -> str:
-        # Everything up to the last '@' is credentials, even a password with a raw '/', ':' or '@' in it.
-        scheme, separator, rest = self._url.partition("://")
-        if not separator or "@" not in rest:
-            return self._url
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    async def _connect(self) -> tuple[NATS, JetStreamContext]:
+        if self._closed:
+            raise self.unavailable("the adapter is closed")
+        nc = NATS()
+        try:
+            async with asyncio.timeout(CONNECT_DEADLINE_S):
+                await nc.connect(
+                    servers=[self._url],
+                    name=f"ductape-processor {self._name}",
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    connect_timeout=2,
+                    reconnect_time_wait=1,
+                    reconnect_to_server_handler=self._reconnect_delay,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            why = self._last_error or self._endpoint.describe(exc)
+            raise self.unavailable(
+                f"cannot connect within {CONNECT_DEADLINE_S:g}s to {self._endpoint.redacted_url} ({why})"
+            ) from None
+        except asyncio.CancelledError:  # the publish's deadline came first: leave no half-open client behind
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
+        self._subjects.clear()
+        self._consumers.clear()
+        where = self._endpoint.redacted_url
+        log.info("connected to NATS %s for broker %s (stream %s)", where, self._name, self._stream)
+        return nc, nc.jetstream(timeout=REQUEST_TIMEOUT_S)
 
     def _reconnect_delay(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
         """Capped exponential backoff with jitter between reconnect attempts; the least-tried server first."""
         self._reconnect_attempts += 1
-        delay = min(RECONNECT_MIN_S * 2 ** (self._reconnect_attempts - 1), RECONNECT_MAX_S)
-        return min(servers, key=lambda server: server.reconnects), delay * random.uniform(0.5, 1.0)  # noqa: S311
+        return min(servers, key=lambda server: server.reconnects), RECONNECT_BACKOFF.delay(self._reconnect_attempts)
 
     async def _on_error(self, exc: Exception) -> None:
-        self._last_error = f"{type(exc).__name__}: {exc}"
-        nc = self._nc
-        if nc is not None and nc.is_connected and not isinstance(exc, OSError):
+        self._last_error = self._endpoint.describe(exc)
+        current = self._connection.current
+        if current is not None and current[0].is_connected and not isinstance(exc, OSError):
             log.warning("NATS broker %s: %s", self._name, self._last_error)
         else:
             log.debug("NATS broker %s: connection attempt failed: %s", self._name, self._last_error)
@@ -401,25 +306,23 @@ class NatsBroker(BrokerAdapter):
                     # read back: a concurrent update from another processor may have replaced the subject list
                 except nats.js.errors.APIError as exc:
                     if exc.err_code == _ERR_SUBJECTS_OVERLAP:
-                        raise StreamConflict(
-                            f"NATS broker {self._name}: subject {topic!r} already belongs to another JetStream stream "
-                            f"than {self._stream!r}; set the broker's `stream` to that stream or move the subject",
-                            metadata={"broker": self._name, "stream": self._stream, "topic": topic},
+                        raise self._conflict(
+                            topic,
+                            f"subject {topic!r} already belongs to another JetStream stream than {self._stream!r}; "
+                            "set the broker's `stream` to that stream or move the subject",
                         ) from None
                     if exc.err_code in (_ERR_STREAM_NAME_IN_USE, _ERR_STREAM_NOT_FOUND):
                         continue  # created or deleted concurrently: look again
                     if isinstance(exc, nats.js.errors.ServiceUnavailableError):
-                        raise self._unavailable("JetStream does not answer (is it enabled on the server?)") from exc
+                        raise self.unavailable("JetStream does not answer (is it enabled on the server?)") from exc
                     if isinstance(exc, nats.js.errors.BadRequestError):
-                        raise StreamConflict(
-                            f"NATS broker {self._name}: stream {self._stream!r} refused subject {topic!r}: "
-                            f"{exc.description}",
-                            metadata={"broker": self._name, "stream": self._stream, "topic": topic},
+                        raise self._conflict(
+                            topic, f"stream {self._stream!r} refused subject {topic!r}: {exc.description}"
                         ) from None
-                    raise self._unavailable(f"preparing stream {self._stream!r}", exc) from exc
+                    raise self.unavailable(f"preparing stream {self._stream!r}", exc) from exc
                 except (nats.errors.Error, TimeoutError) as exc:
-                    raise self._unavailable(f"preparing stream {self._stream!r}", exc) from exc
-            raise self._unavailable(f"stream {self._stream!r} kept changing while adding subject {topic!r}")
+                    raise self.unavailable(f"preparing stream {self._stream!r}", exc) from exc
+            raise self.unavailable(f"stream {self._stream!r} kept changing while adding subject {topic!r}")
 
     async def _ensure_consumer(self, js: JetStreamContext, topic: str, group: str, ack_wait: float) -> str:
         name = consumer_name(topic, group)
@@ -451,24 +354,24 @@ class NatsBroker(BrokerAdapter):
                     try:  # created concurrently by another processor?
                         info = await js.consumer_info(self._stream, name)
                     except nats.js.errors.NotFoundError:
-                        raise self._unavailable(f"creating consumer {name!r} of group {group!r}", refused) from refused
+                        raise self.unavailable(f"creating consumer {name!r} of group {group!r}", refused) from refused
             current = info.config.ack_wait or 0.0
             if current < ack_wait:
                 info = await js.add_consumer(self._stream, info.config.evolve(ack_wait=ack_wait))
                 current = info.config.ack_wait or ack_wait
         except nats.js.errors.ServiceUnavailableError as exc:
-            raise self._unavailable("JetStream does not answer (is it enabled on the server?)") from exc
+            raise self.unavailable("JetStream does not answer (is it enabled on the server?)") from exc
         except (nats.errors.Error, TimeoutError) as exc:
-            raise self._unavailable(f"preparing consumer {name!r} of group {group!r}", exc) from exc
+            raise self.unavailable(f"preparing consumer {name!r} of group {group!r}", exc) from exc
         self._consumers[name] = current
         return name
 
     # -- publishing ---------------------------------------------------------------------------------------------
 
     async def publish(self, topic: str, message: OutboundMessage) -> str:
-        headers = _headers(topic, message)
-        nc, js = await self._connection()
-        size = len(message.data) + _header_bytes(headers)
+        headers = outbound_headers(topic, message)
+        nc, js = await self._connected()
+        size = len(message.data) + header_bytes(headers)
         if size > nc.max_payload:
             raise InvalidArgument(
                 f"the message and its headers are {size} bytes; the NATS server accepts at most {nc.max_payload}",
@@ -476,28 +379,24 @@ class NatsBroker(BrokerAdapter):
                 violations=[FieldViolation("message.data", f"is larger than the NATS max_payload ({nc.max_payload})")],
             )
         await self._ensure_subject(js, topic)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + PUBLISH_DEADLINE_S
-        pause = 0.05
+        deadline = Deadline(PUBLISH_DEADLINE_S)
+        budget = RetryBudget(PUBLISH_BACKOFF, deadline)
         while True:
-            left = deadline - loop.time()
             try:
-                ack = await self._attempt(js, topic, message.data, headers, max(min(PUBLISH_ATTEMPT_S, left), 0.1))
+                ack = await self._attempt(js, topic, message.data, headers, max(deadline.bound(PUBLISH_ATTEMPT_S), 0.1))
                 return f"{ack.stream}:{ack.seq}"
             except nats.errors.MaxPayloadError as exc:
                 raise InvalidArgument(f"NATS refused the message size: {exc}", reason="MESSAGE_TOO_LARGE") from None
             except nats.js.errors.APIError as exc:
                 if exc.err_code == _ERR_EXPECTED_STREAM:
-                    raise StreamConflict(
-                        f"NATS broker {self._name}: subject {topic!r} is stored by another stream than "
-                        f"{self._stream!r}",
-                        metadata={"broker": self._name, "stream": self._stream, "topic": topic},
+                    raise self._conflict(
+                        topic, f"subject {topic!r} is stored by another stream than {self._stream!r}"
                     ) from None
                 if not isinstance(exc, nats.js.errors.ServiceUnavailableError):
-                    raise self._unavailable(f"publish to {topic!r} was refused", exc) from exc
+                    raise self.unavailable(f"publish to {topic!r} was refused", exc) from exc
                 failure: BaseException = exc
             except nats.errors.ConnectionClosedError as exc:
-                raise self._unavailable(f"publish to {topic!r}: the connection is closed", exc) from exc
+                raise self.unavailable(f"publish to {topic!r}: the connection is closed", exc) from exc
             except _Retryable as exc:
                 failure = exc
                 if isinstance(exc, nats.js.errors.NoStreamResponseError):
@@ -505,13 +404,11 @@ class NatsBroker(BrokerAdapter):
                     with contextlib.suppress(BrokerUnavailable):
                         await self._ensure_subject(js, topic)
             except nats.errors.Error as exc:
-                raise self._unavailable(f"publish to {topic!r}", exc) from exc
-            if loop.time() + pause >= deadline:
-                raise self._unavailable(
+                raise self.unavailable(f"publish to {topic!r}", exc) from exc
+            if not await budget.pause():
+                raise self.unavailable(
                     f"publish to {topic!r} was not confirmed within {PUBLISH_DEADLINE_S:g}s", failure
                 ) from failure
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
 
     async def _attempt(
         self, js: JetStreamContext, topic: str, data: bytes, headers: dict[str, str], timeout: float
@@ -535,38 +432,25 @@ class NatsBroker(BrokerAdapter):
             raise nats.errors.TimeoutError
         return attempt.result()
 
-    async def publish_batch(self, topic: str, messages: list[OutboundMessage]) -> list[str | ProcessorError]:
-        """Publish concurrently (JetStream keeps each PubAck separate); the results keep the input order."""
-        gate = asyncio.Semaphore(CONCURRENT_PUBLISHES)
-
-        async def one(message: OutboundMessage) -> str | ProcessorError:
-            async with gate:
-                try:
-                    return await self.publish(topic, message)
-                except ProcessorError as exc:
-                    return exc
-
-        return list(await asyncio.gather(*(one(message) for message in messages)))
-
     # -- subscribing --------------------------------------------------------------------------------------------
 
     async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:
-        nc, js = await self._connection()
+        nc, js = await self._connected()
         await self._ensure_subject(js, topic)
         ack_wait = options.ack_deadline_s + max(ACK_WAIT_MARGIN_S, options.ack_deadline_s * ACK_WAIT_MARGIN_RATIO)
         consumer = await self._ensure_consumer(js, topic, group, round(ack_wait, 3))
-        subscription = _NatsSubscription(self, nc, consumer)
+        subscription = NatsPullSubscription(self, nc, consumer)
         try:
             await subscription.start()
         except nats.errors.Error as exc:
-            raise self._unavailable(f"subscribing to group {group!r} of {topic!r}", exc) from exc
+            raise self.unavailable(f"subscribing to group {group!r} of {topic!r}", exc) from exc
         self._subscriptions.add(subscription)
         return subscription
 
-    def _forget(self, subscription: _NatsSubscription) -> None:
+    def forget(self, subscription: BrokerSubscription) -> None:
         self._subscriptions.discard(subscription)
 
-    def _forget_consumer(self, name: str) -> None:
+    def forget_consumer(self, name: str) -> None:
         self._consumers.pop(name, None)
 
     @property
@@ -581,201 +465,9 @@ class NatsBroker(BrokerAdapter):
         await asyncio.gather(
             *(subscription.close() for subscription in list(self._subscriptions)), return_exceptions=True
         )
-        nc, self._nc, self._js = self._nc, None, None
+        current = self._connection.take()
+        nc = current[0] if current is not None else None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CLOSE_DEADLINE_S):
                     await nc.close()
-
-
-class _NatsSubscription(BrokerSubscription):
-    """One consumer of a group: an inbox that receives the answers to its own pull requests."""
-
-    def __init__(self, adapter: NatsBroker, nc: NATS, consumer: str) -> None:
-        self._adapter = adapter
-        self._nc = nc
-        self._consumer = consumer
-        self._next = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{adapter.stream}.{consumer}"
-        self._inbox = nc.new_inbox()
-        self._sub: NatsSubscription | None = None
-        self._ready: deque[Msg] = deque()
-        self._held: dict[str, Msg] = {}
-        self._handles = itertools.count(1)
-        self._arrived = asyncio.Event()
-        self._request_left = 0  # messages the open pull request may still bring
-        self._request_until = 0.0  # when the server expires it (loop time)
-        self._request_over = asyncio.Event()
-        self._request_over.set()
-        self._next_request_at = 0.0
-        self._fetching = False
-        self._broken = ""
-        self._closed = False
-
-    async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
-
-    def _end_request(self) -> None:
-        self._request_left = 0
-        self._request_over.set()
-
-    def _request_open(self) -> bool:
-        """Whether our pull request may still bring messages: until it is filled or the server said it ended (408
-        on expiry), or, should that answer be lost with a dropped connection, a grace period after its expiry.
-        Only one request is open at a time, so a late status can never be taken for the end of a newer one."""
-        if self._request_left > 0 and asyncio.get_running_loop().time() < self._request_until + PULL_END_GRACE_S:
-            return True
-        self._end_request()
-        return False
-
-    async def _request_ended(self) -> None:
-        """Wait until the open pull request (if any) ended; it expires within PULL_EXPIRES_MAX_S."""
-        if self._request_open():
-            left = self._request_until + PULL_END_GRACE_S - asyncio.get_running_loop().time()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await self._request_over.wait()
-            self._end_request()
-
-    async def _on_message(self, msg: Msg) -> None:
-        status = msg.headers.get(_STATUS) if msg.headers else None
-        if status:
-            if status == "100":  # idle heartbeat
-                return
-            self._end_request()  # 404 no messages, 408 expired, 409 ended early, 503 nobody answers
-            description = msg.headers.get(_DESCRIPTION, "") if msg.headers else ""
-            if status == "503" or (status == "409" and "deleted" in description.lower()):
-                self._broken = f"consumer {self._consumer!r} is gone ({status} {description or 'no responders'})"
-                self._adapter._forget_consumer(self._consumer)  # a new Subscribe creates it again
-            elif status not in ("404", "408"):
-                log.debug("pull request on %s ended: %s %s", self._consumer, status, description)
-                self._next_request_at = asyncio.get_running_loop().time() + 0.2
-            self._arrived.set()
-            return
-        self._ready.append(msg)
-        self._request_left -= 1
-        if self._request_left <= 0:
-            self._end_request()
-        self._arrived.set()
-
-    async def _request(self, batch: int, expires_s: float) -> None:
-        body = json.dumps({"batch": batch, "expires": int(expires_s * 1e9)}).encode()
-        self._request_left = batch
-        self._request_until = asyncio.get_running_loop().time() + expires_s
-        self._request_over.clear()
-        try:
-            await self._nc.publish(self._next, body, reply=self._inbox)
-        except nats.errors.ConnectionClosedError as exc:
-            self._end_request()
-            raise self._adapter._unavailable("fetch: the connection is closed", exc) from exc
-        except (nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError):
-            self._end_request()  # the connection is down: fetch returns [] and the engine asks again
-        except nats.errors.Error as exc:
-            self._end_request()
-            raise self._adapter._unavailable("fetch", exc) from exc
-
-    async def fetch(self, max_messages: int, timeout_s: float) -> list[InboundMessage]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        self._fetching = True
-        try:
-            while not self._ready and not self._closed:
-                if self._broken:
-                    raise self._adapter._unavailable(self._broken)
-                now = loop.time()
-                left = deadline - now
-                if left <= 0:
-                    break
-                open_request = self._request_open()
-                if not open_request and now >= self._next_request_at and self._nc.is_connected:
-                    await self._request(max_messages, min(max(left, MIN_PULL_EXPIRES_S), PULL_EXPIRES_MAX_S))
-                    continue
-                if self._nc.is_closed:
-                    raise self._adapter._unavailable("fetch: the connection is closed")
-                if open_request:  # woken by its messages or by the status that ends it
-                    wait = min(left, self._request_until + PULL_END_GRACE_S - now)
-                elif now < self._next_request_at:
-                    wait = min(left, self._next_request_at - now)
-                else:
-                    wait = left  # disconnected: nothing to ask until the connection is back
-                self._arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._arrived.wait()
-        finally:
-            self._fetching = False
-        if self._closed:
-            return []
-        taken: list[InboundMessage] = []
-        while self._ready and len(taken) < max_messages:
-            msg = self._ready.popleft()
-            handle = f"{next(self._handles)}"
-            self._held[handle] = msg
-            try:
-                taken.append(_inbound(handle, msg))
-            except Exception:  # not a JetStream message (no ack subject): nothing to hand out or ack
-                self._held.pop(handle, None)
-                log.warning("dropping a message without JetStream metadata on %s", self._consumer)
-        return taken
-
-    async def ack(self, handles: list[str]) -> None:
-        await self._settle(handles, None)
-
-    async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
-        if not self._fetching:
-            # Nobody is fetching (the stream is closing, or waits for credit): let our open pull request end
-            # first, so the redelivery goes to the group rather than back into this subscription's request.
-            await self._request_ended()
-        await self._settle(handles, delay_s)
-
-    async def _settle(self, handles: list[str], delay_s: float | None) -> None:
-        failure: BaseException | None = None
-        for handle in handles:
-            msg = self._held.pop(handle, None)
-            if msg is None:
-                continue
-            try:
-                if delay_s is None:
-                    await msg.ack()
-                else:
-                    await msg.nak(delay=delay_s if delay_s > 0 else None)
-            except nats.errors.MsgAlreadyAckdError:
-                continue
-            except nats.errors.Error as exc:  # the message comes back after ack_wait
-                failure = exc
-        if failure is not None:
-            what = "ack" if delay_s is None else "nack"
-            raise self._adapter._unavailable(f"{what} on {self._consumer!r}", failure) from failure
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._arrived.set()
-        self._adapter._forget(self)
-        # No new pull request from here on; the open one ends within PULL_EXPIRES_MAX_S. Waiting for it while still
-        # subscribed (rather than unsubscribing at once, which also makes the server drop it) matters: nats-server
-        # 2.9 loses a redelivered message, and hands a newer one out twice, when it picks a redelivery for a pull
-        # request whose inbox has just lost its subscriber.
-        await self._request_ended()
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                async with asyncio.timeout(CLOSE_DEADLINE_S):
-                    if self._nc.is_connected:
-                        # UNSUB, then a round trip: everything the server sent before has reached the callback.
-                        await sub.drain()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
-                    else:
-                        await sub.unsubscribe()  # the server already forgot it with the lost connection
-            except (TimeoutError, nats.errors.Error) as exc:
-                log.debug("closing the inbox of %s: %s", self._consumer, exc)
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        leftovers = [*self._held.values(), *self._ready]
-        self._held.clear()
-        self._ready.clear()
-        for msg in leftovers:
-            with contextlib.suppress(Exception):
-                await msg.nak()
-        if leftovers and self._nc.is_connected:
-            with contextlib.suppress(Exception):
-                await self._nc.flush(timeout=int(CLOSE_DEADLINE_S))

@@ -79,6 +79,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ductape_processor.adapters.brokers import redis_scripts
 from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
@@ -87,14 +88,16 @@ from ductape_processor.adapters.brokers.base import (
     OutboundMessage,
     SubscribeOptions,
 )
+from ductape_processor.adapters.brokers.codec import Binding, text
+from ductape_processor.adapters.brokers.connection import Endpoint
 from ductape_processor.errors import ProcessorError
+from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 KEY_PREFIX = "ductape:topic:"
-ATTRIBUTE_PREFIX = b"attr-"
 PARK_CONSUMER = "ductape:redeliver"
 PARK_MS = 10 * 365 * 24 * 3600 * 1000  # a parked entry is due once its idle time reaches this
 GRACE_MS = 3000  # an entry held this long past its owner's ack deadline is abandoned
@@ -102,142 +105,11 @@ UNKNOWN_OWNER_DEADLINE_MS = 60_000  # owners whose name carries no ack deadline 
 BLOCK_CAP_S = 0.5  # one XREADGROUP blocks at most this long, so parked entries are noticed soon
 SCAN = 100  # pending entries examined per fetch when looking for abandoned ones
 RETRY_BUDGET_S = 5.0
+RETRY_BACKOFF = Backoff(0.05, 1.0, jitter=False)
 CLOSE_RETRY_BUDGET_S = 1.0
 MAINTENANCE_INTERVAL_S = 30.0
 STALE_CONSUMER_MS = 3_600_000
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
-
-# Takes back due entries: parked ones whose delay passed, then abandoned ones (idle past owner deadline + grace).
-# Returns {next cursor, {{id, delivery count, {field, value, ...}}, ...}}.
-_RECLAIM = """
-local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
-local want, park, park_ms = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local grace, unknown_ms, cursor, scan = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
-local out = {}
-local function claim(id, min_idle)
-  local got = redis.call('XCLAIM', stream, group, me, min_idle, id)
-  local entry = got[1]
-  if type(entry) == 'table' then
-    local info = redis.call('XPENDING', stream, group, id, id, 1)[1]
-    out[#out + 1] = {entry[1], info[4], entry[2]}
-  end
-end
-for _, row in ipairs(redis.call('XPENDING', stream, group, 'IDLE', park_ms, '-', '+', want, park)) do
-  claim(row[1], park_ms)
-end
-local next_cursor = cursor
-if #out < want then
-  local start = '-'
-  if cursor ~= '-' then start = '(' .. cursor end
-  local rows = redis.call('XPENDING', stream, group, 'IDLE', grace, start, '+', scan)
-  local seen = 0
-  for _, row in ipairs(rows) do
-    if #out >= want then break end
-    local owner, idle = row[2], row[3]
-    if owner ~= park then
-      local threshold = (tonumber(string.match(owner, '^ductape:(%d+):')) or unknown_ms) + grace
-      if idle >= threshold then claim(row[1], threshold) end
-    end
-    next_cursor = row[1]
-    seen = seen + 1
-  end
-  if seen == #rows and #rows < scan then next_cursor = '-' end
-end
-return {next_cursor, out}
-"""
-
-# Parks the given entries (if this consumer still owns them) until their idle time reaches PARK_MS.
-_NACK = """
-local stream, group, me, park, idle = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local parked = 0
-for i = 5, #ARGV do
-  local info = redis.call('XPENDING', stream, group, ARGV[i], ARGV[i], 1)[1]
-  if info and info[2] == me then
-    redis.call('XCLAIM', stream, group, park, 0, ARGV[i], 'IDLE', idle, 'JUSTID')
-    parked = parked + 1
-  end
-end
-return parked
-"""
-
-# Parks the given entries (if this consumer still owns them) as due now, with the counter lowered by one: they were
-# fetched but never handed to a client, so their next delivery carries the same attempt number.
-_RELEASE = """
-local stream, group, me, park, park_ms = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local released = 0
-for i = 5, #ARGV do
-  local info = redis.call('XPENDING', stream, group, ARGV[i], ARGV[i], 1)[1]
-  if info and info[2] == me then
-    local count = info[4]
-    if count > 0 then count = count - 1 end
-    redis.call('XCLAIM', stream, group, park, 0, ARGV[i], 'IDLE', park_ms, 'RETRYCOUNT', count, 'JUSTID')
-    released = released + 1
-  end
-end
-return released
-"""
-
-# Parks everything the consumer holds (due now; entries not handed out keep their attempt number), then deletes it.
-_CLOSE = """
-local stream, group, me, park, park_ms = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local held = {}
-for i = 5, #ARGV do held[ARGV[i]] = true end
-local ok = redis.pcall('XPENDING', stream, group, '-', '+', 1, me)
-if type(ok) == 'table' and ok.err then return -1 end
-local moved, start = 0, '-'
-while true do
-  local rows = redis.call('XPENDING', stream, group, start, '+', 100, me)
-  if #rows == 0 then break end
-  for _, row in ipairs(rows) do
-    local count = row[4]
-    if not held[row[1]] and count > 0 then count = count - 1 end
-    redis.call('XCLAIM', stream, group, park, 0, row[1], 'IDLE', park_ms, 'RETRYCOUNT', count, 'JUSTID')
-    moved = moved + 1
-    start = '(' .. row[1]
-  end
-end
-redis.call('XGROUP', 'DELCONSUMER', stream, group, me)
-return moved
-"""
-
-# Trims what no group needs any more and deletes long-idle consumers with nothing pending.
-_MAINTAIN = """
-local stream, stale, park = KEYS[1], tonumber(ARGV[1]), ARGV[2]
-local function parse(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
-local function less(a, b)
-  local am, as = parse(a)
-  local bm, bs = parse(b)
-  return am < bm or (am == bm and as < bs)
-end
-local function fields(flat)
-  local t = {}
-  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
-  return t
-end
-local groups = redis.pcall('XINFO', 'GROUPS', stream)
-if type(groups) ~= 'table' or groups.err then return 0 end
-local keep = nil
-for _, raw in ipairs(groups) do
-  local g = fields(raw)
-  local from = g['last-delivered-id']
-  if g['pending'] > 0 then
-    local oldest = redis.call('XPENDING', stream, g['name'])[2]
-    if less(oldest, from) then from = oldest end
-  end
-  if keep == nil or less(from, keep) then keep = from end
-  for _, rawc in ipairs(redis.call('XINFO', 'CONSUMERS', stream, g['name'])) do
-    local c = fields(rawc)
-    if c['pending'] == 0 and c['idle'] > stale then
-      redis.call('XGROUP', 'DELCONSUMER', stream, g['name'], c['name'])
-    end
-  end
-end
-if keep == nil then return redis.call('XTRIM', stream, 'MAXLEN', '~', 0) end  -- no group: nobody can read them
-return redis.call('XTRIM', stream, 'MINID', '~', keep)
-"""
 
 
 def stream_key(topic: str) -> str:
@@ -245,62 +117,32 @@ def stream_key(topic: str) -> str:
     return KEY_PREFIX + topic
 
 
-def _text(value: bytes | None, default: str = "") -> str:
-    return default if value is None else value.decode("utf-8", "replace")
+_BINDING = Binding(prefix="", ordering_key="orderingkey", content_type="datacontenttype")
 
 
 def _fields(message: OutboundMessage) -> dict[bytes, bytes]:
-    when = message.time if message.time.tzinfo else message.time.replace(tzinfo=UTC)
-    fields: dict[bytes, bytes] = {
-        b"specversion": b"1.0",
-        b"id": message.id.encode(),
-        b"source": message.source.encode(),
-        b"type": message.type.encode(),
-        b"time": when.isoformat().encode(),
-        b"datacontenttype": message.content_type.encode(),
-    }
-    if message.traceparent:
-        fields[b"traceparent"] = message.traceparent.encode()
-    if message.tracestate:
-        fields[b"tracestate"] = message.tracestate.encode()
-    if message.ordering_key:
-        fields[b"orderingkey"] = message.ordering_key.encode()
-    for key, value in message.attributes.items():
-        fields[ATTRIBUTE_PREFIX + key.encode()] = value.encode()
+    fields = {key.encode(): value.encode() for key, value in _BINDING.headers(message).items()}
     fields[b"data"] = message.data
     return fields
 
 
-def _time(value: bytes | None, entry_id: str) -> datetime:
-    if value is not None:
-        with contextlib.suppress(ValueError):
-            parsed = datetime.fromisoformat(value.decode())
-            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+def _entry_time(entry_id: str) -> datetime:
     millis = entry_id.partition("-")[0]
     return datetime.fromtimestamp(int(millis) / 1000 if millis.isdigit() else 0, UTC)
 
 
 def _inbound(entry_id: str, flat: list[bytes], attempt: int, topic: str) -> InboundMessage:
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
-    attributes = {
-        key[len(ATTRIBUTE_PREFIX) :].decode("utf-8", "replace"): _text(value)
-        for key, value in fields.items()
-        if key.startswith(ATTRIBUTE_PREFIX)
-    }
+    data = fields.pop(b"data", b"")
     attempt = max(attempt, 1)
-    return InboundMessage(
+    return _BINDING.inbound(
+        {text(key): text(value) for key, value in fields.items()},
         handle=f"{entry_id}@{attempt}",  # one per delivery: a stale handle never settles a later delivery
-        id=_text(fields.get(b"id"), entry_id),
-        source=_text(fields.get(b"source")),
-        type=_text(fields.get(b"type"), topic),
-        time=_time(fields.get(b"time"), entry_id),
-        data=fields.get(b"data", b""),
-        content_type=_text(fields.get(b"datacontenttype"), "application/octet-stream"),
-        attributes=attributes,
-        ordering_key=_text(fields.get(b"orderingkey")),
-        traceparent=_text(fields.get(b"traceparent")),
-        tracestate=_text(fields.get(b"tracestate")),
-        delivery_attempt=attempt,
+        data=data,
+        attempt=attempt,
+        default_id=entry_id,
+        default_type=topic,
+        default_time=_entry_time(entry_id),
     )
 
 
@@ -317,6 +159,7 @@ class RedisBroker(BrokerAdapter):
     def __init__(self, url: str, name: str) -> None:
         self._url = url
         self._name = name
+        self._endpoint = Endpoint(f"broker {name}", url, {"broker": name})
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
         self._closed = False
@@ -326,7 +169,7 @@ class RedisBroker(BrokerAdapter):
 
     def _redis(self) -> Any:
         if self._closed:
-            raise BrokerUnavailable(f"broker {self._name}: the Redis adapter is closed")
+            raise self._endpoint.unavailable("the Redis adapter is closed")
         if self._client is None:
             try:
                 self._client = aioredis.Redis.from_url(
@@ -340,9 +183,8 @@ class RedisBroker(BrokerAdapter):
                 )
             except (ValueError, RedisError):
                 # The parser's message quotes the part it could not read, which may be a piece of the password.
-                raise BrokerUnavailable(
-                    f"broker {self._name}: the Redis URL cannot be parsed (reserved characters in a password must be "
-                    "percent-encoded)"
+                raise self._endpoint.unavailable(
+                    "the Redis URL cannot be parsed (reserved characters in a password must be percent-encoded)"
                 ) from None
         return self._client
 
@@ -363,10 +205,7 @@ class RedisBroker(BrokerAdapter):
 
         Failures past the budget and error replies become BrokerUnavailable.
         """
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + (RETRY_BUDGET_S if budget_s is None else budget_s)
-        pause = 0.05
-        failures = 0
+        budget = RetryBudget(RETRY_BACKOFF, Deadline(RETRY_BUDGET_S if budget_s is None else budget_s))
         while True:
             try:
                 return await op(self._redis())
@@ -377,20 +216,19 @@ class RedisBroker(BrokerAdapter):
                 if task is not None and task.cancelling():
                     # redis-py turns a cancelled blocking read into a connection error: keep the cancellation.
                     raise asyncio.CancelledError from exc
-                failures += 1
-                if self._closed or loop.time() + pause > give_up:
-                    raise BrokerUnavailable(
-                        f"broker {self._name}: Redis is unreachable ({what} failed {failures} time(s)): {exc}",
-                        metadata={"broker": self._name},
+                if self._closed or not await budget.pause():
+                    raise self._endpoint.unavailable(
+                        f"Redis is unreachable ({what} failed {budget.retries} time(s))", exc
                     ) from None
-                if failures == 1:
-                    log.warning("broker %s: Redis connection lost during %s (%s); reconnecting", self._name, what, exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
+                if budget.retries == 1:
+                    log.warning(
+                        "broker %s: Redis connection lost during %s (%s); reconnecting",
+                        self._name,
+                        what,
+                        self._endpoint.describe(exc),
+                    )
             except (RedisError, OSError) as exc:
-                raise BrokerUnavailable(
-                    f"broker {self._name}: Redis refused {what}: {exc}", metadata={"broker": self._name}
-                ) from None
+                raise self._endpoint.unavailable(f"Redis refused {what}", exc) from None
 
     async def maintain(self, key: str) -> None:
         """Trim `key` and drop stale consumers, at most every MAINTENANCE_INTERVAL_S per stream."""
@@ -398,7 +236,7 @@ class RedisBroker(BrokerAdapter):
         if self._maintained.get(key, 0.0) > now:
             return
         self._maintained[key] = now + MAINTENANCE_INTERVAL_S
-        script = self.script("maintain", _MAINTAIN)
+        script = self.script("maintain", redis_scripts.MAINTAIN)
         try:
             await self.call(
                 "stream trimming",
@@ -415,7 +253,7 @@ class RedisBroker(BrokerAdapter):
         fields = _fields(message)
         entry_id = await self.call("publish (XADD)", lambda r: r.xadd(key, fields))
         await self.maintain(key)
-        return _text(entry_id)
+        return text(entry_id)
 
     async def publish_batch(self, topic: str, messages: list[OutboundMessage]) -> list[str | ProcessorError]:
         key = stream_key(topic)
@@ -432,9 +270,9 @@ class RedisBroker(BrokerAdapter):
         results: list[str | ProcessorError] = []
         for reply in replies:
             if isinstance(reply, Exception):
-                results.append(BrokerUnavailable(f"broker {self._name}: Redis refused the publish: {reply}"))
+                results.append(self._endpoint.unavailable("Redis refused the publish", reply))
             else:
-                results.append(_text(reply))
+                results.append(text(reply))
         return results
 
     async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:
@@ -507,13 +345,13 @@ class RedisSubscription(BrokerSubscription):
         return messages
 
     async def _reclaim(self, want: int) -> list[tuple[str, int, list[bytes]]]:
-        script = self._broker.script("reclaim", _RECLAIM)
+        script = self._broker.script("reclaim", redis_scripts.RECLAIM)
         args = [self._group, self.consumer, want, PARK_CONSUMER, PARK_MS, GRACE_MS, UNKNOWN_OWNER_DEADLINE_MS]
         reply = await self._broker.call(
             "reclaiming messages", lambda _: script(keys=[self._key], args=[*args, self._cursor, SCAN])
         )
-        self._cursor = _text(reply[0])
-        return [(_text(entry_id), int(count), _flat(flat)) for entry_id, count, flat in reply[1]]
+        self._cursor = text(reply[0])
+        return [(text(entry_id), int(count), _flat(flat)) for entry_id, count, flat in reply[1]]
 
     async def _read(self, count: int, block_ms: int | None) -> list[tuple[str, int, list[bytes]]]:
         async def read(client: Any) -> Any:
@@ -534,7 +372,7 @@ class RedisSubscription(BrokerSubscription):
         for _, stream_entries in streams:
             for entry_id, flat in stream_entries:
                 if flat is not None:  # None: deleted while pending (older servers)
-                    entries.append((_text(entry_id), 1, _flat(flat)))
+                    entries.append((text(entry_id), 1, _flat(flat)))
         return entries
 
     async def ack(self, handles: list[str]) -> None:
@@ -546,22 +384,19 @@ class RedisSubscription(BrokerSubscription):
         self._forget(mine)
 
     async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
-        mine = [handle for handle in dict.fromkeys(handles) if handle in self._held]
-        if not mine:
-            return
         idle = PARK_MS - min(max(round(delay_s * 1000), 0), PARK_MS)
-        script = self._broker.script("nack", _NACK)
-        args = [self._group, self.consumer, PARK_CONSUMER, idle, *(self._held[handle] for handle in mine)]
-        await self._broker.call("giving messages back", lambda _: script(keys=[self._key], args=args))
-        self._forget(mine)
+        await self._park(handles, idle, "giving messages back")
 
     async def release(self, handles: list[str]) -> None:
+        await self._park(handles, PARK_MS, "giving unseen messages back", lower=True)
+
+    async def _park(self, handles: list[str], idle: int, what: str, *, lower: bool = False) -> None:
         mine = [handle for handle in dict.fromkeys(handles) if handle in self._held]
         if not mine:
             return
-        script = self._broker.script("release", _RELEASE)
-        args = [self._group, self.consumer, PARK_CONSUMER, PARK_MS, *(self._held[handle] for handle in mine)]
-        await self._broker.call("giving unseen messages back", lambda _: script(keys=[self._key], args=args))
+        script = self._broker.script("park", redis_scripts.PARK)
+        args = [self._group, self.consumer, PARK_CONSUMER, idle, int(lower), *(self._held[handle] for handle in mine)]
+        await self._broker.call(what, lambda _: script(keys=[self._key], args=args))
         self._forget(mine)
 
     def _forget(self, handles: list[str]) -> None:
@@ -577,7 +412,7 @@ class RedisSubscription(BrokerSubscription):
         async with self._lock:
             args = [self._group, self.consumer, PARK_CONSUMER, PARK_MS, *self._held.values()]
             try:
-                script = self._broker.script("close", _CLOSE)
+                script = self._broker.script("close", redis_scripts.CLOSE)
                 await self._broker.call(
                     "closing the consumer",
                     lambda _: script(keys=[self._key], args=args),

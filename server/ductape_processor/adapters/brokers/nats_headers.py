@@ -1,0 +1,56 @@
+"""NATS message headers: CloudEvents 1.0 in the binary content mode of the NATS binding (as the CloudEvents Go SDK
+writes it), every value percent-encoded, and the defaults of messages other producers wrote (see `nats`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from urllib.parse import unquote
+
+from nats.aio.msg import Msg
+from nats.js import api
+
+from ductape_processor.adapters.brokers.base import InboundMessage, OutboundMessage
+from ductape_processor.adapters.brokers.codec import Binding
+
+_BINDING = Binding(prefix="ce-", ordering_key="ce-orderingkey", content_type="content-type")
+
+
+def encode(value: str) -> str:
+    """Percent-encode a header value (CloudEvents HTTP binding 3.1.3.2): space, '"', '%' and non-printable ASCII."""
+    out: list[str] = []
+    for char in value:
+        if "!" <= char <= "~" and char not in '"%':
+            out.append(char)
+        else:
+            out.extend(f"%{byte:02X}" for byte in char.encode())
+    return "".join(out)
+
+
+def decode(value: str | None) -> str:
+    return unquote(value, errors="replace") if value else ""
+
+
+def outbound_headers(topic: str, message: OutboundMessage) -> dict[str, str]:
+    headers = {api.Header.MSG_ID.value: f"{topic}:{message.id}", **_BINDING.headers(message)}
+    return {key: encode(value) for key, value in headers.items()}
+
+
+def header_bytes(headers: Mapping[str, str]) -> int:
+    # NATS/1.0\r\n + "key: value\r\n" per header + \r\n
+    return 12 + sum(len(key) + len(value) + 4 for key, value in headers.items())
+
+
+def inbound(handle: str, msg: Msg) -> InboundMessage:
+    headers = {key: decode(value) for key, value in (msg.headers or {}).items()}
+    meta = msg.metadata
+    return _BINDING.inbound(
+        headers,
+        handle=handle,
+        data=msg.data,
+        attempt=meta.num_delivered,
+        default_id=headers.get(api.Header.MSG_ID.value) or f"{meta.stream}:{meta.sequence.stream}",  # foreign
+        default_type=msg.subject,
+        default_time=meta.timestamp if meta.timestamp is not None else datetime.now(UTC),
+        content_type=headers.get("ce-datacontenttype", ""),
+    )

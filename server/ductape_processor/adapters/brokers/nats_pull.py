@@ -1,0 +1,208 @@
+"""One subscriber of a NATS JetStream group: an inbox that receives the answers to its own pull requests (see `nats`
+for the design: one request open at a time, within the engine's credit; close lets it end before unsubscribing)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import TYPE_CHECKING
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import api
+
+from ductape_processor.adapters.brokers.base import InboundMessage
+from ductape_processor.adapters.brokers.buffer import BufferedSubscription
+from ductape_processor.adapters.brokers.nats_headers import inbound
+
+if TYPE_CHECKING:
+    from ductape_processor.adapters.brokers.nats import NatsBroker
+
+log = logging.getLogger(__name__)
+
+MIN_PULL_EXPIRES_S = 0.05
+PULL_EXPIRES_MAX_S = 0.25
+PULL_END_GRACE_S = 0.5
+CLOSE_DEADLINE_S = 3.0
+
+_STATUS = api.Header.STATUS.value
+_DESCRIPTION = api.Header.DESCRIPTION.value
+
+
+class NatsPullSubscription(BufferedSubscription[Msg]):
+    """One consumer of a group: an inbox that receives the answers to its own pull requests."""
+
+    def __init__(self, adapter: NatsBroker, nc: NATS, consumer: str) -> None:
+        super().__init__(adapter.forget)
+        self._adapter = adapter
+        self._nc = nc
+        self._consumer = consumer
+        self._next = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{adapter.stream}.{consumer}"
+        self._inbox = nc.new_inbox()
+        self._sub: NatsSubscription | None = None
+        self._request_left = 0  # messages the open pull request may still bring
+        self._request_until = 0.0  # when the server expires it (loop time)
+        self._request_over = asyncio.Event()
+        self._request_over.set()
+        self._next_request_at = 0.0
+        self._fetching = False
+        self._broken = ""
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+
+    def _end_request(self) -> None:
+        self._request_left = 0
+        self._request_over.set()
+
+    def _request_open(self) -> bool:
+        """Whether our pull request may still bring messages: until it is filled or the server said it ended (408
+        on expiry), or, should that answer be lost with a dropped connection, a grace period after its expiry.
+        Only one request is open at a time, so a late status can never be taken for the end of a newer one."""
+        if self._request_left > 0 and asyncio.get_running_loop().time() < self._request_until + PULL_END_GRACE_S:
+            return True
+        self._end_request()
+        return False
+
+    async def _request_ended(self) -> None:
+        """Wait until the open pull request (if any) ended; it expires within PULL_EXPIRES_MAX_S."""
+        if self._request_open():
+            left = self._request_until + PULL_END_GRACE_S - asyncio.get_running_loop().time()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._request_over.wait()
+            self._end_request()
+
+    async def _on_message(self, msg: Msg) -> None:
+        status = msg.headers.get(_STATUS) if msg.headers else None
+        if status:
+            if status == "100":  # idle heartbeat
+                return
+            self._end_request()  # 404 no messages, 408 expired, 409 ended early, 503 nobody answers
+            description = msg.headers.get(_DESCRIPTION, "") if msg.headers else ""
+            if status == "503" or (status == "409" and "deleted" in description.lower()):
+                self._broken = f"consumer {self._consumer!r} is gone ({status} {description or 'no responders'})"
+                self._adapter.forget_consumer(self._consumer)  # a new Subscribe creates it again
+            elif status not in ("404", "408"):
+                log.debug("pull request on %s ended: %s %s", self._consumer, status, description)
+                self._next_request_at = asyncio.get_running_loop().time() + 0.2
+            self._buffer.wake()
+            return
+        self._request_left -= 1
+        if self._request_left <= 0:
+            self._end_request()
+        self._buffer.put(msg)
+
+    async def _request(self, batch: int, expires_s: float) -> None:
+        body = json.dumps({"batch": batch, "expires": int(expires_s * 1e9)}).encode()
+        self._request_left = batch
+        self._request_until = asyncio.get_running_loop().time() + expires_s
+        self._request_over.clear()
+        try:
+            await self._nc.publish(self._next, body, reply=self._inbox)
+        except nats.errors.ConnectionClosedError as exc:
+            self._end_request()
+            raise self._adapter.unavailable("fetch: the connection is closed", exc) from exc
+        except (nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError):
+            self._end_request()  # the connection is down: fetch returns [] and the engine asks again
+        except nats.errors.Error as exc:
+            self._end_request()
+            raise self._adapter.unavailable("fetch", exc) from exc
+
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[InboundMessage]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self._fetching = True
+        try:
+            while not self._buffer.ready and not self._closed:
+                if self._broken:
+                    raise self._adapter.unavailable(self._broken)
+                now = loop.time()
+                left = deadline - now
+                if left <= 0:
+                    break
+                open_request = self._request_open()
+                if not open_request and now >= self._next_request_at and self._nc.is_connected:
+                    await self._request(max_messages, min(max(left, MIN_PULL_EXPIRES_S), PULL_EXPIRES_MAX_S))
+                    continue
+                if self._nc.is_closed:
+                    raise self._adapter.unavailable("fetch: the connection is closed")
+                if open_request:  # woken by its messages or by the status that ends it
+                    wait = min(left, self._request_until + PULL_END_GRACE_S - now)
+                elif now < self._next_request_at:
+                    wait = min(left, self._next_request_at - now)
+                else:
+                    wait = left  # disconnected: nothing to ask until the connection is back
+                await self._buffer.wait(wait)
+        finally:
+            self._fetching = False
+        if self._closed:
+            return []
+        return self._buffer.hand_out(max_messages, self._readable)
+
+    def _readable(self, handle: str, msg: Msg) -> InboundMessage | None:
+        try:
+            return inbound(handle, msg)
+        except Exception:  # not a JetStream message (no ack subject): nothing to hand out or ack
+            log.warning("dropping a message without JetStream metadata on %s", self._consumer)
+            return None
+
+    async def ack(self, handles: list[str]) -> None:
+        await self._settle(handles, None)
+
+    async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
+        if not self._fetching:
+            # Nobody is fetching (the stream is closing, or waits for credit): let our open pull request end
+            # first, so the redelivery goes to the group rather than back into this subscription's request.
+            await self._request_ended()
+        await self._settle(handles, delay_s)
+
+    async def _settle(self, handles: list[str], delay_s: float | None) -> None:
+        failure: BaseException | None = None
+        for handle in handles:
+            msg = self._buffer.settle(handle)
+            if msg is None:
+                continue
+            try:
+                if delay_s is None:
+                    await msg.ack()
+                else:
+                    await msg.nak(delay=delay_s if delay_s > 0 else None)
+            except nats.errors.MsgAlreadyAckdError:
+                continue
+            except nats.errors.Error as exc:  # the message comes back after ack_wait
+                failure = exc
+        if failure is not None:
+            what = "ack" if delay_s is None else "nack"
+            raise self._adapter.unavailable(f"{what} on {self._consumer!r}", failure) from failure
+
+    async def _give_back(self) -> None:
+        # No new pull request from here on; the open one ends within PULL_EXPIRES_MAX_S. Waiting for it while still
+        # subscribed (rather than unsubscribing at once, which also makes the server drop it) matters: nats-server
+        # 2.9 loses a redelivered message, and hands a newer one out twice, when it picks a redelivery for a pull
+        # request whose inbox has just lost its subscriber.
+        await self._request_ended()
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                async with asyncio.timeout(CLOSE_DEADLINE_S):
+                    if self._nc.is_connected:
+                        # UNSUB, then a round trip: everything the server sent before has reached the callback.
+                        await sub.drain()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+                    else:
+                        await sub.unsubscribe()  # the server already forgot it with the lost connection
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.debug("closing the inbox of %s: %s", self._consumer, exc)
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        leftovers = self._buffer.drain()
+        for msg in leftovers:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        if leftovers and self._nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=int(CLOSE_DEADLINE_S))
