@@ -550,3 +550,7 @@ async def test_bad_publishes_are_refused(broker: Running) -> None:
     assert missing.value.reason == "TOPIC_NOT_FOUND"
     with pytest.raises(InvalidArgumentError):
         await publish(broker, "x", event="no-colon")
+    with pytest.raises(InvalidArgumentError) as long_key:
+        await publish(broker, "x", idempotency_key="k" * 257)
+    assert long_key.value.field_violations[0].field == "message.idempotency_key"
+    assert long_key.value.field_violations[0].description == "is longer than 256 characters"

@@ -99,6 +99,19 @@ async def test_a_key_that_cannot_be_a_header_value_is_refused(start_server: Serv
     assert upstream.hits("/create") == []
 
 
+async def test_a_key_longer_than_256_characters_is_refused(start_server: ServerFactory, upstream: Upstream) -> None:
+    server = await start_server()
+    await server.client.product.apply(with_header(upstream.url, ""))
+    call = {"product": "faults", "env": "dev", "app": "api", "event": "create", "input": {"body": {"name": "x"}}}
+    with pytest.raises(InvalidArgumentError) as caught:
+        await server.client.action.run(**call, idempotency_key="k" * 257)
+    assert caught.value.field_violations[0].field == "idempotency_key"
+    assert caught.value.field_violations[0].description == "is longer than 256 characters"
+    assert upstream.hits("/create") == []
+    await server.client.action.run(**call, idempotency_key="k" * 256)
+    assert len(upstream.hits("/create")) == 1
+
+
 async def test_an_answered_idempotent_call_has_its_record_before_the_answer(
     start_server: ServerFactory, upstream: Upstream
 ) -> None:

@@ -29,10 +29,11 @@ from ductape_processor.adapters.brokers.registry import BROKER_TYPES
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.runtime.manifest import SECRET_REFERENCE, Broker, Topic
 from ductape_processor.runtime.policies import Deadline
+from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
 from ductape_processor.runtime.registry import Registry, Resolved
 from ductape_processor.runtime.secrets import SecretSource
 from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
-from ductape_processor.store.base import Store
+from ductape_processor.store.base import IdempotencyRecord, Store
 
 PUBLISH_LIMIT_S: Final = 8.0
 """The longest one Publish or PublishBatch waits for its broker, connecting included, when the caller's deadline is
@@ -193,8 +194,9 @@ class BrokerRuntime:
                 problems.append(FieldViolation(f"{field}.attributes.{key}", "is longer than 4096 characters"))
         if len(outgoing.ordering_key) > 256:
             problems.append(FieldViolation(f"{field}.ordering_key", "is longer than 256 characters"))
-        if len(outgoing.idempotency_key) > 256:
-            problems.append(FieldViolation(f"{field}.idempotency_key", "is longer than 256 characters"))
+        key_problem = idempotency_key_problem(outgoing.idempotency_key)
+        if key_problem is not None:
+            problems.append(FieldViolation(f"{field}.idempotency_key", key_problem))
         if problems:
             # Worded like every other field error (`<field>: <why>`), so a batch entry reads the same whichever
             # layer refused it.
@@ -260,8 +262,10 @@ class BrokerRuntime:
     async def _publish_once(
         self, route: Route, adapter: BrokerAdapter, outgoing: Outgoing, trace: Mapping[str, str], give_up: float
     ) -> str:
-        where = f"{route.resolved.product}/{route.resolved.env.slug}/{route.broker.tag}:{route.topic.tag}"
-        key = f"publish/{where}/{outgoing.idempotency_key}"
+        key = record_key(
+            ("publish", route.resolved.product, route.resolved.env.slug, f"{route.broker.tag}:{route.topic.tag}"),
+            outgoing.idempotency_key,
+        )
         digest = hashlib.sha256()
         for part in (
             outgoing.data,
@@ -277,21 +281,8 @@ class BrokerRuntime:
         # message once its record has expired.
         message_id = hashlib.sha256(f"{key}\n{request_hash}".encode()).hexdigest()[:24]
         owner = os.urandom(8).hex()
-        while True:
-            now = datetime.now(UTC)
-            record = await self._store.idempotency_claim(
-                key, request_hash, owner, now, now + PUBLISH_LEASE, now + self._retention
-            )
-            if record.request_hash != request_hash:
-                raise FailedPrecondition(
-                    "this idempotency key was used for a different message",
-                    reason="IDEMPOTENCY_KEY_REUSED",
-                    metadata={"idempotency_key": outgoing.idempotency_key},
-                )
-            if record.owner == owner:
-                break
-            if record.state == "done" and record.response is not None:
-                return record.response.decode()
+
+        async def wait(_: IdempotencyRecord) -> None:
             if time.monotonic() + 0.05 >= give_up:
                 raise BrokerUnavailable(
                     "another publish with this idempotency key is not confirmed yet: the message may or may not have "
@@ -299,6 +290,20 @@ class BrokerRuntime:
                     metadata={"broker": route.broker.tag, "idempotency_key": outgoing.idempotency_key},
                 )
             await asyncio.sleep(0.05)
+
+        record = await claim(
+            self._store,
+            key,
+            request_hash,
+            owner,
+            lease=PUBLISH_LEASE,
+            retention=self._retention,
+            reused=lambda: key_reused("message", outgoing.idempotency_key),
+            wait=wait,
+        )
+        if record.owner != owner:
+            assert record.response is not None
+            return record.response.decode()
         message = self._message(route, outgoing, trace, message_id)
         try:
             await self._send(

@@ -56,19 +56,19 @@ from ductape_processor.runtime.logs.recorder import ExecutionRecorder, new_proce
 from ductape_processor.runtime.manifest import CredentialAuth, Manifest
 from ductape_processor.runtime.policies.breaker import CircuitBreaker
 from ductape_processor.runtime.policies.deadline import Deadline
+from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
 from ductape_processor.runtime.policies.retry import RetryBudget, parse_retry_after
 from ductape_processor.runtime.registry import Registry, Resolved
 from ductape_processor.runtime.secrets import SecretSource, TokenVault
 from ductape_processor.runtime.sessions import SessionManager
 from ductape_processor.runtime.templates import RenderError, Scope, Taint
-from ductape_processor.store.base import ExecutionRecord, Store
+from ductape_processor.store.base import ExecutionRecord, IdempotencyRecord, Store
 from ductape_processor.telemetry.context import outgoing_trace_context
 
 log = logging.getLogger(__name__)
 
 SUCCESS, FAIL = 1, 2
 _REDACTED = "[redacted]"
-MAX_IDEMPOTENCY_KEY = 256
 HEADER_VALUE_INVALID = "HEADER_VALUE_INVALID"
 """The `ErrorInfo.reason` of a call whose rendered header value holds a control character."""
 # How long an idempotency claim outlives its owner's last renewal: the longest a repeat waits after a replica died.
@@ -340,8 +340,9 @@ class ActionExecutor:
 
     async def _idempotent(self, ctx: _Context, checked: dict[str, Any]) -> ActionResult:
         call = ctx.call
-        if len(call.idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            raise InvalidArgument.field("idempotency_key", f"is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        problem = idempotency_key_problem(call.idempotency_key)
+        if problem is not None:
+            raise InvalidArgument.field("idempotency_key", problem)
         header = ctx.plan.app.idempotency_header
         if header:
             if not _PRINTABLE_ASCII.fullmatch(call.idempotency_key):
@@ -351,33 +352,14 @@ class ActionExecutor:
             # The IETF draft's Idempotency-Key is a structured-field string: quoted, with \ and " escaped.
             quoted = call.idempotency_key.replace("\\", "\\\\").replace('"', '\\"')
             ctx.upstream_headers = {header: f'"{quoted}"'}
-        key = f"{call.product}/{ctx.resolved.env.slug}/{call.idempotency_key}"
+        key = record_key((call.product, ctx.resolved.env.slug), call.idempotency_key)
         session = ctx.session if ctx.plan.uses_session else None
         request_hash = hashlib.sha256(canonical_json([call.app, call.event, checked, session]).encode()).hexdigest()
         owner = f"{self._owner}:{new_process_id()}"
-        while True:
-            now = datetime.now(UTC)
-            lease_until = now + timedelta(seconds=IDEMPOTENCY_LEASE_S)
-            record = await self._store.idempotency_claim(
-                key, request_hash, owner, now, lease_until, now + self._retention
-            )
-            if record.request_hash != request_hash:
-                raise FailedPrecondition(
-                    "this idempotency key was used for a different request",
-                    reason="IDEMPOTENCY_KEY_REUSED",
-                    metadata={"idempotency_key": call.idempotency_key},
-                )
-            if record.owner == owner:
-                try:
-                    if await self._store.idempotency_mark_sent(key, owner, lease_until):
-                        break
-                except ProcessorError:
-                    await self._release(key, owner)
-                    raise
-                continue  # the claim was taken over between the two statements: look again
-            if record.state == "done" and record.response is not None:
-                return ActionResult.decode(record.response)
-            if record.state == "sent" and record.lease_until <= now:
+        lease = timedelta(seconds=IDEMPOTENCY_LEASE_S)
+
+        async def wait(record: IdempotencyRecord) -> None:
+            if record.state == "sent" and record.lease_until <= datetime.now(UTC):
                 raise Unavailable(
                     "the call holding this idempotency key ended without recording the upstream's answer (its "
                     "replica stopped or the store failed); the request may have reached the upstream, so it is not "
@@ -386,6 +368,28 @@ class ActionExecutor:
                     metadata={"idempotency_key": call.idempotency_key},
                 )
             await self._wait_for(key, ctx.deadline)
+
+        while True:
+            record = await claim(
+                self._store,
+                key,
+                request_hash,
+                owner,
+                lease=lease,
+                retention=self._retention,
+                reused=lambda: key_reused("request", call.idempotency_key),
+                wait=wait,
+            )
+            if record.owner != owner:
+                assert record.response is not None
+                return ActionResult.decode(record.response)
+            try:
+                if await self._store.idempotency_mark_sent(key, owner, datetime.now(UTC) + lease):
+                    break
+            except ProcessorError:
+                await self._release(key, owner)
+                raise
+            # the claim was taken over between the two statements: look again
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[key] = done
         renewing = asyncio.get_running_loop().create_task(self._renew(key, owner), name="idempotency-lease")
