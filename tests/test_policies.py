@@ -1,4 +1,4 @@
-"""The policies every resource kind and adapter share: backoff, retry budgets, paging."""
+"""The policies every resource kind and adapter share: backoff, retry budgets, paging, bounded caches."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from ductape_processor.errors import InvalidArgument
+from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.paging import (
     DEFAULT_PAGE_SIZE,
@@ -110,3 +111,14 @@ def test_page_size_defaults_caps_and_refuses_negative() -> None:
     assert effective_page_size(10**6) == MAX_PAGE_SIZE
     with pytest.raises(InvalidArgument):
         effective_page_size(-1)
+
+
+def test_a_bounded_cache_evicts_the_least_recently_used_entry() -> None:
+    cache: BoundedCache[str, int] = BoundedCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "a" is now the most recently used
+    cache.put("c", 3)
+    assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == (1, None, 3, 2)
+    cache.put("a", 10)  # rewriting keeps the size
+    assert len(cache) == 2 and cache.pop("a") == 10 and cache.get("a") is None

@@ -7,6 +7,7 @@ import hmac
 from collections.abc import Iterable
 
 from ductape_processor.errors import Unauthenticated
+from ductape_processor.runtime.policies.caches import BoundedCache
 
 MAX_REMEMBERED = 1024
 
@@ -18,7 +19,7 @@ class ApiKeyAuthenticator:
         self._hashes = [bytes.fromhex(h) for h in key_hashes]
         # Authorization values already accepted, so a caller's every call does not hash its key again. Only
         # accepted values are kept (a miss costs a hash and the constant-time comparison); bounded in size.
-        self._accepted: set[str] = set()
+        self._accepted: BoundedCache[str, bool] = BoundedCache(MAX_REMEMBERED)
 
     @property
     def enabled(self) -> bool:
@@ -27,7 +28,7 @@ class ApiKeyAuthenticator:
 
     def check(self, authorization: str | None) -> None:
         """Raise Unauthenticated unless `authorization` is `Bearer <a configured key>`."""
-        if authorization is not None and authorization in self._accepted:
+        if authorization is not None and self._accepted.get(authorization):
             return
         if authorization is None:
             raise Unauthenticated(
@@ -42,9 +43,7 @@ class ApiKeyAuthenticator:
             matched |= hmac.compare_digest(digest, expected)
         if not matched:
             raise Unauthenticated("API key not accepted", reason="API_KEY_INVALID")
-        if len(self._accepted) >= MAX_REMEMBERED:
-            self._accepted.clear()
-        self._accepted.add(authorization)
+        self._accepted.put(authorization, True)
 
 
 def hash_key(key: str) -> str:

@@ -10,8 +10,11 @@ from ductape.processor.v1 import product_pb2, product_pb2_grpc
 from ductape_processor.api.values import timestamp
 from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.manifest_loader import ManifestFormat
+from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.registry import Registry
 from ductape_processor.store.base import VersionRecord
+
+ANSWERS_REMEMBERED = 256
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -54,7 +57,9 @@ class ProductServicer(product_pb2_grpc.ProductServiceServicer):
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
         # Get answers for unchanged (version, pins): versions are immutable, so an answer is reusable as is.
-        self._answers: dict[tuple[str, int, tuple[tuple[str, int], ...]], product_pb2.GetResponse] = {}
+        self._answers: BoundedCache[tuple[str, int, tuple[tuple[str, int], ...]], product_pb2.GetResponse] = (
+            BoundedCache(ANSWERS_REMEMBERED)
+        )
 
     async def Apply(self, request: product_pb2.ApplyRequest, context: Context) -> product_pb2.ApplyResponse:
         record, created = await self._registry.apply(_manifest(request.manifest), _format(request.format))
@@ -92,9 +97,7 @@ class ProductServicer(product_pb2_grpc.ProductServiceServicer):
                 format=record.format,  # type: ignore[arg-type]
                 pins=pins,
             )
-            if len(self._answers) >= 256:
-                self._answers.clear()
-            self._answers[key] = answer
+            self._answers.put(key, answer)
         return answer
 
     async def ListVersions(

@@ -29,6 +29,7 @@ from ductape_processor.adapters.brokers.registry import BROKER_TYPES
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.runtime.manifest import SECRET_REFERENCE, Broker, Topic
 from ductape_processor.runtime.policies import Deadline
+from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
 from ductape_processor.runtime.registry import Registry, Resolved
 from ductape_processor.runtime.secrets import SecretSource
@@ -40,6 +41,7 @@ PUBLISH_LIMIT_S: Final = 8.0
 later (or unset); then it answers UNAVAILABLE `BROKER_UNAVAILABLE` (docs/brokers.md says what that means)."""
 PUBLISH_LEASE: Final = timedelta(seconds=PUBLISH_LIMIT_S + 5)
 """How long an idempotency key stays claimed by a publish: past PUBLISH_LIMIT_S its owner has given up or died."""
+ADAPTERS_BY_VERSION = 1024  # product versions whose routes map straight to their adapter
 MAX_ATTRIBUTES = 64
 MAX_BATCH_ENTRIES = 1000
 _ATTRIBUTE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")  # \Z: "$" would let a trailing newline through
@@ -90,7 +92,7 @@ class BrokerRuntime:
         self._retention = idempotency_retention
         self._adapters: dict[tuple[str, str, str, str], BrokerAdapter] = {}
         self._opening: dict[tuple[str, str, str, str], asyncio.Lock] = {}
-        self._by_version: dict[tuple[str, int, str, str], BrokerAdapter] = {}
+        self._by_version: BoundedCache[tuple[str, int, str, str], BrokerAdapter] = BoundedCache(ADAPTERS_BY_VERSION)
         self.closing = asyncio.Event()
         self._subscriptions: set[Subscription] = set()
 
@@ -145,9 +147,7 @@ class BrokerRuntime:
         if adapter is not None:
             return adapter
         adapter = await self._open_adapter(route)
-        if len(self._by_version) >= 1024:
-            self._by_version.clear()
-        self._by_version[known] = adapter
+        self._by_version.put(known, adapter)
         return adapter
 
     async def _open_adapter(self, route: Route) -> BrokerAdapter:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ductape_processor.errors import (
@@ -29,6 +28,7 @@ from ductape_processor.runtime.manifest_loader import (
     ManifestFormat,
     ManifestLoader,
 )
+from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.paging import (
     decode_page_token,
     effective_page_size,
@@ -93,7 +93,7 @@ class Registry:
         self._loader = ManifestLoader(manifest_max_bytes)
         self._poll_interval = poll_interval
         self._slots: dict[str, _Slot] = {}
-        self._models: OrderedDict[tuple[str, int], CompiledManifest] = OrderedDict()
+        self._models: BoundedCache[tuple[str, int], CompiledManifest] = BoundedCache(MODEL_CACHE_SIZE)
         self._loading: dict[tuple[str, int], asyncio.Future[CompiledManifest]] = {}
         self._seen_revisions: dict[str, int] = {}
         self._poller: asyncio.Task[None] | None = None
@@ -192,7 +192,6 @@ class Registry:
         key = (record.product, record.version)
         compiled = self._models.get(key)
         if compiled is not None:
-            self._models.move_to_end(key)
             return compiled
         loading = self._loading.get(key)
         if loading is None:
@@ -200,9 +199,7 @@ class Registry:
             loading = self._loading[key] = asyncio.ensure_future(self._loader.model(record.document))
             loading.add_done_callback(lambda done: self._loaded(key, done))
         compiled = await asyncio.shield(loading)
-        self._models[key] = compiled
-        if len(self._models) > MODEL_CACHE_SIZE:
-            self._models.popitem(last=False)
+        self._models.put(key, compiled)
         return compiled
 
     def _loaded(self, key: tuple[str, int], done: asyncio.Future[CompiledManifest]) -> None:
@@ -219,7 +216,7 @@ class Registry:
             loaded.model.product, loaded.checksum, int(loaded.format), source, loaded.canonical_json
         )
         if created:
-            self._models[(record.product, record.version)] = CompiledManifest(loaded.model, loaded.plan)
+            self._models.put((record.product, record.version), CompiledManifest(loaded.model, loaded.plan))
             self.invalidate(record.product)
         return record, created
 

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ductape_processor.errors import InvalidArgument, NotFound, ProcessorError, Unauthenticated
 from ductape_processor.runtime.contract import check_input
 from ductape_processor.runtime.manifest import SessionType
+from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
 from ductape_processor.runtime.registry import Registry
 from ductape_processor.store.base import SessionFilter, SessionRecord, Store
@@ -177,7 +178,7 @@ class SessionManager:
         self._since = datetime.fromtimestamp(clock(), UTC) - timedelta(days=3650)
         self._watcher: asyncio.Task[None] | None = None
         # Tokens already opened (decrypting is the costly part of a verify); bounded, never trusted past expiry.
-        self._verified: dict[tuple[str, str, str, str], VerifiedSession] = {}
+        self._verified: BoundedCache[tuple[str, str, str, str], VerifiedSession] = BoundedCache(VERIFIED_CACHE_SIZE)
 
     # -- revocation cache ---------------------------------------------------------------------------------------
 
@@ -331,9 +332,7 @@ class SessionManager:
             identifier=payload["idn"],
             expires_at=datetime.fromtimestamp(payload["exp"], UTC),
         )
-        if len(self._verified) >= VERIFIED_CACHE_SIZE:
-            self._verified.clear()
-        self._verified[key] = verified
+        self._verified.put(key, verified)
         return verified
 
     async def refresh(self, product: str, env: str, tag: str, refresh_token: str) -> TokenPair:

@@ -1,5 +1,6 @@
 """Policies written once for every resource kind and adapter: retry and backoff (retry), the circuit breaker
-(breaker), deadlines (deadline), paging of list calls (paging)."""
+(breaker), deadlines (deadline), idempotency keys (idempotency), paging of list calls (paging), bounded caches
+(caches)."""
 
 from ductape_processor.runtime.policies.breaker import CircuitBreaker, CircuitOpen
 from ductape_processor.runtime.policies.deadline import Deadline
