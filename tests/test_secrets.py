@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from ductape_processor.runtime.secrets import SecretsFileError, SecretSource, read_secrets_file, referenced_secrets
+from ductape_processor.runtime.policies.secrets import (
+    SecretsFileError,
+    SecretSource,
+    read_secrets_file,
+    referenced_secrets,
+)
 
 
 def test_the_file_wins_over_prefixed_environment_variables(tmp_path: Path) -> None:
@@ -41,3 +46,13 @@ def test_a_malformed_secrets_file_names_the_line_not_the_value(tmp_path: Path) -
 def test_referenced_secret_names_are_found_anywhere() -> None:
     document = {"a": ["Bearer $Secret{ONE}", {"b": "$Secret{TWO}:$Secret{ONE}"}], "c": 3}
     assert referenced_secrets(document) == {"ONE", "TWO"}
+
+
+def test_resolving_replaces_every_reference_and_names_the_first_missing_one() -> None:
+    source = SecretSource({"USER": "u", "PASSWORD": "p@ss"}, {})
+    assert source.resolve("amqp://$Secret{USER}:$Secret{PASSWORD}@host/", KeyError) == "amqp://u:p@ss@host/"
+    assert source.resolve("$Secret{PASSWORD}", KeyError) == "p@ss"
+    assert source.resolve("no reference", KeyError) == "no reference"
+    with pytest.raises(KeyError) as missing:
+        source.resolve("redis://:$Secret{NOPE}@host/$Secret{ALSO_NOPE}", KeyError)
+    assert missing.value.args == ("NOPE",)

@@ -27,12 +27,12 @@ from ductape_processor.adapters.brokers.base import (
 )
 from ductape_processor.adapters.brokers.registry import BROKER_TYPES
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
-from ductape_processor.runtime.manifest import SECRET_REFERENCE, Broker, Topic
+from ductape_processor.runtime.manifest import Broker, Topic
 from ductape_processor.runtime.policies import Deadline
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
+from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.runtime.registry import Registry, Resolved
-from ductape_processor.runtime.secrets import SecretSource
 from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.store.base import IdempotencyRecord, Store
 
@@ -123,18 +123,15 @@ class BrokerRuntime:
     def _settings(self, route: Route) -> dict[str, Any]:
         config = route.broker.envs[route.resolved.env.slug].model_dump()
 
-        def secret(match: re.Match[str]) -> str:
-            value = self._secrets.get(match.group(1))
-            if value is None:
-                raise FailedPrecondition(
-                    f"broker {route.broker.tag!r}: secret {match.group(1)} is not defined on this processor",
-                    reason="SECRET_NOT_FOUND",
-                    metadata={"broker": route.broker.tag, "secret": match.group(1)},
-                )
-            return value
+        def missing(name: str) -> FailedPrecondition:
+            return FailedPrecondition(
+                f"broker {route.broker.tag!r}: secret {name} is not defined on this processor",
+                reason="SECRET_NOT_FOUND",
+                metadata={"broker": route.broker.tag, "secret": name},
+            )
 
         return {
-            key: SECRET_REFERENCE.sub(secret, value) if isinstance(value, str) else value
+            key: self._secrets.resolve(value, missing) if isinstance(value, str) else value
             for key, value in config.items()
         }
 

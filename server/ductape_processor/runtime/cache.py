@@ -9,7 +9,7 @@ from typing import Any
 
 from ductape_processor.errors import FailedPrecondition, InvalidArgument, Unavailable
 from ductape_processor.runtime.manifest import Cache
-from ductape_processor.runtime.secrets import SecretSource
+from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.store.base import Store
 
 
@@ -23,16 +23,14 @@ class ResultCache:
 
     def _redis_client(self, cache: Cache) -> Any:
         assert cache.url is not None
-        url = cache.url
-        if url.startswith("$Secret{") and url.endswith("}"):
-            resolved = self._secrets.get(url[len("$Secret{") : -1])
-            if resolved is None:
-                raise InvalidArgument(
-                    f"cache {cache.tag!r}: secret {url} is not defined on this processor",
-                    reason="SECRET_NOT_FOUND",
-                    metadata={"cache": cache.tag},
-                )
-            url = resolved
+        url = self._secrets.resolve(
+            cache.url,
+            lambda name: InvalidArgument(
+                f"cache {cache.tag!r}: secret $Secret{{{name}}} is not defined on this processor",
+                reason="SECRET_NOT_FOUND",
+                metadata={"cache": cache.tag},
+            ),
+        )
         client = self._redis.get(url)
         if client is None:
             import redis.asyncio as redis

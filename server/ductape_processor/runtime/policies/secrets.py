@@ -11,7 +11,7 @@ import base64
 import binascii
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -69,6 +69,18 @@ class SecretSource:
             return None
         value = self._file.get(name)
         return value if value is not None else self._environ.get(ENV_PREFIX + name)
+
+    def resolve(self, text: str, missing: Callable[[str], Exception]) -> str:
+        """`text` with every `$Secret{NAME}` in it replaced by the secret's value; `missing(name)` is raised for the
+        first name no source has (its error names the secret, never a value)."""
+
+        def value(match: re.Match[str]) -> str:
+            found = self.get(match.group(1))
+            if found is None:
+                raise missing(match.group(1))
+            return found
+
+        return SECRET_REFERENCE.sub(value, text)
 
     def missing(self, names: Iterable[str]) -> list[str]:
         """The names no source can resolve, sorted."""
