@@ -512,6 +512,28 @@ async def test_a_redis_cache_serves_hits_and_expires(start_server: ServerFactory
     assert not third.cached and len(upstream.seen) == 2
 
 
+async def test_a_redis_cache_url_resolves_the_secrets_it_contains(
+    start_server: ServerFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await require_tcp("Redis", "127.0.0.1", 6379)
+    monkeypatch.setenv("PROCESSOR_SECRET_CACHE_DB", "0")
+    server = await start_server()
+    document = json.loads(shop(upstream.url))
+    document["caches"] = [
+        {"tag": "fast", "ttl": "5s", "backend": "redis", "url": "redis://127.0.0.1:6379/$Secret{CACHE_DB}"},
+        {"tag": "unset", "ttl": "5s", "backend": "redis", "url": "redis://:$Secret{CACHE_NOPE}@127.0.0.1:6379/0"},
+    ]
+    await server.client.product.apply(json.dumps(document).encode())
+    key = {"params": {"id": f"s-{time.time_ns()}"}}
+    upstream.on(f"GET /users/{key['params']['id']}", lambda r: json_answer({"n": len(upstream.seen)}))
+    await server.client.action.run(product="shop", env="dev", app="api", event="user", input=key, cache="fast")
+    again = await server.client.action.run(product="shop", env="dev", app="api", event="user", input=key, cache="fast")
+    assert again.cached and len(upstream.seen) == 1
+    with pytest.raises(InvalidArgumentError) as caught:
+        await server.client.action.run(product="shop", env="dev", app="api", event="user", input=key, cache="unset")
+    assert caught.value.reason == "SECRET_NOT_FOUND" and "$Secret{CACHE_NOPE}" in caught.value.message
+
+
 async def test_one_idempotency_key_makes_one_call_across_replicas(
     start_server: ServerFactory, upstream: Upstream, pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

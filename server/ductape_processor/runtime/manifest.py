@@ -379,7 +379,9 @@ class Cache(_Model):
     backend: Literal["store", "redis"] = Field(
         "store", description="Where entries live: the processor's store or Redis."
     )
-    url: str | None = Field(None, description="`redis://` URL (or `$Secret{NAME}`) when backend is redis.")
+    url: str | None = Field(
+        None, description="`redis://` URL when backend is redis; may be `$Secret{NAME}` or contain one."
+    )
 
     @model_validator(mode="after")
     def _backend(self) -> Cache:
