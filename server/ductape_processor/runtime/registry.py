@@ -80,7 +80,9 @@ class _Slot:
     generation: int = 0
     loading: asyncio.Future[ProductState] | None = None
     state: ProductState | None = None
-    resolved: dict[tuple[str, int | None], Resolved] = field(default_factory=dict)
+    resolved: BoundedCache[tuple[str, int | None], Resolved] = field(
+        default_factory=lambda: BoundedCache(MAX_RESOLVED_PER_PRODUCT)
+    )
 
 
 class Registry:
@@ -134,7 +136,7 @@ class Registry:
         if slot is not None:
             slot.generation += 1
             slot.state = None
-            slot.resolved = {}
+            slot.resolved.clear()
 
     # -- state ------------------------------------------------------------------------------------------------
 
@@ -267,8 +269,8 @@ class Registry:
         record = await self.record(product, chosen)
         compiled = await self.compiled(record)
         resolved = Resolved(product, chosen, environment, compiled.model, record, compiled.plan)
-        if slot.state is not None and slot.generation == generation and len(slot.resolved) < MAX_RESOLVED_PER_PRODUCT:
-            slot.resolved[(env, version)] = resolved
+        if slot.state is not None and slot.generation == generation:
+            slot.resolved.put((env, version), resolved)
         return resolved
 
     async def get(

@@ -55,6 +55,7 @@ from ductape_processor.runtime.contract import INVALID_INPUT, check_action_input
 from ductape_processor.runtime.logs.recorder import ExecutionRecorder, new_process_id
 from ductape_processor.runtime.manifest import CredentialAuth, Manifest
 from ductape_processor.runtime.policies.breaker import CircuitBreaker
+from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
 from ductape_processor.runtime.policies.retry import RetryBudget, parse_retry_after
@@ -71,6 +72,9 @@ SUCCESS, FAIL = 1, 2
 _REDACTED = "[redacted]"
 HEADER_VALUE_INVALID = "HEADER_VALUE_INVALID"
 """The `ErrorInfo.reason` of a call whose rendered header value holds a control character."""
+# Circuit breakers and credential tokens kept, one per (product, environment, app[, auth]); the least recently
+# used goes first (a forgotten token is read again from the store).
+UPSTREAMS_REMEMBERED = 10_000
 # How long an idempotency claim outlives its owner's last renewal: the longest a repeat waits after a replica died.
 IDEMPOTENCY_LEASE_S = 5.0
 # How long an answer whose recording failed is retried (the owner keeps its lease meanwhile).
@@ -232,8 +236,8 @@ class ActionExecutor:
         self._sessions = sessions
         self._vault = vault
         self._retention = idempotency_retention
-        self._breakers: dict[str, CircuitBreaker] = {}
-        self._tokens: dict[str, _Token] = {}
+        self._breakers: BoundedCache[str, CircuitBreaker] = BoundedCache(UPSTREAMS_REMEMBERED)
+        self._tokens: BoundedCache[str, _Token] = BoundedCache(UPSTREAMS_REMEMBERED)
         self._minting: dict[str, asyncio.Future[_Token]] = {}
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self._completing: set[asyncio.Task[None]] = set()
@@ -582,7 +586,8 @@ class ActionExecutor:
         breaker = self._breakers.get(breaker_key)
         if breaker is None:
             policy = plan.app.circuit_breaker
-            breaker = self._breakers[breaker_key] = CircuitBreaker(policy.failures, policy.cooldown.total_seconds())
+            breaker = CircuitBreaker(policy.failures, policy.cooldown.total_seconds())
+            self._breakers.put(breaker_key, breaker)
         reminted = False
         budget = RetryBudget(rules.backoff, ctx.deadline)
         while True:
@@ -672,7 +677,7 @@ class ActionExecutor:
         for tag in tags:
             if isinstance(plans[(ctx.call.app, tag)].auth, CredentialAuth):
                 key = self._token_key(ctx, tag)
-                token = self._tokens.pop(key, None)
+                token = self._tokens.pop(key)
                 if token is not None:
                     await self._store.delete_auth_token(key, token.text)
                 forgot = True
@@ -690,7 +695,7 @@ class ActionExecutor:
         self._minting[key] = future
         try:
             token = await self._load_or_mint(ctx, plan, key)
-            self._tokens[key] = token
+            self._tokens.put(key, token)
             future.set_result(token)
             return token
         except BaseException as exc:
