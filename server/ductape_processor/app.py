@@ -23,9 +23,9 @@ from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.session import SessionServicer
 from ductape_processor.errors import InvalidManifest, ProcessorError
 from ductape_processor.grpc_server import ListenError, Servicers, grpc_server, listen, set_serving
+from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.actions.executor import ActionExecutor
 from ductape_processor.runtime.brokers import BrokerRuntime
-from ductape_processor.runtime.cache import ResultCache
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecorder
 from ductape_processor.runtime.manifest_loader import ManifestFormat
 from ductape_processor.runtime.policies.secrets import SecretsFileError, SecretSource, TokenVault, referenced_secrets

@@ -49,8 +49,8 @@ from ductape_processor.errors import (
     ProcessorError,
     Unavailable,
 )
+from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.actions.plan import ActionPlan, AuthPlan
-from ductape_processor.runtime.cache import ResultCache
 from ductape_processor.runtime.contract import INVALID_INPUT, check_action_input
 from ductape_processor.runtime.logs.recorder import ExecutionRecorder, new_process_id
 from ductape_processor.runtime.manifest import CredentialAuth, Manifest
