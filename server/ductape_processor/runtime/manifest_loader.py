@@ -70,22 +70,18 @@ class ManifestFormat(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class CompiledManifest:
-    """A validated manifest and the plan compiled from it while validating (what calls run)."""
-
-    model: Manifest
-    plan: ProductPlan
-
-
-@dataclass(frozen=True, slots=True)
 class LoadedManifest:
-    """A validated manifest with its plan and the forms the registry stores."""
+    """A validated and compiled manifest with the forms the registry stores."""
 
-    model: Manifest
-    plan: ProductPlan
+    compiled: CompiledManifest
     canonical_json: str
     checksum: str
     format: ManifestFormat
+
+    @property
+    def model(self) -> Manifest:
+        """The validated model."""
+        return self.compiled.model
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +91,16 @@ class CheckedManifest:
     loaded: LoadedManifest | None
     invalid: InvalidManifest | None
     product: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledManifest:
+    """A validated manifest and the plan compiled from it while validating it."""
+
+    model: Manifest
+    """The validated model."""
+    plan: ProductPlan
+    """Its actions and auths compiled: what calls run, without compiling anything."""
 
 
 # libyaml's parser when PyYAML has it (its wheels do): several times faster, and it bounds nesting itself.
@@ -353,7 +359,7 @@ def canonical_json(document: dict[str, Any]) -> str:
 def _loaded(document: dict[str, Any], fmt: ManifestFormat) -> LoadedManifest:
     compiled = validate_document(document)
     text = canonical_json(document)
-    return LoadedManifest(compiled.model, compiled.plan, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), fmt)
+    return LoadedManifest(compiled, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), fmt)
 
 
 def load_manifest(

@@ -218,7 +218,7 @@ class Registry:
             loaded.model.product, loaded.checksum, int(loaded.format), source, loaded.canonical_json
         )
         if created:
-            self._models.put((record.product, record.version), CompiledManifest(loaded.model, loaded.plan))
+            self._models.put((record.product, record.version), loaded.compiled)
             self.invalidate(record.product)
         return record, created
 
