@@ -13,10 +13,9 @@ from urllib.parse import quote
 from ductape_processor.adapters.http import header_field, header_name_problem, header_value_problem
 from ductape_processor.runtime.manifest import Action, App, CredentialAuth, Manifest, TokenAuth
 from ductape_processor.runtime.policies import RetryRules
-from ductape_processor.runtime.templates import Template, TemplateError, compile_template
+from ductape_processor.runtime.templates import SENSITIVE_KINDS, Template, TemplateError, compile_template
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-SENSITIVE_SELECTORS = frozenset({"Secret", "Auth", "Session"})
 _PATH_SPLIT = re.compile(r"(:[A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -121,9 +120,7 @@ def _compile_action(app: App, action: Action, where: str) -> ActionPlan:
         query=query,
         body=body,
         auth_tags=_auth_tags(*templates),
-        sensitive_headers=frozenset(
-            name for name, template in headers.items() if template.selectors & SENSITIVE_SELECTORS
-        ),
+        sensitive_headers=frozenset(name for name, template in headers.items() if template.selectors & SENSITIVE_KINDS),
         input_headers_read=_input_headers_read(*templates),
         uses_session=any(t is not None and "Session" in t.selectors for t in templates),
         rules=RetryRules.from_policy(action.retry or app.retry),

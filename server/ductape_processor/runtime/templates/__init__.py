@@ -28,7 +28,7 @@ from ductape_processor.runtime.templates.parser import (
     compile_template,
 )
 from ductape_processor.runtime.templates.scope import MAX_RENDERED_LENGTH, Scope
-from ductape_processor.runtime.templates.taint import Taint
+from ductape_processor.runtime.templates.taint import SENSITIVE_KINDS, Taint
 from ductape_processor.runtime.templates.values import json_kind
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "MAX_VALUE_DEPTH",
     "OPERATOR_NAMES",
     "RESPONSE_PARTS",
+    "SENSITIVE_KINDS",
     "Reference",
     "RenderError",
     "Scope",
