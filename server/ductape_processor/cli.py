@@ -13,9 +13,9 @@ import sys
 from collections.abc import Coroutine
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 from pydantic.json_schema import GenerateJsonSchema
 
 from ductape_processor import __version__
@@ -31,8 +31,19 @@ from ductape_processor.telemetry.logging import configure_logging
 
 log = logging.getLogger("ductape_processor")
 
+
+class _Flag(TypedDict, total=False):
+    """The `add_argument` options of one `serve` flag."""
+
+    dest: str
+    action: str
+    help: str
+    type: type[int | float]
+    choices: list[str]
+
+
 # flag -> settings field; only flags given on the command line override the environment.
-_FLAGS: dict[str, dict[str, Any]] = {
+_FLAGS: dict[str, _Flag] = {
     "address": {"help": "host:port to listen on (PROCESSOR_ADDRESS, default 127.0.0.1:50051)"},
     "data_dir": {"help": "folder for the embedded store (PROCESSOR_DATA_DIR, default .data)"},
     "store": {"help": "sqlite, sqlite:///file.db or a postgresql:// DSN (PROCESSOR_STORE)"},
@@ -164,7 +175,7 @@ class _SchemaGenerator(GenerateJsonSchema):
         return super().encode_default(dft)
 
 
-def manifest_schema() -> dict[str, Any]:
+def manifest_schema() -> dict[str, JsonValue]:
     """The manifest's JSON Schema, generated from the models."""
     schema = Manifest.model_json_schema(by_alias=True, schema_generator=_SchemaGenerator)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

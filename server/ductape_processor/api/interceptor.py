@@ -7,17 +7,18 @@ is a few attribute reads when telemetry is off. Health checks are public and lef
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import itertools
 import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -34,13 +35,16 @@ PUBLIC_SERVICES = ("/grpc.health.v1.Health/",)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _propagator = TraceContextTextMapPropagator()  # stateless: it only parses and formats the W3C headers
 
+# The interceptor wraps every method, whatever its request and response types: these stay Any.
 Behavior = Callable[..., Any]
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
 
 
 _WANTED = frozenset({"authorization", "traceparent", "tracestate", "x-request-id"})
 
 
-def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+def _metadata(context: Context) -> dict[str, str]:
     found: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
         if key in _WANTED and isinstance(value, str):
@@ -80,12 +84,12 @@ class _Undecodable:
         )
 
 
-def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _lenient(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
     # grpc answers UNKNOWN "Unexpected DecodeError" when the deserializer raises; the behaviour reports it instead.
     if deserializer is None:
         return None
 
-    def deserialize(data: bytes) -> Any:
+    def deserialize(data: bytes) -> object:
         try:
             return deserializer(data)
         except DecodeError as exc:
@@ -94,20 +98,38 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return deserialize
 
 
-async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _decoded(requests: AsyncIterator[Message | _Undecodable]) -> AsyncIterator[Message]:
     async for request in requests:
         if isinstance(request, _Undecodable):
             raise request.error()
         yield request
 
 
-def _checked(request: Any, streamed: bool) -> Any:
+def _checked(request: object, streamed: bool) -> object:
     """The request (a stream of them when `streamed`), refusing one that could not be decoded."""
     if streamed:
-        return _decoded(request)
+        return _decoded(cast(AsyncIterator[Message | _Undecodable], request))
     if isinstance(request, _Undecodable):
         raise request.error()
     return request
+
+
+class _Opened:
+    """A call that `_Call.open` started: what `_Call.close` ends (the contextvar, the span and its context)."""
+
+    __slots__ = ("call_token", "info", "otel_token", "span")
+
+    def __init__(
+        self,
+        info: CallInfo,
+        call_token: contextvars.Token[CallInfo | None],
+        span: trace.Span | None = None,
+        otel_token: object = None,
+    ) -> None:
+        self.info = info
+        self.call_token = call_token
+        self.span = span
+        self.otel_token = otel_token
 
 
 class _Call:
@@ -126,44 +148,40 @@ class _Call:
         self.span_name = f"{service}/{name}"
         self.attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
-    def open(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[CallInfo, Any, Any, str | None]:
+    def open(self, context: Context) -> tuple[_Opened, str | None]:
         """Start the call: request id, contextvar, span. Returns what `close` needs and the authorization."""
         metadata = _metadata(context)
         request_id = metadata.get("x-request-id")
         if request_id is None or not _REQUEST_ID.match(request_id):
             request_id = self.request_ids.new()
         info = CallInfo(self.method, request_id, metadata.get("traceparent"), metadata.get("tracestate"))
-        token: Any = current_call.set(info)
-        span = None
+        opened = _Opened(info, current_call.set(info))
         tracer = self.telemetry.tracer
         if tracer is not None:
             parent = _propagator.extract(metadata) if "traceparent" in metadata else None
-            span = tracer.start_span(
+            opened.span = span = tracer.start_span(
                 self.span_name, context=parent, kind=trace.SpanKind.SERVER, attributes=self.attributes
             )
-            otel_token = otel_context.attach(trace.set_span_in_context(span))
-            token = (token, otel_token)
-        return info, span, token, metadata.get("authorization")
+            opened.otel_token = otel_context.attach(trace.set_span_in_context(span))
+        return opened, metadata.get("authorization")
 
     def authenticate(self, authorization: str | None) -> None:
         """Raise Unauthenticated unless the call carries an accepted API key (when keys are configured)."""
         if self.authenticator.enabled:
             self.authenticator.check(authorization)
 
-    def close(self, span: Any, token: Any, code: grpc.StatusCode, started: float) -> None:
+    def close(self, opened: _Opened, code: grpc.StatusCode, started: float) -> None:
+        span = opened.span
         if span is not None:
-            call_token, otel_token = token
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code != grpc.StatusCode.OK:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
             span.end()
-            otel_context.detach(otel_token)
-        else:
-            call_token = token
+            otel_context.detach(cast(contextvars.Token[otel_context.Context], opened.otel_token))
         # A streaming handler that gRPC dropped mid-write (a Subscribe stream ended for not being read) is finalised
         # by the garbage collector in another context, where the token cannot be reset; that context dies anyway.
         with contextlib.suppress(ValueError):
-            current_call.reset(call_token)
+            current_call.reset(opened.call_token)
         histogram = self.telemetry.rpc_duration
         if histogram is not None:
             histogram.record(
@@ -171,11 +189,9 @@ class _Call:
                 {**self.attributes, "rpc.grpc.status_code": code.value[0]},
             )
 
-    async def fail(
-        self, exc: Exception, info: CallInfo | None, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> grpc.StatusCode:
-        """Abort the call with the mapped status; returns the code for telemetry (abort raises)."""
-        request_id = info.request_id if info is not None else self.request_ids.new()
+    async def fail(self, exc: Exception, opened: _Opened | None, context: Context) -> NoReturn:
+        """Abort the call with the mapped status (abort raises)."""
+        request_id = opened.info.request_id if opened is not None else self.request_ids.new()
         if isinstance(exc, ProcessorError):
             code, message, trailers = error_trailers(exc, request_id)
             if code == grpc.StatusCode.INTERNAL:
@@ -184,7 +200,6 @@ class _Call:
             code, message, trailers = internal_trailers(request_id)
             log.error("unexpected error in %s (correlation id %s)", self.method, request_id, exc_info=exc)
         await context.abort(code, message, trailing_metadata=trailers)
-        return code  # pragma: no cover - abort raises
 
 
 class ProcessorInterceptor(grpc.aio.ServerInterceptor):
@@ -194,25 +209,25 @@ class ProcessorInterceptor(grpc.aio.ServerInterceptor):
         self._authenticator = authenticator
         self._telemetry = telemetry
         self._request_ids = RequestIds()
-        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._handlers: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    ) -> Handler | None:
         method: str = handler_call_details.method
         cached = self._handlers.get(method)
         if cached is not None:
             return cached
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None or method.startswith(PUBLIC_SERVICES):
             return handler
         wrapped = self._wrap(method, handler)
         self._handlers[method] = wrapped
         return wrapped
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    def _wrap(self, method: str, handler: Handler) -> Handler:
         call = _Call(method, self._authenticator, self._telemetry, self._request_ids)
         deserializer = _lenient(handler.request_deserializer)
         serializer = handler.response_serializer
@@ -242,7 +257,7 @@ class ProcessorInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+def _aborted_code(context: Context) -> grpc.StatusCode:
     """The code an inner handler aborted with (for telemetry)."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
@@ -254,13 +269,12 @@ def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCod
 
 
 def _unary(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
-    async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def behavior(request: object, context: Context) -> object:
         started = time.perf_counter()
-        info = None
-        span = token = None
+        opened = None
         code = grpc.StatusCode.OK
         try:
-            info, span, token, authorization = call.open(context)
+            opened, authorization = call.open(context)
             call.authenticate(authorization)
             return await inner(_checked(request, streamed), context)
         except grpc.aio.AbortError:
@@ -268,10 +282,10 @@ def _unary(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
             raise
         except Exception as exc:
             code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
-            await call.fail(exc, info, context)
+            await call.fail(exc, opened, context)
         finally:
-            if info is not None:
-                call.close(span, token, code, started)
+            if opened is not None:
+                call.close(opened, code, started)
 
     return behavior
 
@@ -279,13 +293,12 @@ def _unary(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
 def _streaming(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
     if inspect.isasyncgenfunction(inner):
 
-        async def generator(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def generator(request: object, context: Context) -> AsyncIterator[object]:
             started = time.perf_counter()
-            info = None
-            span = token = None
+            opened = None
             code = grpc.StatusCode.OK
             try:
-                info, span, token, authorization = call.open(context)
+                opened, authorization = call.open(context)
                 call.authenticate(authorization)
                 async for response in inner(_checked(request, streamed), context):
                     yield response
@@ -294,10 +307,10 @@ def _streaming(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
                 raise
             except Exception as exc:
                 code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
-                await call.fail(exc, info, context)
+                await call.fail(exc, opened, context)
             finally:
-                if info is not None:
-                    call.close(span, token, code, started)
+                if opened is not None:
+                    call.close(opened, code, started)
 
         return generator
     return _unary(call, inner, streamed=streamed)

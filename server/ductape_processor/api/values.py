@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Final
+from typing import Final
 
 from google.protobuf import struct_pb2, timestamp_pb2
+from pydantic import JsonValue
 
 MAX_JSON_DEPTH: Final = 32
 """The deepest JSON (objects and arrays inside each other) handed on as a `google.protobuf.Value`.
@@ -16,10 +17,10 @@ client cannot read, or fail here on recursion. Deeper JSON is returned as bytes 
 """
 
 
-def json_depth(data: Any, limit: int = MAX_JSON_DEPTH) -> int:
+def json_depth(data: object, limit: int = MAX_JSON_DEPTH) -> int:
     """How deeply objects and arrays nest in `data` (a scalar is 0), counting no further than `limit + 1`."""
     deepest = 0
-    stack: list[tuple[Any, int]] = [(data, 0)]
+    stack: list[tuple[object, int]] = [(data, 0)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, dict | list):
@@ -31,7 +32,7 @@ def json_depth(data: Any, limit: int = MAX_JSON_DEPTH) -> int:
     return deepest
 
 
-def value_to_python(value: struct_pb2.Value) -> Any:
+def value_to_python(value: struct_pb2.Value) -> JsonValue:
     """A `google.protobuf.Value` as JSON-like Python. Whole numbers become ints (JSON has one number type)."""
     kind = value.WhichOneof("kind")
     if kind == "string_value":
@@ -48,12 +49,12 @@ def value_to_python(value: struct_pb2.Value) -> Any:
     return None
 
 
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, JsonValue]:
     """A `google.protobuf.Struct` as a dict."""
     return {key: value_to_python(item) for key, item in struct.fields.items()}
 
 
-def python_to_value(data: Any, value: struct_pb2.Value | None = None) -> struct_pb2.Value:
+def python_to_value(data: object, value: struct_pb2.Value | None = None) -> struct_pb2.Value:
     """A JSON-like Python value as a `google.protobuf.Value` (filled in place when `value` is given)."""
     target = value if value is not None else struct_pb2.Value()
     if data is None:

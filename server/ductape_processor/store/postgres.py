@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 import asyncpg
 
@@ -21,7 +21,7 @@ from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store import migrations, statements
 from ductape_processor.store.base import ChangeListener
 from ductape_processor.store.sql import Connection, Row, SqlStore
-from ductape_processor.store.statements import Statement
+from ductape_processor.store.statements import SqlValue, Statement
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +66,18 @@ class _Transaction:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
 
-    async def fetch(self, statement: Statement, *args: Any) -> Sequence[Row]:
+    async def fetch(self, statement: Statement, *args: SqlValue) -> Sequence[Row]:
         rows: list[Row] = await self._conn.fetch(statement.numbered, *args)
         return rows
 
-    async def fetchrow(self, statement: Statement, *args: Any) -> Row | None:
+    async def fetchrow(self, statement: Statement, *args: SqlValue) -> Row | None:
         row: Row | None = await self._conn.fetchrow(statement.numbered, *args)
         return row
 
-    async def execute(self, statement: Statement, *args: Any) -> int:
+    async def execute(self, statement: Statement, *args: SqlValue) -> int:
         return _changed_rows(await self._conn.execute(statement.numbered, *args))
 
-    async def executemany(self, statement: Statement, rows: list[tuple[Any, ...]]) -> None:
+    async def executemany(self, statement: Statement, rows: list[tuple[SqlValue, ...]]) -> None:
         await self._conn.executemany(statement.numbered, rows)
 
 
@@ -105,17 +105,17 @@ class _Pool:
         except _STORE_FAILURE as exc:
             raise _unavailable(exc) from exc
 
-    async def execute(self, statement: Statement, *args: Any, retry: bool = True) -> int:
+    async def execute(self, statement: Statement, *args: SqlValue, retry: bool = True) -> int:
         return _changed_rows(await self._call(lambda pool: pool.execute(statement.numbered, *args), retry=retry))
 
-    async def executemany(self, statement: Statement, rows: list[tuple[Any, ...]]) -> None:
+    async def executemany(self, statement: Statement, rows: list[tuple[SqlValue, ...]]) -> None:
         await self._call(lambda pool: pool.executemany(statement.numbered, rows))
 
-    async def fetch(self, statement: Statement, *args: Any, retry: bool = True) -> Sequence[Row]:
+    async def fetch(self, statement: Statement, *args: SqlValue, retry: bool = True) -> Sequence[Row]:
         rows: list[Row] = await self._call(lambda pool: pool.fetch(statement.numbered, *args), retry=retry)
         return rows
 
-    async def fetchrow(self, statement: Statement, *args: Any, retry: bool = True) -> Row | None:
+    async def fetchrow(self, statement: Statement, *args: SqlValue, retry: bool = True) -> Row | None:
         row: Row | None = await self._call(lambda pool: pool.fetchrow(statement.numbered, *args), retry=retry)
         return row
 
@@ -193,10 +193,10 @@ class PostgresStore(SqlStore):
     def _reader(self) -> Connection:
         return self.pool
 
-    async def _write(self, statement: Statement, *args: Any, retry: bool = True) -> int:
+    async def _write(self, statement: Statement, *args: SqlValue, retry: bool = True) -> int:
         return await self.pool.execute(statement, *args, retry=retry)
 
-    async def _write_returning(self, statement: Statement, *args: Any, retry: bool = True) -> Sequence[Row]:
+    async def _write_returning(self, statement: Statement, *args: SqlValue, retry: bool = True) -> Sequence[Row]:
         return await self.pool.fetch(statement, *args, retry=retry)
 
     async def _transaction(
@@ -226,13 +226,13 @@ class PostgresStore(SqlStore):
         conn.add_termination_listener(self._listener_lost)
         self._listen_conn = conn
 
-    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         for listener in self._listeners:
             result = listener(payload)
             if asyncio.iscoroutine(result):
                 asyncio.ensure_future(result)  # noqa: RUF006 - listeners are short and log their own errors
 
-    def _listener_lost(self, _conn: Any) -> None:
+    def _listener_lost(self, _conn: object) -> None:
         self._listen_conn = None
         if not self._closing and (self._reconnect_task is None or self._reconnect_task.done()):
             self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())

@@ -27,7 +27,7 @@ from ductape_processor.store.base import (
     VersionRecord,
 )
 from ductape_processor.store.migrations import Migration, migrations_table
-from ductape_processor.store.statements import Dialect, Statement, Where
+from ductape_processor.store.statements import Dialect, SqlValue, Statement, Where
 
 _T = TypeVar("_T")
 
@@ -44,16 +44,16 @@ Row = Sequence[Any]
 class Connection(Protocol):
     """What the shared operations need from a back-end connection (or pool)."""
 
-    async def fetch(self, statement: Statement, *args: Any) -> Sequence[Row]:
+    async def fetch(self, statement: Statement, *args: SqlValue) -> Sequence[Row]:
         """Every row of a query."""
 
-    async def fetchrow(self, statement: Statement, *args: Any) -> Row | None:
+    async def fetchrow(self, statement: Statement, *args: SqlValue) -> Row | None:
         """The first row of a query, or None."""
 
-    async def execute(self, statement: Statement, *args: Any) -> int:
+    async def execute(self, statement: Statement, *args: SqlValue) -> int:
         """Run a statement; return how many rows it changed."""
 
-    async def executemany(self, statement: Statement, rows: list[tuple[Any, ...]]) -> None:
+    async def executemany(self, statement: Statement, rows: list[tuple[SqlValue, ...]]) -> None:
         """Run a statement once per row of parameters."""
 
 
@@ -85,14 +85,14 @@ class SqlStore(Store):
         """The connection reads go through."""
 
     @abc.abstractmethod
-    async def _write(self, statement: Statement, *args: Any, retry: bool = True) -> int:
+    async def _write(self, statement: Statement, *args: SqlValue, retry: bool = True) -> int:
         """Run one write statement on its own; return how many rows it changed.
 
         `retry=False`: the statement must not be sent again after a lost connection (it is not idempotent).
         """
 
     @abc.abstractmethod
-    async def _write_returning(self, statement: Statement, *args: Any, retry: bool = True) -> Sequence[Row]:
+    async def _write_returning(self, statement: Statement, *args: SqlValue, retry: bool = True) -> Sequence[Row]:
         """Run one write statement with a RETURNING clause on its own; return its rows."""
 
     @abc.abstractmethod

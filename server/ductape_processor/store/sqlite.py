@@ -12,7 +12,7 @@ import contextlib
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiosqlite
 
@@ -20,7 +20,7 @@ from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store import migrations, statements
 from ductape_processor.store.files import private_directory, private_file
 from ductape_processor.store.sql import Connection, Row, SqlStore
-from ductape_processor.store.statements import Statement
+from ductape_processor.store.statements import SqlValue, Statement
 
 _T = TypeVar("_T")
 
@@ -57,23 +57,23 @@ class _Connection:
         with _mapped():
             await self.raw.execute(command)
 
-    async def fetch(self, statement: Statement, *args: Any) -> Sequence[Row]:
+    async def fetch(self, statement: Statement, *args: SqlValue) -> Sequence[Row]:
         with _mapped():
             async with self.raw.execute(statement.qmark, args) as cursor:
                 return list(await cursor.fetchall())
 
-    async def fetchrow(self, statement: Statement, *args: Any) -> Row | None:
+    async def fetchrow(self, statement: Statement, *args: SqlValue) -> Row | None:
         with _mapped():
             async with self.raw.execute(statement.qmark, args) as cursor:
                 row: Row | None = await cursor.fetchone()
                 return row
 
-    async def execute(self, statement: Statement, *args: Any) -> int:
+    async def execute(self, statement: Statement, *args: SqlValue) -> int:
         with _mapped():
             async with self.raw.execute(statement.qmark, args) as cursor:
                 return int(cursor.rowcount)
 
-    async def executemany(self, statement: Statement, rows: list[tuple[Any, ...]]) -> None:
+    async def executemany(self, statement: Statement, rows: list[tuple[SqlValue, ...]]) -> None:
         with _mapped():
             await self.raw.executemany(statement.qmark, rows)
 
@@ -123,11 +123,11 @@ class SqliteStore(SqlStore):
             db, self._db = self._db, None
             await db.close()
 
-    async def _write(self, statement: Statement, *args: Any, retry: bool = True) -> int:
+    async def _write(self, statement: Statement, *args: SqlValue, retry: bool = True) -> int:
         async with self._write_lock:
             return await self.db.execute(statement, *args)
 
-    async def _write_returning(self, statement: Statement, *args: Any, retry: bool = True) -> Sequence[Row]:
+    async def _write_returning(self, statement: Statement, *args: SqlValue, retry: bool = True) -> Sequence[Row]:
         async with self._write_lock:
             return await self.db.fetch(statement, *args)
 

@@ -29,16 +29,20 @@ class Statement:
         object.__setattr__(self, "numbered", _PLACEHOLDER.sub(lambda _: f"${next(count)}", self.qmark))
 
 
+SqlValue = str | int | float | bytes | datetime | None
+"""A value bound to a placeholder (aiosqlite and asyncpg take each of these; a moment goes through `Dialect.time`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Dialect:
     """What differs between the back-ends once the statements are shared: moments and column types."""
 
     name: str
-    time: Callable[[datetime], Any]
+    time: Callable[[datetime], SqlValue]
     """A moment as a value for a time column (expiries, leases, execution and session times)."""
     moment: Callable[[Any], datetime]
     """A time column's value as an aware datetime."""
-    stamp: Callable[[datetime], Any]
+    stamp: Callable[[datetime], SqlValue]
     """A moment for the registry's timestamp columns (`created_at`, `updated_at`, `applied_at`)."""
     stamp_moment: Callable[[Any], datetime]
     """A registry timestamp column's value as an aware datetime."""
@@ -89,19 +93,19 @@ POSTGRES: Final = Dialect(
 class Where:
     """A WHERE clause built from fixed fragments; every value is a bound parameter."""
 
-    def __init__(self, clause: str, *values: Any) -> None:
+    def __init__(self, clause: str, *values: SqlValue) -> None:
         self.clauses = [clause]
-        self.params: list[Any] = list(values)
+        self.params: list[SqlValue] = list(values)
 
-    def add(self, clause: str, *values: Any) -> None:
+    def add(self, clause: str, *values: SqlValue) -> None:
         """AND one more condition, its `?` bound to `values` in order."""
         self.clauses.append(clause)
         self.params.extend(values)
 
-    def when(self, clause: str, value: Any, convert: Callable[[Any], Any] | None = None) -> None:
-        """AND `clause` bound to `value` (through `convert`) when `value` is given (not None)."""
+    def when(self, clause: str, value: SqlValue, convert: Callable[[datetime], SqlValue] | None = None) -> None:
+        """AND `clause` bound to `value` when `value` is given (not None); a moment goes through `convert`."""
         if value is not None:
-            self.add(clause, value if convert is None else convert(value))
+            self.add(clause, convert(value) if convert is not None and isinstance(value, datetime) else value)
 
     def select(self, columns: str, table: str, order: str) -> Statement:
         """`SELECT columns FROM table WHERE ... ORDER BY order LIMIT ?` (the limit is the last parameter)."""

@@ -52,7 +52,7 @@ from ductape_processor.errors import (
 from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.actions.plan import ActionPlan, AuthPlan
 from ductape_processor.runtime.contract import INVALID_INPUT, check_action_input
-from ductape_processor.runtime.logs.recorder import ExecutionRecorder, new_process_id
+from ductape_processor.runtime.logs.recorder import ExecutionRecorder
 from ductape_processor.runtime.manifest import CredentialAuth, Manifest
 from ductape_processor.runtime.policies.breaker import CircuitBreaker
 from ductape_processor.runtime.policies.caches import BoundedCache
@@ -248,7 +248,7 @@ class ActionExecutor:
     async def run(self, call: ActionCall, deadline: Deadline) -> ActionResult:
         """Run `call`; raise a ProcessorError for anything but an upstream answer."""
         started = datetime.now(UTC)
-        process_id = new_process_id()
+        process_id = self._recorder.new_id()
         resolved = await self._registry.resolve(call.product, call.env, call.version)
         plan = resolved.plan.actions.get((call.app, call.event))
         if plan is None:
@@ -359,7 +359,7 @@ class ActionExecutor:
         key = record_key((call.product, ctx.resolved.env.slug), call.idempotency_key)
         session = ctx.session if ctx.plan.uses_session else None
         request_hash = hashlib.sha256(canonical_json([call.app, call.event, checked, session]).encode()).hexdigest()
-        owner = f"{self._owner}:{new_process_id()}"
+        owner = f"{self._owner}:{self._recorder.new_id()}"
         lease = timedelta(seconds=IDEMPOTENCY_LEASE_S)
 
         async def wait(record: IdempotencyRecord) -> None:
@@ -736,7 +736,7 @@ class ActionExecutor:
                 ],
             ) from None
         started = datetime.now(UTC)
-        process_id = new_process_id()
+        process_id = self._recorder.new_id()
         try:
             response = await self._send(login_ctx, checked)
         except ProcessorError as exc:

@@ -20,15 +20,6 @@ from ductape_processor.store.base import ExecutionRecord, Store
 log = logging.getLogger(__name__)
 
 
-_PROCESS = os.urandom(4).hex()
-_counter = itertools.count(1).__next__
-
-
-def new_process_id() -> str:
-    """A unique, roughly time-ordered execution id: milliseconds (12 hex), this process (8 hex), a counter (6 hex)."""
-    return f"{int(time.time() * 1000):012x}{_PROCESS}{_counter() & 0xFFFFFF:06x}"
-
-
 class ExecutionRecorder:
     """Batches execution records into the store."""
 
@@ -44,6 +35,13 @@ class ExecutionRecorder:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.dropped = 0
+        self._id_prefix = os.urandom(4).hex()
+        self._next_id = itertools.count(1).__next__
+
+    def new_id(self) -> str:
+        """A unique, roughly time-ordered execution id: milliseconds (12 hex), this recorder (8 random hex), a counter
+        (6 hex)."""
+        return f"{int(time.time() * 1000):012x}{self._id_prefix}{self._next_id() & 0xFFFFFF:06x}"
 
     def start(self) -> None:
         """Start the background writer."""
