@@ -76,7 +76,7 @@ def _stream_tasks() -> list[str]:
         coro = task.get_coro()
         code = getattr(coro, "cr_code", None)
         where = f"{getattr(code, 'co_filename', '')}:{getattr(coro, '__qualname__', '')}"
-        if "Queue.get" in where or "api/broker.py" in where or "runtime/subscriptions.py" in where:
+        if "Queue.get" in where or "api/broker.py" in where or "runtime/brokers/" in where:
             left.append(where)
     return left
 

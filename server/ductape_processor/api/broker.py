@@ -18,15 +18,15 @@ from ductape_processor.api.status import error_trailers
 from ductape_processor.api.values import timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.runtime.brokers import BrokerRuntime, Outgoing
-from ductape_processor.runtime.policies import Deadline
-from ductape_processor.runtime.subscriptions import (
+from ductape_processor.runtime.brokers.subscriptions import (
     Ignored,
     Limits,
     StreamClosing,
     SubscriberNotReading,
     Subscription,
 )
-from ductape_processor.telemetry.context import current_call, outgoing_trace_context
+from ductape_processor.runtime.policies import Deadline
+from ductape_processor.telemetry.context import current_call
 
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_STALE_REPORTED = 10_000  # ids in one StaleAcks notice; more are dropped from the notice (still ignored)
@@ -109,7 +109,6 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             request.env,
             request.event,
             _outgoing(request.message, "message"),
-            outgoing_trace_context(),
             deadline=Deadline(context.time_remaining()),
         )
         return broker_pb2.PublishResponse(message_id=message_id)
@@ -129,7 +128,6 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             request.env,
             request.event,
             entries,
-            outgoing_trace_context(),
             Deadline(context.time_remaining()),
         )
         results = []

@@ -27,14 +27,15 @@ from ductape_processor.adapters.brokers.base import (
 )
 from ductape_processor.adapters.brokers.registry import BROKER_TYPES
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
+from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.runtime.manifest import Broker, Topic
 from ductape_processor.runtime.policies import Deadline
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
 from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.runtime.registry import Registry, Resolved
-from ductape_processor.runtime.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.store.base import IdempotencyRecord, Store
+from ductape_processor.telemetry.context import outgoing_trace_context
 
 PUBLISH_LIMIT_S: Final = 8.0
 """The longest one Publish or PublishBatch waits for its broker, connecting included, when the caller's deadline is
@@ -238,23 +239,23 @@ class BrokerRuntime:
         env: str,
         event: str,
         outgoing: Outgoing,
-        trace: Mapping[str, str] | None = None,
         field: str = "message",
         deadline: Deadline | None = None,
     ) -> str:
         """Publish one message; return its id once the broker confirmed it (within the caller's deadline and
-        PUBLISH_LIMIT_S, else BrokerUnavailable)."""
+        PUBLISH_LIMIT_S, else BrokerUnavailable). It carries the current trace context (as an action's request does)."""
         give_up = time.monotonic() + (deadline or Deadline(None)).bound(PUBLISH_LIMIT_S)
         self._check(outgoing, field)
         route = await self.route(product, env, event)
         adapter = await self.adapter(route)
+        trace = outgoing_trace_context()
         if not outgoing.idempotency_key:
-            message = self._message(route, outgoing, trace or {})
+            message = self._message(route, outgoing, trace)
             await self._send(
                 route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic(), keyed=False
             )
             return message.id
-        return await self._publish_once(route, adapter, outgoing, trace or {}, give_up)
+        return await self._publish_once(route, adapter, outgoing, trace, give_up)
 
     async def _publish_once(
         self, route: Route, adapter: BrokerAdapter, outgoing: Outgoing, trace: Mapping[str, str], give_up: float
@@ -318,7 +319,6 @@ class BrokerRuntime:
         env: str,
         event: str,
         entries: Sequence[Outgoing | ProcessorError],
-        trace: Mapping[str, str] | None = None,
         deadline: Deadline | None = None,
     ) -> list[str | ProcessorError]:
         """Publish entries independently; each result is an id or the entry's error.
@@ -331,6 +331,7 @@ class BrokerRuntime:
             raise InvalidArgument.field("messages", f"holds more than {MAX_BATCH_ENTRIES} entries")
         route = await self.route(product, env, event)
         adapter = await self.adapter(route)
+        trace = outgoing_trace_context()
         results: list[str | ProcessorError | None] = [None] * len(entries)
         plain: list[tuple[int, OutboundMessage]] = []
         for index, outgoing in enumerate(entries):
@@ -344,11 +345,11 @@ class BrokerRuntime:
                 continue
             if outgoing.idempotency_key:
                 try:
-                    results[index] = await self._publish_once(route, adapter, outgoing, trace or {}, give_up)
+                    results[index] = await self._publish_once(route, adapter, outgoing, trace, give_up)
                 except ProcessorError as exc:
                     results[index] = exc
             else:
-                plain.append((index, self._message(route, outgoing, trace or {})))
+                plain.append((index, self._message(route, outgoing, trace)))
         if plain:
             messages = [message for _, message in plain]
             try:
