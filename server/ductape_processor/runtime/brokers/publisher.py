@@ -27,6 +27,7 @@ from ductape_processor.adapters.brokers.base import (
 )
 from ductape_processor.adapters.brokers.registry import BROKER_TYPES
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
+from ductape_processor.runtime.brokers.stream import SubscribeStream
 from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.runtime.manifest import Broker, Topic
 from ductape_processor.runtime.policies import Deadline
@@ -94,7 +95,7 @@ class BrokerRuntime:
         self._adapters: dict[tuple[str, str, str, str], BrokerAdapter] = {}
         self._opening: dict[tuple[str, str, str, str], asyncio.Lock] = {}
         self._by_version: BoundedCache[tuple[str, int, str, str], BrokerAdapter] = BoundedCache(ADAPTERS_BY_VERSION)
-        self.closing = asyncio.Event()
+        self._closing = asyncio.Event()
         self._subscriptions: set[Subscription] = set()
 
     # -- resolution ---------------------------------------------------------------------------------------------
@@ -369,9 +370,9 @@ class BrokerRuntime:
 
     async def subscribe(
         self, product: str, env: str, event: str, group: str, limits: Limits, dead_letter_event: str
-    ) -> Subscription:
-        """Open the engine for one Subscribe stream."""
-        if self.closing.is_set():
+    ) -> SubscribeStream:
+        """Open one Subscribe stream (its subscription engine joined `group`); `run` it to serve it."""
+        if self._closing.is_set():
             raise StreamClosing("the server is shutting down; reconnect to another replica")
         route = await self.route(product, env, event, "init.event")
         dead_letter = None
@@ -408,15 +409,11 @@ class BrokerRuntime:
         )
         subscription = Subscription(broker_subscription, limits, dead_letter)
         self._subscriptions.add(subscription)
-        return subscription
-
-    def forget(self, subscription: Subscription) -> None:
-        """A stream ended."""
-        self._subscriptions.discard(subscription)
+        return SubscribeStream(subscription, self._closing, self._subscriptions.discard)
 
     async def shutdown_streams(self) -> None:
         """End every stream (they answer UNAVAILABLE), giving their unacked messages back."""
-        self.closing.set()
+        self._closing.set()
         await asyncio.gather(*(subscription.close() for subscription in list(self._subscriptions)))
 
     async def close(self) -> None:

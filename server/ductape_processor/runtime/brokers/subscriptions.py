@@ -66,6 +66,42 @@ class Limits:
     ack_deadline_s: float
     max_deliveries: int
 
+    @classmethod
+    def checked(
+        cls,
+        *,
+        max_in_flight: int = 0,
+        max_batch: int = 0,
+        max_wait_s: float | None = None,
+        ack_deadline_s: float | None = None,
+        max_deliveries: int = 0,
+        dead_letter_event: str = "",
+    ) -> Limits:
+        """The limits a stream asked for (0 or None: the default), each checked; errors name the `init.` field."""
+
+        def bounded(value: int, default: int, high: int, field: str) -> int:
+            if value < 0 or value > high:
+                raise InvalidArgument.field(f"init.{field}", f"must be between 1 and {high} (0: {default})")
+            return value or default
+
+        max_wait = 0.01 if max_wait_s is None else max_wait_s
+        ack_deadline = 30.0 if ack_deadline_s is None else ack_deadline_s
+        if not 0 <= max_wait <= 60:
+            raise InvalidArgument.field("init.max_wait", "must be between 0 and 60 s")
+        if not 0.1 <= ack_deadline <= 3600:
+            raise InvalidArgument.field("init.ack_deadline", "must be between 0.1 s and 1 h")
+        if max_deliveries < 0:
+            raise InvalidArgument.field("init.max_deliveries", "must not be negative")
+        if max_deliveries and not dead_letter_event:
+            raise InvalidArgument.field("init.dead_letter_event", "is required when max_deliveries is set")
+        return cls(
+            max_in_flight=bounded(max_in_flight, 100, 10_000, "max_in_flight"),
+            max_batch=bounded(max_batch, 100, 1000, "max_batch"),
+            max_wait_s=max_wait,
+            ack_deadline_s=ack_deadline,
+            max_deliveries=max_deliveries,
+        )
+
 
 @dataclass(slots=True)
 class _Outstanding:

@@ -1,0 +1,175 @@
+"""One Subscribe stream's whole life, for every broker: from `ready` to the end of the call.
+
+A stream runs three things at once: the client's acks and nacks (read from its requests), the next batch (fetched
+by the subscription engine within the stream's credit), and the engine's lease watch (expiries; a client that
+stopped reading). It also ends when the processor shuts down. Acks and nacks for ids that are not outstanding any
+more are reported back (`StaleAcks`), never an error. Whichever way it ends, the stream forgets its subscription and
+closes it, which gives back every unacked message.
+
+The API layer turns the proto requests into `Ack`/`Nack`, and the `StreamEvent`s into proto responses; nothing here
+knows gRPC, except that a stuck stream is ended through the `Abort` the API gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ductape_processor.adapters.brokers.base import InboundMessage
+from ductape_processor.errors import InvalidArgument, ProcessorError
+from ductape_processor.runtime.brokers.subscriptions import (
+    Ignored,
+    StreamClosing,
+    SubscriberNotReading,
+    Subscription,
+)
+
+MAX_STALE_REPORTED = 10_000  # ids in one StaleAcks notice; more are dropped from the notice (still ignored)
+MAX_NACK_DELAY_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The client is done with these messages."""
+
+    ack_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """The client gives these messages back (after `delay_s`), or sends them to the dead-letter topic."""
+
+    ack_ids: list[str]
+    delay_s: float = 0.0
+    dead_letter: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The subscription is open: the stream's first response."""
+
+    subscription_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Messages to write, each with the ack id the client settles it by."""
+
+    messages: list[tuple[str, InboundMessage]]
+
+
+@dataclass(slots=True)
+class StaleAcks:
+    """Ack ids of acks and nacks that were ignored (not outstanding), and those of them whose deadline had passed."""
+
+    ack_ids: list[str] = field(default_factory=list)
+    expired_ack_ids: list[str] = field(default_factory=list)
+
+
+StreamRequest = Ack | Nack
+StreamEvent = Ready | Batch | StaleAcks
+Abort = Callable[[ProcessorError], Awaitable[None]]
+"""Ends the call from outside its handler with this error (a handler stuck in a write cannot raise it)."""
+
+
+class SubscribeStream:
+    """The server side of one Subscribe stream, around its subscription engine."""
+
+    def __init__(
+        self, subscription: Subscription, closing: asyncio.Event, forget: Callable[[Subscription], None]
+    ) -> None:
+        self.subscription = subscription
+        self._closing = closing
+        self._forget = forget
+
+    async def run(self, requests: AsyncIterator[StreamRequest], abort: Abort) -> AsyncGenerator[StreamEvent]:
+        """`Ready`, then batches and stale-ack notices until the client stops sending, the subscription closes, or
+        an error ends the stream (raised: a bad request, a broker failure, `StreamClosing` at shutdown)."""
+        try:
+            yield Ready(subscription_id=secrets.token_hex(8))
+            async with contextlib.aclosing(self._events(requests, abort)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self._forget(self.subscription)
+            await self.subscription.close()
+
+    async def _events(self, requests: AsyncIterator[StreamRequest], abort: Abort) -> AsyncGenerator[StreamEvent]:
+        subscription = self.subscription
+        stale = StaleAcks()
+        noticed = asyncio.Event()
+
+        def report(ignored: Ignored | None) -> None:
+            if ignored is not None and len(stale.ack_ids) < MAX_STALE_REPORTED:
+                included = ignored.ack_ids[: MAX_STALE_REPORTED - len(stale.ack_ids)]
+                stale.ack_ids.extend(included)
+                stale.expired_ack_ids.extend(set(ignored.expired).intersection(included))
+                noticed.set()
+
+        async def read() -> None:
+            async for request in requests:
+                if isinstance(request, Ack):
+                    report(await subscription.ack(request.ack_ids))
+                else:
+                    if not 0 <= request.delay_s <= MAX_NACK_DELAY_S:
+                        raise InvalidArgument.field("nack.delay", "must be between 0 and 1 h")
+                    report(await subscription.nack(request.ack_ids, request.delay_s, request.dead_letter))
+
+        async def watch() -> None:
+            if await subscription.watch():
+                # The handler is stuck in a write the client does not read: end the call from here (the generator
+                # is only finalised later, by the garbage collector).
+                self._forget(subscription)
+                await abort(
+                    SubscriberNotReading(
+                        f"the stream was not read for {subscription.stall_s:g} s; its messages went back to the group"
+                    )
+                )
+
+        reader = asyncio.ensure_future(read())
+        closing = asyncio.ensure_future(self._closing.wait())
+        watcher = asyncio.ensure_future(watch())
+        notice = asyncio.ensure_future(noticed.wait())
+        fetching: asyncio.Future[list[tuple[str, InboundMessage]]] | None = None
+        try:
+            while True:
+                if fetching is None:
+                    fetching = asyncio.ensure_future(subscription.next_batch())
+                waiting: set[asyncio.Future[Any]] = {fetching, reader, closing, watcher, notice}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if notice in done:
+                    response, stale = stale, StaleAcks()
+                    noticed.clear()
+                    notice = asyncio.ensure_future(noticed.wait())
+                    yield response
+                    continue
+                if fetching in done and not fetching.exception() and fetching.result():
+                    batch = fetching.result()
+                    fetching = None
+                    subscription.writing(batch)
+                    yield Batch(batch)
+                    subscription.written(batch)
+                    continue
+                if closing in done:
+                    raise StreamClosing("the server is shutting down; reconnect to another replica")
+                for worker in (reader, fetching):
+                    failure = worker.exception() if worker in done else None
+                    if failure is not None:
+                        raise failure
+                return  # the client finished sending (or the subscription closed): the stream is over
+        finally:
+            workers: set[asyncio.Future[Any]] = {reader, closing, watcher, notice}
+            if fetching is not None:
+                workers.add(fetching)
+            for pending in workers:
+                pending.cancel()
+            # Bounded: a driver that swallows a cancellation must not keep the stream (and its status) hanging;
+            # the subscription's close() below stops any fetch still running.
+            await asyncio.wait(workers, timeout=1.0)
+            for pending in workers:
+                if pending.done() and not pending.cancelled():
+                    pending.exception()  # retrieved: already reported through the stream
