@@ -1,9 +1,10 @@
 """BrokerRuntime: publish to and subscribe on a product's topics, whatever broker each environment uses.
 
 It resolves `broker_tag:topic_tag` in the caller's environment, opens (lazily, once) the adapter of that broker
-environment, shapes messages as CloudEvents 1.0, applies publish idempotency keys through the store, and builds the
-subscription engine for Subscribe streams. Adapters are found by type name in `adapters.brokers.registry.BROKER_TYPES`.
-"""
+environment, adds the CloudEvents 1.0 envelope and the current trace context to each message, applies publish
+idempotency keys through the store, and opens Subscribe streams (stream.py) on the subscription engine
+(subscriptions.py); it ends them all at shutdown. Adapters are found by type name in
+`adapters.brokers.registry.BROKER_TYPES`."""
 
 from __future__ import annotations
 
