@@ -44,10 +44,10 @@ TARGETS = (
     ),
     Target(
         "sessions",
-        "server/ductape_processor/runtime/sessions.py",
+        "server/ductape_processor/runtime/sessions",
         "tests/test_sessions.py tests/test_security_regressions.py",
     ),
-    Target("http", "server/ductape_processor/adapters/http.py", f"tests/test_security_regressions.py {ACTION_TESTS}"),
+    Target("http", "server/ductape_processor/adapters/http", f"tests/test_security_regressions.py {ACTION_TESTS}"),
     Target("policies", "server/ductape_processor/runtime/policies", f"tests/test_policies.py {ACTION_TESTS}"),
 )
 

@@ -1,9 +1,8 @@
 """Sessions: tokens that carry a user's data encrypted, refresh-token rotation with reuse detection, revocation.
 
-Tokens are AES-256-GCM (the `cryptography` package) over a small JSON payload. The key is derived with HKDF-SHA256
-from a root key for each product and environment; the authenticated data binds a token to its product, environment,
-session type and kind (session or refresh), so a token made for one never opens as another. A token names the id of
-its root key: new tokens use the first configured key, older keys keep verifying tokens until they expire.
+Tokens are sealed and opened in `tokens` (AES-256-GCM, bound to product, environment, session type and kind) under
+keys derived in `keys` from the configured root keys: new tokens use the first configured key, older keys keep
+verifying tokens until they expire.
 
 Verifying costs no store round trip: revocations are kept in memory and refreshed from the store every
 `revocation_poll_s` seconds, which bounds how long another replica may still accept a revoked session.
@@ -12,48 +11,31 @@ Verifying costs no store round trip: revocations are kept in memory and refreshe
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ductape_processor.errors import InvalidArgument, NotFound, ProcessorError, Unauthenticated
+from ductape_processor.errors import InvalidArgument, NotFound, ProcessorError
 from ductape_processor.runtime.contract import check_input
 from ductape_processor.runtime.manifest import SessionType
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
 from ductape_processor.runtime.registry import Registry
+from ductape_processor.runtime.sessions.keys import SessionKeys, b64
+from ductape_processor.runtime.sessions.tokens import SessionError, open_token, seal
 from ductape_processor.store.base import SessionFilter, SessionRecord, Store
-from ductape_processor.store.files import private_directory, private_file
 
 log = logging.getLogger(__name__)
 
-TOKEN_PREFIX = "v1"  # noqa: S105 - a format marker, not a secret
-KEY_BYTES = 32
-NONCE_BYTES = 12
-MAX_TOKEN_CHARS = 16_384
 REFRESH_RACE_GRACE_S = 10.0
-GENERATED_KEY_FILE = "session-keys"
 VERIFIED_CACHE_SIZE = 10_000
-
-
-class SessionError(Unauthenticated):
-    """A session token that cannot be accepted; the reason says why, never what the token held."""
 
 
 class RefreshConflict(ProcessorError):
@@ -61,79 +43,6 @@ class RefreshConflict(ProcessorError):
 
     code = grpc.StatusCode.ABORTED
     reason = "REFRESH_CONFLICT"
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def parse_root_key(spec: str) -> tuple[str, bytes]:
-    """`kid:base64url-of-32-bytes` → (kid, key); ValueError with the expected form otherwise."""
-    kid, sep, encoded = spec.partition(":")
-    if not sep or not kid or not kid.replace("-", "").replace("_", "").isalnum() or len(kid) > 32:
-        raise ValueError("a session key is 'id:key' with an id of letters, digits, '-' or '_' (at most 32)")
-    try:
-        key = _unb64(encoded)
-    except (ValueError, binascii.Error):
-        raise ValueError(f"session key {kid!r}: the key is not base64url") from None
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"session key {kid!r}: the key must be {KEY_BYTES} bytes ({len(key)} given)")
-    return kid, key
-
-
-def new_root_key(kid: str) -> str:
-    """A fresh `kid:key` root key specification."""
-    return f"{kid}:{_b64(os.urandom(KEY_BYTES))}"
-
-
-class SessionKeys:
-    """Root keys by id; the first one signs new tokens. Derived keys are cached per (key, product, env)."""
-
-    def __init__(self, keys: list[tuple[str, bytes]]) -> None:
-        if not keys:
-            raise ValueError("at least one session key is needed")
-        self.current = keys[0][0]
-        self._roots = dict(keys)
-        self._derived: dict[tuple[str, str, str], AESGCM] = {}
-
-    @classmethod
-    def load(cls, specs: list[str], data_dir: Path) -> tuple[SessionKeys, bool]:
-        """The configured keys, or a key generated once and kept in the data directory (True when so)."""
-        if specs:
-            return cls([parse_root_key(spec) for spec in specs]), False
-        path = data_dir / GENERATED_KEY_FILE
-        private_file(path, create=False)
-        if not path.exists():
-            private_directory(path.parent, tighten=True)
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(new_root_key("local") + "\n")
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        return cls([parse_root_key(line) for line in lines]), True
-
-    def root_keys(self) -> list[tuple[str, bytes]]:
-        """The root keys, the current one first: other secrets the processor keeps derive their keys from them."""
-        return [(self.current, self._roots[self.current])] + [
-            (kid, root) for kid, root in self._roots.items() if kid != self.current
-        ]
-
-    def cipher(self, kid: str, product: str, env: str) -> AESGCM | None:
-        """The AEAD for tokens of (product, env) under root key `kid`, or None for an unknown key id."""
-        cached = self._derived.get((kid, product, env))
-        if cached is not None:
-            return cached
-        root = self._roots.get(kid)
-        if root is None:
-            return None
-        info = f"ductape-processor/session/v1/{product}/{env}".encode()
-        key = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(root)
-        cipher = AESGCM(key)
-        self._derived[(kid, product, env)] = cipher
-        return cipher
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,40 +126,9 @@ class SessionManager:
 
     # -- tokens -------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _aad(kind: str, product: str, env: str, tag: str) -> bytes:
-        return f"{TOKEN_PREFIX}|{kind}|{product}|{env}|{tag}".encode()
-
-    def _seal(self, kind: str, product: str, env: str, tag: str, payload: Mapping[str, Any]) -> str:
-        kid = self._keys.current
-        cipher = self._keys.cipher(kid, product, env)
-        assert cipher is not None
-        nonce = os.urandom(NONCE_BYTES)
-        sealed = cipher.encrypt(
-            nonce, json.dumps(payload, separators=(",", ":")).encode(), self._aad(kind, product, env, tag)
-        )
-        return f"{TOKEN_PREFIX}.{kid}.{_b64(nonce + sealed)}"
-
     def _open(self, kind: str, product: str, env: str, tag: str, token: str) -> dict[str, Any]:
-        invalid = SessionError("the session token is not valid here", reason="SESSION_INVALID")
-        if not token or len(token) > MAX_TOKEN_CHARS:
-            raise invalid
-        parts = token.split(".")
-        if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
-            raise invalid
-        cipher = self._keys.cipher(parts[1], product, env)
-        if cipher is None:
-            raise invalid
-        try:
-            raw = _unb64(parts[2])
-            if len(raw) <= NONCE_BYTES or _b64(raw) != parts[2]:  # one encoding per token: no malleable spellings
-                raise invalid
-            plain = cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], self._aad(kind, product, env, tag))
-            payload = json.loads(plain)
-        except (InvalidTag, ValueError, binascii.Error):
-            raise invalid from None
-        if not isinstance(payload, dict):
-            raise invalid
+        """The token's payload, if it is valid here, unexpired and of a session not revoked."""
+        payload = open_token(self._keys, kind, product, env, tag, token)
         if payload.get("exp", 0) <= self._clock():
             raise SessionError("the session has expired", reason="SESSION_EXPIRED")
         if payload.get("sid") in self._revoked:
@@ -262,9 +140,9 @@ class SessionManager:
         session_end = record.expires_at.timestamp()
         expires = min(now + session_type.expiry.total_seconds(), session_end)
         common = {"sid": record.session_id, "idn": record.identifier, "d": data}
-        token = self._seal("a", product, env, session_type.tag, {**common, "iat": int(now), "exp": expires})
-        refresh = self._seal(
-            "r", product, env, session_type.tag, {**common, "g": record.generation, "exp": session_end}
+        token = seal(self._keys, "a", product, env, session_type.tag, {**common, "iat": int(now), "exp": expires})
+        refresh = seal(
+            self._keys, "r", product, env, session_type.tag, {**common, "g": record.generation, "exp": session_end}
         )
         return TokenPair(
             token=token,
@@ -300,7 +178,7 @@ class SessionManager:
             )
         now = datetime.fromtimestamp(self._clock(), UTC)
         record = SessionRecord(
-            session_id=_b64(secrets.token_bytes(16)),
+            session_id=b64(secrets.token_bytes(16)),
             product=product,
             env=slug,
             tag=tag,
