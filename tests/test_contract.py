@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ductape_processor.errors import FieldViolation, InvalidArgument
-from ductape_processor.runtime.contract import INVALID_INPUT, check_action_input, check_input
+from ductape_processor.reasons import Reason
+from ductape_processor.runtime.contract import check_action_input, check_input
 from ductape_processor.runtime.manifest import ActionInput, FieldSpec
 
 
@@ -202,7 +203,7 @@ def test_every_violation_is_listed_at_once_with_its_path() -> None:
         FieldViolation("input.body.tags", "must have at most 1 item, has 2"),
     ]
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert error.reason == INVALID_INPUT
+    assert error.reason == Reason.INVALID_INPUT
     assert error.message == "invalid input: input.body.email: is not an email address (and 3 more problems)"
 
 

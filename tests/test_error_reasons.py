@@ -1,56 +1,17 @@
-"""Every error reason the server can raise is in docs/api.md's error table (callers branch on them)."""
+"""One list of error reasons (`ductape_processor.reasons.Reason`): docs/api.md's error table documents exactly that
+list, and no module of the server writes a reason as a string of its own."""
 
 from __future__ import annotations
 
 import ast
 import re
 
+from ductape_processor.reasons import Reason
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "server" / "ductape_processor"
-# The generic bases in errors.py carry a default reason that their subclasses or callers replace.
-GENERIC = {"ProcessorError", "NotFound", "FailedPrecondition", "Unauthenticated", "Unavailable"}
-
-
-def raised_reasons() -> dict[str, str]:
-    """Reason -> where it is set: `reason="X"` arguments (also through a module constant) and `reason = "X"` class
-    attributes of error classes."""
-    found: dict[str, str] = {}
-    for path in PACKAGE.rglob("*.py"):
-        if "/v1/" in path.as_posix():
-            continue
-        tree = ast.parse(path.read_text(), str(path))
-        constants: dict[str, str] = {}
-        for node in tree.body:
-            targets = (
-                node.targets
-                if isinstance(node, ast.Assign)
-                else [node.target]
-                if isinstance(node, ast.AnnAssign)
-                else []
-            )
-            value = getattr(node, "value", None)
-            if isinstance(value, ast.Constant) and isinstance(value.value, str):
-                constants.update({t.id: value.value for t in targets if isinstance(t, ast.Name)})
-        where = path.relative_to(ROOT).as_posix()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.keyword) and node.arg == "reason":
-                if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-                    found[node.value.value] = where
-                elif isinstance(node.value, ast.Name) and node.value.id in constants:
-                    found[constants[node.value.id]] = where
-            if isinstance(node, ast.ClassDef) and node.name not in GENERIC:
-                for item in node.body:
-                    target = item.targets[0] if isinstance(item, ast.Assign) else getattr(item, "target", None)
-                    value = getattr(item, "value", None)
-                    if (
-                        isinstance(target, ast.Name)
-                        and target.id == "reason"
-                        and isinstance(value, ast.Constant)
-                        and isinstance(value.value, str)
-                    ):
-                        found[value.value] = f"{where} ({node.name})"
-    return {reason: where for reason, where in found.items() if re.fullmatch(r"[A-Z][A-Z0-9_]+", reason)}
+REASONS = PACKAGE / "reasons.py"
+UPPER_SNAKE = re.compile(r"[A-Z][A-Z0-9_]+")
 
 
 def documented_reasons() -> set[str]:
@@ -60,11 +21,61 @@ def documented_reasons() -> set[str]:
     return {reason for row in rows for reason in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[2])}
 
 
-def test_the_scan_finds_reasons_raised_in_several_ways() -> None:
-    reasons = raised_reasons()
-    assert {"IDEMPOTENCY_KEY_REUSED", "PRODUCT_NOT_FOUND", "INVALID_INPUT", "CIRCUIT_OPEN"} <= set(reasons)
+def literal_reasons(source: str, where: str) -> list[str]:
+    """Where `source` writes a reason as a string: a `reason=` argument or a `reason` attribute given an UPPER_SNAKE
+    string, or any string that is one of the listed reasons (a module constant standing in for one)."""
+    listed = {reason.value for reason in Reason}
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source, where)):
+        given: list[ast.expr] = []
+        if isinstance(node, ast.keyword) and node.arg == "reason":
+            given.append(node.value)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(getattr(t, "id", getattr(t, "attr", None)) == "reason" for t in targets):
+                given.append(node.value)
+        for value in given:
+            if isinstance(value, ast.Constant) and isinstance(value.value, str) and UPPER_SNAKE.fullmatch(value.value):
+                found.append(f"{where}:{value.lineno} reason {value.value!r}")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in listed:
+            found.append(f"{where}:{node.lineno} {node.value!r}")
+    return sorted(set(found))
 
 
-def test_every_reason_the_server_raises_is_in_the_error_table() -> None:
-    missing = {reason: where for reason, where in raised_reasons().items() if reason not in documented_reasons()}
-    assert not missing, f"reasons missing from docs/api.md's error table: {missing}"
+def test_the_error_table_documents_exactly_the_listed_reasons() -> None:
+    listed = {reason.value for reason in Reason}
+    documented = documented_reasons()
+    assert not listed - documented, f"reasons missing from docs/api.md's error table: {sorted(listed - documented)}"
+    assert not documented - listed, f"docs/api.md documents reasons reasons.py does not list: {documented - listed}"
+
+
+def test_a_reason_is_its_own_upper_snake_name() -> None:
+    for reason in Reason:
+        assert reason.value == reason.name and UPPER_SNAKE.fullmatch(reason.value), reason
+
+
+def test_the_scan_finds_a_reason_written_as_a_string_in_each_way() -> None:
+    source = (
+        'raise NotFound("x", reason="APP_NOT_FOUND")\n'
+        'class Gone(NotFound):\n    reason = "GONE_AWAY"\n'
+        'error.reason = "BROKEN"\n'
+        'CACHE_MISSING = "CACHE_NOT_FOUND"\n'
+        'raise NotFound("x", reason=Reason.APP_NOT_FOUND)\n'
+        'log.info("not found: %s", reason)\n'
+    )
+    assert literal_reasons(source, "example.py") == [
+        "example.py:1 'APP_NOT_FOUND'",
+        "example.py:1 reason 'APP_NOT_FOUND'",
+        "example.py:3 reason 'GONE_AWAY'",
+        "example.py:4 reason 'BROKEN'",
+        "example.py:5 'CACHE_NOT_FOUND'",
+    ]
+
+
+def test_no_module_writes_a_reason_of_its_own() -> None:
+    found: list[str] = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "/v1/" in path.as_posix() or path == REASONS:
+            continue
+        found += literal_reasons(path.read_text(), path.relative_to(ROOT).as_posix())
+    assert not found, f"reasons written as strings instead of reasons.Reason members: {found}"

@@ -13,6 +13,8 @@ from typing import Final
 
 import grpc
 
+from ductape_processor.reasons import Reason
+
 
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
@@ -26,13 +28,13 @@ class ProcessorError(Exception):
     """Base of every error a caller may see; carries the canonical code, the reason and the details."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    reason: str = "INTERNAL"
+    reason: Reason = Reason.INTERNAL
 
     def __init__(
         self,
         message: str,
         *,
-        reason: str | None = None,
+        reason: Reason | None = None,
         metadata: Mapping[str, str] | None = None,
         violations: Iterable[FieldViolation] = (),
         retry_after_s: float | None = None,
@@ -51,7 +53,7 @@ class InvalidArgument(ProcessorError):
     """A request field is missing or malformed."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "INVALID_ARGUMENT"
+    reason = Reason.INVALID_ARGUMENT
 
     @classmethod
     def field(cls, field: str, description: str) -> InvalidArgument:
@@ -83,7 +85,7 @@ class InvalidManifest(InvalidArgument):
     `MAX_DETAIL_BYTES`; `metadata["problems"]` is the total, so a caller knows how many it was not shown.
     """
 
-    reason = "INVALID_MANIFEST"
+    reason = Reason.INVALID_MANIFEST
 
     def __init__(self, problems: Iterable[FieldViolation], total: int | None = None) -> None:
         listed: list[FieldViolation] = []
@@ -126,7 +128,7 @@ _TOO_LARGE: Final = {
 class ManifestTooLarge(InvalidArgument):
     """A manifest is over one of the limits checked before it is validated: bytes, values or nesting depth."""
 
-    reason = "MANIFEST_TOO_LARGE"
+    reason = Reason.MANIFEST_TOO_LARGE
 
     def __init__(self, limit: str, maximum: int, found: int = 0) -> None:
         self.limit = limit
@@ -147,13 +149,13 @@ class NotFound(ProcessorError):
     """A named resource does not exist."""
 
     code = grpc.StatusCode.NOT_FOUND
-    reason = "NOT_FOUND"
+    reason = Reason.NOT_FOUND
 
 
 class ProductNotFound(NotFound):
     """No manifest was ever applied for this product."""
 
-    reason = "PRODUCT_NOT_FOUND"
+    reason = Reason.PRODUCT_NOT_FOUND
 
     def __init__(self, product: str) -> None:
         super().__init__(f"product {product!r} not found", metadata={"product": product})
@@ -162,7 +164,7 @@ class ProductNotFound(NotFound):
 class EnvNotFound(NotFound):
     """The product (at the version in use) declares no environment with this slug or name."""
 
-    reason = "ENV_NOT_FOUND"
+    reason = Reason.ENV_NOT_FOUND
 
     def __init__(self, product: str, env: str, version: int, known: Iterable[str]) -> None:
         names = ", ".join(sorted(known))
@@ -175,7 +177,7 @@ class EnvNotFound(NotFound):
 class VersionNotFound(NotFound):
     """The product has no such version."""
 
-    reason = "VERSION_NOT_FOUND"
+    reason = Reason.VERSION_NOT_FOUND
 
     def __init__(self, product: str, version: int, latest: int) -> None:
         super().__init__(
@@ -188,24 +190,24 @@ class FailedPrecondition(ProcessorError):
     """The call cannot run in the current state of things (or as the product is configured)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "FAILED_PRECONDITION"
+    reason = Reason.FAILED_PRECONDITION
 
 
 class Unauthenticated(ProcessorError):
     """The caller did not prove who it is."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "UNAUTHENTICATED"
+    reason = Reason.UNAUTHENTICATED
 
 
 class Unavailable(ProcessorError):
     """The processor cannot serve the call now; a retry (possibly on another replica) may succeed."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "UNAVAILABLE"
+    reason = Reason.UNAVAILABLE
 
 
 class StoreUnavailable(Unavailable):
     """The processor's store could not be reached or failed mid-operation; the call may be retried."""
 
-    reason = "STORE_UNAVAILABLE"
+    reason = Reason.STORE_UNAVAILABLE

@@ -7,6 +7,7 @@ import hmac
 from collections.abc import Iterable
 
 from ductape_processor.errors import Unauthenticated
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.policies.caches import BoundedCache
 
 MAX_REMEMBERED = 1024
@@ -32,17 +33,17 @@ class ApiKeyAuthenticator:
             return
         if authorization is None:
             raise Unauthenticated(
-                "missing API key: send metadata 'authorization: Bearer <key>'", reason="API_KEY_MISSING"
+                "missing API key: send metadata 'authorization: Bearer <key>'", reason=Reason.API_KEY_MISSING
             )
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise Unauthenticated("malformed authorization: expected 'Bearer <key>'", reason="API_KEY_INVALID")
+            raise Unauthenticated("malformed authorization: expected 'Bearer <key>'", reason=Reason.API_KEY_INVALID)
         digest = hashlib.sha256(key.strip().encode("utf-8")).digest()
         matched = False
         for expected in self._hashes:
             matched |= hmac.compare_digest(digest, expected)
         if not matched:
-            raise Unauthenticated("API key not accepted", reason="API_KEY_INVALID")
+            raise Unauthenticated("API key not accepted", reason=Reason.API_KEY_INVALID)
         self._accepted.put(authorization, True)
 
 

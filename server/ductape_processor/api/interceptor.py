@@ -26,6 +26,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from ductape_processor.api.auth import ApiKeyAuthenticator
 from ductape_processor.api.status import error_trailers, internal_trailers
 from ductape_processor.errors import InvalidArgument, ProcessorError
+from ductape_processor.reasons import Reason
 from ductape_processor.telemetry.context import CallInfo, current_call
 from ductape_processor.telemetry.setup import Telemetry
 
@@ -64,10 +65,6 @@ class RequestIds:
         return f"{self._prefix}{self._next():08x}"
 
 
-REQUEST_UNDECODABLE = "REQUEST_UNDECODABLE"
-"""The `ErrorInfo.reason` of a request whose bytes protobuf cannot decode (e.g. nested past its depth limit)."""
-
-
 class _Undecodable:
     """Stands in for a request that could not be decoded, so the call fails as INVALID_ARGUMENT, not UNKNOWN."""
 
@@ -80,7 +77,7 @@ class _Undecodable:
         return InvalidArgument(
             f"the request cannot be decoded: {self.message} (protobuf refuses messages nested more than 100 levels;"
             " a Struct or Value costs up to three levels per JSON level)",
-            reason=REQUEST_UNDECODABLE,
+            reason=Reason.REQUEST_UNDECODABLE,
         )
 
 

@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ductape_processor.errors import ProcessorError
+from ductape_processor.reasons import Reason
 
 ERROR_DOMAIN = "processor.ductape.dev"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -77,5 +78,5 @@ def error_trailers(error: ProcessorError, request_id: str) -> tuple[grpc.StatusC
 def internal_trailers(request_id: str) -> tuple[grpc.StatusCode, str, Trailers]:
     """Code, message and trailers for an unexpected failure: no detail leaves the server but the correlation id."""
     message = f"internal error; the server log has the details under correlation id {request_id}"
-    status = rich_status(grpc.StatusCode.INTERNAL, message, "INTERNAL", {"correlation_id": request_id}, [])
+    status = rich_status(grpc.StatusCode.INTERNAL, message, Reason.INTERNAL, {"correlation_id": request_id}, [])
     return _abort_arguments(status, request_id)

@@ -17,12 +17,11 @@ from datetime import datetime
 from typing import Any, Final
 
 from ductape_processor.errors import FieldViolation, InvalidArgument
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.manifest import ActionInput, FieldSpec
 from ductape_processor.runtime.templates import json_kind
 
 ACTION_PARTS: Final = ("params", "query", "body", "headers")
-INVALID_INPUT: Final = "INVALID_INPUT"
-"""The `ErrorInfo.reason` of a call whose input breaks its contract."""
 
 _UUID_HYPHENS = frozenset({8, 13, 18, 23})
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -72,7 +71,7 @@ def _invalid(violations: list[FieldViolation]) -> InvalidArgument:
     others = len(violations) - 1
     more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
     return InvalidArgument(
-        f"invalid input: {first.field}: {first.description}{more}", reason=INVALID_INPUT, violations=violations
+        f"invalid input: {first.field}: {first.description}{more}", reason=Reason.INVALID_INPUT, violations=violations
     )
 
 

@@ -36,6 +36,7 @@ from ductape_processor.errors import (
     ManifestTooLarge,
     Unavailable,
 )
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.plan import ProductPlan, compile_plan
 from ductape_processor.runtime.manifest import (
     TAG_PATTERN,
@@ -458,7 +459,7 @@ class ManifestLoader:
 
     async def _in_worker(self, job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._closed:
-            raise Unavailable("the processor is shutting down", reason="SHUTTING_DOWN")
+            raise Unavailable("the processor is shutting down", reason=Reason.SHUTTING_DOWN)
         await self._slot.acquire()
         if self._idle is not None:
             self._idle.cancel()
@@ -487,7 +488,7 @@ class ManifestLoader:
             raise Unavailable(
                 "the worker process checking manifests ended before answering (killed, or out of memory); "
                 "nothing was stored, and the next call starts a new worker",
-                reason="MANIFEST_WORKER_FAILED",
+                reason=Reason.MANIFEST_WORKER_FAILED,
             ) from None
 
     def _finished(self, running: asyncio.Future[Any]) -> None:

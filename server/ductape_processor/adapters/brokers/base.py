@@ -20,6 +20,7 @@ from datetime import datetime
 import grpc
 
 from ductape_processor.errors import ProcessorError
+from ductape_processor.reasons import Reason
 
 CONCURRENT_PUBLISHES = 256
 """Writes of one publish_batch awaiting their confirmation at once."""
@@ -71,7 +72,7 @@ class BrokerUnavailable(ProcessorError):
     """The broker cannot be reached (after reconnect attempts) or refused the operation."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "BROKER_UNAVAILABLE"
+    reason = Reason.BROKER_UNAVAILABLE
 
 
 class BrokerSubscription(abc.ABC):

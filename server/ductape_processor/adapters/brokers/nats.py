@@ -101,6 +101,7 @@ from ductape_processor.adapters.brokers.connection import Endpoint, LazyConnecti
 from ductape_processor.adapters.brokers.nats_headers import header_bytes, outbound_headers
 from ductape_processor.adapters.brokers.nats_pull import CLOSE_DEADLINE_S, NatsPullSubscription
 from ductape_processor.errors import FieldViolation, InvalidArgument, ProcessorError
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class StreamConflict(ProcessorError):
     """The JetStream stream cannot hold the topic as configured (e.g. another stream already owns the subject)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "BROKER_STREAM_CONFLICT"
+    reason = Reason.BROKER_STREAM_CONFLICT
 
 
 # -- names and headers ---------------------------------------------------------------------------------------------
@@ -375,7 +376,7 @@ class NatsBroker(BrokerAdapter):
         if size > nc.max_payload:
             raise InvalidArgument(
                 f"the message and its headers are {size} bytes; the NATS server accepts at most {nc.max_payload}",
-                reason="MESSAGE_TOO_LARGE",
+                reason=Reason.MESSAGE_TOO_LARGE,
                 violations=[FieldViolation("message.data", f"is larger than the NATS max_payload ({nc.max_payload})")],
             )
         await self._ensure_subject(js, topic)
@@ -386,7 +387,9 @@ class NatsBroker(BrokerAdapter):
                 ack = await self._attempt(js, topic, message.data, headers, max(deadline.bound(PUBLISH_ATTEMPT_S), 0.1))
                 return f"{ack.stream}:{ack.seq}"
             except nats.errors.MaxPayloadError as exc:
-                raise InvalidArgument(f"NATS refused the message size: {exc}", reason="MESSAGE_TOO_LARGE") from None
+                raise InvalidArgument(
+                    f"NATS refused the message size: {exc}", reason=Reason.MESSAGE_TOO_LARGE
+                ) from None
             except nats.js.errors.APIError as exc:
                 if exc.err_code == _ERR_EXPECTED_STREAM:
                     raise self._conflict(

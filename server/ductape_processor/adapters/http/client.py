@@ -26,6 +26,7 @@ from yarl import URL
 
 from ductape_processor.adapters.http.encoding import header_field, header_name_problem, header_value_problem
 from ductape_processor.errors import InvalidArgument, ProcessorError
+from ductape_processor.reasons import Reason
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -39,7 +40,7 @@ class UpstreamUnreachable(ProcessorError):
     """The upstream could not be reached or broke the connection. `sent` tells whether it may have seen the request."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "UPSTREAM_UNREACHABLE"
+    reason = Reason.UPSTREAM_UNREACHABLE
 
     def __init__(self, message: str, *, sent: bool, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message, metadata=metadata)
@@ -50,14 +51,14 @@ class UpstreamTimeout(ProcessorError):
     """The upstream did not answer within the timeout (or the caller's deadline)."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-    reason = "UPSTREAM_TIMEOUT"
+    reason = Reason.UPSTREAM_TIMEOUT
 
 
 class ResponseTooLarge(ProcessorError):
     """The upstream's response body is larger than the processor accepts."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "UPSTREAM_RESPONSE_TOO_LARGE"
+    reason = Reason.UPSTREAM_RESPONSE_TOO_LARGE
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ductape_processor.errors import FailedPrecondition, InvalidArgument, Unavailable
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.manifest import Cache
 from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.store.base import Store
@@ -27,7 +28,7 @@ class ResultCache:
             cache.url,
             lambda name: InvalidArgument(
                 f"cache {cache.tag!r}: secret $Secret{{{name}}} is not defined on this processor",
-                reason="SECRET_NOT_FOUND",
+                reason=Reason.SECRET_NOT_FOUND,
                 metadata={"cache": cache.tag},
             ),
         )
@@ -42,7 +43,7 @@ class ResultCache:
                 raise FailedPrecondition(
                     f"cache {cache.tag!r}: the Redis URL cannot be parsed (reserved characters in a password must be "
                     "percent-encoded)",
-                    reason="CACHE_URL_INVALID",
+                    reason=Reason.CACHE_URL_INVALID,
                     metadata={"cache": cache.tag},
                 ) from None
             self._redis[url] = client
@@ -76,7 +77,7 @@ class ResultCache:
         except RedisError as exc:
             raise Unavailable(
                 f"cache {cache.tag!r}: Redis failed ({type(exc).__name__})",
-                reason="CACHE_UNAVAILABLE",
+                reason=Reason.CACHE_UNAVAILABLE,
                 metadata={"cache": cache.tag},
             ) from None
 

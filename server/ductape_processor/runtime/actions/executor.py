@@ -49,9 +49,10 @@ from ductape_processor.errors import (
     ProcessorError,
     Unavailable,
 )
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.actions.plan import ActionPlan, AuthPlan
-from ductape_processor.runtime.contract import INVALID_INPUT, check_action_input
+from ductape_processor.runtime.contract import check_action_input
 from ductape_processor.runtime.logs.recorder import ExecutionRecorder
 from ductape_processor.runtime.manifest import CredentialAuth, Manifest
 from ductape_processor.runtime.policies.breaker import CircuitBreaker
@@ -70,8 +71,6 @@ log = logging.getLogger(__name__)
 
 SUCCESS, FAIL = 1, 2
 _REDACTED = "[redacted]"
-HEADER_VALUE_INVALID = "HEADER_VALUE_INVALID"
-"""The `ErrorInfo.reason` of a call whose rendered header value holds a control character."""
 # Circuit breakers and credential tokens kept, one per (product, environment, app[, auth]); the least recently
 # used goes first (a forgotten token is read again from the store).
 UPSTREAMS_REMEMBERED = 10_000
@@ -163,7 +162,7 @@ class _Context:
 
 def _outcome(result: ActionResult) -> tuple[int, str]:
     """The execution record's status and reason for an upstream answer."""
-    return (SUCCESS, "") if 200 <= result.status < 300 else (FAIL, "UPSTREAM_STATUS")
+    return (SUCCESS, "") if 200 <= result.status < 300 else (FAIL, Reason.UPSTREAM_STATUS)
 
 
 def _caller_headers(plan: ActionPlan, given: Mapping[str, Any]) -> dict[str, str]:
@@ -192,7 +191,7 @@ def _caller_headers(plan: ActionPlan, given: Mapping[str, Any]) -> dict[str, str
     if violations:
         first = violations[0]
         raise InvalidArgument(
-            f"invalid input: {first.field}: {first.description}", reason=INVALID_INPUT, violations=violations
+            f"invalid input: {first.field}: {first.description}", reason=Reason.INVALID_INPUT, violations=violations
         )
     return headers
 
@@ -204,7 +203,7 @@ def _require_path_params(plan: ActionPlan, checked: Mapping[str, Any]) -> None:
     if missing:
         raise InvalidArgument(
             f"the action's path needs {', '.join(':' + name for name in missing)}",
-            reason="INVALID_INPUT",
+            reason=Reason.INVALID_INPUT,
             violations=[
                 FieldViolation(f"input.params.{name}", "is required: the path has :" + name) for name in missing
             ],
@@ -263,7 +262,7 @@ class ActionExecutor:
         except RenderError as exc:
             error = InvalidArgument(
                 f"{exc.selector}: {exc.message}",
-                reason="TEMPLATE_UNRESOLVED",
+                reason=Reason.TEMPLATE_UNRESOLVED,
                 metadata={"selector": exc.selector, "template": exc.path},
                 violations=[FieldViolation(exc.selector, exc.message)],
             )
@@ -289,12 +288,12 @@ class ActionExecutor:
         if app is None:
             raise NotFound(
                 f"product {call.product!r} has no app {call.app!r}",
-                reason="APP_NOT_FOUND",
+                reason=Reason.APP_NOT_FOUND,
                 metadata={"product": call.product, "app": call.app},
             )
         raise NotFound(
             f"app {call.app!r} has no action {call.event!r}",
-            reason="ACTION_NOT_FOUND",
+            reason=Reason.ACTION_NOT_FOUND,
             metadata={"product": call.product, "app": call.app, "event": call.event},
         )
 
@@ -312,7 +311,7 @@ class ActionExecutor:
             if cache is None:
                 raise NotFound(
                     f"product {call.product!r} has no cache {call.cache!r}",
-                    reason="CACHE_NOT_FOUND",
+                    reason=Reason.CACHE_NOT_FOUND,
                     metadata={"product": call.product, "cache": call.cache},
                 )
             cache_key = hashlib.sha256(
@@ -368,7 +367,7 @@ class ActionExecutor:
                     "the call holding this idempotency key ended without recording the upstream's answer (its "
                     "replica stopped or the store failed); the request may have reached the upstream, so it is not "
                     "sent again. Retry later to get the answer if it is recorded, or check with the upstream",
-                    reason="IDEMPOTENCY_OUTCOME_UNKNOWN",
+                    reason=Reason.IDEMPOTENCY_OUTCOME_UNKNOWN,
                     metadata={"idempotency_key": call.idempotency_key},
                 )
             await self._wait_for(key, ctx.deadline)
@@ -483,7 +482,7 @@ class ActionExecutor:
         inflight = self._inflight.get(key)
         left = deadline.remaining()
         in_use = FailedPrecondition(
-            "a call with this idempotency key is still running", reason="IDEMPOTENCY_KEY_IN_USE"
+            "a call with this idempotency key is still running", reason=Reason.IDEMPOTENCY_KEY_IN_USE
         )
         if left is not None and left <= 0:
             raise in_use
@@ -530,7 +529,7 @@ class ActionExecutor:
                 field = header_field("headers", name)
                 raise InvalidArgument(
                     f"{field}: the value rendered from {template.path} {problem}",
-                    reason=HEADER_VALUE_INVALID,
+                    reason=Reason.HEADER_VALUE_INVALID,
                     metadata={"template": template.path},
                     violations=[FieldViolation(field, f"the value rendered from {template.path} {problem}")],
                 )
@@ -743,10 +742,10 @@ class ActionExecutor:
             self._record(login_ctx, process_id, started, FAIL, exc.reason, cached=False)
             raise
         if not 200 <= response.status < 300:
-            self._record(login_ctx, process_id, started, FAIL, "UPSTREAM_AUTH_FAILED", cached=False)
+            self._record(login_ctx, process_id, started, FAIL, Reason.UPSTREAM_AUTH_FAILED, cached=False)
             raise FailedPrecondition(
                 f"auth {auth.tag!r}: the login action {auth.action!r} answered {response.status}",
-                reason="UPSTREAM_AUTH_FAILED",
+                reason=Reason.UPSTREAM_AUTH_FAILED,
                 metadata={"app": ctx.call.app, "auth": auth.tag, "upstream_status": str(response.status)},
             )
         self._record(login_ctx, process_id, started, SUCCESS, "", cached=False)

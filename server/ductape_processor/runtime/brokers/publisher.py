@@ -28,6 +28,7 @@ from ductape_processor.adapters.brokers.base import (
 )
 from ductape_processor.adapters.brokers.registry import BROKER_TYPES
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.brokers.stream import SubscribeStream
 from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.runtime.manifest import Broker, Topic
@@ -111,14 +112,14 @@ class BrokerRuntime:
         if broker is None:
             raise NotFound(
                 f"product {product!r} has no broker {broker_tag!r}",
-                reason="BROKER_NOT_FOUND",
+                reason=Reason.BROKER_NOT_FOUND,
                 metadata={"product": product, "broker": broker_tag},
             )
         topic = next((t for t in broker.topics if t.tag == topic_tag), None)
         if topic is None:
             raise NotFound(
                 f"broker {broker_tag!r} has no topic {topic_tag!r}",
-                reason="TOPIC_NOT_FOUND",
+                reason=Reason.TOPIC_NOT_FOUND,
                 metadata={"product": product, "broker": broker_tag, "topic": topic_tag},
             )
         return Route(resolved, broker, topic)
@@ -129,7 +130,7 @@ class BrokerRuntime:
         def missing(name: str) -> FailedPrecondition:
             return FailedPrecondition(
                 f"broker {route.broker.tag!r}: secret {name} is not defined on this processor",
-                reason="SECRET_NOT_FOUND",
+                reason=Reason.SECRET_NOT_FOUND,
                 metadata={"broker": route.broker.tag, "secret": name},
             )
 
@@ -166,7 +167,7 @@ class BrokerRuntime:
                 if broker_type is None:
                     raise FailedPrecondition(
                         f"broker type {kind!r} is not available on this processor",
-                        reason="BROKER_TYPE_UNAVAILABLE",
+                        reason=Reason.BROKER_TYPE_UNAVAILABLE,
                         metadata={"broker": route.broker.tag, "type": kind},
                     )
                 typed = route.broker.envs[route.resolved.env.slug].model_copy(update=settings)  # secrets resolved
@@ -183,7 +184,7 @@ class BrokerRuntime:
             too_large = InvalidArgument.field(
                 f"{field}.data", f"is {len(outgoing.data)} bytes; the limit is {self._max_bytes}"
             )
-            too_large.reason = "MESSAGE_TOO_LARGE"
+            too_large.reason = Reason.MESSAGE_TOO_LARGE
             raise too_large
         if len(outgoing.attributes) > MAX_ATTRIBUTES:
             problems.append(FieldViolation(f"{field}.attributes", f"has more than {MAX_ATTRIBUTES} entries"))

@@ -33,6 +33,7 @@ import grpc
 
 from ductape_processor.adapters.brokers.base import BrokerSubscription, InboundMessage
 from ductape_processor.errors import InvalidArgument, ProcessorError
+from ductape_processor.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,14 @@ class StreamClosing(ProcessorError):
     """The server is shutting down: reconnect, possibly to another replica."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "SHUTTING_DOWN"
+    reason = Reason.SHUTTING_DOWN
 
 
 class SubscriberNotReading(ProcessorError):
     """The client stopped reading its stream: its messages went back to the group; reconnect when ready."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "SUBSCRIBER_NOT_READING"
+    reason = Reason.SUBSCRIBER_NOT_READING
 
 
 @dataclass(frozen=True, slots=True)

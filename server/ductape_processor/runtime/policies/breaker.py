@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 import grpc
 
 from ductape_processor.errors import ProcessorError
+from ductape_processor.reasons import Reason
 
 
 class CircuitOpen(ProcessorError):
     """The upstream failed too often lately; calls are refused until a probe succeeds."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "CIRCUIT_OPEN"
+    reason = Reason.CIRCUIT_OPEN
 
 
 @dataclass(slots=True)

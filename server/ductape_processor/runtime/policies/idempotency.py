@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from ductape_processor.errors import FailedPrecondition
+from ductape_processor.reasons import Reason
 from ductape_processor.store.base import IdempotencyRecord, Store
 
 MAX_IDEMPOTENCY_KEY: Final = 256
@@ -60,6 +61,6 @@ def key_reused(what: str, idempotency_key: str) -> FailedPrecondition:
     """The error for an idempotency key sent again with another `what` (request, message) than its first."""
     return FailedPrecondition(
         f"this idempotency key was used for a different {what}",
-        reason="IDEMPOTENCY_KEY_REUSED",
+        reason=Reason.IDEMPOTENCY_KEY_REUSED,
         metadata={"idempotency_key": idempotency_key},
     )

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from ductape_processor.errors import InvalidArgument, NotFound, ProcessorError
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.contract import check_input
 from ductape_processor.runtime.manifest import SessionType
 from ductape_processor.runtime.policies.caches import BoundedCache
@@ -42,7 +43,7 @@ class RefreshConflict(ProcessorError):
     """Two calls exchanged one refresh token at once; the other call got the new pair."""
 
     code = grpc.StatusCode.ABORTED
-    reason = "REFRESH_CONFLICT"
+    reason = Reason.REFRESH_CONFLICT
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +131,9 @@ class SessionManager:
         """The token's payload, if it is valid here, unexpired and of a session not revoked."""
         payload = open_token(self._keys, kind, product, env, tag, token)
         if payload.get("exp", 0) <= self._clock():
-            raise SessionError("the session has expired", reason="SESSION_EXPIRED")
+            raise SessionError("the session has expired", reason=Reason.SESSION_EXPIRED)
         if payload.get("sid") in self._revoked:
-            raise SessionError("the session was revoked", reason="SESSION_REVOKED")
+            raise SessionError("the session was revoked", reason=Reason.SESSION_REVOKED)
         return payload
 
     def _pair(self, product: str, env: str, session_type: SessionType, record: SessionRecord, data: Any) -> TokenPair:
@@ -163,7 +164,7 @@ class SessionManager:
                 return resolved.env.slug, session_type
         raise NotFound(
             f"product {product!r} has no session type {tag!r}",
-            reason="SESSION_TYPE_NOT_FOUND",
+            reason=Reason.SESSION_TYPE_NOT_FOUND,
             metadata={"product": product, "tag": tag},
         )
 
@@ -199,9 +200,9 @@ class SessionManager:
         if known is not None:
             # A token verified before: only expiry and revocation can have changed since.
             if known.expires_at.timestamp() <= self._clock():
-                raise SessionError("the session has expired", reason="SESSION_EXPIRED")
+                raise SessionError("the session has expired", reason=Reason.SESSION_EXPIRED)
             if known.session_id in self._revoked:
-                raise SessionError("the session was revoked", reason="SESSION_REVOKED")
+                raise SessionError("the session was revoked", reason=Reason.SESSION_REVOKED)
             return known
         payload = self._open("a", product, slug, tag, token)
         verified = VerifiedSession(
@@ -224,12 +225,12 @@ class SessionManager:
             return self._pair(product, slug, session_type, rotated, payload["d"])
         current = await self._store.get_session(session_id)
         if current is None:
-            raise SessionError("the session is not known here", reason="SESSION_INVALID")
+            raise SessionError("the session is not known here", reason=Reason.SESSION_INVALID)
         if current.revoked_at is not None:
             self._revoked[session_id] = current.expires_at.timestamp()
-            raise SessionError("the session was revoked", reason="SESSION_REVOKED")
+            raise SessionError("the session was revoked", reason=Reason.SESSION_REVOKED)
         if current.expires_at <= now:
-            raise SessionError("the session has expired", reason="SESSION_EXPIRED")
+            raise SessionError("the session has expired", reason=Reason.SESSION_EXPIRED)
         if current.generation == generation + 1 and (now - current.refreshed_at).total_seconds() < REFRESH_RACE_GRACE_S:
             raise RefreshConflict(
                 "this refresh token was exchanged a moment ago by another call; use the tokens that call received",
@@ -237,7 +238,7 @@ class SessionManager:
             )
         await self._revoke(product, slug, tag, session_id=session_id, identifier=None)
         log.warning("refresh token reused: session revoked", extra={"session_id": session_id, "product": product})
-        raise SessionError("this refresh token was already used; the session is revoked", reason="SESSION_REVOKED")
+        raise SessionError("this refresh token was already used; the session is revoked", reason=Reason.SESSION_REVOKED)
 
     async def _revoke(
         self, product: str, slug: str, tag: str, *, session_id: str | None, identifier: str | None

@@ -16,6 +16,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 
 from ductape_processor.errors import Unauthenticated
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.sessions.keys import SessionKeys, b64, unb64
 
 TOKEN_PREFIX = "v1"  # noqa: S105 - a format marker, not a secret
@@ -43,7 +44,7 @@ def seal(keys: SessionKeys, kind: str, product: str, env: str, tag: str, payload
 
 def open_token(keys: SessionKeys, kind: str, product: str, env: str, tag: str, token: str) -> dict[str, Any]:
     """The payload of a token of `kind` for (product, env, tag); SESSION_INVALID for anything else, whatever it is."""
-    invalid = SessionError("the session token is not valid here", reason="SESSION_INVALID")
+    invalid = SessionError("the session token is not valid here", reason=Reason.SESSION_INVALID)
     if not token or len(token) > MAX_TOKEN_CHARS:
         raise invalid
     parts = token.split(".")
