@@ -6,6 +6,7 @@ import abc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from enum import IntEnum
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,15 @@ class IdempotencyRecord:
     expires_at: datetime
 
 
+class ExecutionStatus(IntEnum):
+    """How an execution ended; the values are those of the API's `ExecutionStatus` (checked by a test)."""
+
+    SUCCESS = 1
+    """The upstream answered 2xx (or the answer came from the cache)."""
+    FAIL = 2
+    """An error, or an upstream answer outside 2xx (`error_reason` says which)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ExecutionRecord:
     """One run of a resource, as the execution log keeps it."""
@@ -57,7 +67,7 @@ class ExecutionRecord:
     version: int
     kind: str
     resource: str
-    status: int
+    status: ExecutionStatus
     started_at: datetime
     ended_at: datetime
     attempts: int

@@ -19,6 +19,7 @@ from ductape_processor.store import statements as sql
 from ductape_processor.store.base import (
     ExecutionFilter,
     ExecutionRecord,
+    ExecutionStatus,
     IdempotencyRecord,
     ProductRevision,
     SessionFilter,
@@ -120,7 +121,9 @@ class SqlStore(Store):
 
     def _execution(self, row: Row) -> ExecutionRecord:
         moment = self._dialect.moment
-        return ExecutionRecord(**_named(ExecutionRecord, row, started_at=moment, ended_at=moment, cached=bool))
+        return ExecutionRecord(
+            **_named(ExecutionRecord, row, status=ExecutionStatus, started_at=moment, ended_at=moment, cached=bool)
+        )
 
     def _execution_row(self, record: ExecutionRecord) -> tuple[Any, ...]:
         return _values(record, started_at=self._dialect.time, ended_at=self._dialect.time)

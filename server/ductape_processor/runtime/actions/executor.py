@@ -64,12 +64,11 @@ from ductape_processor.runtime.policies.secrets import SecretSource, TokenVault
 from ductape_processor.runtime.registry import Registry, Resolved
 from ductape_processor.runtime.sessions import SessionManager
 from ductape_processor.runtime.templates import RenderError, Scope, Taint
-from ductape_processor.store.base import ExecutionRecord, IdempotencyRecord, Store
+from ductape_processor.store.base import ExecutionRecord, ExecutionStatus, IdempotencyRecord, Store
 from ductape_processor.telemetry.context import outgoing_trace_context
 
 log = logging.getLogger(__name__)
 
-SUCCESS, FAIL = 1, 2
 _REDACTED = "[redacted]"
 # Circuit breakers and credential tokens kept, one per (product, environment, app[, auth]); the least recently
 # used goes first (a forgotten token is read again from the store).
@@ -160,9 +159,11 @@ class _Context:
     recorded: bool = False  # the execution record was written with the idempotency answer
 
 
-def _outcome(result: ActionResult) -> tuple[int, str]:
+def _outcome(result: ActionResult) -> tuple[ExecutionStatus, str]:
     """The execution record's status and reason for an upstream answer."""
-    return (SUCCESS, "") if 200 <= result.status < 300 else (FAIL, Reason.UPSTREAM_STATUS)
+    return (
+        (ExecutionStatus.SUCCESS, "") if 200 <= result.status < 300 else (ExecutionStatus.FAIL, Reason.UPSTREAM_STATUS)
+    )
 
 
 def _caller_headers(plan: ActionPlan, given: Mapping[str, Any]) -> dict[str, str]:
@@ -257,7 +258,7 @@ class ActionExecutor:
         try:
             result = await self._run(ctx)
         except ProcessorError as exc:
-            self._record(ctx, process_id, started, FAIL, exc.reason, cached=False)
+            self._record(ctx, process_id, started, ExecutionStatus.FAIL, exc.reason, cached=False)
             raise
         except RenderError as exc:
             error = InvalidArgument(
@@ -266,7 +267,7 @@ class ActionExecutor:
                 metadata={"selector": exc.selector, "template": exc.path},
                 violations=[FieldViolation(exc.selector, exc.message)],
             )
-            self._record(ctx, process_id, started, FAIL, error.reason, cached=False)
+            self._record(ctx, process_id, started, ExecutionStatus.FAIL, error.reason, cached=False)
             raise error from None
         if not ctx.recorded:
             status, reason = _outcome(result)
@@ -739,16 +740,18 @@ class ActionExecutor:
         try:
             response = await self._send(login_ctx, checked)
         except ProcessorError as exc:
-            self._record(login_ctx, process_id, started, FAIL, exc.reason, cached=False)
+            self._record(login_ctx, process_id, started, ExecutionStatus.FAIL, exc.reason, cached=False)
             raise
         if not 200 <= response.status < 300:
-            self._record(login_ctx, process_id, started, FAIL, Reason.UPSTREAM_AUTH_FAILED, cached=False)
+            self._record(
+                login_ctx, process_id, started, ExecutionStatus.FAIL, Reason.UPSTREAM_AUTH_FAILED, cached=False
+            )
             raise FailedPrecondition(
                 f"auth {auth.tag!r}: the login action {auth.action!r} answered {response.status}",
                 reason=Reason.UPSTREAM_AUTH_FAILED,
                 metadata={"app": ctx.call.app, "auth": auth.tag, "upstream_status": str(response.status)},
             )
-        self._record(login_ctx, process_id, started, SUCCESS, "", cached=False)
+        self._record(login_ctx, process_id, started, ExecutionStatus.SUCCESS, "", cached=False)
         body: Any = response.body.decode("utf-8", "replace")
         if "json" in response.content_type:
             with contextlib.suppress(ValueError):
@@ -766,13 +769,13 @@ class ActionExecutor:
     # -- records ----------------------------------------------------------------------------------------------
 
     def _record(
-        self, ctx: _Context, process_id: str, started: datetime, status: int, reason: str, *, cached: bool
+        self, ctx: _Context, process_id: str, started: datetime, status: ExecutionStatus, reason: str, *, cached: bool
     ) -> None:
         self._recorder.record(self._execution(ctx, process_id, started, status, reason, cached=cached))
 
     @staticmethod
     def _execution(
-        ctx: _Context, process_id: str, started: datetime, status: int, reason: str, *, cached: bool
+        ctx: _Context, process_id: str, started: datetime, status: ExecutionStatus, reason: str, *, cached: bool
     ) -> ExecutionRecord:
         return ExecutionRecord(
             process_id=process_id,
