@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from ductape_processor.errors import FieldViolation, InvalidArgument
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.contract import check_action_input, check_input
-from ductape_processor.runtime.manifest import ActionInput, FieldSpec
+from ductape_processor.runtime.registry.manifest import ActionInput, FieldSpec
 
 
 def spec(**fields: Any) -> FieldSpec:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from ductape.processor import InvalidArgumentError, UnavailableError
 
-from ductape_processor.runtime.manifest import App
+from ductape_processor.runtime.registry.manifest import App
 from ductape_processor.store.base import ExecutionFilter, ExecutionRecord
 from ductape_processor.store.sqlite import SqliteStore
 from tests.conftest import ServerFactory

@@ -11,14 +11,14 @@ from datetime import timedelta
 import pytest
 
 from ductape_processor.errors import InvalidManifest, ManifestTooLarge
-from ductape_processor.runtime.manifest import CredentialAuth, RedisBrokerEnv
-from ductape_processor.runtime.manifest_loader import (
+from ductape_processor.runtime.registry.loader import (
     MAX_MANIFEST_BYTES,
     MAX_VALUES,
     ManifestFormat,
     load_manifest,
     parse_document,
 )
+from ductape_processor.runtime.registry.manifest import CredentialAuth, RedisBrokerEnv
 from tests.conftest import EXAMPLE, ROOT
 
 BASE = {

@@ -17,7 +17,7 @@ from ductape.processor import InvalidArgumentError, ProcessorError
 from ductape.processor.v1 import product_pb2, product_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ductape_processor.runtime.manifest_loader import INLINE_MAX_BYTES, MAX_MANIFEST_BYTES, MAX_VALUES
+from ductape_processor.runtime.registry.loader import INLINE_MAX_BYTES, MAX_MANIFEST_BYTES, MAX_VALUES
 from ductape_processor.settings import Settings
 from ductape_processor.store.sqlite import SqliteStore
 from tests.conftest import EXAMPLE, Running, ServerFactory

@@ -10,7 +10,7 @@ import pytest
 from ductape.processor import InvalidArgumentError, NotFoundError
 from ductape.processor.v1 import product_pb2, product_pb2_grpc
 
-from ductape_processor.runtime.manifest_loader import ManifestFormat, parse_document
+from ductape_processor.runtime.registry.loader import ManifestFormat, parse_document
 from tests.conftest import EXAMPLE, Running, ServerFactory
 
 

@@ -15,8 +15,8 @@ from ductape.processor import InvalidArgumentError, NotFoundError, ProcessorErro
 
 from ductape_processor.app import ProcessorApp, StartupError
 from ductape_processor.errors import Unauthenticated
-from ductape_processor.runtime.manifest_loader import ManifestFormat
-from ductape_processor.runtime.registry import Registry
+from ductape_processor.runtime.registry.loader import ManifestFormat
+from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.runtime.sessions import RefreshConflict, SessionKeys, SessionManager, new_root_key
 from ductape_processor.settings import Settings
 from ductape_processor.store.postgres import PostgresStore

@@ -27,9 +27,9 @@ from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.actions.executor import ActionExecutor
 from ductape_processor.runtime.brokers import BrokerRuntime
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecorder
-from ductape_processor.runtime.manifest_loader import ManifestFormat
 from ductape_processor.runtime.policies.secrets import SecretsFileError, SecretSource, TokenVault, referenced_secrets
-from ductape_processor.runtime.registry import Registry
+from ductape_processor.runtime.registry.loader import ManifestFormat
+from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.runtime.sessions import SessionKeys, SessionManager
 from ductape_processor.settings import Settings
 from ductape_processor.store import Store, open_store

@@ -22,9 +22,9 @@ from ductape_processor import __version__
 from ductape_processor.api.auth import hash_key
 from ductape_processor.app import ProcessorApp, StartupError, manifest_files
 from ductape_processor.errors import InvalidManifest, ManifestTooLarge
-from ductape_processor.runtime.durations import format_duration
-from ductape_processor.runtime.manifest import Manifest
-from ductape_processor.runtime.manifest_loader import ManifestFormat, load_manifest
+from ductape_processor.runtime.registry.durations import format_duration
+from ductape_processor.runtime.registry.loader import ManifestFormat, load_manifest
+from ductape_processor.runtime.registry.manifest import Manifest
 from ductape_processor.runtime.sessions import new_root_key, parse_root_key
 from ductape_processor.settings import Settings
 from ductape_processor.telemetry.logging import configure_logging

@@ -9,10 +9,9 @@ from ductape.processor.v1 import product_pb2, product_pb2_grpc
 
 from ductape_processor.api.values import timestamp
 from ductape_processor.errors import InvalidArgument
-from ductape_processor.runtime.manifest_loader import ManifestFormat
 from ductape_processor.runtime.policies.caches import BoundedCache
-from ductape_processor.runtime.registry import Registry
-from ductape_processor.store.base import VersionRecord
+from ductape_processor.runtime.registry.loader import ManifestFormat
+from ductape_processor.runtime.registry.registry import Registry, VersionRecord
 
 ANSWERS_REMEMBERED = 256
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from ductape_processor.errors import FieldViolation, InvalidArgument
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.manifest import ActionInput, FieldSpec
+from ductape_processor.runtime.registry.manifest import ActionInput, FieldSpec
 from ductape_processor.runtime.templates import json_kind
 
 ACTION_PARTS: Final = ("params", "query", "body", "headers")

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from ductape_processor.adapters.brokers.base import BrokerAdapter
-from ductape_processor.runtime.manifest import MemoryBrokerEnv, NatsBrokerEnv, RabbitMQBrokerEnv, RedisBrokerEnv
+from ductape_processor.runtime.registry.manifest import (
+    MemoryBrokerEnv,
+    NatsBrokerEnv,
+    RabbitMQBrokerEnv,
+    RedisBrokerEnv,
+)
 
 SettingsT = TypeVar("SettingsT")
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from ductape_processor.errors import FailedPrecondition, InvalidArgument, Unavailable
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.manifest import Cache
 from ductape_processor.runtime.policies.secrets import SecretSource
+from ductape_processor.runtime.registry.manifest import Cache
 from ductape_processor.store.base import Store
 
 

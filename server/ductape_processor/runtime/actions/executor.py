@@ -54,14 +54,14 @@ from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.actions.plan import ActionPlan, AuthPlan
 from ductape_processor.runtime.contract import check_action_input
 from ductape_processor.runtime.logs.recorder import ExecutionRecorder
-from ductape_processor.runtime.manifest import CredentialAuth, Manifest
 from ductape_processor.runtime.policies.breaker import CircuitBreaker
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
 from ductape_processor.runtime.policies.retry import RetryBudget, parse_retry_after
 from ductape_processor.runtime.policies.secrets import SecretSource, TokenVault
-from ductape_processor.runtime.registry import Registry, Resolved
+from ductape_processor.runtime.registry.manifest import CredentialAuth, Manifest
+from ductape_processor.runtime.registry.registry import Registry, Resolved
 from ductape_processor.runtime.sessions import SessionManager
 from ductape_processor.runtime.templates import RenderError, Scope, Taint
 from ductape_processor.store.base import ExecutionRecord, ExecutionStatus, IdempotencyRecord, Store

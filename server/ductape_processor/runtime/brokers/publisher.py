@@ -31,12 +31,12 @@ from ductape_processor.errors import FailedPrecondition, FieldViolation, Invalid
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.brokers.stream import SubscribeStream
 from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosing, Subscription
-from ductape_processor.runtime.manifest import Broker, Topic
 from ductape_processor.runtime.policies import Deadline
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
 from ductape_processor.runtime.policies.secrets import SecretSource
-from ductape_processor.runtime.registry import Registry, Resolved
+from ductape_processor.runtime.registry.manifest import Broker, Topic
+from ductape_processor.runtime.registry.registry import Registry, Resolved
 from ductape_processor.store.base import IdempotencyRecord, Store
 from ductape_processor.telemetry.context import outgoing_trace_context
 

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from ductape_processor.errors import EnvNotFound, InvalidArgument
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
-from ductape_processor.runtime.registry import Registry
+from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.store.base import ExecutionFilter, ExecutionRecord, Store
 
 

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Final
 
-from ductape_processor.runtime.manifest import RetryPolicy
 from ductape_processor.runtime.policies.deadline import Deadline
+from ductape_processor.runtime.registry.manifest import RetryPolicy
 
 MAX_RETRY_AFTER_S: Final = 30.0
 """The longest pause an upstream's `Retry-After` may ask for; a longer one is cut to this."""

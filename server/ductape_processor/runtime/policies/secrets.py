@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ductape_processor.runtime.manifest import SECRET_NAME, SECRET_REFERENCE
+from ductape_processor.runtime.registry.manifest import SECRET_NAME, SECRET_REFERENCE
 
 _LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 

@@ -25,10 +25,10 @@ import grpc
 from ductape_processor.errors import InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.contract import check_input
-from ductape_processor.runtime.manifest import SessionType
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
-from ductape_processor.runtime.registry import Registry
+from ductape_processor.runtime.registry.manifest import SessionType
+from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.runtime.sessions.keys import SessionKeys, b64
 from ductape_processor.runtime.sessions.tokens import SessionError, open_token, seal
 from ductape_processor.store.base import SessionFilter, SessionRecord, Store

@@ -21,13 +21,6 @@ from ductape_processor.errors import (
     VersionNotFound,
 )
 from ductape_processor.runtime.actions.plan import ProductPlan
-from ductape_processor.runtime.manifest import Environment, Manifest
-from ductape_processor.runtime.manifest_loader import (
-    MAX_MANIFEST_BYTES,
-    CompiledManifest,
-    ManifestFormat,
-    ManifestLoader,
-)
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.paging import (
     decode_page_token,
@@ -35,7 +28,17 @@ from ductape_processor.runtime.policies.paging import (
     page,
     version_position,
 )
-from ductape_processor.store.base import Store, VersionRecord
+from ductape_processor.runtime.registry.loader import (
+    MAX_MANIFEST_BYTES,
+    CompiledManifest,
+    ManifestFormat,
+    ManifestLoader,
+)
+from ductape_processor.runtime.registry.manifest import Environment, Manifest
+from ductape_processor.store.base import Store
+
+# A stored version is what callers of the registry read (the product API lists them): the registry re-exports it.
+from ductape_processor.store.base import VersionRecord as VersionRecord
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,98 @@
+"""Problems a manifest's models cannot see one by one: cross-references (environment slugs, tags, path parameters,
+login actions) and malformed `$Secret{NAME}` references, each reported with its path, every one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ductape_processor.runtime.registry.manifest import SECRET_NAME, SECRET_REFERENCE, CredentialAuth, Manifest
+
+
+def _duplicates(items: list[Any], attr: str, where: str) -> Iterator[tuple[str, str]]:
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        value = getattr(item, attr)
+        if value is None:
+            continue
+        if value in seen:
+            yield f"{where}[{index}].{attr}", f"{attr} {value!r} is already used by {where}[{seen[value]}]"
+        else:
+            seen[value] = index
+
+
+def _env_keys(mapping: Mapping[str, Any], slugs: list[str], where: str, *, complete: bool) -> Iterator[tuple[str, str]]:
+    for key in mapping:
+        if key not in slugs:
+            yield (
+                f"{where}.{key}",
+                f"{key!r} is not an environment of the product (declared: {', '.join(slugs)})",
+            )
+    if complete:
+        for slug in slugs:
+            if slug not in mapping:
+                yield where, f"no configuration for environment {slug!r}"
+
+
+def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
+    """Every cross-reference problem of a structurally valid manifest, as (path, why)."""
+    problems: list[tuple[str, str]] = []
+    slugs = [env.slug for env in manifest.environments]
+    problems += _duplicates(manifest.environments, "slug", "environments")
+    problems += _duplicates(manifest.environments, "name", "environments")
+    names = {env.name for env in manifest.environments if env.name}
+    for index, env in enumerate(manifest.environments):
+        if env.slug in names and env.name != env.slug:
+            problems.append((f"environments[{index}].slug", f"{env.slug!r} is also another environment's name"))
+    for kind in ("apps", "brokers", "sessions", "caches"):
+        problems += _duplicates(getattr(manifest, kind), "tag", kind)
+    for a, app in enumerate(manifest.apps):
+        where = f"apps[{a}]"
+        problems += _env_keys(app.envs, slugs, f"{where}.envs", complete=True)
+        problems += _env_keys(app.variables, slugs, f"{where}.variables", complete=False)
+        problems += _duplicates(app.actions, "tag", f"{where}.actions")
+        problems += _duplicates(app.auths, "tag", f"{where}.auths")
+        action_tags = {action.tag for action in app.actions}
+        for i, auth in enumerate(app.auths):
+            if isinstance(auth, CredentialAuth) and auth.action not in action_tags:
+                problems.append((f"{where}.auths[{i}].action", f"app {app.tag!r} has no action {auth.action!r}"))
+        for i, action in enumerate(app.actions):
+            declared = set(action.input.params)
+            in_path = action.path_parameters()
+            for name in in_path:
+                if name not in declared:
+                    problems.append(
+                        (
+                            f"{where}.actions[{i}].path",
+                            f"path parameter :{name} is not declared in input.params",
+                        )
+                    )
+            for name in declared - set(in_path):
+                problems.append((f"{where}.actions[{i}].input.params.{name}", f"the path has no parameter :{name}"))
+    for b, broker in enumerate(manifest.brokers):
+        problems += _env_keys(broker.envs, slugs, f"brokers[{b}].envs", complete=True)
+        problems += _duplicates(broker.topics, "tag", f"brokers[{b}].topics")
+        problems += _duplicates(broker.topics, "name", f"brokers[{b}].topics")
+    return problems
+
+
+def secret_problems(document: object, path: str = "") -> list[tuple[str, str]]:
+    """Malformed `$Secret{NAME}` references anywhere in the raw document, as (path, why)."""
+    problems: list[tuple[str, str]] = []
+    if isinstance(document, dict):
+        for key, value in document.items():
+            problems += secret_problems(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(document, list):
+        for index, value in enumerate(document):
+            problems += secret_problems(value, f"{path}[{index}]")
+    elif isinstance(document, str):
+        for name in SECRET_REFERENCE.findall(document):
+            if not SECRET_NAME.match(name):
+                problems.append(
+                    (
+                        path,
+                        f"$Secret{{{name}}}: a secret name is letters, digits and '_', not starting with a digit",
+                    )
+                )
+    return problems
