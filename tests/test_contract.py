@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ductape_processor.errors import FieldViolation, InvalidArgument
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.contract import check_action_input, check_input
+from ductape_processor.runtime.actions.contract import check_action_input, check_input
 from ductape_processor.runtime.registry.manifest import ActionInput, FieldSpec
 
 

@@ -1,7 +1,8 @@
 """Actions: third-party HTTP calls described by a product's manifest.
 
 `plan` compiles a manifest's actions and auths once, when the manifest is validated (the registry keeps the plan on
-each resolved version); `executor` runs one call of an action with that plan; `cache` keeps the results a call
+each resolved version); `contract` checks a caller's input against the action's declared fields (sessions check
+their data with it too); `executor` runs one call of an action with that plan; `cache` keeps the results a call
 names by its `cache` tag. Import from those modules: this package re-exports nothing, so that the registry can
 import the plan without importing the executor (which imports the registry).
 """

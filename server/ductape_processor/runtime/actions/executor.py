@@ -51,8 +51,8 @@ from ductape_processor.errors import (
 )
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.cache import ResultCache
+from ductape_processor.runtime.actions.contract import check_action_input
 from ductape_processor.runtime.actions.plan import ActionPlan, AuthPlan
-from ductape_processor.runtime.contract import check_action_input
 from ductape_processor.runtime.logs.recorder import ExecutionRecorder
 from ductape_processor.runtime.policies.breaker import CircuitBreaker
 from ductape_processor.runtime.policies.caches import BoundedCache

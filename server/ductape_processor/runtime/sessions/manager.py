@@ -24,7 +24,7 @@ import grpc
 
 from ductape_processor.errors import InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.contract import check_input
+from ductape_processor.runtime.actions.contract import check_input
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
 from ductape_processor.runtime.registry.manifest import SessionType
