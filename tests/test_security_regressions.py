@@ -7,6 +7,7 @@ caller's session when the action uses session data; redirects never followed to 
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +15,14 @@ from typing import Any
 import grpc
 import pytest
 from aiohttp import web
-from ductape.processor import FailedPreconditionError, InvalidArgumentError, Processor, UnauthenticatedError
+from ductape.processor import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    Processor,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from ductape.processor.v1 import log_pb2, log_pb2_grpc
 
 from ductape_processor.api.auth import hash_key
@@ -228,6 +236,132 @@ async def test_a_redirect_to_the_same_host_on_another_port_or_scheme_is_not_foll
         product="shop", env="dev", app="api", event="get", input={"params": {"id": "moved"}}
     )
     assert moved.status_code == 200 and moved.body == {"here": True}, "the same origin, spelled out, is followed"
+
+
+# -- response size bounds --------------------------------------------------------------------------------------------
+
+LIMIT = 64 * 1024
+
+
+def _gzipped(body: bytes, content_type: str = "text/plain") -> web.Response:
+    return web.Response(body=gzip.compress(body), headers={"Content-Encoding": "gzip", "Content-Type": content_type})
+
+
+def _chunked(body: bytes) -> Any:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(body), 10_000):
+            await response.write(body[start : start + 10_000])
+        await response.write_eof()
+        return response
+
+    return answer
+
+
+async def get_item(running: Running, item: str) -> Any:
+    return await running.client.action.run(
+        product="shop", env="dev", app="api", event="get", input={"params": {"id": item}}
+    )
+
+
+async def test_a_compressed_answer_is_bounded_by_its_size_once_decompressed(
+    start_server: ServerFactory, upstream: Upstream
+) -> None:
+    # A 2 KiB gzip body with an honest Content-Length that inflates to 4 MiB: the bound is on what the processor
+    # would hold, not on the bytes on the wire.
+    running = await start_server(max_upstream_response_bytes=LIMIT)
+    await running.client.product.apply(product("shop", upstream.url))
+    upstream.on("GET /items/bomb", lambda r: _gzipped(b"0" * (4 * 1024 * 1024)))
+    upstream.on("GET /items/zipped", lambda r: _gzipped(b'{"ok": true}', "application/json"))
+    with pytest.raises(ResourceExhaustedError) as caught:
+        await get_item(running, "bomb")
+    assert caught.value.reason == "UPSTREAM_RESPONSE_TOO_LARGE"
+    assert (await get_item(running, "zipped")).body == {"ok": True}, "a gzip answer reaches the caller decoded"
+
+
+async def test_a_response_of_exactly_the_limit_passes_and_one_byte_more_does_not(
+    start_server: ServerFactory, upstream: Upstream
+) -> None:
+    running = await start_server(max_upstream_response_bytes=LIMIT)
+    await running.client.product.apply(product("shop", upstream.url))
+    for framing, answer in (("sized", lambda body: lambda r: web.Response(body=body)), ("chunked", _chunked)):
+        upstream.on(f"GET /items/{framing}-full", answer(b"x" * LIMIT))
+        upstream.on(f"GET /items/{framing}-over", answer(b"x" * (LIMIT + 1)))
+        assert (await get_item(running, f"{framing}-full")).status_code == 200, framing
+        with pytest.raises(ResourceExhaustedError) as caught:
+            await get_item(running, f"{framing}-over")
+        assert caught.value.reason == "UPSTREAM_RESPONSE_TOO_LARGE", framing
+
+
+# -- redirects within the same origin --------------------------------------------------------------------------------
+
+
+async def test_at_most_five_redirects_are_followed(start_server: ServerFactory, upstream: Upstream) -> None:
+    running = await start_server()
+    await running.client.product.apply(product("shop", upstream.url))
+    for hop in range(1, 7):
+        upstream.on(f"GET /items/r{hop}", lambda r, hop=hop: redirect_answer(f"/items/r{hop - 1}"))
+    upstream.on("GET /items/r0", lambda r: web.json_response({"landed": True}))
+    five = await get_item(running, "r5")
+    assert five.status_code == 200 and five.body == {"landed": True}
+    six = await get_item(running, "r6")
+    assert six.status_code == 302 and six.headers["Location"] == "/items/r0", "the sixth redirect is the answer"
+
+
+async def test_a_redirected_post_becomes_a_get_only_where_http_says_so(
+    start_server: ServerFactory, upstream: Upstream
+) -> None:
+    running = await start_server()
+    await running.client.product.apply(product("shop", upstream.url))
+    upstream.on("GET /landing", lambda r: web.json_response({"method": "GET"}))
+    upstream.on("POST /landing", lambda r: web.json_response({"method": "POST"}))
+    for status, method in ((301, "GET"), (302, "GET"), (303, "GET"), (307, "POST"), (308, "POST")):
+        upstream.on(
+            "POST /ping", lambda r, status=status: web.Response(status=status, headers={"Location": "/landing"})
+        )
+        upstream.seen.clear()
+        result = await running.client.action.run(
+            product="shop", env="dev", app="api", event="ping", input={"body": {"item": "i"}}
+        )
+        assert result.body == {"method": method}, status
+        landed = upstream.hits("/landing")
+        assert len(landed) == 1 and json.loads(landed[0].body or b"null") == (
+            None if method == "GET" else {"item": "i"}
+        ), status
+
+
+# -- retries after a broken connection -------------------------------------------------------------------------------
+
+
+async def test_a_post_whose_connection_broke_after_sending_is_not_sent_again(
+    start_server: ServerFactory, upstream: Upstream
+) -> None:
+    # The upstream read the request, then dropped the connection: it may have acted on it, so a POST is not repeated
+    # (a second payment); a GET is.
+    running = await start_server()
+    document = json.loads(product("shop", upstream.url))
+    document["apps"][0]["retry"] = {"max": 2, "on": ["network"], "initial": "10ms"}
+    await running.client.product.apply(json.dumps(document).encode())
+
+    async def hang_up(request: web.Request) -> web.Response:
+        await request.read()
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response()
+
+    upstream.on("POST /ping", hang_up)
+    upstream.on("GET /items/flaky", hang_up)
+    with pytest.raises(UnavailableError) as caught:
+        await running.client.action.run(
+            product="shop", env="dev", app="api", event="ping", input={"body": {"item": "i"}}
+        )
+    assert caught.value.reason == "UPSTREAM_UNREACHABLE"
+    assert len(upstream.hits("/ping")) == 1, "a POST that may have been acted on is not sent again"
+    with pytest.raises(UnavailableError):
+        await get_item(running, "flaky")
+    assert len(upstream.hits("/items/flaky")) >= 3, "a GET is retried (aiohttp may add one on a reused connection)"
 
 
 # -- found by tests/test_fuzz_rpcs.py --------------------------------------------------------------------------------

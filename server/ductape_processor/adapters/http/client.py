@@ -224,20 +224,19 @@ class HttpClientPool:
                         f"the upstream's response ({declared} bytes) is larger than {self._max_response_bytes} bytes",
                         metadata=where,
                     )
-                if declared is not None:
-                    body = await response.content.read()
-                else:
-                    chunks: list[bytes] = []
-                    size = 0
-                    async for chunk in response.content.iter_chunked(_CHUNK):
-                        size += len(chunk)
-                        if size > self._max_response_bytes:
-                            raise ResponseTooLarge(
-                                f"the upstream's response is larger than {self._max_response_bytes} bytes",
-                                metadata=where,
-                            )
-                        chunks.append(chunk)
-                    body = b"".join(chunks)
+                # Counted as read even when a length was declared: the content arrives decompressed, so a small
+                # gzip body (honest Content-Length) can inflate far past the limit.
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_chunked(_CHUNK):
+                    size += len(chunk)
+                    if size > self._max_response_bytes:
+                        raise ResponseTooLarge(
+                            f"the upstream's response is larger than {self._max_response_bytes} bytes",
+                            metadata=where,
+                        )
+                    chunks.append(chunk)
+                body = b"".join(chunks)
                 return HttpResponse(
                     status=response.status,
                     headers=[(_text(name), _text(value)) for name, value in response.raw_headers],
