@@ -45,9 +45,13 @@ TARGETS = (
     Target(
         "sessions",
         "server/ductape_processor/runtime/sessions",
-        "tests/test_sessions.py tests/test_security_regressions.py",
+        "tests/test_sessions.py tests/test_session_edges.py tests/test_security_regressions.py",
     ),
-    Target("http", "server/ductape_processor/adapters/http", f"tests/test_security_regressions.py {ACTION_TESTS}"),
+    Target(
+        "http",
+        "server/ductape_processor/adapters/http",
+        f"tests/test_security_regressions.py tests/test_http_hardening.py {ACTION_TESTS}",
+    ),
     Target("policies", "server/ductape_processor/runtime/policies", f"tests/test_policies.py {ACTION_TESTS}"),
 )
 

@@ -133,7 +133,7 @@ async def test_every_configured_api_key_is_accepted_and_no_other(
             assert caught.value.reason == "API_KEY_INVALID", key
 
 
-async def test_a_configured_key_under_another_scheme_is_refused(start_server: ServerFactory) -> None:
+async def test_an_api_key_under_another_scheme_is_refused(start_server: ServerFactory) -> None:
     # Only `Bearer <key>` authenticates: the right key under Basic, Token or no scheme at all is refused, so a key
     # pasted into the wrong header form never works by accident (and is not remembered as accepted).
     running = await start_server(api_key_hashes=[hash_key("good-key")], api_key="good-key")
