@@ -7,6 +7,7 @@ caller's session when the action uses session data; redirects never followed to 
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 from collections.abc import AsyncIterator
@@ -362,6 +363,53 @@ async def test_a_post_whose_connection_broke_after_sending_is_not_sent_again(
     with pytest.raises(UnavailableError):
         await get_item(running, "flaky")
     assert len(upstream.hits("/items/flaky")) >= 3, "a GET is retried (aiohttp may add one on a reused connection)"
+
+
+# -- page tokens -----------------------------------------------------------------------------------------------------
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+async def test_a_hostile_page_token_is_invalid_argument_on_page_token_in_every_listing(
+    start_server: ServerFactory, upstream: Upstream
+) -> None:
+    running = await start_server()
+    client = running.client
+    await client.product.apply(product("shop", upstream.url))
+    await client.product.apply(product("shop", upstream.url).replace(b'"retry"', b'"timeout": "5s", "retry"'))
+    for item in ("a", "b", "c"):
+        await client.session.start(product="shop", env="dev", tag="user", data={"userId": item})
+        await client.action.run(product="shop", env="dev", app="api", event="ping", input={"body": {"item": item}})
+    listings = {
+        "versions": lambda token: client.product.list_versions("shop", page_size=1, page_token=token),
+        "sessions": lambda token: client.session.list_active(
+            product="shop", env="dev", tag="user", page_size=1, page_token=token
+        ),
+        "executions": lambda token: client.logs.list_executions(product="shop", page_size=1, page_token=token),
+    }
+    tokens = {name: (await listing("")).next_page_token for name, listing in listings.items()}
+    assert all(tokens.values()), tokens
+    hostile = {
+        "deep JSON": _b64(b"[" * 100_000),
+        "deep object": _b64(b'{"a":' * 50_000),
+        "huge": "A" * 3_000_000,
+        "huge JSON": _b64(json.dumps(["x" * 100_000, 1]).encode()),
+        "not base64": "%%%not base64%%%",
+        "not ASCII": "jeton-\u00e9",
+        "NUL": "\x00",
+        "big number": _b64(b'["x",' + b"9" * 5000 + b',"id"]'),
+        "infinite time": _b64(b'["x",1e999,"id"]'),
+        "not a list": _b64(b'{"a":1}'),
+    }
+    for name, listing in listings.items():
+        others = {f"a {other} token": token for other, token in tokens.items() if other != name}
+        for case, token in {**hostile, **others}.items():
+            with pytest.raises(InvalidArgumentError) as caught:
+                await listing(token)
+            assert [v.field for v in caught.value.field_violations] == ["page_token"], (name, case)
+        assert (await listing(tokens[name])).ByteSize() > 0, f"{name}: its own token still reads the next page"
 
 
 # -- found by tests/test_fuzz_rpcs.py --------------------------------------------------------------------------------

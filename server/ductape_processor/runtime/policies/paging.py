@@ -21,6 +21,8 @@ DEFAULT_PAGE_SIZE: Final = 50
 """The page size of a request that asks for none (`page_size` 0)."""
 MAX_PAGE_SIZE: Final = 1000
 """The largest page: a larger `page_size` is read as this."""
+MAX_PAGE_TOKEN_CHARS: Final = 1024
+"""The longest page token read: the ones this module writes are a fraction of that."""
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -49,11 +51,14 @@ def decode_page_token(listing: Sequence[str], token: str, position: Callable[...
     """The position a token of `listing` carries, read by `position(*parts)`; INVALID_ARGUMENT on `page_token`
     for a token of another listing or one that does not read (`position` may raise ValueError or TypeError)."""
     try:
+        if len(token) > MAX_PAGE_TOKEN_CHARS:
+            raise ValueError
         fingerprint, *parts = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if fingerprint != _fingerprint(listing):
             raise ValueError
         return position(*parts)
-    except (ValueError, TypeError, OverflowError, OSError, binascii.Error):
+    # RecursionError: JSON nested deeper than the parser's stack (`[[[[…`), which a hostile token can be.
+    except (ValueError, TypeError, OverflowError, OSError, RecursionError, binascii.Error):
         raise InvalidArgument.field(
             "page_token", "not a page token of this listing (same filters); pass next_page_token unchanged"
         ) from None
