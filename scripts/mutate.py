@@ -52,7 +52,11 @@ TARGETS = (
         "server/ductape_processor/adapters/http",
         f"tests/test_security_regressions.py tests/test_http_hardening.py {ACTION_TESTS}",
     ),
-    Target("policies", "server/ductape_processor/runtime/policies", f"tests/test_policies.py {ACTION_TESTS}"),
+    Target(
+        "policies",
+        "server/ductape_processor/runtime/policies",
+        f"tests/test_policies.py tests/test_policy_rules.py {ACTION_TESTS}",
+    ),
 )
 
 EXCLUDED_OPERATORS = [

@@ -7,6 +7,7 @@ caller's session when the action uses session data; redirects never followed to 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -363,6 +364,34 @@ async def test_a_post_whose_connection_broke_after_sending_is_not_sent_again(
     with pytest.raises(UnavailableError):
         await get_item(running, "flaky")
     assert len(upstream.hits("/items/flaky")) >= 3, "a GET is retried (aiohttp may add one on a reused connection)"
+
+
+async def test_a_post_answered_with_garbage_is_not_sent_again(start_server: ServerFactory) -> None:
+    # The upstream read the request and answered something that is not HTTP: it may have acted on it.
+    received: list[bytes] = []
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    running = await start_server()
+    document = json.loads(product("shop", f"http://127.0.0.1:{port}"))
+    document["apps"][0]["retry"] = {"max": 2, "on": ["network"], "initial": "10ms"}
+    await running.client.product.apply(json.dumps(document).encode())
+    try:
+        with pytest.raises(UnavailableError) as caught:
+            await running.client.action.run(
+                product="shop", env="dev", app="api", event="ping", input={"body": {"item": "i"}}
+            )
+        assert caught.value.reason == "UPSTREAM_UNREACHABLE"
+        assert len(received) == 1, "a POST the upstream may have acted on is not sent again"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 # -- page tokens -----------------------------------------------------------------------------------------------------

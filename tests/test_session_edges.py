@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ductape_processor.errors import Unauthenticated
+from ductape_processor.errors import InvalidArgument, Unauthenticated
 from ductape_processor.runtime.registry.loader import ManifestFormat
 from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.runtime.sessions import SessionKeys, SessionManager, new_root_key, parse_root_key
@@ -126,3 +126,22 @@ def test_root_keys_read_and_whether_they_were_generated(tmp_path: Path) -> None:
     generated: Any = SessionKeys.load([], tmp_path)
     assert generated[0].current == "local" and generated[1] is True
     assert SessionKeys.load([], tmp_path)[0].root_keys() == generated[0].root_keys(), "read back, not made again"
+
+
+async def test_a_session_needs_a_non_empty_identifier(replicas: Replicas) -> None:
+    manager = replicas.manager(Clock())
+    with pytest.raises(InvalidArgument) as caught:
+        await manager.start("shop", "dev", "user", {**DATA, "userId": ""})
+    assert [v.field for v in caught.value.violations] == ["data.userId"]
+
+
+async def test_a_page_token_of_one_users_sessions_does_not_page_anothers(replicas: Replicas) -> None:
+    manager = replicas.manager(Clock())
+    for _ in range(2):
+        await manager.start("shop", "dev", "user", DATA)
+    _, token = await manager.list_active("shop", "dev", "user", DATA["userId"], 1, "")
+    assert token
+    for other in ("someone-else", None):
+        with pytest.raises(InvalidArgument) as caught:
+            await manager.list_active("shop", "dev", "user", other, 1, token)
+        assert [v.field for v in caught.value.violations] == ["page_token"], other
