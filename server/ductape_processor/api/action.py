@@ -10,7 +10,8 @@ from ductape.processor.v1 import action_pb2, action_pb2_grpc
 
 from ductape_processor.api.values import MAX_JSON_DEPTH, json_depth, python_to_value, struct_to_dict
 from ductape_processor.errors import InvalidArgument
-from ductape_processor.runtime.actions.executor import ActionCall, ActionExecutor
+from ductape_processor.runtime.actions.call import ActionCall
+from ductape_processor.runtime.actions.executor import ActionExecutor
 from ductape_processor.runtime.policies import Deadline
 
 Context = grpc.aio.ServicerContext[Any, Any]

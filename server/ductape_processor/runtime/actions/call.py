@@ -1,0 +1,131 @@
+"""The values of one action call: what the caller asks for (`ActionCall`), what it gets back (`ActionResult`), and
+the state the executor threads through the call's steps (`CallState`), from which its execution record is written."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ductape_processor.adapters.http import HttpResponse
+from ductape_processor.reasons import Reason
+from ductape_processor.runtime.actions.plan import ActionPlan
+from ductape_processor.runtime.policies.deadline import Deadline
+from ductape_processor.runtime.policies.secrets import SecretSource
+from ductape_processor.runtime.registry.registry import Resolved
+from ductape_processor.runtime.templates import Scope, Taint
+from ductape_processor.store.base import ExecutionRecord, ExecutionStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ActionCall:
+    """What a caller asks for."""
+
+    product: str
+    env: str
+    app: str
+    event: str
+    input: Mapping[str, Any]
+    session: tuple[str, str] | None = None
+    cache: str = ""
+    retries: int | None = None
+    version: int | None = None
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult(HttpResponse):
+    """What the upstream answered (the `HttpResponse` fields), and how the processor got it."""
+
+    process_id: str = ""
+    attempts: int = 0
+    cached: bool = False
+    version: int = 0
+
+    def encode(self) -> bytes:
+        """A JSON form for the cache and idempotency records."""
+        return json.dumps(
+            {
+                "s": self.status,
+                "h": self.headers,
+                "c": self.content_type,
+                "b": base64.b64encode(self.body).decode(),
+            }
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ActionResult:
+        """The inverse of `encode`."""
+        raw = json.loads(data)
+        return cls(raw["s"], [(h[0], h[1]) for h in raw["h"]], base64.b64decode(raw["b"]), raw["c"])
+
+
+def outcome(result: ActionResult) -> tuple[ExecutionStatus, str]:
+    """The execution record's status and reason for an upstream answer."""
+    return (
+        (ExecutionStatus.SUCCESS, "") if 200 <= result.status < 300 else (ExecutionStatus.FAIL, Reason.UPSTREAM_STATUS)
+    )
+
+
+@dataclass(slots=True)
+class Attempts:
+    """What a call's sends did: how many there were, the last upstream status, the last request as recorded."""
+
+    count: int = 0
+    upstream_status: int = 0
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class CallState:
+    """Per-call state threaded through the steps (a login action minting a token has its own)."""
+
+    call: ActionCall
+    resolved: Resolved
+    plan: ActionPlan
+    deadline: Deadline
+    attempts: Attempts = field(default_factory=Attempts)
+    session: Mapping[str, Any] | None = None
+    taint: Taint = field(default_factory=Taint)
+    """The call's rendered values that derive from secrets, auths or the session: the record redacts them."""
+    upstream_headers: Mapping[str, str] = field(default_factory=dict)  # set by the processor, over the request's
+    process_id: str = ""
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    recorded: bool = False  # the execution record was written with the idempotency answer
+
+    def scope(self, secrets: SecretSource, checked: Mapping[str, Any], auth: Mapping[str, Mapping[str, Any]]) -> Scope:
+        """What the action's templates read: the checked input, the app's values, the auths, secrets, the session."""
+        app = self.plan.app
+        return Scope(
+            input=checked,
+            variables={app.tag: app.variables.get(self.resolved.env.slug, {})},
+            constants={app.tag: app.constants},
+            auth=auth,
+            secrets=secrets.get,
+            session=self.session,
+            taint=self.taint,
+        )
+
+    def execution(
+        self, process_id: str, started: datetime, status: ExecutionStatus, reason: str, *, cached: bool
+    ) -> ExecutionRecord:
+        """The execution record of the call, ending now."""
+        return ExecutionRecord(
+            process_id=process_id,
+            product=self.call.product,
+            env=self.resolved.env.slug,
+            version=self.resolved.version,
+            kind="action",
+            resource=self.plan.resource,
+            status=status,
+            started_at=started,
+            ended_at=datetime.now(UTC),
+            attempts=self.attempts.count,
+            upstream_status=self.attempts.upstream_status,
+            error_reason=reason,
+            cached=cached,
+            detail=self.attempts.detail,
+        )

@@ -1,0 +1,136 @@
+"""The HTTP request of one action call, built from the action's compiled plan and its rendered templates, and the
+same request as the execution record shows it (every part built from a sensitive value redacted)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, unquote
+
+from yarl import URL
+
+from ductape_processor.adapters.http import HttpRequest, header_field, header_name_problem, header_value_problem
+from ductape_processor.adapters.http.encoding import canonical_json, encode_body, path_parameter, query_pairs
+from ductape_processor.errors import FieldViolation, InvalidArgument
+from ductape_processor.reasons import Reason
+from ductape_processor.runtime.actions.call import CallState
+from ductape_processor.runtime.actions.plan import ActionPlan
+from ductape_processor.runtime.templates import Scope
+from ductape_processor.telemetry.context import outgoing_trace_context
+
+_REDACTED = "[redacted]"
+
+
+def require_path_params(plan: ActionPlan, checked: Mapping[str, Any]) -> None:
+    """Every `:name` of the path needs a value, even when the contract left the parameter optional."""
+    params = checked.get("params") or {}
+    missing = [part[1:] for part in plan.path_parts if part.startswith(":") and params.get(part[1:]) is None]
+    if missing:
+        raise InvalidArgument(
+            f"the action's path needs {', '.join(':' + name for name in missing)}",
+            reason=Reason.INVALID_INPUT,
+            violations=[
+                FieldViolation(f"input.params.{name}", "is required: the path has :" + name) for name in missing
+            ],
+        )
+
+
+def _caller_headers(plan: ActionPlan, given: Mapping[str, Any]) -> dict[str, str]:
+    """The caller's headers to send: only those the action's input contract declares, each a valid field.
+
+    An undeclared header is refused unless a template reads it (`$Input{headers}{X-Trace}`): then it is data for
+    the template, not sent as it is. Every problem is one violation naming `input.headers["<name>"]`.
+    """
+    declared = plan.action.input.headers
+    read = plan.input_headers_read
+    headers: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    for name, value in given.items():
+        field = header_field("input.headers", name)
+        problem = header_name_problem(name)
+        if problem is None and name not in declared:
+            if read is None or name.lower() in read:
+                continue
+            problem = "is not declared in the action's input.headers; an action sends only the headers it declares"
+        if problem is None and value is not None:
+            text = value if isinstance(value, str) else canonical_json(value)
+            problem = header_value_problem(text)
+            headers[name] = text
+        if problem is not None:
+            violations.append(FieldViolation(field, problem))
+    if violations:
+        first = violations[0]
+        raise InvalidArgument(
+            f"invalid input: {first.field}: {first.description}", reason=Reason.INVALID_INPUT, violations=violations
+        )
+    return headers
+
+
+def build_request(state: CallState, scope: Scope, checked: Mapping[str, Any]) -> HttpRequest:
+    """The request to send for the call: the plan's method, URL, headers, query and body, rendered with `scope`.
+
+    The action's own headers win over the caller's, and the processor's (`state.upstream_headers`) over both.
+    """
+    plan = state.plan
+    app_env = plan.app.envs[state.resolved.env.slug]
+    params = checked.get("params", {})
+    path = "".join(
+        path_parameter(part[1:], params[part[1:]]) if part.startswith(":") else part for part in plan.path_parts
+    )
+    # The base URL is the manifest's own; the path is fully encoded, and a parameter is one segment with every
+    # reserved character escaped, so input can change neither scheme, host, port nor the path above it.
+    url = URL(app_env.base_url + path, encoded=True)
+    headers = _caller_headers(plan, checked.get("headers") or {})
+    for name, template in plan.headers.items():
+        rendered = template.render(scope)
+        if rendered is None:
+            continue
+        text = rendered if isinstance(rendered, str) else canonical_json(rendered)
+        problem = header_value_problem(text)
+        if problem is not None:
+            field = header_field("headers", name)
+            raise InvalidArgument(
+                f"{field}: the value rendered from {template.path} {problem}",
+                reason=Reason.HEADER_VALUE_INVALID,
+                metadata={"template": template.path},
+                violations=[FieldViolation(field, f"the value rendered from {template.path} {problem}")],
+            )
+        for given in [given for given in headers if given.lower() == name.lower()]:
+            del headers[given]  # the action's own header wins over the caller's, whatever the letter case
+        headers[name] = text
+    query = plan.query.render(scope) if plan.query is not None else checked.get("query") or None
+    body = plan.body.render(scope) if plan.body is not None else (checked.get("body") or None)
+    data, content_type = encode_body(body, app_env.request_type, plan.action.method)
+    if content_type and not any(h.lower() == "content-type" for h in headers):
+        headers["Content-Type"] = content_type
+    headers.update(outgoing_trace_context())
+    if state.upstream_headers:
+        ours = {name.lower() for name in state.upstream_headers}
+        headers = {name: value for name, value in headers.items() if name.lower() not in ours}
+        headers.update(state.upstream_headers)
+    return HttpRequest(plan.action.method, url, headers, query_pairs(query, "query"), data)
+
+
+def recorded_request(state: CallState, request: HttpRequest) -> str:
+    """The request as the execution record shows it: every part built from a sensitive value is `[redacted]`.
+
+    Redaction follows the call's taint (what was rendered from secrets, auths, a login response or the session),
+    so a secret is hidden wherever it went: a path segment, a query name or value, a header; a part that merely
+    contains one (`Bearer …`, `/x/…/y` as one parameter) is hidden whole. Header values are never shown.
+    """
+    taint = state.taint
+
+    def shown(raw: str) -> str:
+        return _REDACTED if taint.touches(raw) or taint.touches(unquote(raw)) else raw
+
+    url = request.url
+    path = "/".join(shown(segment) for segment in url.raw_path.split("/"))
+    pairs = [*url.query.items(), *request.query]
+    query = "&".join(f"{shown(quote(k, safe=''))}={shown(quote(v, safe=''))}" for k, v in pairs)
+    sensitive = state.plan.sensitive_headers
+    names = ", ".join(
+        f"{name}: {_REDACTED}" if name in sensitive or taint.touches(value) else name
+        for name, value in sorted(request.headers.items())
+    )
+    target = f"{url.scheme}://{url.raw_authority}{path}" + (f"?{query}" if query else "")
+    return f"{request.method} {target}; headers: {names}"
