@@ -53,7 +53,7 @@ class ActionExecutor:
         sessions: SessionManager,
         vault: TokenVault,
         *,
-        idempotency_retention: timedelta = timedelta(hours=24),
+        idempotency_retention: timedelta,
     ) -> None:
         self._registry = registry
         self._http = http

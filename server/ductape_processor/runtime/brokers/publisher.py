@@ -87,7 +87,7 @@ class BrokerRuntime:
         secrets: SecretSource,
         *,
         max_message_bytes: int,
-        idempotency_retention: timedelta = timedelta(hours=24),
+        idempotency_retention: timedelta,
     ) -> None:
         self._registry = registry
         self._store = store
