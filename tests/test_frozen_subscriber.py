@@ -67,15 +67,8 @@ async def _collect(iterator: AsyncIterator[Message], into: list[Message]) -> Non
 
 async def test_a_frozen_subscriber_does_not_keep_or_burn_the_groups_messages(
     broker: Running,  # noqa: F811
-    request: pytest.FixtureRequest,
 ) -> None:
     kind: str = broker.kind  # type: ignore[attr-defined]
-    if kind == "nats":
-        # Known gap (issue 9, left open): a message fetched into the processor but never handed to a stream goes back
-        # to JetStream with a nak, which counts a delivery, so now and then one reaches max_deliveries unread (2 of the
-        # last 3 full-suite runs; 0 of 4 runs of this file alone). Not strict: the run still reports it, and it passes
-        # when the gap is closed.
-        request.applymarker(pytest.mark.xfail(reason="NATS counts processor-side returns as deliveries", strict=False))
     dead = subscribe(broker, "dl", event="events:dead")
     dead_messages = await opened(dead)
     frozen = await asyncio.create_subprocess_exec(

@@ -91,8 +91,8 @@ class BrokerSubscription(abc.ABC):
         """Deliver these messages again (to any consumer of the group) after `delay_s`, with delivery_attempt + 1."""
 
     async def release(self, handles: list[str]) -> None:
-        """Give back messages no client has seen (fetched, never written), without counting a delivery attempt
-        where the broker allows it. Brokers that count every return (NATS, RabbitMQ) nack."""
+        """Give back messages no client has seen (fetched, never written), without counting a delivery attempt.
+        Brokers that count every return (NATS, RabbitMQ) nack and subtract it on the way back (`UnseenReturns`)."""
         await self.nack(handles)
 
     async def hold(self) -> None:

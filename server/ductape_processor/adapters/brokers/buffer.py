@@ -12,12 +12,15 @@ import asyncio
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from ductape_processor.adapters.brokers.base import BrokerSubscription, InboundMessage
+from ductape_processor.runtime.policies.caches import BoundedCache
 
 M = TypeVar("M")
+
+UNSEEN_REMEMBERED = 100_000  # messages whose unseen returns one adapter remembers (least recently touched go first)
 
 
 class DeliveryBuffer(Generic[M]):
@@ -94,3 +97,38 @@ class BufferedSubscription(BrokerSubscription, Generic[M]):
     @abc.abstractmethod
     async def _give_back(self) -> None:
         """Stop the broker-side consumer and return to the group what this subscription still holds."""
+
+
+class UnseenReturns:
+    """The returns a processor made of messages no client had seen, for brokers that count every return as a
+    delivery (JetStream's num_delivered, RabbitMQ's x-delivery-count).
+
+    A message fetched into the processor and given back before any stream wrote it (the stream ended or was held
+    first) costs nothing on memory and Redis; on these brokers the broker counts it. The adapter notes each such
+    return under the message's broker-side key and subtracts them from the count when the message comes back to
+    this processor, so `delivery_attempt` (and the dead-letter decision on it) counts only deliveries to clients.
+    One adapter's memory: a message that comes back through another processor replica, or after this one
+    restarted or forgot it (bounded to UNSEEN_REMEMBERED messages), still carries the broker's count.
+    """
+
+    __slots__ = ("_counts",)
+
+    def __init__(self, size: int = UNSEEN_REMEMBERED) -> None:
+        self._counts = BoundedCache[Hashable, int](size)
+
+    def __bool__(self) -> bool:
+        return len(self._counts) > 0
+
+    def returned(self, key: Hashable) -> None:
+        """A message no client saw went back to the broker (which counts one delivery more)."""
+        self._counts.put(key, (self._counts.get(key) or 0) + 1)
+
+    def attempt(self, key: Hashable, counted: int) -> int:
+        """The delivery attempt to report for a message the broker counted `counted` deliveries of."""
+        returned = self._counts.get(key) if self._counts else None
+        return max(counted - returned, 1) if returned else counted
+
+    def settled(self, key: Hashable) -> None:
+        """The message was acked (or dead-lettered): nothing to remember."""
+        if self._counts:
+            self._counts.pop(key)

@@ -45,7 +45,9 @@ Subscriptions, redelivery and close
     (`$JS.API.CONSUMER.MSG.NEXT`), one request open at a time, for at most n messages and at most
     `PULL_EXPIRES_MAX_S`: what the broker hands out never exceeds what the engine asked for (its credit), and the
     messages land in a local queue from the subscription callback, so a cancelled fetch loses nothing.
-    `delivery_attempt` is JetStream's `num_delivered`. ack = `+ACK`; nack(delay) = `-NAK` with that delay
+    `delivery_attempt` is JetStream's `num_delivered` minus the returns this adapter made of that message without a
+    client having seen it (released by the engine, fetched but not handed out at close; `buffer.UnseenReturns`),
+    since JetStream counts those too. ack = `+ACK`; nack(delay) = `-NAK` with that delay
     (JetStream redelivers to any consumer of the group with num_delivered + 1); both are sent without waiting for
     an answer, as JetStream clients do (one lost with a dropped connection means a redelivery after ack_wait).
     A nack while nobody is fetching (the stream is closing, or waits for credit) first lets the open request end,
@@ -97,6 +99,7 @@ from ductape_processor.adapters.brokers.base import (
     OutboundMessage,
     SubscribeOptions,
 )
+from ductape_processor.adapters.brokers.buffer import UnseenReturns
 from ductape_processor.adapters.brokers.connection import Endpoint, LazyConnection
 from ductape_processor.adapters.brokers.nats_headers import header_bytes, outbound_headers
 from ductape_processor.adapters.brokers.nats_pull import CLOSE_DEADLINE_S, NatsPullSubscription
@@ -196,6 +199,7 @@ class NatsBroker(BrokerAdapter):
         self._subjects: set[str] = set()
         self._consumers: dict[str, float] = {}  # consumer name -> ack_wait known to be set
         self._subscriptions: set[BrokerSubscription] = set()
+        self.unseen = UnseenReturns()  # returns of messages no client saw, which JetStream counts (see `buffer`)
         self._closed = False
         self._last_error = ""
         self._reconnect_attempts = 0

@@ -7,10 +7,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from urllib.parse import unquote
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
 from ductape_processor.adapters.brokers.base import InboundMessage, OutboundMessage
+from ductape_processor.adapters.brokers.buffer import UnseenReturns
 from ductape_processor.adapters.brokers.codec import Binding
 
 _BINDING = Binding(prefix="ce-", ordering_key="ce-orderingkey", content_type="content-type")
@@ -41,14 +43,26 @@ def header_bytes(headers: Mapping[str, str]) -> int:
     return 12 + sum(len(key) + len(value) + 4 for key, value in headers.items())
 
 
-def inbound(handle: str, msg: Msg) -> InboundMessage:
+def returns_key(consumer: str, msg: Msg) -> tuple[str, int] | None:
+    """The key of a message in its adapter's `UnseenReturns`: the consumer and the stream sequence (None for a
+    message without JetStream metadata, which is never handed out)."""
+    try:
+        return consumer, msg.metadata.sequence.stream
+    except (nats.errors.Error, ValueError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def inbound(handle: str, msg: Msg, unseen: UnseenReturns, consumer: str) -> InboundMessage:
     headers = {key: decode(value) for key, value in (msg.headers or {}).items()}
     meta = msg.metadata
+    attempt = meta.num_delivered
+    if unseen and attempt > 1:
+        attempt = unseen.attempt((consumer, meta.sequence.stream), attempt)
     return _BINDING.inbound(
         headers,
         handle=handle,
         data=msg.data,
-        attempt=meta.num_delivered,
+        attempt=attempt,
         default_id=headers.get(api.Header.MSG_ID.value) or f"{meta.stream}:{meta.sequence.stream}",  # foreign
         default_type=msg.subject,
         default_time=meta.timestamp if meta.timestamp is not None else datetime.now(UTC),

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import nats.errors
@@ -17,7 +18,7 @@ from nats.js import api
 
 from ductape_processor.adapters.brokers.base import InboundMessage
 from ductape_processor.adapters.brokers.buffer import BufferedSubscription
-from ductape_processor.adapters.brokers.nats_headers import inbound
+from ductape_processor.adapters.brokers.nats_headers import inbound, returns_key
 
 if TYPE_CHECKING:
     from ductape_processor.adapters.brokers.nats import NatsBroker
@@ -146,13 +147,24 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
 
     def _readable(self, handle: str, msg: Msg) -> InboundMessage | None:
         try:
-            return inbound(handle, msg)
+            return inbound(handle, msg, self._adapter.unseen, self._consumer)
         except Exception:  # not a JetStream message (no ack subject): nothing to hand out or ack
             log.warning("dropping a message without JetStream metadata on %s", self._consumer)
             return None
 
     async def ack(self, handles: list[str]) -> None:
         await self._settle(handles, None)
+
+    async def release(self, handles: list[str]) -> None:
+        """A nak, as JetStream has no uncounted return; the adapter remembers it was one (`UnseenReturns`)."""
+        self._note_unseen(msg for handle in handles if (msg := self._buffer.held.get(handle)) is not None)
+        await self.nack(handles)
+
+    def _note_unseen(self, messages: Iterable[Msg]) -> None:
+        for msg in messages:
+            key = returns_key(self._consumer, msg)
+            if key is not None:
+                self._adapter.unseen.returned(key)
 
     async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
         if not self._fetching:
@@ -169,6 +181,8 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
                 continue
             try:
                 if delay_s is None:
+                    if self._adapter.unseen and (key := returns_key(self._consumer, msg)) is not None:
+                        self._adapter.unseen.settled(key)
                     await msg.ack()
                 else:
                     await msg.nak(delay=delay_s if delay_s > 0 else None)
@@ -199,6 +213,7 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
                 log.debug("closing the inbox of %s: %s", self._consumer, exc)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+        self._note_unseen(self._buffer.ready)  # fetched into the processor, never handed out
         leftovers = self._buffer.drain()
         for msg in leftovers:
             with contextlib.suppress(Exception):

@@ -40,9 +40,9 @@ Subscribing, redelivery, attempts
     unacknowledged (it still counts against the prefetch) and rejects it when the delay is over; if the processor
     dies during the delay, the channel closes and RabbitMQ hands the message back at once. `delivery_attempt` is
     1 + the queue's count of earlier deliveries (`x-delivery-count`, or `x-acquired-count` on RabbitMQ 4.x when
-    larger), which grows on every nack, ack-deadline expiry and consumer close. Prefetched messages that the
-    engine had not yet taken when a consumer closed count too: their next attempt number is one higher although
-    no client saw them. Quorum queues are declared with `x-delivery-limit` DELIVERY_LIMIT so that RabbitMQ never
+    larger), which grows on every nack, ack-deadline expiry and consumer close, minus the returns this adapter
+    made of messages no client saw (released by the engine, prefetched but not taken at a hold or close;
+    `buffer.UnseenReturns`). Quorum queues are declared with `x-delivery-limit` DELIVERY_LIMIT so that RabbitMQ never
     drops a message itself (4.x defaults to 20); dead-lettering after `max_deliveries` is the engine's.
     `close` cancels the consumer (`basic.cancel`) and closes the channel: RabbitMQ takes the unacknowledged
     messages back into the group and sends this subscription nothing more.
@@ -101,6 +101,7 @@ from ductape_processor.adapters.brokers.base import (
     OutboundMessage,
     SubscribeOptions,
 )
+from ductape_processor.adapters.brokers.buffer import UnseenReturns
 from ductape_processor.adapters.brokers.connection import Endpoint, LazyConnection
 from ductape_processor.adapters.brokers.rabbitmq_queue import (
     BINDING,
@@ -234,6 +235,7 @@ class RabbitMQBroker(BrokerAdapter):
         self._exchanges: dict[str, AbstractExchange] = {}
         self._lock = asyncio.Lock()
         self._subscriptions: set[BrokerSubscription] = set()
+        self.unseen = UnseenReturns()  # returns of messages no client saw, which the queue counts (see `buffer`)
         self._closed = False
         _quiet_driver_logs()
 

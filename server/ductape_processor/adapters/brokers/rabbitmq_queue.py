@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import logging
 from collections import deque
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -60,22 +61,18 @@ def delivery_attempt(message: AbstractIncomingMessage) -> int:
     return earlier + 1
 
 
-def _to_inbound(handle: str, message: AbstractIncomingMessage) -> InboundMessage:
+def _to_inbound(handle: str, message: AbstractIncomingMessage, attempt: int) -> InboundMessage:
     stamp = message.timestamp
     return BINDING.inbound(
         {key: text(value) for key, value in (message.headers or {}).items()},
         handle=handle,
         data=message.body,
-        attempt=delivery_attempt(message),
+        attempt=attempt,
         default_id=message.message_id or "",
         default_type=message.type or message.routing_key or "",
         default_time=aware(stamp) if isinstance(stamp, datetime) else datetime.now(UTC),
         content_type=message.content_type or "",
     )
-
-
-def _readable(handle: str, message: AbstractIncomingMessage) -> InboundMessage | None:
-    return None if _stale(message) else _to_inbound(handle, message)
 
 
 def _stale(message: AbstractIncomingMessage) -> bool:
@@ -103,6 +100,7 @@ class RabbitQueueSubscription(BufferedSubscription[AbstractIncomingMessage]):
         self._requeue: deque[AbstractIncomingMessage] = deque()
         self._flusher: asyncio.Task[None] | None = None
         self._holding = False
+        self._queue_name = queue_name(topic, group)
 
     async def open(self) -> None:
         """Declare the exchange and the group's queue, bind them, and start consuming (one attempt)."""
@@ -115,7 +113,7 @@ class RabbitQueueSubscription(BufferedSubscription[AbstractIncomingMessage]):
                 self._adapter.exchange_name(self._topic), aio_pika.ExchangeType.TOPIC, durable=True
             )
             queue = await channel.declare_queue(
-                queue_name(self._topic, self._group),
+                self._queue_name,
                 durable=True,
                 arguments={"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT},
             )
@@ -148,6 +146,7 @@ class RabbitQueueSubscription(BufferedSubscription[AbstractIncomingMessage]):
         with contextlib.suppress(*TRANSIENT):
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await queue.cancel(tag)
+        self._note_unseen(self._buffer.ready)
         self._requeue.extend(self._buffer.ready)
         self._buffer.ready.clear()
         if self._requeue and (self._flusher is None or self._flusher.done()):
@@ -171,7 +170,7 @@ class RabbitQueueSubscription(BufferedSubscription[AbstractIncomingMessage]):
         taken: list[InboundMessage] = []
         while not self._closed:
             # A message of a channel that was lost is dropped: RabbitMQ sends it again.
-            taken += self._buffer.hand_out(max_messages - len(taken), _readable)
+            taken += self._buffer.hand_out(max_messages - len(taken), self._readable)
             if taken or max_messages <= 0:
                 break
             left = until - loop.time()
@@ -193,11 +192,32 @@ class RabbitQueueSubscription(BufferedSubscription[AbstractIncomingMessage]):
         except TRANSIENT as exc:
             log.debug("RabbitMQ: settling a message failed (%s); it will be delivered again", exc)
 
+    def _readable(self, handle: str, message: AbstractIncomingMessage) -> InboundMessage | None:
+        if _stale(message):
+            return None
+        attempt = delivery_attempt(message)
+        if attempt > 1 and self._adapter.unseen and message.message_id:
+            attempt = self._adapter.unseen.attempt((self._queue_name, message.message_id), attempt)
+        return _to_inbound(handle, message, attempt)
+
+    def _note_unseen(self, messages: Iterable[AbstractIncomingMessage]) -> None:
+        """These go back to the queue without a client having seen them; RabbitMQ counts the return."""
+        for message in messages:
+            if message.message_id:
+                self._adapter.unseen.returned((self._queue_name, message.message_id))
+
     async def ack(self, handles: list[str]) -> None:
         for handle in handles:
             message = self._buffer.settle(handle)
             if message is not None:
+                if self._adapter.unseen and message.message_id:
+                    self._adapter.unseen.settled((self._queue_name, message.message_id))
                 await self._settle(message, requeue=None)
+
+    async def release(self, handles: list[str]) -> None:
+        """A nack, as RabbitMQ has no uncounted return; the adapter remembers it was one (`UnseenReturns`)."""
+        self._note_unseen(message for handle in handles if (message := self._buffer.held.get(handle)) is not None)
+        await self.nack(handles)
 
     async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
         """Requeue on the next turn of the event loop (or after `delay_s`), not inside this call.
@@ -247,6 +267,7 @@ class RabbitQueueSubscription(BufferedSubscription[AbstractIncomingMessage]):
         self._delayed.clear()
         while self._requeue:
             await self._settle(self._requeue.popleft(), requeue=True)
+        self._note_unseen(self._buffer.ready)  # prefetched, never handed out
         self._buffer.drain()  # what is still unacked (prefetched, held) goes back to the group with the channel
         if channel is not None:
             with contextlib.suppress(*TRANSIENT):

@@ -8,7 +8,7 @@ was delivered more than `max_deliveries` times to the dead-letter topic instead 
 Leases and frozen clients
     A message's ack deadline starts when its batch was written to the stream, not when it was fetched: time spent
     in the processor's own hands never counts against the client, and messages the processor fetched but never
-    wrote are given back with `release` (their delivery attempt is not counted where the broker allows it).
+    wrote are given back with `release` (their delivery attempt is not counted).
     A stream whose messages expired takes nothing more from the broker (`held`) until its client acks or nacks
     again, so the expired messages go to the other consumers of the group first instead of back to a client that
     is not processing them. A stream whose write stays pending longer than `stall_s` (HTTP/2 flow control: the

@@ -1,0 +1,158 @@
+"""A message the processor fetched but gave back before any client saw it (`release`) keeps its delivery attempt.
+
+On every broker type, against the adapter directly: one subscription of a group takes a message and releases it
+unseen; another subscription of the group then gets it with attempt 1, not 2, so a group with `max_deliveries` never
+dead-letters a message for returns no client took part in. A real nack still counts. JetStream and RabbitMQ count
+every return on the broker; their adapters subtract the returns they made unseen (`UnseenReturns`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+import pytest
+
+from ductape_processor.adapters.brokers.base import (
+    BrokerAdapter,
+    BrokerSubscription,
+    InboundMessage,
+    OutboundMessage,
+    SubscribeOptions,
+)
+from tests.conftest import require_tcp
+from tests.test_brokers import KINDS, SERVERS
+
+OPTIONS = SubscribeOptions(prefetch=1, ack_deadline_s=10.0)
+
+
+def _open(kind: str, run: str) -> BrokerAdapter:
+    if kind == "memory":
+        from ductape_processor.adapters.brokers.memory import MemoryBroker
+
+        return MemoryBroker()
+    url = str(SERVERS[kind][3]["url"])
+    if kind == "redis":
+        from ductape_processor.adapters.brokers.redis import RedisBroker
+
+        return RedisBroker(url, "test")
+    if kind == "rabbitmq":
+        from ductape_processor.adapters.brokers.rabbitmq import RabbitMQBroker
+
+        return RabbitMQBroker(url, "", "test")
+    from ductape_processor.adapters.brokers.nats import NatsBroker
+
+    return NatsBroker(url, f"t_{run}", "test")
+
+
+async def _forget(kind: str, run: str, topic: str, group: str) -> None:
+    """Delete what the durable brokers keep for this run."""
+    if kind == "redis":
+        import redis.asyncio as redis
+
+        client = redis.from_url(str(SERVERS["redis"][3]["url"]))
+        try:
+            await client.delete(f"ductape:topic:{topic}")
+        finally:
+            await client.aclose()
+    elif kind == "nats":
+        import nats
+
+        connection = await nats.connect(str(SERVERS["nats"][3]["url"]))
+        try:
+            with contextlib.suppress(Exception):
+                await connection.jetstream().delete_stream(f"t_{run}")
+        finally:
+            await connection.close()
+    elif kind == "rabbitmq":
+        import aio_pika
+
+        from ductape_processor.adapters.brokers.rabbitmq_queue import queue_name
+
+        connection = await aio_pika.connect(str(SERVERS["rabbitmq"][3]["url"]))
+        try:
+            channel = await connection.channel()
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                await channel.queue_delete(queue_name(topic, group))
+            channel = await connection.channel()
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                await channel.exchange_delete(topic)
+        finally:
+            await connection.close()
+
+
+@pytest.fixture(params=KINDS)
+async def adapter(request: pytest.FixtureRequest) -> AsyncIterator[tuple[BrokerAdapter, str, str]]:
+    kind: str = request.param
+    if kind != "memory":
+        name, host, port, _ = SERVERS[kind]
+        await require_tcp(name, host, port)
+    run = secrets.token_hex(4)
+    topic, group = f"unseen.{run}", "workers"
+    broker = _open(kind, run)
+    try:
+        yield broker, topic, group
+    finally:
+        await broker.close()
+        await _forget(kind, run, topic, group)
+
+
+async def _one(subscription: BrokerSubscription, within: float = 10.0) -> InboundMessage:
+    async with asyncio.timeout(within):
+        while True:
+            if messages := await subscription.fetch(1, 0.2):
+                [message] = messages
+                return message
+
+
+def _message(body: bytes) -> OutboundMessage:
+    return OutboundMessage(
+        id=secrets.token_hex(12),
+        source="/ductape/shop/dev/events",
+        type="orders",
+        time=datetime.now(UTC),
+        data=body,
+        content_type="text/plain",
+    )
+
+
+async def _give_back_and_take_again(
+    adapter: tuple[BrokerAdapter, str, str], give_back: Callable[[BrokerSubscription, str], object]
+) -> tuple[InboundMessage, InboundMessage]:
+    broker, topic, group = adapter
+    first = await broker.subscribe(topic, group, OPTIONS)
+    second = await broker.subscribe(topic, group, OPTIONS)
+    try:
+        await broker.publish(topic, _message(b"one"))
+        taken = await _one(first)
+        await give_back(first, taken.handle)  # type: ignore[misc]
+        await first.close()  # the message must go to the group's other subscriber
+        again = await _one(second)
+        await second.ack([again.handle])
+        return taken, again
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_release_no_client_saw_does_not_count_a_delivery(adapter: tuple[BrokerAdapter, str, str]) -> None:
+    async def release(subscription: BrokerSubscription, handle: str) -> None:
+        await subscription.release([handle])
+
+    taken, again = await _give_back_and_take_again(adapter, release)
+    assert taken.delivery_attempt == 1
+    assert again.id == taken.id
+    assert again.delivery_attempt == 1, "a return no client took part in must not count as a delivery"
+
+
+async def test_a_nack_counts_a_delivery(adapter: tuple[BrokerAdapter, str, str]) -> None:
+    async def nack(subscription: BrokerSubscription, handle: str) -> None:
+        await subscription.nack([handle])
+
+    taken, again = await _give_back_and_take_again(adapter, nack)
+    assert taken.delivery_attempt == 1
+    assert again.id == taken.id
+    assert again.delivery_attempt == 2
