@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from ductape_processor.api.auth import hash_key
 from ductape_processor.telemetry.setup import setup_telemetry
 from tests.conftest import EXAMPLE, ServerFactory
+from tests.test_brokers import _forget_pending_reads, opened  # noqa: F401 - `_forget_pending_reads` is a fixture
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -83,3 +85,21 @@ async def test_per_call_metadata_replaces_the_clients_value_for_the_same_key(sta
             await processor.product.list_versions("shop")
         with pytest.raises(NotFoundError):  # authenticated: the product just does not exist
             await processor.product.list_versions("shop", metadata={"authorization": "Bearer right"})
+
+
+async def test_a_subscriptions_metadata_reaches_the_server(start_server: ServerFactory) -> None:
+    spans = InMemorySpanExporter()
+    running = await start_server(telemetry=setup_telemetry(span_exporter=spans), manifests=[EXAMPLE])
+    subscription = running.client.message_broker.subscribe(
+        product="shop", env="dev", event="events:user-created", group="g", metadata={"traceparent": TRACEPARENT}
+    )
+    await opened(subscription)  # the server answered `ready`: the call is on
+    await subscription.close()
+    for _ in range(100):
+        subscribes = [s for s in spans.get_finished_spans() if s.name.endswith("BrokerService/Subscribe")]
+        if subscribes:
+            break
+        await asyncio.sleep(0.02)
+    [span] = subscribes
+    assert format(span.context.trace_id, "032x") == TRACE_ID
+    assert span.parent is not None and format(span.parent.span_id, "016x") == PARENT_ID

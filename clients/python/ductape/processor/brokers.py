@@ -16,15 +16,18 @@ import asyncio
 import contextlib
 import json as jsonlib
 import random
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import grpc
 from ductape.processor.errors import ProcessorError, from_rpc_error
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
+
+if TYPE_CHECKING:
+    from ductape.processor.client import _Caller
 
 ACK_FLUSH_S = 0.01
 ACK_FLUSH_COUNT = 100
@@ -291,12 +294,9 @@ class Subscription:
 class BrokerClient:
     """`processor.message_broker`: publish and subscribe."""
 
-    def __init__(
-        self, channel: grpc.aio.Channel, call: Callable[..., Any], metadata: Sequence[tuple[str, str]]
-    ) -> None:
+    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
         self._stub = broker_pb2_grpc.BrokerServiceStub(channel)
         self._call = call
-        self._metadata = metadata
 
     async def publish(
         self,
@@ -347,8 +347,10 @@ class BrokerClient:
         dead_letter_event: str = "",
         auto_ack: bool = False,
         reconnect: bool = True,
+        metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     ) -> Subscription:
-        """A subscription to iterate with `async for`; same `group` = shared messages."""
+        """A subscription to iterate with `async for`; same `group` = shared messages. `metadata` is added to the
+        stream's gRPC metadata, on every reconnect too (a caller's `traceparent`, its own `x-request-id`)."""
         init = broker_pb2.SubscribeInit(
             product=product,
             env=env,
@@ -363,7 +365,9 @@ class BrokerClient:
             init.max_wait.CopyFrom(_duration(max_wait))
         if ack_deadline is not None:
             init.ack_deadline.CopyFrom(_duration(ack_deadline))
-        return Subscription(self._stub, init, metadata=self._metadata, auto_ack=auto_ack, reconnect=reconnect)
+        return Subscription(
+            self._stub, init, metadata=self._call.metadata(metadata), auto_ack=auto_ack, reconnect=reconnect
+        )
 
 
 def _code(value: int) -> grpc.StatusCode:

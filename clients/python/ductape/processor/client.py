@@ -433,7 +433,7 @@ class Processor:
         self.product = ProductClient(channel, call)
         self.action = ActionClient(channel, call)
         self.session = SessionClient(channel, call)
-        self.message_broker = BrokerClient(channel, call, metadata)
+        self.message_broker = BrokerClient(channel, call)
         self.logs = LogClient(channel, call)
 
     async def close(self) -> None:
