@@ -265,24 +265,31 @@ def _aborted_code(context: Context) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+@contextlib.asynccontextmanager
+async def _served(call: _Call, context: Context) -> AsyncIterator[None]:
+    """One call's life around the handler: open and authenticate it, map what it raises, close it."""
+    started = time.perf_counter()
+    opened = None
+    code = grpc.StatusCode.OK
+    try:
+        opened, authorization = call.open(context)
+        call.authenticate(authorization)
+        yield
+    except grpc.aio.AbortError:
+        code = _aborted_code(context)
+        raise
+    except Exception as exc:
+        code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
+        await call.fail(exc, opened, context)
+    finally:
+        if opened is not None:
+            call.close(opened, code, started)
+
+
 def _unary(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
     async def behavior(request: object, context: Context) -> object:
-        started = time.perf_counter()
-        opened = None
-        code = grpc.StatusCode.OK
-        try:
-            opened, authorization = call.open(context)
-            call.authenticate(authorization)
+        async with _served(call, context):
             return await inner(_checked(request, streamed), context)
-        except grpc.aio.AbortError:
-            code = _aborted_code(context)
-            raise
-        except Exception as exc:
-            code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
-            await call.fail(exc, opened, context)
-        finally:
-            if opened is not None:
-                call.close(opened, code, started)
 
     return behavior
 
@@ -291,23 +298,9 @@ def _streaming(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
     if inspect.isasyncgenfunction(inner):
 
         async def generator(request: object, context: Context) -> AsyncIterator[object]:
-            started = time.perf_counter()
-            opened = None
-            code = grpc.StatusCode.OK
-            try:
-                opened, authorization = call.open(context)
-                call.authenticate(authorization)
+            async with _served(call, context):
                 async for response in inner(_checked(request, streamed), context):
                     yield response
-            except grpc.aio.AbortError:
-                code = _aborted_code(context)
-                raise
-            except Exception as exc:
-                code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
-                await call.fail(exc, opened, context)
-            finally:
-                if opened is not None:
-                    call.close(opened, code, started)
 
         return generator
     return _unary(call, inner, streamed=streamed)
