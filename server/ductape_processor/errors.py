@@ -3,6 +3,10 @@
 Domain code raises these; `api.status` turns them into a gRPC status with rich details (AIP-193) in one place.
 A `reason` is an UPPER_SNAKE word a caller can branch on; `metadata` names the resource involved; `violations`
 lists bad fields for `google.rpc.BadRequest`.
+
+An error kind is declared in its class line: it derives from the error of its canonical code (`Unavailable`,
+`NotFound` ...) and names its reason, `class CircuitOpen(Unavailable, reason=Reason.CIRCUIT_OPEN)`; a code with no
+error of its own here is given as `code=`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ class ProcessorError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: Reason = Reason.INTERNAL
 
+    def __init_subclass__(cls, *, code: grpc.StatusCode | None = None, reason: Reason | None = None) -> None:
+        super().__init_subclass__()
+        if code is not None:
+            cls.code = code
+        if reason is not None:
+            cls.reason = reason
+
     def __init__(
         self,
         message: str,
@@ -49,11 +60,8 @@ class ProcessorError(Exception):
         self.retry_after_s = retry_after_s
 
 
-class InvalidArgument(ProcessorError):
+class InvalidArgument(ProcessorError, code=grpc.StatusCode.INVALID_ARGUMENT, reason=Reason.INVALID_ARGUMENT):
     """A request field is missing or malformed."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = Reason.INVALID_ARGUMENT
 
     @classmethod
     def field(cls, field: str, description: str) -> InvalidArgument:
@@ -77,15 +85,13 @@ def _clip(text: str, limit: int = MAX_PROBLEM_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class InvalidManifest(InvalidArgument):
+class InvalidManifest(InvalidArgument, reason=Reason.INVALID_MANIFEST):
     """A product manifest has problems; each is a violation whose field is its path in the manifest.
 
     `problems` keeps the first `MAX_PROBLEMS_LISTED` (paths and reasons clipped to `MAX_PROBLEM_TEXT`) and
     `total` counts them all. The error's own violations, sent as a `BadRequest`, are the first problems that fit in
     `MAX_DETAIL_BYTES`; `metadata["problems"]` is the total, so a caller knows how many it was not shown.
     """
-
-    reason = Reason.INVALID_MANIFEST
 
     def __init__(self, problems: Iterable[FieldViolation], total: int | None = None) -> None:
         listed: list[FieldViolation] = []
@@ -125,10 +131,8 @@ _TOO_LARGE: Final = {
 }
 
 
-class ManifestTooLarge(InvalidArgument):
+class ManifestTooLarge(InvalidArgument, reason=Reason.MANIFEST_TOO_LARGE):
     """A manifest is over one of the limits checked before it is validated: bytes, values or nesting depth."""
-
-    reason = Reason.MANIFEST_TOO_LARGE
 
     def __init__(self, limit: str, maximum: int, found: int = 0) -> None:
         self.limit = limit
@@ -145,26 +149,19 @@ class ManifestTooLarge(InvalidArgument):
         return (type(self), (self.limit, self.maximum, self.found))
 
 
-class NotFound(ProcessorError):
+class NotFound(ProcessorError, code=grpc.StatusCode.NOT_FOUND, reason=Reason.NOT_FOUND):
     """A named resource does not exist."""
 
-    code = grpc.StatusCode.NOT_FOUND
-    reason = Reason.NOT_FOUND
 
-
-class ProductNotFound(NotFound):
+class ProductNotFound(NotFound, reason=Reason.PRODUCT_NOT_FOUND):
     """No manifest was ever applied for this product."""
-
-    reason = Reason.PRODUCT_NOT_FOUND
 
     def __init__(self, product: str) -> None:
         super().__init__(f"product {product!r} not found", metadata={"product": product})
 
 
-class EnvNotFound(NotFound):
+class EnvNotFound(NotFound, reason=Reason.ENV_NOT_FOUND):
     """The product (at the version in use) declares no environment with this slug or name."""
-
-    reason = Reason.ENV_NOT_FOUND
 
     def __init__(self, product: str, env: str, version: int, known: Iterable[str]) -> None:
         names = ", ".join(sorted(known))
@@ -174,10 +171,8 @@ class EnvNotFound(NotFound):
         )
 
 
-class VersionNotFound(NotFound):
+class VersionNotFound(NotFound, reason=Reason.VERSION_NOT_FOUND):
     """The product has no such version."""
-
-    reason = Reason.VERSION_NOT_FOUND
 
     def __init__(self, product: str, version: int, latest: int) -> None:
         super().__init__(
@@ -186,28 +181,17 @@ class VersionNotFound(NotFound):
         )
 
 
-class FailedPrecondition(ProcessorError):
+class FailedPrecondition(ProcessorError, code=grpc.StatusCode.FAILED_PRECONDITION, reason=Reason.FAILED_PRECONDITION):
     """The call cannot run in the current state of things (or as the product is configured)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = Reason.FAILED_PRECONDITION
 
-
-class Unauthenticated(ProcessorError):
+class Unauthenticated(ProcessorError, code=grpc.StatusCode.UNAUTHENTICATED, reason=Reason.UNAUTHENTICATED):
     """The caller did not prove who it is."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = Reason.UNAUTHENTICATED
 
-
-class Unavailable(ProcessorError):
+class Unavailable(ProcessorError, code=grpc.StatusCode.UNAVAILABLE, reason=Reason.UNAVAILABLE):
     """The processor cannot serve the call now; a retry (possibly on another replica) may succeed."""
 
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = Reason.UNAVAILABLE
 
-
-class StoreUnavailable(Unavailable):
+class StoreUnavailable(Unavailable, reason=Reason.STORE_UNAVAILABLE):
     """The processor's store could not be reached or failed mid-operation; the call may be retried."""
-
-    reason = Reason.STORE_UNAVAILABLE

@@ -17,9 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import grpc
-
-from ductape_processor.errors import ProcessorError
+from ductape_processor.errors import ProcessorError, Unavailable
 from ductape_processor.reasons import Reason
 
 CONCURRENT_PUBLISHES = 256
@@ -68,11 +66,8 @@ class SubscribeOptions:
     ack_deadline_s: float
 
 
-class BrokerUnavailable(ProcessorError):
+class BrokerUnavailable(Unavailable, reason=Reason.BROKER_UNAVAILABLE):
     """The broker cannot be reached (after reconnect attempts) or refused the operation."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = Reason.BROKER_UNAVAILABLE
 
 
 class BrokerSubscription(abc.ABC):

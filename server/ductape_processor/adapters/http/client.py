@@ -25,7 +25,7 @@ import grpc
 from yarl import URL
 
 from ductape_processor.adapters.http.encoding import header_field, header_name_problem, header_value_problem
-from ductape_processor.errors import InvalidArgument, ProcessorError
+from ductape_processor.errors import InvalidArgument, ProcessorError, Unavailable
 from ductape_processor.reasons import Reason
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -36,29 +36,22 @@ CLOSE_AFTER_STATUSES: Final = frozenset({400, 408, 411, 413, 414, 417, 431, 501,
 """Answers meaning the upstream may not have read the request the way it was framed: its connection is not reused."""
 
 
-class UpstreamUnreachable(ProcessorError):
+class UpstreamUnreachable(Unavailable, reason=Reason.UPSTREAM_UNREACHABLE):
     """The upstream could not be reached or broke the connection. `sent` tells whether it may have seen the request."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = Reason.UPSTREAM_UNREACHABLE
 
     def __init__(self, message: str, *, sent: bool, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message, metadata=metadata)
         self.sent = sent
 
 
-class UpstreamTimeout(ProcessorError):
+class UpstreamTimeout(ProcessorError, code=grpc.StatusCode.DEADLINE_EXCEEDED, reason=Reason.UPSTREAM_TIMEOUT):
     """The upstream did not answer within the timeout (or the caller's deadline)."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    reason = Reason.UPSTREAM_TIMEOUT
 
-
-class ResponseTooLarge(ProcessorError):
+class ResponseTooLarge(
+    ProcessorError, code=grpc.StatusCode.RESOURCE_EXHAUSTED, reason=Reason.UPSTREAM_RESPONSE_TOO_LARGE
+):
     """The upstream's response body is larger than the processor accepts."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = Reason.UPSTREAM_RESPONSE_TOO_LARGE
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,10 +29,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
-
 from ductape_processor.adapters.brokers.base import BrokerSubscription, InboundMessage
-from ductape_processor.errors import InvalidArgument, ProcessorError
+from ductape_processor.errors import InvalidArgument, ProcessorError, Unavailable
 from ductape_processor.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -43,18 +41,12 @@ EXPIRED_REMEMBERED = 10_000  # expired ack ids kept per stream, to tell a late a
 DeadLetter = Callable[[InboundMessage], Awaitable[None]]
 
 
-class StreamClosing(ProcessorError):
+class StreamClosing(Unavailable, reason=Reason.SHUTTING_DOWN):
     """The server is shutting down: reconnect, possibly to another replica."""
 
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = Reason.SHUTTING_DOWN
 
-
-class SubscriberNotReading(ProcessorError):
+class SubscriberNotReading(Unavailable, reason=Reason.SUBSCRIBER_NOT_READING):
     """The client stopped reading its stream: its messages went back to the group; reconnect when ready."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = Reason.SUBSCRIBER_NOT_READING
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,17 +6,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
-
-from ductape_processor.errors import ProcessorError
+from ductape_processor.errors import Unavailable
 from ductape_processor.reasons import Reason
 
 
-class CircuitOpen(ProcessorError):
+class CircuitOpen(Unavailable, reason=Reason.CIRCUIT_OPEN):
     """The upstream failed too often lately; calls are refused until a probe succeeds."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = Reason.CIRCUIT_OPEN
 
 
 @dataclass(slots=True)

@@ -39,11 +39,8 @@ REFRESH_RACE_GRACE_S = 10.0
 VERIFIED_CACHE_SIZE = 10_000
 
 
-class RefreshConflict(ProcessorError):
+class RefreshConflict(ProcessorError, code=grpc.StatusCode.ABORTED, reason=Reason.REFRESH_CONFLICT):
     """Two calls exchanged one refresh token at once; the other call got the new pair."""
-
-    code = grpc.StatusCode.ABORTED
-    reason = Reason.REFRESH_CONFLICT
 
 
 @dataclass(frozen=True, slots=True)
