@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.actions.executor import ActionExecutor
 from ductape_processor.runtime.brokers import BrokerRuntime
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecorder
+from ductape_processor.runtime.policies.periodic import PeriodicTask
 from ductape_processor.runtime.policies.secrets import SecretsFileError, SecretSource, TokenVault, referenced_secrets
 from ductape_processor.runtime.registry.loader import ManifestFormat
 from ductape_processor.runtime.registry.registry import Registry
@@ -73,6 +73,7 @@ class Components:
     brokers: BrokerRuntime
     cache: ResultCache
     actions: ActionExecutor
+    purger: PeriodicTask
     health: health.aio.HealthServicer
     server: grpc.aio.Server
 
@@ -118,6 +119,7 @@ def build(
         brokers=brokers,
         cache=cache,
         actions=actions,
+        purger=PeriodicTask("store purge", PURGE_INTERVAL_S, lambda: store.purge_expired(datetime.now(UTC))),
         health=servicers.health,
         server=grpc_server(settings, interceptor, servicers),
     )
@@ -134,7 +136,6 @@ class ProcessorApp:
         self._store = store
         self._telemetry = telemetry
         self._components: Components | None = None
-        self._purger: asyncio.Task[None] | None = None
         self.port = 0
         self._stopped = False
 
@@ -197,7 +198,7 @@ class ProcessorApp:
             await parts.registry.start()
             await parts.sessions.start_watching()
             parts.recorder.start()
-            self._purger = asyncio.get_running_loop().create_task(self._purge(parts.store), name="store-purge")
+            parts.purger.start()
             for path in files:
                 await self._apply_file(parts, path)
             try:
@@ -294,20 +295,8 @@ class ProcessorApp:
         await self._release(parts)
         log.info("stopped")
 
-    async def _purge(self, store: Store) -> None:
-        while True:
-            await asyncio.sleep(PURGE_INTERVAL_S)
-            try:
-                await store.purge_expired(datetime.now(UTC))
-            except Exception as exc:  # the store may be briefly unreachable; try again next time
-                log.warning("purging expired store entries failed: %s", exc)
-
     async def _release(self, parts: Components) -> None:
-        if self._purger is not None:
-            self._purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purger
-            self._purger = None
+        await parts.purger.stop()
         await parts.registry.stop()
         await parts.sessions.stop_watching()
         await parts.recorder.close()

@@ -9,7 +9,6 @@ notification arrives (milliseconds), or at the latest on the next poll of the pr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from ductape_processor.runtime.policies.paging import (
     page,
     version_position,
 )
+from ductape_processor.runtime.policies.periodic import PeriodicTask
 from ductape_processor.runtime.registry.loader import (
     MAX_MANIFEST_BYTES,
     CompiledManifest,
@@ -96,12 +96,11 @@ class Registry:
     ) -> None:
         self._store = store
         self._loader = ManifestLoader(manifest_max_bytes)
-        self._poll_interval = poll_interval
         self._slots: dict[str, _Slot] = {}
         self._models: BoundedCache[tuple[str, int], CompiledManifest] = BoundedCache(MODEL_CACHE_SIZE)
         self._loading: dict[tuple[str, int], asyncio.Future[CompiledManifest]] = {}
         self._seen_revisions: dict[str, int] = {}
-        self._poller: asyncio.Task[None] | None = None
+        self._poller = PeriodicTask("registry poll", poll_interval, self._poll)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -109,29 +108,19 @@ class Registry:
         """Start following changes made by other replicas."""
         self._seen_revisions = {r.product: r.revision for r in await self._store.revisions()}
         await self._store.listen(self.invalidate)
-        self._poller = asyncio.get_running_loop().create_task(self._poll(), name="registry-poll")
+        self._poller.start()
 
     async def stop(self) -> None:
         """Stop following changes, and the worker that reads large manifests."""
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        await self._poller.stop()
         await self._loader.close()
 
     async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self._poll_interval)
-            try:
-                revisions = await self._store.revisions()
-            except Exception as exc:  # the store may be briefly unreachable; keep serving from memory
-                log.warning("registry poll failed: %s", exc)
-                continue
-            for item in revisions:
-                if self._seen_revisions.get(item.product) != item.revision:
-                    self._seen_revisions[item.product] = item.revision
-                    self.invalidate(item.product)
+        """Forget the state of every product whose change counter moved (a change made on another replica)."""
+        for item in await self._store.revisions():
+            if self._seen_revisions.get(item.product) != item.revision:
+                self._seen_revisions[item.product] = item.revision
+                self.invalidate(item.product)
 
     def invalidate(self, product: str) -> None:
         """Forget the cached state of `product` (called on change, locally or from another replica)."""

@@ -10,8 +10,6 @@ Verifying costs no store round trip: revocations are kept in memory and refreshe
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -27,6 +25,7 @@ from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.contract import check_input
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
+from ductape_processor.runtime.policies.periodic import PeriodicTask
 from ductape_processor.runtime.registry.manifest import SessionType
 from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.runtime.sessions.keys import SessionKeys, b64
@@ -83,7 +82,7 @@ class SessionManager:
         self._poll_s = revocation_poll_s
         self._revoked: dict[str, float] = {}  # session id -> when its tokens stop mattering (session expiry)
         self._since = datetime.fromtimestamp(clock(), UTC) - timedelta(days=3650)
-        self._watcher: asyncio.Task[None] | None = None
+        self._watcher = PeriodicTask("session revocations refresh", self._poll_s, self._refresh_revocations)
         # Tokens already opened (decrypting is the costly part of a verify); bounded, never trusted past expiry.
         self._verified: BoundedCache[tuple[str, str, str, str], VerifiedSession] = BoundedCache(VERIFIED_CACHE_SIZE)
 
@@ -92,23 +91,11 @@ class SessionManager:
     async def start_watching(self) -> None:
         """Load current revocations and keep following them."""
         await self._refresh_revocations()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="session-revocations")
+        self._watcher.start()
 
     async def stop_watching(self) -> None:
         """Stop following revocations."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._poll_s)
-            try:
-                await self._refresh_revocations()
-            except Exception as exc:  # keep the last known revocations; try again next time
-                log.warning("session revocations: refresh failed: %s", exc)
+        await self._watcher.stop()
 
     async def _refresh_revocations(self) -> None:
         # Overlap the window by a few seconds: clocks of replicas and commit order may differ slightly.

@@ -1,0 +1,45 @@
+"""Background rounds: work the processor repeats every few seconds (the registry's poll, the session revocations,
+the store's purge), each in a task of its own from `start` until `stop`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+
+class PeriodicTask:
+    """Runs `work` every `interval_s` seconds (the first time one interval after `start`) until `stop`.
+
+    A round that fails is logged as a warning naming the task, and the next round runs as usual: these rounds read
+    or tidy the store, which may be briefly unreachable, and what they keep in memory serves meanwhile.
+    """
+
+    def __init__(self, name: str, interval_s: float, work: Callable[[], Awaitable[object]]) -> None:
+        self.name = name
+        self._interval_s = interval_s
+        self._work = work
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the rounds in a background task."""
+        self._task = asyncio.get_running_loop().create_task(self._rounds(), name=self.name)
+
+    async def stop(self) -> None:
+        """Stop the rounds and wait for the task to end; nothing happens when they were not started."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _rounds(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self._work()
+            except Exception as exc:
+                log.warning("%s failed: %s", self.name, exc)
