@@ -198,7 +198,7 @@ async def test_a_publish_to_a_broker_that_stopped_answering_honours_the_limit_an
     unbounded = time.monotonic() - started
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
-    runtime = running.app.brokers
+    runtime = running.app.components.brokers
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable) as unconfirmed:
         await runtime.publish("shop", "dev", "events:orders", Outgoing(b"2 s", "text/plain", {}), deadline=Deadline(2))

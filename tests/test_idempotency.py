@@ -120,7 +120,7 @@ async def test_an_answered_idempotent_call_has_its_record_before_the_answer(
     result = await server.client.action.run(
         product="faults", env="dev", app="api", event="create", input={"body": {"name": "x"}}, idempotency_key="k"
     )
-    found = await server.app.store.list_executions(ExecutionFilter(product="faults"), after=None, limit=10)
+    found = await server.app.components.store.list_executions(ExecutionFilter(product="faults"), after=None, limit=10)
     assert [r.process_id for r in found] == [result.process_id], "a kill -9 now would not lose it"
     assert found[0].attempts == 1 and found[0].upstream_status == 200
 
@@ -136,7 +136,7 @@ async def test_a_locked_sqlite_store_is_unavailable_not_internal(
 ) -> None:
     server = await start_server()
     await server.client.product.apply(product(upstream.url))
-    store = server.app.store
+    store = server.app.components.store
     assert isinstance(store, SqliteStore)
     await store.db.raw.execute("PRAGMA busy_timeout=50")  # the default waits 5 s for the lock
     other = sqlite3.connect(store.path)

@@ -147,7 +147,7 @@ async def test_calls_needing_a_stored_manifest_at_once_share_one_read(
     first = await start_server(store=SqliteStore(tmp_path / "shared.db"))
     await first.client.product.apply(maximal_manifest(128 * 1024))
     second = await start_server(store=SqliteStore(tmp_path / "shared.db"))
-    resolved = await asyncio.gather(*(second.app.registry.resolve("big", "dev") for _ in range(8)))
+    resolved = await asyncio.gather(*(second.app.components.registry.resolve("big", "dev") for _ in range(8)))
     assert len({id(r.manifest) for r in resolved}) == 1, "each call read the manifest again"
 
 
@@ -184,7 +184,7 @@ async def test_long_problems_fit_in_an_error(server: Running) -> None:
 
 
 async def test_a_killed_worker_gives_a_clear_error_then_a_fresh_worker(server: Running) -> None:
-    loader = server.app.registry._loader
+    loader = server.app.components.registry._loader
     worker = await loader._in_worker(os.getpid)
     validating = asyncio.ensure_future(server.client.product.validate(maximal_manifest()))
     await asyncio.sleep(0.5)

@@ -173,7 +173,7 @@ async def test_an_env_removed_later_still_runs_its_pinned_version(server: Runnin
     document["apps"][0]["variables"].pop("prd")
     await server.client.product.apply(json.dumps(document).encode())
     assert (await server.client.product.get("shop", env="prd")).version.version == 1
-    resolved = await server.app.registry.resolve("shop", "production")
+    resolved = await server.app.components.registry.resolve("shop", "production")
     assert (resolved.version, resolved.env.slug) == (1, "prd")
 
 

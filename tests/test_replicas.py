@@ -81,7 +81,7 @@ async def test_a_replica_serves_from_memory_until_a_change(start_server: ServerF
     await running.client.product.apply(EXAMPLE)
     for _ in range(20):
         await running.client.product.get("shop", env="prd")
-        await running.app.registry.resolve("shop", "production")
+        await running.app.components.registry.resolve("shop", "production")
     assert CountingStore.reads <= 2, "resolving is served from memory"
     await running.client.product.promote("shop", env="prd", version=1)
     await running.client.product.get("shop", env="prd")

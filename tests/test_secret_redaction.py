@@ -116,7 +116,7 @@ async def test_secrets_in_login_paths_queries_and_headers_never_reach_the_execut
     assert me.query["sig"] == [MINTED] and me.query["key"] == [API_KEY] and me.query["wrapped"] == [f"/x/{API_KEY}/y"]
     assert me.headers["X-Shout"] == API_KEY.upper()
 
-    await server.app.recorder.flush()
+    await server.app.components.recorder.flush()
     listed = await server.client.logs.list_executions(product="vault")
     details = {record.resource: record.detail for record in listed.executions}
     assert set(details) == {"api:token", "api:me"}
@@ -233,7 +233,7 @@ async def test_the_data_directory_is_0700_and_every_file_in_it_0600(
     await server.client.product.apply(product(upstream.url))
     answer_login(upstream)
     await call_me(server)
-    await server.app.recorder.flush()
+    await server.app.components.recorder.flush()
     written = {path.name: mode(path) for path in data_dir.iterdir()}
     assert {"processor.db", "processor.db-wal", "processor.db-shm", "session-keys"} <= set(written)
     assert written == dict.fromkeys(written, 0o600)
@@ -355,7 +355,7 @@ async def test_a_secret_that_cannot_be_sent_in_a_header_is_never_quoted(
     with pytest.raises(ProcessorError) as caught:
         await call_me(server)
     assert upstream.hits("/me/42") == []
-    await server.app.recorder.flush()
+    await server.app.components.recorder.flush()
     listed = await server.client.logs.list_executions(product="vault")
     seen = f"{caught.value.message} {caught.value.metadata} {caught.value.field_violations} {caplog.text} {listed}"
     for piece in ("Yx5nB1k", "Rt7uJ2m", "X-Evil"):

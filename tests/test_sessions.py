@@ -324,14 +324,14 @@ async def test_a_generated_key_survives_a_restart(tmp_path: Path) -> None:
     settings = Settings(address="127.0.0.1:0", data_dir=tmp_path)
     first = ProcessorApp(settings)
     await first.start()
-    await first.registry.apply(product(), ManifestFormat.JSON)
-    pair = await first.sessions.start("shop", "dev", "user", DATA)
+    await first.components.registry.apply(product(), ManifestFormat.JSON)
+    pair = await first.components.sessions.start("shop", "dev", "user", DATA)
     await first.stop(grace=0)
     assert oct((tmp_path / "session-keys").stat().st_mode & 0o777) == "0o600"
     second = ProcessorApp(settings)
     await second.start()
     try:
-        assert (await second.sessions.verify("shop", "dev", "user", pair.token)).identifier == "u-1"
+        assert (await second.components.sessions.verify("shop", "dev", "user", pair.token)).identifier == "u-1"
     finally:
         await second.stop(grace=0)
 

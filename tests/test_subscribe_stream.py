@@ -90,7 +90,7 @@ async def test_a_client_dropping_its_stream_leaves_no_task_behind(memory: Runnin
     init = broker_pb2.SubscribeRequest(
         init=broker_pb2.SubscribeInit(product="shop", env="dev", event="events:orders", group="drop")
     )
-    runtime = memory.app.brokers  # type: ignore[attr-defined]
+    runtime = memory.app.components.brokers  # type: ignore[attr-defined]
     problems: list[str] = []
     asyncio.get_running_loop().set_exception_handler(lambda _, context: problems.append(str(context.get("message"))))
     for _ in range(3):
@@ -120,7 +120,7 @@ async def test_a_stream_its_client_stops_reading_is_closed_and_its_messages_go_t
 ) -> None:
     from ductape.processor.brokers import outgoing
 
-    runtime = memory.app.brokers  # type: ignore[attr-defined]
+    runtime = memory.app.components.brokers  # type: ignore[attr-defined]
     options = {"product": "shop", "env": "dev", "event": "events:orders", "group": "stall"}
     init = broker_pb2.SubscribeRequest(
         init=broker_pb2.SubscribeInit(max_batch=1, ack_deadline=duration_pb2.Duration(seconds=1), **options)

@@ -146,31 +146,6 @@ class ProcessorApp:
             raise RuntimeError("the processor is not started")
         return self._components
 
-    @property
-    def store(self) -> Store:
-        """The processor's own state."""
-        return self.components.store
-
-    @property
-    def registry(self) -> Registry:
-        """Product manifests, versions and pins."""
-        return self.components.registry
-
-    @property
-    def recorder(self) -> ExecutionRecorder:
-        """The execution log's writer."""
-        return self.components.recorder
-
-    @property
-    def sessions(self) -> SessionManager:
-        """Session tokens."""
-        return self.components.sessions
-
-    @property
-    def brokers(self) -> BrokerRuntime:
-        """Publishing and subscriptions."""
-        return self.components.brokers
-
     async def start(self) -> int:
         """Check the settings, open the store, build the components, apply start-up manifests, bind and serve.
 
