@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from ductape_processor.runtime.registry.durations import Duration, PositiveDuration
 
@@ -268,6 +268,11 @@ def _check_url(value: str, schemes: tuple[str, ...]) -> str:
     return value
 
 
+def _url_of(*schemes: str) -> AfterValidator:
+    """Checks that a broker's `url` has one of `schemes` (a `$Secret{NAME}` standing for the whole URL passes)."""
+    return AfterValidator(lambda value: _check_url(value, schemes))
+
+
 class MemoryBrokerEnv(_Model):
     """The in-process broker: nothing to install, nothing survives a restart."""
 
@@ -278,38 +283,29 @@ class RedisBrokerEnv(_Model):
     """Redis Streams with consumer groups."""
 
     type: Literal["redis"]
-    url: str = Field(description="`redis://` or `rediss://`; may be `$Secret{NAME}` or contain one.")
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return _check_url(value, ("redis", "rediss"))
+    url: Annotated[str, _url_of("redis", "rediss")] = Field(
+        description="`redis://` or `rediss://`; may be `$Secret{NAME}` or contain one."
+    )
 
 
 class RabbitMQBrokerEnv(_Model):
     """RabbitMQ through AMQP 0-9-1."""
 
     type: Literal["rabbitmq"]
-    url: str = Field(description="`amqp://` or `amqps://`; may be `$Secret{NAME}` or contain one.")
+    url: Annotated[str, _url_of("amqp", "amqps")] = Field(
+        description="`amqp://` or `amqps://`; may be `$Secret{NAME}` or contain one."
+    )
     exchange: str = Field("", max_length=255, description="Exchange topics publish to; empty: one per topic.")
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return _check_url(value, ("amqp", "amqps"))
 
 
 class NatsBrokerEnv(_Model):
     """NATS JetStream."""
 
     type: Literal["nats"]
-    url: str = Field(description="`nats://` or `tls://`; may be `$Secret{NAME}` or contain one.")
+    url: Annotated[str, _url_of("nats", "tls")] = Field(
+        description="`nats://` or `tls://`; may be `$Secret{NAME}` or contain one."
+    )
     stream: str | None = Field(None, max_length=255, description="JetStream stream name; default `ductape`.")
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return _check_url(value, ("nats", "tls"))
 
 
 BrokerEnv = Annotated[MemoryBrokerEnv | RedisBrokerEnv | RabbitMQBrokerEnv | NatsBrokerEnv, Field(discriminator="type")]
