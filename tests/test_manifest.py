@@ -161,6 +161,25 @@ def test_broker_types_and_auth_kinds_are_discriminated() -> None:
     assert isinstance(model.brokers[0].envs["prd"], RedisBrokerEnv)
 
 
+@pytest.mark.parametrize(
+    ("kind", "accepted", "refused"),
+    [
+        ("redis", ("redis://r", "rediss://r"), "amqp://r"),
+        ("rabbitmq", ("amqp://r", "amqps://r"), "redis://r"),
+        ("nats", ("nats://r", "tls://r"), "http://r"),
+    ],
+)
+def test_each_broker_url_takes_its_own_schemes_or_a_secret(kind: str, accepted: tuple[str, str], refused: str) -> None:
+    envs = {"dev": {"type": kind, "url": refused}, "prd": {"type": kind, "url": "$Secret{BROKER_URL}"}}
+    found = problems(with_(brokers=[{"tag": "b", "envs": envs}]))
+    expected = ", ".join(url.split("//")[0] + "//" for url in accepted)
+    assert f"is not a URL of this broker (expected {expected}, or $Secret{{NAME}})" in found["brokers[0].envs.dev.url"]
+    assert "brokers[0].envs.prd.url" not in found
+    for url in accepted:
+        envs = {"dev": {"type": kind, "url": url}, "prd": {"type": kind, "url": url}}
+        load_manifest(json.dumps(with_(brokers=[{"tag": "b", "envs": envs}])).encode())
+
+
 def test_sessions_need_a_selector_naming_a_schema_field() -> None:
     found = problems(
         with_(
