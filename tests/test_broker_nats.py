@@ -24,8 +24,9 @@ from ductape.processor import UnavailableError
 from ductape.processor.brokers import Message
 
 from ductape_processor.adapters.brokers import nats as nats_broker
-from ductape_processor.adapters.brokers.base import BrokerUnavailable, OutboundMessage, SubscribeOptions
+from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.nats import NatsBroker, consumer_name, subject_covered
+from ductape_processor.runtime.brokers.messages import OutboundMessage
 from ductape_processor.store.sqlite import SqliteStore
 from tests.conftest import ServerFactory, require_tcp
 from tests.test_brokers import manifest, opened, pending_first, publish, subscribe, take

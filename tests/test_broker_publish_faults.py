@@ -24,10 +24,11 @@ import pytest
 from ductape.processor.brokers import outgoing
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 
-from ductape_processor.adapters.brokers.base import BrokerUnavailable, OutboundMessage, SubscribeOptions
+from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.rabbitmq import RabbitMQBroker
 from ductape_processor.adapters.brokers.rabbitmq_queue import queue_name
-from ductape_processor.runtime.brokers.publisher import PUBLISH_LIMIT_S, Outgoing
+from ductape_processor.runtime.brokers.messages import OutboundMessage, Outgoing
+from ductape_processor.runtime.brokers.publisher import PUBLISH_LIMIT_S
 from ductape_processor.runtime.policies import Deadline
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_broker_rabbitmq import _rabbitmqctl, _require_rabbitmqctl

@@ -26,9 +26,10 @@ import aio_pika
 import pytest
 from ductape.processor import UnavailableError
 
-from ductape_processor.adapters.brokers.base import BrokerUnavailable, OutboundMessage, SubscribeOptions
+from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.rabbitmq import RabbitMQBroker
 from ductape_processor.adapters.brokers.rabbitmq_queue import queue_name
+from ductape_processor.runtime.brokers.messages import OutboundMessage
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_brokers import (
     _forget_pending_reads,  # noqa: F401 - the autouse fixture that ends reads left pending by `take`

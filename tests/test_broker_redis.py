@@ -19,8 +19,9 @@ import redis.asyncio as aioredis
 from ductape.processor.brokers import Message
 
 from ductape_processor.adapters.brokers import redis as redis_broker
-from ductape_processor.adapters.brokers.base import BrokerUnavailable, OutboundMessage, SubscribeOptions
+from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.redis import PARK_CONSUMER, RedisBroker, stream_key
+from ductape_processor.runtime.brokers.messages import OutboundMessage
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_brokers import manifest, opened, pending_first, publish, subscribe, take
 

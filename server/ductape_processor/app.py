@@ -24,7 +24,7 @@ from ductape_processor.errors import InvalidManifest, ProcessorError
 from ductape_processor.grpc_server import ListenError, Servicers, grpc_server, listen, set_serving
 from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.actions.executor import ActionExecutor
-from ductape_processor.runtime.brokers import BrokerRuntime
+from ductape_processor.runtime.brokers.publisher import BrokerRuntime
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecorder
 from ductape_processor.runtime.policies.periodic import PeriodicTask
 from ductape_processor.runtime.policies.secrets import SecretsFileError, SecretSource, TokenVault, referenced_secrets

@@ -14,18 +14,10 @@ from google.protobuf import duration_pb2
 from ductape_processor.api.status import error_trailers
 from ductape_processor.api.values import timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError
-from ductape_processor.runtime.brokers import (
-    Ack,
-    Batch,
-    BrokerRuntime,
-    InboundMessage,
-    Limits,
-    Nack,
-    Outgoing,
-    StaleAcks,
-    StreamEvent,
-    StreamRequest,
-)
+from ductape_processor.runtime.brokers.messages import InboundMessage, Outgoing
+from ductape_processor.runtime.brokers.publisher import BrokerRuntime
+from ductape_processor.runtime.brokers.stream import Ack, Batch, Nack, StaleAcks, StreamEvent, StreamRequest
+from ductape_processor.runtime.brokers.subscriptions import Limits
 from ductape_processor.runtime.policies import Deadline
 from ductape_processor.telemetry.context import current_call
 

@@ -1,9 +1,10 @@
 """The interface every message-broker adapter implements.
 
-An adapter is one connection (pool) to one broker environment. It publishes CloudEvents-shaped messages and opens
-pull subscriptions: the subscription engine (runtime/subscriptions.py) asks for up to N messages at a time, and
-acks or nacks them by the `handle` the adapter gave. Redelivery counting (`delivery_attempt`) is the adapter's job;
-credit, batching, ack deadlines and dead-lettering are the engine's, written once for every broker.
+An adapter is one connection (pool) to one broker environment. It publishes CloudEvents-shaped messages (their types
+are the runtime's, in runtime/brokers/messages.py) and opens pull subscriptions: the subscription engine
+(runtime/brokers/subscriptions.py) asks for up to N messages at a time, and acks or nacks them by the `handle` the
+adapter gave. Redelivery counting (`delivery_attempt`) is the adapter's job; credit, batching, ack deadlines and
+dead-lettering are the engine's, written once for every broker.
 
 Adding a broker (Kafka, SQS, ...) is one module that subclasses `BrokerAdapter` and `BrokerSubscription`, plus
 one entry in `registry.BROKER_TYPES` (its manifest type name, typed settings model and factory).
@@ -13,49 +14,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 
 from ductape_processor.errors import ProcessorError, Unavailable
 from ductape_processor.reasons import Reason
+from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage
 
 CONCURRENT_PUBLISHES = 256
 """Writes of one publish_batch awaiting their confirmation at once."""
-
-
-@dataclass(frozen=True, slots=True)
-class CloudEvent:
-    """The CloudEvents 1.0 attributes and payload every message has, published or received."""
-
-    id: str
-    source: str
-    type: str
-    time: datetime
-    data: bytes
-    content_type: str
-
-
-@dataclass(frozen=True, slots=True)
-class OutboundMessage(CloudEvent):
-    """A message to publish, with the caller's attributes."""
-
-    attributes: Mapping[str, str] = field(default_factory=dict)
-    ordering_key: str = ""
-    traceparent: str = ""
-    tracestate: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class InboundMessage(CloudEvent):
-    """A message received on a subscription. `handle` is what ack/nack take; `id` is the CloudEvents id."""
-
-    handle: str
-    attributes: dict[str, str]
-    ordering_key: str
-    traceparent: str
-    delivery_attempt: int
-    tracestate: str = ""
 
 
 @dataclass(frozen=True, slots=True)

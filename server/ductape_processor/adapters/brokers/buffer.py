@@ -15,7 +15,8 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-from ductape_processor.adapters.brokers.base import BrokerSubscription, InboundMessage
+from ductape_processor.adapters.brokers.base import BrokerSubscription
+from ductape_processor.runtime.brokers.messages import InboundMessage
 from ductape_processor.runtime.policies.caches import BoundedCache
 
 M = TypeVar("M")

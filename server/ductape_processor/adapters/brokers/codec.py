@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ductape_processor.adapters.brokers.base import InboundMessage, OutboundMessage
+from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage
 
 ATTRIBUTE_PREFIX = "attr-"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"

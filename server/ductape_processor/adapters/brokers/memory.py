@@ -11,15 +11,9 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field, fields
 
-from ductape_processor.adapters.brokers.base import (
-    BrokerAdapter,
-    BrokerSubscription,
-    CloudEvent,
-    InboundMessage,
-    OutboundMessage,
-    SubscribeOptions,
-)
+from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerSubscription, SubscribeOptions
 from ductape_processor.errors import ProcessorError
+from ductape_processor.runtime.brokers.messages import CloudEvent, InboundMessage, OutboundMessage
 
 _EVENT_FIELDS = tuple(f.name for f in fields(CloudEvent))
 

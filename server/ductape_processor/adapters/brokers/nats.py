@@ -96,7 +96,6 @@ from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
     BrokerUnavailable,
-    OutboundMessage,
     SubscribeOptions,
 )
 from ductape_processor.adapters.brokers.buffer import UnseenReturns
@@ -105,6 +104,7 @@ from ductape_processor.adapters.brokers.nats_headers import header_bytes, outbou
 from ductape_processor.adapters.brokers.nats_pull import CLOSE_DEADLINE_S, NatsPullSubscription
 from ductape_processor.errors import FieldViolation, InvalidArgument, ProcessorError
 from ductape_processor.reasons import Reason
+from ductape_processor.runtime.brokers.messages import OutboundMessage
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)

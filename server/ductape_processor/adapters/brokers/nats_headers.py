@@ -11,9 +11,9 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from ductape_processor.adapters.brokers.base import InboundMessage, OutboundMessage
 from ductape_processor.adapters.brokers.buffer import UnseenReturns
 from ductape_processor.adapters.brokers.codec import Binding
+from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage
 
 _BINDING = Binding(prefix="ce-", ordering_key="ce-orderingkey", content_type="content-type")
 

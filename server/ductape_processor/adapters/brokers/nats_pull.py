@@ -16,9 +16,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import api
 
-from ductape_processor.adapters.brokers.base import InboundMessage
 from ductape_processor.adapters.brokers.buffer import BufferedSubscription
 from ductape_processor.adapters.brokers.nats_headers import inbound, returns_key
+from ductape_processor.runtime.brokers.messages import InboundMessage
 
 if TYPE_CHECKING:
     from ductape_processor.adapters.brokers.nats import NatsBroker

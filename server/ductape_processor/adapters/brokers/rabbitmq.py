@@ -98,7 +98,6 @@ from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
     BrokerUnavailable,
-    OutboundMessage,
     SubscribeOptions,
 )
 from ductape_processor.adapters.brokers.buffer import UnseenReturns
@@ -110,6 +109,7 @@ from ductape_processor.adapters.brokers.rabbitmq_queue import (
     RabbitQueueSubscription,
 )
 from ductape_processor.errors import ProcessorError
+from ductape_processor.runtime.brokers.messages import OutboundMessage
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,10 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError, MessageProcessError
 
-from ductape_processor.adapters.brokers.base import InboundMessage, SubscribeOptions
+from ductape_processor.adapters.brokers.base import SubscribeOptions
 from ductape_processor.adapters.brokers.buffer import BufferedSubscription
 from ductape_processor.adapters.brokers.codec import Binding, aware, text
+from ductape_processor.runtime.brokers.messages import InboundMessage
 
 if TYPE_CHECKING:
     from ductape_processor.adapters.brokers.rabbitmq import RabbitMQBroker

@@ -84,13 +84,12 @@ from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
     BrokerUnavailable,
-    InboundMessage,
-    OutboundMessage,
     SubscribeOptions,
 )
 from ductape_processor.adapters.brokers.codec import Binding, text
 from ductape_processor.adapters.brokers.connection import Endpoint
 from ductape_processor.errors import ProcessorError
+from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)

@@ -1,20 +1,7 @@
-"""Message brokers: publishing and opening streams (publisher.py), the subscription engine (subscriptions.py) and a
-Subscribe stream's whole life (stream.py), for every broker adapter."""
+"""Message brokers: the messages the runtime and the adapters pass (messages.py), publishing and opening streams
+(publisher.py), the subscription engine (subscriptions.py) and a Subscribe stream's whole life (stream.py), for every
+broker adapter.
 
-from ductape_processor.adapters.brokers.base import InboundMessage
-from ductape_processor.runtime.brokers.publisher import BrokerRuntime, Outgoing
-from ductape_processor.runtime.brokers.stream import Ack, Batch, Nack, StaleAcks, StreamEvent, StreamRequest
-from ductape_processor.runtime.brokers.subscriptions import Limits
-
-__all__ = [
-    "Ack",
-    "Batch",
-    "BrokerRuntime",
-    "InboundMessage",
-    "Limits",
-    "Nack",
-    "Outgoing",
-    "StaleAcks",
-    "StreamEvent",
-    "StreamRequest",
-]
+Import from those modules: this package re-exports nothing, so that an adapter importing the message types does not
+import the publisher (which imports the adapters).
+"""

@@ -19,16 +19,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
-from ductape_processor.adapters.brokers.base import (
-    BrokerAdapter,
-    BrokerUnavailable,
-    InboundMessage,
-    OutboundMessage,
-    SubscribeOptions,
-)
+from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.registry import BROKER_TYPES
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
+from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage, Outgoing
 from ductape_processor.runtime.brokers.stream import SubscribeStream
 from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.runtime.policies import Deadline
@@ -50,17 +45,6 @@ MAX_ATTRIBUTES = 64
 MAX_BATCH_ENTRIES = 1000
 _ATTRIBUTE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")  # \Z: "$" would let a trailing newline through
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A message as the caller gave it."""
-
-    data: bytes
-    content_type: str
-    attributes: Mapping[str, str]
-    ordering_key: str = ""
-    idempotency_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)

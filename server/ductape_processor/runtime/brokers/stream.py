@@ -19,8 +19,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ductape_processor.adapters.brokers.base import InboundMessage
 from ductape_processor.errors import InvalidArgument, ProcessorError
+from ductape_processor.runtime.brokers.messages import InboundMessage
 from ductape_processor.runtime.brokers.subscriptions import (
     Ignored,
     StreamClosing,

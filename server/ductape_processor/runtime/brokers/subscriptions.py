@@ -29,9 +29,10 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ductape_processor.adapters.brokers.base import BrokerSubscription, InboundMessage
+from ductape_processor.adapters.brokers.base import BrokerSubscription
 from ductape_processor.errors import InvalidArgument, ProcessorError, Unavailable
 from ductape_processor.reasons import Reason
+from ductape_processor.runtime.brokers.messages import InboundMessage
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,59 @@
+"""Broker messages in the forms the runtime and the broker adapters pass between them.
+
+The runtime owns these types and the adapters (`adapters/brokers/`) implement the port that carries them, so the
+API layer takes them from here and never from an adapter:
+- `Outgoing`: a message as a caller gave it to publish;
+- `OutboundMessage`: a `CloudEvent` the runtime built around it, which an adapter publishes;
+- `InboundMessage`: a `CloudEvent` an adapter's subscription fetched, with the handle that acks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message as the caller gave it."""
+
+    data: bytes
+    content_type: str
+    attributes: Mapping[str, str]
+    ordering_key: str = ""
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CloudEvent:
+    """The CloudEvents 1.0 attributes and payload every message has, published or received."""
+
+    id: str
+    source: str
+    type: str
+    time: datetime
+    data: bytes
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage(CloudEvent):
+    """A message to publish, with the caller's attributes."""
+
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    ordering_key: str = ""
+    traceparent: str = ""
+    tracestate: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage(CloudEvent):
+    """A message received on a subscription. `handle` is what ack/nack take; `id` is the CloudEvents id."""
+
+    handle: str
+    attributes: dict[str, str]
+    ordering_key: str
+    traceparent: str
+    delivery_attempt: int
+    tracestate: str = ""
