@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerSubscription, SubscribeOptions
 from ductape_processor.errors import ProcessorError
-from ductape_processor.runtime.brokers.messages import CloudEvent, InboundMessage, OutboundMessage
-
-_EVENT_FIELDS = tuple(f.name for f in fields(CloudEvent))
+from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage, carried
 
 
 @dataclass(slots=True)
@@ -122,13 +120,6 @@ class _MemorySubscription(BrokerSubscription):
 
 
 def _inbound(handle: str, message: OutboundMessage, attempt: int) -> InboundMessage:
-    event = {name: getattr(message, name) for name in _EVENT_FIELDS}
     return InboundMessage(
-        **event,
-        handle=handle,
-        attributes=dict(message.attributes),
-        ordering_key=message.ordering_key,
-        traceparent=message.traceparent,
-        tracestate=message.tracestate,
-        delivery_attempt=attempt,
+        **carried(message), handle=handle, attributes=dict(message.attributes), delivery_attempt=attempt
     )

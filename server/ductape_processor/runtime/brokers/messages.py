@@ -10,8 +10,9 @@ API layer takes them from here and never from an adapter:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
+from typing import Any, Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +58,12 @@ class InboundMessage(CloudEvent):
     traceparent: str
     delivery_attempt: int
     tracestate: str = ""
+
+
+_CARRIED: Final = (*(f.name for f in fields(CloudEvent)), "ordering_key", "traceparent", "tracestate")
+
+
+def carried(message: OutboundMessage | InboundMessage) -> dict[str, Any]:
+    """What a message keeps from its publisher to its subscribers, and on to a dead-letter topic: the CloudEvent, its
+    ordering key and its trace context. Not its attributes: each form of the message takes its own copy of them."""
+    return {name: getattr(message, name) for name in _CARRIED}

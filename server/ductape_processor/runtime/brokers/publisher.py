@@ -23,7 +23,7 @@ from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerUnavail
 from ductape_processor.adapters.brokers.registry import BROKER_TYPES
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage, Outgoing
+from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage, Outgoing, carried
 from ductape_processor.runtime.brokers.stream import SubscribeStream
 from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.runtime.policies import Deadline
@@ -367,24 +367,13 @@ class BrokerRuntime:
             dead_adapter = await self.adapter(dead_route)
 
             async def dead_letter(message: InboundMessage) -> None:
+                attributes = {
+                    **message.attributes,
+                    "dead_letter_from": event,
+                    "delivery_attempt": str(message.delivery_attempt),
+                }
                 await dead_adapter.publish(
-                    dead_route.topic.name,
-                    OutboundMessage(
-                        id=message.id,
-                        source=message.source,
-                        type=message.type,
-                        time=message.time,
-                        data=message.data,
-                        content_type=message.content_type,
-                        attributes={
-                            **message.attributes,
-                            "dead_letter_from": event,
-                            "delivery_attempt": str(message.delivery_attempt),
-                        },
-                        ordering_key=message.ordering_key,
-                        traceparent=message.traceparent,
-                        tracestate=message.tracestate,
-                    ),
+                    dead_route.topic.name, OutboundMessage(**carried(message), attributes=attributes)
                 )
 
         adapter = await self.adapter(route)
