@@ -62,6 +62,7 @@ def test_the_scan_finds_a_reason_written_as_a_string_in_each_way() -> None:
         'CACHE_MISSING = "CACHE_NOT_FOUND"\n'
         'raise NotFound("x", reason=Reason.APP_NOT_FOUND)\n'
         'log.info("not found: %s", reason)\n'
+        'class Lost(NotFound, reason="LOST_FOR_GOOD"):\n    """Gone."""\n'
     )
     assert literal_reasons(source, "example.py") == [
         "example.py:1 'APP_NOT_FOUND'",
@@ -69,6 +70,7 @@ def test_the_scan_finds_a_reason_written_as_a_string_in_each_way() -> None:
         "example.py:3 reason 'GONE_AWAY'",
         "example.py:4 reason 'BROKEN'",
         "example.py:5 'CACHE_NOT_FOUND'",
+        "example.py:8 reason 'LOST_FOR_GOOD'",
     ]
 
 
