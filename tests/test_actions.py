@@ -313,6 +313,15 @@ async def test_cache_hit_skips_the_upstream(running: Running, upstream: Upstream
     assert caught.value.reason == "CACHE_NOT_FOUND"
 
 
+async def test_a_json_answer_holding_a_lone_surrogate_is_returned_as_bytes(
+    running: Running, upstream: Upstream
+) -> None:
+    body = b'{"name": "\\ud800"}'  # valid JSON, but no UTF-8 string can carry the character it escapes
+    upstream.on("GET /users/1", lambda r: web.Response(body=body, content_type="application/json"))
+    result = await run(running, "user", input={"params": {"id": "1"}})
+    assert result.status_code == 200 and result.body == body
+
+
 async def test_only_2xx_results_are_cached(running: Running, upstream: Upstream) -> None:
     upstream.on("GET /users/1", lambda r: json_answer({}, status=404))
     await run(running, "user", input={"params": {"id": "1"}}, cache="short")

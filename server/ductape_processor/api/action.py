@@ -75,5 +75,8 @@ class ActionServicer(action_pb2_grpc.ActionServiceServicer):
             except (ValueError, RecursionError):
                 return response  # not JSON after all (or nested past Python's recursion limit): the bytes
             if json_depth(data) <= MAX_JSON_DEPTH:
-                python_to_value(data, response.json)
+                try:
+                    python_to_value(data, response.json)
+                except UnicodeEncodeError:  # JSON may escape a lone surrogate ("\ud800"), no protobuf string can
+                    response.raw = result.body  # hold it: the bytes, as for a body that is not JSON
         return response
