@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
 
 import pytest
 
@@ -20,10 +19,10 @@ from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
     InboundMessage,
-    OutboundMessage,
     SubscribeOptions,
 )
 from tests.conftest import require_tcp
+from tests.test_broker_redis import message
 from tests.test_brokers import KINDS, SERVERS
 
 OPTIONS = SubscribeOptions(prefetch=1, ack_deadline_s=10.0)
@@ -108,17 +107,6 @@ async def _one(subscription: BrokerSubscription, within: float = 10.0) -> Inboun
                 return message
 
 
-def _message(body: bytes) -> OutboundMessage:
-    return OutboundMessage(
-        id=secrets.token_hex(12),
-        source="/ductape/shop/dev/events",
-        type="orders",
-        time=datetime.now(UTC),
-        data=body,
-        content_type="text/plain",
-    )
-
-
 async def _give_back_and_take_again(
     adapter: tuple[BrokerAdapter, str, str], give_back: Callable[[BrokerSubscription, str], object]
 ) -> tuple[InboundMessage, InboundMessage]:
@@ -126,7 +114,7 @@ async def _give_back_and_take_again(
     first = await broker.subscribe(topic, group, OPTIONS)
     second = await broker.subscribe(topic, group, OPTIONS)
     try:
-        await broker.publish(topic, _message(b"one"))
+        await broker.publish(topic, message(b"one"))
         taken = await _one(first)
         await give_back(first, taken.handle)  # type: ignore[misc]
         await first.close()  # the message must go to the group's other subscriber
@@ -138,21 +126,16 @@ async def _give_back_and_take_again(
         await second.close()
 
 
-async def test_a_release_no_client_saw_does_not_count_a_delivery(adapter: tuple[BrokerAdapter, str, str]) -> None:
-    async def release(subscription: BrokerSubscription, handle: str) -> None:
-        await subscription.release([handle])
+@pytest.mark.parametrize(("give_back", "attempt"), [("release", 1), ("nack", 2)])
+async def test_only_returns_a_client_took_part_in_count_as_deliveries(
+    adapter: tuple[BrokerAdapter, str, str], give_back: str, attempt: int
+) -> None:
+    """A release (fetched, never written to a client) keeps the attempt; a nack counts one."""
 
-    taken, again = await _give_back_and_take_again(adapter, release)
+    async def back(subscription: BrokerSubscription, handle: str) -> None:
+        await getattr(subscription, give_back)([handle])
+
+    taken, again = await _give_back_and_take_again(adapter, back)
     assert taken.delivery_attempt == 1
     assert again.id == taken.id
-    assert again.delivery_attempt == 1, "a return no client took part in must not count as a delivery"
-
-
-async def test_a_nack_counts_a_delivery(adapter: tuple[BrokerAdapter, str, str]) -> None:
-    async def nack(subscription: BrokerSubscription, handle: str) -> None:
-        await subscription.nack([handle])
-
-    taken, again = await _give_back_and_take_again(adapter, nack)
-    assert taken.delivery_attempt == 1
-    assert again.id == taken.id
-    assert again.delivery_attempt == 2
+    assert again.delivery_attempt == attempt
