@@ -60,13 +60,16 @@ async def test_the_readme_first_calls_work(start_server: ServerFactory, mailer_s
     assert version == 1 and isinstance(checksum, str) and re.fullmatch(r"[0-9a-f]{64}", checksum), printed[0]
     assert printed[1][:2] == (202, "msg-1") and isinstance(printed[1][2], str) and printed[1][2], printed[1]
     assert printed[2] == ({"userId": "u-1"}, 1)
-    assert printed[3] == (False, 1), "applying the same manifest again creates no version"
-    assert printed[4] == ("PRODUCT_NOT_FOUND", {"product": "blog"})
-    assert len(printed) == 5
+    assert printed[3] == (13, "text/plain")
+    assert printed[4] == (["notes/hello.txt"],)
+    assert printed[5] == (b"Hello, files!", "text/plain")
+    assert printed[6] == (False, 1), "applying the same manifest again creates no version"
+    assert printed[7] == ("PRODUCT_NOT_FOUND", {"product": "blog"})
+    assert len(printed) == 8
     # What the README says each print shows (its trailing comment, `...` standing for the rest) is what it shows.
     promised = re.findall(r"^\s*print\(.*\)  # (.+)$", code, re.MULTILINE)
     lines = [" ".join(str(value) for value in values) for values in printed]
-    assert len(promised) == 3, promised
+    assert len(promised) == 6, promised
     for comment in promised:
         assert any(_shows(line, comment) for line in lines), (comment, lines)
 

@@ -15,6 +15,7 @@ SERVICES = [
     "ductape.processor.v1.LogService",
     "ductape.processor.v1.ProductService",
     "ductape.processor.v1.SessionService",
+    "ductape.processor.v1.StorageService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",

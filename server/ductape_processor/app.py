@@ -20,6 +20,7 @@ from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.log import LogServicer
 from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.session import SessionServicer
+from ductape_processor.api.storage import StorageServicer
 from ductape_processor.errors import InvalidManifest, ProcessorError
 from ductape_processor.grpc_server import ListenError, Servicers, grpc_server, listen, set_serving
 from ductape_processor.runtime.actions.cache import ResultCache
@@ -31,6 +32,7 @@ from ductape_processor.runtime.policies.secrets import SecretsFileError, SecretS
 from ductape_processor.runtime.registry.loader import ManifestFormat
 from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.runtime.sessions import SessionKeys, SessionManager
+from ductape_processor.runtime.storage.operations import StorageRuntime
 from ductape_processor.settings import Settings
 from ductape_processor.store import Store, open_store
 from ductape_processor.store.files import private_directory
@@ -71,6 +73,7 @@ class Components:
     recorder: ExecutionRecorder
     sessions: SessionManager
     brokers: BrokerRuntime
+    storage: StorageRuntime
     cache: ResultCache
     actions: ActionExecutor
     purger: PeriodicTask
@@ -99,12 +102,20 @@ def build(
     actions = ActionExecutor(
         registry, store, http, secrets, recorder, cache, sessions, vault, idempotency_retention=retention
     )
+    storage = StorageRuntime(
+        registry,
+        secrets,
+        storage_root=settings.data_dir / "storage",
+        max_file_bytes=settings.storage_max_file_bytes,
+        max_message_bytes=settings.max_message_bytes,
+    )
     servicers = Servicers(
         product=ProductServicer(registry),
         action=ActionServicer(actions),
         session=SessionServicer(sessions),
         broker=BrokerServicer(brokers),
         log=LogServicer(ExecutionQueries(registry, store, recorder.flush)),
+        storage=StorageServicer(storage),
         health=health.aio.HealthServicer(),
     )
     interceptor = ProcessorInterceptor(ApiKeyAuthenticator(settings.api_key_hashes), telemetry)
@@ -117,6 +128,7 @@ def build(
         recorder=recorder,
         sessions=sessions,
         brokers=brokers,
+        storage=storage,
         cache=cache,
         actions=actions,
         purger=PeriodicTask("store purge", PURGE_INTERVAL_S, lambda: store.purge_expired(datetime.now(UTC))),
@@ -277,6 +289,7 @@ class ProcessorApp:
         await parts.recorder.close()
         await parts.http.close()
         await parts.brokers.close()
+        await parts.storage.close()
         await parts.cache.close()
         await parts.store.close()
         await parts.telemetry.shutdown()

@@ -78,6 +78,7 @@ _FLAGS: dict[str, _Flag] = {
     "session_key": {"dest": "session_keys", "action": "append", "help": "session root key id:key (newest first)"},
     "session_revocation_poll_s": {"type": float},
     "broker_max_message_bytes": {"type": int},
+    "storage_max_file_bytes": {"type": int},
 }
 
 

@@ -19,6 +19,8 @@ from ductape.processor.v1 import (
     product_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
+    storage_pb2,
+    storage_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -29,6 +31,7 @@ from ductape_processor.api.log import LogServicer
 from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.reflection import enable_reflection
 from ductape_processor.api.session import SessionServicer
+from ductape_processor.api.storage import StorageServicer
 from ductape_processor.settings import Settings
 
 SERVICE_NAMES = (
@@ -37,6 +40,7 @@ SERVICE_NAMES = (
     log_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name,
+    storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name,
 )
 """The processor's services, as health checks and reflection name them."""
 
@@ -50,6 +54,7 @@ class Servicers:
     session: SessionServicer
     broker: BrokerServicer
     log: LogServicer
+    storage: StorageServicer
     health: health.aio.HealthServicer
 
 
@@ -76,6 +81,7 @@ def grpc_server(settings: Settings, interceptor: ProcessorInterceptor, servicers
     session_pb2_grpc.add_SessionServiceServicer_to_server(servicers.session, server)
     broker_pb2_grpc.add_BrokerServiceServicer_to_server(servicers.broker, server)
     log_pb2_grpc.add_LogServiceServicer_to_server(servicers.log, server)
+    storage_pb2_grpc.add_StorageServiceServicer_to_server(servicers.storage, server)
     health_pb2_grpc.add_HealthServicer_to_server(servicers.health, server)
     enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     return server

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     broker_max_message_bytes: int = Field(
         1024 * 1024, ge=1, description="Largest message payload BrokerService publishes."
     )
+    storage_max_file_bytes: int = Field(
+        5 * 1024**3, ge=1, description="Largest file a storage saves, unless its manifest entry sets max_file_bytes."
+    )
     session_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Session root keys `id:base64url(32 bytes)`, newest first; the first encrypts new tokens.",

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import grpc
 from ductape.processor.brokers import BrokerClient
 from ductape.processor.errors import from_rpc_error
+from ductape.processor.storage import StorageClient
 from ductape.processor.v1 import (
     action_pb2,
     action_pb2_grpc,
@@ -435,6 +436,7 @@ class Processor:
         self.session = SessionClient(channel, call)
         self.message_broker = BrokerClient(channel, call)
         self.logs = LogClient(channel, call)
+        self.storage = StorageClient(channel, call)
 
     async def close(self) -> None:
         """Close the channel."""

@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -20,6 +21,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ductape_processor.runtime.registry.manifest import SECRET_NAME, SECRET_REFERENCE
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 _LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 
@@ -81,6 +87,16 @@ class SecretSource:
             return found
 
         return SECRET_REFERENCE.sub(value, text)
+
+    def resolve_settings(self, settings: SettingsT, missing: Callable[[str], Exception]) -> SettingsT:
+        """A copy of a manifest settings model whose text fields have their `$Secret{NAME}` references resolved
+        (an adapter's settings, just before the adapter is built from them)."""
+        resolved = {
+            name: self.resolve(value, missing)
+            for name, value in settings.model_dump().items()
+            if isinstance(value, str) and SECRET_REFERENCE.search(value)
+        }
+        return settings.model_copy(update=resolved)
 
     def missing(self, names: Iterable[str]) -> list[str]:
         """The names no source can resolve, sorted."""

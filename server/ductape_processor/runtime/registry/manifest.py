@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from ductape_processor.runtime.registry.durations import Duration, PositiveDuration
+from ductape_processor.runtime.registry.storage import Storage
 
 TAG_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 Tag = Annotated[
@@ -404,6 +405,7 @@ class Manifest(_Model):
     brokers: list[Broker] = Field(default_factory=list)
     sessions: list[SessionType] = Field(default_factory=list)
     caches: list[Cache] = Field(default_factory=list)
+    storage: list[Storage] = Field(default_factory=list)
 
     def find_environment(self, slug_or_name: str) -> Environment | None:
         """The environment with this slug, else the one with this name."""

@@ -27,7 +27,7 @@ def _path(document: object, loc: Sequence[int | str]) -> str:
             path += f".{part}" if path else str(part)
             node = node[part]
             continue
-        if (isinstance(node, dict) and node.get("type") == part) or part == "[key]":
+        if (isinstance(node, dict) and part in (node.get("type"), node.get("provider"))) or part == "[key]":
             continue
         path += f".{part}" if path else str(part)
         node = None

@@ -45,7 +45,7 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
     for index, env in enumerate(manifest.environments):
         if env.slug in names and env.name != env.slug:
             problems.append((f"environments[{index}].slug", f"{env.slug!r} is also another environment's name"))
-    for kind in ("apps", "brokers", "sessions", "caches"):
+    for kind in ("apps", "brokers", "sessions", "caches", "storage"):
         problems += _duplicates(getattr(manifest, kind), "tag", kind)
     for a, app in enumerate(manifest.apps):
         where = f"apps[{a}]"
@@ -74,6 +74,8 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
         problems += _env_keys(broker.envs, slugs, f"brokers[{b}].envs", complete=True)
         problems += _duplicates(broker.topics, "tag", f"brokers[{b}].topics")
         problems += _duplicates(broker.topics, "name", f"brokers[{b}].topics")
+    for s, storage in enumerate(manifest.storage):
+        problems += _env_keys(storage.envs, slugs, f"storage[{s}].envs", complete=True)
     return problems
 
 

@@ -1,0 +1,351 @@
+"""Storage from Python: save, upload and download streamed, read, list, delete and sign URLs.
+
+    saved = await processor.storage.save(product="shop", env="dev", event="files",
+                                         file_name="invoices/1.pdf", data=pdf_bytes)
+    # Ductape's shape is accepted too:
+    await processor.storage.save(product="shop", env="dev", event="files",
+                                 input={"buffer": base64_text, "fileName": "a.txt", "mimeType": "text/plain"})
+    file = await processor.storage.read(product="shop", env="dev", event="files", file_name="a.txt")
+    async for info in processor.storage.files(product="shop", env="dev", event="files", prefix="invoices/"):
+        ...
+
+Large files go through `upload` (bytes, a path, or any iterable or async iterable of chunks) and `download`
+(an async iterator of chunks, with an optional byte range), so neither side holds a whole file in memory. A
+file's own metadata is `file_metadata=`; `metadata=` is, as on every call of the client, gRPC metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from ductape.processor.errors import from_rpc_error
+from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
+from google.protobuf import duration_pb2
+
+if TYPE_CHECKING:
+    from ductape.processor.client import CallMetadata, _Caller
+
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+"""The size of the chunks `upload` sends a file in."""
+
+Source = bytes | str | os.PathLike[str] | Iterable[bytes] | AsyncIterable[bytes]
+"""What `upload` sends: bytes, a file's path, or chunks (an iterable or async iterable of bytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """A stored file's description."""
+
+    file_name: str
+    size: int
+    sha256: str
+    content_type: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    updated_at: datetime | None = None
+
+    @classmethod
+    def from_proto(cls, info: storage_pb2.FileInfo) -> StoredFile:
+        """From the API's FileInfo."""
+        updated = info.update_time.ToDatetime(UTC) if info.HasField("update_time") else None
+        return cls(info.file_name, info.size, info.sha256, info.content_type, dict(info.metadata), updated)
+
+
+@dataclass(frozen=True, slots=True)
+class FileContent:
+    """A file read whole: Ductape's `{buffer, fileName, mimeType}` (`buffer` as base64 text; `data` the bytes)."""
+
+    data: bytes
+    file: StoredFile
+
+    @property
+    def buffer(self) -> str:
+        """The bytes as base64 text, as Ductape's `readFile` gives them."""
+        return base64.b64encode(self.data).decode()
+
+    @property
+    def file_name(self) -> str:
+        """The file's key (Ductape's `fileName`)."""
+        return self.file.file_name
+
+    @property
+    def mime_type(self) -> str:
+        """The file's media type (Ductape's `mimeType`)."""
+        return self.file.content_type
+
+
+@dataclass(frozen=True, slots=True)
+class FilePage:
+    """One page of `list`: the files and the token of the next page ("" on the last)."""
+
+    files: list[StoredFile]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class SignedUrl:
+    """A URL that reads (GET) or writes (PUT) one file until `expires_at`, and headers its request must send."""
+
+    url: str
+    method: str
+    expires_at: datetime
+    headers: dict[str, str]
+
+
+def _ductape_input(given: Mapping[str, Any]) -> tuple[bytes, str, str]:
+    """(data, file name, content type) from Ductape's `{buffer (base64), fileName, mimeType}`."""
+    buffer = given.get("buffer")
+    if isinstance(buffer, bytes | bytearray):
+        data = bytes(buffer)
+    elif isinstance(buffer, str):
+        data = base64.b64decode(buffer, validate=True)
+    else:
+        raise ValueError("input.buffer must be base64 text or bytes")
+    return data, str(given.get("fileName") or ""), str(given.get("mimeType") or "")
+
+
+async def _chunks(source: Source, chunk_size: int) -> AsyncIterator[bytes]:
+    if isinstance(source, bytes):
+        for start in range(0, len(source), chunk_size):
+            yield source[start : start + chunk_size]
+    elif isinstance(source, str | os.PathLike):
+        with open(source, "rb") as handle:  # noqa: ASYNC230 - each read runs in a thread below
+            while chunk := await asyncio.to_thread(handle.read, chunk_size):
+                yield chunk
+    elif isinstance(source, AsyncIterable):
+        async for chunk in source:
+            yield chunk
+    else:
+        for chunk in source:
+            yield chunk
+
+
+class StorageClient:
+    """A product's storages; `event` names the storage (its tag), as in Ductape's docs."""
+
+    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
+        self._stub = storage_pb2_grpc.StorageServiceStub(channel)
+        self._call = call
+
+    async def save(
+        self,
+        *,
+        product: str,
+        env: str,
+        event: str,
+        file_name: str = "",
+        data: bytes | None = None,
+        content_type: str = "",
+        file_metadata: Mapping[str, str] | None = None,
+        sha256: str = "",
+        input: Mapping[str, Any] | None = None,
+        metadata: CallMetadata | None = None,
+    ) -> StoredFile:
+        """Save a small file in one call: `data` and `file_name`, or Ductape's `input={buffer, fileName,
+        mimeType}`. The content type is sniffed by the server when not given."""
+        if input is not None:
+            if data is not None:
+                raise ValueError("give data or input, not both")
+            data, name, mime = _ductape_input(input)
+            file_name, content_type = file_name or name, content_type or mime
+        request = storage_pb2.SaveRequest(
+            product=product,
+            env=env,
+            event=event,
+            file_name=file_name,
+            content_type=content_type,
+            data=data or b"",
+            metadata=dict(file_metadata or {}),
+            sha256=sha256,
+        )
+        response = await self._call(self._stub.Save, request, metadata=metadata)
+        return StoredFile.from_proto(response.file)
+
+    async def upload(
+        self,
+        source: Source,
+        *,
+        product: str,
+        env: str,
+        event: str,
+        file_name: str,
+        content_type: str = "",
+        file_metadata: Mapping[str, str] | None = None,
+        sha256: str = "",
+        size: int = 0,
+        chunk_size: int = UPLOAD_CHUNK_BYTES,
+        timeout: float | None = None,
+        metadata: CallMetadata | None = None,
+    ) -> StoredFile:
+        """Save a file of any size as a stream. For bytes the size and SHA-256 are declared for the server to
+        check; for other sources pass `size` and `sha256` when known. Nothing is kept if the stream fails."""
+        if isinstance(source, bytes):
+            size = size or len(source)
+            sha256 = sha256 or hashlib.sha256(source).hexdigest()
+        header = storage_pb2.UploadHeader(
+            product=product,
+            env=env,
+            event=event,
+            file_name=file_name,
+            content_type=content_type,
+            metadata=dict(file_metadata or {}),
+            sha256=sha256,
+            size=size,
+        )
+
+        async def requests() -> AsyncIterator[storage_pb2.UploadRequest]:
+            yield storage_pb2.UploadRequest(header=header)
+            async for chunk in _chunks(source, chunk_size):
+                if chunk:
+                    yield storage_pb2.UploadRequest(chunk=chunk)
+
+        try:
+            response = await self._stub.Upload(requests(), metadata=self._call.metadata(metadata), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return StoredFile.from_proto(response.file)
+
+    async def download(
+        self,
+        *,
+        product: str,
+        env: str,
+        event: str,
+        file_name: str,
+        offset: int = 0,
+        length: int = 0,
+        chunk_size: int = 0,
+        timeout: float | None = None,
+        metadata: CallMetadata | None = None,
+    ) -> AsyncIterator[bytes]:
+        """The file's bytes (from `offset`, `length` of them, 0: to the end) as they arrive."""
+        request = storage_pb2.DownloadRequest(
+            product=product,
+            env=env,
+            event=event,
+            file_name=file_name,
+            offset=offset,
+            length=length,
+            chunk_size=chunk_size,
+        )
+        call = self._stub.Download(request, metadata=self._call.metadata(metadata), timeout=timeout)
+        try:
+            async for response in call:
+                if response.WhichOneof("kind") == "chunk":
+                    yield response.chunk
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def download_to(self, path: str | os.PathLike[str], **request: Any) -> int:
+        """Download a file (the arguments of `download`) into `path`; returns the bytes written."""
+        written = 0
+        with Path(path).open("wb") as handle:  # noqa: ASYNC230 - each write runs in a thread below
+            async for chunk in self.download(**request):
+                await asyncio.to_thread(handle.write, chunk)
+                written += len(chunk)
+        return written
+
+    async def read(
+        self, *, product: str, env: str, event: str, file_name: str, metadata: CallMetadata | None = None
+    ) -> FileContent:
+        """A small file whole (Ductape's `readFile`); larger than a message: use `download`."""
+        request = storage_pb2.ReadRequest(product=product, env=env, event=event, file_name=file_name)
+        response = await self._call(self._stub.Read, request, metadata=metadata)
+        return FileContent(response.data, StoredFile.from_proto(response.file))
+
+    async def delete(
+        self, *, product: str, env: str, event: str, file_name: str, metadata: CallMetadata | None = None
+    ) -> bool:
+        """Delete a file; False when there was none."""
+        request = storage_pb2.DeleteRequest(product=product, env=env, event=event, file_name=file_name)
+        return bool((await self._call(self._stub.Delete, request, metadata=metadata)).deleted)
+
+    async def list(
+        self,
+        *,
+        product: str,
+        env: str,
+        event: str,
+        prefix: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        metadata: CallMetadata | None = None,
+    ) -> FilePage:
+        """One page of files whose key starts with `prefix`, in key order."""
+        request = storage_pb2.ListRequest(
+            product=product, env=env, event=event, prefix=prefix, page_size=page_size, page_token=page_token
+        )
+        response = await self._call(self._stub.List, request, metadata=metadata)
+        return FilePage([StoredFile.from_proto(info) for info in response.files], response.next_page_token)
+
+    async def files(
+        self,
+        *,
+        product: str,
+        env: str,
+        event: str,
+        prefix: str = "",
+        page_size: int = 0,
+        metadata: CallMetadata | None = None,
+    ) -> AsyncIterator[StoredFile]:
+        """Every file whose key starts with `prefix` (Ductape's `files`), fetching pages as needed."""
+        token = ""
+        while True:
+            page = await self.list(
+                product=product,
+                env=env,
+                event=event,
+                prefix=prefix,
+                page_size=page_size,
+                page_token=token,
+                metadata=metadata,
+            )
+            for info in page.files:
+                yield info
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def signed_url(
+        self,
+        *,
+        product: str,
+        env: str,
+        event: str,
+        file_name: str,
+        method: str = "GET",
+        expires_in: float = 0,
+        content_type: str = "",
+        metadata: CallMetadata | None = None,
+    ) -> SignedUrl:
+        """A URL that reads (`GET`) or writes (`PUT`) the file for `expires_in` seconds (0: 15 minutes)."""
+        methods = {"GET": storage_pb2.SIGNED_URL_METHOD_GET, "PUT": storage_pb2.SIGNED_URL_METHOD_PUT}
+        if method.upper() not in methods:
+            raise ValueError('method must be "GET" or "PUT"')
+        whole = int(expires_in)
+        request = storage_pb2.SignedUrlRequest(
+            product=product,
+            env=env,
+            event=event,
+            file_name=file_name,
+            method=methods[method.upper()],
+            expires_in=duration_pb2.Duration(seconds=whole, nanos=round((expires_in - whole) * 1e9)),
+            content_type=content_type,
+        )
+        response = await self._call(self._stub.SignedUrl, request, metadata=metadata)
+        return SignedUrl(
+            response.url,
+            storage_pb2.SignedUrlMethod.Name(response.method).removeprefix("SIGNED_URL_METHOD_"),
+            response.expire_time.ToDatetime(UTC),
+            dict(response.headers),
+        )

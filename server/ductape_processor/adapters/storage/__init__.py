@@ -1,0 +1,1 @@
+"""Storage providers: one module per provider behind `base.StorageAdapter`, found through `registry`."""

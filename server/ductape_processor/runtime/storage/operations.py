@@ -1,0 +1,315 @@
+"""StorageRuntime: save, stream, read, list and delete a product's files, whatever provider each environment uses.
+
+It resolves (product, env, storage tag) through the registry to the storage's settings in that environment, opens
+(lazily, once per settings) the provider's adapter found in `adapters.storage.registry.STORAGE_PROVIDERS`, checks
+keys, metadata, sizes and checksums (files.py), and retries the calls that are safe to repeat (head, list, delete,
+signing) within the call's deadline. Writes are never retried: their bytes come from the caller's stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final, TypeVar
+
+from ductape_processor.adapters.storage.base import FileInfo as FileInfo
+from ductape_processor.adapters.storage.base import (
+    NewFile,
+    RangeNotSatisfiable,
+    SignedUrl,
+    StorageAdapter,
+    StorageUnavailable,
+)
+from ductape_processor.adapters.storage.base import UrlMethod as UrlMethod
+from ductape_processor.adapters.storage.registry import STORAGE_PROVIDERS, Placement, Signer
+from ductape_processor.errors import FailedPrecondition, InvalidArgument, NotFound
+from ductape_processor.reasons import Reason
+from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
+from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
+from ductape_processor.runtime.policies.secrets import SecretSource
+from ductape_processor.runtime.registry.registry import Registry
+from ductape_processor.runtime.registry.storage import Storage
+from ductape_processor.runtime.storage.files import (
+    Intake,
+    checked_content_type,
+    checked_key,
+    checked_metadata,
+    checked_prefix,
+    checked_sha256,
+    content_type_of,
+    too_large,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES: Final = 1024 * 1024
+"""The chunk size of a Download that asks for none."""
+CHUNK_HEADROOM: Final = 1024
+"""Bytes of a gRPC message left for what wraps a chunk."""
+DEFAULT_URL_EXPIRY_S: Final = 15 * 60
+"""How long a signed URL lasts when its request says nothing."""
+MAX_URL_EXPIRY_S: Final = 7 * 24 * 3600
+"""The longest a signed URL may last: S3's limit for presigned URLs."""
+RETRY_LIMIT_S: Final = 10.0
+"""The longest a repeatable call (head, list, delete, signing) keeps retrying a provider that is unavailable, when
+the caller's deadline is later."""
+RETRY_BACKOFF: Final = Backoff(0.1, 2.0)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StorageRef:
+    """A storage as a call names it: product, environment (slug or name) and the storage's tag."""
+
+    product: str
+    env: str
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    """A file to save, as its caller describes it."""
+
+    key: str
+    content_type: str = ""
+    metadata: dict[str, str] | None = None
+    sha256: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A storage environment in use: its name in errors, its limit, its adapter."""
+
+    name: str
+    max_file_bytes: int
+    adapter: StorageAdapter
+
+
+class StorageRuntime:
+    """Every storage call, with one adapter per storage environment (and settings)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        secrets: SecretSource,
+        *,
+        storage_root: Path,
+        max_file_bytes: int,
+        max_message_bytes: int,
+        signer: Callable[[StorageRef], Signer] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._secrets = secrets
+        self._root = storage_root
+        self._max_file_bytes = max_file_bytes
+        self._max_message_bytes = max_message_bytes
+        self._signer = signer
+        self._adapters: dict[tuple[str, str, str, str], StorageAdapter] = {}
+        self._opening: dict[tuple[str, str, str, str], asyncio.Lock] = {}
+
+    # -- resolution ---------------------------------------------------------------------------------------------
+
+    async def open(self, ref: StorageRef) -> Opened:
+        """The storage a call names, with its (lazily opened, shared) adapter."""
+        resolved = await self._registry.resolve(ref.product, ref.env)
+        storage = next((s for s in resolved.manifest.storage if s.tag == ref.tag), None)
+        if storage is None:
+            raise NotFound(
+                f"product {ref.product!r} has no storage {ref.tag!r}",
+                reason=Reason.STORAGE_NOT_FOUND,
+                metadata={"product": ref.product, "storage": ref.tag},
+            )
+        name = f"{resolved.product}/{resolved.env.slug}/{storage.tag}"
+        adapter = await self._adapter(storage, resolved.product, resolved.env.slug, name)
+        return Opened(name, storage.max_file_bytes or self._max_file_bytes, adapter)
+
+    async def _adapter(self, storage: Storage, product: str, env: str, name: str) -> StorageAdapter:
+        def missing(secret: str) -> FailedPrecondition:
+            return FailedPrecondition(
+                f"storage {storage.tag!r}: secret {secret} is not defined on this processor",
+                reason=Reason.SECRET_NOT_FOUND,
+                metadata={"storage": storage.tag, "secret": secret},
+            )
+
+        settings = self._secrets.resolve_settings(storage.envs[env], missing)
+        fingerprint = hashlib.sha256(json.dumps(settings.model_dump(), sort_keys=True).encode()).hexdigest()
+        key = (product, env, storage.tag, fingerprint)
+        adapter = self._adapters.get(key)
+        if adapter is not None:
+            return adapter
+        async with self._opening.setdefault(key, asyncio.Lock()):
+            adapter = self._adapters.get(key)
+            if adapter is None:
+                provider = STORAGE_PROVIDERS.get(settings.provider)
+                ref = StorageRef(product, env, storage.tag)
+                placement = Placement(
+                    name,
+                    self._root,
+                    f"{product}/{storage.tag}/{env}",
+                    self._signer(ref) if self._signer is not None else None,
+                )
+                try:
+                    if provider is None:
+                        raise ImportError(name=settings.provider)
+                    adapter = provider.open(settings, placement)
+                except ImportError as exc:
+                    raise FailedPrecondition(
+                        f"storage {storage.tag!r}: the {settings.provider} provider is not available on this "
+                        f"processor (missing {exc.name})",
+                        reason=Reason.STORAGE_PROVIDER_UNAVAILABLE,
+                        metadata={"storage": storage.tag, "provider": settings.provider},
+                    ) from None
+                self._adapters[key] = adapter
+        return adapter
+
+    async def _repeatable(self, deadline: Deadline, operation: Callable[[], Awaitable[T]]) -> T:
+        """`operation`, tried again while the provider is unavailable and the retry budget lasts."""
+        budget = RetryBudget(RETRY_BACKOFF, Deadline(deadline.bound(RETRY_LIMIT_S)))
+        while True:
+            try:
+                return await operation()
+            except StorageUnavailable:
+                if budget.retries >= 3 or not await budget.pause():
+                    raise
+
+    # -- writing ------------------------------------------------------------------------------------------------
+
+    async def save(self, ref: StorageRef, spec: FileSpec, data: bytes) -> FileInfo:
+        """Save a file given whole."""
+        return await self.upload(ref, spec, _once(data), declared_size=0, size_field="data")
+
+    async def upload(
+        self,
+        ref: StorageRef,
+        spec: FileSpec,
+        chunks: AsyncIterator[bytes],
+        *,
+        declared_size: int,
+        size_field: str = "size",
+    ) -> FileInfo:
+        """Save a file from a stream of chunks: it exists once the stream ended with every check passed."""
+        key = checked_key(spec.key)
+        content_type = checked_content_type(spec.content_type)
+        metadata = checked_metadata(spec.metadata or {})
+        sha256 = checked_sha256(spec.sha256)
+        if declared_size < 0:
+            raise InvalidArgument.field(size_field, "must not be negative")
+        opened = await self.open(ref)
+        if declared_size > opened.max_file_bytes:
+            raise too_large(declared_size, opened.max_file_bytes, size_field)
+        first = b""
+        async for chunk in chunks:
+            if chunk:
+                first = chunk
+                break
+        intake = Intake(
+            first,
+            chunks,
+            limit=opened.max_file_bytes,
+            declared_size=declared_size,
+            declared_sha256=sha256,
+            size_field=size_field,
+        )
+        new = NewFile(key, content_type_of(content_type, key, first), metadata, sha256)
+        return await opened.adapter.put(new, intake)
+
+    # -- reading ------------------------------------------------------------------------------------------------
+
+    async def head(self, ref: StorageRef, key: str, deadline: Deadline) -> tuple[Opened, FileInfo]:
+        """A file's description."""
+        checked_key(key)
+        opened = await self.open(ref)
+        return opened, await self._repeatable(deadline, lambda: opened.adapter.head(key))
+
+    async def download(
+        self, ref: StorageRef, key: str, offset: int, length: int, chunk_size: int, deadline: Deadline
+    ) -> tuple[FileInfo, AsyncIterator[bytes]]:
+        """A file's description and its bytes from `offset` (`length` of them; 0: to the end), in chunks."""
+        if offset < 0:
+            raise InvalidArgument.field("offset", "must not be negative")
+        if length < 0:
+            raise InvalidArgument.field("length", "must not be negative")
+        largest = self._max_message_bytes - CHUNK_HEADROOM
+        if chunk_size < 0 or chunk_size > largest:
+            raise InvalidArgument.field("chunk_size", f"must be between 0 (1 MiB) and {largest}")
+        opened, info = await self.head(ref, key, deadline)
+        if offset > info.size:
+            raise RangeNotSatisfiable(
+                f"offset {offset} is past the end of {key!r} ({info.size} bytes)",
+                metadata={"storage": opened.name, "file_name": key, "size": str(info.size)},
+            )
+        stop = info.size if not length else min(info.size, offset + length)
+        size = min(chunk_size or DEFAULT_CHUNK_BYTES, largest)
+        chunks = opened.adapter.read(key, offset, stop, size) if stop > offset else _once(b"")
+        return info, chunks
+
+    async def read(self, ref: StorageRef, key: str, deadline: Deadline) -> tuple[FileInfo, bytes]:
+        """A small file, whole: one that fits a gRPC message, else FILE_TOO_LARGE (Download streams any size)."""
+        opened, info = await self.head(ref, key, deadline)
+        limit = self._max_message_bytes - CHUNK_HEADROOM - 4096
+        if info.size > limit:
+            raise too_large(info.size, limit, "file_name")
+        parts = [chunk async for chunk in opened.adapter.read(key, 0, info.size, DEFAULT_CHUNK_BYTES)]
+        return info, b"".join(parts)
+
+    # -- the rest -----------------------------------------------------------------------------------------------
+
+    async def delete(self, ref: StorageRef, key: str, deadline: Deadline) -> bool:
+        """Delete a file; False when there was none."""
+        checked_key(key)
+        opened = await self.open(ref)
+        return await self._repeatable(deadline, lambda: opened.adapter.delete(key))
+
+    async def list_files(
+        self, ref: StorageRef, prefix: str, page_size: int, page_token: str, deadline: Deadline
+    ) -> tuple[list[FileInfo], str]:
+        """One page of files whose key starts with `prefix`, in key order, and the next page's token."""
+        checked_prefix(prefix)
+        size = effective_page_size(page_size)
+        listing = ["storage", ref.product, ref.env, ref.tag, prefix]
+        after = decode_page_token(listing, page_token, _key_position) if page_token else ""
+        opened = await self.open(ref)
+        fetched = await self._repeatable(deadline, lambda: opened.adapter.list_files(prefix, after, size + 1))
+        return page(fetched, size, listing, lambda info: [info.key])
+
+    async def signed_url(
+        self,
+        ref: StorageRef,
+        key: str,
+        method: UrlMethod,
+        expires_s: float,
+        content_type: str,
+        deadline: Deadline,
+    ) -> tuple[SignedUrl, datetime]:
+        """A URL that reads or writes one file until the moment returned with it."""
+        checked_key(key)
+        checked_content_type(content_type)
+        if expires_s < 0 or expires_s > MAX_URL_EXPIRY_S:
+            raise InvalidArgument.field("expires_in", f"must be between 0 (15 minutes) and {MAX_URL_EXPIRY_S} s")
+        seconds = int(expires_s) or DEFAULT_URL_EXPIRY_S
+        opened = await self.open(ref)
+        expires = datetime.now(UTC) + timedelta(seconds=seconds)
+        url = await self._repeatable(deadline, lambda: opened.adapter.signed_url(key, method, seconds, content_type))
+        return url, expires
+
+    async def close(self) -> None:
+        """Close every adapter."""
+        adapters = list(self._adapters.values())
+        self._adapters.clear()
+        await asyncio.gather(*(adapter.close() for adapter in adapters), return_exceptions=True)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _key_position(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError
+    return key

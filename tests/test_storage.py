@@ -1,0 +1,296 @@
+"""The storage contract: every provider saves, streams, ranges, lists, deletes and refuses the same way, checked
+through the processor's API and, independently, with the provider's own view of what landed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from ductape.processor import InvalidArgumentError, NotFoundError, ProcessorError
+from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
+
+from tests.conftest import Running, ServerFactory
+from tests.storage_backends import Backend, fs_backend
+
+PRODUCT = "st"
+TAG = "files"
+PROVIDERS = ["fs"]
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452") + b"\0" * 64
+
+
+def manifest(env: dict[str, Any], **storage: Any) -> bytes:
+    document = {
+        "product": PRODUCT,
+        "environments": [{"slug": "dev", "name": "development"}],
+        "storage": [{"tag": TAG, "envs": {"dev": env}, **storage}],
+    }
+    return json.dumps(document).encode()
+
+
+@pytest.fixture(params=PROVIDERS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "fs":
+        yield fs_backend(tmp_path / "data0", PRODUCT, TAG, "dev")
+
+
+@pytest.fixture
+async def running(start_server: ServerFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Running:
+    for name, value in backend.secrets.items():
+        monkeypatch.setenv(f"PROCESSOR_SECRET_{name}", value)
+    server = await start_server()
+    await server.client.product.apply(manifest(backend.env))
+    return server
+
+
+def where(**more: Any) -> dict[str, Any]:
+    return {"product": PRODUCT, "env": "dev", "event": TAG, **more}
+
+
+async def leftovers(backend: Backend, key: str) -> list[str]:
+    """What a failed save of `key` could have left: the key itself, temporary files, parts."""
+    return [k for k in await backend.keys() if k == key or k.startswith(".ductape/tmp")]
+
+
+# -- round trips ----------------------------------------------------------------------------------------------
+
+
+async def test_save_then_read_returns_the_bytes_type_and_checksum(running: Running, backend: Backend) -> None:
+    storage = running.client.storage
+    saved = await storage.save(**where(), file_name="docs/hello.txt", data=b"hello", file_metadata={"owner": "ada"})
+    assert saved.size == 5 and saved.sha256 == hashlib.sha256(b"hello").hexdigest()
+    assert saved.content_type == "text/plain"  # guessed from the name: text has no magic bytes
+    assert await backend.fetch("docs/hello.txt") == b"hello"
+    content = await storage.read(**where(), file_name="docs/hello.txt")
+    assert content.data == b"hello" and content.file_name == "docs/hello.txt" and content.mime_type == "text/plain"
+    assert content.buffer == base64.b64encode(b"hello").decode()
+    assert content.file.metadata == {"owner": "ada"}
+
+
+async def test_the_content_type_is_sniffed_from_the_bytes_when_not_given(running: Running, backend: Backend) -> None:
+    saved = await running.client.storage.save(**where(), file_name="picture", data=PNG)
+    assert saved.content_type == "image/png"
+    given = await running.client.storage.save(**where(), file_name="p2.png", data=b"x", content_type="text/csv")
+    assert given.content_type == "text/csv"
+    assert (await running.client.storage.read(**where(), file_name="picture")).mime_type == "image/png"
+
+
+async def test_ductapes_buffer_file_name_mime_type_shape_is_accepted(running: Running, backend: Backend) -> None:
+    saved = await running.client.storage.save(
+        **where(),
+        input={"buffer": base64.b64encode(b"a,b\n").decode(), "fileName": "t.csv", "mimeType": "text/csv"},
+    )
+    assert (saved.file_name, saved.content_type, saved.size) == ("t.csv", "text/csv", 4)
+    assert await backend.fetch("t.csv") == b"a,b\n"
+
+
+async def test_a_streamed_upload_and_download_round_trip(running: Running, backend: Backend) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    chunks = [data[i : i + 100_000] for i in range(0, len(data), 100_000)]
+    saved = await running.client.storage.upload(
+        chunks, **where(), file_name="big/blob.bin", sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+    )
+    assert saved.size == len(data) and saved.sha256 == hashlib.sha256(data).hexdigest()
+    assert await backend.fetch("big/blob.bin") == data
+    received = b"".join([c async for c in running.client.storage.download(**where(), file_name="big/blob.bin")])
+    assert received == data
+
+
+async def test_a_save_replaces_the_file(running: Running, backend: Backend) -> None:
+    await running.client.storage.save(**where(), file_name="a.txt", data=b"one")
+    await running.client.storage.save(**where(), file_name="a.txt", data=b"two!")
+    assert await backend.fetch("a.txt") == b"two!"
+    assert (await running.client.storage.read(**where(), file_name="a.txt")).data == b"two!"
+
+
+# -- ranges ---------------------------------------------------------------------------------------------------
+
+
+async def test_download_ranges(running: Running, backend: Backend) -> None:
+    data = bytes(range(256)) * 40
+    await running.client.storage.upload(data, **where(), file_name="r.bin")
+
+    async def get(**span: int) -> bytes:
+        return b"".join([c async for c in running.client.storage.download(**where(), file_name="r.bin", **span)])
+
+    assert await get(offset=100, length=50) == data[100:150]
+    assert await get(offset=10_000) == data[10_000:]
+    assert await get(offset=10_200, length=500) == data[10_200:], "a range past the end is cut at the end"
+    assert await get(offset=len(data)) == b""
+    assert await get(chunk_size=1000, offset=5, length=3000) == data[5:3005]
+    with pytest.raises(ProcessorError) as caught:
+        await get(offset=len(data) + 1)
+    assert caught.value.code == grpc.StatusCode.OUT_OF_RANGE and caught.value.reason == "RANGE_NOT_SATISFIABLE"
+
+
+async def test_download_sends_the_description_first_then_chunks_of_the_size_asked(running: Running) -> None:
+    await running.client.storage.save(**where(), file_name="c.bin", data=b"x" * 2500)
+    stub = storage_pb2_grpc.StorageServiceStub(running.client.channel)
+    request = storage_pb2.DownloadRequest(**where(), file_name="c.bin", chunk_size=1000)
+    responses = [r async for r in stub.Download(request)]
+    assert responses[0].WhichOneof("kind") == "file" and responses[0].file.size == 2500
+    assert [len(r.chunk) for r in responses[1:]] == [1000, 1000, 500]
+
+
+# -- listing and deleting -------------------------------------------------------------------------------------
+
+
+async def test_list_pages_through_the_files_in_key_order(running: Running, backend: Backend) -> None:
+    names = ["b/2", "a/1", "b/1", "c", "a/2", "b/3", "ab"]
+    for name in names:
+        await running.client.storage.save(**where(), file_name=name, data=name.encode())
+    first = await running.client.storage.list(**where(), page_size=3)
+    assert [f.file_name for f in first.files] == ["a/1", "a/2", "ab"] and first.next_page_token
+    assert first.files[0].size == 3
+    every = [f.file_name async for f in running.client.storage.files(**where(), page_size=2)]
+    assert every == sorted(names)
+    under_b = [f.file_name async for f in running.client.storage.files(**where(), prefix="b/", page_size=2)]
+    assert under_b == ["b/1", "b/2", "b/3"]
+    with pytest.raises(InvalidArgumentError) as caught:
+        await running.client.storage.list(**where(), prefix="a/", page_token=first.next_page_token)
+    assert caught.value.field_violations[0].field == "page_token"
+
+
+async def test_delete_removes_the_file_once(running: Running, backend: Backend) -> None:
+    await running.client.storage.save(**where(), file_name="gone/soon.txt", data=b"x")
+    assert await running.client.storage.delete(**where(), file_name="gone/soon.txt") is True
+    assert await backend.fetch("gone/soon.txt") is None
+    assert await running.client.storage.delete(**where(), file_name="gone/soon.txt") is False
+    with pytest.raises(NotFoundError) as caught:
+        await running.client.storage.read(**where(), file_name="gone/soon.txt")
+    assert caught.value.reason == "FILE_NOT_FOUND"
+
+
+# -- refusals -------------------------------------------------------------------------------------------------
+
+BAD_KEYS = [
+    "../escape",
+    "a/../../escape",
+    "/etc/passwd",
+    "a/./b",
+    "a//b",
+    "dir/",
+    "nul\0byte",
+    "line\nbreak",
+    "tab\tkey",
+    "del\x7fkey",
+    "back\\..\\slash",
+    "k" * 1025,
+    "é" * 513,
+    "",
+]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS, ids=range(len(BAD_KEYS)))
+async def test_keys_that_could_leave_the_storage_are_refused(running: Running, backend: Backend, key: str) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        await running.client.storage.save(**where(), file_name=key, data=b"x")
+    assert caught.value.reason == "FILE_NAME_INVALID" and caught.value.field_violations[0].field == "file_name"
+    for call in (running.client.storage.read, running.client.storage.delete):
+        with pytest.raises(InvalidArgumentError):
+            await call(**where(), file_name=key)
+    assert await backend.keys() == []
+
+
+async def test_a_checksum_mismatch_keeps_nothing(running: Running, backend: Backend) -> None:
+    await running.client.storage.save(**where(), file_name="kept.txt", data=b"old")
+    wrong = hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(InvalidArgumentError) as caught:
+        await running.client.storage.save(**where(), file_name="kept.txt", data=b"new", sha256=wrong)
+    assert caught.value.reason == "CHECKSUM_MISMATCH"
+    with pytest.raises(InvalidArgumentError) as caught:
+        await running.client.storage.upload(
+            [os.urandom(600_000) for _ in range(20)], **where(), file_name="new.bin", sha256=wrong
+        )
+    assert caught.value.reason == "CHECKSUM_MISMATCH"
+    assert await backend.fetch("kept.txt") == b"old"
+    assert await leftovers(backend, "new.bin") == []
+
+
+async def test_a_stream_shorter_than_declared_keeps_nothing(running: Running, backend: Backend) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        await running.client.storage.upload([b"x" * 1000], **where(), file_name="short.bin", size=2000)
+    assert caught.value.reason == "UPLOAD_INCOMPLETE"
+    assert await leftovers(backend, "short.bin") == []
+
+
+async def test_an_upload_cut_off_mid_stream_keeps_nothing(running: Running, backend: Backend) -> None:
+    await running.client.storage.save(**where(), file_name="cut.bin", data=b"before")
+    sent = asyncio.Event()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(12):
+            yield os.urandom(512 * 1024)
+        sent.set()
+        await asyncio.Event().wait()  # the client goes away before the end of the file
+
+    upload = asyncio.ensure_future(running.client.storage.upload(chunks(), **where(), file_name="cut.bin"))
+    await sent.wait()
+    await asyncio.sleep(0.3)
+    upload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await upload
+    for _ in range(50):  # the server learns of the cancellation asynchronously
+        if [k for k in await backend.keys() if k.startswith(".ductape/tmp")] == []:
+            break
+        await asyncio.sleep(0.1)
+    assert await backend.fetch("cut.bin") == b"before"
+    assert [k for k in await backend.keys() if k.startswith(".ductape/tmp")] == []
+
+
+async def test_files_over_the_storages_limit_are_refused(start_server: ServerFactory, backend: Backend) -> None:
+    server = await start_server()
+    await server.client.product.apply(manifest(backend.env, max_file_bytes=1000))
+    with pytest.raises(InvalidArgumentError) as caught:
+        await server.client.storage.save(**where(), file_name="big", data=b"x" * 1001)
+    assert caught.value.reason == "FILE_TOO_LARGE" and caught.value.metadata["limit"] == "1000"
+    with pytest.raises(InvalidArgumentError) as caught:
+        await server.client.storage.upload([b"x"], **where(), file_name="big", size=5000)
+    assert caught.value.reason == "FILE_TOO_LARGE"
+    with pytest.raises(InvalidArgumentError) as caught:
+        await server.client.storage.upload([b"x" * 600] * 3, **where(), file_name="big")
+    assert caught.value.reason == "FILE_TOO_LARGE"
+    assert await leftovers(backend, "big") == []
+    await server.client.storage.save(**where(), file_name="big", data=b"x" * 1000)
+
+
+async def test_bad_metadata_and_content_types_are_refused(running: Running) -> None:
+    for metadata, field in (
+        ({"Upper": "x"}, "metadata.Upper"),
+        ({"ductape_sha256": "x"}, "metadata.ductape_sha256"),
+        ({"k": "é"}, "metadata.k"),
+        ({f"k{i}": "v" for i in range(65)}, "metadata"),
+    ):
+        with pytest.raises(InvalidArgumentError) as caught:
+            await running.client.storage.save(**where(), file_name="m", data=b"x", file_metadata=metadata)
+        assert field in [v.field for v in caught.value.field_violations]
+    with pytest.raises(InvalidArgumentError) as caught:
+        await running.client.storage.save(**where(), file_name="m", data=b"x", content_type="text\nplain")
+    assert caught.value.field_violations[0].field == "content_type"
+
+
+async def test_unknown_storages_and_missing_fields(running: Running) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        await running.client.storage.save(product=PRODUCT, env="dev", event="nope", file_name="a", data=b"")
+    assert caught.value.reason == "STORAGE_NOT_FOUND"
+    with pytest.raises(InvalidArgumentError) as caught:
+        await running.client.storage.save(product=PRODUCT, env="dev", event="", file_name="a", data=b"")
+    assert caught.value.field_violations[0].field == "event"
+    stub = storage_pb2_grpc.StorageServiceStub(running.client.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as rpc:
+        await stub.Upload(iter([storage_pb2.UploadRequest(chunk=b"x")]))
+    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_an_empty_file_is_a_file(running: Running, backend: Backend) -> None:
+    saved = await running.client.storage.save(**where(), file_name="empty", data=b"")
+    assert saved.size == 0 and saved.sha256 == hashlib.sha256(b"").hexdigest()
+    assert await backend.fetch("empty") == b""
+    assert (await running.client.storage.read(**where(), file_name="empty")).data == b""
