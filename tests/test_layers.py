@@ -15,6 +15,7 @@ API_MAY_NOT_IMPORT = ("ductape_processor.store", "ductape_processor.adapters")
 ADAPTERS_MAY_IMPORT_FROM_RUNTIME = (
     "ductape_processor.runtime.policies",
     "ductape_processor.runtime.registry.manifest",
+    "ductape_processor.runtime.registry.storage",
     "ductape_processor.runtime.brokers.messages",
 )
 

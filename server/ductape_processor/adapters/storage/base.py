@@ -127,41 +127,30 @@ class StorageAdapter(abc.ABC):
         """Release the client; the adapter is not used again."""
 
 
-class StorageUnavailable(Unavailable):
+class StorageUnavailable(Unavailable, reason=Reason.STORAGE_UNAVAILABLE):
     """The provider cannot be reached or failed; a retry may succeed. The message never quotes a credential."""
 
-    reason = Reason.STORAGE_UNAVAILABLE
 
-
-class StorageAccessDenied(FailedPrecondition):
+class StorageAccessDenied(FailedPrecondition, reason=Reason.STORAGE_ACCESS_DENIED):
     """The provider refused the processor's credentials for this storage."""
 
-    reason = Reason.STORAGE_ACCESS_DENIED
 
-
-class FileNotFound(NotFound):
+class FileNotFound(NotFound, reason=Reason.FILE_NOT_FOUND):
     """The storage has no file with this key."""
-
-    reason = Reason.FILE_NOT_FOUND
 
     def __init__(self, storage: str, key: str) -> None:
         super().__init__(f"storage {storage!r} has no file {key!r}", metadata={"storage": storage, "file_name": key})
 
 
-class FileNameInvalid(InvalidArgument):
+class FileNameInvalid(InvalidArgument, reason=Reason.FILE_NAME_INVALID):
     """A key that is not allowed (`..`, control characters, too long) or that would leave the storage."""
-
-    reason = Reason.FILE_NAME_INVALID
 
     def __init__(self, description: str, field: str = "file_name") -> None:
         super().__init__(f"{field}: {description}", violations=[FieldViolation(field, description)])
 
 
-class RangeNotSatisfiable(ProcessorError):
+class RangeNotSatisfiable(ProcessorError, code=grpc.StatusCode.OUT_OF_RANGE, reason=Reason.RANGE_NOT_SATISFIABLE):
     """A download's offset is past the end of the file."""
-
-    code = grpc.StatusCode.OUT_OF_RANGE
-    reason = Reason.RANGE_NOT_SATISFIABLE
 
 
 def unavailable(storage: str, provider: str, what: str, exc: BaseException) -> StorageUnavailable:
