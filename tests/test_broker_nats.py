@@ -26,7 +26,7 @@ from ductape.processor.brokers import Message
 from ductape_processor.adapters.brokers import nats as nats_broker
 from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.nats import NatsBroker, consumer_name, subject_covered
-from ductape_processor.runtime.brokers.messages import OutboundMessage
+from ductape_processor.runtime.brokers.messages import OutgoingEvent
 from ductape_processor.store.sqlite import SqliteStore
 from tests.conftest import ServerFactory, require_tcp
 from tests.test_brokers import manifest, opened, pending_first, publish, subscribe, take
@@ -68,7 +68,7 @@ def _run() -> str:
     return run
 
 
-def _message(body: str, **fields: object) -> OutboundMessage:
+def _message(body: str, **fields: object) -> OutgoingEvent:
     values: dict[str, object] = {
         "id": secrets.token_hex(12),
         "source": "/ductape/shop/dev/events",
@@ -78,7 +78,7 @@ def _message(body: str, **fields: object) -> OutboundMessage:
         "content_type": "text/plain",
     }
     values.update(fields)
-    return OutboundMessage(**values)  # type: ignore[arg-type]
+    return OutgoingEvent(**values)  # type: ignore[arg-type]
 
 
 class CuttableProxy:

@@ -27,7 +27,7 @@ from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.rabbitmq import RabbitMQBroker
 from ductape_processor.adapters.brokers.rabbitmq_queue import queue_name
-from ductape_processor.runtime.brokers.messages import OutboundMessage, Outgoing
+from ductape_processor.runtime.brokers.messages import OutgoingEvent, OutgoingMessage
 from ductape_processor.runtime.brokers.publisher import PUBLISH_LIMIT_S
 from ductape_processor.runtime.policies import Deadline
 from tests.conftest import Running, ServerFactory, require_tcp
@@ -202,12 +202,14 @@ async def test_a_publish_to_a_broker_that_stopped_answering_honours_the_limit_an
     runtime = running.app.components.brokers
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable) as unconfirmed:
-        await runtime.publish("shop", "dev", "events:orders", Outgoing(b"2 s", "text/plain", {}), deadline=Deadline(2))
+        await runtime.publish(
+            "shop", "dev", "events:orders", OutgoingMessage(b"2 s", "text/plain", {}), deadline=Deadline(2)
+        )
     bounded = time.monotonic() - started
     assert "may or may not have been stored" in unconfirmed.value.message
 
     started = time.monotonic()
-    entries = [Outgoing(b"a", "text/plain", {}), Outgoing(b"b", "text/plain", {}, idempotency_key="b")]
+    entries = [OutgoingMessage(b"a", "text/plain", {}), OutgoingMessage(b"b", "text/plain", {}, idempotency_key="b")]
     results = await runtime.publish_batch("shop", "dev", "events:orders", entries, deadline=Deadline(2))
     batch = time.monotonic() - started
     assert [isinstance(result, BrokerUnavailable) for result in results] == [True, True]
@@ -226,7 +228,7 @@ async def test_a_connection_closed_by_rabbitmq_logs_one_warning_and_no_driver_er
     run = secrets.token_hex(4)
     adapter = RabbitMQBroker(f"{settings['url']}?name=pf-{run}", "", f"shop/dev/logs-{run}")
     topic = f"logs.{run}"
-    sent = OutboundMessage(id="m", source="s", type=topic, time=datetime.now(UTC), data=b"x", content_type="text/plain")
+    sent = OutgoingEvent(id="m", source="s", type=topic, time=datetime.now(UTC), data=b"x", content_type="text/plain")
     try:
         await adapter.publish(topic, sent)
         subscription = await adapter.subscribe(topic, "g", SubscribeOptions(prefetch=10, ack_deadline_s=10))

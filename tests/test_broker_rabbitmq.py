@@ -29,7 +29,7 @@ from ductape.processor import UnavailableError
 from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.rabbitmq import RabbitMQBroker
 from ductape_processor.adapters.brokers.rabbitmq_queue import queue_name
-from ductape_processor.runtime.brokers.messages import OutboundMessage
+from ductape_processor.runtime.brokers.messages import OutgoingEvent
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_brokers import (
     _forget_pending_reads,  # noqa: F401 - the autouse fixture that ends reads left pending by `take`
@@ -204,7 +204,7 @@ async def test_messages_carry_cloudevents_headers_on_the_wire() -> None:
         channel = await connection.channel()
         raw = await channel.declare_queue(exclusive=True)
         await raw.bind(topic, routing_key=topic)
-        sent = OutboundMessage(
+        sent = OutgoingEvent(
             id="abc123",
             source="/ductape/shop/dev/events",
             type=topic,
@@ -254,9 +254,7 @@ async def test_messages_carry_cloudevents_headers_on_the_wire() -> None:
 
 async def test_an_unreachable_broker_is_unavailable_with_a_clear_message() -> None:
     adapter = RabbitMQBroker("amqp://guest:s3cret@127.0.0.1:1/", "", "shop/dev/events")
-    message = OutboundMessage(
-        id="x", source="/s", type="t", time=datetime.now(UTC), data=b"", content_type="text/plain"
-    )
+    message = OutgoingEvent(id="x", source="/s", type="t", time=datetime.now(UTC), data=b"", content_type="text/plain")
     try:
         with pytest.raises(BrokerUnavailable) as publishing:
             await adapter.publish("t", message)

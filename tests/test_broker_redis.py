@@ -21,7 +21,7 @@ from ductape.processor.brokers import Message
 from ductape_processor.adapters.brokers import redis as redis_broker
 from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.redis import PARK_CONSUMER, RedisBroker, stream_key
-from ductape_processor.runtime.brokers.messages import OutboundMessage
+from ductape_processor.runtime.brokers.messages import OutgoingEvent
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_brokers import manifest, opened, pending_first, publish, subscribe, take
 
@@ -66,8 +66,8 @@ def topic() -> str:
     return name
 
 
-def message(body: bytes, **fields: Any) -> OutboundMessage:
-    return OutboundMessage(
+def message(body: bytes, **fields: Any) -> OutgoingEvent:
+    return OutgoingEvent(
         id=secrets.token_hex(12),
         source="/ductape/shop/dev/events",
         type="orders",

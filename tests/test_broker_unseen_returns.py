@@ -15,12 +15,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from ductape_processor.adapters.brokers.base import (
-    BrokerAdapter,
-    BrokerSubscription,
-    InboundMessage,
-    SubscribeOptions,
-)
+from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerSubscription, SubscribeOptions
+from ductape_processor.runtime.brokers.messages import IncomingEvent
 from tests.conftest import require_tcp
 from tests.test_broker_redis import message
 from tests.test_brokers import KINDS, SERVERS
@@ -99,7 +95,7 @@ async def adapter(request: pytest.FixtureRequest) -> AsyncIterator[tuple[BrokerA
         await _forget(kind, run, topic, group)
 
 
-async def _one(subscription: BrokerSubscription, within: float = 10.0) -> InboundMessage:
+async def _one(subscription: BrokerSubscription, within: float = 10.0) -> IncomingEvent:
     async with asyncio.timeout(within):
         while True:
             if messages := await subscription.fetch(1, 0.2):
@@ -109,7 +105,7 @@ async def _one(subscription: BrokerSubscription, within: float = 10.0) -> Inboun
 
 async def _give_back_and_take_again(
     adapter: tuple[BrokerAdapter, str, str], give_back: Callable[[BrokerSubscription, str], object]
-) -> tuple[InboundMessage, InboundMessage]:
+) -> tuple[IncomingEvent, IncomingEvent]:
     broker, topic, group = adapter
     first = await broker.subscribe(topic, group, OPTIONS)
     second = await broker.subscribe(topic, group, OPTIONS)

@@ -80,7 +80,7 @@ def test_the_scan_finds_each_way_of_importing_a_forbidden_layer() -> None:
         "from ..store import sql\n"
         "from .. import store\n"
         "def lazy():\n    from ductape_processor.store.base import Store\n"
-        "from ductape_processor.runtime.brokers.messages import InboundMessage\n"
+        "from ductape_processor.runtime.brokers.messages import IncomingEvent\n"
         "from ductape_processor.runtime.registry import store_notes\n"
         "from .values import timestamp\n"
     )

@@ -14,7 +14,7 @@ from google.protobuf import duration_pb2
 from ductape_processor.api.status import error_trailers
 from ductape_processor.api.values import timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError
-from ductape_processor.runtime.brokers.messages import InboundMessage, Outgoing
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingMessage
 from ductape_processor.runtime.brokers.publisher import BrokerRuntime
 from ductape_processor.runtime.brokers.stream import Ack, Batch, Nack, StaleAcks, StreamEvent, StreamRequest
 from ductape_processor.runtime.brokers.subscriptions import Limits
@@ -28,7 +28,7 @@ def _seconds(duration: duration_pb2.Duration) -> float:
     return duration.seconds + duration.nanos / 1e9
 
 
-def _outgoing(message: broker_pb2.OutgoingMessage, field: str) -> Outgoing:
+def _outgoing(message: broker_pb2.OutgoingMessage, field: str) -> OutgoingMessage:
     kind = message.WhichOneof("payload")
     if kind == "json":
         data = json.dumps(value_to_python(message.json), separators=(",", ":"), ensure_ascii=False).encode()
@@ -37,7 +37,7 @@ def _outgoing(message: broker_pb2.OutgoingMessage, field: str) -> Outgoing:
         data, content_type = message.data, message.content_type
     else:
         raise InvalidArgument.field(f"{field}.payload", "give data (bytes) or json")
-    return Outgoing(data, content_type, dict(message.attributes), message.ordering_key, message.idempotency_key)
+    return OutgoingMessage(data, content_type, dict(message.attributes), message.ordering_key, message.idempotency_key)
 
 
 def _where(product: str, env: str, event: str, prefix: str = "") -> None:
@@ -72,7 +72,7 @@ async def _requests(requests: AsyncIterator[broker_pb2.SubscribeRequest]) -> Asy
             raise InvalidArgument.field("kind", "a request must carry init, ack or nack")
 
 
-def _received(ack_id: str, message: InboundMessage) -> broker_pb2.ReceivedMessage:
+def _received(ack_id: str, message: IncomingEvent) -> broker_pb2.ReceivedMessage:
     return broker_pb2.ReceivedMessage(
         ack_id=ack_id,
         id=message.id,
@@ -122,7 +122,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.PublishBatchRequest, context: Context
     ) -> broker_pb2.PublishBatchResponse:
         _where(request.product, request.env, request.event)
-        entries: list[Outgoing | ProcessorError] = []
+        entries: list[OutgoingMessage | ProcessorError] = []
         for index, message in enumerate(request.messages):
             try:
                 entries.append(_outgoing(message, f"messages[{index}]"))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ductape_processor.errors import ProcessorError, Unavailable
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
 
 CONCURRENT_PUBLISHES = 256
 """Writes of one publish_batch awaiting their confirmation at once."""
@@ -40,7 +40,7 @@ class BrokerSubscription(abc.ABC):
     """One consumer of one group on one topic. Messages not acked before `close` are delivered again (to the group)."""
 
     @abc.abstractmethod
-    async def fetch(self, max_messages: int, timeout_s: float) -> list[InboundMessage]:
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[IncomingEvent]:
         """Up to `max_messages` messages, waiting at most `timeout_s` for the first one; [] when none came."""
 
     @abc.abstractmethod
@@ -70,15 +70,15 @@ class BrokerAdapter(abc.ABC):
     """A connection to one broker environment."""
 
     @abc.abstractmethod
-    async def publish(self, topic: str, message: OutboundMessage) -> str:
+    async def publish(self, topic: str, message: OutgoingEvent) -> str:
         """Publish and return once the broker confirmed the write; returns the broker's id for the message."""
 
-    async def publish_batch(self, topic: str, messages: list[OutboundMessage]) -> list[str | ProcessorError]:
+    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
         """Publish concurrently, at most CONCURRENT_PUBLISHES at a time (the broker confirms each write on its own),
         and one failure does not stop the others; the results keep the input order. Adapters may pipeline instead."""
         gate = asyncio.Semaphore(CONCURRENT_PUBLISHES)
 
-        async def one(message: OutboundMessage) -> str | ProcessorError:
+        async def one(message: OutgoingEvent) -> str | ProcessorError:
             async with gate:
                 try:
                     return await self.publish(topic, message)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from ductape_processor.adapters.brokers.base import BrokerSubscription
-from ductape_processor.runtime.brokers.messages import InboundMessage
+from ductape_processor.runtime.brokers.messages import IncomingEvent
 from ductape_processor.runtime.policies.caches import BoundedCache
 
 M = TypeVar("M")
@@ -53,17 +53,17 @@ class DeliveryBuffer(Generic[M]):
                 return True
         return False
 
-    def hand_out(self, count: int, read: Callable[[str, M], InboundMessage | None]) -> list[InboundMessage]:
+    def hand_out(self, count: int, read: Callable[[str, M], IncomingEvent | None]) -> list[IncomingEvent]:
         """Up to `count` ready messages, each read under a new handle and held until `settle`. A message `read`
         answers None for is dropped (the broker delivers it again, or it cannot be acked at all)."""
-        taken: list[InboundMessage] = []
+        taken: list[IncomingEvent] = []
         while self.ready and len(taken) < count:
             message = self.ready.popleft()
             handle = str(next(self._handles))
-            inbound = read(handle, message)
-            if inbound is not None:
+            incoming = read(handle, message)
+            if incoming is not None:
                 self.held[handle] = message
-                taken.append(inbound)
+                taken.append(incoming)
         return taken
 
     def settle(self, handle: str) -> M | None:

@@ -1,5 +1,5 @@
 """CloudEvents 1.0 in binary content mode, written once for every broker: which header names a protocol binding
-uses, the headers of an outbound message, and the inbound message read back from them (leniently, with the
+uses, the headers of an outgoing message, and the incoming message read back from them (leniently, with the
 defaults a broker gives for messages other producers wrote).
 
 Each adapter maps its protocol's headers (Redis stream fields, AMQP headers, NATS headers) to and from plain text;
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
 
 ATTRIBUTE_PREFIX = "attr-"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
@@ -30,7 +30,7 @@ class Binding:
     content_type: str | None
     """The header of `datacontenttype`, or None when the protocol has a property of its own for it."""
 
-    def headers(self, message: OutboundMessage) -> dict[str, str]:
+    def headers(self, message: OutgoingEvent) -> dict[str, str]:
         """The message's CloudEvents attributes, trace context and caller attributes as text headers."""
         headers = {
             f"{self.prefix}specversion": "1.0",
@@ -51,7 +51,7 @@ class Binding:
             headers[ATTRIBUTE_PREFIX + key] = value
         return headers
 
-    def inbound(
+    def incoming(
         self,
         headers: Mapping[str, str],
         *,
@@ -62,10 +62,10 @@ class Binding:
         default_type: str,
         default_time: datetime,
         content_type: str = "",
-    ) -> InboundMessage:
+    ) -> IncomingEvent:
         """A received message from its text headers; the defaults stand in for attributes a foreign producer left
         out, `content_type` for the protocol's own content-type property."""
-        return InboundMessage(
+        return IncomingEvent(
             handle=handle,
             id=headers.get(f"{self.prefix}id") or default_id,
             source=headers.get(f"{self.prefix}source", ""),

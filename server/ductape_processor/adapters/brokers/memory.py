@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 
 from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerSubscription, SubscribeOptions
 from ductape_processor.errors import ProcessorError
-from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage, carried
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent, carried
 
 
 @dataclass(slots=True)
 class _Group:
-    ready: deque[tuple[OutboundMessage, int]] = field(default_factory=deque)
-    inflight: dict[str, tuple[OutboundMessage, int]] = field(default_factory=dict)
+    ready: deque[tuple[OutgoingEvent, int]] = field(default_factory=deque)
+    inflight: dict[str, tuple[OutgoingEvent, int]] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def put(self, message: OutboundMessage, attempt: int, *, front: bool = False) -> None:
+    def put(self, message: OutgoingEvent, attempt: int, *, front: bool = False) -> None:
         if front:
             self.ready.appendleft((message, attempt))
         else:
@@ -37,12 +37,12 @@ class MemoryBroker(BrokerAdapter):
         self._topics: dict[str, dict[str, _Group]] = {}
         self._handles = itertools.count(1)
 
-    async def publish(self, topic: str, message: OutboundMessage) -> str:
+    async def publish(self, topic: str, message: OutgoingEvent) -> str:
         for group in self._topics.get(topic, {}).values():
             group.put(message, 1)
         return message.id
 
-    async def publish_batch(self, topic: str, messages: list[OutboundMessage]) -> list[str | ProcessorError]:
+    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
         return [await self.publish(topic, message) for message in messages]  # nothing to wait for: no concurrency
 
     async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:
@@ -61,7 +61,7 @@ class _MemorySubscription(BrokerSubscription):
         self._closed = False
         self._timers: set[asyncio.TimerHandle] = set()
 
-    async def fetch(self, max_messages: int, timeout_s: float) -> list[InboundMessage]:
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[IncomingEvent]:
         group = self._group
         if not group.ready:
             group.arrived.clear()
@@ -72,13 +72,13 @@ class _MemorySubscription(BrokerSubscription):
                         group.arrived.clear()
             except TimeoutError:
                 return []
-        taken: list[InboundMessage] = []
+        taken: list[IncomingEvent] = []
         while group.ready and len(taken) < max_messages and not self._closed:
             message, attempt = group.ready.popleft()
             handle = str(next(self._handles))
             group.inflight[handle] = (message, attempt)
             self._mine.add(handle)
-            taken.append(_inbound(handle, message, attempt))
+            taken.append(_incoming(handle, message, attempt))
         if group.ready:
             group.arrived.set()  # wake another consumer of the group
         return taken
@@ -119,7 +119,7 @@ class _MemorySubscription(BrokerSubscription):
         self._group.arrived.set()
 
 
-def _inbound(handle: str, message: OutboundMessage, attempt: int) -> InboundMessage:
-    return InboundMessage(
+def _incoming(handle: str, message: OutgoingEvent, attempt: int) -> IncomingEvent:
+    return IncomingEvent(
         **carried(message), handle=handle, attributes=dict(message.attributes), delivery_attempt=attempt
     )

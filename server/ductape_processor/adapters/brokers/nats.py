@@ -100,11 +100,11 @@ from ductape_processor.adapters.brokers.base import (
 )
 from ductape_processor.adapters.brokers.buffer import UnseenReturns
 from ductape_processor.adapters.brokers.connection import Endpoint, LazyConnection
-from ductape_processor.adapters.brokers.nats_headers import header_bytes, outbound_headers
+from ductape_processor.adapters.brokers.nats_headers import header_bytes, outgoing_headers
 from ductape_processor.adapters.brokers.nats_pull import CLOSE_DEADLINE_S, NatsPullSubscription
 from ductape_processor.errors import FieldViolation, InvalidArgument, ProcessorError
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.brokers.messages import OutboundMessage
+from ductape_processor.runtime.brokers.messages import OutgoingEvent
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)
@@ -373,8 +373,8 @@ class NatsBroker(BrokerAdapter):
 
     # -- publishing ---------------------------------------------------------------------------------------------
 
-    async def publish(self, topic: str, message: OutboundMessage) -> str:
-        headers = outbound_headers(topic, message)
+    async def publish(self, topic: str, message: OutgoingEvent) -> str:
+        headers = outgoing_headers(topic, message)
         nc, js = await self._connected()
         size = len(message.data) + header_bytes(headers)
         if size > nc.max_payload:

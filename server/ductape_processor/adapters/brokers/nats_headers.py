@@ -13,7 +13,7 @@ from nats.js import api
 
 from ductape_processor.adapters.brokers.buffer import UnseenReturns
 from ductape_processor.adapters.brokers.codec import Binding
-from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
 
 _BINDING = Binding(prefix="ce-", ordering_key="ce-orderingkey", content_type="content-type")
 
@@ -33,7 +33,7 @@ def decode(value: str | None) -> str:
     return unquote(value, errors="replace") if value else ""
 
 
-def outbound_headers(topic: str, message: OutboundMessage) -> dict[str, str]:
+def outgoing_headers(topic: str, message: OutgoingEvent) -> dict[str, str]:
     headers = {api.Header.MSG_ID.value: f"{topic}:{message.id}", **_BINDING.headers(message)}
     return {key: encode(value) for key, value in headers.items()}
 
@@ -52,13 +52,13 @@ def returns_key(consumer: str, msg: Msg) -> tuple[str, int] | None:
         return None
 
 
-def inbound(handle: str, msg: Msg, unseen: UnseenReturns, consumer: str) -> InboundMessage:
+def incoming(handle: str, msg: Msg, unseen: UnseenReturns, consumer: str) -> IncomingEvent:
     headers = {key: decode(value) for key, value in (msg.headers or {}).items()}
     meta = msg.metadata
     attempt = meta.num_delivered
     if unseen and attempt > 1:
         attempt = unseen.attempt((consumer, meta.sequence.stream), attempt)
-    return _BINDING.inbound(
+    return _BINDING.incoming(
         headers,
         handle=handle,
         data=msg.data,

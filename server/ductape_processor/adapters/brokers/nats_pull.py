@@ -17,8 +17,8 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import api
 
 from ductape_processor.adapters.brokers.buffer import BufferedSubscription
-from ductape_processor.adapters.brokers.nats_headers import inbound, returns_key
-from ductape_processor.runtime.brokers.messages import InboundMessage
+from ductape_processor.adapters.brokers.nats_headers import incoming, returns_key
+from ductape_processor.runtime.brokers.messages import IncomingEvent
 
 if TYPE_CHECKING:
     from ductape_processor.adapters.brokers.nats import NatsBroker
@@ -114,7 +114,7 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
             self._end_request()
             raise self._adapter.unavailable("fetch", exc) from exc
 
-    async def fetch(self, max_messages: int, timeout_s: float) -> list[InboundMessage]:
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[IncomingEvent]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         self._fetching = True
@@ -145,9 +145,9 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
             return []
         return self._buffer.hand_out(max_messages, self._readable)
 
-    def _readable(self, handle: str, msg: Msg) -> InboundMessage | None:
+    def _readable(self, handle: str, msg: Msg) -> IncomingEvent | None:
         try:
-            return inbound(handle, msg, self._adapter.unseen, self._consumer)
+            return incoming(handle, msg, self._adapter.unseen, self._consumer)
         except Exception:  # not a JetStream message (no ack subject): nothing to hand out or ack
             log.warning("dropping a message without JetStream metadata on %s", self._consumer)
             return None

@@ -109,7 +109,7 @@ from ductape_processor.adapters.brokers.rabbitmq_queue import (
     RabbitQueueSubscription,
 )
 from ductape_processor.errors import ProcessorError
-from ductape_processor.runtime.brokers.messages import OutboundMessage
+from ductape_processor.runtime.brokers.messages import OutgoingEvent
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def _quiet_driver_logs() -> None:
             logger.addFilter(_HandledDriverNoise())
 
 
-def _to_amqp(message: OutboundMessage) -> aio_pika.Message:
+def _to_amqp(message: OutgoingEvent) -> aio_pika.Message:
     return aio_pika.Message(
         message.data,
         headers=dict(BINDING.headers(message)),
@@ -328,7 +328,7 @@ class RabbitMQBroker(BrokerAdapter):
         exchange = await self._exchange(topic)
         await exchange.publish(message, routing_key=topic, mandatory=False)
 
-    async def publish(self, topic: str, message: OutboundMessage) -> str:
+    async def publish(self, topic: str, message: OutgoingEvent) -> str:
         amqp = _to_amqp(message)
         await self.retrying(f"publish to {topic!r}", lambda: self._publish_once(topic, amqp))
         return message.id

@@ -19,7 +19,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError,
 from ductape_processor.adapters.brokers.base import SubscribeOptions
 from ductape_processor.adapters.brokers.buffer import BufferedSubscription
 from ductape_processor.adapters.brokers.codec import Binding, aware, text
-from ductape_processor.runtime.brokers.messages import InboundMessage
+from ductape_processor.runtime.brokers.messages import IncomingEvent
 
 if TYPE_CHECKING:
     from ductape_processor.adapters.brokers.rabbitmq import RabbitMQBroker
@@ -62,9 +62,9 @@ def delivery_attempt(message: AbstractIncomingMessage) -> int:
     return earlier + 1
 
 
-def _to_inbound(handle: str, message: AbstractIncomingMessage, attempt: int) -> InboundMessage:
+def _to_incoming(handle: str, message: AbstractIncomingMessage, attempt: int) -> IncomingEvent:
     stamp = message.timestamp
-    return BINDING.inbound(
+    return BINDING.incoming(
         {key: text(value) for key, value in (message.headers or {}).items()},
         handle=handle,
         data=message.body,
@@ -163,12 +163,12 @@ class RabbitQueueSubscription(BufferedSubscription[AbstractIncomingMessage]):
             raise self._adapter.unavailable(f"consuming {self._topic!r} again", exc) from exc
         self._holding = False
 
-    async def fetch(self, max_messages: int, timeout_s: float) -> list[InboundMessage]:
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[IncomingEvent]:
         if self._holding and not self._closed:
             await self._resume()
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout_s
-        taken: list[InboundMessage] = []
+        taken: list[IncomingEvent] = []
         while not self._closed:
             # A message of a channel that was lost is dropped: RabbitMQ sends it again.
             taken += self._buffer.hand_out(max_messages - len(taken), self._readable)
@@ -193,13 +193,13 @@ class RabbitQueueSubscription(BufferedSubscription[AbstractIncomingMessage]):
         except TRANSIENT as exc:
             log.debug("RabbitMQ: settling a message failed (%s); it will be delivered again", exc)
 
-    def _readable(self, handle: str, message: AbstractIncomingMessage) -> InboundMessage | None:
+    def _readable(self, handle: str, message: AbstractIncomingMessage) -> IncomingEvent | None:
         if _stale(message):
             return None
         attempt = delivery_attempt(message)
         if attempt > 1 and self._adapter.unseen and message.message_id:
             attempt = self._adapter.unseen.attempt((self._queue_name, message.message_id), attempt)
-        return _to_inbound(handle, message, attempt)
+        return _to_incoming(handle, message, attempt)
 
     def _note_unseen(self, messages: Iterable[AbstractIncomingMessage]) -> None:
         """These go back to the queue without a client having seen them; RabbitMQ counts the return."""

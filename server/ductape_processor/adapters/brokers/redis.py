@@ -89,7 +89,7 @@ from ductape_processor.adapters.brokers.base import (
 from ductape_processor.adapters.brokers.codec import Binding, text
 from ductape_processor.adapters.brokers.connection import Endpoint
 from ductape_processor.errors import ProcessorError
-from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def stream_key(topic: str) -> str:
 _BINDING = Binding(prefix="", ordering_key="orderingkey", content_type="datacontenttype")
 
 
-def _fields(message: OutboundMessage) -> dict[bytes, bytes]:
+def _fields(message: OutgoingEvent) -> dict[bytes, bytes]:
     fields = {key.encode(): value.encode() for key, value in _BINDING.headers(message).items()}
     fields[b"data"] = message.data
     return fields
@@ -130,11 +130,11 @@ def _entry_time(entry_id: str) -> datetime:
     return datetime.fromtimestamp(int(millis) / 1000 if millis.isdigit() else 0, UTC)
 
 
-def _inbound(entry_id: str, flat: list[bytes], attempt: int, topic: str) -> InboundMessage:
+def _incoming(entry_id: str, flat: list[bytes], attempt: int, topic: str) -> IncomingEvent:
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     data = fields.pop(b"data", b"")
     attempt = max(attempt, 1)
-    return _BINDING.inbound(
+    return _BINDING.incoming(
         {text(key): text(value) for key, value in fields.items()},
         handle=f"{entry_id}@{attempt}",  # one per delivery: a stale handle never settles a later delivery
         data=data,
@@ -247,14 +247,14 @@ class RedisBroker(BrokerAdapter):
 
     # -- the adapter ----------------------------------------------------------------------------------------------
 
-    async def publish(self, topic: str, message: OutboundMessage) -> str:
+    async def publish(self, topic: str, message: OutgoingEvent) -> str:
         key = stream_key(topic)
         fields = _fields(message)
         entry_id = await self.call("publish (XADD)", lambda r: r.xadd(key, fields))
         await self.maintain(key)
         return text(entry_id)
 
-    async def publish_batch(self, topic: str, messages: list[OutboundMessage]) -> list[str | ProcessorError]:
+    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
         key = stream_key(topic)
         all_fields = [_fields(message) for message in messages]
 
@@ -316,7 +316,7 @@ class RedisSubscription(BrokerSubscription):
         self._lock = asyncio.Lock()  # fetches and close never overlap
         self._closed = False
 
-    async def fetch(self, max_messages: int, timeout_s: float) -> list[InboundMessage]:
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[IncomingEvent]:
         if self._closed or max_messages <= 0:
             return []
         loop = asyncio.get_running_loop()
@@ -333,7 +333,7 @@ class RedisSubscription(BrokerSubscription):
                     break
             if self._closed:
                 return []  # close() parks them, keeping their attempt number: nobody saw them
-            messages = [_inbound(entry_id, flat, attempt, self._topic) for entry_id, attempt, flat in taken]
+            messages = [_incoming(entry_id, flat, attempt, self._topic) for entry_id, attempt, flat in taken]
             for message, (entry_id, _, _) in zip(messages, taken, strict=True):
                 stale = self._delivery.pop(entry_id, None)  # taken again after its deadline: forget the old one
                 if stale is not None:

@@ -1,10 +1,13 @@
 """Broker messages in the forms the runtime and the broker adapters pass between them.
 
 The runtime owns these types and the adapters (`adapters/brokers/`) implement the port that carries them, so the
-API layer takes them from here and never from an adapter:
-- `Outgoing`: a message as a caller gave it to publish;
-- `OutboundMessage`: a `CloudEvent` the runtime built around it, which an adapter publishes;
-- `InboundMessage`: a `CloudEvent` an adapter's subscription fetched, with the handle that acks it.
+API layer takes them from here and never from an adapter. One naming scheme, the API's: a message goes out or comes
+in; as the caller gives it, it is a message (the API's `OutgoingMessage`), and in the CloudEvents envelope a broker
+carries, an event:
+- `OutgoingMessage`: a message as a caller gave it to publish;
+- `OutgoingEvent`: a `CloudEvent` the runtime built around it, which an adapter publishes;
+- `IncomingEvent`: a `CloudEvent` an adapter's subscription fetched, with the handle that acks it (the API sends it
+  on as a `ReceivedMessage`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from typing import Any, Final
 
 
 @dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A message as the caller gave it."""
+class OutgoingMessage:
+    """A message as the caller gave it (the API's `OutgoingMessage`)."""
 
     data: bytes
     content_type: str
@@ -39,7 +42,7 @@ class CloudEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class OutboundMessage(CloudEvent):
+class OutgoingEvent(CloudEvent):
     """A message to publish, with the caller's attributes."""
 
     attributes: Mapping[str, str] = field(default_factory=dict)
@@ -49,7 +52,7 @@ class OutboundMessage(CloudEvent):
 
 
 @dataclass(frozen=True, slots=True)
-class InboundMessage(CloudEvent):
+class IncomingEvent(CloudEvent):
     """A message received on a subscription. `handle` is what ack/nack take; `id` is the CloudEvents id."""
 
     handle: str
@@ -63,7 +66,7 @@ class InboundMessage(CloudEvent):
 _CARRIED: Final = (*(f.name for f in fields(CloudEvent)), "ordering_key", "traceparent", "tracestate")
 
 
-def carried(message: OutboundMessage | InboundMessage) -> dict[str, Any]:
+def carried(message: OutgoingEvent | IncomingEvent) -> dict[str, Any]:
     """What a message keeps from its publisher to its subscribers, and on to a dead-letter topic: the CloudEvent, its
     ordering key and its trace context. Not its attributes: each form of the message takes its own copy of them."""
     return {name: getattr(message, name) for name in _CARRIED}

@@ -23,7 +23,7 @@ from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerUnavail
 from ductape_processor.adapters.brokers.registry import BROKER_TYPES
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.brokers.messages import InboundMessage, OutboundMessage, Outgoing, carried
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent, OutgoingMessage, carried
 from ductape_processor.runtime.brokers.stream import SubscribeStream
 from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.runtime.policies import Deadline
@@ -162,7 +162,7 @@ class BrokerRuntime:
 
     # -- publishing ---------------------------------------------------------------------------------------------
 
-    def _check(self, outgoing: Outgoing, field: str) -> None:
+    def _check(self, outgoing: OutgoingMessage, field: str) -> None:
         problems: list[FieldViolation] = []
         if len(outgoing.data) > self._max_bytes:
             too_large = InvalidArgument.field(
@@ -188,9 +188,9 @@ class BrokerRuntime:
             raise InvalidArgument(f"{problems[0].field}: {problems[0].description}", violations=problems)
 
     def _message(
-        self, route: Route, outgoing: Outgoing, trace: Mapping[str, str], message_id: str = ""
-    ) -> OutboundMessage:
-        return OutboundMessage(
+        self, route: Route, outgoing: OutgoingMessage, trace: Mapping[str, str], message_id: str = ""
+    ) -> OutgoingEvent:
+        return OutgoingEvent(
             id=message_id or os.urandom(12).hex(),
             source=route.source,
             type=route.topic.name,
@@ -225,7 +225,7 @@ class BrokerRuntime:
         product: str,
         env: str,
         event: str,
-        outgoing: Outgoing,
+        outgoing: OutgoingMessage,
         field: str = "message",
         deadline: Deadline | None = None,
     ) -> str:
@@ -245,7 +245,7 @@ class BrokerRuntime:
         return await self._publish_once(route, adapter, outgoing, trace, give_up)
 
     async def _publish_once(
-        self, route: Route, adapter: BrokerAdapter, outgoing: Outgoing, trace: Mapping[str, str], give_up: float
+        self, route: Route, adapter: BrokerAdapter, outgoing: OutgoingMessage, trace: Mapping[str, str], give_up: float
     ) -> str:
         key = record_key(
             ("publish", route.resolved.product, route.resolved.env.slug, f"{route.broker.tag}:{route.topic.tag}"),
@@ -305,7 +305,7 @@ class BrokerRuntime:
         product: str,
         env: str,
         event: str,
-        entries: Sequence[Outgoing | ProcessorError],
+        entries: Sequence[OutgoingMessage | ProcessorError],
         deadline: Deadline | None = None,
     ) -> list[str | ProcessorError]:
         """Publish entries independently; each result is an id or the entry's error.
@@ -320,7 +320,7 @@ class BrokerRuntime:
         adapter = await self.adapter(route)
         trace = outgoing_trace_context()
         results: list[str | ProcessorError | None] = [None] * len(entries)
-        plain: list[tuple[int, OutboundMessage]] = []
+        plain: list[tuple[int, OutgoingEvent]] = []
         for index, outgoing in enumerate(entries):
             if isinstance(outgoing, ProcessorError):
                 results[index] = outgoing
@@ -366,14 +366,14 @@ class BrokerRuntime:
             dead_route = await self.route(product, env, dead_letter_event, "init.dead_letter_event")
             dead_adapter = await self.adapter(dead_route)
 
-            async def dead_letter(message: InboundMessage) -> None:
+            async def dead_letter(message: IncomingEvent) -> None:
                 attributes = {
                     **message.attributes,
                     "dead_letter_from": event,
                     "delivery_attempt": str(message.delivery_attempt),
                 }
                 await dead_adapter.publish(
-                    dead_route.topic.name, OutboundMessage(**carried(message), attributes=attributes)
+                    dead_route.topic.name, OutgoingEvent(**carried(message), attributes=attributes)
                 )
 
         adapter = await self.adapter(route)

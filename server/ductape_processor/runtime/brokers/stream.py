@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ductape_processor.errors import InvalidArgument, ProcessorError
-from ductape_processor.runtime.brokers.messages import InboundMessage
+from ductape_processor.runtime.brokers.messages import IncomingEvent
 from ductape_processor.runtime.brokers.subscriptions import (
     Ignored,
     StreamClosing,
@@ -59,7 +59,7 @@ class Ready:
 class Batch:
     """Messages to write, each with the ack id the client settles it by."""
 
-    messages: list[tuple[str, InboundMessage]]
+    messages: list[tuple[str, IncomingEvent]]
 
 
 @dataclass(slots=True)
@@ -134,7 +134,7 @@ class SubscribeStream:
         closing = asyncio.ensure_future(self._closing.wait())
         watcher = asyncio.ensure_future(watch())
         notice = asyncio.ensure_future(noticed.wait())
-        fetching: asyncio.Future[list[tuple[str, InboundMessage]]] | None = None
+        fetching: asyncio.Future[list[tuple[str, IncomingEvent]]] | None = None
         try:
             while True:
                 if fetching is None:

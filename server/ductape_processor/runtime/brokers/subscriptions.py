@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from ductape_processor.adapters.brokers.base import BrokerSubscription
 from ductape_processor.errors import InvalidArgument, ProcessorError, Unavailable
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.brokers.messages import InboundMessage
+from ductape_processor.runtime.brokers.messages import IncomingEvent
 
 log = logging.getLogger(__name__)
 
 FETCH_POLL_S = 0.5
 STALL_MIN_S = 2.0  # a write pending this long (or the ack deadline, when longer) means the client stopped reading
 EXPIRED_REMEMBERED = 10_000  # expired ack ids kept per stream, to tell a late ack from an unknown id
-DeadLetter = Callable[[InboundMessage], Awaitable[None]]
+DeadLetter = Callable[[IncomingEvent], Awaitable[None]]
 
 
 class StreamClosing(Unavailable, reason=Reason.SHUTTING_DOWN):
@@ -99,7 +99,7 @@ class Limits:
 
 @dataclass(slots=True)
 class _Outstanding:
-    message: InboundMessage
+    message: IncomingEvent
     deadline: float | None  # None: not handed to gRPC yet; inf: being written (its lease starts once written)
 
 
@@ -150,7 +150,7 @@ class Subscription:
         """Whether the stream waits for its client to ack or nack before it takes more messages."""
         return self._held
 
-    async def next_batch(self) -> list[tuple[str, InboundMessage]]:
+    async def next_batch(self) -> list[tuple[str, IncomingEvent]]:
         """The next batch of (ack id, message) to write, honouring credit and batching; [] once closed.
 
         Call `writing` before writing it and `written` after, so that its ack deadlines start then.
@@ -175,9 +175,9 @@ class Subscription:
                 return batch
         return []
 
-    async def _collect(self, wanted: int) -> list[tuple[str, InboundMessage]]:
+    async def _collect(self, wanted: int) -> list[tuple[str, IncomingEvent]]:
         limits = self._limits
-        taken: list[tuple[str, InboundMessage]] = []
+        taken: list[tuple[str, IncomingEvent]] = []
         first = await self._broker.fetch(wanted, FETCH_POLL_S)
         taken += await self._admit(first)
         if not first:
@@ -191,8 +191,8 @@ class Subscription:
             taken += await self._admit(more)
         return taken
 
-    async def _admit(self, messages: list[InboundMessage]) -> list[tuple[str, InboundMessage]]:
-        admitted: list[tuple[str, InboundMessage]] = []
+    async def _admit(self, messages: list[IncomingEvent]) -> list[tuple[str, IncomingEvent]]:
+        admitted: list[tuple[str, IncomingEvent]] = []
         limits = self._limits
         for message in messages:
             if limits.max_deliveries and message.delivery_attempt > limits.max_deliveries and self._dead_letter:
@@ -204,7 +204,7 @@ class Subscription:
         self.delivered += len(admitted)
         return admitted
 
-    def writing(self, batch: list[tuple[str, InboundMessage]]) -> None:
+    def writing(self, batch: list[tuple[str, IncomingEvent]]) -> None:
         """A batch is handed to gRPC: from here it counts as delivered; its deadline waits for the write to end."""
         self._writing_since = self._clock()
         for ack_id, _ in batch:
@@ -213,7 +213,7 @@ class Subscription:
                 item.deadline = math.inf
         self._changed.set()
 
-    def written(self, batch: list[tuple[str, InboundMessage]]) -> None:
+    def written(self, batch: list[tuple[str, IncomingEvent]]) -> None:
         """The batch reached the stream: its messages' ack deadlines start now."""
         self._writing_since = None
         deadline = self._clock() + self._limits.ack_deadline_s
@@ -223,7 +223,7 @@ class Subscription:
                 item.deadline = deadline
         self._changed.set()
 
-    async def _to_dead_letter(self, message: InboundMessage) -> None:
+    async def _to_dead_letter(self, message: IncomingEvent) -> None:
         assert self._dead_letter is not None
         try:
             await self._dead_letter(message)
