@@ -16,6 +16,7 @@ ADAPTERS_MAY_IMPORT_FROM_RUNTIME = (
     "ductape_processor.runtime.policies",
     "ductape_processor.runtime.registry.manifest",
     "ductape_processor.runtime.registry.storage",
+    "ductape_processor.runtime.registry.databases",  # the databases section of the manifest: its settings models
     "ductape_processor.runtime.brokers.messages",
 )
 

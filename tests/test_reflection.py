@@ -12,6 +12,7 @@ BUF = ROOT / ".venv" / "bin" / "buf"
 SERVICES = [
     "ductape.processor.v1.ActionService",
     "ductape.processor.v1.BrokerService",
+    "ductape.processor.v1.DatabaseService",
     "ductape.processor.v1.LogService",
     "ductape.processor.v1.ProductService",
     "ductape.processor.v1.SessionService",

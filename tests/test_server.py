@@ -67,6 +67,7 @@ async def test_reflection_lists_the_services(server: Running) -> None:
     assert await list_services(server.address) == [
         "ductape.processor.v1.ActionService",
         "ductape.processor.v1.BrokerService",
+        "ductape.processor.v1.DatabaseService",
         "ductape.processor.v1.LogService",
         "ductape.processor.v1.ProductService",
         "ductape.processor.v1.SessionService",

@@ -16,6 +16,7 @@ from ductape_processor.adapters.http import HttpClientPool
 from ductape_processor.api.action import ActionServicer
 from ductape_processor.api.auth import ApiKeyAuthenticator
 from ductape_processor.api.broker import BrokerServicer
+from ductape_processor.api.database import DatabaseServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.log import LogServicer
 from ductape_processor.api.product import ProductServicer
@@ -26,6 +27,8 @@ from ductape_processor.grpc_server import ListenError, Servicers, grpc_server, l
 from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.actions.executor import ActionExecutor
 from ductape_processor.runtime.brokers.publisher import BrokerRuntime
+from ductape_processor.runtime.databases.pools import DatabasePools
+from ductape_processor.runtime.databases.runner import DatabaseRunner
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecorder
 from ductape_processor.runtime.policies.periodic import PeriodicTask
 from ductape_processor.runtime.policies.secrets import SecretsFileError, SecretSource, TokenVault, referenced_secrets
@@ -74,6 +77,7 @@ class Components:
     sessions: SessionManager
     brokers: BrokerRuntime
     storage: StorageRuntime
+    databases: DatabasePools
     cache: ResultCache
     actions: ActionExecutor
     purger: PeriodicTask
@@ -109,6 +113,19 @@ def build(
         max_file_bytes=settings.storage_max_file_bytes,
         max_message_bytes=settings.max_message_bytes,
     )
+    databases = DatabasePools(secrets, settings.data_dir)
+    database_runner = DatabaseRunner(
+        registry,
+        store,
+        databases,
+        secrets,
+        recorder,
+        cache,
+        sessions,
+        max_rows=settings.database_max_rows,
+        max_result_bytes=settings.database_max_result_bytes,
+        idempotency_retention=retention,
+    )
     servicers = Servicers(
         product=ProductServicer(registry),
         action=ActionServicer(actions),
@@ -116,6 +133,7 @@ def build(
         broker=BrokerServicer(brokers),
         log=LogServicer(ExecutionQueries(registry, store, recorder.flush)),
         storage=StorageServicer(storage),
+        database=DatabaseServicer(database_runner),
         health=health.aio.HealthServicer(),
     )
     interceptor = ProcessorInterceptor(ApiKeyAuthenticator(settings.api_key_hashes), telemetry)
@@ -129,6 +147,7 @@ def build(
         sessions=sessions,
         brokers=brokers,
         storage=storage,
+        databases=databases,
         cache=cache,
         actions=actions,
         purger=PeriodicTask("store purge", PURGE_INTERVAL_S, lambda: store.purge_expired(datetime.now(UTC))),
@@ -290,6 +309,7 @@ class ProcessorApp:
         await parts.http.close()
         await parts.brokers.close()
         await parts.storage.close()
+        await parts.databases.close()
         await parts.cache.close()
         await parts.store.close()
         await parts.telemetry.shutdown()

@@ -79,6 +79,8 @@ _FLAGS: dict[str, _Flag] = {
     "session_revocation_poll_s": {"type": float},
     "broker_max_message_bytes": {"type": int},
     "storage_max_file_bytes": {"type": int},
+    "database_max_rows": {"type": int},
+    "database_max_result_bytes": {"type": int},
 }
 
 

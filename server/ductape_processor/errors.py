@@ -193,5 +193,17 @@ class Unavailable(ProcessorError, code=grpc.StatusCode.UNAVAILABLE, reason=Reaso
     """The processor cannot serve the call now; a retry (possibly on another replica) may succeed."""
 
 
+class AlreadyExists(ProcessorError, code=grpc.StatusCode.ALREADY_EXISTS, reason=Reason.ALREADY_EXISTS):
+    """What the call would create exists already."""
+
+
+class ResourceExhausted(ProcessorError, code=grpc.StatusCode.RESOURCE_EXHAUSTED, reason=Reason.RESOURCE_EXHAUSTED):
+    """A limit was reached: a result too large, no connection free before the deadline."""
+
+
+class DeadlineExceeded(ProcessorError, code=grpc.StatusCode.DEADLINE_EXCEEDED, reason=Reason.DEADLINE_EXCEEDED):
+    """The work did not finish in the time it had."""
+
+
 class StoreUnavailable(Unavailable, reason=Reason.STORE_UNAVAILABLE):
     """The processor's store could not be reached or failed mid-operation; the call may be retried."""

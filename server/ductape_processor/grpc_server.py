@@ -13,6 +13,8 @@ from ductape.processor.v1 import (
     action_pb2_grpc,
     broker_pb2,
     broker_pb2_grpc,
+    database_pb2,
+    database_pb2_grpc,
     log_pb2,
     log_pb2_grpc,
     product_pb2,
@@ -26,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ductape_processor.api.action import ActionServicer
 from ductape_processor.api.broker import BrokerServicer
+from ductape_processor.api.database import DatabaseServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.log import LogServicer
 from ductape_processor.api.product import ProductServicer
@@ -41,6 +44,7 @@ SERVICE_NAMES = (
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name,
     storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name,
+    database_pb2.DESCRIPTOR.services_by_name["DatabaseService"].full_name,
 )
 """The processor's services, as health checks and reflection name them."""
 
@@ -55,6 +59,7 @@ class Servicers:
     broker: BrokerServicer
     log: LogServicer
     storage: StorageServicer
+    database: DatabaseServicer
     health: health.aio.HealthServicer
 
 
@@ -82,6 +87,7 @@ def grpc_server(settings: Settings, interceptor: ProcessorInterceptor, servicers
     broker_pb2_grpc.add_BrokerServiceServicer_to_server(servicers.broker, server)
     log_pb2_grpc.add_LogServiceServicer_to_server(servicers.log, server)
     storage_pb2_grpc.add_StorageServiceServicer_to_server(servicers.storage, server)
+    database_pb2_grpc.add_DatabaseServiceServicer_to_server(servicers.database, server)
     health_pb2_grpc.add_HealthServicer_to_server(servicers.health, server)
     enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     return server

@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     session_revocation_poll_s: float = Field(
         2.0, gt=0, description="How often revocations made on other replicas are picked up (their staleness bound)."
     )
+    database_max_rows: int = Field(
+        10_000, ge=1, le=1_000_000, description="Most rows one database action answers; beyond, RESOURCE_EXHAUSTED."
+    )
+    database_max_result_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="About the most bytes of rows one database action answers."
+    )
     manifest_max_bytes: int = Field(
         1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Largest manifest Apply and Validate accept, in bytes."
     )

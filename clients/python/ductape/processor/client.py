@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 from ductape.processor.brokers import BrokerClient
+from ductape.processor.databases import DatabaseClient
 from ductape.processor.errors import from_rpc_error
 from ductape.processor.storage import StorageClient
 from ductape.processor.v1 import (
@@ -437,6 +438,7 @@ class Processor:
         self.message_broker = BrokerClient(channel, call)
         self.logs = LogClient(channel, call)
         self.storage = StorageClient(channel, call)
+        self.database = DatabaseClient(channel, call)
 
     async def close(self) -> None:
         """Close the channel."""

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import yaml
@@ -38,6 +38,7 @@ from ductape_processor.errors import (
 )
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.plan import ProductPlan, compile_plan
+from ductape_processor.runtime.databases.plan import DatabasePlans, compile_databases
 from ductape_processor.runtime.registry.manifest import Manifest
 from ductape_processor.runtime.registry.problems import violation
 from ductape_processor.runtime.registry.references import reference_problems, secret_problems
@@ -98,6 +99,8 @@ class CompiledManifest:
     """The validated model."""
     plan: ProductPlan
     """Its actions and auths compiled: what calls run, without compiling anything."""
+    databases: DatabasePlans = field(default_factory=dict)
+    """Its database actions compiled (`runtime/databases/plan.py`)."""
 
 
 # libyaml's parser when PyYAML has it (its wheels do): several times faster, and it bounds nesting itself.
@@ -235,11 +238,14 @@ def validate_document(document: dict[str, Any]) -> CompiledManifest:
         ) from None
     problems_found = reference_problems(model) + secret_problems(document)
     plan = None
+    databases: DatabasePlans = {}
     if not problems_found:
         plan, problems_found = compile_plan(model)
-    if plan is None:
+        databases, database_problems = compile_databases(model)
+        problems_found += database_problems
+    if plan is None or problems_found:
         raise InvalidManifest([FieldViolation(path, why) for path, why in problems_found])
-    return CompiledManifest(model, plan)
+    return CompiledManifest(model, plan, databases)
 
 
 def canonical_json(document: dict[str, Any]) -> str:

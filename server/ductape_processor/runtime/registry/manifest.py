@@ -14,29 +14,23 @@ from datetime import timedelta
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, JsonValue, field_validator, model_validator
 
+from ductape_processor.runtime.registry.databases import Database
 from ductape_processor.runtime.registry.durations import Duration, PositiveDuration
+from ductape_processor.runtime.registry.fields import TAG_PATTERN as TAG_PATTERN
+from ductape_processor.runtime.registry.fields import Decorator as Decorator
+from ductape_processor.runtime.registry.fields import FieldSpec as FieldSpec
+from ductape_processor.runtime.registry.fields import FieldType as FieldType
+from ductape_processor.runtime.registry.fields import ManifestModel as _Model
+from ductape_processor.runtime.registry.fields import Schema as Schema
+from ductape_processor.runtime.registry.fields import Tag as Tag
 from ductape_processor.runtime.registry.storage import Storage
 
-TAG_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
-Tag = Annotated[
-    str,
-    Field(
-        pattern=TAG_PATTERN,
-        description="Letters, digits, `_` and `-`, starting with a letter, at most 64 characters.",
-    ),
-]
 TOPIC_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 SECRET_REFERENCE = re.compile(r"\$Secret\{([^{}]*)\}")
 SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 PATH_PARAMETER = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
-
-
-class _Model(BaseModel):
-    """Base of every manifest model: unknown fields are errors, instances are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Environment(_Model):
@@ -45,48 +39,6 @@ class Environment(_Model):
     slug: Tag
     name: str | None = Field(None, min_length=1, max_length=100, description="Human name; also accepted by calls.")
     description: str = ""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Input contracts (actions, sessions)
-
-FieldType = Literal["string", "number", "integer", "boolean", "email", "uuid", "date", "array", "object"]
-
-
-class Decorator(_Model):
-    """Text added to a string value before it is sent."""
-
-    text: str
-    position: Literal["prepend", "append"] = "prepend"
-
-
-class FieldSpec(_Model):
-    """The contract of one input field. `0`, `""` and `false` are values, not missing."""
-
-    type: FieldType = "string"
-    required: bool = False
-    min_length: int | None = Field(None, ge=0, description="Least length of a string or array.")
-    max_length: int | None = Field(None, ge=0, description="Greatest length of a string or array.")
-    default: JsonValue = Field(None, description="Value used when the caller gives none.")
-    decorator: Decorator | None = None
-    description: str = ""
-
-    @model_validator(mode="after")
-    def _lengths(self) -> FieldSpec:
-        if self.min_length is not None and self.max_length is not None and self.min_length > self.max_length:
-            raise ValueError("min_length is greater than max_length")
-        if (self.min_length is not None or self.max_length is not None) and self.type not in (
-            "string",
-            "email",
-            "array",
-        ):
-            raise ValueError(f"min_length/max_length apply to strings and arrays, not to type {self.type!r}")
-        if self.decorator is not None and self.type != "string":
-            raise ValueError(f"a decorator applies to strings, not to type {self.type!r}")
-        return self
-
-
-Schema = dict[Annotated[str, Field(min_length=1, max_length=128)], FieldSpec]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,6 +358,7 @@ class Manifest(_Model):
     sessions: list[SessionType] = Field(default_factory=list)
     caches: list[Cache] = Field(default_factory=list)
     storage: list[Storage] = Field(default_factory=list)
+    databases: list[Database] = Field(default_factory=list)
 
     def find_environment(self, slug_or_name: str) -> Environment | None:
         """The environment with this slug, else the one with this name."""

@@ -45,7 +45,7 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
     for index, env in enumerate(manifest.environments):
         if env.slug in names and env.name != env.slug:
             problems.append((f"environments[{index}].slug", f"{env.slug!r} is also another environment's name"))
-    for kind in ("apps", "brokers", "sessions", "caches", "storage"):
+    for kind in ("apps", "brokers", "sessions", "caches", "storage", "databases"):
         problems += _duplicates(getattr(manifest, kind), "tag", kind)
     for a, app in enumerate(manifest.apps):
         where = f"apps[{a}]"
@@ -76,6 +76,10 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
         problems += _duplicates(broker.topics, "name", f"brokers[{b}].topics")
     for s, storage in enumerate(manifest.storage):
         problems += _env_keys(storage.envs, slugs, f"storage[{s}].envs", complete=True)
+    for d, database in enumerate(manifest.databases):
+        problems += _env_keys(database.envs, slugs, f"databases[{d}].envs", complete=True)
+        problems += _duplicates(database.actions, "tag", f"databases[{d}].actions")
+        problems += _duplicates(database.migrations, "tag", f"databases[{d}].migrations")
     return problems
 
 

@@ -20,6 +20,7 @@ from ductape_processor.errors import (
     VersionNotFound,
 )
 from ductape_processor.runtime.actions.plan import ProductPlan
+from ductape_processor.runtime.databases.plan import DatabasePlans
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.paging import (
     decode_page_token,
@@ -66,6 +67,8 @@ class Resolved:
     record: VersionRecord
     plan: ProductPlan
     """The version's actions and auths, compiled once when its manifest was validated."""
+    databases: DatabasePlans = field(default_factory=dict)
+    """The version's database actions, compiled with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +263,7 @@ class Registry:
         environment, chosen = await self.environment(product, env, version)
         record = await self.record(product, chosen)
         compiled = await self.compiled(record)
-        resolved = Resolved(product, chosen, environment, compiled.model, record, compiled.plan)
+        resolved = Resolved(product, chosen, environment, compiled.model, record, compiled.plan, compiled.databases)
         if slot.state is not None and slot.generation == generation:
             slot.resolved.put((env, version), resolved)
         return resolved

@@ -1,0 +1,163 @@
+"""Database actions from Python: `processor.database.execute(...)` and `processor.database.batch(...)`.
+
+    result = await processor.database.execute(
+        product="shop", env="dev", database="main", action="find_user", input={"filter": {"email": "ada@example.com"}}
+    )
+    result.rows  # [{"id": 1, "email": "ada@example.com"}]
+
+Rows come back as plain Python: whole numbers as ints (integers beyond 2^53 and decimals are strings, as sent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from ductape.processor.v1 import common_pb2, database_pb2, database_pb2_grpc
+from google.protobuf import json_format, struct_pb2
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _input(given: Mapping[str, Mapping[str, Any]] | None) -> database_pb2.DatabaseInput:
+    message = database_pb2.DatabaseInput()
+    for part in ("data", "filter"):
+        values = (given or {}).get(part)
+        if values is not None:
+            struct = struct_pb2.Struct()
+            struct.update(dict(values))
+            getattr(message, part).CopyFrom(struct)
+    return message
+
+
+def _rows(rows: Sequence[struct_pb2.Struct]) -> list[dict[str, Any]]:
+    return [_plain(json_format.MessageToDict(row)) for row in rows]
+
+
+def _session(session: Mapping[str, str] | tuple[str, str]) -> common_pb2.SessionRef:
+    if isinstance(session, tuple):
+        return common_pb2.SessionRef(tag=session[0], token=session[1])
+    return common_pb2.SessionRef(tag=session["tag"], token=session["token"])
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseResult:
+    """What a database action answered."""
+
+    rows: list[dict[str, Any]]
+    affected_rows: int = 0
+    count: int = 0
+    last_insert_id: int = 0
+    process_id: str = ""
+    cached: bool = False
+    version: int = 0
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One action of a batch: its tag, its input and the name later steps read its result by."""
+
+    action: str
+    input: Mapping[str, Mapping[str, Any]] | None = None
+    tag: str = ""
+
+
+class DatabaseClient:
+    """`processor.database`: run a database's actions."""
+
+    def __init__(self, channel: grpc.aio.Channel, call: Callable[..., Any]) -> None:
+        self._stub = database_pb2_grpc.DatabaseServiceStub(channel)
+        self._call = call
+
+    async def execute(
+        self,
+        *,
+        product: str,
+        env: str,
+        database: str,
+        action: str,
+        input: Mapping[str, Mapping[str, Any]] | None = None,
+        session: Mapping[str, str] | tuple[str, str] | None = None,
+        cache: str = "",
+        retries: int | None = None,
+        version: int = 0,
+        idempotency_key: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> DatabaseResult:
+        """Run one action. `input` has the parts `data` and `filter`."""
+        request = database_pb2.ExecuteRequest(
+            product=product,
+            env=env,
+            database=database,
+            action=action,
+            input=_input(input),
+            cache=cache,
+            version=version,
+            idempotency_key=idempotency_key,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        if session is not None:
+            request.session.CopyFrom(_session(session))
+        if retries is not None:
+            request.retries = retries
+        response = await self._call(self._stub.Execute, request, timeout)
+        return DatabaseResult(
+            rows=_rows(response.rows),
+            affected_rows=response.affected_rows,
+            count=response.count,
+            last_insert_id=response.last_insert_id,
+            process_id=response.process_id,
+            cached=response.cached,
+            version=response.version,
+            next_page_token=response.next_page_token,
+        )
+
+    async def batch(
+        self,
+        *,
+        product: str,
+        env: str,
+        database: str,
+        steps: Sequence[Step],
+        session: Mapping[str, str] | tuple[str, str] | None = None,
+        version: int = 0,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> list[DatabaseResult]:
+        """Run `steps` in one transaction; one result per step (all committed), or an error (none)."""
+        request = database_pb2.BatchRequest(
+            product=product,
+            env=env,
+            database=database,
+            steps=[database_pb2.BatchStep(action=s.action, input=_input(s.input), tag=s.tag) for s in steps],
+            version=version,
+            idempotency_key=idempotency_key,
+        )
+        if session is not None:
+            request.session.CopyFrom(_session(session))
+        response = await self._call(self._stub.Batch, request, timeout)
+        return [
+            DatabaseResult(
+                rows=_rows(result.rows),
+                affected_rows=result.affected_rows,
+                count=result.count,
+                last_insert_id=result.last_insert_id,
+                process_id=response.process_id,
+                version=response.version,
+            )
+            for result in response.results
+        ]

@@ -1,0 +1,181 @@
+"""SQLite through aiosqlite: a file under the product's database folder, a small pool of connections.
+
+Each aiosqlite connection runs its statements on a thread of its own, so the event loop never waits on the file.
+Connections run in autocommit mode (`isolation_level=None`) with foreign keys enforced and WAL journaling; a
+transaction is an explicit BEGIN … COMMIT. A statement past its time is interrupted (`sqlite3_interrupt`) and its
+connection closed rather than reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiosqlite
+
+from ductape_processor.adapters.databases.base import (
+    ConstraintKind,
+    ConstraintViolation,
+    DatabaseAdapter,
+    DatabaseFailure,
+    DatabaseSession,
+    DatabaseUnreachable,
+    Outcome,
+    Place,
+    QueryInvalid,
+    Statement,
+    StatementTimeout,
+    ValueRejected,
+    plain_parameter,
+)
+from ductape_processor.adapters.databases.pool import SlotPool
+from ductape_processor.runtime.registry.databases import SqliteDatabaseEnv
+
+_CONSTRAINT = re.compile(r"^(UNIQUE|FOREIGN KEY|CHECK|NOT NULL) constraint failed(?::\s*(.*))?$")
+_KINDS: dict[str, ConstraintKind] = {
+    "UNIQUE": "unique",
+    "FOREIGN KEY": "foreign_key",
+    "CHECK": "check",
+    "NOT NULL": "not_null",
+}
+
+
+def database_file(folder: Path, path: str, database: str) -> Path:
+    """The file of a database: `path` (default `<database>.db`) inside `folder`, refused if it resolves outside it
+    (a symbolic link pointing elsewhere, for instance). The manifest already refuses absolute paths and `..`."""
+    root = folder.resolve()
+    target = (root / (path or f"{database}.db")).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise QueryInvalid(f"database {database!r}: its path leads outside the product's database folder")
+    return target
+
+
+def failure(exc: BaseException, what: str) -> DatabaseFailure:
+    """A sqlite3 error as the processor reports it. SQLite's messages name tables and columns, never credentials."""
+    message = str(exc)
+    if isinstance(exc, sqlite3.IntegrityError):
+        match = _CONSTRAINT.match(message)
+        kind: ConstraintKind = _KINDS[match.group(1)] if match else "other"
+        constraint = (match.group(2) or "") if match else ""
+        return ConstraintViolation(f"{what}: {message}", kind=kind, constraint=constraint)
+    if isinstance(exc, sqlite3.OperationalError):
+        if "interrupted" in message:
+            return StatementTimeout(f"{what}: the statement ran past its time")
+        if "locked" in message or "busy" in message:
+            return StatementTimeout(f"{what}: the database stayed locked by another writer past the statement's time")
+        if "unable to open" in message or "disk I/O" in message:
+            return DatabaseUnreachable(f"{what}: the database file cannot be opened ({message})", sent=False)
+        return QueryInvalid(f"{what}: {message}")
+    if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError | OverflowError | sqlite3.DataError):
+        return ValueRejected(f"{what}: {message}")
+    return QueryInvalid(f"{what}: {type(exc).__name__}: {message}")
+
+
+class _Session(DatabaseSession):
+    def __init__(self, adapter: SqliteDatabase, conn: aiosqlite.Connection) -> None:
+        self._adapter = adapter
+        self.conn = conn
+        self.broken = False
+
+    async def run(self, statement: Statement, timeout_s: float) -> Outcome:
+        conn = self.conn
+        try:
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                cursor = await conn.execute(statement.text, tuple(plain_parameter(v) for v in statement.args))
+                try:
+                    rows = await cursor.fetchall() if statement.returns_rows else []
+                    columns = [d[0] for d in cursor.description or ()]
+                    affected = max(cursor.rowcount, 0)
+                    last = cursor.lastrowid
+                finally:
+                    await cursor.close()
+        except TimeoutError:
+            self.broken = True
+            with contextlib.suppress(Exception):
+                await conn.interrupt()
+            raise StatementTimeout(f"{self._adapter.name}: the statement ran past its time") from None
+        except (sqlite3.Error, OverflowError) as exc:
+            raise failure(exc, self._adapter.name) from None
+        except ValueError as exc:  # aiosqlite: the connection was closed under us
+            self.broken = True
+            raise DatabaseUnreachable(f"{self._adapter.name}: the connection closed ({exc})", sent=True) from None
+        return Outcome(columns, [tuple(row) for row in rows], affected, last or None)
+
+    @contextlib.asynccontextmanager
+    async def _begin(self, kind: str) -> AsyncIterator[None]:
+        try:
+            await self.conn.execute(f"BEGIN {kind}")
+        except sqlite3.Error as exc:
+            raise failure(exc, self._adapter.name) from None
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.conn.execute("ROLLBACK")
+            raise
+        try:
+            await self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(Exception):
+                await self.conn.execute("ROLLBACK")
+            raise failure(exc, self._adapter.name) from None
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._begin("DEFERRED")
+
+    def locked(self, name: str, timeout_s: float) -> contextlib.AbstractAsyncContextManager[None]:
+        # A write transaction is SQLite's database-wide lock: BEGIN IMMEDIATE waits (busy_timeout) for other writers.
+        return self._begin("IMMEDIATE")
+
+
+class SqliteDatabase(DatabaseAdapter):
+    """An SQLite file and a pool of aiosqlite connections to it."""
+
+    dialect = "sqlite"
+
+    def __init__(self, settings: SqliteDatabaseEnv, place: Place) -> None:
+        self.name = place.name
+        self._file = database_file(place.folder, settings.path, place.database)
+        self._busy_ms = int(settings.statement_timeout.total_seconds() * 1000)
+        self._pool: SlotPool[aiosqlite.Connection] = SlotPool(settings.pool.max, self._open, self._close)
+
+    async def _open(self) -> aiosqlite.Connection:
+        def prepare() -> None:
+            self._file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+        try:
+            await asyncio.to_thread(prepare)
+            conn = await aiosqlite.connect(self._file, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise DatabaseUnreachable(
+                f"{self.name}: cannot open the database file ({type(exc).__name__})", sent=False
+            ) from None
+        try:
+            await conn.execute("PRAGMA foreign_keys = ON")
+            await conn.execute(f"PRAGMA busy_timeout = {self._busy_ms:d}")
+            await conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise failure(exc, self.name) from None
+        return conn
+
+    @staticmethod
+    async def _close(conn: aiosqlite.Connection) -> None:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def session(self, acquire_timeout_s: float | None) -> AsyncIterator[DatabaseSession]:
+        conn = await self._pool.acquire(acquire_timeout_s, f"{self.name}: every connection stayed busy")
+        session = _Session(self, conn)
+        try:
+            yield session
+        finally:
+            await self._pool.release(conn, broken=session.broken)
+
+    async def close(self) -> None:
+        await self._pool.close()

@@ -1,0 +1,115 @@
+"""DatabaseService: proto in, DatabaseRunner call, proto out."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import grpc
+from ductape.processor.v1 import database_pb2, database_pb2_grpc
+from google.protobuf import struct_pb2
+
+from ductape_processor.api.values import struct_to_dict
+from ductape_processor.errors import InvalidArgument
+from ductape_processor.runtime.databases.runner import BatchStep, DatabaseCall, DatabaseRunner
+from ductape_processor.runtime.databases.statements import StepResult
+from ductape_processor.runtime.policies import Deadline
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _required(value: str, field: str, what: str) -> str:
+    if not value:
+        raise InvalidArgument.field(field, f"is required: {what}")
+    return value
+
+
+def _input(given: database_pb2.DatabaseInput) -> dict[str, Any]:
+    return {part: struct_to_dict(getattr(given, part)) for part in ("data", "filter") if given.HasField(part)}
+
+
+def _session(request: database_pb2.ExecuteRequest | database_pb2.BatchRequest) -> tuple[str, str] | None:
+    if not request.HasField("session"):
+        return None
+    if not request.session.tag or not request.session.token:
+        raise InvalidArgument.field("session", "needs both tag and token")
+    return (request.session.tag, request.session.token)
+
+
+def _rows(result: StepResult) -> list[struct_pb2.Struct]:
+    rows = []
+    for row in result.rows:
+        struct = struct_pb2.Struct()
+        struct.update(row)
+        rows.append(struct)
+    return rows
+
+
+class DatabaseServicer(database_pb2_grpc.DatabaseServiceServicer):
+    """Serves DatabaseService."""
+
+    def __init__(self, runner: DatabaseRunner) -> None:
+        self._runner = runner
+
+    @staticmethod
+    def _call(request: database_pb2.ExecuteRequest | database_pb2.BatchRequest) -> DatabaseCall:
+        """What Execute and Batch requests share."""
+        if request.version < 0:
+            raise InvalidArgument.field("version", "must be 1 or more (or 0 for the environment's version)")
+        return DatabaseCall(
+            product=_required(request.product, "product", "the product's tag"),
+            env=_required(request.env, "env", "the environment's slug or name"),
+            database=_required(request.database, "database", "the database's tag"),
+            action="",
+            session=_session(request),
+            version=request.version or None,
+            idempotency_key=request.idempotency_key,
+        )
+
+    async def Execute(self, request: database_pb2.ExecuteRequest, context: Context) -> database_pb2.ExecuteResponse:
+        call = replace(
+            self._call(request),
+            action=_required(request.action, "action", "the action's tag"),
+            input=_input(request.input) if request.HasField("input") else {},
+            cache=request.cache,
+            retries=request.retries if request.HasField("retries") else None,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        result = await self._runner.execute(call, Deadline(context.time_remaining()))
+        step = result.steps[0]
+        return database_pb2.ExecuteResponse(
+            rows=_rows(step),
+            affected_rows=step.affected_rows,
+            count=step.count or 0,
+            last_insert_id=step.last_insert_id or 0,
+            process_id=result.process_id,
+            cached=result.cached,
+            version=result.version,
+            next_page_token=result.next_page_token,
+        )
+
+    async def Batch(self, request: database_pb2.BatchRequest, context: Context) -> database_pb2.BatchResponse:
+        call = self._call(request)
+        steps = [
+            BatchStep(
+                action=_required(step.action, f"steps[{i}].action", "the action's tag"),
+                input=_input(step.input) if step.HasField("input") else {},
+                tag=step.tag,
+            )
+            for i, step in enumerate(request.steps)
+        ]
+        result = await self._runner.batch(call, steps, Deadline(context.time_remaining()))
+        return database_pb2.BatchResponse(
+            results=[
+                database_pb2.StepResult(
+                    rows=_rows(step),
+                    affected_rows=step.affected_rows,
+                    count=step.count or 0,
+                    last_insert_id=step.last_insert_id or 0,
+                )
+                for step in result.steps
+            ],
+            process_id=result.process_id,
+            version=result.version,
+        )

@@ -1,0 +1,65 @@
+"""The pieces every manifest model is built from: the base model, tags, and input-contract fields.
+
+They live apart from `manifest.py` so that a resource kind's models in a sibling module (`databases.py`) and the
+`Manifest` that lists them can both import them without an import loop; `manifest.py` re-exports them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+
+TAG_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+Tag = Annotated[
+    str,
+    Field(
+        pattern=TAG_PATTERN,
+        description="Letters, digits, `_` and `-`, starting with a letter, at most 64 characters.",
+    ),
+]
+
+
+class ManifestModel(BaseModel):
+    """Base of every manifest model: unknown fields are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+FieldType = Literal["string", "number", "integer", "boolean", "email", "uuid", "date", "array", "object"]
+
+
+class Decorator(ManifestModel):
+    """Text added to a string value before it is sent."""
+
+    text: str
+    position: Literal["prepend", "append"] = "prepend"
+
+
+class FieldSpec(ManifestModel):
+    """The contract of one input field. `0`, `""` and `false` are values, not missing."""
+
+    type: FieldType = "string"
+    required: bool = False
+    min_length: int | None = Field(None, ge=0, description="Least length of a string or array.")
+    max_length: int | None = Field(None, ge=0, description="Greatest length of a string or array.")
+    default: JsonValue = Field(None, description="Value used when the caller gives none.")
+    decorator: Decorator | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> FieldSpec:
+        if self.min_length is not None and self.max_length is not None and self.min_length > self.max_length:
+            raise ValueError("min_length is greater than max_length")
+        if (self.min_length is not None or self.max_length is not None) and self.type not in (
+            "string",
+            "email",
+            "array",
+        ):
+            raise ValueError(f"min_length/max_length apply to strings and arrays, not to type {self.type!r}")
+        if self.decorator is not None and self.type != "string":
+            raise ValueError(f"a decorator applies to strings, not to type {self.type!r}")
+        return self
+
+
+Schema = dict[Annotated[str, Field(min_length=1, max_length=128)], FieldSpec]
