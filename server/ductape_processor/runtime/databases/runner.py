@@ -123,7 +123,7 @@ class DatabaseRunner:
         *,
         max_rows: int,
         max_result_bytes: int,
-        idempotency_retention: timedelta = timedelta(hours=24),
+        idempotency_retention: timedelta,
     ) -> None:
         self._registry = registry
         self._store = store
