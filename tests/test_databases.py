@@ -424,7 +424,7 @@ async def test_a_cached_read_is_served_without_the_database(db: Db) -> None:
 
 async def test_executions_are_recorded(db: Db) -> None:
     result = await db.execute("count", filter={"min": 0})
-    await db.running.app.recorder.flush()
+    await db.running.app.components.recorder.flush()
     page = await db.running.client.logs.list_executions(product="shop", resource="main:count")
     assert [e.process_id for e in page.executions] == [result.process_id]
     assert page.executions[0].kind == "database"
