@@ -117,3 +117,19 @@ def test_the_sql_scanner_keeps_literals_comments_and_casts() -> None:
     assert lite.names == ("a", "b", "a") and lite.returns_rows and lite.braced == {"b"}
     with pytest.raises(SqlProblem):
         compile_sql("SELECT E'\\' {{x}}'", "postgresql")
+
+
+def test_migration_statements_are_checked_at_apply_time() -> None:
+    found = problems(
+        manifest(
+            migrations=[
+                {"tag": "one", "up": ["CREATE TABLE t (id INTEGER); DROP TABLE u"]},
+                {"tag": "two", "up": ["INSERT INTO t VALUES (:id)"], "down": ["DELETE FROM t WHERE x = '{{id}}'"]},
+            ]
+        )
+    )
+    assert "more than one statement" in found["databases[0].migrations[0].up[0]"]
+    assert "binds no parameters" in found["databases[0].migrations[1].up[0]"]
+    assert "inside a quoted SQL string" in found["databases[0].migrations[1].down[0]"]
+    twice = problems(manifest(migrations=[{"tag": "one", "up": ["SELECT 1"]}, {"tag": "one", "up": ["SELECT 2"]}]))
+    assert "already used" in twice["databases[0].migrations[1].tag"]

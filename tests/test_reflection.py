@@ -14,6 +14,7 @@ SERVICES = [
     "ductape.processor.v1.BrokerService",
     "ductape.processor.v1.DatabaseService",
     "ductape.processor.v1.LogService",
+    "ductape.processor.v1.MigrationService",
     "ductape.processor.v1.ProductService",
     "ductape.processor.v1.SessionService",
     "ductape.processor.v1.StorageService",

@@ -19,6 +19,7 @@ from ductape_processor.api.broker import BrokerServicer
 from ductape_processor.api.database import DatabaseServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.log import LogServicer
+from ductape_processor.api.migration import MigrationServicer
 from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.session import SessionServicer
 from ductape_processor.api.storage import StorageServicer
@@ -27,6 +28,7 @@ from ductape_processor.grpc_server import ListenError, Servicers, grpc_server, l
 from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.actions.executor import ActionExecutor
 from ductape_processor.runtime.brokers.publisher import BrokerRuntime
+from ductape_processor.runtime.databases.migrations import MigrationRunner
 from ductape_processor.runtime.databases.pools import DatabasePools
 from ductape_processor.runtime.databases.runner import DatabaseRunner
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecorder
@@ -134,6 +136,7 @@ def build(
         log=LogServicer(ExecutionQueries(registry, store, recorder.flush)),
         storage=StorageServicer(storage),
         database=DatabaseServicer(database_runner),
+        migration=MigrationServicer(MigrationRunner(registry, databases)),
         health=health.aio.HealthServicer(),
     )
     interceptor = ProcessorInterceptor(ApiKeyAuthenticator(settings.api_key_hashes), telemetry)

@@ -22,6 +22,8 @@ from ductape_processor import __version__
 from ductape_processor.api.auth import hash_key
 from ductape_processor.app import ProcessorApp, StartupError, manifest_files
 from ductape_processor.errors import InvalidManifest, ManifestTooLarge
+from ductape_processor.migrate_command import add_parser as add_migrate_parser
+from ductape_processor.migrate_command import migrate
 from ductape_processor.runtime.registry.durations import format_duration
 from ductape_processor.runtime.registry.loader import ManifestFormat, load_manifest
 from ductape_processor.runtime.registry.manifest import Manifest
@@ -100,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("schema", help="print the manifest JSON Schema")
     session_key = commands.add_parser("new-session-key", help="print a new session root key (id:key)")
     session_key.add_argument("--id", default="k1", help="the key's id, e.g. the date it was made (default k1)")
+    add_migrate_parser(commands)
     key = commands.add_parser("hash-key", help="print the SHA-256 of an API key read from standard input")
     key.add_argument("--key", help="the key (prefer standard input: arguments show in process lists)")
     return parser
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"new-session-key: {exc}")
         print(spec)
         return
+    if args.command == "migrate":
+        sys.exit(migrate(args))
     if args.command == "hash-key":
         key = args.key if args.key is not None else sys.stdin.readline().strip()
         if not key:

@@ -17,6 +17,8 @@ from ductape.processor.v1 import (
     database_pb2_grpc,
     log_pb2,
     log_pb2_grpc,
+    migration_pb2,
+    migration_pb2_grpc,
     product_pb2,
     product_pb2_grpc,
     session_pb2,
@@ -31,6 +33,7 @@ from ductape_processor.api.broker import BrokerServicer
 from ductape_processor.api.database import DatabaseServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.log import LogServicer
+from ductape_processor.api.migration import MigrationServicer
 from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.reflection import enable_reflection
 from ductape_processor.api.session import SessionServicer
@@ -45,6 +48,7 @@ SERVICE_NAMES = (
     broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name,
     storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name,
     database_pb2.DESCRIPTOR.services_by_name["DatabaseService"].full_name,
+    migration_pb2.DESCRIPTOR.services_by_name["MigrationService"].full_name,
 )
 """The processor's services, as health checks and reflection name them."""
 
@@ -60,6 +64,7 @@ class Servicers:
     log: LogServicer
     storage: StorageServicer
     database: DatabaseServicer
+    migration: MigrationServicer
     health: health.aio.HealthServicer
 
 
@@ -88,6 +93,7 @@ def grpc_server(settings: Settings, interceptor: ProcessorInterceptor, servicers
     log_pb2_grpc.add_LogServiceServicer_to_server(servicers.log, server)
     storage_pb2_grpc.add_StorageServiceServicer_to_server(servicers.storage, server)
     database_pb2_grpc.add_DatabaseServiceServicer_to_server(servicers.database, server)
+    migration_pb2_grpc.add_MigrationServiceServicer_to_server(servicers.migration, server)
     health_pb2_grpc.add_HealthServicer_to_server(servicers.health, server)
     enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     return server

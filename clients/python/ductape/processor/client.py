@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 from ductape.processor.brokers import BrokerClient
-from ductape.processor.databases import DatabaseClient
+from ductape.processor.databases import DatabaseClient, MigrationClient
 from ductape.processor.errors import from_rpc_error
 from ductape.processor.storage import StorageClient
 from ductape.processor.v1 import (
@@ -439,6 +439,7 @@ class Processor:
         self.logs = LogClient(channel, call)
         self.storage = StorageClient(channel, call)
         self.database = DatabaseClient(channel, call)
+        self.migration = MigrationClient(channel, call)
 
     async def close(self) -> None:
         """Close the channel."""

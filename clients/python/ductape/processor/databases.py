@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from ductape.processor.v1 import common_pb2, database_pb2, database_pb2_grpc
+from ductape.processor.v1 import common_pb2, database_pb2, database_pb2_grpc, migration_pb2, migration_pb2_grpc
 from google.protobuf import json_format, struct_pb2
 
 
@@ -161,3 +161,107 @@ class DatabaseClient:
             )
             for result in response.results
         ]
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationRun:
+    """A migration that ran (applied or rolled back)."""
+
+    tag: str
+    checksum: str
+    duration_ms: int
+    statements: int
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStatus:
+    """Where one migration stands: `applied`, `pending`, `drifted` or `failed`."""
+
+    tag: str
+    state: str
+    checksum_applied: str
+    checksum_now: str
+    applied_at: str
+    duration_ms: int
+
+
+_STATES = {
+    migration_pb2.MIGRATION_STATE_APPLIED: "applied",
+    migration_pb2.MIGRATION_STATE_PENDING: "pending",
+    migration_pb2.MIGRATION_STATE_DRIFTED: "drifted",
+    migration_pb2.MIGRATION_STATE_FAILED: "failed",
+}
+
+
+def _runs(runs: Sequence[migration_pb2.MigrationRun]) -> list[MigrationRun]:
+    return [MigrationRun(r.tag, r.checksum, r.duration_ms, r.statements) for r in runs]
+
+
+class MigrationClient:
+    """`processor.migration`: run, roll back, report and plan a database's migrations."""
+
+    def __init__(self, channel: grpc.aio.Channel, call: Callable[..., Any]) -> None:
+        self._stub = migration_pb2_grpc.MigrationServiceStub(channel)
+        self._call = call
+
+    @staticmethod
+    def _target(product: str, env: str, database: str, version: int) -> migration_pb2.MigrationTarget:
+        return migration_pb2.MigrationTarget(product=product, env=env, database=database, version=version)
+
+    async def run(
+        self, *, product: str, env: str, database: str, tag: str = "", version: int = 0, timeout: float | None = None
+    ) -> list[MigrationRun]:
+        """Apply the pending migrations (up to and including `tag`); the ones applied by this call."""
+        request = migration_pb2.MigrationServiceRunRequest(
+            target=self._target(product, env, database, version), tag=tag
+        )
+        return _runs((await self._call(self._stub.Run, request, timeout)).applied)
+
+    async def rollback(
+        self,
+        *,
+        product: str,
+        env: str,
+        database: str,
+        steps: int = 0,
+        tag: str = "",
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> list[MigrationRun]:
+        """Revert the newest applied migrations (`steps`, default 1, or back to and including `tag`)."""
+        request = migration_pb2.MigrationServiceRollbackRequest(
+            target=self._target(product, env, database, version), steps=steps, tag=tag
+        )
+        return _runs((await self._call(self._stub.Rollback, request, timeout)).rolled_back)
+
+    async def status(
+        self, *, product: str, env: str, database: str, version: int = 0, timeout: float | None = None
+    ) -> list[MigrationStatus]:
+        """Every migration's state."""
+        request = migration_pb2.MigrationServiceStatusRequest(target=self._target(product, env, database, version))
+        response = await self._call(self._stub.Status, request, timeout)
+        return [
+            MigrationStatus(
+                m.tag, _STATES.get(m.state, "unknown"), m.checksum_applied, m.checksum_now, m.applied_at, m.duration_ms
+            )
+            for m in response.migrations
+        ]
+
+    async def plan(
+        self,
+        *,
+        product: str,
+        env: str,
+        database: str,
+        tag: str = "",
+        rollback: bool = False,
+        steps: int = 0,
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> list[tuple[str, list[str]]]:
+        """(tag, statements) of what Run (or Rollback) would run now; nothing is applied."""
+        request = migration_pb2.MigrationServicePlanRequest(
+            target=self._target(product, env, database, version), tag=tag, rollback=rollback, steps=steps
+        )
+        response = await self._call(self._stub.Plan, request, timeout)
+        return [(m.tag, list(m.statements)) for m in response.migrations]

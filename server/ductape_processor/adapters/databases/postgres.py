@@ -265,12 +265,19 @@ class _Session(DatabaseSession):
 
     @contextlib.asynccontextmanager
     async def locked(self, name: str, timeout_s: float) -> AsyncIterator[None]:
-        async with self._transaction():
-            try:
-                await self._conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id(name), timeout=timeout_s)
-            except TimeoutError:
-                raise StatementTimeout(f"{self._adapter.name}: the lock {name!r} stayed taken") from None
+        # A session-level advisory lock, so each migration under it commits in a transaction of its own.
+        key = lock_id(name)
+        try:
+            await self._conn.execute("SELECT pg_advisory_lock($1)", key, timeout=max(timeout_s, 0.001))
+        except TimeoutError:
+            raise StatementTimeout(f"{self._adapter.name}: the lock {name!r} stayed taken") from None
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise failure(exc, self._adapter.name, sent=False) from None
+        try:
             yield
+        finally:
+            with contextlib.suppress(Exception):
+                await self._conn.execute("SELECT pg_advisory_unlock($1)", key)
 
 
 class PostgresDatabase(DatabaseAdapter):

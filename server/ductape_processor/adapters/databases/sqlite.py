@@ -80,6 +80,7 @@ class _Session(DatabaseSession):
         self._adapter = adapter
         self.conn = conn
         self.broken = False
+        self._depth = 0  # transactions open on this connection: an inner one is a savepoint
 
     async def run(self, statement: Statement, timeout_s: float) -> Outcome:
         conn = self.conn
@@ -107,22 +108,34 @@ class _Session(DatabaseSession):
 
     @contextlib.asynccontextmanager
     async def _begin(self, kind: str) -> AsyncIterator[None]:
+        savepoint = f"ductape_{self._depth}"
+        begin, commit, rollback = (
+            (f"SAVEPOINT {savepoint}", f"RELEASE {savepoint}", f"ROLLBACK TO {savepoint}")
+            if self._depth
+            else (f"BEGIN {kind}", "COMMIT", "ROLLBACK")
+        )
         try:
-            await self.conn.execute(f"BEGIN {kind}")
+            await self.conn.execute(begin)
         except sqlite3.Error as exc:
             raise failure(exc, self._adapter.name) from None
+        self._depth += 1
         try:
             yield
         except BaseException:
             with contextlib.suppress(Exception):
-                await self.conn.execute("ROLLBACK")
+                await self.conn.execute(rollback)
+                if self._depth > 1:
+                    await self.conn.execute(commit)  # a savepoint rolled back to is still open: end it
             raise
-        try:
-            await self.conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(Exception):
-                await self.conn.execute("ROLLBACK")
-            raise failure(exc, self._adapter.name) from None
+        else:
+            try:
+                await self.conn.execute(commit)
+            except sqlite3.Error as exc:
+                with contextlib.suppress(Exception):
+                    await self.conn.execute(rollback)
+                raise failure(exc, self._adapter.name) from None
+        finally:
+            self._depth -= 1
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self._begin("DEFERRED")

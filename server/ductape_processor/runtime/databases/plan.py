@@ -92,11 +92,30 @@ def _compile_action(
     )
 
 
+def _migration_problems(database: Database, sql: str) -> list[str]:
+    problems: list[str] = []
+    for dialect in _dialects(database):
+        try:
+            compiled = compile_sql(sql, dialect)
+        except SqlProblem as exc:
+            problems.append(f"{exc} ({dialect})")
+            break
+        if compiled.placeholders:
+            problems.append("a migration binds no parameters: write its values in the statement")
+            break
+    return problems
+
+
 def compile_databases(manifest: Manifest) -> tuple[dict[tuple[str, str], DatabaseActionPlan], list[tuple[str, str]]]:
     """Every database action of a manifest compiled, and every problem found (path in the manifest, why)."""
     plans: dict[tuple[str, str], DatabaseActionPlan] = {}
     problems: list[tuple[str, str]] = []
     for d, database in enumerate(manifest.databases):
+        for m, migration in enumerate(database.migrations):
+            for direction in ("up", "down"):
+                for s, sql in enumerate(getattr(migration, direction)):
+                    where = f"databases[{d}].migrations[{m}].{direction}[{s}]"
+                    problems.extend((where, why) for why in _migration_problems(database, sql))
         for a, action in enumerate(database.actions):
             before = len(problems)
             plan = _compile_action(database, action, f"databases[{d}].actions[{a}]", problems)
