@@ -4,8 +4,12 @@ emulator is started by its fixture on a free loopback port; without it the tests
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable, Callable
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,8 @@ class Backend:
     """Settings pointing at nothing, with credentials that must not appear in errors."""
     secrets: dict[str, str] = field(default_factory=dict)
     """Secrets the settings reference, as PROCESSOR_SECRET_* environment variables."""
-    signs_put: bool = True
+    client: Any = None
+    """The provider's own client, for tests that look closer (None for fs)."""
 
 
 def fs_backend(data_dir: Path, product: str, tag: str, env: str) -> Backend:
@@ -47,3 +52,115 @@ def fs_backend(data_dir: Path, product: str, tag: str, env: str) -> Backend:
         return sorted(found)
 
     return Backend("fs", {"provider": "fs"}, fetch, keys)
+
+
+# -- emulators ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_for_port(port: int, process: asyncio.subprocess.Process, what: str, seconds: float = 30) -> None:
+    """Return once something accepts connections on 127.0.0.1:`port`; fail if `process` exits or time runs out."""
+    for _ in range(int(seconds * 10)):
+        if process.returncode is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {seconds} s")
+
+
+@contextlib.asynccontextmanager
+async def emulator(what: str, *command: str, port: int, **env: str) -> AsyncIterator[None]:
+    """Run an emulator process for the duration of the block."""
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    try:
+        await wait_for_port(port, process, what)
+        yield
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+S3_KEY_ID = "AKIDTESTSTORAGE1"
+S3_SECRET = "s3-secret-9f8e7d6c5b4a"  # made up for the emulator; checked absent from every error
+
+
+@contextlib.asynccontextmanager
+async def s3_backend() -> AsyncIterator[Backend]:
+    """moto's server mode on a free loopback port, a fresh bucket, and boto3 (sync, in threads) as the checker."""
+    import boto3
+
+    port = free_port()
+    moto = str(Path(sys.executable).with_name("moto_server"))
+    async with emulator("moto_server", moto, "-H", "127.0.0.1", "-p", str(port), port=port):
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=S3_KEY_ID,
+            aws_secret_access_key=S3_SECRET,
+        )
+        bucket = "storage-contract"
+        await asyncio.to_thread(client.create_bucket, Bucket=bucket)
+
+        async def fetch(key: str) -> bytes | None:
+            def get() -> bytes | None:
+                try:
+                    return bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+                except client.exceptions.NoSuchKey:
+                    return None
+
+            return await asyncio.to_thread(get)
+
+        async def keys() -> list[str]:
+            def every() -> list[str]:
+                found = []
+                for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+                    found += [item["Key"] for item in page.get("Contents", [])]
+                uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+                found += [f".uploads/{upload['Key']}" for upload in uploads]
+                return sorted(found)
+
+            return await asyncio.to_thread(every)
+
+        settings = {
+            "provider": "s3",
+            "bucket": bucket,
+            "endpoint": endpoint,
+            "path_style": True,
+            "access_key_id": "$Secret{S3_KEY_ID}",
+            "secret_access_key": "$Secret{S3_SECRET}",
+        }
+        unreachable = {**settings, "endpoint": f"http://127.0.0.1:{free_port()}"}
+        yield Backend(
+            "s3",
+            settings,
+            fetch,
+            keys,
+            unreachable_env=unreachable,
+            secrets={"S3_KEY_ID": S3_KEY_ID, "S3_SECRET": S3_SECRET},
+            client=client,
+        )

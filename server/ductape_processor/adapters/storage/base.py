@@ -153,10 +153,11 @@ class RangeNotSatisfiable(ProcessorError, code=grpc.StatusCode.OUT_OF_RANGE, rea
     """A download's offset is past the end of the file."""
 
 
-def unavailable(storage: str, provider: str, what: str, exc: BaseException) -> StorageUnavailable:
-    """The error callers see when a provider fails: what was being done and the error's type, never its text (a
-    driver's message may quote an endpoint with credentials or a signed request)."""
+def unavailable(storage: str, provider: str, what: str, exc: BaseException, code: str = "") -> StorageUnavailable:
+    """The error callers see when a provider fails: what was being done, the error's type and the provider's error
+    code, never the error's text (a driver's message may quote an endpoint with credentials or a signed request)."""
+    why = f"{type(exc).__name__} ({code})" if code else type(exc).__name__
     return StorageUnavailable(
-        f"storage {storage!r} ({provider}): {what} failed: {type(exc).__name__}",
+        f"storage {storage!r} ({provider}): {what} failed: {why}",
         metadata={"storage": storage, "provider": provider},
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ductape_processor.adapters.storage.base import SignedUrl, StorageAdapter, UrlMethod
-from ductape_processor.runtime.registry.storage import FsStorageEnv
+from ductape_processor.runtime.registry.storage import FsStorageEnv, S3StorageEnv
 
 SettingsT = TypeVar("SettingsT")
 
@@ -54,6 +54,13 @@ def _fs(settings: FsStorageEnv, placement: Placement) -> StorageAdapter:
     return FsStorage(placement.storage_root / directory, placement.name, placement.signer)
 
 
+def _s3(settings: S3StorageEnv, placement: Placement) -> StorageAdapter:
+    from ductape_processor.adapters.storage.s3 import S3Storage
+
+    return S3Storage(settings, placement.name)
+
+
 STORAGE_PROVIDERS: dict[str, StorageProvider[Any]] = {
     "fs": StorageProvider(FsStorageEnv, _fs),
+    "s3": StorageProvider(S3StorageEnv, _s3),
 }

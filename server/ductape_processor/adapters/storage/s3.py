@@ -1,0 +1,255 @@
+"""An S3 bucket (AWS, or any S3-compatible store at an endpoint) through aiobotocore.
+
+A file that fits in one part is sent with one PutObject once all its bytes are in (and checked), carrying its SHA-256
+in its metadata. A larger file is a multipart upload: parts of PART_BYTES go up as they fill, at most
+PARTS_IN_FLIGHT at a time, and the upload is completed only after the last chunk passed the runtime's checks; on
+any failure, cancellation included, it is aborted, so S3 keeps nothing. Its metadata is written when it starts,
+so it carries the SHA-256 only when the caller declared one. Memory per upload: the parts in flight and the one
+filling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Final
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from ductape_processor.adapters.storage.base import (
+    SHA256_METADATA,
+    Checked,
+    FileInfo,
+    FileNotFound,
+    NewFile,
+    SignedUrl,
+    StorageAccessDenied,
+    StorageAdapter,
+    UrlMethod,
+    unavailable,
+)
+from ductape_processor.errors import ProcessorError
+from ductape_processor.runtime.registry.storage import S3StorageEnv
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3.client import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+PART_BYTES: Final = 8 * 1024 * 1024
+"""The size of a multipart upload's parts (S3's least is 5 MiB but for the last); a file up to this size is one
+PutObject."""
+PARTS_IN_FLIGHT: Final = 2
+"""Parts of one upload sent at once."""
+_DENIED: Final = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+_MISSING: Final = {"NoSuchKey", "NotFound", "404"}
+
+
+class S3Storage(StorageAdapter):
+    """One bucket; the client is opened on first use and kept."""
+
+    provider = "s3"
+
+    def __init__(self, settings: S3StorageEnv, name: str) -> None:
+        self._settings = settings
+        self._name = name
+        self._bucket = settings.bucket
+        self._stack = contextlib.AsyncExitStack()
+        self._client: S3Client | None = None
+        self._lock = asyncio.Lock()
+
+    async def _s3(self) -> S3Client:
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    settings = self._settings
+                    config = AioConfig(
+                        s3={"addressing_style": "path" if settings.path_style else "auto"},
+                        signature_version="s3v4",
+                        retries={"max_attempts": 2, "mode": "standard"},
+                        connect_timeout=5,
+                        read_timeout=60,
+                        max_pool_connections=64,
+                        # Checksums only where S3 requires them: the runtime checks SHA-256 itself, and the default
+                        # (a CRC on every part, sent as an aws-chunked trailer) costs CPU and copies.
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required",
+                    )
+                    client = get_session().create_client(
+                        "s3",
+                        region_name=settings.region,
+                        endpoint_url=settings.endpoint,
+                        aws_access_key_id=settings.access_key_id,
+                        aws_secret_access_key=settings.secret_access_key,
+                        aws_session_token=settings.session_token,
+                        config=config,
+                    )
+                    self._client = await self._stack.enter_async_context(client)
+        return self._client
+
+    def _failure(self, what: str, exc: BaseException, key: str | None = None) -> ProcessorError:
+        """A driver's failure as the error callers see, without its text (it may quote a signed request)."""
+        if isinstance(exc, NoCredentialsError):
+            return StorageAccessDenied(
+                f"storage {self._name!r} (s3): no credentials (set access_key_id and secret_access_key)",
+                metadata={"storage": self._name, "provider": "s3"},
+            )
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if key is not None and code in _MISSING:
+                return FileNotFound(self._name, key)
+            if code in _DENIED:
+                return StorageAccessDenied(
+                    f"storage {self._name!r} (s3): {what} refused: {code}",
+                    metadata={"storage": self._name, "provider": "s3"},
+                )
+            return unavailable(self._name, "s3", what, exc, code)
+        return unavailable(self._name, "s3", what, exc)
+
+    # -- writing ------------------------------------------------------------------------------------------------
+
+    async def put(self, new: NewFile, chunks: Checked) -> FileInfo:
+        s3 = await self._s3()
+        metadata = dict(new.metadata)
+        if new.sha256:
+            metadata[SHA256_METADATA] = new.sha256
+        pending: list[bytes] = []
+        filled = 0
+        upload_id = ""
+        parts: list[asyncio.Task[CompletedPartTypeDef]] = []
+        slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
+
+        async def send(number: int, body: bytes) -> CompletedPartTypeDef:
+            try:
+                answer = await s3.upload_part(
+                    Bucket=self._bucket, Key=new.key, UploadId=upload_id, PartNumber=number, Body=body
+                )
+            finally:
+                slots.release()
+            return {"ETag": answer["ETag"], "PartNumber": number}
+
+        async def part(body: bytes) -> None:
+            nonlocal upload_id
+            if not upload_id:
+                started = await s3.create_multipart_upload(
+                    Bucket=self._bucket, Key=new.key, ContentType=new.content_type, Metadata=metadata
+                )
+                upload_id = started["UploadId"]
+            await slots.acquire()  # back-pressure: the caller's stream waits while parts are in flight
+            parts.append(asyncio.ensure_future(send(len(parts) + 1, body)))
+
+        try:
+            try:
+                async for chunk in chunks:
+                    pending.append(chunk)
+                    filled += len(chunk)
+                    if filled >= PART_BYTES:
+                        # One allocation per part, of the part's size (what exceeds it starts the next part).
+                        body = b"".join(pending)
+                        await part(body[:PART_BYTES] if len(body) > PART_BYTES else body)
+                        rest = body[PART_BYTES:]
+                        pending, filled = ([rest] if rest else []), len(rest)
+                        del body, rest
+                if not upload_id:
+                    metadata[SHA256_METADATA] = chunks.sha256
+                    await s3.put_object(
+                        Bucket=self._bucket,
+                        Key=new.key,
+                        Body=b"".join(pending),
+                        ContentType=new.content_type,
+                        Metadata=metadata,
+                    )
+                else:
+                    if pending:
+                        await part(b"".join(pending))
+                    done = list(await asyncio.gather(*parts))
+                    await s3.complete_multipart_upload(
+                        Bucket=self._bucket, Key=new.key, UploadId=upload_id, MultipartUpload={"Parts": done}
+                    )
+            except BaseException:
+                for task in parts:
+                    task.cancel()
+                await asyncio.gather(*parts, return_exceptions=True)
+                if upload_id:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(
+                            s3.abort_multipart_upload(Bucket=self._bucket, Key=new.key, UploadId=upload_id)
+                        )
+                raise
+        except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            raise self._failure("save", exc) from None
+        return FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))
+
+    # -- reading ------------------------------------------------------------------------------------------------
+
+    async def head(self, key: str) -> FileInfo:
+        s3 = await self._s3()
+        try:
+            answer = await s3.head_object(Bucket=self._bucket, Key=key)
+        except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            raise self._failure("head", exc, key) from None
+        metadata = dict(answer.get("Metadata") or {})
+        sha256 = metadata.pop(SHA256_METADATA, "")
+        return FileInfo(
+            key,
+            int(answer.get("ContentLength", 0)),
+            sha256,
+            str(answer.get("ContentType") or ""),
+            metadata,
+            answer.get("LastModified"),
+        )
+
+    async def read(self, key: str, start: int, stop: int, chunk_size: int) -> AsyncIterator[bytes]:
+        s3 = await self._s3()
+        try:
+            answer = await s3.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
+            async with answer["Body"] as body:
+                async for chunk in body.iter_chunks(chunk_size):
+                    yield chunk
+        except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            raise self._failure("download", exc, key) from None
+
+    # -- the rest -----------------------------------------------------------------------------------------------
+
+    async def delete(self, key: str) -> bool:
+        try:
+            await self.head(key)
+        except FileNotFound:
+            return False
+        s3 = await self._s3()
+        try:
+            await s3.delete_object(Bucket=self._bucket, Key=key)
+        except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            raise self._failure("delete", exc, key) from None
+        return True
+
+    async def list_files(self, prefix: str, after: str, limit: int) -> list[FileInfo]:
+        s3 = await self._s3()
+        try:
+            answer = await s3.list_objects_v2(Bucket=self._bucket, Prefix=prefix, StartAfter=after, MaxKeys=limit)
+        except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            raise self._failure("list", exc) from None
+        return [
+            FileInfo(item["Key"], int(item.get("Size", 0)), updated=item.get("LastModified"))
+            for item in answer.get("Contents", [])
+        ]
+
+    async def signed_url(self, key: str, method: UrlMethod, expires_s: int, content_type: str) -> SignedUrl:
+        s3 = await self._s3()
+        params: dict[str, str] = {"Bucket": self._bucket, "Key": key}
+        headers: dict[str, str] = {}
+        if method is UrlMethod.PUT and content_type:
+            params["ContentType"] = content_type
+            headers["Content-Type"] = content_type
+        operation = "put_object" if method is UrlMethod.PUT else "get_object"
+        try:
+            url = await s3.generate_presigned_url(operation, Params=params, ExpiresIn=expires_s)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure("signing", exc, key) from None
+        return SignedUrl(url, headers)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
