@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 DATA    ?= .data
 
-.PHONY: setup run test faults lint gen bench mutate clean
+.PHONY: setup emulators run test faults lint gen bench mutate clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,14 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+## The storage emulators the tests start that are not Python packages: Azurite (Azure Blob), from npm, into .tools/.
+## Tests whose emulator is missing skip with a message (fail under CI=true); .ci/run installs them.
+AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
+$(AZURITE):
+	npm install --silent --no-audit --no-fund --prefix .tools/azurite azurite@3.35.0
+
+emulators: $(AZURITE)
 
 ## Serve the example product on 127.0.0.1:50051 with the embedded SQLite store under $(DATA)/, and the example
 ## mailer stub on 127.0.0.1:8025 that the product's `mailer` app calls in its `dev` environment.
@@ -56,4 +64,4 @@ mutate: setup
 	$(PY) scripts/mutate.py $(MUTATE_ARGS)
 
 clean:
-	rm -rf $(VENV) $(DATA) .mypy_cache .ruff_cache .pytest_cache .mutate
+	rm -rf $(VENV) $(DATA) .mypy_cache .ruff_cache .pytest_cache .mutate .tools

@@ -164,3 +164,62 @@ async def s3_backend() -> AsyncIterator[Backend]:
             secrets={"S3_KEY_ID": S3_KEY_ID, "S3_SECRET": S3_SECRET},
             client=client,
         )
+
+
+AZURITE = Path(__file__).resolve().parent.parent / ".tools" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's documented development key (public, the same in every Azurite), not a credential of anything.
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_connection_string(port: int) -> str:
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
+    )
+
+
+@contextlib.asynccontextmanager
+async def azure_backend(workdir: Path) -> AsyncIterator[Backend]:
+    """Azurite (npm, installed by `make emulators`) on a free loopback port, a fresh container, and
+    azure-storage-blob's sync client (in threads) as the checker."""
+    from azure.storage.blob import BlobServiceClient
+
+    if not AZURITE.exists():
+        raise RuntimeError(f"{AZURITE} is missing: run `make emulators` (installs Azurite with npm)")
+    port = free_port()
+    location = workdir / "azurite"
+    location.mkdir()
+    command = [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location)]
+    async with emulator("azurite", *command, "--skipApiVersionCheck", "--loose", "--silent", port=port):
+        connection = azurite_connection_string(port)
+        container = BlobServiceClient.from_connection_string(connection).get_container_client("storage-contract")
+        await asyncio.to_thread(container.create_container)
+
+        async def fetch(key: str) -> bytes | None:
+            def get() -> bytes | None:
+                blob = container.get_blob_client(key)
+                return bytes(blob.download_blob().readall()) if blob.exists() else None
+
+            return await asyncio.to_thread(get)
+
+        async def keys() -> list[str]:
+            return await asyncio.to_thread(lambda: sorted(blob.name for blob in container.list_blobs()))
+
+        unreachable = (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{free_port()}/{AZURITE_ACCOUNT};"
+        )
+        yield Backend(
+            "azure",
+            {"provider": "azure", "container": "storage-contract", "connection_string": "$Secret{AZURE_CONNECTION}"},
+            fetch,
+            keys,
+            unreachable_env={
+                "provider": "azure",
+                "container": "storage-contract",
+                "connection_string": "$Secret{AZURE_DOWN}",
+            },
+            secrets={"AZURE_CONNECTION": connection, "AZURE_DOWN": unreachable, "AZURE_KEY": AZURITE_KEY},
+            client=container,
+        )

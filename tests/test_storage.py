@@ -19,11 +19,11 @@ from ductape.processor import InvalidArgumentError, NotFoundError, Processor, Pr
 from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
 
 from tests.conftest import Running, ServerFactory, _missing
-from tests.storage_backends import Backend, free_port, fs_backend, s3_backend
+from tests.storage_backends import Backend, azure_backend, free_port, fs_backend, s3_backend
 
 PRODUCT = "st"
 TAG = "files"
-PROVIDERS = ["fs", "s3"]
+PROVIDERS = ["fs", "s3", "azure"]
 MIB = 1024 * 1024
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452") + b"\0" * 64
 
@@ -45,9 +45,9 @@ async def backend(
     if request.param == "fs":
         yield fs_backend(tmp_path / "data0", PRODUCT, TAG, "dev")
         return
-    opener = {"s3": s3_backend}[request.param]
+    openers = {"s3": s3_backend, "azure": lambda: azure_backend(tmp_path)}
     try:
-        context = opener()
+        context = openers[request.param]()
         opened = await context.__aenter__()
     except (OSError, RuntimeError) as exc:
         _missing(f"the {request.param} emulator could not be started: {exc}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ductape_processor.adapters.storage.base import SignedUrl, StorageAdapter, UrlMethod
-from ductape_processor.runtime.registry.storage import FsStorageEnv, S3StorageEnv
+from ductape_processor.runtime.registry.storage import AzureStorageEnv, FsStorageEnv, S3StorageEnv
 
 SettingsT = TypeVar("SettingsT")
 
@@ -60,7 +60,14 @@ def _s3(settings: S3StorageEnv, placement: Placement) -> StorageAdapter:
     return S3Storage(settings, placement.name)
 
 
+def _azure(settings: AzureStorageEnv, placement: Placement) -> StorageAdapter:
+    from ductape_processor.adapters.storage.azure import AzureStorage
+
+    return AzureStorage(settings, placement.name)
+
+
 STORAGE_PROVIDERS: dict[str, StorageProvider[Any]] = {
     "fs": StorageProvider(FsStorageEnv, _fs),
     "s3": StorageProvider(S3StorageEnv, _s3),
+    "azure": StorageProvider(AzureStorageEnv, _azure),
 }

@@ -255,6 +255,8 @@ class StorageRuntime:
         limit = self._max_message_bytes - CHUNK_HEADROOM - 4096
         if info.size > limit:
             raise too_large(info.size, limit, "file_name")
+        if not info.size:
+            return info, b""  # no range to ask for (a provider may refuse an empty one)
         parts = [chunk async for chunk in opened.adapter.read(key, 0, info.size, DEFAULT_CHUNK_BYTES)]
         return info, b"".join(parts)
 

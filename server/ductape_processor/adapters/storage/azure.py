@@ -1,0 +1,221 @@
+"""An Azure Blob Storage container through azure-storage-blob's aio client.
+
+A file that fits in one block is one upload once its bytes are in and checked. A larger one is staged block by
+block as they fill (two at a time) and exists only when the block list is committed, after the last chunk passed
+the runtime's checks; staged blocks that are never committed are not a blob (Azure discards them after a week). The
+commit carries the content type and the metadata, the SHA-256 included, so every blob the processor wrote has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import aiohttp
+from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+from azure.storage.blob import BlobBlock, BlobSasPermissions, ContentSettings, generate_blob_sas
+from azure.storage.blob.aio import ContainerClient
+
+from ductape_processor.adapters.storage.base import (
+    SHA256_METADATA,
+    Checked,
+    FileInfo,
+    FileNotFound,
+    NewFile,
+    SignedUrl,
+    StorageAccessDenied,
+    StorageAdapter,
+    UrlMethod,
+    unavailable,
+)
+from ductape_processor.errors import ProcessorError
+from ductape_processor.runtime.registry.storage import AzureStorageEnv
+
+BLOCK_BYTES: Final = 8 * 1024 * 1024
+"""The size of the blocks a large file is staged in; a file up to this size is one upload."""
+BLOCKS_IN_FLIGHT: Final = 2
+"""Blocks of one upload staged at once."""
+_FAILURES = (AzureError, aiohttp.ClientError, OSError)
+
+
+class AzureStorage(StorageAdapter):
+    """One container; the client is built on first use and kept."""
+
+    provider = "azure"
+
+    def __init__(self, settings: AzureStorageEnv, name: str) -> None:
+        self._settings = settings
+        self._name = name
+        self._client: ContainerClient | None = None
+
+    def _container(self) -> ContainerClient:
+        if self._client is None:
+            settings = self._settings
+            # No SDK retries (its first pause is 15 s): the runtime retries what is safe to repeat, within the deadline.
+            options: dict[str, Any] = {"retry_total": 0, "connection_timeout": 5, "read_timeout": 60}
+            if settings.connection_string is not None:
+                self._client = ContainerClient.from_connection_string(
+                    settings.connection_string, settings.container, **options
+                )
+            else:
+                account = settings.account or ""
+                url = settings.endpoint or f"https://{account}.blob.core.windows.net"
+                credential = (
+                    {"account_name": account, "account_key": settings.account_key} if settings.account_key else None
+                )
+                self._client = ContainerClient(url, settings.container, credential=credential, **options)
+        return self._client
+
+    def _failure(self, what: str, exc: BaseException, key: str | None = None) -> ProcessorError:
+        code = str(getattr(exc, "error_code", "") or "")
+        if key is not None and isinstance(exc, ResourceNotFoundError) and code in ("", "BlobNotFound"):
+            return FileNotFound(self._name, key)
+        if isinstance(exc, ClientAuthenticationError) or code in ("AuthenticationFailed", "AuthorizationFailure"):
+            return StorageAccessDenied(
+                f"storage {self._name!r} (azure): {what} refused: {code or type(exc).__name__}",
+                metadata={"storage": self._name, "provider": "azure"},
+            )
+        return unavailable(self._name, "azure", what, exc, code)
+
+    # -- writing ------------------------------------------------------------------------------------------------
+
+    async def put(self, new: NewFile, chunks: Checked) -> FileInfo:
+        blob = self._container().get_blob_client(new.key)
+        pending: list[bytes] = []
+        filled = 0
+        staged: list[asyncio.Task[None]] = []
+        ids: list[str] = []
+        slots = asyncio.Semaphore(BLOCKS_IN_FLIGHT)
+
+        async def send(block_id: str, body: bytes) -> None:
+            try:
+                await blob.stage_block(block_id, body, length=len(body))
+            finally:
+                slots.release()
+
+        async def stage(body: bytes) -> None:
+            block_id = base64.b64encode(f"{len(ids):08d}".encode()).decode()
+            ids.append(block_id)
+            await slots.acquire()  # back-pressure on the caller's stream
+            staged.append(asyncio.ensure_future(send(block_id, body)))
+
+        try:
+            try:
+                async for chunk in chunks:
+                    pending.append(chunk)
+                    filled += len(chunk)
+                    if filled >= BLOCK_BYTES:
+                        body = b"".join(pending)
+                        await stage(body[:BLOCK_BYTES] if len(body) > BLOCK_BYTES else body)
+                        rest = body[BLOCK_BYTES:]
+                        pending, filled = ([rest] if rest else []), len(rest)
+                        del body, rest
+                metadata = {**new.metadata, SHA256_METADATA: chunks.sha256}
+                settings = ContentSettings(content_type=new.content_type)
+                if not ids:
+                    await blob.upload_blob(
+                        b"".join(pending), overwrite=True, content_settings=settings, metadata=metadata
+                    )
+                else:
+                    if pending:
+                        await stage(b"".join(pending))
+                    await asyncio.gather(*staged)
+                    await blob.commit_block_list(
+                        [BlobBlock(block_id) for block_id in ids], content_settings=settings, metadata=metadata
+                    )
+            except BaseException:
+                for task in staged:
+                    task.cancel()
+                await asyncio.gather(*staged, return_exceptions=True)
+                raise
+        except _FAILURES as exc:
+            raise self._failure("save", exc) from None
+        return FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))
+
+    # -- reading ------------------------------------------------------------------------------------------------
+
+    async def head(self, key: str) -> FileInfo:
+        try:
+            properties = await self._container().get_blob_client(key).get_blob_properties()
+        except _FAILURES as exc:
+            raise self._failure("head", exc, key) from None
+        metadata = dict(properties.metadata or {})
+        sha256 = metadata.pop(SHA256_METADATA, "")
+        content_type = properties.content_settings.content_type or ""
+        return FileInfo(key, int(properties.size), sha256, content_type, metadata, properties.last_modified)
+
+    async def read(self, key: str, start: int, stop: int, chunk_size: int) -> AsyncIterator[bytes]:
+        try:
+            downloader = await self._container().get_blob_client(key).download_blob(offset=start, length=stop - start)
+            async for chunk in downloader.chunks():
+                # The SDK's chunks are its own size (4 MiB): cut them to the size asked.
+                for begin in range(0, len(chunk), chunk_size):
+                    yield chunk[begin : begin + chunk_size]
+        except _FAILURES as exc:
+            raise self._failure("download", exc, key) from None
+
+    # -- the rest -----------------------------------------------------------------------------------------------
+
+    async def delete(self, key: str) -> bool:
+        try:
+            await self._container().get_blob_client(key).delete_blob()
+        except ResourceNotFoundError as exc:
+            if str(getattr(exc, "error_code", "") or "") in ("", "BlobNotFound"):
+                return False
+            raise self._failure("delete", exc, key) from None
+        except _FAILURES as exc:
+            raise self._failure("delete", exc, key) from None
+        return True
+
+    async def list_files(self, prefix: str, after: str, limit: int) -> list[FileInfo]:
+        found: list[FileInfo] = []
+        # Azure lists in key order but cannot start after a key: blobs up to `after` are skipped as they come.
+        try:
+            async for item in self._container().list_blobs(name_starts_with=prefix or None, include=["metadata"]):
+                if item.name.encode() <= after.encode():
+                    continue
+                metadata = dict(item.metadata or {})
+                sha256 = metadata.pop(SHA256_METADATA, "")
+                content_type = item.content_settings.content_type or ""
+                found.append(FileInfo(item.name, int(item.size), sha256, content_type, metadata, item.last_modified))
+                if len(found) >= limit:
+                    break
+        except (HttpResponseError, *_FAILURES) as exc:
+            raise self._failure("list", exc) from None
+        return found
+
+    async def signed_url(self, key: str, method: UrlMethod, expires_s: int, content_type: str) -> SignedUrl:
+        container = self._container()
+        credential = container.credential
+        account_key = getattr(credential, "account_key", None)
+        if not account_key:
+            raise StorageAccessDenied(
+                f"storage {self._name!r} (azure): signed URLs need the account key (account_key or a connection "
+                "string holding it)",
+                metadata={"storage": self._name, "provider": "azure"},
+            )
+        permission = (
+            BlobSasPermissions(create=True, write=True) if method is UrlMethod.PUT else BlobSasPermissions(read=True)
+        )
+        token = generate_blob_sas(
+            container.account_name or "",
+            container.container_name,
+            key,
+            account_key=account_key,
+            permission=permission,
+            expiry=datetime.now(UTC) + timedelta(seconds=expires_s),
+            start=datetime.now(UTC) - timedelta(minutes=5),  # a little clock skew between here and Azure
+        )
+        headers = {"x-ms-blob-type": "BlockBlob"} if method is UrlMethod.PUT else {}
+        if method is UrlMethod.PUT and content_type:
+            headers["Content-Type"] = content_type
+        return SignedUrl(f"{container.get_blob_client(key).url}?{token}", headers)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
