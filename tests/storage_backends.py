@@ -32,6 +32,8 @@ class Backend:
     """Secrets the settings reference, as PROCESSOR_SECRET_* environment variables."""
     client: Any = None
     """The provider's own client, for tests that look closer (None for fs)."""
+    signs_urls: bool = True
+    """Whether the adapter makes signed URLs (not yet on GCS)."""
 
 
 def fs_backend(data_dir: Path, product: str, tag: str, env: str) -> Backend:
@@ -222,4 +224,43 @@ async def azure_backend(workdir: Path) -> AsyncIterator[Backend]:
             },
             secrets={"AZURE_CONNECTION": connection, "AZURE_DOWN": unreachable, "AZURE_KEY": AZURITE_KEY},
             client=container,
+        )
+
+
+@contextlib.asynccontextmanager
+async def gcs_backend() -> AsyncIterator[Backend]:
+    """gcp-storage-emulator (PyPI; the JSON API) on a free loopback port with a fresh bucket, in memory, and
+    google-cloud-storage's sync client (in threads) as the checker."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    port = free_port()
+    command = str(Path(sys.executable).with_name("gcp-storage-emulator"))
+    bucket_name = "storage-contract"
+    args = ["start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", bucket_name]
+    async with emulator("gcp-storage-emulator", command, *args, "--quiet", port=port):
+        endpoint = f"http://127.0.0.1:{port}"
+        client = storage.Client(
+            project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint}
+        )
+        bucket = client.bucket(bucket_name)
+
+        async def fetch(key: str) -> bytes | None:
+            def get() -> bytes | None:
+                blob = bucket.blob(key)
+                return bytes(blob.download_as_bytes()) if blob.exists() else None
+
+            return await asyncio.to_thread(get)
+
+        async def keys() -> list[str]:
+            return await asyncio.to_thread(lambda: sorted(blob.name for blob in client.list_blobs(bucket_name)))
+
+        yield Backend(
+            "gcs",
+            {"provider": "gcs", "bucket": bucket_name, "endpoint": endpoint},
+            fetch,
+            keys,
+            unreachable_env={"provider": "gcs", "bucket": bucket_name, "endpoint": f"http://127.0.0.1:{free_port()}"},
+            client=client,
+            signs_urls=False,
         )

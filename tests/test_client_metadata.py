@@ -52,6 +52,16 @@ CALLS: dict[str, Call] = {
     "BrokerService/PublishBatch": lambda p, m: p.message_broker.publish_batch(
         product="shop", env="dev", event="events:user-created", messages=[], metadata=m
     ),
+    "StorageService/Save": lambda p, m: p.storage.save(
+        product="shop", env="dev", event="files", file_name="m.txt", data=b"m", metadata=m
+    ),
+    "StorageService/Read": lambda p, m: p.storage.read(
+        product="shop", env="dev", event="files", file_name="m.txt", metadata=m
+    ),
+    "StorageService/List": lambda p, m: p.storage.list(product="shop", env="dev", event="files", metadata=m),
+    "StorageService/Delete": lambda p, m: p.storage.delete(
+        product="shop", env="dev", event="files", file_name="m.txt", metadata=m
+    ),
 }
 
 

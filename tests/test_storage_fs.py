@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import aiohttp
 import pytest
-from ductape.processor import InvalidArgumentError
+from ductape.processor import FailedPreconditionError, InvalidArgumentError
 
 from tests.conftest import Running, ServerFactory
 from tests.test_storage import PRODUCT, TAG, manifest, where
@@ -13,7 +15,7 @@ from tests.test_storage import PRODUCT, TAG, manifest, where
 
 @pytest.fixture
 async def fs_running(start_server: ServerFactory, tmp_path: Path) -> tuple[Running, Path]:
-    server = await start_server()
+    server = await start_server(storage_http_address="127.0.0.1:0")
     await server.client.product.apply(manifest({"provider": "fs"}))
     await server.client.storage.save(**where(), file_name="first", data=b"1")  # makes the folder
     return server, tmp_path / "data0" / "storage" / PRODUCT / TAG / "dev"
@@ -62,3 +64,32 @@ async def test_a_manifest_directory_may_not_leave_the_data_directory(start_serve
     for directory in ("../elsewhere", "/etc", "a/../../b"):
         result = await server.client.product.validate(manifest({"provider": "fs", "directory": directory}))
         assert not result.valid and result.problems[0].path == "storage[0].envs.dev.directory", directory
+
+
+async def test_signed_urls_hold_only_as_signed(fs_running: tuple[Running, Path]) -> None:
+    server, _ = fs_running
+    storage = server.client.storage
+    good = await storage.signed_url(**where(), file_name="first", expires_in=60)
+    put = await storage.signed_url(**where(), file_name="first", method="PUT", content_type="text/plain")
+    expired = await storage.signed_url(**where(), file_name="first", expires_in=1)
+    await asyncio.sleep(2.1)  # expiries are whole seconds
+    tampered = good.url.replace("first", "other")
+    forged = good.url[:-4] + ("0000" if not good.url.endswith("0000") else "1111")
+    async with aiohttp.ClientSession() as http:
+        for url, method in ((tampered, "GET"), (forged, "GET"), (expired.url, "GET"), (good.url, "PUT")):
+            async with http.request(method, url, data=b"x" if method == "PUT" else None) as answer:
+                body = await answer.json()
+                assert (answer.status, body["reason"]) == (403, "STORAGE_URL_INVALID"), (url, method, body)
+        async with http.put(put.url, data=b"typed", headers={"Content-Type": "image/png"}) as answer:
+            assert answer.status == 403, "a PUT must declare the content type it was signed for"
+        async with http.get(good.url) as answer:
+            assert answer.status == 200 and await answer.read() == b"1"
+    assert (await storage.read(**where(), file_name="first")).data == b"1"
+
+
+async def test_signed_urls_are_refused_while_the_listener_is_off(start_server: ServerFactory) -> None:
+    server = await start_server()
+    await server.client.product.apply(manifest({"provider": "fs"}))
+    with pytest.raises(FailedPreconditionError) as caught:
+        await server.client.storage.signed_url(**where(), file_name="first")
+    assert caught.value.reason == "SIGNED_URLS_DISABLED"

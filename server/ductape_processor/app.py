@@ -23,6 +23,7 @@ from ductape_processor.api.migration import MigrationServicer
 from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.session import SessionServicer
 from ductape_processor.api.storage import StorageServicer
+from ductape_processor.api.storage_http import StorageHttpListener
 from ductape_processor.errors import InvalidManifest, ProcessorError
 from ductape_processor.grpc_server import ListenError, Servicers, grpc_server, listen, set_serving
 from ductape_processor.runtime.actions.cache import ResultCache
@@ -37,6 +38,7 @@ from ductape_processor.runtime.policies.secrets import SecretsFileError, SecretS
 from ductape_processor.runtime.registry.loader import ManifestFormat
 from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.runtime.sessions import SessionKeys, SessionManager
+from ductape_processor.runtime.storage.links import StorageLinks
 from ductape_processor.runtime.storage.operations import StorageRuntime
 from ductape_processor.settings import Settings
 from ductape_processor.store import Store, open_store
@@ -80,6 +82,8 @@ class Components:
     brokers: BrokerRuntime
     storage: StorageRuntime
     databases: DatabasePools
+    storage_http: StorageHttpListener | None
+    """The listener of fs storages' signed URLs, when PROCESSOR_STORAGE_HTTP_ADDRESS is set."""
     cache: ResultCache
     actions: ActionExecutor
     purger: PeriodicTask
@@ -108,12 +112,14 @@ def build(
     actions = ActionExecutor(
         registry, store, http, secrets, recorder, cache, sessions, vault, idempotency_retention=retention
     )
+    links = StorageLinks(keys.root_keys()) if settings.storage_http_address else None
     storage = StorageRuntime(
         registry,
         secrets,
         storage_root=settings.data_dir / "storage",
         max_file_bytes=settings.storage_max_file_bytes,
         max_message_bytes=settings.max_message_bytes,
+        signer=links.signer if links is not None else None,
     )
     databases = DatabasePools(secrets, settings.data_dir)
     database_runner = DatabaseRunner(
@@ -151,6 +157,11 @@ def build(
         brokers=brokers,
         storage=storage,
         databases=databases,
+        storage_http=(
+            StorageHttpListener(storage, links, settings.storage_http_address)
+            if links is not None and settings.storage_http_address
+            else None
+        ),
         cache=cache,
         actions=actions,
         purger=PeriodicTask("store purge", PURGE_INTERVAL_S, lambda: store.purge_expired(datetime.now(UTC))),
@@ -215,6 +226,13 @@ class ProcessorApp:
             except ListenError as exc:
                 raise StartupError(str(exc)) from None
             await parts.server.start()
+            if parts.storage_http is not None:
+                try:
+                    await parts.storage_http.start()
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot listen on storage_http_address {settings.storage_http_address}: {exc.strerror}"
+                    ) from None
         except BaseException:
             self._stopped = True  # released here: a later stop() has nothing left to do
             await self._release(parts)
@@ -305,6 +323,8 @@ class ProcessorApp:
         log.info("stopped")
 
     async def _release(self, parts: Components) -> None:
+        if parts.storage_http is not None:
+            await parts.storage_http.stop()
         await parts.purger.stop()
         await parts.registry.stop()
         await parts.sessions.stop_watching()

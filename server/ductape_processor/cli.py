@@ -83,6 +83,7 @@ _FLAGS: dict[str, _Flag] = {
     "storage_max_file_bytes": {"type": int},
     "database_max_rows": {"type": int},
     "database_max_result_bytes": {"type": int},
+    "storage_http_address": {"help": "host:port serving fs storages' signed URLs (off when unset)"},
 }
 
 

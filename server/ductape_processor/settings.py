@@ -20,6 +20,16 @@ def _split_list(value: object) -> object:
     return value
 
 
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(BaseSettings):
     """Configuration of one processor instance. Every field has an embedded default that serves on loopback."""
 
@@ -73,6 +83,9 @@ class Settings(BaseSettings):
     storage_max_file_bytes: int = Field(
         5 * 1024**3, ge=1, description="Largest file a storage saves, unless its manifest entry sets max_file_bytes."
     )
+    storage_http_address: str | None = Field(
+        None, description="host:port of the HTTP listener serving fs storages' signed URLs; unset: off."
+    )
     session_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Session root keys `id:base64url(32 bytes)`, newest first; the first encrypts new tokens.",
@@ -93,7 +106,15 @@ class Settings(BaseSettings):
         2.0, gt=0, description="How often a replica re-checks the store for products changed elsewhere."
     )
 
-    @field_validator("secrets_file", "tls_cert", "tls_key", "tls_client_ca", "max_concurrent_rpcs", mode="before")
+    @field_validator(
+        "secrets_file",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "max_concurrent_rpcs",
+        "storage_http_address",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -134,9 +155,11 @@ class Settings(BaseSettings):
             return value
         raise ValueError("store must be 'sqlite', 'sqlite:///path/to/file.db' or a postgresql:// DSN")
 
-    @field_validator("address")
+    @field_validator("address", "storage_http_address")
     @classmethod
-    def _address(cls, value: str) -> str:
+    def _address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("address must be host:port, e.g. 127.0.0.1:50051 or [::1]:50051")
@@ -150,12 +173,7 @@ class Settings(BaseSettings):
     @property
     def is_loopback(self) -> bool:
         """True when the server is reachable from this machine only."""
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return _loopback(self.address)
 
     @property
     def tls_enabled(self) -> bool:
@@ -173,6 +191,11 @@ class Settings(BaseSettings):
             problems.append(
                 f"{self.address} is not a loopback address and no session keys are configured (set "
                 "PROCESSOR_SESSION_KEYS: a key generated for one replica cannot verify another's tokens)"
+            )
+        if self.storage_http_address is not None and not self.insecure and not _loopback(self.storage_http_address):
+            problems.append(
+                f"storage_http_address {self.storage_http_address} is not a loopback address (its URLs are "
+                "unencrypted HTTP): put it on loopback behind a TLS proxy, or pass --insecure"
             )
         if self.is_loopback or self.insecure:
             return problems

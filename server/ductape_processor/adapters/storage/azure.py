@@ -8,7 +8,6 @@ commit carries the content type and the metadata, the SHA-256 included, so every
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 from collections.abc import AsyncIterator
@@ -32,6 +31,7 @@ from ductape_processor.adapters.storage.base import (
     UrlMethod,
     unavailable,
 )
+from ductape_processor.adapters.storage.parts import PartedUpload
 from ductape_processor.errors import ProcessorError
 from ductape_processor.runtime.registry.storage import AzureStorageEnv
 
@@ -85,53 +85,25 @@ class AzureStorage(StorageAdapter):
 
     async def put(self, new: NewFile, chunks: Checked) -> FileInfo:
         blob = self._container().get_blob_client(new.key)
-        pending: list[bytes] = []
-        filled = 0
-        staged: list[asyncio.Task[None]] = []
-        ids: list[str] = []
-        slots = asyncio.Semaphore(BLOCKS_IN_FLIGHT)
 
-        async def send(block_id: str, body: bytes) -> None:
-            try:
-                await blob.stage_block(block_id, body, length=len(body))
-            finally:
-                slots.release()
+        async def start() -> None:
+            pass  # a blob's blocks need no session: staging the first one is the start
 
-        async def stage(body: bytes) -> None:
-            block_id = base64.b64encode(f"{len(ids):08d}".encode()).decode()
-            ids.append(block_id)
-            await slots.acquire()  # back-pressure on the caller's stream
-            staged.append(asyncio.ensure_future(send(block_id, body)))
+        async def send(number: int, body: bytes) -> str:
+            block_id = base64.b64encode(f"{number:08d}".encode()).decode()
+            await blob.stage_block(block_id, body, length=len(body))
+            return block_id
 
+        upload = PartedUpload(BLOCK_BYTES, BLOCKS_IN_FLIGHT, start, send)
         try:
-            try:
-                async for chunk in chunks:
-                    pending.append(chunk)
-                    filled += len(chunk)
-                    if filled >= BLOCK_BYTES:
-                        body = b"".join(pending)
-                        await stage(body[:BLOCK_BYTES] if len(body) > BLOCK_BYTES else body)
-                        rest = body[BLOCK_BYTES:]
-                        pending, filled = ([rest] if rest else []), len(rest)
-                        del body, rest
-                metadata = {**new.metadata, SHA256_METADATA: chunks.sha256}
-                settings = ContentSettings(content_type=new.content_type)
-                if not ids:
-                    await blob.upload_blob(
-                        b"".join(pending), overwrite=True, content_settings=settings, metadata=metadata
-                    )
-                else:
-                    if pending:
-                        await stage(b"".join(pending))
-                    await asyncio.gather(*staged)
-                    await blob.commit_block_list(
-                        [BlobBlock(block_id) for block_id in ids], content_settings=settings, metadata=metadata
-                    )
-            except BaseException:
-                for task in staged:
-                    task.cancel()
-                await asyncio.gather(*staged, return_exceptions=True)
-                raise
+            whole = await upload.run(chunks)
+            metadata = {**new.metadata, SHA256_METADATA: chunks.sha256}
+            settings = ContentSettings(content_type=new.content_type)
+            if whole is not None:
+                await blob.upload_blob(whole, overwrite=True, content_settings=settings, metadata=metadata)
+            else:
+                blocks = [BlobBlock(block_id) for block_id in upload.results]
+                await blob.commit_block_list(blocks, content_settings=settings, metadata=metadata)
         except _FAILURES as exc:
             raise self._failure("save", exc) from None
         return FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))

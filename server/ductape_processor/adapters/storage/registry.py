@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ductape_processor.adapters.storage.base import SignedUrl, StorageAdapter, UrlMethod
-from ductape_processor.runtime.registry.storage import AzureStorageEnv, FsStorageEnv, S3StorageEnv
+from ductape_processor.runtime.registry.storage import AzureStorageEnv, FsStorageEnv, GcsStorageEnv, S3StorageEnv
 
 SettingsT = TypeVar("SettingsT")
 
@@ -66,8 +66,15 @@ def _azure(settings: AzureStorageEnv, placement: Placement) -> StorageAdapter:
     return AzureStorage(settings, placement.name)
 
 
+def _gcs(settings: GcsStorageEnv, placement: Placement) -> StorageAdapter:
+    from ductape_processor.adapters.storage.gcs import GcsStorage
+
+    return GcsStorage(settings, placement.name, placement.storage_root / ".spool")
+
+
 STORAGE_PROVIDERS: dict[str, StorageProvider[Any]] = {
     "fs": StorageProvider(FsStorageEnv, _fs),
     "s3": StorageProvider(S3StorageEnv, _s3),
+    "gcs": StorageProvider(GcsStorageEnv, _gcs),
     "azure": StorageProvider(AzureStorageEnv, _azure),
 }

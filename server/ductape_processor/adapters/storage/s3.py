@@ -32,6 +32,7 @@ from ductape_processor.adapters.storage.base import (
     UrlMethod,
     unavailable,
 )
+from ductape_processor.adapters.storage.parts import PartedUpload
 from ductape_processor.errors import ProcessorError
 from ductape_processor.runtime.registry.storage import S3StorageEnv
 
@@ -116,63 +117,38 @@ class S3Storage(StorageAdapter):
         metadata = dict(new.metadata)
         if new.sha256:
             metadata[SHA256_METADATA] = new.sha256
-        pending: list[bytes] = []
-        filled = 0
         upload_id = ""
-        parts: list[asyncio.Task[CompletedPartTypeDef]] = []
-        slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
+
+        async def start() -> None:
+            nonlocal upload_id
+            started = await s3.create_multipart_upload(
+                Bucket=self._bucket, Key=new.key, ContentType=new.content_type, Metadata=metadata
+            )
+            upload_id = started["UploadId"]
 
         async def send(number: int, body: bytes) -> CompletedPartTypeDef:
-            try:
-                answer = await s3.upload_part(
-                    Bucket=self._bucket, Key=new.key, UploadId=upload_id, PartNumber=number, Body=body
-                )
-            finally:
-                slots.release()
+            answer = await s3.upload_part(
+                Bucket=self._bucket, Key=new.key, UploadId=upload_id, PartNumber=number, Body=body
+            )
             return {"ETag": answer["ETag"], "PartNumber": number}
 
-        async def part(body: bytes) -> None:
-            nonlocal upload_id
-            if not upload_id:
-                started = await s3.create_multipart_upload(
-                    Bucket=self._bucket, Key=new.key, ContentType=new.content_type, Metadata=metadata
-                )
-                upload_id = started["UploadId"]
-            await slots.acquire()  # back-pressure: the caller's stream waits while parts are in flight
-            parts.append(asyncio.ensure_future(send(len(parts) + 1, body)))
-
+        upload = PartedUpload(PART_BYTES, PARTS_IN_FLIGHT, start, send)
         try:
             try:
-                async for chunk in chunks:
-                    pending.append(chunk)
-                    filled += len(chunk)
-                    if filled >= PART_BYTES:
-                        # One allocation per part, of the part's size (what exceeds it starts the next part).
-                        body = b"".join(pending)
-                        await part(body[:PART_BYTES] if len(body) > PART_BYTES else body)
-                        rest = body[PART_BYTES:]
-                        pending, filled = ([rest] if rest else []), len(rest)
-                        del body, rest
-                if not upload_id:
+                whole = await upload.run(chunks)
+                if whole is not None:
                     metadata[SHA256_METADATA] = chunks.sha256
                     await s3.put_object(
-                        Bucket=self._bucket,
-                        Key=new.key,
-                        Body=b"".join(pending),
-                        ContentType=new.content_type,
-                        Metadata=metadata,
+                        Bucket=self._bucket, Key=new.key, Body=whole, ContentType=new.content_type, Metadata=metadata
                     )
                 else:
-                    if pending:
-                        await part(b"".join(pending))
-                    done = list(await asyncio.gather(*parts))
                     await s3.complete_multipart_upload(
-                        Bucket=self._bucket, Key=new.key, UploadId=upload_id, MultipartUpload={"Parts": done}
+                        Bucket=self._bucket,
+                        Key=new.key,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": upload.results},
                     )
             except BaseException:
-                for task in parts:
-                    task.cancel()
-                await asyncio.gather(*parts, return_exceptions=True)
                 if upload_id:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(

@@ -1,0 +1,195 @@
+"""A Google Cloud Storage bucket through gcloud-aio-storage (the JSON API, on aiohttp).
+
+gcloud-aio-storage uploads from a file of known length, not from a stream: the chunks are spooled to a temporary
+file (on disk, in the storage folder's `.spool/`, written a chunk at a time in a worker thread) and the object is
+written once the last chunk passed the runtime's checks, with its SHA-256 in its metadata. A failed or cancelled save
+deletes the spool file and sends nothing, so the bucket keeps nothing. Memory per upload: a chunk; disk: the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import secrets
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import aiohttp
+from gcloud.aio.storage import Storage
+
+from ductape_processor.adapters.storage.base import (
+    SHA256_METADATA,
+    Checked,
+    FileInfo,
+    FileNotFound,
+    NewFile,
+    SignedUrl,
+    StorageAccessDenied,
+    StorageAdapter,
+    UrlMethod,
+    unavailable,
+)
+from ductape_processor.errors import ProcessorError
+from ductape_processor.runtime.registry.storage import GcsStorageEnv
+
+_FAILURES = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+
+def _when(text: object) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")) if text else None
+    except ValueError:
+        return None
+
+
+class GcsStorage(StorageAdapter):
+    """One bucket; the client and its HTTP session are opened on first use and kept."""
+
+    provider = "gcs"
+
+    def __init__(self, settings: GcsStorageEnv, name: str, spool: Path) -> None:
+        self._settings = settings
+        self._name = name
+        self._spool = spool
+        self._bucket = settings.bucket
+        self._client: Storage | None = None
+
+    def _storage(self) -> Storage:
+        if self._client is None:
+            service_file = io.StringIO(self._settings.credentials) if self._settings.credentials else None
+            self._client = Storage(service_file=service_file, api_root=self._settings.endpoint)
+        return self._client
+
+    def _failure(self, what: str, exc: BaseException, key: str | None = None) -> ProcessorError:
+        status = getattr(exc, "status", 0)
+        if key is not None and status == 404:
+            return FileNotFound(self._name, key)
+        if status in (401, 403):
+            return StorageAccessDenied(
+                f"storage {self._name!r} (gcs): {what} refused: HTTP {status}",
+                metadata={"storage": self._name, "provider": "gcs"},
+            )
+        return unavailable(self._name, "gcs", what, exc, f"HTTP {status}" if status else "")
+
+    # -- writing ------------------------------------------------------------------------------------------------
+
+    async def put(self, new: NewFile, chunks: Checked) -> FileInfo:
+        storage = self._storage()
+        path = self._spool / secrets.token_hex(16)
+        handle: BinaryIO = await asyncio.to_thread(_spool_file, path)
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(handle.write, chunk)
+            await asyncio.to_thread(handle.seek, 0)
+            metadata = {"metadata": {**new.metadata, SHA256_METADATA: chunks.sha256}}
+            try:
+                await storage.upload(
+                    self._bucket,
+                    new.key,
+                    handle,
+                    content_type=new.content_type,
+                    metadata=metadata,
+                    force_resumable_upload=chunks.size > 8 * 1024 * 1024,
+                    timeout=300,
+                )
+            except _FAILURES as exc:
+                raise self._failure("save", exc) from None
+        finally:
+            await asyncio.shield(asyncio.to_thread(_discard, handle, path))
+        return FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))
+
+    # -- reading ------------------------------------------------------------------------------------------------
+
+    def _info(self, item: dict[str, Any]) -> FileInfo:
+        metadata = {str(k): str(v) for k, v in (item.get("metadata") or {}).items()}
+        sha256 = metadata.pop(SHA256_METADATA, "")
+        return FileInfo(
+            str(item.get("name", "")),
+            int(item.get("size", 0)),
+            sha256,
+            str(item.get("contentType") or ""),
+            metadata,
+            _when(item.get("updated")),
+        )
+
+    async def head(self, key: str) -> FileInfo:
+        try:
+            item = await self._storage().download_metadata(self._bucket, key)
+        except _FAILURES as exc:
+            raise self._failure("head", exc, key) from None
+        return self._info(item)
+
+    async def read(self, key: str, start: int, stop: int, chunk_size: int) -> AsyncIterator[bytes]:
+        try:
+            stream = await self._storage().download_stream(
+                self._bucket, key, headers={"Range": f"bytes={start}-{stop - 1}"}, timeout=300
+            )
+            sent = 0
+            while sent < stop - start:
+                chunk = await stream.read(min(chunk_size, stop - start - sent))
+                if not chunk:
+                    return
+                sent += len(chunk)
+                yield chunk
+        except _FAILURES as exc:
+            raise self._failure("download", exc, key) from None
+
+    # -- the rest -----------------------------------------------------------------------------------------------
+
+    async def delete(self, key: str) -> bool:
+        try:
+            await self._storage().delete(self._bucket, key)
+        except _FAILURES as exc:
+            if getattr(exc, "status", 0) == 404:
+                return False
+            raise self._failure("delete", exc, key) from None
+        return True
+
+    async def list_files(self, prefix: str, after: str, limit: int) -> list[FileInfo]:
+        found: list[FileInfo] = []
+        params: dict[str, str] = {"maxResults": str(min(limit + 1, 1000))}
+        if prefix:
+            params["prefix"] = prefix
+        if after:
+            params["startOffset"] = after  # inclusive, and not every emulator honours it: filtered below too
+        try:
+            while len(found) < limit:
+                page = await self._storage().list_objects(self._bucket, params=params)
+                for item in page.get("items", []):
+                    name = str(item.get("name", ""))
+                    if name.encode() > after.encode() and len(found) < limit:
+                        found.append(self._info(item))
+                token = page.get("nextPageToken")
+                if not token:
+                    break
+                params["pageToken"] = str(token)
+        except _FAILURES as exc:
+            raise self._failure("list", exc) from None
+        return found
+
+    async def signed_url(self, key: str, method: UrlMethod, expires_s: int, content_type: str) -> SignedUrl:
+        raise StorageAccessDenied(
+            f"storage {self._name!r} (gcs): signed URLs are not available for GCS storages yet",
+            metadata={"storage": self._name, "provider": "gcs"},
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+
+
+def _spool_file(path: Path) -> BinaryIO:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    return os.fdopen(fd, "w+b")
+
+
+def _discard(handle: BinaryIO, path: Path) -> None:
+    handle.close()
+    with contextlib.suppress(OSError):
+        path.unlink()
