@@ -11,16 +11,13 @@ from pathlib import PurePosixPath
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-STORAGE_TAG_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+from ductape_processor.runtime.registry.fields import ManifestModel as _StorageModel
+from ductape_processor.runtime.registry.fields import Tag
+
 BUCKET_PATTERN = r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$"
 CONTAINER_PATTERN = r"^[a-z0-9](?:-?[a-z0-9])+$"
-
-
-class _StorageModel(BaseModel):
-    # The manifest's model rules (manifest.py's base): unknown fields are errors, instances are immutable.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _relative_directory(value: str) -> str:
@@ -111,7 +108,7 @@ StorageEnv = Annotated[FsStorageEnv | S3StorageEnv | GcsStorageEnv | AzureStorag
 class Storage(_StorageModel):
     """A storage: where a product's files live in each environment."""
 
-    tag: str = Field(pattern=STORAGE_TAG_PATTERN, description="What calls name (`event`).")
+    tag: Tag = Field(description="What calls name (`event`).")
     name: str | None = None
     description: str = ""
     envs: dict[str, StorageEnv] = Field(description="Per product environment slug: provider and its settings.")
