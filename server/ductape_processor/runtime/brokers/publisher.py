@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.registry import BROKER_TYPES
@@ -27,10 +27,10 @@ from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEv
 from ductape_processor.runtime.brokers.stream import SubscribeStream
 from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.runtime.policies import Deadline
-from ductape_processor.runtime.policies.caches import BoundedCache
+from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
 from ductape_processor.runtime.policies.secrets import SecretSource
-from ductape_processor.runtime.registry.manifest import Broker, Topic
+from ductape_processor.runtime.registry.manifest import Broker, BrokerEnv, Topic
 from ductape_processor.runtime.registry.registry import Registry, Resolved
 from ductape_processor.store.base import IdempotencyRecord, Store
 from ductape_processor.telemetry.context import outgoing_trace_context
@@ -40,7 +40,6 @@ PUBLISH_LIMIT_S: Final = 8.0
 later (or unset); then it answers UNAVAILABLE `BROKER_UNAVAILABLE` (docs/brokers.md says what that means)."""
 PUBLISH_LEASE: Final = timedelta(seconds=PUBLISH_LIMIT_S + 5)
 """How long an idempotency key stays claimed by a publish: past PUBLISH_LIMIT_S its owner has given up or died."""
-ADAPTERS_BY_VERSION = 1024  # product versions whose routes map straight to their adapter
 MAX_ATTRIBUTES = 64
 MAX_BATCH_ENTRIES = 1000
 _ATTRIBUTE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")  # \Z: "$" would let a trailing newline through
@@ -75,12 +74,9 @@ class BrokerRuntime:
     ) -> None:
         self._registry = registry
         self._store = store
-        self._secrets = secrets
         self._max_bytes = max_message_bytes
         self._retention = idempotency_retention
-        self._adapters: dict[tuple[str, str, str, str], BrokerAdapter] = {}
-        self._opening: dict[tuple[str, str, str, str], asyncio.Lock] = {}
-        self._by_version: BoundedCache[tuple[str, int, str, str], BrokerAdapter] = BoundedCache(ADAPTERS_BY_VERSION)
+        self._adapters = EnvironmentAdapters[BrokerAdapter]("broker", secrets)
         self._closing = asyncio.Event()
         self._subscriptions: set[Subscription] = set()
 
@@ -108,57 +104,11 @@ class BrokerRuntime:
             )
         return Route(resolved, broker, topic)
 
-    def _settings(self, route: Route) -> dict[str, Any]:
-        config = route.broker.envs[route.resolved.env.slug].model_dump()
-
-        def missing(name: str) -> FailedPrecondition:
-            return FailedPrecondition(
-                f"broker {route.broker.tag!r}: secret {name} is not defined on this processor",
-                reason=Reason.SECRET_NOT_FOUND,
-                metadata={"broker": route.broker.tag, "secret": name},
-            )
-
-        return {
-            key: self._secrets.resolve(value, missing) if isinstance(value, str) else value
-            for key, value in config.items()
-        }
-
-    async def adapter(self, route: Route) -> BrokerAdapter:
+    def adapter(self, route: Route) -> BrokerAdapter:
         """The (lazily opened, shared) adapter of the route's broker environment."""
-        # Versions are immutable and secrets are read at start, so one version's route always maps to one adapter:
-        # remember it, and skip rebuilding and hashing the settings on every call.
-        known = (route.resolved.product, route.resolved.version, route.resolved.env.slug, route.broker.tag)
-        adapter = self._by_version.get(known)
-        if adapter is not None:
-            return adapter
-        adapter = await self._open_adapter(route)
-        self._by_version.put(known, adapter)
-        return adapter
-
-    async def _open_adapter(self, route: Route) -> BrokerAdapter:
-        settings = self._settings(route)
-        fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-        key = (route.resolved.product, route.resolved.env.slug, route.broker.tag, fingerprint)
-        adapter = self._adapters.get(key)
-        if adapter is not None:
-            return adapter
-        lock = self._opening.setdefault(key, asyncio.Lock())
-        async with lock:
-            adapter = self._adapters.get(key)
-            if adapter is None:
-                kind = settings["type"]
-                broker_type = BROKER_TYPES.get(kind)
-                if broker_type is None:
-                    raise FailedPrecondition(
-                        f"broker type {kind!r} is not available on this processor",
-                        reason=Reason.BROKER_TYPE_UNAVAILABLE,
-                        metadata={"broker": route.broker.tag, "type": kind},
-                    )
-                typed = route.broker.envs[route.resolved.env.slug].model_copy(update=settings)  # secrets resolved
-                name = f"{route.resolved.product}/{route.resolved.env.slug}/{route.broker.tag}"
-                adapter = broker_type.open(typed, name)
-                self._adapters[key] = adapter
-        return adapter
+        resolved = route.resolved
+        ref = EnvironmentRef(resolved.product, resolved.version, resolved.env.slug, route.broker.tag)
+        return self._adapters.get(ref, route.broker.envs[resolved.env.slug], lambda settings: _open(ref, settings))
 
     # -- publishing ---------------------------------------------------------------------------------------------
 
@@ -234,7 +184,7 @@ class BrokerRuntime:
         give_up = time.monotonic() + (deadline or Deadline(None)).bound(PUBLISH_LIMIT_S)
         self._check(outgoing, field)
         route = await self.route(product, env, event)
-        adapter = await self.adapter(route)
+        adapter = self.adapter(route)
         trace = outgoing_trace_context()
         if not outgoing.idempotency_key:
             message = self._message(route, outgoing, trace)
@@ -317,7 +267,7 @@ class BrokerRuntime:
         if len(entries) > MAX_BATCH_ENTRIES:
             raise InvalidArgument.field("messages", f"holds more than {MAX_BATCH_ENTRIES} entries")
         route = await self.route(product, env, event)
-        adapter = await self.adapter(route)
+        adapter = self.adapter(route)
         trace = outgoing_trace_context()
         results: list[str | ProcessorError | None] = [None] * len(entries)
         plain: list[tuple[int, OutgoingEvent]] = []
@@ -364,7 +314,7 @@ class BrokerRuntime:
         dead_letter = None
         if dead_letter_event:
             dead_route = await self.route(product, env, dead_letter_event, "init.dead_letter_event")
-            dead_adapter = await self.adapter(dead_route)
+            dead_adapter = self.adapter(dead_route)
 
             async def dead_letter(message: IncomingEvent) -> None:
                 attributes = {
@@ -376,7 +326,7 @@ class BrokerRuntime:
                     dead_route.topic.name, OutgoingEvent(**carried(message), attributes=attributes)
                 )
 
-        adapter = await self.adapter(route)
+        adapter = self.adapter(route)
         broker_subscription = await adapter.subscribe(
             route.topic.name,
             group,
@@ -394,6 +344,15 @@ class BrokerRuntime:
     async def close(self) -> None:
         """Close every adapter."""
         await self.shutdown_streams()
-        adapters, self._adapters = list(self._adapters.values()), {}
-        self._by_version.clear()
-        await asyncio.gather(*(adapter.close() for adapter in adapters), return_exceptions=True)
+        await self._adapters.close()
+
+
+def _open(ref: EnvironmentRef, settings: BrokerEnv) -> BrokerAdapter:
+    broker_type = BROKER_TYPES.get(settings.type)
+    if broker_type is None:
+        raise FailedPrecondition(
+            f"broker type {settings.type!r} is not available on this processor",
+            reason=Reason.BROKER_TYPE_UNAVAILABLE,
+            metadata={"broker": ref.tag, "type": settings.type},
+        )
+    return broker_type.open(settings, ref.name)
