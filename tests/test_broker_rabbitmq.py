@@ -110,7 +110,7 @@ async def rabbit(start_server: ServerFactory) -> AsyncIterator[Running]:
 
 
 def _adapter(running: Running) -> RabbitMQBroker:
-    [adapter] = running.app.components.brokers._adapters.values()  # the one broker environment the tests use
+    [adapter] = running.app.components.brokers._adapters.open_adapters()  # the one broker environment the tests use
     assert isinstance(adapter, RabbitMQBroker)
     return adapter
 

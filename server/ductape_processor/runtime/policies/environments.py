@@ -99,6 +99,10 @@ class EnvironmentAdapters(Generic[A]):
         self._routes.put(ref, entry)
         return entry.adapter
 
+    def open_adapters(self) -> list[A]:
+        """The adapters open now (not being closed)."""
+        return [entry.adapter for entries in self._entries.values() for entry in entries.values()]
+
     def _missing(self, ref: EnvironmentRef, secret: str) -> FailedPrecondition:
         return FailedPrecondition(
             f"{self._kind} {ref.tag!r}: secret {secret} is not defined on this processor",
