@@ -93,6 +93,12 @@ def users_actions(table: str) -> list[dict[str, Any]]:
             "query": f"SELECT name, COUNT(*) AS n, MAX(score) AS top FROM {table} GROUP BY name ORDER BY name",
         },
         {"tag": "missing_table", "type": "read", "query": f"SELECT * FROM {table}_nowhere"},
+        {
+            "tag": "name_like_found",
+            "type": "update",
+            "query": f"UPDATE {table} SET name = :name WHERE id = :id",
+            "params": {"name": "$Sequence{batch}{found}{rows}{[0]}{name}", "id": "$Input{filter}{id}"},
+        },
     ]
 
 
@@ -383,6 +389,19 @@ async def test_a_batch_commits_every_step_and_later_steps_read_earlier_results(d
     assert [r.affected_rows for r in results] == [1, 0, 1, 0]
     assert results[1].rows[0]["name"] == "Ada" and results[3].count == 1
     assert (await db.execute("one", filter={"id": 1})).rows[0]["name"] == "Ada L."
+
+
+async def test_a_batch_step_reads_an_earlier_steps_row_by_its_tag(db: Db) -> None:
+    await db.execute("create", data={"id": 1, "email": "ada@example.com", "name": "Ada", "score": 5})
+    await db.execute("create", data={"id": 2, "email": "bob@example.com", "name": "Bob", "score": 5})
+    results = await db.batch(
+        Step("one", {"filter": {"id": 1}}, tag="found"), Step("name_like_found", {"filter": {"id": 2}})
+    )
+    assert results[1].affected_rows == 1
+    assert (await db.execute("one", filter={"id": 2})).rows[0]["name"] == "Ada"
+    with pytest.raises(InvalidArgumentError) as outside:  # outside a batch there is no earlier step to read
+        await db.execute("name_like_found", filter={"id": 2})
+    assert outside.value.reason == "TEMPLATE_UNRESOLVED"
 
 
 async def test_a_failing_step_rolls_the_whole_batch_back(db: Db) -> None:

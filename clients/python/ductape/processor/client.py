@@ -26,7 +26,6 @@ from ductape.processor.storage import StorageClient
 from ductape.processor.v1 import (
     action_pb2,
     action_pb2_grpc,
-    common_pb2,
     log_pb2,
     log_pb2_grpc,
     product_pb2,
@@ -34,7 +33,11 @@ from ductape.processor.v1 import (
     session_pb2,
     session_pb2_grpc,
 )
-from google.protobuf import json_format, struct_pb2
+from ductape.processor.values import SessionLike
+from ductape.processor.values import plain as _plain
+from ductape.processor.values import session_ref as _session
+from ductape.processor.values import struct as _struct
+from google.protobuf import json_format
 
 Response = TypeVar("Response")
 ManifestSource = str | os.PathLike[str] | bytes
@@ -102,37 +105,6 @@ class ActionResult:
     def ok(self) -> bool:
         """True for a 2xx answer."""
         return 200 <= self.status_code < 300
-
-
-SessionLike = common_pb2.SessionRef | Mapping[str, str] | tuple[str, str]
-
-
-def _session(session: SessionLike) -> common_pb2.SessionRef:
-    """Accept Ductape's `{tag, token}` shape, a (tag, token) pair, or the message itself."""
-    if isinstance(session, common_pb2.SessionRef):
-        return session
-    if isinstance(session, tuple):
-        return common_pb2.SessionRef(tag=session[0], token=session[1])
-    return common_pb2.SessionRef(tag=session["tag"], token=session["token"])
-
-
-def _plain(value: Any) -> Any:
-    """JSON-like Python from a Struct/Value converted by json_format: whole numbers back to ints."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return value
-
-
-def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
-    if data is None:
-        return None
-    struct = struct_pb2.Struct()
-    struct.update(dict(data))
-    return struct
 
 
 class ActionClient:

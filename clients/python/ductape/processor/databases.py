@@ -15,18 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from ductape.processor.v1 import common_pb2, database_pb2, database_pb2_grpc, migration_pb2, migration_pb2_grpc
+from ductape.processor.v1 import database_pb2, database_pb2_grpc, migration_pb2, migration_pb2_grpc
+from ductape.processor.values import SessionLike, plain, session_ref
 from google.protobuf import json_format, struct_pb2
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return value
 
 
 def _input(given: Mapping[str, Mapping[str, Any]] | None) -> database_pb2.DatabaseInput:
@@ -41,13 +32,7 @@ def _input(given: Mapping[str, Mapping[str, Any]] | None) -> database_pb2.Databa
 
 
 def _rows(rows: Sequence[struct_pb2.Struct]) -> list[dict[str, Any]]:
-    return [_plain(json_format.MessageToDict(row)) for row in rows]
-
-
-def _session(session: Mapping[str, str] | tuple[str, str]) -> common_pb2.SessionRef:
-    if isinstance(session, tuple):
-        return common_pb2.SessionRef(tag=session[0], token=session[1])
-    return common_pb2.SessionRef(tag=session["tag"], token=session["token"])
+    return [plain(json_format.MessageToDict(row)) for row in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +73,7 @@ class DatabaseClient:
         database: str,
         action: str,
         input: Mapping[str, Mapping[str, Any]] | None = None,
-        session: Mapping[str, str] | tuple[str, str] | None = None,
+        session: SessionLike | None = None,
         cache: str = "",
         retries: int | None = None,
         version: int = 0,
@@ -111,7 +96,7 @@ class DatabaseClient:
             page_token=page_token,
         )
         if session is not None:
-            request.session.CopyFrom(_session(session))
+            request.session.CopyFrom(session_ref(session))
         if retries is not None:
             request.retries = retries
         response = await self._call(self._stub.Execute, request, timeout)
@@ -133,7 +118,7 @@ class DatabaseClient:
         env: str,
         database: str,
         steps: Sequence[Step],
-        session: Mapping[str, str] | tuple[str, str] | None = None,
+        session: SessionLike | None = None,
         version: int = 0,
         idempotency_key: str = "",
         timeout: float | None = None,
@@ -148,7 +133,7 @@ class DatabaseClient:
             idempotency_key=idempotency_key,
         )
         if session is not None:
-            request.session.CopyFrom(_session(session))
+            request.session.CopyFrom(session_ref(session))
         response = await self._call(self._stub.Batch, request, timeout)
         return [
             DatabaseResult(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Literal
@@ -115,59 +115,55 @@ class MigrationRunner:
         """Apply the pending migrations (up to and including `tag`, when given)."""
         t = await self._target(target)
         wanted = self._up_to(t.database, tag)
-        applied: list[MigrationRun] = []
-        failed_now: ProcessorError | None = None
-        try:
-            async with (
-                t.adapter.session(deadline.remaining()) as session,
-                session.locked(t.scope, deadline.bound(LOCK_WAIT_S)),
-            ):
-                recorded = await self._recorded(session, t, deadline)
-                failed = [r.tag for r in recorded.values() if r.state == "failed"]
-                if failed:
-                    raise FailedPrecondition(
-                        f"migration {failed[0]!r} failed part-way earlier: roll it back (or repair the schema and "
-                        "roll it back) before running migrations",
-                        reason=Reason.MIGRATION_FAILED,
-                        metadata={"database": t.database.tag, "migration": failed[0]},
-                    )
-                for migration in wanted:
-                    if migration.tag not in recorded:
-                        try:
-                            applied.append(await self._apply(session, t, migration, deadline))
-                        except _Failed as exc:
-                            # Leave the lock's block normally: on SQLite it is the run's transaction, and the
-                            # migrations before this one are to be kept.
-                            failed_now = exc.error
-                            break
-        except DatabaseFailure as exc:
-            raise database_error(exc, t.database.tag, "migrations") from None
-        if failed_now is not None:
-            raise failed_now
-        return applied
+
+        def pending(recorded: dict[str, _Recorded]) -> list[Migration]:
+            failed = [r.tag for r in recorded.values() if r.state == "failed"]
+            if failed:
+                raise FailedPrecondition(
+                    f"migration {failed[0]!r} failed part-way earlier: roll it back (or repair the schema and roll "
+                    "it back) before running migrations",
+                    reason=Reason.MIGRATION_FAILED,
+                    metadata={"database": t.database.tag, "migration": failed[0]},
+                )
+            return [m for m in wanted if m.tag not in recorded]
+
+        return await self._locked(t, deadline, pending, self._apply)
 
     async def rollback(self, target: MigrationTarget, steps: int, tag: str, deadline: Deadline) -> list[MigrationRun]:
         """Revert the newest applied migrations: `steps` of them, or back to and including `tag`."""
         t = await self._target(target)
-        reverted: list[MigrationRun] = []
-        failed_now: ProcessorError | None = None
+        return await self._locked(
+            t, deadline, lambda recorded: self._to_revert(t.database, recorded, steps, tag), self._revert
+        )
+
+    async def _locked(
+        self,
+        t: _Target,
+        deadline: Deadline,
+        chosen: Callable[[dict[str, _Recorded]], list[Migration]],
+        step: Callable[[DatabaseSession, _Target, Migration, Deadline], Awaitable[MigrationRun]],
+    ) -> list[MigrationRun]:
+        """Under the database's lock: read the record, then `step` each migration `chosen` picks from it, stopping at
+        the first that fails. The lock's block then ends normally (on SQLite it is the run's transaction), so the
+        migrations before the failed one are kept; its error is raised after."""
+        done: list[MigrationRun] = []
+        failed: ProcessorError | None = None
         try:
             async with (
                 t.adapter.session(deadline.remaining()) as session,
                 session.locked(t.scope, deadline.bound(LOCK_WAIT_S)),
             ):
-                recorded = await self._recorded(session, t, deadline)
-                for migration in self._to_revert(t.database, recorded, steps, tag):
+                for migration in chosen(await self._recorded(session, t, deadline)):
                     try:
-                        reverted.append(await self._revert(session, t, migration, deadline))
+                        done.append(await step(session, t, migration, deadline))
                     except _Failed as exc:
-                        failed_now = exc.error
+                        failed = exc.error
                         break
         except DatabaseFailure as exc:
             raise database_error(exc, t.database.tag, "migrations") from None
-        if failed_now is not None:
-            raise failed_now
-        return reverted
+        if failed is not None:
+            raise failed
+        return done
 
     async def status(self, target: MigrationTarget, deadline: Deadline) -> list[MigrationStatus]:
         """Every migration of the manifest, then recorded ones it no longer lists."""

@@ -1,0 +1,40 @@
+"""Conversions every resource client shares: Python values to and from the protobuf messages of requests and replies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ductape.processor.v1 import common_pb2
+from google.protobuf import struct_pb2
+
+SessionLike = common_pb2.SessionRef | Mapping[str, str] | tuple[str, str]
+
+
+def session_ref(session: SessionLike) -> common_pb2.SessionRef:
+    """Accept Ductape's `{tag, token}` shape, a (tag, token) pair, or the message itself."""
+    if isinstance(session, common_pb2.SessionRef):
+        return session
+    if isinstance(session, tuple):
+        return common_pb2.SessionRef(tag=session[0], token=session[1])
+    return common_pb2.SessionRef(tag=session["tag"], token=session["token"])
+
+
+def plain(value: Any) -> Any:
+    """JSON-like Python from a Struct/Value converted by json_format: whole numbers back to ints."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
+
+
+def struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    """A Struct of `data`, or None."""
+    if data is None:
+        return None
+    message = struct_pb2.Struct()
+    message.update(dict(data))
+    return message
