@@ -168,11 +168,7 @@ class MigrationRunner:
     async def status(self, target: MigrationTarget, deadline: Deadline) -> list[MigrationStatus]:
         """Every migration of the manifest, then recorded ones it no longer lists."""
         t = await self._target(target)
-        try:
-            async with t.adapter.session(deadline.remaining()) as session:
-                recorded = await self._recorded(session, t, deadline)
-        except DatabaseFailure as exc:
-            raise database_error(exc, t.database.tag, "migrations") from None
+        recorded = await self._read_record(t, deadline)
         found: list[MigrationStatus] = []
         for migration in t.database.migrations:
             now = checksum(migration)
@@ -194,11 +190,7 @@ class MigrationRunner:
     ) -> list[tuple[str, list[str]]]:
         """The migrations a Run (or Rollback) would run now, with their statements; nothing is applied."""
         t = await self._target(target)
-        try:
-            async with t.adapter.session(deadline.remaining()) as session:
-                recorded = await self._recorded(session, t, deadline)
-        except DatabaseFailure as exc:
-            raise database_error(exc, t.database.tag, "migrations") from None
+        recorded = await self._read_record(t, deadline)
         if rollback:
             return [(m.tag, list(m.down)) for m in self._to_revert(t.database, recorded, steps, tag)]
         return [(m.tag, list(m.up)) for m in self._up_to(t.database, tag) if m.tag not in recorded]
@@ -268,6 +260,14 @@ class MigrationRunner:
     def _statement(self, t: _Target, sql: str, **values: object) -> Statement:
         compiled = compile_sql(sql, t.dialect)
         return Statement(compiled.text, [values[n] for n in compiled.names], compiled.returns_rows, compiled.names)
+
+    async def _read_record(self, t: _Target, deadline: Deadline) -> dict[str, _Recorded]:
+        """The record, read without the lock (Status and Plan change nothing)."""
+        try:
+            async with t.adapter.session(deadline.remaining()) as session:
+                return await self._recorded(session, t, deadline)
+        except DatabaseFailure as exc:
+            raise database_error(exc, t.database.tag, "migrations") from None
 
     async def _recorded(self, session: DatabaseSession, t: _Target, deadline: Deadline) -> dict[str, _Recorded]:
         await session.run(self._statement(t, _CREATE), deadline.bound(t.timeout_s))
