@@ -225,7 +225,7 @@ async def measure_async(procs: Processes, work: Path, args: Any) -> Report:
     total = args.mib * MIB
     block = os.urandom(MIB)
     expected = hashlib.sha256()
-    for _ in range(args.mib):
+    for _ in range(total // len(block)):
         expected.update(block)
     rates: dict[str, list[float]] = {}
     lines: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import aiohttp
@@ -93,3 +94,22 @@ async def test_signed_urls_are_refused_while_the_listener_is_off(start_server: S
     with pytest.raises(FailedPreconditionError) as caught:
         await server.client.storage.signed_url(**where(), file_name="first")
     assert caught.value.reason == "SIGNED_URLS_DISABLED"
+
+
+async def test_downloads_abandoned_mid_stream_close_their_files(fs_running: tuple[Running, Path]) -> None:
+    server, _ = fs_running
+    await server.client.storage.upload(b"z" * (3 * 1024 * 1024), **where(), file_name="long.bin")
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))  # the server runs in this process
+
+    before = open_files()
+    for _ in range(20):
+        stream = server.client.storage.download(**where(), file_name="long.bin", chunk_size=65536)
+        assert len(await anext(stream)) == 65536
+        await stream.aclose()  # the client goes away after one chunk
+    for _ in range(50):  # the server learns of each cancellation asynchronously
+        if open_files() <= before:
+            break
+        await asyncio.sleep(0.1)
+    assert open_files() <= before, "a download that was not read to its end left its file open"

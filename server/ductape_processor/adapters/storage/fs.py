@@ -106,12 +106,21 @@ class FsStorage(StorageAdapter):
         data_path, meta_path = await asyncio.to_thread(self._paths, new.key, True)
         tmp = os.path.join(self._real_root(), RESERVED, "tmp", secrets.token_hex(16))
         handle: BinaryIO = await asyncio.to_thread(_create, tmp)
+        writing: asyncio.Future[int] | None = None
         try:
             try:
+                # Each chunk is written while the next one comes in: one write in flight, one chunk waiting.
                 async for chunk in chunks:
-                    await asyncio.to_thread(handle.write, chunk)
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(asyncio.to_thread(handle.write, chunk))
+                if writing is not None:
+                    await writing
                 await asyncio.to_thread(_flush, handle)
             finally:
+                if writing is not None and not writing.done():
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(writing)  # the thread writes on: let it end before the file closes
                 await asyncio.to_thread(handle.close)
             info = FileInfo(
                 new.key,

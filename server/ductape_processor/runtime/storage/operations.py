@@ -9,6 +9,7 @@ signing) within the call's deadline. Writes are never retried: their bytes come 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -60,6 +61,8 @@ RETRY_LIMIT_S: Final = 10.0
 """The longest a repeatable call (head, list, delete, signing) keeps retrying a provider that is unavailable, when
 the caller's deadline is later."""
 RETRY_BACKOFF: Final = Backoff(0.1, 2.0)
+READ_AHEAD: Final = 1
+"""Chunks of a download read ahead of the one being sent."""
 T = TypeVar("T")
 
 
@@ -246,7 +249,7 @@ class StorageRuntime:
             )
         stop = info.size if not length else min(info.size, offset + length)
         size = min(chunk_size or DEFAULT_CHUNK_BYTES, largest)
-        chunks = opened.adapter.read(key, offset, stop, size) if stop > offset else _once(b"")
+        chunks = _read_ahead(opened.adapter.read(key, offset, stop, size)) if stop > offset else _once(b"")
         return info, chunks
 
     async def read(self, ref: StorageRef, key: str, deadline: Deadline) -> tuple[FileInfo, bytes]:
@@ -309,6 +312,32 @@ class StorageRuntime:
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def _read_ahead(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`chunks`, with the next one being read from the provider while the caller sends the current one (a download
+    otherwise waits for the disk or the network, then for gRPC, in turn). At most READ_AHEAD chunks wait."""
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(READ_AHEAD)
+
+    async def fill() -> None:
+        try:
+            async for chunk in chunks:
+                await queue.put(chunk)
+            await queue.put(None)
+        except Exception as exc:  # handed to the reader, which raises it where the chunk would have been
+            await queue.put(exc)
+
+    filling = asyncio.ensure_future(fill())
+    try:
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        filling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await filling
+        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 def _key_position(key: object) -> str:
