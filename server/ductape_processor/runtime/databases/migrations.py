@@ -207,7 +207,7 @@ class MigrationRunner:
                 metadata={"product": target.product, "database": target.database},
             )
         try:
-            adapter = await self._pools.adapter(resolved, database)
+            adapter = self._pools.adapter(resolved, database)
         except DatabaseFailure as exc:
             raise database_error(exc, database.tag, "migrations") from None
         env = database.envs[resolved.env.slug]

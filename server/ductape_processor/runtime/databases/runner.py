@@ -204,7 +204,7 @@ class DatabaseRunner:
                 return self._decode(hit, cached=True)
 
         async def work() -> DatabaseResult:
-            adapter = await self._adapter(run)
+            adapter = self._adapter(run)
             result, token = await self._read_or_write(run, adapter, plan, checked, paging, call.retries)
             return DatabaseResult([result], next_page_token=token)
 
@@ -229,9 +229,9 @@ class DatabaseRunner:
         offset = decode_page_token(listing, call.page_token, _offset) if call.page_token else 0
         return Page(size, offset), listing
 
-    async def _adapter(self, run: _Run) -> DatabaseAdapter:
+    def _adapter(self, run: _Run) -> DatabaseAdapter:
         try:
-            return await self._pools.adapter(run.resolved, run.database)
+            return self._pools.adapter(run.resolved, run.database)
         except DatabaseFailure as exc:
             raise database_error(exc, run.database.tag, run.resource) from None
 
@@ -319,7 +319,7 @@ class DatabaseRunner:
             run.session = (await self._sessions.verify(call.product, call.env, *call.session)).data
 
         async def work() -> DatabaseResult:
-            adapter = await self._adapter(run)
+            adapter = self._adapter(run)
             env = run.database.envs[run.resolved.env.slug]
             timeout_s = env.statement_timeout.total_seconds()
             results: list[StepResult] = []
