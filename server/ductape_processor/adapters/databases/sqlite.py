@@ -75,6 +75,14 @@ def failure(exc: BaseException, what: str) -> DatabaseFailure:
     return QueryInvalid(f"{what}: {type(exc).__name__}: {message}")
 
 
+async def _command(conn: aiosqlite.Connection, sql: str) -> None:
+    """Run one statement of the processor's own (PRAGMA, BEGIN, COMMIT …) and close its cursor at once: a statement
+    left open on a connection (`PRAGMA journal_mode = WAL` answers a row) makes SQLite refuse a later DROP or ALTER
+    on that connection with "database table is locked"."""
+    cursor = await conn.execute(sql)
+    await cursor.close()
+
+
 class _Session(DatabaseSession):
     def __init__(self, adapter: SqliteDatabase, conn: aiosqlite.Connection) -> None:
         self._adapter = adapter
@@ -115,7 +123,7 @@ class _Session(DatabaseSession):
             else (f"BEGIN {kind}", "COMMIT", "ROLLBACK")
         )
         try:
-            await self.conn.execute(begin)
+            await _command(self.conn, begin)
         except sqlite3.Error as exc:
             raise failure(exc, self._adapter.name) from None
         self._depth += 1
@@ -123,16 +131,16 @@ class _Session(DatabaseSession):
             yield
         except BaseException:
             with contextlib.suppress(Exception):
-                await self.conn.execute(rollback)
+                await _command(self.conn, rollback)
                 if self._depth > 1:
-                    await self.conn.execute(commit)  # a savepoint rolled back to is still open: end it
+                    await _command(self.conn, commit)  # a savepoint rolled back to is still open: end it
             raise
         else:
             try:
-                await self.conn.execute(commit)
+                await _command(self.conn, commit)
             except sqlite3.Error as exc:
                 with contextlib.suppress(Exception):
-                    await self.conn.execute(rollback)
+                    await _command(self.conn, rollback)
                 raise failure(exc, self._adapter.name) from None
         finally:
             self._depth -= 1
@@ -168,9 +176,15 @@ class SqliteDatabase(DatabaseAdapter):
                 f"{self.name}: cannot open the database file ({type(exc).__name__})", sent=False
             ) from None
         try:
-            await conn.execute("PRAGMA foreign_keys = ON")
-            await conn.execute(f"PRAGMA busy_timeout = {self._busy_ms:d}")
-            await conn.execute("PRAGMA journal_mode = WAL")
+            await _command(conn, "PRAGMA foreign_keys = ON")
+            await _command(conn, f"PRAGMA busy_timeout = {self._busy_ms:d}")
+            async with conn.execute("PRAGMA journal_mode") as cursor:
+                mode = await cursor.fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                # Switching the journal mode does not wait for other connections (SQLite answers "locked" at once
+                # while another holds a lock): WAL is an optimisation, so a connection that cannot switch goes on.
+                with contextlib.suppress(sqlite3.OperationalError):
+                    await _command(conn, "PRAGMA journal_mode = WAL")
         except sqlite3.Error as exc:
             await conn.close()
             raise failure(exc, self.name) from None
