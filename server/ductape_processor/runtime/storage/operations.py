@@ -32,6 +32,7 @@ from ductape_processor.adapters.storage.registry import STORAGE_PROVIDERS, Place
 from ductape_processor.errors import FailedPrecondition, InvalidArgument, NotFound
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
+from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
 from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.runtime.registry.registry import Registry
@@ -61,6 +62,8 @@ RETRY_LIMIT_S: Final = 10.0
 """The longest a repeatable call (head, list, delete, signing) keeps retrying a provider that is unavailable, when
 the caller's deadline is later."""
 RETRY_BACKOFF: Final = Backoff(0.1, 2.0)
+OPENED_BY_VERSION: Final = 1024
+"""Storage environments (of product versions) whose adapter is found without rebuilding their settings."""
 READ_AHEAD: Final = 1
 """Chunks of a download read ahead of the one being sent."""
 T = TypeVar("T")
@@ -115,6 +118,7 @@ class StorageRuntime:
         self._signer = signer
         self._adapters: dict[tuple[str, str, str, str], StorageAdapter] = {}
         self._opening: dict[tuple[str, str, str, str], asyncio.Lock] = {}
+        self._by_version: BoundedCache[tuple[str, int, str, str], Opened] = BoundedCache(OPENED_BY_VERSION)
 
     # -- resolution ---------------------------------------------------------------------------------------------
 
@@ -128,9 +132,16 @@ class StorageRuntime:
                 reason=Reason.STORAGE_NOT_FOUND,
                 metadata={"product": ref.product, "storage": ref.tag},
             )
-        name = f"{resolved.product}/{resolved.env.slug}/{storage.tag}"
-        adapter = await self._adapter(storage, resolved.product, resolved.env.slug, name)
-        return Opened(name, storage.max_file_bytes or self._max_file_bytes, adapter)
+        # Versions are immutable and secrets are read at start, so a version's storage environment always maps to
+        # one adapter: remember it, and skip resolving and hashing its settings on every call.
+        known = (resolved.product, resolved.version, resolved.env.slug, storage.tag)
+        opened = self._by_version.get(known)
+        if opened is None:
+            name = f"{resolved.product}/{resolved.env.slug}/{storage.tag}"
+            adapter = await self._adapter(storage, resolved.product, resolved.env.slug, name)
+            opened = Opened(name, storage.max_file_bytes or self._max_file_bytes, adapter)
+            self._by_version.put(known, opened)
+        return opened
 
     async def _adapter(self, storage: Storage, product: str, env: str, name: str) -> StorageAdapter:
         def missing(secret: str) -> FailedPrecondition:
@@ -307,6 +318,7 @@ class StorageRuntime:
         """Close every adapter."""
         adapters = list(self._adapters.values())
         self._adapters.clear()
+        self._by_version.clear()
         await asyncio.gather(*(adapter.close() for adapter in adapters), return_exceptions=True)
 
 
