@@ -113,3 +113,16 @@ async def test_downloads_abandoned_mid_stream_close_their_files(fs_running: tupl
             break
         await asyncio.sleep(0.1)
     assert open_files() <= before, "a download that was not read to its end left its file open"
+
+
+async def test_a_new_version_with_another_folder_saves_there(start_server: ServerFactory, tmp_path: Path) -> None:
+    server = await start_server()
+    storage_root = tmp_path / "data0" / "storage"
+    await server.client.product.apply(manifest({"provider": "fs", "directory": "before"}))
+    await server.client.storage.save(**where(), file_name="a.txt", data=b"1")
+    await server.client.product.apply(manifest({"provider": "fs", "directory": "after"}))
+    await server.client.storage.save(**where(), file_name="b.txt", data=b"2")
+    assert (storage_root / "before" / "a.txt").read_bytes() == b"1"
+    assert (storage_root / "after" / "b.txt").read_bytes() == b"2"
+    assert not (storage_root / "before" / "b.txt").exists()
+    assert [f.file_name async for f in server.client.storage.files(**where())] == ["b.txt"]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,11 +30,11 @@ from ductape_processor.adapters.storage.registry import STORAGE_PROVIDERS, Place
 from ductape_processor.errors import FailedPrecondition, InvalidArgument, NotFound
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
-from ductape_processor.runtime.policies.caches import BoundedCache
+from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
 from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.runtime.registry.registry import Registry
-from ductape_processor.runtime.registry.storage import Storage
+from ductape_processor.runtime.registry.storage import StorageEnv
 from ductape_processor.runtime.storage.files import (
     Intake,
     checked_content_type,
@@ -62,8 +60,6 @@ RETRY_LIMIT_S: Final = 10.0
 """The longest a repeatable call (head, list, delete, signing) keeps retrying a provider that is unavailable, when
 the caller's deadline is later."""
 RETRY_BACKOFF: Final = Backoff(0.1, 2.0)
-OPENED_BY_VERSION: Final = 1024
-"""Storage environments (of product versions) whose adapter is found without rebuilding their settings."""
 READ_AHEAD: Final = 1
 """Chunks of a download read ahead of the one being sent."""
 T = TypeVar("T")
@@ -111,14 +107,11 @@ class StorageRuntime:
         signer: Callable[[StorageRef], Signer] | None = None,
     ) -> None:
         self._registry = registry
-        self._secrets = secrets
         self._root = storage_root
         self._max_file_bytes = max_file_bytes
         self._max_message_bytes = max_message_bytes
         self._signer = signer
-        self._adapters: dict[tuple[str, str, str, str], StorageAdapter] = {}
-        self._opening: dict[tuple[str, str, str, str], asyncio.Lock] = {}
-        self._by_version: BoundedCache[tuple[str, int, str, str], Opened] = BoundedCache(OPENED_BY_VERSION)
+        self._adapters: EnvironmentAdapters[StorageAdapter] = EnvironmentAdapters("storage", secrets)
 
     # -- resolution ---------------------------------------------------------------------------------------------
 
@@ -132,55 +125,33 @@ class StorageRuntime:
                 reason=Reason.STORAGE_NOT_FOUND,
                 metadata={"product": ref.product, "storage": ref.tag},
             )
-        # Versions are immutable and secrets are read at start, so a version's storage environment always maps to
-        # one adapter: remember it, and skip resolving and hashing its settings on every call.
-        known = (resolved.product, resolved.version, resolved.env.slug, storage.tag)
-        opened = self._by_version.get(known)
-        if opened is None:
-            name = f"{resolved.product}/{resolved.env.slug}/{storage.tag}"
-            adapter = await self._adapter(storage, resolved.product, resolved.env.slug, name)
-            opened = Opened(name, storage.max_file_bytes or self._max_file_bytes, adapter)
-            self._by_version.put(known, opened)
-        return opened
+        environment = EnvironmentRef(resolved.product, resolved.version, resolved.env.slug, storage.tag)
+        adapter = self._adapters.get(
+            environment, storage.envs[environment.env], lambda settings: self._build(environment, settings)
+        )
+        return Opened(environment.name, storage.max_file_bytes or self._max_file_bytes, adapter)
 
-    async def _adapter(self, storage: Storage, product: str, env: str, name: str) -> StorageAdapter:
-        def missing(secret: str) -> FailedPrecondition:
-            return FailedPrecondition(
-                f"storage {storage.tag!r}: secret {secret} is not defined on this processor",
-                reason=Reason.SECRET_NOT_FOUND,
-                metadata={"storage": storage.tag, "secret": secret},
-            )
-
-        settings = self._secrets.resolve_settings(storage.envs[env], missing)
-        fingerprint = hashlib.sha256(json.dumps(settings.model_dump(), sort_keys=True).encode()).hexdigest()
-        key = (product, env, storage.tag, fingerprint)
-        adapter = self._adapters.get(key)
-        if adapter is not None:
-            return adapter
-        async with self._opening.setdefault(key, asyncio.Lock()):
-            adapter = self._adapters.get(key)
-            if adapter is None:
-                provider = STORAGE_PROVIDERS.get(settings.provider)
-                ref = StorageRef(product, env, storage.tag)
-                placement = Placement(
-                    name,
-                    self._root,
-                    f"{product}/{storage.tag}/{env}",
-                    self._signer(ref) if self._signer is not None else None,
-                )
-                try:
-                    if provider is None:
-                        raise ImportError(name=settings.provider)
-                    adapter = provider.open(settings, placement)
-                except ImportError as exc:
-                    raise FailedPrecondition(
-                        f"storage {storage.tag!r}: the {settings.provider} provider is not available on this "
-                        f"processor (missing {exc.name})",
-                        reason=Reason.STORAGE_PROVIDER_UNAVAILABLE,
-                        metadata={"storage": storage.tag, "provider": settings.provider},
-                    ) from None
-                self._adapters[key] = adapter
-        return adapter
+    def _build(self, environment: EnvironmentRef, settings: StorageEnv) -> StorageAdapter:
+        """The adapter of one storage environment, from its settings (secrets resolved); it connects on first use."""
+        provider = STORAGE_PROVIDERS.get(settings.provider)
+        ref = StorageRef(environment.product, environment.env, environment.tag)
+        placement = Placement(
+            environment.name,
+            self._root,
+            f"{environment.product}/{environment.tag}/{environment.env}",
+            self._signer(ref) if self._signer is not None else None,
+        )
+        try:
+            if provider is None:
+                raise ImportError(name=settings.provider)
+            return provider.open(settings, placement)
+        except ImportError as exc:
+            raise FailedPrecondition(
+                f"storage {environment.tag!r}: the {settings.provider} provider is not available on this "
+                f"processor (missing {exc.name})",
+                reason=Reason.STORAGE_PROVIDER_UNAVAILABLE,
+                metadata={"storage": environment.tag, "provider": settings.provider},
+            ) from None
 
     async def _repeatable(self, deadline: Deadline, operation: Callable[[], Awaitable[T]]) -> T:
         """`operation`, tried again while the provider is unavailable and the retry budget lasts."""
@@ -316,10 +287,7 @@ class StorageRuntime:
 
     async def close(self) -> None:
         """Close every adapter."""
-        adapters = list(self._adapters.values())
-        self._adapters.clear()
-        self._by_version.clear()
-        await asyncio.gather(*(adapter.close() for adapter in adapters), return_exceptions=True)
+        await self._adapters.close()
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
