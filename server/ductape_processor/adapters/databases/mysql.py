@@ -21,21 +21,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import asyncmy
 from asyncmy import errors as mysql_errors
 
-from ductape_processor.adapters.databases.base import (
-    ConstraintKind,
-    ConstraintViolation,
-    DatabaseAdapter,
-    DatabaseFailure,
-    DatabaseSession,
-    DatabaseUnreachable,
-    Outcome,
-    Place,
-    QueryInvalid,
-    Statement,
-    StatementTimeout,
-    ValueRejected,
-    plain_parameter,
-)
+from ductape_processor.adapters.databases import base
 from ductape_processor.adapters.databases.pool import SlotPool
 from ductape_processor.runtime.registry.databases import MysqlDatabaseEnv
 
@@ -44,7 +30,7 @@ _JSON_TYPE = 245
 _TIMESTAMP_TYPE = 7
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)")
 _QUOTED_NAME = re.compile(r"(?:key|CONSTRAINT) [`']([^`']+)[`']")
-_CONSTRAINTS: dict[int, ConstraintKind] = {
+_CONSTRAINTS: dict[int, base.ConstraintKind] = {
     1062: "unique",
     1451: "foreign_key",
     1452: "foreign_key",
@@ -71,7 +57,7 @@ def connect_args(url: str) -> dict[str, Any]:
     }
 
 
-def failure(exc: BaseException, what: str, *, sent: bool = True) -> DatabaseFailure:
+def failure(exc: BaseException, what: str, *, sent: bool = True) -> base.DatabaseFailure:
     """An asyncmy error as the processor reports it. Server messages name objects and values, never the DSN; a
     connection error's text is not shown (it names the user and host)."""
     args: tuple[Any, ...] = tuple(getattr(exc, "args", ()))
@@ -81,39 +67,41 @@ def failure(exc: BaseException, what: str, *, sent: bool = True) -> DatabaseFail
         found = _QUOTED_NAME.search(message)
         if code == 1048:
             found = re.search(r"Column '([^']+)'", message)
-        return ConstraintViolation(
+        return base.ConstraintViolation(
             f"{what}: {message}", kind=_CONSTRAINTS.get(code, "other"), constraint=found.group(1) if found else ""
         )
     if code in _TIMEOUTS:
-        return StatementTimeout(f"{what}: the statement ran past its time")
+        return base.StatementTimeout(f"{what}: the statement ran past its time")
     if code in _LOST or code >= 2000 or isinstance(exc, OSError | mysql_errors.InterfaceError):
-        return DatabaseUnreachable(f"{what}: the connection failed (error {code or type(exc).__name__})", sent=sent)
+        return base.DatabaseUnreachable(
+            f"{what}: the connection failed (error {code or type(exc).__name__})", sent=sent
+        )
     if code == 1045:
-        return DatabaseUnreachable(f"{what}: the server refused the credentials", sent=False)
+        return base.DatabaseUnreachable(f"{what}: the server refused the credentials", sent=False)
     if code in _VALUES or isinstance(exc, mysql_errors.DataError):
-        return ValueRejected(f"{what}: {message}")
-    return QueryInvalid(f"{what}: {message}")
+        return base.ValueRejected(f"{what}: {message}")
+    return base.QueryInvalid(f"{what}: {message}")
 
 
 def parameter(value: Any) -> Any:
     """A bound value: RFC 3339 timestamp text as a UTC DATETIME (MySQL refuses the `T…Z` form), the rest as
-    `plain_parameter` makes it."""
+    `base.plain_parameter` makes it."""
     if isinstance(value, str) and _RFC3339.fullmatch(value):
         return datetime.fromisoformat(value).astimezone(UTC).replace(tzinfo=None)
-    return plain_parameter(value)
+    return base.plain_parameter(value)
 
 
 def _healthy(conn: Any) -> bool:
     return bool(conn.connected) and not getattr(conn, "_stream_broken", False)
 
 
-class _Session(DatabaseSession):
+class _Session(base.DatabaseSession):
     def __init__(self, adapter: MysqlDatabase, conn: Any) -> None:
         self._adapter = adapter
         self._conn = conn
         self.broken = False
 
-    async def run(self, statement: Statement, timeout_s: float) -> Outcome:
+    async def run(self, statement: base.Statement, timeout_s: float) -> base.Outcome:
         name = self._adapter.name
         try:
             async with asyncio.timeout(max(timeout_s, 0.0)):
@@ -125,7 +113,7 @@ class _Session(DatabaseSession):
         except TimeoutError:
             self.broken = True
             self._adapter.kill_query(self._conn.thread_id())
-            raise StatementTimeout(f"{name}: the statement ran past its time") from None
+            raise base.StatementTimeout(f"{name}: the statement ran past its time") from None
         except (mysql_errors.MySQLError, OSError) as exc:
             self.broken = not _healthy(self._conn)
             raise failure(exc, name) from None
@@ -134,7 +122,7 @@ class _Session(DatabaseSession):
         special = [i for i, d in enumerate(description) if d[1] in (_JSON_TYPE, _TIMESTAMP_TYPE)]
         if special:
             converted = [self._convert(row, description, special) for row in rows]
-        return Outcome(columns, converted, len(rows) if description else int(affected or 0), last or None)
+        return base.Outcome(columns, converted, len(rows) if description else int(affected or 0), last or None)
 
     @staticmethod
     def _convert(row: Any, description: Any, special: list[int]) -> tuple[Any, ...]:
@@ -176,22 +164,22 @@ class _Session(DatabaseSession):
         # GET_LOCK names are at most 64 characters: a digest keeps any name within it.
         lock = "ductape:" + hashlib.sha256(name.encode()).hexdigest()[:48]
         wait_s = max(int(timeout_s), 0)
-        outcome = await self.run(Statement("SELECT GET_LOCK(%s, %s)", (lock, wait_s), True), timeout_s + 1)
+        outcome = await self.run(base.Statement("SELECT GET_LOCK(%s, %s)", (lock, wait_s), True), timeout_s + 1)
         if not outcome.rows or outcome.rows[0][0] != 1:
-            raise StatementTimeout(f"{self._adapter.name}: the lock {name!r} stayed taken")
+            raise base.StatementTimeout(f"{self._adapter.name}: the lock {name!r} stayed taken")
         try:
             yield
         finally:
-            with contextlib.suppress(DatabaseFailure):
-                await self.run(Statement("SELECT RELEASE_LOCK(%s)", (lock,), True), 5.0)
+            with contextlib.suppress(base.DatabaseFailure):
+                await self.run(base.Statement("SELECT RELEASE_LOCK(%s)", (lock,), True), 5.0)
 
 
-class MysqlDatabase(DatabaseAdapter):
+class MysqlDatabase(base.DatabaseAdapter):
     """A pool of asyncmy connections to one MySQL or MariaDB database."""
 
     dialect = "mysql"
 
-    def __init__(self, settings: MysqlDatabaseEnv, place: Place) -> None:
+    def __init__(self, settings: MysqlDatabaseEnv, place: base.Place) -> None:
         self.name = place.name
         self._settings = settings
         self._pool: SlotPool[Any] = SlotPool(settings.pool.max, self._open, self._close, _healthy)
@@ -208,7 +196,7 @@ class MysqlDatabase(DatabaseAdapter):
         except (mysql_errors.MySQLError, OSError, TimeoutError) as exc:
             raise failure(exc, self.name, sent=False) from None
         except ValueError:  # a URL that does not parse (a port that is not a number): never quote it
-            raise DatabaseUnreachable(f"{self.name}: the URL cannot be parsed", sent=False) from None
+            raise base.DatabaseUnreachable(f"{self.name}: the URL cannot be parsed", sent=False) from None
 
     async def _open(self) -> Any:
         return await self._connect()
@@ -222,7 +210,7 @@ class MysqlDatabase(DatabaseAdapter):
         """Ask the server to stop the statement of connection `thread_id` (best effort, in the background)."""
 
         async def kill() -> None:
-            with contextlib.suppress(DatabaseFailure, mysql_errors.MySQLError, OSError):
+            with contextlib.suppress(base.DatabaseFailure, mysql_errors.MySQLError, OSError):
                 conn = await self._connect()
                 try:
                     async with conn.cursor() as cursor:
@@ -234,14 +222,10 @@ class MysqlDatabase(DatabaseAdapter):
         self._killing.add(task)
         task.add_done_callback(self._killing.discard)
 
-    @contextlib.asynccontextmanager
-    async def session(self, acquire_timeout_s: float | None) -> AsyncIterator[DatabaseSession]:
-        conn = await self._pool.acquire(acquire_timeout_s, f"{self.name}: every connection stayed busy")
-        session = _Session(self, conn)
-        try:
-            yield session
-        finally:
-            await self._pool.release(conn, broken=session.broken or not _healthy(conn))
+    def session(self, acquire_timeout_s: float | None) -> contextlib.AbstractAsyncContextManager[base.DatabaseSession]:
+        return self._pool.lend(
+            acquire_timeout_s, f"{self.name}: every connection stayed busy", lambda conn: _Session(self, conn)
+        )
 
     async def close(self) -> None:
         await self._pool.close()

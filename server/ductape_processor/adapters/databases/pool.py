@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Generic, Protocol, TypeVar
 
 from ductape_processor.adapters.databases.base import PoolExhausted
 
 C = TypeVar("C")
+S = TypeVar("S", bound="Lent")
+
+
+class Lent(Protocol):
+    """What a connection is lent as: it says whether it saw the connection break."""
+
+    broken: bool
 
 
 class SlotPool(Generic[C]):
@@ -52,14 +59,26 @@ class SlotPool(Generic[C]):
             raise
 
     async def release(self, conn: C, *, broken: bool = False) -> None:
-        """Give a connection back; a broken one (or any, once the pool is closed) is closed instead of kept."""
+        """Give a connection back; a broken or unhealthy one (or any, once the pool is closed) is closed instead of
+        kept."""
         try:
-            if broken or self._closed:
+            if broken or self._closed or not self._healthy(conn):
                 await self._close(conn)
             else:
                 self._idle.append(conn)
         finally:
             self._slots.release()
+
+    @contextlib.asynccontextmanager
+    async def lend(self, timeout_s: float | None, busy: str, wrap: Callable[[C], S]) -> AsyncIterator[S]:
+        """A connection for the block, as `wrap` makes it (an adapter's session); given back at the end, closed if
+        the session saw it break."""
+        conn = await self.acquire(timeout_s, busy)
+        lent = wrap(conn)
+        try:
+            yield lent
+        finally:
+            await self.release(conn, broken=lent.broken)
 
     async def close(self) -> None:
         """Close the idle connections; connections lent out are closed when they come back."""

@@ -22,28 +22,14 @@ from typing import Any
 
 import asyncpg
 
-from ductape_processor.adapters.databases.base import (
-    ConstraintKind,
-    ConstraintViolation,
-    DatabaseAdapter,
-    DatabaseFailure,
-    DatabaseSession,
-    DatabaseUnreachable,
-    Outcome,
-    Place,
-    PoolExhausted,
-    QueryInvalid,
-    Statement,
-    StatementTimeout,
-    ValueRejected,
-)
+from ductape_processor.adapters.databases import base
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.registry.databases import PostgresDatabaseEnv
 
 CONNECT_TIMEOUT_S = 5.0
 STATEMENTS_TYPED = 4096
 """Statements whose parameter types a pool remembers."""
-_CONSTRAINTS: dict[str, ConstraintKind] = {
+_CONSTRAINTS: dict[str, base.ConstraintKind] = {
     "23505": "unique",
     "23503": "foreign_key",
     "23514": "check",
@@ -141,7 +127,7 @@ def _fail(why: str) -> Any:
 
 
 def coerce(value: Any, type_name: str, where: str) -> Any:
-    """A caller's JSON value as asyncpg encodes a parameter of `type_name`; ValueRejected naming `where`."""
+    """A caller's JSON value as asyncpg encodes a parameter of `type_name`; base.ValueRejected naming `where`."""
     if value is None:
         return None
     convert = _COERCE.get(type_name)
@@ -150,33 +136,35 @@ def coerce(value: Any, type_name: str, where: str) -> Any:
     try:
         return convert(value)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise ValueRejected(f"{where} {exc} (the column is {type_name})") from None
+        raise base.ValueRejected(f"{where} {exc} (the column is {type_name})") from None
 
 
-def failure(exc: BaseException, what: str, *, sent: bool = True) -> DatabaseFailure:
+def failure(exc: BaseException, what: str, *, sent: bool = True) -> base.DatabaseFailure:
     """An asyncpg error as the processor reports it; server messages name objects, never the DSN."""
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
         message = getattr(exc, "message", "") or type(exc).__name__
         if state.startswith("23"):
             name = getattr(exc, "constraint_name", None) or getattr(exc, "column_name", None) or ""
-            return ConstraintViolation(f"{what}: {message}", kind=_CONSTRAINTS.get(state, "other"), constraint=name)
+            return base.ConstraintViolation(
+                f"{what}: {message}", kind=_CONSTRAINTS.get(state, "other"), constraint=name
+            )
         if state == "57014":
-            return StatementTimeout(f"{what}: the statement ran past its time")
+            return base.StatementTimeout(f"{what}: the statement ran past its time")
         if state.startswith(("08", "57P", "53")):
-            return DatabaseUnreachable(f"{what}: the server ended the connection ({state})", sent=sent)
+            return base.DatabaseUnreachable(f"{what}: the server ended the connection ({state})", sent=sent)
         if state.startswith("22"):
-            return ValueRejected(f"{what}: {message}")
-        return QueryInvalid(f"{what}: {message}")
+            return base.ValueRejected(f"{what}: {message}")
+        return base.QueryInvalid(f"{what}: {message}")
     if isinstance(exc, asyncpg.exceptions.DataError):
-        return ValueRejected(f"{what}: {exc}")
+        return base.ValueRejected(f"{what}: {exc}")
     if isinstance(exc, asyncpg.exceptions.InternalClientError):
         # The server ended an idle connection and asyncpg was still reading its farewell when the pool lent it:
         # nothing of this statement was sent.
-        return DatabaseUnreachable(f"{what}: the connection was ending ({type(exc).__name__})", sent=False)
+        return base.DatabaseUnreachable(f"{what}: the connection was ending ({type(exc).__name__})", sent=False)
     if isinstance(exc, asyncpg.InterfaceError | OSError | asyncpg.exceptions.ConnectionDoesNotExistError):
-        return DatabaseUnreachable(f"{what}: the connection failed ({type(exc).__name__})", sent=sent)
-    return QueryInvalid(f"{what}: {type(exc).__name__}")
+        return base.DatabaseUnreachable(f"{what}: the connection failed ({type(exc).__name__})", sent=sent)
+    return base.QueryInvalid(f"{what}: {type(exc).__name__}")
 
 
 async def _json_codecs(conn: asyncpg.Connection) -> None:
@@ -202,7 +190,7 @@ def lock_id(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
-class _Session(DatabaseSession):
+class _Session(base.DatabaseSession):
     def __init__(self, adapter: PostgresDatabase, conn: asyncpg.Connection) -> None:
         self._adapter = adapter
         self._conn = conn
@@ -216,7 +204,7 @@ class _Session(DatabaseSession):
             self._adapter.typed.put(text, known)
         return known
 
-    async def run(self, statement: Statement, timeout_s: float) -> Outcome:
+    async def run(self, statement: base.Statement, timeout_s: float) -> base.Outcome:
         name = self._adapter.name
         conn = self._conn
         timeout = max(timeout_s, 0.001)
@@ -229,18 +217,18 @@ class _Session(DatabaseSession):
             if statement.returns_rows:
                 records = await conn.fetch(statement.text, *args, timeout=timeout)
                 columns = list(records[0].keys()) if records else []
-                return Outcome(columns, [tuple(r.values()) for r in records], len(records))
+                return base.Outcome(columns, [tuple(r.values()) for r in records], len(records))
             status = await conn.execute(statement.text, *args, timeout=timeout)
         except TimeoutError:
-            raise StatementTimeout(f"{name}: the statement ran past its time") from None
-        except ValueRejected:
+            raise base.StatementTimeout(f"{name}: the statement ran past its time") from None
+        except base.ValueRejected:
             raise
         except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, OSError) as exc:
             error = failure(exc, name)
-            self.broken = isinstance(error, DatabaseUnreachable)
+            self.broken = isinstance(error, base.DatabaseUnreachable)
             raise error from None
         last = status.rsplit(" ", 1)[-1]
-        return Outcome(affected=int(last) if last.isdigit() else 0)
+        return base.Outcome(affected=int(last) if last.isdigit() else 0)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
@@ -270,7 +258,7 @@ class _Session(DatabaseSession):
         try:
             await self._conn.execute("SELECT pg_advisory_lock($1)", key, timeout=max(timeout_s, 0.001))
         except TimeoutError:
-            raise StatementTimeout(f"{self._adapter.name}: the lock {name!r} stayed taken") from None
+            raise base.StatementTimeout(f"{self._adapter.name}: the lock {name!r} stayed taken") from None
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise failure(exc, self._adapter.name, sent=False) from None
         try:
@@ -280,12 +268,12 @@ class _Session(DatabaseSession):
                 await self._conn.execute("SELECT pg_advisory_unlock($1)", key)
 
 
-class PostgresDatabase(DatabaseAdapter):
+class PostgresDatabase(base.DatabaseAdapter):
     """An asyncpg pool to one PostgreSQL database, created on first use."""
 
     dialect = "postgresql"
 
-    def __init__(self, settings: PostgresDatabaseEnv, place: Place) -> None:
+    def __init__(self, settings: PostgresDatabaseEnv, place: base.Place) -> None:
         self.name = place.name
         self._settings = settings
         self._pool: asyncpg.Pool | None = None
@@ -310,16 +298,16 @@ class PostgresDatabase(DatabaseAdapter):
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                     raise failure(exc, self.name, sent=False) from None
                 except ValueError:  # a DSN asyncpg cannot parse: its message would quote it
-                    raise DatabaseUnreachable(f"{self.name}: the URL cannot be parsed", sent=False) from None
+                    raise base.DatabaseUnreachable(f"{self.name}: the URL cannot be parsed", sent=False) from None
             return self._pool
 
     @contextlib.asynccontextmanager
-    async def session(self, acquire_timeout_s: float | None) -> AsyncIterator[DatabaseSession]:
+    async def session(self, acquire_timeout_s: float | None) -> AsyncIterator[base.DatabaseSession]:
         pool = self._pool or await self._open()
         try:
             conn = await pool.acquire(timeout=None if acquire_timeout_s is None else max(acquire_timeout_s, 0.0))
         except TimeoutError:
-            raise PoolExhausted(f"{self.name}: every connection stayed busy") from None
+            raise base.PoolExhausted(f"{self.name}: every connection stayed busy") from None
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise failure(exc, self.name, sent=False) from None
         session = _Session(self, conn)

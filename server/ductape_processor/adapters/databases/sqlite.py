@@ -17,26 +17,12 @@ from pathlib import Path
 
 import aiosqlite
 
-from ductape_processor.adapters.databases.base import (
-    ConstraintKind,
-    ConstraintViolation,
-    DatabaseAdapter,
-    DatabaseFailure,
-    DatabaseSession,
-    DatabaseUnreachable,
-    Outcome,
-    Place,
-    QueryInvalid,
-    Statement,
-    StatementTimeout,
-    ValueRejected,
-    plain_parameter,
-)
+from ductape_processor.adapters.databases import base
 from ductape_processor.adapters.databases.pool import SlotPool
 from ductape_processor.runtime.registry.databases import SqliteDatabaseEnv
 
 _CONSTRAINT = re.compile(r"^(UNIQUE|FOREIGN KEY|CHECK|NOT NULL) constraint failed(?::\s*(.*))?$")
-_KINDS: dict[str, ConstraintKind] = {
+_KINDS: dict[str, base.ConstraintKind] = {
     "UNIQUE": "unique",
     "FOREIGN KEY": "foreign_key",
     "CHECK": "check",
@@ -50,29 +36,31 @@ def database_file(folder: Path, path: str, database: str) -> Path:
     root = folder.resolve()
     target = (root / (path or f"{database}.db")).resolve()
     if not target.is_relative_to(root) or target == root:
-        raise QueryInvalid(f"database {database!r}: its path leads outside the product's database folder")
+        raise base.QueryInvalid(f"database {database!r}: its path leads outside the product's database folder")
     return target
 
 
-def failure(exc: BaseException, what: str) -> DatabaseFailure:
+def failure(exc: BaseException, what: str) -> base.DatabaseFailure:
     """A sqlite3 error as the processor reports it. SQLite's messages name tables and columns, never credentials."""
     message = str(exc)
     if isinstance(exc, sqlite3.IntegrityError):
         match = _CONSTRAINT.match(message)
-        kind: ConstraintKind = _KINDS[match.group(1)] if match else "other"
+        kind: base.ConstraintKind = _KINDS[match.group(1)] if match else "other"
         constraint = (match.group(2) or "") if match else ""
-        return ConstraintViolation(f"{what}: {message}", kind=kind, constraint=constraint)
+        return base.ConstraintViolation(f"{what}: {message}", kind=kind, constraint=constraint)
     if isinstance(exc, sqlite3.OperationalError):
         if "interrupted" in message:
-            return StatementTimeout(f"{what}: the statement ran past its time")
+            return base.StatementTimeout(f"{what}: the statement ran past its time")
         if "locked" in message or "busy" in message:
-            return StatementTimeout(f"{what}: the database stayed locked by another writer past the statement's time")
+            return base.StatementTimeout(
+                f"{what}: the database stayed locked by another writer past the statement's time"
+            )
         if "unable to open" in message or "disk I/O" in message:
-            return DatabaseUnreachable(f"{what}: the database file cannot be opened ({message})", sent=False)
-        return QueryInvalid(f"{what}: {message}")
+            return base.DatabaseUnreachable(f"{what}: the database file cannot be opened ({message})", sent=False)
+        return base.QueryInvalid(f"{what}: {message}")
     if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError | OverflowError | sqlite3.DataError):
-        return ValueRejected(f"{what}: {message}")
-    return QueryInvalid(f"{what}: {type(exc).__name__}: {message}")
+        return base.ValueRejected(f"{what}: {message}")
+    return base.QueryInvalid(f"{what}: {type(exc).__name__}: {message}")
 
 
 async def _command(conn: aiosqlite.Connection, sql: str) -> None:
@@ -83,18 +71,18 @@ async def _command(conn: aiosqlite.Connection, sql: str) -> None:
     await cursor.close()
 
 
-class _Session(DatabaseSession):
+class _Session(base.DatabaseSession):
     def __init__(self, adapter: SqliteDatabase, conn: aiosqlite.Connection) -> None:
         self._adapter = adapter
         self.conn = conn
         self.broken = False
         self._depth = 0  # transactions open on this connection: an inner one is a savepoint
 
-    async def run(self, statement: Statement, timeout_s: float) -> Outcome:
+    async def run(self, statement: base.Statement, timeout_s: float) -> base.Outcome:
         conn = self.conn
         try:
             async with asyncio.timeout(max(timeout_s, 0.0)):
-                cursor = await conn.execute(statement.text, tuple(plain_parameter(v) for v in statement.args))
+                cursor = await conn.execute(statement.text, tuple(base.plain_parameter(v) for v in statement.args))
                 try:
                     rows = await cursor.fetchall() if statement.returns_rows else []
                     columns = [d[0] for d in cursor.description or ()]
@@ -106,13 +94,13 @@ class _Session(DatabaseSession):
             self.broken = True
             with contextlib.suppress(Exception):
                 await conn.interrupt()
-            raise StatementTimeout(f"{self._adapter.name}: the statement ran past its time") from None
+            raise base.StatementTimeout(f"{self._adapter.name}: the statement ran past its time") from None
         except (sqlite3.Error, OverflowError) as exc:
             raise failure(exc, self._adapter.name) from None
         except ValueError as exc:  # aiosqlite: the connection was closed under us
             self.broken = True
-            raise DatabaseUnreachable(f"{self._adapter.name}: the connection closed ({exc})", sent=True) from None
-        return Outcome(columns, [tuple(row) for row in rows], affected, last or None)
+            raise base.DatabaseUnreachable(f"{self._adapter.name}: the connection closed ({exc})", sent=True) from None
+        return base.Outcome(columns, [tuple(row) for row in rows], affected, last or None)
 
     @contextlib.asynccontextmanager
     async def _begin(self, kind: str) -> AsyncIterator[None]:
@@ -153,12 +141,12 @@ class _Session(DatabaseSession):
         return self._begin("IMMEDIATE")
 
 
-class SqliteDatabase(DatabaseAdapter):
+class SqliteDatabase(base.DatabaseAdapter):
     """An SQLite file and a pool of aiosqlite connections to it."""
 
     dialect = "sqlite"
 
-    def __init__(self, settings: SqliteDatabaseEnv, place: Place) -> None:
+    def __init__(self, settings: SqliteDatabaseEnv, place: base.Place) -> None:
         self.name = place.name
         self._file = database_file(place.folder, settings.path, place.database)
         self._busy_ms = int(settings.statement_timeout.total_seconds() * 1000)
@@ -172,7 +160,7 @@ class SqliteDatabase(DatabaseAdapter):
             await asyncio.to_thread(prepare)
             conn = await aiosqlite.connect(self._file, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
-            raise DatabaseUnreachable(
+            raise base.DatabaseUnreachable(
                 f"{self.name}: cannot open the database file ({type(exc).__name__})", sent=False
             ) from None
         try:
@@ -195,14 +183,10 @@ class SqliteDatabase(DatabaseAdapter):
         with contextlib.suppress(Exception):
             await conn.close()
 
-    @contextlib.asynccontextmanager
-    async def session(self, acquire_timeout_s: float | None) -> AsyncIterator[DatabaseSession]:
-        conn = await self._pool.acquire(acquire_timeout_s, f"{self.name}: every connection stayed busy")
-        session = _Session(self, conn)
-        try:
-            yield session
-        finally:
-            await self._pool.release(conn, broken=session.broken)
+    def session(self, acquire_timeout_s: float | None) -> contextlib.AbstractAsyncContextManager[base.DatabaseSession]:
+        return self._pool.lend(
+            acquire_timeout_s, f"{self.name}: every connection stayed busy", lambda conn: _Session(self, conn)
+        )
 
     async def close(self) -> None:
         await self._pool.close()
