@@ -82,7 +82,7 @@ class IdempotentCalls:
             await self._wait_for(key, state.deadline)
 
         while True:
-            record = await claim(
+            answer = await claim(
                 self._store,
                 key,
                 request_hash,
@@ -92,9 +92,8 @@ class IdempotentCalls:
                 reused=lambda: key_reused("request", call.idempotency_key),
                 wait=wait,
             )
-            if record.owner != owner:
-                assert record.response is not None
-                return ActionResult.decode(record.response)
+            if answer is not None:
+                return ActionResult.decode(answer)
             try:
                 if await self._store.idempotency_mark_sent(key, owner, datetime.now(UTC) + lease):
                     break

@@ -226,7 +226,7 @@ class BrokerRuntime:
                 )
             await asyncio.sleep(0.05)
 
-        record = await claim(
+        answer = await claim(
             self._store,
             key,
             request_hash,
@@ -236,9 +236,8 @@ class BrokerRuntime:
             reused=lambda: key_reused("message", outgoing.idempotency_key),
             wait=wait,
         )
-        if record.owner != owner:
-            assert record.response is not None
-            return record.response.decode()
+        if answer is not None:
+            return answer.decode()
         message = self._message(route, outgoing, trace, message_id)
         try:
             await self._send(

@@ -373,7 +373,7 @@ class DatabaseRunner:
                 )
             await asyncio.sleep(0.05)
 
-        record = await claim(
+        answer = await claim(
             self._store,
             key,
             self._digest(request),
@@ -383,9 +383,8 @@ class DatabaseRunner:
             reused=lambda: key_reused("request", idempotency_key),
             wait=wait,
         )
-        if record.owner != owner:
-            assert record.response is not None
-            return self._decode(record.response, cached=False)
+        if answer is not None:
+            return self._decode(answer, cached=False)
         try:
             result = await work()
         except BaseException:

@@ -40,9 +40,9 @@ async def claim(
     retention: timedelta,
     reused: Callable[[], FailedPrecondition],
     wait: Callable[[IdempotencyRecord], Awaitable[None]],
-) -> IdempotencyRecord:
-    """Claim `key` for `owner` and return its record: `owner`'s own claim (the caller runs the call), or the record
-    of a call that is done (the caller answers its response).
+) -> bytes | None:
+    """Claim `key` for `owner`: None when the claim is `owner`'s (the caller runs the call), or the recorded
+    response of a call that is done (the caller answers it).
 
     While another call holds the key, `wait(record)` is awaited (it raises to stop waiting) and the claim is tried
     again. A record of another request is refused with `reused()`.
@@ -52,8 +52,10 @@ async def claim(
         record = await store.idempotency_claim(key, request_hash, owner, now, now + lease, now + retention)
         if record.request_hash != request_hash:
             raise reused()
-        if record.owner == owner or (record.state == "done" and record.response is not None):
-            return record
+        if record.owner == owner:
+            return None
+        if record.state == "done" and record.response is not None:
+            return record.response
         await wait(record)
 
 
