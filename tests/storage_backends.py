@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -227,6 +228,28 @@ async def azure_backend(workdir: Path) -> AsyncIterator[Backend]:
         )
 
 
+def made_up_service_account() -> str:
+    """A service account key file of no Google project (a fresh RSA key), for the adapter to sign URLs with."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return json.dumps(
+        {
+            "type": "service_account",
+            "project_id": "test",
+            "private_key_id": "k1",
+            "private_key": pem,
+            "client_email": "storage-tests@test.iam.gserviceaccount.com",
+            "client_id": "1",
+            "token_uri": "http://127.0.0.1:9/token",
+        }
+    )
+
+
 @contextlib.asynccontextmanager
 async def gcs_backend() -> AsyncIterator[Backend]:
     """gcp-storage-emulator (PyPI; the JSON API) on a free loopback port with a fresh bucket, in memory, and
@@ -255,12 +278,13 @@ async def gcs_backend() -> AsyncIterator[Backend]:
         async def keys() -> list[str]:
             return await asyncio.to_thread(lambda: sorted(blob.name for blob in client.list_blobs(bucket_name)))
 
+        settings = {"provider": "gcs", "bucket": bucket_name, "endpoint": endpoint, "credentials": "$Secret{GCS_SA}"}
         yield Backend(
             "gcs",
-            {"provider": "gcs", "bucket": bucket_name, "endpoint": endpoint},
+            settings,
             fetch,
             keys,
-            unreachable_env={"provider": "gcs", "bucket": bucket_name, "endpoint": f"http://127.0.0.1:{free_port()}"},
+            unreachable_env={**settings, "endpoint": f"http://127.0.0.1:{free_port()}"},
+            secrets={"GCS_SA": made_up_service_account()},
             client=client,
-            signs_urls=False,
         )
