@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 setup: $(STAMP)
 
 ## The storage emulators the tests start that are not Python packages: Azurite (Azure Blob), from npm, into .tools/.
-## Tests whose emulator is missing skip with a message (fail under CI=true); .ci/run installs them.
+## Tests whose emulator is missing skip with a message (fail under CI=true); `make test` installs them when npm is there.
 AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
 $(AZURITE):
-	npm install --silent --no-audit --no-fund --prefix .tools/azurite azurite@3.35.0
+	@if command -v npm >/dev/null 2>&1 || [ "$$CI" = true ]; then \
+		npm install --silent --no-audit --no-fund --prefix .tools/azurite azurite@3.35.0; \
+	else echo "make: npm not found: the Azure storage tests will skip (install Node.js and npm to run them)"; fi
 
 emulators: $(AZURITE)
 
@@ -31,7 +33,7 @@ run: setup
 		--secrets-file examples/secrets.env --log-format text
 
 ## Run the whole test suite (PostgreSQL tests skip with a message when no server is reachable, fail under CI=true).
-test: setup
+test: setup emulators
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## Only the fault-injection tests (terminated store connections, kill -9 of a replica), with their figures printed.
