@@ -19,18 +19,7 @@ from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpRes
 from azure.storage.blob import BlobBlock, BlobSasPermissions, ContentSettings, generate_blob_sas
 from azure.storage.blob.aio import ContainerClient
 
-from ductape_processor.adapters.storage.base import (
-    SHA256_METADATA,
-    Checked,
-    FileInfo,
-    FileNotFound,
-    NewFile,
-    SignedUrl,
-    StorageAccessDenied,
-    StorageAdapter,
-    UrlMethod,
-    unavailable,
-)
+from ductape_processor.adapters.storage import base
 from ductape_processor.adapters.storage.parts import PartedUpload
 from ductape_processor.errors import ProcessorError
 from ductape_processor.runtime.registry.storage import AzureStorageEnv
@@ -42,7 +31,7 @@ BLOCKS_IN_FLIGHT: Final = 2
 _FAILURES = (AzureError, aiohttp.ClientError, OSError)
 
 
-class AzureStorage(StorageAdapter):
+class AzureStorage(base.StorageAdapter):
     """One container; the client is built on first use and kept."""
 
     provider = "azure"
@@ -73,17 +62,17 @@ class AzureStorage(StorageAdapter):
     def _failure(self, what: str, exc: BaseException, key: str | None = None) -> ProcessorError:
         code = str(getattr(exc, "error_code", "") or "")
         if key is not None and isinstance(exc, ResourceNotFoundError) and code in ("", "BlobNotFound"):
-            return FileNotFound(self._name, key)
+            return base.FileNotFound(self._name, key)
         if isinstance(exc, ClientAuthenticationError) or code in ("AuthenticationFailed", "AuthorizationFailure"):
-            return StorageAccessDenied(
+            return base.StorageAccessDenied(
                 f"storage {self._name!r} (azure): {what} refused: {code or type(exc).__name__}",
                 metadata={"storage": self._name, "provider": "azure"},
             )
-        return unavailable(self._name, "azure", what, exc, code)
+        return base.unavailable(self._name, "azure", what, exc, code)
 
     # -- writing ------------------------------------------------------------------------------------------------
 
-    async def put(self, new: NewFile, chunks: Checked) -> FileInfo:
+    async def put(self, new: base.NewFile, chunks: base.Checked) -> base.FileInfo:
         blob = self._container().get_blob_client(new.key)
 
         async def start() -> None:
@@ -97,7 +86,7 @@ class AzureStorage(StorageAdapter):
         upload = PartedUpload(BLOCK_BYTES, BLOCKS_IN_FLIGHT, start, send)
         try:
             whole = await upload.run(chunks)
-            metadata = {**new.metadata, SHA256_METADATA: chunks.sha256}
+            metadata = {**new.metadata, base.SHA256_METADATA: chunks.sha256}
             settings = ContentSettings(content_type=new.content_type)
             if whole is not None:
                 await blob.upload_blob(whole, overwrite=True, content_settings=settings, metadata=metadata)
@@ -106,19 +95,19 @@ class AzureStorage(StorageAdapter):
                 await blob.commit_block_list(blocks, content_settings=settings, metadata=metadata)
         except _FAILURES as exc:
             raise self._failure("save", exc) from None
-        return FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))
+        return base.FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))
 
     # -- reading ------------------------------------------------------------------------------------------------
 
-    async def head(self, key: str) -> FileInfo:
+    async def head(self, key: str) -> base.FileInfo:
         try:
             properties = await self._container().get_blob_client(key).get_blob_properties()
         except _FAILURES as exc:
             raise self._failure("head", exc, key) from None
         metadata = dict(properties.metadata or {})
-        sha256 = metadata.pop(SHA256_METADATA, "")
+        sha256 = metadata.pop(base.SHA256_METADATA, "")
         content_type = properties.content_settings.content_type or ""
-        return FileInfo(key, int(properties.size), sha256, content_type, metadata, properties.last_modified)
+        return base.FileInfo(key, int(properties.size), sha256, content_type, metadata, properties.last_modified)
 
     async def read(self, key: str, start: int, stop: int, chunk_size: int) -> AsyncIterator[bytes]:
         try:
@@ -143,35 +132,39 @@ class AzureStorage(StorageAdapter):
             raise self._failure("delete", exc, key) from None
         return True
 
-    async def list_files(self, prefix: str, after: str, limit: int) -> list[FileInfo]:
-        found: list[FileInfo] = []
+    async def list_files(self, prefix: str, after: str, limit: int) -> list[base.FileInfo]:
+        found: list[base.FileInfo] = []
         # Azure lists in key order but cannot start after a key: blobs up to `after` are skipped as they come.
         try:
             async for item in self._container().list_blobs(name_starts_with=prefix or None, include=["metadata"]):
                 if item.name.encode() <= after.encode():
                     continue
                 metadata = dict(item.metadata or {})
-                sha256 = metadata.pop(SHA256_METADATA, "")
+                sha256 = metadata.pop(base.SHA256_METADATA, "")
                 content_type = item.content_settings.content_type or ""
-                found.append(FileInfo(item.name, int(item.size), sha256, content_type, metadata, item.last_modified))
+                found.append(
+                    base.FileInfo(item.name, int(item.size), sha256, content_type, metadata, item.last_modified)
+                )
                 if len(found) >= limit:
                     break
         except (HttpResponseError, *_FAILURES) as exc:
             raise self._failure("list", exc) from None
         return found
 
-    async def signed_url(self, key: str, method: UrlMethod, expires_s: int, content_type: str) -> SignedUrl:
+    async def signed_url(self, key: str, method: base.UrlMethod, expires_s: int, content_type: str) -> base.SignedUrl:
         container = self._container()
         credential = container.credential
         account_key = getattr(credential, "account_key", None)
         if not account_key:
-            raise StorageAccessDenied(
+            raise base.StorageAccessDenied(
                 f"storage {self._name!r} (azure): signed URLs need the account key (account_key or a connection "
                 "string holding it)",
                 metadata={"storage": self._name, "provider": "azure"},
             )
         permission = (
-            BlobSasPermissions(create=True, write=True) if method is UrlMethod.PUT else BlobSasPermissions(read=True)
+            BlobSasPermissions(create=True, write=True)
+            if method is base.UrlMethod.PUT
+            else BlobSasPermissions(read=True)
         )
         token = generate_blob_sas(
             container.account_name or "",
@@ -182,10 +175,10 @@ class AzureStorage(StorageAdapter):
             expiry=datetime.now(UTC) + timedelta(seconds=expires_s),
             start=datetime.now(UTC) - timedelta(minutes=5),  # a little clock skew between here and Azure
         )
-        headers = {"x-ms-blob-type": "BlockBlob"} if method is UrlMethod.PUT else {}
-        if method is UrlMethod.PUT and content_type:
+        headers = {"x-ms-blob-type": "BlockBlob"} if method is base.UrlMethod.PUT else {}
+        if method is base.UrlMethod.PUT and content_type:
             headers["Content-Type"] = content_type
-        return SignedUrl(f"{container.get_blob_client(key).url}?{token}", headers)
+        return base.SignedUrl(f"{container.get_blob_client(key).url}?{token}", headers)
 
     async def close(self) -> None:
         if self._client is not None:

@@ -23,18 +23,7 @@ import aiohttp
 from gcloud.aio.storage import Blob, Bucket, Storage
 from gcloud.aio.storage.blob import HOST as BLOB_HOST
 
-from ductape_processor.adapters.storage.base import (
-    SHA256_METADATA,
-    Checked,
-    FileInfo,
-    FileNotFound,
-    NewFile,
-    SignedUrl,
-    StorageAccessDenied,
-    StorageAdapter,
-    UrlMethod,
-    unavailable,
-)
+from ductape_processor.adapters.storage import base
 from ductape_processor.errors import ProcessorError
 from ductape_processor.runtime.registry.storage import GcsStorageEnv
 
@@ -48,7 +37,7 @@ def _when(text: object) -> datetime | None:
         return None
 
 
-class GcsStorage(StorageAdapter):
+class GcsStorage(base.StorageAdapter):
     """One bucket; the client and its HTTP session are opened on first use and kept."""
 
     provider = "gcs"
@@ -69,17 +58,17 @@ class GcsStorage(StorageAdapter):
     def _failure(self, what: str, exc: BaseException, key: str | None = None) -> ProcessorError:
         status = getattr(exc, "status", 0)
         if key is not None and status == 404:
-            return FileNotFound(self._name, key)
+            return base.FileNotFound(self._name, key)
         if status in (401, 403):
-            return StorageAccessDenied(
+            return base.StorageAccessDenied(
                 f"storage {self._name!r} (gcs): {what} refused: HTTP {status}",
                 metadata={"storage": self._name, "provider": "gcs"},
             )
-        return unavailable(self._name, "gcs", what, exc, f"HTTP {status}" if status else "")
+        return base.unavailable(self._name, "gcs", what, exc, f"HTTP {status}" if status else "")
 
     # -- writing ------------------------------------------------------------------------------------------------
 
-    async def put(self, new: NewFile, chunks: Checked) -> FileInfo:
+    async def put(self, new: base.NewFile, chunks: base.Checked) -> base.FileInfo:
         storage = self._storage()
         path = self._spool / secrets.token_hex(16)
         handle: BinaryIO = await asyncio.to_thread(_spool_file, path)
@@ -87,7 +76,7 @@ class GcsStorage(StorageAdapter):
             async for chunk in chunks:
                 await asyncio.to_thread(handle.write, chunk)
             await asyncio.to_thread(handle.seek, 0)
-            metadata = {"metadata": {**new.metadata, SHA256_METADATA: chunks.sha256}}
+            metadata = {"metadata": {**new.metadata, base.SHA256_METADATA: chunks.sha256}}
             try:
                 await storage.upload(
                     self._bucket,
@@ -102,14 +91,14 @@ class GcsStorage(StorageAdapter):
                 raise self._failure("save", exc) from None
         finally:
             await asyncio.shield(asyncio.to_thread(_discard, handle, path))
-        return FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))
+        return base.FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))
 
     # -- reading ------------------------------------------------------------------------------------------------
 
-    def _info(self, item: dict[str, Any]) -> FileInfo:
+    def _info(self, item: dict[str, Any]) -> base.FileInfo:
         metadata = {str(k): str(v) for k, v in (item.get("metadata") or {}).items()}
-        sha256 = metadata.pop(SHA256_METADATA, "")
-        return FileInfo(
+        sha256 = metadata.pop(base.SHA256_METADATA, "")
+        return base.FileInfo(
             str(item.get("name", "")),
             int(item.get("size", 0)),
             sha256,
@@ -118,7 +107,7 @@ class GcsStorage(StorageAdapter):
             _when(item.get("updated")),
         )
 
-    async def head(self, key: str) -> FileInfo:
+    async def head(self, key: str) -> base.FileInfo:
         try:
             item = await self._storage().download_metadata(self._bucket, key)
         except _FAILURES as exc:
@@ -151,8 +140,8 @@ class GcsStorage(StorageAdapter):
             raise self._failure("delete", exc, key) from None
         return True
 
-    async def list_files(self, prefix: str, after: str, limit: int) -> list[FileInfo]:
-        found: list[FileInfo] = []
+    async def list_files(self, prefix: str, after: str, limit: int) -> list[base.FileInfo]:
+        found: list[base.FileInfo] = []
         params: dict[str, str] = {"maxResults": str(min(limit + 1, 1000))}
         if prefix:
             params["prefix"] = prefix
@@ -173,14 +162,14 @@ class GcsStorage(StorageAdapter):
             raise self._failure("list", exc) from None
         return found
 
-    async def signed_url(self, key: str, method: UrlMethod, expires_s: int, content_type: str) -> SignedUrl:
+    async def signed_url(self, key: str, method: base.UrlMethod, expires_s: int, content_type: str) -> base.SignedUrl:
         storage = self._storage()
         if not self._settings.credentials or not storage.token.service_data.get("private_key"):
-            raise StorageAccessDenied(
+            raise base.StorageAccessDenied(
                 f"storage {self._name!r} (gcs): signed URLs need a service account key in `credentials`",
                 metadata={"storage": self._name, "provider": "gcs"},
             )
-        headers = {"Content-Type": content_type} if method is UrlMethod.PUT and content_type else {}
+        headers = {"Content-Type": content_type} if method is base.UrlMethod.PUT and content_type else {}
         blob = Blob(Bucket(storage, self._bucket), key, {"size": 0})
         try:
             # V4, signed here with the service account's key (no call to Google); the signature covers the headers.
@@ -190,7 +179,7 @@ class GcsStorage(StorageAdapter):
         if self._settings.endpoint:
             # An emulator: the same path and query, on its address (the signature names the real host).
             url = self._settings.endpoint + url.removeprefix(f"https://{BLOB_HOST}")
-        return SignedUrl(url, headers)
+        return base.SignedUrl(url, headers)
 
     async def close(self) -> None:
         if self._client is not None:

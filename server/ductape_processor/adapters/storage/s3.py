@@ -20,18 +20,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from ductape_processor.adapters.storage.base import (
-    SHA256_METADATA,
-    Checked,
-    FileInfo,
-    FileNotFound,
-    NewFile,
-    SignedUrl,
-    StorageAccessDenied,
-    StorageAdapter,
-    UrlMethod,
-    unavailable,
-)
+from ductape_processor.adapters.storage import base
 from ductape_processor.adapters.storage.parts import PartedUpload
 from ductape_processor.errors import ProcessorError
 from ductape_processor.runtime.registry.storage import S3StorageEnv
@@ -49,7 +38,7 @@ _DENIED: Final = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
 _MISSING: Final = {"NoSuchKey", "NotFound", "404"}
 
 
-class S3Storage(StorageAdapter):
+class S3Storage(base.StorageAdapter):
     """One bucket; the client is opened on first use and kept."""
 
     provider = "s3"
@@ -94,29 +83,29 @@ class S3Storage(StorageAdapter):
     def _failure(self, what: str, exc: BaseException, key: str | None = None) -> ProcessorError:
         """A driver's failure as the error callers see, without its text (it may quote a signed request)."""
         if isinstance(exc, NoCredentialsError):
-            return StorageAccessDenied(
+            return base.StorageAccessDenied(
                 f"storage {self._name!r} (s3): no credentials (set access_key_id and secret_access_key)",
                 metadata={"storage": self._name, "provider": "s3"},
             )
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if key is not None and code in _MISSING:
-                return FileNotFound(self._name, key)
+                return base.FileNotFound(self._name, key)
             if code in _DENIED:
-                return StorageAccessDenied(
+                return base.StorageAccessDenied(
                     f"storage {self._name!r} (s3): {what} refused: {code}",
                     metadata={"storage": self._name, "provider": "s3"},
                 )
-            return unavailable(self._name, "s3", what, exc, code)
-        return unavailable(self._name, "s3", what, exc)
+            return base.unavailable(self._name, "s3", what, exc, code)
+        return base.unavailable(self._name, "s3", what, exc)
 
     # -- writing ------------------------------------------------------------------------------------------------
 
-    async def put(self, new: NewFile, chunks: Checked) -> FileInfo:
+    async def put(self, new: base.NewFile, chunks: base.Checked) -> base.FileInfo:
         s3 = await self._s3()
         metadata = dict(new.metadata)
         if new.sha256:
-            metadata[SHA256_METADATA] = new.sha256
+            metadata[base.SHA256_METADATA] = new.sha256
         upload_id = ""
 
         async def start() -> None:
@@ -137,7 +126,7 @@ class S3Storage(StorageAdapter):
             try:
                 whole = await upload.run(chunks)
                 if whole is not None:
-                    metadata[SHA256_METADATA] = chunks.sha256
+                    metadata[base.SHA256_METADATA] = chunks.sha256
                     await s3.put_object(
                         Bucket=self._bucket, Key=new.key, Body=whole, ContentType=new.content_type, Metadata=metadata
                     )
@@ -157,19 +146,19 @@ class S3Storage(StorageAdapter):
                 raise
         except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
             raise self._failure("save", exc) from None
-        return FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))
+        return base.FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))
 
     # -- reading ------------------------------------------------------------------------------------------------
 
-    async def head(self, key: str) -> FileInfo:
+    async def head(self, key: str) -> base.FileInfo:
         s3 = await self._s3()
         try:
             answer = await s3.head_object(Bucket=self._bucket, Key=key)
         except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
             raise self._failure("head", exc, key) from None
         metadata = dict(answer.get("Metadata") or {})
-        sha256 = metadata.pop(SHA256_METADATA, "")
-        return FileInfo(
+        sha256 = metadata.pop(base.SHA256_METADATA, "")
+        return base.FileInfo(
             key,
             int(answer.get("ContentLength", 0)),
             sha256,
@@ -193,7 +182,7 @@ class S3Storage(StorageAdapter):
     async def delete(self, key: str) -> bool:
         try:
             await self.head(key)
-        except FileNotFound:
+        except base.FileNotFound:
             return False
         s3 = await self._s3()
         try:
@@ -202,30 +191,30 @@ class S3Storage(StorageAdapter):
             raise self._failure("delete", exc, key) from None
         return True
 
-    async def list_files(self, prefix: str, after: str, limit: int) -> list[FileInfo]:
+    async def list_files(self, prefix: str, after: str, limit: int) -> list[base.FileInfo]:
         s3 = await self._s3()
         try:
             answer = await s3.list_objects_v2(Bucket=self._bucket, Prefix=prefix, StartAfter=after, MaxKeys=limit)
         except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
             raise self._failure("list", exc) from None
         return [
-            FileInfo(item["Key"], int(item.get("Size", 0)), updated=item.get("LastModified"))
+            base.FileInfo(item["Key"], int(item.get("Size", 0)), updated=item.get("LastModified"))
             for item in answer.get("Contents", [])
         ]
 
-    async def signed_url(self, key: str, method: UrlMethod, expires_s: int, content_type: str) -> SignedUrl:
+    async def signed_url(self, key: str, method: base.UrlMethod, expires_s: int, content_type: str) -> base.SignedUrl:
         s3 = await self._s3()
         params: dict[str, str] = {"Bucket": self._bucket, "Key": key}
         headers: dict[str, str] = {}
-        if method is UrlMethod.PUT and content_type:
+        if method is base.UrlMethod.PUT and content_type:
             params["ContentType"] = content_type
             headers["Content-Type"] = content_type
-        operation = "put_object" if method is UrlMethod.PUT else "get_object"
+        operation = "put_object" if method is base.UrlMethod.PUT else "get_object"
         try:
             url = await s3.generate_presigned_url(operation, Params=params, ExpiresIn=expires_s)
         except (ClientError, BotoCoreError) as exc:
             raise self._failure("signing", exc, key) from None
-        return SignedUrl(url, headers)
+        return base.SignedUrl(url, headers)
 
     async def close(self) -> None:
         await self._stack.aclose()
