@@ -37,6 +37,7 @@ from ductape_processor.runtime.policies.periodic import PeriodicTask
 from ductape_processor.runtime.policies.secrets import SecretsFileError, SecretSource, TokenVault, referenced_secrets
 from ductape_processor.runtime.registry.loader import ManifestFormat
 from ductape_processor.runtime.registry.registry import Registry
+from ductape_processor.runtime.services import CallServices
 from ductape_processor.runtime.sessions import SessionKeys, SessionManager
 from ductape_processor.runtime.storage.links import StorageLinks
 from ductape_processor.runtime.storage.operations import StorageRuntime
@@ -95,23 +96,16 @@ def build(
     settings: Settings, store: Store, telemetry: Telemetry, secrets: SecretSource, keys: SessionKeys
 ) -> Components:
     """The object graph, from the leaves (store, secrets, HTTP pool) up to the gRPC server. No I/O happens here."""
-    retention = timedelta(seconds=settings.idempotency_retention_s)
     registry = Registry(store, poll_interval=settings.registry_poll_s, manifest_max_bytes=settings.manifest_max_bytes)
     http = HttpClientPool(max_response_bytes=settings.max_upstream_response_bytes)
     recorder = ExecutionRecorder(store, flush_interval=settings.execution_flush_s)
     sessions = SessionManager(registry, store, keys, revocation_poll_s=settings.session_revocation_poll_s)
-    brokers = BrokerRuntime(
-        registry,
-        store,
-        secrets,
-        max_message_bytes=settings.broker_max_message_bytes,
-        idempotency_retention=retention,
-    )
     cache = ResultCache(store, secrets)
-    vault = TokenVault(keys.root_keys())
-    actions = ActionExecutor(
-        registry, store, http, secrets, recorder, cache, sessions, vault, idempotency_retention=retention
+    services = CallServices(
+        registry, store, secrets, recorder, cache, sessions, timedelta(seconds=settings.idempotency_retention_s)
     )
+    brokers = BrokerRuntime(services, max_message_bytes=settings.broker_max_message_bytes)
+    actions = ActionExecutor(services, http, TokenVault(keys.root_keys()))
     links = StorageLinks(keys.root_keys()) if settings.storage_http_address else None
     storage = StorageRuntime(
         registry,
@@ -123,16 +117,10 @@ def build(
     )
     databases = DatabasePools(secrets, settings.data_dir)
     database_runner = DatabaseRunner(
-        registry,
-        store,
+        services,
         databases,
-        secrets,
-        recorder,
-        cache,
-        sessions,
         max_rows=settings.database_max_rows,
         max_result_bytes=settings.database_max_result_bytes,
-        idempotency_retention=retention,
     )
     servicers = Servicers(
         product=ProductServicer(registry),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from ductape_processor.adapters.http import HttpClientPool, ResponseTooLarge, UpstreamTimeout, UpstreamUnreachable
@@ -18,22 +18,19 @@ from ductape_processor.adapters.http.encoding import canonical_json
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.auth import ActionAuths
-from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.actions.call import ActionCall, ActionResult, CallState, outcome
 from ductape_processor.runtime.actions.contract import check_action_input
 from ductape_processor.runtime.actions.idempotent import IdempotentCalls
 from ductape_processor.runtime.actions.request import build_request, recorded_request, require_path_params
-from ductape_processor.runtime.logs.recorder import ExecutionRecorder
 from ductape_processor.runtime.policies.breaker import CircuitBreaker
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.retry import RetryBudget, parse_retry_after
-from ductape_processor.runtime.policies.secrets import SecretSource, TokenVault
+from ductape_processor.runtime.policies.secrets import TokenVault
 from ductape_processor.runtime.registry.manifest import CredentialAuth, Manifest
-from ductape_processor.runtime.registry.registry import Registry
-from ductape_processor.runtime.sessions import SessionManager
+from ductape_processor.runtime.services import CallServices
 from ductape_processor.runtime.templates import RenderError
-from ductape_processor.store.base import ExecutionStatus, Store
+from ductape_processor.store.base import ExecutionStatus
 
 BREAKERS_REMEMBERED: Final = 10_000
 """Circuit breakers kept, one per (product, environment, app); the least recently used goes first."""
@@ -42,28 +39,12 @@ BREAKERS_REMEMBERED: Final = 10_000
 class ActionExecutor:
     """Runs actions. One instance per processor; safe for concurrent calls."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        store: Store,
-        http: HttpClientPool,
-        secrets: SecretSource,
-        recorder: ExecutionRecorder,
-        cache: ResultCache,
-        sessions: SessionManager,
-        vault: TokenVault,
-        *,
-        idempotency_retention: timedelta,
-    ) -> None:
-        self._registry = registry
+    def __init__(self, services: CallServices, http: HttpClientPool, vault: TokenVault) -> None:
+        self._services = services
         self._http = http
-        self._secrets = secrets
-        self._recorder = recorder
-        self._cache = cache
-        self._sessions = sessions
         # A credential's token is minted by sending its login action through this executor.
-        self._auths = ActionAuths(store, secrets, vault, self._login)
-        self._idempotent = IdempotentCalls(store, recorder, idempotency_retention)
+        self._auths = ActionAuths(services.store, services.secrets, vault, self._login)
+        self._idempotent = IdempotentCalls(services.store, services.recorder, services.idempotency_retention)
         self._breakers: BoundedCache[str, CircuitBreaker] = BoundedCache(BREAKERS_REMEMBERED)
 
     # -- the call ---------------------------------------------------------------------------------------------
@@ -71,8 +52,8 @@ class ActionExecutor:
     async def run(self, call: ActionCall, deadline: Deadline) -> ActionResult:
         """Run `call`; raise a ProcessorError for anything but an upstream answer."""
         started = datetime.now(UTC)
-        process_id = self._recorder.new_id()
-        resolved = await self._registry.resolve(call.product, call.env, call.version)
+        process_id = self._services.recorder.new_id()
+        resolved = await self._services.registry.resolve(call.product, call.env, call.version)
         plan = resolved.plan.actions.get((call.app, call.event))
         if plan is None:
             self._not_found(resolved.manifest, call)
@@ -116,7 +97,7 @@ class ActionExecutor:
         call, plan = state.call, state.plan
         if call.session is not None:
             tag, token = call.session
-            state.session = (await self._sessions.verify(call.product, call.env, tag, token)).data
+            state.session = (await self._services.sessions.verify(call.product, call.env, tag, token)).data
         checked = check_action_input(plan.action.input, call.input)
         require_path_params(plan, checked)
         cache = None
@@ -142,7 +123,7 @@ class ActionExecutor:
                     ]
                 ).encode()
             ).hexdigest()
-            hit = await self._cache.get(cache, cache_key)
+            hit = await self._services.cache.get(cache, cache_key)
             if hit is not None:
                 return replace(ActionResult.decode(hit), cached=True)
         if call.idempotency_key:
@@ -150,7 +131,7 @@ class ActionExecutor:
         else:
             result = await self._send(state, checked)
         if cache is not None and 200 <= result.status < 300:
-            await self._cache.put(cache, cache_key, result.encode())
+            await self._services.cache.put(cache, cache_key, result.encode())
         return result
 
     # -- sending ------------------------------------------------------------------------------------------------
@@ -173,7 +154,7 @@ class ActionExecutor:
         budget = RetryBudget(rules.backoff, state.deadline)
         while True:
             auth = await self._auths.values(state, plan.auth_tags)
-            request = build_request(state, state.scope(self._secrets, checked, auth), checked)
+            request = build_request(state, state.scope(self._services.secrets, checked, auth), checked)
             state.attempts.detail = recorded_request(state, request)
             breaker.before_call(f"{call.app} ({state.resolved.env.slug})")
             state.attempts.count += 1
@@ -224,7 +205,7 @@ class ActionExecutor:
     async def _login(self, state: CallState, checked: dict[str, Any], auth: CredentialAuth) -> ActionResult:
         """Send a credential's login action, recorded as a call of its own; an answer but 2xx fails the auth."""
         started = datetime.now(UTC)
-        process_id = self._recorder.new_id()
+        process_id = self._services.recorder.new_id()
         try:
             response = await self._send(state, checked)
         except ProcessorError as exc:
@@ -252,4 +233,4 @@ class ActionExecutor:
         *,
         cached: bool,
     ) -> None:
-        self._recorder.record(state.execution(process_id, started, status, reason, cached=cached))
+        self._services.recorder.record(state.execution(process_id, started, status, reason, cached=cached))

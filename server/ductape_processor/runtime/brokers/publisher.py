@@ -29,10 +29,10 @@ from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosin
 from ductape_processor.runtime.policies import Deadline
 from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
-from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.runtime.registry.manifest import Broker, BrokerEnv, Topic
-from ductape_processor.runtime.registry.registry import Registry, Resolved
-from ductape_processor.store.base import IdempotencyRecord, Store
+from ductape_processor.runtime.registry.registry import Resolved
+from ductape_processor.runtime.services import CallServices
+from ductape_processor.store.base import IdempotencyRecord
 from ductape_processor.telemetry.context import outgoing_trace_context
 
 PUBLISH_LIMIT_S: Final = 8.0
@@ -63,20 +63,10 @@ class Route:
 class BrokerRuntime:
     """Publishing and subscribing, with one adapter per broker environment."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        store: Store,
-        secrets: SecretSource,
-        *,
-        max_message_bytes: int,
-        idempotency_retention: timedelta,
-    ) -> None:
-        self._registry = registry
-        self._store = store
+    def __init__(self, services: CallServices, *, max_message_bytes: int) -> None:
+        self._services = services
         self._max_bytes = max_message_bytes
-        self._retention = idempotency_retention
-        self._adapters = EnvironmentAdapters[BrokerAdapter]("broker", secrets)
+        self._adapters = EnvironmentAdapters[BrokerAdapter]("broker", services.secrets)
         self._closing = asyncio.Event()
         self._subscriptions: set[Subscription] = set()
 
@@ -87,7 +77,7 @@ class BrokerRuntime:
         broker_tag, sep, topic_tag = event.partition(":")
         if not sep or not broker_tag or not topic_tag:
             raise InvalidArgument.field(field, "must be broker_tag:topic_tag")
-        resolved = await self._registry.resolve(product, env)
+        resolved = await self._services.registry.resolve(product, env)
         broker = next((b for b in resolved.manifest.brokers if b.tag == broker_tag), None)
         if broker is None:
             raise NotFound(
@@ -227,12 +217,12 @@ class BrokerRuntime:
             await asyncio.sleep(0.05)
 
         answer = await claim(
-            self._store,
+            self._services.store,
             key,
             request_hash,
             owner,
             lease=PUBLISH_LEASE,
-            retention=self._retention,
+            retention=self._services.idempotency_retention,
             reused=lambda: key_reused("message", outgoing.idempotency_key),
             wait=wait,
         )
@@ -244,9 +234,9 @@ class BrokerRuntime:
                 route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic(), keyed=True
             )
         except BaseException:
-            await self._store.idempotency_release(key, owner)
+            await self._services.store.idempotency_release(key, owner)
             raise
-        await self._store.idempotency_complete(key, owner, message.id.encode())
+        await self._services.store.idempotency_complete(key, owner, message.id.encode())
         return message.id
 
     async def publish_batch(

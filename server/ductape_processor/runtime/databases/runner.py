@@ -21,7 +21,6 @@ from typing import Any, Final, TypeVar
 from ductape_processor.adapters.databases.base import DatabaseAdapter, DatabaseFailure, DatabaseUnreachable
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.actions.cache import ResultCache
 from ductape_processor.runtime.databases.errors import database_error
 from ductape_processor.runtime.databases.plan import DatabaseActionPlan
 from ductape_processor.runtime.databases.pools import DatabasePools
@@ -33,17 +32,15 @@ from ductape_processor.runtime.databases.statements import (
     statement,
     step_result,
 )
-from ductape_processor.runtime.logs.recorder import ExecutionRecorder
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
 from ductape_processor.runtime.policies.retry import Backoff, RetryBudget
-from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.runtime.registry.databases import Database
-from ductape_processor.runtime.registry.registry import Registry, Resolved
-from ductape_processor.runtime.sessions import SessionManager
+from ductape_processor.runtime.registry.registry import Resolved
+from ductape_processor.runtime.services import CallServices
 from ductape_processor.runtime.templates import RenderError, Scope
-from ductape_processor.store.base import ExecutionRecord, ExecutionStatus, IdempotencyRecord, Store
+from ductape_processor.store.base import ExecutionRecord, ExecutionStatus, IdempotencyRecord
 
 DEFAULT_RETRIES: Final = 2
 """Retries of a statement whose connection could not be opened or broke (when retrying it is safe)."""
@@ -111,30 +108,11 @@ class _Run:
 class DatabaseRunner:
     """Runs database actions. One instance per processor; safe for concurrent calls."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        store: Store,
-        pools: DatabasePools,
-        secrets: SecretSource,
-        recorder: ExecutionRecorder,
-        cache: ResultCache,
-        sessions: SessionManager,
-        *,
-        max_rows: int,
-        max_result_bytes: int,
-        idempotency_retention: timedelta,
-    ) -> None:
-        self._registry = registry
-        self._store = store
+    def __init__(self, services: CallServices, pools: DatabasePools, *, max_rows: int, max_result_bytes: int) -> None:
+        self._services = services
         self._pools = pools
-        self._secrets = secrets
-        self._recorder = recorder
-        self._cache = cache
-        self._sessions = sessions
         self._max_rows = max_rows
         self._max_bytes = max_result_bytes
-        self._retention = idempotency_retention
 
     # -- resolution -------------------------------------------------------------------------------------------
 
@@ -164,8 +142,10 @@ class DatabaseRunner:
         self, product: str, env: str, version: int | None, database: str, resource: str, deadline: Deadline
     ) -> _Run:
         started = datetime.now(UTC)
-        resolved = await self._registry.resolve(product, env, version)
-        return _Run(resolved, self._database(resolved, database), resource, deadline, self._recorder.new_id(), started)
+        resolved = await self._services.registry.resolve(product, env, version)
+        return _Run(
+            resolved, self._database(resolved, database), resource, deadline, self._services.recorder.new_id(), started
+        )
 
     # -- Execute ----------------------------------------------------------------------------------------------
 
@@ -180,7 +160,7 @@ class DatabaseRunner:
     async def _execute(self, run: _Run, plan: DatabaseActionPlan, call: DatabaseCall) -> DatabaseResult:
         self._check_call(call.retries, call.idempotency_key)
         if call.session is not None:
-            run.session = (await self._sessions.verify(call.product, call.env, *call.session)).data
+            run.session = (await self._services.sessions.verify(call.product, call.env, *call.session)).data
         checked = check_database_input(plan, call.input, "input")
         paging = self._page(plan, call, checked)
         cache = None
@@ -199,7 +179,7 @@ class DatabaseRunner:
                 "database", call.product, run.resolved.env.slug, run.resolved.version, plan.resource, checked,
                 paging[0], run.session if plan.uses_session else None,
             )  # fmt: skip
-            hit = await self._cache.get(cache, cache_key)
+            hit = await self._services.cache.get(cache, cache_key)
             if hit is not None:
                 return self._decode(hit, cached=True)
 
@@ -213,7 +193,7 @@ class DatabaseRunner:
         else:
             result = await work()
         if cache is not None:
-            await self._cache.put(cache, cache_key, self._encode(result))
+            await self._services.cache.put(cache, cache_key, self._encode(result))
         return result
 
     def _page(
@@ -278,7 +258,7 @@ class DatabaseRunner:
         checked: Mapping[str, Any],
         sequence: Mapping[str, Any],
     ) -> list[Any]:
-        scope = Scope(input=checked, secrets=self._secrets.get, session=run.session, sequence=sequence)
+        scope = Scope(input=checked, secrets=self._services.secrets.get, session=run.session, sequence=sequence)
         try:
             return parameters(plan, adapter.dialect, checked, scope)
         except RenderError as exc:
@@ -316,7 +296,7 @@ class DatabaseRunner:
                 raise InvalidArgument.field(f"steps[{index}].tag", f"{tag!r} names an earlier step; give each a tag")
             tags.append(tag)
         if call.session is not None:
-            run.session = (await self._sessions.verify(call.product, call.env, *call.session)).data
+            run.session = (await self._services.sessions.verify(call.product, call.env, *call.session)).data
 
         async def work() -> DatabaseResult:
             adapter = self._adapter(run)
@@ -374,12 +354,12 @@ class DatabaseRunner:
             await asyncio.sleep(0.05)
 
         answer = await claim(
-            self._store,
+            self._services.store,
             key,
             self._digest(request),
             owner,
             lease=lease,
-            retention=self._retention,
+            retention=self._services.idempotency_retention,
             reused=lambda: key_reused("request", idempotency_key),
             wait=wait,
         )
@@ -388,9 +368,9 @@ class DatabaseRunner:
         try:
             result = await work()
         except BaseException:
-            await self._store.idempotency_release(key, owner)
+            await self._services.store.idempotency_release(key, owner)
             raise
-        await self._store.idempotency_complete(key, owner, self._encode(result))
+        await self._services.store.idempotency_complete(key, owner, self._encode(result))
         return result
 
     async def _recorded(self, run: _Run, work: Callable[[], Awaitable[DatabaseResult]]) -> DatabaseResult:
@@ -405,7 +385,7 @@ class DatabaseRunner:
 
     def _record(self, run: _Run, status: ExecutionStatus, reason: str, *, cached: bool) -> None:
         env = run.database.envs.get(run.resolved.env.slug)
-        self._recorder.record(
+        self._services.recorder.record(
             ExecutionRecord(
                 process_id=run.process_id,
                 product=run.resolved.product,
