@@ -18,6 +18,7 @@ from ductape_processor.adapters.http.encoding import canonical_json
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.auth import ActionAuths
+from ductape_processor.runtime.actions.cache import named_cache
 from ductape_processor.runtime.actions.call import ActionCall, ActionResult, CallState, outcome
 from ductape_processor.runtime.actions.contract import check_action_input
 from ductape_processor.runtime.actions.idempotent import IdempotentCalls
@@ -103,13 +104,7 @@ class ActionExecutor:
         cache = None
         cache_key = ""
         if call.cache:
-            cache = next((c for c in state.resolved.manifest.caches if c.tag == call.cache), None)
-            if cache is None:
-                raise NotFound(
-                    f"product {call.product!r} has no cache {call.cache!r}",
-                    reason=Reason.CACHE_NOT_FOUND,
-                    metadata={"product": call.product, "cache": call.cache},
-                )
+            cache = named_cache(state.resolved.manifest, call.cache)
             cache_key = hashlib.sha256(
                 canonical_json(
                     [

@@ -21,6 +21,7 @@ from typing import Any, Final, TypeVar
 from ductape_processor.adapters.databases.base import DatabaseAdapter, DatabaseFailure, DatabaseUnreachable
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
+from ductape_processor.runtime.actions.cache import named_cache
 from ductape_processor.runtime.databases.errors import database_error
 from ductape_processor.runtime.databases.plan import DatabaseActionPlan
 from ductape_processor.runtime.databases.pools import DatabasePools
@@ -168,13 +169,7 @@ class DatabaseRunner:
         if call.cache:
             if not plan.reads_only:
                 raise InvalidArgument.field("cache", f"a {plan.action.type} action is not cached: only reads are")
-            cache = next((c for c in run.resolved.manifest.caches if c.tag == call.cache), None)
-            if cache is None:
-                raise NotFound(
-                    f"product {call.product!r} has no cache {call.cache!r}",
-                    reason=Reason.CACHE_NOT_FOUND,
-                    metadata={"product": call.product, "cache": call.cache},
-                )
+            cache = named_cache(run.resolved.manifest, call.cache)
             cache_key = self._digest(
                 "database", call.product, run.resolved.env.slug, run.resolved.version, plan.resource, checked,
                 paging[0], run.session if plan.uses_session else None,
