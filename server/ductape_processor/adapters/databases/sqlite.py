@@ -14,6 +14,7 @@ import re
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Final
 
 import aiosqlite
 
@@ -61,6 +62,23 @@ def failure(exc: BaseException, what: str) -> base.DatabaseFailure:
     if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError | OverflowError | sqlite3.DataError):
         return base.ValueRejected(f"{what}: {message}")
     return base.QueryInvalid(f"{what}: {type(exc).__name__}: {message}")
+
+
+_PRIVATE_FILES: Final = frozenset({"", ":memory:"})
+"""Databases an ATTACH may name: SQLite's private temporary ones (a plain VACUUM attaches `''`)."""
+_PROCESS_PRAGMAS: Final = frozenset({"temp_store_directory", "data_store_directory"})
+"""Pragmas that change the whole process (every connection, the processor's own store included)."""
+
+
+def confine(action: int, first: str | None, second: str | None, _database: str | None, _trigger: str | None) -> int:
+    """SQLite's authorizer on every connection: a statement may not open any other file than the database's own.
+    ATTACH (and VACUUM INTO, which attaches its target) would let a manifest read or write any file the processor
+    can: another product's database, the processor's own store. Checked as each statement is prepared."""
+    if action == sqlite3.SQLITE_ATTACH and first not in _PRIVATE_FILES:  # None: a bound parameter, unknown here
+        return sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_PRAGMA and (first or "").lower() in _PROCESS_PRAGMAS and second is not None:
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
 
 
 async def _command(conn: aiosqlite.Connection, sql: str) -> None:
@@ -164,6 +182,7 @@ class SqliteDatabase(base.DatabaseAdapter):
                 f"{self.name}: cannot open the database file ({type(exc).__name__})", sent=False
             ) from None
         try:
+            await conn.set_authorizer(confine)
             await _command(conn, "PRAGMA foreign_keys = ON")
             await _command(conn, f"PRAGMA busy_timeout = {self._busy_ms:d}")
             async with conn.execute("PRAGMA journal_mode") as cursor:
