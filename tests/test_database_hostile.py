@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from ductape.processor import FailedPreconditionError
 
+from ductape_processor.runtime.databases.sql import Dialect, SqlProblem, compile_sql
 from tests.conftest import ServerFactory
 from tests.test_databases import open_db
 
@@ -52,3 +53,54 @@ async def test_a_sqlite_statement_cannot_open_another_file(
     await db.execute("create", data={"id": 1, "email": "a@x", "name": "A", "score": 1})
     assert (await db.execute("count", filter={"min": 0})).count == 1
     await db.execute("teardown")
+
+
+# -- the SQL compiler reads quoting as each database does --------------------------------------------------------
+# On MySQL the driver splices the escaped value into the text where the compiler put `%s`: a `%s` the server reads
+# as part of a string literal would let the value's own text end that literal and run as SQL. So the compiler must
+# never put a placeholder where the database sees a literal, a quoted name or a comment.
+
+
+@pytest.mark.parametrize(
+    ("query", "dialect"),
+    [
+        # MySQL's `--` starts a comment only when a blank follows: `1--'` is 1 minus minus a string that runs on.
+        ("SELECT id FROM t WHERE id = 1--'\n OR name = {{name}} -- '", "mysql"),
+        # MySQL runs the text of an executable comment as SQL.
+        ("SELECT id FROM t WHERE name = {{name}} /*! AND 'x' = ' */ OR id = {{id}} /* ' */", "mysql"),
+        ("SELECT id FROM t WHERE name = {{name}} /*M! AND 'x' = ' */ OR id = {{id}} /* ' */", "mysql"),
+        # MySQL's double quotes make a string (with backslash escapes), not a name.
+        ('SELECT id FROM t WHERE name = "{{name}}"', "mysql"),
+        ('SELECT id FROM t WHERE name = "\\" OR id = {{id}} OR a = "', "mysql"),
+        # A placeholder in a quoted name or a dollar-quoted string is text there, not a parameter.
+        ('SELECT "{{name}}" FROM t', "postgresql"),
+        ("SELECT $$ {{name}} $$", "postgresql"),
+        ("SELECT $q$ {{name}} $q$", "postgresql"),
+        ("SELECT `{{name}}` FROM t", "mysql"),
+        ("SELECT [{{name}}] FROM t", "sqlite"),
+        ("SELECT `{{name}}` FROM t", "sqlite"),
+    ],
+)
+def test_a_placeholder_the_database_reads_as_text_is_refused(query: str, dialect: Dialect) -> None:
+    with pytest.raises(SqlProblem):
+        compile_sql(query, dialect)
+
+
+@pytest.mark.parametrize(
+    ("query", "dialect", "text"),
+    [
+        # PostgreSQL's block comments nest: the :x is inside the outer one.
+        ("SELECT 1 /* a /* b */ :x */ + :y", "postgresql", "SELECT 1 /* a /* b */ :x */ + $1"),
+        # On MySQL `--` followed by a blank is a comment, and `1--2` is arithmetic.
+        ("SELECT 1--2, :y -- :x", "mysql", "SELECT 1--2, %s -- :x"),
+        ("SELECT :y --\tx\n", "mysql", "SELECT %s --\tx"),
+        ("SELECT :y --", "mysql", "SELECT %s --"),
+        # SQLite's [name] and `name` are quoted names.
+        ("SELECT [a:b], `c:d`, :y FROM t", "sqlite", "SELECT [a:b], `c:d`, ? FROM t"),
+        # A MySQL optimizer hint is a comment.
+        ("SELECT /*+ MAX_EXECUTION_TIME(1000) */ :y", "mysql", "SELECT /*+ MAX_EXECUTION_TIME(1000) */ %s"),
+        ('SELECT "a:b\\"c", :y', "mysql", 'SELECT "a:b\\"c", %s'),
+    ],
+)
+def test_comments_and_quoted_names_are_read_as_the_database_reads_them(query: str, dialect: Dialect, text: str) -> None:
+    assert compile_sql(query, dialect).text == text

@@ -6,6 +6,12 @@ and `::` casts), so a `:name` inside a string literal stays text (`'12:30'`), wh
 problem: a manifest ported from Ductape that quoted a placeholder (`'{{email}}'`) would otherwise silently compare
 with the text `{{email}}`, and splicing it in would be an injection. One statement per query: a `;` followed by more
 SQL is refused (a batch or a migration holds several).
+
+It must read quoting exactly as the database does: MySQL's driver splices each escaped value into the text where a
+`%s` stands, so a `%s` that the server reads as inside a literal would let the value's text close that literal and
+run as SQL. Hence MySQL's rules are followed to the letter (`--` is a comment only before a blank, `"` quotes a string
+with backslash escapes, `/*! … */` runs as SQL and is refused), as are PostgreSQL's nested comments and SQLite's
+`[name]` and `` `name` ``.
 """
 
 from __future__ import annotations
@@ -53,7 +59,52 @@ class CompiledSql:
         return self.first_keyword in SELECT_KEYWORDS
 
 
-def _end_of_quote(sql: str, start: int, quote: str, backslash: bool) -> int:
+def _line_comment(sql: str, i: int, dialect: Dialect) -> bool:
+    """Whether a comment to the end of the line starts at `i`. MySQL reads `--` as one only when a blank or a control
+    character (or the end) follows: `1--2` is arithmetic, and `1--'` starts a string."""
+    if dialect == "mysql":
+        if sql[i] == "#":
+            return True
+        return sql.startswith("--", i) and (i + 2 >= len(sql) or sql[i + 2] <= " ")
+    return sql.startswith("--", i)
+
+
+def _end_of_comment(sql: str, start: int, *, nested: bool) -> int:
+    """The index after the `*/` closing the block comment opened at `start` (PostgreSQL's nest)."""
+    depth = 0
+    i = start
+    while i < len(sql):
+        if sql.startswith("/*", i):
+            depth = depth + 1 if nested or depth == 0 else depth
+            i += 2
+        elif sql.startswith("*/", i):
+            depth -= 1
+            i += 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    raise SqlProblem(f"a comment opened at character {start} is not closed")
+
+
+def _escape_string_prefix(sql: str, i: int) -> bool:
+    """Whether the quote at `i` opens a PostgreSQL escape string (`E'…'`), where backslashes escape."""
+    return i > 0 and sql[i - 1] in "eE" and not (i > 1 and (sql[i - 2].isalnum() or sql[i - 2] in "_$"))
+
+
+def _quoted(text: str, where: str) -> str:
+    """`text`, a literal, a quoted name or a dollar-quoted string, if it holds no `{{name}}`: there it would be text,
+    never a parameter."""
+    found = _DOUBLE_BRACES.search(text)
+    if found is not None:
+        raise SqlProblem(
+            f"{{{{{found.group(1)}}}}} is inside {where}, where it would be text, not a parameter: remove the quotes "
+            "around it (it is bound as a parameter, so it needs none)"
+        )
+    return text
+
+
+def _end_of_quote(sql: str, start: int, quote: str, backslash: bool, what: str) -> int:
     """The index after the closing `quote` of a literal opened at `start`; doubled quotes escape it."""
     i = start + 1
     while i < len(sql):
@@ -67,7 +118,6 @@ def _end_of_quote(sql: str, start: int, quote: str, backslash: bool) -> int:
                 continue
             return i + 1
         i += 1
-    what = "string" if quote == "'" else "identifier"
     raise SqlProblem(f"a quoted {what} opened at character {start} is not closed")
 
 
@@ -107,18 +157,21 @@ def compile_sql(sql: str, dialect: Dialect) -> CompiledSql:
             out.append(char)
             i += 1
             continue
-        if rest2 == "--" or (char == "#" and dialect == "mysql"):
+        if _line_comment(sql, i, dialect):
             end = sql.find("\n", i)
             end = n if end < 0 else end
             literal(sql[i:end])
             i = end
             continue
         if rest2 == "/*":
-            end = sql.find("*/", i + 2)
-            if end < 0:
-                raise SqlProblem(f"a comment opened at character {i} is not closed")
-            literal(sql[i : end + 2])
-            i = end + 2
+            if dialect == "mysql" and sql.startswith(("/*!", "/*M!"), i):
+                raise SqlProblem(
+                    f"holds an executable comment (/*! … */) at character {i}: MySQL runs its text as SQL; write it "
+                    "as SQL"
+                )
+            end = _end_of_comment(sql, i, nested=dialect == "postgresql")
+            literal(sql[i:end])
+            i = end
             continue
         if ended:
             raise SqlProblem("holds more than one statement: a query is one statement (a batch runs several)")
@@ -126,23 +179,23 @@ def compile_sql(sql: str, dialect: Dialect) -> CompiledSql:
             ended = True
             i += 1
             continue
-        if char == "'":
-            backslash = dialect == "mysql" or (dialect == "postgresql" and i > 0 and sql[i - 1] in "eE")
-            end = _end_of_quote(sql, i, "'", backslash)
-            text = sql[i:end]
-            found = _DOUBLE_BRACES.search(text)
-            if found is not None:
-                raise SqlProblem(
-                    f"{{{{{found.group(1)}}}}} is inside a quoted SQL string, where it would be text, not a parameter: "
-                    f"remove the quotes around it (it is bound as a parameter, so it needs none)"
-                )
-            literal(text)
+        if char == "'" or (char == '"' and dialect == "mysql"):
+            backslash = dialect == "mysql" or (dialect == "postgresql" and _escape_string_prefix(sql, i))
+            end = _end_of_quote(sql, i, char, backslash, "string")
+            literal(_quoted(sql[i:end], "a quoted SQL string"))
             i = end
             continue
-        if char == '"' or (char == "`" and dialect == "mysql"):
-            end = _end_of_quote(sql, i, char, False)
-            literal(sql[i:end])
+        if char == '"' or (char == "`" and dialect in ("mysql", "sqlite")):
+            end = _end_of_quote(sql, i, char, False, "identifier")
+            literal(_quoted(sql[i:end], "a quoted name"))
             i = end
+            continue
+        if char == "[" and dialect == "sqlite":
+            end = sql.find("]", i + 1)
+            if end < 0:
+                raise SqlProblem(f"a quoted identifier opened at character {i} is not closed")
+            literal(_quoted(sql[i : end + 1], "a quoted name"))
+            i = end + 1
             continue
         if char == "$" and dialect == "postgresql":
             tag = _DOLLAR_TAG.match(sql, i)
@@ -150,7 +203,7 @@ def compile_sql(sql: str, dialect: Dialect) -> CompiledSql:
                 end = sql.find(tag.group(0), tag.end())
                 if end < 0:
                     raise SqlProblem(f"a dollar-quoted string opened at character {i} is not closed")
-                literal(sql[i : end + len(tag.group(0))])
+                literal(_quoted(sql[i : end + len(tag.group(0))], "a dollar-quoted string"))
                 i = end + len(tag.group(0))
                 continue
             if i + 1 < n and sql[i + 1].isdigit():
