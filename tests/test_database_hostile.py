@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ductape.processor import FailedPreconditionError
+from ductape.processor import FailedPreconditionError, ResourceExhaustedError
 
 from ductape_processor.runtime.databases.sql import Dialect, SqlProblem, compile_sql
 from tests.conftest import ServerFactory
-from tests.test_databases import open_db
+from tests.test_databases import open_db, users_actions
 
 # -- SQLite: one file per database, nothing else ----------------------------------------------------------------
 
@@ -104,3 +104,83 @@ def test_a_placeholder_the_database_reads_as_text_is_refused(query: str, dialect
 )
 def test_comments_and_quoted_names_are_read_as_the_database_reads_them(query: str, dialect: Dialect, text: str) -> None:
     assert compile_sql(query, dialect).text == text
+
+
+def test_a_mysql_statement_cannot_change_how_quotes_are_read() -> None:
+    for query in ("SET SESSION sql_mode = 'ANSI_QUOTES'", "SET @@sql_mode = CONCAT(@@sql_mode, ',ANSI')"):
+        with pytest.raises(SqlProblem, match="sql_mode"):
+            compile_sql(query, "mysql")
+    assert compile_sql("SELECT @@sql_mode AS mode", "mysql").first_keyword == "select"
+
+
+async def test_a_mysql_connection_left_without_backslash_escapes_runs_no_values(start_server: ServerFactory) -> None:
+    # Without backslash escapes the server ends '\'' after the backslash: the compiler's placeholder would then sit in
+    # a literal, and the value `OR 1=1 -- ` would run as SQL. EXECUTE IMMEDIATE hides the SET from the compiler.
+    escape = {
+        "tag": "no_escapes",
+        "type": "execute",
+        "query": "EXECUTE IMMEDIATE 'SET SESSION sql_mode = ''NO_BACKSLASH_ESCAPES'''",
+    }
+    db = await open_db(start_server, "mysql", [escape])
+    try:
+        await db.apply(
+            [
+                *users_actions(db.table),
+                escape,
+                {
+                    "tag": "quote",
+                    "type": "read",
+                    "query": f"SELECT id FROM {db.table} WHERE name = '\\'' OR id = {{{{id}}}} -- '",
+                },
+            ],
+            pool={"min": 0, "max": 1},
+        )
+        for i in (1, 2):
+            await db.execute("create", data={"id": i, "email": f"u{i}@x", "name": "n", "score": i})
+        assert (await db.execute("quote", filter={"id": 1})).rows == [{"id": 1}]
+        await db.execute("no_escapes")
+        with pytest.raises(FailedPreconditionError) as caught:
+            await db.execute("quote", filter={"id": "OR 1=1 -- "})
+        assert caught.value.reason == "DB_QUERY_INVALID" and "NO_BACKSLASH_ESCAPES" in str(caught.value)
+        # The connection was dropped: the next one reads quotes the default way again.
+        assert (await db.execute("quote", filter={"id": "OR 1=1 -- "})).rows == []
+    finally:
+        await db.execute("teardown")
+
+
+# -- reads stay wrapped and bounded ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT id FROM t) AS q UNION (SELECT 1",
+        "SELECT id FROM (SELECT 1) AS q) AS r -- ",
+        "SELECT id FROM (t",
+    ],
+)
+def test_a_query_cannot_close_the_subquery_a_read_runs_in(query: str) -> None:
+    with pytest.raises(SqlProblem, match="parenthesis"):
+        compile_sql(query, "sqlite")
+
+
+@pytest.mark.parametrize("comment", ["-- the end", "/* the end */"])
+async def test_a_read_ending_in_a_comment_is_still_bounded(start_server: ServerFactory, comment: str) -> None:
+    db = await open_db(start_server, "sqlite", database_max_rows=2)
+    try:
+        await db.apply(
+            [
+                *users_actions(db.table),
+                {"tag": "all", "type": "read", "query": f"SELECT id FROM {db.table} ORDER BY id {comment}"},
+                {"tag": "n", "type": "count", "query": f"SELECT id FROM {db.table} {comment}"},
+            ]
+        )
+        for i in (1, 2):
+            await db.execute("create", data={"id": i, "email": f"u{i}@x", "name": "n", "score": i})
+        assert (await db.execute("all")).rows == [{"id": 1}, {"id": 2}]
+        assert (await db.execute("n")).count == 2
+        await db.execute("create", data={"id": 3, "email": "u3@x", "name": "n", "score": 3})
+        with pytest.raises(ResourceExhaustedError):
+            await db.execute("all")
+    finally:
+        await db.execute("teardown")

@@ -91,8 +91,26 @@ def parameter(value: Any) -> Any:
     return base.plain_parameter(value)
 
 
+_QUOTING_MODES = frozenset({"ANSI", "ANSI_QUOTES", "NO_BACKSLASH_ESCAPES"})
+"""sql_mode flags that change how the server reads quotes: the SQL compiler (`runtime/databases/sql.py`) and the
+driver's escaping follow the default rules, so a session never runs with them."""
+_NO_BACKSLASH_ESCAPES = 0x200
+"""The server-status bit a server sets while the session's sql_mode has NO_BACKSLASH_ESCAPES."""
+
+
 def _healthy(conn: Any) -> bool:
     return bool(conn.connected) and not getattr(conn, "_stream_broken", False)
+
+
+async def _default_quoting(conn: Any) -> None:
+    """Take the quoting flags out of the session's sql_mode when the server's default has them (see _QUOTING_MODES)."""
+    async with conn.cursor() as cursor:
+        await cursor.execute("SELECT @@SESSION.sql_mode")
+        row = await cursor.fetchone()
+        modes = [m for m in str(row[0] if row else "").split(",") if m]
+        kept = [m for m in modes if m.upper() not in _QUOTING_MODES]
+        if kept != modes:
+            await cursor.execute("SET SESSION sql_mode = %s", (",".join(kept),))
 
 
 class _Session(base.DatabaseSession):
@@ -103,6 +121,13 @@ class _Session(base.DatabaseSession):
 
     async def run(self, statement: base.Statement, timeout_s: float) -> base.Outcome:
         name = self._adapter.name
+        if statement.args and self._conn.server_status & _NO_BACKSLASH_ESCAPES:
+            # An earlier statement on this connection set it: the connection is dropped, the statement not sent.
+            self.broken = True
+            raise base.QueryInvalid(
+                f"{name}: the session's sql_mode has NO_BACKSLASH_ESCAPES (an earlier statement set it), which the "
+                "processor's quoting of values does not follow: the statement was not sent"
+            )
         try:
             async with asyncio.timeout(max(timeout_s, 0.0)):
                 async with self._conn.cursor() as cursor:
@@ -187,12 +212,18 @@ class MysqlDatabase(base.DatabaseAdapter):
 
     async def _connect(self) -> Any:
         try:
-            return await asyncmy.connect(
+            conn = await asyncmy.connect(
                 **connect_args(self._settings.url),
                 autocommit=True,
                 connect_timeout=CONNECT_TIMEOUT_S,
                 init_command="SET time_zone = '+00:00'",
             )
+            try:
+                await _default_quoting(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
         except (mysql_errors.MySQLError, OSError, TimeoutError) as exc:
             raise failure(exc, self.name, sent=False) from None
         except ValueError:  # a URL that does not parse (a port that is not a number): never quote it

@@ -133,6 +133,7 @@ def compile_sql(sql: str, dialect: Dialect) -> CompiledSql:
     braced: set[str] = set()
     words: list[str] = []
     ended = False  # a ';' was seen: only blanks and comments may follow
+    depth = 0  # parentheses open: a query closing more than it opens could close the subquery a read is wrapped in
     i = 0
     n = len(sql)
 
@@ -235,10 +236,20 @@ def compile_sql(sql: str, dialect: Dialect) -> CompiledSql:
             literal(word.group(0))
             i = word.end()
             continue
+        if char in "()":
+            depth += 1 if char == "(" else -1
+            if depth < 0:
+                raise SqlProblem(f"closes a parenthesis at character {i} that it did not open")
         literal(char)
         i += 1
+    if depth:
+        raise SqlProblem("leaves a parenthesis open")
     if not words:
         raise SqlProblem("holds no SQL statement")
+    if dialect == "mysql" and words[0] == "set" and "sql_mode" in words:
+        raise SqlProblem(
+            "changes sql_mode, which decides how MySQL reads quotes: the processor's quoting needs the default"
+        )
     return CompiledSql(
         text="".join(out).strip(),
         names=tuple(names),
@@ -253,7 +264,9 @@ def wrap_select(compiled: CompiledSql, dialect: Dialect, head: str, tail_params:
     """`SELECT <head> FROM (<the query>) AS _ductape <tail>`: the query as a subquery, with `tail_params` more
     placeholders after it (a LIMIT and an OFFSET), numbered after the query's own."""
     # Only the processor's own text and the manifest's compiled query: no value is ever spliced in.
-    text = f"SELECT {head} FROM ({compiled.text}) AS _ductape"  # noqa: S608
+    # The newline ends a line comment the query may end with, which would otherwise swallow the closing parenthesis
+    # and the bound after it.
+    text = f"SELECT {head} FROM ({compiled.text}\n) AS _ductape"  # noqa: S608
     if tail_params:
         if dialect == "postgresql":
             first = len(compiled.names) + 1
