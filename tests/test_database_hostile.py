@@ -4,12 +4,14 @@ than its bounds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ductape.processor import FailedPreconditionError, ResourceExhaustedError
 
+from ductape_processor.adapters.databases.base import RowBudget
 from ductape_processor.runtime.databases.sql import Dialect, SqlProblem, compile_sql
 from tests.conftest import ServerFactory
 from tests.test_databases import open_db, users_actions
@@ -184,3 +186,45 @@ async def test_a_read_ending_in_a_comment_is_still_bounded(start_server: ServerF
             await db.execute("all")
     finally:
         await db.execute("teardown")
+
+
+# -- results are bounded while they are fetched ------------------------------------------------------------------
+
+MANY_ROWS = {
+    # 200,000 rows of 1 KB: about 200 MB if fetched whole.
+    "postgresql": "SELECT g AS n, repeat('x', 1000) AS pad FROM generate_series(1, 200000) AS g",
+    "mysql": "SELECT seq AS n, REPEAT('x', 1000) AS pad FROM seq_1_to_200000",
+    "sqlite": "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 200000) "
+    "SELECT n, printf('%.1000c', 'x') AS pad FROM c",
+}
+
+
+@pytest.mark.parametrize("system", ["sqlite", "postgresql", "mysql"])
+async def test_an_execute_answering_too_much_stops_fetching_at_the_bound(
+    start_server: ServerFactory, system: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = await open_db(start_server, system, database_max_rows=1000, database_max_result_bytes=64 * 1024)
+    try:
+        await db.apply([*users_actions(db.table), {"tag": "many", "type": "execute", "query": MANY_ROWS[system]}])
+        fetched = _count_rows_fetched(monkeypatch)
+        with pytest.raises(ResourceExhaustedError) as caught:
+            await db.execute("many")
+        assert caught.value.reason == "DB_RESULT_TOO_LARGE" and caught.value.metadata["limit"] == "bytes"
+        # The adapter stopped within a chunk of the bound (64 KiB is about 64 rows), not after 200,000 rows.
+        assert 0 < fetched() <= 1000
+        assert (await db.execute("count", filter={"min": 0})).count == 0  # the pool still serves
+    finally:
+        await db.execute("teardown")
+
+
+def _count_rows_fetched(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Count the rows the adapters hand to their result budget (every row they fetch passes through it)."""
+    seen = [0]
+    take = RowBudget.take
+
+    def counting(self: RowBudget, rows: Sequence[Sequence[Any]]) -> None:
+        seen[0] += len(rows)
+        take(self, rows)
+
+    monkeypatch.setattr(RowBudget, "take", counting)
+    return lambda: seen[0]

@@ -14,9 +14,21 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 ConstraintKind = Literal["unique", "foreign_key", "check", "not_null", "other"]
+
+
+FETCH_CHUNK: Final = 200
+"""Rows fetched at a time from a statement with bounds: a result over them stops within one chunk."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The most a caller takes of a statement's rows: `rows` rows, about `bytes` bytes."""
+
+    rows: int
+    bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +40,10 @@ class Statement:
     returns_rows: bool
     names: Sequence[str] = ()
     """The parameter each value is bound for (errors about a value name it)."""
+    bounds: Bounds | None = None
+    """Fetch its rows in chunks and stop (ResultOverflow) past these; None: fetch every row (the processor's own)."""
+    limited: bool = False
+    """The statement's SQL already limits its rows to `bounds.rows` + 1: only the bytes need watching."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +101,57 @@ class StatementTimeout(DatabaseFailure):
 
 class PoolExhausted(DatabaseFailure):
     """Every connection stayed busy until the caller's deadline."""
+
+
+class ResultOverflow(DatabaseFailure):
+    """A statement answered more than its bounds; fetching stopped there."""
+
+    def __init__(self, message: str, *, limit: Literal["rows", "bytes"], maximum: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.maximum = maximum
+
+
+def value_size(value: Any) -> int:
+    """About how many bytes a column's value takes in a JSON answer (counted before it is converted)."""
+    if value is None or isinstance(value, bool | int | float):
+        return 8
+    if isinstance(value, str):
+        return len(value) + 2
+    if isinstance(value, bytes | bytearray | memoryview):
+        return len(value) * 4 // 3 + 4
+    if isinstance(value, dict | list):
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str))
+    return len(str(value)) + 2
+
+
+class RowBudget:
+    """Rows counted and measured as an adapter fetches them: ResultOverflow as soon as they pass the bounds, so a
+    huge result is never held whole."""
+
+    def __init__(self, bounds: Bounds, what: str) -> None:
+        self._bounds = bounds
+        self._what = what
+        self._rows = 0
+        self._bytes = 0
+
+    def take(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Count `rows`, just fetched."""
+        self._rows += len(rows)
+        if self._rows > self._bounds.rows:
+            raise ResultOverflow(
+                f"{self._what}: the result has more than {self._bounds.rows} rows",
+                limit="rows",
+                maximum=self._bounds.rows,
+            )
+        for row in rows:
+            self._bytes += sum(value_size(v) for v in row)
+            if self._bytes > self._bounds.bytes:
+                raise ResultOverflow(
+                    f"{self._what}: the result is larger than {self._bounds.bytes} bytes",
+                    limit="bytes",
+                    maximum=self._bounds.bytes,
+                )
 
 
 class DatabaseSession(abc.ABC):

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncmy
 from asyncmy import errors as mysql_errors
+from asyncmy.cursors import SSCursor
 
 from ductape_processor.adapters.databases import base
 from ductape_processor.adapters.databases.pool import SlotPool
@@ -128,13 +129,20 @@ class _Session(base.DatabaseSession):
                 f"{name}: the session's sql_mode has NO_BACKSLASH_ESCAPES (an earlier statement set it), which the "
                 "processor's quoting of values does not follow: the statement was not sent"
             )
+        args = tuple(parameter(v) for v in statement.args)
         try:
             async with asyncio.timeout(max(timeout_s, 0.0)):
-                async with self._conn.cursor() as cursor:
-                    affected = await cursor.execute(statement.text, tuple(parameter(v) for v in statement.args))
-                    rows = await cursor.fetchall() if cursor.description else ()
-                    description = cursor.description or ()
-                    last = cursor.lastrowid
+                if statement.bounds is None:
+                    async with self._conn.cursor() as cursor:
+                        affected = await cursor.execute(statement.text, args)
+                        rows = await cursor.fetchall() if cursor.description else ()
+                        description = cursor.description or ()
+                        last = cursor.lastrowid
+                else:
+                    affected, rows, description, last = await self._bounded(statement, args, statement.bounds)
+        except base.ResultOverflow:
+            self.broken = True  # the rest of the result is still on the connection: closed, not read to its end
+            raise
         except TimeoutError:
             self.broken = True
             self._adapter.kill_query(self._conn.thread_id())
@@ -148,6 +156,24 @@ class _Session(base.DatabaseSession):
         if special:
             converted = [self._convert(row, description, special) for row in rows]
         return base.Outcome(columns, converted, len(rows) if description else int(affected or 0), last or None)
+
+    async def _bounded(self, statement: base.Statement, args: tuple[Any, ...], bounds: base.Bounds) -> tuple[Any, ...]:
+        """Run on an unbuffered cursor, fetching a chunk of rows at a time until the bounds are passed."""
+        cursor = self._conn.cursor(SSCursor)
+        affected = await cursor.execute(statement.text, args)
+        description = cursor.description or ()
+        rows: list[Any] = []
+        if description:
+            budget = base.RowBudget(bounds, self._adapter.name)
+            while True:
+                chunk = list(await cursor.fetchmany(base.FETCH_CHUNK))
+                budget.take(chunk)
+                rows += chunk
+                if len(chunk) < base.FETCH_CHUNK:
+                    break
+        last = cursor.lastrowid
+        await cursor.close()
+        return affected, rows, description, last
 
     @staticmethod
     def _convert(row: Any, description: Any, special: list[int]) -> tuple[Any, ...]:

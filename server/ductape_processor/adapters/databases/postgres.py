@@ -215,7 +215,13 @@ class _Session(base.DatabaseSession):
                 names = list(statement.names) or [f"${i + 1}" for i in range(len(args))]
                 args = [coerce(v, t, f"params.{n}") for v, t, n in zip(args, types, names, strict=False)]
             if statement.returns_rows:
-                records = await conn.fetch(statement.text, *args, timeout=timeout)
+                bounds = statement.bounds
+                if bounds is not None and not statement.limited:
+                    records = await self._bounded(statement.text, args, timeout, bounds)
+                else:
+                    records = await conn.fetch(statement.text, *args, timeout=timeout)
+                    if bounds is not None:  # the rows are limited in the SQL; their size is checked here
+                        base.RowBudget(bounds, name).take(records)
                 columns = list(records[0].keys()) if records else []
                 return base.Outcome(columns, [tuple(r.values()) for r in records], len(records))
             status = await conn.execute(statement.text, *args, timeout=timeout)
@@ -229,6 +235,33 @@ class _Session(base.DatabaseSession):
             raise error from None
         last = status.rsplit(" ", 1)[-1]
         return base.Outcome(affected=int(last) if last.isdigit() else 0)
+
+    async def _bounded(self, text: str, args: list[Any], timeout: float, bounds: base.Bounds) -> list[asyncpg.Record]:
+        """Rows fetched a chunk at a time through a cursor, stopping as soon as they pass the bounds. A cursor lives
+        in a transaction: the batch's, or one of its own, which a result over the bounds rolls back (a write with
+        RETURNING answering too much is undone)."""
+        conn = self._conn
+
+        async def fetch() -> list[asyncpg.Record]:
+            budget = base.RowBudget(bounds, self._adapter.name)
+            cursor = await conn.cursor(text, *args)
+            rows: list[asyncpg.Record] = []
+            while True:
+                chunk = await cursor.fetch(base.FETCH_CHUNK)
+                budget.take(chunk)
+                rows += chunk
+                if len(chunk) < base.FETCH_CHUNK:
+                    return rows
+
+        try:
+            async with asyncio.timeout(timeout):
+                if conn.is_in_transaction():
+                    return await fetch()
+                async with conn.transaction():
+                    return await fetch()
+        except TimeoutError:
+            self.broken = True  # cancelled mid-statement: the connection is replaced rather than trusted
+            raise
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:

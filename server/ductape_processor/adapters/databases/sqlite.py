@@ -14,7 +14,7 @@ import re
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiosqlite
 
@@ -89,6 +89,20 @@ async def _command(conn: aiosqlite.Connection, sql: str) -> None:
     await cursor.close()
 
 
+async def _fetch(cursor: aiosqlite.Cursor, statement: base.Statement, what: str) -> list[Any]:
+    """The statement's rows; with bounds, fetched a chunk at a time and stopped as soon as they pass them."""
+    if statement.bounds is None:
+        return list(await cursor.fetchall())
+    budget = base.RowBudget(statement.bounds, what)
+    rows: list[Any] = []
+    while True:
+        chunk = list(await cursor.fetchmany(base.FETCH_CHUNK))
+        budget.take(chunk)
+        rows += chunk
+        if len(chunk) < base.FETCH_CHUNK:
+            return rows
+
+
 class _Session(base.DatabaseSession):
     def __init__(self, adapter: SqliteDatabase, conn: aiosqlite.Connection) -> None:
         self._adapter = adapter
@@ -102,7 +116,7 @@ class _Session(base.DatabaseSession):
             async with asyncio.timeout(max(timeout_s, 0.0)):
                 cursor = await conn.execute(statement.text, tuple(base.plain_parameter(v) for v in statement.args))
                 try:
-                    rows = await cursor.fetchall() if statement.returns_rows else []
+                    rows = await _fetch(cursor, statement, self._adapter.name) if statement.returns_rows else []
                     columns = [d[0] for d in cursor.description or ()]
                     affected = max(cursor.rowcount, 0)
                     last = cursor.lastrowid

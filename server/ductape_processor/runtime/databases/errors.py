@@ -11,6 +11,7 @@ from ductape_processor.adapters.databases.base import (
     DatabaseFailure,
     DatabaseUnreachable,
     PoolExhausted,
+    ResultOverflow,
     StatementTimeout,
     ValueRejected,
 )
@@ -25,6 +26,7 @@ from ductape_processor.errors import (
     Unavailable,
 )
 from ductape_processor.reasons import Reason
+from ductape_processor.runtime.databases.values import ResultTooLarge
 
 
 def database_error(exc: DatabaseFailure, database: str, action: str) -> ProcessorError:
@@ -40,6 +42,12 @@ def database_error(exc: DatabaseFailure, database: str, action: str) -> Processo
         return Unavailable(message, reason=Reason.DB_UNREACHABLE, metadata=metadata)
     if isinstance(exc, StatementTimeout):
         return DeadlineExceeded(message, reason=Reason.DB_TIMEOUT, metadata=metadata)
+    if isinstance(exc, ResultOverflow):
+        setting = "PROCESSOR_DATABASE_MAX_ROWS" if exc.limit == "rows" else "PROCESSOR_DATABASE_MAX_RESULT_BYTES"
+        return ResultTooLarge(
+            f"{message} ({setting}); page it (page_size) or select less",
+            metadata={**metadata, "limit": exc.limit, "maximum": str(exc.maximum)},
+        )
     if isinstance(exc, PoolExhausted):
         return ResourceExhausted(message, reason=Reason.DB_POOL_EXHAUSTED, metadata=metadata)
     if isinstance(exc, ValueRejected):

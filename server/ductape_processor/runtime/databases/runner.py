@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
-from ductape_processor.adapters.databases.base import DatabaseAdapter, DatabaseFailure, DatabaseUnreachable
+from ductape_processor.adapters.databases.base import Bounds, DatabaseAdapter, DatabaseFailure, DatabaseUnreachable
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.cache import named_cache
@@ -222,7 +222,7 @@ class DatabaseRunner:
         wanted, listing = paging
         args = self._bind(run, plan, adapter, checked, {})
         bound = max(self._max_rows, (wanted.limit or 0) + 1)
-        built = statement(plan, adapter.dialect, args, wanted, self._max_rows)
+        built = statement(plan, adapter.dialect, args, wanted, self._max_rows, Bounds(bound, self._max_bytes))
         env = run.database.envs[run.resolved.env.slug]
         timeout_s = env.statement_timeout.total_seconds()
         allowed = DEFAULT_RETRIES if retries is None else retries
@@ -306,7 +306,8 @@ class DatabaseRunner:
                     for plan, checked, tag in zip(plans, inputs, tags, strict=True):
                         current = plan
                         args = self._bind(run, plan, adapter, checked, {"batch": earlier})
-                        built = statement(plan, adapter.dialect, args, Page(), self._max_rows)
+                        bounds = Bounds(self._max_rows, self._max_bytes)
+                        built = statement(plan, adapter.dialect, args, Page(), self._max_rows, bounds)
                         outcome = await session.run(built, run.deadline.bound(timeout_s))
                         result = step_result(plan, outcome, self._max_rows, self._max_bytes)
                         results.append(result)

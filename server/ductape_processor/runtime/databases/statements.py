@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ductape_processor.adapters.databases.base import Outcome, Statement
+from ductape_processor.adapters.databases.base import Bounds, Outcome, Statement
 from ductape_processor.errors import FieldViolation, InvalidArgument
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.contract import check_input
@@ -104,14 +104,16 @@ def parameters(plan: DatabaseActionPlan, dialect: Dialect, checked: Mapping[str,
     return [values[name] for name in compiled.names]
 
 
-def statement(plan: DatabaseActionPlan, dialect: Dialect, args: list[Any], page: Page, max_rows: int) -> Statement:
+def statement(
+    plan: DatabaseActionPlan, dialect: Dialect, args: list[Any], page: Page, max_rows: int, bounds: Bounds
+) -> Statement:
     """The statement to run: reads and aggregates bounded (`max_rows` + 1, to tell "more" from "exactly") or paged,
-    counts wrapped in COUNT(*), the rest as written."""
+    counts wrapped in COUNT(*), the rest as written. The adapter stops fetching rows past `bounds`."""
     compiled = plan.sql[dialect]
     names = list(compiled.names)
     kind = plan.action.type
     if kind == "count":
-        return Statement(wrap_select(compiled, dialect, "COUNT(*)", 0), args, True, names)
+        return Statement(wrap_select(compiled, dialect, "COUNT(*)", 0), args, True, names, bounds, limited=True)
     if kind in ("read", "aggregate"):
         if plan.action.single:
             limit, offset = 1, 0
@@ -121,8 +123,9 @@ def statement(plan: DatabaseActionPlan, dialect: Dialect, args: list[Any], page:
             limit, offset = max_rows + 1, 0
         tail = [limit] if offset == 0 else [limit, offset]
         text = wrap_select(compiled, dialect, "*", len(tail))
-        return Statement(text, [*args, *tail], True, [*names, "limit", "offset"][: len(names) + len(tail)])
-    return Statement(compiled.text, args, compiled.returns_rows, names)
+        named = [*names, "limit", "offset"][: len(names) + len(tail)]
+        return Statement(text, [*args, *tail], True, named, bounds, limited=True)
+    return Statement(compiled.text, args, compiled.returns_rows, names, bounds)
 
 
 def step_result(plan: DatabaseActionPlan, outcome: Outcome, max_rows: int, max_bytes: int) -> StepResult:
