@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ductape.processor import FailedPreconditionError, ResourceExhaustedError
+from ductape.processor import FailedPreconditionError, ResourceExhaustedError, UnavailableError
 
 from ductape_processor.adapters.databases.base import RowBudget
 from ductape_processor.runtime.databases.sql import Dialect, SqlProblem, compile_sql
-from tests.conftest import ServerFactory
-from tests.test_databases import open_db, users_actions
+from tests.conftest import ServerFactory, require_postgres
+from tests.test_databases import Db, open_db, users_actions
 
 # -- SQLite: one file per database, nothing else ----------------------------------------------------------------
 
@@ -228,3 +228,34 @@ def _count_rows_fetched(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
 
     monkeypatch.setattr(RowBudget, "take", counting)
     return lambda: seen[0]
+
+
+# -- connection failures name no part of the DSN -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://nobody-x:hunter2-secret@127.0.0.1:5432/test",  # a role the server does not know
+        "postgresql://postgres:hunter2-secret@127.0.0.1:5432/nowhere_x",  # a database it does not have
+        "postgresql://nobody-x:hunter2-secret@127.0.0.1:notaport/test",  # a DSN asyncpg parses only when connecting
+    ],
+)
+async def test_a_postgresql_connection_refused_is_unavailable_and_names_nothing_of_the_dsn(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture, url: str
+) -> None:
+    await require_postgres()
+    running = await start_server()
+    db = Db(running, "postgresql", "t_x", "t_x")
+    await db.apply([{"tag": "ping", "type": "read", "query": "SELECT 1 AS one"}], url=url)
+    with pytest.raises(UnavailableError) as caught:
+        await db.execute("ping", retries=0)
+    assert caught.value.reason == "DB_UNREACHABLE"
+    with pytest.raises(UnavailableError):
+        await running.client.migration.status(product="shop", env="dev", database="main")
+    shown = f"{caught.value} {caught.value.metadata} {caught.value.field_violations}"
+    for part in ("hunter2", "nobody-x", "nowhere_x", "notaport"):
+        assert part not in shown
+    # The processor's own records of the manifest aside (aiosqlite's debug lines), no log line holds the DSN.
+    logged = [r.getMessage() for r in caplog.records if not r.name.startswith("aiosqlite")]
+    assert not [line for line in logged if "hunter2" in line or "notaport" in line]

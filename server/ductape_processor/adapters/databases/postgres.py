@@ -149,6 +149,10 @@ def failure(exc: BaseException, what: str, *, sent: bool = True) -> base.Databas
             return base.ConstraintViolation(
                 f"{what}: {message}", kind=_CONSTRAINTS.get(state, "other"), constraint=name
             )
+        if state.startswith("28") or state == "3D000":
+            # Its message names the role or the database of the DSN: not shown.
+            why = "refused the credentials" if state.startswith("28") else "has no database of the DSN's name"
+            return base.DatabaseUnreachable(f"{what}: the server {why} ({state})", sent=False)
         if state == "57014":
             return base.StatementTimeout(f"{what}: the statement ran past its time")
         if state.startswith(("08", "57P", "53")):
@@ -343,6 +347,8 @@ class PostgresDatabase(base.DatabaseAdapter):
             raise base.PoolExhausted(f"{self.name}: every connection stayed busy") from None
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise failure(exc, self.name, sent=False) from None
+        except ValueError:  # asyncpg parses the DSN's host list when it connects: its message would quote it
+            raise base.DatabaseUnreachable(f"{self.name}: the URL cannot be parsed", sent=False) from None
         session = _Session(self, conn)
         try:
             yield session
