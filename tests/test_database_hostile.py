@@ -259,3 +259,31 @@ async def test_a_postgresql_connection_refused_is_unavailable_and_names_nothing_
     # The processor's own records of the manifest aside (aiosqlite's debug lines), no log line holds the DSN.
     logged = [r.getMessage() for r in caplog.records if not r.name.startswith("aiosqlite")]
     assert not [line for line in logged if "hunter2" in line or "notaport" in line]
+
+
+# -- values the response cannot carry as they are ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [31, 32, 60, 900, 3000])
+async def test_a_json_column_nested_too_deep_for_protobuf_comes_back_as_its_text(
+    start_server: ServerFactory, depth: int
+) -> None:
+    db = await open_db(start_server, "postgresql")
+    try:
+        nested = {
+            "tag": "nested",
+            "type": "read",
+            "query": "SELECT CAST(repeat('{\"a\":', :n) || '1' || repeat('}', :n) AS jsonb) AS j",
+            "params": {"n": "$Input{filter}{n}"},
+        }
+        await db.apply([*users_actions(db.table), nested])
+        value = (await db.execute("nested", filter={"n": depth})).rows[0]["j"]
+        if depth <= 31:
+            expected: Any = 1
+            for _ in range(depth):
+                expected = {"a": expected}
+            assert value == expected
+        else:
+            assert isinstance(value, str) and value.replace(" ", "") == '{"a":' * depth + "1" + "}" * depth
+    finally:
+        await db.execute("teardown")

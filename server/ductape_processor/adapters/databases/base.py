@@ -190,6 +190,29 @@ class DatabaseAdapter(abc.ABC):
         """Close every connection (waiting for the ones lent out to come back)."""
 
 
+JSON_COLUMN_DEPTH: Final = 31
+"""The deepest JSON column value (objects and arrays inside each other) answered as JSON; a deeper one is answered as
+its JSON text, as MariaDB and SQLite answer every JSON column. A row is a Struct inside the response, so its values sit
+one level below an action's result, whose limit is 32 (`api/values.py`: protobuf parsers refuse messages nested more
+than 100 levels); and Python's parser and the conversions after it would recurse past their limit on far deeper ones."""
+
+
+def json_column(text: str | bytes) -> Any:
+    """A JSON column's value: parsed, unless it nests deeper than JSON_COLUMN_DEPTH (then its text)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        return text if isinstance(text, str) else text.decode()
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth == JSON_COLUMN_DEPTH:
+                return text if isinstance(text, str) else text.decode()
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
+
+
 def plain_parameter(value: Any) -> Any:
     """A bound value for a driver that takes text, numbers and bytes (MySQL, SQLite): objects and lists as JSON text,
     booleans as 1 and 0."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -183,7 +182,7 @@ class _Session(base.DatabaseSession):
             if value is None:
                 continue
             if description[i][1] == _JSON_TYPE:
-                values[i] = json.loads(value)
+                values[i] = base.json_column(value)
             elif isinstance(value, datetime):
                 values[i] = value.replace(tzinfo=UTC)  # the session's time zone is UTC
         return tuple(values)

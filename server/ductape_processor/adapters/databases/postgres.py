@@ -176,7 +176,7 @@ async def _json_codecs(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(
             name,
             encoder=lambda v: json.dumps(v, separators=(",", ":"), ensure_ascii=False),
-            decoder=json.loads,
+            decoder=base.json_column,
             schema="pg_catalog",
         )
 
