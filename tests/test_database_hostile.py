@@ -4,12 +4,14 @@ than its bounds."""
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ductape.processor import FailedPreconditionError, ResourceExhaustedError, UnavailableError
+from ductape.processor import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
 
 from ductape_processor.adapters.databases.base import RowBudget
 from ductape_processor.runtime.databases.sql import Dialect, SqlProblem, compile_sql
@@ -285,5 +287,29 @@ async def test_a_json_column_nested_too_deep_for_protobuf_comes_back_as_its_text
             assert value == expected
         else:
             assert isinstance(value, str) and value.replace(" ", "") == '{"a":' * depth + "1" + "}" * depth
+    finally:
+        await db.execute("teardown")
+
+
+# -- page tokens -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("system", ["sqlite", "postgresql", "mysql"])
+async def test_a_page_token_forged_with_an_offset_past_64_bits_is_refused_as_a_page_token(
+    start_server: ServerFactory, system: str
+) -> None:
+    # A token is not signed (it holds nothing a caller could not reach by paging); its offset is still bounded.
+    db = await open_db(start_server, system)
+    try:
+        for i in (1, 2):
+            await db.execute("create", data={"id": i, "email": f"u{i}@x", "name": "n", "score": i})
+        token = (await db.execute("list", filter={"min": 0}, page_size=1)).next_page_token
+        fingerprint = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))[0]
+        for offset in (2**63, 10**30):
+            raw = json.dumps([fingerprint, offset]).encode()
+            forged = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+            with pytest.raises(InvalidArgumentError) as caught:
+                await db.execute("list", filter={"min": 0}, page_size=1, page_token=forged)
+            assert caught.value.field_violations[0].field == "page_token"
     finally:
         await db.execute("teardown")

@@ -423,7 +423,12 @@ def _acquire_budget(deadline: Deadline) -> float | None:
     return None if left is None else max(left - ANSWER_MARGIN_S, 0.0)
 
 
+MAX_OFFSET: Final = 2**62
+"""The largest offset a page token may carry: a token is not signed, and the offset plus a page must fit the
+databases' 64-bit LIMIT and OFFSET."""
+
+
 def _offset(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_OFFSET:
         raise TypeError
     return value
