@@ -313,3 +313,11 @@ async def test_a_page_token_forged_with_an_offset_past_64_bits_is_refused_as_a_p
             assert caught.value.field_violations[0].field == "page_token"
     finally:
         await db.execute("teardown")
+
+
+async def test_paging_a_single_row_read_says_why_it_does_not_page(start_server: ServerFactory) -> None:
+    db = await open_db(start_server, "sqlite")
+    with pytest.raises(InvalidArgumentError) as caught:
+        await db.execute("one", filter={"id": 1}, page_size=5)
+    assert caught.value.field_violations[0].field == "page_size" and "single" in str(caught.value)
+    await db.execute("teardown")

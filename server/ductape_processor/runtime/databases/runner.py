@@ -197,7 +197,7 @@ class DatabaseRunner:
         if not (call.page_size or call.page_token):
             return Page(), ()
         if plan.action.type not in ("read", "aggregate") or plan.action.single:
-            kind = plan.action.type
+            kind = f"a single {plan.action.type}: one row or none" if plan.action.single else plan.action.type
             raise InvalidArgument.field("page_size", f"only read and aggregate actions page (this is {kind})")
         size = effective_page_size(call.page_size)
         listing = ("database", call.product, call.env, plan.resource, self._digest(checked))
