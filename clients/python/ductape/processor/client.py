@@ -143,14 +143,12 @@ class ActionClient:
                 body=_struct(parts.get("body")),
                 headers=_struct(parts.get("headers")),
             ),
+            session=_session(session),
             cache=cache,
+            retries=retries,
             version=version,
             idempotency_key=idempotency_key,
         )
-        if session is not None:
-            request.session.CopyFrom(_session(session))
-        if retries is not None:
-            request.retries = retries
         response = await self._call(self._stub.Run, request, timeout, metadata)
         body: Any = response.raw
         if response.WhichOneof("body") == "json":

@@ -11,7 +11,7 @@ Rows come back as plain Python: whole numbers as ints (integers beyond 2^53 and 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -31,10 +31,6 @@ def _input(given: Mapping[str, Mapping[str, Any]] | None) -> database_pb2.Databa
     return message
 
 
-def _rows(rows: Sequence[struct_pb2.Struct]) -> list[dict[str, Any]]:
-    return [plain(json_format.MessageToDict(row)) for row in rows]
-
-
 @dataclass(frozen=True, slots=True)
 class DatabaseResult:
     """What a database action answered."""
@@ -47,6 +43,21 @@ class DatabaseResult:
     cached: bool = False
     version: int = 0
     next_page_token: str = ""
+
+
+def _result(
+    step: database_pb2.ExecuteResponse | database_pb2.StepResult,
+    call: database_pb2.ExecuteResponse | database_pb2.BatchResponse,
+) -> DatabaseResult:
+    """One action's rows and counts (`step`), with the process id and version of the call that ran it."""
+    return DatabaseResult(
+        rows=[plain(json_format.MessageToDict(row)) for row in step.rows],
+        affected_rows=step.affected_rows,
+        count=step.count,
+        last_insert_id=step.last_insert_id,
+        process_id=call.process_id,
+        version=call.version,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,27 +100,16 @@ class DatabaseClient:
             database=database,
             action=action,
             input=_input(input),
+            session=session_ref(session),
             cache=cache,
+            retries=retries,
             version=version,
             idempotency_key=idempotency_key,
             page_size=page_size,
             page_token=page_token,
         )
-        if session is not None:
-            request.session.CopyFrom(session_ref(session))
-        if retries is not None:
-            request.retries = retries
         response = await self._call(self._stub.Execute, request, timeout)
-        return DatabaseResult(
-            rows=_rows(response.rows),
-            affected_rows=response.affected_rows,
-            count=response.count,
-            last_insert_id=response.last_insert_id,
-            process_id=response.process_id,
-            cached=response.cached,
-            version=response.version,
-            next_page_token=response.next_page_token,
-        )
+        return replace(_result(response, response), cached=response.cached, next_page_token=response.next_page_token)
 
     async def batch(
         self,
@@ -129,23 +129,12 @@ class DatabaseClient:
             env=env,
             database=database,
             steps=[database_pb2.BatchStep(action=s.action, input=_input(s.input), tag=s.tag) for s in steps],
+            session=session_ref(session),
             version=version,
             idempotency_key=idempotency_key,
         )
-        if session is not None:
-            request.session.CopyFrom(session_ref(session))
         response = await self._call(self._stub.Batch, request, timeout)
-        return [
-            DatabaseResult(
-                rows=_rows(result.rows),
-                affected_rows=result.affected_rows,
-                count=result.count,
-                last_insert_id=result.last_insert_id,
-                process_id=response.process_id,
-                version=response.version,
-            )
-            for result in response.results
-        ]
+        return [_result(result, response) for result in response.results]
 
 
 @dataclass(frozen=True, slots=True)

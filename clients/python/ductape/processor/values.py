@@ -11,9 +11,10 @@ from google.protobuf import struct_pb2
 SessionLike = common_pb2.SessionRef | Mapping[str, str] | tuple[str, str]
 
 
-def session_ref(session: SessionLike) -> common_pb2.SessionRef:
-    """Accept Ductape's `{tag, token}` shape, a (tag, token) pair, or the message itself."""
-    if isinstance(session, common_pb2.SessionRef):
+def session_ref(session: SessionLike | None) -> common_pb2.SessionRef | None:
+    """Accept Ductape's `{tag, token}` shape, a (tag, token) pair, or the message itself; None (no session) stays
+    None, which a request's constructor leaves unset."""
+    if session is None or isinstance(session, common_pb2.SessionRef):
         return session
     if isinstance(session, tuple):
         return common_pb2.SessionRef(tag=session[0], token=session[1])
