@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import posixpath
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field, JsonValue, field_validator, model_validator
@@ -49,33 +49,32 @@ def _dsn(value: str, schemes: tuple[str, ...]) -> str:
 
 
 class _ServerEnv(ManifestModel):
+    schemes: ClassVar[tuple[str, ...]]
+    """The URL schemes of the system's DSNs."""
     url: str = Field(description="The DSN; may be `$Secret{NAME}` or contain one (a password, usually).")
     pool: DatabasePool = Field(default_factory=DatabasePool)
     statement_timeout: PositiveDuration = Field(
         timedelta(seconds=30), description="Longest one statement may run; the caller's deadline may cut it shorter."
     )
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _dsn(value, cls.schemes)
+
 
 class PostgresDatabaseEnv(_ServerEnv):
     """PostgreSQL through asyncpg."""
 
+    schemes: ClassVar[tuple[str, ...]] = ("postgresql", "postgres")
     type: Literal["postgresql"]
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return _dsn(value, ("postgresql", "postgres"))
 
 
 class MysqlDatabaseEnv(_ServerEnv):
     """MySQL or MariaDB through asyncmy."""
 
+    schemes: ClassVar[tuple[str, ...]] = ("mysql", "mariadb")
     type: Literal["mysql"]
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return _dsn(value, ("mysql", "mariadb"))
 
 
 class SqliteDatabaseEnv(ManifestModel):
