@@ -23,7 +23,7 @@ from ductape_processor.adapters.databases.base import DatabaseAdapter, DatabaseF
 from ductape_processor.errors import FailedPrecondition, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.databases.errors import database_error
-from ductape_processor.runtime.databases.pools import DatabasePools
+from ductape_processor.runtime.databases.pools import DatabasePools, named_database
 from ductape_processor.runtime.databases.sql import Dialect, compile_sql
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.registry.databases import Database, Migration
@@ -199,13 +199,7 @@ class MigrationRunner:
 
     async def _target(self, target: MigrationTarget) -> _Target:
         resolved = await self._registry.resolve(target.product, target.env, target.version)
-        database = next((d for d in resolved.manifest.databases if d.tag == target.database), None)
-        if database is None:
-            raise NotFound(
-                f"product {target.product!r} has no database {target.database!r}",
-                reason=Reason.DATABASE_NOT_FOUND,
-                metadata={"product": target.product, "database": target.database},
-            )
+        database = named_database(resolved, target.database)
         try:
             adapter = self._pools.adapter(resolved, database)
         except DatabaseFailure as exc:

@@ -11,10 +11,24 @@ from pathlib import Path
 
 from ductape_processor.adapters.databases.base import DatabaseAdapter, Place
 from ductape_processor.adapters.databases.registry import DATABASE_TYPES
+from ductape_processor.errors import NotFound
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.runtime.registry.databases import Database
 from ductape_processor.runtime.registry.registry import Resolved
+
+
+def named_database(resolved: Resolved, tag: str) -> Database:
+    """The database a call names by its tag; DATABASE_NOT_FOUND when the product has none by that tag."""
+    found = next((d for d in resolved.manifest.databases if d.tag == tag), None)
+    if found is None:
+        raise NotFound(
+            f"product {resolved.product!r} has no database {tag!r}",
+            reason=Reason.DATABASE_NOT_FOUND,
+            metadata={"product": resolved.product, "database": tag},
+        )
+    return found
 
 
 class DatabasePools:

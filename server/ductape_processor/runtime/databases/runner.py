@@ -24,7 +24,7 @@ from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.cache import named_cache
 from ductape_processor.runtime.databases.errors import database_error
 from ductape_processor.runtime.databases.plan import DatabaseActionPlan
-from ductape_processor.runtime.databases.pools import DatabasePools
+from ductape_processor.runtime.databases.pools import DatabasePools, named_database
 from ductape_processor.runtime.databases.statements import (
     Page,
     StepResult,
@@ -118,17 +118,6 @@ class DatabaseRunner:
     # -- resolution -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _database(resolved: Resolved, tag: str) -> Database:
-        found = next((d for d in resolved.manifest.databases if d.tag == tag), None)
-        if found is None:
-            raise NotFound(
-                f"product {resolved.product!r} has no database {tag!r}",
-                reason=Reason.DATABASE_NOT_FOUND,
-                metadata={"product": resolved.product, "database": tag},
-            )
-        return found
-
-    @staticmethod
     def _plan(resolved: Resolved, database: str, action: str, field_name: str = "action") -> DatabaseActionPlan:
         plan = resolved.databases.get((database, action))
         if plan is None:
@@ -145,7 +134,7 @@ class DatabaseRunner:
         started = datetime.now(UTC)
         resolved = await self._services.registry.resolve(product, env, version)
         return _Run(
-            resolved, self._database(resolved, database), resource, deadline, self._services.recorder.new_id(), started
+            resolved, named_database(resolved, database), resource, deadline, self._services.recorder.new_id(), started
         )
 
     # -- Execute ----------------------------------------------------------------------------------------------
