@@ -62,6 +62,9 @@ CALLS: dict[str, Call] = {
     "StorageService/Delete": lambda p, m: p.storage.delete(
         product="shop", env="dev", event="files", file_name="m.txt", metadata=m
     ),
+    "NotificationService/Send": lambda p, m: p.notification.send(
+        product="shop", env="dev", event="users:welcome", sms={"to": ["+447700900123"]}, metadata=m
+    ),
 }
 
 

@@ -26,7 +26,15 @@ from typing import Any
 import grpc
 import pytest
 from ductape.processor import Processor
-from ductape.processor.v1 import action_pb2, broker_pb2, log_pb2, product_pb2, session_pb2, storage_pb2
+from ductape.processor.v1 import (
+    action_pb2,
+    broker_pb2,
+    log_pb2,
+    notification_pb2,
+    product_pb2,
+    session_pb2,
+    storage_pb2,
+)
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import message_factory, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -219,6 +227,7 @@ SERVICES = [
         (session_pb2, "SessionService"),
         (broker_pb2, "BrokerService"),
         (storage_pb2, "StorageService"),
+        (notification_pb2, "NotificationService"),
     )
 ]
 METHODS = [method for service in SERVICES for method in service.methods]

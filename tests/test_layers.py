@@ -17,6 +17,8 @@ ADAPTERS_MAY_IMPORT_FROM_RUNTIME = (
     "ductape_processor.runtime.registry.manifest",
     "ductape_processor.runtime.registry.storage",
     "ductape_processor.runtime.registry.databases",  # the databases section of the manifest: its settings models
+    "ductape_processor.runtime.registry.notifications",  # the notifications section: the providers' settings
+    "ductape_processor.runtime.notifications.addresses",  # mailbox parsing, shared by the manifest and SMTP
     "ductape_processor.runtime.brokers.messages",
 )
 

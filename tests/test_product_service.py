@@ -167,7 +167,7 @@ async def test_an_env_removed_later_still_runs_its_pinned_version(server: Runnin
     await server.client.product.promote("shop", env="prd", version=1)
     only_dev = manifest(environments=[{"slug": "dev"}])
     document = json.loads(only_dev)
-    for kind in ("apps", "brokers", "storage", "databases"):
+    for kind in ("apps", "brokers", "storage", "databases", "notifications"):
         for item in document[kind]:
             item["envs"] = {"dev": item["envs"]["dev"]}
     document["apps"][0]["variables"].pop("prd")

@@ -15,6 +15,7 @@ SERVICES = [
     "ductape.processor.v1.DatabaseService",
     "ductape.processor.v1.LogService",
     "ductape.processor.v1.MigrationService",
+    "ductape.processor.v1.NotificationService",
     "ductape.processor.v1.ProductService",
     "ductape.processor.v1.SessionService",
     "ductape.processor.v1.StorageService",

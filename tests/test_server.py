@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import io
-import ipaddress
 import json
 import logging
 from collections.abc import Iterator
@@ -13,10 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from ductape.processor import InternalError, Processor, UnauthenticatedError, UnavailableError
 from ductape.processor.v1 import product_pb2, product_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +28,7 @@ from ductape_processor.store.sqlite import SqliteStore
 from ductape_processor.telemetry.logging import configure_logging
 from ductape_processor.telemetry.setup import setup_telemetry
 from tests.conftest import EXAMPLE, Running, ServerFactory
+from tests.pki import make_pki
 
 
 async def health_status(address: str, service: str = "") -> int:
@@ -70,6 +65,7 @@ async def test_reflection_lists_the_services(server: Running) -> None:
         "ductape.processor.v1.DatabaseService",
         "ductape.processor.v1.LogService",
         "ductape.processor.v1.MigrationService",
+        "ductape.processor.v1.NotificationService",
         "ductape.processor.v1.ProductService",
         "ductape.processor.v1.SessionService",
         "ductape.processor.v1.StorageService",
@@ -156,49 +152,9 @@ def test_exposure_rules() -> None:
     assert "together" in Settings(tls_cert=Path("c.pem")).exposure_problems()[0]
 
 
-def _certificate(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None, issuer_key, *, ca: bool
-) -> x509.Certificate:  # type: ignore[no-untyped-def]
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Path]:
-    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("test CA", ca_key, None, None, ca=True)
-    files: dict[str, Path] = {}
-    for who in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _certificate(who, key, ca, ca_key, ca=False)
-        files[f"{who}_cert"] = tmp_path / f"{who}.pem"
-        files[f"{who}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        files[f"{who}_key"] = tmp_path / f"{who}.key"
-        files[f"{who}_key"].write_bytes(pem_key(key))
-    files["ca"] = tmp_path / "ca.pem"
-    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    return files
+    return make_pki(tmp_path)
 
 
 async def test_tls_with_client_certificates(start_server: ServerFactory, pki: dict[str, Path]) -> None:

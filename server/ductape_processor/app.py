@@ -20,6 +20,7 @@ from ductape_processor.api.database import DatabaseServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.log import LogServicer
 from ductape_processor.api.migration import MigrationServicer
+from ductape_processor.api.notification import NotificationServicer
 from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.session import SessionServicer
 from ductape_processor.api.storage import StorageServicer
@@ -33,6 +34,7 @@ from ductape_processor.runtime.databases.migrations import MigrationRunner
 from ductape_processor.runtime.databases.pools import DatabasePools
 from ductape_processor.runtime.databases.runner import DatabaseRunner
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecorder
+from ductape_processor.runtime.notifications.sender import NotificationRuntime
 from ductape_processor.runtime.policies.periodic import PeriodicTask
 from ductape_processor.runtime.policies.secrets import SecretsFileError, SecretSource, TokenVault, referenced_secrets
 from ductape_processor.runtime.registry.loader import ManifestFormat
@@ -83,6 +85,7 @@ class Components:
     brokers: BrokerRuntime
     storage: StorageRuntime
     databases: DatabasePools
+    notifications: NotificationRuntime
     storage_http: StorageHttpListener | None
     """The listener of fs storages' signed URLs, when PROCESSOR_STORAGE_HTTP_ADDRESS is set."""
     cache: ResultCache
@@ -122,6 +125,7 @@ def build(
         max_rows=settings.database_max_rows,
         max_result_bytes=settings.database_max_result_bytes,
     )
+    notifications = NotificationRuntime(services, http)
     servicers = Servicers(
         product=ProductServicer(registry),
         action=ActionServicer(actions),
@@ -131,6 +135,7 @@ def build(
         storage=StorageServicer(storage),
         database=DatabaseServicer(database_runner),
         migration=MigrationServicer(MigrationRunner(registry, databases)),
+        notification=NotificationServicer(notifications),
         health=health.aio.HealthServicer(),
     )
     interceptor = ProcessorInterceptor(ApiKeyAuthenticator(settings.api_key_hashes), telemetry)
@@ -145,6 +150,7 @@ def build(
         brokers=brokers,
         storage=storage,
         databases=databases,
+        notifications=notifications,
         storage_http=(
             StorageHttpListener(storage, links, settings.storage_http_address)
             if links is not None and settings.storage_http_address
@@ -321,6 +327,7 @@ class ProcessorApp:
         await parts.brokers.close()
         await parts.storage.close()
         await parts.databases.close()
+        await parts.notifications.close()
         await parts.cache.close()
         await parts.store.close()
         await parts.telemetry.shutdown()

@@ -19,6 +19,8 @@ from ductape.processor.v1 import (
     log_pb2_grpc,
     migration_pb2,
     migration_pb2_grpc,
+    notification_pb2,
+    notification_pb2_grpc,
     product_pb2,
     product_pb2_grpc,
     session_pb2,
@@ -34,6 +36,7 @@ from ductape_processor.api.database import DatabaseServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.log import LogServicer
 from ductape_processor.api.migration import MigrationServicer
+from ductape_processor.api.notification import NotificationServicer
 from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.reflection import enable_reflection
 from ductape_processor.api.session import SessionServicer
@@ -49,6 +52,7 @@ SERVICE_NAMES = (
     storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name,
     database_pb2.DESCRIPTOR.services_by_name["DatabaseService"].full_name,
     migration_pb2.DESCRIPTOR.services_by_name["MigrationService"].full_name,
+    notification_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
 )
 """The processor's services, as health checks and reflection name them."""
 
@@ -65,6 +69,7 @@ class Servicers:
     storage: StorageServicer
     database: DatabaseServicer
     migration: MigrationServicer
+    notification: NotificationServicer
     health: health.aio.HealthServicer
 
 
@@ -94,6 +99,7 @@ def grpc_server(settings: Settings, interceptor: ProcessorInterceptor, servicers
     storage_pb2_grpc.add_StorageServiceServicer_to_server(servicers.storage, server)
     database_pb2_grpc.add_DatabaseServiceServicer_to_server(servicers.database, server)
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(servicers.migration, server)
+    notification_pb2_grpc.add_NotificationServiceServicer_to_server(servicers.notification, server)
     health_pb2_grpc.add_HealthServicer_to_server(servicers.health, server)
     enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     return server

@@ -8,8 +8,15 @@ from typing import Any, Literal
 import grpc
 from ductape.processor.v1 import action_pb2, action_pb2_grpc
 
-from ductape_processor.api.values import MAX_JSON_DEPTH, json_depth, python_to_value, struct_to_dict
-from ductape_processor.errors import InvalidArgument
+from ductape_processor.api.values import (
+    MAX_JSON_DEPTH,
+    json_depth,
+    pinned_version,
+    python_to_value,
+    required,
+    session_pair,
+    struct_to_dict,
+)
 from ductape_processor.runtime.actions.call import ActionCall
 from ductape_processor.runtime.actions.executor import ActionExecutor
 from ductape_processor.runtime.policies import Deadline
@@ -23,12 +30,6 @@ _PARTS: tuple[Literal["query"], Literal["params"], Literal["body"], Literal["hea
 )
 
 
-def _required(value: str, field: str, what: str) -> str:
-    if not value:
-        raise InvalidArgument.field(field, f"is required: {what}")
-    return value
-
-
 class ActionServicer(action_pb2_grpc.ActionServiceServicer):
     """Serves ActionService."""
 
@@ -36,24 +37,19 @@ class ActionServicer(action_pb2_grpc.ActionServiceServicer):
         self._executor = executor
 
     async def Run(self, request: action_pb2.RunRequest, context: Context) -> action_pb2.RunResponse:
-        session = None
-        if request.HasField("session"):
-            if not request.session.tag or not request.session.token:
-                raise InvalidArgument.field("session", "needs both tag and token")
-            session = (request.session.tag, request.session.token)
-        if request.version < 0:
-            raise InvalidArgument.field("version", "must be 1 or more (or 0 for the environment's version)")
+        session = session_pair(request)
+        version = pinned_version(request.version)
         given = request.input
         call = ActionCall(
-            product=_required(request.product, "product", "the product's tag"),
-            env=_required(request.env, "env", "the environment's slug or name"),
-            app=_required(request.app, "app", "the app's tag"),
-            event=_required(request.event, "event", "the action's tag"),
+            product=required(request.product, "product", "the product's tag"),
+            env=required(request.env, "env", "the environment's slug or name"),
+            app=required(request.app, "app", "the app's tag"),
+            event=required(request.event, "event", "the action's tag"),
             input={part: struct_to_dict(getattr(given, part)) for part in _PARTS if given.HasField(part)},
             session=session,
             cache=request.cache,
             retries=request.retries if request.HasField("retries") else None,
-            version=request.version or None,
+            version=version,
             idempotency_key=request.idempotency_key,
         )
         result = await self._executor.run(call, Deadline(context.time_remaining()))

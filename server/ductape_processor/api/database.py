@@ -9,8 +9,7 @@ import grpc
 from ductape.processor.v1 import database_pb2, database_pb2_grpc
 from google.protobuf import struct_pb2
 
-from ductape_processor.api.values import struct_to_dict
-from ductape_processor.errors import InvalidArgument
+from ductape_processor.api.values import pinned_version, required, session_pair, struct_to_dict
 from ductape_processor.runtime.databases.runner import BatchStep, DatabaseCall, DatabaseRunner
 from ductape_processor.runtime.databases.statements import StepResult
 from ductape_processor.runtime.policies import Deadline
@@ -18,22 +17,8 @@ from ductape_processor.runtime.policies import Deadline
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _required(value: str, field: str, what: str) -> str:
-    if not value:
-        raise InvalidArgument.field(field, f"is required: {what}")
-    return value
-
-
 def _input(given: database_pb2.DatabaseInput) -> dict[str, Any]:
     return {part: struct_to_dict(getattr(given, part)) for part in ("data", "filter") if given.HasField(part)}
-
-
-def _session(request: database_pb2.ExecuteRequest | database_pb2.BatchRequest) -> tuple[str, str] | None:
-    if not request.HasField("session"):
-        return None
-    if not request.session.tag or not request.session.token:
-        raise InvalidArgument.field("session", "needs both tag and token")
-    return (request.session.tag, request.session.token)
 
 
 def _rows(result: StepResult) -> list[struct_pb2.Struct]:
@@ -54,22 +39,20 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServiceServicer):
     @staticmethod
     def _call(request: database_pb2.ExecuteRequest | database_pb2.BatchRequest) -> DatabaseCall:
         """What Execute and Batch requests share."""
-        if request.version < 0:
-            raise InvalidArgument.field("version", "must be 1 or more (or 0 for the environment's version)")
         return DatabaseCall(
-            product=_required(request.product, "product", "the product's tag"),
-            env=_required(request.env, "env", "the environment's slug or name"),
-            database=_required(request.database, "database", "the database's tag"),
+            product=required(request.product, "product", "the product's tag"),
+            env=required(request.env, "env", "the environment's slug or name"),
+            database=required(request.database, "database", "the database's tag"),
             action="",
-            session=_session(request),
-            version=request.version or None,
+            session=session_pair(request),
+            version=pinned_version(request.version),
             idempotency_key=request.idempotency_key,
         )
 
     async def Execute(self, request: database_pb2.ExecuteRequest, context: Context) -> database_pb2.ExecuteResponse:
         call = replace(
             self._call(request),
-            action=_required(request.action, "action", "the action's tag"),
+            action=required(request.action, "action", "the action's tag"),
             input=_input(request.input) if request.HasField("input") else {},
             cache=request.cache,
             retries=request.retries if request.HasField("retries") else None,
@@ -93,7 +76,7 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServiceServicer):
         call = self._call(request)
         steps = [
             BatchStep(
-                action=_required(step.action, f"steps[{i}].action", "the action's tag"),
+                action=required(step.action, f"steps[{i}].action", "the action's tag"),
                 input=_input(step.input) if step.HasField("input") else {},
                 tag=step.tag,
             )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 from google.protobuf import struct_pb2, timestamp_pb2
 from pydantic import JsonValue
+
+from ductape_processor.errors import InvalidArgument
 
 MAX_JSON_DEPTH: Final = 32
 """The deepest JSON (objects and arrays inside each other) handed on as a `google.protobuf.Value`.
@@ -79,3 +81,26 @@ def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(
         seconds=int(moment.replace(microsecond=0).timestamp()), nanos=moment.microsecond * 1000
     )
+
+
+def required(value: str, field: str, what: str) -> str:
+    """`value`, or INVALID_ARGUMENT on `field` when it is empty (`what` says what it should be)."""
+    if not value:
+        raise InvalidArgument.field(field, f"is required: {what}")
+    return value
+
+
+def session_pair(request: Any) -> tuple[str, str] | None:
+    """The (tag, token) of a request's `session` field, None when it has none; both are required when it has one."""
+    if not request.HasField("session"):
+        return None
+    if not request.session.tag or not request.session.token:
+        raise InvalidArgument.field("session", "needs both tag and token")
+    return (request.session.tag, request.session.token)
+
+
+def pinned_version(version: int) -> int | None:
+    """A request's `version`: None (the environment's) for 0, INVALID_ARGUMENT when negative."""
+    if version < 0:
+        raise InvalidArgument.field("version", "must be 1 or more (or 0 for the environment's version)")
+    return version or None

@@ -22,6 +22,7 @@ import grpc
 from ductape.processor.brokers import BrokerClient
 from ductape.processor.databases import DatabaseClient, MigrationClient
 from ductape.processor.errors import from_rpc_error
+from ductape.processor.notifications import NotificationClient
 from ductape.processor.storage import StorageClient
 from ductape.processor.v1 import (
     action_pb2,
@@ -410,6 +411,7 @@ class Processor:
         self.storage = StorageClient(channel, call)
         self.database = DatabaseClient(channel, call)
         self.migration = MigrationClient(channel, call)
+        self.notification = NotificationClient(channel, call)
 
     async def close(self) -> None:
         """Close the channel."""

@@ -9,17 +9,15 @@ rows (bounded) → execution record (queued, written in batches).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
 from ductape_processor.adapters.databases.base import Bounds, DatabaseAdapter, DatabaseFailure, DatabaseUnreachable
-from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
+from ductape_processor.errors import FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.cache import named_cache
 from ductape_processor.runtime.databases.errors import database_error
@@ -34,14 +32,14 @@ from ductape_processor.runtime.databases.statements import (
     step_result,
 )
 from ductape_processor.runtime.policies.deadline import Deadline
-from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
+from ductape_processor.runtime.policies.idempotency import idempotency_key_problem, record_key, run_once
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
 from ductape_processor.runtime.policies.retry import Backoff, RetryBudget
 from ductape_processor.runtime.registry.databases import Database
 from ductape_processor.runtime.registry.registry import Resolved
 from ductape_processor.runtime.services import CallServices
 from ductape_processor.runtime.templates import RenderError, Scope
-from ductape_processor.store.base import ExecutionRecord, ExecutionStatus, IdempotencyRecord
+from ductape_processor.store.base import ExecutionRecord, ExecutionStatus
 
 DEFAULT_RETRIES: Final = 2
 """Retries of a statement whose connection could not be opened or broke (when retrying it is safe)."""
@@ -325,38 +323,19 @@ class DatabaseRunner:
     ) -> DatabaseResult:
         """Run `work` once per idempotency key: a repeat with the same request gets the first result."""
         resolved = run.resolved
-        key = record_key(("database", resolved.product, resolved.env.slug, run.database.tag), idempotency_key)
-        owner = os.urandom(8).hex()
         env = run.database.envs[resolved.env.slug]
-        lease = env.statement_timeout + timedelta(seconds=10)
-
-        async def wait(_: IdempotencyRecord) -> None:
-            left = run.deadline.remaining()
-            if left is not None and left <= 0.05:
-                raise FailedPrecondition(
-                    "a call with this idempotency key is still running", reason=Reason.IDEMPOTENCY_KEY_IN_USE
-                )
-            await asyncio.sleep(0.05)
-
-        answer = await claim(
+        return await run_once(
             self._services.store,
-            key,
+            record_key(("database", resolved.product, resolved.env.slug, run.database.tag), idempotency_key),
             self._digest(request),
-            owner,
-            lease=lease,
+            idempotency_key=idempotency_key,
+            lease=env.statement_timeout + timedelta(seconds=10),
             retention=self._services.idempotency_retention,
-            reused=lambda: key_reused("request", idempotency_key),
-            wait=wait,
+            deadline=run.deadline,
+            work=work,
+            encode=self._encode,
+            decode=lambda data: self._decode(data, cached=False),
         )
-        if answer is not None:
-            return self._decode(answer, cached=False)
-        try:
-            result = await work()
-        except BaseException:
-            await self._services.store.idempotency_release(key, owner)
-            raise
-        await self._services.store.idempotency_complete(key, owner, self._encode(result))
-        return result
 
     async def _recorded(self, run: _Run, work: Callable[[], Awaitable[DatabaseResult]]) -> DatabaseResult:
         """Run `work` and queue its execution record; the result carries the record's id and the version."""

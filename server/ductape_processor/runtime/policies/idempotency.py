@@ -8,16 +8,22 @@ refused (IDEMPOTENCY_KEY_REUSED) instead of answering with the first request's r
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Final, TypeVar
 
-from ductape_processor.errors import FailedPrecondition
+from ductape_processor.errors import FailedPrecondition, Unavailable
 from ductape_processor.reasons import Reason
+from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.store.base import IdempotencyRecord, Store
 
 MAX_IDEMPOTENCY_KEY: Final = 256
 """The longest idempotency key, in characters."""
+WAIT_STEP_S: Final = 0.05
+"""How often a call waiting for another holding its key looks again."""
+T = TypeVar("T")
 
 
 def idempotency_key_problem(key: str) -> str | None:
@@ -66,3 +72,63 @@ def key_reused(what: str, idempotency_key: str) -> FailedPrecondition:
         reason=Reason.IDEMPOTENCY_KEY_REUSED,
         metadata={"idempotency_key": idempotency_key},
     )
+
+
+async def run_once(
+    store: Store,
+    key: str,
+    request_hash: str,
+    *,
+    idempotency_key: str,
+    lease: timedelta,
+    retention: timedelta,
+    deadline: Deadline,
+    work: Callable[[], Awaitable[T]],
+    encode: Callable[[T], bytes],
+    decode: Callable[[bytes], T],
+    mark_sent: bool = False,
+) -> T:
+    """`work()` run once per `key`: the first call runs it and records `encode(result)`; a repeat with the same
+    request (`request_hash`) gets `decode(recorded)`, waiting while the first one runs (until `deadline`:
+    IDEMPOTENCY_KEY_IN_USE). With `mark_sent`, the claim is marked sent before `work` starts, so a repeat after the
+    owner died answers IDEMPOTENCY_OUTCOME_UNKNOWN instead of running `work` again (for work that cannot be undone,
+    such as a message sent). A `work` that raises gives the key up."""
+    owner = os.urandom(8).hex()
+
+    async def wait(record: IdempotencyRecord) -> None:
+        if record.state == "sent" and record.lease_until <= datetime.now(UTC):
+            raise Unavailable(
+                "the call holding this idempotency key ended without recording its outcome (its replica stopped or "
+                "the store failed); what it sent is not sent again",
+                reason=Reason.IDEMPOTENCY_OUTCOME_UNKNOWN,
+                metadata={"idempotency_key": idempotency_key},
+            )
+        left = deadline.remaining()
+        if left is not None and left <= WAIT_STEP_S:
+            raise FailedPrecondition(
+                "a call with this idempotency key is still running", reason=Reason.IDEMPOTENCY_KEY_IN_USE
+            )
+        await asyncio.sleep(WAIT_STEP_S)
+
+    while True:
+        answer = await claim(
+            store,
+            key,
+            request_hash,
+            owner,
+            lease=lease,
+            retention=retention,
+            reused=lambda: key_reused("request", idempotency_key),
+            wait=wait,
+        )
+        if answer is not None:
+            return decode(answer)
+        if not mark_sent or await store.idempotency_mark_sent(key, owner, datetime.now(UTC) + lease):
+            break
+    try:
+        result = await work()
+    except BaseException:
+        await store.idempotency_release(key, owner)
+        raise
+    await store.idempotency_complete(key, owner, encode(result))
+    return result

@@ -25,6 +25,7 @@ from ductape_processor.runtime.registry.fields import FieldType as FieldType
 from ductape_processor.runtime.registry.fields import ManifestModel as _Model
 from ductape_processor.runtime.registry.fields import Schema as Schema
 from ductape_processor.runtime.registry.fields import Tag as Tag
+from ductape_processor.runtime.registry.notifications import Notification
 from ductape_processor.runtime.registry.storage import Storage
 
 TOPIC_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
@@ -359,6 +360,7 @@ class Manifest(_Model):
     caches: list[Cache] = Field(default_factory=list)
     storage: list[Storage] = Field(default_factory=list)
     databases: list[Database] = Field(default_factory=list)
+    notifications: list[Notification] = Field(default_factory=list)
 
     def find_environment(self, slug_or_name: str) -> Environment | None:
         """The environment with this slug, else the one with this name."""

@@ -45,7 +45,7 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
     for index, env in enumerate(manifest.environments):
         if env.slug in names and env.name != env.slug:
             problems.append((f"environments[{index}].slug", f"{env.slug!r} is also another environment's name"))
-    for kind in ("apps", "brokers", "sessions", "caches", "storage", "databases"):
+    for kind in ("apps", "brokers", "sessions", "caches", "storage", "databases", "notifications"):
         problems += _duplicates(getattr(manifest, kind), "tag", kind)
     for a, app in enumerate(manifest.apps):
         where = f"apps[{a}]"
@@ -80,6 +80,9 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
         problems += _env_keys(database.envs, slugs, f"databases[{d}].envs", complete=True)
         problems += _duplicates(database.actions, "tag", f"databases[{d}].actions")
         problems += _duplicates(database.migrations, "tag", f"databases[{d}].migrations")
+    for n, notification in enumerate(manifest.notifications):
+        problems += _env_keys(notification.envs, slugs, f"notifications[{n}].envs", complete=True)
+        problems += _duplicates(notification.messages, "tag", f"notifications[{n}].messages")
     return problems
 
 

@@ -1,0 +1,96 @@
+"""NotificationService: proto in, NotificationRuntime call, proto out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from ductape.processor.v1 import notification_pb2, notification_pb2_grpc
+
+from ductape_processor.api.values import pinned_version, required, session_pair, struct_to_dict
+from ductape_processor.runtime.notifications.call import (
+    CallbackInput,
+    ChannelResult,
+    EmailAttachment,
+    EmailInput,
+    NotificationCall,
+    PushInput,
+    SmsInput,
+)
+from ductape_processor.runtime.notifications.sender import NotificationRuntime
+from ductape_processor.runtime.policies import Deadline
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_CHANNELS = {
+    "email": notification_pb2.CHANNEL_EMAIL,
+    "push": notification_pb2.CHANNEL_PUSH,
+    "sms": notification_pb2.CHANNEL_SMS,
+    "callback": notification_pb2.CHANNEL_CALLBACK,
+}
+
+
+def _variables(message: Any, field: str = "variables") -> dict[str, Any]:
+    return struct_to_dict(getattr(message, field)) if message.HasField(field) else {}
+
+
+def _email(given: notification_pb2.EmailInput) -> EmailInput:
+    return EmailInput(
+        to=tuple(given.to),
+        cc=tuple(given.cc),
+        bcc=tuple(given.bcc),
+        variables=_variables(given),
+        attachments=tuple(EmailAttachment(a.file_name, a.content_type, a.data) for a in given.attachments),
+    )
+
+
+def _push(given: notification_pb2.PushInput) -> PushInput:
+    return PushInput(tuple(given.device_tokens), _variables(given), _variables(given, "data"))
+
+
+def _sms(given: notification_pb2.SmsInput) -> SmsInput:
+    return SmsInput(tuple(given.to), _variables(given))
+
+
+def _callback(given: notification_pb2.CallbackInput) -> CallbackInput:
+    return CallbackInput(
+        dict(given.query), dict(given.params), _variables(given, "body"), dict(given.headers), _variables(given)
+    )
+
+
+def _result(result: ChannelResult) -> notification_pb2.ChannelResult:
+    return notification_pb2.ChannelResult(
+        channel=_CHANNELS[result.channel],
+        success=result.success,
+        message_ids=list(result.message_ids),
+        error_reason=result.error_reason,
+        error_message=result.error_message,
+        attempts=result.attempts,
+        provider=result.provider,
+    )
+
+
+class NotificationServicer(notification_pb2_grpc.NotificationServiceServicer):
+    """Serves NotificationService."""
+
+    def __init__(self, runtime: NotificationRuntime) -> None:
+        self._runtime = runtime
+
+    async def Send(self, request: notification_pb2.SendRequest, context: Context) -> notification_pb2.SendResponse:
+        call = NotificationCall(
+            product=required(request.product, "product", "the product's tag"),
+            env=required(request.env, "env", "the environment's slug or name"),
+            event=required(request.event, "event", "notification_tag:message_tag"),
+            email=_email(request.email) if request.HasField("email") else None,
+            push=_push(request.push) if request.HasField("push") else None,
+            sms=_sms(request.sms) if request.HasField("sms") else None,
+            callback=_callback(request.callback) if request.HasField("callback") else None,
+            session=session_pair(request),
+            retries=request.retries if request.HasField("retries") else None,
+            idempotency_key=request.idempotency_key,
+            version=pinned_version(request.version),
+        )
+        result = await self._runtime.send(call, Deadline(context.time_remaining()))
+        return notification_pb2.SendResponse(
+            results=[_result(r) for r in result.results], process_id=result.process_id, version=result.version
+        )

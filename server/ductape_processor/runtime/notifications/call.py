@@ -1,0 +1,100 @@
+"""What a Send asks for and what it answers, in plain Python: one input per channel, one result per channel."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ductape_processor.adapters.notify.base import EmailAttachment as EmailAttachment
+
+
+@dataclass(frozen=True, slots=True)
+class EmailInput:
+    """Recipients, variables and attachments of the email channel."""
+
+    to: tuple[str, ...] = ()
+    cc: tuple[str, ...] = ()
+    bcc: tuple[str, ...] = ()
+    variables: Mapping[str, Any] = field(default_factory=dict)
+    attachments: tuple[EmailAttachment, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PushInput:
+    """Devices, variables and extra data of the push channel."""
+
+    device_tokens: tuple[str, ...] = ()
+    variables: Mapping[str, Any] = field(default_factory=dict)
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SmsInput:
+    """Numbers and variables of the SMS channel."""
+
+    to: tuple[str, ...] = ()
+    variables: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackInput:
+    """What the callback request adds to the environment's: query, path params, body fields, headers."""
+
+    query: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+    body: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    variables: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationCall:
+    """One Send: the message (`notification:message`) and the input of each channel to send it on."""
+
+    product: str
+    env: str
+    event: str
+    email: EmailInput | None = None
+    push: PushInput | None = None
+    sms: SmsInput | None = None
+    callback: CallbackInput | None = None
+    session: tuple[str, str] | None = None
+    retries: int | None = None
+    idempotency_key: str = ""
+    version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelResult:
+    """What one channel's send came to."""
+
+    channel: str
+    provider: str
+    success: bool
+    message_ids: tuple[str, ...] = ()
+    error_reason: str = ""
+    error_message: str = ""
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationResult:
+    """One result per channel sent, the execution's id and the version that ran."""
+
+    results: tuple[ChannelResult, ...]
+    process_id: str = ""
+    version: int = 0
+
+    def encode(self) -> bytes:
+        """The results as an idempotency record keeps them."""
+        return json.dumps([asdict(result) for result in self.results], separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes, process_id: str, version: int) -> NotificationResult:
+        """The results an idempotency record kept."""
+        results = tuple(
+            ChannelResult(**{**item, "message_ids": tuple(item["message_ids"])}) for item in json.loads(data)
+        )
+        return cls(results, process_id, version)
