@@ -1,4 +1,5 @@
-"""The notification providers a manifest may name: provider name -> typed settings model + factory.
+"""The notification providers a manifest may name: provider name -> typed settings model + factory (an
+`AdapterType`, `adapters/registry.py`).
 
 Adding a provider is one module (a `ChannelAdapter`) and one entry in `NOTIFICATION_PROVIDERS`. A factory imports
 its module when it is first called, so a processor loads only the drivers its manifests use; a driver that is not
@@ -7,42 +8,32 @@ installed is reported as the channel's `NOTIFICATION_PROVIDER_UNAVAILABLE`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from ductape_processor.adapters.http import HttpClientPool
 from ductape_processor.adapters.notify.base import ChannelAdapter
+from ductape_processor.adapters.registry import AdapterType
 from ductape_processor.runtime.registry.notifications import (
+    ExpoPush,
+    FcmPush,
+    HttpCallback,
     LogProvider,
+    PlivoSms,
     SmtpEmail,
+    TwilioSms,
+    VonageSms,
+    WebPush,
 )
-
-SettingsT = TypeVar("SettingsT")
 
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """Where one channel's provider works: its name in logs and errors (`product/env/notification/channel`) and the
-    HTTP client of the HTTP providers (the actions' pool: its origin lock, header checks and response bound)."""
+    """Where one channel's provider works: its name in logs and errors (`product/env/notification.channel`) and the
+    HTTP client of the HTTP providers (the actions' pool: its header checks, redirect rule and response bound)."""
 
     name: str
     http: HttpClientPool
-
-
-@dataclass(frozen=True, slots=True)
-class NotificationProvider(Generic[SettingsT]):
-    """One provider: the manifest model of its settings and what builds its adapter from them."""
-
-    settings: type[SettingsT]
-    factory: Callable[[SettingsT, Placement], ChannelAdapter]
-    """(settings with secrets resolved, placement) -> an adapter; it connects on first use."""
-
-    def open(self, settings: Any, placement: Placement) -> ChannelAdapter:
-        """The adapter of one channel; `settings` must be an instance of `self.settings`."""
-        if not isinstance(settings, self.settings):
-            raise TypeError(f"expected {self.settings.__name__} settings, got {type(settings).__name__}")
-        return self.factory(settings, placement)
 
 
 def _log(settings: LogProvider, placement: Placement) -> ChannelAdapter:
@@ -57,7 +48,56 @@ def _smtp(settings: SmtpEmail, placement: Placement) -> ChannelAdapter:
     return SmtpChannel(settings, placement.name)
 
 
-NOTIFICATION_PROVIDERS: dict[str, NotificationProvider[Any]] = {
-    "log": NotificationProvider(LogProvider, _log),
-    "smtp": NotificationProvider(SmtpEmail, _smtp),
+def _fcm(settings: FcmPush, placement: Placement) -> ChannelAdapter:
+    from ductape_processor.adapters.notify.push import FcmChannel
+
+    return FcmChannel(settings, placement.http, placement.name)
+
+
+def _expo(settings: ExpoPush, placement: Placement) -> ChannelAdapter:
+    from ductape_processor.adapters.notify.push import ExpoChannel
+
+    return ExpoChannel(settings, placement.http, placement.name)
+
+
+def _webpush(settings: WebPush, placement: Placement) -> ChannelAdapter:
+    from ductape_processor.adapters.notify.webpush import WebPushChannel
+
+    return WebPushChannel(settings, placement.http, placement.name)
+
+
+def _twilio(settings: TwilioSms, placement: Placement) -> ChannelAdapter:
+    from ductape_processor.adapters.notify.sms import TwilioChannel
+
+    return TwilioChannel(settings, placement.http, placement.name)
+
+
+def _vonage(settings: VonageSms, placement: Placement) -> ChannelAdapter:
+    from ductape_processor.adapters.notify.sms import VonageChannel
+
+    return VonageChannel(settings, placement.http, placement.name)
+
+
+def _plivo(settings: PlivoSms, placement: Placement) -> ChannelAdapter:
+    from ductape_processor.adapters.notify.sms import PlivoChannel
+
+    return PlivoChannel(settings, placement.http, placement.name)
+
+
+def _callback(settings: HttpCallback, placement: Placement) -> ChannelAdapter:
+    from ductape_processor.adapters.notify.callback import CallbackChannel
+
+    return CallbackChannel(settings, placement.http, placement.name)
+
+
+NOTIFICATION_PROVIDERS: dict[str, AdapterType[Any, Placement, ChannelAdapter]] = {
+    "log": AdapterType(LogProvider, _log),
+    "smtp": AdapterType(SmtpEmail, _smtp),
+    "fcm": AdapterType(FcmPush, _fcm),
+    "expo": AdapterType(ExpoPush, _expo),
+    "webpush": AdapterType(WebPush, _webpush),
+    "twilio": AdapterType(TwilioSms, _twilio),
+    "vonage": AdapterType(VonageSms, _vonage),
+    "plivo": AdapterType(PlivoSms, _plivo),
+    "http": AdapterType(HttpCallback, _callback),
 }

@@ -13,19 +13,17 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import BaseModel
 
 from ductape_processor.runtime.registry.manifest import SECRET_NAME, SECRET_REFERENCE
 
-if TYPE_CHECKING:
-    from pydantic import BaseModel
-
-    SettingsT = TypeVar("SettingsT", bound=BaseModel)
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 _LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 
@@ -89,14 +87,26 @@ class SecretSource:
         return SECRET_REFERENCE.sub(value, text)
 
     def resolve_settings(self, settings: SettingsT, missing: Callable[[str], Exception]) -> SettingsT:
-        """A copy of a manifest settings model whose text fields have their `$Secret{NAME}` references resolved
-        (an adapter's settings, just before the adapter is built from them)."""
-        resolved = {
-            name: self.resolve(value, missing)
-            for name, value in settings.model_dump().items()
-            if isinstance(value, str) and SECRET_REFERENCE.search(value)
-        }
-        return settings.model_copy(update=resolved)
+        """A copy of a manifest settings model whose text has its `$Secret{NAME}` references resolved, in its own
+        fields and in the models, mappings and lists it holds (an adapter's settings, just before the adapter is
+        built from them: a callback's `auth` and `headers` hold secrets too)."""
+        resolved: SettingsT = self._resolved(settings, missing)
+        return resolved
+
+    def _resolved(self, value: Any, missing: Callable[[str], Exception]) -> Any:
+        if isinstance(value, str):
+            return self.resolve(value, missing) if SECRET_REFERENCE.search(value) else value
+        if isinstance(value, BaseModel):
+            update = {name: self._resolved(getattr(value, name), missing) for name in type(value).model_fields}
+            changed = {name: item for name, item in update.items() if item is not getattr(value, name)}
+            return value.model_copy(update=changed) if changed else value
+        if isinstance(value, dict):
+            items = {key: self._resolved(item, missing) for key, item in value.items()}
+            return items if any(items[key] is not value[key] for key in value) else value
+        if isinstance(value, list):
+            elements = [self._resolved(item, missing) for item in value]
+            return elements if any(a is not b for a, b in zip(elements, value, strict=True)) else value
+        return value
 
     def missing(self, names: Iterable[str]) -> list[str]:
         """The names no source can resolve, sorted."""

@@ -22,6 +22,8 @@ from ductape_processor.runtime.registry.durations import PositiveDuration
 from ductape_processor.runtime.registry.fields import ManifestModel, Tag
 from ductape_processor.runtime.registry.storage import Endpoint
 
+PUSH_SERVICES = ("fcm.googleapis.com", "push.services.mozilla.com", "notify.windows.com", "push.apple.com")
+"""The browsers' push services: where a Web Push subscription's endpoint may be by default."""
 CHANNELS = ("email", "push", "sms", "callback")
 """The channels, in the order results are given."""
 
@@ -140,6 +142,10 @@ class WebPush(ManifestModel):
     vapid_private_key: str = Field(description="`$Secret{NAME}`: the VAPID key, PEM or base64url of the P-256 scalar.")
     vapid_subject: str = Field(pattern=r"^(mailto:|https://)", description="`mailto:` or `https:` contact.")
     ttl: PositiveDuration = Field(timedelta(days=1), description="How long the push service keeps the message.")
+    push_services: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=lambda: list(PUSH_SERVICES),
+        description="Hosts (or parent domains) a subscription's endpoint may be on; loopback is always allowed.",
+    )
 
 
 class TwilioSms(ManifestModel):
