@@ -152,6 +152,13 @@ class ManifestTooLarge(InvalidArgument, reason=Reason.MANIFEST_TOO_LARGE):
 class NotFound(ProcessorError, code=grpc.StatusCode.NOT_FOUND, reason=Reason.NOT_FOUND):
     """A named resource does not exist."""
 
+    @classmethod
+    def in_product(cls, product: str, kind: str, tag: str, reason: Reason) -> NotFound:
+        """`product` has no `kind` (app, broker, cache, database …) tagged `tag`; the metadata names both."""
+        return cls(
+            f"product {product!r} has no {kind} {tag!r}", reason=reason, metadata={"product": product, kind: tag}
+        )
+
 
 class ProductNotFound(NotFound, reason=Reason.PRODUCT_NOT_FOUND):
     """No manifest was ever applied for this product."""

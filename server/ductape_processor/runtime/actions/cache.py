@@ -18,11 +18,7 @@ def named_cache(manifest: Manifest, tag: str) -> Cache:
     """The cache a call names by its `cache` tag; CACHE_NOT_FOUND when the product has none by that tag."""
     cache = next((c for c in manifest.caches if c.tag == tag), None)
     if cache is None:
-        raise NotFound(
-            f"product {manifest.product!r} has no cache {tag!r}",
-            reason=Reason.CACHE_NOT_FOUND,
-            metadata={"product": manifest.product, "cache": tag},
-        )
+        raise NotFound.in_product(manifest.product, "cache", tag, Reason.CACHE_NOT_FOUND)
     return cache
 
 

@@ -83,11 +83,7 @@ class ActionExecutor:
         apps = {app.tag: app for app in manifest.apps}
         app = apps.get(call.app)
         if app is None:
-            raise NotFound(
-                f"product {call.product!r} has no app {call.app!r}",
-                reason=Reason.APP_NOT_FOUND,
-                metadata={"product": call.product, "app": call.app},
-            )
+            raise NotFound.in_product(call.product, "app", call.app, Reason.APP_NOT_FOUND)
         raise NotFound(
             f"app {call.app!r} has no action {call.event!r}",
             reason=Reason.ACTION_NOT_FOUND,

@@ -80,11 +80,7 @@ class BrokerRuntime:
         resolved = await self._services.registry.resolve(product, env)
         broker = next((b for b in resolved.manifest.brokers if b.tag == broker_tag), None)
         if broker is None:
-            raise NotFound(
-                f"product {product!r} has no broker {broker_tag!r}",
-                reason=Reason.BROKER_NOT_FOUND,
-                metadata={"product": product, "broker": broker_tag},
-            )
+            raise NotFound.in_product(product, "broker", broker_tag, Reason.BROKER_NOT_FOUND)
         topic = next((t for t in broker.topics if t.tag == topic_tag), None)
         if topic is None:
             raise NotFound(

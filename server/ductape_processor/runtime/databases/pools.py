@@ -23,11 +23,7 @@ def named_database(resolved: Resolved, tag: str) -> Database:
     """The database a call names by its tag; DATABASE_NOT_FOUND when the product has none by that tag."""
     found = next((d for d in resolved.manifest.databases if d.tag == tag), None)
     if found is None:
-        raise NotFound(
-            f"product {resolved.product!r} has no database {tag!r}",
-            reason=Reason.DATABASE_NOT_FOUND,
-            metadata={"product": resolved.product, "database": tag},
-        )
+        raise NotFound.in_product(resolved.product, "database", tag, Reason.DATABASE_NOT_FOUND)
     return found
 
 
