@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import BeforeValidator, Field, JsonValue, field_validator, model_validator
 
 from ductape_processor.runtime.registry.durations import PositiveDuration
-from ductape_processor.runtime.registry.fields import ManifestModel, Schema, Tag
+from ductape_processor.runtime.registry.fields import ManifestModel, NamedResource, Schema, Tag
 
 ActionType = Literal["read", "count", "create", "update", "delete", "aggregate", "execute"]
 READ_TYPES = frozenset({"read", "count", "aggregate"})
@@ -152,12 +152,9 @@ class Migration(ManifestModel):
     down: list[Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]] = Field(default_factory=list)
 
 
-class Database(ManifestModel):
+class Database(NamedResource):
     """A database: where it is in each environment, its actions and its migrations."""
 
-    tag: Tag
-    name: str | None = None
-    description: str = ""
     envs: dict[str, DatabaseEnv] = Field(description="Per product environment slug: type and connection.")
     actions: list[DatabaseAction] = Field(default_factory=list)
     migrations: list[Migration] = Field(default_factory=list)

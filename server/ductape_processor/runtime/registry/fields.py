@@ -1,4 +1,4 @@
-"""The pieces every manifest model is built from: the base model, tags, and input-contract fields.
+"""The pieces every manifest model is built from: the base models, tags, and input-contract fields.
 
 They live apart from `manifest.py` so that a resource kind's models in a sibling module (`databases.py`) and the
 `Manifest` that lists them can both import them without an import loop; `manifest.py` re-exports them.
@@ -24,6 +24,15 @@ class ManifestModel(BaseModel):
     """Base of every manifest model: unknown fields are errors, instances are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class NamedResource(ManifestModel):
+    """Base of a resource a call names (an app, an action, a broker, a database …): the tag callers use, a name
+    for people, a description."""
+
+    tag: Tag
+    name: str | None = None
+    description: str = ""
 
 
 FieldType = Literal["string", "number", "integer", "boolean", "email", "uuid", "date", "array", "object"]

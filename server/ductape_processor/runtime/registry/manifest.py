@@ -23,6 +23,7 @@ from ductape_processor.runtime.registry.fields import Decorator as Decorator
 from ductape_processor.runtime.registry.fields import FieldSpec as FieldSpec
 from ductape_processor.runtime.registry.fields import FieldType as FieldType
 from ductape_processor.runtime.registry.fields import ManifestModel as _Model
+from ductape_processor.runtime.registry.fields import NamedResource as NamedResource
 from ductape_processor.runtime.registry.fields import Schema as Schema
 from ductape_processor.runtime.registry.fields import Tag as Tag
 from ductape_processor.runtime.registry.notifications import Notification
@@ -147,12 +148,9 @@ class ActionInput(_Model):
     headers: Schema = Field(default_factory=dict)
 
 
-class Action(_Model):
+class Action(NamedResource):
     """One endpoint of an app."""
 
-    tag: Tag
-    name: str | None = None
-    description: str = ""
     method: HttpMethod
     path: str = Field(min_length=1, max_length=2048, description="Starts with `/`; `:name` marks a path parameter.")
     headers: dict[str, str] = Field(default_factory=dict, description="Header templates.")
@@ -181,12 +179,9 @@ class Action(_Model):
         return PATH_PARAMETER.findall(self.path)
 
 
-class App(_Model):
+class App(NamedResource):
     """A third-party API and its actions."""
 
-    tag: Tag
-    name: str | None = None
-    description: str = ""
     envs: dict[str, AppEnv] = Field(description="Per product environment slug: base URL and request type.")
     constants: dict[str, JsonValue] = Field(default_factory=dict)
     variables: dict[str, dict[str, JsonValue]] = Field(
@@ -272,12 +267,9 @@ class Topic(_Model):
     name: str = Field(min_length=1, max_length=255, pattern=TOPIC_NAME_PATTERN)
 
 
-class Broker(_Model):
+class Broker(NamedResource):
     """A message broker and its topics."""
 
-    tag: Tag
-    name: str | None = None
-    description: str = ""
     envs: dict[str, BrokerEnv] = Field(description="Per product environment slug: broker type and connection.")
     topics: list[Topic] = Field(default_factory=list)
 
