@@ -164,3 +164,39 @@ async def test_manifest_problems_are_refused_at_apply_time(
     assert caught.value.reason == "INVALID_MANIFEST"
     problems = [(v.field, v.description) for v in caught.value.field_violations]
     assert any(field.startswith(path) and why in description for field, description in problems), problems
+
+
+async def test_an_attachment_can_be_a_file_of_the_products_storage(start_server: ServerFactory) -> None:
+    server = await start_server()
+    document = json.loads(manifest())
+    document["storage"] = [{"tag": "files", "envs": {"dev": {"provider": "fs"}}}]
+    await server.client.product.apply(json.dumps(document).encode())
+    await server.client.storage.save(
+        product=PRODUCT, env="dev", event="files", file_name="docs/terms.pdf", data=b"%PDF-1.4 terms"
+    )
+    storage_file = {"storage": "files", "file_name": "docs/terms.pdf"}
+    sent = await server.client.notification.send(
+        **where(),
+        email={
+            "to": ["ada@example.com"],
+            "variables": {"name": "Ada", "count": 1},
+            "attachments": [{"storage_file": storage_file}, ("notes.txt", b"inline")],
+        },
+    )
+    page = await server.client.logs.list_executions(product=PRODUCT, resource="users:welcome")
+    record = next(e for e in page.executions if e.process_id == sent.process_id)
+    attachments = json.loads(record.detail)["email"]["sent"]["attachments"]
+    assert attachments == [
+        {"file_name": "terms.pdf", "content_type": "application/pdf", "size": 14},
+        {"file_name": "notes.txt", "content_type": "text/plain", "size": 6},
+    ]
+    with pytest.raises(NotFoundError) as caught:
+        await server.client.notification.send(
+            **where(),
+            email={
+                "to": ["ada@example.com"],
+                "variables": {"name": "Ada", "count": 1},
+                "attachments": [{"storage_file": {"storage": "files", "file_name": "missing.pdf"}}],
+            },
+        )
+    assert caught.value.reason == "FILE_NOT_FOUND"

@@ -341,3 +341,29 @@ async def test_one_channel_down_while_the_others_succeed(start_server: ServerFac
     [record] = page.executions
     assert record.error_reason == "UPSTREAM_UNREACHABLE"
     assert json.loads(record.detail)["push"]["success"] is True
+
+
+async def test_fcm_mints_a_new_token_once_when_fcm_answers_401(
+    start_server: ServerFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    account = {"client_email": "push@proj-1.iam.example", "private_key": pem.decode(), "token_uri": f"{upstream.url}/t"}
+    monkeypatch.setenv("PROCESSOR_SECRET_FCM_KEY", json.dumps(account))
+    issued = iter(["token-1", "token-2"])
+    upstream.on("POST /t", lambda _: json_answer({"access_token": next(issued), "expires_in": 3600}))
+
+    def send(request: web.Request) -> web.Response:
+        if request.headers["Authorization"] == "Bearer token-1":
+            return json_answer({"error": {"status": "UNAUTHENTICATED"}}, 401)
+        return json_answer({"name": "projects/proj-1/messages/2"})
+
+    path = "/v1/projects/proj-1/messages:send"
+    upstream.on(f"POST {path}", send)
+    settings = {"provider": "fcm", "project_id": "proj-1", "credentials": "$Secret{FCM_KEY}", "endpoint": upstream.url}
+    server = await started(start_server, push=settings)
+    sent = await server.client.notification.send(**WHERE, push={"device_tokens": ["dev-a"], "variables": VARS})
+    result = sent.results[0]
+    assert result.success and result.attempts == 1 and result.message_ids == ["projects/proj-1/messages/2"]
+    assert [s.headers["Authorization"] for s in upstream.hits(path)] == ["Bearer token-1", "Bearer token-2"]
+    assert len(upstream.hits("/t")) == 2

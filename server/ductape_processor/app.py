@@ -125,7 +125,7 @@ def build(
         max_rows=settings.database_max_rows,
         max_result_bytes=settings.database_max_result_bytes,
     )
-    notifications = NotificationRuntime(services, http)
+    notifications = NotificationRuntime(services, http, storage)
     servicers = Servicers(
         product=ProductServicer(registry),
         action=ActionServicer(actions),

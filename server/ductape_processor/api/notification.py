@@ -9,9 +9,9 @@ from ductape.processor.v1 import notification_pb2, notification_pb2_grpc
 
 from ductape_processor.api.values import pinned_version, required, session_pair, struct_to_dict
 from ductape_processor.runtime.notifications.call import (
+    AttachmentInput,
     CallbackInput,
     ChannelResult,
-    EmailAttachment,
     EmailInput,
     NotificationCall,
     PushInput,
@@ -40,8 +40,13 @@ def _email(given: notification_pb2.EmailInput) -> EmailInput:
         cc=tuple(given.cc),
         bcc=tuple(given.bcc),
         variables=_variables(given),
-        attachments=tuple(EmailAttachment(a.file_name, a.content_type, a.data) for a in given.attachments),
+        attachments=tuple(_attachment(a) for a in given.attachments),
     )
+
+
+def _attachment(given: notification_pb2.Attachment) -> AttachmentInput:
+    ref = (given.storage_file.storage, given.storage_file.file_name) if given.HasField("storage_file") else None
+    return AttachmentInput(given.file_name, given.content_type, given.data, ref)
 
 
 def _push(given: notification_pb2.PushInput) -> PushInput:

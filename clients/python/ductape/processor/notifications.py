@@ -9,7 +9,8 @@
         print(result.channel, result.success, result.message_ids, result.error_reason)
 
 A channel is sent when its input is given. Ductape's `push_notification` is accepted for `push`. An email
-attachment is `{"file_name", "content_type", "data"}` (bytes) or a (file_name, data) pair.
+attachment is `{"file_name", "content_type", "data"}` (bytes), a (file_name, data) pair, or a file of the product's
+storage: `{"storage_file": {"storage": "files", "file_name": "docs/terms.pdf"}}`.
 """
 
 from __future__ import annotations
@@ -59,8 +60,12 @@ class SendResult:
 def _attachment(given: Any) -> notification_pb2.Attachment:
     if isinstance(given, tuple):
         return notification_pb2.Attachment(file_name=given[0], data=given[1])
+    ref = given.get("storage_file")
     return notification_pb2.Attachment(
-        file_name=given["file_name"], content_type=given.get("content_type", ""), data=given["data"]
+        file_name=given.get("file_name", ""),
+        content_type=given.get("content_type", ""),
+        data=given.get("data", b""),
+        storage_file=notification_pb2.StorageFileRef(**ref) if ref is not None else None,
     )
 
 

@@ -11,6 +11,16 @@ from ductape_processor.adapters.notify.base import EmailAttachment as EmailAttac
 
 
 @dataclass(frozen=True, slots=True)
+class AttachmentInput:
+    """An attachment as the call gives it: bytes, or `storage_file` (storage tag, key) to read them from."""
+
+    file_name: str = ""
+    content_type: str = ""
+    data: bytes = b""
+    storage_file: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EmailInput:
     """Recipients, variables and attachments of the email channel."""
 
@@ -18,7 +28,8 @@ class EmailInput:
     cc: tuple[str, ...] = ()
     bcc: tuple[str, ...] = ()
     variables: Mapping[str, Any] = field(default_factory=dict)
-    attachments: tuple[EmailAttachment, ...] = ()
+    attachments: tuple[AttachmentInput | EmailAttachment, ...] = ()
+    """What the call gave (AttachmentInput); the runtime replaces them with the files read (EmailAttachment)."""
 
 
 @dataclass(frozen=True, slots=True)

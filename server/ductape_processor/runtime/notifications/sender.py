@@ -20,7 +20,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from ductape_processor.adapters.http import HttpClientPool
-from ductape_processor.adapters.notify.base import ChannelAdapter, ChannelFailure, Outgoing, OutgoingEmail, Sent
+from ductape_processor.adapters.notify.base import (
+    ChannelAdapter,
+    ChannelFailure,
+    EmailAttachment,
+    Outgoing,
+    OutgoingEmail,
+    Sent,
+)
 from ductape_processor.adapters.notify.registry import NOTIFICATION_PROVIDERS, Placement
 from ductape_processor.errors import InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
@@ -33,6 +40,7 @@ from ductape_processor.runtime.policies.retry import Backoff, RetryBudget
 from ductape_processor.runtime.registry.notifications import Notification
 from ductape_processor.runtime.registry.registry import Resolved
 from ductape_processor.runtime.services import CallServices
+from ductape_processor.runtime.storage.operations import StorageRef, StorageRuntime
 from ductape_processor.store.base import ExecutionRecord, ExecutionStatus
 
 log = logging.getLogger(__name__)
@@ -62,8 +70,9 @@ class _Run:
 class NotificationRuntime:
     """Sends notifications. One instance per processor; safe for concurrent calls."""
 
-    def __init__(self, services: CallServices, http: HttpClientPool) -> None:
+    def __init__(self, services: CallServices, http: HttpClientPool, storage: StorageRuntime) -> None:
         self._services = services
+        self._storage = storage
         self._registry = services.registry
         self._recorder = services.recorder
         self._http = http
@@ -101,6 +110,9 @@ class NotificationRuntime:
         try:
             if call.session is not None:
                 await self._services.sessions.verify(call.product, call.env, *call.session)
+            if call.email is not None and call.email.attachments:
+                email = replace(call.email, attachments=await self._attachments(call, deadline))
+                call = replace(call, email=email)
             rendered = render(call, message, self._templates, call.event)
         except ProcessorError as exc:
             self._record(run, (), exc.reason)
@@ -132,6 +144,28 @@ class NotificationRuntime:
             result = await work()
         self._record(run, result.results, "")
         return NotificationResult(result.results, run.process_id, resolved.version)
+
+    async def _attachments(self, call: NotificationCall, deadline: Deadline) -> tuple[EmailAttachment, ...]:
+        """The call's attachments with the storage files read; a storage or file that is not there fails the call
+        (NOT_FOUND `STORAGE_NOT_FOUND`, `FILE_NOT_FOUND`) before anything is sent."""
+        assert call.email is not None
+        files: list[EmailAttachment] = []
+        for index, given in enumerate(call.email.attachments):
+            if isinstance(given, EmailAttachment):
+                files.append(given)
+                continue
+            if given.storage_file is None:
+                files.append(EmailAttachment(given.file_name, given.content_type, given.data))
+                continue
+            tag, key = given.storage_file
+            if not tag or not key:
+                raise InvalidArgument.field(
+                    f"email.attachments[{index}].storage_file", "needs both storage and file_name"
+                )
+            info, data = await self._storage.read(StorageRef(call.product, call.env, tag), key, deadline)
+            name = given.file_name or key.rsplit("/", 1)[-1]
+            files.append(EmailAttachment(name, given.content_type or info.content_type, data))
+        return tuple(files)
 
     async def _channel(
         self, run: _Run, channel: str, deliveries: tuple[Outgoing, ...], retries: int | None, deadline: Deadline

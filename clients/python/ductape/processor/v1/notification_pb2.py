@@ -26,7 +26,7 @@ from ductape.processor.v1 import common_pb2 as ductape_dot_processor_dot_v1_dot_
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'ductape/processor/v1/notification.proto\x12\x14\x64uctape.processor.v1\x1a!ductape/processor/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\"C\n\nAttachment\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x94\x01\n\nEmailInput\x12\n\n\x02to\x18\x01 \x03(\t\x12\n\n\x02\x63\x63\x18\x02 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x03 \x03(\t\x12*\n\tvariables\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x35\n\x0b\x61ttachments\x18\x05 \x03(\x0b\x32 .ductape.processor.v1.Attachment\"u\n\tPushInput\x12\x15\n\rdevice_tokens\x18\x01 \x03(\t\x12*\n\tvariables\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"B\n\x08SmsInput\x12\n\n\x02to\x18\x01 \x03(\t\x12*\n\tvariables\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xb2\x03\n\rCallbackInput\x12=\n\x05query\x18\x01 \x03(\x0b\x32..ductape.processor.v1.CallbackInput.QueryEntry\x12?\n\x06params\x18\x02 \x03(\x0b\x32/.ductape.processor.v1.CallbackInput.ParamsEntry\x12%\n\x04\x62ody\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x41\n\x07headers\x18\x04 \x03(\x0b\x32\x30.ductape.processor.v1.CallbackInput.HeadersEntry\x12*\n\tvariables\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a,\n\nQueryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfd\x02\n\x0bSendRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12/\n\x05\x65mail\x18\x04 \x01(\x0b\x32 .ductape.processor.v1.EmailInput\x12-\n\x04push\x18\x05 \x01(\x0b\x32\x1f.ductape.processor.v1.PushInput\x12+\n\x03sms\x18\x06 \x01(\x0b\x32\x1e.ductape.processor.v1.SmsInput\x12\x35\n\x08\x63\x61llback\x18\x07 \x01(\x0b\x32#.ductape.processor.v1.CallbackInput\x12\x31\n\x07session\x18\x08 \x01(\x0b\x32 .ductape.processor.v1.SessionRef\x12\x14\n\x07retries\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\x05\x42\n\n\x08_retries\"\xb6\x01\n\rChannelResult\x12.\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1d.ductape.processor.v1.Channel\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x13\n\x0bmessage_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x65rror_reason\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x10\n\x08provider\x18\x07 \x01(\t\"i\n\x0cSendResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.ductape.processor.v1.ChannelResult\x12\x12\n\nprocess_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05*n\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x02\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x03\x12\x14\n\x10\x43HANNEL_CALLBACK\x10\x04\x32\x64\n\x13NotificationService\x12M\n\x04Send\x12!.ductape.processor.v1.SendRequest\x1a\".ductape.processor.v1.SendResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'ductape/processor/v1/notification.proto\x12\x14\x64uctape.processor.v1\x1a!ductape/processor/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x7f\n\nAttachment\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12:\n\x0cstorage_file\x18\x04 \x01(\x0b\x32$.ductape.processor.v1.StorageFileRef\"4\n\x0eStorageFileRef\x12\x0f\n\x07storage\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\"\x94\x01\n\nEmailInput\x12\n\n\x02to\x18\x01 \x03(\t\x12\n\n\x02\x63\x63\x18\x02 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x03 \x03(\t\x12*\n\tvariables\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x35\n\x0b\x61ttachments\x18\x05 \x03(\x0b\x32 .ductape.processor.v1.Attachment\"u\n\tPushInput\x12\x15\n\rdevice_tokens\x18\x01 \x03(\t\x12*\n\tvariables\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"B\n\x08SmsInput\x12\n\n\x02to\x18\x01 \x03(\t\x12*\n\tvariables\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xb2\x03\n\rCallbackInput\x12=\n\x05query\x18\x01 \x03(\x0b\x32..ductape.processor.v1.CallbackInput.QueryEntry\x12?\n\x06params\x18\x02 \x03(\x0b\x32/.ductape.processor.v1.CallbackInput.ParamsEntry\x12%\n\x04\x62ody\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x41\n\x07headers\x18\x04 \x03(\x0b\x32\x30.ductape.processor.v1.CallbackInput.HeadersEntry\x12*\n\tvariables\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a,\n\nQueryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfd\x02\n\x0bSendRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12/\n\x05\x65mail\x18\x04 \x01(\x0b\x32 .ductape.processor.v1.EmailInput\x12-\n\x04push\x18\x05 \x01(\x0b\x32\x1f.ductape.processor.v1.PushInput\x12+\n\x03sms\x18\x06 \x01(\x0b\x32\x1e.ductape.processor.v1.SmsInput\x12\x35\n\x08\x63\x61llback\x18\x07 \x01(\x0b\x32#.ductape.processor.v1.CallbackInput\x12\x31\n\x07session\x18\x08 \x01(\x0b\x32 .ductape.processor.v1.SessionRef\x12\x14\n\x07retries\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\x05\x42\n\n\x08_retries\"\xb6\x01\n\rChannelResult\x12.\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1d.ductape.processor.v1.Channel\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x13\n\x0bmessage_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x65rror_reason\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x10\n\x08provider\x18\x07 \x01(\t\"i\n\x0cSendResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.ductape.processor.v1.ChannelResult\x12\x12\n\nprocess_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05*n\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x02\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x03\x12\x14\n\x10\x43HANNEL_CALLBACK\x10\x04\x32\x64\n\x13NotificationService\x12M\n\x04Send\x12!.ductape.processor.v1.SendRequest\x1a\".ductape.processor.v1.SendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,30 +39,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CALLBACKINPUT_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_CALLBACKINPUT_HEADERSENTRY']._loaded_options = None
   _globals['_CALLBACKINPUT_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_CHANNEL']._serialized_start=1650
-  _globals['_CHANNEL']._serialized_end=1760
+  _globals['_CHANNEL']._serialized_start=1764
+  _globals['_CHANNEL']._serialized_end=1874
   _globals['_ATTACHMENT']._serialized_start=130
-  _globals['_ATTACHMENT']._serialized_end=197
-  _globals['_EMAILINPUT']._serialized_start=200
-  _globals['_EMAILINPUT']._serialized_end=348
-  _globals['_PUSHINPUT']._serialized_start=350
-  _globals['_PUSHINPUT']._serialized_end=467
-  _globals['_SMSINPUT']._serialized_start=469
-  _globals['_SMSINPUT']._serialized_end=535
-  _globals['_CALLBACKINPUT']._serialized_start=538
-  _globals['_CALLBACKINPUT']._serialized_end=972
-  _globals['_CALLBACKINPUT_QUERYENTRY']._serialized_start=833
-  _globals['_CALLBACKINPUT_QUERYENTRY']._serialized_end=877
-  _globals['_CALLBACKINPUT_PARAMSENTRY']._serialized_start=879
-  _globals['_CALLBACKINPUT_PARAMSENTRY']._serialized_end=924
-  _globals['_CALLBACKINPUT_HEADERSENTRY']._serialized_start=926
-  _globals['_CALLBACKINPUT_HEADERSENTRY']._serialized_end=972
-  _globals['_SENDREQUEST']._serialized_start=975
-  _globals['_SENDREQUEST']._serialized_end=1356
-  _globals['_CHANNELRESULT']._serialized_start=1359
-  _globals['_CHANNELRESULT']._serialized_end=1541
-  _globals['_SENDRESPONSE']._serialized_start=1543
-  _globals['_SENDRESPONSE']._serialized_end=1648
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=1762
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=1862
+  _globals['_ATTACHMENT']._serialized_end=257
+  _globals['_STORAGEFILEREF']._serialized_start=259
+  _globals['_STORAGEFILEREF']._serialized_end=311
+  _globals['_EMAILINPUT']._serialized_start=314
+  _globals['_EMAILINPUT']._serialized_end=462
+  _globals['_PUSHINPUT']._serialized_start=464
+  _globals['_PUSHINPUT']._serialized_end=581
+  _globals['_SMSINPUT']._serialized_start=583
+  _globals['_SMSINPUT']._serialized_end=649
+  _globals['_CALLBACKINPUT']._serialized_start=652
+  _globals['_CALLBACKINPUT']._serialized_end=1086
+  _globals['_CALLBACKINPUT_QUERYENTRY']._serialized_start=947
+  _globals['_CALLBACKINPUT_QUERYENTRY']._serialized_end=991
+  _globals['_CALLBACKINPUT_PARAMSENTRY']._serialized_start=993
+  _globals['_CALLBACKINPUT_PARAMSENTRY']._serialized_end=1038
+  _globals['_CALLBACKINPUT_HEADERSENTRY']._serialized_start=1040
+  _globals['_CALLBACKINPUT_HEADERSENTRY']._serialized_end=1086
+  _globals['_SENDREQUEST']._serialized_start=1089
+  _globals['_SENDREQUEST']._serialized_end=1470
+  _globals['_CHANNELRESULT']._serialized_start=1473
+  _globals['_CHANNELRESULT']._serialized_end=1655
+  _globals['_SENDRESPONSE']._serialized_start=1657
+  _globals['_SENDRESPONSE']._serialized_end=1762
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=1876
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=1976
 # @@protoc_insertion_point(module_scope)

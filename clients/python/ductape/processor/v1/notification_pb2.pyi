@@ -57,35 +57,73 @@ Global___Channel: _TypeAlias = Channel  # noqa: Y015
 
 @_typing.final
 class Attachment(_message.Message):
-    """A file attached to an email."""
+    """A file attached to an email: its bytes, or a file of one of the product's
+    storages.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     FILE_NAME_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    STORAGE_FILE_FIELD_NUMBER: _builtins.int
     file_name: _builtins.str
-    """The file's name as the recipient sees it."""
+    """The file's name as the recipient sees it; default the storage file's last
+    path segment.
+    """
     content_type: _builtins.str
-    """Its media type; default guessed from the name, else
-    `application/octet-stream`.
+    """Its media type; default the storage file's, else guessed from the name,
+    else `application/octet-stream`.
     """
     data: _builtins.bytes
-    """The file's bytes."""
+    """The file's bytes (when `storage_file` is not given)."""
+    @_builtins.property
+    def storage_file(self) -> Global___StorageFileRef:
+        """A file of one of the product's storages, read (in the call's environment)
+        before anything is sent; at most what StorageService.Read returns whole.
+        """
+
     def __init__(
         self,
         *,
         file_name: _builtins.str = ...,
         content_type: _builtins.str = ...,
         data: _builtins.bytes = ...,
+        storage_file: Global___StorageFileRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["storage_file", b"storage_file"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "data", b"data", "file_name", b"file_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "data", b"data", "file_name", b"file_name", "storage_file", b"storage_file"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Attachment: _TypeAlias = Attachment  # noqa: Y015
+
+@_typing.final
+class StorageFileRef(_message.Message):
+    """A file of one of the product's storages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORAGE_FIELD_NUMBER: _builtins.int
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    storage: _builtins.str
+    """The storage's tag."""
+    file_name: _builtins.str
+    """The file's key in the storage."""
+    def __init__(
+        self,
+        *,
+        storage: _builtins.str = ...,
+        file_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_name", b"file_name", "storage", b"storage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorageFileRef: _TypeAlias = StorageFileRef  # noqa: Y015
 
 @_typing.final
 class EmailInput(_message.Message):
