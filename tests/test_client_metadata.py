@@ -62,6 +62,23 @@ CALLS: dict[str, Call] = {
     "StorageService/Delete": lambda p, m: p.storage.delete(
         product="shop", env="dev", event="files", file_name="m.txt", metadata=m
     ),
+    "DatabaseService/Execute": lambda p, m: p.database.execute(
+        product="shop",
+        env="dev",
+        database="main",
+        action="find_user",
+        input={"filter": {"email": "a@b.co"}},
+        metadata=m,
+    ),
+    "DatabaseService/Batch": lambda p, m: p.database.batch(
+        product="shop", env="dev", database="main", steps=[], metadata=m
+    ),
+    "MigrationService/Run": lambda p, m: p.migration.run(product="shop", env="dev", database="main", metadata=m),
+    "MigrationService/Rollback": lambda p, m: p.migration.rollback(
+        product="shop", env="dev", database="main", metadata=m
+    ),
+    "MigrationService/Status": lambda p, m: p.migration.status(product="shop", env="dev", database="main", metadata=m),
+    "MigrationService/Plan": lambda p, m: p.migration.plan(product="shop", env="dev", database="main", metadata=m),
     "NotificationService/Send": lambda p, m: p.notification.send(
         product="shop", env="dev", event="users:welcome", sms={"to": ["+447700900123"]}, metadata=m
     ),

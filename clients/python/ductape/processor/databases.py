@@ -10,14 +10,17 @@ Rows come back as plain Python: whole numbers as ints (integers beyond 2^53 and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from ductape.processor.v1 import database_pb2, database_pb2_grpc, migration_pb2, migration_pb2_grpc
 from ductape.processor.values import SessionLike, plain, session_ref
 from google.protobuf import json_format, struct_pb2
+
+if TYPE_CHECKING:
+    from ductape.processor.client import CallMetadata, _Caller
 
 
 def _input(given: Mapping[str, Mapping[str, Any]] | None) -> database_pb2.DatabaseInput:
@@ -72,7 +75,7 @@ class Step:
 class DatabaseClient:
     """`processor.database`: run a database's actions."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: Callable[..., Any]) -> None:
+    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
         self._stub = database_pb2_grpc.DatabaseServiceStub(channel)
         self._call = call
 
@@ -92,6 +95,7 @@ class DatabaseClient:
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
+        metadata: CallMetadata | None = None,
     ) -> DatabaseResult:
         """Run one action. `input` has the parts `data` and `filter`."""
         request = database_pb2.ExecuteRequest(
@@ -108,7 +112,7 @@ class DatabaseClient:
             page_size=page_size,
             page_token=page_token,
         )
-        response = await self._call(self._stub.Execute, request, timeout)
+        response = await self._call(self._stub.Execute, request, timeout, metadata)
         return replace(_result(response, response), cached=response.cached, next_page_token=response.next_page_token)
 
     async def batch(
@@ -122,6 +126,7 @@ class DatabaseClient:
         version: int = 0,
         idempotency_key: str = "",
         timeout: float | None = None,
+        metadata: CallMetadata | None = None,
     ) -> list[DatabaseResult]:
         """Run `steps` in one transaction; one result per step (all committed), or an error (none)."""
         request = database_pb2.BatchRequest(
@@ -133,7 +138,7 @@ class DatabaseClient:
             version=version,
             idempotency_key=idempotency_key,
         )
-        response = await self._call(self._stub.Batch, request, timeout)
+        response = await self._call(self._stub.Batch, request, timeout, metadata)
         return [_result(result, response) for result in response.results]
 
 
@@ -174,7 +179,7 @@ def _runs(runs: Sequence[migration_pb2.MigrationRun]) -> list[MigrationRun]:
 class MigrationClient:
     """`processor.migration`: run, roll back, report and plan a database's migrations."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: Callable[..., Any]) -> None:
+    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
         self._stub = migration_pb2_grpc.MigrationServiceStub(channel)
         self._call = call
 
@@ -183,13 +188,21 @@ class MigrationClient:
         return migration_pb2.MigrationTarget(product=product, env=env, database=database, version=version)
 
     async def run(
-        self, *, product: str, env: str, database: str, tag: str = "", version: int = 0, timeout: float | None = None
+        self,
+        *,
+        product: str,
+        env: str,
+        database: str,
+        tag: str = "",
+        version: int = 0,
+        timeout: float | None = None,
+        metadata: CallMetadata | None = None,
     ) -> list[MigrationRun]:
         """Apply the pending migrations (up to and including `tag`); the ones applied by this call."""
         request = migration_pb2.MigrationServiceRunRequest(
             target=self._target(product, env, database, version), tag=tag
         )
-        return _runs((await self._call(self._stub.Run, request, timeout)).applied)
+        return _runs((await self._call(self._stub.Run, request, timeout, metadata)).applied)
 
     async def rollback(
         self,
@@ -201,19 +214,27 @@ class MigrationClient:
         tag: str = "",
         version: int = 0,
         timeout: float | None = None,
+        metadata: CallMetadata | None = None,
     ) -> list[MigrationRun]:
         """Revert the newest applied migrations (`steps`, default 1, or back to and including `tag`)."""
         request = migration_pb2.MigrationServiceRollbackRequest(
             target=self._target(product, env, database, version), steps=steps, tag=tag
         )
-        return _runs((await self._call(self._stub.Rollback, request, timeout)).rolled_back)
+        return _runs((await self._call(self._stub.Rollback, request, timeout, metadata)).rolled_back)
 
     async def status(
-        self, *, product: str, env: str, database: str, version: int = 0, timeout: float | None = None
+        self,
+        *,
+        product: str,
+        env: str,
+        database: str,
+        version: int = 0,
+        timeout: float | None = None,
+        metadata: CallMetadata | None = None,
     ) -> list[MigrationStatus]:
         """Every migration's state."""
         request = migration_pb2.MigrationServiceStatusRequest(target=self._target(product, env, database, version))
-        response = await self._call(self._stub.Status, request, timeout)
+        response = await self._call(self._stub.Status, request, timeout, metadata)
         return [
             MigrationStatus(
                 m.tag, _STATES.get(m.state, "unknown"), m.checksum_applied, m.checksum_now, m.applied_at, m.duration_ms
@@ -232,10 +253,11 @@ class MigrationClient:
         steps: int = 0,
         version: int = 0,
         timeout: float | None = None,
+        metadata: CallMetadata | None = None,
     ) -> list[tuple[str, list[str]]]:
         """(tag, statements) of what Run (or Rollback) would run now; nothing is applied."""
         request = migration_pb2.MigrationServicePlanRequest(
             target=self._target(product, env, database, version), tag=tag, rollback=rollback, steps=steps
         )
-        response = await self._call(self._stub.Plan, request, timeout)
+        response = await self._call(self._stub.Plan, request, timeout, metadata)
         return [(m.tag, list(m.statements)) for m in response.migrations]
