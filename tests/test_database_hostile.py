@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from ductape.processor import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from ductape.processor.databases import Step
 
 from ductape_processor.adapters.databases.base import RowBudget
 from ductape_processor.runtime.databases.sql import Dialect, SqlProblem, compile_sql
@@ -321,3 +322,47 @@ async def test_paging_a_single_row_read_says_why_it_does_not_page(start_server: 
         await db.execute("one", filter={"id": 1}, page_size=5)
     assert caught.value.field_violations[0].field == "page_size" and "single" in str(caught.value)
     await db.execute("teardown")
+
+
+# -- the bound is on the answer as it is sent ---------------------------------------------------------------------
+
+
+def _wide(rows: int) -> str:
+    """`rows` rows of 20 one-letter columns holding 'x': small in JSON, about 2.5 times as large as protobuf."""
+    columns = ", ".join(f"'x' AS {chr(97 + i)}" for i in range(20))
+    return f"WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < {rows}) SELECT {columns} FROM c"
+
+
+async def test_a_result_within_the_bound_fits_in_one_response_message(start_server: ServerFactory) -> None:
+    # 600 such rows were counted as 48,000 bytes, under a bound of 48 KiB, but take about 120 KB as a response: the
+    # call failed when the server sent it (RESOURCE_EXHAUSTED with no reason of ours).
+    db = await open_db(start_server, "sqlite", max_message_bytes=64 * 1024, database_max_result_bytes=48 * 1024)
+    try:
+        await db.apply(
+            [
+                *users_actions(db.table),
+                {"tag": "wide", "type": "read", "query": _wide(600)},
+                {"tag": "some", "type": "read", "query": _wide(100)},
+            ]
+        )
+        assert len((await db.execute("some")).rows) == 100
+        with pytest.raises(ResourceExhaustedError) as caught:
+            await db.execute("wide")
+        assert caught.value.reason == "DB_RESULT_TOO_LARGE" and caught.value.metadata["limit"] == "bytes"
+    finally:
+        await db.execute("teardown")
+
+
+async def test_a_batch_is_bounded_as_a_whole_and_rolled_back_past_the_bound(start_server: ServerFactory) -> None:
+    # Each step is under the bound; the three together were not, and the batch committed before its answer failed.
+    db = await open_db(start_server, "sqlite", max_message_bytes=64 * 1024, database_max_result_bytes=48 * 1024)
+    try:
+        await db.apply([*users_actions(db.table), {"tag": "part", "type": "read", "query": _wide(150)}])
+        assert len((await db.batch(Step("part")))[0].rows) == 150
+        add = Step("create", {"data": {"id": 1, "email": "a@x", "name": "A", "score": 1}})
+        with pytest.raises(ResourceExhaustedError) as caught:
+            await db.batch(add, Step("part", tag="one"), Step("part", tag="two"), Step("part", tag="three"))
+        assert caught.value.reason == "DB_RESULT_TOO_LARGE"
+        assert (await db.execute("count", filter={"min": 0})).count == 0  # the write was rolled back
+    finally:
+        await db.execute("teardown")

@@ -31,6 +31,7 @@ from ductape_processor.runtime.databases.statements import (
     statement,
     step_result,
 )
+from ductape_processor.runtime.databases.values import ResultBudget
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem, record_key, run_once
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
@@ -209,6 +210,7 @@ class DatabaseRunner:
         wanted, listing = paging
         args = self._bind(run, plan, adapter, checked, {})
         bound = max(self._max_rows, (wanted.limit or 0) + 1)
+        spend = ResultBudget(bound, self._max_bytes)
         built = statement(plan, adapter.dialect, args, wanted, self._max_rows, Bounds(bound, self._max_bytes))
         env = run.database.envs[run.resolved.env.slug]
         timeout_s = env.statement_timeout.total_seconds()
@@ -225,7 +227,7 @@ class DatabaseRunner:
                     raise database_error(exc, run.database.tag, plan.action.tag) from None
             except DatabaseFailure as exc:
                 raise database_error(exc, run.database.tag, plan.action.tag) from None
-        result = step_result(plan, outcome, bound, self._max_bytes)
+        result = step_result(plan, outcome, spend)
         limit = wanted.limit
         if limit is None:
             return result, ""
@@ -288,15 +290,16 @@ class DatabaseRunner:
             earlier: dict[str, Any] = {}
             current = plans[0]
             run.attempts = 1
+            spend = ResultBudget(self._max_rows, self._max_bytes)  # the batch's answer as a whole
             try:
                 async with adapter.session(_acquire_budget(run.deadline)) as session, session.transaction():
                     for plan, checked, tag in zip(plans, inputs, tags, strict=True):
                         current = plan
                         args = self._bind(run, plan, adapter, checked, {"batch": earlier})
-                        bounds = Bounds(self._max_rows, self._max_bytes)
+                        bounds = Bounds(spend.rows, spend.bytes)
                         built = statement(plan, adapter.dialect, args, Page(), self._max_rows, bounds)
                         outcome = await session.run(built, run.deadline.bound(timeout_s))
-                        result = step_result(plan, outcome, self._max_rows, self._max_bytes)
+                        result = step_result(plan, outcome, spend)
                         results.append(result)
                         earlier[tag] = result.as_json()
             except DatabaseFailure as exc:

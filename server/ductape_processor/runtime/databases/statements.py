@@ -15,7 +15,7 @@ from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.contract import check_input
 from ductape_processor.runtime.databases.plan import DatabaseActionPlan
 from ductape_processor.runtime.databases.sql import Dialect, wrap_select
-from ductape_processor.runtime.databases.values import rows_to_json
+from ductape_processor.runtime.databases.values import ResultBudget, rows_to_json
 from ductape_processor.runtime.templates import Scope
 
 INPUT_PARTS: Final = ("data", "filter")
@@ -128,12 +128,12 @@ def statement(
     return Statement(compiled.text, args, compiled.returns_rows, names, bounds)
 
 
-def step_result(plan: DatabaseActionPlan, outcome: Outcome, max_rows: int, max_bytes: int) -> StepResult:
+def step_result(plan: DatabaseActionPlan, outcome: Outcome, budget: ResultBudget) -> StepResult:
     """The caller's form of an outcome; ResultTooLarge past the bounds."""
     if plan.action.type == "count":
         number = outcome.rows[0][0] if outcome.rows else 0
         return StepResult([], count=int(number))
-    rows = rows_to_json(outcome.columns, outcome.rows, max_rows, max_bytes, plan.resource)
+    rows = rows_to_json(outcome.columns, outcome.rows, budget, plan.resource)
     affected = 0 if plan.reads_only else outcome.affected
     # Drivers keep the last id per connection: only an insert's own is meaningful.
     inserted = outcome.last_insert_id if plan.action.type == "create" else None

@@ -10,10 +10,10 @@ bounds stops early with RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, Final
@@ -57,38 +57,61 @@ def to_json(value: Any) -> Any:
     return str(value)
 
 
+@dataclass(slots=True)
+class ResultBudget:
+    """What a call may still answer: rows and bytes, spent as rows are converted. One Execute has one; a Batch shares
+    one across its steps, so its answer as a whole stays within the bounds."""
+
+    rows: int
+    bytes: int
+    max_rows: int = field(init=False)
+    max_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.max_rows = self.rows
+        self.max_bytes = self.bytes
+
+
 def _size(value: Any) -> int:
+    """About the bytes `value` takes as a `google.protobuf.Value` in the answer, its tags and lengths included (a
+    one-letter text takes about 4 bytes, a number 9, and a value of a row's map a few more): the bound is on the
+    answer as it is sent, whose largest message is PROCESSOR_MAX_MESSAGE_BYTES."""
     if isinstance(value, str):
-        return len(value) + 2
-    if isinstance(value, dict | list):
-        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
-    return 8
+        return len(value.encode()) + 4 if len(value) < 1 << 20 else 4 * len(value)
+    if isinstance(value, dict):
+        return 4 + sum(len(str(k).encode()) + 8 + _size(v) for k, v in value.items())
+    if isinstance(value, list):
+        return 4 + sum(2 + _size(v) for v in value)
+    return 9
 
 
 def rows_to_json(
-    columns: Sequence[str], rows: Sequence[Sequence[Any]], max_rows: int, max_bytes: int, what: str
+    columns: Sequence[str], rows: Sequence[Sequence[Any]], budget: ResultBudget, what: str
 ) -> list[dict[str, Any]]:
-    """Rows as objects keyed by column name; ResultTooLarge past `max_rows` rows or about `max_bytes` bytes."""
-    if len(rows) > max_rows:
+    """Rows as objects keyed by column name, spending `budget`; ResultTooLarge once it is spent."""
+    if len(rows) > budget.rows:
         raise ResultTooLarge(
-            f"{what}: the result has more than {max_rows} rows (PROCESSOR_DATABASE_MAX_ROWS); page it "
+            f"{what}: the result has more than {budget.max_rows} rows (PROCESSOR_DATABASE_MAX_ROWS); page it "
             "(page_size) or select less",
-            metadata={"limit": "rows", "maximum": str(max_rows)},
+            metadata={"limit": "rows", "maximum": str(budget.max_rows)},
         )
+    budget.rows -= len(rows)
     names = [str(name) for name in columns]
-    budget = max_bytes
+    entries = [len(name.encode()) + 8 for name in names]  # a column's map entry: tags, lengths, its name
     converted: list[dict[str, Any]] = []
     for row in rows:
         item: dict[str, Any] = {}
-        for name, raw in zip(names, row, strict=False):
+        spent = 4  # the row's own Struct
+        for name, entry, raw in zip(names, entries, row, strict=False):
             value = to_json(raw)
             item[name] = value
-            budget -= _size(value) + len(name)
-        if budget < 0:
+            spent += entry + _size(value)
+        budget.bytes -= spent
+        if budget.bytes < 0:
             raise ResultTooLarge(
-                f"{what}: the result is larger than {max_bytes} bytes (PROCESSOR_DATABASE_MAX_RESULT_BYTES); page "
-                "it (page_size) or select less",
-                metadata={"limit": "bytes", "maximum": str(max_bytes)},
+                f"{what}: the result is larger than {budget.max_bytes} bytes (PROCESSOR_DATABASE_MAX_RESULT_BYTES); "
+                "page it (page_size) or select less",
+                metadata={"limit": "bytes", "maximum": str(budget.max_bytes)},
             )
         converted.append(item)
     return converted
