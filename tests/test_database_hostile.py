@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -366,3 +367,36 @@ async def test_a_batch_is_bounded_as_a_whole_and_rolled_back_past_the_bound(star
         assert (await db.execute("count", filter={"min": 0})).count == 0  # the write was rolled back
     finally:
         await db.execute("teardown")
+
+
+# -- environments ------------------------------------------------------------------------------------------------
+
+
+async def test_each_environment_of_a_sqlite_database_has_its_own_file(start_server: ServerFactory) -> None:
+    # With no path, dev and prd shared `<database>.db`: a dev call wrote production's rows.
+    running = await start_server()
+    table = f"t_{secrets.token_hex(5)}"
+    document = {
+        "product": "shop",
+        "environments": [{"slug": "dev"}, {"slug": "prd"}],
+        "databases": [
+            {
+                "tag": "main",
+                "envs": {"dev": {"type": "sqlite"}, "prd": {"type": "sqlite"}},
+                "actions": users_actions(table),
+            }
+        ],
+    }
+    await running.client.product.apply(json.dumps(document).encode())
+    database = running.client.database
+
+    async def call(env: str, action: str, **given: Any) -> Any:
+        return await database.execute(product="shop", env=env, database="main", action=action, input=given)
+
+    await call("dev", "setup")
+    await call("dev", "create", data={"id": 1, "email": "dev@x", "name": "dev", "score": 1})
+    await call("prd", "setup")  # its own file: the table is not there yet
+    assert (await call("prd", "count", filter={"min": 0})).count == 0
+    assert (await call("dev", "count", filter={"min": 0})).count == 1
+    folder = Path(running.app.settings.data_dir) / "databases" / "shop"
+    assert sorted(p.name for p in folder.glob("*.db")) == ["main.dev.db", "main.prd.db"]

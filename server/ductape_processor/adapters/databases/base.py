@@ -64,6 +64,8 @@ class Place:
     name: str
     folder: Path
     database: str
+    env: str = ""
+    """The product environment: a file database's default name holds it, so environments never share a file."""
 
 
 class DatabaseFailure(Exception):

@@ -31,11 +31,12 @@ _KINDS: dict[str, base.ConstraintKind] = {
 }
 
 
-def database_file(folder: Path, path: str, database: str) -> Path:
-    """The file of a database: `path` (default `<database>.db`) inside `folder`, refused if it resolves outside it
-    (a symbolic link pointing elsewhere, for instance). The manifest already refuses absolute paths and `..`."""
+def database_file(folder: Path, path: str, database: str, env: str) -> Path:
+    """The file of a database in one environment: `path` (default `<database>.<env>.db`, so environments never share
+    one) inside `folder`, refused if it resolves outside it (a symbolic link pointing elsewhere, for instance). The
+    manifest already refuses absolute paths and `..`."""
     root = folder.resolve()
-    target = (root / (path or f"{database}.db")).resolve()
+    target = (root / (path or f"{database}.{env}.db")).resolve()
     if not target.is_relative_to(root) or target == root:
         raise base.QueryInvalid(f"database {database!r}: its path leads outside the product's database folder")
     return target
@@ -180,7 +181,7 @@ class SqliteDatabase(base.DatabaseAdapter):
 
     def __init__(self, settings: SqliteDatabaseEnv, place: base.Place) -> None:
         self.name = place.name
-        self._file = database_file(place.folder, settings.path, place.database)
+        self._file = database_file(place.folder, settings.path, place.database, place.env)
         self._busy_ms = int(settings.statement_timeout.total_seconds() * 1000)
         self._pool: SlotPool[aiosqlite.Connection] = SlotPool(settings.pool.max, self._open, self._close)
 

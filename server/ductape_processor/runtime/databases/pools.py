@@ -37,7 +37,7 @@ class DatabasePools:
     def adapter(self, resolved: Resolved, database: Database) -> DatabaseAdapter:
         """The (lazily opened, shared) adapter of `database` in the resolved environment."""
         ref = EnvironmentRef(resolved.product, resolved.version, resolved.env.slug, database.tag)
-        place = Place(ref.name, self._folder / resolved.product, database.tag)
+        place = Place(ref.name, self._folder / resolved.product, database.tag, ref.env)
         return self._adapters.get(
             ref, database.envs[ref.env], lambda settings: DATABASE_TYPES[settings.type].open(settings, place)
         )

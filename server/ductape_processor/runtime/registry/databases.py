@@ -84,7 +84,7 @@ class SqliteDatabaseEnv(ManifestModel):
     path: str = Field(
         "",
         max_length=255,
-        description="A relative path inside the product's database folder; default `<database tag>.db`.",
+        description="A relative path inside the product's database folder; default `<database tag>.<env>.db`.",
     )
     pool: DatabasePool = Field(default_factory=lambda: DatabasePool(min=0, max=4))
     statement_timeout: PositiveDuration = Field(timedelta(seconds=30))
