@@ -7,12 +7,19 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ductape.processor import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from ductape.processor import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ProcessorError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from ductape.processor.databases import Step
 
 from ductape_processor.adapters.databases.base import RowBudget
@@ -400,3 +407,43 @@ async def test_each_environment_of_a_sqlite_database_has_its_own_file(start_serv
     assert (await call("dev", "count", filter={"min": 0})).count == 1
     folder = Path(running.app.settings.data_dir) / "databases" / "shop"
     assert sorted(p.name for p in folder.glob("*.db")) == ["main.dev.db", "main.prd.db"]
+
+
+# -- a call abandoned while it waits ------------------------------------------------------------------------------
+
+
+async def test_a_sqlite_migration_abandoned_while_waiting_for_the_lock_leaves_no_transaction_open(
+    start_server: ServerFactory,
+) -> None:
+    # The caller gave up while SQLite's BEGIN IMMEDIATE waited for another writer; the connection went back to the
+    # pool and, once the other writer finished, that BEGIN took the write lock and kept it: every later write waited
+    # for it, and the connection's own writes were never committed.
+    running = await start_server()
+    run = f"t_{secrets.token_hex(5)}"
+    document = {
+        "product": "shop",
+        "environments": [{"slug": "dev"}],
+        "databases": [
+            {
+                "tag": "main",
+                "envs": {"dev": {"type": "sqlite", "path": f"{run}.db", "statement_timeout": "3s"}},
+                "migrations": [
+                    {"tag": "create", "up": [f"CREATE TABLE {run} (id INTEGER)"], "down": [f"DROP TABLE {run}"]}
+                ],
+            }
+        ],
+    }
+    await running.client.product.apply(json.dumps(document).encode())
+    migration = running.client.migration
+    target = {"product": "shop", "env": "dev", "database": "main"}
+    assert [m.state for m in await migration.status(**target)] == ["pending"]  # the file exists
+    other = sqlite3.connect(Path(running.app.settings.data_dir) / "databases" / "shop" / f"{run}.db")
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        with pytest.raises(ProcessorError):
+            await migration.run(**target, timeout=1.0)
+        other.execute("COMMIT")
+    finally:
+        other.close()
+    assert [m.tag for m in await migration.run(**target, timeout=20.0)] == ["create"]
+    assert [m.state for m in await migration.status(**target, timeout=20.0)] == ["applied"]

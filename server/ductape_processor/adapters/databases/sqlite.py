@@ -128,6 +128,11 @@ class _Session(base.DatabaseSession):
             with contextlib.suppress(Exception):
                 await conn.interrupt()
             raise base.StatementTimeout(f"{self._adapter.name}: the statement ran past its time") from None
+        except asyncio.CancelledError:
+            self.broken = True  # the caller gave up: the statement goes on in the thread; the connection is not reused
+            with contextlib.suppress(Exception):
+                await conn.interrupt()
+            raise
         except (sqlite3.Error, OverflowError) as exc:
             raise failure(exc, self._adapter.name) from None
         except ValueError as exc:  # aiosqlite: the connection was closed under us
@@ -136,7 +141,7 @@ class _Session(base.DatabaseSession):
         return base.Outcome(columns, [tuple(row) for row in rows], affected, last or None)
 
     @contextlib.asynccontextmanager
-    async def _begin(self, kind: str) -> AsyncIterator[None]:
+    async def _begin(self, kind: str, wait_s: float | None = None) -> AsyncIterator[None]:
         savepoint = f"ductape_{self._depth}"
         begin, commit, rollback = (
             (f"SAVEPOINT {savepoint}", f"RELEASE {savepoint}", f"ROLLBACK TO {savepoint}")
@@ -144,34 +149,53 @@ class _Session(base.DatabaseSession):
             else (f"BEGIN {kind}", "COMMIT", "ROLLBACK")
         )
         try:
-            await _command(self.conn, begin)
+            async with asyncio.timeout(wait_s):
+                await _command(self.conn, begin)
         except sqlite3.Error as exc:
             raise failure(exc, self._adapter.name) from None
+        except BaseException as exc:
+            # Timed out or cancelled while SQLite waited for another writer: the BEGIN goes on in the connection's
+            # thread and may yet take the lock, so the connection is closed (ending that transaction), never reused.
+            self.broken = True
+            if isinstance(exc, TimeoutError):
+                raise base.StatementTimeout(
+                    f"{self._adapter.name}: the database stayed locked by another writer"
+                ) from None
+            raise
         self._depth += 1
         try:
             yield
         except BaseException:
-            with contextlib.suppress(Exception):
-                await _command(self.conn, rollback)
-                if self._depth > 1:
-                    await _command(self.conn, commit)  # a savepoint rolled back to is still open: end it
+            await self._end(rollback, commit if self._depth > 1 else None)
             raise
         else:
             try:
                 await _command(self.conn, commit)
-            except sqlite3.Error as exc:
-                with contextlib.suppress(Exception):
-                    await _command(self.conn, rollback)
-                raise failure(exc, self._adapter.name) from None
+            except BaseException as exc:
+                await self._end(rollback, None)
+                if isinstance(exc, sqlite3.Error):
+                    raise failure(exc, self._adapter.name) from None
+                raise
         finally:
             self._depth -= 1
+
+    async def _end(self, rollback: str, release: str | None) -> None:
+        """Roll a failed transaction (or savepoint) back; a connection where that fails too is not reused, so no
+        transaction stays open on a pooled connection."""
+        try:
+            await _command(self.conn, rollback)
+            if release is not None:
+                await _command(self.conn, release)  # a savepoint rolled back to is still open: end it
+        except BaseException:
+            self.broken = True
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self._begin("DEFERRED")
 
     def locked(self, name: str, timeout_s: float) -> contextlib.AbstractAsyncContextManager[None]:
-        # A write transaction is SQLite's database-wide lock: BEGIN IMMEDIATE waits (busy_timeout) for other writers.
-        return self._begin("IMMEDIATE")
+        # A write transaction is SQLite's database-wide lock: BEGIN IMMEDIATE waits (busy_timeout) for other writers,
+        # and the caller no longer than `timeout_s`.
+        return self._begin("IMMEDIATE", max(timeout_s, 0.0))
 
 
 class SqliteDatabase(base.DatabaseAdapter):
