@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +136,16 @@ class RowBudget:
         self._what = what
         self._rows = 0
         self._bytes = 0
+
+    async def fetch(self, fetchmany: Callable[[int], Awaitable[Iterable[Any]]]) -> list[Any]:
+        """Every row `fetchmany(n)` (a cursor's) hands out, a chunk at a time, each chunk counted as it comes."""
+        rows: list[Any] = []
+        while True:
+            chunk = list(await fetchmany(FETCH_CHUNK))
+            self.take(chunk)
+            rows += chunk
+            if len(chunk) < FETCH_CHUNK:
+                return rows
 
     def take(self, rows: Sequence[Sequence[Any]]) -> None:
         """Count `rows`, just fetched."""

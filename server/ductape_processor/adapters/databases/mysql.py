@@ -161,15 +161,7 @@ class _Session(base.DatabaseSession):
         cursor = self._conn.cursor(SSCursor)
         affected = await cursor.execute(statement.text, args)
         description = cursor.description or ()
-        rows: list[Any] = []
-        if description:
-            budget = base.RowBudget(bounds, self._adapter.name)
-            while True:
-                chunk = list(await cursor.fetchmany(base.FETCH_CHUNK))
-                budget.take(chunk)
-                rows += chunk
-                if len(chunk) < base.FETCH_CHUNK:
-                    break
+        rows = await base.RowBudget(bounds, self._adapter.name).fetch(cursor.fetchmany) if description else []
         last = cursor.lastrowid
         await cursor.close()
         return affected, rows, description, last

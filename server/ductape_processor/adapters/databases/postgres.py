@@ -247,15 +247,8 @@ class _Session(base.DatabaseSession):
         conn = self._conn
 
         async def fetch() -> list[asyncpg.Record]:
-            budget = base.RowBudget(bounds, self._adapter.name)
             cursor = await conn.cursor(text, *args)
-            rows: list[asyncpg.Record] = []
-            while True:
-                chunk = await cursor.fetch(base.FETCH_CHUNK)
-                budget.take(chunk)
-                rows += chunk
-                if len(chunk) < base.FETCH_CHUNK:
-                    return rows
+            return await base.RowBudget(bounds, self._adapter.name).fetch(cursor.fetch)
 
         try:
             async with asyncio.timeout(timeout):

@@ -94,14 +94,7 @@ async def _fetch(cursor: aiosqlite.Cursor, statement: base.Statement, what: str)
     """The statement's rows; with bounds, fetched a chunk at a time and stopped as soon as they pass them."""
     if statement.bounds is None:
         return list(await cursor.fetchall())
-    budget = base.RowBudget(statement.bounds, what)
-    rows: list[Any] = []
-    while True:
-        chunk = list(await cursor.fetchmany(base.FETCH_CHUNK))
-        budget.take(chunk)
-        rows += chunk
-        if len(chunk) < base.FETCH_CHUNK:
-            return rows
+    return await base.RowBudget(statement.bounds, what).fetch(cursor.fetchmany)
 
 
 class _Session(base.DatabaseSession):
