@@ -94,11 +94,7 @@ class NotificationRuntime:
         resolved = await self._registry.resolve(call.product, call.env, call.version)
         notification = next((n for n in resolved.manifest.notifications if n.tag == tag), None)
         if notification is None:
-            raise NotFound(
-                f"product {resolved.product!r} has no notification {tag!r}",
-                reason=Reason.NOTIFICATION_NOT_FOUND,
-                metadata={"product": resolved.product, "notification": tag},
-            )
+            raise NotFound.in_product(resolved.product, "notification", tag, Reason.NOTIFICATION_NOT_FOUND)
         message = notification.message(message_tag)
         if message is None:
             raise NotFound(

@@ -19,7 +19,7 @@ from pydantic import Tag as Case
 from ductape_processor.runtime.notifications.addresses import mailbox
 from ductape_processor.runtime.notifications.templates import template_variables
 from ductape_processor.runtime.registry.durations import PositiveDuration
-from ductape_processor.runtime.registry.fields import ManifestModel, Tag
+from ductape_processor.runtime.registry.fields import ManifestModel, NamedResource
 from ductape_processor.runtime.registry.storage import Endpoint
 
 PUSH_SERVICES = ("fcm.googleapis.com", "push.services.mozilla.com", "notify.windows.com", "push.apple.com")
@@ -262,11 +262,9 @@ class CallbackTemplate(ManifestModel):
     body: Annotated[dict[str, JsonValue], AfterValidator(_json_template)] = Field(default_factory=dict)
 
 
-class NotificationMessage(ManifestModel):
+class NotificationMessage(NamedResource):
     """A message (`notification:message`) with a template per channel it can be sent on."""
 
-    tag: Tag
-    description: str = ""
     email: EmailTemplate | None = None
     push: PushTemplate | None = None
     sms: SmsTemplate | None = None
@@ -279,12 +277,9 @@ class NotificationMessage(ManifestModel):
         return self
 
 
-class Notification(ManifestModel):
-    """A notification: its providers per environment and its messages."""
+class Notification(NamedResource):
+    """A notification: its providers per environment and its messages; calls name `notification:message`."""
 
-    tag: Tag = Field(description="What calls name (`notification:message`).")
-    name: str | None = None
-    description: str = ""
     envs: dict[str, NotificationEnv] = Field(description="Per product environment slug: a provider per channel.")
     messages: list[NotificationMessage] = Field(min_length=1)
 
