@@ -230,7 +230,13 @@ async def test_each_rpc_is_traced_and_measured(start_server: ServerFactory) -> N
         stub = product_pb2_grpc.ProductServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.Get(product_pb2.GetRequest(product="nope"), metadata=(("traceparent", traceparent),))
-    [span] = [s for s in spans.get_finished_spans() if s.name == "ductape.processor.v1.ProductService/Get"]
+    # The server ends its span after the answer is on the wire: the client may see the error first.
+    for _ in range(250):
+        finished = [s for s in spans.get_finished_spans() if s.name == "ductape.processor.v1.ProductService/Get"]
+        if finished:
+            break
+        await asyncio.sleep(0.02)
+    [span] = finished
     assert span.kind == SpanKind.SERVER
     assert format(span.context.trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert span.parent is not None and format(span.parent.span_id, "016x") == "00f067aa0ba902b7"
@@ -239,17 +245,24 @@ async def test_each_rpc_is_traced_and_measured(start_server: ServerFactory) -> N
     assert span.attributes["rpc.service"] == "ductape.processor.v1.ProductService"
     assert span.attributes["rpc.method"] == "Get"
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
-    data = metrics.get_metrics_data()
-    assert data is not None
-    points = [
-        point
-        for resource in data.resource_metrics
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == "rpc.server.duration"
-        for point in metric.data.data_points
-    ]
-    assert any(p.attributes is not None and p.attributes["rpc.method"] == "Get" and p.count == 1 for p in points)
+
+    def measured() -> bool:
+        data = metrics.get_metrics_data()
+        points = [
+            point
+            for resource in (data.resource_metrics if data is not None else [])
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == "rpc.server.duration"
+            for point in metric.data.data_points
+        ]
+        return any(p.attributes is not None and p.attributes["rpc.method"] == "Get" and p.count == 1 for p in points)
+
+    for _ in range(250):  # recorded just after the span ends
+        if measured():
+            break
+        await asyncio.sleep(0.02)
+    assert measured()
 
 
 async def test_invalid_startup_manifest_refuses_to_start_with_its_problems(tmp_path: Path) -> None:
