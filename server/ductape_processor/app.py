@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health
 
-from ductape_processor.adapters.http import HttpClientPool
+from ductape_processor.adapters.http.client import HttpClientPool
 from ductape_processor.api.action import ActionServicer
 from ductape_processor.api.auth import ApiKeyAuthenticator
 from ductape_processor.api.broker import BrokerServicer

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from yarl import URL
 
-from ductape_processor.adapters.http import HttpClientPool
+from ductape_processor.adapters.http.client import HttpClientPool
 from ductape_processor.adapters.http.encoding import path_parameter
 from ductape_processor.adapters.notify.base import ChannelAdapter, ChannelFailure, OutgoingCallback, Sent
 from ductape_processor.adapters.notify.http import basic_auth, exchange, json_body, status_failure

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from yarl import URL
 
-from ductape_processor.adapters.http import (
+from ductape_processor.adapters.http.client import (
     HttpClientPool,
     HttpRequest,
     HttpResponse,
@@ -31,11 +31,22 @@ from ductape_processor.runtime.policies.retry import parse_retry_after
 
 ERROR_TEXT: Final = 300
 """Characters of a provider's error answer quoted in a channel's error message."""
+JSON: Final = "application/json"
+FORM: Final = "application/x-www-form-urlencoded"
 
 
 def basic_auth(user: str, password: str) -> str:
     """An HTTP Basic Authorization value."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def request_headers(content_type: str, authorization: str = "") -> dict[str, str]:
+    """The headers of a request to a provider's API: its body's type, JSON accepted in answer, and the credentials
+    when there are any."""
+    headers = {"Content-Type": content_type, "Accept": JSON}
+    if authorization:
+        headers["Authorization"] = authorization
+    return headers
 
 
 def json_body(value: Any) -> bytes:

@@ -16,9 +16,18 @@ from typing import Any, Final
 import jwt
 from yarl import URL
 
-from ductape_processor.adapters.http import HttpClientPool
+from ductape_processor.adapters.http.client import HttpClientPool
 from ductape_processor.adapters.notify.base import ChannelAdapter, ChannelFailure, OutgoingPush, Sent
-from ductape_processor.adapters.notify.http import answer_json, endpoint, exchange, json_body, status_failure
+from ductape_processor.adapters.notify.http import (
+    FORM,
+    JSON,
+    answer_json,
+    endpoint,
+    exchange,
+    json_body,
+    request_headers,
+    status_failure,
+)
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.registry.notifications import ExpoPush, FcmPush
 
@@ -29,7 +38,6 @@ TOKEN_LIFETIME_S: Final = 3600
 TOKEN_MARGIN_S: Final = 60.0
 """An access token is minted again this long before it expires."""
 EXPO: Final = "https://exp.host"
-_JSON: Final = "application/json"
 
 
 class FcmChannel(ChannelAdapter):
@@ -78,7 +86,7 @@ class FcmChannel(ChannelAdapter):
                     Reason.UPSTREAM_AUTH_FAILED, "the service account's private_key cannot sign (not an RSA PEM key)"
                 ) from None
             form = f"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion={assertion}".encode()
-            headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": _JSON}
+            headers = request_headers(FORM)
             response = await exchange(
                 self._http, f"{self._name}/token", "POST", self._token_uri, headers, form, timeout_s
             )
@@ -107,7 +115,7 @@ class FcmChannel(ChannelAdapter):
             started = time.monotonic()
             token = await self._access_token(timeout_s)
             left = timeout_s - (time.monotonic() - started)
-            headers = {"Authorization": f"Bearer {token}", "Content-Type": _JSON, "Accept": _JSON}
+            headers = request_headers(JSON, f"Bearer {token}")
             response = await exchange(self._http, self._name, "POST", self._url, headers, body, left)
             if response.status != 401:
                 break
@@ -128,9 +136,7 @@ class ExpoChannel(ChannelAdapter):
         self._http = http
         self._name = name
         self._url = endpoint(settings.endpoint, EXPO) / "--" / "api" / "v2" / "push" / "send"
-        self._headers = {"Content-Type": _JSON, "Accept": _JSON}
-        if settings.access_token:
-            self._headers["Authorization"] = f"Bearer {settings.access_token}"
+        self._headers = request_headers(JSON, f"Bearer {settings.access_token}" if settings.access_token else "")
 
     async def send(self, outgoing: Any, timeout_s: float) -> Sent:
         assert isinstance(outgoing, OutgoingPush)

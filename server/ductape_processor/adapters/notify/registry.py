@@ -8,10 +8,12 @@ installed is reported as the channel's `NOTIFICATION_PROVIDER_UNAVAILABLE`.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ductape_processor.adapters.http import HttpClientPool
+from ductape_processor.adapters.http.client import HttpClientPool
 from ductape_processor.adapters.notify.base import ChannelAdapter
 from ductape_processor.adapters.registry import AdapterType
 from ductape_processor.runtime.registry.notifications import (
@@ -48,56 +50,26 @@ def _smtp(settings: SmtpEmail, placement: Placement) -> ChannelAdapter:
     return SmtpChannel(settings, placement.name)
 
 
-def _fcm(settings: FcmPush, placement: Placement) -> ChannelAdapter:
-    from ductape_processor.adapters.notify.push import FcmChannel
+def _over_http(module: str, name: str) -> Callable[[Any, Placement], ChannelAdapter]:
+    """The factory of a provider reached over HTTP: class `name` of `adapters/notify/<module>.py`, built from the
+    settings, the actions' HTTP client and the channel's name (every such provider takes these three)."""
 
-    return FcmChannel(settings, placement.http, placement.name)
+    def factory(settings: Any, placement: Placement) -> ChannelAdapter:
+        channel = getattr(importlib.import_module(f"ductape_processor.adapters.notify.{module}"), name)
+        adapter: ChannelAdapter = channel(settings, placement.http, placement.name)
+        return adapter
 
-
-def _expo(settings: ExpoPush, placement: Placement) -> ChannelAdapter:
-    from ductape_processor.adapters.notify.push import ExpoChannel
-
-    return ExpoChannel(settings, placement.http, placement.name)
-
-
-def _webpush(settings: WebPush, placement: Placement) -> ChannelAdapter:
-    from ductape_processor.adapters.notify.webpush import WebPushChannel
-
-    return WebPushChannel(settings, placement.http, placement.name)
-
-
-def _twilio(settings: TwilioSms, placement: Placement) -> ChannelAdapter:
-    from ductape_processor.adapters.notify.sms import TwilioChannel
-
-    return TwilioChannel(settings, placement.http, placement.name)
-
-
-def _vonage(settings: VonageSms, placement: Placement) -> ChannelAdapter:
-    from ductape_processor.adapters.notify.sms import VonageChannel
-
-    return VonageChannel(settings, placement.http, placement.name)
-
-
-def _plivo(settings: PlivoSms, placement: Placement) -> ChannelAdapter:
-    from ductape_processor.adapters.notify.sms import PlivoChannel
-
-    return PlivoChannel(settings, placement.http, placement.name)
-
-
-def _callback(settings: HttpCallback, placement: Placement) -> ChannelAdapter:
-    from ductape_processor.adapters.notify.callback import CallbackChannel
-
-    return CallbackChannel(settings, placement.http, placement.name)
+    return factory
 
 
 NOTIFICATION_PROVIDERS: dict[str, AdapterType[Any, Placement, ChannelAdapter]] = {
     "log": AdapterType(LogProvider, _log),
     "smtp": AdapterType(SmtpEmail, _smtp),
-    "fcm": AdapterType(FcmPush, _fcm),
-    "expo": AdapterType(ExpoPush, _expo),
-    "webpush": AdapterType(WebPush, _webpush),
-    "twilio": AdapterType(TwilioSms, _twilio),
-    "vonage": AdapterType(VonageSms, _vonage),
-    "plivo": AdapterType(PlivoSms, _plivo),
-    "http": AdapterType(HttpCallback, _callback),
+    "fcm": AdapterType(FcmPush, _over_http("push", "FcmChannel")),
+    "expo": AdapterType(ExpoPush, _over_http("push", "ExpoChannel")),
+    "webpush": AdapterType(WebPush, _over_http("webpush", "WebPushChannel")),
+    "twilio": AdapterType(TwilioSms, _over_http("sms", "TwilioChannel")),
+    "vonage": AdapterType(VonageSms, _over_http("sms", "VonageChannel")),
+    "plivo": AdapterType(PlivoSms, _over_http("sms", "PlivoChannel")),
+    "http": AdapterType(HttpCallback, _over_http("callback", "CallbackChannel")),
 }

@@ -9,17 +9,24 @@ from __future__ import annotations
 from typing import Any, Final
 from urllib.parse import urlencode
 
-from ductape_processor.adapters.http import HttpClientPool
+from ductape_processor.adapters.http.client import HttpClientPool
 from ductape_processor.adapters.notify.base import ChannelAdapter, ChannelFailure, OutgoingSms, Sent
-from ductape_processor.adapters.notify.http import answer_json, basic_auth, endpoint, exchange, json_body
+from ductape_processor.adapters.notify.http import (
+    FORM,
+    JSON,
+    answer_json,
+    basic_auth,
+    endpoint,
+    exchange,
+    json_body,
+    request_headers,
+)
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.registry.notifications import PlivoSms, TwilioSms, VonageSms
 
 TWILIO: Final = "https://api.twilio.com"
 VONAGE: Final = "https://rest.nexmo.com"
 PLIVO: Final = "https://api.plivo.com"
-_FORM: Final = "application/x-www-form-urlencoded"
-_JSON: Final = "application/json"
 VONAGE_RETRYABLE: Final = frozenset({"1"})
 """Vonage statuses worth another attempt: 1 is Throttled."""
 
@@ -36,11 +43,7 @@ class TwilioChannel(ChannelAdapter):
         self._name = name
         base = endpoint(settings.endpoint, TWILIO)
         self._url = base / "2010-04-01" / "Accounts" / settings.account_sid / "Messages.json"
-        self._headers = {
-            "Authorization": basic_auth(settings.account_sid, settings.auth_token),
-            "Content-Type": _FORM,
-            "Accept": _JSON,
-        }
+        self._headers = request_headers(FORM, basic_auth(settings.account_sid, settings.auth_token))
 
     async def send(self, outgoing: Any, timeout_s: float) -> Sent:
         assert isinstance(outgoing, OutgoingSms)
@@ -62,7 +65,7 @@ class VonageChannel(ChannelAdapter):
         self._http = http
         self._name = name
         self._url = endpoint(settings.endpoint, VONAGE) / "sms" / "json"
-        self._headers = {"Content-Type": _JSON, "Accept": _JSON}
+        self._headers = request_headers(JSON)
 
     async def send(self, outgoing: Any, timeout_s: float) -> Sent:
         assert isinstance(outgoing, OutgoingSms)
@@ -100,11 +103,7 @@ class PlivoChannel(ChannelAdapter):
         self._http = http
         self._name = name
         self._url = endpoint(settings.endpoint, PLIVO) / "v1" / "Account" / settings.auth_id / "Message" / ""
-        self._headers = {
-            "Authorization": basic_auth(settings.auth_id, settings.auth_token),
-            "Content-Type": _JSON,
-            "Accept": _JSON,
-        }
+        self._headers = request_headers(JSON, basic_auth(settings.auth_id, settings.auth_token))
 
     async def send(self, outgoing: Any, timeout_s: float) -> Sent:
         assert isinstance(outgoing, OutgoingSms)

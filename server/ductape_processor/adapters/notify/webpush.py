@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from yarl import URL
 
-from ductape_processor.adapters.http import HttpClientPool
+from ductape_processor.adapters.http.client import HttpClientPool
 from ductape_processor.adapters.notify.base import ChannelAdapter, ChannelFailure, OutgoingPush, Sent
 from ductape_processor.adapters.notify.http import exchange, json_body, status_failure
 from ductape_processor.reasons import Reason

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ductape_processor.adapters.http import HttpResponse
+from ductape_processor.adapters.http.client import HttpResponse
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.plan import ActionPlan
 from ductape_processor.runtime.policies.deadline import Deadline

@@ -13,7 +13,12 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from ductape_processor.adapters.http import HttpClientPool, ResponseTooLarge, UpstreamTimeout, UpstreamUnreachable
+from ductape_processor.adapters.http.client import (
+    HttpClientPool,
+    ResponseTooLarge,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from ductape_processor.adapters.http.encoding import canonical_json
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason

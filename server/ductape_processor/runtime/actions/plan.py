@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from ductape_processor.adapters.http import header_field, header_name_problem, header_value_problem
+from ductape_processor.adapters.http.encoding import header_field, header_name_problem, header_value_problem
 from ductape_processor.runtime.policies import RetryRules
 from ductape_processor.runtime.registry.manifest import Action, App, CredentialAuth, Manifest, TokenAuth
 from ductape_processor.runtime.templates import SENSITIVE_KINDS, Template, TemplateError, compile_template

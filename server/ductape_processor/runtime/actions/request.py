@@ -9,8 +9,16 @@ from urllib.parse import quote, unquote
 
 from yarl import URL
 
-from ductape_processor.adapters.http import HttpRequest, header_field, header_name_problem, header_value_problem
-from ductape_processor.adapters.http.encoding import canonical_json, encode_body, path_parameter, query_pairs
+from ductape_processor.adapters.http.client import HttpRequest
+from ductape_processor.adapters.http.encoding import (
+    canonical_json,
+    encode_body,
+    header_field,
+    header_name_problem,
+    header_value_problem,
+    path_parameter,
+    query_pairs,
+)
 from ductape_processor.errors import FieldViolation, InvalidArgument
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.call import CallState

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from ductape_processor.adapters.http import HttpClientPool
+from ductape_processor.adapters.http.client import HttpClientPool
 from ductape_processor.adapters.notify.base import (
     ChannelAdapter,
     ChannelFailure,
