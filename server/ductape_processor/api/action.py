@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Literal
 
-import grpc
 from ductape.processor.v1 import action_pb2, action_pb2_grpc
 
+from ductape_processor.api.calls import Context, deadline
 from ductape_processor.api.values import (
     MAX_JSON_DEPTH,
     json_depth,
@@ -19,9 +19,7 @@ from ductape_processor.api.values import (
 )
 from ductape_processor.runtime.actions.call import ActionCall
 from ductape_processor.runtime.actions.executor import ActionExecutor
-from ductape_processor.runtime.policies import Deadline
 
-Context = grpc.aio.ServicerContext[Any, Any]
 _PARTS: tuple[Literal["query"], Literal["params"], Literal["body"], Literal["headers"]] = (
     "query",
     "params",
@@ -52,7 +50,7 @@ class ActionServicer(action_pb2_grpc.ActionServiceServicer):
             version=version,
             idempotency_key=request.idempotency_key,
         )
-        result = await self._executor.run(call, Deadline(context.time_remaining()))
+        result = await self._executor.run(call, deadline(context))
         response = action_pb2.RunResponse(
             status_code=result.status,
             content_type=result.content_type,

@@ -5,27 +5,19 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
-from google.protobuf import duration_pb2
 
+from ductape_processor.api.calls import Context, deadline, first_message, require_target
 from ductape_processor.api.status import error_trailers
-from ductape_processor.api.values import timestamp, value_to_python
+from ductape_processor.api.values import seconds, timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingMessage
 from ductape_processor.runtime.brokers.publisher import BrokerRuntime
 from ductape_processor.runtime.brokers.stream import Ack, Batch, Nack, StaleAcks, StreamEvent, StreamRequest
 from ductape_processor.runtime.brokers.subscriptions import Limits
-from ductape_processor.runtime.policies import Deadline
 from ductape_processor.telemetry.context import current_call
-
-Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def _seconds(duration: duration_pb2.Duration) -> float:
-    return duration.seconds + duration.nanos / 1e9
 
 
 def _outgoing(message: broker_pb2.OutgoingMessage, field: str) -> OutgoingMessage:
@@ -40,18 +32,12 @@ def _outgoing(message: broker_pb2.OutgoingMessage, field: str) -> OutgoingMessag
     return OutgoingMessage(data, content_type, dict(message.attributes), message.ordering_key, message.idempotency_key)
 
 
-def _where(product: str, env: str, event: str, prefix: str = "") -> None:
-    for name, value in (("product", product), ("env", env), ("event", event)):
-        if not value:
-            raise InvalidArgument.field(prefix + name, "is required")
-
-
 def _limits(init: broker_pb2.SubscribeInit) -> Limits:
     return Limits.checked(
         max_in_flight=init.max_in_flight,
         max_batch=init.max_batch,
-        max_wait_s=_seconds(init.max_wait) if init.HasField("max_wait") else None,
-        ack_deadline_s=_seconds(init.ack_deadline) if init.HasField("ack_deadline") else None,
+        max_wait_s=seconds(init.max_wait) if init.HasField("max_wait") else None,
+        ack_deadline_s=seconds(init.ack_deadline) if init.HasField("ack_deadline") else None,
         max_deliveries=init.max_deliveries,
         dead_letter_event=init.dead_letter_event,
     )
@@ -64,7 +50,7 @@ async def _requests(requests: AsyncIterator[broker_pb2.SubscribeRequest]) -> Asy
         if kind == "ack":
             yield Ack(list(request.ack.ack_ids))
         elif kind == "nack":
-            delay = _seconds(request.nack.delay) if request.nack.HasField("delay") else 0.0
+            delay = seconds(request.nack.delay) if request.nack.HasField("delay") else 0.0
             yield Nack(list(request.nack.ack_ids), delay, request.nack.dead_letter)
         elif kind == "init":
             raise InvalidArgument.field("init", "a stream takes init only once, as its first request")
@@ -108,20 +94,20 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         self._runtime = runtime
 
     async def Publish(self, request: broker_pb2.PublishRequest, context: Context) -> broker_pb2.PublishResponse:
-        _where(request.product, request.env, request.event)
+        require_target(request)
         message_id = await self._runtime.publish(
             request.product,
             request.env,
             request.event,
             _outgoing(request.message, "message"),
-            deadline=Deadline(context.time_remaining()),
+            deadline=deadline(context),
         )
         return broker_pb2.PublishResponse(message_id=message_id)
 
     async def PublishBatch(
         self, request: broker_pb2.PublishBatchRequest, context: Context
     ) -> broker_pb2.PublishBatchResponse:
-        _where(request.product, request.env, request.event)
+        require_target(request)
         entries: list[OutgoingMessage | ProcessorError] = []
         for index, message in enumerate(request.messages):
             try:
@@ -133,7 +119,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             request.env,
             request.event,
             entries,
-            Deadline(context.time_remaining()),
+            deadline(context),
         )
         results = []
         for outcome in published:
@@ -148,14 +134,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
     async def Subscribe(
         self, request_iterator: AsyncIterator[broker_pb2.SubscribeRequest], context: Context
     ) -> AsyncIterator[broker_pb2.SubscribeResponse]:
-        try:
-            first = await anext(request_iterator)
-        except StopAsyncIteration:
-            raise InvalidArgument.field("init", "the stream ended before its first request") from None
-        if first.WhichOneof("kind") != "init":
-            raise InvalidArgument.field("init", "the first request must carry init")
-        init = first.init
-        _where(init.product, init.env, init.event, "init.")
+        init = (await first_message(request_iterator, "init")).init
+        require_target(init, "init.")
         if not init.group:
             raise InvalidArgument.field("init.group", "is required: the consumer group")
         stream = await self._runtime.subscribe(

@@ -5,16 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-import grpc
 from ductape.processor.v1 import database_pb2, database_pb2_grpc
 from google.protobuf import struct_pb2
 
+from ductape_processor.api.calls import Context, deadline
 from ductape_processor.api.values import pinned_version, required, session_pair, struct_to_dict
 from ductape_processor.runtime.databases.runner import BatchStep, DatabaseCall, DatabaseRunner
 from ductape_processor.runtime.databases.statements import StepResult
-from ductape_processor.runtime.policies import Deadline
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _input(given: database_pb2.DatabaseInput) -> dict[str, Any]:
@@ -59,7 +56,7 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
         )
-        result = await self._runner.execute(call, Deadline(context.time_remaining()))
+        result = await self._runner.execute(call, deadline(context))
         step = result.steps[0]
         return database_pb2.ExecuteResponse(
             rows=_rows(step),
@@ -82,7 +79,7 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServiceServicer):
             )
             for i, step in enumerate(request.steps)
         ]
-        result = await self._runner.batch(call, steps, Deadline(context.time_remaining()))
+        result = await self._runner.batch(call, steps, deadline(context))
         return database_pb2.BatchResponse(
             results=[
                 database_pb2.StepResult(

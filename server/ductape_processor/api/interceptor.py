@@ -24,6 +24,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ductape_processor.api.auth import ApiKeyAuthenticator
+from ductape_processor.api.calls import Context
 from ductape_processor.api.status import error_trailers, internal_trailers
 from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.reasons import Reason
@@ -38,7 +39,6 @@ _propagator = TraceContextTextMapPropagator()  # stateless: it only parses and f
 
 # The interceptor wraps every method, whatever its request and response types: these stay Any.
 Behavior = Callable[..., Any]
-Context = grpc.aio.ServicerContext[Any, Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
 
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
-import grpc
 from ductape.processor.v1 import log_pb2, log_pb2_grpc
 from google.protobuf import timestamp_pb2
 
+from ductape_processor.api.calls import Context
 from ductape_processor.api.values import timestamp
 from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecord
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _execution(record: ExecutionRecord) -> log_pb2.Execution:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
 from ductape.processor.v1 import migration_pb2, migration_pb2_grpc
 
+from ductape_processor.api.calls import Context, deadline
 from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.databases.migrations import MigrationRun, MigrationRunner, MigrationTarget
-from ductape_processor.runtime.policies import Deadline
 
-Context = grpc.aio.ServicerContext[Any, Any]
 _STATES = {
     "applied": migration_pb2.MIGRATION_STATE_APPLIED,
     "pending": migration_pb2.MIGRATION_STATE_PENDING,
@@ -45,21 +41,19 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     async def Run(
         self, request: migration_pb2.MigrationServiceRunRequest, context: Context
     ) -> migration_pb2.MigrationServiceRunResponse:
-        applied = await self._runner.run(_target(request.target), request.tag, Deadline(context.time_remaining()))
+        applied = await self._runner.run(_target(request.target), request.tag, deadline(context))
         return migration_pb2.MigrationServiceRunResponse(applied=_runs(applied))
 
     async def Rollback(
         self, request: migration_pb2.MigrationServiceRollbackRequest, context: Context
     ) -> migration_pb2.MigrationServiceRollbackResponse:
-        reverted = await self._runner.rollback(
-            _target(request.target), request.steps, request.tag, Deadline(context.time_remaining())
-        )
+        reverted = await self._runner.rollback(_target(request.target), request.steps, request.tag, deadline(context))
         return migration_pb2.MigrationServiceRollbackResponse(rolled_back=_runs(reverted))
 
     async def Status(
         self, request: migration_pb2.MigrationServiceStatusRequest, context: Context
     ) -> migration_pb2.MigrationServiceStatusResponse:
-        found = await self._runner.status(_target(request.target), Deadline(context.time_remaining()))
+        found = await self._runner.status(_target(request.target), deadline(context))
         return migration_pb2.MigrationServiceStatusResponse(
             migrations=[
                 migration_pb2.MigrationStatus(
@@ -78,7 +72,7 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
         self, request: migration_pb2.MigrationServicePlanRequest, context: Context
     ) -> migration_pb2.MigrationServicePlanResponse:
         planned = await self._runner.plan(
-            _target(request.target), request.tag, request.rollback, request.steps, Deadline(context.time_remaining())
+            _target(request.target), request.tag, request.rollback, request.steps, deadline(context)
         )
         return migration_pb2.MigrationServicePlanResponse(
             migrations=[migration_pb2.PlannedMigration(tag=tag, statements=sql) for tag, sql in planned]

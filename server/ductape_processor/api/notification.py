@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 from ductape.processor.v1 import notification_pb2, notification_pb2_grpc
 
+from ductape_processor.api.calls import Context, deadline
 from ductape_processor.api.values import pinned_version, required, session_pair, struct_to_dict
 from ductape_processor.runtime.notifications.call import (
     AttachmentInput,
@@ -18,9 +18,6 @@ from ductape_processor.runtime.notifications.call import (
     SmsInput,
 )
 from ductape_processor.runtime.notifications.sender import NotificationRuntime
-from ductape_processor.runtime.policies import Deadline
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 _CHANNELS = {
     "email": notification_pb2.CHANNEL_EMAIL,
@@ -95,7 +92,7 @@ class NotificationServicer(notification_pb2_grpc.NotificationServiceServicer):
             idempotency_key=request.idempotency_key,
             version=pinned_version(request.version),
         )
-        result = await self._runtime.send(call, Deadline(context.time_remaining()))
+        result = await self._runtime.send(call, deadline(context))
         return notification_pb2.SendResponse(
             results=[_result(r) for r in result.results], process_id=result.process_id, version=result.version
         )

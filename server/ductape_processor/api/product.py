@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
 from ductape.processor.v1 import product_pb2, product_pb2_grpc
 
+from ductape_processor.api.calls import Context
 from ductape_processor.api.values import timestamp
 from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.policies.caches import BoundedCache
@@ -14,8 +12,6 @@ from ductape_processor.runtime.registry.loader import ManifestFormat
 from ductape_processor.runtime.registry.registry import Registry, VersionRecord
 
 ANSWERS_REMEMBERED = 256
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _version(record: VersionRecord, pins: dict[str, int]) -> product_pb2.ProductVersion:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 from ductape.processor.v1 import session_pb2, session_pb2_grpc
 
+from ductape_processor.api.calls import Context
 from ductape_processor.api.values import struct_to_dict, timestamp
 from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.sessions import SessionManager, TokenPair
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _tokens(pair: TokenPair) -> session_pb2.TokenPair:

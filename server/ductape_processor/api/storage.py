@@ -6,15 +6,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
 
-from ductape_processor.api.values import timestamp
+from ductape_processor.api.calls import Context, deadline, first_message, require_target
+from ductape_processor.api.values import seconds, timestamp
 from ductape_processor.errors import InvalidArgument
-from ductape_processor.runtime.policies import Deadline
 from ductape_processor.runtime.storage.operations import FileInfo, FileSpec, StorageRef, StorageRuntime, UrlMethod
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 _METHODS = {
     storage_pb2.SIGNED_URL_METHOD_UNSPECIFIED: UrlMethod.GET,
@@ -25,9 +22,7 @@ _METHOD_VALUES = {UrlMethod.GET: storage_pb2.SIGNED_URL_METHOD_GET, UrlMethod.PU
 
 
 def _ref(request: Any, prefix: str = "") -> StorageRef:
-    for name in ("product", "env", "event"):
-        if not getattr(request, name):
-            raise InvalidArgument.field(prefix + name, "is required")
+    require_target(request, prefix)
     return StorageRef(request.product, request.env, request.event)
 
 
@@ -42,10 +37,6 @@ def _info(info: FileInfo) -> storage_pb2.FileInfo:
     if info.updated is not None:
         message.update_time.CopyFrom(timestamp(info.updated))
     return message
-
-
-def _deadline(context: Context) -> Deadline:
-    return Deadline(context.time_remaining())
 
 
 async def _chunks(requests: AsyncIterator[storage_pb2.UploadRequest]) -> AsyncIterator[bytes]:
@@ -69,13 +60,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def Upload(
         self, request_iterator: AsyncIterator[storage_pb2.UploadRequest], context: Context
     ) -> storage_pb2.UploadResponse:
-        try:
-            first = await anext(request_iterator)
-        except StopAsyncIteration:
-            raise InvalidArgument.field("header", "the stream ended before its header") from None
-        if first.WhichOneof("kind") != "header":
-            raise InvalidArgument.field("header", "the first message must carry the header")
-        header = first.header
+        header = (await first_message(request_iterator, "header")).header
         spec = FileSpec(header.file_name, header.content_type, dict(header.metadata), header.sha256)
         info = await self._runtime.upload(
             _ref(header, "header."), spec, _chunks(request_iterator), declared_size=header.size
@@ -86,7 +71,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: storage_pb2.DownloadRequest, context: Context
     ) -> AsyncIterator[storage_pb2.DownloadResponse]:
         info, chunks = await self._runtime.download(
-            _ref(request), request.file_name, request.offset, request.length, request.chunk_size, _deadline(context)
+            _ref(request), request.file_name, request.offset, request.length, request.chunk_size, deadline(context)
         )
         yield storage_pb2.DownloadResponse(file=_info(info))
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
@@ -94,16 +79,16 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                 yield storage_pb2.DownloadResponse(chunk=chunk)
 
     async def Read(self, request: storage_pb2.ReadRequest, context: Context) -> storage_pb2.ReadResponse:
-        info, data = await self._runtime.read(_ref(request), request.file_name, _deadline(context))
+        info, data = await self._runtime.read(_ref(request), request.file_name, deadline(context))
         return storage_pb2.ReadResponse(data=data, file=_info(info))
 
     async def Delete(self, request: storage_pb2.DeleteRequest, context: Context) -> storage_pb2.DeleteResponse:
-        deleted = await self._runtime.delete(_ref(request), request.file_name, _deadline(context))
+        deleted = await self._runtime.delete(_ref(request), request.file_name, deadline(context))
         return storage_pb2.DeleteResponse(deleted=deleted)
 
     async def List(self, request: storage_pb2.ListRequest, context: Context) -> storage_pb2.ListResponse:
         files, token = await self._runtime.list_files(
-            _ref(request), request.prefix, request.page_size, request.page_token, _deadline(context)
+            _ref(request), request.prefix, request.page_size, request.page_token, deadline(context)
         )
         return storage_pb2.ListResponse(files=[_info(info) for info in files], next_page_token=token)
 
@@ -111,9 +96,9 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         method = _METHODS.get(request.method)
         if method is None:
             raise InvalidArgument.field("method", "must be GET or PUT")
-        expires_s = request.expires_in.seconds + request.expires_in.nanos / 1e9
+        expires_s = seconds(request.expires_in)
         url, expires = await self._runtime.signed_url(
-            _ref(request), request.file_name, method, expires_s, request.content_type, _deadline(context)
+            _ref(request), request.file_name, method, expires_s, request.content_type, deadline(context)
         )
         return storage_pb2.SignedUrlResponse(
             url=url.url, method=_METHOD_VALUES[method], expire_time=timestamp(expires), headers=dict(url.headers)

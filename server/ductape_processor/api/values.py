@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Final
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from pydantic import JsonValue
 
 from ductape_processor.errors import InvalidArgument
@@ -81,6 +81,11 @@ def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(
         seconds=int(moment.replace(microsecond=0).timestamp()), nanos=moment.microsecond * 1000
     )
+
+
+def seconds(duration: duration_pb2.Duration) -> float:
+    """A `google.protobuf.Duration` in seconds."""
+    return duration.seconds + duration.nanos / 1e9
 
 
 def required(value: str, field: str, what: str) -> str:
