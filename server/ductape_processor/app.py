@@ -111,8 +111,7 @@ def build(
     actions = ActionExecutor(services, http, TokenVault(keys.root_keys()))
     links = StorageLinks(keys.root_keys()) if settings.storage_http_address else None
     storage = StorageRuntime(
-        registry,
-        secrets,
+        services,
         storage_root=settings.data_dir / "storage",
         max_file_bytes=settings.storage_max_file_bytes,
         max_message_bytes=settings.max_message_bytes,

@@ -13,6 +13,7 @@ from typing import Any
 from ductape_processor.adapters.http.client import HttpResponse
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.plan import ActionPlan
+from ductape_processor.runtime.logs.recorder import execution_record
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.runtime.registry.registry import Resolved
@@ -113,19 +114,16 @@ class CallState:
         self, process_id: str, started: datetime, status: ExecutionStatus, reason: str, *, cached: bool
     ) -> ExecutionRecord:
         """The execution record of the call, ending now."""
-        return ExecutionRecord(
-            process_id=process_id,
-            product=self.call.product,
-            env=self.resolved.env.slug,
-            version=self.resolved.version,
-            kind="action",
-            resource=self.plan.resource,
-            status=status,
-            started_at=started,
-            ended_at=datetime.now(UTC),
+        return execution_record(
+            self.resolved,
+            "action",
+            self.plan.resource,
+            process_id,
+            started,
+            status,
             attempts=self.attempts.count,
-            upstream_status=self.attempts.upstream_status,
             error_reason=reason,
             cached=cached,
+            upstream_status=self.attempts.upstream_status,
             detail=self.attempts.detail,
         )

@@ -14,7 +14,7 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from ductape_processor.adapters.databases.base import Bounds, DatabaseAdapter, DatabaseFailure, DatabaseUnreachable
 from ductape_processor.errors import FieldViolation, InvalidArgument, NotFound, ProcessorError
@@ -32,6 +32,7 @@ from ductape_processor.runtime.databases.statements import (
     step_result,
 )
 from ductape_processor.runtime.databases.values import ResultBudget
+from ductape_processor.runtime.logs.recorder import execution_record
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem, record_key, run_once
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
@@ -40,7 +41,7 @@ from ductape_processor.runtime.registry.databases import Database
 from ductape_processor.runtime.registry.registry import Resolved
 from ductape_processor.runtime.services import CallServices
 from ductape_processor.runtime.templates import RenderError, Scope
-from ductape_processor.store.base import ExecutionRecord, ExecutionStatus
+from ductape_processor.store.base import ExecutionStatus
 
 DEFAULT_RETRIES: Final = 2
 """Retries of a statement whose connection could not be opened or broke (when retrying it is safe)."""
@@ -50,7 +51,6 @@ ANSWER_MARGIN_S: Final = 0.05
 one up to the deadline itself would leave the caller only gRPC's bare DEADLINE_EXCEEDED."""
 MAX_BATCH_STEPS: Final = 100
 """The most actions one Batch runs."""
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,18 +353,14 @@ class DatabaseRunner:
     def _record(self, run: _Run, status: ExecutionStatus, reason: str, *, cached: bool) -> None:
         env = run.database.envs.get(run.resolved.env.slug)
         self._services.recorder.record(
-            ExecutionRecord(
-                process_id=run.process_id,
-                product=run.resolved.product,
-                env=run.resolved.env.slug,
-                version=run.resolved.version,
-                kind="database",
-                resource=run.resource,
-                status=status,
-                started_at=run.started,
-                ended_at=datetime.now(UTC),
+            execution_record(
+                run.resolved,
+                "database",
+                run.resource,
+                run.process_id,
+                run.started,
+                status,
                 attempts=run.attempts,
-                upstream_status=0,
                 error_reason=reason,
                 cached=cached,
                 detail=env.type if env is not None else "",

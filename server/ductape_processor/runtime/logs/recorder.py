@@ -14,10 +14,46 @@ import itertools
 import logging
 import os
 import time
+from datetime import UTC, datetime
 
-from ductape_processor.store.base import ExecutionRecord, Store
+from ductape_processor.runtime.registry.registry import Resolved
+from ductape_processor.store.base import ExecutionRecord, ExecutionStatus, Store
 
 log = logging.getLogger(__name__)
+
+
+def execution_record(
+    resolved: Resolved,
+    kind: str,
+    resource: str,
+    process_id: str,
+    started: datetime,
+    status: ExecutionStatus,
+    *,
+    attempts: int,
+    error_reason: str,
+    cached: bool = False,
+    upstream_status: int = 0,
+    detail: str = "",
+) -> ExecutionRecord:
+    """The execution record of one run of a resource (`kind`: action, database, notification …) of the resolved
+    product version, ending now."""
+    return ExecutionRecord(
+        process_id=process_id,
+        product=resolved.product,
+        env=resolved.env.slug,
+        version=resolved.version,
+        kind=kind,
+        resource=resource,
+        status=status,
+        started_at=started,
+        ended_at=datetime.now(UTC),
+        attempts=attempts,
+        upstream_status=upstream_status,
+        error_reason=error_reason,
+        cached=cached,
+        detail=detail,
+    )
 
 
 class ExecutionRecorder:

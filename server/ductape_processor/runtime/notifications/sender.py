@@ -31,6 +31,7 @@ from ductape_processor.adapters.notify.base import (
 from ductape_processor.adapters.notify.registry import NOTIFICATION_PROVIDERS, Placement
 from ductape_processor.errors import InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
+from ductape_processor.runtime.logs.recorder import execution_record
 from ductape_processor.runtime.notifications.call import ChannelResult, NotificationCall, NotificationResult
 from ductape_processor.runtime.notifications.render import MessageTemplates, render
 from ductape_processor.runtime.policies.deadline import Deadline
@@ -41,7 +42,7 @@ from ductape_processor.runtime.registry.notifications import Notification
 from ductape_processor.runtime.registry.registry import Resolved
 from ductape_processor.runtime.services import CallServices
 from ductape_processor.runtime.storage.operations import StorageRef, StorageRuntime
-from ductape_processor.store.base import ExecutionRecord, ExecutionStatus
+from ductape_processor.store.base import ExecutionStatus
 
 log = logging.getLogger(__name__)
 
@@ -238,20 +239,15 @@ class NotificationRuntime:
                 entry.pop("sent", None)
             detail = json.dumps(channels, separators=(",", ":"), ensure_ascii=False)
         self._recorder.record(
-            ExecutionRecord(
-                process_id=run.process_id,
-                product=run.resolved.product,
-                env=run.resolved.env.slug,
-                version=run.resolved.version,
-                kind="notification",
-                resource=run.resource,
-                status=ExecutionStatus.FAIL if reason or failed is not None else ExecutionStatus.SUCCESS,
-                started_at=run.started,
-                ended_at=datetime.now(UTC),
+            execution_record(
+                run.resolved,
+                "notification",
+                run.resource,
+                run.process_id,
+                run.started,
+                ExecutionStatus.FAIL if reason or failed is not None else ExecutionStatus.SUCCESS,
                 attempts=sum(result.attempts for result in results),
-                upstream_status=0,
                 error_reason=reason or (failed.error_reason if failed is not None else ""),
-                cached=False,
                 detail=detail if results else "",
             )
         )

@@ -32,9 +32,8 @@ from ductape_processor.reasons import Reason
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
-from ductape_processor.runtime.policies.secrets import SecretSource
-from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.runtime.registry.storage import StorageEnv
+from ductape_processor.runtime.services import CallServices
 from ductape_processor.runtime.storage.files import (
     Intake,
     checked_content_type,
@@ -98,20 +97,19 @@ class StorageRuntime:
 
     def __init__(
         self,
-        registry: Registry,
-        secrets: SecretSource,
+        services: CallServices,
         *,
         storage_root: Path,
         max_file_bytes: int,
         max_message_bytes: int,
         signer: Callable[[StorageRef], Signer] | None = None,
     ) -> None:
-        self._registry = registry
+        self._registry = services.registry
         self._root = storage_root
         self._max_file_bytes = max_file_bytes
         self._max_message_bytes = max_message_bytes
         self._signer = signer
-        self._adapters: EnvironmentAdapters[StorageAdapter] = EnvironmentAdapters("storage", secrets)
+        self._adapters: EnvironmentAdapters[StorageAdapter] = EnvironmentAdapters("storage", services.secrets)
 
     # -- resolution ---------------------------------------------------------------------------------------------
 
@@ -120,11 +118,7 @@ class StorageRuntime:
         resolved = await self._registry.resolve(ref.product, ref.env)
         storage = next((s for s in resolved.manifest.storage if s.tag == ref.tag), None)
         if storage is None:
-            raise NotFound(
-                f"product {ref.product!r} has no storage {ref.tag!r}",
-                reason=Reason.STORAGE_NOT_FOUND,
-                metadata={"product": ref.product, "storage": ref.tag},
-            )
+            raise NotFound.in_product(ref.product, "storage", ref.tag, Reason.STORAGE_NOT_FOUND)
         environment = EnvironmentRef(resolved.product, resolved.version, resolved.env.slug, storage.tag)
         adapter = self._adapters.get(
             environment, storage.envs[environment.env], lambda settings: self._build(environment, settings)
