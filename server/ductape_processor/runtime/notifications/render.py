@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from typing import Any, Final
@@ -144,6 +144,25 @@ def _count(items: tuple[str, ...], where: str, problems: _Problems, *, least: in
     return True
 
 
+def _recipients(
+    items: tuple[str, ...], where: str, problem_of: Callable[[str], str | None], problems: _Problems
+) -> bool:
+    """Whether `items` holds as many recipients as a channel takes; each one's problem is added at `where[i]`."""
+    if not _count(items, where, problems):
+        return False
+    for index, item in enumerate(items):
+        problem = problem_of(item)
+        if problem is not None:
+            problems.add(f"{where}[{index}]", problem)
+    return True
+
+
+def _device_token_problem(token: str) -> str | None:
+    if not token or len(token) > 4096 or any(ord(c) < 32 for c in token):
+        return "is not a device token (1 to 4096 printable characters)"
+    return None
+
+
 def _email(given: Any, message: NotificationMessage, templates: MessageTemplates, problems: _Problems) -> Any:
     template = message.email
     assert template is not None
@@ -183,11 +202,8 @@ def _email(given: Any, message: NotificationMessage, templates: MessageTemplates
 def _push(given: Any, message: NotificationMessage, templates: MessageTemplates, problems: _Problems) -> Any:
     template = message.push
     assert template is not None
-    if not _count(given.device_tokens, "push.device_tokens", problems):
+    if not _recipients(given.device_tokens, "push.device_tokens", _device_token_problem, problems):
         return None
-    for index, token in enumerate(given.device_tokens):
-        if not token or len(token) > 4096 or any(ord(c) < 32 for c in token):
-            problems.add(f"push.device_tokens[{index}]", "is not a device token (1 to 4096 printable characters)")
     values = given.variables
     title = _text(templates, template.title, values, "push", problems)
     body = _text(templates, template.body, values, "push", problems)
@@ -204,12 +220,8 @@ def _json_text(value: Any) -> str:
 def _sms(given: Any, message: NotificationMessage, templates: MessageTemplates, problems: _Problems) -> Any:
     template = message.sms
     assert template is not None
-    if not _count(given.to, "sms.to", problems):
+    if not _recipients(given.to, "sms.to", phone_number_problem, problems):
         return None
-    for index, number in enumerate(given.to):
-        problem = phone_number_problem(number)
-        if problem is not None:
-            problems.add(f"sms.to[{index}]", problem)
     body = _text(templates, template.body, given.variables, "sms", problems)
     return tuple(OutgoingSms(number, body) for number in given.to)
 

@@ -5,9 +5,18 @@ login actions) and malformed `$Secret{NAME}` references, each reported with its 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 from ductape_processor.runtime.registry.manifest import SECRET_NAME, SECRET_REFERENCE, CredentialAuth, Manifest
+
+_PER_ENVIRONMENT: Final[Mapping[str, tuple[tuple[str, str], ...]]] = {
+    "brokers": (("topics", "tag"), ("topics", "name")),
+    "storage": (),
+    "databases": (("actions", "tag"), ("migrations", "tag")),
+    "notifications": (("messages", "tag"),),
+}
+"""The resource kinds configured per environment (each resource's `envs` names every environment, and no other):
+kind -> the lists in one resource whose attribute must be unique there, as (list, attribute)."""
 
 
 def _duplicates(items: list[Any], attr: str, where: str) -> Iterator[tuple[str, str]]:
@@ -70,19 +79,12 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
                     )
             for name in declared - set(in_path):
                 problems.append((f"{where}.actions[{i}].input.params.{name}", f"the path has no parameter :{name}"))
-    for b, broker in enumerate(manifest.brokers):
-        problems += _env_keys(broker.envs, slugs, f"brokers[{b}].envs", complete=True)
-        problems += _duplicates(broker.topics, "tag", f"brokers[{b}].topics")
-        problems += _duplicates(broker.topics, "name", f"brokers[{b}].topics")
-    for s, storage in enumerate(manifest.storage):
-        problems += _env_keys(storage.envs, slugs, f"storage[{s}].envs", complete=True)
-    for d, database in enumerate(manifest.databases):
-        problems += _env_keys(database.envs, slugs, f"databases[{d}].envs", complete=True)
-        problems += _duplicates(database.actions, "tag", f"databases[{d}].actions")
-        problems += _duplicates(database.migrations, "tag", f"databases[{d}].migrations")
-    for n, notification in enumerate(manifest.notifications):
-        problems += _env_keys(notification.envs, slugs, f"notifications[{n}].envs", complete=True)
-        problems += _duplicates(notification.messages, "tag", f"notifications[{n}].messages")
+    for kind, unique in _PER_ENVIRONMENT.items():
+        for index, resource in enumerate(getattr(manifest, kind)):
+            where = f"{kind}[{index}]"
+            problems += _env_keys(resource.envs, slugs, f"{where}.envs", complete=True)
+            for items, attr in unique:
+                problems += _duplicates(getattr(resource, items), attr, f"{where}.{items}")
     return problems
 
 
