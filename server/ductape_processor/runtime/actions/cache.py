@@ -7,19 +7,17 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ductape_processor.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ductape_processor.errors import FailedPrecondition, InvalidArgument, Unavailable
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.policies.secrets import SecretSource
+from ductape_processor.runtime.registry.fields import named
 from ductape_processor.runtime.registry.manifest import Cache, Manifest
 from ductape_processor.store.base import Store
 
 
 def named_cache(manifest: Manifest, tag: str) -> Cache:
     """The cache a call names by its `cache` tag; CACHE_NOT_FOUND when the product has none by that tag."""
-    cache = next((c for c in manifest.caches if c.tag == tag), None)
-    if cache is None:
-        raise NotFound.in_product(manifest.product, "cache", tag, Reason.CACHE_NOT_FOUND)
-    return cache
+    return named(manifest.product, manifest.caches, "cache", tag, Reason.CACHE_NOT_FOUND)
 
 
 class ResultCache:

@@ -29,6 +29,7 @@ from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosin
 from ductape_processor.runtime.policies import Deadline
 from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
+from ductape_processor.runtime.registry.fields import named
 from ductape_processor.runtime.registry.manifest import Broker, BrokerEnv, Topic
 from ductape_processor.runtime.registry.registry import Resolved
 from ductape_processor.runtime.services import CallServices
@@ -78,9 +79,7 @@ class BrokerRuntime:
         if not sep or not broker_tag or not topic_tag:
             raise InvalidArgument.field(field, "must be broker_tag:topic_tag")
         resolved = await self._services.registry.resolve(product, env)
-        broker = next((b for b in resolved.manifest.brokers if b.tag == broker_tag), None)
-        if broker is None:
-            raise NotFound.in_product(product, "broker", broker_tag, Reason.BROKER_NOT_FOUND)
+        broker = named(product, resolved.manifest.brokers, "broker", broker_tag, Reason.BROKER_NOT_FOUND)
         topic = next((t for t in broker.topics if t.tag == topic_tag), None)
         if topic is None:
             raise NotFound(

@@ -11,20 +11,17 @@ from pathlib import Path
 
 from ductape_processor.adapters.databases.base import DatabaseAdapter, Place
 from ductape_processor.adapters.databases.registry import DATABASE_TYPES
-from ductape_processor.errors import NotFound
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.runtime.registry.databases import Database
+from ductape_processor.runtime.registry.fields import named
 from ductape_processor.runtime.registry.registry import Resolved
 
 
 def named_database(resolved: Resolved, tag: str) -> Database:
     """The database a call names by its tag; DATABASE_NOT_FOUND when the product has none by that tag."""
-    found = next((d for d in resolved.manifest.databases if d.tag == tag), None)
-    if found is None:
-        raise NotFound.in_product(resolved.product, "database", tag, Reason.DATABASE_NOT_FOUND)
-    return found
+    return named(resolved.product, resolved.manifest.databases, "database", tag, Reason.DATABASE_NOT_FOUND)
 
 
 class DatabasePools:

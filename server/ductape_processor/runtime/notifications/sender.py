@@ -38,6 +38,7 @@ from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem, record_key, run_once
 from ductape_processor.runtime.policies.retry import Backoff, RetryBudget
+from ductape_processor.runtime.registry.fields import named
 from ductape_processor.runtime.registry.notifications import Notification
 from ductape_processor.runtime.registry.registry import Resolved
 from ductape_processor.runtime.services import CallServices
@@ -93,9 +94,9 @@ class NotificationRuntime:
         if problem is not None:
             raise InvalidArgument.field("idempotency_key", problem)
         resolved = await self._registry.resolve(call.product, call.env, call.version)
-        notification = next((n for n in resolved.manifest.notifications if n.tag == tag), None)
-        if notification is None:
-            raise NotFound.in_product(resolved.product, "notification", tag, Reason.NOTIFICATION_NOT_FOUND)
+        notification = named(
+            resolved.product, resolved.manifest.notifications, "notification", tag, Reason.NOTIFICATION_NOT_FOUND
+        )
         message = notification.message(message_tag)
         if message is None:
             raise NotFound(

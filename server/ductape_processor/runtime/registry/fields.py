@@ -6,9 +6,13 @@ They live apart from `manifest.py` so that a resource kind's models in a sibling
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Iterable
+from typing import Annotated, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+
+from ductape_processor.errors import NotFound
+from ductape_processor.reasons import Reason
 
 TAG_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 Tag = Annotated[
@@ -33,6 +37,23 @@ class NamedResource(ManifestModel):
     tag: Tag
     name: str | None = None
     description: str = ""
+
+
+class _Tagged(Protocol):
+    @property
+    def tag(self) -> str: ...
+
+
+TaggedT = TypeVar("TaggedT", bound=_Tagged)
+
+
+def named(product: str, resources: Iterable[TaggedT], kind: str, tag: str, reason: Reason) -> TaggedT:
+    """The resource of `kind` (broker, cache, database …) a call names by its tag; NotFound with `reason`, naming
+    the product and the tag, when the product has none by that tag."""
+    found = next((resource for resource in resources if resource.tag == tag), None)
+    if found is None:
+        raise NotFound.in_product(product, kind, tag, reason)
+    return found
 
 
 FieldType = Literal["string", "number", "integer", "boolean", "email", "uuid", "date", "array", "object"]

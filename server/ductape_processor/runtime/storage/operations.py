@@ -27,11 +27,12 @@ from ductape_processor.adapters.storage.base import (
 )
 from ductape_processor.adapters.storage.base import UrlMethod as UrlMethod
 from ductape_processor.adapters.storage.registry import STORAGE_PROVIDERS, Placement, Signer
-from ductape_processor.errors import FailedPrecondition, InvalidArgument, NotFound
+from ductape_processor.errors import FailedPrecondition, InvalidArgument
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
+from ductape_processor.runtime.registry.fields import named
 from ductape_processor.runtime.registry.storage import StorageEnv
 from ductape_processor.runtime.services import CallServices
 from ductape_processor.runtime.storage.files import (
@@ -116,9 +117,7 @@ class StorageRuntime:
     async def open(self, ref: StorageRef) -> Opened:
         """The storage a call names, with its (lazily opened, shared) adapter."""
         resolved = await self._registry.resolve(ref.product, ref.env)
-        storage = next((s for s in resolved.manifest.storage if s.tag == ref.tag), None)
-        if storage is None:
-            raise NotFound.in_product(ref.product, "storage", ref.tag, Reason.STORAGE_NOT_FOUND)
+        storage = named(ref.product, resolved.manifest.storage, "storage", ref.tag, Reason.STORAGE_NOT_FOUND)
         environment = EnvironmentRef(resolved.product, resolved.version, resolved.env.slug, storage.tag)
         adapter = self._adapters.get(
             environment, storage.envs[environment.env], lambda settings: self._build(environment, settings)
