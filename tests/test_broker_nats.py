@@ -334,3 +334,41 @@ async def test_an_unreachable_server_is_broker_unavailable(monkeypatch: pytest.M
     finally:
         await adapter.close()
         await proxy.close()
+
+
+async def test_a_pull_request_that_outlives_its_closed_subscriber_loses_nothing(nats_up: None) -> None:
+    """A closed subscriber's pull request can still be open on the server (its end arrived late under load, or the
+    server received it late). A redelivery the server picks for it must come back to the group at once: with the
+    inbox unsubscribed, nats-server 2.9 loses it until ack_wait (here 15 s) and hands a newer message out twice."""
+    run = _run()
+    adapter = NatsBroker(URL, f"t_{run}", "test/nats")
+    other = await nats.connect(URL)
+    try:
+        topic = f"orders.{run}"
+        options = SubscribeOptions(prefetch=1, ack_deadline_s=10)
+        first = await adapter.subscribe(topic, "late", options)
+        await adapter.publish(topic, _message("one"))
+        [taken] = await first.fetch(1, 5)
+        await first.nack([taken.handle])  # a redelivery is now due, attempt 2
+        await first.close()
+        inbox = first._inbox  # type: ignore[attr-defined]
+        consumer = first._consumer  # type: ignore[attr-defined]
+        # the request the server still had for the closed subscriber's inbox
+        await other.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.t_{run}.{consumer}", json.dumps({"batch": 1, "expires": 10**9}).encode(), inbox
+        )
+        await other.flush()
+        await adapter.publish(topic, _message("two"))
+        second = await adapter.subscribe(topic, "late", options)
+        got: list[tuple[str, int]] = []
+        async with asyncio.timeout(5):  # well before ack_wait
+            while len(got) < 2:
+                for message in await second.fetch(2, 0.5):
+                    got.append((message.data.decode(), message.delivery_attempt))
+                    await second.ack([message.handle])
+        assert sorted(got) == [("one", 2), ("two", 1)], "the redelivery once, counting only the client's nack"
+        assert await second.fetch(1, 1.0) == [], "no message handed out twice"
+        await second.close()
+    finally:
+        await other.close()
+        await adapter.close()

@@ -52,12 +52,13 @@ Subscriptions, redelivery and close
     an answer, as JetStream clients do (one lost with a dropped connection means a redelivery after ack_wait).
     A nack while nobody is fetching (the stream is closing, or waits for credit) first lets the open request end,
     so the redelivery goes to the group instead of back into this subscription.
-    close() stops asking, lets the open request end (at most `PULL_EXPIRES_MAX_S`), drains the inbox subscription
-    (UNSUB, then a round trip so everything the server sent has arrived), and naks what arrived but was never
-    handed out. The wait matters: nats-server 2.9 (seen on 2.9.10) loses a redelivered message until its ack_wait,
-    and hands a newer one out a second time with num_delivered 1, when it picks a redelivery for a pull request
-    whose inbox just lost its subscriber. No phantom consumer is left (dapr#10228): a pull consumer pushes
-    nothing, it only answers pull requests, and after close() this subscription has none open and sends none.
+    close() stops asking, lets the open request end (at most `PULL_EXPIRES_MAX_S`), and naks what arrived but was
+    never handed out. The inbox stays subscribed for `RETIRE_AFTER_S` more, naking at once what still reaches it:
+    nats-server 2.9 (seen on 2.9.10) loses a redelivered message until its ack_wait, and hands a newer one out a
+    second time with num_delivered 1, when it picks a redelivery for a pull request whose inbox has no subscriber,
+    and a request can outlive the end close() saw (`nats_pull.RetiredInboxes`). No phantom consumer is left
+    (dapr#10228): a pull consumer pushes nothing, it only answers pull requests, and after close() this
+    subscription sends none.
     The durable consumer itself stays: it is the group, not this subscriber.
 
 Connection
@@ -101,7 +102,7 @@ from ductape_processor.adapters.brokers.base import (
 from ductape_processor.adapters.brokers.buffer import UnseenReturns
 from ductape_processor.adapters.brokers.connection import Endpoint, LazyConnection
 from ductape_processor.adapters.brokers.nats_headers import header_bytes, outgoing_headers
-from ductape_processor.adapters.brokers.nats_pull import CLOSE_DEADLINE_S, NatsPullSubscription
+from ductape_processor.adapters.brokers.nats_pull import CLOSE_DEADLINE_S, NatsPullSubscription, RetiredInboxes
 from ductape_processor.errors import FieldViolation, InvalidArgument, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.brokers.messages import OutgoingEvent
@@ -199,6 +200,7 @@ class NatsBroker(BrokerAdapter):
         self._subjects: set[str] = set()
         self._consumers: dict[str, float] = {}  # consumer name -> ack_wait known to be set
         self._subscriptions: set[BrokerSubscription] = set()
+        self.retired = RetiredInboxes()
         self.unseen = UnseenReturns()  # returns of messages no client saw, which JetStream counts (see `buffer`)
         self._closed = False
         self._last_error = ""
@@ -472,6 +474,7 @@ class NatsBroker(BrokerAdapter):
         await asyncio.gather(
             *(subscription.close() for subscription in list(self._subscriptions)), return_exceptions=True
         )
+        self.retired.cancel()
         current = self._connection.take()
         nc = current[0] if current is not None else None
         if nc is not None and not nc.is_closed:

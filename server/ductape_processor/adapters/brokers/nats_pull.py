@@ -29,9 +29,44 @@ MIN_PULL_EXPIRES_S = 0.05
 PULL_EXPIRES_MAX_S = 0.25
 PULL_END_GRACE_S = 0.5
 CLOSE_DEADLINE_S = 3.0
+RETIRE_AFTER_S = 10.0  # a closed subscriber's inbox stays subscribed this long (see `RetiredInboxes`)
 
 _STATUS = api.Header.STATUS.value
 _DESCRIPTION = api.Header.DESCRIPTION.value
+
+
+class RetiredInboxes:
+    """The inboxes of closed subscribers, kept subscribed for RETIRE_AFTER_S and then unsubscribed.
+
+    nats-server 2.9 (seen on 2.9.10) loses a redelivered message until its ack_wait, and hands a newer one out a
+    second time with num_delivered 1 (a duplicate, later a dead letter), when it picks a redelivery for a pull
+    request whose inbox has no subscriber. close() waits for its open request to end, but the end it sees can be
+    stale: under load a request's expiry status can arrive after the local grace has passed and a newer request
+    was sent, and the server counts a request's expiry from when it received it. So the inbox keeps interest well
+    past any request it may still have on the server; what reaches it after close is given back at once.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, inbox: NatsSubscription) -> None:
+        task = asyncio.get_running_loop().create_task(self._unsubscribe_later(inbox))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _unsubscribe_later(inbox: NatsSubscription) -> None:
+        await asyncio.sleep(RETIRE_AFTER_S)
+        with contextlib.suppress(Exception):
+            await inbox.unsubscribe()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def cancel(self) -> None:
+        """The connection closes: its subscriptions go with it."""
+        for task in self._tasks:
+            task.cancel()
 
 
 class NatsPullSubscription(BufferedSubscription[Msg]):
@@ -52,6 +87,7 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
         self._next_request_at = 0.0
         self._fetching = False
         self._broken = ""
+        self._retired = False  # closed: what still reaches the inbox is given back at once
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
@@ -80,6 +116,12 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
 
     async def _on_message(self, msg: Msg) -> None:
         status = msg.headers.get(_STATUS) if msg.headers else None
+        if self._retired:
+            if not status:  # brought by a request the server still had open
+                self._note_unseen([msg])
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            return
         if status:
             if status == "100":  # idle heartbeat
                 return
@@ -195,24 +237,10 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
             raise self._adapter.unavailable(f"{what} on {self._consumer!r}", failure) from failure
 
     async def _give_back(self) -> None:
-        # No new pull request from here on; the open one ends within PULL_EXPIRES_MAX_S. Waiting for it while still
-        # subscribed (rather than unsubscribing at once, which also makes the server drop it) matters: nats-server
-        # 2.9 loses a redelivered message, and hands a newer one out twice, when it picks a redelivery for a pull
-        # request whose inbox has just lost its subscriber.
+        # No new pull request from here on; the open one ends within PULL_EXPIRES_MAX_S. Waiting for it keeps what it
+        # brings counted as this processor's; the inbox itself stays subscribed a while longer (`RetiredInboxes`).
         await self._request_ended()
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                async with asyncio.timeout(CLOSE_DEADLINE_S):
-                    if self._nc.is_connected:
-                        # UNSUB, then a round trip: everything the server sent before has reached the callback.
-                        await sub.drain()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
-                    else:
-                        await sub.unsubscribe()  # the server already forgot it with the lost connection
-            except (TimeoutError, nats.errors.Error) as exc:
-                log.debug("closing the inbox of %s: %s", self._consumer, exc)
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        self._retired = True
         self._note_unseen(self._buffer.ready)  # fetched into the processor, never handed out
         leftovers = self._buffer.drain()
         for msg in leftovers:
@@ -221,3 +249,6 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
         if leftovers and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await self._nc.flush(timeout=int(CLOSE_DEADLINE_S))
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            self._adapter.retired.add(sub)
