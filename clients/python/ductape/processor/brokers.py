@@ -19,15 +19,13 @@ import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 import grpc
+from ductape.processor.calls import CallMetadata, ResourceClient
 from ductape.processor.errors import ProcessorError, from_rpc_error
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
-
-if TYPE_CHECKING:
-    from ductape.processor.client import _Caller
 
 ACK_FLUSH_S = 0.01
 ACK_FLUSH_COUNT = 100
@@ -291,12 +289,10 @@ class Subscription:
             # else: an earlier reader was cancelled, which cancelled the call: nothing left to drain
 
 
-class BrokerClient:
+class BrokerClient(ResourceClient):
     """`processor.message_broker`: publish and subscribe."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
-        self._stub = broker_pb2_grpc.BrokerServiceStub(channel)
-        self._call = call
+    _stub: broker_pb2_grpc.BrokerServiceAsyncStub
 
     async def publish(
         self,
@@ -304,7 +300,7 @@ class BrokerClient:
         product: str,
         env: str,
         event: str,
-        metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        metadata: CallMetadata | None = None,
         **message: Unpack[MessageFields],
     ) -> str:
         """Publish one message to `broker_tag:topic_tag`; returns its id. The message is given as to `outgoing`:
@@ -322,7 +318,7 @@ class BrokerClient:
         env: str,
         event: str,
         messages: Sequence[broker_pb2.OutgoingMessage],
-        metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        metadata: CallMetadata | None = None,
     ) -> list[PublishResult]:
         """Publish many messages (build them with `outgoing(...)`); one result per message, in order."""
         request = broker_pb2.PublishBatchRequest(product=product, env=env, event=event, messages=list(messages))
@@ -347,7 +343,7 @@ class BrokerClient:
         dead_letter_event: str = "",
         auto_ack: bool = False,
         reconnect: bool = True,
-        metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        metadata: CallMetadata | None = None,
     ) -> Subscription:
         """A subscription to iterate with `async for`; same `group` = shared messages. `metadata` is added to the
         stream's gRPC metadata, on every reconnect too (a caller's `traceparent`, its own `x-request-id`)."""

@@ -12,27 +12,32 @@ error's `request_id`).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from ductape.processor.brokers import BrokerClient
+from ductape.processor.calls import Caller, CallMetadata, ResourceClient
 from ductape.processor.databases import DatabaseClient, MigrationClient
-from ductape.processor.errors import from_rpc_error
 from ductape.processor.notifications import NotificationClient
 from ductape.processor.storage import StorageClient
 from ductape.processor.v1 import (
     action_pb2,
     action_pb2_grpc,
+    broker_pb2_grpc,
+    database_pb2_grpc,
     log_pb2,
     log_pb2_grpc,
+    migration_pb2_grpc,
+    notification_pb2_grpc,
     product_pb2,
     product_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
+    storage_pb2_grpc,
 )
 from ductape.processor.values import SessionLike
 from ductape.processor.values import plain as _plain
@@ -40,10 +45,7 @@ from ductape.processor.values import session_ref as _session
 from ductape.processor.values import struct as _struct
 from google.protobuf import json_format
 
-Response = TypeVar("Response")
 ManifestSource = str | os.PathLike[str] | bytes
-CallMetadata = Mapping[str, str] | Sequence[tuple[str, str]]
-"""Metadata for one call: a mapping or (key, value) pairs; keys are case-insensitive (sent in lower case)."""
 
 _FORMATS = {
     ".json": product_pb2.MANIFEST_FORMAT_JSON,
@@ -58,35 +60,6 @@ def _manifest_bytes(manifest: ManifestSource) -> tuple[bytes, product_pb2.Manife
         return manifest, product_pb2.MANIFEST_FORMAT_UNSPECIFIED
     path = Path(manifest)
     return path.read_bytes(), _FORMATS.get(path.suffix.lower(), product_pb2.MANIFEST_FORMAT_UNSPECIFIED)
-
-
-class _Caller:
-    """Adds the API key, the caller's per-call metadata and the default timeout to each call; raises typed errors."""
-
-    def __init__(self, metadata: Sequence[tuple[str, str]], timeout: float | None) -> None:
-        self._metadata = tuple(metadata)
-        self._timeout = timeout
-
-    def metadata(self, extra: CallMetadata | None) -> tuple[tuple[str, str], ...]:
-        """The client's metadata with `extra` added; an `extra` key replaces the client's value for that key."""
-        if not extra:
-            return self._metadata
-        pairs = extra.items() if isinstance(extra, Mapping) else extra
-        added = tuple((key.lower(), value) for key, value in pairs)
-        replaced = {key for key, _ in added}
-        return tuple(item for item in self._metadata if item[0] not in replaced) + added
-
-    async def __call__(
-        self,
-        method: Callable[..., Awaitable[Response]],
-        request: Any,
-        timeout: float | None = None,
-        metadata: CallMetadata | None = None,
-    ) -> Response:
-        try:
-            return await method(request, metadata=self.metadata(metadata), timeout=timeout or self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +81,10 @@ class ActionResult:
         return 200 <= self.status_code < 300
 
 
-class ActionClient:
+class ActionClient(ResourceClient):
     """Runs actions: `await processor.action.run(product=..., env=..., app=..., event=..., input={...})`."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
-        self._stub = action_pb2_grpc.ActionServiceStub(channel)
-        self._call = call
+    _stub: action_pb2_grpc.ActionServiceAsyncStub
 
     async def run(
         self,
@@ -176,12 +147,10 @@ class Session:
     expires_at: datetime
 
 
-class SessionClient:
+class SessionClient(ResourceClient):
     """User sessions: `start`, `verify` (Ductape's `decrypt`), `refresh`, `revoke`, `list_active`."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
-        self._stub = session_pb2_grpc.SessionServiceStub(channel)
-        self._call = call
+    _stub: session_pb2_grpc.SessionServiceAsyncStub
 
     async def start(
         self, *, product: str, env: str, tag: str, data: Mapping[str, Any], metadata: CallMetadata | None = None
@@ -263,12 +232,10 @@ _STATUSES: dict[str, log_pb2.ExecutionStatus.ValueType] = {
 }
 
 
-class LogClient:
+class LogClient(ResourceClient):
     """Reads the execution log."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
-        self._stub = log_pb2_grpc.LogServiceStub(channel)
-        self._call = call
+    _stub: log_pb2_grpc.LogServiceAsyncStub
 
     async def list_executions(
         self,
@@ -298,12 +265,10 @@ class LogClient:
         )
 
 
-class ProductClient:
+class ProductClient(ResourceClient):
     """The product registry: apply, validate, read and promote manifests."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
-        self._stub = product_pb2_grpc.ProductServiceStub(channel)
-        self._call = call
+    _stub: product_pb2_grpc.ProductServiceAsyncStub
 
     async def apply(
         self, manifest: ManifestSource, *, metadata: CallMetadata | None = None
@@ -402,16 +367,16 @@ class Processor:
                 channel = grpc.aio.insecure_channel(address, options=options)
         self.channel = channel
         metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
-        call = _Caller(metadata, timeout)
-        self.product = ProductClient(channel, call)
-        self.action = ActionClient(channel, call)
-        self.session = SessionClient(channel, call)
-        self.message_broker = BrokerClient(channel, call)
-        self.logs = LogClient(channel, call)
-        self.storage = StorageClient(channel, call)
-        self.database = DatabaseClient(channel, call)
-        self.migration = MigrationClient(channel, call)
-        self.notification = NotificationClient(channel, call)
+        call = Caller(metadata, timeout)
+        self.product = ProductClient(product_pb2_grpc.ProductServiceStub(channel), call)
+        self.action = ActionClient(action_pb2_grpc.ActionServiceStub(channel), call)
+        self.session = SessionClient(session_pb2_grpc.SessionServiceStub(channel), call)
+        self.message_broker = BrokerClient(broker_pb2_grpc.BrokerServiceStub(channel), call)
+        self.logs = LogClient(log_pb2_grpc.LogServiceStub(channel), call)
+        self.storage = StorageClient(storage_pb2_grpc.StorageServiceStub(channel), call)
+        self.database = DatabaseClient(database_pb2_grpc.DatabaseServiceStub(channel), call)
+        self.migration = MigrationClient(migration_pb2_grpc.MigrationServiceStub(channel), call)
+        self.notification = NotificationClient(notification_pb2_grpc.NotificationServiceStub(channel), call)
 
     async def close(self) -> None:
         """Close the channel."""

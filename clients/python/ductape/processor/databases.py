@@ -12,15 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import grpc
+from ductape.processor.calls import CallMetadata, ResourceClient
 from ductape.processor.v1 import database_pb2, database_pb2_grpc, migration_pb2, migration_pb2_grpc
 from ductape.processor.values import SessionLike, plain, session_ref
 from google.protobuf import json_format, struct_pb2
-
-if TYPE_CHECKING:
-    from ductape.processor.client import CallMetadata, _Caller
 
 
 def _input(given: Mapping[str, Mapping[str, Any]] | None) -> database_pb2.DatabaseInput:
@@ -72,12 +69,10 @@ class Step:
     tag: str = ""
 
 
-class DatabaseClient:
+class DatabaseClient(ResourceClient):
     """`processor.database`: run a database's actions."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
-        self._stub = database_pb2_grpc.DatabaseServiceStub(channel)
-        self._call = call
+    _stub: database_pb2_grpc.DatabaseServiceAsyncStub
 
     async def execute(
         self,
@@ -176,12 +171,10 @@ def _runs(runs: Sequence[migration_pb2.MigrationRun]) -> list[MigrationRun]:
     return [MigrationRun(r.tag, r.checksum, r.duration_ms, r.statements) for r in runs]
 
 
-class MigrationClient:
+class MigrationClient(ResourceClient):
     """`processor.migration`: run, roll back, report and plan a database's migrations."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
-        self._stub = migration_pb2_grpc.MigrationServiceStub(channel)
-        self._call = call
+    _stub: migration_pb2_grpc.MigrationServiceAsyncStub
 
     @staticmethod
     def _target(product: str, env: str, database: str, version: int) -> migration_pb2.MigrationTarget:

@@ -15,11 +15,11 @@ storage: `{"storage_file": {"storage": "files", "file_name": "docs/terms.pdf"}}`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
+from ductape.processor.calls import CallMetadata, ResourceClient
 from ductape.processor.v1 import notification_pb2, notification_pb2_grpc
 from ductape.processor.values import SessionLike, session_ref, struct
 
@@ -105,12 +105,10 @@ def _callback(given: Mapping[str, Any]) -> notification_pb2.CallbackInput:
     )
 
 
-class NotificationClient:
+class NotificationClient(ResourceClient):
     """`processor.notification`: send a notification's messages."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: Callable[..., Any]) -> None:
-        self._stub = notification_pb2_grpc.NotificationServiceStub(channel)
-        self._call = call
+    _stub: notification_pb2_grpc.NotificationServiceAsyncStub
 
     async def send(
         self,
@@ -128,7 +126,7 @@ class NotificationClient:
         idempotency_key: str = "",
         version: int = 0,
         timeout: float | None = None,
-        metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        metadata: CallMetadata | None = None,
     ) -> SendResult:
         """Send the message `event` (`notification:message`) on each channel given."""
         push = push if push is not None else push_notification

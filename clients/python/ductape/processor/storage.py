@@ -24,15 +24,11 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import grpc
-from ductape.processor.errors import from_rpc_error
+from ductape.processor.calls import CallMetadata, ResourceClient
 from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
 from google.protobuf import duration_pb2
-
-if TYPE_CHECKING:
-    from ductape.processor.client import CallMetadata, _Caller
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 """The size of the chunks `upload` sends a file in."""
@@ -128,12 +124,10 @@ async def _chunks(source: Source, chunk_size: int) -> AsyncIterator[bytes]:
             yield chunk
 
 
-class StorageClient:
+class StorageClient(ResourceClient):
     """A product's storages; `event` names the storage (its tag), as in Ductape's docs."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: _Caller) -> None:
-        self._stub = storage_pb2_grpc.StorageServiceStub(channel)
-        self._call = call
+    _stub: storage_pb2_grpc.StorageServiceAsyncStub
 
     async def save(
         self,
@@ -207,10 +201,7 @@ class StorageClient:
                 if chunk:
                     yield storage_pb2.UploadRequest(chunk=chunk)
 
-        try:
-            response = await self._stub.Upload(requests(), metadata=self._call.metadata(metadata), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+        response = await self._call(self._stub.Upload, requests(), timeout, metadata, streamed=True)
         return StoredFile.from_proto(response.file)
 
     async def download(
@@ -236,15 +227,9 @@ class StorageClient:
             length=length,
             chunk_size=chunk_size,
         )
-        call = self._stub.Download(request, metadata=self._call.metadata(metadata), timeout=timeout)
-        try:
-            async for response in call:
-                if response.WhichOneof("kind") == "chunk":
-                    yield response.chunk
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        async for response in self._call.stream(self._stub.Download, request, timeout, metadata):
+            if response.WhichOneof("kind") == "chunk":
+                yield response.chunk
 
     async def download_to(self, path: str | os.PathLike[str], **request: Any) -> int:
         """Download a file (the arguments of `download`) into `path`; returns the bytes written."""
