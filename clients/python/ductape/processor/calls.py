@@ -4,16 +4,39 @@ the default deadline, and turns a failed call into a typed error; `ResourceClien
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypedDict, TypeVar
 
 import grpc
 from ductape.processor.errors import from_rpc_error
 
 Response = TypeVar("Response")
+Item = TypeVar("Item")
+
+
+class Page(Protocol):
+    """A page of a list call (AIP-158): the token of the next page, "" on the last."""
+
+    @property
+    def next_page_token(self) -> str: ...
+
+
+PageT = TypeVar("PageT", bound=Page)
 
 CallMetadata = Mapping[str, str] | Sequence[tuple[str, str]]
 """Metadata for one call: a mapping or (key, value) pairs; keys are case-insensitive (sent in lower case)."""
+
+
+class RunOptions(TypedDict, total=False):
+    """How one execution runs: the keywords `action.run` and `database.execute` share, sent as the request fields
+    of the same names. `cache` is a cache's tag (a fresh stored result is served, else this one is stored);
+    `retries` overrides the policy's retry count (0: none); `version` is the product version to run (0: the one
+    pinned for the environment); `idempotency_key` makes a repeated call return the first result."""
+
+    cache: str
+    retries: int | None
+    version: int
+    idempotency_key: str
 
 
 class Caller:
@@ -79,3 +102,17 @@ class ResourceClient:
     def __init__(self, stub: object, call: Caller) -> None:
         self._stub = stub
         self._call = call
+
+
+async def every_item(
+    fetch: Callable[[str], Awaitable[PageT]], items: Callable[[PageT], Iterable[Item]]
+) -> AsyncIterator[Item]:
+    """Every item of a paged list, in order: `fetch(page_token)` gets a page ("" the first), `items` its items."""
+    token = ""
+    while True:
+        page = await fetch(token)
+        for item in items(page):
+            yield item
+        token = page.next_page_token
+        if not token:
+            return

@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 from ductape.processor.brokers import BrokerClient
-from ductape.processor.calls import Caller, CallMetadata, ResourceClient
+from ductape.processor.calls import Caller, CallMetadata, ResourceClient, RunOptions, every_item
 from ductape.processor.databases import DatabaseClient, MigrationClient
 from ductape.processor.notifications import NotificationClient
 from ductape.processor.storage import StorageClient
@@ -95,12 +95,9 @@ class ActionClient(ResourceClient):
         event: str,
         input: Mapping[str, Mapping[str, Any]] | None = None,
         session: SessionLike | None = None,
-        cache: str = "",
-        retries: int | None = None,
-        version: int = 0,
-        idempotency_key: str = "",
         timeout: float | None = None,
         metadata: CallMetadata | None = None,
+        **options: Unpack[RunOptions],
     ) -> ActionResult:
         """Run an action. `input` has the parts `query`, `params`, `body` and `headers`."""
         parts = dict(input or {})
@@ -116,10 +113,7 @@ class ActionClient(ResourceClient):
                 headers=_struct(parts.get("headers")),
             ),
             session=_session(session),
-            cache=cache,
-            retries=retries,
-            version=version,
-            idempotency_key=idempotency_key,
+            **options,
         )
         response = await self._call(self._stub.Run, request, timeout, metadata)
         body: Any = response.raw
@@ -314,18 +308,15 @@ class ProductClient(ResourceClient):
             metadata=metadata,
         )
 
-    async def versions(
+    def versions(
         self, product: str, *, page_size: int = 0, metadata: CallMetadata | None = None
     ) -> AsyncIterator[product_pb2.ProductVersion]:
         """Every version, newest first, fetching pages as needed (each page call carries `metadata`)."""
-        token = ""
-        while True:
-            page = await self.list_versions(product, page_size=page_size, page_token=token, metadata=metadata)
-            for version in page.versions:
-                yield version
-            token = page.next_page_token
-            if not token:
-                return
+
+        async def page(token: str) -> product_pb2.ListVersionsResponse:
+            return await self.list_versions(product, page_size=page_size, page_token=token, metadata=metadata)
+
+        return every_item(page, lambda listed: listed.versions)
 
     async def promote(
         self, product: str, *, env: str, version: int, metadata: CallMetadata | None = None

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
-from ductape.processor.calls import CallMetadata, ResourceClient
+from ductape.processor.calls import CallMetadata, ResourceClient, RunOptions
 from ductape.processor.v1 import database_pb2, database_pb2_grpc, migration_pb2, migration_pb2_grpc
 from ductape.processor.values import SessionLike, plain, session_ref
 from google.protobuf import json_format, struct_pb2
@@ -83,14 +83,11 @@ class DatabaseClient(ResourceClient):
         action: str,
         input: Mapping[str, Mapping[str, Any]] | None = None,
         session: SessionLike | None = None,
-        cache: str = "",
-        retries: int | None = None,
-        version: int = 0,
-        idempotency_key: str = "",
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
         metadata: CallMetadata | None = None,
+        **options: Unpack[RunOptions],
     ) -> DatabaseResult:
         """Run one action. `input` has the parts `data` and `filter`."""
         request = database_pb2.ExecuteRequest(
@@ -100,12 +97,9 @@ class DatabaseClient(ResourceClient):
             action=action,
             input=_input(input),
             session=session_ref(session),
-            cache=cache,
-            retries=retries,
-            version=version,
-            idempotency_key=idempotency_key,
             page_size=page_size,
             page_token=page_token,
+            **options,
         )
         response = await self._call(self._stub.Execute, request, timeout, metadata)
         return replace(_result(response, response), cached=response.cached, next_page_token=response.next_page_token)
@@ -159,6 +153,15 @@ class MigrationStatus:
     duration_ms: int
 
 
+class DatabaseTarget(TypedDict):
+    """A database of a product in one environment, at the version pinned for it (or `version`, when not 0)."""
+
+    product: str
+    env: str
+    database: str
+    version: NotRequired[int]
+
+
 _STATES = {
     migration_pb2.MIGRATION_STATE_APPLIED: "applied",
     migration_pb2.MIGRATION_STATE_PENDING: "pending",
@@ -176,57 +179,38 @@ class MigrationClient(ResourceClient):
 
     _stub: migration_pb2_grpc.MigrationServiceAsyncStub
 
-    @staticmethod
-    def _target(product: str, env: str, database: str, version: int) -> migration_pb2.MigrationTarget:
-        return migration_pb2.MigrationTarget(product=product, env=env, database=database, version=version)
-
     async def run(
         self,
         *,
-        product: str,
-        env: str,
-        database: str,
         tag: str = "",
-        version: int = 0,
         timeout: float | None = None,
         metadata: CallMetadata | None = None,
+        **target: Unpack[DatabaseTarget],
     ) -> list[MigrationRun]:
         """Apply the pending migrations (up to and including `tag`); the ones applied by this call."""
-        request = migration_pb2.MigrationServiceRunRequest(
-            target=self._target(product, env, database, version), tag=tag
-        )
+        request = migration_pb2.MigrationServiceRunRequest(target=migration_pb2.MigrationTarget(**target), tag=tag)
         return _runs((await self._call(self._stub.Run, request, timeout, metadata)).applied)
 
     async def rollback(
         self,
         *,
-        product: str,
-        env: str,
-        database: str,
         steps: int = 0,
         tag: str = "",
-        version: int = 0,
         timeout: float | None = None,
         metadata: CallMetadata | None = None,
+        **target: Unpack[DatabaseTarget],
     ) -> list[MigrationRun]:
         """Revert the newest applied migrations (`steps`, default 1, or back to and including `tag`)."""
         request = migration_pb2.MigrationServiceRollbackRequest(
-            target=self._target(product, env, database, version), steps=steps, tag=tag
+            target=migration_pb2.MigrationTarget(**target), steps=steps, tag=tag
         )
         return _runs((await self._call(self._stub.Rollback, request, timeout, metadata)).rolled_back)
 
     async def status(
-        self,
-        *,
-        product: str,
-        env: str,
-        database: str,
-        version: int = 0,
-        timeout: float | None = None,
-        metadata: CallMetadata | None = None,
+        self, *, timeout: float | None = None, metadata: CallMetadata | None = None, **target: Unpack[DatabaseTarget]
     ) -> list[MigrationStatus]:
         """Every migration's state."""
-        request = migration_pb2.MigrationServiceStatusRequest(target=self._target(product, env, database, version))
+        request = migration_pb2.MigrationServiceStatusRequest(target=migration_pb2.MigrationTarget(**target))
         response = await self._call(self._stub.Status, request, timeout, metadata)
         return [
             MigrationStatus(
@@ -238,19 +222,16 @@ class MigrationClient(ResourceClient):
     async def plan(
         self,
         *,
-        product: str,
-        env: str,
-        database: str,
         tag: str = "",
         rollback: bool = False,
         steps: int = 0,
-        version: int = 0,
         timeout: float | None = None,
         metadata: CallMetadata | None = None,
+        **target: Unpack[DatabaseTarget],
     ) -> list[tuple[str, list[str]]]:
         """(tag, statements) of what Run (or Rollback) would run now; nothing is applied."""
         request = migration_pb2.MigrationServicePlanRequest(
-            target=self._target(product, env, database, version), tag=tag, rollback=rollback, steps=steps
+            target=migration_pb2.MigrationTarget(**target), tag=tag, rollback=rollback, steps=steps
         )
         response = await self._call(self._stub.Plan, request, timeout, metadata)
         return [(m.tag, list(m.statements)) for m in response.migrations]

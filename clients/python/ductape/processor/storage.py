@@ -24,9 +24,9 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
-from ductape.processor.calls import CallMetadata, ResourceClient
+from ductape.processor.calls import CallMetadata, ResourceClient, every_item
 from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
 from google.protobuf import duration_pb2
 
@@ -35,6 +35,42 @@ UPLOAD_CHUNK_BYTES = 1024 * 1024
 
 Source = bytes | str | os.PathLike[str] | Iterable[bytes] | AsyncIterable[bytes]
 """What `upload` sends: bytes, a file's path, or chunks (an iterable or async iterable of bytes)."""
+
+
+class StorageRef(TypedDict):
+    """A storage of a product in one environment; `event` is the storage's tag, as in Ductape's docs."""
+
+    product: str
+    env: str
+    event: str
+
+
+class FileRef(StorageRef):
+    """A file of a storage, by its key."""
+
+    file_name: str
+
+
+class FileRange(FileRef, total=False):
+    """A byte range of a file (0: from the start, to the end) and the size of the chunks it comes in (0: the
+    server's)."""
+
+    offset: int
+    length: int
+    chunk_size: int
+
+
+class FilePrefix(StorageRef, total=False):
+    """The files of a storage whose key starts with `prefix`, fetched `page_size` at a time (0: the server's)."""
+
+    prefix: str
+    page_size: int
+
+
+class FileQuery(FilePrefix, total=False):
+    """One page of those files ("": the first)."""
+
+    page_token: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,26 +243,12 @@ class StorageClient(ResourceClient):
     async def download(
         self,
         *,
-        product: str,
-        env: str,
-        event: str,
-        file_name: str,
-        offset: int = 0,
-        length: int = 0,
-        chunk_size: int = 0,
         timeout: float | None = None,
         metadata: CallMetadata | None = None,
+        **file: Unpack[FileRange],
     ) -> AsyncIterator[bytes]:
         """The file's bytes (from `offset`, `length` of them, 0: to the end) as they arrive."""
-        request = storage_pb2.DownloadRequest(
-            product=product,
-            env=env,
-            event=event,
-            file_name=file_name,
-            offset=offset,
-            length=length,
-            chunk_size=chunk_size,
-        )
+        request = storage_pb2.DownloadRequest(**file)
         async for response in self._call.stream(self._stub.Download, request, timeout, metadata):
             if response.WhichOneof("kind") == "chunk":
                 yield response.chunk
@@ -240,78 +262,37 @@ class StorageClient(ResourceClient):
                 written += len(chunk)
         return written
 
-    async def read(
-        self, *, product: str, env: str, event: str, file_name: str, metadata: CallMetadata | None = None
-    ) -> FileContent:
+    async def read(self, *, metadata: CallMetadata | None = None, **file: Unpack[FileRef]) -> FileContent:
         """A small file whole (Ductape's `readFile`); larger than a message: use `download`."""
-        request = storage_pb2.ReadRequest(product=product, env=env, event=event, file_name=file_name)
-        response = await self._call(self._stub.Read, request, metadata=metadata)
+        response = await self._call(self._stub.Read, storage_pb2.ReadRequest(**file), metadata=metadata)
         return FileContent(response.data, StoredFile.from_proto(response.file))
 
-    async def delete(
-        self, *, product: str, env: str, event: str, file_name: str, metadata: CallMetadata | None = None
-    ) -> bool:
+    async def delete(self, *, metadata: CallMetadata | None = None, **file: Unpack[FileRef]) -> bool:
         """Delete a file; False when there was none."""
-        request = storage_pb2.DeleteRequest(product=product, env=env, event=event, file_name=file_name)
-        return bool((await self._call(self._stub.Delete, request, metadata=metadata)).deleted)
+        response = await self._call(self._stub.Delete, storage_pb2.DeleteRequest(**file), metadata=metadata)
+        return bool(response.deleted)
 
-    async def list(
-        self,
-        *,
-        product: str,
-        env: str,
-        event: str,
-        prefix: str = "",
-        page_size: int = 0,
-        page_token: str = "",
-        metadata: CallMetadata | None = None,
-    ) -> FilePage:
+    async def list(self, *, metadata: CallMetadata | None = None, **query: Unpack[FileQuery]) -> FilePage:
         """One page of files whose key starts with `prefix`, in key order."""
-        request = storage_pb2.ListRequest(
-            product=product, env=env, event=event, prefix=prefix, page_size=page_size, page_token=page_token
-        )
-        response = await self._call(self._stub.List, request, metadata=metadata)
+        response = await self._call(self._stub.List, storage_pb2.ListRequest(**query), metadata=metadata)
         return FilePage([StoredFile.from_proto(info) for info in response.files], response.next_page_token)
 
-    async def files(
-        self,
-        *,
-        product: str,
-        env: str,
-        event: str,
-        prefix: str = "",
-        page_size: int = 0,
-        metadata: CallMetadata | None = None,
-    ) -> AsyncIterator[StoredFile]:
+    def files(self, *, metadata: CallMetadata | None = None, **query: Unpack[FilePrefix]) -> AsyncIterator[StoredFile]:
         """Every file whose key starts with `prefix` (Ductape's `files`), fetching pages as needed."""
-        token = ""
-        while True:
-            page = await self.list(
-                product=product,
-                env=env,
-                event=event,
-                prefix=prefix,
-                page_size=page_size,
-                page_token=token,
-                metadata=metadata,
-            )
-            for info in page.files:
-                yield info
-            token = page.next_page_token
-            if not token:
-                return
+
+        async def page(token: str) -> FilePage:
+            return await self.list(**query, page_token=token, metadata=metadata)
+
+        return every_item(page, lambda listed: listed.files)
 
     async def signed_url(
         self,
         *,
-        product: str,
-        env: str,
-        event: str,
-        file_name: str,
         method: str = "GET",
         expires_in: float = 0,
         content_type: str = "",
         metadata: CallMetadata | None = None,
+        **file: Unpack[FileRef],
     ) -> SignedUrl:
         """A URL that reads (`GET`) or writes (`PUT`) the file for `expires_in` seconds (0: 15 minutes)."""
         methods = {"GET": storage_pb2.SIGNED_URL_METHOD_GET, "PUT": storage_pb2.SIGNED_URL_METHOD_PUT}
@@ -319,10 +300,7 @@ class StorageClient(ResourceClient):
             raise ValueError('method must be "GET" or "PUT"')
         whole = int(expires_in)
         request = storage_pb2.SignedUrlRequest(
-            product=product,
-            env=env,
-            event=event,
-            file_name=file_name,
+            **file,
             method=methods[method.upper()],
             expires_in=duration_pb2.Duration(seconds=whole, nanos=round((expires_in - whole) * 1e9)),
             content_type=content_type,
