@@ -19,13 +19,13 @@ import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypedDict, Unpack
+from typing import Any, NotRequired, TypedDict, Unpack
 
 import grpc
 from ductape.processor.calls import CallMetadata, ResourceClient
 from ductape.processor.errors import ProcessorError, from_rpc_error
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, json_format
 
 ACK_FLUSH_S = 0.01
 ACK_FLUSH_COUNT = 100
@@ -66,21 +66,22 @@ def outgoing(
     if data is not None:
         message.data = data
     else:
-        value = struct_pb2.Value()
-        if isinstance(json, dict):
-            value.struct_value.update(json)
-        elif isinstance(json, list):
-            value.list_value.extend(json)
-        elif isinstance(json, bool):
-            value.bool_value = json
-        elif isinstance(json, (int, float)):
-            value.number_value = json
-        elif isinstance(json, str):
-            value.string_value = json
-        else:
-            value.null_value = struct_pb2.NULL_VALUE
-        message.json.CopyFrom(value)
+        json_format.ParseDict(json, message.json)
     return message
+
+
+class SubscribeFields(TypedDict):
+    """What `subscribe` sends as the stream's first message: the topic (`broker_tag:topic_tag` in `event`), the
+    consumer `group`, and limits (0 or "": the server's default)."""
+
+    product: str
+    env: str
+    event: str
+    group: str
+    max_in_flight: NotRequired[int]
+    max_batch: NotRequired[int]
+    max_deliveries: NotRequired[int]
+    dead_letter_event: NotRequired[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,32 +332,16 @@ class BrokerClient(ResourceClient):
     def subscribe(
         self,
         *,
-        product: str,
-        env: str,
-        event: str,
-        group: str,
-        max_in_flight: int = 0,
-        max_batch: int = 0,
         max_wait: float | None = None,
         ack_deadline: float | None = None,
-        max_deliveries: int = 0,
-        dead_letter_event: str = "",
         auto_ack: bool = False,
         reconnect: bool = True,
         metadata: CallMetadata | None = None,
+        **init_fields: Unpack[SubscribeFields],
     ) -> Subscription:
         """A subscription to iterate with `async for`; same `group` = shared messages. `metadata` is added to the
         stream's gRPC metadata, on every reconnect too (a caller's `traceparent`, its own `x-request-id`)."""
-        init = broker_pb2.SubscribeInit(
-            product=product,
-            env=env,
-            event=event,
-            group=group,
-            max_in_flight=max_in_flight,
-            max_batch=max_batch,
-            max_deliveries=max_deliveries,
-            dead_letter_event=dead_letter_event,
-        )
+        init = broker_pb2.SubscribeInit(**init_fields)
         if max_wait is not None:
             init.max_wait.CopyFrom(_duration(max_wait))
         if ack_deadline is not None:

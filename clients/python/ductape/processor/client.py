@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Unpack
+from typing import Any, TypedDict, Unpack
 
 import grpc
 from ductape.processor.brokers import BrokerClient
@@ -54,12 +54,18 @@ _FORMATS = {
 }
 
 
-def _manifest_bytes(manifest: ManifestSource) -> tuple[bytes, product_pb2.ManifestFormat.ValueType]:
+class _Manifest(TypedDict):
+    manifest: bytes
+    format: product_pb2.ManifestFormat.ValueType
+
+
+def _manifest(manifest: ManifestSource) -> _Manifest:
     """Bytes are sent as they are (format detected by the server); a path is read and its suffix names the format."""
     if isinstance(manifest, bytes):
-        return manifest, product_pb2.MANIFEST_FORMAT_UNSPECIFIED
+        return {"manifest": manifest, "format": product_pb2.MANIFEST_FORMAT_UNSPECIFIED}
     path = Path(manifest)
-    return path.read_bytes(), _FORMATS.get(path.suffix.lower(), product_pb2.MANIFEST_FORMAT_UNSPECIFIED)
+    fmt = _FORMATS.get(path.suffix.lower(), product_pb2.MANIFEST_FORMAT_UNSPECIFIED)
+    return {"manifest": path.read_bytes(), "format": fmt}
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,19 +274,15 @@ class ProductClient(ResourceClient):
         self, manifest: ManifestSource, *, metadata: CallMetadata | None = None
     ) -> product_pb2.ApplyResponse:
         """Store a manifest (a path, or YAML/JSON bytes) as the product's next version."""
-        data, fmt = _manifest_bytes(manifest)
-        return await self._call(
-            self._stub.Apply, product_pb2.ApplyRequest(manifest=data, format=fmt), metadata=metadata
-        )
+        request = product_pb2.ApplyRequest(**_manifest(manifest))
+        return await self._call(self._stub.Apply, request, metadata=metadata)
 
     async def validate(
         self, manifest: ManifestSource, *, metadata: CallMetadata | None = None
     ) -> product_pb2.ValidateResponse:
         """Every problem of a manifest, without storing it."""
-        data, fmt = _manifest_bytes(manifest)
-        return await self._call(
-            self._stub.Validate, product_pb2.ValidateRequest(manifest=data, format=fmt), metadata=metadata
-        )
+        request = product_pb2.ValidateRequest(**_manifest(manifest))
+        return await self._call(self._stub.Validate, request, metadata=metadata)
 
     async def get(
         self,

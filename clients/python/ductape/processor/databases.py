@@ -140,6 +140,11 @@ class MigrationRun:
     duration_ms: int
     statements: int
 
+    @classmethod
+    def from_proto(cls, run: migration_pb2.MigrationRun) -> MigrationRun:
+        """From the API's MigrationRun."""
+        return cls(run.tag, run.checksum, run.duration_ms, run.statements)
+
 
 @dataclass(frozen=True, slots=True)
 class MigrationStatus:
@@ -151,6 +156,18 @@ class MigrationStatus:
     checksum_now: str
     applied_at: str
     duration_ms: int
+
+    @classmethod
+    def from_proto(cls, status: migration_pb2.MigrationStatus) -> MigrationStatus:
+        """From the API's MigrationStatus; a state this client does not know is `unknown`."""
+        return cls(
+            status.tag,
+            _STATES.get(status.state, "unknown"),
+            status.checksum_applied,
+            status.checksum_now,
+            status.applied_at,
+            status.duration_ms,
+        )
 
 
 class DatabaseTarget(TypedDict):
@@ -170,10 +187,6 @@ _STATES = {
 }
 
 
-def _runs(runs: Sequence[migration_pb2.MigrationRun]) -> list[MigrationRun]:
-    return [MigrationRun(r.tag, r.checksum, r.duration_ms, r.statements) for r in runs]
-
-
 class MigrationClient(ResourceClient):
     """`processor.migration`: run, roll back, report and plan a database's migrations."""
 
@@ -189,7 +202,8 @@ class MigrationClient(ResourceClient):
     ) -> list[MigrationRun]:
         """Apply the pending migrations (up to and including `tag`); the ones applied by this call."""
         request = migration_pb2.MigrationServiceRunRequest(target=migration_pb2.MigrationTarget(**target), tag=tag)
-        return _runs((await self._call(self._stub.Run, request, timeout, metadata)).applied)
+        response = await self._call(self._stub.Run, request, timeout, metadata)
+        return [MigrationRun.from_proto(run) for run in response.applied]
 
     async def rollback(
         self,
@@ -204,7 +218,8 @@ class MigrationClient(ResourceClient):
         request = migration_pb2.MigrationServiceRollbackRequest(
             target=migration_pb2.MigrationTarget(**target), steps=steps, tag=tag
         )
-        return _runs((await self._call(self._stub.Rollback, request, timeout, metadata)).rolled_back)
+        response = await self._call(self._stub.Rollback, request, timeout, metadata)
+        return [MigrationRun.from_proto(run) for run in response.rolled_back]
 
     async def status(
         self, *, timeout: float | None = None, metadata: CallMetadata | None = None, **target: Unpack[DatabaseTarget]
@@ -212,12 +227,7 @@ class MigrationClient(ResourceClient):
         """Every migration's state."""
         request = migration_pb2.MigrationServiceStatusRequest(target=migration_pb2.MigrationTarget(**target))
         response = await self._call(self._stub.Status, request, timeout, metadata)
-        return [
-            MigrationStatus(
-                m.tag, _STATES.get(m.state, "unknown"), m.checksum_applied, m.checksum_now, m.applied_at, m.duration_ms
-            )
-            for m in response.migrations
-        ]
+        return [MigrationStatus.from_proto(status) for status in response.migrations]
 
     async def plan(
         self,

@@ -168,9 +168,6 @@ class StorageClient(ResourceClient):
     async def save(
         self,
         *,
-        product: str,
-        env: str,
-        event: str,
         file_name: str = "",
         data: bytes | None = None,
         content_type: str = "",
@@ -178,6 +175,7 @@ class StorageClient(ResourceClient):
         sha256: str = "",
         input: Mapping[str, Any] | None = None,
         metadata: CallMetadata | None = None,
+        **storage: Unpack[StorageRef],
     ) -> StoredFile:
         """Save a small file in one call: `data` and `file_name`, or Ductape's `input={buffer, fileName,
         mimeType}`. The content type is sniffed by the server when not given."""
@@ -187,9 +185,7 @@ class StorageClient(ResourceClient):
             data, name, mime = _ductape_input(input)
             file_name, content_type = file_name or name, content_type or mime
         request = storage_pb2.SaveRequest(
-            product=product,
-            env=env,
-            event=event,
+            **storage,
             file_name=file_name,
             content_type=content_type,
             data=data or b"",
@@ -203,10 +199,6 @@ class StorageClient(ResourceClient):
         self,
         source: Source,
         *,
-        product: str,
-        env: str,
-        event: str,
-        file_name: str,
         content_type: str = "",
         file_metadata: Mapping[str, str] | None = None,
         sha256: str = "",
@@ -214,6 +206,7 @@ class StorageClient(ResourceClient):
         chunk_size: int = UPLOAD_CHUNK_BYTES,
         timeout: float | None = None,
         metadata: CallMetadata | None = None,
+        **file: Unpack[FileRef],
     ) -> StoredFile:
         """Save a file of any size as a stream. For bytes the size and SHA-256 are declared for the server to
         check; for other sources pass `size` and `sha256` when known. Nothing is kept if the stream fails."""
@@ -221,10 +214,7 @@ class StorageClient(ResourceClient):
             size = size or len(source)
             sha256 = sha256 or hashlib.sha256(source).hexdigest()
         header = storage_pb2.UploadHeader(
-            product=product,
-            env=env,
-            event=event,
-            file_name=file_name,
+            **file,
             content_type=content_type,
             metadata=dict(file_metadata or {}),
             sha256=sha256,
