@@ -20,6 +20,7 @@ import pytest
 from ductape.processor import Processor
 
 from ductape_processor.app import ProcessorApp
+from ductape_processor.runtime.jobs.clock import Clock
 from ductape_processor.settings import Settings
 from ductape_processor.store import Store
 from ductape_processor.store.postgres import PostgresStore
@@ -149,15 +150,20 @@ ServerFactory = Callable[..., Awaitable[Running]]
 
 @pytest.fixture
 async def start_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
-    """Start processors on 127.0.0.1:0: `await start_server(store=..., telemetry=..., **settings)`."""
+    """Start processors on 127.0.0.1:0: `await start_server(store=..., telemetry=..., clock=..., **settings)`."""
     running: list[Running] = []
 
     async def start(
-        *, store: Store | None = None, telemetry: Telemetry | None = None, api_key: str | None = None, **overrides: Any
+        *,
+        store: Store | None = None,
+        telemetry: Telemetry | None = None,
+        api_key: str | None = None,
+        clock: Clock | None = None,
+        **overrides: Any,
     ) -> Running:
         values: dict[str, Any] = {"address": "127.0.0.1:0", "data_dir": tmp_path / f"data{len(running)}"}
         values.update(overrides)
-        app = ProcessorApp(Settings(**values), store=store, telemetry=telemetry)
+        app = ProcessorApp(Settings(**values), store=store, telemetry=telemetry, clock=clock)
         port = await app.start()
         client = Processor(f"127.0.0.1:{port}", api_key=api_key, timeout=10)
         handle = Running(app, port, client)

@@ -18,6 +18,7 @@ from ductape_processor.api.auth import ApiKeyAuthenticator
 from ductape_processor.api.broker import BrokerServicer
 from ductape_processor.api.database import DatabaseServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
+from ductape_processor.api.job import JobServicer
 from ductape_processor.api.log import LogServicer
 from ductape_processor.api.migration import MigrationServicer
 from ductape_processor.api.notification import NotificationServicer
@@ -33,6 +34,10 @@ from ductape_processor.runtime.brokers.publisher import BrokerRuntime
 from ductape_processor.runtime.databases.migrations import MigrationRunner
 from ductape_processor.runtime.databases.pools import DatabasePools
 from ductape_processor.runtime.databases.runner import DatabaseRunner
+from ductape_processor.runtime.jobs.clock import Clock, SystemClock
+from ductape_processor.runtime.jobs.runtime import JobRuntime
+from ductape_processor.runtime.jobs.scheduler import JobScheduler, SchedulerSettings
+from ductape_processor.runtime.jobs.targets import JobTargets
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecorder
 from ductape_processor.runtime.notifications.sender import NotificationRuntime
 from ductape_processor.runtime.policies.periodic import PeriodicTask
@@ -86,6 +91,7 @@ class Components:
     storage: StorageRuntime
     databases: DatabasePools
     notifications: NotificationRuntime
+    jobs: JobRuntime
     storage_http: StorageHttpListener | None
     """The listener of fs storages' signed URLs, when PROCESSOR_STORAGE_HTTP_ADDRESS is set."""
     cache: ResultCache
@@ -96,7 +102,12 @@ class Components:
 
 
 def build(
-    settings: Settings, store: Store, telemetry: Telemetry, secrets: SecretSource, keys: SessionKeys
+    settings: Settings,
+    store: Store,
+    telemetry: Telemetry,
+    secrets: SecretSource,
+    keys: SessionKeys,
+    clock: Clock | None = None,
 ) -> Components:
     """The object graph, from the leaves (store, secrets, HTTP pool) up to the gRPC server. No I/O happens here."""
     registry = Registry(store, poll_interval=settings.registry_poll_s, manifest_max_bytes=settings.manifest_max_bytes)
@@ -125,6 +136,15 @@ def build(
         max_result_bytes=settings.database_max_result_bytes,
     )
     notifications = NotificationRuntime(services, http, storage)
+    clock = clock if clock is not None else SystemClock()
+    scheduler = JobScheduler(
+        store,
+        JobTargets(actions, database_runner, notifications, storage, brokers),
+        clock,
+        SchedulerSettings(),
+        telemetry.job_lateness,
+    )
+    jobs = JobRuntime(registry, store, scheduler, clock)
     servicers = Servicers(
         product=ProductServicer(registry),
         action=ActionServicer(actions),
@@ -135,6 +155,7 @@ def build(
         database=DatabaseServicer(database_runner),
         migration=MigrationServicer(MigrationRunner(registry, databases)),
         notification=NotificationServicer(notifications),
+        job=JobServicer(jobs),
         health=health.aio.HealthServicer(),
     )
     interceptor = ProcessorInterceptor(ApiKeyAuthenticator(settings.api_key_hashes), telemetry)
@@ -150,6 +171,7 @@ def build(
         storage=storage,
         databases=databases,
         notifications=notifications,
+        jobs=jobs,
         storage_http=(
             StorageHttpListener(storage, links, settings.storage_http_address)
             if links is not None and settings.storage_http_address
@@ -166,13 +188,22 @@ def build(
 class ProcessorApp:
     """One processor instance: `start` checks the settings, builds the components and serves; `stop` drains.
 
-    `store` and `telemetry` replace the ones the settings would make (tests pass their own).
+    `store` and `telemetry` replace the ones the settings would make, `clock` the jobs' real clock (tests pass their
+    own).
     """
 
-    def __init__(self, settings: Settings, *, store: Store | None = None, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        telemetry: Telemetry | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.settings = settings
         self._store = store
         self._telemetry = telemetry
+        self._clock = clock
         self._components: Components | None = None
         self.port = 0
         self._stopped = False
@@ -206,7 +237,7 @@ class ProcessorApp:
             await store.close()
             raise
         telemetry = self._telemetry if self._telemetry is not None else setup_telemetry()
-        self._components = parts = build(settings, store, telemetry, secrets, keys)
+        self._components = parts = build(settings, store, telemetry, secrets, keys, self._clock)
         try:
             await parts.registry.start()
             await parts.sessions.start_watching()
@@ -214,6 +245,7 @@ class ProcessorApp:
             parts.purger.start()
             for path in files:
                 await self._apply_file(parts, path)
+            await parts.jobs.scheduler.start()
             try:
                 self.port = listen(parts.server, settings)
             except ListenError as exc:
@@ -312,12 +344,14 @@ class ProcessorApp:
         grace = self.settings.shutdown_grace_s if grace is None else grace
         log.info("draining", extra={"grace_s": grace})
         await parts.server.stop(grace)
+        await parts.jobs.scheduler.stop(grace)  # runs going finish within the grace; their targets are still open
         await self._release(parts)
         log.info("stopped")
 
     async def _release(self, parts: Components) -> None:
         if parts.storage_http is not None:
             await parts.storage_http.stop()
+        await parts.jobs.scheduler.stop(0)
         await parts.purger.stop()
         await parts.registry.stop()
         await parts.sessions.stop_watching()

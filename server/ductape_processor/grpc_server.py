@@ -15,6 +15,8 @@ from ductape.processor.v1 import (
     broker_pb2_grpc,
     database_pb2,
     database_pb2_grpc,
+    job_pb2,
+    job_pb2_grpc,
     log_pb2,
     log_pb2_grpc,
     migration_pb2,
@@ -34,6 +36,7 @@ from ductape_processor.api.action import ActionServicer
 from ductape_processor.api.broker import BrokerServicer
 from ductape_processor.api.database import DatabaseServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
+from ductape_processor.api.job import JobServicer
 from ductape_processor.api.log import LogServicer
 from ductape_processor.api.migration import MigrationServicer
 from ductape_processor.api.notification import NotificationServicer
@@ -53,6 +56,7 @@ SERVICE_NAMES = (
     database_pb2.DESCRIPTOR.services_by_name["DatabaseService"].full_name,
     migration_pb2.DESCRIPTOR.services_by_name["MigrationService"].full_name,
     notification_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
+    job_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
 )
 """The processor's services, as health checks and reflection name them."""
 
@@ -70,6 +74,7 @@ class Servicers:
     database: DatabaseServicer
     migration: MigrationServicer
     notification: NotificationServicer
+    job: JobServicer
     health: health.aio.HealthServicer
 
 
@@ -100,6 +105,7 @@ def grpc_server(settings: Settings, interceptor: ProcessorInterceptor, servicers
     database_pb2_grpc.add_DatabaseServiceServicer_to_server(servicers.database, server)
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(servicers.migration, server)
     notification_pb2_grpc.add_NotificationServiceServicer_to_server(servicers.notification, server)
+    job_pb2_grpc.add_JobServiceServicer_to_server(servicers.job, server)
     health_pb2_grpc.add_HealthServicer_to_server(servicers.health, server)
     enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     return server

@@ -20,7 +20,8 @@ import asyncpg
 from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store import migrations, statements
 from ductape_processor.store.base import ChangeListener
-from ductape_processor.store.sql import Connection, Row, SqlStore
+from ductape_processor.store.jobs import SqlJobStore
+from ductape_processor.store.sql import Connection, Row
 from ductape_processor.store.statements import SqlValue, Statement
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ _NAMED_LOCK: Final = Statement("SELECT pg_advisory_xact_lock(hashtextextended(?,
 _NOTIFY: Final = Statement("SELECT pg_notify(?, ?)")
 
 
-class PostgresStore(SqlStore):
+class PostgresStore(SqlJobStore):
     """Store on PostgreSQL, shared by every replica."""
 
     dialect = "postgresql"
@@ -144,12 +145,13 @@ class PostgresStore(SqlStore):
     def __init__(self, dsn: str, schema: str = "processor", *, min_size: int = 1, max_size: int = 10) -> None:
         self._dsn = dsn
         self._schema = schema
-        self._channel = f"{schema}_product_changes"
+        # One NOTIFY channel per change topic (Store.listen), all heard on one listening connection.
+        self._channels = {"products": f"{schema}_product_changes", "jobs": f"{schema}_job_changes"}
         self._min_size = min_size
         self._max_size = max_size
         self._pool: _Pool | None = None
         self._listen_conn: asyncpg.Connection | None = None
-        self._listeners: list[ChangeListener] = []
+        self._listeners: dict[str, list[ChangeListener]] = {topic: [] for topic in self._channels}
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
 
@@ -212,22 +214,24 @@ class PostgresStore(SqlStore):
 
         return await self.pool.transaction(run, retry=retry)
 
-    async def _announce(self, conn: Connection, product: str) -> None:
-        await conn.execute(_NOTIFY, self._channel, product)
+    async def _announce(self, conn: Connection, product: str, topic: str = "products") -> None:
+        await conn.execute(_NOTIFY, self._channels[topic], product)
 
-    async def listen(self, listener: ChangeListener) -> None:
-        self._listeners.append(listener)
+    async def listen(self, listener: ChangeListener, topic: str = "products") -> None:
+        self._listeners[topic].append(listener)
         if self._listen_conn is None:
             await self._connect_listener()
 
     async def _connect_listener(self) -> None:
         conn = await asyncpg.connect(self._dsn)
-        await conn.add_listener(self._channel, self._notified)
+        for channel in self._channels.values():
+            await conn.add_listener(channel, self._notified)
         conn.add_termination_listener(self._listener_lost)
         self._listen_conn = conn
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        for listener in self._listeners:
+    def _notified(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
+        topic = next(topic for topic, name in self._channels.items() if name == channel)
+        for listener in self._listeners[topic]:
             result = listener(payload)
             if asyncio.iscoroutine(result):
                 asyncio.ensure_future(result)  # noqa: RUF006 - listeners are short and log their own errors

@@ -105,8 +105,9 @@ class SqlStore(Store):
         `retry`: the body may run again on a fresh connection when the first one died under it.
         """
 
-    async def _announce(self, conn: Connection, product: str) -> None:
-        """Tell other replicas, inside the transaction that changed it, that `product` changed (optional)."""
+    async def _announce(self, conn: Connection, product: str, topic: str = "products") -> None:
+        """Tell other replicas, inside the transaction that changed it, that something of `topic` in `product`
+        changed (optional: see `Store.listen`)."""
 
     # -- row mappers ------------------------------------------------------------------------------------------------
 

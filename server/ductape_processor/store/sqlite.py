@@ -19,7 +19,8 @@ import aiosqlite
 from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store import migrations, statements
 from ductape_processor.store.files import private_directory, private_file
-from ductape_processor.store.sql import Connection, Row, SqlStore
+from ductape_processor.store.jobs import SqlJobStore
+from ductape_processor.store.sql import Connection, Row
 from ductape_processor.store.statements import SqlValue, Statement
 
 _T = TypeVar("_T")
@@ -78,7 +79,7 @@ class _Connection:
             await self.raw.executemany(statement.qmark, rows)
 
 
-class SqliteStore(SqlStore):
+class SqliteStore(SqlJobStore):
     """Store on a local SQLite file."""
 
     dialect = "sqlite"

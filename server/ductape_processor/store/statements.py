@@ -48,6 +48,9 @@ class Dialect:
     """A registry timestamp column's value as an aware datetime."""
     types: dict[str, str]
     """Column types by role, substituted into the migrations' `{role}` fields."""
+    skip_locked: str = ""
+    """What a claim's inner SELECT ends with so replicas claim different rows (its table is aliased `claimed`):
+    `FOR UPDATE ... SKIP LOCKED` on PostgreSQL; nothing on SQLite, whose write transactions are one at a time."""
 
 
 def _same(moment: Any) -> datetime:
@@ -86,6 +89,7 @@ POSTGRES: Final = Dialect(
         "time": "TIMESTAMPTZ",
         "stamp": "TIMESTAMPTZ NOT NULL DEFAULT now()",
     },
+    skip_locked=" FOR UPDATE OF claimed SKIP LOCKED",
 )
 """PostgreSQL: every moment is a TIMESTAMPTZ."""
 
@@ -224,3 +228,86 @@ REVOKED_SINCE: Final = Statement(
     "SELECT session_id, revoked_at, expires_at FROM sessions WHERE revoked_at IS NOT NULL AND revoked_at >= ? "
     "ORDER BY revoked_at"
 )
+
+# -- jobs and their runs (store/jobs.py) ---------------------------------------------------------------------------
+
+JOB_COLUMNS: Final = (
+    "job_id, product, env, name, target_kind, spec, status, next_run_at, runs, declared, idempotency_key, "
+    "request_hash, created_at, lease_owner, lease_until"
+)
+RUN_COLUMNS: Final = (
+    "run_id, job_id, product, env, trigger, status, due_at, attempt_at, attempts, started_at, ended_at, owner, "
+    "lease_until, reclaimed, result, error_reason, error_message, process_id"
+)
+_OPEN_COUNTS: Final = (
+    "(SELECT count(*) FROM job_runs r WHERE r.job_id = jobs.job_id AND r.status IN (2, 3)), "
+    "(SELECT count(*) FROM job_runs r WHERE r.job_id = jobs.job_id AND r.status = 1)"
+)
+INSERT_JOB: Final = Statement(
+    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)"  # noqa: S608
+)
+JOB: Final = Statement(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?")  # noqa: S608
+ACTIVE_JOB: Final = Statement(
+    f"SELECT {JOB_COLUMNS} FROM jobs WHERE product = ? AND env = ? AND name = ? AND status IN (1, 2)"  # noqa: S608
+)
+JOB_BY_KEY: Final = Statement(
+    f"SELECT {JOB_COLUMNS} FROM jobs WHERE product = ? AND env = ? AND idempotency_key = ?"  # noqa: S608
+)
+SET_JOB_STATUS: Final = Statement(
+    "UPDATE jobs SET status = ? WHERE job_id = ? AND status = ?"  # one allowed state per statement, see store/jobs.py
+)
+CANCEL_JOB: Final = Statement(
+    "UPDATE jobs SET status = 3, next_run_at = NULL, lease_owner = NULL, lease_until = NULL "
+    "WHERE job_id = ? AND status = ?"
+)
+CANCEL_WAITING_RUNS: Final = Statement(
+    "UPDATE job_runs SET status = 7, ended_at = ?, attempt_at = NULL WHERE job_id = ? AND status IN (1, 3)"
+)
+ADVANCE_JOB: Final = Statement(
+    "UPDATE jobs SET next_run_at = ?, status = ?, runs = runs + ?, lease_owner = NULL, lease_until = NULL "
+    "WHERE job_id = ? AND lease_owner = ? AND status = 1"
+)
+INSERT_RUN: Final = Statement(
+    f"INSERT INTO job_runs ({RUN_COLUMNS}) "  # noqa: S608
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+RUN: Final = Statement(f"SELECT {RUN_COLUMNS} FROM job_runs WHERE run_id = ?")  # noqa: S608
+RENEW_RUN: Final = Statement("UPDATE job_runs SET lease_until = ? WHERE run_id = ? AND owner = ? AND status = 2")
+END_RUN: Final = Statement(
+    "UPDATE job_runs SET status = ?, ended_at = ?, attempt_at = ?, result = ?, error_reason = ?, "  # noqa: S608
+    "error_message = ?, process_id = ?, owner = NULL, lease_until = NULL "
+    f"WHERE run_id = ? AND owner = ? AND status = 2 RETURNING {RUN_COLUMNS}"
+)
+END_JOB: Final = Statement("UPDATE jobs SET status = ? WHERE job_id = ? AND status IN (1, 4)")
+NEXT_JOB_MOMENT: Final = Statement(
+    "SELECT min(moment) FROM ("
+    "SELECT min(CASE WHEN lease_until > next_run_at THEN lease_until ELSE next_run_at END) AS moment "
+    "FROM jobs WHERE status = 1 "
+    "UNION ALL SELECT min(attempt_at) FROM job_runs WHERE status IN (1, 3) "
+    "UNION ALL SELECT min(lease_until) FROM job_runs WHERE status = 2) AS due"
+)
+
+
+def claim_due_jobs(dialect: Dialect) -> Statement:
+    """Lease the scheduled jobs due at a moment: owner, lease end, moment, moment, limit."""
+    return Statement(
+        "UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE job_id IN ("  # noqa: S608
+        "SELECT claimed.job_id FROM jobs claimed WHERE claimed.status = 1 AND claimed.next_run_at <= ? "
+        "AND (claimed.lease_until IS NULL OR claimed.lease_until <= ?) ORDER BY claimed.next_run_at LIMIT ?"
+        f"{dialect.skip_locked}) RETURNING {JOB_COLUMNS}, {_OPEN_COUNTS}"
+    )
+
+
+def claim_due_runs(dialect: Dialect) -> Statement:
+    """Start the runs due at a moment: owner, lease end, moment (first start), moment, moment, limit."""
+    return Statement(
+        "UPDATE job_runs SET status = 2, owner = ?, lease_until = ?, attempts = attempts + 1, "  # noqa: S608
+        "started_at = coalesce(started_at, ?), attempt_at = NULL, reclaimed = (reclaimed OR status = 2) "
+        "WHERE run_id IN (SELECT claimed.run_id FROM job_runs claimed JOIN jobs j ON j.job_id = claimed.job_id "
+        "WHERE j.status NOT IN (2, 3) AND ("
+        "(claimed.status IN (1, 3) AND claimed.attempt_at <= ?) "
+        "OR (claimed.status = 2 AND claimed.lease_until <= ?) "
+        "OR (claimed.status = 1 AND claimed.attempt_at IS NULL AND NOT EXISTS (SELECT 1 FROM job_runs going "
+        "WHERE going.job_id = claimed.job_id AND going.status IN (2, 3)))) "
+        f"ORDER BY claimed.due_at LIMIT ?{dialect.skip_locked}) RETURNING {RUN_COLUMNS}"
+    )

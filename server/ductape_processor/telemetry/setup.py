@@ -62,6 +62,8 @@ class Telemetry:
 
     tracer: Tracer | None = None
     rpc_duration: Histogram | None = None
+    job_lateness: Histogram | None = None
+    """How late each job run started (start - due, ms), by target kind (runtime/jobs/)."""
     _tracer_provider: TracerProvider | None = None
     _meter_provider: MeterProvider | None = None
     _exporters: list[_Exporter] = field(default_factory=list)
@@ -165,9 +167,13 @@ def setup_telemetry(
     histogram = meter.create_histogram(
         "rpc.server.duration", unit="ms", description="Duration of inbound RPCs, by method and status code."
     )
+    lateness = meter.create_histogram(
+        "ductape.job.lateness", unit="ms", description="How late job runs started (start - due), by target kind."
+    )
     return Telemetry(
         tracer=tracer_provider.get_tracer("ductape_processor", __version__),
         rpc_duration=histogram,
+        job_lateness=lateness,
         _tracer_provider=tracer_provider,
         _meter_provider=meter_provider,
         _exporters=exporters,

@@ -1,0 +1,283 @@
+"""The scheduler of one replica: claims due occurrences and runs from the store, runs their targets under leases it
+heart-beats, records each run before its target is called and after it ends, and retries failures with backoff.
+
+Waiting is event-driven: the scheduler sleeps until the earliest moment the store says something falls due (a next
+occurrence, a retry, a lease's end), woken earlier when this replica schedules or changes a job, or, on PostgreSQL,
+when another replica does (LISTEN/NOTIFY on the store's "jobs" topic). A poll every `poll_s` covers a lost
+notification. A claim leases what it takes, so each occurrence starts once across replicas; a replica that dies
+mid-run leaves a lease that runs out, and another replica takes the run over (`reclaimed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+
+from opentelemetry.metrics import Histogram
+
+from ductape_processor.errors import ProcessorError
+from ductape_processor.reasons import Reason
+from ductape_processor.runtime.jobs.clock import Clock
+from ductape_processor.runtime.jobs.codec import decode_spec
+from ductape_processor.runtime.jobs.model import JobSpec, Overlap, RunTrigger
+from ductape_processor.runtime.jobs.targets import JobTargets, Outcome
+from ductape_processor.runtime.jobs.timing import due_after
+from ductape_processor.store.base import JobRecord, JobStatus, RunEnd, RunRecord, RunStatus, Store
+
+log = logging.getLogger(__name__)
+
+CLAIM_BATCH: Final = 100
+"""Jobs (and runs) one claim takes at most; a full batch makes the scheduler claim again at once."""
+MAX_EVENTS_QUEUED: Final = 1000
+"""Run events a WatchRuns stream may fall behind by; a slower reader loses the oldest."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    """The scheduler's rhythm: the fallback poll, the leases and how often they are renewed."""
+
+    poll_s: float = 5.0
+    lease: timedelta = timedelta(seconds=30)
+
+
+def new_run(job: JobRecord, due: datetime, status: RunStatus, trigger: RunTrigger, **fields: object) -> RunRecord:
+    """A run of `job` due at `due`, not yet attempted unless `fields` say otherwise."""
+    values: dict[str, object] = {
+        "attempt_at": None,
+        "attempts": 0,
+        "started_at": None,
+        "ended_at": None,
+        "owner": None,
+        "lease_until": None,
+        "error_message": "",
+    }
+    values.update(fields)
+    return RunRecord(
+        run_id=uuid.uuid4().hex,
+        job_id=job.job_id,
+        product=job.product,
+        env=job.env,
+        trigger=int(trigger),
+        status=status,
+        due_at=due,
+        reclaimed=False,
+        result="",
+        error_reason="",
+        process_id="",
+        **values,  # type: ignore[arg-type]
+    )
+
+
+class RunEvents:
+    """Run changes this replica made, fanned out to WatchRuns streams (each filters what it follows)."""
+
+    def __init__(self) -> None:
+        self._queues: set[asyncio.Queue[RunRecord]] = set()
+
+    def publish(self, run: RunRecord) -> None:
+        """Hand `run` to every stream; a stream too far behind loses its oldest event."""
+        for queue in self._queues:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(run)
+
+    def follow(self, product: str, env: str, job_id: str) -> AsyncIterator[RunRecord]:
+        """The runs of the environment (or of one job) as they change from this call on, while iterated."""
+        queue: asyncio.Queue[RunRecord] = asyncio.Queue(MAX_EVENTS_QUEUED)
+        self._queues.add(queue)
+        return self._drain(queue, product, env, job_id)
+
+    async def _drain(
+        self, queue: asyncio.Queue[RunRecord], product: str, env: str, job_id: str
+    ) -> AsyncIterator[RunRecord]:
+        try:
+            while True:
+                run = await queue.get()
+                if run.product == product and run.env == env and (not job_id or run.job_id == job_id):
+                    yield run
+        finally:
+            self._queues.discard(queue)
+
+
+class JobScheduler:
+    """Runs the jobs that fall due, from `start` until `stop`."""
+
+    def __init__(
+        self,
+        store: Store,
+        targets: JobTargets,
+        clock: Clock,
+        settings: SchedulerSettings,
+        lateness: Histogram | None = None,
+    ) -> None:
+        self._store = store
+        self._targets = targets
+        self._clock = clock
+        self._settings = settings
+        self._lateness = lateness
+        self.owner = uuid.uuid4().hex
+        """This replica's name on the leases it holds."""
+        self.events = RunEvents()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Listen for other replicas' job changes and start the rounds."""
+        await self._store.listen(lambda _product: self.wake(), "jobs")
+        self._loop_task = asyncio.get_running_loop().create_task(self._rounds(), name="job scheduler")
+
+    def wake(self) -> None:
+        """Look for due work now (a job was scheduled, resumed or triggered)."""
+        self._wake.set()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; let runs going finish within `grace_s`, then cancel them (their leases run out and
+        another replica, or this one after a restart, takes them over)."""
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._running:
+            _, late = await asyncio.wait(set(self._running), timeout=grace_s)
+            for run in late:
+                run.cancel()
+            if late:
+                await asyncio.wait(late)
+
+    async def _rounds(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                busy = await self._round()
+            except Exception as exc:  # the store may be briefly unreachable: the next round tries again
+                log.warning("job scheduler round failed: %s", exc)
+                busy = False
+            if busy:
+                continue
+            fallback = self._clock.now() + timedelta(seconds=self._settings.poll_s)
+            try:
+                moment = await self._store.next_job_moment()
+            except Exception as exc:
+                log.warning("job scheduler: cannot read the next due moment: %s", exc)
+                moment = None
+            await self._clock.wait_until(min(moment, fallback) if moment is not None else fallback, self._wake)
+
+    async def _round(self) -> bool:
+        """Claim and start what is due; True when a claim came back full (more may be due)."""
+        now = self._clock.now()
+        lease_until = now + self._settings.lease
+        jobs = await self._store.claim_due_jobs(self.owner, now, lease_until, CLAIM_BATCH)
+        for job in jobs:
+            await self._occur(job, now)
+        runs = await self._store.claim_due_runs(self.owner, now, lease_until, CLAIM_BATCH)
+        for run in runs:
+            self._spawn(run)
+        return len(jobs) == CLAIM_BATCH or len(runs) == CLAIM_BATCH
+
+    async def _occur(self, job: JobRecord, now: datetime) -> None:
+        """Step a claimed job past its due occurrence: run it (or skip or buffer it), and set its next one."""
+        spec = decode_spec(job.spec)
+        repeat = spec.repeat
+        due = job.next_run_at
+        assert due is not None  # a claimed job is due
+        if repeat is not None and due < now - spec.catch_up:
+            # Missed by more than the catch-up window (downtime, a pause): skip to the first occurrence within it.
+            latest = due_after(repeat, due, now - spec.catch_up, job.runs)
+            if latest is None or latest > now:
+                await self._advance(job, latest, 0, [])
+                return
+            due = latest
+        runs = [self._occurrence(job, spec, due, now)]
+        started = 1 if runs[0].status != RunStatus.SKIPPED else 0
+        following = due_after(repeat, due, due, job.runs + started) if repeat is not None else None
+        if await self._advance(job, following, started, runs):
+            for run in runs:
+                self.events.publish(run)
+                if run.status == RunStatus.RUNNING:
+                    self._spawn(run)
+
+    def _occurrence(self, job: JobRecord, spec: JobSpec, due: datetime, now: datetime) -> RunRecord:
+        """The run of an occurrence due at `due`, by the job's overlap policy."""
+        trigger = RunTrigger.SCHEDULE
+        if (job.busy and spec.overlap == Overlap.SKIP) or (spec.overlap == Overlap.BUFFER_ONE and job.queued):
+            why = f"a run of the job was going or waiting (overlap: {spec.overlap.value})"
+            return new_run(job, due, RunStatus.SKIPPED, trigger, ended_at=now, error_message=why)
+        if job.busy and spec.overlap == Overlap.BUFFER_ONE:
+            return new_run(job, due, RunStatus.PENDING, trigger)  # claimed once no run of the job is going
+        lease_until = now + self._settings.lease
+        return new_run(
+            job, due, RunStatus.RUNNING, trigger, attempts=1, started_at=now, owner=self.owner, lease_until=lease_until
+        )
+
+    async def _advance(self, job: JobRecord, following: datetime | None, started: int, runs: list[RunRecord]) -> bool:
+        status = JobStatus.SCHEDULED if following is not None else JobStatus.COMPLETED
+        return await self._store.advance_job(
+            job.job_id, self.owner, next_run_at=following, status=status, started=started, runs=runs
+        )
+
+    def _spawn(self, run: RunRecord) -> None:
+        task = asyncio.get_running_loop().create_task(self._execute(run), name=f"job run {run.run_id}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(self, run: RunRecord) -> None:
+        """One attempt of `run` (already recorded RUNNING under this replica's lease), then its recorded end."""
+        job = await self._store.get_job(run.job_id)
+        if job is None:
+            return
+        spec = decode_spec(job.spec)
+        self.events.publish(run)
+        if run.attempts == 1 and run.started_at is not None and self._lateness is not None:
+            lateness_ms = (run.started_at - run.due_at).total_seconds() * 1000
+            self._lateness.record(max(lateness_ms, 0.0), {"target_kind": job.target_kind})
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(run))
+        try:
+            end = self._ended(await self._targets.call(job.product, job.env, spec.target))
+        except ProcessorError as exc:
+            end = self._failed(run, spec, exc.reason, exc.message, exc.metadata.get("process_id", ""))
+        except Exception as exc:  # a bug in a target's path: the run fails, the scheduler goes on
+            log.exception("job run %s failed unexpectedly", run.run_id)
+            end = self._failed(run, spec, Reason.INTERNAL, f"{type(exc).__name__}: the processor failed", "")
+        finally:
+            heartbeat.cancel()
+        ended = await self._store.end_run(run.run_id, self.owner, end)
+        if ended is None:
+            log.warning("job run %s was taken over by another replica before it ended here", run.run_id)
+            return
+        self.events.publish(ended)
+        self.wake()  # a buffered run of the job, or the retry, may be due now
+
+    def _ended(self, outcome: Outcome) -> RunEnd:
+        result = json.dumps(outcome.result, separators=(",", ":"), ensure_ascii=False, default=str)
+        return RunEnd(RunStatus.SUCCEEDED, self._clock.now(), result=result, process_id=outcome.process_id)
+
+    def _failed(self, run: RunRecord, spec: JobSpec, reason: str, message: str, process_id: str) -> RunEnd:
+        now = self._clock.now()
+        if run.attempts <= spec.retry.max_retries:
+            retry_at = now + timedelta(seconds=spec.retry.backoff.delay(run.attempts))
+            return RunEnd(RunStatus.RETRYING, now, retry_at, "", reason, message, process_id)
+        one_off_failed = JobStatus.FAILED if spec.repeat is None else None
+        return RunEnd(RunStatus.FAILED, now, None, "", reason, message, process_id, one_off_failed)
+
+    async def _heartbeat(self, run: RunRecord) -> None:
+        """Renew the run's lease every third of it while the target runs."""
+        never = asyncio.Event()
+        while True:
+            await self._clock.wait_until(self._clock.now() + self._settings.lease / 3, never)
+            try:
+                renewed = await self._store.renew_run(run.run_id, self.owner, self._clock.now() + self._settings.lease)
+            except Exception as exc:
+                log.warning("job run %s: lease renewal failed: %s", run.run_id, exc)
+                continue
+            if not renewed:
+                log.warning("job run %s: lease lost (another replica took the run over)", run.run_id)
+                return

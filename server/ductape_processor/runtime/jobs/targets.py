@@ -1,0 +1,202 @@
+"""What a job's run calls: the other resource kinds' runtimes, given the job's stored input in the shape each kind's
+own service takes. A run goes through the same path as a caller's call (registry, session, policies, execution log).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ductape_processor.errors import FailedPrecondition, InvalidArgument
+from ductape_processor.reasons import Reason
+from ductape_processor.runtime.actions.call import ActionCall
+from ductape_processor.runtime.actions.executor import ActionExecutor
+from ductape_processor.runtime.brokers.messages import OutgoingMessage
+from ductape_processor.runtime.brokers.publisher import BrokerRuntime
+from ductape_processor.runtime.databases.runner import DatabaseCall, DatabaseRunner
+from ductape_processor.runtime.jobs.model import Target, TargetKind
+from ductape_processor.runtime.notifications.call import (
+    CallbackInput,
+    EmailInput,
+    NotificationCall,
+    PushInput,
+    SmsInput,
+)
+from ductape_processor.runtime.notifications.sender import NotificationRuntime
+from ductape_processor.runtime.policies.deadline import Deadline
+from ductape_processor.runtime.registry.manifest import Manifest
+from ductape_processor.runtime.storage.operations import FileSpec, StorageRef, StorageRuntime
+
+RUN_TIMEOUT_S: Final = 300.0
+"""The longest one attempt of a run may take (the target's own timeouts are usually shorter)."""
+
+_DECLARED: Final = {
+    TargetKind.ACTION: ("apps", "actions", "app_tag:action_tag"),
+    TargetKind.DATABASE_ACTION: ("databases", "actions", "database_tag:action_tag"),
+    TargetKind.NOTIFICATION: ("notifications", "messages", "notification_tag:message_tag"),
+    TargetKind.PUBLISH: ("brokers", "topics", "broker_tag:topic_tag"),
+    TargetKind.STORAGE: ("storage", "", "storage_tag"),
+}
+"""Per kind: the manifest's list of resources, each one's list of addressable parts, and the address's form."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a target answered: a JSON-able result, and the execution log's id of the call when it has one."""
+
+    result: Any
+    process_id: str = ""
+
+
+def check_target(manifest: Manifest, target: Target, field: str) -> None:
+    """INVALID_ARGUMENT on `field`.address unless the manifest declares the target's resource."""
+    section, parts, form = _DECLARED[target.kind]
+    tag, _, part = target.address.partition(":")
+    resources = {resource.tag: resource for resource in getattr(manifest, section)}
+    resource = resources.get(tag)
+    if resource is None or bool(part) != bool(parts):
+        raise InvalidArgument.field(
+            f"{field}.address", f"{target.address!r} is not a {target.kind.value} of the product (give {form})"
+        )
+    if parts and part not in {item.tag for item in getattr(resource, parts)}:
+        raise InvalidArgument.field(f"{field}.address", f"{tag!r} has no {parts[:-1]} {part!r}")
+
+
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument.field(f"target.input.{name}", "must be an object")
+    return value
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    return tuple(str(item) for item in value) if isinstance(value, list) else ((str(value),) if value else ())
+
+
+class JobTargets:
+    """Calls a job's target through the runtime of its kind."""
+
+    def __init__(
+        self,
+        actions: ActionExecutor,
+        databases: DatabaseRunner,
+        notifications: NotificationRuntime,
+        storage: StorageRuntime,
+        brokers: BrokerRuntime,
+    ) -> None:
+        self._actions = actions
+        self._databases = databases
+        self._notifications = notifications
+        self._storage = storage
+        self._brokers = brokers
+        self._calls: dict[TargetKind, Callable[[str, str, Target, Deadline], Awaitable[Outcome]]] = {
+            TargetKind.ACTION: self._action,
+            TargetKind.DATABASE_ACTION: self._database,
+            TargetKind.NOTIFICATION: self._notification,
+            TargetKind.STORAGE: self._save,
+            TargetKind.PUBLISH: self._publish,
+        }
+
+    async def call(self, product: str, env: str, target: Target) -> Outcome:
+        """Call `target` once in the product's environment; a failure raises the kind's ProcessorError."""
+        return await self._calls[target.kind](product, env, target, Deadline(RUN_TIMEOUT_S))
+
+    async def _action(self, product: str, env: str, target: Target, deadline: Deadline) -> Outcome:
+        app, _, event = target.address.partition(":")
+        parts = {part: _mapping(target.input.get(part), part) for part in ("query", "params", "body", "headers")}
+        call = ActionCall(product, env, app, event, parts, session=target.session)
+        result = await self._actions.run(call, deadline)
+        body: Any = result.body.decode("utf-8", "replace")
+        if "json" in result.content_type:
+            with contextlib.suppress(ValueError):  # not JSON after all: the text
+                body = json.loads(result.body)
+        answer = {"status_code": result.status, "body": body}
+        if not 200 <= result.status < 300:
+            raise FailedPrecondition(
+                f"the upstream answered {result.status}",
+                reason=Reason.UPSTREAM_STATUS,
+                metadata={"status_code": str(result.status), "process_id": result.process_id},
+            )
+        return Outcome(answer, result.process_id)
+
+    async def _database(self, product: str, env: str, target: Target, deadline: Deadline) -> Outcome:
+        database, _, action = target.address.partition(":")
+        given: dict[str, Any] = {
+            part: _mapping(target.input.get(part), part) for part in ("data", "filter") if part in target.input
+        }
+        call = DatabaseCall(product, env, database, action, given, session=target.session)
+        result = await self._databases.execute(call, deadline)
+        step = result.steps[0]
+        answer = {"rows": list(step.rows), "affected_rows": step.affected_rows, "count": step.count}
+        return Outcome(answer, result.process_id)
+
+    async def _notification(self, product: str, env: str, target: Target, deadline: Deadline) -> Outcome:
+        given = target.input
+        email, push, sms, callback = (_mapping(given.get(name), name) for name in ("email", "push", "sms", "callback"))
+        call = NotificationCall(
+            product,
+            env,
+            target.address,
+            email=EmailInput(
+                _strings(email.get("to")),
+                _strings(email.get("cc")),
+                _strings(email.get("bcc")),
+                _mapping(email.get("variables"), "email.variables"),
+            )
+            if email
+            else None,
+            push=PushInput(_strings(push.get("device_tokens")), push.get("variables") or {}, push.get("data") or {})
+            if push
+            else None,
+            sms=SmsInput(_strings(sms.get("to")), sms.get("variables") or {}) if sms else None,
+            callback=CallbackInput(**{k: v for k, v in callback.items() if k in _CALLBACK_FIELDS})
+            if callback
+            else None,
+            session=target.session,
+        )
+        result = await self._notifications.send(call, deadline)
+        channels = [
+            {"channel": r.channel, "success": r.success, "error_reason": r.error_reason} for r in result.results
+        ]
+        failed = [r for r in result.results if not r.success]
+        if failed:
+            raise FailedPrecondition(
+                f"the {failed[0].channel} channel failed: {failed[0].error_message}",
+                reason=Reason.NOTIFICATION_REJECTED,
+                metadata={"process_id": result.process_id},
+            )
+        return Outcome({"channels": channels}, result.process_id)
+
+    async def _save(self, product: str, env: str, target: Target, deadline: Deadline) -> Outcome:
+        given = target.input
+        name = str(given.get("file_name", ""))
+        if "text" in given:
+            data = str(given["text"]).encode()
+        else:
+            try:
+                data = base64.b64decode(str(given.get("data", "")), validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidArgument.field("target.input.data", "is not base64") from None
+        spec = FileSpec(name, str(given.get("content_type", "")))
+        info = await self._storage.save(StorageRef(product, env, target.address), spec, data)
+        return Outcome({"file_name": info.key, "size": info.size, "sha256": info.sha256})
+
+    async def _publish(self, product: str, env: str, target: Target, deadline: Deadline) -> Outcome:
+        given = target.input
+        message = given.get("message")
+        data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+        attributes: Mapping[str, Any] = _mapping(given.get("attributes"), "attributes")
+        outgoing = OutgoingMessage(
+            data, "application/json", {k: str(v) for k, v in attributes.items()}, str(given.get("ordering_key", ""))
+        )
+        message_id = await self._brokers.publish(product, env, target.address, outgoing, deadline=deadline)
+        return Outcome({"message_id": message_id})
+
+
+_CALLBACK_FIELDS: Final = frozenset(("query", "params", "body", "headers", "variables"))

@@ -1,0 +1,217 @@
+"""The store's jobs and runs: `SqlJobStore` adds them to `SqlStore` with the shared statements (statements.py).
+
+Claims are one statement each: an UPDATE of the rows an inner SELECT picks, which PostgreSQL locks with
+`FOR UPDATE ... SKIP LOCKED` (replicas claim different rows, none waits for another) and SQLite runs one writer at a
+time. Every change another replica may be waiting for is announced on the "jobs" topic (NOTIFY on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from ductape_processor.store import statements as sql
+from ductape_processor.store.base import (
+    JobFilter,
+    JobRecord,
+    JobStatus,
+    RunEnd,
+    RunRecord,
+    RunStatus,
+)
+from ductape_processor.store.sql import Connection, Row, SqlStore, _named, _values
+from ductape_processor.store.statements import Where
+
+_JOB_FIELDS = 15
+"""The columns of JOB_COLUMNS: a JobRecord's fields before `busy` and `queued`."""
+JOBS_TOPIC = "jobs"
+"""The change topic of jobs (`Store.listen`): a new, changed or finished job or run."""
+
+
+class SqlJobStore(SqlStore):
+    """`SqlStore` with the jobs' operations; the back-ends derive from this."""
+
+    # -- row mappers ------------------------------------------------------------------------------------------------
+
+    def _job(self, row: Row) -> JobRecord:
+        """A job from its columns (JOB_COLUMNS), and the two counts a claim adds after them."""
+        moment = self._dialect.moment
+        times = dict.fromkeys(("next_run_at", "created_at", "lease_until"), moment)
+        counts = (int(row[-2]), int(row[-1])) if len(row) > _JOB_FIELDS else (0, 0)
+        return JobRecord(**_named(JobRecord, (*row[:_JOB_FIELDS], *counts), status=JobStatus, declared=bool, **times))
+
+    def _run(self, row: Row) -> RunRecord:
+        moment = self._dialect.moment
+        times = dict.fromkeys(("due_at", "attempt_at", "started_at", "ended_at", "lease_until"), moment)
+        return RunRecord(**_named(RunRecord, row, status=RunStatus, reclaimed=bool, **times))
+
+    def _run_row(self, run: RunRecord) -> tuple[Any, ...]:
+        time = self._dialect.time
+        times = dict.fromkeys(("due_at", "attempt_at", "started_at", "ended_at", "lease_until"), time)
+        return _values(run, status=int, **times)
+
+    async def _job_changed(self, conn: Connection, product: str) -> None:
+        await self._announce(conn, product, JOBS_TOPIC)
+
+    # -- jobs -------------------------------------------------------------------------------------------------------
+
+    async def insert_job(self, job: JobRecord, *, replace: bool, now: datetime) -> tuple[JobRecord, bool]:
+        time = self._dialect.time
+
+        async def insert(conn: Connection) -> tuple[JobRecord, bool]:
+            if job.idempotency_key:
+                row = await conn.fetchrow(sql.JOB_BY_KEY, job.product, job.env, job.idempotency_key)
+                if row is not None:
+                    return self._job(row), False
+            if job.name:
+                row = await conn.fetchrow(sql.ACTIVE_JOB, job.product, job.env, job.name)
+                if row is not None:
+                    holder = self._job(row)
+                    if not replace:
+                        return holder, False
+                    await self._cancel(conn, holder, now)
+            values = _values(job, status=int, next_run_at=time, created_at=time)[:13]  # the lease is NULL
+            await conn.execute(sql.INSERT_JOB, *values)
+            await self._job_changed(conn, job.product)
+            return job, True
+
+        return await self._transaction(insert, lock=f"jobs:{job.product}:{job.env}", retry=False)
+
+    async def _cancel(self, conn: Connection, job: JobRecord, now: datetime) -> bool:
+        if await conn.execute(sql.CANCEL_JOB, job.job_id, int(job.status)) != 1:
+            return False
+        await conn.execute(sql.CANCEL_WAITING_RUNS, self._dialect.time(now), job.job_id)
+        return True
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        row = await self._reader.fetchrow(sql.JOB, job_id)
+        return self._job(row) if row else None
+
+    async def active_job(self, product: str, env: str, name: str) -> JobRecord | None:
+        row = await self._reader.fetchrow(sql.ACTIVE_JOB, product, env, name)
+        return self._job(row) if row else None
+
+    async def list_jobs(self, where: JobFilter, *, after: tuple[datetime, str] | None, limit: int) -> list[JobRecord]:
+        time = self._dialect.time
+        clause = Where("product = ? AND env = ?", where.product, where.env)
+        clause.when("status = ?", where.status)
+        clause.when("name = ?", where.name or None)
+        clause.when("target_kind = ?", where.target_kind or None)
+        clause.when("declared = ?", where.declared)
+        if after is not None:
+            clause.add("(created_at, job_id) < (?, ?)", time(after[0]), after[1])
+        query = clause.select(sql.JOB_COLUMNS, "jobs", "created_at DESC, job_id DESC")
+        return [self._job(row) for row in await self._reader.fetch(query, *clause.params, limit)]
+
+    async def set_job_status(
+        self, job_id: str, allowed: tuple[JobStatus, ...], status: JobStatus, now: datetime
+    ) -> JobRecord | None:
+        async def change(conn: Connection) -> JobRecord | None:
+            row = await conn.fetchrow(sql.JOB, job_id)
+            if row is None:
+                return None
+            job = self._job(row)
+            if job.status not in allowed:
+                return None
+            if status == JobStatus.CANCELLED:
+                changed = await self._cancel(conn, job, now)
+            else:
+                changed = await conn.execute(sql.SET_JOB_STATUS, int(status), job_id, int(job.status)) == 1
+            if not changed:
+                return None
+            await self._job_changed(conn, job.product)
+            after = await conn.fetchrow(sql.JOB, job_id)
+            return self._job(after) if after else None
+
+        return await self._transaction(change)
+
+    async def claim_due_jobs(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[JobRecord]:
+        time = self._dialect.time
+        at = time(now)
+        statement = sql.claim_due_jobs(self._dialect)
+        rows = await self._write_returning(statement, owner, time(lease_until), at, at, limit, retry=False)
+        return [self._job(row) for row in rows]
+
+    async def advance_job(
+        self,
+        job_id: str,
+        owner: str,
+        *,
+        next_run_at: datetime | None,
+        status: JobStatus,
+        started: int,
+        runs: list[RunRecord],
+    ) -> bool:
+        moment = self._dialect.time(next_run_at) if next_run_at is not None else None
+
+        async def advance(conn: Connection) -> bool:
+            if await conn.execute(sql.ADVANCE_JOB, moment, int(status), started, job_id, owner) != 1:
+                return False
+            if runs:
+                await conn.executemany(sql.INSERT_RUN, [self._run_row(run) for run in runs])
+                await self._job_changed(conn, runs[0].product)
+            return True
+
+        return await self._transaction(advance, retry=False)
+
+    async def insert_run(self, run: RunRecord) -> None:
+        async def insert(conn: Connection) -> None:
+            await conn.execute(sql.INSERT_RUN, *self._run_row(run))
+            await self._job_changed(conn, run.product)
+
+        await self._transaction(insert, retry=False)
+
+    async def claim_due_runs(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[RunRecord]:
+        time = self._dialect.time
+        at = time(now)
+        statement = sql.claim_due_runs(self._dialect)
+        rows = await self._write_returning(statement, owner, time(lease_until), at, at, at, limit, retry=False)
+        return [self._run(row) for row in rows]
+
+    async def renew_run(self, run_id: str, owner: str, lease_until: datetime) -> bool:
+        return await self._write(sql.RENEW_RUN, self._dialect.time(lease_until), run_id, owner) == 1
+
+    async def end_run(self, run_id: str, owner: str, end: RunEnd) -> RunRecord | None:
+        time = self._dialect.time
+
+        async def finish(conn: Connection) -> RunRecord | None:
+            rows = await conn.fetch(
+                sql.END_RUN,
+                int(end.status),
+                time(end.ended_at) if end.status != RunStatus.RETRYING else None,
+                time(end.attempt_at) if end.attempt_at is not None else None,
+                end.result,
+                end.error_reason,
+                end.error_message,
+                end.process_id,
+                run_id,
+                owner,
+            )
+            if not rows:
+                return None
+            run = self._run(rows[0])
+            if end.job_status is not None:
+                await conn.execute(sql.END_JOB, int(end.job_status), run.job_id)
+            await self._job_changed(conn, run.product)
+            return run
+
+        return await self._transaction(finish, retry=False)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        row = await self._reader.fetchrow(sql.RUN, run_id)
+        return self._run(row) if row else None
+
+    async def list_runs(
+        self, job_id: str, status: int | None, *, after: tuple[datetime, str] | None, limit: int
+    ) -> list[RunRecord]:
+        time = self._dialect.time
+        clause = Where("job_id = ?", job_id)
+        clause.when("status = ?", status)
+        if after is not None:
+            clause.add("(due_at, run_id) < (?, ?)", time(after[0]), after[1])
+        query = clause.select(sql.RUN_COLUMNS, "job_runs", "due_at DESC, run_id DESC")
+        return [self._run(row) for row in await self._reader.fetch(query, *clause.params, limit)]
+
+    async def next_job_moment(self) -> datetime | None:
+        row = await self._reader.fetchrow(sql.NEXT_JOB_MOMENT)
+        return self._dialect.moment(row[0]) if row is not None and row[0] is not None else None
