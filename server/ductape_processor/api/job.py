@@ -7,11 +7,18 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import grpc
 from ductape.processor.v1 import job_pb2, job_pb2_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from ductape_processor.api.values import python_to_value, required, session_pair, struct_to_dict, timestamp
+from ductape_processor.api.calls import Context
+from ductape_processor.api.values import (
+    python_to_value,
+    required,
+    seconds,
+    session_pair,
+    struct_to_dict,
+    timestamp,
+)
 from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.jobs.codec import decode_spec
 from ductape_processor.runtime.jobs.model import (
@@ -30,8 +37,6 @@ from ductape_processor.runtime.jobs.model import (
     TargetKind,
 )
 from ductape_processor.runtime.jobs.runtime import JobRef, JobRuntime
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 _KINDS = {
     job_pb2.TARGET_KIND_ACTION: TargetKind.ACTION,
@@ -65,7 +70,7 @@ def _state(kind: type[JobStatus] | type[RunStatus], value: int, field: str) -> A
 
 
 def _delta(duration: duration_pb2.Duration) -> timedelta:
-    return timedelta(seconds=duration.seconds, microseconds=duration.nanos // 1000)
+    return timedelta(seconds=seconds(duration))
 
 
 def _duration(delta: timedelta) -> duration_pb2.Duration:
