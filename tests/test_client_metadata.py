@@ -82,6 +82,16 @@ CALLS: dict[str, Call] = {
     "NotificationService/Send": lambda p, m: p.notification.send(
         product="shop", env="dev", event="users:welcome", sms={"to": ["+447700900123"]}, metadata=m
     ),
+    "JobService/Schedule": lambda p, m: p.job.schedule(
+        product="shop", env="dev", event="mailer:send_welcome", delay=3600, metadata=m
+    ),
+    "JobService/Get": lambda p, m: p.job.get(product="shop", env="dev", job_id="none", metadata=m),
+    "JobService/List": lambda p, m: p.job.list(product="shop", env="dev", metadata=m),
+    "JobService/Cancel": lambda p, m: p.job.cancel(product="shop", env="dev", name="none", metadata=m),
+    "JobService/Pause": lambda p, m: p.job.pause(product="shop", env="dev", name="none", metadata=m),
+    "JobService/Resume": lambda p, m: p.job.resume(product="shop", env="dev", name="none", metadata=m),
+    "JobService/TriggerNow": lambda p, m: p.job.trigger_now(product="shop", env="dev", name="none", metadata=m),
+    "JobService/ListRuns": lambda p, m: p.job.list_runs(product="shop", env="dev", name="none", metadata=m),
 }
 
 

@@ -441,3 +441,21 @@ async def test_a_publish_job_is_seen_by_a_subscriber_and_watch_runs_streams_its_
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
             await task
     await subscription.close()
+
+
+async def test_the_python_client_schedules_reads_runs_and_cancels(jobs: Jobs) -> None:
+    client = jobs.running.client.job
+    scheduled = await client.schedule(
+        product="shop", env="dev", event="up:ping", input={"body": {"n": 1}}, repeat={"every": 60}, name="pinger"
+    )
+    assert scheduled.status == "scheduled" and scheduled.next_run_at == START
+    await settled(jobs, scheduled.job_id, 1)
+    jobs.clock.advance(timedelta(seconds=60))
+    await settled(jobs, scheduled.job_id, 2)
+    runs = [run async for run in client.runs(product="shop", env="dev", name="pinger")]
+    assert [run.status for run in runs] == ["succeeded", "succeeded"]
+    assert runs[0].due_at == START + timedelta(seconds=60) and runs[0].result["status_code"] == 200
+    page = await client.list(product="shop", env="dev", kind="action", status="scheduled")
+    assert [job.job_id for job in page.jobs] == [scheduled.job_id] and page.jobs[0].runs == 2
+    cancelled = await client.cancel(product="shop", env="dev", job_id=scheduled.job_id)
+    assert cancelled.status == "cancelled" and cancelled.next_run_at is None

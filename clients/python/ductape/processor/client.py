@@ -22,6 +22,7 @@ import grpc
 from ductape.processor.brokers import BrokerClient
 from ductape.processor.calls import Caller, CallMetadata, ResourceClient, RunOptions, every_item
 from ductape.processor.databases import DatabaseClient, MigrationClient
+from ductape.processor.jobs import JobClient
 from ductape.processor.notifications import NotificationClient
 from ductape.processor.storage import StorageClient
 from ductape.processor.v1 import (
@@ -29,6 +30,7 @@ from ductape.processor.v1 import (
     action_pb2_grpc,
     broker_pb2_grpc,
     database_pb2_grpc,
+    job_pb2_grpc,
     log_pb2,
     log_pb2_grpc,
     migration_pb2_grpc,
@@ -370,6 +372,7 @@ class Processor:
         self.database = DatabaseClient(database_pb2_grpc.DatabaseServiceStub(channel), call)
         self.migration = MigrationClient(migration_pb2_grpc.MigrationServiceStub(channel), call)
         self.notification = NotificationClient(notification_pb2_grpc.NotificationServiceStub(channel), call)
+        self.job = JobClient(job_pb2_grpc.JobServiceStub(channel), call)
 
     async def close(self) -> None:
         """Close the channel."""
