@@ -141,7 +141,7 @@ def build(
         store,
         JobTargets(actions, database_runner, notifications, storage, brokers),
         clock,
-        SchedulerSettings(),
+        SchedulerSettings(poll_s=settings.job_poll_s, lease=timedelta(seconds=settings.job_lease_s)),
         telemetry.job_lateness,
     )
     jobs = JobRuntime(registry, store, scheduler, clock)

@@ -73,6 +73,8 @@ _FLAGS: dict[str, _Flag] = {
     "tls_key": {},
     "tls_client_ca": {"help": "CA bundle that client certificates must chain to (mTLS)"},
     "registry_poll_s": {"type": float},
+    "job_lease_s": {"type": float},
+    "job_poll_s": {"type": float},
     "manifest_max_bytes": {"type": int},
     "max_upstream_response_bytes": {"type": int},
     "idempotency_retention_s": {"type": float},

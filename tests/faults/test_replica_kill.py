@@ -5,20 +5,13 @@ call the dead replica answered has its execution record."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
-import sys
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from ductape.processor import Processor
 
 from ductape_processor.store.postgres import PostgresStore
-from tests.conftest import POSTGRES_DSN, ROOT
+from tests.conftest import POSTGRES_DSN
 from tests.faults.harness import (
     OUTCOME_UNKNOWN,
     CountingUpstream,
@@ -28,68 +21,10 @@ from tests.faults.harness import (
     product,
     records,
 )
+from tests.faults.replicas import Replica, serve
 from tests.upstream import Upstream
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
-
-
-@dataclass
-class Replica:
-    process: asyncio.subprocess.Process
-    client: Processor
-    drain: asyncio.Task[None]
-
-
-async def serve(manifest: Path, schema: str, data_dir: Path) -> Replica:
-    """Start `ductape-processor serve` on a free loopback port and wait until it says it is serving."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ductape_processor.cli",
-        "serve",
-        "--address",
-        "127.0.0.1:0",
-        "--manifest",
-        str(manifest),
-        env={
-            **os.environ,
-            "PROCESSOR_STORE": POSTGRES_DSN,
-            "PROCESSOR_STORE_SCHEMA": schema,
-            "PROCESSOR_DATA_DIR": str(data_dir),
-        },
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-    assert process.stderr is not None
-    port = 0
-    while not port:
-        line = await asyncio.wait_for(process.stderr.readline(), 30)
-        assert line, "the replica exited before serving"
-        entry = json.loads(line)
-        if entry.get("message") == "serving":
-            port = int(entry["port"])
-
-    async def drain() -> None:  # keep the pipe from filling up
-        assert process.stderr is not None
-        while await process.stderr.readline():
-            pass
-
-    return Replica(process, Processor(f"127.0.0.1:{port}", timeout=10), asyncio.create_task(drain()))
-
-
-@pytest.fixture
-async def replicas(tmp_path: Path) -> AsyncIterator[list[Replica]]:
-    started: list[Replica] = []
-    yield started
-    for replica in started:
-        await replica.client.close()
-        if replica.process.returncode is None:
-            replica.process.kill()
-        await replica.process.wait()
-        replica.drain.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await replica.drain
 
 
 async def test_kill_9_of_the_replica_holding_a_claim_runs_nothing_twice(
