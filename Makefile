@@ -61,6 +61,7 @@ bench: setup
 	$(PY) bench/bench_databases.py
 	$(PY) bench/bench_storage.py
 	$(PY) bench/bench_notifications.py
+	$(PY) bench/bench_jobs.py
 
 ## Mutation testing (cosmic-ray) of the security-critical modules, each in a scratch copy under .mutate/; prints the
 ## surviving mutants (docs/mutation.md has the verdict on each). Not part of `make test`. MUTATE_ARGS="--module auth".
