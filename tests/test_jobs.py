@@ -16,7 +16,10 @@ from aiohttp import web
 from ductape.processor.v1 import job_pb2, job_pb2_grpc
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
+from ductape_processor.runtime.jobs.model import RunTrigger
+from ductape_processor.runtime.jobs.scheduler import new_run
 from ductape_processor.store import Store
+from ductape_processor.store.base import JobRecord, JobStatus, RunStatus
 from tests.conftest import Running, ServerFactory
 from tests.upstream import Upstream
 
@@ -72,8 +75,9 @@ brokers:
 class Jobs:
     """A started processor with the test product, its JobService stub, the fake clock and the upstream."""
 
-    def __init__(self, running: Running, clock: FakeClock, upstream: Upstream) -> None:
+    def __init__(self, running: Running, clock: FakeClock, upstream: Upstream, store: Store) -> None:
         self.running = running
+        self.store = store
         self.clock = clock
         self.upstream = upstream
         self.channel = running.channel()
@@ -148,9 +152,10 @@ async def jobs(
 ) -> AsyncIterator[Jobs]:
     # store_factory first: its stores close after the servers using them stopped.
     clock = FakeClock()
-    running = await start_server(store=await store_factory(), clock=clock)
+    store = await store_factory()
+    running = await start_server(store=store, clock=clock)
     await running.client.product.apply(manifest(upstream.url))
-    state = Jobs(running, clock, upstream)
+    state = Jobs(running, clock, upstream, store)
     yield state
     await state.channel.close()
 
@@ -459,3 +464,58 @@ async def test_the_python_client_schedules_reads_runs_and_cancels(jobs: Jobs) ->
     assert [job.job_id for job in page.jobs] == [scheduled.job_id] and page.jobs[0].runs == 2
     cancelled = await client.cancel(product="shop", env="dev", job_id=scheduled.job_id)
     assert cancelled.status == "cancelled" and cancelled.next_run_at is None
+
+
+async def test_a_run_whose_runner_died_is_taken_over_after_its_lease_and_says_so(jobs: Jobs) -> None:
+    scheduled = await jobs.schedule(delay=seconds(3600))
+    job = await jobs.store.get_job(scheduled.job_id)
+    assert job is not None
+    # A replica that started a run and died: the run is RUNNING under its lease, which nobody renews.
+    ghost = new_run(
+        job,
+        START,
+        RunStatus.RUNNING,
+        RunTrigger.SCHEDULE,
+        attempts=1,
+        started_at=START,
+        owner="ghost",
+        lease_until=START + timedelta(seconds=30),
+    )
+    await jobs.store.insert_run(ghost)
+    jobs.clock.advance(timedelta(seconds=29))
+    await asyncio.sleep(0.3)
+    assert jobs.hits() == 0
+    jobs.clock.advance(timedelta(seconds=1))
+    await until(lambda: jobs.hits() == 1, "the run to be taken over")
+    [run] = await settled(jobs, scheduled.job_id, 1)
+    assert run.run_id == ghost.run_id and run.reclaimed and run.attempts == 2
+    assert run.status == job_pb2.RUN_STATUS_SUCCEEDED
+
+
+async def test_replicas_claim_different_due_jobs(store_factory: Callable[[], Awaitable[Store]]) -> None:
+    first, second = await store_factory(), await store_factory()
+    for index in range(40):
+        record = JobRecord(
+            job_id=f"job-{index:02}",
+            product="shop",
+            env="dev",
+            name="",
+            target_kind="action",
+            spec="{}",
+            status=JobStatus.SCHEDULED,
+            next_run_at=START,
+            runs=0,
+            declared=False,
+            idempotency_key="",
+            request_hash="",
+            created_at=START,
+        )
+        await first.insert_job(record, replace=False, now=START)
+    lease = START + timedelta(seconds=30)
+    claims = await asyncio.gather(
+        *(store.claim_due_jobs(owner, START, lease, 15) for store, owner in [(first, "a"), (second, "b")] * 3)
+    )
+    claimed = [job.job_id for claim in claims for job in claim]
+    assert sorted(claimed) == sorted(f"job-{index:02}" for index in range(40))  # each once, none twice
+    assert not await first.claim_due_jobs("c", START, lease, 15)  # all leased
+    assert len(await first.claim_due_jobs("c", lease, lease + timedelta(seconds=30), 50)) == 40  # leases ran out
