@@ -6,158 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 import pytest
 from aiohttp import web
-from ductape.processor.v1 import job_pb2, job_pb2_grpc
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from ductape.processor.v1 import job_pb2
+from google.protobuf import json_format
 
-from ductape_processor.runtime.jobs.model import RunTrigger
-from ductape_processor.runtime.jobs.scheduler import new_run
-from ductape_processor.store import Store
-from ductape_processor.store.base import JobRecord, JobStatus, RunStatus
-from tests.conftest import Running, ServerFactory
-from tests.upstream import Upstream
+from tests.jobs_harness import START, Jobs, jobs_fixture, moment, seconds, settled, stamp, until  # noqa: F401 - the fixture
 
-START = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+_SUCCEEDED = job_pb2.RUN_STATUS_SUCCEEDED
+_SKIPPED = job_pb2.RUN_STATUS_SKIPPED
 
 
-class FakeClock:
-    """A clock the test moves on; a scheduler waiting for a moment wakes once the clock reaches it."""
-
-    def __init__(self, now: datetime = START) -> None:
-        self._now = now
-        self._moved = asyncio.Event()
-
-    def now(self) -> datetime:
-        return self._now
-
-    async def wait_until(self, moment: datetime, wake: asyncio.Event) -> None:
-        while self._now < moment and not wake.is_set():
-            moved = asyncio.ensure_future(self._moved.wait())
-            woken = asyncio.ensure_future(wake.wait())
-            await asyncio.wait({moved, woken}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (moved, woken):
-                task.cancel()
-
-    def set(self, moment: datetime) -> None:
-        self._now = moment
-        moved, self._moved = self._moved, asyncio.Event()
-        moved.set()
-
-    def advance(self, delta: timedelta) -> None:
-        self.set(self._now + delta)
-
-
-def manifest(upstream: str) -> bytes:
-    return f"""
-product: shop
-environments: [{{slug: dev, name: development}}]
-apps:
-  - tag: up
-    envs: {{dev: {{base_url: "{upstream}"}}}}
-    retry: {{max: 0}}
-    actions:
-      - {{tag: ping, method: POST, path: /ping}}
-      - {{tag: fail, method: POST, path: /fail}}
-      - {{tag: slow, method: POST, path: /slow}}
-brokers:
-  - tag: events
-    envs: {{dev: {{type: memory}}}}
-    topics: [{{tag: ticks, name: ticks}}]
-""".encode()
-
-
-class Jobs:
-    """A started processor with the test product, its JobService stub, the fake clock and the upstream."""
-
-    def __init__(self, running: Running, clock: FakeClock, upstream: Upstream, store: Store) -> None:
-        self.running = running
-        self.store = store
-        self.clock = clock
-        self.upstream = upstream
-        self.channel = running.channel()
-        self.stub = job_pb2_grpc.JobServiceStub(self.channel)
-
-    async def schedule(self, event: str = "up:ping", **fields: Any) -> job_pb2.JobServiceScheduleResponse:
-        kind = fields.pop("kind", job_pb2.TARGET_KIND_ACTION)
-        target = job_pb2.JobTarget(kind=kind, address=event)
-        if "input" in fields:
-            target.input.update(fields.pop("input"))
-        request = job_pb2.JobServiceScheduleRequest(product="shop", env="dev", target=target, **fields)
-        response: job_pb2.JobServiceScheduleResponse = await self.stub.Schedule(request)
-        return response
-
-    def ref(self, job_id: str) -> job_pb2.JobRef:
-        return job_pb2.JobRef(product="shop", env="dev", job_id=job_id)
-
-    async def job(self, job_id: str) -> job_pb2.Job:
-        return (await self.stub.Get(job_pb2.JobServiceGetRequest(job=self.ref(job_id)))).job
-
-    async def runs(self, job_id: str) -> list[job_pb2.JobRun]:
-        response = await self.stub.ListRuns(job_pb2.JobServiceListRunsRequest(job=self.ref(job_id)))
-        return list(reversed(response.runs))  # oldest first
-
-    def hits(self, path: str = "/ping") -> int:
-        return len(self.upstream.hits(path))
-
-
-async def until(check: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 10.0) -> None:
-    """Wait (real time, bounded) until `check()` holds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def settled(jobs: Jobs, job_id: str, count: int) -> list[job_pb2.JobRun]:
-    """The job's runs once `count` of them exist and none is running."""
-    ended = (job_pb2.RUN_STATUS_SUCCEEDED, job_pb2.RUN_STATUS_FAILED, job_pb2.RUN_STATUS_SKIPPED)
-
-    async def done() -> bool:
-        runs = await jobs.runs(job_id)
-        return len(runs) >= count and all(r.status in ended for r in runs)
-
-    await until(done, f"{count} ended runs")
-    return await jobs.runs(job_id)
-
-
-def stamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    message = timestamp_pb2.Timestamp()
-    message.FromDatetime(moment)
-    return message
-
-
-def seconds(value: float) -> duration_pb2.Duration:
-    return duration_pb2.Duration(seconds=int(value), nanos=int((value % 1) * 1e9))
-
-
-def moment(message: timestamp_pb2.Timestamp) -> datetime:
-    return message.ToDatetime(tzinfo=UTC)
-
-
-@pytest.fixture
-async def jobs(
-    store_factory: Callable[[], Awaitable[Store]], start_server: ServerFactory, upstream: Upstream
-) -> AsyncIterator[Jobs]:
-    # store_factory first: its stores close after the servers using them stopped.
-    clock = FakeClock()
-    store = await store_factory()
-    running = await start_server(store=store, clock=clock)
-    await running.client.product.apply(manifest(upstream.url))
-    state = Jobs(running, clock, upstream, store)
-    yield state
-    await state.channel.close()
+def _at(*parts: int) -> datetime:
+    return datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
 
 
 async def test_a_delayed_job_runs_once_at_its_due_time_not_before(jobs: Jobs) -> None:
@@ -464,58 +329,3 @@ async def test_the_python_client_schedules_reads_runs_and_cancels(jobs: Jobs) ->
     assert [job.job_id for job in page.jobs] == [scheduled.job_id] and page.jobs[0].runs == 2
     cancelled = await client.cancel(product="shop", env="dev", job_id=scheduled.job_id)
     assert cancelled.status == "cancelled" and cancelled.next_run_at is None
-
-
-async def test_a_run_whose_runner_died_is_taken_over_after_its_lease_and_says_so(jobs: Jobs) -> None:
-    scheduled = await jobs.schedule(delay=seconds(3600))
-    job = await jobs.store.get_job(scheduled.job_id)
-    assert job is not None
-    # A replica that started a run and died: the run is RUNNING under its lease, which nobody renews.
-    ghost = new_run(
-        job,
-        START,
-        RunStatus.RUNNING,
-        RunTrigger.SCHEDULE,
-        attempts=1,
-        started_at=START,
-        owner="ghost",
-        lease_until=START + timedelta(seconds=30),
-    )
-    await jobs.store.insert_run(ghost)
-    jobs.clock.advance(timedelta(seconds=29))
-    await asyncio.sleep(0.3)
-    assert jobs.hits() == 0
-    jobs.clock.advance(timedelta(seconds=1))
-    await until(lambda: jobs.hits() == 1, "the run to be taken over")
-    [run] = await settled(jobs, scheduled.job_id, 1)
-    assert run.run_id == ghost.run_id and run.reclaimed and run.attempts == 2
-    assert run.status == job_pb2.RUN_STATUS_SUCCEEDED
-
-
-async def test_replicas_claim_different_due_jobs(store_factory: Callable[[], Awaitable[Store]]) -> None:
-    first, second = await store_factory(), await store_factory()
-    for index in range(40):
-        record = JobRecord(
-            job_id=f"job-{index:02}",
-            product="shop",
-            env="dev",
-            name="",
-            target_kind="action",
-            spec="{}",
-            status=JobStatus.SCHEDULED,
-            next_run_at=START,
-            runs=0,
-            declared=False,
-            idempotency_key="",
-            request_hash="",
-            created_at=START,
-        )
-        await first.insert_job(record, replace=False, now=START)
-    lease = START + timedelta(seconds=30)
-    claims = await asyncio.gather(
-        *(store.claim_due_jobs(owner, START, lease, 15) for store, owner in [(first, "a"), (second, "b")] * 3)
-    )
-    claimed = [job.job_id for claim in claims for job in claim]
-    assert sorted(claimed) == sorted(f"job-{index:02}" for index in range(40))  # each once, none twice
-    assert not await first.claim_due_jobs("c", START, lease, 15)  # all leased
-    assert len(await first.claim_due_jobs("c", lease, lease + timedelta(seconds=30), 50)) == 40  # leases ran out

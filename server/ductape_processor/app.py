@@ -245,7 +245,7 @@ class ProcessorApp:
             parts.purger.start()
             for path in files:
                 await self._apply_file(parts, path)
-            await parts.jobs.scheduler.start()
+            await parts.jobs.start()
             try:
                 self.port = listen(parts.server, settings)
             except ListenError as exc:
@@ -344,14 +344,14 @@ class ProcessorApp:
         grace = self.settings.shutdown_grace_s if grace is None else grace
         log.info("draining", extra={"grace_s": grace})
         await parts.server.stop(grace)
-        await parts.jobs.scheduler.stop(grace)  # runs going finish within the grace; their targets are still open
+        await parts.jobs.stop(grace)  # runs going finish within the grace; their targets are still open
         await self._release(parts)
         log.info("stopped")
 
     async def _release(self, parts: Components) -> None:
         if parts.storage_http is not None:
             await parts.storage_http.stop()
-        await parts.jobs.scheduler.stop(0)
+        await parts.jobs.stop(0)
         await parts.purger.stop()
         await parts.registry.stop()
         await parts.sessions.stop_watching()

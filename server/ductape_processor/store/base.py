@@ -387,7 +387,8 @@ class Store(abc.ABC):
     async def insert_job(self, job: JobRecord, *, replace: bool, now: datetime) -> tuple[JobRecord, bool]:
         """Store a new job; returns it and True. When the job's idempotency key is already used in its environment,
         or its name is held by an active job and `replace` is False, returns that other job and False instead; with
-        `replace`, the job holding the name is cancelled first."""
+        `replace`, the job holding the name is cancelled first, unless it has the same (non-empty) request hash: it
+        is returned as it is."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> JobRecord | None:

@@ -67,8 +67,8 @@ class SqlJobStore(SqlStore):
                 row = await conn.fetchrow(sql.ACTIVE_JOB, job.product, job.env, job.name)
                 if row is not None:
                     holder = self._job(row)
-                    if not replace:
-                        return holder, False
+                    if not replace or (job.request_hash and holder.request_hash == job.request_hash):
+                        return holder, False  # taken, or (replacing) already the same job
                     await self._cancel(conn, holder, now)
             values = _values(job, status=int, next_run_at=time, created_at=time)[:13]  # the lease is NULL
             await conn.execute(sql.INSERT_JOB, *values)

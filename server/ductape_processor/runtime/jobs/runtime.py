@@ -4,7 +4,6 @@ follow their runs. The scheduler (scheduler.py) runs them; this module only writ
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -12,8 +11,9 @@ from ductape_processor.errors import AlreadyExists, FailedPrecondition, InvalidA
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.jobs.clock import Clock
 from ductape_processor.runtime.jobs.codec import encode_spec
+from ductape_processor.runtime.jobs.declared import DeclaredJobs
 from ductape_processor.runtime.jobs.model import ACTIVE, JobQuery, RunTrigger, ScheduleCall
-from ductape_processor.runtime.jobs.scheduler import JobScheduler, new_run
+from ductape_processor.runtime.jobs.scheduler import JobScheduler, new_job, new_run
 from ductape_processor.runtime.jobs.targets import check_target
 from ductape_processor.runtime.jobs.timing import check_repeat, first_due
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem
@@ -40,11 +40,17 @@ class JobRuntime:
         self._store = store
         self._scheduler = scheduler
         self._clock = clock
+        self._declared = DeclaredJobs(registry, store, scheduler, clock)
 
-    @property
-    def scheduler(self) -> JobScheduler:
-        """The scheduler of this replica (started and stopped by the app)."""
-        return self._scheduler
+    async def start(self) -> None:
+        """Start running jobs, and keep the manifests' declared jobs in step with their pinned versions."""
+        await self._scheduler.start()
+        await self._declared.start()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; runs going finish within `grace_s` (see `JobScheduler.stop`)."""
+        await self._declared.stop()
+        await self._scheduler.stop(grace_s)
 
     async def _slug(self, product: str, env: str) -> str:
         environment, _ = await self._registry.environment(product, env)
@@ -69,22 +75,16 @@ class JobRuntime:
         first = first_due(spec.repeat, start)
         if first is None:
             raise InvalidArgument.field("repeat.end_at", "no occurrence falls between start_at and end_at")
-        encoded = encode_spec(spec)
-        fingerprint = hashlib.sha256(f"{call.name}\n{start.isoformat()}\n{encoded}".encode()).hexdigest()
-        record = JobRecord(
-            job_id=uuid.uuid4().hex,
-            product=call.product,
-            env=resolved.env.slug,
-            name=call.name,
-            target_kind=spec.target.kind.value,
-            spec=encoded,
-            status=JobStatus.SCHEDULED,
-            next_run_at=first,
-            runs=0,
-            declared=False,
+        fingerprint = hashlib.sha256(f"{call.name}\n{start.isoformat()}\n{encode_spec(spec)}".encode()).hexdigest()
+        record = new_job(
+            call.product,
+            resolved.env.slug,
+            call.name,
+            spec,
+            first,
+            now,
             idempotency_key=call.idempotency_key,
             request_hash=fingerprint,
-            created_at=now,
         )
         stored, created = await self._store.insert_job(record, replace=call.replace, now=now)
         if not created:

@@ -25,7 +25,7 @@ from opentelemetry.metrics import Histogram
 from ductape_processor.errors import ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.jobs.clock import Clock
-from ductape_processor.runtime.jobs.codec import decode_spec
+from ductape_processor.runtime.jobs.codec import decode_spec, encode_spec
 from ductape_processor.runtime.jobs.model import JobSpec, Overlap, RunTrigger
 from ductape_processor.runtime.jobs.targets import JobTargets, Outcome
 from ductape_processor.runtime.jobs.timing import due_after
@@ -71,6 +71,27 @@ def new_run(job: JobRecord, due: datetime, status: RunStatus, trigger: RunTrigge
         result="",
         error_reason="",
         process_id="",
+        **values,  # type: ignore[arg-type]
+    )
+
+
+def new_job(
+    product: str, env: str, name: str, spec: JobSpec, first: datetime, now: datetime, **fields: object
+) -> JobRecord:
+    """A scheduled job of `spec`, first due at `first`; `fields` set `declared`, `idempotency_key`, `request_hash`."""
+    values: dict[str, object] = {"declared": False, "idempotency_key": "", "request_hash": ""}
+    values.update(fields)
+    return JobRecord(
+        job_id=uuid.uuid4().hex,
+        product=product,
+        env=env,
+        name=name,
+        target_kind=spec.target.kind.value,
+        spec=encode_spec(spec),
+        status=JobStatus.SCHEDULED,
+        next_run_at=first,
+        runs=0,
+        created_at=now,
         **values,  # type: ignore[arg-type]
     )
 

@@ -19,6 +19,7 @@ from ductape_processor.runtime.actions.executor import ActionExecutor
 from ductape_processor.runtime.brokers.messages import OutgoingMessage
 from ductape_processor.runtime.brokers.publisher import BrokerRuntime
 from ductape_processor.runtime.databases.runner import DatabaseCall, DatabaseRunner
+from ductape_processor.runtime.jobs.checks import target_problem
 from ductape_processor.runtime.jobs.model import Target, TargetKind
 from ductape_processor.runtime.notifications.call import (
     CallbackInput,
@@ -35,15 +36,6 @@ from ductape_processor.runtime.storage.operations import FileSpec, StorageRef, S
 RUN_TIMEOUT_S: Final = 300.0
 """The longest one attempt of a run may take (the target's own timeouts are usually shorter)."""
 
-_DECLARED: Final = {
-    TargetKind.ACTION: ("apps", "actions", "app_tag:action_tag"),
-    TargetKind.DATABASE_ACTION: ("databases", "actions", "database_tag:action_tag"),
-    TargetKind.NOTIFICATION: ("notifications", "messages", "notification_tag:message_tag"),
-    TargetKind.PUBLISH: ("brokers", "topics", "broker_tag:topic_tag"),
-    TargetKind.STORAGE: ("storage", "", "storage_tag"),
-}
-"""Per kind: the manifest's list of resources, each one's list of addressable parts, and the address's form."""
-
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -55,16 +47,9 @@ class Outcome:
 
 def check_target(manifest: Manifest, target: Target, field: str) -> None:
     """INVALID_ARGUMENT on `field`.address unless the manifest declares the target's resource."""
-    section, parts, form = _DECLARED[target.kind]
-    tag, _, part = target.address.partition(":")
-    resources = {resource.tag: resource for resource in getattr(manifest, section)}
-    resource = resources.get(tag)
-    if resource is None or bool(part) != bool(parts):
-        raise InvalidArgument.field(
-            f"{field}.address", f"{target.address!r} is not a {target.kind.value} of the product (give {form})"
-        )
-    if parts and part not in {item.tag for item in getattr(resource, parts)}:
-        raise InvalidArgument.field(f"{field}.address", f"{tag!r} has no {parts[:-1]} {part!r}")
+    problem = target_problem(manifest, target.kind.value, target.address)
+    if problem is not None:
+        raise InvalidArgument.field(f"{field}.address", problem)
 
 
 def _mapping(value: Any, name: str) -> dict[str, Any]:

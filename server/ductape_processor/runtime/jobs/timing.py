@@ -11,42 +11,28 @@ move it. cronsim applies this rule to 5-field expressions; 6-field ones (seconds
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from cronsim import CronSim, CronSimError
+from cronsim import CronSim
 
 from ductape_processor.errors import InvalidArgument
+from ductape_processor.runtime.jobs.checks import cron_problem, time_zone, zone_problem
 from ductape_processor.runtime.jobs.model import MIN_EVERY, Repeat
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def zone(name: str, field: str) -> tzinfo:
     """The IANA time zone `name` (empty: UTC); INVALID_ARGUMENT on `field` when there is none of that name."""
-    if not name or name == "UTC":
-        return UTC
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise InvalidArgument.field(field, f"{name!r} is not an IANA time zone (such as Europe/London)") from None
-
-
-def check_cron(expression: str, field: str) -> None:
-    """INVALID_ARGUMENT on `field` unless `expression` is a cron expression of 5 or 6 fields that ever matches."""
-    fields = len(expression.split())
-    if fields not in (5, 6):
-        raise InvalidArgument.field(field, f"a cron expression has 5 or 6 fields, not {fields}")
-    try:
-        next(CronSim(expression, _EPOCH))
-    except (CronSimError, StopIteration, ValueError) as exc:
-        raise InvalidArgument.field(field, f"{expression!r} is not a valid cron expression: {exc}") from None
+    found = time_zone(name)
+    if found is None:
+        raise InvalidArgument.field(field, zone_problem(name) or "not a time zone")
+    return found
 
 
 def check_repeat(repeat: Repeat, now: datetime, prefix: str = "repeat") -> None:
     """INVALID_ARGUMENT naming the field when `repeat` cannot run: no rhythm, a bad cron or zone, an end past."""
     if repeat.cron:
-        check_cron(repeat.cron, f"{prefix}.cron")
+        problem = cron_problem(repeat.cron)
+        if problem is not None:
+            raise InvalidArgument.field(f"{prefix}.cron", problem)
     elif repeat.every is None:
         raise InvalidArgument.field(f"{prefix}.cron", "give a cron expression or an `every` interval")
     elif repeat.every < MIN_EVERY:

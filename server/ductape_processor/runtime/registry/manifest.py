@@ -26,6 +26,7 @@ from ductape_processor.runtime.registry.fields import ManifestModel as _Model
 from ductape_processor.runtime.registry.fields import NamedResource as NamedResource
 from ductape_processor.runtime.registry.fields import Schema as Schema
 from ductape_processor.runtime.registry.fields import Tag as Tag
+from ductape_processor.runtime.registry.jobs import DeclaredJob
 from ductape_processor.runtime.registry.notifications import Notification
 from ductape_processor.runtime.registry.storage import Storage
 
@@ -353,6 +354,7 @@ class Manifest(_Model):
     storage: list[Storage] = Field(default_factory=list)
     databases: list[Database] = Field(default_factory=list)
     notifications: list[Notification] = Field(default_factory=list)
+    jobs: list[DeclaredJob] = Field(default_factory=list)
 
     def find_environment(self, slug_or_name: str) -> Environment | None:
         """The environment with this slug, else the one with this name."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
+from ductape_processor.runtime.jobs.checks import target_problem
 from ductape_processor.runtime.registry.manifest import SECRET_NAME, SECRET_REFERENCE, CredentialAuth, Manifest
 
 _PER_ENVIRONMENT: Final[Mapping[str, tuple[tuple[str, str], ...]]] = {
@@ -54,7 +55,7 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
     for index, env in enumerate(manifest.environments):
         if env.slug in names and env.name != env.slug:
             problems.append((f"environments[{index}].slug", f"{env.slug!r} is also another environment's name"))
-    for kind in ("apps", "brokers", "sessions", "caches", "storage", "databases", "notifications"):
+    for kind in ("apps", "brokers", "sessions", "caches", "storage", "databases", "notifications", "jobs"):
         problems += _duplicates(getattr(manifest, kind), "tag", kind)
     for a, app in enumerate(manifest.apps):
         where = f"apps[{a}]"
@@ -85,6 +86,11 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
             problems += _env_keys(resource.envs, slugs, f"{where}.envs", complete=True)
             for items, attr in unique:
                 problems += _duplicates(getattr(resource, items), attr, f"{where}.{items}")
+    for index, job in enumerate(manifest.jobs):
+        problem = target_problem(manifest, job.target.kind, job.target.event)
+        if problem is not None:
+            problems.append((f"jobs[{index}].target.event", problem))
+        problems += _env_keys(dict.fromkeys(job.envs or ()), slugs, f"jobs[{index}].envs", complete=False)
     return problems
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ductape_processor.errors import (
@@ -104,6 +105,12 @@ class Registry:
         self._loading: dict[tuple[str, int], asyncio.Future[CompiledManifest]] = {}
         self._seen_revisions: dict[str, int] = {}
         self._poller = PeriodicTask("registry poll", poll_interval, self._poll)
+        self._watchers: list[Callable[[str], None]] = []
+
+    def on_change(self, watcher: Callable[[str], None]) -> None:
+        """Call `watcher(product)` whenever a product changes (a version applied or promoted, here or on another
+        replica); it must return at once (start a task for longer work)."""
+        self._watchers.append(watcher)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -132,6 +139,8 @@ class Registry:
             slot.generation += 1
             slot.state = None
             slot.resolved.clear()
+        for watcher in self._watchers:
+            watcher(product)
 
     # -- state ------------------------------------------------------------------------------------------------
 

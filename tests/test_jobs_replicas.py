@@ -1,0 +1,129 @@
+"""Jobs across replicas and manifests: a dead replica's run taken over after its lease, concurrent claims on one
+database, and the jobs a manifest declares following the version pinned for each environment."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import pytest
+from ductape.processor import InvalidArgumentError
+from ductape.processor.v1 import job_pb2
+
+from ductape_processor.runtime.jobs.model import RunTrigger
+from ductape_processor.runtime.jobs.scheduler import new_run
+from ductape_processor.store import Store
+from ductape_processor.store.base import JobRecord, JobStatus, RunStatus
+from tests.jobs_harness import START, Jobs, jobs_fixture, manifest, seconds, settled, until  # noqa: F401 - the fixture
+
+
+async def test_a_run_whose_runner_died_is_taken_over_after_its_lease_and_says_so(jobs: Jobs) -> None:
+    scheduled = await jobs.schedule(delay=seconds(3600))
+    job = await jobs.store.get_job(scheduled.job_id)
+    assert job is not None
+    # A replica that started a run and died: the run is RUNNING under its lease, which nobody renews.
+    ghost = new_run(
+        job,
+        START,
+        RunStatus.RUNNING,
+        RunTrigger.SCHEDULE,
+        attempts=1,
+        started_at=START,
+        owner="ghost",
+        lease_until=START + timedelta(seconds=30),
+    )
+    await jobs.store.insert_run(ghost)
+    jobs.clock.advance(timedelta(seconds=29))
+    await asyncio.sleep(0.3)
+    assert jobs.hits() == 0
+    jobs.clock.advance(timedelta(seconds=1))
+    await until(lambda: jobs.hits() == 1, "the run to be taken over")
+    [run] = await settled(jobs, scheduled.job_id, 1)
+    assert run.run_id == ghost.run_id and run.reclaimed and run.attempts == 2
+    assert run.status == job_pb2.RUN_STATUS_SUCCEEDED
+
+
+async def test_replicas_claim_different_due_jobs(store_factory: Callable[[], Awaitable[Store]]) -> None:
+    first, second = await store_factory(), await store_factory()
+    for index in range(40):
+        record = JobRecord(
+            job_id=f"job-{index:02}",
+            product="shop",
+            env="dev",
+            name="",
+            target_kind="action",
+            spec="{}",
+            status=JobStatus.SCHEDULED,
+            next_run_at=START,
+            runs=0,
+            declared=False,
+            idempotency_key="",
+            request_hash="",
+            created_at=START,
+        )
+        await first.insert_job(record, replace=False, now=START)
+    lease = START + timedelta(seconds=30)
+    claims = await asyncio.gather(
+        *(store.claim_due_jobs(owner, START, lease, 15) for store, owner in [(first, "a"), (second, "b")] * 3)
+    )
+    claimed = [job.job_id for claim in claims for job in claim]
+    assert sorted(claimed) == sorted(f"job-{index:02}" for index in range(40))  # each once, none twice
+    assert not await first.claim_due_jobs("c", START, lease, 15)  # all leased
+    assert len(await first.claim_due_jobs("c", lease, lease + timedelta(seconds=30), 50)) == 40  # leases ran out
+
+
+HEARTBEAT = """
+jobs:
+  - tag: heartbeat
+    target: {kind: action, event: "up:ping"}
+    input: {body: {beat: true}}
+    repeat: {every: 1m}
+    retry: {max_retries: 1}
+"""
+
+
+async def _declared(jobs: Jobs) -> list[job_pb2.Job]:
+    listed = await jobs.stub.List(job_pb2.JobServiceListRequest(product="shop", env="dev", name="heartbeat"))
+    return [job for job in listed.jobs if job.declared]
+
+
+async def test_a_declared_job_lives_while_the_pinned_version_declares_it(jobs: Jobs) -> None:
+    product = jobs.running.client.product
+    declaring = await product.apply(manifest(jobs.upstream.url, HEARTBEAT))
+    await product.promote("shop", env="dev", version=declaring.version.version)
+    await until(lambda: jobs.hits() == 1, "the declared job's first run")
+    [job] = await _declared(jobs)
+    assert job.status == job_pb2.JOB_STATUS_SCHEDULED and job.name == "heartbeat"
+    assert job.repeat.every.ToTimedelta() == timedelta(minutes=1) and job.retry.max_retries == 1
+    dropping = await product.apply(manifest(jobs.upstream.url, "# no jobs any more"))
+    await asyncio.sleep(0.3)
+    [still] = await _declared(jobs)  # dev is still pinned to the version that declares it
+    assert still.status == job_pb2.JOB_STATUS_SCHEDULED and still.job_id == job.job_id
+    await product.promote("shop", env="dev", version=dropping.version.version)
+
+    async def cancelled() -> bool:
+        return [j.status for j in await _declared(jobs)] == [job_pb2.JOB_STATUS_CANCELLED]
+
+    await until(cancelled, "the job the promoted version drops to be cancelled")
+    jobs.clock.advance(timedelta(minutes=5))
+    await asyncio.sleep(0.3)
+    assert jobs.hits() == 1
+
+
+@pytest.mark.parametrize(
+    ("declaration", "path"),
+    [
+        ('{tag: j, target: {event: "up:ping"}, repeat: {cron: "61 * * * *"}}', "jobs[0].repeat.cron"),
+        ('{tag: j, target: {event: "up:ping"}, repeat: {every: 1m, timezone: Mars/Base}}', "jobs[0].repeat.timezone"),
+        ('{tag: j, target: {event: "up:ping"}, repeat: {}}', "jobs[0].repeat"),
+        ('{tag: j, target: {event: "up:nope"}, repeat: {every: 1m}}', "jobs[0].target.event"),
+        ('{tag: j, target: {kind: publish, event: "up:ping"}, repeat: {every: 1m}}', "jobs[0].target.event"),
+    ],
+    ids=["cron", "timezone", "no-rhythm", "no-action", "kind-mismatch"],
+)
+async def test_declared_jobs_are_checked_when_the_manifest_is_applied(jobs: Jobs, declaration: str, path: str) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        await jobs.running.client.product.apply(manifest(jobs.upstream.url, f"jobs: [{declaration}]"))
+    assert caught.value.reason == "INVALID_MANIFEST"
+    assert any(v.field.startswith(path) for v in caught.value.field_violations), caught.value.field_violations
