@@ -76,8 +76,8 @@ def test_environment_lookup_by_slug_or_name() -> None:
 
 
 def test_unknown_resource_kind_and_unknown_field_are_refused() -> None:
-    found = problems(with_(jobs=[], apps=[app(colour="blue")]))
-    assert "unknown field" in found["jobs"]
+    found = problems(with_(gadgets=[], apps=[app(colour="blue")]))
+    assert "unknown field" in found["gadgets"]
     assert "unknown field" in found["apps[0].colour"]
 
 
