@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 from ductape.processor.v1 import action_pb2, action_pb2_grpc
 
 from ductape_processor.api.calls import Context, deadline
-from ductape_processor.api.values import (
-    MAX_JSON_DEPTH,
-    json_depth,
-    pinned_version,
-    python_to_value,
-    required,
-    session_pair,
-    struct_to_dict,
-)
+from ductape_processor.api.values import json_to_value, pinned_version, required, session_pair, struct_to_dict
 from ductape_processor.runtime.actions.call import ActionCall
 from ductape_processor.runtime.actions.executor import ActionExecutor
 
@@ -51,26 +42,19 @@ class ActionServicer(action_pb2_grpc.ActionServiceServicer):
             idempotency_key=request.idempotency_key,
         )
         result = await self._executor.run(call, deadline(context))
+        joined: dict[str, str] = {}
+        for name, value in result.headers:  # repeated fields joined into one value, as HTTP allows
+            joined[name] = f"{joined[name]}, {value}" if name in joined else value
         response = action_pb2.RunResponse(
             status_code=result.status,
+            headers=joined,
             content_type=result.content_type,
             process_id=result.process_id,
             attempts=result.attempts,
             cached=result.cached,
             version=result.version,
+            raw=result.body,
         )
-        headers = response.headers
-        for name, value in result.headers:
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        response.raw = result.body
-        if "json" in result.content_type and result.body:
-            try:
-                data = json.loads(result.body)
-            except (ValueError, RecursionError):
-                return response  # not JSON after all (or nested past Python's recursion limit): the bytes
-            if json_depth(data) <= MAX_JSON_DEPTH:
-                try:
-                    python_to_value(data, response.json)
-                except UnicodeEncodeError:  # JSON may escape a lone surrogate ("\ud800"), no protobuf string can
-                    response.raw = result.body  # hold it: the bytes, as for a body that is not JSON
+        if "json" in result.content_type and result.body and not json_to_value(result.body, response.json):
+            response.raw = result.body  # not JSON after all, too deep, or a string protobuf cannot hold: the bytes
         return response

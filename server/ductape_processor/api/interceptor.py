@@ -265,30 +265,45 @@ def _aborted_code(context: Context) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-@contextlib.asynccontextmanager
-async def _served(call: _Call, context: Context) -> AsyncIterator[None]:
-    """One call's life around the handler: open and authenticate it, map what it raises, close it."""
-    started = time.perf_counter()
-    opened = None
-    code = grpc.StatusCode.OK
-    try:
-        opened, authorization = call.open(context)
-        call.authenticate(authorization)
-        yield
-    except grpc.aio.AbortError:
-        code = _aborted_code(context)
-        raise
-    except Exception as exc:
-        code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
-        await call.fail(exc, opened, context)
-    finally:
-        if opened is not None:
-            call.close(opened, code, started)
+class _Served:
+    """One call's life around the handler: open and authenticate it, map what it raises, close it.
+
+    A class rather than an `asynccontextmanager` generator: it is entered on every call, and costs a third of one.
+    """
+
+    __slots__ = ("call", "code", "context", "opened", "started")
+
+    def __init__(self, call: _Call, context: Context) -> None:
+        self.call = call
+        self.context = context
+        self.opened: _Opened | None = None
+        self.code = grpc.StatusCode.OK
+        self.started = 0.0
+
+    async def __aenter__(self) -> None:
+        self.started = time.perf_counter()
+        try:
+            self.opened, authorization = self.call.open(self.context)
+            self.call.authenticate(authorization)
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            if isinstance(exc, grpc.aio.AbortError):
+                self.code = _aborted_code(self.context)
+            elif isinstance(exc, Exception):
+                self.code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
+                await self.call.fail(exc, self.opened, self.context)
+        finally:
+            if self.opened is not None:
+                self.call.close(self.opened, self.code, self.started)
 
 
 def _unary(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
     async def behavior(request: object, context: Context) -> object:
-        async with _served(call, context):
+        async with _Served(call, context):
             return await inner(_checked(request, streamed), context)
 
     return behavior
@@ -298,7 +313,7 @@ def _streaming(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
     if inspect.isasyncgenfunction(inner):
 
         async def generator(request: object, context: Context) -> AsyncIterator[object]:
-            async with _served(call, context):
+            async with _Served(call, context):
                 async for response in inner(_checked(request, streamed), context):
                     yield response
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Final
 
+import orjson
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from pydantic import JsonValue
 
@@ -17,21 +19,6 @@ Protobuf parsers refuse messages nested more than 100 levels (Python, C++, Java 
 level is three (Value, Struct, map entry) inside the response: deeper JSON would reach the caller as a response its
 client cannot read, or fail here on recursion. Deeper JSON is returned as bytes instead.
 """
-
-
-def json_depth(data: object, limit: int = MAX_JSON_DEPTH) -> int:
-    """How deeply objects and arrays nest in `data` (a scalar is 0), counting no further than `limit + 1`."""
-    deepest = 0
-    stack: list[tuple[object, int]] = [(data, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            depth += 1
-            if depth > limit:
-                return depth
-            deepest = max(deepest, depth)
-            stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
 
 
 def value_to_python(value: struct_pb2.Value) -> JsonValue:
@@ -56,24 +43,64 @@ def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, JsonValue]:
     return {key: value_to_python(item) for key, item in struct.fields.items()}
 
 
-def python_to_value(data: object, value: struct_pb2.Value | None = None) -> struct_pb2.Value:
-    """A JSON-like Python value as a `google.protobuf.Value` (filled in place when `value` is given)."""
-    target = value if value is not None else struct_pb2.Value()
-    if data is None:
+class _TooDeep(Exception):
+    """A JSON document nests deeper than MAX_JSON_DEPTH."""
+
+
+def json_to_value(body: bytes, target: struct_pb2.Value) -> bool:
+    """Fill `target` with the JSON document `body`, in one pass; False when `body` is not JSON, nests deeper than
+    `MAX_JSON_DEPTH`, or holds a string no protobuf string can (JSON may escape a lone surrogate, "\\ud800").
+
+    On False, `target` may be partly filled: the caller answers with the bytes instead. An empty object or array at
+    the top leaves `target` unset, as an empty document has no value to carry.
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # orjson refuses what Python's json takes (integers past 64 bits, NaN and Infinity, lone surrogates, very
+        # deep nesting): the standard parser decides, so a document reads the same as it always has.
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            return False
+    if isinstance(data, dict | list) and not data:
+        return True
+    try:
+        _fill(target, data, 0)
+    except (_TooDeep, UnicodeEncodeError):
+        return False
+    return True
+
+
+def _fill(target: struct_pb2.Value, data: object, depth: int) -> None:
+    if isinstance(data, str):
+        target.string_value = data
+    elif data is None:
         target.null_value = struct_pb2.NULL_VALUE
     elif isinstance(data, bool):
         target.bool_value = data
-    elif isinstance(data, (int, float)):
+    elif isinstance(data, int | float):
         target.number_value = data
-    elif isinstance(data, str):
-        target.string_value = data
     elif isinstance(data, dict):
-        target.struct_value.update(data)
+        if depth >= MAX_JSON_DEPTH:
+            raise _TooDeep
+        struct = target.struct_value
+        if not data:
+            struct.SetInParent()
+        fields = struct.fields
+        for key, item in data.items():
+            _fill(fields[key], item, depth + 1)
     elif isinstance(data, list):
-        target.list_value.extend(data)
+        if depth >= MAX_JSON_DEPTH:
+            raise _TooDeep
+        values = target.list_value
+        if not data:
+            values.SetInParent()
+        items = values.values
+        for item in data:
+            _fill(items.add(), item, depth + 1)
     else:
         target.string_value = str(data)
-    return target
 
 
 def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
