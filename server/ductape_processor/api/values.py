@@ -43,6 +43,26 @@ def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, JsonValue]:
     return {key: value_to_python(item) for key, item in struct.fields.items()}
 
 
+def python_to_value(data: object, value: struct_pb2.Value | None = None) -> struct_pb2.Value:
+    """A JSON-like Python value as a `google.protobuf.Value` (filled in place when `value` is given)."""
+    target = value if value is not None else struct_pb2.Value()
+    if data is None:
+        target.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(data, bool):
+        target.bool_value = data
+    elif isinstance(data, (int, float)):
+        target.number_value = data
+    elif isinstance(data, str):
+        target.string_value = data
+    elif isinstance(data, dict):
+        target.struct_value.update(data)
+    elif isinstance(data, list):
+        target.list_value.extend(data)
+    else:
+        target.string_value = str(data)
+    return target
+
+
 class _TooDeep(Exception):
     """A JSON document nests deeper than MAX_JSON_DEPTH."""
 

@@ -1,0 +1,50 @@
+"""api/values.py: an upstream's JSON answer reaches the caller as the same Value whichever parser reads it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf import struct_pb2
+
+from ductape_processor.api.values import MAX_JSON_DEPTH, json_to_value, python_to_value
+
+BODIES = [
+    b'{"ok": true, "id": 1, "name": "Ada", "score": 1.5, "none": null, "tags": ["a", {"b": []}], "o": {}}',
+    b"[1, -0.0, 1e300, 18446744073709551616]",  # the last integer is past 64 bits: orjson refuses it
+    b'"text"',
+    b"null",
+    b"NaN",  # not JSON, but Python's parser takes it
+    b"1e999999",
+    b'{"a": {"b": {"c": [[[1]]]}}}',
+    b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH,
+]
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_json_answers_become_the_value_the_standard_parser_gives(body: bytes) -> None:
+    expected = python_to_value(json.loads(body))
+    got = struct_pb2.Value()
+    assert json_to_value(body, got)
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1),
+        b'{"name": "\\ud800"}',  # a lone surrogate: no protobuf string can hold it
+        b'{"a":',
+        b"\xff\xfe",
+        b"",
+    ],
+)
+def test_answers_that_cannot_be_a_value_are_refused(body: bytes) -> None:
+    assert not json_to_value(body, struct_pb2.Value())
+
+
+@pytest.mark.parametrize("body", [b"{}", b"[]"])
+def test_an_empty_document_leaves_the_value_unset(body: bytes) -> None:
+    value = struct_pb2.Value()
+    assert json_to_value(body, value)
+    assert value.WhichOneof("kind") is None
