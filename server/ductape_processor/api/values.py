@@ -101,24 +101,19 @@ def _fill(target: struct_pb2.Value, data: object, depth: int) -> None:
         target.bool_value = data
     elif isinstance(data, int | float):
         target.number_value = data
-    elif isinstance(data, dict):
+    elif isinstance(data, dict | list):
         if depth >= MAX_JSON_DEPTH:
             raise _TooDeep
-        struct = target.struct_value
-        if not data:
-            struct.SetInParent()
-        fields = struct.fields
-        for key, item in data.items():
-            _fill(fields[key], item, depth + 1)
-    elif isinstance(data, list):
-        if depth >= MAX_JSON_DEPTH:
-            raise _TooDeep
-        values = target.list_value
-        if not data:
-            values.SetInParent()
-        items = values.values
-        for item in data:
-            _fill(items.add(), item, depth + 1)
+        if not data:  # an empty object or array is still a value: mark it present
+            (target.struct_value if isinstance(data, dict) else target.list_value).SetInParent()
+        elif isinstance(data, dict):
+            fields = target.struct_value.fields
+            for key, item in data.items():
+                _fill(fields[key], item, depth + 1)
+        else:
+            items = target.list_value.values
+            for item in data:
+                _fill(items.add(), item, depth + 1)
     else:
         target.string_value = str(data)
 
