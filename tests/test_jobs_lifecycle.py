@@ -1,5 +1,5 @@
-"""Jobs across replicas and manifests: a dead replica's run taken over after its lease, concurrent claims on one
-database, and the jobs a manifest declares following the version pinned for each environment."""
+"""Jobs over their lifetime: a dead replica's run taken over after its lease, concurrent claims on one database,
+and the jobs a manifest declares following the version pinned for each environment."""
 
 from __future__ import annotations
 
