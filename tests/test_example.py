@@ -65,13 +65,15 @@ async def test_the_readme_first_calls_work(start_server: ServerFactory, mailer_s
     assert printed[5] == (b"Hello, files!", "text/plain")
     assert printed[6] == (1, "Ada"), "the user added to the example's SQLite database is found"
     assert printed[7] == ([("email", True, "log"), ("sms", True, "log")],), "the welcome notification is sent"
-    assert printed[8] == (False, 1), "applying the same manifest again creates no version"
-    assert printed[9] == ("PRODUCT_NOT_FOUND", {"product": "blog"})
-    assert len(printed) == 10
+    assert printed[8] == ("succeeded", 202), "the one-off job ran the action"
+    assert printed[9] == ("cancelled", None), "the repeating job is cancelled"
+    assert printed[10] == (False, 1), "applying the same manifest again creates no version"
+    assert printed[11] == ("PRODUCT_NOT_FOUND", {"product": "blog"})
+    assert len(printed) == 12
     # What the README says each print shows (its trailing comment, `...` standing for the rest) is what it shows.
     promised = re.findall(r"^\s*print\(.*\)  # (.+)$", code, re.MULTILINE)
     lines = [" ".join(str(value) for value in values) for values in printed]
-    assert len(promised) == 8, promised
+    assert len(promised) == 10, promised
     for comment in promised:
         assert any(_shows(line, comment) for line in lines), (comment, lines)
 

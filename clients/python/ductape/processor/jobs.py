@@ -17,7 +17,6 @@ Unix seconds; durations are timedeltas or seconds. Statuses read as lower-case w
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,7 +24,7 @@ from typing import Any, TypedDict, Unpack
 
 from ductape.processor.calls import CallMetadata, ResourceClient, every_item
 from ductape.processor.v1 import job_pb2, job_pb2_grpc
-from ductape.processor.values import SessionLike, session_ref, struct
+from ductape.processor.values import SessionLike, plain, session_ref, struct
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
 Moment = datetime | float
@@ -104,7 +103,7 @@ class Job:
             job.name,
             _word(job_pb2.TargetKind, job.target.kind, "TARGET_KIND_"),
             job.target.address,
-            json_format.MessageToDict(job.target.input),
+            plain(json_format.MessageToDict(job.target.input)),
             _word(job_pb2.JobStatus, job.status, "JOB_STATUS_"),
             _moment(job.next_run_at, job.HasField("next_run_at")),
             job.runs,
@@ -135,7 +134,7 @@ class JobRun:
     @classmethod
     def from_proto(cls, run: job_pb2.JobRun) -> JobRun:
         """A JobRun from its message."""
-        result = json.loads(json_format.MessageToJson(run.result)) if run.HasField("result") else None
+        result = plain(json_format.MessageToDict(run.result)) if run.HasField("result") else None
         return cls(
             run.run_id,
             run.job_id,
