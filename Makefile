@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 DATA    ?= .data
 
-.PHONY: setup emulators run test faults lint gen bench mutate clean
+.PHONY: setup emulators ts-deps run test faults lint gen bench mutate clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ $(AZURITE):
 
 emulators: $(AZURITE)
 
+## The TypeScript client's packages (clients/typescript/package-lock.json), for its tests and `make gen`. Without npm
+## its tests skip with a message (fail under CI=true).
+TS_DEPS := clients/typescript/node_modules/.installed-stamp
+$(TS_DEPS): clients/typescript/package-lock.json
+	@if command -v npm >/dev/null 2>&1 || [ "$$CI" = true ]; then \
+		npm ci --silent --no-audit --no-fund --prefix clients/typescript && touch $@; \
+	else echo "make: npm not found: the TypeScript client's tests will skip (install Node.js 20+ and npm to run them)"; fi
+
+ts-deps: $(TS_DEPS)
+
 ## Serve the example product on 127.0.0.1:50051 with the embedded SQLite store under $(DATA)/, and the example
 ## mailer stub on 127.0.0.1:8025 that the product's `mailer` app calls in its `dev` environment.
 run: setup
@@ -33,7 +43,7 @@ run: setup
 		--secrets-file examples/secrets.env --log-format text
 
 ## Run the whole test suite (PostgreSQL tests skip with a message when no server is reachable, fail under CI=true).
-test: setup emulators
+test: setup emulators ts-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## Only the fault-injection tests (terminated store connections, kill -9 of a replica), with their figures printed.
@@ -41,15 +51,17 @@ test: setup emulators
 faults: setup
 	$(PY) -m pytest -m faults -s $(PYTEST_ARGS)
 
-lint: setup
+lint: setup ts-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy server/ductape_processor clients/python/ductape/processor
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format --diff --exit-code
+	@if [ -x clients/typescript/node_modules/.bin/tsc ]; then clients/typescript/node_modules/.bin/tsc -p clients/typescript --noEmit; \
+	else echo "make: the TypeScript client is not type-checked (no clients/typescript/node_modules)"; fi
 
-## Regenerate the Python stubs and the manifest JSON Schema (both checked in).
-gen: setup
+## Regenerate every client's code (Python stubs, TypeScript modules) and the manifest JSON Schema (all checked in).
+gen: setup ts-deps
 	$(PY) scripts/gen_protos.py
 	$(VENV)/bin/ductape-processor schema > docs/manifest.schema.json
 
@@ -69,4 +81,5 @@ mutate: setup
 	$(PY) scripts/mutate.py $(MUTATE_ARGS)
 
 clean:
-	rm -rf $(VENV) $(DATA) .mypy_cache .ruff_cache .pytest_cache .mutate .tools
+	rm -rf $(VENV) $(DATA) .mypy_cache .ruff_cache .pytest_cache .mutate .tools clients/typescript/node_modules \
+		clients/typescript/dist

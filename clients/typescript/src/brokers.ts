@@ -1,0 +1,435 @@
+/**
+ * Message brokers: publish, publish in batches, and consume a topic with `for await`.
+ *
+ *   const subscription = processor.messageBroker.subscribe({ product: "shop", env: "prd",
+ *                                                             event: "events:user-created", group: "mailer" });
+ *   for await (const message of subscription) {
+ *     handle(message.json());
+ *     message.ack();
+ *   }
+ *
+ * The protocol is docs/streaming.md. Acks are batched on the wire (every 10 ms, or 100 at once). The server never
+ * has more than `maxInFlight` unacked messages out on the stream (its credit), so the messages this client holds
+ * for the loop are bounded by it. When the stream ends with UNAVAILABLE (a replica shutting down, a network blip)
+ * the subscription reconnects with jittered exponential backoff; messages that were not acked are delivered again
+ * by the broker (and those received on the dropped stream and not yet handed to the loop are dropped here), so
+ * handlers must tolerate repeats (at least once).
+ */
+import { status as Status, type Channel, type ClientDuplexStream, type ServiceError, type StatusObject } from "@grpc/grpc-js";
+import { duration, stub, type Caller, type CallMetadata, type CallOptions } from "./call.js";
+import { fromServiceError, ProcessorError } from "./errors.js";
+import {
+  BrokerServiceClient,
+  type OutgoingMessage,
+  type ReceivedMessage,
+  type SubscribeInit,
+  type SubscribeRequest,
+  type SubscribeResponse,
+} from "./gen/ductape/processor/v1/broker.js";
+
+const ACK_FLUSH_MS = 10;
+const ACK_FLUSH_COUNT = 100;
+
+/** A message to publish: `data` bytes (say what they are in `contentType`) or a `json` value. */
+export interface MessageFields {
+  data?: Uint8Array;
+  json?: unknown;
+  contentType?: string;
+  attributes?: Record<string, string>;
+  orderingKey?: string;
+  idempotencyKey?: string;
+}
+
+/** The OutgoingMessage of `fields`; `json` is sent as a protobuf Value (JSON on the wire, `application/json`). */
+export function outgoing(fields: MessageFields): OutgoingMessage {
+  return {
+    data: fields.data === undefined ? undefined : Buffer.from(fields.data.buffer, fields.data.byteOffset, fields.data.byteLength),
+    json: fields.data === undefined ? (fields.json === undefined ? null : fields.json) : undefined,
+    contentType: fields.contentType ?? "",
+    attributes: fields.attributes ?? {},
+    orderingKey: fields.orderingKey ?? "",
+    idempotencyKey: fields.idempotencyKey ?? "",
+  };
+}
+
+/** One batch entry's outcome: `messageId`, or the error's `code`, `reason` and `message`. */
+export interface PublishResult {
+  messageId: string;
+  /** The gRPC status code; 0 (OK) when published. */
+  code: Status;
+  reason: string;
+  message: string;
+  ok: boolean;
+}
+
+/** A delivered message. Ack it when done, or nack it to have it delivered again. */
+export class Message {
+  readonly id: string;
+  readonly data: Buffer;
+  readonly contentType: string;
+  readonly attributes: Record<string, string>;
+  readonly publishTime: Date | undefined;
+  readonly deliveryAttempt: number;
+  readonly source: string;
+  readonly type: string;
+  readonly orderingKey: string;
+  readonly traceparent: string;
+  readonly tracestate: string;
+  readonly ackId: string;
+
+  constructor(
+    received: ReceivedMessage,
+    private readonly subscription: Subscription,
+    /** @internal the stream it came on */
+    readonly generation: number,
+  ) {
+    this.id = received.id;
+    this.data = received.data;
+    this.contentType = received.contentType;
+    this.attributes = received.attributes;
+    this.publishTime = received.publishTime;
+    this.deliveryAttempt = received.deliveryAttempt;
+    this.source = received.source;
+    this.type = received.type;
+    this.orderingKey = received.orderingKey;
+    this.traceparent = received.traceparent;
+    this.tracestate = received.tracestate;
+    this.ackId = received.ackId;
+  }
+
+  /** The payload parsed as JSON. */
+  json<T = unknown>(): T {
+    return JSON.parse(this.data.toString("utf8")) as T;
+  }
+
+  /** The payload as UTF-8 text. */
+  text(): string {
+    return this.data.toString("utf8");
+  }
+
+  /** Done: the message is not delivered again. Sent with the next batch of acks (within 10 ms). */
+  ack(): void {
+    this.subscription.queueAck(this.ackId, this.generation);
+  }
+
+  /** Deliver again after `delayMs`, or send to the dead-letter topic now (`deadLetter`). */
+  nack(options: { delayMs?: number; deadLetter?: boolean } = {}): void {
+    this.subscription.sendNack(this.ackId, this.generation, options.delayMs ?? 0, options.deadLetter ?? false);
+  }
+}
+
+/** What `processor.messageBroker.subscribe` takes. Durations are in milliseconds. */
+export interface SubscribeOptions {
+  product: string;
+  env: string;
+  /** `broker_tag:topic_tag`. */
+  event: string;
+  /** The consumer group: subscribers of one group share the messages. */
+  group: string;
+  /** Most unacked messages out on the stream (the server's credit); default 100. */
+  maxInFlight?: number;
+  /** Most messages in one response; default 100. */
+  maxBatch?: number;
+  /** How long a batch waits to fill after its first message; default 10 ms. */
+  maxWaitMs?: number;
+  /** Time to ack a message before it is delivered again; default 30 s. */
+  ackDeadlineMs?: number;
+  /** Deliveries before a message goes to `deadLetterEvent`; 0: unlimited. */
+  maxDeliveries?: number;
+  deadLetterEvent?: string;
+  /** Ack each message when the loop asks for the next one. */
+  autoAck?: boolean;
+  /** Reconnect on UNAVAILABLE (default true). */
+  reconnect?: boolean;
+  /** The longest backoff between reconnects in milliseconds; default 5000. */
+  maxBackoffMs?: number;
+  /** Added to the stream's metadata, on every reconnect too. */
+  metadata?: CallMetadata;
+}
+
+type Waiter = { resolve: (message: Message | undefined) => void; reject: (error: unknown) => void };
+
+/**
+ * An open subscription: iterate it with `for await`; `close()` ends it (so does leaving the loop with `break`).
+ * `staleAcks` counts the acks and nacks the server ignored because their message was no longer outstanding,
+ * `expiredAcks` those of them that came after the message's ack deadline; `reconnects` the streams reopened.
+ */
+export class Subscription implements AsyncIterable<Message> {
+  reconnects = 0;
+  staleAcks = 0;
+  expiredAcks = 0;
+  /** The server's id of the current stream (for logs), once open. */
+  subscriptionId = "";
+
+  private call: ClientDuplexStream<SubscribeRequest, SubscribeResponse> | undefined;
+  private generation = 0;
+  private closed = false;
+  private started: Promise<void> | undefined;
+  private readyResolve: (() => void) | undefined;
+  private readyReject: ((error: unknown) => void) | undefined;
+  private readonly readyPromise: Promise<void>;
+  private readonly buffer: Message[] = [];
+  private head = 0;
+  private waiter: Waiter | undefined;
+  private failure: unknown;
+  private finished = false;
+  private pendingAcks: string[] = [];
+  private flushTimer: NodeJS.Timeout | undefined;
+  private callEnded = true;
+
+  constructor(
+    private readonly stub: BrokerServiceClient,
+    private readonly caller: Caller,
+    private readonly init: SubscribeInit,
+    private readonly options: SubscribeOptions,
+  ) {
+    this.readyPromise = new Promise<void>((resolve, reject) => {
+      this.readyResolve = resolve;
+      this.readyReject = reject;
+    });
+    this.readyPromise.catch(() => undefined); // a failure is also reported to the loop
+  }
+
+  /** Open the stream now (the loop opens it otherwise); resolves once the server answered `ready`. */
+  open(): Promise<void> {
+    this.started ??= this.pump();
+    return this.readyPromise;
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<Message, void, undefined> {
+    void this.open();
+    try {
+      for (;;) {
+        const message = await this.next();
+        if (message === undefined) return;
+        yield message;
+        if (this.options.autoAck) message.ack();
+      }
+    } finally {
+      await this.close();
+    }
+  }
+
+  private next(): Promise<Message | undefined> {
+    if (this.head < this.buffer.length) {
+      const message = this.buffer[this.head]!;
+      this.buffer[this.head++] = undefined as unknown as Message;
+      if (this.head === this.buffer.length) {
+        this.buffer.length = 0;
+        this.head = 0;
+      }
+      return Promise.resolve(message);
+    }
+    if (this.failure !== undefined) return Promise.reject(this.failure);
+    if (this.finished || this.closed) return Promise.resolve(undefined);
+    return new Promise((resolve, reject) => (this.waiter = { resolve, reject }));
+  }
+
+  private deliver(message: Message): void {
+    const waiter = this.waiter;
+    if (waiter) {
+      this.waiter = undefined;
+      waiter.resolve(message);
+    } else this.buffer.push(message);
+  }
+
+  private end(error?: unknown): void {
+    if (error !== undefined) {
+      this.failure = error;
+      this.readyReject?.(error);
+    }
+    this.finished = true;
+    const waiter = this.waiter;
+    this.waiter = undefined;
+    if (waiter) (error !== undefined ? waiter.reject(error) : waiter.resolve(undefined));
+  }
+
+  /** One stream: open, read until it ends; resolves when it ended OK, rejects with its error. */
+  private stream(): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.pendingAcks = [];
+      const generation = ++this.generation;
+      const call = this.stub.subscribe(this.caller.metadata(this.options.metadata), {});
+      this.call = call;
+      this.callEnded = false;
+      let first = true;
+      call.on("data", (response: SubscribeResponse) => {
+        if (first) {
+          first = false;
+          if (!response.ready) {
+            call.cancel();
+            reject(new ProcessorError(Status.INTERNAL, "the server did not confirm the subscription"));
+            return;
+          }
+          this.subscriptionId = response.ready.subscriptionId;
+          this.readyResolve?.();
+          return;
+        }
+        if (response.staleAcks) {
+          this.staleAcks += response.staleAcks.ackIds.length;
+          this.expiredAcks += response.staleAcks.expiredAckIds.length;
+        } else if (response.batch) {
+          for (const received of response.batch.messages) this.deliver(new Message(received, this, generation));
+        }
+      });
+      call.on("error", (error: ServiceError) => reject(error));
+      call.on("status", (status: StatusObject) => {
+        this.callEnded = true;
+        if (status.code === Status.OK) resolve();
+      });
+      call.write({ init: this.init });
+    });
+  }
+
+  private async pump(): Promise<void> {
+    let backoff = 100;
+    const maxBackoff = this.options.maxBackoffMs ?? 5000;
+    while (!this.closed) {
+      try {
+        await this.stream();
+        this.end();
+        return;
+      } catch (error) {
+        if (this.closed) break;
+        const code = (error as ServiceError).code;
+        if (error instanceof ProcessorError || this.options.reconnect === false || code !== Status.UNAVAILABLE) {
+          this.end(error instanceof ProcessorError ? error : fromServiceError(error as ServiceError));
+          return;
+        }
+        if (this.subscriptionId !== "") backoff = 100; // the dropped stream had opened: start the backoff over
+        this.subscriptionId = "";
+      }
+      // Messages of the dropped stream not yet handed out: the broker delivers them again.
+      this.dropGeneration(this.generation);
+      this.reconnects++;
+      await new Promise((resolve) => setTimeout(resolve, backoff * (0.5 + Math.random() / 2)));
+      backoff = Math.min(backoff * 2, maxBackoff);
+    }
+    this.end();
+  }
+
+  private dropGeneration(generation: number): void {
+    const kept = this.buffer.slice(this.head).filter((message) => message.generation !== generation);
+    this.buffer.length = 0;
+    this.head = 0;
+    this.buffer.push(...kept);
+  }
+
+  /** @internal */
+  queueAck(ackId: string, generation: number): void {
+    if (generation !== this.generation || this.closed) return; // from an earlier stream: delivered again anyway
+    this.pendingAcks.push(ackId);
+    if (this.pendingAcks.length >= ACK_FLUSH_COUNT) this.flush();
+    else this.flushTimer ??= setTimeout(() => this.flush(), ACK_FLUSH_MS);
+  }
+
+  /** @internal */
+  sendNack(ackId: string, generation: number, delayMs: number, deadLetter: boolean): void {
+    if (generation !== this.generation || this.closed) return;
+    this.flush();
+    this.call?.write({ nack: { ackIds: [ackId], delay: duration(delayMs), deadLetter } });
+  }
+
+  private flush(): void {
+    if (this.flushTimer !== undefined) {
+      clearTimeout(this.flushTimer);
+      this.flushTimer = undefined;
+    }
+    if (this.pendingAcks.length > 0 && this.call) {
+      const ackIds = this.pendingAcks;
+      this.pendingAcks = [];
+      this.call.write({ ack: { ackIds } });
+    }
+  }
+
+  /** Flush acks and end the stream; unacked messages go back to the group. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.flush();
+    this.closed = true;
+    const call = this.call;
+    this.buffer.length = 0; // their acks would be ignored: the broker delivers them again
+    this.head = 0;
+    this.end();
+    if (call !== undefined && !this.callEnded) {
+      await new Promise<void>((resolve) => {
+      const timer = setTimeout(() => {
+        call.cancel();
+        resolve();
+      }, 2000);
+      call.on("status", () => {
+        clearTimeout(timer);
+        resolve();
+      });
+      call.on("error", () => undefined);
+      call.end(); // half-close: the server ends the stream once it has read our acks
+      });
+    }
+    if (this.started) await this.started.catch(() => undefined);
+  }
+}
+
+/** `processor.messageBroker`: publish and subscribe. */
+export class BrokerClient {
+  private readonly stub: BrokerServiceClient;
+
+  constructor(
+    channel: Channel,
+    private readonly caller: Caller,
+  ) {
+    this.stub = stub(BrokerServiceClient, channel);
+  }
+
+  /** Publish one message to `broker_tag:topic_tag`; resolves with its id. */
+  async publish(
+    request: { product: string; env: string; event: string } & MessageFields,
+    options?: CallOptions,
+  ): Promise<string> {
+    const { product, env, event } = request;
+    const response = await this.caller.unary(
+      this.stub,
+      this.stub.publish,
+      { product, env, event, message: outgoing(request) },
+      options,
+    );
+    return response.messageId;
+  }
+
+  /** Publish many messages to one topic; one result per message, in order. */
+  async publishBatch(
+    request: { product: string; env: string; event: string; messages: MessageFields[] },
+    options?: CallOptions,
+  ): Promise<PublishResult[]> {
+    const { product, env, event } = request;
+    const response = await this.caller.unary(
+      this.stub,
+      this.stub.publishBatch,
+      { product, env, event, messages: request.messages.map(outgoing) },
+      options,
+    );
+    return response.results.map((r) => ({
+      messageId: r.messageId,
+      code: r.code as Status,
+      reason: r.reason,
+      message: r.message,
+      ok: r.code === 0,
+    }));
+  }
+
+  /** A subscription to iterate with `for await`; the same `group` shares the messages. */
+  subscribe(options: SubscribeOptions): Subscription {
+    const init: SubscribeInit = {
+      product: options.product,
+      env: options.env,
+      event: options.event,
+      group: options.group,
+      maxInFlight: options.maxInFlight ?? 0,
+      maxBatch: options.maxBatch ?? 0,
+      maxWait: options.maxWaitMs === undefined ? undefined : duration(options.maxWaitMs),
+      ackDeadline: options.ackDeadlineMs === undefined ? undefined : duration(options.ackDeadlineMs),
+      maxDeliveries: options.maxDeliveries ?? 0,
+      deadLetterEvent: options.deadLetterEvent ?? "",
+    };
+    return new Subscription(this.stub, this.caller, init, options);
+  }
+}

@@ -1,0 +1,116 @@
+/** The request glue every resource client shares: metadata (API key + per-call), default deadlines, typed errors. */
+import {
+  Metadata,
+  credentials,
+  type CallOptions as GrpcCallOptions,
+  type Channel,
+  type ChannelCredentials,
+  type ClientOptions,
+  type ClientUnaryCall,
+  type ServiceError,
+} from "@grpc/grpc-js";
+import { fromServiceError } from "./errors.js";
+import type { Duration } from "./gen/google/protobuf/duration.js";
+import type { SessionRef } from "./gen/ductape/processor/v1/common.js";
+
+/** Metadata for one call: an object or [key, value] pairs; keys are sent in lower case. */
+export type CallMetadata = Record<string, string> | ReadonlyArray<readonly [string, string]>;
+
+/** What every facade method takes besides its own fields. */
+export interface CallOptions {
+  /** This call's deadline in milliseconds from now; default the processor's `timeoutMs` (30 s). 0: none. */
+  timeoutMs?: number;
+  /** gRPC metadata for this call only: a caller's `traceparent`, its own `x-request-id`. */
+  metadata?: CallMetadata;
+  /** Cancels the call (it then fails with CancelledError). */
+  signal?: AbortSignal;
+}
+
+/** A user session presented with a call: Ductape's `{tag, token}`, or a [tag, token] pair. */
+export type SessionLike = SessionRef | readonly [string, string];
+
+export function sessionRef(session: SessionLike | undefined): SessionRef | undefined {
+  if (session === undefined) return undefined;
+  if (Array.isArray(session)) return { tag: session[0], token: session[1] };
+  const { tag, token } = session as SessionRef;
+  return { tag, token };
+}
+
+/** A protobuf Duration of `ms` milliseconds. */
+export function duration(ms: number): Duration {
+  const seconds = Math.trunc(ms / 1000);
+  return { seconds, nanos: Math.round((ms - seconds * 1000) * 1e6) };
+}
+
+type UnaryMethod<Req, Res> = (
+  request: Req,
+  metadata: Metadata,
+  options: Partial<GrpcCallOptions>,
+  callback: (error: ServiceError | null, response: Res) => void,
+) => ClientUnaryCall;
+
+/** Adds the API key, the caller's metadata and the default deadline to each call; rejects with typed errors. */
+export class Caller {
+  private readonly base: ReadonlyArray<readonly [string, string]>;
+
+  constructor(
+    base: ReadonlyArray<readonly [string, string]>,
+    readonly timeoutMs: number,
+  ) {
+    this.base = base;
+  }
+
+  /** The client's metadata with `extra` added; an `extra` key replaces the client's value for that key. */
+  metadata(extra?: CallMetadata): Metadata {
+    const metadata = new Metadata();
+    const added = extra === undefined ? [] : Array.isArray(extra) ? extra : Object.entries(extra);
+    const replaced = new Set(added.map(([key]) => key.toLowerCase()));
+    for (const [key, value] of this.base) if (!replaced.has(key)) metadata.add(key, value);
+    for (const [key, value] of added) metadata.add(key.toLowerCase(), value);
+    return metadata;
+  }
+
+  /** gRPC call options with the deadline of `options` (or the default). */
+  callOptions(options?: CallOptions): Partial<GrpcCallOptions> {
+    const timeoutMs = options?.timeoutMs ?? this.timeoutMs;
+    return timeoutMs > 0 ? { deadline: Date.now() + timeoutMs } : {};
+  }
+
+  /** Run a unary method of a generated client; resolve with its response or reject with a ProcessorError. */
+  unary<Req, Res>(client: object, method: UnaryMethod<Req, Res>, request: Req, options?: CallOptions): Promise<Res> {
+    return new Promise<Res>((resolve, reject) => {
+      const call = method.call(
+        client,
+        request,
+        this.metadata(options?.metadata),
+        this.callOptions(options),
+        (error, response) => (error ? reject(fromServiceError(error)) : resolve(response)),
+      );
+      const signal = options?.signal;
+      if (signal) {
+        if (signal.aborted) call.cancel();
+        else signal.addEventListener("abort", () => call.cancel(), { once: true });
+      }
+    });
+  }
+}
+
+/** A generated service client on a shared channel. */
+export function stub<T>(
+  Client: new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>) => T,
+  channel: Channel,
+): T {
+  return new Client("", credentials.createInsecure(), { channelOverride: channel });
+}
+
+/** Every item of a paged listing (AIP-158), fetching pages as needed. */
+export async function* paged<Item>(
+  page: (pageToken: string) => Promise<{ items: Item[]; nextPageToken: string }>,
+): AsyncGenerator<Item> {
+  let pageToken = "";
+  do {
+    const response = await page(pageToken);
+    yield* response.items;
+    pageToken = response.nextPageToken;
+  } while (pageToken);
+}

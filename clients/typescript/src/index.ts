@@ -1,0 +1,42 @@
+/** The Ductape processor's TypeScript client. See README.md; the protocol of Subscribe is docs/streaming.md. */
+export { Processor, ActionClient, SessionClient, ProductClient, LogClient } from "./client.js";
+export type {
+  ProcessorOptions,
+  ActionInput,
+  RunActionRequest,
+  ActionResult,
+  Session,
+  ListExecutionsRequest,
+  ManifestSource,
+} from "./client.js";
+export { BrokerClient, Subscription, Message, outgoing } from "./brokers.js";
+export type { MessageFields, PublishResult, SubscribeOptions } from "./brokers.js";
+export { DatabaseClient, MigrationClient } from "./databases.js";
+export type { DatabaseInput, DatabaseResult, ExecuteOptions } from "./databases.js";
+export { StorageClient } from "./storage.js";
+export type { StorageAddress, FileContent } from "./storage.js";
+export { NotificationClient } from "./notifications.js";
+export type { SendOptions, SendResult, ChannelResult } from "./notifications.js";
+export { duration } from "./call.js";
+export type { CallOptions, CallMetadata, SessionLike } from "./call.js";
+export {
+  ProcessorError,
+  InvalidArgumentError,
+  NotFoundError,
+  AlreadyExistsError,
+  FailedPreconditionError,
+  UnauthenticatedError,
+  PermissionDeniedError,
+  ResourceExhaustedError,
+  UnavailableError,
+  DeadlineExceededError,
+  AbortedError,
+  OutOfRangeError,
+  CancelledError,
+  InternalError,
+  decodeStatusDetails,
+  fromServiceError,
+  STATUS_DETAILS_KEY,
+} from "./errors.js";
+export type { FieldViolation, ErrorDetails } from "./errors.js";
+export { status } from "@grpc/grpc-js";
