@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 DATA    ?= .data
 
-.PHONY: setup emulators ts-deps run test faults lint gen bench mutate clean
+.PHONY: setup emulators ts-deps run test faults lint gen bench mutate wheel clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,9 @@ bench: setup
 mutate: setup
 	$(PY) scripts/mutate.py $(MUTATE_ARGS)
 
+wheel: setup
+	$(PY) -m build --wheel --no-isolation --outdir dist clients/python
+
 clean:
-	rm -rf $(VENV) $(DATA) .mypy_cache .ruff_cache .pytest_cache .mutate .tools clients/typescript/node_modules \
+	rm -rf $(VENV) $(DATA) dist .mypy_cache .ruff_cache .pytest_cache .mutate .tools clients/typescript/node_modules \
 		clients/typescript/dist

@@ -113,7 +113,8 @@ class Db:
 
     async def execute(self, action: str, data: Any = None, filter: Any = None, **options: Any) -> DatabaseResult:
         given = {k: v for k, v in (("data", data), ("filter", filter)) if v is not None}
-        return await self.running.client.database.execute(
+        # Ductape's names (`processor.db.run`); other tests call `database.execute`, the same method
+        return await self.running.client.db.run(
             product="shop", env="dev", database="main", action=action, input=given, **options
         )
 

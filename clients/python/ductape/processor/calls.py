@@ -4,6 +4,8 @@ the default deadline, and turns a failed call into a typed error; `ResourceClien
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypedDict, TypeVar
 
@@ -39,16 +41,32 @@ class RunOptions(TypedDict, total=False):
     idempotency_key: str
 
 
+RETRY_FIRST_DELAY_S = 0.05
+RETRY_MAX_DELAY_S = 1.0
+
+
+def retry_delay(attempt: int) -> float:
+    """The pause before retry `attempt` (1, 2, ...): 50 ms doubling up to 1 s, with full jitter."""
+    return random.uniform(0, min(RETRY_MAX_DELAY_S, RETRY_FIRST_DELAY_S * 2 ** (attempt - 1)))  # noqa: S311 - jitter
+
+
 class Caller:
     """Adds the API key, the caller's per-call metadata and the default timeout to each call; raises typed errors.
 
     A call whose request or response is a stream of chunks (an upload, a download) gets no default timeout: a large
     file may take longer than any default, so only the caller's own `timeout` bounds it.
+
+    A call that is safe to repeat is retried when it fails with UNAVAILABLE (the server was restarting, a
+    connection dropped, a store blip, an idempotent action whose outcome is not known yet), up to `retries` more
+    times, with jittered backoff, within the call's one timeout: reads (get, list, verify, status, plan, validate,
+    apply of a manifest, a signed URL) and every call that carries an `idempotency_key`. Other calls are never
+    repeated: UNAVAILABLE does not say whether the server acted.
     """
 
-    def __init__(self, metadata: Sequence[tuple[str, str]], timeout: float | None) -> None:
+    def __init__(self, metadata: Sequence[tuple[str, str]], timeout: float | None, retries: int = 3) -> None:
         self._metadata = tuple(metadata)
         self._timeout = timeout
+        self._retries = retries
 
     def metadata(self, extra: CallMetadata | None) -> tuple[tuple[str, str], ...]:
         """The client's metadata with `extra` added; an `extra` key replaces the client's value for that key."""
@@ -67,13 +85,36 @@ class Caller:
         metadata: CallMetadata | None = None,
         *,
         streamed: bool = False,
+        safe: bool = False,
     ) -> Response:
-        """One call with one response: `request` is a message, or with `streamed` an iterator of them (an upload)."""
-        default = None if streamed else self._timeout
-        try:
-            return await method(request, metadata=self.metadata(metadata), timeout=timeout or default)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+        """One call with one response: `request` is a message, or with `streamed` an iterator of them (an upload).
+        `safe`: the call may be repeated (a read); a request with an `idempotency_key` always may."""
+        if streamed:
+            try:
+                return await method(request, metadata=self.metadata(metadata), timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from None
+        repeatable = self._retries > 0 and (safe or bool(getattr(request, "idempotency_key", "")))
+        loop = asyncio.get_running_loop()
+        budget = timeout or self._timeout
+        deadline = loop.time() + budget if budget else None
+        sent = self.metadata(metadata)
+        attempt = 0
+        while True:
+            left = deadline - loop.time() if deadline is not None else None
+            try:
+                return await method(request, metadata=sent, timeout=left)
+            except grpc.aio.AioRpcError as exc:
+                attempt += 1
+                pause = retry_delay(attempt)
+                if (
+                    not repeatable
+                    or exc.code() != grpc.StatusCode.UNAVAILABLE
+                    or attempt > self._retries
+                    or (deadline is not None and loop.time() + pause >= deadline)
+                ):
+                    raise from_rpc_error(exc) from None
+            await asyncio.sleep(pause)
 
     async def stream(
         self,

@@ -169,6 +169,7 @@ class SessionClient(ResourceClient):
             self._stub.Verify,
             session_pb2.VerifyRequest(product=product, env=env, tag=tag, token=token),
             metadata=metadata,
+            safe=True,
         )
         return Session(
             data=_plain(json_format.MessageToDict(response.data)),
@@ -224,6 +225,7 @@ class SessionClient(ResourceClient):
                 product=product, env=env, tag=tag, identifier=identifier, page_size=page_size, page_token=page_token
             ),
             metadata=metadata,
+            safe=True,
         )
 
 
@@ -264,6 +266,7 @@ class LogClient(ResourceClient):
                 page_token=page_token,
             ),
             metadata=metadata,
+            safe=True,
         )
 
 
@@ -277,14 +280,14 @@ class ProductClient(ResourceClient):
     ) -> product_pb2.ApplyResponse:
         """Store a manifest (a path, or YAML/JSON bytes) as the product's next version."""
         request = product_pb2.ApplyRequest(**_manifest(manifest))
-        return await self._call(self._stub.Apply, request, metadata=metadata)
+        return await self._call(self._stub.Apply, request, metadata=metadata, safe=True)
 
     async def validate(
         self, manifest: ManifestSource, *, metadata: CallMetadata | None = None
     ) -> product_pb2.ValidateResponse:
         """Every problem of a manifest, without storing it."""
         request = product_pb2.ValidateRequest(**_manifest(manifest))
-        return await self._call(self._stub.Validate, request, metadata=metadata)
+        return await self._call(self._stub.Validate, request, metadata=metadata, safe=True)
 
     async def get(
         self,
@@ -300,7 +303,7 @@ class ProductClient(ResourceClient):
             request.version = version
         elif env is not None:
             request.env = env
-        return await self._call(self._stub.Get, request, metadata=metadata)
+        return await self._call(self._stub.Get, request, metadata=metadata, safe=True)
 
     async def list_versions(
         self, product: str, *, page_size: int = 0, page_token: str = "", metadata: CallMetadata | None = None
@@ -310,6 +313,7 @@ class ProductClient(ResourceClient):
             self._stub.ListVersions,
             product_pb2.ListVersionsRequest(product=product, page_size=page_size, page_token=page_token),
             metadata=metadata,
+            safe=True,
         )
 
     def versions(
@@ -338,7 +342,9 @@ class Processor:
 
     `address` is host:port. `api_key` is sent as `authorization: Bearer <key>`. `root_certificates` (PEM) turns
     TLS on; `certificate_chain` and `private_key` add a client certificate (mTLS). `timeout` is the default
-    deadline of each call in seconds. Pass `channel` to use a channel you built.
+    deadline of each call in seconds. `retries`: how many more times a call that is safe to repeat (a read, or a call
+    with an `idempotency_key`) is tried after UNAVAILABLE, within its timeout (0: never). Pass `channel` to use a
+    channel you built. `db` is `database` under Ductape's name (`processor.db.run(...)`).
     """
 
     def __init__(
@@ -351,6 +357,7 @@ class Processor:
         certificate_chain: bytes | None = None,
         private_key: bytes | None = None,
         timeout: float | None = 30.0,
+        retries: int = 3,
         channel: grpc.aio.Channel | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -362,7 +369,7 @@ class Processor:
                 channel = grpc.aio.insecure_channel(address, options=options)
         self.channel = channel
         metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
-        call = Caller(metadata, timeout)
+        call = Caller(metadata, timeout, retries)
         self.product = ProductClient(product_pb2_grpc.ProductServiceStub(channel), call)
         self.action = ActionClient(action_pb2_grpc.ActionServiceStub(channel), call)
         self.session = SessionClient(session_pb2_grpc.SessionServiceStub(channel), call)
@@ -370,6 +377,7 @@ class Processor:
         self.logs = LogClient(log_pb2_grpc.LogServiceStub(channel), call)
         self.storage = StorageClient(storage_pb2_grpc.StorageServiceStub(channel), call)
         self.database = DatabaseClient(database_pb2_grpc.DatabaseServiceStub(channel), call)
+        self.db = self.database
         self.migration = MigrationClient(migration_pb2_grpc.MigrationServiceStub(channel), call)
         self.notification = NotificationClient(notification_pb2_grpc.NotificationServiceStub(channel), call)
         self.job = JobClient(job_pb2_grpc.JobServiceStub(channel), call)

@@ -104,6 +104,9 @@ class DatabaseClient(ResourceClient):
         response = await self._call(self._stub.Execute, request, timeout, metadata)
         return replace(_result(response, response), cached=response.cached, next_page_token=response.next_page_token)
 
+    run = execute
+    """Ductape's name for `execute`: `processor.db.run(...)`."""
+
     async def batch(
         self,
         *,
@@ -226,7 +229,7 @@ class MigrationClient(ResourceClient):
     ) -> list[MigrationStatus]:
         """Every migration's state."""
         request = migration_pb2.MigrationServiceStatusRequest(target=migration_pb2.MigrationTarget(**target))
-        response = await self._call(self._stub.Status, request, timeout, metadata)
+        response = await self._call(self._stub.Status, request, timeout, metadata, safe=True)
         return [MigrationStatus.from_proto(status) for status in response.migrations]
 
     async def plan(
@@ -243,5 +246,5 @@ class MigrationClient(ResourceClient):
         request = migration_pb2.MigrationServicePlanRequest(
             target=migration_pb2.MigrationTarget(**target), tag=tag, rollback=rollback, steps=steps
         )
-        response = await self._call(self._stub.Plan, request, timeout, metadata)
+        response = await self._call(self._stub.Plan, request, timeout, metadata, safe=True)
         return [(m.tag, list(m.statements)) for m in response.migrations]

@@ -249,13 +249,16 @@ class JobClient(ResourceClient):
             _moment(response.next_run_at, response.HasField("next_run_at")),
         )
 
-    async def _on_job(self, method: Any, request: Any, metadata: CallMetadata | None, job: JobRef) -> Any:
+    async def _on_job(
+        self, method: Any, request: Any, metadata: CallMetadata | None, job: JobRef, *, safe: bool = False
+    ) -> Any:
         """A call whose request names one job (Get, Cancel, Pause, Resume, TriggerNow)."""
-        return await self._call(method, request(job=job_pb2.JobRef(**job)), metadata=metadata)
+        return await self._call(method, request(job=job_pb2.JobRef(**job)), metadata=metadata, safe=safe)
 
     async def get(self, *, metadata: CallMetadata | None = None, **job: Unpack[JobRef]) -> Job:
         """A job, by id or by the name of an active job."""
-        return Job.from_proto((await self._on_job(self._stub.Get, job_pb2.JobServiceGetRequest, metadata, job)).job)
+        got = await self._on_job(self._stub.Get, job_pb2.JobServiceGetRequest, metadata, job, safe=True)
+        return Job.from_proto(got.job)
 
     async def cancel(self, *, metadata: CallMetadata | None = None, **job: Unpack[JobRef]) -> Job:
         """Cancel a job (its runs waiting for a retry too)."""
@@ -301,7 +304,7 @@ class JobClient(ResourceClient):
             page_size=page_size,
             page_token=page_token,
         )
-        response = await self._call(self._stub.List, request, metadata=metadata)
+        response = await self._call(self._stub.List, request, metadata=metadata, safe=True)
         return JobPage([Job.from_proto(job) for job in response.jobs], response.next_page_token)
 
     async def list_runs(
@@ -320,7 +323,7 @@ class JobClient(ResourceClient):
             page_size=page_size,
             page_token=page_token,
         )
-        response = await self._call(self._stub.ListRuns, request, metadata=metadata)
+        response = await self._call(self._stub.ListRuns, request, metadata=metadata, safe=True)
         return RunPage([JobRun.from_proto(run) for run in response.runs], response.next_page_token)
 
     def runs(

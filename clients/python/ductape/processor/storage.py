@@ -254,7 +254,7 @@ class StorageClient(ResourceClient):
 
     async def read(self, *, metadata: CallMetadata | None = None, **file: Unpack[FileRef]) -> FileContent:
         """A small file whole (Ductape's `readFile`); larger than a message: use `download`."""
-        response = await self._call(self._stub.Read, storage_pb2.ReadRequest(**file), metadata=metadata)
+        response = await self._call(self._stub.Read, storage_pb2.ReadRequest(**file), metadata=metadata, safe=True)
         return FileContent(response.data, StoredFile.from_proto(response.file))
 
     async def delete(self, *, metadata: CallMetadata | None = None, **file: Unpack[FileRef]) -> bool:
@@ -264,7 +264,7 @@ class StorageClient(ResourceClient):
 
     async def list(self, *, metadata: CallMetadata | None = None, **query: Unpack[FileQuery]) -> FilePage:
         """One page of files whose key starts with `prefix`, in key order."""
-        response = await self._call(self._stub.List, storage_pb2.ListRequest(**query), metadata=metadata)
+        response = await self._call(self._stub.List, storage_pb2.ListRequest(**query), metadata=metadata, safe=True)
         return FilePage([StoredFile.from_proto(info) for info in response.files], response.next_page_token)
 
     def files(self, *, metadata: CallMetadata | None = None, **query: Unpack[FilePrefix]) -> AsyncIterator[StoredFile]:
@@ -295,7 +295,7 @@ class StorageClient(ResourceClient):
             expires_in=duration_pb2.Duration(seconds=whole, nanos=round((expires_in - whole) * 1e9)),
             content_type=content_type,
         )
-        response = await self._call(self._stub.SignedUrl, request, metadata=metadata)
+        response = await self._call(self._stub.SignedUrl, request, metadata=metadata, safe=True)
         return SignedUrl(
             response.url,
             storage_pb2.SignedUrlMethod.Name(response.method).removeprefix("SIGNED_URL_METHOD_"),
