@@ -11,7 +11,7 @@ from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 
 from ductape_processor.api.calls import Context, deadline, first_message, require_target
 from ductape_processor.api.status import error_trailers
-from ductape_processor.api.values import seconds, timestamp, value_to_python
+from ductape_processor.api.values import seconds, set_timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingMessage
 from ductape_processor.runtime.brokers.publisher import BrokerRuntime
@@ -58,28 +58,35 @@ async def _requests(requests: AsyncIterator[broker_pb2.SubscribeRequest]) -> Asy
             raise InvalidArgument.field("kind", "a request must carry init, ack or nack")
 
 
-def _received(ack_id: str, message: IncomingEvent) -> broker_pb2.ReceivedMessage:
-    return broker_pb2.ReceivedMessage(
-        ack_id=ack_id,
-        id=message.id,
-        data=message.data,
-        content_type=message.content_type,
-        attributes=message.attributes,
-        publish_time=timestamp(message.time),
-        delivery_attempt=message.delivery_attempt,
-        source=message.source,
-        type=message.type,
-        ordering_key=message.ordering_key,
-        traceparent=message.traceparent,
-        tracestate=message.tracestate,
-    )
+def _batch(messages: list[tuple[str, IncomingEvent]]) -> broker_pb2.SubscribeResponse:
+    # Each ReceivedMessage is built in place in the response (no copy of a finished message into it): this runs
+    # for every message delivered.
+    response = broker_pb2.SubscribeResponse()
+    batch = response.batch
+    batch.SetInParent()
+    received = batch.messages
+    for ack_id, message in messages:
+        item = received.add(
+            ack_id=ack_id,
+            id=message.id,
+            data=message.data,
+            content_type=message.content_type,
+            delivery_attempt=message.delivery_attempt,
+            source=message.source,
+            type=message.type,
+            ordering_key=message.ordering_key,
+            traceparent=message.traceparent,
+            tracestate=message.tracestate,
+        )
+        if message.attributes:
+            item.attributes.update(message.attributes)
+        set_timestamp(item.publish_time, message.time)
+    return response
 
 
 def _response(event: StreamEvent) -> broker_pb2.SubscribeResponse:
     if isinstance(event, Batch):
-        return broker_pb2.SubscribeResponse(
-            batch=broker_pb2.MessageBatch(messages=[_received(a, m) for a, m in event.messages])
-        )
+        return _batch(event.messages)
     if isinstance(event, StaleAcks):
         return broker_pb2.SubscribeResponse(
             stale_acks=broker_pb2.StaleAcks(ack_ids=event.ack_ids, expired_ack_ids=event.expired_ack_ids)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
@@ -118,11 +118,23 @@ def _fill(target: struct_pb2.Value, data: object, depth: int) -> None:
         target.string_value = str(data)
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    """A `google.protobuf.Timestamp` for an aware datetime (microsecond precision, without protobuf's slow path)."""
-    return timestamp_pb2.Timestamp(
-        seconds=int(moment.replace(microsecond=0).timestamp()), nanos=moment.microsecond * 1000
-    )
+    """A `google.protobuf.Timestamp` for an aware datetime (microsecond precision, in integers: no float rounding
+    and none of protobuf's slow path). A naive one is taken as local time, as `datetime.timestamp` takes it."""
+    return set_timestamp(timestamp_pb2.Timestamp(), moment)
+
+
+def set_timestamp(target: timestamp_pb2.Timestamp, moment: datetime) -> timestamp_pb2.Timestamp:
+    """`target` (a Timestamp field, filled in place) set to `moment`, as `timestamp` converts it."""
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    since = moment - _EPOCH
+    target.seconds = since.days * 86_400 + since.seconds
+    target.nanos = since.microseconds * 1000
+    return target
 
 
 def seconds(duration: duration_pb2.Duration) -> float:

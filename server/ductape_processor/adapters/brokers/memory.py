@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerSubscription, SubscribeOptions
 from ductape_processor.errors import ProcessorError
-from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent, carried
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
 
 
 @dataclass(slots=True)
@@ -120,6 +120,18 @@ class _MemorySubscription(BrokerSubscription):
 
 
 def _incoming(handle: str, message: OutgoingEvent, attempt: int) -> IncomingEvent:
+    # What `carried` keeps, named here rather than through its dict: this runs for every message delivered.
     return IncomingEvent(
-        **carried(message), handle=handle, attributes=dict(message.attributes), delivery_attempt=attempt
+        id=message.id,
+        source=message.source,
+        type=message.type,
+        time=message.time,
+        data=message.data,
+        content_type=message.content_type,
+        ordering_key=message.ordering_key,
+        traceparent=message.traceparent,
+        tracestate=message.tracestate,
+        handle=handle,
+        attributes=dict(message.attributes),
+        delivery_attempt=attempt,
     )
