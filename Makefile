@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 DATA    ?= .data
 
-.PHONY: setup emulators ts-deps run test faults lint gen bench mutate wheel clean
+.PHONY: setup emulators ts-deps run test faults lint gen api-baseline bench mutate wheel clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,7 @@ lint: setup ts-deps
 	$(VENV)/bin/mypy server/ductape_processor clients/python/ductape/processor
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format --diff --exit-code
+	$(VENV)/bin/buf breaking --against api/baseline.json
 	@if [ -x clients/typescript/node_modules/.bin/tsc ]; then clients/typescript/node_modules/.bin/tsc -p clients/typescript --noEmit; \
 	else echo "make: the TypeScript client is not type-checked (no clients/typescript/node_modules)"; fi
 
@@ -65,7 +66,14 @@ gen: setup ts-deps
 	$(PY) scripts/gen_protos.py
 	$(VENV)/bin/ductape-processor schema > docs/manifest.schema.json
 
-bench: setup
+## Move the API baseline that `make lint`'s breaking-change check compares protos/ with (docs/api.md#breaking-changes):
+## on a release, or in the commit that makes an agreed breaking change.
+api-baseline: setup
+	$(VENV)/bin/buf build --exclude-source-info -o api/baseline.json
+	$(PY) -c 'import json, pathlib; p = pathlib.Path("api/baseline.json"); \
+		p.write_text(json.dumps(json.loads(p.read_text()), indent=1, sort_keys=True) + "\n")'
+
+bench: setup ts-deps
 	$(PY) bench/bench_foundation.py
 	$(PY) bench/bench_actions.py
 	$(PY) bench/bench_sessions.py
@@ -74,6 +82,7 @@ bench: setup
 	$(PY) bench/bench_storage.py
 	$(PY) bench/bench_notifications.py
 	$(PY) bench/bench_jobs.py
+	$(PY) bench/bench_clients.py
 
 ## Mutation testing (cosmic-ray) of the security-critical modules, each in a scratch copy under .mutate/; prints the
 ## surviving mutants (docs/mutation.md has the verdict on each). Not part of `make test`. MUTATE_ARGS="--module auth".

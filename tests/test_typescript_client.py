@@ -1,8 +1,9 @@
 """The TypeScript client (clients/typescript) against real processors: its own `node --test` suite, run here.
 
-Two processors start on free ports (one open, one that requires an API key) with a product whose apps call a real
-local HTTP upstream; the node tests get their addresses in PROCESSOR_* variables. The package is built (tsc) first.
-Without node or the package's node_modules (`make test` runs `npm ci` for it) this skips; under CI=true it fails.
+Two processors start on free ports (one open, one that requires an API key and a TLS client certificate) with a
+product whose apps call a real local HTTP upstream; the node tests get their addresses in PROCESSOR_* variables.
+The package is built (tsc) first. Without node or the package's node_modules (`make test` runs `npm ci` for it)
+this skips; under CI=true it fails.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from ductape.processor import Processor
 
 from ductape_processor.api.auth import hash_key
 from tests import test_example
 from tests.conftest import EXAMPLE, ROOT, ServerFactory, _missing
+from tests.pki import make_pki
 from tests.upstream import Upstream, json_answer
 
 PACKAGE = ROOT / "clients" / "typescript"
@@ -75,6 +78,61 @@ def manifest(upstream_url: str) -> bytes:
                 "topics": [{"tag": name, "name": name} for name in ("acked", "nacked", "dropped", "bench")],
             }
         ],
+        "storage": [{"tag": "files", "envs": {"dev": {"provider": "fs"}}}],
+        "databases": [
+            {
+                "tag": "main",
+                "envs": {"dev": {"type": "sqlite", "path": "tsclient.db"}},
+                "migrations": [
+                    {
+                        "tag": "create_users",
+                        "up": [
+                            "CREATE TABLE users (id VARCHAR(64) PRIMARY KEY, email VARCHAR(254) NOT NULL UNIQUE,"
+                            " name VARCHAR(200))"
+                        ],
+                        "down": ["DROP TABLE users"],
+                    }
+                ],
+                "actions": [
+                    {
+                        "tag": "add_user",
+                        "type": "create",
+                        "query": "INSERT INTO users (id, email, name) VALUES (:id, :email, :name)",
+                        "params": {
+                            "id": "$Input{data}{id}",
+                            "email": "$Input{data}{email}",
+                            "name": "$Input{data}{name}",
+                        },
+                        "input": {
+                            "data": {
+                                "id": {"type": "string", "required": True},
+                                "email": {"type": "email", "required": True},
+                                "name": {"type": "string", "default": ""},
+                            }
+                        },
+                    },
+                    {
+                        "tag": "find_user",
+                        "type": "read",
+                        "query": "SELECT id, email, name FROM users WHERE email = {{email}}",
+                        "input": {"filter": {"email": {"type": "email", "required": True}}},
+                    },
+                ],
+            }
+        ],
+        "notifications": [
+            {
+                "tag": "users",
+                "envs": {"dev": {"email": {"provider": "log"}, "sms": {"provider": "log"}}},
+                "messages": [
+                    {
+                        "tag": "welcome",
+                        "email": {"subject": "Welcome, {{name}}", "text": "Hello {{name}}."},
+                        "sms": {"body": "Hello {{name}}!"},
+                    }
+                ],
+            }
+        ],
         "sessions": [
             {
                 "tag": "user",
@@ -128,18 +186,36 @@ async def built_package() -> str:
     return node
 
 
-async def test_the_typescript_client_suite(start_server: ServerFactory, upstream: Upstream) -> None:
+async def test_the_typescript_client_suite(start_server: ServerFactory, upstream: Upstream, tmp_path: Path) -> None:
     node = await built_package()
     upstream.on("POST /echo", echo)
     upstream.on("GET /slow", slow)
     server = await start_server(execution_flush_s=0.05)
-    keyed = await start_server(api_key_hashes=[hash_key(API_KEY)], api_key=API_KEY)
-    for running in (server, keyed):
-        await running.client.product.apply(manifest(upstream.url))
+    await server.client.product.apply(manifest(upstream.url))
+    pki = make_pki(tmp_path)
+    keyed = await start_server(
+        api_key_hashes=[hash_key(API_KEY)],
+        tls_cert=pki["server_cert"],
+        tls_key=pki["server_key"],
+        tls_client_ca=pki["ca"],
+    )
+    await keyed.client.close()  # plaintext: this one speaks TLS with client certificates
+    keyed_address = f"localhost:{keyed.port}"
+    async with Processor(
+        keyed_address,
+        api_key=API_KEY,
+        root_certificates=pki["ca"].read_bytes(),
+        certificate_chain=pki["client_cert"].read_bytes(),
+        private_key=pki["client_key"].read_bytes(),
+    ) as with_cert:
+        await with_cert.product.apply(manifest(upstream.url))
     env = {
         "PROCESSOR_ADDRESS": server.address,
-        "PROCESSOR_KEYED_ADDRESS": keyed.address,
+        "PROCESSOR_KEYED_ADDRESS": keyed_address,
         "PROCESSOR_API_KEY": API_KEY,
+        "PROCESSOR_TLS_CA": str(pki["ca"]),
+        "PROCESSOR_TLS_CLIENT_CERT": str(pki["client_cert"]),
+        "PROCESSOR_TLS_CLIENT_KEY": str(pki["client_key"]),
     }
     tests = sorted(str(path.relative_to(PACKAGE)) for path in (PACKAGE / "test").glob("*.test.mjs"))
     code, output = await run_node(node, ["--test", "--test-reporter=spec", *tests], env)

@@ -1,5 +1,6 @@
 // Each error kind, decoded from grpc-status-details-bin: reason, domain, metadata, field violations, retry delay.
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { after, test } from "node:test";
 import {
   FailedPreconditionError,
@@ -67,18 +68,25 @@ test("UNAUTHENTICATED: SESSION_INVALID for a forged token", async () => {
   });
 });
 
-test("UNAUTHENTICATED: API_KEY_MISSING and API_KEY_INVALID; the apiKey option is sent as a bearer token", async () => {
-  const anonymous = new Processor({ address: KEYED_ADDRESS });
-  const wrong = new Processor({ address: KEYED_ADDRESS, apiKey: "wrong" });
-  const keyed = new Processor({ address: KEYED_ADDRESS, apiKey: API_KEY });
+test("UNAUTHENTICATED: API_KEY_MISSING and API_KEY_INVALID over mTLS; apiKey is sent as a bearer token", async () => {
+  const tls = {
+    rootCerts: readFileSync(process.env.PROCESSOR_TLS_CA),
+    certChain: readFileSync(process.env.PROCESSOR_TLS_CLIENT_CERT),
+    privateKey: readFileSync(process.env.PROCESSOR_TLS_CLIENT_KEY),
+  };
+  const anonymous = new Processor({ address: KEYED_ADDRESS, tls });
+  const wrong = new Processor({ address: KEYED_ADDRESS, tls, apiKey: "wrong" });
+  const keyed = new Processor({ address: KEYED_ADDRESS, tls, apiKey: API_KEY });
+  const noCertificate = new Processor({ address: KEYED_ADDRESS, tls: { rootCerts: tls.rootCerts }, apiKey: API_KEY, timeoutMs: 3000 });
+  const plaintext = new Processor({ address: KEYED_ADDRESS, apiKey: API_KEY, timeoutMs: 3000 });
   try {
     await assert.rejects(anonymous.product.get("tsclient"), { name: "UnauthenticatedError", reason: "API_KEY_MISSING" });
     await assert.rejects(wrong.product.get("tsclient"), { name: "UnauthenticatedError", reason: "API_KEY_INVALID" });
     assert.equal((await keyed.product.get("tsclient")).version.product, "tsclient");
+    await assert.rejects(noCertificate.product.get("tsclient"), { name: "UnavailableError" });
+    await assert.rejects(plaintext.product.get("tsclient"), { name: "UnavailableError" });
   } finally {
-    anonymous.close();
-    wrong.close();
-    keyed.close();
+    for (const client of [anonymous, wrong, keyed, noCertificate, plaintext]) client.close();
   }
 });
 

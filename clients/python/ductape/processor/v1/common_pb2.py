@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!ductape/processor/v1/common.proto\x12\x14\x64uctape.processor.v1\"(\n\nSessionRef\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!ductape/processor/v1/common.proto\x12\x14\x64uctape.processor.v1\"(\n\nSessionRef\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\tB\x7f\n\x18\x64\x65v.ductape.processor.v1B\x0b\x43ommonProtoP\x01Z=processor.ductape.dev/gen/go/ductape/processor/v1;processorv1\xaa\x02\x14\x44uctape.Processor.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ductape.processor.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\030dev.ductape.processor.v1B\013CommonProtoP\001Z=processor.ductape.dev/gen/go/ductape/processor/v1;processorv1\252\002\024Ductape.Processor.V1'
   _globals['_SESSIONREF']._serialized_start=59
   _globals['_SESSIONREF']._serialized_end=99
 # @@protoc_insertion_point(module_scope)
