@@ -18,17 +18,18 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from opentelemetry.metrics import Histogram
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace import Tracer
 
 from ductape_processor import __version__
+
+if TYPE_CHECKING:  # the SDK is imported when telemetry is on (setup_telemetry), not by a processor that exports none
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,12 @@ def setup_telemetry(
     use_otlp = span_exporter is None and not metric_readers and otlp_configured()
     if span_exporter is None and not metric_readers and not use_otlp:
         return Telemetry()
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
     resource = Resource.create({"service.version": __version__})
     # The SDK's default name is "unknown_service…"; OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES may set one.
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):

@@ -13,15 +13,14 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel
 
 from ductape_processor.runtime.registry.manifest import SECRET_NAME, SECRET_REFERENCE
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
@@ -148,15 +147,21 @@ class TokenVault:
         if not root_keys:
             raise ValueError("at least one root key is needed")
         self._current = root_keys[0][0]
-        self._ciphers = {
-            kid: AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=TOKEN_KEY_INFO).derive(root))
-            for kid, root in root_keys
-        }
+        self._roots = dict(root_keys)
+        self._ciphers: dict[str, AESGCM] = {}  # derived on first use: a product without credential auths never does
+
+    def _cipher(self, kid: str) -> AESGCM | None:
+        cipher = self._ciphers.get(kid)
+        if cipher is None and kid in self._roots:
+            cipher = self._ciphers[kid] = aead(derive_key(self._roots[kid], TOKEN_KEY_INFO))
+        return cipher
 
     def seal(self, key: str, plaintext: str) -> str:
         """`plaintext` encrypted for the store row `key`: `sealed.v1.<key id>.<base64url of nonce and ciphertext>`."""
         nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._ciphers[self._current].encrypt(nonce, plaintext.encode(), key.encode())
+        cipher = self._cipher(self._current)
+        assert cipher is not None  # the current key is one of the roots
+        sealed = cipher.encrypt(nonce, plaintext.encode(), key.encode())
         encoded = base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
         return f"{_SEALED_PREFIX}.{self._current}.{encoded}"
 
@@ -164,11 +169,42 @@ class TokenVault:
         """The plaintext of a row sealed for `key`, or None when this processor cannot open it."""
         prefix, _, rest = sealed.partition(f"{_SEALED_PREFIX}.")
         kid, _, encoded = rest.partition(".")
-        cipher = self._ciphers.get(kid)
-        if prefix or cipher is None:
+        cipher = self._cipher(kid) if not prefix else None
+        if cipher is None:
             return None
         try:
             raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-            return cipher.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], key.encode()).decode()
-        except (ValueError, binascii.Error, InvalidTag):
+            plain = aead_open(cipher, raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], key.encode())
+            return plain.decode() if plain is not None else None
+        except (ValueError, binascii.Error):
             return None
+
+
+# cryptography is imported where a key is first derived or a sealed value first opened, not with this module: its
+# bindings take about 8 MB, which a processor whose products use no sessions, credential auths or signed storage
+# URLs never needs.
+
+
+def derive_key(root: bytes, info: bytes, length: int = 32) -> bytes:
+    """A key derived from a root key with HKDF-SHA256 under the label `info` (one label per use of the roots)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(root)
+
+
+def aead(key: bytes) -> AESGCM:
+    """AES-GCM under `key`."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
+
+
+def aead_open(cipher: AESGCM, nonce: bytes, sealed: bytes, associated: bytes) -> bytes | None:
+    """The plaintext of `sealed`, or None when it does not authenticate (another key, other data, tampered)."""
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        return cipher.decrypt(nonce, sealed, associated)
+    except InvalidTag:
+        return None

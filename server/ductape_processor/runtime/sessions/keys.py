@@ -10,12 +10,13 @@ import base64
 import binascii
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
+from ductape_processor.runtime.policies.secrets import aead, derive_key
 from ductape_processor.store.files import private_directory, private_file
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KEY_BYTES = 32
 GENERATED_KEY_FILE = "session-keys"
@@ -90,7 +91,6 @@ class SessionKeys:
         if root is None:
             return None
         info = f"ductape-processor/session/v1/{product}/{env}".encode()
-        key = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(root)
-        cipher = AESGCM(key)
+        cipher = aead(derive_key(root, info, KEY_BYTES))
         self._derived[(kid, product, env)] = cipher
         return cipher

@@ -13,10 +13,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-
 from ductape_processor.errors import Unauthenticated
 from ductape_processor.reasons import Reason
+from ductape_processor.runtime.policies.secrets import aead_open
 from ductape_processor.runtime.sessions.keys import SessionKeys, b64, unb64
 
 TOKEN_PREFIX = "v1"  # noqa: S105 - a format marker, not a secret
@@ -57,9 +56,11 @@ def open_token(keys: SessionKeys, kind: str, product: str, env: str, tag: str, t
         raw = unb64(parts[2])
         if len(raw) <= NONCE_BYTES or b64(raw) != parts[2]:  # one encoding per token: no malleable spellings
             raise invalid
-        plain = cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], _aad(kind, product, env, tag))
+        plain = aead_open(cipher, raw[:NONCE_BYTES], raw[NONCE_BYTES:], _aad(kind, product, env, tag))
+        if plain is None:
+            raise invalid
         payload = json.loads(plain)
-    except (InvalidTag, ValueError, binascii.Error):
+    except (ValueError, binascii.Error):
         raise invalid from None
     if not isinstance(payload, dict):
         raise invalid

@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote, urlencode
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from ductape_processor.adapters.storage.base import SignedUrl, UrlMethod
 from ductape_processor.adapters.storage.registry import Signer
 from ductape_processor.errors import Unauthenticated
 from ductape_processor.reasons import Reason
+from ductape_processor.runtime.policies.secrets import derive_key
 from ductape_processor.runtime.storage.operations import StorageRef
 
 LINK_KEY_INFO: Final = b"ductape-processor/storage-link/v1"
@@ -47,10 +45,7 @@ class StorageLinks:
         if not root_keys:
             raise ValueError("at least one root key is needed")
         self._current = root_keys[0][0]
-        self._keys = {
-            kid: HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=LINK_KEY_INFO).derive(root)
-            for kid, root in root_keys
-        }
+        self._keys = {kid: derive_key(root, LINK_KEY_INFO) for kid, root in root_keys}
         self.base_url = ""
 
     def signer(self, ref: StorageRef) -> Signer:
