@@ -233,8 +233,30 @@ async def _more_runs(jobs: Jobs, job_id: str, count: int) -> bool:
         ({"event": "nope:ping"}, "target.address"),
         ({"event": "events:ticks"}, "target.address"),
         ({"delay": seconds(5), "start_at": stamp(START)}, "delay"),
+        # hostile sizes: a 700 KB cron list would hold the event loop for seconds at every parse
+        ({"repeat": job_pb2.Repeat(cron=",".join(["0-59"] * 140_000) + " * * * *")}, "repeat.cron"),
+        ({"repeat": job_pb2.Repeat(cron="0 * * * *", timezone="Europe/" + "x" * 100)}, "repeat.timezone"),
+        ({"repeat": job_pb2.Repeat(cron="0 * * * *", timezone="../../../etc/passwd")}, "repeat.timezone"),
+        ({"name": "n" * 201}, "name"),
+        ({"name": "bad\nname"}, "name"),
+        ({"idempotency_key": "k" * 257}, "idempotency_key"),
     ],
-    ids=["cron-range", "cron-fields", "timezone", "end_at-past", "no-action", "no-app", "kind-mismatch", "both-times"],
+    ids=[
+        "cron-range",
+        "cron-fields",
+        "timezone",
+        "end_at-past",
+        "no-action",
+        "no-app",
+        "kind-mismatch",
+        "both-times",
+        "cron-huge",
+        "timezone-long",
+        "timezone-path",
+        "name-long",
+        "name-control",
+        "key-long",
+    ],
 )
 async def test_bad_schedules_are_invalid_argument_naming_the_field(
     jobs: Jobs, fields: dict[str, Any], field: str

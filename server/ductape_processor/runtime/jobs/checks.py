@@ -13,6 +13,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_CRON_CHARS: Final = 1000
+"""Longer than any real expression (every minute listed is 170 characters); parsing is bounded by it (~5 ms)."""
+MAX_ZONE_CHARS: Final = 64
+MAX_NAME_CHARS: Final = 200
 TARGET_KINDS: Final = ("action", "database_action", "notification", "storage", "publish")
 """The kinds of resource a job runs."""
 _DECLARED: Final = {
@@ -37,11 +41,22 @@ def time_zone(name: str) -> tzinfo | None:
 
 def zone_problem(name: str) -> str | None:
     """Why `name` is not a time zone, or None."""
+    if len(name) > MAX_ZONE_CHARS:
+        return f"is longer than {MAX_ZONE_CHARS} characters: not an IANA time zone"
     return None if time_zone(name) is not None else f"{name!r} is not an IANA time zone (such as Europe/London)"
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a job, or None."""
+    if len(name) > MAX_NAME_CHARS:
+        return f"is longer than {MAX_NAME_CHARS} characters"
+    return "must not contain control characters" if any(ord(char) < 32 or ord(char) == 127 for char in name) else None
 
 
 def cron_problem(expression: str) -> str | None:
     """Why `expression` is not a cron expression of 5 or 6 fields that ever matches, or None."""
+    if len(expression) > MAX_CRON_CHARS:
+        return f"is longer than {MAX_CRON_CHARS} characters"
     fields = len(expression.split())
     if fields not in (5, 6):
         return f"a cron expression has 5 or 6 fields, not {fields}"

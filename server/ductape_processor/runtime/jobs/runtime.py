@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ductape_processor.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ductape_processor.reasons import Reason
+from ductape_processor.runtime.jobs.checks import name_problem
 from ductape_processor.runtime.jobs.clock import Clock
 from ductape_processor.runtime.jobs.codec import encode_spec
 from ductape_processor.runtime.jobs.declared import DeclaredJobs
@@ -67,6 +68,9 @@ class JobRuntime:
         problem = idempotency_key_problem(call.idempotency_key)
         if problem is not None:
             raise InvalidArgument.field("idempotency_key", problem)
+        problem = name_problem(call.name)
+        if problem is not None:
+            raise InvalidArgument.field("name", problem)
         if call.start_at is not None and call.delay is not None:
             raise InvalidArgument.field("delay", "give start_at or delay, not both")
         if call.delay is not None and call.delay.total_seconds() < 0:
