@@ -199,7 +199,8 @@ class JobScheduler:
         jobs = await self._store.claim_due_jobs(self.owner, now, lease_until, CLAIM_BATCH)
         for job in jobs:
             await self._occur(job, now)
-        runs = await self._store.claim_due_runs(self.owner, now, lease_until, CLAIM_BATCH)
+        now = self._clock.now()  # the jobs above may have taken a while: leases start from now
+        runs = await self._store.claim_due_runs(self.owner, now, now + self._settings.lease, CLAIM_BATCH)
         for run in runs:
             self._spawn(run)
         return len(jobs) == CLAIM_BATCH or len(runs) == CLAIM_BATCH
@@ -234,9 +235,19 @@ class JobScheduler:
             return new_run(job, due, RunStatus.SKIPPED, trigger, ended_at=now, error_message=why)
         if job.busy and spec.overlap == Overlap.BUFFER_ONE:
             return new_run(job, due, RunStatus.PENDING, trigger)  # claimed once no run of the job is going
-        lease_until = now + self._settings.lease
+        # The start and the lease from the clock now, not from the round's start: a round advancing many jobs on a
+        # slow store can take longer than a lease, and a lease that ended before its run began is taken over.
+        start = self._clock.now()
+        lease_until = start + self._settings.lease
         return new_run(
-            job, due, RunStatus.RUNNING, trigger, attempts=1, started_at=now, owner=self.owner, lease_until=lease_until
+            job,
+            due,
+            RunStatus.RUNNING,
+            trigger,
+            attempts=1,
+            started_at=start,
+            owner=self.owner,
+            lease_until=lease_until,
         )
 
     async def _advance(self, job: JobRecord, following: datetime | None, started: int, runs: list[RunRecord]) -> bool:
@@ -252,15 +263,20 @@ class JobScheduler:
 
     async def _execute(self, run: RunRecord) -> None:
         """One attempt of `run` (already recorded RUNNING under this replica's lease), then its recorded end."""
-        job = await self._store.get_job(run.job_id)
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(run))  # from the start: reads may be slow
+        try:
+            job = await self._store.get_job(run.job_id)
+        except BaseException:
+            heartbeat.cancel()
+            raise
         if job is None:
+            heartbeat.cancel()
             return
         spec = decode_spec(job.spec)
         self.events.publish(run)
         if run.attempts == 1 and run.started_at is not None and self._lateness is not None:
             lateness_ms = (run.started_at - run.due_at).total_seconds() * 1000
             self._lateness.record(max(lateness_ms, 0.0), {"target_kind": job.target_kind})
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(run))
         try:
             end = self._ended(await self._targets.call(job.product, job.env, spec.target))
         except ProcessorError as exc:
