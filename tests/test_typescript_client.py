@@ -75,7 +75,7 @@ def manifest(upstream_url: str) -> bytes:
             {
                 "tag": "events",
                 "envs": {"dev": {"type": "memory"}},
-                "topics": [{"tag": name, "name": name} for name in ("acked", "nacked", "dropped", "bench")],
+                "topics": [{"tag": name, "name": name} for name in ("acked", "nacked", "dropped", "jobs")],
             }
         ],
         "storage": [{"tag": "files", "envs": {"dev": {"provider": "fs"}}}],
@@ -239,3 +239,19 @@ async def test_the_readme_first_typescript_calls_work(
     lines = output.splitlines()
     assert re.fullmatch(r"202 msg-1 \S+", lines[0]), lines
     assert lines[1:] == ["{ userId: 'u-1' } 1", "PRODUCT_NOT_FOUND { product: 'blog' }"], lines
+
+
+async def test_npm_pack_builds_a_package_with_types_and_no_tests() -> None:
+    await built_package()
+    npm = shutil.which("npm")
+    assert npm is not None, "node is installed without npm"
+    process = await asyncio.create_subprocess_exec(
+        npm, "pack", "--dry-run", "--json", cwd=PACKAGE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    output, errors = await process.communicate()
+    assert process.returncode == 0, errors.decode()
+    [packed] = json.loads(output)
+    files = {entry["path"] for entry in packed["files"]}
+    assert {"package.json", "README.md", "dist/index.js", "dist/index.d.ts", "dist/gen/google/rpc/status.js"} <= files
+    assert not [name for name in files if name.startswith(("test/", "bench/", "node_modules/"))], sorted(files)
+    assert packed["name"] == "@ductape/processor"

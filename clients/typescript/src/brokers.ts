@@ -15,8 +15,8 @@
  * by the broker (and those received on the dropped stream and not yet handed to the loop are dropped here), so
  * handlers must tolerate repeats (at least once).
  */
-import { status as Status, type Channel, type ClientDuplexStream, type ServiceError, type StatusObject } from "@grpc/grpc-js";
-import { duration, stub, type Caller, type CallMetadata, type CallOptions } from "./call.js";
+import { status as Status, type ClientDuplexStream, type ServiceError, type StatusObject } from "@grpc/grpc-js";
+import { duration, ResourceClient, type Caller, type CallMetadata, type CallOptions } from "./call.js";
 import { fromServiceError, ProcessorError } from "./errors.js";
 import {
   BrokerServiceClient,
@@ -370,16 +370,7 @@ export class Subscription implements AsyncIterable<Message> {
 }
 
 /** `processor.messageBroker`: publish and subscribe. */
-export class BrokerClient {
-  private readonly stub: BrokerServiceClient;
-
-  constructor(
-    channel: Channel,
-    private readonly caller: Caller,
-  ) {
-    this.stub = stub(BrokerServiceClient, channel);
-  }
-
+export class BrokerClient extends ResourceClient<BrokerServiceClient> {
   /** Publish one message to `broker_tag:topic_tag`; resolves with its id. */
   async publish(
     request: { product: string; env: string; event: string } & MessageFields,

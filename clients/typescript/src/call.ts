@@ -95,6 +95,14 @@ export class Caller {
   }
 }
 
+/** A resource's facade (`processor.action`, ...): the generated client of its service and the shared Caller. */
+export abstract class ResourceClient<Stub> {
+  constructor(
+    protected readonly stub: Stub,
+    protected readonly caller: Caller,
+  ) {}
+}
+
 /** A generated service client on a shared channel. */
 export function stub<T>(
   Client: new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>) => T,

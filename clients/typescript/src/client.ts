@@ -12,9 +12,15 @@ import { readFile } from "node:fs/promises";
 import { extname } from "node:path";
 import { Channel, credentials as grpcCredentials, type ChannelCredentials, type ChannelOptions } from "@grpc/grpc-js";
 import { BrokerClient } from "./brokers.js";
-import { Caller, paged, sessionRef, stub, type CallOptions, type SessionLike } from "./call.js";
+import { Caller, paged, ResourceClient, sessionRef, stub, type CallOptions, type SessionLike } from "./call.js";
 import { DatabaseClient, MigrationClient } from "./databases.js";
 import { ActionServiceClient } from "./gen/ductape/processor/v1/action.js";
+import { BrokerServiceClient } from "./gen/ductape/processor/v1/broker.js";
+import { DatabaseServiceClient } from "./gen/ductape/processor/v1/database.js";
+import { JobServiceClient } from "./gen/ductape/processor/v1/job.js";
+import { MigrationServiceClient } from "./gen/ductape/processor/v1/migration.js";
+import { NotificationServiceClient } from "./gen/ductape/processor/v1/notification.js";
+import { StorageServiceClient } from "./gen/ductape/processor/v1/storage.js";
 import { ExecutionStatus, LogServiceClient, type ListExecutionsResponse } from "./gen/ductape/processor/v1/log.js";
 import {
   ManifestFormat,
@@ -27,6 +33,7 @@ import {
   type ValidateResponse,
 } from "./gen/ductape/processor/v1/product.js";
 import { SessionServiceClient, type ListActiveResponse, type TokenPair } from "./gen/ductape/processor/v1/session.js";
+import { JobClient } from "./jobs.js";
 import { NotificationClient } from "./notifications.js";
 import { StorageClient } from "./storage.js";
 
@@ -84,16 +91,7 @@ export interface ActionResult<Body = any> {
 }
 
 /** `processor.action`: runs actions. */
-export class ActionClient {
-  private readonly stub: ActionServiceClient;
-
-  constructor(
-    channel: Channel,
-    private readonly caller: Caller,
-  ) {
-    this.stub = stub(ActionServiceClient, channel);
-  }
-
+export class ActionClient extends ResourceClient<ActionServiceClient> {
   /** Run an action; `input` has the parts `query`, `params`, `body` and `headers`, as plain objects. */
   async run<Body = any>(request: RunActionRequest, options?: CallOptions): Promise<ActionResult<Body>> {
     const input = request.input ?? {};
@@ -143,16 +141,7 @@ interface SessionAddress {
 }
 
 /** `processor.session`: start, verify (Ductape's `decrypt`), refresh, revoke, listActive. */
-export class SessionClient {
-  private readonly stub: SessionServiceClient;
-
-  constructor(
-    channel: Channel,
-    private readonly caller: Caller,
-  ) {
-    this.stub = stub(SessionServiceClient, channel);
-  }
-
+export class SessionClient extends ResourceClient<SessionServiceClient> {
   /** Start a session for `data`; returns `token`, `refreshToken`, `sessionId` and expiry times. */
   async start(request: SessionAddress & { data: Record<string, unknown> }, options?: CallOptions): Promise<TokenPair> {
     const { product, env, tag, data } = request;
@@ -235,16 +224,7 @@ export interface ListExecutionsRequest {
 }
 
 /** `processor.log`: reads the execution log. */
-export class LogClient {
-  private readonly stub: LogServiceClient;
-
-  constructor(
-    channel: Channel,
-    private readonly caller: Caller,
-  ) {
-    this.stub = stub(LogServiceClient, channel);
-  }
-
+export class LogClient extends ResourceClient<LogServiceClient> {
   /** One page of executions, newest first. */
   listExecutions(request: ListExecutionsRequest, options?: CallOptions): Promise<ListExecutionsResponse> {
     const status = STATUSES[request.status ?? ""];
@@ -285,16 +265,7 @@ async function manifestBytes(manifest: ManifestSource): Promise<{ manifest: Buff
 }
 
 /** `processor.product`: the product registry: apply, validate, get, list and promote manifest versions. */
-export class ProductClient {
-  private readonly stub: ProductServiceClient;
-
-  constructor(
-    channel: Channel,
-    private readonly caller: Caller,
-  ) {
-    this.stub = stub(ProductServiceClient, channel);
-  }
-
+export class ProductClient extends ResourceClient<ProductServiceClient> {
   /** Store a manifest (a path, or YAML/JSON bytes) as the product's next version. */
   async apply(manifest: ManifestSource, options?: CallOptions): Promise<ApplyResponse> {
     return this.caller.unary(this.stub, this.stub.apply, await manifestBytes(manifest), options);
@@ -356,23 +327,29 @@ export class Processor {
   readonly log: LogClient;
   readonly messageBroker: BrokerClient;
   readonly database: DatabaseClient;
+  /** Ductape's name for `database`. */
+  readonly db: DatabaseClient;
   readonly migration: MigrationClient;
   readonly storage: StorageClient;
   readonly notification: NotificationClient;
+  readonly job: JobClient;
 
   constructor(options: ProcessorOptions | string = {}) {
     const opts = typeof options === "string" ? { address: options } : options;
     this.channel = new Channel(opts.address ?? "127.0.0.1:50051", channelCredentials(opts), opts.channelOptions ?? {});
     const caller = new Caller(opts.apiKey ? [["authorization", `Bearer ${opts.apiKey}`]] : [], opts.timeoutMs ?? 30_000);
-    this.action = new ActionClient(this.channel, caller);
-    this.session = new SessionClient(this.channel, caller);
-    this.product = new ProductClient(this.channel, caller);
-    this.log = new LogClient(this.channel, caller);
-    this.messageBroker = new BrokerClient(this.channel, caller);
-    this.database = new DatabaseClient(this.channel, caller);
-    this.migration = new MigrationClient(this.channel, caller);
-    this.storage = new StorageClient(this.channel, caller);
-    this.notification = new NotificationClient(this.channel, caller);
+    const on = <Stub>(Client: new (address: string, credentials: ChannelCredentials) => Stub): Stub => stub(Client, this.channel);
+    this.action = new ActionClient(on(ActionServiceClient), caller);
+    this.session = new SessionClient(on(SessionServiceClient), caller);
+    this.product = new ProductClient(on(ProductServiceClient), caller);
+    this.log = new LogClient(on(LogServiceClient), caller);
+    this.messageBroker = new BrokerClient(on(BrokerServiceClient), caller);
+    this.database = new DatabaseClient(on(DatabaseServiceClient), caller);
+    this.migration = new MigrationClient(on(MigrationServiceClient), caller);
+    this.storage = new StorageClient(on(StorageServiceClient), caller);
+    this.notification = new NotificationClient(on(NotificationServiceClient), caller);
+    this.job = new JobClient(on(JobServiceClient), caller);
+    this.db = this.database;
   }
 
   /** Close the channel; calls in flight fail with CANCELLED/UNAVAILABLE. */

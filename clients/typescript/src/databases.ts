@@ -1,6 +1,5 @@
 /** Databases and migrations: `processor.database.execute/batch`, `processor.migration.run/rollback/status/plan`. */
-import type { Channel } from "@grpc/grpc-js";
-import { sessionRef, stub, type Caller, type CallOptions, type SessionLike } from "./call.js";
+import { sessionRef, ResourceClient, type CallOptions, type SessionLike } from "./call.js";
 import {
   BatchRequest,
   DatabaseServiceClient,
@@ -57,16 +56,7 @@ function result(step: StepResult, processId: string, version: number): DatabaseR
 }
 
 /** `processor.database`: run a database's actions, one at a time or several in one transaction. */
-export class DatabaseClient {
-  private readonly stub: DatabaseServiceClient;
-
-  constructor(
-    channel: Channel,
-    private readonly caller: Caller,
-  ) {
-    this.stub = stub(DatabaseServiceClient, channel);
-  }
-
+export class DatabaseClient extends ResourceClient<DatabaseServiceClient> {
   /** Run one action. */
   async execute(request: ExecuteOptions, options?: CallOptions): Promise<DatabaseResult> {
     const response = await this.caller.unary(
@@ -110,16 +100,7 @@ export class DatabaseClient {
 }
 
 /** `processor.migration`: apply, roll back, report and plan a database's migrations. */
-export class MigrationClient {
-  private readonly stub: MigrationServiceClient;
-
-  constructor(
-    channel: Channel,
-    private readonly caller: Caller,
-  ) {
-    this.stub = stub(MigrationServiceClient, channel);
-  }
-
+export class MigrationClient extends ResourceClient<MigrationServiceClient> {
   private static target(t: Partial<MigrationTarget> & { product: string; env: string; database: string }): MigrationTarget {
     return { product: t.product, env: t.env, database: t.database, version: t.version ?? 0 };
   }

@@ -16,6 +16,8 @@ export type { DatabaseInput, DatabaseResult, ExecuteOptions } from "./databases.
 export { StorageClient } from "./storage.js";
 export type { StorageAddress, FileContent } from "./storage.js";
 export { NotificationClient } from "./notifications.js";
+export { JobClient } from "./jobs.js";
+export type { JobAddress, ScheduleOptions, ScheduledJob, Job, JobRun } from "./jobs.js";
 export type { SendOptions, SendResult, ChannelResult } from "./notifications.js";
 export { duration } from "./call.js";
 export type { CallOptions, CallMetadata, SessionLike } from "./call.js";

@@ -1,6 +1,5 @@
 /** Notifications: `processor.notification.send` renders a message's templates and sends it on each channel given. */
-import type { Channel as GrpcChannel } from "@grpc/grpc-js";
-import { sessionRef, stub, type Caller, type CallOptions, type SessionLike } from "./call.js";
+import { sessionRef, ResourceClient, type CallOptions, type SessionLike } from "./call.js";
 import {
   Channel,
   NotificationServiceClient,
@@ -48,16 +47,7 @@ const NAMES: Partial<Record<Channel, ChannelResult["channel"]>> = {
 };
 
 /** `processor.notification`: send a notification's messages. */
-export class NotificationClient {
-  private readonly stub: NotificationServiceClient;
-
-  constructor(
-    channel: GrpcChannel,
-    private readonly caller: Caller,
-  ) {
-    this.stub = stub(NotificationServiceClient, channel);
-  }
-
+export class NotificationClient extends ResourceClient<NotificationServiceClient> {
   /** Send the message `event` (`notification:message`) on each channel given. */
   async send(request: SendOptions, options?: CallOptions): Promise<SendResult> {
     const response = await this.caller.unary(

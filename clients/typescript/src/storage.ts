@@ -1,7 +1,6 @@
 /** Storage: `processor.storage.save/upload/download/read/delete/list/files/signedUrl` on a product's storages. */
 import { createHash } from "node:crypto";
-import type { Channel } from "@grpc/grpc-js";
-import { duration, paged, stub, type Caller, type CallOptions } from "./call.js";
+import { duration, paged, ResourceClient, type CallOptions } from "./call.js";
 import { fromServiceError } from "./errors.js";
 import {
   SignedUrlMethod,
@@ -29,16 +28,7 @@ export interface FileContent {
 const UPLOAD_CHUNK_BYTES = 256 * 1024;
 
 /** `processor.storage`: a product's files. */
-export class StorageClient {
-  private readonly stub: StorageServiceClient;
-
-  constructor(
-    channel: Channel,
-    private readonly caller: Caller,
-  ) {
-    this.stub = stub(StorageServiceClient, channel);
-  }
-
+export class StorageClient extends ResourceClient<StorageServiceClient> {
   /** Save a small file sent in one message. */
   async save(
     request: StorageAddress & {

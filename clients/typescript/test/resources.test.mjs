@@ -9,7 +9,7 @@ const client = processor();
 after(() => client.close());
 const FILES = { ...PRODUCT, event: "files" };
 
-test("storage: save, read, list, upload in chunks, download a range, signed URL, delete", async () => {
+test("storage: save, read, list, upload in chunks, download a range, no signed URL on fs without its listener, delete", async () => {
   const prefix = `${unique("ts")}/`;
   const saved = await client.storage.save({ ...FILES, fileName: `${prefix}hello.txt`, data: Buffer.from("Hello, files!"), fileMetadata: { by: "ts" } });
   assert.equal(saved.size, 13);
@@ -37,6 +37,10 @@ test("storage: save, read, list, upload in chunks, download a range, signed URL,
   const names = [];
   for await (const info of client.storage.files({ ...FILES, prefix, pageSize: 1 })) names.push(info.fileName);
   assert.deepEqual(names, [`${prefix}big.bin`, `${prefix}hello.txt`]);
+  await assert.rejects(client.storage.signedUrl({ ...FILES, fileName: `${prefix}hello.txt`, method: "PUT" }), {
+    name: "FailedPreconditionError",
+    reason: "SIGNED_URLS_DISABLED",
+  });
   assert.equal(await client.storage.delete({ ...FILES, fileName: `${prefix}hello.txt` }), true);
   assert.equal(await client.storage.delete({ ...FILES, fileName: `${prefix}hello.txt` }), false);
   await assert.rejects(client.storage.read({ ...FILES, fileName: `${prefix}hello.txt` }), { name: "NotFoundError", reason: "FILE_NOT_FOUND" });
