@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import re
 from collections.abc import AsyncIterator
@@ -46,6 +47,26 @@ async def test_the_example_action_runs_through_the_processor(start_server: Serve
     assert result.body["queued"] is True
 
 
+async def test_the_example_heartbeat_job_publishes_to_its_topic(start_server: ServerFactory) -> None:
+    running = await start_server(manifests=[EXAMPLE], secrets_file=ROOT / "examples" / "secrets.env")
+    job = await running.client.job.get(product="shop", env="dev", name="heartbeat")
+    assert (job.declared, job.kind, job.event) == (True, "publish", "events:heartbeat")
+    for _ in range(200):  # `every` with no start: the first occurrence is due when the job is declared
+        runs = (await running.client.job.list_runs(product="shop", env="dev", job_id=job.job_id)).runs
+        if runs and runs[0].status == "succeeded":
+            break
+        await asyncio.sleep(0.05)
+    assert runs[0].status == "succeeded", runs
+    assert runs[0].result["message_id"], "the run's result is the published message's id"
+    assert (
+        59
+        <= (
+            (await running.client.job.get(product="shop", env="dev", job_id=job.job_id)).next_run_at - runs[0].due_at
+        ).total_seconds()
+        <= 61
+    )
+
+
 async def test_the_readme_first_calls_work(start_server: ServerFactory, mailer_stub: None) -> None:
     readme = (ROOT / "README.md").read_text()
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
@@ -67,13 +88,14 @@ async def test_the_readme_first_calls_work(start_server: ServerFactory, mailer_s
     assert printed[7] == ([("email", True, "log"), ("sms", True, "log")],), "the welcome notification is sent"
     assert printed[8] == ("succeeded", 202), "the one-off job ran the action"
     assert printed[9] == ("cancelled", None), "the repeating job is cancelled"
-    assert printed[10] == (False, 1), "applying the same manifest again creates no version"
-    assert printed[11] == ("PRODUCT_NOT_FOUND", {"product": "blog"})
-    assert len(printed) == 12
+    assert printed[10] == (True, "scheduled", "publish"), "the example declares a repeating job"
+    assert printed[11] == (False, 1), "applying the same manifest again creates no version"
+    assert printed[12] == ("PRODUCT_NOT_FOUND", {"product": "blog"})
+    assert len(printed) == 13
     # What the README says each print shows (its trailing comment, `...` standing for the rest) is what it shows.
     promised = re.findall(r"^\s*print\(.*\)  # (.+)$", code, re.MULTILINE)
     lines = [" ".join(str(value) for value in values) for values in printed]
-    assert len(promised) == 10, promised
+    assert len(promised) == 11, promised
     for comment in promised:
         assert any(_shows(line, comment) for line in lines), (comment, lines)
 
