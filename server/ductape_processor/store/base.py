@@ -150,7 +150,7 @@ class JobRecord:
     """One job: where it belongs, what it runs (`spec`, JSON the jobs runtime reads), its state and next occurrence.
 
     `lease_owner`/`lease_until`: the replica advancing the job's schedule (held for moments, between a claim and
-    `advance_job`). `busy` and `queued` (filled by `claim_due_jobs` only): its runs going or waiting for a retry, and
+    `advance_jobs`). `busy` and `queued` (filled by `claim_due_jobs` only): its runs going or waiting for a retry, and
     its runs pending.
     """
 
@@ -195,6 +195,18 @@ class RunRecord:
     error_reason: str
     error_message: str
     process_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobStep:
+    """A leased job moved past an occurrence (`Store.advance_jobs`): its next occurrence (None: no more) and status,
+    how many runs started, and the runs to insert."""
+
+    job_id: str
+    next_run_at: datetime | None
+    status: JobStatus
+    started: int
+    runs: list[RunRecord]
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,11 +396,14 @@ class Store(abc.ABC):
     # -- jobs (written in store/jobs.py) ------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def insert_job(self, job: JobRecord, *, replace: bool, now: datetime) -> tuple[JobRecord, bool]:
+    async def insert_job(
+        self, job: JobRecord, *, replace: bool, now: datetime, announce: bool = True
+    ) -> tuple[JobRecord, bool]:
         """Store a new job; returns it and True. When the job's idempotency key is already used in its environment,
         or its name is held by an active job and `replace` is False, returns that other job and False instead; with
         `replace`, the job holding the name is cancelled first, unless it has the same (non-empty) request hash: it
-        is returned as it is."""
+        is returned as it is. `announce`: tell the other replicas' schedulers (Store.listen "jobs") of the new job;
+        not needed when it falls due after their fallback poll looks again anyway."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -415,19 +430,11 @@ class Store(abc.ABC):
         (`FOR UPDATE SKIP LOCKED` on PostgreSQL: replicas claim different jobs), with their `busy`/`queued` counts."""
 
     @abc.abstractmethod
-    async def advance_job(
-        self,
-        job_id: str,
-        owner: str,
-        *,
-        next_run_at: datetime | None,
-        status: JobStatus,
-        started: int,
-        runs: list[RunRecord],
-    ) -> bool:
-        """`owner`'s step of a leased job: its next occurrence and status, `started` more runs counted, `runs`
-        inserted, the lease released; all in one transaction. False (nothing changed) when `owner` no longer holds
-        the lease or the job is no longer scheduled."""
+    async def advance_jobs(self, owner: str, steps: list[JobStep]) -> set[str]:
+        """`owner`'s steps of leased jobs, all in one transaction: each job's next occurrence and status, its
+        `started` more runs counted, its `runs` inserted, its lease released. Returns the ids of the jobs stepped;
+        a job `owner` no longer holds the lease of, or that is no longer scheduled, is left as it is (its runs are
+        not inserted)."""
 
     @abc.abstractmethod
     async def insert_run(self, run: RunRecord) -> None:

@@ -15,15 +15,18 @@ from ductape_processor.store.base import (
     JobFilter,
     JobRecord,
     JobStatus,
+    JobStep,
     RunEnd,
     RunRecord,
     RunStatus,
 )
 from ductape_processor.store.sql import Connection, Row, SqlStore, _named, _values
-from ductape_processor.store.statements import Where
+from ductape_processor.store.statements import SqlValue, Where
 
 _JOB_FIELDS = 15
 """The columns of JOB_COLUMNS: a JobRecord's fields before `busy` and `queued`."""
+_INSERT_ATTEMPTS = 3
+"""How many times a locked Schedule reads who holds a name or key again when an unlocked one took it meanwhile."""
 JOBS_TOPIC = "jobs"
 """The change topic of jobs (`Store.listen`): a new, changed or finished job or run."""
 
@@ -55,27 +58,49 @@ class SqlJobStore(SqlStore):
 
     # -- jobs -------------------------------------------------------------------------------------------------------
 
-    async def insert_job(self, job: JobRecord, *, replace: bool, now: datetime) -> tuple[JobRecord, bool]:
+    async def insert_job(
+        self, job: JobRecord, *, replace: bool, now: datetime, announce: bool = True
+    ) -> tuple[JobRecord, bool]:
         time = self._dialect.time
+        values = _values(job, status=int, next_run_at=time, created_at=time)[:13]  # the lease is NULL
+        # Most jobs take a name and a key nobody holds: one statement, and no lock.
+        if await self._insert_new_job(values, job.product, announce=announce):
+            return job, True
 
         async def insert(conn: Connection) -> tuple[JobRecord, bool]:
-            if job.idempotency_key:
-                row = await conn.fetchrow(sql.JOB_BY_KEY, job.product, job.env, job.idempotency_key)
-                if row is not None:
-                    return self._job(row), False
-            if job.name:
-                row = await conn.fetchrow(sql.ACTIVE_JOB, job.product, job.env, job.name)
-                if row is not None:
-                    holder = self._job(row)
-                    if not replace or (job.request_hash and holder.request_hash == job.request_hash):
-                        return holder, False  # taken, or (replacing) already the same job
-                    await self._cancel(conn, holder, now)
-            values = _values(job, status=int, next_run_at=time, created_at=time)[:13]  # the lease is NULL
-            await conn.execute(sql.INSERT_JOB, *values)
-            await self._job_changed(conn, job.product)
+            for _ in range(_INSERT_ATTEMPTS):
+                if job.idempotency_key:
+                    row = await conn.fetchrow(sql.JOB_BY_KEY, job.product, job.env, job.idempotency_key)
+                    if row is not None:
+                        return self._job(row), False
+                if job.name:
+                    row = await conn.fetchrow(sql.ACTIVE_JOB, job.product, job.env, job.name)
+                    if row is not None:
+                        holder = self._job(row)
+                        if not replace or (job.request_hash and holder.request_hash == job.request_hash):
+                            return holder, False  # taken, or (replacing) already the same job
+                        await self._cancel(conn, holder, now)
+                if await conn.execute(sql.INSERT_NEW_JOB, *values) == 1:
+                    await self._job_changed(conn, job.product)
+                    return job, True
+                # A Schedule that took no lock (the path above) took the name or key after the reads: read again.
+            await conn.execute(sql.INSERT_JOB, *values)  # still taken: the unique index's error
             return job, True
 
         return await self._transaction(insert, lock=f"jobs:{job.product}:{job.env}", retry=False)
+
+    async def _insert_new_job(self, values: tuple[Any, ...], product: str, *, announce: bool) -> bool:
+        """Insert a job's row unless a unique index holds its name or key (then False); announce it if asked."""
+        if not announce:
+            return await self._write(sql.INSERT_NEW_JOB, *values, retry=False) == 1
+
+        async def insert(conn: Connection) -> bool:
+            if await conn.execute(sql.INSERT_NEW_JOB, *values) != 1:
+                return False
+            await self._job_changed(conn, product)
+            return True
+
+        return await self._transaction(insert, retry=False)
 
     async def _cancel(self, conn: Connection, job: JobRecord, now: datetime) -> bool:
         if await conn.execute(sql.CANCEL_JOB, job.job_id, int(job.status)) != 1:
@@ -132,25 +157,28 @@ class SqlJobStore(SqlStore):
         rows = await self._write_returning(statement, owner, time(lease_until), at, at, limit, retry=False)
         return [self._job(row) for row in rows]
 
-    async def advance_job(
-        self,
-        job_id: str,
-        owner: str,
-        *,
-        next_run_at: datetime | None,
-        status: JobStatus,
-        started: int,
-        runs: list[RunRecord],
-    ) -> bool:
-        moment = self._dialect.time(next_run_at) if next_run_at is not None else None
+    async def advance_jobs(self, owner: str, steps: list[JobStep]) -> set[str]:
+        if not steps:
+            return set()
+        time = self._dialect.time
 
-        async def advance(conn: Connection) -> bool:
-            if await conn.execute(sql.ADVANCE_JOB, moment, int(status), started, job_id, owner) != 1:
-                return False
+        async def advance(conn: Connection) -> set[str]:
+            # The held jobs' rows stay locked until the steps are written: no lease can run out and be taken between.
+            held_jobs = sql.held_jobs(self._dialect.lock_rows, len(steps))
+            held = {str(row[0]) for row in await conn.fetch(held_jobs, owner, *(step.job_id for step in steps))}
+            mine = [step for step in steps if step.job_id in held]
+            if mine:
+                moves: list[tuple[SqlValue, ...]] = [
+                    (time(s.next_run_at) if s.next_run_at else None, int(s.status), s.started, s.job_id, owner)
+                    for s in mine
+                ]
+                await conn.executemany(sql.ADVANCE_JOB, moves)
+            runs = [self._run_row(run) for step in mine for run in step.runs]
             if runs:
-                await conn.executemany(sql.INSERT_RUN, [self._run_row(run) for run in runs])
-                await self._job_changed(conn, runs[0].product)
-            return True
+                # No announcement: a run inserted RUNNING is this replica's, and a buffered (pending) one is claimed
+                # by the replica whose going run ends (it looks again then).
+                await conn.executemany(sql.INSERT_RUN, runs)
+            return held
 
         return await self._transaction(advance, retry=False)
 
@@ -173,25 +201,30 @@ class SqlJobStore(SqlStore):
 
     async def end_run(self, run_id: str, owner: str, end: RunEnd) -> RunRecord | None:
         time = self._dialect.time
+        values = (
+            int(end.status),
+            time(end.ended_at) if end.status != RunStatus.RETRYING else None,
+            time(end.attempt_at) if end.attempt_at is not None else None,
+            end.result,
+            end.error_reason,
+            end.error_message,
+            end.process_id,
+            run_id,
+            owner,
+        )
+        job_status = end.job_status
+        if job_status is None:
+            # One statement, not announced: what an end makes due (a buffered run, a retry) is claimed by this
+            # replica, which looks again once a run ends.
+            rows = await self._write_returning(sql.END_RUN, *values, retry=False)
+            return self._run(rows[0]) if rows else None
 
         async def finish(conn: Connection) -> RunRecord | None:
-            rows = await conn.fetch(
-                sql.END_RUN,
-                int(end.status),
-                time(end.ended_at) if end.status != RunStatus.RETRYING else None,
-                time(end.attempt_at) if end.attempt_at is not None else None,
-                end.result,
-                end.error_reason,
-                end.error_message,
-                end.process_id,
-                run_id,
-                owner,
-            )
+            rows = await conn.fetch(sql.END_RUN, *values)
             if not rows:
                 return None
             run = self._run(rows[0])
-            if end.job_status is not None:
-                await conn.execute(sql.END_JOB, int(end.job_status), run.job_id)
+            await conn.execute(sql.END_JOB, int(job_status), run.job_id)
             await self._job_changed(conn, run.product)
             return run
 

@@ -13,14 +13,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import asyncpg
 
 from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store import migrations, statements
 from ductape_processor.store.base import ChangeListener
-from ductape_processor.store.jobs import SqlJobStore
+from ductape_processor.store.jobs import JOBS_TOPIC, SqlJobStore
 from ductape_processor.store.sql import Connection, Row
 from ductape_processor.store.statements import SqlValue, Statement
 
@@ -53,6 +53,10 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(
         f"the store (PostgreSQL) failed: {type(exc).__name__}; retry the call", metadata={"store": "postgresql"}
     )
+
+
+async def _leave_as_is(_conn: asyncpg.Connection) -> None:
+    """A pool connection's reset: nothing (see `PostgresStore.open`)."""
 
 
 def _changed_rows(status: str) -> int:
@@ -133,6 +137,10 @@ class _Pool:
 _KEY_LOCK: Final = Statement("SELECT pg_advisory_xact_lock(?)")
 _NAMED_LOCK: Final = Statement("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))")
 _NOTIFY: Final = Statement("SELECT pg_notify(?, ?)")
+_INSERT_NEW_JOB_NOTIFIED: Final = Statement(
+    # One round trip: the insert and, if it inserted, its notification (channel: the last parameter).
+    f"WITH added AS ({statements.INSERT_NEW_JOB.qmark} RETURNING product) SELECT pg_notify(?, product) FROM added"  # noqa: S608
+)
 
 
 class PostgresStore(SqlJobStore):
@@ -173,6 +181,11 @@ class PostgresStore(SqlJobStore):
             max_size=self._max_size,
             # The schema in the name tells an operator (and the fault tests) which deployment a connection serves.
             server_settings={"search_path": self._schema, "application_name": f"ductape-processor/{self._schema}"[:63]},
+            # asyncpg resets a connection on its way back to the pool with a statement of its own (unlock, CLOSE ALL,
+            # UNLISTEN, RESET ALL): a round trip per operation. The store leaves no session state behind (its locks
+            # are transaction-scoped, it listens on a connection of its own, it sets nothing), so there is none to
+            # reset.
+            reset=_leave_as_is,
         )
         self._pool = _Pool(pool)
         await self._migrate()
@@ -213,6 +226,12 @@ class PostgresStore(SqlJobStore):
             return await body(transaction)
 
         return await self.pool.transaction(run, retry=retry)
+
+    async def _insert_new_job(self, values: tuple[Any, ...], product: str, *, announce: bool) -> bool:
+        if not announce:
+            return await super()._insert_new_job(values, product, announce=False)
+        rows = await self.pool.fetch(_INSERT_NEW_JOB_NOTIFIED, *values, self._channels[JOBS_TOPIC], retry=False)
+        return len(rows) == 1
 
     async def _announce(self, conn: Connection, product: str, topic: str = "products") -> None:
         await conn.execute(_NOTIFY, self._channels[topic], product)

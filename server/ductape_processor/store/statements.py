@@ -8,6 +8,7 @@ columns; PostgreSQL: TIMESTAMPTZ) and the column types of the schema.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class Dialect:
     skip_locked: str = ""
     """What a claim's inner SELECT ends with so replicas claim different rows (its table is aliased `claimed`):
     `FOR UPDATE ... SKIP LOCKED` on PostgreSQL; nothing on SQLite, whose write transactions are one at a time."""
+    lock_rows: str = ""
+    """What a SELECT inside a write transaction ends with to hold its rows until the transaction ends: `FOR UPDATE`
+    on PostgreSQL; nothing on SQLite (its write transaction holds the whole file)."""
 
 
 def _same(moment: Any) -> datetime:
@@ -90,6 +94,7 @@ POSTGRES: Final = Dialect(
         "stamp": "TIMESTAMPTZ NOT NULL DEFAULT now()",
     },
     skip_locked=" FOR UPDATE OF claimed SKIP LOCKED",
+    lock_rows=" FOR UPDATE",
 )
 """PostgreSQL: every moment is a TIMESTAMPTZ."""
 
@@ -246,6 +251,11 @@ _OPEN_COUNTS: Final = (
 INSERT_JOB: Final = Statement(
     f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)"  # noqa: S608
 )
+INSERT_NEW_JOB: Final = Statement(
+    # Any unique index in the way (the active name, the idempotency key) makes it insert nothing: store/jobs.py then
+    # reads who holds it.
+    f"{INSERT_JOB.qmark} ON CONFLICT DO NOTHING"
+)
 JOB: Final = Statement(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?")  # noqa: S608
 ACTIVE_JOB: Final = Statement(
     f"SELECT {JOB_COLUMNS} FROM jobs WHERE product = ? AND env = ? AND name = ? AND status IN (1, 2)"  # noqa: S608
@@ -283,7 +293,9 @@ NEXT_JOB_MOMENT: Final = Statement(
     "SELECT min(moment) FROM ("
     "SELECT min(CASE WHEN lease_until > next_run_at THEN lease_until ELSE next_run_at END) AS moment "
     "FROM jobs WHERE status = 1 "
-    "UNION ALL SELECT min(attempt_at) FROM job_runs WHERE status IN (1, 3) "
+    # Runs of paused jobs wait for Resume (which wakes the scheduler): counting them would make it look again at once.
+    "UNION ALL SELECT min(r.attempt_at) FROM job_runs r JOIN jobs j ON j.job_id = r.job_id "
+    "WHERE r.status IN (1, 3) AND j.status NOT IN (2, 3) "
     "UNION ALL SELECT min(lease_until) FROM job_runs WHERE status = 2) AS due"
 )
 
@@ -295,6 +307,16 @@ def claim_due_jobs(dialect: Dialect) -> Statement:
         "SELECT claimed.job_id FROM jobs claimed WHERE claimed.status = 1 AND claimed.next_run_at <= ? "
         "AND (claimed.lease_until IS NULL OR claimed.lease_until <= ?) ORDER BY claimed.next_run_at LIMIT ?"
         f"{dialect.skip_locked}) RETURNING {JOB_COLUMNS}, {_OPEN_COUNTS}"
+    )
+
+
+@functools.cache
+def held_jobs(lock_rows: str, count: int) -> Statement:
+    """Which of `count` scheduled jobs a replica holds the lease of, locked until the transaction ends (`lock_rows`:
+    the dialect's): owner, then the `count` job ids."""
+    marks = ", ".join("?" * count)
+    return Statement(
+        f"SELECT job_id FROM jobs WHERE lease_owner = ? AND status = 1 AND job_id IN ({marks}){lock_rows}"  # noqa: S608
     )
 
 

@@ -90,7 +90,8 @@ class JobRuntime:
             idempotency_key=call.idempotency_key,
             request_hash=fingerprint,
         )
-        stored, created = await self._store.insert_job(record, replace=call.replace, now=now)
+        announce = self._scheduler.announces(first)
+        stored, created = await self._store.insert_job(record, replace=call.replace, now=now, announce=announce)
         if not created:
             if call.idempotency_key and stored.idempotency_key == call.idempotency_key:
                 if stored.request_hash != fingerprint:
@@ -105,7 +106,7 @@ class JobRuntime:
                 reason=Reason.JOB_NAME_IN_USE,
                 metadata={"job_id": stored.job_id, "name": call.name},
             )
-        self._scheduler.wake()
+        self._scheduler.scheduled(first)
         return stored
 
     async def get(self, ref: JobRef) -> JobRecord:

@@ -29,7 +29,7 @@ from ductape_processor.runtime.jobs.codec import decode_spec, encode_spec
 from ductape_processor.runtime.jobs.model import JobSpec, Overlap, RunTrigger
 from ductape_processor.runtime.jobs.targets import JobTargets, Outcome
 from ductape_processor.runtime.jobs.timing import due_after
-from ductape_processor.store.base import JobRecord, JobStatus, RunEnd, RunRecord, RunStatus, Store
+from ductape_processor.store.base import JobRecord, JobStatus, JobStep, RunEnd, RunRecord, RunStatus, Store
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,8 @@ class JobScheduler:
         self.events = RunEvents()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._next_look: datetime | None = None
+        """When the waiting scheduler looks again; None while it looks (a round is going)."""
         self._running: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -156,8 +158,19 @@ class JobScheduler:
         self._loop_task = asyncio.get_running_loop().create_task(self._rounds(), name="job scheduler")
 
     def wake(self) -> None:
-        """Look for due work now (a job was scheduled, resumed or triggered)."""
+        """Look for due work now (a job was resumed or triggered)."""
         self._wake.set()
+
+    def scheduled(self, due: datetime) -> None:
+        """A job was scheduled, first due at `due`: look now if this replica would look later than that."""
+        if self._next_look is None or due < self._next_look:
+            self._wake.set()
+
+    def announces(self, due: datetime) -> bool:
+        """Whether the other replicas must be told of a job first due at `due` (Store.listen "jobs"): when their
+        fallback poll may look later than that. Two polls ahead covers a replica that looked just before the job
+        was stored."""
+        return due < self._clock.now() + 2 * timedelta(seconds=self._settings.poll_s)
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; let runs going finish within `grace_s`, then cancel them (their leases run out and
@@ -177,6 +190,7 @@ class JobScheduler:
     async def _rounds(self) -> None:
         while True:
             self._wake.clear()
+            self._next_look = None
             try:
                 busy = await self._round()
             except Exception as exc:  # the store may be briefly unreachable: the next round tries again
@@ -190,24 +204,33 @@ class JobScheduler:
             except Exception as exc:
                 log.warning("job scheduler: cannot read the next due moment: %s", exc)
                 moment = None
-            await self._clock.wait_until(min(moment, fallback) if moment is not None else fallback, self._wake)
+            self._next_look = min(moment, fallback) if moment is not None else fallback
+            await self._clock.wait_until(self._next_look, self._wake)
 
     async def _round(self) -> bool:
         """Claim and start what is due; True when a claim came back full (more may be due)."""
         now = self._clock.now()
         lease_until = now + self._settings.lease
         jobs = await self._store.claim_due_jobs(self.owner, now, lease_until, CLAIM_BATCH)
-        for job in jobs:
-            await self._occur(job, now)
+        if jobs:
+            # One transaction steps every claimed job and records its runs; the targets are called after it.
+            steps = [self._step(job, decode_spec(job.spec), now) for job in jobs]
+            held = await self._store.advance_jobs(self.owner, [step for step, _ in steps])
+            for step, spec in steps:
+                if step.job_id not in held:
+                    continue
+                for run in step.runs:
+                    self.events.publish(run)
+                    if run.status == RunStatus.RUNNING:
+                        self._spawn(run, spec)
         now = self._clock.now()  # the jobs above may have taken a while: leases start from now
         runs = await self._store.claim_due_runs(self.owner, now, now + self._settings.lease, CLAIM_BATCH)
         for run in runs:
-            self._spawn(run)
+            self._spawn(run, None)
         return len(jobs) == CLAIM_BATCH or len(runs) == CLAIM_BATCH
 
-    async def _occur(self, job: JobRecord, now: datetime) -> None:
-        """Step a claimed job past its due occurrence: run it (or skip or buffer it), and set its next one."""
-        spec = decode_spec(job.spec)
+    def _step(self, job: JobRecord, spec: JobSpec, now: datetime) -> tuple[JobStep, JobSpec]:
+        """A claimed job stepped past its due occurrence: its run (or skip or buffer), and its next occurrence."""
         repeat = spec.repeat
         due = job.next_run_at
         assert due is not None  # a claimed job is due
@@ -215,17 +238,12 @@ class JobScheduler:
             # Missed by more than the catch-up window (downtime, a pause): skip to the first occurrence within it.
             latest = due_after(repeat, due, now - spec.catch_up, job.runs)
             if latest is None or latest > now:
-                await self._advance(job, latest, 0, [])
-                return
+                return self._moved(job, latest, 0, []), spec
             due = latest
-        runs = [self._occurrence(job, spec, due, now)]
-        started = 1 if runs[0].status != RunStatus.SKIPPED else 0
+        run = self._occurrence(job, spec, due, now)
+        started = 1 if run.status != RunStatus.SKIPPED else 0
         following = due_after(repeat, due, due, job.runs + started) if repeat is not None else None
-        if await self._advance(job, following, started, runs):
-            for run in runs:
-                self.events.publish(run)
-                if run.status == RunStatus.RUNNING:
-                    self._spawn(run)
+        return self._moved(job, following, started, [run]), spec
 
     def _occurrence(self, job: JobRecord, spec: JobSpec, due: datetime, now: datetime) -> RunRecord:
         """The run of an occurrence due at `due`, by the job's overlap policy."""
@@ -250,35 +268,36 @@ class JobScheduler:
             lease_until=lease_until,
         )
 
-    async def _advance(self, job: JobRecord, following: datetime | None, started: int, runs: list[RunRecord]) -> bool:
+    @staticmethod
+    def _moved(job: JobRecord, following: datetime | None, started: int, runs: list[RunRecord]) -> JobStep:
         status = JobStatus.SCHEDULED if following is not None else JobStatus.COMPLETED
-        return await self._store.advance_job(
-            job.job_id, self.owner, next_run_at=following, status=status, started=started, runs=runs
-        )
+        return JobStep(job.job_id, following, status, started, runs)
 
-    def _spawn(self, run: RunRecord) -> None:
-        task = asyncio.get_running_loop().create_task(self._execute(run), name=f"job run {run.run_id}")
+    def _spawn(self, run: RunRecord, spec: JobSpec | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._execute(run, spec), name=f"job run {run.run_id}")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _execute(self, run: RunRecord) -> None:
-        """One attempt of `run` (already recorded RUNNING under this replica's lease), then its recorded end."""
+    async def _execute(self, run: RunRecord, spec: JobSpec | None) -> None:
+        """One attempt of `run` (already recorded RUNNING under this replica's lease), then its recorded end.
+        `spec`: the job's, when the claim that started the run read it; else it is read here."""
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(run))  # from the start: reads may be slow
-        try:
-            job = await self._store.get_job(run.job_id)
-        except BaseException:
-            heartbeat.cancel()
-            raise
-        if job is None:
-            heartbeat.cancel()
-            return
-        spec = decode_spec(job.spec)
+        if spec is None:
+            try:
+                job = await self._store.get_job(run.job_id)
+            except BaseException:
+                heartbeat.cancel()
+                raise
+            if job is None:
+                heartbeat.cancel()
+                return
+            spec = decode_spec(job.spec)
         self.events.publish(run)
         if run.attempts == 1 and run.started_at is not None and self._lateness is not None:
             lateness_ms = (run.started_at - run.due_at).total_seconds() * 1000
-            self._lateness.record(max(lateness_ms, 0.0), {"target_kind": job.target_kind})
+            self._lateness.record(max(lateness_ms, 0.0), {"target_kind": spec.target.kind.value})
         try:
-            end = self._ended(await self._targets.call(job.product, job.env, spec.target))
+            end = self._ended(await self._targets.call(run.product, run.env, spec.target))
         except ProcessorError as exc:
             end = self._failed(run, spec, exc.reason, exc.message, exc.metadata.get("process_id", ""))
         except Exception as exc:  # a bug in a target's path: the run fails, the scheduler goes on
@@ -291,7 +310,8 @@ class JobScheduler:
             log.warning("job run %s was taken over by another replica before it ended here", run.run_id)
             return
         self.events.publish(ended)
-        self.wake()  # a buffered run of the job, or the retry, may be due now
+        if end.status == RunStatus.RETRYING or spec.overlap == Overlap.BUFFER_ONE:
+            self.wake()  # the retry is due at a new moment, or a buffered run of the job may start now
 
     def _ended(self, outcome: Outcome) -> RunEnd:
         result = json.dumps(outcome.result, separators=(",", ":"), ensure_ascii=False, default=str)
