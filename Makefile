@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 DATA    ?= .data
 
-.PHONY: setup emulators ts-deps run test faults lint gen api-baseline bench mutate wheel clean
+.PHONY: setup emulators ts-deps run test faults lint gen api-baseline bench bench-quick mutate wheel clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,21 @@ bench: setup ts-deps
 	$(PY) bench/bench_jobs.py
 	$(PY) bench/bench_clients.py
 
+## Every benchmark once, short (--quick: one round of 1 s runs, smaller loads): about 3 minutes on a quiet machine,
+## a check during changes; `make bench` gives the figures to quote. BENCH_QUICK_DIR keeps each script's --json.
+BENCH_QUICK_DIR ?= .bench-quick
+bench-quick: setup ts-deps
+	mkdir -p $(BENCH_QUICK_DIR)
+	$(PY) bench/bench_foundation.py --quick --json $(BENCH_QUICK_DIR)/bench_foundation.json
+	$(PY) bench/bench_actions.py --quick --json $(BENCH_QUICK_DIR)/bench_actions.json
+	$(PY) bench/bench_sessions.py --quick --json $(BENCH_QUICK_DIR)/bench_sessions.json
+	$(PY) bench/bench_brokers.py --quick --json $(BENCH_QUICK_DIR)/bench_brokers.json
+	$(PY) bench/bench_databases.py --quick --json $(BENCH_QUICK_DIR)/bench_databases.json
+	$(PY) bench/bench_storage.py --quick --json $(BENCH_QUICK_DIR)/bench_storage.json
+	$(PY) bench/bench_notifications.py --quick --json $(BENCH_QUICK_DIR)/bench_notifications.json
+	$(PY) bench/bench_jobs.py --quick --processes 1 --triggers 300 --json $(BENCH_QUICK_DIR)/bench_jobs.json
+	$(PY) bench/bench_clients.py --quick --json $(BENCH_QUICK_DIR)/bench_clients.json
+
 ## Mutation testing (cosmic-ray) of the security-critical modules, each in a scratch copy under .mutate/; prints the
 ## surviving mutants (docs/mutation.md has the verdict on each). Not part of `make test`. MUTATE_ARGS="--module auth".
 mutate: setup
@@ -93,5 +108,5 @@ wheel: setup
 	$(PY) -m build --wheel --no-isolation --outdir dist clients/python
 
 clean:
-	rm -rf $(VENV) $(DATA) dist .mypy_cache .ruff_cache .pytest_cache .mutate .tools clients/typescript/node_modules \
+	rm -rf $(VENV) $(DATA) $(BENCH_QUICK_DIR) dist .mypy_cache .ruff_cache .pytest_cache .mutate .tools clients/typescript/node_modules \
 		clients/typescript/dist

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -504,8 +504,13 @@ Report = tuple[list[str], dict[str, Any]]
 """A benchmark's report: the lines printed and the figures written with --json."""
 
 
+QUICK_DURATION_S = 1.0
+QUICK_WARMUP_S = 0.2
+"""`--quick` (what `make bench-quick` runs): one round of runs this short, for a check during changes."""
+
+
 def bench_parser(doc: str | None, *, duration: float = 3.0) -> argparse.ArgumentParser:
-    """The options every benchmark script takes: --duration, --warmup, --rounds, --no-pin, --json."""
+    """The options every benchmark script takes: --duration, --warmup, --rounds, --no-pin, --json, --quick."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--duration", type=float, default=duration, help=f"seconds measured per run (default {duration:g})"
@@ -514,12 +519,29 @@ def bench_parser(doc: str | None, *, duration: float = 3.0) -> argparse.Argument
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is shown (default 3)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the processes to CPUs")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"one round, {QUICK_DURATION_S:g} s runs after {QUICK_WARMUP_S:g} s warm-up, smaller loads (make "
+        "bench-quick): a check during changes; options given explicitly still win",
+    )
     return parser
 
 
-def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """The parsed options, refusing a --duration that is not > 0, a negative --warmup or --rounds below 1."""
+def parse_bench_args(
+    parser: argparse.ArgumentParser, argv: list[str], quick: Mapping[str, object] | None = None
+) -> argparse.Namespace:
+    """The parsed options, refusing a --duration that is not > 0, a negative --warmup or --rounds below 1.
+
+    With --quick, the options left at their defaults take their quick values: one round, short runs, and the
+    script's own `quick` values (option dest -> value, e.g. a smaller load).
+    """
     args = parser.parse_args(argv)
+    if args.quick:
+        shorter = {"rounds": 1, "duration": QUICK_DURATION_S, "warmup": QUICK_WARMUP_S, **(quick or {})}
+        for name, value in shorter.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
     if args.duration <= 0 or args.warmup < 0 or args.rounds < 1:
         parser.error("--duration must be > 0, --warmup >= 0 and --rounds >= 1")
     return args

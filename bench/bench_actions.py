@@ -821,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["_upstream"], ["_bare-server"], ["_floor-server"], ["_client"]):
         return _internal(argv)
     parser = _parser()
-    args = parse_bench_args(parser, argv)
+    args = parse_bench_args(parser, argv, quick={"calls": 2000})
     if args.calls < 1 or args.concurrency < 1:
         parser.error("--calls and --concurrency must be >= 1")
     config = Config(

@@ -1400,7 +1400,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["_bare-server"], ["_sub"], ["_pub"], ["_lat"]):
         return _internal(argv)
     parser = _parser()
-    args = parse_bench_args(parser, argv)
+    args = parse_bench_args(parser, argv, quick={"messages": 3000, "single_messages": 300})
     if min(args.messages, args.single_messages, args.batch, args.inflight, args.concurrency) < 1:
         parser.error("--messages, --single-messages, --batch, --batches-in-flight, --concurrency: >= 1")
     if args.batch > 1000:

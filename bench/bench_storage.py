@@ -306,7 +306,7 @@ def main(argv: list[str]) -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--mib", type=int, default=128, help="MiB per transfer in the rate runs (default 128)")
     parser.add_argument("--rss-mib", type=int, default=1024, help="MiB of the memory run; 0 skips it (default 1024)")
-    args = parse_bench_args(parser, argv)
+    args = parse_bench_args(parser, argv, quick={"mib": 16, "rss_mib": 128})
 
     def measure(procs: Processes, work: Path) -> Report:
         return asyncio.run(measure_async(procs, work, args))
