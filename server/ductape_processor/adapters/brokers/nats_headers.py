@@ -3,6 +3,7 @@ writes it), every value percent-encoded, and the defaults of messages other prod
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from urllib.parse import unquote
@@ -18,8 +19,14 @@ from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEv
 _BINDING = Binding(prefix="ce-", ordering_key="ce-orderingkey", content_type="content-type")
 
 
+_PLAIN = re.compile(r"[!#$&-~]*\Z")
+"""A value with nothing to encode: printable ASCII but space, '"' and '%' (most values: ids, times, types)."""
+
+
 def encode(value: str) -> str:
     """Percent-encode a header value (CloudEvents HTTP binding 3.1.3.2): space, '"', '%' and non-printable ASCII."""
+    if _PLAIN.match(value):
+        return value
     out: list[str] = []
     for char in value:
         if "!" <= char <= "~" and char not in '"%':
