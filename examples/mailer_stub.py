@@ -1,7 +1,8 @@
 """A stand-in for the example product's mailer API, so `make run` works with no external service.
 
 Serves `POST /v2/templates/{template}/send` on 127.0.0.1:8025 (or PORT) and answers like a mail API would:
-202 with a message id. It checks the bearer key the processor renders from `$Secret{MAILER_KEY}`.
+202 with a message id; and `POST /hooks/orders`, a partner's endpoint for the example's `orders` webhook (204).
+It checks the bearer key the processor renders from `$Secret{MAILER_KEY}`.
 
     python examples/mailer_stub.py          # then call the `mailer:send_welcome` action through the processor
 """
@@ -30,10 +31,19 @@ async def send(request: web.Request) -> web.Response:
     )
 
 
+async def order_hook(request: web.Request) -> web.Response:
+    """A partner's webhook endpoint for the `orders` webhook: takes a signed delivery (204)."""
+    if not all(request.headers.get(name) for name in ("webhook-id", "webhook-timestamp", "webhook-signature")):
+        return web.json_response({"error": "not a signed webhook"}, status=400)
+    await request.read()
+    return web.Response(status=204)
+
+
 def make_app() -> web.Application:
     """The stub's routes."""
     app = web.Application()
     app.router.add_post("/v2/templates/{template}/send", send)
+    app.router.add_post("/hooks/orders", order_hook)
     return app
 
 

@@ -20,7 +20,7 @@ import pytest
 from ductape.processor import Processor
 
 from ductape_processor.app import ProcessorApp
-from ductape_processor.runtime.jobs.clock import Clock
+from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.settings import Settings
 from ductape_processor.store import Store
 from ductape_processor.store.postgres import PostgresStore
@@ -161,7 +161,11 @@ async def start_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
         clock: Clock | None = None,
         **overrides: Any,
     ) -> Running:
-        values: dict[str, Any] = {"address": "127.0.0.1:0", "data_dir": tmp_path / f"data{len(running)}"}
+        values: dict[str, Any] = {
+            "address": "127.0.0.1:0",
+            "webhook_http_address": "127.0.0.1:0",
+            "data_dir": tmp_path / f"data{len(running)}",
+        }
         values.update(overrides)
         app = ProcessorApp(Settings(**values), store=store, telemetry=telemetry, clock=clock)
         port = await app.start()

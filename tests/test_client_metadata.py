@@ -92,6 +92,17 @@ CALLS: dict[str, Call] = {
     "JobService/Resume": lambda p, m: p.job.resume(product="shop", env="dev", name="none", metadata=m),
     "JobService/TriggerNow": lambda p, m: p.job.trigger_now(product="shop", env="dev", name="none", metadata=m),
     "JobService/ListRuns": lambda p, m: p.job.list_runs(product="shop", env="dev", name="none", metadata=m),
+    "WebhookService/Emit": lambda p, m: p.webhook.emit(
+        product="shop", env="dev", event="orders:paid", payload={"orderId": "o-1"}, metadata=m
+    ),
+    "WebhookService/ListDeliveries": lambda p, m: p.webhook.list_deliveries(product="shop", env="dev", metadata=m),
+    "WebhookService/GetDelivery": lambda p, m: p.webhook.get_delivery(
+        product="shop", env="dev", delivery_id="none", metadata=m
+    ),
+    "WebhookService/Redeliver": lambda p, m: p.webhook.redeliver(
+        product="shop", env="dev", delivery_id="none", metadata=m
+    ),
+    "WebhookService/ListReceived": lambda p, m: p.webhook.list_received(product="shop", env="dev", metadata=m),
 }
 
 

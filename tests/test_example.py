@@ -66,7 +66,10 @@ async def test_the_readme_first_calls_work(start_server: ServerFactory, mailer_s
     readme = (ROOT / "README.md").read_text()
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
     running = await start_server(manifests=[EXAMPLE], secrets_file=ROOT / "examples" / "secrets.env")
+    listener = running.app.components.webhook_http
+    assert listener is not None and listener.port, "the example declares a receive path: the listener serves"
     code = code.replace("127.0.0.1:50051", running.address).replace("asyncio.run(main())", "")
+    code = code.replace("127.0.0.1:8090", f"127.0.0.1:{listener.port}")
     code = code.replace('"examples/shop.yaml"', repr(str(EXAMPLE)))
     printed: list[tuple[object, ...]] = []
     namespace: dict[str, object] = {"print": lambda *values: printed.append(values)}
@@ -84,13 +87,15 @@ async def test_the_readme_first_calls_work(start_server: ServerFactory, mailer_s
     assert printed[8] == ("succeeded", 202), "the one-off job ran the action"
     assert printed[9] == ("cancelled", None), "the repeating job is cancelled"
     assert printed[10] == (True, "scheduled", "publish"), "the example declares a repeating job"
-    assert printed[11] == (False, 1), "applying the same manifest again creates no version"
-    assert printed[12] == ("PRODUCT_NOT_FOUND", {"product": "blog"})
-    assert len(printed) == 13
+    assert printed[11] == (204, 1), "the emitted webhook was delivered, signed, to the stub's endpoint"
+    assert printed[12] == ("evt_1", {"id": "pay_1"}), "the signed POST arrived on the Receive stream"
+    assert printed[13] == (False, 1), "applying the same manifest again creates no version"
+    assert printed[14] == ("PRODUCT_NOT_FOUND", {"product": "blog"})
+    assert len(printed) == 15
     # What the README says each print shows (its trailing comment, `...` standing for the rest) is what it shows.
     promised = re.findall(r"^\s*print\(.*\)  # (.+)$", code, re.MULTILINE)
     lines = [" ".join(str(value) for value in values) for values in printed]
-    assert len(promised) == 11, promised
+    assert len(promised) == 13, promised
     for comment in promised:
         assert any(_shows(line, comment) for line in lines), (comment, lines)
 

@@ -87,16 +87,16 @@ def p99(latencies: list[float]) -> float:
 
 async def test_a_manifest_over_the_size_limit_is_refused_unread(start_server: ServerFactory) -> None:
     assert Settings().manifest_max_bytes == MAX_MANIFEST_BYTES == 1024 * 1024
-    server = await start_server(manifest_max_bytes=4096)
-    unreadable = b"product: [" + b"x" * 5000  # a syntax error, were it parsed
+    server = await start_server(manifest_max_bytes=8192)  # the example manifest, applied below, fits
+    unreadable = b"product: [" + b"x" * 9000  # a syntax error, were it parsed
     for call in (server.client.product.apply, server.client.product.validate):
         with pytest.raises(InvalidArgumentError) as caught:
             await call(unreadable)
         error = caught.value
         assert error.reason == "MANIFEST_TOO_LARGE"
-        assert error.metadata == {"limit": "bytes", "maximum": "4096"}
+        assert error.metadata == {"limit": "bytes", "maximum": "8192"}
         assert [(v.field, v.description) for v in error.field_violations] == [
-            ("manifest", "is 5010 bytes, more than the 4096 bytes allowed (PROCESSOR_MANIFEST_MAX_BYTES)")
+            ("manifest", "is 9010 bytes, more than the 8192 bytes allowed (PROCESSOR_MANIFEST_MAX_BYTES)")
         ]
     assert (await server.client.product.apply(EXAMPLE)).created
 

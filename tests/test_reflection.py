@@ -20,6 +20,7 @@ SERVICES = [
     "ductape.processor.v1.ProductService",
     "ductape.processor.v1.SessionService",
     "ductape.processor.v1.StorageService",
+    "ductape.processor.v1.WebhookService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",

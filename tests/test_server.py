@@ -70,6 +70,7 @@ async def test_reflection_lists_the_services(server: Running) -> None:
         "ductape.processor.v1.ProductService",
         "ductape.processor.v1.SessionService",
         "ductape.processor.v1.StorageService",
+        "ductape.processor.v1.WebhookService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health
 
+from ductape_processor.adapters.http.addresses import PublicResolver
 from ductape_processor.adapters.http.client import HttpClientPool
 from ductape_processor.api.action import ActionServicer
 from ductape_processor.api.auth import ApiKeyAuthenticator
@@ -26,6 +28,8 @@ from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.session import SessionServicer
 from ductape_processor.api.storage import StorageServicer
 from ductape_processor.api.storage_http import StorageHttpListener
+from ductape_processor.api.webhook import WebhookServicer
+from ductape_processor.api.webhook_http import WebhookHttpListener
 from ductape_processor.errors import InvalidManifest, ProcessorError
 from ductape_processor.grpc_server import ListenError, Servicers, grpc_server, listen, set_serving
 from ductape_processor.runtime.actions.cache import ResultCache
@@ -34,12 +38,12 @@ from ductape_processor.runtime.brokers.publisher import BrokerRuntime
 from ductape_processor.runtime.databases.migrations import MigrationRunner
 from ductape_processor.runtime.databases.pools import DatabasePools
 from ductape_processor.runtime.databases.runner import DatabaseRunner
-from ductape_processor.runtime.jobs.clock import Clock, SystemClock
 from ductape_processor.runtime.jobs.runtime import JobRuntime
 from ductape_processor.runtime.jobs.scheduler import JobScheduler, SchedulerSettings
 from ductape_processor.runtime.jobs.targets import JobTargets
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecorder
 from ductape_processor.runtime.notifications.sender import NotificationRuntime
+from ductape_processor.runtime.policies.clock import Clock, SystemClock
 from ductape_processor.runtime.policies.periodic import PeriodicTask
 from ductape_processor.runtime.policies.secrets import SecretsFileError, SecretSource, TokenVault, referenced_secrets
 from ductape_processor.runtime.registry.loader import ManifestFormat
@@ -48,6 +52,9 @@ from ductape_processor.runtime.services import CallServices
 from ductape_processor.runtime.sessions import SessionKeys, SessionManager
 from ductape_processor.runtime.storage.links import StorageLinks
 from ductape_processor.runtime.storage.operations import StorageRuntime
+from ductape_processor.runtime.webhooks.deliveries import DeliverySettings, DeliveryWorker
+from ductape_processor.runtime.webhooks.emitter import WebhookRuntime
+from ductape_processor.runtime.webhooks.receiver import WebhookReceiver
 from ductape_processor.settings import Settings
 from ductape_processor.store import Store, open_store
 from ductape_processor.store.files import private_directory
@@ -57,6 +64,20 @@ log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 PURGE_INTERVAL_S = 60.0
+WEBHOOK_RESPONSE_BYTES = 1024 * 1024
+"""The largest answer a webhook endpoint may give (its first KiB is kept with the attempt)."""
+
+
+async def _nothing() -> None:
+    """A background round with nothing to do."""
+
+
+async def _listening(setting: str, address: str | None, start: Callable[[], Awaitable[object]]) -> None:
+    """Start an HTTP listener of the processor; StartupError naming the setting when its address is unusable."""
+    try:
+        await start()
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {setting} {address}: {exc.strerror}") from None
 
 
 class StartupError(Exception):
@@ -92,6 +113,14 @@ class Components:
     databases: DatabasePools
     notifications: NotificationRuntime
     jobs: JobRuntime
+    webhooks: WebhookRuntime
+    webhook_receiver: WebhookReceiver
+    webhook_pools: tuple[HttpClientPool, HttpClientPool]
+    webhook_http: WebhookHttpListener | None
+    """The listener of received webhooks, when PROCESSOR_WEBHOOK_HTTP_ADDRESS is set (started once a product
+    declares a receive path)."""
+    webhook_check: PeriodicTask
+    """Starts `webhook_http` once a product declares a receive path."""
     storage_http: StorageHttpListener | None
     """The listener of fs storages' signed URLs, when PROCESSOR_STORAGE_HTTP_ADDRESS is set."""
     cache: ResultCache
@@ -145,6 +174,16 @@ def build(
         telemetry.job_lateness,
     )
     jobs = JobRuntime(registry, store, scheduler, clock)
+    webhook_pools = (
+        HttpClientPool(max_response_bytes=WEBHOOK_RESPONSE_BYTES, resolver=PublicResolver),
+        HttpClientPool(max_response_bytes=WEBHOOK_RESPONSE_BYTES),
+    )
+    deliveries = DeliveryWorker(store, registry, secrets, webhook_pools, clock, DeliverySettings())
+    webhooks = WebhookRuntime(registry, store, deliveries, clock)
+    receiver = WebhookReceiver(registry, store, brokers, secrets, clock)
+    webhook_http = (
+        WebhookHttpListener(receiver, settings.webhook_http_address) if settings.webhook_http_address else None
+    )
     servicers = Servicers(
         product=ProductServicer(registry),
         action=ActionServicer(actions),
@@ -156,6 +195,7 @@ def build(
         migration=MigrationServicer(MigrationRunner(registry, databases)),
         notification=NotificationServicer(notifications),
         job=JobServicer(jobs),
+        webhook=WebhookServicer(webhooks, receiver),
         health=health.aio.HealthServicer(),
     )
     interceptor = ProcessorInterceptor(ApiKeyAuthenticator(settings.api_key_hashes), telemetry)
@@ -172,6 +212,13 @@ def build(
         databases=databases,
         notifications=notifications,
         jobs=jobs,
+        webhooks=webhooks,
+        webhook_receiver=receiver,
+        webhook_pools=webhook_pools,
+        webhook_http=webhook_http,
+        webhook_check=PeriodicTask(
+            "webhook listener check", settings.registry_poll_s, webhook_http.ensure if webhook_http else _nothing
+        ),
         storage_http=(
             StorageHttpListener(storage, links, settings.storage_http_address)
             if links is not None and settings.storage_http_address
@@ -246,18 +293,17 @@ class ProcessorApp:
             for path in files:
                 await self._apply_file(parts, path)
             await parts.jobs.start()
+            await parts.webhooks.worker.start()
             try:
                 self.port = listen(parts.server, settings)
             except ListenError as exc:
                 raise StartupError(str(exc)) from None
             await parts.server.start()
             if parts.storage_http is not None:
-                try:
-                    await parts.storage_http.start()
-                except OSError as exc:
-                    raise StartupError(
-                        f"cannot listen on storage_http_address {settings.storage_http_address}: {exc.strerror}"
-                    ) from None
+                await _listening("storage_http_address", settings.storage_http_address, parts.storage_http.start)
+            if parts.webhook_http is not None:
+                await _listening("webhook_http_address", settings.webhook_http_address, parts.webhook_http.ensure)
+                parts.webhook_check.start()
         except BaseException:
             self._stopped = True  # released here: a later stop() has nothing left to do
             await self._release(parts)
@@ -345,6 +391,7 @@ class ProcessorApp:
         log.info("draining", extra={"grace_s": grace})
         await parts.server.stop(grace)
         await parts.jobs.stop(grace)  # runs going finish within the grace; their targets are still open
+        await parts.webhooks.worker.stop(grace)  # attempts going finish within the grace (else: leases run out)
         await self._release(parts)
         log.info("stopped")
 
@@ -352,6 +399,13 @@ class ProcessorApp:
         if parts.storage_http is not None:
             await parts.storage_http.stop()
         await parts.jobs.stop(0)
+        await parts.webhook_check.stop()
+        if parts.webhook_http is not None:
+            await parts.webhook_http.stop()
+        await parts.webhooks.worker.stop(0)
+        await parts.webhook_receiver.close()
+        for pool in parts.webhook_pools:
+            await pool.close()
         await parts.purger.stop()
         await parts.registry.stop()
         await parts.sessions.stop_watching()

@@ -29,6 +29,8 @@ from ductape.processor.v1 import (
     session_pb2_grpc,
     storage_pb2,
     storage_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -44,6 +46,7 @@ from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.reflection import enable_reflection
 from ductape_processor.api.session import SessionServicer
 from ductape_processor.api.storage import StorageServicer
+from ductape_processor.api.webhook import WebhookServicer
 from ductape_processor.settings import Settings
 
 SERVICE_NAMES = (
@@ -57,6 +60,7 @@ SERVICE_NAMES = (
     migration_pb2.DESCRIPTOR.services_by_name["MigrationService"].full_name,
     notification_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
     job_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 """The processor's services, as health checks and reflection name them."""
 
@@ -75,6 +79,7 @@ class Servicers:
     migration: MigrationServicer
     notification: NotificationServicer
     job: JobServicer
+    webhook: WebhookServicer
     health: health.aio.HealthServicer
 
 
@@ -106,6 +111,7 @@ def grpc_server(settings: Settings, interceptor: ProcessorInterceptor, servicers
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(servicers.migration, server)
     notification_pb2_grpc.add_NotificationServiceServicer_to_server(servicers.notification, server)
     job_pb2_grpc.add_JobServiceServicer_to_server(servicers.job, server)
+    webhook_pb2_grpc.add_WebhookServiceServicer_to_server(servicers.webhook, server)
     health_pb2_grpc.add_HealthServicer_to_server(servicers.health, server)
     enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     return server

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     storage_http_address: str | None = Field(
         None, description="host:port of the HTTP listener serving fs storages' signed URLs; unset: off."
     )
+    webhook_http_address: str | None = Field(
+        "127.0.0.1:8090",
+        description="host:port of the HTTP listener receiving provider webhooks, started once a product declares a "
+        "receive path; empty: off.",
+    )
     session_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Session root keys `id:base64url(32 bytes)`, newest first; the first encrypts new tokens.",
@@ -117,6 +122,7 @@ class Settings(BaseSettings):
         "tls_client_ca",
         "max_concurrent_rpcs",
         "storage_http_address",
+        "webhook_http_address",
         mode="before",
     )
     @classmethod
@@ -159,7 +165,7 @@ class Settings(BaseSettings):
             return value
         raise ValueError("store must be 'sqlite', 'sqlite:///path/to/file.db' or a postgresql:// DSN")
 
-    @field_validator("address", "storage_http_address")
+    @field_validator("address", "storage_http_address", "webhook_http_address")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         if value is None:
@@ -200,6 +206,11 @@ class Settings(BaseSettings):
             problems.append(
                 f"storage_http_address {self.storage_http_address} is not a loopback address (its URLs are "
                 "unencrypted HTTP): put it on loopback behind a TLS proxy, or pass --insecure"
+            )
+        if self.webhook_http_address is not None and not self.insecure and not _loopback(self.webhook_http_address):
+            problems.append(
+                f"webhook_http_address {self.webhook_http_address} is not a loopback address (it serves plain "
+                "HTTP): put it on loopback behind a TLS proxy, or pass --insecure"
             )
         if self.is_loopback or self.insecure:
             return problems

@@ -6,18 +6,16 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 
-import grpc
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 
 from ductape_processor.api.calls import Context, deadline, first_message, require_target
-from ductape_processor.api.status import error_trailers
+from ductape_processor.api.streams import aborter, acks_and_nacks
 from ductape_processor.api.values import seconds, set_timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingMessage
 from ductape_processor.runtime.brokers.publisher import BrokerRuntime
-from ductape_processor.runtime.brokers.stream import Ack, Batch, Nack, StaleAcks, StreamEvent, StreamRequest
+from ductape_processor.runtime.brokers.stream import Batch, StaleAcks, StreamEvent
 from ductape_processor.runtime.brokers.subscriptions import Limits
-from ductape_processor.telemetry.context import current_call
 
 
 def _outgoing(message: broker_pb2.OutgoingMessage, field: str) -> OutgoingMessage:
@@ -41,21 +39,6 @@ def _limits(init: broker_pb2.SubscribeInit) -> Limits:
         max_deliveries=init.max_deliveries,
         dead_letter_event=init.dead_letter_event,
     )
-
-
-async def _requests(requests: AsyncIterator[broker_pb2.SubscribeRequest]) -> AsyncIterator[StreamRequest]:
-    """The stream's acks and nacks after its init, as the runtime takes them."""
-    async for request in requests:
-        kind = request.WhichOneof("kind")
-        if kind == "ack":
-            yield Ack(list(request.ack.ack_ids))
-        elif kind == "nack":
-            delay = seconds(request.nack.delay) if request.nack.HasField("delay") else 0.0
-            yield Nack(list(request.nack.ack_ids), delay, request.nack.dead_letter)
-        elif kind == "init":
-            raise InvalidArgument.field("init", "a stream takes init only once, as its first request")
-        else:
-            raise InvalidArgument.field("kind", "a request must carry init, ack or nack")
 
 
 def _batch(messages: list[tuple[str, IncomingEvent]]) -> broker_pb2.SubscribeResponse:
@@ -149,12 +132,6 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             init.product, init.env, init.event, init.group, _limits(init), init.dead_letter_event
         )
 
-        async def abort(error: ProcessorError) -> None:
-            call = current_call.get()
-            code, message, trailers = error_trailers(error, call.request_id if call is not None else "")
-            with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
-                await context.abort(code, message, trailing_metadata=trailers)
-
-        async with contextlib.aclosing(stream.run(_requests(request_iterator), abort)) as events:
+        async with contextlib.aclosing(stream.run(acks_and_nacks(request_iterator), aborter(context))) as events:
             async for event in events:
                 yield _response(event)

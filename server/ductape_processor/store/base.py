@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
 
+from ductape_processor.store.webhook_records import WebhookState
+
 
 @dataclass(frozen=True, slots=True)
 class VersionRecord:
@@ -237,7 +239,7 @@ class RunEnd:
     job_status: JobStatus | None = None
 
 
-class Store(abc.ABC):
+class Store(WebhookState):
     """Durable state of the processor. Every method is safe to call concurrently, also from several replicas."""
 
     dialect: str
@@ -287,9 +289,10 @@ class Store(abc.ABC):
     async def revisions(self) -> list[ProductRevision]:
         """Every product's change counter, to find products changed by another replica."""
 
-    async def listen(self, listener: ChangeListener, topic: str = "products") -> None:  # noqa: B027 - optional
+    async def listen(self, listener: ChangeListener, topic: str = "products") -> None:
         """Call `listener(payload)` soon after another replica changes something of `topic`: a product ("products",
-        the payload is the product) or a job ("jobs", the payload is the product). Optional: polling covers it."""
+        the payload is the product), a job or a webhook delivery ("jobs", "webhooks": the payload is the product).
+        Optional: polling covers it."""
 
     # -- auth tokens minted by credential flows -------------------------------------------------------------------
 

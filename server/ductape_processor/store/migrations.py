@@ -170,6 +170,81 @@ _TEMPLATES: tuple[Migration, ...] = (
             "CREATE INDEX job_runs_open ON job_runs (status, attempt_at) WHERE status IN (1, 2, 3)",
         ),
     ),
+    Migration(
+        5,
+        "webhooks: emitted messages, their deliveries and attempts, endpoints' health, received webhooks",
+        (
+            """CREATE TABLE webhook_messages (
+                message_id TEXT PRIMARY KEY,
+                product TEXT NOT NULL,
+                env TEXT NOT NULL,
+                webhook TEXT NOT NULL,
+                event TEXT NOT NULL,
+                body TEXT NOT NULL,
+                idempotency_key TEXT NOT NULL,
+                request_hash TEXT NOT NULL,
+                created_at {time} NOT NULL
+            )""",
+            "CREATE UNIQUE INDEX webhook_messages_by_key ON webhook_messages (product, env, idempotency_key) "
+            "WHERE idempotency_key <> ''",
+            """CREATE TABLE webhook_deliveries (
+                delivery_id TEXT PRIMARY KEY,
+                message_id TEXT NOT NULL REFERENCES webhook_messages (message_id),
+                product TEXT NOT NULL,
+                env TEXT NOT NULL,
+                webhook TEXT NOT NULL,
+                event TEXT NOT NULL,
+                endpoint TEXT NOT NULL,
+                status {small} NOT NULL,
+                attempts INTEGER NOT NULL,
+                next_attempt_at {time},
+                created_at {time} NOT NULL,
+                last_code INTEGER NOT NULL,
+                lease_owner TEXT,
+                lease_until {time}
+            )""",
+            "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 1",
+            "CREATE INDEX webhook_deliveries_listed ON webhook_deliveries "
+            "(product, env, created_at DESC, delivery_id DESC)",
+            "CREATE INDEX webhook_deliveries_by_message ON webhook_deliveries (message_id)",
+            "CREATE INDEX webhook_deliveries_by_endpoint ON webhook_deliveries (product, env, webhook, endpoint) "
+            "WHERE status = 1",
+            """CREATE TABLE webhook_attempts (
+                delivery_id TEXT NOT NULL,
+                number INTEGER NOT NULL,
+                started_at {time} NOT NULL,
+                duration_ms INTEGER NOT NULL,
+                response_code INTEGER NOT NULL,
+                excerpt TEXT NOT NULL,
+                error TEXT NOT NULL,
+                success {flag} NOT NULL,
+                PRIMARY KEY (delivery_id, number)
+            )""",
+            """CREATE TABLE webhook_endpoints (
+                product TEXT NOT NULL,
+                env TEXT NOT NULL,
+                webhook TEXT NOT NULL,
+                endpoint TEXT NOT NULL,
+                failing_since {time},
+                disabled_at {time},
+                PRIMARY KEY (product, env, webhook, endpoint)
+            )""",
+            """CREATE TABLE webhooks_received (
+                received_id TEXT PRIMARY KEY,
+                product TEXT NOT NULL,
+                env TEXT NOT NULL,
+                webhook TEXT NOT NULL,
+                webhook_id TEXT NOT NULL,
+                received_at {time} NOT NULL,
+                content_type TEXT NOT NULL,
+                headers TEXT NOT NULL,
+                body {blob} NOT NULL
+            )""",
+            "CREATE UNIQUE INDEX webhooks_received_once ON webhooks_received (product, env, webhook, webhook_id)",
+            "CREATE INDEX webhooks_received_listed ON webhooks_received "
+            "(product, env, received_at DESC, received_id DESC)",
+        ),
+    ),
 )
 
 

@@ -20,9 +20,10 @@ import asyncpg
 from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store import migrations, statements
 from ductape_processor.store.base import ChangeListener
-from ductape_processor.store.jobs import JOBS_TOPIC, SqlJobStore
+from ductape_processor.store.jobs import JOBS_TOPIC
 from ductape_processor.store.sql import Connection, Row
 from ductape_processor.store.statements import SqlValue, Statement
+from ductape_processor.store.webhooks import SqlWebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ _INSERT_NEW_JOB_NOTIFIED: Final = Statement(
 )
 
 
-class PostgresStore(SqlJobStore):
+class PostgresStore(SqlWebhookStore):
     """Store on PostgreSQL, shared by every replica."""
 
     dialect = "postgresql"
@@ -154,7 +155,11 @@ class PostgresStore(SqlJobStore):
         self._dsn = dsn
         self._schema = schema
         # One NOTIFY channel per change topic (Store.listen), all heard on one listening connection.
-        self._channels = {"products": f"{schema}_product_changes", "jobs": f"{schema}_job_changes"}
+        self._channels = {
+            "products": f"{schema}_product_changes",
+            "jobs": f"{schema}_job_changes",
+            "webhooks": f"{schema}_webhook_changes",
+        }
         self._min_size = min_size
         self._max_size = max_size
         self._pool: _Pool | None = None

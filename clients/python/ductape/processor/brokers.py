@@ -19,7 +19,7 @@ import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NotRequired, TypedDict, Unpack
+from typing import Any, Generic, NotRequired, TypedDict, TypeVar, Unpack
 
 import grpc
 from ductape.processor.calls import CallMetadata, ResourceClient
@@ -31,7 +31,7 @@ ACK_FLUSH_S = 0.01
 ACK_FLUSH_COUNT = 100
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
+def duration(seconds: float) -> duration_pb2.Duration:
     whole = int(seconds)
     return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
 
@@ -99,8 +99,28 @@ class PublishResult:
         return self.code == grpc.StatusCode.OK
 
 
-@dataclass(eq=False)
-class Message:
+@dataclass(eq=False, kw_only=True)
+class StreamItem:
+    """What a Subscribe-style stream delivers: settled by its ack id, on the stream that delivered it."""
+
+    ack_id: str
+    _subscription: StreamSubscription[Any] = field(repr=False)
+    _generation: int = field(repr=False, default=0)
+
+    async def ack(self) -> None:
+        """Done: it is not delivered again."""
+        self._subscription._queue_ack(self)
+
+    async def nack(self, *, delay: float = 0.0, dead_letter: bool = False) -> None:
+        """Deliver again after `delay` seconds, or (a message) send it to the dead-letter topic now."""
+        await self._subscription._send_nack(self, delay, dead_letter)
+
+
+ItemT = TypeVar("ItemT", bound=StreamItem)
+
+
+@dataclass(eq=False, kw_only=True)
+class Message(StreamItem):
     """A delivered message. Ack it when done, or nack it to have it delivered again."""
 
     id: str
@@ -114,34 +134,27 @@ class Message:
     ordering_key: str
     traceparent: str
     tracestate: str
-    ack_id: str
-    _subscription: Subscription = field(repr=False)
-    _generation: int = field(repr=False, default=0)
 
     def json(self) -> Any:
         """The payload parsed as JSON."""
         return jsonlib.loads(self.data)
 
-    async def ack(self) -> None:
-        """Done: the message is not delivered again."""
-        self._subscription._queue_ack(self)
 
-    async def nack(self, *, delay: float = 0.0, dead_letter: bool = False) -> None:
-        """Deliver again after `delay` seconds, or send to the dead-letter topic now."""
-        await self._subscription._send_nack(self, delay, dead_letter)
-
-
-class Subscription:
-    """An open subscription; iterate it with `async for`. `close()` ends it.
+class StreamSubscription(Generic[ItemT]):
+    """An open Subscribe-style stream (BrokerService.Subscribe, WebhookService.Receive); iterate it with
+    `async for`. `close()` ends it. A subclass names the stream's request, method and items.
 
     `stale_acks` counts the acks and nacks the server ignored because their message was no longer outstanding;
     `expired_acks` those of them that came after the message's ack deadline (it may be delivered again).
     """
 
+    _request: Any = broker_pb2.SubscribeRequest
+    """The stream's request message (its `init`, `ack` and `nack`)."""
+
     def __init__(
         self,
-        stub: broker_pb2_grpc.BrokerServiceStub,
-        init: broker_pb2.SubscribeInit,
+        stub: Any,
+        init: Any,
         *,
         metadata: Sequence[tuple[str, str]],
         auto_ack: bool,
@@ -154,7 +167,7 @@ class Subscription:
         self._auto_ack = auto_ack
         self._reconnect = reconnect
         self._max_backoff = max_backoff
-        self._requests: asyncio.Queue[broker_pb2.SubscribeRequest | None] = asyncio.Queue()
+        self._requests: asyncio.Queue[Any] = asyncio.Queue()
         self._pending_acks: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
         self._call: Any = None
@@ -164,8 +177,20 @@ class Subscription:
         self.stale_acks = 0
         self.expired_acks = 0
 
-    def __aiter__(self) -> AsyncIterator[Message]:
+    def __aiter__(self) -> AsyncIterator[ItemT]:
         return self._messages()
+
+    def _method(self) -> Any:
+        """The stub's streaming method (the aio stub takes an async iterator)."""
+        return self._stub.Subscribe
+
+    def _items(self, response: Any) -> Any:
+        """The delivered items of a batch response."""
+        return response.batch.messages
+
+    def _message(self, received: Any) -> ItemT:
+        """A delivered item as the caller gets it."""
+        raise NotImplementedError
 
     async def _open(self) -> Any:
         # End the previous stream's request iterator: left waiting on its queue, gRPC's task that drains it would
@@ -174,24 +199,23 @@ class Subscription:
         self._requests = asyncio.Queue()
         self._pending_acks = []
         self._generation += 1
-        await self._requests.put(broker_pb2.SubscribeRequest(init=self._init))
+        await self._requests.put(self._request(init=self._init))
         requests = self._requests
 
-        async def request_iterator() -> AsyncIterator[broker_pb2.SubscribeRequest]:
+        async def request_iterator() -> AsyncIterator[Any]:
             while True:
                 request = await requests.get()
                 if request is None:
                     return
                 yield request
 
-        subscribe: Any = self._stub.Subscribe  # the aio stub takes an async iterator
-        call = subscribe(request_iterator(), metadata=self._metadata)
+        call = self._method()(request_iterator(), metadata=self._metadata)
         first = await call.read()
         if first is grpc.aio.EOF or first.WhichOneof("kind") != "ready":
             raise ProcessorError(grpc.StatusCode.INTERNAL, "the server did not confirm the subscription")
         return call
 
-    async def _messages(self) -> AsyncIterator[Message]:
+    async def _messages(self) -> AsyncIterator[ItemT]:
         backoff = 0.1
         while not self._closed:
             try:
@@ -205,7 +229,7 @@ class Subscription:
                         self.stale_acks += len(response.stale_acks.ack_ids)
                         self.expired_acks += len(response.stale_acks.expired_ack_ids)
                         continue
-                    for received in response.batch.messages:
+                    for received in self._items(response):
                         message = self._message(received)
                         yield message
                         if self._auto_ack:
@@ -219,25 +243,7 @@ class Subscription:
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not crypto
             backoff = min(backoff * 2, self._max_backoff)
 
-    def _message(self, received: broker_pb2.ReceivedMessage) -> Message:
-        return Message(
-            id=received.id,
-            data=received.data,
-            content_type=received.content_type,
-            attributes=dict(received.attributes),
-            publish_time=received.publish_time.ToDatetime(UTC),
-            delivery_attempt=received.delivery_attempt,
-            source=received.source,
-            type=received.type,
-            ordering_key=received.ordering_key,
-            traceparent=received.traceparent,
-            tracestate=received.tracestate,
-            ack_id=received.ack_id,
-            _subscription=self,
-            _generation=self._generation,
-        )
-
-    def _queue_ack(self, message: Message) -> None:
+    def _queue_ack(self, message: StreamItem) -> None:
         if message._generation != self._generation or self._closed:
             return  # from an earlier stream: the broker delivers it again anyway
         self._pending_acks.append(message.ack_id)
@@ -253,16 +259,16 @@ class Subscription:
     def _flush(self) -> None:
         if self._pending_acks:
             ids, self._pending_acks = self._pending_acks, []
-            self._requests.put_nowait(broker_pb2.SubscribeRequest(ack=broker_pb2.Acknowledge(ack_ids=ids)))
+            self._requests.put_nowait(self._request(ack=broker_pb2.Acknowledge(ack_ids=ids)))
 
-    async def _send_nack(self, message: Message, delay: float, dead_letter: bool) -> None:
+    async def _send_nack(self, message: StreamItem, delay: float, dead_letter: bool) -> None:
         if message._generation != self._generation or self._closed:
             return
         self._flush()
         await self._requests.put(
-            broker_pb2.SubscribeRequest(
+            self._request(
                 nack=broker_pb2.NegativeAcknowledge(
-                    ack_ids=[message.ack_id], delay=_duration(delay), dead_letter=dead_letter
+                    ack_ids=[message.ack_id], delay=duration(delay), dead_letter=dead_letter
                 )
             )
         )
@@ -288,6 +294,28 @@ class Subscription:
             if task is not None and task.cancelling():
                 raise  # close() itself is being cancelled
             # else: an earlier reader was cancelled, which cancelled the call: nothing left to drain
+
+
+class Subscription(StreamSubscription[Message]):
+    """A Subscribe stream's messages (see `StreamSubscription`)."""
+
+    def _message(self, received: broker_pb2.ReceivedMessage) -> Message:
+        return Message(
+            id=received.id,
+            data=received.data,
+            content_type=received.content_type,
+            attributes=dict(received.attributes),
+            publish_time=received.publish_time.ToDatetime(UTC),
+            delivery_attempt=received.delivery_attempt,
+            source=received.source,
+            type=received.type,
+            ordering_key=received.ordering_key,
+            traceparent=received.traceparent,
+            tracestate=received.tracestate,
+            ack_id=received.ack_id,
+            _subscription=self,
+            _generation=self._generation,
+        )
 
 
 class BrokerClient(ResourceClient):
@@ -343,9 +371,9 @@ class BrokerClient(ResourceClient):
         stream's gRPC metadata, on every reconnect too (a caller's `traceparent`, its own `x-request-id`)."""
         init = broker_pb2.SubscribeInit(**init_fields)
         if max_wait is not None:
-            init.max_wait.CopyFrom(_duration(max_wait))
+            init.max_wait.CopyFrom(duration(max_wait))
         if ack_deadline is not None:
-            init.ack_deadline.CopyFrom(_duration(ack_deadline))
+            init.ack_deadline.CopyFrom(duration(ack_deadline))
         return Subscription(
             self._stub, init, metadata=self._call.metadata(metadata), auto_ack=auto_ack, reconnect=reconnect
         )

@@ -40,11 +40,13 @@ from ductape.processor.v1 import (
     session_pb2,
     session_pb2_grpc,
     storage_pb2_grpc,
+    webhook_pb2_grpc,
 )
 from ductape.processor.values import SessionLike
 from ductape.processor.values import plain as _plain
 from ductape.processor.values import session_ref as _session
 from ductape.processor.values import struct as _struct
+from ductape.processor.webhooks import WebhookClient
 from google.protobuf import json_format
 
 ManifestSource = str | os.PathLike[str] | bytes
@@ -381,6 +383,7 @@ class Processor:
         self.migration = MigrationClient(migration_pb2_grpc.MigrationServiceStub(channel), call)
         self.notification = NotificationClient(notification_pb2_grpc.NotificationServiceStub(channel), call)
         self.job = JobClient(job_pb2_grpc.JobServiceStub(channel), call)
+        self.webhook = WebhookClient(webhook_pb2_grpc.WebhookServiceStub(channel), call)
 
     async def close(self) -> None:
         """Close the channel."""

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
 import grpc
+from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from ductape_processor.adapters.http.encoding import header_field, header_name_problem, header_value_problem
@@ -143,16 +144,28 @@ class _GuardedConnector(aiohttp.TCPConnector):
 class HttpClientPool:
     """Pooled sessions, one per app environment, closed together on shutdown."""
 
-    def __init__(self, *, max_response_bytes: int, connections_per_upstream: int = 100) -> None:
+    def __init__(
+        self,
+        *,
+        max_response_bytes: int,
+        connections_per_upstream: int = 100,
+        resolver: Callable[[], AbstractResolver] | None = None,
+    ) -> None:
+        """`resolver`: makes each session's name resolver (webhook deliveries refuse private addresses with one)."""
         self._max_response_bytes = max_response_bytes
         self._connections = connections_per_upstream
+        self._resolver = resolver
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     def _session(self, key: str) -> aiohttp.ClientSession:
         session = self._sessions.get(key)
         if session is None or session.closed:
             connector = _GuardedConnector(
-                limit=self._connections, ttl_dns_cache=300, enable_cleanup_closed=True, keepalive_timeout=30
+                limit=self._connections,
+                ttl_dns_cache=300,
+                enable_cleanup_closed=True,
+                keepalive_timeout=30,
+                resolver=self._resolver() if self._resolver is not None else None,
             )
             session = aiohttp.ClientSession(
                 connector=connector,

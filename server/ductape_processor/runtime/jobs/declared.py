@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import logging
 
-from ductape_processor.runtime.jobs.clock import Clock
 from ductape_processor.runtime.jobs.codec import encode_spec
 from ductape_processor.runtime.jobs.model import (
     ACTIVE,
@@ -27,6 +26,7 @@ from ductape_processor.runtime.jobs.model import (
 )
 from ductape_processor.runtime.jobs.scheduler import JobScheduler, new_job
 from ductape_processor.runtime.jobs.timing import first_due
+from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.registry.jobs import DeclaredJob
 from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.store.base import JobFilter, JobRecord, Store

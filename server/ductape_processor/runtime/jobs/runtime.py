@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from ductape_processor.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.jobs.checks import name_problem
-from ductape_processor.runtime.jobs.clock import Clock
 from ductape_processor.runtime.jobs.codec import encode_spec
 from ductape_processor.runtime.jobs.declared import DeclaredJobs
 from ductape_processor.runtime.jobs.model import ACTIVE, JobQuery, RunTrigger, ScheduleCall
 from ductape_processor.runtime.jobs.scheduler import JobScheduler, new_job, new_run
 from ductape_processor.runtime.jobs.targets import check_target
 from ductape_processor.runtime.jobs.timing import check_repeat, first_due
+from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
 from ductape_processor.runtime.registry.registry import Registry

@@ -24,11 +24,11 @@ from opentelemetry.metrics import Histogram
 
 from ductape_processor.errors import ProcessorError
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.jobs.clock import Clock
 from ductape_processor.runtime.jobs.codec import decode_spec, encode_spec
 from ductape_processor.runtime.jobs.model import JobSpec, Overlap, RunTrigger
 from ductape_processor.runtime.jobs.targets import JobTargets, Outcome
 from ductape_processor.runtime.jobs.timing import due_after
+from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.store.base import JobRecord, JobStatus, JobStep, RunEnd, RunRecord, RunStatus, Store
 
 log = logging.getLogger(__name__)

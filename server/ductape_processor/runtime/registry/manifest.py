@@ -29,6 +29,7 @@ from ductape_processor.runtime.registry.fields import Tag as Tag
 from ductape_processor.runtime.registry.jobs import DeclaredJob
 from ductape_processor.runtime.registry.notifications import Notification
 from ductape_processor.runtime.registry.storage import Storage
+from ductape_processor.runtime.registry.webhooks import Webhook
 
 TOPIC_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 SECRET_REFERENCE = re.compile(r"\$Secret\{([^{}]*)\}")
@@ -42,6 +43,10 @@ class Environment(_Model):
     slug: Tag
     name: str | None = Field(None, min_length=1, max_length=100, description="Human name; also accepted by calls.")
     description: str = ""
+    allow_private_endpoints: bool = Field(
+        False,
+        description="Webhook deliveries may go to private, loopback and link-local addresses (refused otherwise).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,6 +360,7 @@ class Manifest(_Model):
     databases: list[Database] = Field(default_factory=list)
     notifications: list[Notification] = Field(default_factory=list)
     jobs: list[DeclaredJob] = Field(default_factory=list)
+    webhooks: list[Webhook] = Field(default_factory=list)
 
     def find_environment(self, slug_or_name: str) -> Environment | None:
         """The environment with this slug, else the one with this name."""

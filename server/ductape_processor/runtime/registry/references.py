@@ -55,7 +55,7 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
     for index, env in enumerate(manifest.environments):
         if env.slug in names and env.name != env.slug:
             problems.append((f"environments[{index}].slug", f"{env.slug!r} is also another environment's name"))
-    for kind in ("apps", "brokers", "sessions", "caches", "storage", "databases", "notifications", "jobs"):
+    for kind in ("apps", "brokers", "sessions", "caches", "storage", "databases", "notifications", "jobs", "webhooks"):
         problems += _duplicates(getattr(manifest, kind), "tag", kind)
     for a, app in enumerate(manifest.apps):
         where = f"apps[{a}]"
@@ -91,7 +91,37 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
         if problem is not None:
             problems.append((f"jobs[{index}].target.event", problem))
         problems += _env_keys(dict.fromkeys(job.envs or ()), slugs, f"jobs[{index}].envs", complete=False)
+    problems += _webhook_problems(manifest, slugs)
     return problems
+
+
+def _webhook_problems(manifest: Manifest, slugs: list[str]) -> Iterator[tuple[str, str]]:
+    """An endpoint's events are the webhook's; a receive's topic is the product's; environments are declared."""
+    topics = {f"{broker.tag}:{topic.tag}" for broker in manifest.brokers for topic in broker.topics}
+    for index, webhook in enumerate(manifest.webhooks):
+        where = f"webhooks[{index}]"
+        yield from _duplicates(webhook.events, "tag", f"{where}.events")
+        yield from _env_keys(webhook.endpoints, slugs, f"{where}.endpoints", complete=False)
+        yield from _env_keys(webhook.receive, slugs, f"{where}.receive", complete=False)
+        events = {event.tag for event in webhook.events}
+        for env, endpoints in webhook.endpoints.items():
+            yield from _duplicates(endpoints, "url", f"{where}.endpoints.{env}")
+            for e, endpoint in enumerate(endpoints):
+                for unknown in [tag for tag in endpoint.events if tag not in events]:
+                    yield f"{where}.endpoints.{env}[{e}].events", f"webhook {webhook.tag!r} has no event {unknown!r}"
+        for env, receive in webhook.receive.items():
+            if receive.dispatch is not None and receive.dispatch.publish not in topics:
+                yield (
+                    f"{where}.receive.{env}.dispatch.publish",
+                    f"{receive.dispatch.publish!r} is not a broker_tag:topic_tag of the product",
+                )
+    paths: dict[tuple[str, str], str] = {}
+    for index, webhook in enumerate(manifest.webhooks):
+        for env, receive in webhook.receive.items():
+            where = f"webhooks[{index}].receive.{env}.path"
+            taken = paths.setdefault((env, receive.path), where)
+            if taken != where:
+                yield where, f"{receive.path!r} is already the path of {taken}"
 
 
 def secret_problems(document: object, path: str = "") -> list[tuple[str, str]]:

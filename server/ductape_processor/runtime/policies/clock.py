@@ -1,5 +1,5 @@
-"""The scheduler's clock: what time it is, and waiting until a moment (or a wake-up). Injected, so tests move time
-on instead of sleeping through it."""
+"""The clock of background work (the jobs scheduler, webhook deliveries): what time it is, and waiting until a
+moment (or a wake-up). Injected, so tests move time on instead of sleeping through it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Protocol
 
 
 class Clock(Protocol):
-    """Time as the jobs runtime reads it."""
+    """Time as background work reads it."""
 
     def now(self) -> datetime:
         """The current moment (aware, UTC)."""
@@ -30,5 +30,8 @@ class SystemClock:
         """Sleep until `moment` or until `wake` is set."""
         seconds = (moment - self.now()).total_seconds()
         if seconds > 0 and not wake.is_set():
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when the event is set at the
+            # moment its task is cancelled, swallowing the cancellation, and a loop stopped that way never ends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), seconds)
+                async with asyncio.timeout(seconds):
+                    await wake.wait()

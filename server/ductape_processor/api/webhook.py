@@ -1,0 +1,187 @@
+"""WebhookService: proto in, WebhookRuntime / WebhookReceiver call, proto out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+from ductape.processor.v1 import broker_pb2, webhook_pb2, webhook_pb2_grpc
+from google.protobuf import duration_pb2
+
+from ductape_processor.api.calls import Context, first_message
+from ductape_processor.api.streams import aborter, acks_and_nacks
+from ductape_processor.api.values import python_to_value, required, seconds, timestamp, value_to_python
+from ductape_processor.errors import InvalidArgument
+from ductape_processor.runtime.brokers.stream import Batch, StaleAcks, StreamEvent
+from ductape_processor.runtime.brokers.subscriptions import Limits
+from ductape_processor.runtime.webhooks.emitter import (
+    AttemptRecord,
+    DeliveryDetail,
+    DeliveryFilter,
+    DeliveryRecord,
+    DeliveryStatus,
+    EmitCall,
+    ReceivedRecord,
+    WebhookRuntime,
+)
+from ductape_processor.runtime.webhooks.receiver import WebhookReceiver, received
+
+
+def _target(request: webhook_pb2.GetDeliveryRequest | webhook_pb2.RedeliverRequest) -> tuple[str, str, str]:
+    return (
+        required(request.product, "product", "the product's tag"),
+        required(request.env, "env", "the environment's slug or name"),
+        required(request.delivery_id, "delivery_id", "the delivery's id"),
+    )
+
+
+def _attempt(attempt: AttemptRecord) -> webhook_pb2.DeliveryAttempt:
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(timedelta(milliseconds=attempt.duration_ms))
+    return webhook_pb2.DeliveryAttempt(
+        number=attempt.number,
+        start_time=timestamp(attempt.started_at),
+        duration=duration,
+        response_code=attempt.response_code,
+        response_excerpt=attempt.excerpt,
+        error=attempt.error,
+        success=attempt.success,
+    )
+
+
+def delivery_message(delivery: DeliveryRecord, detail: DeliveryDetail | None = None) -> webhook_pb2.Delivery:
+    """A delivery as the API shows it; with `detail`, its attempts and payload too."""
+    message = webhook_pb2.Delivery(
+        delivery_id=delivery.delivery_id,
+        message_id=delivery.message_id,
+        event=f"{delivery.webhook}:{delivery.event}",
+        endpoint=delivery.endpoint,
+        status=webhook_pb2.DeliveryStatus.ValueType(int(delivery.status)),
+        attempts=delivery.attempts,
+        create_time=timestamp(delivery.created_at),
+        last_response_code=delivery.last_code,
+    )
+    if delivery.next_attempt_at is not None and delivery.status == DeliveryStatus.PENDING:
+        message.next_attempt_time.CopyFrom(timestamp(delivery.next_attempt_at))
+    if detail is not None:
+        message.attempt_details.extend(_attempt(a) for a in detail.attempts)
+        if detail.body:
+            message.payload.CopyFrom(python_to_value(json.loads(detail.body).get("data")))
+    return message
+
+
+def received_message(record: ReceivedRecord) -> webhook_pb2.ReceivedWebhook:
+    """A received webhook as the API shows it."""
+    return webhook_pb2.ReceivedWebhook(
+        id=record.received_id,
+        webhook=record.webhook,
+        webhook_id=record.webhook_id if record.webhook_id != record.received_id else "",
+        receive_time=timestamp(record.received_at),
+        body=record.body,
+        content_type=record.content_type,
+        headers=json.loads(record.headers) if record.headers else {},
+    )
+
+
+def _response(event: StreamEvent) -> webhook_pb2.ReceiveResponse:
+    if isinstance(event, Batch):
+        deliveries = [
+            webhook_pb2.ReceivedDelivery(
+                ack_id=ack_id, webhook=received_message(received(message)), delivery_attempt=message.delivery_attempt
+            )
+            for ack_id, message in event.messages
+        ]
+        return webhook_pb2.ReceiveResponse(batch=webhook_pb2.ReceivedBatch(deliveries=deliveries))
+    if isinstance(event, StaleAcks):
+        return webhook_pb2.ReceiveResponse(
+            stale_acks=broker_pb2.StaleAcks(ack_ids=event.ack_ids, expired_ack_ids=event.expired_ack_ids)
+        )
+    return webhook_pb2.ReceiveResponse(ready=broker_pb2.SubscribeReady(subscription_id=event.subscription_id))
+
+
+class WebhookServicer(webhook_pb2_grpc.WebhookServiceServicer):
+    """Serves WebhookService."""
+
+    def __init__(self, runtime: WebhookRuntime, receiver: WebhookReceiver) -> None:
+        self._runtime = runtime
+        self._receiver = receiver
+
+    async def Emit(self, request: webhook_pb2.EmitRequest, context: Context) -> webhook_pb2.EmitResponse:
+        call = EmitCall(
+            product=required(request.product, "product", "the product's tag"),
+            env=required(request.env, "env", "the environment's slug or name"),
+            event=required(request.event, "event", "webhook_tag:event_tag"),
+            payload=value_to_python(request.payload) if request.HasField("payload") else None,
+            idempotency_key=request.idempotency_key,
+        )
+        emitted = await self._runtime.emit(call)
+        return webhook_pb2.EmitResponse(
+            message_id=emitted.message_id, delivery_ids=emitted.delivery_ids, duplicate=emitted.duplicate
+        )
+
+    async def ListDeliveries(
+        self, request: webhook_pb2.ListDeliveriesRequest, context: Context
+    ) -> webhook_pb2.ListDeliveriesResponse:
+        try:
+            status = DeliveryStatus(request.status) if request.status else None
+        except ValueError:
+            raise InvalidArgument.field("status", f"{request.status} is not a delivery status") from None
+        where = DeliveryFilter(
+            required(request.product, "product", "the product's tag"),
+            required(request.env, "env", "the environment's slug or name"),
+            request.webhook,
+            request.message_id,
+            status,
+        )
+        deliveries, token = await self._runtime.list_deliveries(where, request.page_size, request.page_token)
+        return webhook_pb2.ListDeliveriesResponse(
+            deliveries=[delivery_message(d) for d in deliveries], next_page_token=token
+        )
+
+    async def GetDelivery(
+        self, request: webhook_pb2.GetDeliveryRequest, context: Context
+    ) -> webhook_pb2.GetDeliveryResponse:
+        detail = await self._runtime.get_delivery(*_target(request))
+        return webhook_pb2.GetDeliveryResponse(delivery=delivery_message(detail.delivery, detail))
+
+    async def Redeliver(self, request: webhook_pb2.RedeliverRequest, context: Context) -> webhook_pb2.RedeliverResponse:
+        return webhook_pb2.RedeliverResponse(
+            delivery=delivery_message(await self._runtime.redeliver(*_target(request)))
+        )
+
+    async def ListReceived(
+        self, request: webhook_pb2.ListReceivedRequest, context: Context
+    ) -> webhook_pb2.ListReceivedResponse:
+        records, token = await self._runtime.list_received(
+            required(request.product, "product", "the product's tag"),
+            required(request.env, "env", "the environment's slug or name"),
+            request.webhook,
+            request.page_size,
+            request.page_token,
+        )
+        return webhook_pb2.ListReceivedResponse(received=[received_message(r) for r in records], next_page_token=token)
+
+    async def Receive(
+        self, request_iterator: AsyncIterator[webhook_pb2.ReceiveRequest], context: Context
+    ) -> AsyncIterator[webhook_pb2.ReceiveResponse]:
+        init = (await first_message(request_iterator, "init")).init
+        limits = Limits.checked(
+            max_in_flight=init.max_in_flight,
+            max_batch=init.max_batch,
+            max_wait_s=seconds(init.max_wait) if init.HasField("max_wait") else None,
+            ack_deadline_s=seconds(init.ack_deadline) if init.HasField("ack_deadline") else None,
+            max_deliveries=0,
+            dead_letter_event="",
+        )
+        stream = await self._receiver.watch(
+            required(init.product, "init.product", "the product's tag"),
+            required(init.env, "init.env", "the environment's slug or name"),
+            required(init.webhook, "init.webhook", "the webhook's tag"),
+            required(init.group, "init.group", "the consumer group"),
+            limits,
+        )
+        async with contextlib.aclosing(stream.run(acks_and_nacks(request_iterator), aborter(context))) as events:
+            async for event in events:
+                yield _response(event)

@@ -1,0 +1,248 @@
+"""The deliveries of one replica: claims due deliveries from the store under leases (`ClaimRounds`, store/leases.py:
+each attempt is made by one replica), POSTs each message to its endpoint signed per Standard Webhooks, and records
+every attempt and the delivery's next state, a batch of them per transaction.
+
+An attempt succeeds on a 2xx within the webhook's `timeout` (15 s by default); any other answer, no answer, or a
+refused address fails it, and the delivery's next attempt is due after the next delay of the webhook's schedule, or
+it has failed for good when the schedule is used up. An endpoint that failed every attempt for `disable_after` is
+disabled (logged as a warning, `webhook endpoint disabled`), and its pending deliveries with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Final
+
+from yarl import URL
+
+from ductape_processor.adapters.http.addresses import address_problem
+from ductape_processor.adapters.http.client import HttpClientPool, HttpRequest
+from ductape_processor.errors import FailedPrecondition, ProcessorError
+from ductape_processor.reasons import Reason
+from ductape_processor.runtime.policies.clock import Clock
+from ductape_processor.runtime.policies.leases import ClaimRounds
+from ductape_processor.runtime.policies.secrets import SecretSource
+from ductape_processor.runtime.registry.registry import Registry
+from ductape_processor.runtime.registry.webhooks import Webhook, WebhookEndpoint
+from ductape_processor.runtime.webhooks.signing import signed_headers, signing_key
+from ductape_processor.store.base import Store
+from ductape_processor.store.webhook_records import (
+    WEBHOOKS_TOPIC,
+    AttemptEnd,
+    AttemptRecord,
+    DeliveryRecord,
+    DeliveryStatus,
+)
+
+log = logging.getLogger(__name__)
+
+EXCERPT_BYTES: Final = 1024
+"""The most of an endpoint's answer kept with an attempt."""
+FLUSH_BATCH: Final = 200
+"""Attempt ends written in one transaction at most."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    """The rhythm of deliveries: the fallback poll, the lease of a claimed delivery, how many go at once."""
+
+    poll_s: float = 5.0
+    lease: timedelta = timedelta(seconds=60)
+    """Longer than any attempt (timeouts are at most a few minutes): a live replica never loses a delivery."""
+    claim_batch: int = 200
+    concurrency: int = 256
+
+
+class RateLimits:
+    """At most `rate` sends per second to each endpoint of this replica: each waits for its slot."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, float] = {}
+
+    async def wait(self, endpoint: str, rate: int | None) -> None:
+        """Return when `endpoint` may be sent to again."""
+        if rate is None:
+            return
+        now = asyncio.get_running_loop().time()
+        slot = max(now, self._next.get(endpoint, now))
+        self._next[endpoint] = slot + 1.0 / rate
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    webhook: Webhook
+    endpoint: WebhookEndpoint
+    allow_private: bool
+
+
+class DeliveryWorker:
+    """Attempts the deliveries that fall due, from `start` until `stop`."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        secrets: SecretSource,
+        pools: tuple[HttpClientPool, HttpClientPool],
+        clock: Clock,
+        settings: DeliverySettings,
+    ) -> None:
+        """`pools`: the HTTP clients of environments that refuse private addresses, and of those that allow them."""
+        self._store = store
+        self._registry = registry
+        self._secrets = secrets
+        self._public, self._private = pools
+        self._clock = clock
+        self._settings = settings
+        self.owner = uuid.uuid4().hex
+        """This replica's name on the leases it holds."""
+        self._rounds = ClaimRounds(
+            "webhook deliveries", self._claim, store.next_delivery_moment, clock, settings.poll_s
+        )
+        self._limits = RateLimits()
+        self._running: set[asyncio.Task[None]] = set()
+        self._ends: list[AttemptEnd] = []
+        self._ended = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Listen for other replicas' deliveries and start claiming."""
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_rounds(), name="webhook attempt ends")
+        await self._rounds.listen_and_start(self._store, WEBHOOKS_TOPIC)
+
+    def wake(self) -> None:
+        """Look for due deliveries now (one was emitted or redelivered here)."""
+        self._rounds.wake()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; attempts going get `grace_s` to end (their leases run out otherwise, and another replica
+        makes them again); the ends are written."""
+        await self._rounds.stop()
+        if self._running:
+            _, late = await asyncio.wait(set(self._running), timeout=grace_s)
+            for attempt in late:
+                attempt.cancel()
+            if late:
+                await asyncio.wait(late)
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        await self._flush()
+
+    async def _claim(self) -> bool:
+        free = min(self._settings.claim_batch, self._settings.concurrency - len(self._running))
+        if free <= 0:
+            return False  # a finished attempt wakes the rounds
+        now = self._clock.now()
+        claimed = await self._store.claim_deliveries(self.owner, now, now + self._settings.lease, free)
+        for delivery, body in claimed:
+            task = asyncio.get_running_loop().create_task(self._attempt(delivery, body))
+            self._running.add(task)
+            task.add_done_callback(self._done)
+        return len(claimed) == free
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if len(self._running) == self._settings.concurrency - 1:
+            self._rounds.wake()
+
+    async def _target(self, delivery: DeliveryRecord) -> _Target:
+        resolved = await self._registry.resolve(delivery.product, delivery.env)
+        webhook = next((w for w in resolved.manifest.webhooks if w.tag == delivery.webhook), None)
+        endpoints = webhook.endpoints.get(resolved.env.slug, []) if webhook is not None else []
+        endpoint = next((e for e in endpoints if e.url == delivery.endpoint), None)
+        if webhook is None or endpoint is None:
+            raise FailedPrecondition(
+                "the endpoint is no longer in the product's manifest", reason=Reason.WEBHOOK_NOT_FOUND
+            )
+        return _Target(webhook, endpoint, resolved.env.allow_private_endpoints)
+
+    def _keys(self, endpoint: WebhookEndpoint) -> list[bytes]:
+        def missing(name: str) -> ProcessorError:
+            return FailedPrecondition(f"secret {name} is not defined on this processor", reason=Reason.SECRET_NOT_FOUND)
+
+        try:
+            return [signing_key(self._secrets.resolve(ref, missing)) for ref in endpoint.secrets]
+        except ValueError as exc:
+            raise FailedPrecondition(str(exc), reason=Reason.SECRET_NOT_FOUND) from None
+
+    async def _attempt(self, delivery: DeliveryRecord, body: str) -> None:
+        started = self._clock.now()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        code, excerpt, error, success = 0, "", "", False
+        target: _Target | None = None
+        try:
+            target = await self._target(delivery)
+            url = URL(delivery.endpoint)
+            problem = None if target.allow_private else address_problem(url.host or "")
+            if problem is not None:
+                raise FailedPrecondition(f"refused: {problem}", reason=Reason.INVALID_ARGUMENT)
+            data = body.encode()
+            headers = {
+                **target.endpoint.headers,
+                "Content-Type": "application/json",
+                **signed_headers(delivery.message_id, int(started.timestamp()), data, self._keys(target.endpoint)),
+            }
+            await self._limits.wait(delivery.endpoint, target.endpoint.rate_limit)
+            pool = self._private if target.allow_private else self._public
+            key = f"webhook {delivery.product}/{delivery.env}/{url.origin()}"
+            response = await pool.send(
+                key, HttpRequest("POST", url, headers, [], data), target.webhook.timeout.total_seconds()
+            )
+            code = response.status
+            excerpt = response.body[:EXCERPT_BYTES].decode("utf-8", "replace")
+            success = 200 <= code < 300
+            error = "" if success else f"the endpoint answered {code}"
+        except ProcessorError as exc:
+            error = exc.message
+        except Exception as exc:  # a bug on this path must fail the attempt, not lose the delivery
+            log.exception("webhook delivery %s: the attempt failed unexpectedly", delivery.delivery_id)
+            error = f"{type(exc).__name__}: the processor failed"
+        duration_ms = round((loop.time() - began) * 1000)
+        attempt = AttemptRecord(
+            delivery.delivery_id, delivery.attempts, started, duration_ms, code, excerpt, error, success
+        )
+        self._ends.append(self._end(delivery, attempt, target))
+        self._ended.set()
+
+    def _end(self, delivery: DeliveryRecord, attempt: AttemptRecord, target: _Target | None) -> AttemptEnd:
+        disable_after = target.webhook.disable_after if target is not None else timedelta(days=5)
+        if attempt.success:
+            return AttemptEnd(delivery, self.owner, attempt, DeliveryStatus.SUCCEEDED, None, disable_after)
+        delays = target.webhook.delays if target is not None else ()
+        if delivery.attempts < len(delays):
+            due = self._clock.now() + delays[delivery.attempts]
+            return AttemptEnd(delivery, self.owner, attempt, DeliveryStatus.PENDING, due, disable_after)
+        return AttemptEnd(delivery, self.owner, attempt, DeliveryStatus.FAILED, None, disable_after)
+
+    async def _flush_rounds(self) -> None:
+        while True:
+            await self._ended.wait()
+            self._ended.clear()
+            try:
+                await self._flush()
+            except Exception as exc:  # kept for the next round; the leases cover a store that stays away
+                log.warning("webhook deliveries: cannot record attempts: %s", exc)
+                await asyncio.sleep(1.0)
+
+    async def _flush(self) -> None:
+        while self._ends:
+            batch = self._ends[:FLUSH_BATCH]
+            disabled = await self._store.end_deliveries(batch, self._clock.now())
+            del self._ends[: len(batch)]
+            for product, env, webhook, endpoint in disabled:
+                log.warning(
+                    "webhook endpoint disabled",
+                    extra={"product": product, "env": env, "webhook": webhook, "endpoint": endpoint},
+                )
+            self._rounds.wake()  # a retry may be due sooner than the rounds' wait

@@ -1,0 +1,208 @@
+"""WebhookRuntime: Emit (a message stored with one delivery per subscribed endpoint, attempted by the
+`DeliveryWorker`), the deliveries' listing, detail and redelivery, and the received webhooks' listing.
+
+The body every delivery of a message POSTs is fixed when the message is emitted (a redelivery signs the same
+bytes): Standard Webhooks' recommended envelope, `{"type": "<webhook>.<event>", "timestamp": ..., "data": payload}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ductape_processor.errors import InvalidArgument, NotFound
+from ductape_processor.reasons import Reason
+from ductape_processor.runtime.actions.contract import check_input
+from ductape_processor.runtime.policies.clock import Clock
+from ductape_processor.runtime.policies.idempotency import idempotency_key_problem, key_reused
+from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
+from ductape_processor.runtime.registry.fields import named
+from ductape_processor.runtime.registry.registry import Registry
+from ductape_processor.runtime.registry.webhooks import Webhook
+from ductape_processor.runtime.webhooks.deliveries import DeliveryWorker
+from ductape_processor.store.base import Store
+
+# The records the API layer shows, re-exported from here (api/ reads the store only through the runtime).
+from ductape_processor.store.webhook_records import AttemptRecord as AttemptRecord
+from ductape_processor.store.webhook_records import DeliveryFilter as DeliveryFilter
+from ductape_processor.store.webhook_records import DeliveryRecord as DeliveryRecord
+from ductape_processor.store.webhook_records import DeliveryStatus as DeliveryStatus
+from ductape_processor.store.webhook_records import ReceivedRecord as ReceivedRecord
+from ductape_processor.store.webhook_records import WebhookMessage
+
+
+@dataclass(frozen=True, slots=True)
+class EmitCall:
+    """One Emit: the event (`webhook:event`) in an environment, its payload (`None` when not given), and a key."""
+
+    product: str
+    env: str
+    event: str
+    payload: Any
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Emitted:
+    """What Emit stored: the message's id, its deliveries' ids, and whether the key had emitted it before."""
+
+    message_id: str
+    delivery_ids: list[str]
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryDetail:
+    """A delivery with its message's body and every attempt."""
+
+    delivery: DeliveryRecord
+    body: str
+    attempts: list[AttemptRecord]
+
+
+def split_event(event: str) -> tuple[str, str]:
+    """`webhook_tag:event_tag`, or INVALID_ARGUMENT on `event`."""
+    tag, sep, event_tag = event.partition(":")
+    if not sep or not tag or not event_tag or ":" in event_tag:
+        raise InvalidArgument.field("event", "must be webhook_tag:event_tag")
+    return tag, event_tag
+
+
+class WebhookRuntime:
+    """Emits webhook events and answers for their deliveries and the webhooks received."""
+
+    def __init__(self, registry: Registry, store: Store, worker: DeliveryWorker, clock: Clock) -> None:
+        self._registry = registry
+        self._store = store
+        self._worker = worker
+        self._clock = clock
+
+    @property
+    def worker(self) -> DeliveryWorker:
+        """This replica's deliveries (started and stopped by the app)."""
+        return self._worker
+
+    async def _slug(self, product: str, env: str) -> str:
+        environment, _ = await self._registry.environment(product, env)
+        return environment.slug
+
+    async def webhook(self, product: str, env: str, tag: str) -> tuple[str, Webhook]:
+        """The environment's slug and the webhook of that tag (NOT_FOUND `WEBHOOK_NOT_FOUND`)."""
+        resolved = await self._registry.resolve(product, env)
+        return resolved.env.slug, named(product, resolved.manifest.webhooks, "webhook", tag, Reason.WEBHOOK_NOT_FOUND)
+
+    async def emit(self, call: EmitCall) -> Emitted:
+        """Store the message and its deliveries, and wake this replica's deliveries; INVALID_ARGUMENT names the bad
+        field (a payload that breaks the event's schema: `payload.<field>`)."""
+        tag, event_tag = split_event(call.event)
+        problem = idempotency_key_problem(call.idempotency_key)
+        if problem is not None:
+            raise InvalidArgument.field("idempotency_key", problem)
+        if call.payload is None:
+            raise InvalidArgument.field("payload", "is required: the event's data")
+        slug, webhook = await self.webhook(call.product, call.env, tag)
+        event = webhook.event(event_tag)
+        if event is None:
+            raise NotFound(
+                f"webhook {tag!r} has no event {event_tag!r}",
+                reason=Reason.WEBHOOK_EVENT_NOT_FOUND,
+                metadata={"product": call.product, "webhook": tag, "event": event_tag},
+            )
+        payload = call.payload
+        if event.payload_schema is not None:
+            if not isinstance(payload, dict):
+                raise InvalidArgument.field("payload", "must be an object: the event declares a schema")
+            payload = check_input(event.payload_schema, payload, "payload", root="")
+        now = self._clock.now()
+        data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+        envelope = {"type": f"{tag}.{event_tag}", "timestamp": now.isoformat().replace("+00:00", "Z")}
+        body = json.dumps(envelope, separators=(",", ":"))[:-1] + f',"data":{data}}}'
+        message = WebhookMessage(
+            message_id=f"msg_{uuid.uuid4().hex}",
+            product=call.product,
+            env=slug,
+            webhook=tag,
+            event=event_tag,
+            body=body,
+            idempotency_key=call.idempotency_key,
+            request_hash=hashlib.sha256(f"{call.event}\n{data}".encode()).hexdigest(),
+            created_at=now,
+        )
+        first_delay = webhook.delays[0]
+        deliveries = [
+            DeliveryRecord(
+                delivery_id=f"dlv_{uuid.uuid4().hex}",
+                message_id=message.message_id,
+                product=call.product,
+                env=slug,
+                webhook=tag,
+                event=event_tag,
+                endpoint=endpoint.url,
+                status=DeliveryStatus.PENDING,
+                attempts=0,
+                next_attempt_at=now + first_delay,
+                created_at=now,
+                last_code=0,
+            )
+            for endpoint in webhook.endpoints.get(slug, [])
+            if not endpoint.events or event_tag in endpoint.events
+        ]
+        stored, ids, new = await self._store.insert_webhook_message(message, deliveries)
+        if not new and stored.request_hash != message.request_hash:
+            raise key_reused("event or payload", call.idempotency_key)
+        if new and ids:
+            self._worker.wake()
+        return Emitted(stored.message_id, ids, not new)
+
+    async def list_deliveries(
+        self, where: DeliveryFilter, page_size: int, page_token: str
+    ) -> tuple[list[DeliveryRecord], str]:
+        """One page of the environment's deliveries, newest first, and the next page's token."""
+        size = effective_page_size(page_size)
+        slug = await self._slug(where.product, where.env)
+        status = str(int(where.status)) if where.status is not None else ""
+        listing = ("webhook deliveries", where.product, slug, where.webhook, where.message_id, status)
+        after = decode_page_token(listing, page_token, time_position) if page_token else None
+        query = DeliveryFilter(where.product, slug, where.webhook, where.message_id, where.status)
+        records = await self._store.list_deliveries(query, after=after, limit=size + 1)
+        return page(records, size, listing, lambda d: (d.created_at.timestamp(), d.delivery_id))
+
+    async def get_delivery(self, product: str, env: str, delivery_id: str) -> DeliveryDetail:
+        """A delivery with its attempts; NOT_FOUND `DELIVERY_NOT_FOUND`."""
+        found = await self._store.get_delivery(product, await self._slug(product, env), delivery_id)
+        if found is None:
+            raise self._not_found(product, delivery_id)
+        return DeliveryDetail(*found)
+
+    async def redeliver(self, product: str, env: str, delivery_id: str) -> DeliveryRecord:
+        """Make a delivery pending again, due now; NOT_FOUND `DELIVERY_NOT_FOUND`."""
+        delivery = await self._store.redeliver(product, await self._slug(product, env), delivery_id, self._clock.now())
+        if delivery is None:
+            raise self._not_found(product, delivery_id)
+        self._worker.wake()
+        return delivery
+
+    @staticmethod
+    def _not_found(product: str, delivery_id: str) -> NotFound:
+        return NotFound(
+            f"no delivery {delivery_id!r} in this environment",
+            reason=Reason.DELIVERY_NOT_FOUND,
+            metadata={"product": product, "delivery_id": delivery_id},
+        )
+
+    async def list_received(
+        self, product: str, env: str, webhook: str, page_size: int, page_token: str
+    ) -> tuple[list[ReceivedRecord], str]:
+        """One page of the webhooks received in the environment, newest first, and the next page's token."""
+        size = effective_page_size(page_size)
+        slug = await self._slug(product, env)
+        listing = ("webhooks received", product, slug, webhook)
+        after: tuple[datetime, str] | None = (
+            decode_page_token(listing, page_token, time_position) if page_token else None
+        )
+        records = await self._store.list_received(product, slug, webhook, after=after, limit=size + 1)
+        return page(records, size, listing, lambda r: (r.received_at.timestamp(), r.received_id))

@@ -1,0 +1,169 @@
+"""The store's webhook records and operations (written in store/webhooks.py): emitted messages, their deliveries
+to each endpoint with every attempt, the endpoints' health, and received webhooks. `Store` derives from
+`WebhookState`, so the runtime reaches them through the one store interface."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import IntEnum
+from typing import Final
+
+WEBHOOKS_TOPIC: Final = "webhooks"
+"""The change topic of deliveries (`Store.listen`): a delivery was added or is due again."""
+
+
+EndpointKey = tuple[str, str, str, str]
+"""An endpoint of a webhook in an environment: product, environment, webhook tag, URL."""
+
+
+class DeliveryStatus(IntEnum):
+    """Where a delivery stands (the proto's DeliveryStatus numbers)."""
+
+    PENDING = 1
+    SUCCEEDED = 2
+    FAILED = 3
+    ENDPOINT_DISABLED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookMessage:
+    """An emitted event: its body (the JSON every delivery sends) and the key it was emitted under."""
+
+    message_id: str
+    product: str
+    env: str
+    webhook: str
+    event: str
+    body: str
+    idempotency_key: str
+    request_hash: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """A message's delivery to one endpoint; claimed by `lease_owner` until `lease_until` while attempted."""
+
+    delivery_id: str
+    message_id: str
+    product: str
+    env: str
+    webhook: str
+    event: str
+    endpoint: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None
+    created_at: datetime
+    last_code: int
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One try of a delivery."""
+
+    delivery_id: str
+    number: int
+    started_at: datetime
+    duration_ms: int
+    response_code: int
+    excerpt: str
+    error: str
+    success: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEnd:
+    """How `owner`'s attempt of a delivery ended: the attempt, the delivery's next state, and how long its endpoint
+    may fail before it is disabled."""
+
+    delivery: DeliveryRecord
+    owner: str
+    attempt: AttemptRecord
+    status: DeliveryStatus
+    next_attempt_at: datetime | None
+    disable_after: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryFilter:
+    """Which deliveries to list; empty (or None) means any."""
+
+    product: str
+    env: str
+    webhook: str = ""
+    message_id: str = ""
+    status: DeliveryStatus | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedRecord:
+    """A received webhook: `webhook_id` is what refuses a replay (the provider's id, or the signature's digest)."""
+
+    received_id: str
+    product: str
+    env: str
+    webhook: str
+    webhook_id: str
+    received_at: datetime
+    content_type: str
+    headers: str
+    body: bytes
+
+
+class WebhookState(abc.ABC):
+    """The webhook operations of the store."""
+
+    @abc.abstractmethod
+    async def insert_webhook_message(
+        self, message: WebhookMessage, deliveries: list[DeliveryRecord]
+    ) -> tuple[WebhookMessage, list[str], bool]:
+        """Store a message and its deliveries (those to a disabled endpoint as ENDPOINT_DISABLED); returns it, the
+        delivery ids and True. When its idempotency key was used in its environment, returns the first message and
+        its delivery ids and False, storing nothing."""
+
+    @abc.abstractmethod
+    async def claim_deliveries(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[tuple[DeliveryRecord, str]]:
+        """Lease up to `limit` pending deliveries due at `now` that no live lease holds, one more attempt counted;
+        each with its message's body."""
+
+    @abc.abstractmethod
+    async def end_deliveries(self, ends: list[AttemptEnd], now: datetime) -> list[EndpointKey]:
+        """Record attempts (those whose owner still holds the delivery) and the deliveries' next states, and the
+        endpoints' health; returns the endpoints this disabled (their pending deliveries with them)."""
+
+    @abc.abstractmethod
+    async def next_delivery_moment(self) -> datetime | None:
+        """The earliest moment a pending delivery falls due (its next attempt, or its lease's end)."""
+
+    @abc.abstractmethod
+    async def list_deliveries(
+        self, where: DeliveryFilter, *, after: tuple[datetime, str] | None, limit: int
+    ) -> list[DeliveryRecord]:
+        """Deliveries matching `where`, newest first, strictly older than the `after` (created_at, id) cursor."""
+
+    @abc.abstractmethod
+    async def get_delivery(
+        self, product: str, env: str, delivery_id: str
+    ) -> tuple[DeliveryRecord, str, list[AttemptRecord]] | None:
+        """A delivery of that environment, its message's body and its attempts (oldest first)."""
+
+    @abc.abstractmethod
+    async def redeliver(self, product: str, env: str, delivery_id: str, now: datetime) -> DeliveryRecord | None:
+        """Make a delivery pending and due at `now`, its schedule started over, its endpoint enabled again."""
+
+    @abc.abstractmethod
+    async def insert_received(self, record: ReceivedRecord) -> bool:
+        """Store a received webhook; False (nothing stored) when its `webhook_id` was received before."""
+
+    @abc.abstractmethod
+    async def list_received(
+        self, product: str, env: str, webhook: str, *, after: tuple[datetime, str] | None, limit: int
+    ) -> list[ReceivedRecord]:
+        """Received webhooks of an environment (of one webhook when given), newest first, before `after`."""

@@ -1,0 +1,206 @@
+"""The store's webhooks: `SqlWebhookStore` adds them to the jobs' store (and so to `SqlStore`) with the statements
+of webhook_statements.py; the back-ends derive from it.
+
+Deliveries are claimed under leases (store/leases.py: `FOR UPDATE ... SKIP LOCKED` on PostgreSQL), so each attempt
+is made by one replica; the end of attempts is recorded in one transaction per batch, and only where the attempter
+still holds the delivery. A new or re-armed delivery is announced on the "webhooks" topic (NOTIFY on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from ductape_processor.store import webhook_statements as sql
+from ductape_processor.store.jobs import SqlJobStore
+from ductape_processor.store.sql import Connection, Row, _named, _values
+from ductape_processor.store.statements import SqlValue, Where
+from ductape_processor.store.webhook_records import (
+    WEBHOOKS_TOPIC,
+    AttemptEnd,
+    AttemptRecord,
+    DeliveryFilter,
+    DeliveryRecord,
+    DeliveryStatus,
+    EndpointKey,
+    ReceivedRecord,
+    WebhookMessage,
+)
+
+
+class SqlWebhookStore(SqlJobStore):
+    """`SqlJobStore` with the webhooks' operations."""
+
+    # -- row mappers ------------------------------------------------------------------------------------------------
+
+    def _message(self, row: Row) -> WebhookMessage:
+        return WebhookMessage(**_named(WebhookMessage, row, created_at=self._dialect.moment))
+
+    def _delivery(self, row: Row) -> DeliveryRecord:
+        times = dict.fromkeys(("next_attempt_at", "created_at", "lease_until"), self._dialect.moment)
+        return DeliveryRecord(**_named(DeliveryRecord, row, status=DeliveryStatus, **times))
+
+    def _delivery_row(self, delivery: DeliveryRecord) -> tuple[Any, ...]:
+        times = dict.fromkeys(("next_attempt_at", "created_at"), self._dialect.time)
+        return _values(delivery, status=int, **times)[:-2]  # the lease is NULL
+
+    def _attempt(self, row: Row) -> AttemptRecord:
+        return AttemptRecord(**_named(AttemptRecord, row, started_at=self._dialect.moment, success=bool))
+
+    def _received(self, row: Row) -> ReceivedRecord:
+        return ReceivedRecord(**_named(ReceivedRecord, row, received_at=self._dialect.moment, body=bytes))
+
+    # -- emitting ---------------------------------------------------------------------------------------------------
+
+    async def insert_webhook_message(
+        self, message: WebhookMessage, deliveries: list[DeliveryRecord]
+    ) -> tuple[WebhookMessage, list[str], bool]:
+        async def insert(conn: Connection) -> tuple[WebhookMessage, list[str], bool]:
+            if message.idempotency_key:
+                row = await conn.fetchrow(sql.MESSAGE_BY_KEY, message.product, message.env, message.idempotency_key)
+                if row is not None:
+                    first = self._message(row)
+                    ids = [str(r[0]) for r in await conn.fetch(sql.DELIVERY_IDS_OF, first.message_id)]
+                    return first, ids, False
+            await conn.execute(sql.INSERT_MESSAGE, *_values(message, created_at=self._dialect.time))
+            disabled = {
+                str(r[0])
+                for r in await conn.fetch(sql.DISABLED_ENDPOINTS, message.product, message.env, message.webhook)
+            }
+            rows = [
+                self._delivery_row(
+                    d
+                    if d.endpoint not in disabled
+                    else replace(d, status=DeliveryStatus.ENDPOINT_DISABLED, next_attempt_at=None)
+                )
+                for d in deliveries
+            ]
+            if rows:
+                await conn.executemany(sql.INSERT_DELIVERY, rows)
+                await self._announce(conn, message.product, WEBHOOKS_TOPIC)
+            return message, [d.delivery_id for d in deliveries], True
+
+        lock = (
+            f"webhooks:{message.product}:{message.env}:{message.idempotency_key}" if message.idempotency_key else None
+        )
+        return await self._transaction(insert, lock=lock, retry=False)
+
+    # -- delivering -------------------------------------------------------------------------------------------------
+
+    async def claim_deliveries(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[tuple[DeliveryRecord, str]]:
+        at = self._dialect.time(now)
+        statement = sql.claim_deliveries(self._dialect)
+        rows = await self._write_returning(
+            statement, owner, self._dialect.time(lease_until), at, at, limit, retry=False
+        )
+        deliveries = [self._delivery(row) for row in rows]
+        ids = sorted({d.message_id for d in deliveries})
+        bodies = (
+            {str(r[0]): str(r[1]) for r in await self._reader.fetch(sql.message_bodies(len(ids)), *ids)} if ids else {}
+        )
+        return [(d, bodies.get(d.message_id, "")) for d in deliveries]
+
+    async def end_deliveries(self, ends: list[AttemptEnd], now: datetime) -> list[EndpointKey]:
+        time = self._dialect.time
+        attempts = [(*_values(e.attempt, started_at=time), e.delivery.delivery_id, e.owner) for e in ends]
+        updates: list[tuple[SqlValue, ...]] = [
+            (
+                int(e.status),
+                time(e.next_attempt_at) if e.next_attempt_at is not None else None,
+                e.attempt.response_code,
+                e.delivery.delivery_id,
+                e.owner,
+            )
+            for e in ends
+        ]
+        recovered = {_endpoint(e.delivery) for e in ends if e.attempt.success}
+        failing: dict[EndpointKey, timedelta] = {}
+        for e in ends:
+            if not e.attempt.success:
+                failing[_endpoint(e.delivery)] = e.disable_after
+
+        async def end(conn: Connection) -> list[EndpointKey]:
+            # Attempts first: the end clears the lease that says this owner still held the delivery.
+            await conn.executemany(sql.insert_attempt_if_held(self._dialect), attempts)
+            await conn.executemany(sql.END_DELIVERY, updates)
+            for where in recovered:  # a success in the batch: the endpoint is not failing every attempt
+                await conn.execute(sql.ENDPOINT_RECOVERED, *where)
+            disabled: list[EndpointKey] = []
+            for where, disable_after in failing.items():
+                if where in recovered:
+                    continue
+                await conn.execute(sql.ENDPOINT_FAILING, *where, time(now))
+                if await conn.execute(sql.DISABLE_ENDPOINT, time(now), *where, time(now - disable_after)) == 1:
+                    await conn.execute(sql.DISABLE_DELIVERIES, *where)
+                    disabled.append(where)
+            return disabled
+
+        return await self._transaction(end, retry=False)
+
+    async def next_delivery_moment(self) -> datetime | None:
+        row = await self._reader.fetchrow(sql.NEXT_DELIVERY_MOMENT)
+        return self._dialect.moment(row[0]) if row is not None and row[0] is not None else None
+
+    # -- reading and redelivering -----------------------------------------------------------------------------------
+
+    async def list_deliveries(
+        self, where: DeliveryFilter, *, after: tuple[datetime, str] | None, limit: int
+    ) -> list[DeliveryRecord]:
+        time = self._dialect.time
+        clause = Where("product = ? AND env = ?", where.product, where.env)
+        clause.when("webhook = ?", where.webhook or None)
+        clause.when("message_id = ?", where.message_id or None)
+        clause.when("status = ?", int(where.status) if where.status is not None else None)
+        if after is not None:
+            clause.add("(created_at, delivery_id) < (?, ?)", time(after[0]), after[1])
+        query = clause.select(sql.DELIVERY_COLUMNS, "webhook_deliveries", "created_at DESC, delivery_id DESC")
+        return [self._delivery(row) for row in await self._reader.fetch(query, *clause.params, limit)]
+
+    async def get_delivery(
+        self, product: str, env: str, delivery_id: str
+    ) -> tuple[DeliveryRecord, str, list[AttemptRecord]] | None:
+        # The attempts first: the delivery read after them shows at least the state their end recorded (each read
+        # sees what was committed when it ran; an attempt and its delivery's state commit together).
+        attempts = [self._attempt(r) for r in await self._reader.fetch(sql.ATTEMPTS, delivery_id)]
+        row = await self._reader.fetchrow(sql.DELIVERY, product, env, delivery_id)
+        if row is None:
+            return None
+        delivery = self._delivery(row)
+        body = await self._reader.fetchrow(sql.MESSAGE_BODY, delivery.message_id)
+        return delivery, str(body[0]) if body else "", attempts
+
+    async def redeliver(self, product: str, env: str, delivery_id: str, now: datetime) -> DeliveryRecord | None:
+        async def again(conn: Connection) -> DeliveryRecord | None:
+            rows = await conn.fetch(sql.REDELIVER, self._dialect.time(now), product, env, delivery_id)
+            if not rows:
+                return None
+            delivery = self._delivery(rows[0])
+            await conn.execute(sql.ENABLE_ENDPOINT, product, env, delivery.webhook, delivery.endpoint)
+            await self._announce(conn, product, WEBHOOKS_TOPIC)
+            return delivery
+
+        return await self._transaction(again, retry=False)
+
+    # -- receiving --------------------------------------------------------------------------------------------------
+
+    async def insert_received(self, record: ReceivedRecord) -> bool:
+        values = _values(record, received_at=self._dialect.time)
+        return await self._write(sql.INSERT_RECEIVED, *values, retry=False) == 1
+
+    async def list_received(
+        self, product: str, env: str, webhook: str, *, after: tuple[datetime, str] | None, limit: int
+    ) -> list[ReceivedRecord]:
+        time = self._dialect.time
+        clause = Where("product = ? AND env = ?", product, env)
+        clause.when("webhook = ?", webhook or None)
+        if after is not None:
+            clause.add("(received_at, received_id) < (?, ?)", time(after[0]), after[1])
+        query = clause.select(sql.RECEIVED_COLUMNS, "webhooks_received", "received_at DESC, received_id DESC")
+        return [self._received(row) for row in await self._reader.fetch(query, *clause.params, limit)]
+
+
+def _endpoint(delivery: DeliveryRecord) -> EndpointKey:
+    return (delivery.product, delivery.env, delivery.webhook, delivery.endpoint)
