@@ -460,6 +460,10 @@ class Store(WebhookState):
         the run (another replica reclaimed it)."""
 
     @abc.abstractmethod
+    async def end_runs(self, owner: str, ends: list[tuple[str, RunEnd]]) -> dict[str, RunRecord]:
+        """`end_run` for many runs (by id) at once; the ended runs by id (a run `owner` no longer held is absent)."""
+
+    @abc.abstractmethod
     async def get_run(self, run_id: str) -> RunRecord | None:
         """A run by id."""
 

@@ -230,6 +230,14 @@ class SqlJobStore(SqlStore):
 
         return await self._transaction(finish, retry=False)
 
+    async def end_runs(self, owner: str, ends: list[tuple[str, RunEnd]]) -> dict[str, RunRecord]:
+        ended: dict[str, RunRecord] = {}
+        for run_id, end in ends:
+            run = await self.end_run(run_id, owner, end)
+            if run is not None:
+                ended[run_id] = run
+        return ended
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         row = await self._reader.fetchrow(sql.RUN, run_id)
         return self._run(row) if row else None

@@ -19,7 +19,7 @@ import asyncpg
 
 from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store import migrations, statements
-from ductape_processor.store.base import ChangeListener
+from ductape_processor.store.base import ChangeListener, RunEnd, RunRecord, RunStatus
 from ductape_processor.store.jobs import JOBS_TOPIC
 from ductape_processor.store.sql import Connection, Row
 from ductape_processor.store.statements import SqlValue, Statement
@@ -95,7 +95,8 @@ class _Pool:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.raw = pool
 
-    async def _call(self, operation: Callable[[asyncpg.Pool], Awaitable[_T]], *, retry: bool = True) -> _T:
+    async def call(self, operation: Callable[[asyncpg.Pool], Awaitable[_T]], *, retry: bool = True) -> _T:
+        """`operation` on the pool, its failures mapped (and re-sent once after a lost connection, if `retry`)."""
         try:
             return await operation(self.raw)
         except _CONNECTION_LOST as exc:
@@ -112,17 +113,17 @@ class _Pool:
             raise _unavailable(exc) from exc
 
     async def execute(self, statement: Statement, *args: SqlValue, retry: bool = True) -> int:
-        return _changed_rows(await self._call(lambda pool: pool.execute(statement.numbered, *args), retry=retry))
+        return _changed_rows(await self.call(lambda pool: pool.execute(statement.numbered, *args), retry=retry))
 
     async def executemany(self, statement: Statement, rows: list[tuple[SqlValue, ...]]) -> None:
-        await self._call(lambda pool: pool.executemany(statement.numbered, rows))
+        await self.call(lambda pool: pool.executemany(statement.numbered, rows))
 
     async def fetch(self, statement: Statement, *args: SqlValue, retry: bool = True) -> Sequence[Row]:
-        rows: list[Row] = await self._call(lambda pool: pool.fetch(statement.numbered, *args), retry=retry)
+        rows: list[Row] = await self.call(lambda pool: pool.fetch(statement.numbered, *args), retry=retry)
         return rows
 
     async def fetchrow(self, statement: Statement, *args: SqlValue, retry: bool = True) -> Row | None:
-        row: Row | None = await self._call(lambda pool: pool.fetchrow(statement.numbered, *args), retry=retry)
+        row: Row | None = await self.call(lambda pool: pool.fetchrow(statement.numbered, *args), retry=retry)
         return row
 
     async def transaction(self, body: Callable[[asyncpg.Connection], Awaitable[_T]], *, retry: bool = True) -> _T:
@@ -132,7 +133,7 @@ class _Pool:
             async with pool.acquire() as conn, conn.transaction():
                 return await body(conn)
 
-        return await self._call(run, retry=retry)
+        return await self.call(run, retry=retry)
 
 
 _KEY_LOCK: Final = Statement("SELECT pg_advisory_xact_lock(?)")
@@ -141,6 +142,17 @@ _NOTIFY: Final = Statement("SELECT pg_notify(?, ?)")
 _INSERT_NEW_JOB_NOTIFIED: Final = Statement(
     # One round trip: the insert and, if it inserted, its notification (channel: the last parameter).
     f"WITH added AS ({statements.INSERT_NEW_JOB.qmark} RETURNING product) SELECT pg_notify(?, product) FROM added"  # noqa: S608
+)
+
+
+_RUN_FIELDS: Final = ", ".join(f"r.{column.strip()}" for column in statements.RUN_COLUMNS.split(","))
+_END_RUNS: Final = Statement(
+    # Many runs' ends in one statement: one array per column of the ends, then the owner.
+    "UPDATE job_runs r SET status = e.status, ended_at = e.ended_at, attempt_at = e.attempt_at, result = e.result, "  # noqa: S608
+    "error_reason = e.error_reason, error_message = e.error_message, process_id = e.process_id, owner = NULL, "
+    "lease_until = NULL FROM unnest(?::text[], ?::smallint[], ?::timestamptz[], ?::timestamptz[], ?::text[], "
+    "?::text[], ?::text[], ?::text[]) AS e(run_id, status, ended_at, attempt_at, result, error_reason, error_message, "
+    f"process_id) WHERE r.run_id = e.run_id AND r.owner = ? AND r.status = 2 RETURNING {_RUN_FIELDS}"
 )
 
 
@@ -237,6 +249,30 @@ class PostgresStore(SqlWebhookStore):
             return await super()._insert_new_job(values, product, announce=False)
         rows = await self.pool.fetch(_INSERT_NEW_JOB_NOTIFIED, *values, self._channels[JOBS_TOPIC], retry=False)
         return len(rows) == 1
+
+    async def end_runs(self, owner: str, ends: list[tuple[str, RunEnd]]) -> dict[str, RunRecord]:
+        # An end that changes its job's state goes through end_run's transaction; the others share one statement.
+        ended = await super().end_runs(owner, [(run_id, end) for run_id, end in ends if end.job_status is not None])
+        plain = [(run_id, end) for run_id, end in ends if end.job_status is None]
+        if not plain:
+            return ended
+        columns = (
+            [run_id for run_id, _ in plain],
+            [int(end.status) for _, end in plain],
+            [end.ended_at if end.status != RunStatus.RETRYING else None for _, end in plain],
+            [end.attempt_at for _, end in plain],
+            [end.result for _, end in plain],
+            [end.error_reason for _, end in plain],
+            [end.error_message for _, end in plain],
+            [end.process_id for _, end in plain],
+        )
+        rows: list[Row] = await self.pool.call(
+            lambda pool: pool.fetch(_END_RUNS.numbered, *columns, owner), retry=False
+        )
+        for row in rows:
+            run = self._run(row)
+            ended[run.run_id] = run
+        return ended
 
     async def _announce(self, conn: Connection, product: str, topic: str = "products") -> None:
         await conn.execute(_NOTIFY, self._channels[topic], product)

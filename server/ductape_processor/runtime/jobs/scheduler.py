@@ -25,6 +25,7 @@ from opentelemetry.metrics import Histogram
 from ductape_processor.errors import ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.jobs.codec import decode_spec, encode_spec
+from ductape_processor.runtime.jobs.ends import EndRecorder
 from ductape_processor.runtime.jobs.model import JobSpec, Overlap, RunTrigger
 from ductape_processor.runtime.jobs.targets import JobTargets, Outcome
 from ductape_processor.runtime.jobs.timing import due_after
@@ -146,6 +147,7 @@ class JobScheduler:
         self.owner = uuid.uuid4().hex
         """This replica's name on the leases it holds."""
         self.events = RunEvents()
+        self._ends = EndRecorder(store, self.owner)
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._next_look: datetime | None = None
@@ -186,6 +188,7 @@ class JobScheduler:
                 run.cancel()
             if late:
                 await asyncio.wait(late)
+        await self._ends.stop()
 
     async def _rounds(self) -> None:
         while True:
@@ -305,7 +308,7 @@ class JobScheduler:
             end = self._failed(run, spec, Reason.INTERNAL, f"{type(exc).__name__}: the processor failed", "")
         finally:
             heartbeat.cancel()
-        ended = await self._store.end_run(run.run_id, self.owner, end)
+        ended = await self._ends.end(run.run_id, end)
         if ended is None:
             log.warning("job run %s was taken over by another replica before it ended here", run.run_id)
             return
