@@ -14,6 +14,8 @@ Each processor is `ductape-processor serve` on a fresh PostgreSQL schema (`PROCE
 - triggers/s: `--triggers` one-off jobs per process, all due at one moment a little after they are scheduled; the
   figure is how many runs ended per second from that moment until the last one ended (read from the store).
 - lateness: jobs due at `--rate` per second for 10 s; the start - due of each run (from the store), p50 and p99.
+- CPU: the processor processes' CPU time (from /proc) per Schedule call (warm-up included) and per triggered run
+  (from the batch's last Schedule until its last run ended): the figure a loaded machine disturbs least.
 
 Goals (issue "Jobs"): >= 1,000 schedules/s and >= 5,000 triggers/s per process, lateness p99 <= 50 ms at 200 due
 jobs/s. For reference, Dapr v1.17's scheduler is quoted at 600 schedules/s and 12,700 triggers/s on a cluster.
@@ -43,6 +45,7 @@ from _harness import (
     Server,
     bench_parser,
     child_env,
+    cpu_seconds,
     emit,
     free_port,
     parse_bench_args,
@@ -230,10 +233,16 @@ def measure_processes(procs: Processes, work: Path, args: argparse.Namespace, co
     try:
         servers = start_processors(procs, work, count, args.dsn, schema)
         targets = [server.target for server in servers]
+
+        def server_cpu() -> float:
+            return sum(cpu_seconds(server.popen.pid) for server in servers)
+
+        cpu_before = server_cpu()
         load = procs.run_client(
             ["load", "--targets", *targets, "--duration", str(args.duration), "--warmup", str(args.warmup)]
         )
         schedules = float(load["qps"])
+        schedule_cpu_us = (server_cpu() - cpu_before) / max(int(load["total_calls"]), 1) * 1e6
         # triggers: all due at one moment, after the whole batch is scheduled
         total = args.triggers * count
         lead = total / max(schedules, 100.0) * 1.5 + 2.0
@@ -241,7 +250,9 @@ def measure_processes(procs: Processes, work: Path, args: argparse.Namespace, co
         took = batch(procs, work, targets, "t", [moment] * total)
         if took > lead:
             raise RuntimeError(f"scheduling {total} jobs took {took:.1f} s, past their due time")
+        cpu_before = server_cpu()
         runs = asyncio.run(wait_for_runs(args.dsn, schema, "t", total, lead + 120))
+        trigger_cpu_us = (server_cpu() - cpu_before) / max(runs.ended, 1) * 1e6
         triggers = runs.ended / max(runs.last_end - moment, 1e-3)
         # lateness: due at args.rate per second for LATENESS_SECONDS
         spread = args.rate * LATENESS_SECONDS
@@ -254,6 +265,8 @@ def measure_processes(procs: Processes, work: Path, args: argparse.Namespace, co
             "processes": count,
             "schedules_per_s": schedules,
             "schedule_p99_ms": float(load["p99_ms"]),
+            "schedule_server_cpu_us": schedule_cpu_us,
+            "trigger_server_cpu_us": trigger_cpu_us,
             "triggers": total,
             "triggers_ended": runs.ended,
             "triggers_per_s": triggers,
@@ -287,12 +300,13 @@ def run(procs: Processes, work: Path, args: argparse.Namespace) -> Report:
         f"bare grpc.aio Schedule (canned reply), c={CONCURRENCY}: {bare:,.0f} calls/s",
         "",
         f"{'processes':>9} {'schedules/s':>12} {'x bare':>7} {'triggers/s':>11} "
-        f"{'late p50 ms':>12} {'late p99 ms':>12}",
+        f"{'late p50 ms':>12} {'late p99 ms':>12} {'CPU us/sched':>13} {'CPU us/trig':>12}",
     ]
     for r in results:
         lines.append(
             f"{r['processes']:>9} {r['schedules_per_s']:>12,.0f} {r['schedules_per_s'] / bare:>7.2f} "
-            f"{r['triggers_per_s']:>11,.0f} {r['lateness_p50_ms']:>12.1f} {r['lateness_p99_ms']:>12.1f}"
+            f"{r['triggers_per_s']:>11,.0f} {r['lateness_p50_ms']:>12.1f} {r['lateness_p99_ms']:>12.1f} "
+            f"{r['schedule_server_cpu_us']:>13,.0f} {r['trigger_server_cpu_us']:>12,.0f}"
         )
     lines.append("")
     for r in results:

@@ -19,7 +19,7 @@ import asyncpg
 
 from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store import migrations, statements
-from ductape_processor.store.base import ChangeListener, RunEnd, RunRecord, RunStatus
+from ductape_processor.store.base import ChangeListener, JobStep, RunEnd, RunRecord, RunStatus
 from ductape_processor.store.jobs import JOBS_TOPIC
 from ductape_processor.store.sql import Connection, Row
 from ductape_processor.store.statements import SqlValue, Statement
@@ -156,6 +156,25 @@ _END_RUNS: Final = Statement(
 )
 
 
+_RUN_TYPES: Final = (
+    *("text", "text", "text", "text", "smallint", "smallint", "timestamptz", "timestamptz", "integer"),
+    *("timestamptz", "timestamptz", "text", "timestamptz", "boolean", "text", "text", "text", "text"),
+)
+"""The types of RUN_COLUMNS, in their order (for the arrays a batch of runs is sent as)."""
+_ADVANCE_JOBS: Final = Statement(
+    # One statement steps a claim: the jobs still leased to the owner (the UPDATE locks and re-checks each row), and
+    # the runs of those jobs only. Parameters: the steps' four arrays, the owner, then one array per run column.
+    "WITH moved AS (UPDATE jobs j SET next_run_at = s.next_run_at, status = s.status, runs = j.runs + s.started, "  # noqa: S608
+    "lease_owner = NULL, lease_until = NULL "
+    "FROM unnest(?::text[], ?::timestamptz[], ?::smallint[], ?::integer[]) AS s(job_id, next_run_at, status, started) "
+    "WHERE j.job_id = s.job_id AND j.lease_owner = ? AND j.status = 1 RETURNING j.job_id), "
+    f"added AS (INSERT INTO job_runs ({statements.RUN_COLUMNS}) SELECT r.* "
+    f"FROM unnest({', '.join(f'?::{kind}[]' for kind in _RUN_TYPES)}) AS r({statements.RUN_COLUMNS}) "
+    "WHERE r.job_id IN (SELECT job_id FROM moved)) "
+    "SELECT job_id FROM moved"
+)
+
+
 class PostgresStore(SqlWebhookStore):
     """Store on PostgreSQL, shared by every replica."""
 
@@ -249,6 +268,22 @@ class PostgresStore(SqlWebhookStore):
             return await super()._insert_new_job(values, product, announce=False)
         rows = await self.pool.fetch(_INSERT_NEW_JOB_NOTIFIED, *values, self._channels[JOBS_TOPIC], retry=False)
         return len(rows) == 1
+
+    async def advance_jobs(self, owner: str, steps: list[JobStep]) -> set[str]:
+        if not steps:
+            return set()
+        moves = (
+            [step.job_id for step in steps],
+            [step.next_run_at for step in steps],
+            [int(step.status) for step in steps],
+            [step.started for step in steps],
+        )
+        runs = [self._run_row(run) for step in steps for run in step.runs]
+        columns = [list(column) for column in zip(*runs, strict=True)] if runs else [[] for _ in _RUN_TYPES]
+        rows: list[Row] = await self.pool.call(
+            lambda pool: pool.fetch(_ADVANCE_JOBS.numbered, *moves, owner, *columns), retry=False
+        )
+        return {str(row[0]) for row in rows}
 
     async def end_runs(self, owner: str, ends: list[tuple[str, RunEnd]]) -> dict[str, RunRecord]:
         # An end that changes its job's state goes through end_run's transaction; the others share one statement.

@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from opentelemetry.metrics import Histogram
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 CLAIM_BATCH: Final = 100
 """Jobs (and runs) one claim takes at most; a full batch makes the scheduler claim again at once."""
+RUNS_CLAIM_EVERY: Final = timedelta(seconds=1)
+"""While full claims of occurrences follow each other, how often the runs (retries, buffered, taken over) are claimed
+between them; otherwise every round claims both."""
 MAX_EVENTS_QUEUED: Final = 1000
 """Run events a WatchRuns stream may fall behind by; a slower reader loses the oldest."""
 
@@ -152,6 +155,7 @@ class JobScheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._next_look: datetime | None = None
         """When the waiting scheduler looks again; None while it looks (a round is going)."""
+        self._runs_claimed_at = datetime.min.replace(tzinfo=UTC)
         self._running: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -227,6 +231,9 @@ class JobScheduler:
                     if run.status == RunStatus.RUNNING:
                         self._spawn(run, spec)
         now = self._clock.now()  # the jobs above may have taken a while: leases start from now
+        if len(jobs) == CLAIM_BATCH and now < self._runs_claimed_at + RUNS_CLAIM_EVERY:
+            return True  # more occurrences are due: claim them first (retries and take-overs wait a moment)
+        self._runs_claimed_at = now
         runs = await self._store.claim_due_runs(self.owner, now, now + self._settings.lease, CLAIM_BATCH)
         for run in runs:
             self._spawn(run, None)
