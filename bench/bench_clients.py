@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The TypeScript client: its facade against raw @grpc/grpc-js calls, side by side in one run.
 
-    python bench/bench_clients.py [--duration 8] [--slices 32] [--rounds 3] [--concurrency 32] [--messages 10000]
+    python bench/bench_clients.py [--duration 8] [--slices 32] [--rounds 3] [--concurrency 32] [--messages 20000]
                                   [--json FILE]
 
 Servers, each its own subprocess on 127.0.0.1 only (pinned to CPU 0 with two or more CPUs):
@@ -23,8 +23,8 @@ reported.
    against the processor and against the bare server: `facade` (`processor.action.run` with plain objects) vs `raw`
    (the generated grpc-js client called with the same request object, metadata and deadline, wrapped in a
    promise). Goal: facade >= 0.9x raw QPS. The client's CPU time per call is shown too.
-2. Subscribe: `--messages` (10 000) JSON messages published to a fresh group, then consumed and acked, timed from
-   the stream's opening to the last message handled, four times per round: `facade` (`for await` over
+2. Subscribe: `--messages` (20 000) JSON messages published to a fresh group, then consumed and acked, timed from
+   the stream's opening to the last message handled, eight times per round (four each): `facade` (`for await` over
    `messageBroker.subscribe`, `message.json()`, `message.ack()`) vs `raw` (the generated duplex stream, JSON.parse
    by hand, acks sent every 100 ids or 10 ms as the facade does). Goal: facade >= 0.8x raw messages/s.
 
@@ -163,7 +163,7 @@ def measure(args: Any, procs: Processes, work: Path) -> Report:
             both = node_client(node, pin, ["run", "--address", server.target, *load, "--slices", str(args.slices)])
             for mode in ("raw", "facade"):
                 runs.setdefault(f"{target}-{mode}", []).append(both[mode])
-        sub = ["subscribe", "--address", processor.target, "--count", str(args.messages), "--slices", "4"]
+        sub = ["subscribe", "--address", processor.target, "--count", str(args.messages), "--slices", "8"]
         both = node_client(node, pin, sub)
         for mode in ("raw", "facade"):
             runs.setdefault(f"sub-{mode}", []).append(both[mode])
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = bench_parser(__doc__, duration=8.0)
     parser.add_argument("--concurrency", type=int, default=32, help="Run calls in flight (default 32)")
-    parser.add_argument("--messages", type=int, default=10_000, help="messages per consumption (default 10000)")
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per consumption (default 20000)")
     parser.add_argument("--slices", type=int, default=32, help="alternating Run slices per round (default 32)")
     args = parse_bench_args(parser, argv)
     return run_and_report(SCRIPT, args.pin, lambda procs, work: measure(args, procs, work), args.json)

@@ -9,7 +9,7 @@ import {
   type ClientUnaryCall,
   type ServiceError,
 } from "@grpc/grpc-js";
-import { fromServiceError } from "./errors.js";
+import { fromServiceError, UnavailableError } from "./errors.js";
 import type { Duration } from "./gen/google/protobuf/duration.js";
 import type { SessionRef } from "./gen/ductape/processor/v1/common.js";
 
@@ -42,6 +42,9 @@ export function duration(ms: number): Duration {
   return { seconds, nanos: Math.round((ms - seconds * 1000) * 1e6) };
 }
 
+const RETRY_FIRST_DELAY_MS = 50;
+const RETRY_MAX_DELAY_MS = 1000;
+
 type UnaryMethod<Req, Res> = (
   request: Req,
   metadata: Metadata,
@@ -56,6 +59,7 @@ export class Caller {
   constructor(
     base: ReadonlyArray<readonly [string, string]>,
     readonly timeoutMs: number,
+    readonly retries = 3,
   ) {
     this.base = base;
   }
@@ -76,14 +80,60 @@ export class Caller {
     return timeoutMs > 0 ? { deadline: Date.now() + timeoutMs } : {};
   }
 
-  /** Run a unary method of a generated client; resolve with its response or reject with a ProcessorError. */
-  unary<Req, Res>(client: object, method: UnaryMethod<Req, Res>, request: Req, options?: CallOptions): Promise<Res> {
+  /** gRPC call options for a streamed call (an upload, a download, a watch): no default deadline, as a large file or
+   * a long watch may take longer than any default; only the caller's own `timeoutMs` bounds it. */
+  streamOptions(options?: CallOptions): Partial<GrpcCallOptions> {
+    return this.callOptions({ timeoutMs: options?.timeoutMs ?? 0 });
+  }
+
+  /**
+   * Run a unary method of a generated client; resolve with its response or reject with a ProcessorError.
+   *
+   * A call that is safe to repeat (`safe`: a read; or any request carrying an `idempotencyKey`) is retried when it
+   * fails with UNAVAILABLE (a restarting server, a dropped connection, a store blip), up to `retries` more times,
+   * 50 ms doubling to 1 s apart with full jitter, within the call's one deadline. Other calls are never repeated:
+   * UNAVAILABLE does not say whether the server acted.
+   */
+  async unary<Req, Res>(
+    client: object,
+    method: UnaryMethod<Req, Res>,
+    request: Req,
+    options?: CallOptions,
+    safe = false,
+  ): Promise<Res> {
+    const key = (request as { idempotencyKey?: unknown }).idempotencyKey;
+    if (this.retries === 0 || !(safe || (typeof key === "string" && key !== ""))) {
+      return this.once(client, method, request, this.callOptions(options), options);
+    }
+    const grpcOptions = this.callOptions(options);
+    const deadline = grpcOptions.deadline as number | undefined;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.once(client, method, request, grpcOptions, options);
+      } catch (error) {
+        const pause = Math.random() * Math.min(RETRY_MAX_DELAY_MS, RETRY_FIRST_DELAY_MS * 2 ** (attempt - 1));
+        const late = deadline !== undefined && Date.now() + pause >= deadline;
+        if (!(error instanceof UnavailableError) || attempt > this.retries || late || options?.signal?.aborted) {
+          throw error;
+        }
+        await new Promise((resolve) => setTimeout(resolve, pause));
+      }
+    }
+  }
+
+  private once<Req, Res>(
+    client: object,
+    method: UnaryMethod<Req, Res>,
+    request: Req,
+    grpcOptions: Partial<GrpcCallOptions>,
+    options?: CallOptions,
+  ): Promise<Res> {
     return new Promise<Res>((resolve, reject) => {
       const call = method.call(
         client,
         request,
         this.metadata(options?.metadata),
-        this.callOptions(options),
+        grpcOptions,
         (error, response) => (error ? reject(fromServiceError(error)) : resolve(response)),
       );
       const signal = options?.signal;

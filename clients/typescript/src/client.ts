@@ -49,6 +49,9 @@ export interface ProcessorOptions {
   credentials?: ChannelCredentials;
   /** The default deadline of each unary call in milliseconds; default 30000; 0: none. */
   timeoutMs?: number;
+  /** How many times a call safe to repeat is retried on UNAVAILABLE (reads, and requests with an idempotency key);
+   * default 3; 0: never. */
+  retries?: number;
   /** grpc-js channel options (`grpc.keepalive_time_ms`, `grpc.max_receive_message_length`, ...). */
   channelOptions?: ChannelOptions;
 }
@@ -152,7 +155,7 @@ export class SessionClient extends ResourceClient<SessionServiceClient> {
   /** The session a token carries; rejects with UnauthenticatedError (SESSION_INVALID/EXPIRED/REVOKED). */
   async verify(request: SessionAddress & { token: string }, options?: CallOptions): Promise<Session> {
     const { product, env, tag, token } = request;
-    const response = await this.caller.unary(this.stub, this.stub.verify, { product, env, tag, token }, options);
+    const response = await this.caller.unary(this.stub, this.stub.verify, { product, env, tag, token }, options, true);
     return {
       data: response.data ?? {},
       sessionId: response.sessionId,
@@ -204,6 +207,7 @@ export class SessionClient extends ResourceClient<SessionServiceClient> {
         pageToken: request.pageToken ?? "",
       },
       options,
+      true,
     );
   }
 }
@@ -243,6 +247,7 @@ export class LogClient extends ResourceClient<LogServiceClient> {
         pageToken: request.pageToken ?? "",
       },
       options,
+      true,
     );
   }
 }
@@ -268,18 +273,18 @@ async function manifestBytes(manifest: ManifestSource): Promise<{ manifest: Buff
 export class ProductClient extends ResourceClient<ProductServiceClient> {
   /** Store a manifest (a path, or YAML/JSON bytes) as the product's next version. */
   async apply(manifest: ManifestSource, options?: CallOptions): Promise<ApplyResponse> {
-    return this.caller.unary(this.stub, this.stub.apply, await manifestBytes(manifest), options);
+    return this.caller.unary(this.stub, this.stub.apply, await manifestBytes(manifest), options, true);
   }
 
   /** Every problem of a manifest, without storing it. */
   async validate(manifest: ManifestSource, options?: CallOptions): Promise<ValidateResponse> {
-    return this.caller.unary(this.stub, this.stub.validate, await manifestBytes(manifest), options);
+    return this.caller.unary(this.stub, this.stub.validate, await manifestBytes(manifest), options, true);
   }
 
   /** A version of the product: `version`, the one pinned for `env`, or the latest. */
   get(product: string, which: { version?: number; env?: string } = {}, options?: CallOptions): Promise<GetResponse> {
     const request = which.version !== undefined ? { product, version: which.version } : { product, env: which.env };
-    return this.caller.unary(this.stub, this.stub.get, request, options);
+    return this.caller.unary(this.stub, this.stub.get, request, options, true);
   }
 
   /** One page of versions, newest first. */
@@ -293,6 +298,7 @@ export class ProductClient extends ResourceClient<ProductServiceClient> {
       this.stub.listVersions,
       { product, pageSize: page.pageSize ?? 0, pageToken: page.pageToken ?? "" },
       options,
+      true,
     );
   }
 
@@ -337,7 +343,7 @@ export class Processor {
   constructor(options: ProcessorOptions | string = {}) {
     const opts = typeof options === "string" ? { address: options } : options;
     this.channel = new Channel(opts.address ?? "127.0.0.1:50051", channelCredentials(opts), opts.channelOptions ?? {});
-    const caller = new Caller(opts.apiKey ? [["authorization", `Bearer ${opts.apiKey}`]] : [], opts.timeoutMs ?? 30_000);
+    const caller = new Caller(opts.apiKey ? [["authorization", `Bearer ${opts.apiKey}`]] : [], opts.timeoutMs ?? 30_000, opts.retries ?? 3);
     const on = <Stub>(Client: new (address: string, credentials: ChannelCredentials) => Stub): Stub => stub(Client, this.channel);
     this.action = new ActionClient(on(ActionServiceClient), caller);
     this.session = new SessionClient(on(SessionServiceClient), caller);

@@ -131,7 +131,7 @@ export class MigrationClient extends ResourceClient<MigrationServiceClient> {
     request: { product: string; env: string; database: string; version?: number },
     options?: CallOptions,
   ): Promise<MigrationServiceStatusResponse> {
-    return this.caller.unary(this.stub, this.stub.status, { target: MigrationClient.target(request) }, options);
+    return this.caller.unary(this.stub, this.stub.status, { target: MigrationClient.target(request) }, options, true);
   }
 
   /** The statements `run` (or, with `rollback`, `rollback`) would run. */
@@ -149,6 +149,7 @@ export class MigrationClient extends ResourceClient<MigrationServiceClient> {
         steps: request.steps ?? 0,
       },
       options,
+      true,
     );
   }
 }

@@ -211,7 +211,7 @@ export class JobClient extends ResourceClient<JobServiceClient> {
 
   /** A job, by id or by the name of an active job. */
   async get(address: JobAddress, options?: CallOptions): Promise<Job> {
-    return job((await this.caller.unary(this.stub, this.stub.get, { job: ref(address) }, options)).job!);
+    return job((await this.caller.unary(this.stub, this.stub.get, { job: ref(address) }, options, true)).job!);
   }
 
   /** Cancel a job (its runs waiting for a retry too). */
@@ -252,6 +252,7 @@ export class JobClient extends ResourceClient<JobServiceClient> {
         pageToken: request.pageToken,
       }),
       options,
+      true,
     );
     return { jobs: response.jobs.map(job), nextPageToken: response.nextPageToken };
   }
@@ -271,6 +272,7 @@ export class JobClient extends ResourceClient<JobServiceClient> {
         pageToken: request.pageToken,
       }),
       options,
+      true,
     );
     return { runs: response.runs.map(run), nextPageToken: response.nextPageToken };
   }
@@ -289,7 +291,7 @@ export class JobClient extends ResourceClient<JobServiceClient> {
     const call = this.stub.watchRuns(
       { product: request.product, env: request.env, jobId: request.jobId ?? "" },
       this.caller.metadata(options?.metadata),
-      this.caller.callOptions({ timeoutMs: 0, ...options }),
+      this.caller.streamOptions(options),
     );
     options?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
     try {

@@ -81,7 +81,7 @@ export class StorageClient extends ResourceClient<StorageServiceClient> {
     }
     let callError: unknown;
     const done = new Promise<FileInfo>((resolve, reject) => {
-      const call = this.stub.upload(this.caller.metadata(options?.metadata), this.caller.callOptions(options), (error, response) =>
+      const call = this.stub.upload(this.caller.metadata(options?.metadata), this.caller.streamOptions(options), (error, response) =>
         error ? reject(fromServiceError(error)) : resolve(response.file!),
       );
       const write = (message: UploadRequest) =>
@@ -134,7 +134,7 @@ export class StorageClient extends ResourceClient<StorageServiceClient> {
         chunkSize: request.chunkSize ?? 0,
       },
       this.caller.metadata(options?.metadata),
-      this.caller.callOptions(options),
+      this.caller.streamOptions(options),
     );
     const iterator = call[Symbol.asyncIterator]();
     const chunks = async function* (): AsyncGenerator<Buffer> {
@@ -161,7 +161,7 @@ export class StorageClient extends ResourceClient<StorageServiceClient> {
 
   /** Read a small file in one message (Ductape's `readFile`). */
   async read(request: StorageAddress & { fileName: string }, options?: CallOptions): Promise<FileContent> {
-    const response = await this.caller.unary(this.stub, this.stub.read, request, options);
+    const response = await this.caller.unary(this.stub, this.stub.read, request, options, true);
     const file = response.file!;
     return { data: response.data, file, fileName: file.fileName, mimeType: file.contentType };
   }
@@ -188,6 +188,7 @@ export class StorageClient extends ResourceClient<StorageServiceClient> {
         pageToken: request.pageToken ?? "",
       },
       options,
+      true,
     );
   }
 
@@ -217,6 +218,7 @@ export class StorageClient extends ResourceClient<StorageServiceClient> {
         contentType: request.contentType ?? "",
       },
       options,
+      true,
     );
     return {
       url: response.url,
