@@ -165,11 +165,11 @@ class WebhookReceiver:
     async def _dispatch(self, target: ReceiveTarget, record: ReceivedRecord, headers: Mapping[str, str]) -> None:
         assert target.receive.dispatch is not None
         event = target.receive.dispatch.publish
+        # No idempotency key: its claim and record would be two more store writes on the path to the subscriber.
+        # A publish tried again after an answer that was lost may store a second copy: subscribers drop repeats by
+        # the `webhook_received_id` attribute (delivery is at least once anyway).
         outgoing = OutgoingMessage(
-            record.body,
-            record.content_type or "application/octet-stream",
-            attributes(record, headers),
-            idempotency_key=record.received_id,
+            record.body, record.content_type or "application/octet-stream", attributes(record, headers)
         )
         for attempt in range(1, DISPATCH_TRIES + 1):
             try:
