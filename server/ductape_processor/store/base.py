@@ -451,8 +451,9 @@ class Store(WebhookState):
         jobs wait."""
 
     @abc.abstractmethod
-    async def renew_run(self, run_id: str, owner: str, lease_until: datetime) -> bool:
-        """Extend `owner`'s lease of a running run; False when `owner` no longer holds it."""
+    async def renew_runs(self, owner: str, run_ids: list[str], lease_until: datetime) -> set[str]:
+        """Extend `owner`'s leases of running runs; the ids of those it still held (and now holds until
+        `lease_until`)."""
 
     @abc.abstractmethod
     async def end_run(self, run_id: str, owner: str, end: RunEnd) -> RunRecord | None:

@@ -27,6 +27,8 @@ _JOB_FIELDS = 15
 """The columns of JOB_COLUMNS: a JobRecord's fields before `busy` and `queued`."""
 _INSERT_ATTEMPTS = 3
 """How many times a locked Schedule reads who holds a name or key again when an unlocked one took it meanwhile."""
+_RENEWALS_PER_STATEMENT = 500
+"""Leases one statement renews at most (SQLite bounds a statement's parameters)."""
 JOBS_TOPIC = "jobs"
 """The change topic of jobs (`Store.listen`): a new, changed or finished job or run."""
 
@@ -196,8 +198,14 @@ class SqlJobStore(SqlStore):
         rows = await self._write_returning(statement, owner, time(lease_until), at, at, at, limit, retry=False)
         return [self._run(row) for row in rows]
 
-    async def renew_run(self, run_id: str, owner: str, lease_until: datetime) -> bool:
-        return await self._write(sql.RENEW_RUN, self._dialect.time(lease_until), run_id, owner) == 1
+    async def renew_runs(self, owner: str, run_ids: list[str], lease_until: datetime) -> set[str]:
+        until = self._dialect.time(lease_until)
+        renewed: set[str] = set()
+        for start in range(0, len(run_ids), _RENEWALS_PER_STATEMENT):
+            chunk = run_ids[start : start + _RENEWALS_PER_STATEMENT]
+            rows = await self._write_returning(sql.renew_runs(len(chunk)), until, owner, *chunk)
+            renewed.update(str(row[0]) for row in rows)
+        return renewed
 
     async def end_run(self, run_id: str, owner: str, end: RunEnd) -> RunRecord | None:
         time = self._dialect.time

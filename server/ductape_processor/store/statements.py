@@ -282,7 +282,6 @@ INSERT_RUN: Final = Statement(
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 RUN: Final = Statement(f"SELECT {RUN_COLUMNS} FROM job_runs WHERE run_id = ?")  # noqa: S608
-RENEW_RUN: Final = Statement("UPDATE job_runs SET lease_until = ? WHERE run_id = ? AND owner = ? AND status = 2")
 END_RUN: Final = Statement(
     "UPDATE job_runs SET status = ?, ended_at = ?, attempt_at = ?, result = ?, error_reason = ?, "  # noqa: S608
     "error_message = ?, process_id = ?, owner = NULL, lease_until = NULL "
@@ -317,6 +316,15 @@ def held_jobs(lock_rows: str, count: int) -> Statement:
     marks = ", ".join("?" * count)
     return Statement(
         f"SELECT job_id FROM jobs WHERE lease_owner = ? AND status = 1 AND job_id IN ({marks}){lock_rows}"  # noqa: S608
+    )
+
+
+@functools.cache
+def renew_runs(count: int) -> Statement:
+    """Extend a replica's leases of `count` running runs: lease end, owner, then the `count` run ids."""
+    marks = ", ".join("?" * count)
+    return Statement(
+        f"UPDATE job_runs SET lease_until = ? WHERE owner = ? AND status = 2 AND run_id IN ({marks}) RETURNING run_id"  # noqa: S608
     )
 
 

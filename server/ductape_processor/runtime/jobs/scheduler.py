@@ -34,7 +34,7 @@ from ductape_processor.store.base import JobRecord, JobStatus, JobStep, RunEnd, 
 
 log = logging.getLogger(__name__)
 
-CLAIM_BATCH: Final = 100
+CLAIM_BATCH: Final = 250
 """Jobs (and runs) one claim takes at most; a full batch makes the scheduler claim again at once."""
 RUNS_CLAIM_EVERY: Final = timedelta(seconds=1)
 """While full claims of occurrences follow each other, how often the runs (retries, buffered, taken over) are claimed
@@ -157,11 +157,16 @@ class JobScheduler:
         """When the waiting scheduler looks again; None while it looks (a round is going)."""
         self._runs_claimed_at = datetime.min.replace(tzinfo=UTC)
         self._running: set[asyncio.Task[None]] = set()
+        self._leased: set[str] = set()
+        """The runs whose targets this replica is running: their leases are renewed."""
+        self._renewer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Listen for other replicas' job changes and start the rounds."""
         await self._store.listen(lambda _product: self.wake(), "jobs")
-        self._loop_task = asyncio.get_running_loop().create_task(self._rounds(), name="job scheduler")
+        loop = asyncio.get_running_loop()
+        self._loop_task = loop.create_task(self._rounds(), name="job scheduler")
+        self._renewer = loop.create_task(self._renew_leases(), name="job run leases")
 
     def wake(self) -> None:
         """Look for due work now (a job was resumed or triggered)."""
@@ -192,6 +197,11 @@ class JobScheduler:
                 run.cancel()
             if late:
                 await asyncio.wait(late)
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
         await self._ends.stop()
 
     async def _rounds(self) -> None:
@@ -291,15 +301,15 @@ class JobScheduler:
     async def _execute(self, run: RunRecord, spec: JobSpec | None) -> None:
         """One attempt of `run` (already recorded RUNNING under this replica's lease), then its recorded end.
         `spec`: the job's, when the claim that started the run read it; else it is read here."""
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(run))  # from the start: reads may be slow
+        self._leased.add(run.run_id)  # renewed from the start: reads may be slow
         if spec is None:
             try:
                 job = await self._store.get_job(run.job_id)
             except BaseException:
-                heartbeat.cancel()
+                self._leased.discard(run.run_id)
                 raise
             if job is None:
-                heartbeat.cancel()
+                self._leased.discard(run.run_id)
                 return
             spec = decode_spec(job.spec)
         self.events.publish(run)
@@ -314,7 +324,7 @@ class JobScheduler:
             log.exception("job run %s failed unexpectedly", run.run_id)
             end = self._failed(run, spec, Reason.INTERNAL, f"{type(exc).__name__}: the processor failed", "")
         finally:
-            heartbeat.cancel()
+            self._leased.discard(run.run_id)
         ended = await self._ends.end(run.run_id, end)
         if ended is None:
             log.warning("job run %s was taken over by another replica before it ended here", run.run_id)
@@ -335,16 +345,21 @@ class JobScheduler:
         one_off_failed = JobStatus.FAILED if spec.repeat is None else None
         return RunEnd(RunStatus.FAILED, now, None, "", reason, message, process_id, one_off_failed)
 
-    async def _heartbeat(self, run: RunRecord) -> None:
-        """Renew the run's lease every third of it while the target runs."""
+    async def _renew_leases(self) -> None:
+        """Every third of a lease, renew the leases of the runs this replica's targets are running, in one statement;
+        a run whose lease another replica took over (this one stalled past it) is no longer renewed."""
         never = asyncio.Event()
         while True:
             await self._clock.wait_until(self._clock.now() + self._settings.lease / 3, never)
-            try:
-                renewed = await self._store.renew_run(run.run_id, self.owner, self._clock.now() + self._settings.lease)
-            except Exception as exc:
-                log.warning("job run %s: lease renewal failed: %s", run.run_id, exc)
+            going = list(self._leased)
+            if not going:
                 continue
-            if not renewed:
-                log.warning("job run %s: lease lost (another replica took the run over)", run.run_id)
-                return
+            try:
+                renewed = await self._store.renew_runs(self.owner, going, self._clock.now() + self._settings.lease)
+            except Exception as exc:
+                log.warning("job runs: lease renewal failed: %s", exc)
+                continue
+            for run_id in going:
+                if run_id not in renewed and run_id in self._leased:
+                    log.warning("job run %s: lease lost (another replica took the run over)", run_id)
+                    self._leased.discard(run_id)
