@@ -3,6 +3,7 @@ accepts, and retries on UNAVAILABLE for the calls that are safe to repeat (and o
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -69,8 +70,9 @@ def test_the_client_builds_as_a_wheel_with_every_module(tmp_path: Path) -> None:
 class FlakyServer:
     """A real gRPC server whose methods fail with UNAVAILABLE `failures` times, then answer; it counts the calls."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, stall: bool = False) -> None:
         self.failures = failures
+        self.stall = stall  # after the failures, never answer
         self.calls: dict[str, int] = {}
         self.server = grpc.aio.server()
         self.port = 0
@@ -80,6 +82,8 @@ class FlakyServer:
             self.calls[name] = self.calls.get(name, 0) + 1
             if self.calls[name] <= self.failures:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+            if self.stall:
+                await asyncio.sleep(3600)
             return reply
 
         return grpc.unary_unary_rpc_method_handler(handle)
@@ -106,8 +110,8 @@ class FlakyServer:
 async def flaky() -> AsyncIterator[Callable[[int], Any]]:
     servers: list[FlakyServer] = []
 
-    async def start(failures: int) -> tuple[FlakyServer, str]:
-        server = FlakyServer(failures)
+    async def start(failures: int, stall: bool = False) -> tuple[FlakyServer, str]:
+        server = FlakyServer(failures, stall)
         servers.append(server)
         return server, await server.start()
 
@@ -155,3 +159,13 @@ async def test_a_retry_never_outlives_the_calls_timeout(flaky: Callable[[int], A
         with pytest.raises(UnavailableError):
             await processor.product.get("shop", env="dev")
     assert 1 < server.calls["Get"] < 1000
+
+
+async def test_a_timeout_that_runs_out_while_retrying_reports_the_unavailable_cause(
+    flaky: Callable[..., Any],
+) -> None:
+    server, address = await flaky(1, stall=True)
+    async with Processor(address, timeout=0.5) as processor:
+        with pytest.raises(UnavailableError) as caught:  # not DEADLINE_EXCEEDED: the server was unavailable
+            await processor.product.get("shop", env="dev")
+    assert "restarting" in str(caught.value) and server.calls["Get"] == 2

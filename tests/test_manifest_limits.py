@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import grpc
 import pytest
-from ductape.processor import InvalidArgumentError, ProcessorError
+from ductape.processor import InvalidArgumentError, Processor, ProcessorError
 from ductape.processor.v1 import product_pb2, product_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -186,11 +186,15 @@ async def test_long_problems_fit_in_an_error(server: Running) -> None:
 async def test_a_killed_worker_gives_a_clear_error_then_a_fresh_worker(server: Running) -> None:
     loader = server.app.components.registry._loader
     worker = await loader._in_worker(os.getpid)
-    validating = asyncio.ensure_future(server.client.product.validate(maximal_manifest()))
+    # retries=0: the server's answer itself (the default client retries a Validate after UNAVAILABLE, and a fresh
+    # worker answers it)
+    once = Processor(server.address, timeout=30, retries=0)
+    validating = asyncio.ensure_future(once.product.validate(maximal_manifest()))
     await asyncio.sleep(0.5)
     os.kill(worker, signal.SIGKILL)
     with pytest.raises(ProcessorError) as caught:
         await asyncio.wait_for(validating, 30)
+    await once.close()
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert caught.value.reason == "MANIFEST_WORKER_FAILED"
     assert "nothing was stored" in str(caught.value)

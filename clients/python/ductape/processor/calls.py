@@ -100,11 +100,15 @@ class Caller:
         deadline = loop.time() + budget if budget else None
         sent = self.metadata(metadata)
         attempt = 0
+        unavailable: grpc.aio.AioRpcError | None = None
         while True:
             left = deadline - loop.time() if deadline is not None else None
             try:
                 return await method(request, metadata=sent, timeout=left)
             except grpc.aio.AioRpcError as exc:
+                if unavailable is not None and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise from_rpc_error(unavailable) from None  # the timeout ran out retrying: say why it failed
+                unavailable = exc
                 attempt += 1
                 pause = retry_delay(attempt)
                 if (
