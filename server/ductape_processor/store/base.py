@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import IntEnum
 
 from ductape_processor.store.webhook_records import WebhookState
@@ -118,6 +118,20 @@ class SessionRecord:
 
 
 ChangeListener = Callable[[str], Awaitable[None] | None]
+
+
+def new_job_payload(product: str, due: datetime | None) -> str:
+    """The "jobs" change payload announcing a new job of `product` first due at `due`."""
+    return f"{product}@{due.timestamp()}" if due is not None else product
+
+
+def announced_due(payload: str) -> datetime | None:
+    """The first due moment a "jobs" change payload announces (a new job's), if it names one."""
+    _, at, seconds = payload.rpartition("@")
+    try:
+        return datetime.fromtimestamp(float(seconds), UTC) if at else None
+    except (ValueError, OverflowError):
+        return None
 
 
 class JobStatus(IntEnum):
@@ -291,8 +305,8 @@ class Store(WebhookState):
 
     async def listen(self, listener: ChangeListener, topic: str = "products") -> None:
         """Call `listener(payload)` soon after another replica changes something of `topic`: a product ("products",
-        the payload is the product), a job or a webhook delivery ("jobs", "webhooks": the payload is the product).
-        Optional: polling covers it."""
+        the payload is the product), a job or a webhook delivery ("jobs", "webhooks": the payload is the product;
+        for a new job, `product@due` with its first due moment in Unix seconds). Optional: polling covers it."""
 
     # -- auth tokens minted by credential flows -------------------------------------------------------------------
 

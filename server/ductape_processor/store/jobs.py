@@ -66,7 +66,7 @@ class SqlJobStore(SqlStore):
         time = self._dialect.time
         values = _values(job, status=int, next_run_at=time, created_at=time)[:13]  # the lease is NULL
         # Most jobs take a name and a key nobody holds: one statement, and no lock.
-        if await self._insert_new_job(values, job.product, announce=announce):
+        if await self._insert_new_job(job, values, announce=announce):
             return job, True
 
         async def insert(conn: Connection) -> tuple[JobRecord, bool]:
@@ -91,7 +91,7 @@ class SqlJobStore(SqlStore):
 
         return await self._transaction(insert, lock=f"jobs:{job.product}:{job.env}", retry=False)
 
-    async def _insert_new_job(self, values: tuple[Any, ...], product: str, *, announce: bool) -> bool:
+    async def _insert_new_job(self, job: JobRecord, values: tuple[Any, ...], *, announce: bool) -> bool:
         """Insert a job's row unless a unique index holds its name or key (then False); announce it if asked."""
         if not announce:
             return await self._write(sql.INSERT_NEW_JOB, *values, retry=False) == 1
@@ -99,7 +99,7 @@ class SqlJobStore(SqlStore):
         async def insert(conn: Connection) -> bool:
             if await conn.execute(sql.INSERT_NEW_JOB, *values) != 1:
                 return False
-            await self._job_changed(conn, product)
+            await self._job_changed(conn, job.product)
             return True
 
         return await self._transaction(insert, retry=False)

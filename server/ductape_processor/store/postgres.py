@@ -19,7 +19,15 @@ import asyncpg
 
 from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store import migrations, statements
-from ductape_processor.store.base import ChangeListener, JobStep, RunEnd, RunRecord, RunStatus
+from ductape_processor.store.base import (
+    ChangeListener,
+    JobRecord,
+    JobStep,
+    RunEnd,
+    RunRecord,
+    RunStatus,
+    new_job_payload,
+)
 from ductape_processor.store.jobs import JOBS_TOPIC
 from ductape_processor.store.sql import Connection, Row
 from ductape_processor.store.statements import SqlValue, Statement
@@ -140,8 +148,8 @@ _KEY_LOCK: Final = Statement("SELECT pg_advisory_xact_lock(?)")
 _NAMED_LOCK: Final = Statement("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))")
 _NOTIFY: Final = Statement("SELECT pg_notify(?, ?)")
 _INSERT_NEW_JOB_NOTIFIED: Final = Statement(
-    # One round trip: the insert and, if it inserted, its notification (channel: the last parameter).
-    f"WITH added AS ({statements.INSERT_NEW_JOB.qmark} RETURNING product) SELECT pg_notify(?, product) FROM added"  # noqa: S608
+    # One round trip: the insert and, if it inserted, its notification (channel and payload: the last parameters).
+    f"WITH added AS ({statements.INSERT_NEW_JOB.qmark} RETURNING product) SELECT pg_notify(?, ?) FROM added"  # noqa: S608
 )
 
 
@@ -263,10 +271,13 @@ class PostgresStore(SqlWebhookStore):
 
         return await self.pool.transaction(run, retry=retry)
 
-    async def _insert_new_job(self, values: tuple[Any, ...], product: str, *, announce: bool) -> bool:
+    async def _insert_new_job(self, job: JobRecord, values: tuple[Any, ...], *, announce: bool) -> bool:
         if not announce:
-            return await super()._insert_new_job(values, product, announce=False)
-        rows = await self.pool.fetch(_INSERT_NEW_JOB_NOTIFIED, *values, self._channels[JOBS_TOPIC], retry=False)
+            return await super()._insert_new_job(job, values, announce=False)
+        payload = new_job_payload(job.product, job.next_run_at)
+        rows = await self.pool.fetch(
+            _INSERT_NEW_JOB_NOTIFIED, *values, self._channels[JOBS_TOPIC], payload, retry=False
+        )
         return len(rows) == 1
 
     async def advance_jobs(self, owner: str, steps: list[JobStep]) -> set[str]:

@@ -106,6 +106,8 @@ class JobRuntime:
                 reason=Reason.JOB_NAME_IN_USE,
                 metadata={"job_id": stored.job_id, "name": call.name},
             )
+        if announce:
+            self._scheduler.announced(first)
         self._scheduler.scheduled(first)
         return stored
 

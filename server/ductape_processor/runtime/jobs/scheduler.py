@@ -30,7 +30,16 @@ from ductape_processor.runtime.jobs.model import JobSpec, Overlap, RunTrigger
 from ductape_processor.runtime.jobs.targets import JobTargets, Outcome
 from ductape_processor.runtime.jobs.timing import due_after
 from ductape_processor.runtime.policies.clock import Clock
-from ductape_processor.store.base import JobRecord, JobStatus, JobStep, RunEnd, RunRecord, RunStatus, Store
+from ductape_processor.store.base import (
+    JobRecord,
+    JobStatus,
+    JobStep,
+    RunEnd,
+    RunRecord,
+    RunStatus,
+    Store,
+    announced_due,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +165,8 @@ class JobScheduler:
         self._next_look: datetime | None = None
         """When the waiting scheduler looks again; None while it looks (a round is going)."""
         self._runs_claimed_at = datetime.min.replace(tzinfo=UTC)
+        self._announced: datetime | None = None
+        """The earliest due moment this replica announced that may still be to come."""
         self._running: set[asyncio.Task[None]] = set()
         self._leased: set[str] = set()
         """The runs whose targets this replica is running: their leases are renewed."""
@@ -163,7 +174,7 @@ class JobScheduler:
 
     async def start(self) -> None:
         """Listen for other replicas' job changes and start the rounds."""
-        await self._store.listen(lambda _product: self.wake(), "jobs")
+        await self._store.listen(self._heard, "jobs")
         loop = asyncio.get_running_loop()
         self._loop_task = loop.create_task(self._rounds(), name="job scheduler")
         self._renewer = loop.create_task(self._renew_leases(), name="job run leases")
@@ -172,6 +183,14 @@ class JobScheduler:
         """Look for due work now (a job was resumed or triggered)."""
         self._wake.set()
 
+    def _heard(self, payload: str) -> None:
+        """Another replica changed a job: look now, unless it announces a new job due after this replica looks."""
+        due = announced_due(payload)
+        if due is None:
+            self.wake()
+        else:
+            self.scheduled(due)
+
     def scheduled(self, due: datetime) -> None:
         """A job was scheduled, first due at `due`: look now if this replica would look later than that."""
         if self._next_look is None or due < self._next_look:
@@ -179,9 +198,19 @@ class JobScheduler:
 
     def announces(self, due: datetime) -> bool:
         """Whether the other replicas must be told of a job first due at `due` (Store.listen "jobs"): when their
-        fallback poll may look later than that. Two polls ahead covers a replica that looked just before the job
-        was stored."""
-        return due < self._clock.now() + 2 * timedelta(seconds=self._settings.poll_s)
+        fallback poll may look later than that (two polls ahead covers a replica that looked just before the job was
+        stored), and this replica has not announced a job due at or before it that is still to come (the other
+        replicas look at that moment, and then read the store's next one). PostgreSQL serialises the commits of
+        notifying transactions, so fewer announcements are more Schedules per second."""
+        now = self._clock.now()
+        if due >= now + 2 * timedelta(seconds=self._settings.poll_s):
+            return False
+        return not (self._announced is not None and now < self._announced <= due)
+
+    def announced(self, due: datetime) -> None:
+        """A job first due at `due` was announced to the other replicas."""
+        if self._announced is None or due < self._announced or self._announced <= self._clock.now():
+            self._announced = due
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; let runs going finish within `grace_s`, then cancel them (their leases run out and
