@@ -9,6 +9,7 @@ this skips; under CI=true it fails.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -46,7 +47,7 @@ def manifest(upstream_url: str) -> bytes:
     body_contract = {"email": {"type": "email", "required": True}, "profile": {"type": "object"}}
     document: dict[str, Any] = {
         "product": "tsclient",
-        "environments": [{"slug": "dev", "name": "development"}],
+        "environments": [{"slug": "dev", "name": "development", "allow_private_endpoints": True}],
         "apps": [
             {
                 "tag": "echo",
@@ -75,10 +76,23 @@ def manifest(upstream_url: str) -> bytes:
             {
                 "tag": "events",
                 "envs": {"dev": {"type": "memory"}},
-                "topics": [{"tag": name, "name": name} for name in ("acked", "nacked", "dropped", "jobs")],
+                "topics": [{"tag": name, "name": name} for name in ("acked", "nacked", "dropped", "jobs", "received")],
             }
         ],
         "storage": [{"tag": "files", "envs": {"dev": {"provider": "fs"}}}],
+        "webhooks": [
+            {
+                "tag": "orders",
+                "schedule": [0, "1s"],
+                "timeout": "2s",
+                "events": [{"tag": "paid", "schema": {"orderId": {"type": "string", "required": True}}}],
+                "endpoints": {"dev": [{"url": f"{upstream_url}/hook", "secret": "$Secret{HOOK}", "events": ["paid"]}]},
+            },
+            {
+                "tag": "incoming",
+                "receive": {"dev": {"path": "/incoming", "verify": "none", "dispatch": {"publish": "events:received"}}},
+            },
+        ],
         "databases": [
             {
                 "tag": "main",
@@ -190,10 +204,16 @@ async def test_the_typescript_client_suite(start_server: ServerFactory, upstream
     node = await built_package()
     upstream.on("POST /echo", echo)
     upstream.on("GET /slow", slow)
-    server = await start_server(execution_flush_s=0.05)
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text(f"HOOK=whsec_{base64.b64encode(b'a test secret of 32 bytes, ok?!!').decode()}\n")
+    server = await start_server(execution_flush_s=0.05, secrets_file=secrets)
     await server.client.product.apply(manifest(upstream.url))
+    webhooks = server.app.components.webhook_http
+    assert webhooks is not None
+    await webhooks.ensure()  # the receive listener, as the periodic check opens it
     pki = make_pki(tmp_path)
     keyed = await start_server(
+        secrets_file=secrets,
         api_key_hashes=[hash_key(API_KEY)],
         tls_cert=pki["server_cert"],
         tls_key=pki["server_key"],
@@ -211,6 +231,7 @@ async def test_the_typescript_client_suite(start_server: ServerFactory, upstream
         await with_cert.product.apply(manifest(upstream.url))
     env = {
         "PROCESSOR_ADDRESS": server.address,
+        "PROCESSOR_WEBHOOKS_URL": f"http://127.0.0.1:{webhooks.port}/webhooks/tsclient/dev",
         "PROCESSOR_KEYED_ADDRESS": keyed_address,
         "PROCESSOR_API_KEY": API_KEY,
         "PROCESSOR_TLS_CA": str(pki["ca"]),

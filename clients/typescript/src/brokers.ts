@@ -15,12 +15,19 @@
  * by the broker (and those received on the dropped stream and not yet handed to the loop are dropped here), so
  * handlers must tolerate repeats (at least once).
  */
-import { status as Status, type ClientDuplexStream, type ServiceError, type StatusObject } from "@grpc/grpc-js";
+import {
+  status as Status,
+  type ClientDuplexStream,
+  type Metadata,
+  type ServiceError,
+  type StatusObject,
+} from "@grpc/grpc-js";
 import { duration, ResourceClient, type Caller, type CallMetadata, type CallOptions } from "./call.js";
 import { fromServiceError, ProcessorError } from "./errors.js";
 import {
   BrokerServiceClient,
   type OutgoingMessage,
+  type MessageBatch,
   type ReceivedMessage,
   type SubscribeInit,
   type SubscribeRequest,
@@ -62,39 +69,61 @@ export interface PublishResult {
   ok: boolean;
 }
 
+/** Where a stream item's ack and nack go: its subscription. */
+interface Settler {
+  queueAck(ackId: string, generation: number): void;
+  sendNack(ackId: string, generation: number, delayMs: number, deadLetter: boolean): void;
+}
+
+/** What a stream delivers (a broker's message, a received webhook): ack it when done, or nack it to have it
+ * delivered again. */
+export abstract class StreamItem {
+  constructor(
+    /** What to ack or nack it with, on the stream it came on. */
+    readonly ackId: string,
+    /** 1 on the first delivery, then 2, 3, ... */
+    readonly deliveryAttempt: number,
+    private readonly subscription: Settler,
+    /** @internal the stream it came on */
+    readonly generation: number,
+  ) {}
+
+  /** Done: it is not delivered again. Sent with the next batch of acks (within 10 ms). */
+  ack(): void {
+    this.subscription.queueAck(this.ackId, this.generation);
+  }
+
+  /** Deliver again after `delayMs`, or send to the dead-letter topic now (`deadLetter`). */
+  nack(options: { delayMs?: number; deadLetter?: boolean } = {}): void {
+    this.subscription.sendNack(this.ackId, this.generation, options.delayMs ?? 0, options.deadLetter ?? false);
+  }
+}
+
 /** A delivered message. Ack it when done, or nack it to have it delivered again. */
-export class Message {
+export class Message extends StreamItem {
   readonly id: string;
   readonly data: Buffer;
   readonly contentType: string;
   readonly attributes: Record<string, string>;
   readonly publishTime: Date | undefined;
-  readonly deliveryAttempt: number;
   readonly source: string;
   readonly type: string;
   readonly orderingKey: string;
   readonly traceparent: string;
   readonly tracestate: string;
-  readonly ackId: string;
 
-  constructor(
-    received: ReceivedMessage,
-    private readonly subscription: Subscription,
-    /** @internal the stream it came on */
-    readonly generation: number,
-  ) {
+  constructor(received: ReceivedMessage, subscription: Settler, generation: number) {
+    super(received.ackId, received.deliveryAttempt, subscription, generation);
     this.id = received.id;
     this.data = received.data;
     this.contentType = received.contentType;
     this.attributes = received.attributes;
     this.publishTime = received.publishTime;
-    this.deliveryAttempt = received.deliveryAttempt;
     this.source = received.source;
     this.type = received.type;
     this.orderingKey = received.orderingKey;
     this.traceparent = received.traceparent;
     this.tracestate = received.tracestate;
-    this.ackId = received.ackId;
   }
 
   /** The payload parsed as JSON. */
@@ -106,20 +135,29 @@ export class Message {
   text(): string {
     return this.data.toString("utf8");
   }
+}
 
-  /** Done: the message is not delivered again. Sent with the next batch of acks (within 10 ms). */
-  ack(): void {
-    this.subscription.queueAck(this.ackId, this.generation);
-  }
+/** How a stream of Subscribe's shape (Subscribe, Receive) runs on the client. */
+export interface StreamOptions {
+  /** Ack each item when the loop asks for the next one. */
+  autoAck?: boolean;
+  /** Reconnect on UNAVAILABLE (default true). */
+  reconnect?: boolean;
+  /** The longest backoff between reconnects in milliseconds; default 5000. */
+  maxBackoffMs?: number;
+  /** Added to the stream's metadata, on every reconnect too. */
+  metadata?: CallMetadata;
+}
 
-  /** Deliver again after `delayMs`, or send to the dead-letter topic now (`deadLetter`). */
-  nack(options: { delayMs?: number; deadLetter?: boolean } = {}): void {
-    this.subscription.sendNack(this.ackId, this.generation, options.delayMs ?? 0, options.deadLetter ?? false);
-  }
+/** One kind of stream of Subscribe's shape: how to open it, its first request, and the items of a response. */
+export interface StreamSource<Item extends StreamItem> {
+  open(metadata: Metadata): ClientDuplexStream<any, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+  init: object;
+  items(response: any, subscription: Subscription<Item>, generation: number): Item[]; // eslint-disable-line @typescript-eslint/no-explicit-any
 }
 
 /** What `processor.messageBroker.subscribe` takes. Durations are in milliseconds. */
-export interface SubscribeOptions {
+export interface SubscribeOptions extends StreamOptions {
   product: string;
   env: string;
   /** `broker_tag:topic_tag`. */
@@ -137,40 +175,32 @@ export interface SubscribeOptions {
   /** Deliveries before a message goes to `deadLetterEvent`; 0: unlimited. */
   maxDeliveries?: number;
   deadLetterEvent?: string;
-  /** Ack each message when the loop asks for the next one. */
-  autoAck?: boolean;
-  /** Reconnect on UNAVAILABLE (default true). */
-  reconnect?: boolean;
-  /** The longest backoff between reconnects in milliseconds; default 5000. */
-  maxBackoffMs?: number;
-  /** Added to the stream's metadata, on every reconnect too. */
-  metadata?: CallMetadata;
 }
 
-type Waiter = { resolve: (message: Message | undefined) => void; reject: (error: unknown) => void };
+type Waiter<Item> = { resolve: (item: Item | undefined) => void; reject: (error: unknown) => void };
 
 /**
  * An open subscription: iterate it with `for await`; `close()` ends it (so does leaving the loop with `break`).
  * `staleAcks` counts the acks and nacks the server ignored because their message was no longer outstanding,
  * `expiredAcks` those of them that came after the message's ack deadline; `reconnects` the streams reopened.
  */
-export class Subscription implements AsyncIterable<Message> {
+export class Subscription<Item extends StreamItem = Message> implements AsyncIterable<Item>, Settler {
   reconnects = 0;
   staleAcks = 0;
   expiredAcks = 0;
   /** The server's id of the current stream (for logs), once open. */
   subscriptionId = "";
 
-  private call: ClientDuplexStream<SubscribeRequest, SubscribeResponse> | undefined;
+  private call: ClientDuplexStream<any, any> | undefined; // eslint-disable-line @typescript-eslint/no-explicit-any
   private generation = 0;
   private closed = false;
   private started: Promise<void> | undefined;
   private readyResolve: (() => void) | undefined;
   private readyReject: ((error: unknown) => void) | undefined;
   private readonly readyPromise: Promise<void>;
-  private readonly buffer: Message[] = [];
+  private readonly buffer: Item[] = [];
   private head = 0;
-  private waiter: Waiter | undefined;
+  private waiter: Waiter<Item> | undefined;
   private failure: unknown;
   private finished = false;
   private pendingAcks: string[] = [];
@@ -178,10 +208,9 @@ export class Subscription implements AsyncIterable<Message> {
   private callEnded = true;
 
   constructor(
-    private readonly stub: BrokerServiceClient,
+    private readonly source: StreamSource<Item>,
     private readonly caller: Caller,
-    private readonly init: SubscribeInit,
-    private readonly options: SubscribeOptions,
+    private readonly options: StreamOptions,
   ) {
     this.readyPromise = new Promise<void>((resolve, reject) => {
       this.readyResolve = resolve;
@@ -198,14 +227,14 @@ export class Subscription implements AsyncIterable<Message> {
 
   /** The messages, for `for await`; leaving the loop (break, return, throw) closes the subscription, and so does
    * its end. Written as a plain iterator, not an async generator: one promise per message instead of three. */
-  [Symbol.asyncIterator](): AsyncIterator<Message, undefined> {
+  [Symbol.asyncIterator](): AsyncIterator<Item, undefined> {
     void this.open();
-    let last: Message | undefined;
-    const finish = async (): Promise<IteratorResult<Message, undefined>> => {
+    let last: Item | undefined;
+    const finish = async (): Promise<IteratorResult<Item, undefined>> => {
       await this.close();
       return { done: true, value: undefined };
     };
-    const step = (message: Message | undefined): Promise<IteratorResult<Message, undefined>> | IteratorResult<Message, undefined> => {
+    const step = (message: Item | undefined): Promise<IteratorResult<Item, undefined>> | IteratorResult<Item, undefined> => {
       if (message === undefined) return finish();
       last = message;
       return { done: false, value: message };
@@ -226,10 +255,10 @@ export class Subscription implements AsyncIterable<Message> {
   }
 
   /** The next buffered message, if any. */
-  private take(): Message | undefined {
+  private take(): Item | undefined {
     if (this.head >= this.buffer.length) return undefined;
     const message = this.buffer[this.head]!;
-    this.buffer[this.head++] = undefined as unknown as Message;
+    this.buffer[this.head++] = undefined as unknown as Item;
     if (this.head === this.buffer.length) {
       this.buffer.length = 0;
       this.head = 0;
@@ -237,7 +266,7 @@ export class Subscription implements AsyncIterable<Message> {
     return message;
   }
 
-  private next(): Promise<Message | undefined> {
+  private next(): Promise<Item | undefined> {
     const buffered = this.take();
     if (buffered !== undefined) return Promise.resolve(buffered);
     if (this.failure !== undefined) return Promise.reject(this.failure);
@@ -245,7 +274,7 @@ export class Subscription implements AsyncIterable<Message> {
     return new Promise((resolve, reject) => (this.waiter = { resolve, reject }));
   }
 
-  private deliver(message: Message): void {
+  private deliver(message: Item): void {
     const waiter = this.waiter;
     if (waiter) {
       this.waiter = undefined;
@@ -269,7 +298,7 @@ export class Subscription implements AsyncIterable<Message> {
     return new Promise<void>((resolve, reject) => {
       this.pendingAcks = [];
       const generation = ++this.generation;
-      const call = this.stub.subscribe(this.caller.metadata(this.options.metadata), {});
+      const call = this.source.open(this.caller.metadata(this.options.metadata));
       this.call = call;
       this.callEnded = false;
       let first = true;
@@ -289,7 +318,7 @@ export class Subscription implements AsyncIterable<Message> {
           this.staleAcks += response.staleAcks.ackIds.length;
           this.expiredAcks += response.staleAcks.expiredAckIds.length;
         } else if (response.batch) {
-          for (const received of response.batch.messages) this.deliver(new Message(received, this, generation));
+          for (const item of this.source.items(response.batch, this, generation)) this.deliver(item);
         }
       });
       call.on("error", (error: ServiceError) => reject(error));
@@ -297,7 +326,7 @@ export class Subscription implements AsyncIterable<Message> {
         this.callEnded = true;
         if (status.code === Status.OK) resolve();
       });
-      call.write({ init: this.init });
+      call.write(this.source.init);
     });
   }
 
@@ -441,6 +470,13 @@ export class BrokerClient extends ResourceClient<BrokerServiceClient> {
       maxDeliveries: options.maxDeliveries ?? 0,
       deadLetterEvent: options.deadLetterEvent ?? "",
     };
-    return new Subscription(this.stub, this.caller, init, options);
+    const stub = this.stub;
+    const source: StreamSource<Message> = {
+      open: (metadata) => stub.subscribe(metadata, {}),
+      init: { init } satisfies SubscribeRequest,
+      items: (batch: MessageBatch, subscription, generation) =>
+        batch.messages.map((received) => new Message(received, subscription, generation)),
+    };
+    return new Subscription(source, this.caller, options);
   }
 }

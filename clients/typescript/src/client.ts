@@ -21,6 +21,7 @@ import { JobServiceClient } from "./gen/ductape/processor/v1/job.js";
 import { MigrationServiceClient } from "./gen/ductape/processor/v1/migration.js";
 import { NotificationServiceClient } from "./gen/ductape/processor/v1/notification.js";
 import { StorageServiceClient } from "./gen/ductape/processor/v1/storage.js";
+import { WebhookServiceClient } from "./gen/ductape/processor/v1/webhook.js";
 import { ExecutionStatus, LogServiceClient, type ListExecutionsResponse } from "./gen/ductape/processor/v1/log.js";
 import {
   ManifestFormat,
@@ -36,6 +37,7 @@ import { SessionServiceClient, type ListActiveResponse, type TokenPair } from ".
 import { JobClient } from "./jobs.js";
 import { NotificationClient } from "./notifications.js";
 import { StorageClient } from "./storage.js";
+import { WebhookClient } from "./webhooks.js";
 
 /** How to reach a processor. */
 export interface ProcessorOptions {
@@ -339,6 +341,7 @@ export class Processor {
   readonly storage: StorageClient;
   readonly notification: NotificationClient;
   readonly job: JobClient;
+  readonly webhook: WebhookClient;
 
   constructor(options: ProcessorOptions | string = {}) {
     const opts = typeof options === "string" ? { address: options } : options;
@@ -355,6 +358,7 @@ export class Processor {
     this.storage = new StorageClient(on(StorageServiceClient), caller);
     this.notification = new NotificationClient(on(NotificationServiceClient), caller);
     this.job = new JobClient(on(JobServiceClient), caller);
+    this.webhook = new WebhookClient(on(WebhookServiceClient), caller);
     this.db = this.database;
   }
 

@@ -9,8 +9,10 @@ export type {
   ListExecutionsRequest,
   ManifestSource,
 } from "./client.js";
-export { BrokerClient, Subscription, Message, outgoing } from "./brokers.js";
-export type { MessageFields, PublishResult, SubscribeOptions } from "./brokers.js";
+export { BrokerClient, Subscription, StreamItem, Message, outgoing } from "./brokers.js";
+export type { MessageFields, PublishResult, SubscribeOptions, StreamOptions } from "./brokers.js";
+export { WebhookClient, ReceivedWebhook } from "./webhooks.js";
+export type { Delivery, StoredWebhook, ReceiveOptions } from "./webhooks.js";
 export { DatabaseClient, MigrationClient } from "./databases.js";
 export type { DatabaseInput, DatabaseResult, ExecuteOptions } from "./databases.js";
 export { StorageClient } from "./storage.js";

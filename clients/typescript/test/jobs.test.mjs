@@ -1,20 +1,10 @@
 import assert from "node:assert/strict";
 import { after, test } from "node:test";
 import { InvalidArgumentError } from "../dist/index.js";
-import { PRODUCT, processor, take, unique } from "./helpers.mjs";
+import { PRODUCT, processor, take, unique, until } from "./helpers.mjs";
 
 const client = processor();
 after(() => client.close());
-
-async function until(check, what, ms = 15_000) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const value = await check();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-}
 
 test("a publish job runs now: the subscriber gets its message, watchRuns and listRuns see the run", async () => {
   const group = unique("jobs");
