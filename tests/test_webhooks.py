@@ -233,6 +233,19 @@ async def test_an_endpoint_failing_longer_than_disable_after_is_disabled_and_red
     assert len(state.endpoint.received) == sent + 1
 
 
+async def test_redeliver_after_a_delivery_sends_it_again_and_numbers_the_attempts_on(hooks: Factory) -> None:
+    state = await hooks()
+    emitted = await state.emit()
+    delivery_id = emitted.delivery_ids[0]
+    assert (await state.settled(delivery_id, 1)).status == DELIVERED
+    again = await state.client.redeliver(product="shop", env="dev", delivery_id=delivery_id)
+    assert again.status == PENDING
+    twice = await state.settled(delivery_id, 2)
+    assert twice.status == DELIVERED
+    assert [(a.number, a.success) for a in twice.attempt_details] == [(1, True), (2, True)]
+    assert len(state.endpoint.received) == 2
+
+
 async def test_private_addresses_are_refused_unless_the_environment_allows_them(hooks: Factory) -> None:
     state = await hooks(private=False)
     emitted = await state.emit()

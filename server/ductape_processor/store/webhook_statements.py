@@ -96,9 +96,12 @@ def claim_deliveries(dialect: Dialect) -> Statement:
 def insert_attempt_if_held(dialect: Dialect) -> Statement:
     """Record an attempt unless another owner holds its delivery now: the attempt's columns, then the delivery id
     and the owner that made it (run before the delivery's end clears the lease). The values are cast to the
-    columns' types, as PostgreSQL cannot infer a SELECT list's parameters."""
-    kinds = ("TEXT", "INTEGER", dialect.types["time"], "INTEGER", "INTEGER", "TEXT", "TEXT", dialect.types["flag"])
-    values = ", ".join(f"CAST(? AS {kind})" for kind in kinds)
+    columns' types, as PostgreSQL cannot infer a SELECT list's parameters. The attempt's number follows the
+    delivery's recorded attempts (its second parameter is the delivery id again): a Redeliver starts the schedule
+    over (`attempts` = 0) but not the numbering."""
+    kinds = ("TEXT", "", dialect.types["time"], "INTEGER", "INTEGER", "TEXT", "TEXT", dialect.types["flag"])
+    number = "(SELECT COALESCE(MAX(number), 0) + 1 FROM webhook_attempts WHERE delivery_id = CAST(? AS TEXT))"
+    values = ", ".join(f"CAST(? AS {kind})" if kind else number for kind in kinds)
     return Statement(
         f"INSERT INTO webhook_attempts ({ATTEMPT_COLUMNS}) SELECT {values} WHERE EXISTS ("  # noqa: S608
         "SELECT 1 FROM webhook_deliveries WHERE delivery_id = ? AND lease_owner = ? AND status = 1)"

@@ -105,7 +105,17 @@ class SqlWebhookStore(SqlJobStore):
 
     async def end_deliveries(self, ends: list[AttemptEnd], now: datetime) -> list[EndpointKey]:
         time = self._dialect.time
-        attempts = [(*_values(e.attempt, started_at=time), e.delivery.delivery_id, e.owner) for e in ends]
+        # the number's place takes the delivery id: the statement numbers the attempt after those recorded
+        attempts = [
+            (
+                e.delivery.delivery_id,
+                e.delivery.delivery_id,
+                *_values(e.attempt, started_at=time)[2:],
+                e.delivery.delivery_id,
+                e.owner,
+            )
+            for e in ends
+        ]
         updates: list[tuple[SqlValue, ...]] = [
             (
                 int(e.status),
