@@ -139,16 +139,25 @@ class SqliteStore(SqlWebhookStore):
         also stands for `lock`); never sent again (the file does not lose its connection).
 
         Rolled back on any exception, cancellation included; the rollback is shielded so a cancelled caller still
-        leaves the connection outside a transaction for the next one.
+        leaves the connection outside a transaction for the next one. A caller cancelled while its BEGIN is queued in
+        the connection's thread is rolled back too, once the BEGIN has run (else the next BEGIN fails with "cannot
+        start a transaction within a transaction").
         """
         async with self._write_lock:
             db = self.db
-            await db.run("BEGIN IMMEDIATE")
+            begin = asyncio.ensure_future(db.run("BEGIN IMMEDIATE"))
             try:
+                await asyncio.shield(begin)
                 result = await body(db)
             except BaseException:
-                if db.in_transaction:
-                    await asyncio.shield(db.run("ROLLBACK"))
+                await asyncio.shield(self._roll_back(db, begin))
                 raise
             await db.run("COMMIT")
             return result
+
+    @staticmethod
+    async def _roll_back(db: _Connection, begin: asyncio.Future[None]) -> None:
+        with contextlib.suppress(Exception):
+            await begin  # a cancelled caller's BEGIN may still be running
+        if db.in_transaction:
+            await db.run("ROLLBACK")
