@@ -28,6 +28,9 @@ BLOCK_BYTES: Final = 8 * 1024 * 1024
 """The size of the blocks a large file is staged in; a file up to this size is one upload."""
 BLOCKS_IN_FLIGHT: Final = 2
 """Blocks of one upload staged at once."""
+GET_BYTES: Final = 4 * 1024 * 1024
+"""The size of each ranged GET of a download, the first one included (the SDK's own first GET is 32 MiB, held whole
+in memory while the stream drains it)."""
 _FAILURES = (AzureError, aiohttp.ClientError, OSError)
 
 
@@ -45,7 +48,13 @@ class AzureStorage(base.StorageAdapter):
         if self._client is None:
             settings = self._settings
             # No SDK retries (its first pause is 15 s): the runtime retries what is safe to repeat, within the deadline.
-            options: dict[str, Any] = {"retry_total": 0, "connection_timeout": 5, "read_timeout": 60}
+            options: dict[str, Any] = {
+                "retry_total": 0,
+                "connection_timeout": 5,
+                "read_timeout": 60,
+                "max_single_get_size": GET_BYTES,
+                "max_chunk_get_size": GET_BYTES,
+            }
             if settings.connection_string is not None:
                 self._client = ContainerClient.from_connection_string(
                     settings.connection_string, settings.container, **options
