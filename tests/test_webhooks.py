@@ -22,13 +22,31 @@ from standardwebhooks import Webhook as StandardWebhook
 
 from ductape_processor.runtime.webhooks.signing import SignatureRefused, signed_headers, signing_key, verify_standard
 from ductape_processor.store import Store
+from ductape_processor.store.webhook_records import (
+    AttemptEnd,
+    AttemptRecord,
+    DeliveryFilter,
+    DeliveryRecord,
+    DeliveryStatus,
+    WebhookMessage,
+)
 from tests.conftest import Running, ServerFactory
-from tests.jobs_harness import FakeClock
+from tests.jobs_harness import START, FakeClock
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes, ok?!!").decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"the previous secret, rotated out").decode()
 DELIVERED = webhook_pb2.DELIVERY_STATUS_SUCCEEDED
 PENDING = webhook_pb2.DELIVERY_STATUS_PENDING
+PENDING_STATE = DeliveryStatus.PENDING
+
+
+async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Return once `check()` holds; fail after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not check():
+        assert loop.time() < end, "the condition did not hold in time"
+        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -215,22 +233,71 @@ async def test_an_endpoint_failing_longer_than_disable_after_is_disabled_and_red
     state = await hooks(clock=clock)
     state.endpoint.answers = [500] * 10
     first = await state.emit(idempotency_key="a")
-    await state.settled(first.delivery_ids[0], 1)
-    clock.advance(timedelta(minutes=61))  # past disable_after (1 h) since the first failure
     second = await state.emit(idempotency_key="b")
-    # The first delivery's retry and the second's first attempt both fail now: whichever ends last disables.
-    failed = await state.settled(second.delivery_ids[0], 1, webhook_pb2.DELIVERY_STATUS_ENDPOINT_DISABLED)
-    assert failed.status == webhook_pb2.DELIVERY_STATUS_ENDPOINT_DISABLED
-    assert (await state.delivery(first.delivery_ids[0])).status == webhook_pb2.DELIVERY_STATUS_ENDPOINT_DISABLED
-    assert any(r.getMessage() == "webhook endpoint disabled" for r in caplog.records)
+    for emitted in (first, second):
+        assert (await state.settled(emitted.delivery_ids[0], 1)).status == PENDING
+    clock.advance(timedelta(minutes=61))  # past disable_after (1 h) since the first failure
+    # Both retries are due. The first to fail disables the endpoint; the other delivery is disabled with it, at once
+    # when it was waiting, or by the end of its attempt when that was under way (that attempt is recorded).
+    for emitted in (first, second):
+        delivery = await state.settled(emitted.delivery_ids[0], 1, webhook_pb2.DELIVERY_STATUS_ENDPOINT_DISABLED)
+        assert delivery.status == webhook_pb2.DELIVERY_STATUS_ENDPOINT_DISABLED
+        assert len(delivery.attempt_details) in (1, 2) and not delivery.HasField("next_attempt_time")
+    # No attempt is under way any more (a delivery whose attempt is under way stays pending until it ends), so every
+    # POST made has reached the endpoint.
+    sent = len(state.endpoint.received)
+    made = [len((await state.delivery(e.delivery_ids[0])).attempt_details) for e in (first, second)]
+    assert sent == sum(made)
+    await until(lambda: any(r.getMessage() == "webhook endpoint disabled" for r in caplog.records))
     third = await state.emit(idempotency_key="c")
     assert (await state.delivery(third.delivery_ids[0])).status == webhook_pb2.DELIVERY_STATUS_ENDPOINT_DISABLED
-    sent = len(state.endpoint.received)
     state.endpoint.answers = []
     again = await state.client.redeliver(product="shop", env="dev", delivery_id=third.delivery_ids[0])
     assert again.status == PENDING
     assert (await state.settled(third.delivery_ids[0], 1)).status == DELIVERED
     assert len(state.endpoint.received) == sent + 1
+
+
+async def test_an_attempt_under_way_when_its_endpoint_is_disabled_is_recorded_and_its_delivery_disabled(
+    store_factory: Callable[[], Awaitable[Store]],
+) -> None:
+    store = await store_factory()
+    now = START
+    message = WebhookMessage("msg_1", "shop", "dev", "orders", "paid", "{}", "", "", now)
+    deliveries = [
+        DeliveryRecord(
+            f"dlv_{n}", "msg_1", "shop", "dev", "orders", "paid", "http://e/hook", PENDING_STATE, 0, now, now, 0
+        )
+        for n in (1, 2, 3)
+    ]
+    await store.insert_webhook_message(message, deliveries)
+    one_hour = timedelta(hours=1)
+
+    def failed(delivery: DeliveryRecord, owner: str, at: datetime) -> AttemptEnd:
+        attempt = AttemptRecord(delivery.delivery_id, delivery.attempts, at, 5, 500, "no", "answered 500", False)
+        return AttemptEnd(delivery, owner, attempt, PENDING_STATE, at + timedelta(seconds=5), one_hour)
+
+    # Replica A fails dlv_1 (the endpoint fails from now on), then claims it again with dlv_2 an hour later; replica B
+    # claims dlv_3 at the same moment.
+    (claimed,) = await store.claim_deliveries("a", now, now + timedelta(minutes=1), 1)
+    assert await store.end_deliveries([failed(claimed[0], "a", now)], now) == []
+    later = now + one_hour
+    by_a = [d for d, _ in await store.claim_deliveries("a", later, later + timedelta(minutes=1), 2)]
+    by_b = [d for d, _ in await store.claim_deliveries("b", later, later + timedelta(minutes=1), 2)]
+    assert sorted(d.delivery_id for d in by_a + by_b) == ["dlv_1", "dlv_2", "dlv_3"]
+    # A's ends disable the endpoint; B's delivery, under way, stays pending until B's attempt ends.
+    assert await store.end_deliveries([failed(d, "a", later) for d in by_a], later) == [
+        ("shop", "dev", "orders", "http://e/hook")
+    ]
+    states = {d.delivery_id: d for d in await store.list_deliveries(DeliveryFilter("shop", "dev"), after=None, limit=9)}
+    assert [states[d.delivery_id].status for d in by_b] == [PENDING_STATE]
+    assert await store.end_deliveries([failed(d, "b", later) for d in by_b], later) == []
+    for delivery_id in ("dlv_1", "dlv_2", "dlv_3"):
+        found = await store.get_delivery("shop", "dev", delivery_id)
+        assert found is not None
+        record, _, attempts = found
+        assert record.status == DeliveryStatus.ENDPOINT_DISABLED and record.next_attempt_at is None
+        assert len(attempts) == (2 if delivery_id == "dlv_1" else 1)
 
 
 async def test_redeliver_after_a_delivery_sends_it_again_and_numbers_the_attempts_on(hooks: Factory) -> None:

@@ -136,7 +136,9 @@ class WebhookState(abc.ABC):
     @abc.abstractmethod
     async def end_deliveries(self, ends: list[AttemptEnd], now: datetime) -> list[EndpointKey]:
         """Record attempts (those whose owner still holds the delivery) and the deliveries' next states, and the
-        endpoints' health; returns the endpoints this disabled (their pending deliveries with them)."""
+        endpoints' health; returns the endpoints this disabled. The pending deliveries of an endpoint that failed
+        and is disabled (by this call or before) are disabled with it, but for those whose attempt is under way
+        elsewhere: their own end disables them."""
 
     @abc.abstractmethod
     async def next_delivery_moment(self) -> datetime | None:

@@ -51,16 +51,22 @@ ENDPOINT_RECOVERED: Final = Statement(
 ENDPOINT_FAILING: Final = Statement(
     "INSERT INTO webhook_endpoints (product, env, webhook, endpoint, failing_since, disabled_at) "
     "VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (product, env, webhook, endpoint) DO UPDATE SET "
-    "failing_since = coalesce(webhook_endpoints.failing_since, excluded.failing_since)"
+    "failing_since = coalesce(webhook_endpoints.failing_since, excluded.failing_since) "
+    "RETURNING failing_since, disabled_at"
 )
+"""The endpoint failed an attempt: failing since then, unless it was failing already. Its row stays locked to the
+end of the transaction, so the ends of its deliveries and its disabling take turns across replicas."""
 DISABLE_ENDPOINT: Final = Statement(
     "UPDATE webhook_endpoints SET disabled_at = ? WHERE product = ? AND env = ? AND webhook = ? AND endpoint = ? "
-    "AND disabled_at IS NULL AND failing_since <= ?"
+    "AND disabled_at IS NULL"
 )
 DISABLE_DELIVERIES: Final = Statement(
     "UPDATE webhook_deliveries SET status = 4, next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL "
-    "WHERE product = ? AND env = ? AND webhook = ? AND endpoint = ? AND status = 1"
+    "WHERE product = ? AND env = ? AND webhook = ? AND endpoint = ? AND status = 1 "
+    "AND (lease_until IS NULL OR lease_until <= ?)"
 )
+"""The pending deliveries of a disabled endpoint, but those whose attempt is under way (a live lease): the end of
+that attempt records it, then disables the delivery (an attempt made is never lost from its delivery's record)."""
 ENABLE_ENDPOINT: Final = Statement(
     "UPDATE webhook_endpoints SET disabled_at = NULL, failing_since = NULL "
     "WHERE product = ? AND env = ? AND webhook = ? AND endpoint = ?"

@@ -142,10 +142,17 @@ class SqlWebhookStore(SqlJobStore):
             for where, disable_after in failing.items():
                 if where in recovered:
                     continue
-                await conn.execute(sql.ENDPOINT_FAILING, *where, time(now))
-                if await conn.execute(sql.DISABLE_ENDPOINT, time(now), *where, time(now - disable_after)) == 1:
-                    await conn.execute(sql.DISABLE_DELIVERIES, *where)
+                row = await conn.fetchrow(sql.ENDPOINT_FAILING, *where, time(now))
+                assert row is not None  # an upsert's RETURNING: the row inserted or updated
+                failing_since = self._dialect.moment(row[0])
+                if row[1] is None:
+                    if failing_since > now - disable_after:
+                        continue
+                    await conn.execute(sql.DISABLE_ENDPOINT, time(now), *where)
                     disabled.append(where)
+                # Disabled now or before (a delivery emitted while another replica disabled its endpoint, or one
+                # whose attempt was under way then): the batch's pending deliveries go with it.
+                await conn.execute(sql.DISABLE_DELIVERIES, *where, time(now))
             return disabled
 
         return await self._transaction(end, retry=False)
