@@ -39,6 +39,7 @@ from ductape_processor.errors import (
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.plan import ProductPlan, compile_plan
 from ductape_processor.runtime.databases.plan import DatabasePlans, compile_databases
+from ductape_processor.runtime.features.plan import FeaturePlans, compile_features
 from ductape_processor.runtime.registry.manifest import Manifest
 from ductape_processor.runtime.registry.problems import violation
 from ductape_processor.runtime.registry.references import reference_problems, secret_problems
@@ -101,6 +102,8 @@ class CompiledManifest:
     """Its actions and auths compiled: what calls run, without compiling anything."""
     databases: DatabasePlans = field(default_factory=dict)
     """Its database actions compiled (`runtime/databases/plan.py`)."""
+    features: FeaturePlans = field(default_factory=dict)
+    """Its features compiled (`runtime/features/plan.py`)."""
 
 
 # libyaml's parser when PyYAML has it (its wheels do): several times faster, and it bounds nesting itself.
@@ -239,13 +242,15 @@ def validate_document(document: dict[str, Any]) -> CompiledManifest:
     problems_found = reference_problems(model) + secret_problems(document)
     plan = None
     databases: DatabasePlans = {}
+    features: FeaturePlans = {}
     if not problems_found:
         plan, problems_found = compile_plan(model)
         databases, database_problems = compile_databases(model)
-        problems_found += database_problems
+        features, feature_problems = compile_features(model)
+        problems_found += database_problems + feature_problems
     if plan is None or problems_found:
         raise InvalidManifest([FieldViolation(path, why) for path, why in problems_found])
-    return CompiledManifest(model, plan, databases)
+    return CompiledManifest(model, plan, databases, features)
 
 
 def canonical_json(document: dict[str, Any]) -> str:

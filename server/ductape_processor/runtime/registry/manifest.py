@@ -18,6 +18,7 @@ from pydantic import AfterValidator, ConfigDict, Field, JsonValue, field_validat
 
 from ductape_processor.runtime.registry.databases import Database
 from ductape_processor.runtime.registry.durations import Duration, PositiveDuration
+from ductape_processor.runtime.registry.features import Feature
 from ductape_processor.runtime.registry.fields import TAG_PATTERN as TAG_PATTERN
 from ductape_processor.runtime.registry.fields import Decorator as Decorator
 from ductape_processor.runtime.registry.fields import FieldSpec as FieldSpec
@@ -361,6 +362,7 @@ class Manifest(_Model):
     notifications: list[Notification] = Field(default_factory=list)
     jobs: list[DeclaredJob] = Field(default_factory=list)
     webhooks: list[Webhook] = Field(default_factory=list)
+    features: list[Feature] = Field(default_factory=list)
 
     def find_environment(self, slug_or_name: str) -> Environment | None:
         """The environment with this slug, else the one with this name."""

@@ -55,7 +55,18 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
     for index, env in enumerate(manifest.environments):
         if env.slug in names and env.name != env.slug:
             problems.append((f"environments[{index}].slug", f"{env.slug!r} is also another environment's name"))
-    for kind in ("apps", "brokers", "sessions", "caches", "storage", "databases", "notifications", "jobs", "webhooks"):
+    for kind in (
+        "apps",
+        "brokers",
+        "sessions",
+        "caches",
+        "storage",
+        "databases",
+        "notifications",
+        "jobs",
+        "webhooks",
+        "features",
+    ):
         problems += _duplicates(getattr(manifest, kind), "tag", kind)
     for a, app in enumerate(manifest.apps):
         where = f"apps[{a}]"

@@ -22,6 +22,7 @@ from ductape_processor.errors import (
 )
 from ductape_processor.runtime.actions.plan import ProductPlan
 from ductape_processor.runtime.databases.plan import DatabasePlans
+from ductape_processor.runtime.features.plan import FeaturePlans
 from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.paging import (
     decode_page_token,
@@ -70,6 +71,8 @@ class Resolved:
     """The version's actions and auths, compiled once when its manifest was validated."""
     databases: DatabasePlans = field(default_factory=dict)
     """The version's database actions, compiled with it."""
+    features: FeaturePlans = field(default_factory=dict)
+    """The version's features, compiled with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +275,9 @@ class Registry:
         environment, chosen = await self.environment(product, env, version)
         record = await self.record(product, chosen)
         compiled = await self.compiled(record)
-        resolved = Resolved(product, chosen, environment, compiled.model, record, compiled.plan, compiled.databases)
+        resolved = Resolved(
+            product, chosen, environment, compiled.model, record, compiled.plan, compiled.databases, compiled.features
+        )
         if slot.state is not None and slot.generation == generation:
             slot.resolved.put((env, version), resolved)
         return resolved

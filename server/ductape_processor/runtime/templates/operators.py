@@ -189,7 +189,9 @@ _ORDERINGS: Final[dict[str, Callable[[Any, Any], Any]]] = {
 }
 
 
-def _compare(subject: Any, op: str, value: Any) -> bool:
+def compare(subject: Any, op: str, value: Any) -> bool:
+    """`subject op value` with one of COMPARISONS ($Filter, $Find, and the conditions of features' events):
+    `==`/`!=` compare JSON values exactly, the others two numbers or two strings (else BadValue)."""
     if op == "==":
         return same(subject, value)
     if op == "!=":
@@ -222,7 +224,7 @@ def _matches(args: list[Any]) -> Iterator[Any]:
             if key not in item:
                 continue
             subject = item[key]
-        if _compare(subject, op, value):
+        if compare(subject, op, value):
             yield item
 
 
