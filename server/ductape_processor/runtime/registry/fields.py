@@ -6,8 +6,9 @@ They live apart from `manifest.py` so that a resource kind's models in a sibling
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Annotated, Literal, Protocol, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, Literal, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
@@ -28,6 +29,33 @@ class ManifestModel(BaseModel):
     """Base of every manifest model: unknown fields are errors, instances are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def http_url(value: str, *, secret: bool = False, query: bool = True, hint: str = "") -> str:
+    """`value` if it is an http:// or https:// URL with a host and no credentials or fragment (nor query, unless
+    `query`); with `secret`, a `$Secret{NAME}` (resolved when used) passes too. `hint` says where credentials go
+    instead."""
+    if secret and value.startswith("$Secret{") and value.endswith("}"):
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host" + (", or $Secret{NAME}" if secret else ""))
+    if parts.username or parts.password or parts.fragment or (parts.query and not query):
+        carried = "credentials or a fragment" if query else "credentials, a query or a fragment"
+        raise ValueError(f"may not carry {carried}" + (f" ({hint})" if hint else ""))
+    return value
+
+
+def together(first: str, second: str) -> Any:
+    """A model validator: the optional fields `first` and `second` are both set or both unset."""
+
+    def check(model: BaseModel) -> BaseModel:
+        if (getattr(model, first) is None) != (getattr(model, second) is None):
+            raise ValueError(f"{first} and {second} go together")
+        return model
+
+    validator: Callable[[BaseModel], BaseModel] = check
+    return model_validator(mode="after")(validator)
 
 
 class NamedResource(ManifestModel):

@@ -10,8 +10,8 @@ provider for every channel a message uses. Credentials are never values here: a 
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Discriminator, Field, JsonValue, model_validator
 from pydantic import Tag as Case
@@ -19,7 +19,7 @@ from pydantic import Tag as Case
 from ductape_processor.runtime.notifications.addresses import mailbox
 from ductape_processor.runtime.notifications.templates import template_variables
 from ductape_processor.runtime.registry.durations import PositiveDuration
-from ductape_processor.runtime.registry.fields import ManifestModel, NamedResource
+from ductape_processor.runtime.registry.fields import ManifestModel, NamedResource, http_url, together
 from ductape_processor.runtime.registry.storage import Endpoint
 
 PUSH_SERVICES = ("fcm.googleapis.com", "push.services.mozilla.com", "notify.windows.com", "push.apple.com")
@@ -55,17 +55,6 @@ def _json_template(value: JsonValue) -> JsonValue:
 def _sender(value: str) -> str:
     if "$Secret{" not in value:
         mailbox(value)
-    return value
-
-
-def _callback_url(value: str) -> str:
-    if value.startswith("$Secret{") and value.endswith("}"):
-        return value
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host, or $Secret{NAME}")
-    if parts.username or parts.password or parts.fragment:
-        raise ValueError("may not carry credentials or a fragment (use auth and headers)")
     return value
 
 
@@ -111,11 +100,7 @@ class SmtpEmail(ManifestModel):
     timeout: PositiveDuration = Field(timedelta(seconds=30), description="Bound of one SMTP exchange.")
     ca_file: str | None = Field(None, description="PEM file of the CA that signed the server's certificate.")
 
-    @model_validator(mode="after")
-    def _login(self) -> SmtpEmail:
-        if (self.username is None) != (self.password is None):
-            raise ValueError("username and password go together")
-        return self
+    _login = together("username", "password")
 
 
 class FcmPush(ManifestModel):
@@ -148,34 +133,35 @@ class WebPush(ManifestModel):
     )
 
 
-class TwilioSms(ManifestModel):
+class _SmsProvider(ManifestModel):
+    """What every SMS provider takes besides its credentials: the sender, and the base URL of its API."""
+
+    sender: str = Field(min_length=1, max_length=64, description="The From number (E.164) or sender id.")
+    endpoint: Endpoint | None = Field(None, description="Base URL of the API; default the provider's.")
+
+
+class TwilioSms(_SmsProvider):
     """Twilio's Messages API."""
 
     provider: Literal["twilio"]
     account_sid: str = Field(min_length=1, description="The account SID; may be `$Secret{NAME}`.")
     auth_token: str = Field(description="`$Secret{NAME}`: the account's auth token.")
-    sender: str = Field(min_length=1, max_length=64, description="The From number (E.164) or sender id.")
-    endpoint: Endpoint | None = Field(None, description="Base URL of the API; default Twilio's.")
 
 
-class VonageSms(ManifestModel):
+class VonageSms(_SmsProvider):
     """Vonage's (Nexmo's) SMS API."""
 
     provider: Literal["vonage"]
     api_key: str = Field(min_length=1, description="The API key; may be `$Secret{NAME}`.")
     api_secret: str = Field(description="`$Secret{NAME}`: the API secret.")
-    sender: str = Field(min_length=1, max_length=64, description="The From number or sender id.")
-    endpoint: Endpoint | None = Field(None, description="Base URL of the API; default Vonage's.")
 
 
-class PlivoSms(ManifestModel):
+class PlivoSms(_SmsProvider):
     """Plivo's Message API."""
 
     provider: Literal["plivo"]
     auth_id: str = Field(min_length=1, description="The auth id; may be `$Secret{NAME}`.")
     auth_token: str = Field(description="`$Secret{NAME}`: the auth token.")
-    sender: str = Field(min_length=1, max_length=64, description="The From number (E.164) or sender id.")
-    endpoint: Endpoint | None = Field(None, description="Base URL of the API; default Plivo's.")
 
 
 class CallbackAuth(ManifestModel):
@@ -199,7 +185,7 @@ class HttpCallback(ManifestModel):
     """An HTTP call through the actions' HTTP client (same origin lock, header checks and bounds)."""
 
     provider: Literal["http"] = "http"
-    url: Annotated[str, AfterValidator(_callback_url)] = Field(
+    url: Annotated[str, AfterValidator(partial(http_url, secret=True, hint="use auth and headers"))] = Field(
         description="The URL; `:name` path segments take the call's params."
     )
     method: Literal["POST", "PUT", "PATCH", "GET", "DELETE"] = "POST"

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, model_validator
 
 from ductape_processor.runtime.registry.fields import ManifestModel as _StorageModel
-from ductape_processor.runtime.registry.fields import Tag
+from ductape_processor.runtime.registry.fields import Tag, http_url, together
 
 BUCKET_PATTERN = r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$"
 CONTAINER_PATTERN = r"^[a-z0-9](?:-?[a-z0-9])+$"
@@ -28,14 +27,7 @@ def _relative_directory(value: str) -> str:
 
 
 def _endpoint(value: str) -> str:
-    if value.startswith("$Secret{") and value.endswith("}"):
-        return value
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host, or $Secret{NAME}")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError("may not carry credentials, a query or a fragment")
-    return value.rstrip("/")
+    return http_url(value, secret=True, query=False).rstrip("/")
 
 
 Endpoint = Annotated[str, AfterValidator(_endpoint)]
@@ -65,11 +57,7 @@ class S3StorageEnv(_StorageModel):
     session_token: str | None = Field(None, description="`$Secret{NAME}` of a temporary credential's token.")
     path_style: bool = Field(False, description="Address the bucket in the path (most S3-compatible stores).")
 
-    @model_validator(mode="after")
-    def _credentials(self) -> S3StorageEnv:
-        if (self.access_key_id is None) != (self.secret_access_key is None):
-            raise ValueError("access_key_id and secret_access_key go together")
-        return self
+    _credentials = together("access_key_id", "secret_access_key")
 
 
 class GcsStorageEnv(_StorageModel):

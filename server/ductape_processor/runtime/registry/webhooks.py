@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from functools import partial
 from typing import Annotated, Final, Literal
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, model_validator
 
 from ductape_processor.adapters.http.encoding import header_name_problem, header_value_problem
 from ductape_processor.runtime.registry.durations import Duration, PositiveDuration
-from ductape_processor.runtime.registry.fields import ManifestModel, NamedResource, Schema, Tag
+from ductape_processor.runtime.registry.fields import ManifestModel, NamedResource, Schema, Tag, http_url
 
 DEFAULT_SCHEDULE: Final = (
     timedelta(0),
@@ -38,15 +38,6 @@ _RECEIVE_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
 def _secret(value: str) -> str:
     if not _SECRET_ONLY.match(value):
         raise ValueError("must be $Secret{NAME}: a signing secret is never written in a manifest")
-    return value
-
-
-def _endpoint_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host")
-    if parts.username or parts.password or parts.fragment:
-        raise ValueError("may not carry credentials or a fragment (use headers)")
     return value
 
 
@@ -76,7 +67,9 @@ class WebhookEvent(ManifestModel):
 class WebhookEndpoint(ManifestModel):
     """A subscriber's URL in one environment, the secret its deliveries are signed with, the events it takes."""
 
-    url: Annotated[str, AfterValidator(_endpoint_url)] = Field(description="Where the events are POSTed.")
+    url: Annotated[str, AfterValidator(partial(http_url, hint="use headers"))] = Field(
+        description="Where the events are POSTed."
+    )
     secret: SecretRef | list[SecretRef] = Field(
         description="`$Secret{NAME}` of a `whsec_` secret; a list (newest first) signs with each during a rotation."
     )
