@@ -406,18 +406,22 @@ class ProcessorApp:
         await parts.webhook_receiver.close()
         for pool in parts.webhook_pools:
             await pool.close()
-        await parts.purger.stop()
-        await parts.registry.stop()
-        await parts.sessions.stop_watching()
-        await parts.recorder.close()
-        await parts.http.close()
-        await parts.brokers.close()
-        await parts.storage.close()
-        await parts.databases.close()
-        await parts.notifications.close()
-        await parts.cache.close()
-        await parts.store.close()
-        await parts.telemetry.shutdown()
+        closers = (
+            parts.purger.stop,
+            parts.registry.stop,
+            parts.sessions.stop_watching,
+            parts.recorder.close,  # writes the records still queued: before the store closes
+            parts.http.close,
+            parts.brokers.close,
+            parts.storage.close,
+            parts.databases.close,
+            parts.notifications.close,
+            parts.cache.close,
+            parts.store.close,
+            parts.telemetry.shutdown,
+        )
+        for close in closers:
+            await close()
 
     async def wait(self) -> None:
         """Until the server terminates."""

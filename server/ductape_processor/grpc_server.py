@@ -5,7 +5,10 @@ The composition root (app.py) builds the servicers; this module only puts them o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Final
 
 import grpc
 from ductape.processor.v1 import (
@@ -49,18 +52,23 @@ from ductape_processor.api.storage import StorageServicer
 from ductape_processor.api.webhook import WebhookServicer
 from ductape_processor.settings import Settings
 
-SERVICE_NAMES = (
-    product_pb2.DESCRIPTOR.services_by_name["ProductService"].full_name,
-    action_pb2.DESCRIPTOR.services_by_name["ActionService"].full_name,
-    log_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
-    session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
-    broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name,
-    storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name,
-    database_pb2.DESCRIPTOR.services_by_name["DatabaseService"].full_name,
-    migration_pb2.DESCRIPTOR.services_by_name["MigrationService"].full_name,
-    notification_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
-    job_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
-    webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+_SERVICES: Final[dict[str, tuple[ModuleType, Callable[[Any, grpc.aio.Server], None]]]] = {
+    "product": (product_pb2, product_pb2_grpc.add_ProductServiceServicer_to_server),
+    "action": (action_pb2, action_pb2_grpc.add_ActionServiceServicer_to_server),
+    "log": (log_pb2, log_pb2_grpc.add_LogServiceServicer_to_server),
+    "session": (session_pb2, session_pb2_grpc.add_SessionServiceServicer_to_server),
+    "broker": (broker_pb2, broker_pb2_grpc.add_BrokerServiceServicer_to_server),
+    "storage": (storage_pb2, storage_pb2_grpc.add_StorageServiceServicer_to_server),
+    "database": (database_pb2, database_pb2_grpc.add_DatabaseServiceServicer_to_server),
+    "migration": (migration_pb2, migration_pb2_grpc.add_MigrationServiceServicer_to_server),
+    "notification": (notification_pb2, notification_pb2_grpc.add_NotificationServiceServicer_to_server),
+    "job": (job_pb2, job_pb2_grpc.add_JobServiceServicer_to_server),
+    "webhook": (webhook_pb2, webhook_pb2_grpc.add_WebhookServiceServicer_to_server),
+}
+"""Per field of `Servicers` (but health): the proto module of its service (one service a file) and the generated
+function that puts the servicer on a server."""
+SERVICE_NAMES = tuple(
+    service.full_name for module, _ in _SERVICES.values() for service in module.DESCRIPTOR.services_by_name.values()
 )
 """The processor's services, as health checks and reflection name them."""
 
@@ -101,17 +109,8 @@ def grpc_server(settings: Settings, interceptor: ProcessorInterceptor, servicers
     server = grpc.aio.server(
         interceptors=[interceptor], options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs
     )
-    product_pb2_grpc.add_ProductServiceServicer_to_server(servicers.product, server)
-    action_pb2_grpc.add_ActionServiceServicer_to_server(servicers.action, server)
-    session_pb2_grpc.add_SessionServiceServicer_to_server(servicers.session, server)
-    broker_pb2_grpc.add_BrokerServiceServicer_to_server(servicers.broker, server)
-    log_pb2_grpc.add_LogServiceServicer_to_server(servicers.log, server)
-    storage_pb2_grpc.add_StorageServiceServicer_to_server(servicers.storage, server)
-    database_pb2_grpc.add_DatabaseServiceServicer_to_server(servicers.database, server)
-    migration_pb2_grpc.add_MigrationServiceServicer_to_server(servicers.migration, server)
-    notification_pb2_grpc.add_NotificationServiceServicer_to_server(servicers.notification, server)
-    job_pb2_grpc.add_JobServiceServicer_to_server(servicers.job, server)
-    webhook_pb2_grpc.add_WebhookServiceServicer_to_server(servicers.webhook, server)
+    for name, (_, add_to_server) in _SERVICES.items():
+        add_to_server(getattr(servicers, name), server)
     health_pb2_grpc.add_HealthServicer_to_server(servicers.health, server)
     enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     return server
