@@ -159,6 +159,18 @@ class NotFound(ProcessorError, code=grpc.StatusCode.NOT_FOUND, reason=Reason.NOT
             f"product {product!r} has no {kind} {tag!r}", reason=reason, metadata={"product": product, kind: tag}
         )
 
+    @classmethod
+    def in_resource(
+        cls, product: str, kind: str, tag: str, part: str, name: str, reason: Reason, *, key: str = ""
+    ) -> NotFound:
+        """The `kind` tagged `tag` has no `part` (a broker's topic, an app's action …) named `name`; the metadata
+        names the product, the resource and the part (under `key`, else `part`)."""
+        return cls(
+            f"{kind} {tag!r} has no {part} {name!r}",
+            reason=reason,
+            metadata={"product": product, kind: tag, key or part: name},
+        )
+
 
 class ProductNotFound(NotFound, reason=Reason.PRODUCT_NOT_FOUND):
     """No manifest was ever applied for this product."""

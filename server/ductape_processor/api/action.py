@@ -6,8 +6,8 @@ from typing import Literal
 
 from ductape.processor.v1 import action_pb2, action_pb2_grpc
 
-from ductape_processor.api.calls import Context, deadline
-from ductape_processor.api.values import json_to_value, pinned_version, required, session_pair, struct_to_dict
+from ductape_processor.api.calls import Context, call_options, deadline, product_env
+from ductape_processor.api.values import json_to_value, required, struct_to_dict
 from ductape_processor.runtime.actions.call import ActionCall
 from ductape_processor.runtime.actions.executor import ActionExecutor
 
@@ -26,20 +26,14 @@ class ActionServicer(action_pb2_grpc.ActionServiceServicer):
         self._executor = executor
 
     async def Run(self, request: action_pb2.RunRequest, context: Context) -> action_pb2.RunResponse:
-        session = session_pair(request)
-        version = pinned_version(request.version)
         given = request.input
         call = ActionCall(
-            product=required(request.product, "product", "the product's tag"),
-            env=required(request.env, "env", "the environment's slug or name"),
+            **call_options(request),
+            **product_env(request),
             app=required(request.app, "app", "the app's tag"),
             event=required(request.event, "event", "the action's tag"),
             input={part: struct_to_dict(getattr(given, part)) for part in _PARTS if given.HasField(part)},
-            session=session,
             cache=request.cache,
-            retries=request.retries if request.HasField("retries") else None,
-            version=version,
-            idempotency_key=request.idempotency_key,
         )
         result = await self._executor.run(call, deadline(context))
         joined: dict[str, str] = {}

@@ -8,8 +8,8 @@ from typing import Any
 from ductape.processor.v1 import database_pb2, database_pb2_grpc
 from google.protobuf import struct_pb2
 
-from ductape_processor.api.calls import Context, deadline
-from ductape_processor.api.values import pinned_version, required, session_pair, struct_to_dict
+from ductape_processor.api.calls import Context, call_options, deadline, product_env
+from ductape_processor.api.values import required, struct_to_dict
 from ductape_processor.runtime.databases.runner import BatchStep, DatabaseCall, DatabaseRunner
 from ductape_processor.runtime.databases.statements import StepResult
 
@@ -37,13 +37,10 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServiceServicer):
     def _call(request: database_pb2.ExecuteRequest | database_pb2.BatchRequest) -> DatabaseCall:
         """What Execute and Batch requests share."""
         return DatabaseCall(
-            product=required(request.product, "product", "the product's tag"),
-            env=required(request.env, "env", "the environment's slug or name"),
+            **product_env(request),
             database=required(request.database, "database", "the database's tag"),
             action="",
-            session=session_pair(request),
-            version=pinned_version(request.version),
-            idempotency_key=request.idempotency_key,
+            **call_options(request),
         )
 
     async def Execute(self, request: database_pb2.ExecuteRequest, context: Context) -> database_pb2.ExecuteResponse:
@@ -52,7 +49,6 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServiceServicer):
             action=required(request.action, "action", "the action's tag"),
             input=_input(request.input) if request.HasField("input") else {},
             cache=request.cache,
-            retries=request.retries if request.HasField("retries") else None,
             page_size=request.page_size,
             page_token=request.page_token,
         )

@@ -10,7 +10,7 @@ from typing import Any
 from ductape.processor.v1 import job_pb2, job_pb2_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from ductape_processor.api.calls import Context
+from ductape_processor.api.calls import Context, product_env
 from ductape_processor.api.values import (
     python_to_value,
     required,
@@ -119,12 +119,7 @@ def _retry(given: job_pb2.JobRetryPolicy) -> JobRetry:
 
 
 def _ref(given: job_pb2.JobRef) -> JobRef:
-    return JobRef(
-        required(given.product, "job.product", "the product's tag"),
-        required(given.env, "job.env", "the environment's slug or name"),
-        given.job_id,
-        given.name,
-    )
+    return JobRef(**product_env(given, "job."), job_id=given.job_id, name=given.name)
 
 
 def job_message(job: JobRecord) -> job_pb2.Job:
@@ -215,8 +210,7 @@ class JobServicer(job_pb2_grpc.JobServiceServicer):
         )
         job = await self._runtime.schedule(
             ScheduleCall(
-                product=required(request.product, "product", "the product's tag"),
-                env=required(request.env, "env", "the environment's slug or name"),
+                **product_env(request),
                 spec=spec,
                 name=request.name,
                 start_at=_moment(request.start_at) if request.HasField("start_at") else None,
@@ -235,8 +229,7 @@ class JobServicer(job_pb2_grpc.JobServiceServicer):
 
     async def List(self, request: job_pb2.JobServiceListRequest, context: Context) -> job_pb2.JobServiceListResponse:
         query = JobQuery(
-            product=required(request.product, "product", "the product's tag"),
-            env=required(request.env, "env", "the environment's slug or name"),
+            **product_env(request),
             status=_state(JobStatus, request.status, "status"),
             name=request.name,
             kind=_KINDS.get(request.target_kind),
@@ -273,10 +266,6 @@ class JobServicer(job_pb2_grpc.JobServiceServicer):
     async def WatchRuns(
         self, request: job_pb2.JobServiceWatchRunsRequest, context: Context
     ) -> AsyncIterator[job_pb2.JobServiceWatchRunsResponse]:
-        events = await self._runtime.watch(
-            required(request.product, "product", "the product's tag"),
-            required(request.env, "env", "the environment's slug or name"),
-            request.job_id,
-        )
+        events = await self._runtime.watch(**product_env(request), job_id=request.job_id)
         async for run in events:
             yield job_pb2.JobServiceWatchRunsResponse(run=run_message(run))

@@ -6,8 +6,8 @@ from typing import Any
 
 from ductape.processor.v1 import notification_pb2, notification_pb2_grpc
 
-from ductape_processor.api.calls import Context, deadline
-from ductape_processor.api.values import pinned_version, required, session_pair, struct_to_dict
+from ductape_processor.api.calls import Context, call_options, deadline, product_env
+from ductape_processor.api.values import required, struct_to_dict
 from ductape_processor.runtime.notifications.call import (
     AttachmentInput,
     CallbackInput,
@@ -80,17 +80,13 @@ class NotificationServicer(notification_pb2_grpc.NotificationServiceServicer):
 
     async def Send(self, request: notification_pb2.SendRequest, context: Context) -> notification_pb2.SendResponse:
         call = NotificationCall(
-            product=required(request.product, "product", "the product's tag"),
-            env=required(request.env, "env", "the environment's slug or name"),
+            **product_env(request),
             event=required(request.event, "event", "notification_tag:message_tag"),
             email=_email(request.email) if request.HasField("email") else None,
             push=_push(request.push) if request.HasField("push") else None,
             sms=_sms(request.sms) if request.HasField("sms") else None,
             callback=_callback(request.callback) if request.HasField("callback") else None,
-            session=session_pair(request),
-            retries=request.retries if request.HasField("retries") else None,
-            idempotency_key=request.idempotency_key,
-            version=pinned_version(request.version),
+            **call_options(request),
         )
         result = await self._runtime.send(call, deadline(context))
         return notification_pb2.SendResponse(

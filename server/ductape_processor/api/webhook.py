@@ -10,7 +10,7 @@ from datetime import timedelta
 from ductape.processor.v1 import broker_pb2, webhook_pb2, webhook_pb2_grpc
 from google.protobuf import duration_pb2
 
-from ductape_processor.api.calls import Context, first_message
+from ductape_processor.api.calls import Context, ProductEnv, first_message, product_env
 from ductape_processor.api.streams import aborter, acks_and_nacks
 from ductape_processor.api.values import python_to_value, required, seconds, timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument
@@ -29,11 +29,13 @@ from ductape_processor.runtime.webhooks.emitter import (
 from ductape_processor.runtime.webhooks.receiver import WebhookReceiver, received
 
 
-def _target(request: webhook_pb2.GetDeliveryRequest | webhook_pb2.RedeliverRequest) -> tuple[str, str, str]:
-    return (
-        required(request.product, "product", "the product's tag"),
-        required(request.env, "env", "the environment's slug or name"),
-        required(request.delivery_id, "delivery_id", "the delivery's id"),
+class _DeliveryRef(ProductEnv):
+    delivery_id: str
+
+
+def _delivery(request: webhook_pb2.GetDeliveryRequest | webhook_pb2.RedeliverRequest) -> _DeliveryRef:
+    return _DeliveryRef(
+        **product_env(request), delivery_id=required(request.delivery_id, "delivery_id", "the delivery's id")
     )
 
 
@@ -110,8 +112,7 @@ class WebhookServicer(webhook_pb2_grpc.WebhookServiceServicer):
 
     async def Emit(self, request: webhook_pb2.EmitRequest, context: Context) -> webhook_pb2.EmitResponse:
         call = EmitCall(
-            product=required(request.product, "product", "the product's tag"),
-            env=required(request.env, "env", "the environment's slug or name"),
+            **product_env(request),
             event=required(request.event, "event", "webhook_tag:event_tag"),
             payload=value_to_python(request.payload) if request.HasField("payload") else None,
             idempotency_key=request.idempotency_key,
@@ -129,11 +130,7 @@ class WebhookServicer(webhook_pb2_grpc.WebhookServiceServicer):
         except ValueError:
             raise InvalidArgument.field("status", f"{request.status} is not a delivery status") from None
         where = DeliveryFilter(
-            required(request.product, "product", "the product's tag"),
-            required(request.env, "env", "the environment's slug or name"),
-            request.webhook,
-            request.message_id,
-            status,
+            **product_env(request), webhook=request.webhook, message_id=request.message_id, status=status
         )
         deliveries, token = await self._runtime.list_deliveries(where, request.page_size, request.page_token)
         return webhook_pb2.ListDeliveriesResponse(
@@ -143,23 +140,19 @@ class WebhookServicer(webhook_pb2_grpc.WebhookServiceServicer):
     async def GetDelivery(
         self, request: webhook_pb2.GetDeliveryRequest, context: Context
     ) -> webhook_pb2.GetDeliveryResponse:
-        detail = await self._runtime.get_delivery(*_target(request))
+        detail = await self._runtime.get_delivery(**_delivery(request))
         return webhook_pb2.GetDeliveryResponse(delivery=delivery_message(detail.delivery, detail))
 
     async def Redeliver(self, request: webhook_pb2.RedeliverRequest, context: Context) -> webhook_pb2.RedeliverResponse:
         return webhook_pb2.RedeliverResponse(
-            delivery=delivery_message(await self._runtime.redeliver(*_target(request)))
+            delivery=delivery_message(await self._runtime.redeliver(**_delivery(request)))
         )
 
     async def ListReceived(
         self, request: webhook_pb2.ListReceivedRequest, context: Context
     ) -> webhook_pb2.ListReceivedResponse:
         records, token = await self._runtime.list_received(
-            required(request.product, "product", "the product's tag"),
-            required(request.env, "env", "the environment's slug or name"),
-            request.webhook,
-            request.page_size,
-            request.page_token,
+            **product_env(request), webhook=request.webhook, page_size=request.page_size, page_token=request.page_token
         )
         return webhook_pb2.ListReceivedResponse(received=[received_message(r) for r in records], next_page_token=token)
 
@@ -176,11 +169,10 @@ class WebhookServicer(webhook_pb2_grpc.WebhookServiceServicer):
             dead_letter_event="",
         )
         stream = await self._receiver.watch(
-            required(init.product, "init.product", "the product's tag"),
-            required(init.env, "init.env", "the environment's slug or name"),
-            required(init.webhook, "init.webhook", "the webhook's tag"),
-            required(init.group, "init.group", "the consumer group"),
-            limits,
+            **product_env(init, "init."),
+            tag=required(init.webhook, "init.webhook", "the webhook's tag"),
+            group=required(init.group, "init.group", "the consumer group"),
+            limits=limits,
         )
         async with contextlib.aclosing(stream.run(acks_and_nacks(request_iterator), aborter(context))) as events:
             async for event in events:

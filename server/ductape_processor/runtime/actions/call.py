@@ -14,6 +14,7 @@ from ductape_processor.adapters.http.client import HttpResponse
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.plan import ActionPlan
 from ductape_processor.runtime.logs.recorder import execution_record
+from ductape_processor.runtime.options import CallOptions
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.runtime.registry.registry import Resolved
@@ -22,19 +23,15 @@ from ductape_processor.store.base import ExecutionRecord, ExecutionStatus
 
 
 @dataclass(frozen=True, slots=True)
-class ActionCall:
-    """What a caller asks for."""
+class ActionCall(CallOptions):
+    """What a caller asks for: an action of an app, its input, a cache tag, and the options every call has."""
 
     product: str
     env: str
     app: str
     event: str
     input: Mapping[str, Any]
-    session: tuple[str, str] | None = None
     cache: str = ""
-    retries: int | None = None
-    version: int | None = None
-    idempotency_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)

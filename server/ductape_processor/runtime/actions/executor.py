@@ -89,10 +89,8 @@ class ActionExecutor:
         app = apps.get(call.app)
         if app is None:
             raise NotFound.in_product(call.product, "app", call.app, Reason.APP_NOT_FOUND)
-        raise NotFound(
-            f"app {call.app!r} has no action {call.event!r}",
-            reason=Reason.ACTION_NOT_FOUND,
-            metadata={"product": call.product, "app": call.app, "event": call.event},
+        raise NotFound.in_resource(
+            call.product, "app", call.app, "action", call.event, Reason.ACTION_NOT_FOUND, key="event"
         )
 
     async def _run(self, state: CallState) -> ActionResult:

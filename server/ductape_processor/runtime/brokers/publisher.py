@@ -82,11 +82,7 @@ class BrokerRuntime:
         broker = named(product, resolved.manifest.brokers, "broker", broker_tag, Reason.BROKER_NOT_FOUND)
         topic = next((t for t in broker.topics if t.tag == topic_tag), None)
         if topic is None:
-            raise NotFound(
-                f"broker {broker_tag!r} has no topic {topic_tag!r}",
-                reason=Reason.TOPIC_NOT_FOUND,
-                metadata={"product": product, "broker": broker_tag, "topic": topic_tag},
-            )
+            raise NotFound.in_resource(product, "broker", broker_tag, "topic", topic_tag, Reason.TOPIC_NOT_FOUND)
         return Route(resolved, broker, topic)
 
     def adapter(self, route: Route) -> BrokerAdapter:

@@ -33,6 +33,7 @@ from ductape_processor.runtime.databases.statements import (
 )
 from ductape_processor.runtime.databases.values import ResultBudget
 from ductape_processor.runtime.logs.recorder import execution_record
+from ductape_processor.runtime.options import CallOptions
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem, record_key, run_once
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
@@ -54,19 +55,16 @@ MAX_BATCH_STEPS: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
-class DatabaseCall:
-    """What a caller asks for: one action of one database."""
+class DatabaseCall(CallOptions):
+    """What a caller asks for: one action of one database, its input, a cache tag and a page, and the options every
+    call has."""
 
     product: str
     env: str
     database: str
     action: str
     input: Mapping[str, Any] = field(default_factory=dict)
-    session: tuple[str, str] | None = None
     cache: str = ""
-    retries: int | None = None
-    version: int | None = None
-    idempotency_key: str = ""
     page_size: int = 0
     page_token: str = ""
 
@@ -120,10 +118,8 @@ class DatabaseRunner:
     def _plan(resolved: Resolved, database: str, action: str, field_name: str = "action") -> DatabaseActionPlan:
         plan = resolved.databases.get((database, action))
         if plan is None:
-            raise NotFound(
-                f"database {database!r} has no action {action!r}",
-                reason=Reason.ACTION_NOT_FOUND,
-                metadata={"product": resolved.product, "database": database, field_name: action},
+            raise NotFound.in_resource(
+                resolved.product, "database", database, "action", action, Reason.ACTION_NOT_FOUND, key=field_name
             )
         return plan
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ductape_processor.adapters.notify.base import EmailAttachment as EmailAttachment
+from ductape_processor.runtime.options import CallOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +62,9 @@ class CallbackInput:
 
 
 @dataclass(frozen=True, slots=True)
-class NotificationCall:
-    """One Send: the message (`notification:message`) and the input of each channel to send it on."""
+class NotificationCall(CallOptions):
+    """One Send: the message (`notification:message`), the input of each channel to send it on, and the options
+    every call has."""
 
     product: str
     env: str
@@ -71,10 +73,6 @@ class NotificationCall:
     push: PushInput | None = None
     sms: SmsInput | None = None
     callback: CallbackInput | None = None
-    session: tuple[str, str] | None = None
-    retries: int | None = None
-    idempotency_key: str = ""
-    version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,10 +99,8 @@ class NotificationRuntime:
         )
         message = notification.message(message_tag)
         if message is None:
-            raise NotFound(
-                f"notification {tag!r} has no message {message_tag!r}",
-                reason=Reason.NOTIFICATION_MESSAGE_NOT_FOUND,
-                metadata={"product": resolved.product, "notification": tag, "message": message_tag},
+            raise NotFound.in_resource(
+                resolved.product, "notification", tag, "message", message_tag, Reason.NOTIFICATION_MESSAGE_NOT_FOUND
             )
         run = _Run(resolved, notification, call.event, self._recorder.new_id(), started)
         try:

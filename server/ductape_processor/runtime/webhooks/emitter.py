@@ -107,11 +107,7 @@ class WebhookRuntime:
         slug, webhook = await self.webhook(call.product, call.env, tag)
         event = webhook.event(event_tag)
         if event is None:
-            raise NotFound(
-                f"webhook {tag!r} has no event {event_tag!r}",
-                reason=Reason.WEBHOOK_EVENT_NOT_FOUND,
-                metadata={"product": call.product, "webhook": tag, "event": event_tag},
-            )
+            raise NotFound.in_resource(call.product, "webhook", tag, "event", event_tag, Reason.WEBHOOK_EVENT_NOT_FOUND)
         payload = call.payload
         if event.payload_schema is not None:
             if not isinstance(payload, dict):
