@@ -19,13 +19,15 @@ import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, NotRequired, TypedDict, TypeVar, Unpack
+from typing import Any, Generic, NotRequired, Self, TypedDict, TypeVar, Unpack, cast
 
 import grpc
-from ductape.processor.calls import CallMetadata, ResourceClient
+from ductape.processor.calls import Caller, CallMetadata, ResourceClient
 from ductape.processor.errors import ProcessorError, from_rpc_error
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
+from ductape.processor.values import RecordT, record_from
 from google.protobuf import duration_pb2, json_format
+from google.protobuf.message import Message as ProtoMessage
 
 ACK_FLUSH_S = 0.01
 ACK_FLUSH_COUNT = 100
@@ -70,9 +72,25 @@ def outgoing(
     return message
 
 
-class SubscribeFields(TypedDict):
-    """What `subscribe` sends as the stream's first message: the topic (`broker_tag:topic_tag` in `event`), the
-    consumer `group`, and limits (0 or "": the server's default)."""
+class StreamOptions(TypedDict, total=False):
+    """How `subscribe` and `webhook.receive` run their stream: `max_wait` and `ack_deadline` (seconds, sent in the
+    stream's first message; the server's default when not given), `auto_ack` (ack each item once the loop's body
+    is done with it; default False), `reconnect` (on UNAVAILABLE; default True), and `metadata` added to the
+    stream's gRPC metadata, on every reconnect too (a caller's `traceparent`, its own `x-request-id`)."""
+
+    max_wait: float | None
+    ack_deadline: float | None
+    auto_ack: bool
+    reconnect: bool
+    metadata: CallMetadata | None
+
+
+_STREAM_OPTIONS = frozenset(StreamOptions.__annotations__)
+
+
+class SubscribeFields(StreamOptions):
+    """What `subscribe` takes: the topic (`broker_tag:topic_tag` in `event`), the consumer `group` and limits (0 or
+    "": the server's default), sent as the stream's first message, and the `StreamOptions`."""
 
     product: str
     env: str
@@ -189,8 +207,29 @@ class StreamSubscription(Generic[ItemT]):
         return response.batch.messages
 
     def _message(self, received: Any) -> ItemT:
-        """A delivered item as the caller gets it."""
+        """A delivered item as the caller gets it (`_item` builds it)."""
         raise NotImplementedError
+
+    @classmethod
+    def opened(cls, stub: Any, caller: Caller, init: type[ProtoMessage], fields: Mapping[str, Any]) -> Self:
+        """A stream whose first message is `init` made of `fields`, run as the `StreamOptions` among them say."""
+        options = cast(StreamOptions, {key: value for key, value in fields.items() if key in _STREAM_OPTIONS})
+        first: Any = init(**{key: value for key, value in fields.items() if key not in _STREAM_OPTIONS})
+        for name in ("max_wait", "ack_deadline"):
+            seconds = options.get(name)
+            if seconds is not None:
+                getattr(first, name).CopyFrom(duration(cast(float, seconds)))
+        return cls(
+            stub,
+            first,
+            metadata=caller.metadata(options.get("metadata")),
+            auto_ack=options.get("auto_ack", False),
+            reconnect=options.get("reconnect", True),
+        )
+
+    def _item(self, record: type[RecordT], received: ProtoMessage, **given: Any) -> RecordT:
+        """A `record` (a `StreamItem`) from a delivered item's message (`record_from`), on this stream."""
+        return record_from(record, received, _subscription=self, _generation=self._generation, **given)
 
     async def _open(self) -> Any:
         # End the previous stream's request iterator: left waiting on its queue, gRPC's task that drains it would
@@ -300,21 +339,11 @@ class Subscription(StreamSubscription[Message]):
     """A Subscribe stream's messages (see `StreamSubscription`)."""
 
     def _message(self, received: broker_pb2.ReceivedMessage) -> Message:
-        return Message(
-            id=received.id,
-            data=received.data,
-            content_type=received.content_type,
+        return self._item(
+            Message,
+            received,
             attributes=dict(received.attributes),
             publish_time=received.publish_time.ToDatetime(UTC),
-            delivery_attempt=received.delivery_attempt,
-            source=received.source,
-            type=received.type,
-            ordering_key=received.ordering_key,
-            traceparent=received.traceparent,
-            tracestate=received.tracestate,
-            ack_id=received.ack_id,
-            _subscription=self,
-            _generation=self._generation,
         )
 
 
@@ -357,26 +386,9 @@ class BrokerClient(ResourceClient):
             for r in response.results
         ]
 
-    def subscribe(
-        self,
-        *,
-        max_wait: float | None = None,
-        ack_deadline: float | None = None,
-        auto_ack: bool = False,
-        reconnect: bool = True,
-        metadata: CallMetadata | None = None,
-        **init_fields: Unpack[SubscribeFields],
-    ) -> Subscription:
-        """A subscription to iterate with `async for`; same `group` = shared messages. `metadata` is added to the
-        stream's gRPC metadata, on every reconnect too (a caller's `traceparent`, its own `x-request-id`)."""
-        init = broker_pb2.SubscribeInit(**init_fields)
-        if max_wait is not None:
-            init.max_wait.CopyFrom(duration(max_wait))
-        if ack_deadline is not None:
-            init.ack_deadline.CopyFrom(duration(ack_deadline))
-        return Subscription(
-            self._stub, init, metadata=self._call.metadata(metadata), auto_ack=auto_ack, reconnect=reconnect
-        )
+    def subscribe(self, **fields: Unpack[SubscribeFields]) -> Subscription:
+        """A subscription to iterate with `async for`; same `group` = shared messages."""
+        return Subscription.opened(self._stub, self._call, broker_pb2.SubscribeInit, fields)
 
 
 def _code(value: int) -> grpc.StatusCode:

@@ -42,7 +42,7 @@ from ductape.processor.v1 import (
     storage_pb2_grpc,
     webhook_pb2_grpc,
 )
-from ductape.processor.values import SessionLike
+from ductape.processor.values import SessionLike, record_from
 from ductape.processor.values import plain as _plain
 from ductape.processor.values import session_ref as _session
 from ductape.processor.values import struct as _struct
@@ -129,16 +129,7 @@ class ActionClient(ResourceClient):
         body: Any = response.raw
         if response.WhichOneof("body") == "json":
             body = _plain(json_format.MessageToDict(response.json))
-        return ActionResult(
-            status_code=response.status_code,
-            headers=dict(response.headers),
-            body=body,
-            content_type=response.content_type,
-            process_id=response.process_id,
-            attempts=response.attempts,
-            cached=response.cached,
-            version=response.version,
-        )
+        return record_from(ActionResult, response, headers=dict(response.headers), body=body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,10 +164,10 @@ class SessionClient(ResourceClient):
             metadata=metadata,
             safe=True,
         )
-        return Session(
+        return record_from(
+            Session,
+            response,
             data=_plain(json_format.MessageToDict(response.data)),
-            session_id=response.session_id,
-            identifier=response.identifier,
             expires_at=response.expire_time.ToDatetime(UTC),
         )
 

@@ -16,7 +16,7 @@ from typing import Any, NotRequired, TypedDict, Unpack
 
 from ductape.processor.calls import CallMetadata, ResourceClient, RunOptions
 from ductape.processor.v1 import database_pb2, database_pb2_grpc, migration_pb2, migration_pb2_grpc
-from ductape.processor.values import SessionLike, plain, session_ref
+from ductape.processor.values import SessionLike, plain, record_from, session_ref
 from google.protobuf import json_format, struct_pb2
 
 
@@ -134,19 +134,9 @@ class DatabaseClient(ResourceClient):
         return [_result(result, response) for result in response.results]
 
 
-@dataclass(frozen=True, slots=True)
-class MigrationRun:
-    """A migration that ran (applied or rolled back)."""
-
-    tag: str
-    checksum: str
-    duration_ms: int
-    statements: int
-
-    @classmethod
-    def from_proto(cls, run: migration_pb2.MigrationRun) -> MigrationRun:
-        """From the API's MigrationRun."""
-        return cls(run.tag, run.checksum, run.duration_ms, run.statements)
+MigrationRun = migration_pb2.MigrationRun
+"""A migration that ran (applied or rolled back): `tag`, `checksum`, `duration_ms`, `statements`; the API's message
+as it is, since it holds nothing to convert."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,14 +153,7 @@ class MigrationStatus:
     @classmethod
     def from_proto(cls, status: migration_pb2.MigrationStatus) -> MigrationStatus:
         """From the API's MigrationStatus; a state this client does not know is `unknown`."""
-        return cls(
-            status.tag,
-            _STATES.get(status.state, "unknown"),
-            status.checksum_applied,
-            status.checksum_now,
-            status.applied_at,
-            status.duration_ms,
-        )
+        return record_from(cls, status, state=_STATES.get(status.state, "unknown"))
 
 
 class DatabaseTarget(TypedDict):
@@ -206,7 +189,7 @@ class MigrationClient(ResourceClient):
         """Apply the pending migrations (up to and including `tag`); the ones applied by this call."""
         request = migration_pb2.MigrationServiceRunRequest(target=migration_pb2.MigrationTarget(**target), tag=tag)
         response = await self._call(self._stub.Run, request, timeout, metadata)
-        return [MigrationRun.from_proto(run) for run in response.applied]
+        return list(response.applied)
 
     async def rollback(
         self,
@@ -222,7 +205,7 @@ class MigrationClient(ResourceClient):
             target=migration_pb2.MigrationTarget(**target), steps=steps, tag=tag
         )
         response = await self._call(self._stub.Rollback, request, timeout, metadata)
-        return [MigrationRun.from_proto(run) for run in response.rolled_back]
+        return list(response.rolled_back)
 
     async def status(
         self, *, timeout: float | None = None, metadata: CallMetadata | None = None, **target: Unpack[DatabaseTarget]

@@ -21,7 +21,7 @@ from typing import Any
 
 from ductape.processor.calls import CallMetadata, ResourceClient
 from ductape.processor.v1 import notification_pb2, notification_pb2_grpc
-from ductape.processor.values import SessionLike, session_ref, struct
+from ductape.processor.values import SessionLike, record_from, session_ref, struct
 
 _CHANNEL_NAMES = {
     notification_pb2.CHANNEL_EMAIL: "email",
@@ -144,19 +144,13 @@ class NotificationClient(ResourceClient):
             version=version,
         )
         response = await self._call(self._stub.Send, request, timeout, metadata)
-        return SendResult(
-            [
-                ChannelResult(
-                    _CHANNEL_NAMES.get(result.channel, ""),
-                    result.success,
-                    list(result.message_ids),
-                    result.error_reason,
-                    result.error_message,
-                    result.attempts,
-                    result.provider,
-                )
-                for result in response.results
-            ],
-            response.process_id,
-            response.version,
-        )
+        results = [
+            record_from(
+                ChannelResult,
+                result,
+                channel=_CHANNEL_NAMES.get(result.channel, ""),
+                message_ids=list(result.message_ids),
+            )
+            for result in response.results
+        ]
+        return record_from(SendResult, response, results=results)

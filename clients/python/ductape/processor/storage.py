@@ -28,6 +28,7 @@ from typing import Any, TypedDict, Unpack
 
 from ductape.processor.calls import CallMetadata, ResourceClient, every_item
 from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
+from ductape.processor.values import record_from
 from google.protobuf import duration_pb2
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -88,7 +89,7 @@ class StoredFile:
     def from_proto(cls, info: storage_pb2.FileInfo) -> StoredFile:
         """From the API's FileInfo."""
         updated = info.update_time.ToDatetime(UTC) if info.HasField("update_time") else None
-        return cls(info.file_name, info.size, info.sha256, info.content_type, dict(info.metadata), updated)
+        return record_from(cls, info, metadata=dict(info.metadata), updated_at=updated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,9 +297,10 @@ class StorageClient(ResourceClient):
             content_type=content_type,
         )
         response = await self._call(self._stub.SignedUrl, request, metadata=metadata, safe=True)
-        return SignedUrl(
-            response.url,
-            storage_pb2.SignedUrlMethod.Name(response.method).removeprefix("SIGNED_URL_METHOD_"),
-            response.expire_time.ToDatetime(UTC),
-            dict(response.headers),
+        return record_from(
+            SignedUrl,
+            response,
+            method=storage_pb2.SignedUrlMethod.Name(response.method).removeprefix("SIGNED_URL_METHOD_"),
+            expires_at=response.expire_time.ToDatetime(UTC),
+            headers=dict(response.headers),
         )

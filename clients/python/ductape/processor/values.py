@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ductape.processor.v1 import common_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+RecordT = TypeVar("RecordT", bound="DataclassInstance")
 
 SessionLike = common_pb2.SessionRef | Mapping[str, str] | tuple[str, str]
 
@@ -39,3 +47,15 @@ def struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     message = struct_pb2.Struct()
     message.update(dict(data))
     return message
+
+
+@functools.cache
+def _field_names(record: type[DataclassInstance]) -> tuple[str, ...]:
+    return tuple(field.name for field in dataclasses.fields(record) if field.init)
+
+
+def record_from(record: type[RecordT], message: Message, **given: Any) -> RecordT:
+    """A `record` (a dataclass) from a reply's `message`: the fields in `given` as given, every other one the
+    message's field of the same name (so a record that renames or converts a field says so in `given`)."""
+    copied = {name: getattr(message, name) for name in _field_names(record) if name not in given}
+    return record(**copied, **given)

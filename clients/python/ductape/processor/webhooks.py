@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NotRequired, TypedDict, Unpack
 
-from ductape.processor.brokers import StreamItem, StreamSubscription, duration
+from ductape.processor.brokers import StreamItem, StreamOptions, StreamSubscription
 from ductape.processor.calls import CallMetadata, ResourceClient, every_item
 from ductape.processor.v1 import webhook_pb2, webhook_pb2_grpc
 from google.protobuf import json_format, struct_pb2
@@ -41,9 +41,9 @@ class DeliveryFilter(EnvironmentRef, total=False):
     status: webhook_pb2.DeliveryStatus.ValueType
 
 
-class ReceiveFields(TypedDict):
-    """What `receive` opens its stream with: the webhook (its tag), the consumer `group`, and limits (0: the
-    server's default)."""
+class ReceiveFields(StreamOptions):
+    """What `receive` takes: the webhook (its tag), the consumer `group` and limits (0: the server's default), sent
+    as the stream's first message, and the `StreamOptions`."""
 
     product: str
     env: str
@@ -84,18 +84,13 @@ class ReceiveSubscription(StreamSubscription[ReceivedWebhook]):
 
     def _message(self, received: webhook_pb2.ReceivedDelivery) -> ReceivedWebhook:
         webhook = received.webhook
-        return ReceivedWebhook(
-            id=webhook.id,
-            webhook=webhook.webhook,
-            webhook_id=webhook.webhook_id,
+        return self._item(
+            ReceivedWebhook,
+            webhook,
             receive_time=webhook.receive_time.ToDatetime(UTC),
-            body=webhook.body,
-            content_type=webhook.content_type,
             headers=dict(webhook.headers),
             delivery_attempt=received.delivery_attempt,
             ack_id=received.ack_id,
-            _subscription=self,
-            _generation=self._generation,
         )
 
 
@@ -169,22 +164,6 @@ class WebhookClient(ResourceClient):
         request = webhook_pb2.ListReceivedRequest(webhook=webhook, page_size=page_size, page_token=page_token, **ref)
         return await self._call(self._stub.ListReceived, request, metadata=metadata, safe=True)
 
-    def receive(
-        self,
-        *,
-        max_wait: float | None = None,
-        ack_deadline: float | None = None,
-        auto_ack: bool = False,
-        reconnect: bool = True,
-        metadata: CallMetadata | None = None,
-        **init_fields: Unpack[ReceiveFields],
-    ) -> ReceiveSubscription:
+    def receive(self, **fields: Unpack[ReceiveFields]) -> ReceiveSubscription:
         """A Receive stream to iterate with `async for`; same `group` = shared webhooks."""
-        init = webhook_pb2.ReceiveInit(**init_fields)
-        if max_wait is not None:
-            init.max_wait.CopyFrom(duration(max_wait))
-        if ack_deadline is not None:
-            init.ack_deadline.CopyFrom(duration(ack_deadline))
-        return ReceiveSubscription(
-            self._stub, init, metadata=self._call.metadata(metadata), auto_ack=auto_ack, reconnect=reconnect
-        )
+        return ReceiveSubscription.opened(self._stub, self._call, webhook_pb2.ReceiveInit, fields)
