@@ -203,6 +203,45 @@ async def test_roundtrip_with_attributes_and_trace_context(broker: Running) -> N
     await sub.close()
 
 
+async def test_json_payloads_arrive_as_the_values_they_were_published_as(broker: Running) -> None:
+    values, raw = subscribe(broker, "values"), subscribe(broker, "bytes", json_values=False)
+    as_values, as_bytes = await opened(values), await opened(raw)
+    published: list[Any] = [{"big": 2**40, "list": [1, "two", None], "empty": {}}, None, {}, [], "text", 1.5]
+    messages = [outgoing(json=value) for value in published]
+    messages.append(outgoing(b'{"as": "bytes"}', content_type="application/json"))
+    results = await broker.client.message_broker.publish_batch(
+        product="shop", env="dev", event="events:orders", messages=messages
+    )
+    assert all(result.ok for result in results)
+    got, got_bytes = await take(as_values, len(messages)), await take(as_bytes, len(messages))
+    assert [m.published_as_json for m in got] == [True] * len(published) + [False]
+    assert [m.json() for m in got] == [*published, {"as": "bytes"}]
+    assert [m.published_as_json for m in got_bytes] == [False] * len(messages)
+    assert [m.json() for m in got_bytes] == [*published, {"as": "bytes"}]
+    assert [json.loads(m.data) for m in (got[0], got_bytes[0])] == [published[0]] * 2
+    assert b" " not in got_bytes[0].data, "compact UTF-8 JSON"
+    assert got[-1].data == got_bytes[-1].data == b'{"as": "bytes"}'
+    for message in [*got, *got_bytes]:
+        await message.ack()
+    await values.close()
+    await raw.close()
+
+
+async def test_a_dead_lettered_json_message_stays_a_json_value(broker: Running) -> None:
+    dead = subscribe(broker, "dead", event="events:dead")
+    dead_messages = await opened(dead)
+    sub = subscribe(broker, max_deliveries=1, dead_letter_event="events:dead")
+    messages = await opened(sub)
+    await broker.client.message_broker.publish(product="shop", env="dev", event="events:orders", json={"n": 1})
+    [message] = await take(messages, 1)
+    await message.nack()
+    [buried] = await take(dead_messages, 1)
+    assert buried.published_as_json and buried.json() == {"n": 1}
+    await buried.ack()
+    await sub.close()
+    await dead.close()
+
+
 async def test_one_group_shares_and_two_groups_each_get_everything(broker: Running) -> None:
     a, b, other = (
         subscribe(broker, "shared", max_batch=1),

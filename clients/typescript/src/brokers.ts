@@ -8,6 +8,9 @@
  *     message.ack();
  *   }
  *
+ * A message published as JSON (`json: ...`) arrives as that value (`message.json()` returns it, nothing to parse);
+ * one published as bytes keeps them (`message.data`; `message.json()` parses them).
+ *
  * The protocol is docs/streaming.md. Acks are batched on the wire (every 10 ms, or 100 at once). The server never
  * has more than `maxInFlight` unacked messages out on the stream (its credit), so the messages this client holds
  * for the loop are bounded by it. When the stream ends with UNAVAILABLE (a replica shutting down, a network blip)
@@ -102,7 +105,6 @@ export abstract class StreamItem {
 /** A delivered message. Ack it when done, or nack it to have it delivered again. */
 export class Message extends StreamItem {
   readonly id: string;
-  readonly data: Buffer;
   readonly contentType: string;
   readonly attributes: Record<string, string>;
   readonly publishTime: Date | undefined;
@@ -111,11 +113,15 @@ export class Message extends StreamItem {
   readonly orderingKey: string;
   readonly traceparent: string;
   readonly tracestate: string;
+  /** Whether it arrived as the JSON value it was published as (`json`) rather than as bytes. */
+  readonly publishedAsJson: boolean;
+  private bytes: Buffer | undefined;
+  private value: unknown;
+  private hasValue: boolean;
 
   constructor(received: ReceivedMessage, subscription: Settler, generation: number) {
     super(received.ackId, received.deliveryAttempt, subscription, generation);
     this.id = received.id;
-    this.data = received.data;
     this.contentType = received.contentType;
     this.attributes = received.attributes;
     this.publishTime = received.publishTime;
@@ -124,11 +130,25 @@ export class Message extends StreamItem {
     this.orderingKey = received.orderingKey;
     this.traceparent = received.traceparent;
     this.tracestate = received.tracestate;
+    // `json` is undefined when the payload came as bytes; a JSON null comes as null.
+    this.publishedAsJson = this.hasValue = received.json !== undefined;
+    if (this.hasValue) this.value = received.json;
+    else this.bytes = received.data;
   }
 
-  /** The payload parsed as JSON. */
+  /** The payload as bytes; for a message published as JSON, its UTF-8 JSON (encoded on first use). */
+  get data(): Buffer {
+    this.bytes ??= Buffer.from(JSON.stringify(this.value), "utf8");
+    return this.bytes;
+  }
+
+  /** The payload as a JSON value: the value it was published as, or its bytes parsed as JSON (once). */
   json<T = unknown>(): T {
-    return JSON.parse(this.data.toString("utf8")) as T;
+    if (!this.hasValue) {
+      this.value = JSON.parse(this.bytes!.toString("utf8"));
+      this.hasValue = true;
+    }
+    return this.value as T;
   }
 
   /** The payload as UTF-8 text. */
@@ -175,6 +195,8 @@ export interface SubscribeOptions extends StreamOptions {
   /** Deliveries before a message goes to `deadLetterEvent`; 0: unlimited. */
   maxDeliveries?: number;
   deadLetterEvent?: string;
+  /** A message published as JSON arrives as its value (default true); false: as UTF-8 JSON bytes in `data`. */
+  jsonValues?: boolean;
 }
 
 type Waiter<Item> = { resolve: (item: Item | undefined) => void; reject: (error: unknown) => void };
@@ -469,6 +491,7 @@ export class BrokerClient extends ResourceClient<BrokerServiceClient> {
       ackDeadline: options.ackDeadlineMs === undefined ? undefined : duration(options.ackDeadlineMs),
       maxDeliveries: options.maxDeliveries ?? 0,
       deadLetterEvent: options.deadLetterEvent ?? "",
+      jsonValues: options.jsonValues ?? true,
     };
     const stub = this.stub;
     const source: StreamSource<Message> = {

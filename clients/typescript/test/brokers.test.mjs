@@ -21,13 +21,16 @@ test("publish JSON and bytes, subscribe, ack: acked messages are not delivered a
   const messages = await take(iterator, 26);
   assert.deepEqual(messages.map((m) => m.id), [...ids, raw]);
   messages.slice(0, 25).forEach((m, i) => {
+    assert.equal(m.publishedAsJson, true); // came as the value it was published as: nothing parsed
     assert.deepEqual(m.json(), { n: i, nested: { ok: true } });
+    assert.deepEqual(JSON.parse(m.data.toString("utf8")), { n: i, nested: { ok: true } });
     assert.equal(m.contentType, "application/json");
     assert.equal(m.attributes.i, String(i));
     assert.equal(m.deliveryAttempt, 1);
     assert.ok(m.publishTime instanceof Date);
     assert.equal(m.type, "acked");
   });
+  assert.equal(messages[25].publishedAsJson, false);
   assert.equal(messages[25].text(), "raw bytes");
   assert.equal(messages[25].contentType, "text/plain");
   for (const message of messages) message.ack();
@@ -41,6 +44,30 @@ test("publish JSON and bytes, subscribe, ack: acked messages are not delivered a
   assert.equal(next.id, marker);
   next.ack();
   await again.close();
+});
+
+test("JSON payloads arrive as the values they were published as, or as bytes when the stream asks", async () => {
+  const event = "events:acked";
+  const values = client.messageBroker.subscribe({ ...PRODUCT, event, group: unique("values") });
+  const bytes = client.messageBroker.subscribe({ ...PRODUCT, event, group: unique("bytes"), jsonValues: false });
+  try {
+    await Promise.all([values.open(), bytes.open()]);
+    const published = [{ big: 2 ** 40, list: [1, "two", null], empty: {} }, null, {}, [], "text", 1.5];
+    for (const json of published) await client.messageBroker.publish({ ...PRODUCT, event, json });
+    const data = Buffer.from('{"as": "bytes"}');
+    await client.messageBroker.publish({ ...PRODUCT, event, data, contentType: "application/json" });
+    const asValues = await take(values[Symbol.asyncIterator](), published.length + 1);
+    const asBytes = await take(bytes[Symbol.asyncIterator](), published.length + 1);
+    assert.deepEqual(asValues.map((m) => m.publishedAsJson), [...published.map(() => true), false]);
+    assert.deepEqual(asValues.map((m) => m.json()), [...published, { as: "bytes" }]);
+    assert.deepEqual(asBytes.map((m) => m.publishedAsJson), [...published.map(() => false), false]);
+    assert.deepEqual(asBytes.map((m) => m.json()), [...published, { as: "bytes" }]);
+    assert.deepEqual(JSON.parse(asBytes[0].text()), published[0]); // compact UTF-8 JSON, keys in any order
+    assert.deepEqual(asValues[published.length].data, data); // bytes stay the bytes published
+    for (const m of [...asValues, ...asBytes]) m.ack();
+  } finally {
+    await Promise.all([values.close(), bytes.close()]);
+  }
 });
 
 test("publishBatch: one result per entry, a bad entry does not stop the others", async () => {

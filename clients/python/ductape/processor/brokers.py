@@ -5,9 +5,11 @@
         handle(message.json())
         await message.ack()
 
-Acks and nacks are batched on the wire. When the stream ends with UNAVAILABLE (a replica shutting down, a network
-blip) the subscription reconnects with jittered exponential backoff; messages that were not acked are delivered
-again by the broker, so handlers must tolerate repeats (at-least-once).
+A message published as JSON (`json=...`) arrives as that value (`message.json()`, no parsing); one published as
+bytes keeps them (`message.data`; `message.json()` parses them). Acks and nacks are batched on the wire. When the
+stream ends with UNAVAILABLE (a replica shutting down, a network blip) the subscription reconnects with jittered
+exponential backoff; messages that were not acked are delivered again by the broker, so handlers must tolerate
+repeats (at-least-once).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import grpc
 from ductape.processor.calls import Caller, CallMetadata, ResourceClient
 from ductape.processor.errors import ProcessorError, from_rpc_error
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
-from ductape.processor.values import RecordT, record_from
+from ductape.processor.values import RecordT, from_value, record_from
 from google.protobuf import duration_pb2, json_format
 from google.protobuf.message import Message as ProtoMessage
 
@@ -59,16 +61,19 @@ def outgoing(
     idempotency_key: str = "",
 ) -> broker_pb2.OutgoingMessage:
     """A message to publish: `data` bytes (say what they are in `content_type`) or a `json` value."""
-    message = broker_pb2.OutgoingMessage(
-        content_type=content_type,
-        attributes=dict(attributes or {}),
-        ordering_key=ordering_key,
-        idempotency_key=idempotency_key,
-    )
-    if data is not None:
-        message.data = data
-    else:
+    # Only the fields given: each keyword costs, and an empty map passed to the constructor costs more than all the
+    # others together (this runs for every message of a batch).
+    message = broker_pb2.OutgoingMessage(data=data) if data is not None else broker_pb2.OutgoingMessage()
+    if data is None:
         json_format.ParseDict(json, message.json)
+    if content_type:
+        message.content_type = content_type
+    if attributes:
+        message.attributes.update(attributes)
+    if ordering_key:
+        message.ordering_key = ordering_key
+    if idempotency_key:
+        message.idempotency_key = idempotency_key
     return message
 
 
@@ -89,8 +94,9 @@ _STREAM_OPTIONS = frozenset(StreamOptions.__annotations__)
 
 
 class SubscribeFields(StreamOptions):
-    """What `subscribe` takes: the topic (`broker_tag:topic_tag` in `event`), the consumer `group` and limits (0 or
-    "": the server's default), sent as the stream's first message, and the `StreamOptions`."""
+    """What `subscribe` takes: the topic (`broker_tag:topic_tag` in `event`), the consumer `group`, limits (0 or "":
+    the server's default) and `json_values` (default True: a message published as JSON arrives as its value; False:
+    as UTF-8 JSON bytes), sent as the stream's first message, and the `StreamOptions`."""
 
     product: str
     env: str
@@ -100,11 +106,13 @@ class SubscribeFields(StreamOptions):
     max_batch: NotRequired[int]
     max_deliveries: NotRequired[int]
     dead_letter_event: NotRequired[str]
+    json_values: NotRequired[bool]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PublishResult:
-    """One batch entry's outcome: `message_id`, or the error's `code`, `reason` and `message`."""
+    """One batch entry's outcome: `message_id`, or the error's `code`, `reason` and `message`. Read-only by
+    convention (not frozen: one is built per message published, and a frozen one costs four times as much)."""
 
     message_id: str
     code: grpc.StatusCode
@@ -137,25 +145,107 @@ class StreamItem:
 ItemT = TypeVar("ItemT", bound=StreamItem)
 
 
-@dataclass(eq=False, kw_only=True)
-class Message(StreamItem):
-    """A delivered message. Ack it when done, or nack it to have it delivered again."""
+_UNREAD: Any = object()  # a Message's payload, attributes or time not converted yet
 
-    id: str
-    data: bytes
-    content_type: str
-    attributes: dict[str, str]
-    publish_time: datetime
-    delivery_attempt: int
-    source: str
-    type: str
-    ordering_key: str
-    traceparent: str
-    tracestate: str
+
+class Message(StreamItem):
+    """A delivered message. Ack it when done, or nack it to have it delivered again.
+
+    It reads its fields from the `ReceivedMessage` it came in, converting on first use: a subscriber that reads only
+    the payload pays for nothing else (this runs for every message).
+    """
+
+    def __init__(self, received: broker_pb2.ReceivedMessage, subscription: StreamSubscription[Any], generation: int):
+        # StreamItem's fields set here rather than through its keyword __init__: this runs for every message.
+        self.ack_id = received.ack_id
+        self._subscription = subscription
+        self._generation = generation
+        self._received = received
+        self._value: Any = _UNREAD
+        self._data: bytes | None = None
+        self._attributes: dict[str, str] | None = None
+        self._publish_time: datetime | None = None
+
+    def __repr__(self) -> str:
+        return f"Message(id={self.id!r}, type={self.type!r}, delivery_attempt={self.delivery_attempt})"
+
+    @property
+    def id(self) -> str:
+        """The message's id (its CloudEvents id), the same on every delivery."""
+        return self._received.id
+
+    @property
+    def data(self) -> bytes:
+        """The payload as bytes; for a message published as JSON, its UTF-8 JSON."""
+        if self._data is None:
+            received = self._received
+            if received.HasField("json"):
+                self._data = jsonlib.dumps(self.json(), separators=(",", ":"), ensure_ascii=False).encode()
+            else:
+                self._data = received.data
+        return self._data
 
     def json(self) -> Any:
-        """The payload parsed as JSON."""
-        return jsonlib.loads(self.data)
+        """The payload as a JSON value: the value it was published as (whole numbers as ints), or its bytes parsed
+        as JSON when it was published as bytes."""
+        if self._value is _UNREAD:
+            received = self._received
+            self._value = from_value(received.json) if received.HasField("json") else jsonlib.loads(received.data)
+        return self._value
+
+    @property
+    def published_as_json(self) -> bool:
+        """Whether it arrived as the JSON value it was published as (`json`) rather than as bytes."""
+        return self._received.HasField("json")
+
+    @property
+    def content_type(self) -> str:
+        """The payload's media type."""
+        return self._received.content_type
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        """The attributes it was published with."""
+        if self._attributes is None:
+            self._attributes = dict(self._received.attributes)
+        return self._attributes
+
+    @property
+    def publish_time(self) -> datetime:
+        """When it was published (UTC)."""
+        if self._publish_time is None:
+            self._publish_time = self._received.publish_time.ToDatetime(UTC)
+        return self._publish_time
+
+    @property
+    def delivery_attempt(self) -> int:
+        """1 on the first delivery, then 2, 3, ..."""
+        return self._received.delivery_attempt
+
+    @property
+    def source(self) -> str:
+        """The CloudEvents source: `/ductape/<product>/<env>/<broker>`."""
+        return self._received.source
+
+    @property
+    def type(self) -> str:
+        """The CloudEvents type: the topic's name."""
+        return self._received.type
+
+    @property
+    def ordering_key(self) -> str:
+        """The ordering key it was published with."""
+        return self._received.ordering_key
+
+    @property
+    def traceparent(self) -> str:
+        """The W3C trace context it was published with."""
+        return self._received.traceparent
+
+    @property
+    def tracestate(self) -> str:
+        """The W3C `tracestate` that travels with `traceparent`."""
+        return self._received.tracestate
 
 
 class StreamSubscription(Generic[ItemT]):
@@ -339,12 +429,7 @@ class Subscription(StreamSubscription[Message]):
     """A Subscribe stream's messages (see `StreamSubscription`)."""
 
     def _message(self, received: broker_pb2.ReceivedMessage) -> Message:
-        return self._item(
-            Message,
-            received,
-            attributes=dict(received.attributes),
-            publish_time=received.publish_time.ToDatetime(UTC),
-        )
+        return Message(received, self, self._generation)  # not `_item`: it reads its fields lazily (see Message)
 
 
 class BrokerClient(ResourceClient):
@@ -381,14 +466,17 @@ class BrokerClient(ResourceClient):
         """Publish many messages (build them with `outgoing(...)`); one result per message, in order."""
         request = broker_pb2.PublishBatchRequest(product=product, env=env, event=event, messages=list(messages))
         response = await self._call(self._stub.PublishBatch, request, metadata=metadata)
+        ok = grpc.StatusCode.OK
         return [
-            PublishResult(r.message_id, grpc.StatusCode.OK if r.code == 0 else _code(r.code), r.reason, r.message)
+            PublishResult(r.message_id, ok)
+            if r.code == 0
+            else PublishResult(r.message_id, _code(r.code), r.reason, r.message)
             for r in response.results
         ]
 
     def subscribe(self, **fields: Unpack[SubscribeFields]) -> Subscription:
         """A subscription to iterate with `async for`; same `group` = shared messages."""
-        return Subscription.opened(self._stub, self._call, broker_pb2.SubscribeInit, fields)
+        return Subscription.opened(self._stub, self._call, broker_pb2.SubscribeInit, {"json_values": True, **fields})
 
 
 def _code(value: int) -> grpc.StatusCode:

@@ -40,6 +40,24 @@ def plain(value: Any) -> Any:
     return value
 
 
+def from_value(value: struct_pb2.Value) -> Any:
+    """A `google.protobuf.Value` as JSON-like Python, in one pass (json_format and `plain` take two and cost several
+    times more): whole numbers become ints, as JSON has one number type."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {key: from_value(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [from_value(item) for item in value.list_value.values]
+    return None
+
+
 def struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     """A Struct of `data`, or None."""
     if data is None:

@@ -3,7 +3,9 @@ uses, the headers of an outgoing message, and the incoming message read back fro
 defaults a broker gives for messages other producers wrote).
 
 Each adapter maps its protocol's headers (Redis stream fields, AMQP headers, NATS headers) to and from plain text;
-the caller's attributes travel as `attr-<key>`, so they never collide with the CloudEvents names.
+the caller's attributes travel as `attr-<key>`, so they never collide with the CloudEvents names. A payload published
+as a JSON value carries the extension `ductapepayload: json` (`messages.JSON_PAYLOAD_EXTENSION`), so that a
+subscriber can receive it as a value again; a message without it is bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
+from ductape_processor.runtime.brokers.messages import (
+    JSON_PAYLOAD_EXTENSION,
+    JSON_PAYLOAD_MARK,
+    IncomingEvent,
+    OutgoingEvent,
+)
 
 ATTRIBUTE_PREFIX = "attr-"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
@@ -47,6 +54,8 @@ class Binding:
             headers["traceparent"] = message.traceparent
         if message.tracestate:
             headers["tracestate"] = message.tracestate
+        if message.json_payload:
+            headers[f"{self.prefix}{JSON_PAYLOAD_EXTENSION}"] = JSON_PAYLOAD_MARK
         for key, value in message.attributes.items():
             headers[ATTRIBUTE_PREFIX + key] = value
         return headers
@@ -84,6 +93,7 @@ class Binding:
             traceparent=headers.get("traceparent", ""),
             tracestate=headers.get("tracestate", ""),
             delivery_attempt=max(attempt, 1),
+            json_payload=headers.get(f"{self.prefix}{JSON_PAYLOAD_EXTENSION}") == JSON_PAYLOAD_MARK,
         )
 
 

@@ -2,6 +2,9 @@
 
 Each topic keeps one queue per consumer group. A group starts with the messages published after it was created.
 Consumers of a group share its queue; a message taken is in flight until acked, nacked, or its consumer closes.
+
+Everything here runs for every message, so a batch is appended to each group's queue at once (one wake-up per
+batch, not per message) and a delivery is built field by field.
 """
 
 from __future__ import annotations
@@ -9,24 +12,31 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
 from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerSubscription, SubscribeOptions
 from ductape_processor.errors import ProcessorError
 from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
 
+_Entry = tuple[OutgoingEvent, int]  # a message and the delivery attempt its next delivery is
 
-@dataclass(slots=True)
+
 class _Group:
-    ready: deque[tuple[OutgoingEvent, int]] = field(default_factory=deque)
-    inflight: dict[str, tuple[OutgoingEvent, int]] = field(default_factory=dict)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    __slots__ = ("arrived", "ready")
+
+    def __init__(self) -> None:
+        self.ready: deque[_Entry] = deque()
+        self.arrived = asyncio.Event()
 
     def put(self, message: OutgoingEvent, attempt: int, *, front: bool = False) -> None:
         if front:
             self.ready.appendleft((message, attempt))
         else:
             self.ready.append((message, attempt))
+        self.arrived.set()
+
+    def put_new(self, messages: Iterable[OutgoingEvent]) -> None:
+        self.ready.extend((message, 1) for message in messages)
         self.arrived.set()
 
 
@@ -43,7 +53,9 @@ class MemoryBroker(BrokerAdapter):
         return message.id
 
     async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
-        return [await self.publish(topic, message) for message in messages]  # nothing to wait for: no concurrency
+        for group in self._topics.get(topic, {}).values():
+            group.put_new(messages)
+        return [message.id for message in messages]
 
     async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:
         groups = self._topics.setdefault(topic, {})
@@ -57,7 +69,7 @@ class _MemorySubscription(BrokerSubscription):
     def __init__(self, group: _Group, handles: itertools.count[int]) -> None:
         self._group = group
         self._handles = handles
-        self._mine: set[str] = set()
+        self._held: dict[str, _Entry] = {}  # taken by this consumer, not yet acked or given back, in taking order
         self._closed = False
         self._timers: set[asyncio.TimerHandle] = set()
 
@@ -72,29 +84,45 @@ class _MemorySubscription(BrokerSubscription):
                         group.arrived.clear()
             except TimeoutError:
                 return []
+        if self._closed:
+            return []
+        ready, held, handles = group.ready, self._held, self._handles
         taken: list[IncomingEvent] = []
-        while group.ready and len(taken) < max_messages and not self._closed:
-            message, attempt = group.ready.popleft()
-            handle = str(next(self._handles))
-            group.inflight[handle] = (message, attempt)
-            self._mine.add(handle)
-            taken.append(_incoming(handle, message, attempt))
-        if group.ready:
+        for _ in range(min(max_messages, len(ready))):
+            entry = ready.popleft()
+            message, attempt = entry
+            handle = str(next(handles))
+            held[handle] = entry
+            # Positional, in IncomingEvent's field order: a third of the keyword call's cost, for every delivery.
+            taken.append(
+                IncomingEvent(
+                    message.id,
+                    message.source,
+                    message.type,
+                    message.time,
+                    message.data,
+                    message.content_type,
+                    handle,
+                    dict(message.attributes) if message.attributes else {},
+                    message.ordering_key,
+                    message.traceparent,
+                    attempt,
+                    message.tracestate,
+                    message.json_payload,
+                )
+            )
+        if ready:
             group.arrived.set()  # wake another consumer of the group
         return taken
 
     async def ack(self, handles: list[str]) -> None:
+        held = self._held
         for handle in handles:
-            if handle in self._mine:
-                self._mine.discard(handle)
-                self._group.inflight.pop(handle, None)
+            held.pop(handle, None)
 
     async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
         for handle in handles:
-            if handle not in self._mine:
-                continue
-            self._mine.discard(handle)
-            entry = self._group.inflight.pop(handle, None)
+            entry = self._held.pop(handle, None)
             if entry is None:
                 continue
             message, attempt = entry
@@ -106,32 +134,11 @@ class _MemorySubscription(BrokerSubscription):
 
     async def release(self, handles: list[str]) -> None:
         for handle in reversed(handles):
-            if handle not in self._mine:
-                continue
-            self._mine.discard(handle)
-            entry = self._group.inflight.pop(handle, None)
+            entry = self._held.pop(handle, None)
             if entry is not None:
                 self._group.put(*entry, front=True)  # nobody saw it: same attempt
 
     async def close(self) -> None:
         self._closed = True
-        await self.nack(sorted(self._mine, key=int, reverse=True))
+        await self.nack(list(reversed(self._held)))
         self._group.arrived.set()
-
-
-def _incoming(handle: str, message: OutgoingEvent, attempt: int) -> IncomingEvent:
-    # What `carried` keeps, named here rather than through its dict: this runs for every message delivered.
-    return IncomingEvent(
-        id=message.id,
-        source=message.source,
-        type=message.type,
-        time=message.time,
-        data=message.data,
-        content_type=message.content_type,
-        ordering_key=message.ordering_key,
-        traceparent=message.traceparent,
-        tracestate=message.tracestate,
-        handle=handle,
-        attributes=dict(message.attributes),
-        delivery_attempt=attempt,
-    )

@@ -8,6 +8,10 @@ carries, an event:
 - `OutgoingEvent`: a `CloudEvent` the runtime built around it, which an adapter publishes;
 - `IncomingEvent`: a `CloudEvent` an adapter's subscription fetched, with the handle that acks it (the API sends it
   on as a `ReceivedMessage`).
+
+They are built for every message published and delivered, so they are slotted dataclasses but not frozen: a frozen
+dataclass's `__init__` sets each field through `object.__setattr__`, three to four times the cost of a plain one
+(0.58 against 0.14 µs for five fields, 1.5 against 0.5 µs for an `OutgoingEvent`). Nothing changes one once built.
 """
 
 from __future__ import annotations
@@ -18,18 +22,20 @@ from datetime import datetime
 from typing import Any, Final
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutgoingMessage:
-    """A message as the caller gave it (the API's `OutgoingMessage`)."""
+    """A message as the caller gave it (the API's `OutgoingMessage`). `json_payload`: the caller gave a JSON value
+    (the API's `json`), which `data` holds as UTF-8 JSON; a subscriber may ask to receive it as a value again."""
 
     data: bytes
     content_type: str
     attributes: Mapping[str, str]
     ordering_key: str = ""
     idempotency_key: str = ""
+    json_payload: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CloudEvent:
     """The CloudEvents 1.0 attributes and payload every message has, published or received."""
 
@@ -41,19 +47,22 @@ class CloudEvent:
     content_type: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutgoingEvent(CloudEvent):
-    """A message to publish, with the caller's attributes."""
+    """A message to publish, with the caller's attributes. `json_payload`: `data` is a JSON value the caller gave
+    as one (adapters carry the mark as the CloudEvents extension `JSON_PAYLOAD_EXTENSION`)."""
 
     attributes: Mapping[str, str] = field(default_factory=dict)
     ordering_key: str = ""
     traceparent: str = ""
     tracestate: str = ""
+    json_payload: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IncomingEvent(CloudEvent):
-    """A message received on a subscription. `handle` is what ack/nack take; `id` is the CloudEvents id."""
+    """A message received on a subscription. `handle` is what ack/nack take; `id` is the CloudEvents id;
+    `json_payload`: it was published as a JSON value (see `OutgoingEvent`)."""
 
     handle: str
     attributes: dict[str, str]
@@ -61,9 +70,22 @@ class IncomingEvent(CloudEvent):
     traceparent: str
     delivery_attempt: int
     tracestate: str = ""
+    json_payload: bool = False
 
 
-_CARRIED: Final = (*(f.name for f in fields(CloudEvent)), "ordering_key", "traceparent", "tracestate")
+JSON_PAYLOAD_EXTENSION: Final = "ductapepayload"
+"""The CloudEvents extension attribute that marks a payload published as a JSON value, with the value
+`JSON_PAYLOAD_MARK`: brokers carry it like the other attributes (NATS `ce-ductapepayload`, AMQP
+`cloudEvents_ductapepayload`, a Redis stream field `ductapepayload`). Messages without it are bytes."""
+JSON_PAYLOAD_MARK: Final = "json"
+
+_CARRIED: Final = (
+    *(f.name for f in fields(CloudEvent)),
+    "ordering_key",
+    "traceparent",
+    "tracestate",
+    "json_payload",
+)
 
 
 def carried(message: OutgoingEvent | IncomingEvent) -> dict[str, Any]:

@@ -42,6 +42,8 @@ later (or unset); then it answers UNAVAILABLE `BROKER_UNAVAILABLE` (docs/brokers
 PUBLISH_LEASE: Final = timedelta(seconds=PUBLISH_LIMIT_S + 5)
 """How long an idempotency key stays claimed by a publish: past PUBLISH_LIMIT_S its owner has given up or died."""
 MAX_ATTRIBUTES = 64
+ID_BYTES: Final = 12
+"""Random bytes in a message id (24 hex characters) when the publish has no idempotency key."""
 MAX_BATCH_ENTRIES = 1000
 _ATTRIBUTE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")  # \Z: "$" would let a trailing newline through
 T = TypeVar("T")
@@ -121,18 +123,7 @@ class BrokerRuntime:
     def _message(
         self, route: Route, outgoing: OutgoingMessage, trace: Mapping[str, str], message_id: str = ""
     ) -> OutgoingEvent:
-        return OutgoingEvent(
-            id=message_id or os.urandom(12).hex(),
-            source=route.source,
-            type=route.topic.name,
-            time=datetime.now(UTC),
-            data=outgoing.data,
-            content_type=outgoing.content_type or "application/octet-stream",
-            attributes=dict(outgoing.attributes),
-            ordering_key=outgoing.ordering_key,
-            traceparent=trace.get("traceparent", ""),
-            tracestate=trace.get("tracestate", ""),
-        )
+        return _events(route, [outgoing], trace, [message_id or os.urandom(ID_BYTES).hex()])[0]
 
     async def _send(self, route: Route, send: Callable[[], Awaitable[T]], seconds: float, *, keyed: bool) -> T:
         """Run one broker write (connecting included) for at most `seconds`."""
@@ -250,7 +241,7 @@ class BrokerRuntime:
         adapter = self.adapter(route)
         trace = outgoing_trace_context()
         results: list[str | ProcessorError | None] = [None] * len(entries)
-        plain: list[tuple[int, OutgoingEvent]] = []
+        plain: list[tuple[int, OutgoingMessage]] = []
         for index, outgoing in enumerate(entries):
             if isinstance(outgoing, ProcessorError):
                 results[index] = outgoing
@@ -266,9 +257,9 @@ class BrokerRuntime:
                 except ProcessorError as exc:
                     results[index] = exc
             else:
-                plain.append((index, self._message(route, outgoing, trace)))
+                plain.append((index, outgoing))
         if plain:
-            messages = [message for _, message in plain]
+            messages = _events(route, [outgoing for _, outgoing in plain], trace, _new_ids(len(plain)))
             try:
                 published = await self._send(
                     route,
@@ -278,7 +269,7 @@ class BrokerRuntime:
                 )
             except BrokerUnavailable as exc:
                 published = [exc] * len(plain)
-            for (index, message), outcome in zip(plain, published, strict=True):
+            for (index, _), message, outcome in zip(plain, messages, published, strict=True):
                 results[index] = message.id if isinstance(outcome, str) else outcome
         return [result if result is not None else ProcessorError("not published") for result in results]
 
@@ -325,6 +316,38 @@ class BrokerRuntime:
         """Close every adapter."""
         await self.shutdown_streams()
         await self._adapters.close()
+
+
+def _new_ids(count: int) -> list[str]:
+    """`count` new message ids (ID_BYTES random bytes each, in hex) from one read of the system's random source."""
+    width = ID_BYTES * 2
+    drawn = os.urandom(ID_BYTES * count).hex()
+    return [drawn[start : start + width] for start in range(0, len(drawn), width)]
+
+
+def _events(
+    route: Route, messages: Sequence[OutgoingMessage], trace: Mapping[str, str], ids: Sequence[str]
+) -> list[OutgoingEvent]:
+    """The CloudEvents of messages published in one call: they share the source, the type, the time (the call's)
+    and the trace context. Built positionally, in OutgoingEvent's field order: this runs for every message."""
+    source, type_, now = route.source, route.topic.name, datetime.now(UTC)
+    traceparent, tracestate = trace.get("traceparent", ""), trace.get("tracestate", "")
+    return [
+        OutgoingEvent(
+            message_id,
+            source,
+            type_,
+            now,
+            outgoing.data,
+            outgoing.content_type or "application/octet-stream",
+            dict(outgoing.attributes) if outgoing.attributes else {},
+            outgoing.ordering_key,
+            traceparent,
+            tracestate,
+            outgoing.json_payload,
+        )
+        for outgoing, message_id in zip(messages, ids, strict=True)
+    ]
 
 
 def _open(ref: EnvironmentRef, settings: BrokerEnv) -> BrokerAdapter:

@@ -303,6 +303,7 @@ class SubscribeInit(_message.Message):
     ACK_DEADLINE_FIELD_NUMBER: _builtins.int
     MAX_DELIVERIES_FIELD_NUMBER: _builtins.int
     DEAD_LETTER_EVENT_FIELD_NUMBER: _builtins.int
+    JSON_VALUES_FIELD_NUMBER: _builtins.int
     product: _builtins.str
     """The product's tag."""
     env: _builtins.str
@@ -322,6 +323,12 @@ class SubscribeInit(_message.Message):
     dead_letter_event: _builtins.str
     """Topic (`broker_tag:topic_tag`) that receives messages past `max_deliveries`;
     required when `max_deliveries` is set.
+    """
+    json_values: _builtins.bool
+    """Deliver each message published as a JSON value (`OutgoingMessage.json`)
+    as that value again, in `ReceivedMessage.json`, instead of its UTF-8 JSON
+    in `ReceivedMessage.data`. Off by default: a stream that does not ask
+    receives every payload as bytes in `data`, as before this field existed.
     """
     @_builtins.property
     def max_wait(self) -> _duration_pb2.Duration:
@@ -344,10 +351,11 @@ class SubscribeInit(_message.Message):
         ack_deadline: _duration_pb2.Duration | None = ...,
         max_deliveries: _builtins.int = ...,
         dead_letter_event: _builtins.str = ...,
+        json_values: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ack_deadline", b"ack_deadline", "max_wait", b"max_wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_deadline", b"ack_deadline", "dead_letter_event", b"dead_letter_event", "env", b"env", "event", b"event", "group", b"group", "max_batch", b"max_batch", "max_deliveries", b"max_deliveries", "max_in_flight", b"max_in_flight", "max_wait", b"max_wait", "product", b"product"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_deadline", b"ack_deadline", "dead_letter_event", b"dead_letter_event", "env", b"env", "event", b"event", "group", b"group", "json_values", b"json_values", "max_batch", b"max_batch", "max_deliveries", b"max_deliveries", "max_in_flight", b"max_in_flight", "max_wait", b"max_wait", "product", b"product"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -567,12 +575,13 @@ class ReceivedMessage(_message.Message):
     ORDERING_KEY_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     TRACESTATE_FIELD_NUMBER: _builtins.int
+    JSON_FIELD_NUMBER: _builtins.int
     ack_id: _builtins.str
     """What to ack or nack the message with, on this stream."""
     id: _builtins.str
     """The message's id (its CloudEvents id), the same on every delivery."""
     data: _builtins.bytes
-    """The payload."""
+    """The payload as bytes; empty when it arrives as a value in `json`."""
     content_type: _builtins.str
     """The payload's media type."""
     delivery_attempt: _builtins.int
@@ -598,6 +607,15 @@ class ReceivedMessage(_message.Message):
     def publish_time(self) -> _timestamp_pb2.Timestamp:
         """When it was published."""
 
+    @_builtins.property
+    def json(self) -> _struct_pb2.Value:
+        """The payload as the JSON value it was published as (`OutgoingMessage.json`),
+        on a stream that asked for values (`SubscribeInit.json_values`); `data` is
+        then empty. Unset for a message published as bytes, on a stream that did
+        not ask, and for a value nested deeper than 32 levels (its JSON comes in
+        `data`). Numbers are doubles, as in the published `Value`.
+        """
+
     def __init__(
         self,
         *,
@@ -613,10 +631,11 @@ class ReceivedMessage(_message.Message):
         ordering_key: _builtins.str = ...,
         traceparent: _builtins.str = ...,
         tracestate: _builtins.str = ...,
+        json: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["publish_time", b"publish_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["json", b"json", "publish_time", b"publish_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_id", b"ack_id", "attributes", b"attributes", "content_type", b"content_type", "data", b"data", "delivery_attempt", b"delivery_attempt", "id", b"id", "ordering_key", b"ordering_key", "publish_time", b"publish_time", "source", b"source", "traceparent", b"traceparent", "tracestate", b"tracestate", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_id", b"ack_id", "attributes", b"attributes", "content_type", b"content_type", "data", b"data", "delivery_attempt", b"delivery_attempt", "id", b"id", "json", b"json", "ordering_key", b"ordering_key", "publish_time", b"publish_time", "source", b"source", "traceparent", b"traceparent", "tracestate", b"tracestate", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

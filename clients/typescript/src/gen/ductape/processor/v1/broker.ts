@@ -152,6 +152,13 @@ export interface SubscribeInit {
    * required when `max_deliveries` is set.
    */
   deadLetterEvent: string;
+  /**
+   * Deliver each message published as a JSON value (`OutgoingMessage.json`)
+   * as that value again, in `ReceivedMessage.json`, instead of its UTF-8 JSON
+   * in `ReceivedMessage.data`. Off by default: a stream that does not ask
+   * receives every payload as bytes in `data`, as before this field existed.
+   */
+  jsonValues: boolean;
 }
 
 /** Acknowledges messages. */
@@ -217,7 +224,7 @@ export interface ReceivedMessage {
   ackId: string;
   /** The message's id (its CloudEvents id), the same on every delivery. */
   id: string;
-  /** The payload. */
+  /** The payload as bytes; empty when it arrives as a value in `json`. */
   data: Buffer;
   /** The payload's media type. */
   contentType: string;
@@ -243,6 +250,14 @@ export interface ReceivedMessage {
   traceparent: string;
   /** The W3C `tracestate` that travels with `traceparent`, when there is one. */
   tracestate: string;
+  /**
+   * The payload as the JSON value it was published as (`OutgoingMessage.json`),
+   * on a stream that asked for values (`SubscribeInit.json_values`); `data` is
+   * then empty. Unset for a message published as bytes, on a stream that did
+   * not ask, and for a value nested deeper than 32 levels (its JSON comes in
+   * `data`). Numbers are doubles, as in the published `Value`.
+   */
+  json: any | undefined;
 }
 
 export interface ReceivedMessage_AttributesEntry {
@@ -925,6 +940,7 @@ function createBaseSubscribeInit(): SubscribeInit {
     ackDeadline: undefined,
     maxDeliveries: 0,
     deadLetterEvent: "",
+    jsonValues: false,
   };
 }
 
@@ -959,6 +975,9 @@ export const SubscribeInit: MessageFns<SubscribeInit> = {
     }
     if (message.deadLetterEvent !== "") {
       writer.uint32(82).string(message.deadLetterEvent);
+    }
+    if (message.jsonValues !== false) {
+      writer.uint32(88).bool(message.jsonValues);
     }
     return writer;
   },
@@ -1056,6 +1075,14 @@ export const SubscribeInit: MessageFns<SubscribeInit> = {
             message.deadLetterEvent = reader.string();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.jsonValues = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1087,6 +1114,7 @@ export const SubscribeInit: MessageFns<SubscribeInit> = {
       : undefined;
     message.maxDeliveries = object.maxDeliveries ?? 0;
     message.deadLetterEvent = object.deadLetterEvent ?? "";
+    message.jsonValues = object.jsonValues ?? false;
     return message;
   },
 };
@@ -1503,6 +1531,7 @@ function createBaseReceivedMessage(): ReceivedMessage {
     orderingKey: "",
     traceparent: "",
     tracestate: "",
+    json: undefined,
   };
 }
 
@@ -1543,6 +1572,9 @@ export const ReceivedMessage: MessageFns<ReceivedMessage> = {
     }
     if (message.tracestate !== "") {
       writer.uint32(98).string(message.tracestate);
+    }
+    if (message.json !== undefined) {
+      Value.encode(Value.wrap(message.json), writer.uint32(106).fork()).join();
     }
     return writer;
   },
@@ -1659,6 +1691,14 @@ export const ReceivedMessage: MessageFns<ReceivedMessage> = {
             message.tracestate = reader.string();
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.json = Value.unwrap(Value.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1696,6 +1736,7 @@ export const ReceivedMessage: MessageFns<ReceivedMessage> = {
     message.orderingKey = object.orderingKey ?? "";
     message.traceparent = object.traceparent ?? "";
     message.tracestate = object.tracestate ?? "";
+    message.json = object.json === undefined ? undefined : object.json;
     return message;
   },
 };
