@@ -53,6 +53,7 @@ from ductape_processor.runtime.sessions import SessionKeys, SessionManager
 from ductape_processor.runtime.storage.links import StorageLinks
 from ductape_processor.runtime.storage.operations import StorageRuntime
 from ductape_processor.runtime.webhooks.deliveries import DeliverySettings, DeliveryWorker
+from ductape_processor.runtime.webhooks.dispatches import DispatchSettings, DispatchWorker
 from ductape_processor.runtime.webhooks.emitter import WebhookRuntime
 from ductape_processor.runtime.webhooks.receiver import WebhookReceiver
 from ductape_processor.settings import Settings
@@ -180,7 +181,15 @@ def build(
     )
     deliveries = DeliveryWorker(store, registry, secrets, webhook_pools, clock, DeliverySettings())
     webhooks = WebhookRuntime(registry, store, deliveries, clock)
-    receiver = WebhookReceiver(registry, store, brokers, secrets, clock)
+    dispatches = DispatchWorker(
+        store,
+        registry,
+        brokers,
+        jobs,
+        clock,
+        DispatchSettings(lease=timedelta(seconds=settings.webhook_dispatch_lease_s)),
+    )
+    receiver = WebhookReceiver(registry, store, brokers, secrets, clock, dispatches)
     webhook_http = (
         WebhookHttpListener(receiver, settings.webhook_http_address) if settings.webhook_http_address else None
     )
@@ -294,6 +303,7 @@ class ProcessorApp:
                 await self._apply_file(parts, path)
             await parts.jobs.start()
             await parts.webhooks.worker.start()
+            parts.webhook_receiver.dispatches.start()
             try:
                 self.port = listen(parts.server, settings)
             except ListenError as exc:
@@ -391,7 +401,9 @@ class ProcessorApp:
         log.info("draining", extra={"grace_s": grace})
         await parts.server.stop(grace)
         await parts.jobs.stop(grace)  # runs going finish within the grace; their targets are still open
-        await parts.webhooks.worker.stop(grace)  # attempts going finish within the grace (else: leases run out)
+        await asyncio.gather(  # attempts and dispatches going finish within the grace (else: their leases run out)
+            parts.webhooks.worker.stop(grace), parts.webhook_receiver.dispatches.stop(grace)
+        )
         await self._release(parts)
         log.info("stopped")
 
@@ -403,7 +415,7 @@ class ProcessorApp:
         if parts.webhook_http is not None:
             await parts.webhook_http.stop()
         await parts.webhooks.worker.stop(0)
-        await parts.webhook_receiver.close()
+        await parts.webhook_receiver.dispatches.stop(0)
         for pool in parts.webhook_pools:
             await pool.close()
         closers = (

@@ -87,6 +87,7 @@ _FLAGS: dict[str, _Flag] = {
     "database_max_result_bytes": {"type": int},
     "storage_http_address": {"help": "host:port serving fs storages' signed URLs (off when unset)"},
     "webhook_http_address": {"help": "host:port receiving provider webhooks (empty: off)"},
+    "webhook_dispatch_lease_s": {"type": float},
 }
 
 

@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         description="host:port of the HTTP listener receiving provider webhooks, started once a product declares a "
         "receive path; empty: off.",
     )
+    webhook_dispatch_lease_s: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="How long a received webhook's dispatch is leased to the replica making it; one that died is "
+        "replaced after it. Keep it longer than a dispatch takes (a publish waits for its broker 8 s at most).",
+    )
     session_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Session root keys `id:base64url(32 bytes)`, newest first; the first encrypts new tokens.",

@@ -22,6 +22,7 @@ from ductape_processor.runtime.webhooks.emitter import (
     DeliveryFilter,
     DeliveryRecord,
     DeliveryStatus,
+    DispatchStatus,
     EmitCall,
     ReceivedRecord,
     WebhookRuntime,
@@ -76,7 +77,7 @@ def delivery_message(delivery: DeliveryRecord, detail: DeliveryDetail | None = N
 
 def received_message(record: ReceivedRecord) -> webhook_pb2.ReceivedWebhook:
     """A received webhook as the API shows it."""
-    return webhook_pb2.ReceivedWebhook(
+    message = webhook_pb2.ReceivedWebhook(
         id=record.received_id,
         webhook=record.webhook,
         webhook_id=record.webhook_id if record.webhook_id != record.received_id else "",
@@ -85,6 +86,17 @@ def received_message(record: ReceivedRecord) -> webhook_pb2.ReceivedWebhook:
         content_type=record.content_type,
         headers=json.loads(record.headers) if record.headers else {},
     )
+    if record.dispatch_status != DispatchStatus.NONE:
+        made = json.loads(record.dispatch_result) if record.dispatch_result else {}
+        dispatch = message.dispatch
+        dispatch.status = webhook_pb2.DispatchStatus.ValueType(int(record.dispatch_status))
+        dispatch.attempts = record.dispatch_attempts
+        dispatch.message_id = made.get("message_id", "")
+        dispatch.job_id = made.get("job_id", "")
+        dispatch.error = made.get("error", "")
+        if record.dispatch_status == DispatchStatus.PENDING and record.dispatch_at is not None:
+            dispatch.next_attempt_time.CopyFrom(timestamp(record.dispatch_at))
+    return message
 
 
 def _response(event: StreamEvent) -> webhook_pb2.ReceiveResponse:

@@ -245,6 +245,19 @@ _TEMPLATES: tuple[Migration, ...] = (
             "(product, env, received_at DESC, received_id DESC)",
         ),
     ),
+    Migration(
+        6,
+        "webhooks: a received webhook's dispatch, claimed under a lease and retried until it is done",
+        (
+            "ALTER TABLE webhooks_received ADD COLUMN dispatch_status {small} NOT NULL DEFAULT 0",
+            "ALTER TABLE webhooks_received ADD COLUMN dispatch_attempts INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE webhooks_received ADD COLUMN dispatch_at {time}",
+            "ALTER TABLE webhooks_received ADD COLUMN dispatch_result TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE webhooks_received ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE webhooks_received ADD COLUMN lease_until {time}",
+            "CREATE INDEX webhooks_received_dispatch_due ON webhooks_received (dispatch_at) WHERE dispatch_status = 1",
+        ),
+    ),
 )
 
 

@@ -100,9 +100,23 @@ class DeliveryFilter:
     status: DeliveryStatus | None = None
 
 
+class DispatchStatus(IntEnum):
+    """Where a received webhook's dispatch stands (the proto's DispatchStatus numbers)."""
+
+    NONE = 0
+    """The receive dispatches nothing."""
+    PENDING = 1
+    DISPATCHED = 2
+    FAILED = 3
+
+
 @dataclass(frozen=True, slots=True)
 class ReceivedRecord:
-    """A received webhook: `webhook_id` is what refuses a replay (the provider's id, or the signature's digest)."""
+    """A received webhook: `webhook_id` is what refuses a replay (the provider's id, or the signature's digest).
+
+    Its dispatch is pending until it is done, due at `dispatch_at` and claimed by `lease_owner` until `lease_until`
+    while it is made (the replica that accepted it claims it as it stores it); `dispatch_result` is what the dispatch
+    made (JSON: the message's and the job's ids), or the last attempt's error."""
 
     received_id: str
     product: str
@@ -113,6 +127,24 @@ class ReceivedRecord:
     content_type: str
     headers: str
     body: bytes
+    dispatch_status: DispatchStatus = DispatchStatus.NONE
+    dispatch_attempts: int = 0
+    dispatch_at: datetime | None = None
+    dispatch_result: str = ""
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchEnd:
+    """How `owner`'s attempt at a received webhook's dispatch ended: its next state, when it is due again (pending),
+    and what it made or why it failed."""
+
+    received_id: str
+    owner: str
+    status: DispatchStatus
+    dispatch_at: datetime | None
+    result: str
 
 
 class WebhookState(abc.ABC):
@@ -162,7 +194,22 @@ class WebhookState(abc.ABC):
 
     @abc.abstractmethod
     async def insert_received(self, record: ReceivedRecord) -> bool:
-        """Store a received webhook; False (nothing stored) when its `webhook_id` was received before."""
+        """Store a received webhook (with its dispatch's state and lease); False (nothing stored) when its
+        `webhook_id` was received before."""
+
+    @abc.abstractmethod
+    async def claim_dispatches(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[ReceivedRecord]:
+        """Lease up to `limit` pending dispatches due at `now` that no live lease holds, one more attempt counted."""
+
+    @abc.abstractmethod
+    async def end_dispatches(self, ends: list[DispatchEnd]) -> None:
+        """Record how dispatches ended, those whose owner still holds them."""
+
+    @abc.abstractmethod
+    async def next_dispatch_moment(self) -> datetime | None:
+        """The earliest moment a pending dispatch falls due (its next attempt, or its lease's end)."""
 
     @abc.abstractmethod
     async def list_received(

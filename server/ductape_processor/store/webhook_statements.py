@@ -13,7 +13,10 @@ DELIVERY_COLUMNS: Final = (
     "last_code, lease_owner, lease_until"
 )
 ATTEMPT_COLUMNS: Final = "delivery_id, number, started_at, duration_ms, response_code, excerpt, error, success"
-RECEIVED_COLUMNS: Final = "received_id, product, env, webhook, webhook_id, received_at, content_type, headers, body"
+RECEIVED_COLUMNS: Final = (
+    "received_id, product, env, webhook, webhook_id, received_at, content_type, headers, body, dispatch_status, "
+    "dispatch_attempts, dispatch_at, dispatch_result, lease_owner, lease_until"
+)
 
 INSERT_MESSAGE: Final = Statement(
     f"INSERT INTO webhook_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
@@ -80,8 +83,16 @@ NEXT_DELIVERY_MOMENT: Final = Statement(
     "FROM webhook_deliveries WHERE status = 1"
 )
 INSERT_RECEIVED: Final = Statement(
-    f"INSERT INTO webhooks_received ({RECEIVED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
-    "ON CONFLICT (product, env, webhook, webhook_id) DO NOTHING"
+    f"INSERT INTO webhooks_received ({RECEIVED_COLUMNS}) "  # noqa: S608
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (product, env, webhook, webhook_id) DO NOTHING"
+)
+END_DISPATCH: Final = Statement(
+    "UPDATE webhooks_received SET dispatch_status = ?, dispatch_at = ?, dispatch_result = ?, lease_owner = NULL, "
+    "lease_until = NULL WHERE received_id = ? AND lease_owner = ? AND dispatch_status = 1"
+)
+NEXT_DISPATCH_MOMENT: Final = Statement(
+    "SELECT min(CASE WHEN lease_until > dispatch_at THEN lease_until ELSE dispatch_at END) "
+    "FROM webhooks_received WHERE dispatch_status = 1"
 )
 
 
@@ -96,6 +107,20 @@ def claim_deliveries(dialect: Dialect) -> Statement:
         "AND (claimed.lease_until IS NULL OR claimed.lease_until <= ?)",
         "claimed.next_attempt_at",
         DELIVERY_COLUMNS,
+    )
+
+
+def claim_dispatches(dialect: Dialect) -> Statement:
+    """Lease the pending dispatches of received webhooks due at a moment: owner, lease end, moment, moment, limit."""
+    return claim_statement(
+        dialect,
+        "webhooks_received",
+        "received_id",
+        "lease_owner = ?, lease_until = ?, dispatch_attempts = dispatch_attempts + 1",
+        "claimed.dispatch_status = 1 AND claimed.dispatch_at <= ? "
+        "AND (claimed.lease_until IS NULL OR claimed.lease_until <= ?)",
+        "claimed.dispatch_at",
+        RECEIVED_COLUMNS,
     )
 
 

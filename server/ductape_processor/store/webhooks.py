@@ -23,6 +23,8 @@ from ductape_processor.store.webhook_records import (
     DeliveryFilter,
     DeliveryRecord,
     DeliveryStatus,
+    DispatchEnd,
+    DispatchStatus,
     EndpointKey,
     ReceivedRecord,
     WebhookMessage,
@@ -49,7 +51,8 @@ class SqlWebhookStore(SqlJobStore):
         return AttemptRecord(**_named(AttemptRecord, row, started_at=self._dialect.moment, success=bool))
 
     def _received(self, row: Row) -> ReceivedRecord:
-        return ReceivedRecord(**_named(ReceivedRecord, row, received_at=self._dialect.moment, body=bytes))
+        times = dict.fromkeys(("received_at", "dispatch_at", "lease_until"), self._dialect.moment)
+        return ReceivedRecord(**_named(ReceivedRecord, row, body=bytes, dispatch_status=DispatchStatus, **times))
 
     # -- emitting ---------------------------------------------------------------------------------------------------
 
@@ -204,8 +207,37 @@ class SqlWebhookStore(SqlJobStore):
     # -- receiving --------------------------------------------------------------------------------------------------
 
     async def insert_received(self, record: ReceivedRecord) -> bool:
-        values = _values(record, received_at=self._dialect.time)
+        times = dict.fromkeys(("received_at", "dispatch_at", "lease_until"), self._dialect.time)
+        values = _values(record, dispatch_status=int, **times)
         return await self._write(sql.INSERT_RECEIVED, *values, retry=False) == 1
+
+    async def claim_dispatches(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[ReceivedRecord]:
+        at = self._dialect.time(now)
+        statement = sql.claim_dispatches(self._dialect)
+        rows = await self._write_returning(
+            statement, owner, self._dialect.time(lease_until), at, at, limit, retry=False
+        )
+        return [self._received(row) for row in rows]
+
+    async def end_dispatches(self, ends: list[DispatchEnd]) -> None:
+        time = self._dialect.time
+        rows: list[tuple[SqlValue, ...]] = [
+            (int(e.status), e.dispatch_at and time(e.dispatch_at), e.result, e.received_id, e.owner) for e in ends
+        ]
+        if len(rows) == 1:
+            await self._write(sql.END_DISPATCH, *rows[0])
+            return
+
+        async def end(conn: Connection) -> None:
+            await conn.executemany(sql.END_DISPATCH, rows)
+
+        await self._transaction(end)
+
+    async def next_dispatch_moment(self) -> datetime | None:
+        row = await self._reader.fetchrow(sql.NEXT_DISPATCH_MOMENT)
+        return self._dialect.moment(row[0]) if row is not None and row[0] is not None else None
 
     async def list_received(
         self, product: str, env: str, webhook: str, *, after: tuple[datetime, str] | None, limit: int

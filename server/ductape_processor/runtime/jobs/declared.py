@@ -27,20 +27,25 @@ from ductape_processor.runtime.jobs.model import (
 from ductape_processor.runtime.jobs.scheduler import JobScheduler, new_job
 from ductape_processor.runtime.jobs.timing import first_due
 from ductape_processor.runtime.policies.clock import Clock
-from ductape_processor.runtime.registry.jobs import DeclaredJob
+from ductape_processor.runtime.registry.jobs import DeclaredJob, JobRetryPolicy
 from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.store.base import JobFilter, JobRecord, Store
 
 log = logging.getLogger(__name__)
 
 
+def declared_retry(retry: JobRetryPolicy) -> JobRetry:
+    """A retry policy as a manifest declares it (a declared job's, a received webhook's job's)."""
+    return JobRetry(retry.max_retries, retry.initial_delay, retry.max_delay, retry.jitter)
+
+
 def declared_spec(job: DeclaredJob) -> JobSpec:
     """The spec of a job the manifest declares."""
-    repeat, retry = job.repeat, job.retry
+    repeat = job.repeat
     return JobSpec(
         target=Target(TargetKind(job.target.kind), job.target.event, dict(job.input)),
         repeat=Repeat(repeat.cron or "", repeat.every, repeat.timezone, repeat.limit),
-        retry=JobRetry(retry.max_retries, retry.initial_delay, retry.max_delay, retry.jitter),
+        retry=declared_retry(job.retry),
         overlap=Overlap(job.overlap),
         catch_up=job.catch_up_window,
     )

@@ -1,24 +1,32 @@
 """Rounds of claiming due work from the store, for one replica: claim what is due (under a lease, so each piece of
-work runs once across replicas), hand it on, and sleep until the store says the next piece falls due.
+work runs once across replicas), hand it on, and sleep until the store says the next piece falls due; and the ends
+of claimed work, written a batch per store call (`EndBatches`); `ClaimedWork` puts both together for work whose
+pieces run as tasks, a bounded number at once.
 
 Waiting is event-driven: a round ends by sleeping until the earliest due moment the store reports, woken earlier by
 `wake` (this replica added work) or, on PostgreSQL, by another replica's change on the store's topic
 (LISTEN/NOTIFY); a poll every `poll_s` covers a lost notification. A claim that came back full makes the next round
-start at once. Used by webhook deliveries (runtime/webhooks/deliveries.py).
+start at once. Used by webhook deliveries (runtime/webhooks/deliveries.py) and received webhooks' dispatches
+(runtime/webhooks/dispatches.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
 
 from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.policies.periodic import PeriodicTask
 from ductape_processor.store.base import Store
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ClaimRounds(PeriodicTask):
@@ -72,3 +80,113 @@ class ClaimRounds(PeriodicTask):
                 log.warning("%s: cannot read the next due moment: %s", self.name, exc)
                 moment = None
             await self._clock.wait_until(min(moment, fallback) if moment is not None else fallback, self._wake)
+
+
+class EndBatches(Generic[T]):
+    """The ends of claimed work, written many to a store call by a task of their own: while one call is on its way,
+    the ends that come in meanwhile wait and go together in the next (a group commit: no added wait when the store
+    keeps up, fewer transactions when it does not). A call that fails is logged and the batch is tried again a second
+    later; should the store stay away, the leases run out and the work is claimed again."""
+
+    def __init__(self, name: str, write: Callable[[list[T]], Awaitable[object]], batch: int) -> None:
+        self.name = name
+        self._write = write
+        self._batch = batch
+        self._ends: list[T] = []
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, end: T) -> None:
+        """Write `end` with the next batch."""
+        self._ends.append(end)
+        self._ready.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._rounds(), name=self.name)
+
+    async def close(self) -> None:
+        """Stop the task and write the ends left (one try each batch; a failure is logged)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            await self._flush()
+        except Exception as exc:
+            log.warning("%s: cannot write %d ends at shutdown: %s", self.name, len(self._ends), exc)
+
+    async def _rounds(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            try:
+                await self._flush()
+            except Exception as exc:  # kept for the next round
+                log.warning("%s: cannot write ends: %s", self.name, exc)
+                await asyncio.sleep(1.0)
+                self._ready.set()
+
+    async def _flush(self) -> None:
+        while self._ends:
+            batch = self._ends[: self._batch]
+            await self._write(batch)
+            del self._ends[: len(batch)]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimLimits:
+    """How claimed work goes: the fallback poll, the most claimed in one statement, the most running at once."""
+
+    poll_s: float
+    claim_batch: int
+    concurrency: int
+
+
+class ClaimedWork:
+    """One replica's share of work claimed under leases: `claim(free)` claims up to `free` pieces and hands each to
+    `run` (a task); the rounds claim while fewer than `concurrency` run, and a piece that ends makes room. `stop`
+    gives the pieces running a grace; those cut off leave leases that run out, and the work is claimed again."""
+
+    def __init__(
+        self,
+        name: str,
+        claim: Callable[[int], Awaitable[int]],
+        next_moment: Callable[[], Awaitable[datetime | None]],
+        clock: Clock,
+        limits: ClaimLimits,
+    ) -> None:
+        self._claim_up_to = claim
+        self._limits = limits
+        self.rounds = ClaimRounds(name, self._claim, next_moment, clock, limits.poll_s)
+        self._running: set[asyncio.Task[None]] = set()
+
+    def run(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run one piece of work in a task of its own."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._running.add(task)
+        task.add_done_callback(self._done)
+
+    def wake(self) -> None:
+        """Look for due work now."""
+        self.rounds.wake()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; the pieces running get `grace_s` to end, then are cancelled."""
+        await self.rounds.stop()
+        if self._running:
+            _, late = await asyncio.wait(set(self._running), timeout=grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+
+    async def _claim(self) -> bool:
+        free = min(self._limits.claim_batch, self._limits.concurrency - len(self._running))
+        if free <= 0:
+            return False  # a piece that ends wakes the rounds
+        return await self._claim_up_to(free) == free
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if len(self._running) == self._limits.concurrency - 1:
+            self.rounds.wake()

@@ -121,11 +121,16 @@ def _webhook_problems(manifest: Manifest, slugs: list[str]) -> Iterator[tuple[st
                 for unknown in [tag for tag in endpoint.events if tag not in events]:
                     yield f"{where}.endpoints.{env}[{e}].events", f"webhook {webhook.tag!r} has no event {unknown!r}"
         for env, receive in webhook.receive.items():
-            if receive.dispatch is not None and receive.dispatch.publish not in topics:
+            dispatch = receive.dispatch
+            if dispatch is not None and dispatch.publish is not None and dispatch.publish not in topics:
                 yield (
                     f"{where}.receive.{env}.dispatch.publish",
-                    f"{receive.dispatch.publish!r} is not a broker_tag:topic_tag of the product",
+                    f"{dispatch.publish!r} is not a broker_tag:topic_tag of the product",
                 )
+            if dispatch is not None and dispatch.job is not None:
+                problem = target_problem(manifest, dispatch.job.kind, dispatch.job.event)
+                if problem is not None:
+                    yield f"{where}.receive.{env}.dispatch.job.event", problem
     paths: dict[tuple[str, str], str] = {}
     for index, webhook in enumerate(manifest.webhooks):
         for env, receive in webhook.receive.items():

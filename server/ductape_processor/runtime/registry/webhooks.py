@@ -13,11 +13,12 @@ from datetime import timedelta
 from functools import partial
 from typing import Annotated, Final, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ductape_processor.adapters.http.encoding import header_name_problem, header_value_problem
 from ductape_processor.runtime.registry.durations import Duration, PositiveDuration
 from ductape_processor.runtime.registry.fields import ManifestModel, NamedResource, Schema, Tag, http_url
+from ductape_processor.runtime.registry.jobs import JobRetryPolicy
 
 DEFAULT_SCHEDULE: Final = (
     timedelta(0),
@@ -91,10 +92,44 @@ class WebhookEndpoint(ManifestModel):
         return self
 
 
-class Dispatch(ManifestModel):
-    """Where a received webhook goes once stored."""
+class DispatchJob(ManifestModel):
+    """A job a received webhook schedules: it runs once, at once, with the webhook as its input (docs/webhooks.md)."""
 
-    publish: str = Field(pattern=r"^[^:]+:[^:]+$", description="A topic of the product, `broker_tag:topic_tag`.")
+    kind: Literal["action", "database_action", "storage"] = Field(
+        "action",
+        description="action: the JSON body is the action's `body`; database_action: its `data`; storage: the body "
+        "is saved as a file.",
+    )
+    event: str = Field(min_length=1, description="`app_tag:action_tag`, `database_tag:action_tag` or `storage_tag`.")
+    retry: JobRetryPolicy = Field(default_factory=JobRetryPolicy, description="How the job's failed run is retried.")
+
+
+class Dispatch(ManifestModel):
+    """Where a received webhook goes once stored: a topic, a job, or both."""
+
+    publish: str | None = Field(
+        None, pattern=r"^[^:]+:[^:]+$", description="A topic of the product, `broker_tag:topic_tag`."
+    )
+    job: DispatchJob | None = Field(None, description="A job to schedule for each received webhook.")
+    feature: str | None = Field(
+        None, description="Reserved: dispatch to a feature waits for features (a manifest that sets it is refused)."
+    )
+
+    @field_validator("feature")
+    @classmethod
+    def _no_features(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError(
+                "dispatch to a feature waits for features, which this processor does not run yet: "
+                "dispatch with publish (a topic) or job"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> Dispatch:
+        if self.publish is None and self.job is None:
+            raise ValueError("give publish (a topic), job, or both")
+        return self
 
 
 class Receive(ManifestModel):
@@ -118,7 +153,9 @@ class Receive(ManifestModel):
         timedelta(minutes=5), description="standard-webhooks: the most a webhook-timestamp may differ from now."
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1, le=64 * 1024 * 1024, description="Larger bodies are refused 413.")
-    dispatch: Dispatch | None = Field(None, description="Publish each received webhook to a topic.")
+    dispatch: Dispatch | None = Field(
+        None, description="Publish each received webhook to a topic, or schedule a job with it, or both."
+    )
 
     @model_validator(mode="after")
     def _secret_given(self) -> Receive:

@@ -11,7 +11,6 @@ disabled (logged as a warning, `webhook endpoint disabled`), and its pending del
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from ductape_processor.adapters.http.client import HttpClientPool, HttpRequest
 from ductape_processor.errors import FailedPrecondition, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.policies.clock import Clock
-from ductape_processor.runtime.policies.leases import ClaimRounds
+from ductape_processor.runtime.policies.leases import ClaimedWork, ClaimLimits, EndBatches
 from ductape_processor.runtime.policies.secrets import SecretSource
 from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.runtime.registry.webhooks import Webhook, WebhookEndpoint
@@ -47,15 +46,17 @@ FLUSH_BATCH: Final = 200
 """Attempt ends written in one transaction at most."""
 
 
+DELIVERY_LIMITS: Final = ClaimLimits(poll_s=5.0, claim_batch=200, concurrency=256)
+"""Deliveries: a fallback poll every 5 s, claims of 200, 256 attempts at once."""
+
+
 @dataclass(frozen=True, slots=True)
 class DeliverySettings:
-    """The rhythm of deliveries: the fallback poll, the lease of a claimed delivery, how many go at once."""
+    """The rhythm of deliveries: the lease of a claimed delivery, and how claims go."""
 
-    poll_s: float = 5.0
     lease: timedelta = timedelta(seconds=60)
     """Longer than any attempt (timeouts are at most a few minutes): a live replica never loses a delivery."""
-    claim_batch: int = 200
-    concurrency: int = 256
+    limits: ClaimLimits = DELIVERY_LIMITS
 
 
 class RateLimits:
@@ -103,57 +104,30 @@ class DeliveryWorker:
         self._settings = settings
         self.owner = uuid.uuid4().hex
         """This replica's name on the leases it holds."""
-        self._rounds = ClaimRounds(
-            "webhook deliveries", self._claim, store.next_delivery_moment, clock, settings.poll_s
-        )
+        self._work = ClaimedWork("webhook deliveries", self._claim, store.next_delivery_moment, clock, settings.limits)
         self._limits = RateLimits()
-        self._running: set[asyncio.Task[None]] = set()
-        self._ends: list[AttemptEnd] = []
-        self._ended = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
+        self._ends = EndBatches("webhook attempt ends", self._write_ends, FLUSH_BATCH)
 
     async def start(self) -> None:
         """Listen for other replicas' deliveries and start claiming."""
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_rounds(), name="webhook attempt ends")
-        await self._rounds.listen_and_start(self._store, WEBHOOKS_TOPIC)
+        await self._work.rounds.listen_and_start(self._store, WEBHOOKS_TOPIC)
 
     def wake(self) -> None:
         """Look for due deliveries now (one was emitted or redelivered here)."""
-        self._rounds.wake()
+        self._work.wake()
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; attempts going get `grace_s` to end (their leases run out otherwise, and another replica
         makes them again); the ends are written."""
-        await self._rounds.stop()
-        if self._running:
-            _, late = await asyncio.wait(set(self._running), timeout=grace_s)
-            for attempt in late:
-                attempt.cancel()
-            if late:
-                await asyncio.wait(late)
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
-        await self._flush()
+        await self._work.stop(grace_s)
+        await self._ends.close()
 
-    async def _claim(self) -> bool:
-        free = min(self._settings.claim_batch, self._settings.concurrency - len(self._running))
-        if free <= 0:
-            return False  # a finished attempt wakes the rounds
+    async def _claim(self, free: int) -> int:
         now = self._clock.now()
         claimed = await self._store.claim_deliveries(self.owner, now, now + self._settings.lease, free)
         for delivery, body in claimed:
-            task = asyncio.get_running_loop().create_task(self._attempt(delivery, body))
-            self._running.add(task)
-            task.add_done_callback(self._done)
-        return len(claimed) == free
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        if len(self._running) == self._settings.concurrency - 1:
-            self._rounds.wake()
+            self._work.run(self._attempt(delivery, body))
+        return len(claimed)
 
     async def _target(self, delivery: DeliveryRecord) -> _Target:
         resolved = await self._registry.resolve(delivery.product, delivery.env)
@@ -212,8 +186,7 @@ class DeliveryWorker:
         attempt = AttemptRecord(
             delivery.delivery_id, delivery.attempts, started, duration_ms, code, excerpt, error, success
         )
-        self._ends.append(self._end(delivery, attempt, target))
-        self._ended.set()
+        self._ends.add(self._end(delivery, attempt, target))
 
     def _end(self, delivery: DeliveryRecord, attempt: AttemptRecord, target: _Target | None) -> AttemptEnd:
         disable_after = target.webhook.disable_after if target is not None else timedelta(days=5)
@@ -225,24 +198,11 @@ class DeliveryWorker:
             return AttemptEnd(delivery, self.owner, attempt, DeliveryStatus.PENDING, due, disable_after)
         return AttemptEnd(delivery, self.owner, attempt, DeliveryStatus.FAILED, None, disable_after)
 
-    async def _flush_rounds(self) -> None:
-        while True:
-            await self._ended.wait()
-            self._ended.clear()
-            try:
-                await self._flush()
-            except Exception as exc:  # kept for the next round; the leases cover a store that stays away
-                log.warning("webhook deliveries: cannot record attempts: %s", exc)
-                await asyncio.sleep(1.0)
-
-    async def _flush(self) -> None:
-        while self._ends:
-            batch = self._ends[:FLUSH_BATCH]
-            disabled = await self._store.end_deliveries(batch, self._clock.now())
-            del self._ends[: len(batch)]
-            for product, env, webhook, endpoint in disabled:
-                log.warning(
-                    "webhook endpoint disabled",
-                    extra={"product": product, "env": env, "webhook": webhook, "endpoint": endpoint},
-                )
-            self._rounds.wake()  # a retry may be due sooner than the rounds' wait
+    async def _write_ends(self, batch: list[AttemptEnd]) -> None:
+        disabled = await self._store.end_deliveries(batch, self._clock.now())
+        for product, env, webhook, endpoint in disabled:
+            log.warning(
+                "webhook endpoint disabled",
+                extra={"product": product, "env": env, "webhook": webhook, "endpoint": endpoint},
+            )
+        self._work.wake()  # a retry may be due sooner than the rounds' wait

@@ -31,6 +31,7 @@ from ductape_processor.store.webhook_records import AttemptRecord as AttemptReco
 from ductape_processor.store.webhook_records import DeliveryFilter as DeliveryFilter
 from ductape_processor.store.webhook_records import DeliveryRecord as DeliveryRecord
 from ductape_processor.store.webhook_records import DeliveryStatus as DeliveryStatus
+from ductape_processor.store.webhook_records import DispatchStatus as DispatchStatus
 from ductape_processor.store.webhook_records import ReceivedRecord as ReceivedRecord
 from ductape_processor.store.webhook_records import WebhookMessage
 

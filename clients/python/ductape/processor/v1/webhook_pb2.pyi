@@ -63,6 +63,44 @@ webhook's `disable_after`.
 """
 Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 
+class _DispatchStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DispatchStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DispatchStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DISPATCH_STATUS_UNSPECIFIED: _DispatchStatus.ValueType  # 0
+    """The receive dispatches nothing (or the webhook came on a Receive stream,
+    which carries no dispatch state).
+    """
+    DISPATCH_STATUS_PENDING: _DispatchStatus.ValueType  # 1
+    """Waiting for its first attempt or its next one (`next_attempt_time`)."""
+    DISPATCH_STATUS_DISPATCHED: _DispatchStatus.ValueType  # 2
+    """Published, and its job scheduled."""
+    DISPATCH_STATUS_FAILED: _DispatchStatus.ValueType  # 3
+    """Failed for good: its attempts are used up, or the webhook's body cannot
+    be given to the receive's job.
+    """
+
+class DispatchStatus(_DispatchStatus, metaclass=_DispatchStatusEnumTypeWrapper):
+    """Where a received webhook's dispatch (to its receive's topic and job)
+    stands.
+    """
+
+DISPATCH_STATUS_UNSPECIFIED: DispatchStatus.ValueType  # 0
+"""The receive dispatches nothing (or the webhook came on a Receive stream,
+which carries no dispatch state).
+"""
+DISPATCH_STATUS_PENDING: DispatchStatus.ValueType  # 1
+"""Waiting for its first attempt or its next one (`next_attempt_time`)."""
+DISPATCH_STATUS_DISPATCHED: DispatchStatus.ValueType  # 2
+"""Published, and its job scheduled."""
+DISPATCH_STATUS_FAILED: DispatchStatus.ValueType  # 3
+"""Failed for good: its attempts are used up, or the webhook's body cannot
+be given to the receive's job.
+"""
+Global___DispatchStatus: _TypeAlias = DispatchStatus  # noqa: Y015
+
 @_typing.final
 class EmitRequest(_message.Message):
     """The request of WebhookService.Emit."""
@@ -574,6 +612,7 @@ class ReceivedWebhook(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    DISPATCH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The processor's id of the received webhook."""
     webhook: _builtins.str
@@ -594,6 +633,10 @@ class ReceivedWebhook(_message.Message):
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The request's headers (names in lower case; repeated ones joined with `, `)."""
 
+    @_builtins.property
+    def dispatch(self) -> Global___ReceivedDispatch:
+        """Its dispatch (ListReceived only)."""
+
     def __init__(
         self,
         *,
@@ -604,14 +647,59 @@ class ReceivedWebhook(_message.Message):
         body: _builtins.bytes = ...,
         content_type: _builtins.str = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        dispatch: Global___ReceivedDispatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["receive_time", b"receive_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dispatch", b"dispatch", "receive_time", b"receive_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "content_type", b"content_type", "headers", b"headers", "id", b"id", "receive_time", b"receive_time", "webhook", b"webhook", "webhook_id", b"webhook_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "content_type", b"content_type", "dispatch", b"dispatch", "headers", b"headers", "id", b"id", "receive_time", b"receive_time", "webhook", b"webhook", "webhook_id", b"webhook_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReceivedWebhook: _TypeAlias = ReceivedWebhook  # noqa: Y015
+
+@_typing.final
+class ReceivedDispatch(_message.Message):
+    """Where a received webhook's dispatch stands."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    status: Global___DispatchStatus.ValueType
+    """Pending, dispatched or failed."""
+    attempts: _builtins.int
+    """Attempts made (or under way)."""
+    message_id: _builtins.str
+    """The id of the message published to the receive's topic."""
+    job_id: _builtins.str
+    """The id of the job scheduled with the webhook."""
+    error: _builtins.str
+    """Why the last attempt failed."""
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When a pending dispatch is tried again."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___DispatchStatus.ValueType = ...,
+        attempts: _builtins.int = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        message_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_attempt_time", b"next_attempt_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "job_id", b"job_id", "message_id", b"message_id", "next_attempt_time", b"next_attempt_time", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceivedDispatch: _TypeAlias = ReceivedDispatch  # noqa: Y015
 
 @_typing.final
 class ReceivedDelivery(_message.Message):

@@ -43,6 +43,28 @@ export enum DeliveryStatus {
   UNRECOGNIZED = -1,
 }
 
+/**
+ * Where a received webhook's dispatch (to its receive's topic and job)
+ * stands.
+ */
+export enum DispatchStatus {
+  /**
+   * DISPATCH_STATUS_UNSPECIFIED - The receive dispatches nothing (or the webhook came on a Receive stream,
+   * which carries no dispatch state).
+   */
+  DISPATCH_STATUS_UNSPECIFIED = 0,
+  /** DISPATCH_STATUS_PENDING - Waiting for its first attempt or its next one (`next_attempt_time`). */
+  DISPATCH_STATUS_PENDING = 1,
+  /** DISPATCH_STATUS_DISPATCHED - Published, and its job scheduled. */
+  DISPATCH_STATUS_DISPATCHED = 2,
+  /**
+   * DISPATCH_STATUS_FAILED - Failed for good: its attempts are used up, or the webhook's body cannot
+   * be given to the receive's job.
+   */
+  DISPATCH_STATUS_FAILED = 3,
+  UNRECOGNIZED = -1,
+}
+
 /** The request of WebhookService.Emit. */
 export interface EmitRequest {
   /** The product's tag. */
@@ -253,11 +275,31 @@ export interface ReceivedWebhook {
   contentType: string;
   /** The request's headers (names in lower case; repeated ones joined with `, `). */
   headers: { [key: string]: string };
+  /** Its dispatch (ListReceived only). */
+  dispatch: ReceivedDispatch | undefined;
 }
 
 export interface ReceivedWebhook_HeadersEntry {
   key: string;
   value: string;
+}
+
+/** Where a received webhook's dispatch stands. */
+export interface ReceivedDispatch {
+  /** Pending, dispatched or failed. */
+  status: DispatchStatus;
+  /** Attempts made (or under way). */
+  attempts: number;
+  /** When a pending dispatch is tried again. */
+  nextAttemptTime:
+    | Date
+    | undefined;
+  /** The id of the message published to the receive's topic. */
+  messageId: string;
+  /** The id of the job scheduled with the webhook. */
+  jobId: string;
+  /** Why the last attempt failed. */
+  error: string;
 }
 
 /** A received webhook on a Receive stream. */
@@ -1530,6 +1572,7 @@ function createBaseReceivedWebhook(): ReceivedWebhook {
     body: Buffer.alloc(0),
     contentType: "",
     headers: {},
+    dispatch: undefined,
   };
 }
 
@@ -1556,6 +1599,9 @@ export const ReceivedWebhook: MessageFns<ReceivedWebhook> = {
     globalThis.Object.entries(message.headers).forEach(([key, value]: [string, string]) => {
       ReceivedWebhook_HeadersEntry.encode({ key: key as any, value }, writer.uint32(58).fork()).join();
     });
+    if (message.dispatch !== undefined) {
+      ReceivedDispatch.encode(message.dispatch, writer.uint32(66).fork()).join();
+    }
     return writer;
   },
 
@@ -1631,6 +1677,14 @@ export const ReceivedWebhook: MessageFns<ReceivedWebhook> = {
             }
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.dispatch = ReceivedDispatch.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1663,6 +1717,9 @@ export const ReceivedWebhook: MessageFns<ReceivedWebhook> = {
       },
       {},
     );
+    message.dispatch = (object.dispatch !== undefined && object.dispatch !== null)
+      ? ReceivedDispatch.fromPartial(object.dispatch)
+      : undefined;
     return message;
   },
 };
@@ -1730,6 +1787,121 @@ export const ReceivedWebhook_HeadersEntry: MessageFns<ReceivedWebhook_HeadersEnt
     const message = createBaseReceivedWebhook_HeadersEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseReceivedDispatch(): ReceivedDispatch {
+  return { status: 0, attempts: 0, nextAttemptTime: undefined, messageId: "", jobId: "", error: "" };
+}
+
+export const ReceivedDispatch: MessageFns<ReceivedDispatch> = {
+  encode(message: ReceivedDispatch, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.status !== 0) {
+      writer.uint32(8).int32(message.status);
+    }
+    if (message.attempts !== 0) {
+      writer.uint32(16).int32(message.attempts);
+    }
+    if (message.nextAttemptTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.nextAttemptTime), writer.uint32(26).fork()).join();
+    }
+    if (message.messageId !== "") {
+      writer.uint32(34).string(message.messageId);
+    }
+    if (message.jobId !== "") {
+      writer.uint32(42).string(message.jobId);
+    }
+    if (message.error !== "") {
+      writer.uint32(50).string(message.error);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReceivedDispatch {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReceivedDispatch();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.status = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.attempts = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.nextAttemptTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.messageId = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.jobId = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.error = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ReceivedDispatch>, I>>(base?: I): ReceivedDispatch {
+    return ReceivedDispatch.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReceivedDispatch>, I>>(object: I): ReceivedDispatch {
+    const message = createBaseReceivedDispatch();
+    message.status = object.status ?? 0;
+    message.attempts = object.attempts ?? 0;
+    message.nextAttemptTime = object.nextAttemptTime ?? undefined;
+    message.messageId = object.messageId ?? "";
+    message.jobId = object.jobId ?? "";
+    message.error = object.error ?? "";
     return message;
   },
 };

@@ -1,0 +1,207 @@
+"""The dispatches of received webhooks, durable: a webhook is stored with its dispatch pending and leased to the
+replica that accepted it, which dispatches it at once (the fast path: no claim between the answer and the publish);
+should that replica die first, or the dispatch fail, the store still holds it pending, and a replica's claim rounds
+(`ClaimRounds`, store/leases.py) take it once its lease has run out or its retry falls due.
+
+A dispatch publishes the webhook to the receive's topic, schedules the receive's job (JobService's path, with the
+received webhook's id as the idempotency key, so a repeat finds the job already scheduled), or both. A dispatch that
+fails is tried again with backoff (1 s doubling to 10 min) up to `DISPATCH_ATTEMPTS` attempts in all (about three
+hours), then it has failed for good (logged: `received webhook not dispatched`); one the webhook's content cannot be
+dispatched at all (INVALID_ARGUMENT: a body that is not a JSON object for an action's job) fails at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any, Final
+
+from ductape_processor.errors import FailedPrecondition, InvalidArgument, ProcessorError
+from ductape_processor.reasons import Reason
+from ductape_processor.runtime.brokers.messages import OutgoingMessage
+from ductape_processor.runtime.brokers.publisher import BrokerRuntime
+from ductape_processor.runtime.jobs.declared import declared_retry
+from ductape_processor.runtime.jobs.model import JobSpec, ScheduleCall, Target, TargetKind
+from ductape_processor.runtime.jobs.runtime import JobRuntime
+from ductape_processor.runtime.policies.clock import Clock
+from ductape_processor.runtime.policies.leases import ClaimedWork, ClaimLimits, EndBatches
+from ductape_processor.runtime.policies.retry import Backoff
+from ductape_processor.runtime.registry.registry import Registry
+from ductape_processor.runtime.registry.webhooks import Dispatch, DispatchJob
+from ductape_processor.store.base import Store
+from ductape_processor.store.webhook_records import DispatchEnd, DispatchStatus, ReceivedRecord
+
+log = logging.getLogger(__name__)
+
+HEADER_ATTRIBUTE: Final = "header."
+"""The prefix of the attributes that carry a received webhook's headers on its dispatch topic."""
+MAX_HEADER_ATTRIBUTES: Final = 48
+"""Headers carried as attributes at most (the broker takes 64 attributes)."""
+DISPATCH_ATTEMPTS: Final = 20
+"""Attempts at a dispatch in all; with `DISPATCH_BACKOFF`, about three hours of them."""
+DISPATCH_BACKOFF: Final = Backoff(1.0, 600.0)
+END_BATCH: Final = 500
+"""Dispatch ends written in one store call at most."""
+
+
+DISPATCH_LIMITS: Final = ClaimLimits(poll_s=5.0, claim_batch=100, concurrency=256)
+"""Dispatches: a fallback poll every 5 s, claims of 100, 256 at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSettings:
+    """The rhythm of dispatches: the lease of a claimed dispatch, and how claims go."""
+
+    lease: timedelta = timedelta(seconds=30)
+    """Longer than a dispatch takes (a publish waits for its broker 8 s at most, PUBLISH_LIMIT_S)."""
+    limits: ClaimLimits = DISPATCH_LIMITS
+
+
+def attributes(record: ReceivedRecord, headers: Mapping[str, str]) -> dict[str, str]:
+    """The attributes a received webhook is published with: its ids, and its headers (those that fit)."""
+    carried = {"webhook": record.webhook, "webhook_received_id": record.received_id}
+    if record.webhook_id != record.received_id:
+        carried["webhook_id"] = record.webhook_id
+    for name, value in list(headers.items())[:MAX_HEADER_ATTRIBUTES]:
+        key = HEADER_ATTRIBUTE + name
+        if len(value) <= 4096 and all(c.isalnum() or c in "-_." for c in key):
+            carried[key] = value
+    return carried
+
+
+def job_input(job: DispatchJob, record: ReceivedRecord) -> dict[str, Any]:
+    """What the job of a received webhook runs with: the JSON body as an action's `body` or a database action's
+    `data`, or the body as a file named `<webhook>/<received id>` for a storage; INVALID_ARGUMENT when the body is
+    not the JSON object those need."""
+    if job.kind == "storage":
+        return {
+            "file_name": f"{record.webhook}/{record.received_id}",
+            "content_type": record.content_type,
+            "data": base64.b64encode(record.body).decode(),
+        }
+    try:
+        document = json.loads(record.body)
+    except (UnicodeDecodeError, ValueError):
+        document = None
+    if not isinstance(document, dict):
+        raise InvalidArgument(f"the webhook's body is not a JSON object, which a {job.kind} job takes")
+    return {"body": document} if job.kind == "action" else {"data": document}
+
+
+class DispatchWorker:
+    """Dispatches received webhooks: those this replica accepts (`dispatch`), and those its claims find due."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        brokers: BrokerRuntime,
+        jobs: JobRuntime,
+        clock: Clock,
+        settings: DispatchSettings,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._brokers = brokers
+        self._jobs = jobs
+        self._clock = clock
+        self._settings = settings
+        self.owner = uuid.uuid4().hex
+        """This replica's name on the leases it holds."""
+        self._work = ClaimedWork("webhook dispatches", self._claim, store.next_dispatch_moment, clock, settings.limits)
+        self._ends = EndBatches("webhook dispatch ends", self._store.end_dispatches, END_BATCH)
+
+    def start(self) -> None:
+        """Start claiming dispatches that fall due (retries, and those of replicas that died)."""
+        self._work.rounds.start()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; dispatches going get `grace_s` to end (their leases run out otherwise, and a replica makes
+        them again); the ends are written."""
+        await self._work.stop(grace_s)
+        await self._ends.close()
+
+    def held(self, record: ReceivedRecord, dispatch: Dispatch | None) -> ReceivedRecord:
+        """`record` as the accepting replica stores it: with nothing to dispatch, or its dispatch pending, its first
+        attempt counted and leased to this replica."""
+        if dispatch is None:
+            return record
+        now = self._clock.now()
+        return replace(
+            record,
+            dispatch_status=DispatchStatus.PENDING,
+            dispatch_attempts=1,
+            dispatch_at=now,
+            lease_owner=self.owner,
+            lease_until=now + self._settings.lease,
+        )
+
+    def dispatch(self, record: ReceivedRecord, headers: Mapping[str, str]) -> None:
+        """Dispatch a webhook this replica holds (stored by `held`, or claimed) in the background."""
+        self._work.run(self._attempt(record, headers))
+
+    async def _claim(self, free: int) -> int:
+        now = self._clock.now()
+        claimed = await self._store.claim_dispatches(self.owner, now, now + self._settings.lease, free)
+        for record in claimed:
+            self.dispatch(record, json.loads(record.headers))
+        return len(claimed)
+
+    async def _target(self, record: ReceivedRecord) -> Dispatch:
+        resolved = await self._registry.resolve(record.product, record.env)
+        webhook = next((w for w in resolved.manifest.webhooks if w.tag == record.webhook), None)
+        receive = webhook.receive.get(resolved.env.slug) if webhook is not None else None
+        if receive is None or receive.dispatch is None:
+            raise FailedPrecondition(
+                "the webhook's receive no longer dispatches in the product's manifest",
+                reason=Reason.WEBHOOK_NOT_DISPATCHED,
+            )
+        return receive.dispatch
+
+    async def _attempt(self, record: ReceivedRecord, headers: Mapping[str, str]) -> None:
+        try:
+            dispatch = await self._target(record)
+            made: dict[str, str] = {}
+            if dispatch.job is not None:
+                made["job_id"] = await self._schedule(record, dispatch.job)
+            if dispatch.publish is not None:
+                # No idempotency key: its claim and record would be two more store writes on the path to the
+                # subscriber. A publish made again (its answer lost, or its replica dead before the dispatch was
+                # recorded) stores a second copy: subscribers drop repeats by `webhook_received_id`.
+                outgoing = OutgoingMessage(
+                    record.body, record.content_type or "application/octet-stream", attributes(record, headers)
+                )
+                made["message_id"] = await self._brokers.publish(record.product, record.env, dispatch.publish, outgoing)
+            end = DispatchEnd(record.received_id, self.owner, DispatchStatus.DISPATCHED, None, json.dumps(made))
+        except ProcessorError as exc:
+            end = self._failed(record, exc.message, final=isinstance(exc, InvalidArgument))
+        except Exception as exc:  # a bug on this path must fail the attempt, not lose the dispatch
+            log.exception("received webhook %s: the dispatch failed unexpectedly", record.received_id)
+            end = self._failed(record, f"{type(exc).__name__}: the processor failed", final=False)
+        self._ends.add(end)
+        if end.status == DispatchStatus.PENDING:
+            self._work.wake()  # its retry may be due sooner than the rounds' wait
+
+    async def _schedule(self, record: ReceivedRecord, job: DispatchJob) -> str:
+        spec = JobSpec(Target(TargetKind(job.kind), job.event, job_input(job, record)), retry=declared_retry(job.retry))
+        # Started when it was received: the same request every attempt, so a repeat answers the job scheduled first.
+        call = ScheduleCall(
+            record.product, record.env, spec, start_at=record.received_at, idempotency_key=record.received_id
+        )
+        return (await self._jobs.schedule(call)).job_id
+
+    def _failed(self, record: ReceivedRecord, error: str, *, final: bool) -> DispatchEnd:
+        result = json.dumps({"error": error})
+        if not final and record.dispatch_attempts < DISPATCH_ATTEMPTS:
+            due = self._clock.now() + timedelta(seconds=DISPATCH_BACKOFF.delay(record.dispatch_attempts))
+            return DispatchEnd(record.received_id, self.owner, DispatchStatus.PENDING, due, result)
+        log.warning(
+            "received webhook not dispatched",
+            extra={"received_id": record.received_id, "attempts": record.dispatch_attempts, "error": error},
+        )
+        return DispatchEnd(record.received_id, self.owner, DispatchStatus.FAILED, None, result)
