@@ -1,6 +1,6 @@
 """The import rules of docs/architecture.md's "Rules the layers keep": nothing under `api/` imports the store or the
 adapters, and the adapters import from the runtime only the policies, the manifest's settings models and the broker
-messages."""
+messages. And the size rule of issue 10: no module of the server is over 500 lines."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ ADAPTERS_MAY_IMPORT_FROM_RUNTIME = (
     "ductape_processor.runtime.notifications.addresses",  # mailbox parsing, shared by the manifest and SMTP
     "ductape_processor.runtime.brokers.messages",
 )
+
+
+MAX_MODULE_LINES = 500
+"""A module that would grow past this is split by what its parts do (as `runtime/templates/` and `store/` were)."""
 
 
 def imports(source: str, module: str, *, is_package: bool = False) -> list[tuple[int, str]]:
@@ -103,3 +107,11 @@ def test_the_scan_finds_each_way_of_importing_a_forbidden_layer() -> None:
     assert imports("from . import status\n", "ductape_processor.api", is_package=True) == [
         (1, "ductape_processor.api.status")
     ]
+
+
+def test_no_module_of_the_server_is_over_500_lines() -> None:
+    modules = sorted(PACKAGE.rglob("*.py"))
+    lengths = {path: len(path.read_text(encoding="utf-8").splitlines()) for path in modules}
+    over = [f"{path.relative_to(ROOT)}: {n} lines" for path, n in lengths.items() if n > MAX_MODULE_LINES]
+    assert len(modules) > 100
+    assert over == [], f"modules over {MAX_MODULE_LINES} lines (split them):\n" + "\n".join(over)
