@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -131,6 +132,10 @@ async def serve(settings: Settings) -> int:
     except StartupError as exc:
         log.error("%s", exc)
         return 2
+    # What start-up built (modules, the product models, the servers) lives as long as the process: frozen out of the
+    # collector's reach, a full collection no longer walks its ~85 000 objects (about 45 ms a time under load).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -203,10 +203,22 @@ EXECUTION_COLUMNS: Final = (
     "process_id, product, env, version, kind, resource, status, started_at, ended_at, attempts, "
     "upstream_status, error_reason, cached, detail"
 )
-INSERT_EXECUTION: Final = Statement(
-    f"INSERT INTO executions ({EXECUTION_COLUMNS}) "  # noqa: S608
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
-)
+EXECUTION_ROWS: Final = (256, 64, 16, 4, 1)
+"""The row counts of the execution log's multi-row inserts: a batch is sent as the fewest statements of these sizes
+(320 records: 256 + 64), so a few statements carry it, and only these five texts are ever prepared."""
+
+
+@functools.cache
+def insert_executions(rows: int) -> Statement:
+    """One INSERT of `rows` execution records (one of EXECUTION_ROWS): one statement for many rows instead of one per
+    row, because SQLite's `executemany` steps once per row and hands the interpreter lock back and forth each time."""
+    one = "(" + ", ".join("?" * (EXECUTION_COLUMNS.count(",") + 1)) + ")"
+    return Statement(
+        f"INSERT INTO executions ({EXECUTION_COLUMNS}) VALUES "  # noqa: S608
+        + ", ".join([one] * rows)
+        + " ON CONFLICT DO NOTHING"
+    )
+
 
 # -- sessions ----------------------------------------------------------------------------------------------------
 

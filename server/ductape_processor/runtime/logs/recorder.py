@@ -95,22 +95,31 @@ class ExecutionRecorder:
 
     async def flush(self) -> None:
         """Write everything queued now."""
-        while self._pending:
-            batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
-            try:
-                await self._store.insert_executions(batch)
-            except Exception as exc:
-                self._pending[:0] = batch
-                log.warning("execution log: writing %d records failed (%s); will retry", len(batch), exc)
-                return
+        while self._pending and await self._write_batch():
+            pass
+
+    async def _write_batch(self) -> bool:
+        """Write the oldest `batch_size` records queued; False when the store failed (they stay queued)."""
+        batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
+        try:
+            await self._store.insert_executions(batch)
+        except Exception as exc:
+            self._pending[:0] = batch
+            log.warning("execution log: writing %d records failed (%s); will retry", len(batch), exc)
+            return False
+        return True
 
     async def _run(self) -> None:
+        # One batch per wake-up: the records that came in while a batch was being written wait for the next
+        # interval (or a full batch), instead of following it at once a few at a time, each a round trip to the store.
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._flush_interval):
-                    await self._wake.wait()
+            if len(self._pending) < self._batch_size:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._flush_interval):
+                        await self._wake.wait()
             self._wake.clear()
-            await self.flush()
+            if self._pending:
+                await self._write_batch()
 
     async def close(self) -> None:
         """Stop the writer (letting a write in progress finish, so no transaction is cut) and write what is left."""
