@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health
 
-from ductape_processor.adapters.http.addresses import PublicResolver
+from ductape_processor.adapters.http.addresses import public_addresses
 from ductape_processor.adapters.http.client import HttpClientPool
 from ductape_processor.api.action import ActionServicer
 from ductape_processor.api.auth import ApiKeyAuthenticator
@@ -176,7 +176,7 @@ def build(
     )
     jobs = JobRuntime(registry, store, scheduler, clock)
     webhook_pools = (
-        HttpClientPool(max_response_bytes=WEBHOOK_RESPONSE_BYTES, resolver=PublicResolver),
+        HttpClientPool(max_response_bytes=WEBHOOK_RESPONSE_BYTES, resolve=public_addresses),
         HttpClientPool(max_response_bytes=WEBHOOK_RESPONSE_BYTES),
     )
     deliveries = DeliveryWorker(store, registry, secrets, webhook_pools, clock, DeliverySettings())

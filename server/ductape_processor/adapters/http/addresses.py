@@ -1,18 +1,16 @@
 """Where outbound requests may not go on a shared deployment: private, loopback, link-local and other non-public
 addresses (RFC 1918, RFC 4193, 127/8, ::1, 169.254/16 and the cloud metadata address, ...).
 
-Both the URL's host (an IP literal, which aiohttp connects to without resolving) and every address a name resolves
-to are checked, at the moment of connecting: a name cannot resolve to a public address when checked and to a private
-one when used (DNS rebinding), because the connection goes to the addresses this resolver handed out.
+Both the URL's host (an IP literal) and every address a name resolves to are checked, at the moment of connecting:
+a name cannot resolve to a public address when checked and to a private one when used (DNS rebinding), because the
+connection goes to the addresses `public_addresses` handed out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
-
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 
 
 def address_problem(host: str) -> str | None:
@@ -28,23 +26,11 @@ def address_problem(host: str) -> str | None:
     return None
 
 
-class PublicResolver(AbstractResolver):
-    """Resolves names like aiohttp's default resolver, keeping only public addresses; a name with none fails to
-    connect (OSError), naming why."""
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        """The public addresses of `host`."""
-        found = await self._inner.resolve(host, port, family)
-        kept = [entry for entry in found if address_problem(entry["host"]) is None]
-        if not kept:
-            raise OSError(f"{host} resolves only to private, loopback or non-public addresses")
-        return kept
-
-    async def close(self) -> None:
-        """Release the inner resolver."""
-        await self._inner.close()
+async def public_addresses(host: str, port: int) -> list[str]:
+    """The public addresses of `host` (a name or an IP literal), to connect to; a host with none fails to connect
+    (OSError), naming why."""
+    found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    kept = list(dict.fromkeys(str(entry[4][0]) for entry in found if address_problem(str(entry[4][0])) is None))
+    if not kept:
+        raise OSError(f"{host} resolves only to private, loopback or non-public addresses")
+    return kept

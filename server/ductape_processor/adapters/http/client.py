@@ -1,4 +1,4 @@
-"""HTTP to third-party APIs: one pooled aiohttp session per app environment, bounded and locked to one origin.
+"""HTTP to third-party APIs: pooled HTTP/1.1 connections per app environment, bounded and locked to one origin.
 
 A request can only go to the origin (scheme, host, port) of its app environment's `base_url`: the executor builds
 the URL from the base URL and an encoded path, this adapter checks the origin again, follows redirects only within
@@ -7,34 +7,42 @@ that origin, and refuses response bodies larger than the configured bound.
 Nothing ambiguous goes onto a pooled connection, and no connection that may be out of step is reused: every header
 name must be an RFC 9110 token outside the framing and hop-by-hop list and every value free of control characters
 (`encoding.header_name_problem` and `header_value_problem`, checked by the executor with the caller's field names and
-here again before sending); a connection is closed instead of pooled after any answer whose end it cannot be sure of
-(see `_must_close`), and an idle pooled connection on which the upstream sent anything unasked is dropped, never read
-by the next request.
+here again before sending); the connections themselves (`connection.py`) are closed instead of pooled after any
+answer whose end they cannot be sure of, and after anything the upstream sent unasked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Mapping
+import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
+from urllib.parse import quote
 
-import aiohttp
 import grpc
-from aiohttp.abc import AbstractResolver
 from yarl import URL
 
+from ductape_processor.adapters.http.connection import (
+    BodyTooLarge,
+    ConnectFailed,
+    ExchangeFailed,
+    OriginPool,
+    Resolve,
+)
 from ductape_processor.adapters.http.encoding import header_field, header_name_problem, header_value_problem
 from ductape_processor.errors import InvalidArgument, ProcessorError, Unavailable
 from ductape_processor.reasons import Reason
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
-_CHUNK = 64 * 1024
-
-CLOSE_AFTER_STATUSES: Final = frozenset({400, 408, 411, 413, 414, 417, 431, 501, 505})
-"""Answers meaning the upstream may not have read the request the way it was framed: its connection is not reused."""
+USER_AGENT: Final = "ductape-processor"
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_DEFAULT_HEADERS: Final = (("user-agent", "User-Agent", USER_AGENT), ("accept", "Accept", "*/*"))
+_ACCEPT_ENCODING: Final = "gzip, deflate"
+"""What the processor asks compressed answers in: what it can decompress (and bound) itself."""
+_QUERY_SAFE: Final = "-._~!$'()*,;:@/?"
+"""Left as they are in a query name or value: unreserved and sub-delimiters but `&`, `=` and `+` (RFC 3986)."""
 
 
 class UpstreamUnreachable(Unavailable, reason=Reason.UPSTREAM_UNREACHABLE):
@@ -63,7 +71,7 @@ class HttpRequest:
     url: URL
     headers: Mapping[str, str]
     query: list[tuple[str, str]]
-    data: bytes | aiohttp.FormData | None = None
+    data: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,95 +101,42 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _must_close(method: str, response: aiohttp.ClientResponse) -> bool:
-    """True when the connection may be out of step after this answer, so it must not carry another request.
-
-    That is an answer the upstream sends when it may not have read the request as framed (CLOSE_AFTER_STATUSES),
-    or a body delimited by the connection's end (no Content-Length, not chunked). aiohttp already closes after
-    answers it cannot parse, bodies not read to their end (errors, timeouts, cancelled calls) and `Connection:
-    close`; saying so here too costs nothing and does not depend on that.
-    """
-    if response.status in CLOSE_AFTER_STATUSES:
-        return True
-    if method == "HEAD" or response.status < 200 or response.status in (204, 304):
-        return False
-    chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
-    return response.content_length is None and not chunked
-
-
-class _GuardedResponse(aiohttp.ClientResponse):
-    """A response that marks its connection not to be reused when `_must_close` says so."""
-
-    async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
-        # Taken before `start`: aiohttp pools the connection as soon as the body has ended, which for a small body
-        # is inside `start`. A pooled connection marked here is dropped by `_GuardedConnector` instead of reused.
-        protocol = connection.protocol
-        started = await super().start(connection)
-        if protocol is not None and _must_close(self.method, self):
-            protocol.force_close()
-        return started
-
-
-class _GuardedConnector(aiohttp.TCPConnector):
-    """A connector that never hands out an idle connection on which the upstream sent something unasked.
-
-    aiohttp parses bytes that arrive on an idle pooled connection and queues them, and the next request on that
-    connection reads them as its own answer: one caller's response (or a smuggled one) would reach another caller.
-    Such a connection reports `should_close` (queued data, a tail, EOF or an error); it is closed here instead.
-    """
-
-    async def _get(self, key: Any, traces: Any) -> Any:
-        idle = self._conns.get(key)
-        if idle:
-            for entry in [entry for entry in idle if entry[0].should_close]:
-                idle.remove(entry)
-                entry[0].close()
-            if not idle:
-                del self._conns[key]
-        return await super()._get(key, traces)
-
-
 class HttpClientPool:
-    """Pooled sessions, one per app environment, closed together on shutdown."""
+    """Pooled connections per app environment (and origin), closed together on shutdown."""
 
     def __init__(
         self,
         *,
         max_response_bytes: int,
         connections_per_upstream: int = 100,
-        resolver: Callable[[], AbstractResolver] | None = None,
+        resolve: Resolve | None = None,
     ) -> None:
-        """`resolver`: makes each session's name resolver (webhook deliveries refuse private addresses with one)."""
+        """`resolve`: the addresses to connect to for a host (webhook deliveries keep only public ones with it)."""
         self._max_response_bytes = max_response_bytes
         self._connections = connections_per_upstream
-        self._resolver = resolver
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._resolve = resolve
+        self._pools: dict[tuple[str, str, str, int], OriginPool] = {}
+        self._tls: ssl.SSLContext | None = None
 
-    def _session(self, key: str) -> aiohttp.ClientSession:
-        session = self._sessions.get(key)
-        if session is None or session.closed:
-            connector = _GuardedConnector(
+    def _pool(self, key: str, scheme: str, host: str, port: int) -> OriginPool:
+        pool = self._pools.get((key, scheme, host, port))
+        if pool is None:
+            if scheme == "https" and self._tls is None:
+                self._tls = ssl.create_default_context()
+            pool = OriginPool(
+                scheme,
+                host,
+                port,
                 limit=self._connections,
-                ttl_dns_cache=300,
-                enable_cleanup_closed=True,
-                keepalive_timeout=30,
-                resolver=self._resolver() if self._resolver is not None else None,
+                max_body=self._max_response_bytes,
+                resolve=self._resolve,
+                tls=self._tls,
             )
-            session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=True,
-                raise_for_status=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                response_class=_GuardedResponse,
-                timeout=aiohttp.ClientTimeout(total=None),  # `send` bounds each exchange with one asyncio timeout
-                skip_auto_headers=("User-Agent",),
-                headers={"User-Agent": "ductape-processor"},
-            )
-            self._sessions[key] = session
-        return session
+            self._pools[(key, scheme, host, port)] = pool
+        return pool
 
     async def send(self, key: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
-        """Send `request` on the session of `key`; follow same-origin redirects; bound the whole exchange."""
+        """Send `request` on the connections of `key`; follow same-origin redirects; bound the whole exchange."""
         if timeout_s <= 0:
             raise UpstreamTimeout("no time left before the caller's deadline")
         for name, value in request.headers.items():
@@ -190,11 +145,10 @@ class HttpClientPool:
                 raise InvalidArgument.field(header_field("headers", name), problem)
         origin = request.url.origin()
         method, url, data, query = request.method, request.url, request.data, request.query
-        session = self._session(key)
         try:
             async with asyncio.timeout(timeout_s):
                 for _ in range(MAX_REDIRECTS + 1):
-                    response = await self._exchange(session, method, url, request.headers, query, data)
+                    response = await self._exchange(key, method, url, request.headers, query, data)
                     location = response.header("Location") if response.status in REDIRECT_STATUSES else None
                     if location is None:
                         return response
@@ -212,61 +166,77 @@ class HttpClientPool:
 
     async def _exchange(
         self,
-        session: aiohttp.ClientSession,
+        key: str,
         method: str,
         url: URL,
         headers: Mapping[str, str],
         query: list[tuple[str, str]],
-        data: Any,
+        data: bytes | None,
     ) -> HttpResponse:
-        where = {"upstream": str(url.origin())}
+        scheme, host = url.scheme, url.raw_host or ""
+        port = url.port or _DEFAULT_PORTS.get(scheme, 80)
+        if scheme not in _DEFAULT_PORTS or not host:
+            raise UpstreamUnreachable(f"cannot send to {url.origin()}: not an http(s) URL", sent=False)
         try:
-            async with session.request(
-                method, url, headers=headers, params=query or None, data=data, allow_redirects=False
-            ) as response:
-                declared = response.content_length
-                if declared is not None and declared > self._max_response_bytes:
-                    raise ResponseTooLarge(
-                        f"the upstream's response ({declared} bytes) is larger than {self._max_response_bytes} bytes",
-                        metadata=where,
-                    )
-                # Counted as read even when a length was declared: the content arrives decompressed, so a small
-                # gzip body (honest Content-Length) can inflate far past the limit.
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.content.iter_chunked(_CHUNK):
-                    size += len(chunk)
-                    if size > self._max_response_bytes:
-                        raise ResponseTooLarge(
-                            f"the upstream's response is larger than {self._max_response_bytes} bytes",
-                            metadata=where,
-                        )
-                    chunks.append(chunk)
-                body = b"".join(chunks)
-                return HttpResponse(
-                    status=response.status,
-                    headers=[(_text(name), _text(value)) for name, value in response.raw_headers],
-                    body=body,
-                    content_type=_text(response.content_type.encode("utf-8", "surrogateescape")),
-                )
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnreachable(
-                f"cannot connect to {url.origin()}: {exc.os_error}", sent=False, metadata=where
+            answer = await self._pool(key, scheme, host, port).exchange(
+                method, _framed(method, url, host, port, headers, query, data)
+            )
+        except ConnectFailed as exc:
+            where = {"upstream": str(url.origin())}
+            raise UpstreamUnreachable(f"cannot connect to {url.origin()}: {exc}", sent=False, metadata=where) from None
+        except ExchangeFailed as exc:
+            where = {"upstream": str(url.origin())}
+            raise UpstreamUnreachable(f"{url.origin()}: {exc}", sent=True, metadata=where) from None
+        except BodyTooLarge as exc:
+            where = {"upstream": str(url.origin())}
+            size = f" ({exc.declared} bytes)" if exc.declared is not None else ""
+            raise ResponseTooLarge(
+                f"the upstream's response{size} is larger than {self._max_response_bytes} bytes", metadata=where
             ) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamUnreachable(f"connecting to {url.origin()} timed out", sent=False, metadata=where) from None
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise UpstreamUnreachable(
-                f"{url.origin()} broke the connection: {type(exc).__name__}", sent=True, metadata=where
-            ) from None
-        except aiohttp.ClientResponseError as exc:
-            raise UpstreamUnreachable(
-                f"{url.origin()} sent an invalid response: {exc.message}", sent=True, metadata=where
-            ) from None
+        fields = [(_text(name), _text(value)) for name, value in answer.headers]
+        return HttpResponse(answer.status, fields, answer.body, _content_type(fields))
 
     async def close(self) -> None:
-        """Close every session."""
-        sessions, self._sessions = list(self._sessions.values()), {}
-        for session in sessions:
-            with contextlib.suppress(Exception):
-                await session.close()
+        """Close every connection."""
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
+
+def _framed(
+    method: str,
+    url: URL,
+    host: str,
+    port: int,
+    headers: Mapping[str, str],
+    query: list[tuple[str, str]],
+    data: bytes | None,
+) -> bytes:
+    """The request's bytes: request line, headers (the processor's framing ones, then the request's), body."""
+    target = url.raw_path or "/"
+    extra = "&".join(f"{quote(k, safe=_QUERY_SAFE)}={quote(v, safe=_QUERY_SAFE)}" for k, v in query)
+    raw_query = url.raw_query_string
+    if raw_query or extra:
+        target += "?" + "&".join(part for part in (raw_query, extra) if part)
+    authority = f"[{host}]" if ":" in host else host
+    if port != _DEFAULT_PORTS.get(url.scheme):
+        authority += f":{port}"
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {authority}"]
+    given = {name.lower() for name in headers}
+    lines += [f"{name}: {value}" for lowered, name, value in _DEFAULT_HEADERS if lowered not in given]
+    if "accept-encoding" not in given:
+        lines.append(f"Accept-Encoding: {_ACCEPT_ENCODING}")
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if data is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(data or b'')}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return head + data if data else head
+
+
+def _content_type(fields: list[tuple[str, str]]) -> str:
+    """The answer's media type, lower-cased, without parameters (`application/octet-stream` when it names none)."""
+    for name, value in fields:
+        if name.lower() == "content-type":
+            media = value.split(";", 1)[0].strip().lower()
+            return media if "/" in media else "text/plain"
+    return "application/octet-stream"

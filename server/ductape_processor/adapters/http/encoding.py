@@ -10,11 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
 from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlencode
-
-import aiohttp
 
 from ductape_processor.errors import FieldViolation, InvalidArgument
 from ductape_processor.reasons import Reason
@@ -123,7 +122,32 @@ def _multipart_text(text: str, field: str, what: str) -> None:
         )
 
 
-def encode_body(body: Any, request_type: str, method: str) -> tuple[bytes | aiohttp.FormData | None, str | None]:
+def _quoted(text: str) -> str:
+    """A multipart part's name or file name inside its quotes, escaped as browsers do (HTML's form encoding)."""
+    return text.replace('"', "%22")  # CR and LF cannot be there: refused with the other control characters
+
+
+def multipart_body(parts: list[tuple[str, bytes, str | None, str | None]]) -> tuple[bytes, str]:
+    """A multipart/form-data body (RFC 7578) of (name, content, file name, content type) parts, and its content type.
+
+    Names, file names and content types must be free of control characters (`_multipart_text` checks them) and the
+    boundary is random: nothing a part holds can end it or add a part.
+    """
+    boundary = secrets.token_hex(16)
+    chunks: list[bytes] = []
+    for name, content, filename, content_type in parts:
+        disposition = f'form-data; name="{_quoted(name)}"'
+        if filename is not None:
+            disposition += f'; filename="{_quoted(filename)}"'
+        head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+        if content_type is not None:
+            head += f"Content-Type: {content_type}\r\n"
+        chunks += [head.encode(), b"\r\n", content, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def encode_body(body: Any, request_type: str, method: str) -> tuple[bytes | None, str | None]:
     """The request body in the app environment's request type, and its content type."""
     if body is None or method in ("GET", "HEAD"):
         return None, None
@@ -136,7 +160,7 @@ def encode_body(body: Any, request_type: str, method: str) -> tuple[bytes | aioh
     if request_type == "multipart/form-data":
         if not isinstance(body, Mapping):
             raise InvalidArgument.field("input.body", "a multipart body must be an object")
-        form = aiohttp.FormData(default_to_multipart=True)
+        parts: list[tuple[str, bytes, str | None, str | None]] = []
         for key, value in body.items():
             _multipart_text(key, header_field("input.body", key), "field name")
             if isinstance(value, Mapping) and "content_base64" in value:
@@ -148,10 +172,11 @@ def encode_body(body: Any, request_type: str, method: str) -> tuple[bytes | aioh
                 content_type = str(value.get("content_type", "application/octet-stream"))
                 _multipart_text(filename, f"input.body.{key}.filename", "file name")
                 _multipart_text(content_type, f"input.body.{key}.content_type", "content type")
-                form.add_field(key, content, filename=filename, content_type=content_type)
+                parts.append((key, content, filename, content_type))
             else:
-                form.add_field(key, value if isinstance(value, str) else canonical_json(value))
-        return form, None
+                text = value if isinstance(value, str) else canonical_json(value)
+                parts.append((key, text.encode(), None, "text/plain; charset=utf-8"))
+        return multipart_body(parts)
     if not isinstance(body, str):
         raise InvalidArgument.field("input.body", f"a {request_type} body must render to text (the XML document)")
     return body.encode(), f"{request_type}; charset=utf-8"
