@@ -156,6 +156,7 @@ class _Call:
         tracer = self.telemetry.tracer
         if tracer is not None:
             parent = _propagator.extract(metadata) if "traceparent" in metadata else None
+            info.traced = True
             opened.span = span = tracer.start_span(
                 self.span_name, context=parent, kind=trace.SpanKind.SERVER, attributes=self.attributes
             )

@@ -16,7 +16,7 @@ class CallInfo:
     A plain slotted class rather than a dataclass: one is built per call, so construction cost counts.
     """
 
-    __slots__ = ("method", "request_id", "traceparent", "tracestate")
+    __slots__ = ("method", "request_id", "traced", "traceparent", "tracestate")
 
     def __init__(
         self, method: str, request_id: str, traceparent: str | None = None, tracestate: str | None = None
@@ -25,6 +25,7 @@ class CallInfo:
         self.request_id = request_id
         self.traceparent = traceparent
         self.tracestate = tracestate
+        self.traced = False  # the interceptor started a span for the call (tracing is on)
 
     def trace_ids(self) -> tuple[str, str] | None:
         """(trace id, parent span id) from the caller's traceparent, when it sent a well-formed one."""
@@ -43,11 +44,13 @@ def outgoing_trace_context() -> dict[str, str]:
     trace context still carries one). With tracing off, the caller's context passes through, but only when the
     propagator accepts it: a malformed value is never forwarded.
     """
+    call = current_call.get()
+    if call is not None and not call.traced and not call.traceparent:
+        return {}  # tracing off and no caller context: nothing to look up
     carrier: dict[str, str] = {}
     if trace.get_current_span().get_span_context().is_valid:
         _propagator.inject(carrier)
         return carrier
-    call = current_call.get()
     if call is not None and call.traceparent:
         given = {"traceparent": call.traceparent}
         if call.tracestate:

@@ -143,23 +143,23 @@ class HttpClientPool:
             problem = header_name_problem(name) or header_value_problem(value)
             if problem is not None:
                 raise InvalidArgument.field(header_field("headers", name), problem)
-        origin = request.url.origin()
         method, url, data, query = request.method, request.url, request.data, request.query
+        deadline = asyncio.get_running_loop().time() + timeout_s  # one bound over every exchange and redirect
         try:
-            async with asyncio.timeout(timeout_s):
-                for _ in range(MAX_REDIRECTS + 1):
-                    response = await self._exchange(key, method, url, request.headers, query, data)
-                    location = response.header("Location") if response.status in REDIRECT_STATUSES else None
-                    if location is None:
-                        return response
-                    target = url.join(URL(location))
-                    if target.origin() != origin:
-                        return response  # never follow to another host: the caller sees the redirect itself
-                    if response.status == 303 or (response.status in (301, 302) and method == "POST"):
-                        method, data = "GET", None
-                    url, query = target, []
-                return response
+            for _ in range(MAX_REDIRECTS + 1):
+                response = await self._exchange(key, method, url, request.headers, query, data, deadline)
+                location = response.header("Location") if response.status in REDIRECT_STATUSES else None
+                if location is None:
+                    return response
+                target = url.join(URL(location))
+                if target.origin() != request.url.origin():
+                    return response  # never follow to another host: the caller sees the redirect itself
+                if response.status == 303 or (response.status in (301, 302) and method == "POST"):
+                    method, data = "GET", None
+                url, query = target, []
+            return response
         except TimeoutError:
+            origin = request.url.origin()
             raise UpstreamTimeout(
                 f"{origin} did not answer within {timeout_s:.3f}s", metadata={"upstream": str(origin)}
             ) from None
@@ -172,6 +172,7 @@ class HttpClientPool:
         headers: Mapping[str, str],
         query: list[tuple[str, str]],
         data: bytes | None,
+        deadline: float,
     ) -> HttpResponse:
         scheme, host = url.scheme, url.raw_host or ""
         port = url.port or _DEFAULT_PORTS.get(scheme, 80)
@@ -179,7 +180,7 @@ class HttpClientPool:
             raise UpstreamUnreachable(f"cannot send to {url.origin()}: not an http(s) URL", sent=False)
         try:
             answer = await self._pool(key, scheme, host, port).exchange(
-                method, _framed(method, url, host, port, headers, query, data)
+                method, _framed(method, url, host, port, headers, query, data), deadline
             )
         except ConnectFailed as exc:
             where = {"upstream": str(url.origin())}

@@ -82,7 +82,17 @@ class ActionExecutor:
         if not state.recorded:
             status, reason = outcome(result)
             self._record(state, process_id, started, status, reason, cached=result.cached)
-        return replace(result, process_id=process_id, version=resolved.version)
+        # Built directly rather than with dataclasses.replace: this is every call's answer.
+        return ActionResult(
+            result.status,
+            result.headers,
+            result.body,
+            result.content_type,
+            process_id=process_id,
+            attempts=result.attempts,
+            cached=result.cached,
+            version=resolved.version,
+        )
 
     def _not_found(self, manifest: Manifest, call: ActionCall) -> None:
         apps = {app.tag: app for app in manifest.apps}
@@ -147,10 +157,11 @@ class ActionExecutor:
         reminted = False
         budget = RetryBudget(rules.backoff, state.deadline)
         while True:
-            auth = await self._auths.values(state, plan.auth_tags)
+            auth = await self._auths.values(state, plan.auth_tags) if plan.auth_tags else {}
             request = build_request(state, state.scope(self._services.secrets, checked, auth), checked)
             state.attempts.detail = recorded_request(state, request)
-            breaker.before_call(f"{call.app} ({state.resolved.env.slug})")
+            if breaker.opened_at is not None:
+                breaker.before_call(f"{call.app} ({state.resolved.env.slug})")
             state.attempts.count += 1
             try:
                 response = await self._http.send(

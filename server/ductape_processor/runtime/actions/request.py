@@ -88,7 +88,8 @@ def build_request(state: CallState, scope: Scope, checked: Mapping[str, Any]) ->
     # The base URL is the manifest's own; the path is fully encoded, and a parameter is one segment with every
     # reserved character escaped, so input can change neither scheme, host, port nor the path above it.
     url = URL(app_env.base_url + path, encoded=True)
-    headers = _caller_headers(plan, checked.get("headers") or {})
+    given_headers = checked.get("headers")
+    headers = _caller_headers(plan, given_headers) if given_headers else {}
     for name, template in plan.headers.items():
         rendered = template.render(scope)
         if rendered is None:
@@ -127,15 +128,19 @@ def recorded_request(state: CallState, request: HttpRequest) -> str:
     contains one (`Bearer …`, `/x/…/y` as one parameter) is hidden whole. Header values are never shown.
     """
     taint = state.taint
+    url = request.url
+    sensitive = state.plan.sensitive_headers
+    pairs = [*url.query.items(), *request.query] if url.raw_query_string else request.query
+    if not taint.texts and not sensitive:  # nothing was rendered from a sensitive value: nothing to redact
+        query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs)
+        target = f"{url.scheme}://{url.raw_authority}{url.raw_path}" + (f"?{query}" if query else "")
+        return f"{request.method} {target}; headers: {', '.join(sorted(request.headers))}"
 
     def shown(raw: str) -> str:
         return _REDACTED if taint.touches(raw) or taint.touches(unquote(raw)) else raw
 
-    url = request.url
     path = "/".join(shown(segment) for segment in url.raw_path.split("/"))
-    pairs = [*url.query.items(), *request.query]
     query = "&".join(f"{shown(quote(k, safe=''))}={shown(quote(v, safe=''))}" for k, v in pairs)
-    sensitive = state.plan.sensitive_headers
     names = ", ".join(
         f"{name}: {_REDACTED}" if name in sensitive or taint.touches(value) else name
         for name, value in sorted(request.headers.items())
