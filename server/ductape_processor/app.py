@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health
@@ -27,9 +28,7 @@ from ductape_processor.api.notification import NotificationServicer
 from ductape_processor.api.product import ProductServicer
 from ductape_processor.api.session import SessionServicer
 from ductape_processor.api.storage import StorageServicer
-from ductape_processor.api.storage_http import StorageHttpListener
 from ductape_processor.api.webhook import WebhookServicer
-from ductape_processor.api.webhook_http import WebhookHttpListener
 from ductape_processor.errors import InvalidManifest, ProcessorError
 from ductape_processor.grpc_server import ListenError, Servicers, grpc_server, listen, set_serving
 from ductape_processor.runtime.actions.cache import ResultCache
@@ -60,6 +59,12 @@ from ductape_processor.settings import Settings
 from ductape_processor.store import Store, open_store
 from ductape_processor.store.files import private_directory
 from ductape_processor.telemetry.setup import Telemetry, setup_telemetry
+
+if TYPE_CHECKING:
+    # The two HTTP listeners serve on aiohttp's web server (about 12 MB once imported): imported in `build` when
+    # their address is set, so a processor without them does not load it.
+    from ductape_processor.api.storage_http import StorageHttpListener
+    from ductape_processor.api.webhook_http import WebhookHttpListener
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +195,16 @@ def build(
         DispatchSettings(lease=timedelta(seconds=settings.webhook_dispatch_lease_s)),
     )
     receiver = WebhookReceiver(registry, store, brokers, secrets, clock, dispatches)
-    webhook_http = (
-        WebhookHttpListener(receiver, settings.webhook_http_address) if settings.webhook_http_address else None
-    )
+    webhook_http: WebhookHttpListener | None = None
+    if settings.webhook_http_address:
+        from ductape_processor.api.webhook_http import WebhookHttpListener
+
+        webhook_http = WebhookHttpListener(receiver, settings.webhook_http_address)
+    storage_http: StorageHttpListener | None = None
+    if links is not None and settings.storage_http_address:
+        from ductape_processor.api.storage_http import StorageHttpListener
+
+        storage_http = StorageHttpListener(storage, links, settings.storage_http_address)
     servicers = Servicers(
         product=ProductServicer(registry),
         action=ActionServicer(actions),
@@ -228,11 +240,7 @@ def build(
         webhook_check=PeriodicTask(
             "webhook listener check", settings.registry_poll_s, webhook_http.ensure if webhook_http else _nothing
         ),
-        storage_http=(
-            StorageHttpListener(storage, links, settings.storage_http_address)
-            if links is not None and settings.storage_http_address
-            else None
-        ),
+        storage_http=storage_http,
         cache=cache,
         actions=actions,
         purger=PeriodicTask("store purge", PURGE_INTERVAL_S, lambda: store.purge_expired(datetime.now(UTC))),

@@ -11,13 +11,15 @@ verify, is too old or replays a webhook id, 404 for an unknown path.
 from __future__ import annotations
 
 import logging
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from ductape_processor.errors import NotFound, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.webhooks.receiver import WebhookReceiver
 from ductape_processor.runtime.webhooks.signing import SignatureRefused
+
+if TYPE_CHECKING:  # aiohttp's web server (about 12 MB) is imported when the listener starts, not with the server
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,8 @@ _CHUNK = 64 * 1024
 
 
 def _answer(status: int, **fields: str) -> web.Response:
+    from aiohttp import web
+
     return web.json_response(fields, status=status)
 
 
@@ -39,16 +43,19 @@ class WebhookHttpListener:
         self._port = int(port)
         self.port = 0
         """The bound port, once started."""
-        app = web.Application()
-        app.router.add_route("POST", PATH_PREFIX + "/{product}/{env}/{path:.+}", self._post)
-        self._runner: web.AppRunner | None = web.AppRunner(app, access_log=None)
+        self._runner: web.AppRunner | None = None
         self._started = False
+        self._stopped = False
 
     async def ensure(self) -> None:
         """Start serving when a product declares a receive path (and the listener is not serving yet)."""
-        if self._started or not await self._receiver.declared():
+        if self._started or self._stopped or not await self._receiver.declared():
             return
-        assert self._runner is not None
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_route("POST", PATH_PREFIX + "/{product}/{env}/{path:.+}", self._post)
+        self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
@@ -58,6 +65,7 @@ class WebhookHttpListener:
 
     async def stop(self) -> None:
         """Stop serving; requests in flight are cut."""
+        self._stopped = True
         runner, self._runner = self._runner, None
         if runner is not None and self._started:
             await runner.cleanup()

@@ -16,28 +16,30 @@ processor: the manifest's models (`runtime/registry/notifications.py`) check tem
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta
-from jinja2 import Template as JinjaTemplate
-from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+if TYPE_CHECKING:  # Jinja2 (about 4 MB) is imported when a product's notifications first need it
+    from jinja2 import Template as JinjaTemplate
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 MAX_MESSAGE_TEMPLATE: Final = 65_536
 """Characters in one message template."""
 MAX_RENDERED: Final = 1_048_576
 """Characters a rendered template may hold."""
 
-_OPTIONS: Final[dict[str, Any]] = {
-    "undefined": StrictUndefined,
-    "keep_trailing_newline": True,
-    "cache_size": 0,
-    "auto_reload": False,
-}
-_PLAIN: Final = ImmutableSandboxedEnvironment(autoescape=False, **_OPTIONS)
-_HTML: Final = ImmutableSandboxedEnvironment(autoescape=True, **_OPTIONS)
+
+@functools.cache
+def _environment(html: bool) -> ImmutableSandboxedEnvironment:
+    """The sandbox for plain text or (autoescaping) HTML templates; built on first use."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(
+        autoescape=html, undefined=StrictUndefined, keep_trailing_newline=True, cache_size=0, auto_reload=False
+    )
 
 
 class TemplateRenderError(ValueError):
@@ -54,8 +56,10 @@ def template_variables(source: str, *, html: bool = False) -> frozenset[str]:
     """The top-level variables `source` reads; raise ValueError with the problem when it is not a valid template."""
     if len(source) > MAX_MESSAGE_TEMPLATE:
         raise ValueError(f"a template holds at most {MAX_MESSAGE_TEMPLATE} characters")
+    from jinja2 import TemplateSyntaxError, meta
+
     try:
-        ast = (_HTML if html else _PLAIN).parse(source)
+        ast = _environment(html).parse(source)
     except TemplateSyntaxError as exc:
         raise ValueError(f"template syntax error on line {exc.lineno}: {exc.message}") from None
     return frozenset(meta.find_undeclared_variables(ast))
@@ -70,6 +74,8 @@ class CompiledTemplate:
 
     def render(self, values: Mapping[str, Any]) -> str:
         """The text; raise TemplateRenderError listing missing variables, or naming what else failed."""
+        from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
+
         missing = tuple(sorted(self.variables - values.keys()))
         if missing:
             raise TemplateRenderError(f"missing variables: {', '.join(missing)}", missing)
@@ -88,5 +94,4 @@ class CompiledTemplate:
 
 def compile_message_template(source: str, *, html: bool = False) -> CompiledTemplate:
     """`source` compiled (it was checked when its manifest was applied)."""
-    environment = _HTML if html else _PLAIN
-    return CompiledTemplate(environment.from_string(source), template_variables(source, html=html))
+    return CompiledTemplate(_environment(html).from_string(source), template_variables(source, html=html))
