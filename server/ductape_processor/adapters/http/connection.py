@@ -319,26 +319,28 @@ class OriginPool:
             connection.finish()
 
     async def _acquire(self, deadline: float, *, fresh: bool = False) -> _Connection:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while self._idle and not fresh:
+        idle = None if fresh else self._idle_connection()
+        if idle is not None:
+            return idle
+        async with asyncio.timeout_at(deadline):
+            return await self._open_or_wait(fresh=fresh)
+
+    def _idle_connection(self) -> _Connection | None:
+        """The most recently used idle connection still fit to reuse (those that are not are closed on the way)."""
+        now = asyncio.get_running_loop().time()
+        while self._idle:
             connection = self._idle.pop()
             if connection.reusable and now - connection.idle_since < KEEPALIVE_S:
                 return connection
             connection.close()
             self._open -= 1
-        async with asyncio.timeout_at(deadline):
-            return await self._open_or_wait(fresh=fresh)
+        return None
 
     async def _open_or_wait(self, *, fresh: bool) -> _Connection:
         while True:
-            now = asyncio.get_running_loop().time()
-            while self._idle and not fresh:
-                connection = self._idle.pop()
-                if connection.reusable and now - connection.idle_since < KEEPALIVE_S:
-                    return connection
-                connection.close()
-                self._open -= 1
+            idle = None if fresh else self._idle_connection()
+            if idle is not None:
+                return idle
             if self._open < self._limit:
                 break
             waiter = asyncio.get_running_loop().create_future()
