@@ -14,8 +14,9 @@ Three servers run (four with --floor), each its own subprocess on 127.0.0.1 only
   parameter; no cache, no auth, no idempotency key);
 - `bare`: a grpc.aio server with one generic ActionService.Run handler (identity serializers, no interceptors)
   answering the pre-serialized bytes of the processor's own reply, so both put the same bytes on the wire;
-- `floor` (with --floor): the bare server, except that its handler first makes the same GET with aiohttp (session
-  set up as the processor's): what gRPC + aiohttp cost without any of the processor's own work.
+- `floor` (with --floor): the bare server, except that its handler first makes the same GET with the processor's
+  own HTTP client (`HttpClientPool`), on uvloop as the processor runs: what gRPC + that client cost without any of
+  the processor's own work (interceptor, parsing, templates, records).
 
 What is measured, in one run:
 
@@ -232,22 +233,24 @@ def wait_http(server: Server) -> None:
 
 
 async def serve_floor(port: int, reply: bytes, url: str) -> None:
-    """The floor: a bare Run handler that GETs `url` with an aiohttp session set up as the processor sets up its
-    own (pooled connector, no cookies), reads the body, then answers the canned reply. No interceptor, no parsing,
-    no templates, no records: what gRPC + aiohttp cost alone."""
-    import aiohttp
+    """The floor: a bare Run handler that GETs `url` with the processor's own HTTP client (`HttpClientPool`: pooled
+    HTTP/1.1 connections, origin and header checks, body bound, timeout), reads the body, then answers the canned
+    reply. No interceptor, no parsing, no templates, no records: what gRPC + the HTTP client cost alone."""
+    from yarl import URL
 
-    connector = aiohttp.TCPConnector(limit=100, ttl_dns_cache=300, keepalive_timeout=30)
-    async with aiohttp.ClientSession(
-        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
-    ) as session:
+    from ductape_processor.adapters.http.client import HttpClientPool, HttpRequest
 
-        async def handle(request: bytes, context: Any) -> bytes:
-            async with session.get(url, allow_redirects=False) as response:
-                await response.read()
-            return reply
+    http = HttpClientPool(max_response_bytes=8 * 1024 * 1024)
+    request = HttpRequest("GET", URL(url, encoded=True), {}, [])
 
+    async def handle(_: bytes, context: Any) -> bytes:
+        await http.send("floor", request, CALL_TIMEOUT_S)
+        return reply
+
+    try:
         await serve_generic(port, SERVICE, "Run", handle)
+    finally:
+        await http.close()
 
 
 # -- the processor's manifest and reply (in this process) -----------------------------------------------------------
@@ -656,7 +659,10 @@ def report(runs: list[Run], soaked: Soak, config: Config, reply_size: int) -> tu
         "",
         "direct: an aiohttp client calling the upstream itself; bare: the gRPC round trip alone (canned reply)",
         *(
-            ["floor: a bare gRPC handler that makes the same GET with aiohttp, then answers the canned reply"]
+            [
+                "floor: a bare gRPC handler (uvloop) that makes the same GET with the processor's HTTP client,"
+                " then answers the canned reply"
+            ]
             if config.floor
             else []
         ),
@@ -778,7 +784,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--floor",
         action="store_true",
-        help="also measure a bare gRPC handler that makes the same GET with aiohttp (what gRPC + aiohttp cost alone)",
+        help="also measure a bare gRPC handler that makes the same GET with the processor's HTTP client "
+        "(what gRPC + that client cost alone)",
     )
     return parser
 
@@ -795,7 +802,13 @@ def _internal(argv: list[str]) -> int:
         sub.add_argument("--reply-file", type=Path, required=True)
         sub.add_argument("--url", required=True)
         args = sub.parse_args(rest)
-        asyncio.run(serve_floor(args.port, args.reply_file.read_bytes(), args.url))
+        floor = serve_floor(args.port, args.reply_file.read_bytes(), args.url)
+        try:
+            import uvloop  # the loop the processor runs on, when installed
+        except ImportError:
+            asyncio.run(floor)
+        else:
+            uvloop.run(floor)
         return 0
     if command == "_bare-server":
         return serve_canned_command(rest, SERVICE, "Run")
