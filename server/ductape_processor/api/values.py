@@ -1,4 +1,5 @@
-"""Conversions between protobuf Struct/Value and plain Python values (the only place that does them)."""
+"""Conversions between protobuf Struct/Value and plain Python values (the only place in the server that does them;
+reading a Value is the Python client's `from_value`, shared by both sides)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
+from ductape.processor.values import from_value
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from pydantic import JsonValue
 
@@ -22,25 +24,16 @@ client cannot read, or fail here on recursion. Deeper JSON is returned as bytes 
 
 
 def value_to_python(value: struct_pb2.Value) -> JsonValue:
-    """A `google.protobuf.Value` as JSON-like Python. Whole numbers become ints (JSON has one number type)."""
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        return value.string_value
-    if kind == "number_value":
-        number = value.number_value
-        return int(number) if number.is_integer() and abs(number) < 2**53 else number
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return struct_to_dict(value.struct_value)
-    if kind == "list_value":
-        return [value_to_python(item) for item in value.list_value.values]
-    return None
+    """A `google.protobuf.Value` as JSON-like Python, whole numbers as ints (JSON has one number type): the Python
+    client's `from_value` (`clients/python/ductape/processor/values.py`), so both sides of the API read a Value
+    alike."""
+    python: JsonValue = from_value(value)
+    return python
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, JsonValue]:
     """A `google.protobuf.Struct` as a dict."""
-    return {key: value_to_python(item) for key, item in struct.fields.items()}
+    return {key: from_value(item) for key, item in struct.fields.items()}
 
 
 def python_to_value(data: object, value: struct_pb2.Value | None = None) -> struct_pb2.Value:
