@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from typing import Final
 
 
 def address_problem(host: str) -> str | None:
@@ -19,11 +20,30 @@ def address_problem(host: str) -> str | None:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        address = _embedded_ipv4(address) or address
     if not address.is_global or address.is_multicast:
         return f"{address} is a private, loopback or otherwise non-public address"
     return None
+
+
+_NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
+"""The well-known NAT64 prefix (RFC 6052): a translator forwards `64:ff9b::a.b.c.d` to the IPv4 address a.b.c.d."""
+_IPV4_COMPATIBLE: Final = ipaddress.IPv6Network("::/96")
+"""Deprecated IPv4-compatible addresses (`::a.b.c.d`, RFC 4291): some stacks still route them to a.b.c.d."""
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one reaches through a mapping, a translator or a tunnel (IPv4-mapped, NAT64,
+    IPv4-compatible, 6to4, Teredo), or None: Python's `is_global` judges some of these forms global whatever the
+    IPv4 address inside is."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    return address.teredo[1] if address.teredo is not None else None
 
 
 async def public_addresses(host: str, port: int) -> list[str]:

@@ -30,7 +30,12 @@ from ductape_processor.adapters.http.connection import (
     OriginPool,
     Resolve,
 )
-from ductape_processor.adapters.http.encoding import header_field, header_name_problem, header_value_problem
+from ductape_processor.adapters.http.encoding import (
+    header_field,
+    header_name_problem,
+    header_value_problem,
+    request_line_problem,
+)
 from ductape_processor.errors import InvalidArgument, ProcessorError, Unavailable
 from ductape_processor.reasons import Reason
 
@@ -139,6 +144,9 @@ class HttpClientPool:
         """Send `request` on the connections of `key`; follow same-origin redirects; bound the whole exchange."""
         if timeout_s <= 0:
             raise UpstreamTimeout("no time left before the caller's deadline")
+        line_problem = request_line_problem(request.method, request.url)
+        if line_problem is not None:
+            raise InvalidArgument.field(*line_problem)
         for name, value in request.headers.items():
             problem = header_name_problem(name) or header_value_problem(value)
             if problem is not None:
@@ -151,7 +159,10 @@ class HttpClientPool:
                 location = response.header("Location") if response.status in REDIRECT_STATUSES else None
                 if location is None:
                     return response
-                target = url.join(URL(location))
+                try:
+                    target = url.join(URL(location))
+                except ValueError:  # not a URL (`http://[::1`, a port out of range): the caller sees the redirect
+                    return response
                 if target.origin() != request.url.origin():
                     return response  # never follow to another host: the caller sees the redirect itself
                 if response.status == 303 or (response.status in (301, 302) and method == "POST"):

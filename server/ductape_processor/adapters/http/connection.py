@@ -7,9 +7,10 @@ uses it), strict: a response with two Content-Lengths, or Content-Length beside 
 
 One exchange at a time per connection, no pipelining. A connection is never reused when its next answer might not
 be its own: after an answer whose end it cannot be sure of (delimited by the connection's end, a HEAD, a status
-meaning the upstream may have misread the request: CLOSE_AFTER_STATUSES, `Connection: close`), after bytes the
-upstream sent beyond the answer or while the connection was idle, after a cancelled or failed exchange. What the
-upstream sends is bounded: the head (status line and headers) and the body, counted after decompression.
+meaning the upstream may have misread the request: CLOSE_AFTER_STATUSES, `Connection: close`), after an answer that
+came before the request was all written, after bytes the upstream sent beyond the answer or while the connection was
+idle, after a cancelled or failed exchange. What the upstream sends is bounded: the head (status line and headers,
+interim answers included) and the body, counted after decompression; a compressed body must end its stream.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._inflate: zlib._Decompress | None = None
+        self._compressed = False
         self._length_known = False
         self._done = False
 
@@ -115,7 +117,12 @@ class _Connection(asyncio.Protocol):
         if waiter is None or waiter.done():
             return
         if self._status and not self._length_known and not self._head_only:
-            self._complete()  # a body delimited by the end of the connection: this is its end
+            try:  # a body delimited by the end of the connection: this is its end
+                self._inflated_end()
+            except (BodyTooLarge, ExchangeFailed) as error:
+                waiter.set_exception(error)
+                return
+            self._complete()
         else:
             waiter.set_exception(ExchangeFailed("the upstream closed the connection", unanswered=not self._received))
 
@@ -152,7 +159,8 @@ class _Connection(asyncio.Protocol):
         self._head_size += len(name) + len(value) + 4
         if self._head_size > MAX_HEAD_BYTES:
             raise ExchangeFailed(f"the answer's head is larger than {MAX_HEAD_BYTES} bytes")
-        self._headers.append((name, value))
+        if not self._status:  # after the head, a chunked body's trailer fields: counted, not taken as headers
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -184,6 +192,7 @@ class _Connection(asyncio.Protocol):
         if self._head_only:
             return
         if self._inflate is not None:
+            self._compressed = True
             try:
                 chunk = self._inflate.decompress(chunk, self._max_body - self._size + 1)
             except zlib.error as exc:
@@ -200,18 +209,26 @@ class _Connection(asyncio.Protocol):
             return  # the end of an interim answer
         if self._head_only:
             return
-        if self._inflate is not None:
-            try:
-                rest = self._inflate.flush()
-            except zlib.error as exc:
-                raise ExchangeFailed(f"the answer's compressed body is corrupt ({exc})") from None
-            self._size += len(rest)
-            if self._size > self._max_body:
-                raise BodyTooLarge(None)
-            self._body.append(rest)
+        self._inflated_end()
         if not self._parser.should_keep_alive() or self._status in CLOSE_AFTER_STATUSES:
             self.reusable = False
         self._complete()
+
+    def _inflated_end(self) -> None:
+        """The end of a compressed body: what the decompressor still holds, and a check that the stream ended (a
+        truncated stream decompresses without error up to where it was cut)."""
+        if self._inflate is None or not self._compressed:
+            return  # identity, or no body at all (`Content-Encoding: gzip` on an empty answer)
+        try:
+            rest = self._inflate.flush()
+        except zlib.error as exc:
+            raise ExchangeFailed(f"the answer's compressed body is corrupt ({exc})") from None
+        if not self._inflate.eof:
+            raise ExchangeFailed("the answer's compressed body is truncated (its stream does not end)")
+        self._size += len(rest)
+        if self._size > self._max_body:
+            raise BodyTooLarge(None)
+        self._body.append(rest)
 
     # -- the exchange -----------------------------------------------------------------------------------------
 
@@ -223,7 +240,7 @@ class _Connection(asyncio.Protocol):
         self._received = self._status = self._size = 0
         self._body = []
         self._inflate = None
-        self._length_known = self._done = False
+        self._length_known = self._done = self._compressed = False
         self.transport.write(request)
         return waiter
 
@@ -238,6 +255,8 @@ class _Connection(asyncio.Protocol):
         waiter, self._waiter = self._waiter, None
         if waiter is None or not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
             self.reusable = False
+        elif self.transport is not None and self.transport.get_write_buffer_size():
+            self.reusable = False  # answered before the request was all sent: where the upstream reads next is unsure
         self.used = True
         if not self.reusable:
             self.close()
@@ -393,7 +412,10 @@ class OriginPool:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        addresses = [self._host] if self._resolve is None else await self._resolve(self._host, self._port)
+        try:
+            addresses = [self._host] if self._resolve is None else await self._resolve(self._host, self._port)
+        except OSError as exc:  # no name, or only private addresses where those are refused
+            raise ConnectFailed(str(exc)) from None
         failure: OSError | None = None
         for address in addresses:
             try:

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlencode
 
+from yarl import URL
+
 from ductape_processor.errors import FieldViolation, InvalidArgument
 from ductape_processor.reasons import Reason
 
@@ -25,6 +27,8 @@ FRAMING_HEADERS: Final = frozenset(
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_TARGET = re.compile(r"[\x21-\x7e]*")
+"""What a request target may hold (RFC 9112): visible ASCII, so no space, CR, LF or NUL can end the request line."""
 
 
 def header_name_problem(name: str) -> str | None:
@@ -37,6 +41,19 @@ def header_name_problem(name: str) -> str | None:
             "is not a valid header name (RFC 9110 token: letters, digits and !#$%&'*+-.^_`|~ only; "
             "no spaces, colons or control characters)"
         )
+    return None
+
+
+def request_line_problem(method: str, url: URL) -> tuple[str, str] | None:
+    """The field and why, when `method` or `url`'s path or query cannot go into a request line unambiguously, or None.
+
+    Input cannot put such bytes there (path parameters and query pairs are percent-encoded), but the base URL is the
+    manifest's, taken as encoded, and yarl keeps a space or a NUL in it: checked again here, before anything is sent.
+    """
+    if not _TOKEN.fullmatch(method):
+        return "method", "is not an HTTP method (an RFC 9110 token)"
+    if not (_TARGET.fullmatch(url.raw_path) and _TARGET.fullmatch(url.raw_query_string)):
+        return "url", "holds a space, a control character or a byte outside ASCII in its path or query"
     return None
 
 
