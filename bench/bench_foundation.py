@@ -157,7 +157,9 @@ def start_processor(procs: Processes, name: str, work: Path, api_key: str | None
     data_dir.mkdir()
     port = free_port()
     command = [*processor_command(), "serve", "--address", f"{HOST}:{port}", "--manifest", str(ROOT / "examples")]
-    command += ["--shutdown-grace-s", "2"]
+    # The example product receives webhooks: each server's listener on a port of its own (the default, 8090, is one
+    # port for all of them).
+    command += ["--shutdown-grace-s", "2", "--webhook-http-address", f"{HOST}:0"]
     if api_key is not None:
         command += ["--api-key-hash", hashlib.sha256(api_key.encode()).hexdigest()]
     return procs.start_server(name, command, f"{HOST}:{port}", child_env(data_dir))

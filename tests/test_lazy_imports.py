@@ -14,8 +14,8 @@ LAZY = {
     "cryptography": "sessions, credential auths' sealed tokens and signed storage URLs import it on first use",
     "opentelemetry.sdk": "setup_telemetry imports the SDK only when spans or metrics are exported",
     "opentelemetry.exporter": "the OTLP exporters load only when an endpoint is configured",
-    "aiohttp": "actions, webhooks and notifications send over adapters/http/connection.py; aiohttp's web server "
-    "loads when the webhook or storage HTTP listener starts, and the cloud storage SDKs bring their own",
+    "aiohttp": "actions, webhooks and notifications send over adapters/http/connection.py and the webhook listener "
+    "serves on the loop's transports; aiohttp loads with the storage HTTP listener or the cloud storage SDKs",
     "jinja2": "notification templates import it when a product's notifications are checked or rendered",
     "asyncpg": "the PostgreSQL store and databases import it when one is opened",
     "redis": "the Redis broker loads through the broker registry on first use",
@@ -38,9 +38,9 @@ def test_serving_does_not_import_what_no_call_needed_yet(module: str) -> None:
     assert found == "False", f"{module} is imported with the server: {LAZY[module]}"
 
 
-def test_a_started_server_loads_no_listener_or_template_library_its_products_do_not_use(tmp_path: Path) -> None:
-    """Started and serving (store open, manifest applied, listeners built), a processor whose product declares no
-    webhook receive path and no notifications has loaded neither aiohttp nor Jinja2."""
+def test_a_started_server_loads_neither_aiohttp_nor_jinja2_until_a_product_needs_them(tmp_path: Path) -> None:
+    """Started and serving (store open, manifest applied, the webhook listener serving a receive path), a processor
+    whose product declares no notifications has loaded neither aiohttp nor Jinja2."""
     manifest = tmp_path / "product.json"
     manifest.write_text(
         json.dumps(
@@ -54,6 +54,7 @@ def test_a_started_server_loads_no_listener_or_template_library_its_products_do_
                         "actions": [{"tag": "get", "method": "GET", "path": "/x"}],
                     }
                 ],
+                "webhooks": [{"tag": "hook", "receive": {"dev": {"path": "/hook", "verify": "none"}}}],
             }
         )
     )
@@ -64,9 +65,10 @@ def test_a_started_server_loads_no_listener_or_template_library_its_products_do_
         "from ductape_processor.settings import Settings\n"
         "async def main():\n"
         f"    settings = Settings(address='127.0.0.1:0', data_dir=Path({str(tmp_path / 'data')!r}),\n"
-        f"                        manifests=[Path({str(manifest)!r})])\n"
+        f"                        manifests=[Path({str(manifest)!r})], webhook_http_address='127.0.0.1:0')\n"
         "    app = ProcessorApp(settings)\n"
         "    await app.start()\n"
+        "    assert app.components.webhook_http.port, 'the listener serves'\n"
         "    await asyncio.sleep(0.2)\n"
         "    loaded = [m for m in ('aiohttp', 'jinja2') if m in sys.modules]\n"
         "    await app.stop()\n"

@@ -204,3 +204,56 @@ async def test_the_listener_stays_off_without_a_receive_path(start_server: Serve
     assert http is not None
     await http.ensure()
     assert http.port == 0
+
+
+# -- the listener's HTTP, byte for byte ----------------------------------------------------------------------------
+
+
+async def raw_exchange(listener: Listener, request: bytes, *, pause_after: int | None = None) -> bytes:
+    """Send `request` on a new connection (in two writes when `pause_after` is given) and read until it closes."""
+    http = listener.running.app.components.webhook_http
+    assert http is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", http.port)
+    try:
+        if pause_after is None:
+            writer.write(request)
+        else:
+            writer.write(request[:pause_after])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(request[pause_after:])
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def post_request(path: str, body: bytes, headers: dict[str, str], *extra: str) -> bytes:
+    lines = [f"POST /webhooks/shop/dev{path} HTTP/1.1", "Host: x", f"Content-Length: {len(body)}", *extra]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def test_a_request_split_across_writes_and_one_expecting_100_continue_are_received(listener: Listener) -> None:
+    body = json.dumps({"amount": 5}).encode()
+    answer = await raw_exchange(listener, post_request("/payments", body, signed(body, "evt_split")), pause_after=40)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b'"id": "rcv_' in answer
+    body = json.dumps({"amount": 6}).encode()
+    request = post_request("/payments", body, signed(body, "evt_continue"), "Expect: 100-continue")
+    answer = await raw_exchange(listener, request, pause_after=request.index(b"\r\n\r\n") + 4)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+    assert len(await listener.received("payments")) == 2
+
+
+async def test_other_methods_bad_requests_and_huge_heads_are_refused(listener: Listener) -> None:
+    assert (await raw_exchange(listener, b"GET /webhooks/shop/dev/payments HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(
+        b"HTTP/1.1 405 "
+    )
+    assert (await raw_exchange(listener, b"POST /webhooks/shop HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(
+        b"HTTP/1.1 404 "
+    )
+    smuggled = b"POST /webhooks/shop/dev/quiet HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}"
+    assert (await raw_exchange(listener, smuggled)).startswith(b"HTTP/1.1 400 ")
+    huge = post_request("/quiet", b"{}", {"X-Big": "a" * 70_000})
+    assert (await raw_exchange(listener, huge)).startswith(b"HTTP/1.1 400 ")
+    assert await listener.received("quiet") == []

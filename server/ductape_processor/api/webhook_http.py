@@ -6,35 +6,214 @@ Started only once a product declares a `receive` (checked at start and on every 
 target, reads at most its `max_body_bytes` (larger: 413), and answers what the receiver says: 200 with the received
 webhook's id once it is verified and stored (dispatch goes on after the answer), 401 for a signature that does not
 verify, is too old or replays a webhook id, 404 for an unknown path.
+
+The HTTP/1.1 it needs is small (one POST, one JSON answer, then the connection closes), so it is served on the
+loop's transports with llhttp (httptools) parsing, strict, as the actions' client parses answers
+(`adapters/http/connection.py`), rather than on aiohttp's web server, which cost about 12 MB of every processor
+that receives webhooks. A request's head is bounded, a connection that does not complete a request in
+REQUEST_TIMEOUT_S is closed, and after an early answer (404, 413) the rest of a body is read and dropped for a
+while, so that the sender sees the answer rather than a reset connection.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-from typing import TYPE_CHECKING
+from typing import Any, Final, cast
+from urllib.parse import unquote
+
+import httptools
 
 from ductape_processor.errors import NotFound, ProcessorError
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.webhooks.receiver import WebhookReceiver
+from ductape_processor.runtime.webhooks.receiver import ReceiveTarget, WebhookReceiver
 from ductape_processor.runtime.webhooks.signing import SignatureRefused
-
-if TYPE_CHECKING:  # aiohttp's web server (about 12 MB) is imported when the listener starts, not with the server
-    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
 PATH_PREFIX = "/webhooks"
-_CHUNK = 64 * 1024
+MAX_HEAD_BYTES: Final = 65_536
+"""Bytes of a request's line and headers, together."""
+REQUEST_TIMEOUT_S: Final = 30.0
+"""A connection that has not sent a whole request by then is closed."""
+LINGER_S: Final = 5.0
+"""After an answer sent before the body was read, the rest of the body is read and dropped for at most this long."""
+_REASONS: Final = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+                   413: "Payload Too Large", 503: "Service Unavailable"}  # fmt: skip
 
 
-def _answer(status: int, **fields: str) -> web.Response:
-    from aiohttp import web
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
-    return web.json_response(fields, status=status)
+
+class _Request(asyncio.Protocol):
+    """One connection: one request read, handed to the listener, answered, then the connection closes."""
+
+    def __init__(self, listener: WebhookHttpListener) -> None:
+        self._listener = listener
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._url = b""
+        self._head = 0
+        self._head_parsed = 0
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._size = 0
+        self._limit = 0
+        self._target: asyncio.Future[ReceiveTarget | None] | None = None
+        self._complete = False
+        self._answered = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- asyncio ------------------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._listener.connections.add(self)
+        self._timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT_S, self.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A task in progress goes on: a webhook being stored when its sender went away is still received.
+        self._listener.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self._answered and self._complete:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.answer(400, linger=False, error="protocol upgrades are not served here")
+        except httptools.HttpParserError as exc:
+            if not self._answered:
+                self.answer(400, linger=False, error=f"the request cannot be parsed: {exc}")
+            return
+        if self._target is None and not self._answered:  # the head is not complete yet
+            self._head += len(data)
+            if self._head > MAX_HEAD_BYTES:
+                self.answer(400, linger=False, error=f"the request's head is larger than {MAX_HEAD_BYTES} bytes")
+
+    # -- llhttp callbacks -----------------------------------------------------------------------------------------
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        key, text = _text(name).lower(), _text(value)
+        self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
+
+    def _count(self, size: int) -> None:
+        self._head_parsed += size
+        if self._head_parsed > MAX_HEAD_BYTES:
+            self.answer(400, linger=False, error=f"the request's head is larger than {MAX_HEAD_BYTES} bytes")
+            raise _Answered
+
+    def on_headers_complete(self) -> None:
+        if self._parser.get_method() != b"POST":
+            self.answer(405, error="only POST is served here")
+            return
+        path = unquote(_text(self._url).split("?", 1)[0])
+        product, env, receive = "", "", ""
+        if path.startswith(PATH_PREFIX + "/"):
+            product, _, rest = path[len(PATH_PREFIX) + 1 :].partition("/")
+            env, _, receive = rest.partition("/")
+        if not (product and env and receive):
+            self.answer(404, error="not found")
+            return
+        assert self._transport is not None
+        self._transport.pause_reading()  # the body waits until its target (and its size limit) is known
+        self._target = asyncio.get_running_loop().create_future()
+        self._task = asyncio.ensure_future(self._find(product, env, "/" + receive))
+
+    def on_body(self, chunk: bytes) -> None:
+        # Bytes that came with the head are parsed before the target (and its limit) is known: counted then.
+        if self._answered:
+            return  # read to the end of the request, and dropped
+        self._size += len(chunk)
+        if self._limit and self._size > self._limit:
+            self.answer(413, error=f"the body is larger than {self._limit} bytes")
+            raise _Answered
+        self._body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        if self._answered:
+            self.close()  # answered early; the rest of the request has now been read
+        elif self._target is not None and self._target.done():
+            self._accept_when_known()
+
+    def _accept_when_known(self) -> None:
+        assert self._target is not None
+        target = self._target.result()
+        if target is not None and not self._answered:
+            self._task = asyncio.ensure_future(self._accept(target, b"".join(self._body)))
+
+    # -- the listener's work -------------------------------------------------------------------------------------
+
+    async def _find(self, product: str, env: str, path: str) -> None:
+        assert self._target is not None and self._transport is not None
+        target = await self._listener.target(self, product, env, path)
+        if target is None:
+            return  # answered
+        self._limit = target.receive.max_body_bytes
+        length = self._headers.get("content-length", "")
+        if (length.isdigit() and int(length) > self._limit) or self._size > self._limit:
+            self.answer(413, error=f"the body is larger than {self._limit} bytes")
+            return
+        self._target.set_result(target)
+        if self._complete:
+            self._accept_when_known()
+            return
+        if "100-continue" in self._headers.get("expect", "").lower():
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._transport.resume_reading()
+
+    async def _accept(self, target: ReceiveTarget, body: bytes) -> None:
+        status, fields = await self._listener.accept(target, self._headers, body)
+        self.answer(status, **fields)
+
+    def answer(self, status: int, *, linger: bool = True, **fields: str) -> None:
+        """Send the answer and close the connection: at once when the request is read or cannot be parsed
+        (`linger=False`), else once the rest of it is read and dropped (at most LINGER_S)."""
+        if self._answered or self._transport is None or self._transport.is_closing():
+            return
+        self._answered = True
+        data = json.dumps(fields).encode()
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        )
+        self._transport.write(head.encode() + data)
+        if self._target is not None and not self._target.done():
+            self._target.set_result(None)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._complete or not linger:
+            self._transport.close()
+        else:  # a body may still be on its way: read and drop it for a while, so the sender reads the answer
+            self._transport.resume_reading()
+            self._timer = asyncio.get_running_loop().call_later(LINGER_S, self.close)
+
+    def close(self) -> None:
+        """Close now."""
+        if self._transport is not None:
+            self._transport.close()
+
+
+class _Answered(Exception):
+    """Raised in a parser callback once the request is answered: parsing stops there."""
 
 
 class WebhookHttpListener:
-    """One aiohttp server bound to `address` (host:port; port 0 picks one), started by `ensure`."""
+    """One HTTP listener bound to `address` (host:port; port 0 picks one), started by `ensure`."""
 
     def __init__(self, receiver: WebhookReceiver, address: str) -> None:
         self._receiver = receiver
@@ -43,63 +222,49 @@ class WebhookHttpListener:
         self._port = int(port)
         self.port = 0
         """The bound port, once started."""
-        self._runner: web.AppRunner | None = None
-        self._started = False
+        self._server: asyncio.Server | None = None
         self._stopped = False
+        self.connections: set[_Request] = set()
 
     async def ensure(self) -> None:
         """Start serving when a product declares a receive path (and the listener is not serving yet)."""
-        if self._started or self._stopped or not await self._receiver.declared():
+        if self._server is not None or self._stopped or not await self._receiver.declared():
             return
-        from aiohttp import web
-
-        app = web.Application()
-        app.router.add_route("POST", PATH_PREFIX + "/{product}/{env}/{path:.+}", self._post)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        self._started = True
-        self.port = int(self._runner.addresses[0][1])
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Request(self), self._host, self._port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("webhook HTTP listener serving", extra={"address": f"{self._host}:{self.port}"})
 
     async def stop(self) -> None:
         """Stop serving; requests in flight are cut."""
         self._stopped = True
-        runner, self._runner = self._runner, None
-        if runner is not None and self._started:
-            await runner.cleanup()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            for connection in list(self.connections):
+                connection.close()
+            await server.wait_closed()
 
-    async def _post(self, request: web.Request) -> web.Response:
-        info = request.match_info
+    async def target(self, request: _Request, product: str, env: str, path: str) -> ReceiveTarget | None:
+        """The receive target of a path, or None once `request` is answered 404 (or 503)."""
         try:
-            target = await self._receiver.target(info["product"], info["env"], "/" + info["path"])
+            return await self._receiver.target(product, env, path)
         except ProcessorError as exc:
             status = 404 if isinstance(exc, NotFound) else 503
-            return _answer(status, reason=str(exc.reason) if status == 404 else str(Reason.UNAVAILABLE))
-        limit = target.receive.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            return _answer(413, error=f"the body is larger than {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(_CHUNK):
-            size += len(chunk)
-            if size > limit:
-                return _answer(413, error=f"the body is larger than {limit} bytes")
-            chunks.append(chunk)
-        headers: dict[str, str] = {}
-        for name, value in request.headers.items():
-            key = name.lower()
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+            request.answer(status, reason=str(exc.reason) if status == 404 else str(Reason.UNAVAILABLE))
+            return None
+
+    async def accept(self, target: ReceiveTarget, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+        """The status and JSON fields answering a received webhook."""
         try:
-            record = await self._receiver.accept(target, headers, b"".join(chunks))
+            record = await self._receiver.accept(target, headers, body)
         except SignatureRefused as exc:
             log.info(
                 "received webhook refused",
                 extra={"product": target.product, "env": target.env, "webhook": target.webhook.tag, "why": str(exc)},
             )
-            return _answer(401, error="the webhook's signature does not verify")
+            return 401, {"error": "the webhook's signature does not verify"}
         except ProcessorError as exc:
             log.warning("received webhook not stored: %s", exc.message)
-            return _answer(503, reason=str(exc.reason))
-        return _answer(200, id=record.received_id)
+            return 503, {"reason": str(exc.reason)}
+        return 200, {"id": record.received_id}
