@@ -14,7 +14,7 @@ from ductape.processor.v1 import job_pb2
 from ductape_processor.runtime.jobs.model import RunTrigger
 from ductape_processor.runtime.jobs.scheduler import new_run
 from ductape_processor.store import Store
-from ductape_processor.store.base import JobRecord, JobStatus, RunStatus
+from ductape_processor.store.job_records import JobRecord, JobStatus, RunStatus
 from tests.jobs_harness import START, Jobs, jobs_fixture, manifest, seconds, settled, until  # noqa: F401 - the fixture
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from ductape_processor.store import statements as sql
-from ductape_processor.store.base import (
+from ductape_processor.store import job_statements as sql
+from ductape_processor.store.job_records import (
+    JOBS_TOPIC,
     JobFilter,
     JobRecord,
     JobStatus,
@@ -29,8 +30,6 @@ _INSERT_ATTEMPTS = 3
 """How many times a locked Schedule reads who holds a name or key again when an unlocked one took it meanwhile."""
 _RENEWALS_PER_STATEMENT = 500
 """Leases one statement renews at most (SQLite bounds a statement's parameters)."""
-JOBS_TOPIC = "jobs"
-"""The change topic of jobs (`Store.listen`): a new, changed or finished job or run."""
 
 
 class SqlJobStore(SqlStore):

@@ -3,8 +3,9 @@
 A claim is one UPDATE of the rows an inner SELECT picks: PostgreSQL locks them with `FOR UPDATE ... SKIP LOCKED`
 (`Dialect.skip_locked`: replicas claim different rows and none waits for another), SQLite runs one writer at a time.
 The SET gives the rows to their claimer (an owner and a lease's end); a claimer that dies leaves a lease that runs
-out, and the WHERE of the next claim takes the row again. Used by webhook deliveries and received webhooks'
-dispatches (store/webhooks.py, webhook_statements.py).
+out, and the WHERE of the next claim takes the row again. Used by jobs (their due occurrences and runs,
+store/job_statements.py), webhook deliveries and received webhooks' dispatches (store/webhooks.py,
+webhook_statements.py).
 """
 
 from __future__ import annotations

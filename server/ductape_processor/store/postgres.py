@@ -18,9 +18,10 @@ from typing import Any, Final, TypeVar
 import asyncpg
 
 from ductape_processor.errors import StoreUnavailable
-from ductape_processor.store import migrations, statements
-from ductape_processor.store.base import (
-    ChangeListener,
+from ductape_processor.store import job_statements, migrations, statements
+from ductape_processor.store.base import ChangeListener
+from ductape_processor.store.job_records import (
+    JOBS_TOPIC,
     JobRecord,
     JobStep,
     RunEnd,
@@ -28,7 +29,6 @@ from ductape_processor.store.base import (
     RunStatus,
     new_job_payload,
 )
-from ductape_processor.store.jobs import JOBS_TOPIC
 from ductape_processor.store.sql import Connection, Row
 from ductape_processor.store.statements import SqlValue, Statement
 from ductape_processor.store.webhooks import SqlWebhookStore
@@ -149,11 +149,11 @@ _NAMED_LOCK: Final = Statement("SELECT pg_advisory_xact_lock(hashtextextended(?,
 _NOTIFY: Final = Statement("SELECT pg_notify(?, ?)")
 _INSERT_NEW_JOB_NOTIFIED: Final = Statement(
     # One round trip: the insert and, if it inserted, its notification (channel and payload: the last parameters).
-    f"WITH added AS ({statements.INSERT_NEW_JOB.qmark} RETURNING product) SELECT pg_notify(?, ?) FROM added"  # noqa: S608
+    f"WITH added AS ({job_statements.INSERT_NEW_JOB.qmark} RETURNING product) SELECT pg_notify(?, ?) FROM added"  # noqa: S608
 )
 
 
-_RUN_FIELDS: Final = ", ".join(f"r.{column.strip()}" for column in statements.RUN_COLUMNS.split(","))
+_RUN_FIELDS: Final = ", ".join(f"r.{column.strip()}" for column in job_statements.RUN_COLUMNS.split(","))
 _END_RUNS: Final = Statement(
     # Many runs' ends in one statement: one array per column of the ends, then the owner.
     "UPDATE job_runs r SET status = e.status, ended_at = e.ended_at, attempt_at = e.attempt_at, result = e.result, "  # noqa: S608
@@ -176,8 +176,8 @@ _ADVANCE_JOBS: Final = Statement(
     "lease_owner = NULL, lease_until = NULL "
     "FROM unnest(?::text[], ?::timestamptz[], ?::smallint[], ?::integer[]) AS s(job_id, next_run_at, status, started) "
     "WHERE j.job_id = s.job_id AND j.lease_owner = ? AND j.status = 1 RETURNING j.job_id), "
-    f"added AS (INSERT INTO job_runs ({statements.RUN_COLUMNS}) SELECT r.* "
-    f"FROM unnest({', '.join(f'?::{kind}[]' for kind in _RUN_TYPES)}) AS r({statements.RUN_COLUMNS}) "
+    f"added AS (INSERT INTO job_runs ({job_statements.RUN_COLUMNS}) SELECT r.* "
+    f"FROM unnest({', '.join(f'?::{kind}[]' for kind in _RUN_TYPES)}) AS r({job_statements.RUN_COLUMNS}) "
     "WHERE r.job_id IN (SELECT job_id FROM moved)) "
     "SELECT job_id FROM moved"
 )

@@ -29,7 +29,8 @@ from ductape_processor.runtime.jobs.timing import first_due
 from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.registry.jobs import DeclaredJob, JobRetryPolicy
 from ductape_processor.runtime.registry.registry import Registry
-from ductape_processor.store.base import JobFilter, JobRecord, Store
+from ductape_processor.store.base import Store
+from ductape_processor.store.job_records import JobFilter, JobRecord
 
 log = logging.getLogger(__name__)
 

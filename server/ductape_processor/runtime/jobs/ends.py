@@ -8,7 +8,8 @@ import asyncio
 import contextlib
 from typing import Final
 
-from ductape_processor.store.base import RunEnd, RunRecord, Store
+from ductape_processor.store.base import Store
+from ductape_processor.store.job_records import RunEnd, RunRecord
 
 MAX_ENDS_PER_CALL: Final = 500
 """Ends one store call records at most."""

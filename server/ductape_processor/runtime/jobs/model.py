@@ -11,10 +11,10 @@ from typing import Any, Final
 from ductape_processor.runtime.policies.retry import Backoff
 
 # Re-exported: the API layer reads the states and records through the runtime, never from the store.
-from ductape_processor.store.base import JobRecord as JobRecord
-from ductape_processor.store.base import JobStatus as JobStatus
-from ductape_processor.store.base import RunRecord as RunRecord
-from ductape_processor.store.base import RunStatus as RunStatus
+from ductape_processor.store.job_records import JobRecord as JobRecord
+from ductape_processor.store.job_records import JobStatus as JobStatus
+from ductape_processor.store.job_records import RunRecord as RunRecord
+from ductape_processor.store.job_records import RunStatus as RunStatus
 
 DEFAULT_CATCH_UP: Final = timedelta(minutes=1)
 """How late an occurrence may still start when the schedule asks for no window: one due earlier is skipped."""

@@ -20,7 +20,8 @@ from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
 from ductape_processor.runtime.registry.registry import Registry
-from ductape_processor.store.base import JobFilter, JobRecord, JobStatus, RunRecord, RunStatus, Store
+from ductape_processor.store.base import Store
+from ductape_processor.store.job_records import JobFilter, JobRecord, JobStatus, RunRecord, RunStatus
 
 
 @dataclass(frozen=True, slots=True)

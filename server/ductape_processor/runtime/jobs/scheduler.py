@@ -1,17 +1,17 @@
 """The scheduler of one replica: claims due occurrences and runs from the store, runs their targets under leases it
 heart-beats, records each run before its target is called and after it ends, and retries failures with backoff.
 
-Waiting is event-driven: the scheduler sleeps until the earliest moment the store says something falls due (a next
-occurrence, a retry, a lease's end), woken earlier when this replica schedules or changes a job, or, on PostgreSQL,
-when another replica does (LISTEN/NOTIFY on the store's "jobs" topic). A poll every `poll_s` covers a lost
-notification. A claim leases what it takes, so each occurrence starts once across replicas; a replica that dies
-mid-run leaves a lease that runs out, and another replica takes the run over (`reclaimed`).
+The rounds of claims are the ones every claimer of due work runs (`ClaimRounds`, runtime/policies/leases.py): the
+scheduler sleeps until the earliest moment the store says something falls due (a next occurrence, a retry, a lease's
+end), woken earlier when this replica schedules or changes a job, or, on PostgreSQL, when another replica does
+(LISTEN/NOTIFY on the store's "jobs" topic). A poll every `poll_s` covers a lost notification. A claim leases what it
+takes, so each occurrence starts once across replicas; a replica that dies mid-run leaves a lease that runs out, and
+another replica takes the run over (`reclaimed`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -30,16 +30,9 @@ from ductape_processor.runtime.jobs.model import JobSpec, Overlap, RunTrigger
 from ductape_processor.runtime.jobs.targets import JobTargets, Outcome
 from ductape_processor.runtime.jobs.timing import due_after
 from ductape_processor.runtime.policies.clock import Clock
-from ductape_processor.store.base import (
-    JobRecord,
-    JobStatus,
-    JobStep,
-    RunEnd,
-    RunRecord,
-    RunStatus,
-    Store,
-    announced_due,
-)
+from ductape_processor.runtime.policies.leases import ClaimRounds, LeaseRenewer
+from ductape_processor.store.base import Store
+from ductape_processor.store.job_records import JOBS_TOPIC, JobRecord, JobStatus, JobStep, RunEnd, RunRecord, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -160,41 +153,29 @@ class JobScheduler:
         """This replica's name on the leases it holds."""
         self.events = RunEvents()
         self._ends = EndRecorder(store, self.owner)
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
-        self._next_look: datetime | None = None
-        """When the waiting scheduler looks again; None while it looks (a round is going)."""
+        self._rounds = ClaimRounds("job scheduler", self._round, store.next_job_moment, clock, settings.poll_s)
         self._runs_claimed_at = datetime.min.replace(tzinfo=UTC)
         self._announced: datetime | None = None
         """The earliest due moment this replica announced that may still be to come."""
         self._running: set[asyncio.Task[None]] = set()
-        self._leased: set[str] = set()
+        self._leases = LeaseRenewer(
+            "job run leases", lambda ids, until: store.renew_runs(self.owner, ids, until), clock, settings.lease
+        )
         """The runs whose targets this replica is running: their leases are renewed."""
-        self._renewer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Listen for other replicas' job changes and start the rounds."""
-        await self._store.listen(self._heard, "jobs")
-        loop = asyncio.get_running_loop()
-        self._loop_task = loop.create_task(self._rounds(), name="job scheduler")
-        self._renewer = loop.create_task(self._renew_leases(), name="job run leases")
+        """Listen for other replicas' job changes (a new job's announcement names its due moment) and start the
+        rounds."""
+        await self._rounds.listen_and_start(self._store, JOBS_TOPIC)
+        self._leases.start()
 
     def wake(self) -> None:
         """Look for due work now (a job was resumed or triggered)."""
-        self._wake.set()
-
-    def _heard(self, payload: str) -> None:
-        """Another replica changed a job: look now, unless it announces a new job due after this replica looks."""
-        due = announced_due(payload)
-        if due is None:
-            self.wake()
-        else:
-            self.scheduled(due)
+        self._rounds.wake()
 
     def scheduled(self, due: datetime) -> None:
         """A job was scheduled, first due at `due`: look now if this replica would look later than that."""
-        if self._next_look is None or due < self._next_look:
-            self._wake.set()
+        self._rounds.wake_by(due)
 
     def announces(self, due: datetime) -> bool:
         """Whether the other replicas must be told of a job first due at `due` (Store.listen "jobs"): when their
@@ -215,43 +196,15 @@ class JobScheduler:
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; let runs going finish within `grace_s`, then cancel them (their leases run out and
         another replica, or this one after a restart, takes them over)."""
-        task, self._loop_task = self._loop_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._rounds.stop()
         if self._running:
             _, late = await asyncio.wait(set(self._running), timeout=grace_s)
             for run in late:
                 run.cancel()
             if late:
                 await asyncio.wait(late)
-        renewer, self._renewer = self._renewer, None
-        if renewer is not None:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+        await self._leases.stop()
         await self._ends.stop()
-
-    async def _rounds(self) -> None:
-        while True:
-            self._wake.clear()
-            self._next_look = None
-            try:
-                busy = await self._round()
-            except Exception as exc:  # the store may be briefly unreachable: the next round tries again
-                log.warning("job scheduler round failed: %s", exc)
-                busy = False
-            if busy:
-                continue
-            fallback = self._clock.now() + timedelta(seconds=self._settings.poll_s)
-            try:
-                moment = await self._store.next_job_moment()
-            except Exception as exc:
-                log.warning("job scheduler: cannot read the next due moment: %s", exc)
-                moment = None
-            self._next_look = min(moment, fallback) if moment is not None else fallback
-            await self._clock.wait_until(self._next_look, self._wake)
 
     async def _round(self) -> bool:
         """Claim and start what is due; True when a claim came back full (more may be due)."""
@@ -330,15 +283,15 @@ class JobScheduler:
     async def _execute(self, run: RunRecord, spec: JobSpec | None) -> None:
         """One attempt of `run` (already recorded RUNNING under this replica's lease), then its recorded end.
         `spec`: the job's, when the claim that started the run read it; else it is read here."""
-        self._leased.add(run.run_id)  # renewed from the start: reads may be slow
+        self._leases.hold(run.run_id)  # renewed from the start: reads may be slow
         if spec is None:
             try:
                 job = await self._store.get_job(run.job_id)
             except BaseException:
-                self._leased.discard(run.run_id)
+                self._leases.release(run.run_id)
                 raise
             if job is None:
-                self._leased.discard(run.run_id)
+                self._leases.release(run.run_id)
                 return
             spec = decode_spec(job.spec)
         self.events.publish(run)
@@ -353,7 +306,7 @@ class JobScheduler:
             log.exception("job run %s failed unexpectedly", run.run_id)
             end = self._failed(run, spec, Reason.INTERNAL, f"{type(exc).__name__}: the processor failed", "")
         finally:
-            self._leased.discard(run.run_id)
+            self._leases.release(run.run_id)
         ended = await self._ends.end(run.run_id, end)
         if ended is None:
             log.warning("job run %s was taken over by another replica before it ended here", run.run_id)
@@ -373,22 +326,3 @@ class JobScheduler:
             return RunEnd(RunStatus.RETRYING, now, retry_at, "", reason, message, process_id)
         one_off_failed = JobStatus.FAILED if spec.repeat is None else None
         return RunEnd(RunStatus.FAILED, now, None, "", reason, message, process_id, one_off_failed)
-
-    async def _renew_leases(self) -> None:
-        """Every third of a lease, renew the leases of the runs this replica's targets are running, in one statement;
-        a run whose lease another replica took over (this one stalled past it) is no longer renewed."""
-        never = asyncio.Event()
-        while True:
-            await self._clock.wait_until(self._clock.now() + self._settings.lease / 3, never)
-            going = list(self._leased)
-            if not going:
-                continue
-            try:
-                renewed = await self._store.renew_runs(self.owner, going, self._clock.now() + self._settings.lease)
-            except Exception as exc:
-                log.warning("job runs: lease renewal failed: %s", exc)
-                continue
-            for run_id in going:
-                if run_id not in renewed and run_id in self._leased:
-                    log.warning("job run %s: lease lost (another replica took the run over)", run_id)
-                    self._leased.discard(run_id)

@@ -4,10 +4,14 @@ of claimed work, written a batch per store call (`EndBatches`); `ClaimedWork` pu
 pieces run as tasks, a bounded number at once.
 
 Waiting is event-driven: a round ends by sleeping until the earliest due moment the store reports, woken earlier by
-`wake` (this replica added work) or, on PostgreSQL, by another replica's change on the store's topic
-(LISTEN/NOTIFY); a poll every `poll_s` covers a lost notification. A claim that came back full makes the next round
-start at once. Used by webhook deliveries (runtime/webhooks/deliveries.py) and received webhooks' dispatches
+`wake` (this replica added work), by `wake_by` (work added that falls due before the rounds would look), or, on
+PostgreSQL, by another replica's change on the store's topic (LISTEN/NOTIFY; a change that announces its due moment,
+`announced_due`, wakes the rounds only when they would look later than that); a poll every `poll_s` covers a lost
+notification. A claim that came back full makes the next round start at once. Used by the jobs scheduler
+(runtime/jobs/scheduler.py), webhook deliveries (runtime/webhooks/deliveries.py) and received webhooks' dispatches
 (runtime/webhooks/dispatches.py).
+
+Work that may outlast its lease has the lease heart-beaten while it goes (`LeaseRenewer`: the jobs' runs).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, Generic, TypeVar
 from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.policies.periodic import PeriodicTask
 from ductape_processor.store.base import Store
+from ductape_processor.store.job_records import announced_due
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +51,30 @@ class ClaimRounds(PeriodicTask):
         self._next_moment = next_moment
         self._clock = clock
         self._wake = asyncio.Event()
+        self._next_look: datetime | None = None
+        """When the waiting rounds look again; None while a round is going (it reads the next moment at its end)."""
         self._stopping = False
 
     async def listen_and_start(self, store: Store, topic: str) -> None:
         """Listen for other replicas' changes of `topic` and start the rounds."""
-        await store.listen(lambda _payload: self.wake(), topic)
+        await store.listen(self._heard, topic)
         self.start()
 
     def wake(self) -> None:
         """Look for due work now."""
         self._wake.set()
+
+    def wake_by(self, due: datetime) -> None:
+        """Work falling due at `due` was added: look now if the rounds would look later than that."""
+        if self._next_look is None or due < self._next_look:
+            self._wake.set()
+
+    def _heard(self, payload: str) -> None:
+        due = announced_due(payload)
+        if due is None:
+            self.wake()
+        else:
+            self.wake_by(due)
 
     async def stop(self) -> None:
         """Stop the rounds; the loop also ends by itself at its next turn, should a cancellation be lost."""
@@ -65,6 +84,7 @@ class ClaimRounds(PeriodicTask):
     async def _rounds(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            self._next_look = None
             try:
                 busy = await self._claim()
             except Exception as exc:  # the store may be briefly unreachable: the next round tries again
@@ -79,7 +99,8 @@ class ClaimRounds(PeriodicTask):
             except Exception as exc:
                 log.warning("%s: cannot read the next due moment: %s", self.name, exc)
                 moment = None
-            await self._clock.wait_until(min(moment, fallback) if moment is not None else fallback, self._wake)
+            self._next_look = min(moment, fallback) if moment is not None else fallback
+            await self._clock.wait_until(self._next_look, self._wake)
 
 
 class EndBatches(Generic[T]):
@@ -190,3 +211,60 @@ class ClaimedWork:
         self._running.discard(task)
         if len(self._running) == self._limits.concurrency - 1:
             self.rounds.wake()
+
+
+class LeaseRenewer:
+    """Heart-beats the leases of the work this replica is doing: every third of `lease`, one call of `renew(ids,
+    lease_until)` (which returns the ids whose lease the replica still held) extends them all, from `start` until
+    `stop`. Work whose lease another replica took over (this one stalled past it) is no longer renewed."""
+
+    def __init__(
+        self,
+        name: str,
+        renew: Callable[[list[str], datetime], Awaitable[set[str]]],
+        clock: Clock,
+        lease: timedelta,
+    ) -> None:
+        self.name = name
+        self._renew = renew
+        self._clock = clock
+        self._lease = lease
+        self._held: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def hold(self, key: str) -> None:
+        """Renew `key`'s lease from now on."""
+        self._held.add(key)
+
+    def release(self, key: str) -> None:
+        """Stop renewing `key`'s lease (its work ended)."""
+        self._held.discard(key)
+
+    def start(self) -> None:
+        """Start the heartbeats in a background task."""
+        self._task = asyncio.get_running_loop().create_task(self._beats(), name=self.name)
+
+    async def stop(self) -> None:
+        """Stop the heartbeats (the leases held run out unless their work ends first)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _beats(self) -> None:
+        never = asyncio.Event()
+        while True:
+            await self._clock.wait_until(self._clock.now() + self._lease / 3, never)
+            held = list(self._held)
+            if not held:
+                continue
+            try:
+                renewed = await self._renew(held, self._clock.now() + self._lease)
+            except Exception as exc:
+                log.warning("%s: renewal failed: %s", self.name, exc)
+                continue
+            for key in held:
+                if key not in renewed and key in self._held:
+                    log.warning("%s: %s was taken over by another replica (its lease ran out)", self.name, key)
+                    self._held.discard(key)
