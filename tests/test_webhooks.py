@@ -22,6 +22,7 @@ from standardwebhooks import Webhook as StandardWebhook
 
 from ductape_processor.runtime.webhooks.signing import SignatureRefused, signed_headers, signing_key, verify_standard
 from ductape_processor.store import Store
+from ductape_processor.store.statements import Statement
 from ductape_processor.store.webhook_records import (
     AttemptEnd,
     AttemptRecord,
@@ -380,3 +381,33 @@ async def test_an_event_no_endpoint_takes_makes_no_delivery_and_deliveries_list_
     assert rest.next_page_token == ""
     with pytest.raises(InvalidArgumentError):
         await state.client.list_deliveries(product="shop", env="dev", page_token="garbage")
+
+
+async def test_the_retention_purge_deletes_what_is_done_and_older_and_keeps_what_is_pending(hooks: Factory) -> None:
+    clock = FakeClock()
+    state = await hooks(clock=clock, schedule="[0, 40d]")  # a failed delivery waits 40 days for its retry
+    done = await state.emit(idempotency_key="done")
+    assert (await state.settled(done.delivery_ids[0], 1)).status == DELIVERED
+    state.endpoint.answers = [500] * 10
+    pending = await state.emit({"orderId": "o-2"}, idempotency_key="pending")
+    assert (await state.settled(pending.delivery_ids[0], 1)).status == PENDING
+    webhooks = state.running.app.components.webhooks
+    assert await webhooks.purge() == (0, 0)  # nothing is older than the retention (30 days by default)
+    clock.advance(timedelta(days=31))
+    assert await webhooks.purge() == (1, 0)
+    with pytest.raises(NotFoundError):
+        await state.delivery(done.delivery_ids[0])
+    store = state.running.app.components.store
+    assert await rows(store, "SELECT count(*) FROM webhook_attempts WHERE delivery_id = ?", done.delivery_ids[0]) == 0
+    assert await rows(store, "SELECT count(*) FROM webhook_messages WHERE message_id = ?", done.message_id) == 0
+    kept = await state.delivery(pending.delivery_ids[0])  # pending: kept with its message and attempts
+    assert kept.status == PENDING and len(kept.attempt_details) >= 1
+    again = await state.emit(idempotency_key="done")  # the key went with its message
+    assert not again.duplicate and again.message_id != done.message_id
+
+
+async def rows(store: Store, query: str, *args: Any) -> int:
+    """A count the test reads from the store's tables directly."""
+    row = await store._reader.fetchrow(Statement(query), *args)  # type: ignore[attr-defined]
+    assert row is not None
+    return int(row[0])

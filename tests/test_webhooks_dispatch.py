@@ -229,3 +229,20 @@ async def test_a_dispatch_held_by_a_replica_is_claimed_by_another_only_once_its_
         None,
     )
     assert await store.next_dispatch_moment() is None
+
+
+async def test_the_retention_purge_deletes_received_webhooks_but_those_whose_dispatch_is_pending(
+    store_factory: Callable[[], Awaitable[Store]],
+) -> None:
+    store = await store_factory()
+    then = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    states = {"rcv_none": DispatchStatus.NONE, "rcv_done": DispatchStatus.DISPATCHED, "rcv_due": DispatchStatus.PENDING}
+    for received_id, status in states.items():
+        due = then if status == DispatchStatus.PENDING else None
+        record = ReceivedRecord(received_id, "shop", "dev", "w", received_id, then, "", "{}", b"", status, 1, due)
+        assert await store.insert_received(record)
+    later = then + timedelta(days=1)
+    assert await store.insert_received(ReceivedRecord("rcv_new", "shop", "dev", "w", "rcv_new", later, "", "{}", b""))
+    assert await store.purge_webhooks(then + timedelta(seconds=1), 10) == (0, 2)
+    left = await store.list_received("shop", "dev", "", after=None, limit=10)
+    assert sorted(r.received_id for r in left) == ["rcv_due", "rcv_new"]

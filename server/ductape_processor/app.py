@@ -132,6 +132,8 @@ class Components:
     cache: ResultCache
     actions: ActionExecutor
     purger: PeriodicTask
+    webhook_purger: PeriodicTask
+    """Deletes webhook messages, deliveries, attempts and received webhooks older than PROCESSOR_WEBHOOK_RETENTION_S."""
     health: health.aio.HealthServicer
     server: grpc.aio.Server
 
@@ -185,7 +187,7 @@ def build(
         HttpClientPool(max_response_bytes=WEBHOOK_RESPONSE_BYTES),
     )
     deliveries = DeliveryWorker(store, registry, secrets, webhook_pools, clock, DeliverySettings())
-    webhooks = WebhookRuntime(registry, store, deliveries, clock)
+    webhooks = WebhookRuntime(registry, store, deliveries, clock, timedelta(seconds=settings.webhook_retention_s))
     dispatches = DispatchWorker(
         store,
         registry,
@@ -244,6 +246,7 @@ def build(
         cache=cache,
         actions=actions,
         purger=PeriodicTask("store purge", PURGE_INTERVAL_S, lambda: store.purge_expired(datetime.now(UTC))),
+        webhook_purger=PeriodicTask("webhook retention", PURGE_INTERVAL_S, webhooks.purge),
         health=servicers.health,
         server=grpc_server(settings, interceptor, servicers),
     )
@@ -307,6 +310,7 @@ class ProcessorApp:
             await parts.sessions.start_watching()
             parts.recorder.start()
             parts.purger.start()
+            parts.webhook_purger.start()
             for path in files:
                 await self._apply_file(parts, path)
             await parts.jobs.start()
@@ -428,6 +432,7 @@ class ProcessorApp:
             await pool.close()
         closers = (
             parts.purger.stop,
+            parts.webhook_purger.stop,
             parts.registry.stop,
             parts.sessions.stop_watching,
             parts.recorder.close,  # writes the records still queued: before the store closes

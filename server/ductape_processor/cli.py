@@ -89,6 +89,7 @@ _FLAGS: dict[str, _Flag] = {
     "storage_http_address": {"help": "host:port serving fs storages' signed URLs (off when unset)"},
     "webhook_http_address": {"help": "host:port receiving provider webhooks (empty: off)"},
     "webhook_dispatch_lease_s": {"type": float},
+    "webhook_retention_s": {"type": float},
 }
 
 

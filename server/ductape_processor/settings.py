@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         description="How long a received webhook's dispatch is leased to the replica making it; one that died is "
         "replaced after it. Keep it longer than a dispatch takes (a publish waits for its broker 8 s at most).",
     )
+    webhook_retention_s: float = Field(
+        30 * 86400.0,
+        ge=3600,
+        description="How long emitted webhook messages (with their deliveries and attempts) and received webhooks are "
+        "kept; pending ones are kept until they are done.",
+    )
     session_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Session root keys `id:base64url(32 bytes)`, newest first; the first encrypts new tokens.",

@@ -258,6 +258,14 @@ _TEMPLATES: tuple[Migration, ...] = (
             "CREATE INDEX webhooks_received_dispatch_due ON webhooks_received (dispatch_at) WHERE dispatch_status = 1",
         ),
     ),
+    Migration(
+        7,
+        "webhooks: retention, by the time a message was emitted and a webhook received",
+        (
+            "CREATE INDEX webhook_messages_by_time ON webhook_messages (created_at)",
+            "CREATE INDEX webhooks_received_by_time ON webhooks_received (received_at)",
+        ),
+    ),
 )
 
 

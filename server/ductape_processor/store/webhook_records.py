@@ -212,6 +212,12 @@ class WebhookState(abc.ABC):
         """The earliest moment a pending dispatch falls due (its next attempt, or its lease's end)."""
 
     @abc.abstractmethod
+    async def purge_webhooks(self, before: datetime, limit: int) -> tuple[int, int]:
+        """Delete up to `limit` messages emitted before `before` (with their deliveries and attempts) and up to
+        `limit` webhooks received before it; never a pending delivery (nor its message), nor a webhook whose dispatch
+        is pending. Returns how many messages and received webhooks went."""
+
+    @abc.abstractmethod
     async def list_received(
         self, product: str, env: str, webhook: str, *, after: tuple[datetime, str] | None, limit: int
     ) -> list[ReceivedRecord]:

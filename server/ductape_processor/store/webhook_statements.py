@@ -143,3 +143,41 @@ def message_bodies(count: int) -> Statement:
     """The bodies of `count` messages by id."""
     marks = ", ".join("?" * count)
     return Statement(f"SELECT message_id, body FROM webhook_messages WHERE message_id IN ({marks})")  # noqa: S608
+
+
+EXPIRED_MESSAGES: Final = Statement(
+    "SELECT m.message_id FROM webhook_messages m WHERE m.created_at < ? AND NOT EXISTS ("
+    "SELECT 1 FROM webhook_deliveries d WHERE d.message_id = m.message_id AND d.status = 1) "
+    "ORDER BY m.created_at LIMIT ?"
+)
+"""Messages emitted before a moment none of whose deliveries is pending: moment, limit."""
+EXPIRED_RECEIVED: Final = Statement(
+    "DELETE FROM webhooks_received WHERE received_id IN (SELECT received_id FROM webhooks_received "
+    "WHERE received_at < ? AND dispatch_status <> 1 ORDER BY received_at LIMIT ?)"
+)
+"""Delete the webhooks received before a moment whose dispatch is not pending: moment, limit."""
+
+
+def ended_deliveries_of(count: int) -> Statement:
+    """Delete the deliveries of `count` messages that are not pending (a Redeliver may have made one pending since
+    its message was picked: it stays), returning their ids."""
+    marks = ", ".join("?" * count)
+    return Statement(
+        f"DELETE FROM webhook_deliveries WHERE message_id IN ({marks}) AND status <> 1 "  # noqa: S608
+        "RETURNING delivery_id"
+    )
+
+
+def attempts_of(count: int) -> Statement:
+    """Delete the attempts of `count` deliveries."""
+    marks = ", ".join("?" * count)
+    return Statement(f"DELETE FROM webhook_attempts WHERE delivery_id IN ({marks})")  # noqa: S608
+
+
+def messages_without_deliveries(count: int) -> Statement:
+    """Delete those of `count` messages that have no delivery left."""
+    marks = ", ".join("?" * count)
+    return Statement(
+        f"DELETE FROM webhook_messages WHERE message_id IN ({marks}) AND NOT EXISTS ("  # noqa: S608
+        "SELECT 1 FROM webhook_deliveries d WHERE d.message_id = webhook_messages.message_id)"
+    )

@@ -239,6 +239,22 @@ class SqlWebhookStore(SqlJobStore):
         row = await self._reader.fetchrow(sql.NEXT_DISPATCH_MOMENT)
         return self._dialect.moment(row[0]) if row is not None and row[0] is not None else None
 
+    async def purge_webhooks(self, before: datetime, limit: int) -> tuple[int, int]:
+        at = self._dialect.time(before)
+
+        async def purge(conn: Connection) -> int:
+            picked = [str(row[0]) for row in await conn.fetch(sql.EXPIRED_MESSAGES, at, limit)]
+            if not picked:
+                return 0
+            ended = [str(row[0]) for row in await conn.fetch(sql.ended_deliveries_of(len(picked)), *picked)]
+            if ended:
+                await conn.execute(sql.attempts_of(len(ended)), *ended)
+            return await conn.execute(sql.messages_without_deliveries(len(picked)), *picked)
+
+        messages = await self._transaction(purge)
+        received = await self._write(sql.EXPIRED_RECEIVED, at, limit)
+        return messages, received
+
     async def list_received(
         self, product: str, env: str, webhook: str, *, after: tuple[datetime, str] | None, limit: int
     ) -> list[ReceivedRecord]:

@@ -1,5 +1,6 @@
 """WebhookRuntime: Emit (a message stored with one delivery per subscribed endpoint, attempted by the
-`DeliveryWorker`), the deliveries' listing, detail and redelivery, and the received webhooks' listing.
+`DeliveryWorker`), the deliveries' listing, detail and redelivery, the received webhooks' listing, and the retention
+of both (`purge`).
 
 The body every delivery of a message POSTs is fixed when the message is emitted (a redelivery signs the same
 bytes): Standard Webhooks' recommended envelope, `{"type": "<webhook>.<event>", "timestamp": ..., "data": payload}`.
@@ -11,8 +12,8 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Final
 
 from ductape_processor.errors import InvalidArgument, NotFound
 from ductape_processor.reasons import Reason
@@ -73,14 +74,25 @@ def split_event(event: str) -> tuple[str, str]:
     return tag, event_tag
 
 
+PURGE_BATCH: Final = 1000
+"""Messages (and received webhooks) one purge transaction deletes at most."""
+PURGE_BATCHES: Final = 20
+"""Batches one round of `purge` deletes at most: a backlog goes over several rounds, none holding the store long."""
+
+
 class WebhookRuntime:
     """Emits webhook events and answers for their deliveries and the webhooks received."""
 
-    def __init__(self, registry: Registry, store: Store, worker: DeliveryWorker, clock: Clock) -> None:
+    def __init__(
+        self, registry: Registry, store: Store, worker: DeliveryWorker, clock: Clock, retention: timedelta
+    ) -> None:
+        """`retention`: how long emitted messages (with their deliveries and attempts) and received webhooks are
+        kept once they are done."""
         self._registry = registry
         self._store = store
         self._worker = worker
         self._clock = clock
+        self._retention = retention
 
     @property
     def worker(self) -> DeliveryWorker:
@@ -203,3 +215,15 @@ class WebhookRuntime:
         )
         records = await self._store.list_received(product, slug, webhook, after=after, limit=size + 1)
         return page(records, size, listing, lambda r: (r.received_at.timestamp(), r.received_id))
+
+    async def purge(self) -> tuple[int, int]:
+        """Delete what is older than the retention: messages with their deliveries and attempts (none pending), and
+        received webhooks (their dispatch not pending). Returns how many messages and received webhooks went."""
+        before = self._clock.now() - self._retention
+        messages = received = 0
+        for _ in range(PURGE_BATCHES):
+            gone = await self._store.purge_webhooks(before, PURGE_BATCH)
+            messages, received = messages + gone[0], received + gone[1]
+            if max(gone) < PURGE_BATCH:
+                break
+        return messages, received
