@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from ductape.processor.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from ductape.processor.v1 import webhook_pb2
+from ductape.processor.v1 import log_pb2, webhook_pb2
 from standardwebhooks import Webhook as StandardWebhook
 
 from ductape_processor.runtime.webhooks.signing import SignatureRefused, signed_headers, signing_key, verify_standard
@@ -411,3 +411,25 @@ async def rows(store: Store, query: str, *args: Any) -> int:
     row = await store._reader.fetchrow(Statement(query), *args)  # type: ignore[attr-defined]
     assert row is not None
     return int(row[0])
+
+
+async def test_an_emit_writes_an_execution_record_and_so_does_one_whose_payload_is_refused(hooks: Factory) -> None:
+    state = await hooks()
+    emitted = await state.emit(idempotency_key="k")
+    again = await state.emit(idempotency_key="k")
+    with pytest.raises(InvalidArgumentError):
+        await state.emit({"amount": 1})  # the event's schema requires orderId
+    listed = await state.running.client.logs.list_executions(product="shop", resource="orders:paid")
+    records = {e.process_id: e for e in listed.executions}
+    assert emitted.process_id and again.process_id and len(records) == 3
+    first, repeat = records[emitted.process_id], records[again.process_id]
+    assert (first.kind, first.resource, first.env, first.status) == (
+        "webhook",
+        "orders:paid",
+        "dev",
+        log_pb2.EXECUTION_STATUS_SUCCESS,
+    )
+    assert json.loads(first.detail) == {"message_id": emitted.message_id, "deliveries": 1}
+    assert json.loads(repeat.detail) == {"message_id": emitted.message_id, "deliveries": 1, "duplicate": True}
+    [refused] = [e for e in records.values() if e.status == log_pb2.EXECUTION_STATUS_FAIL]
+    assert refused.error_reason == "INVALID_INPUT" and refused.detail == ""

@@ -187,7 +187,7 @@ def build(
         HttpClientPool(max_response_bytes=WEBHOOK_RESPONSE_BYTES),
     )
     deliveries = DeliveryWorker(store, registry, secrets, webhook_pools, clock, DeliverySettings())
-    webhooks = WebhookRuntime(registry, store, deliveries, clock, timedelta(seconds=settings.webhook_retention_s))
+    webhooks = WebhookRuntime(services, deliveries, clock, timedelta(seconds=settings.webhook_retention_s))
     dispatches = DispatchWorker(
         store,
         registry,

@@ -131,7 +131,10 @@ class WebhookServicer(webhook_pb2_grpc.WebhookServiceServicer):
         )
         emitted = await self._runtime.emit(call)
         return webhook_pb2.EmitResponse(
-            message_id=emitted.message_id, delivery_ids=emitted.delivery_ids, duplicate=emitted.duplicate
+            message_id=emitted.message_id,
+            delivery_ids=emitted.delivery_ids,
+            duplicate=emitted.duplicate,
+            process_id=emitted.process_id,
         )
 
     async def ListDeliveries(

@@ -11,21 +11,23 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from ductape_processor.errors import InvalidArgument, NotFound
+from ductape_processor.errors import InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.contract import check_input
+from ductape_processor.runtime.logs.recorder import execution_record
 from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem, key_reused
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
 from ductape_processor.runtime.registry.fields import named
-from ductape_processor.runtime.registry.registry import Registry
-from ductape_processor.runtime.registry.webhooks import Webhook
+from ductape_processor.runtime.registry.registry import Resolved
+from ductape_processor.runtime.registry.webhooks import Webhook, WebhookEvent
+from ductape_processor.runtime.services import CallServices
 from ductape_processor.runtime.webhooks.deliveries import DeliveryWorker
-from ductape_processor.store.base import Store
+from ductape_processor.store.base import ExecutionStatus
 
 # The records the API layer shows, re-exported from here (api/ reads the store only through the runtime).
 from ductape_processor.store.webhook_records import AttemptRecord as AttemptRecord
@@ -50,11 +52,13 @@ class EmitCall:
 
 @dataclass(frozen=True, slots=True)
 class Emitted:
-    """What Emit stored: the message's id, its deliveries' ids, and whether the key had emitted it before."""
+    """What Emit stored: the message's id, its deliveries' ids, whether the key had emitted it before, and the
+    execution record's id."""
 
     message_id: str
     delivery_ids: list[str]
     duplicate: bool
+    process_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +87,12 @@ PURGE_BATCHES: Final = 20
 class WebhookRuntime:
     """Emits webhook events and answers for their deliveries and the webhooks received."""
 
-    def __init__(
-        self, registry: Registry, store: Store, worker: DeliveryWorker, clock: Clock, retention: timedelta
-    ) -> None:
+    def __init__(self, services: CallServices, worker: DeliveryWorker, clock: Clock, retention: timedelta) -> None:
         """`retention`: how long emitted messages (with their deliveries and attempts) and received webhooks are
         kept once they are done."""
-        self._registry = registry
-        self._store = store
+        self._services = services
+        self._registry = services.registry
+        self._store = services.store
         self._worker = worker
         self._clock = clock
         self._retention = retention
@@ -103,24 +106,53 @@ class WebhookRuntime:
         environment, _ = await self._registry.environment(product, env)
         return environment.slug
 
-    async def webhook(self, product: str, env: str, tag: str) -> tuple[str, Webhook]:
-        """The environment's slug and the webhook of that tag (NOT_FOUND `WEBHOOK_NOT_FOUND`)."""
-        resolved = await self._registry.resolve(product, env)
-        return resolved.env.slug, named(product, resolved.manifest.webhooks, "webhook", tag, Reason.WEBHOOK_NOT_FOUND)
-
     async def emit(self, call: EmitCall) -> Emitted:
         """Store the message and its deliveries, and wake this replica's deliveries; INVALID_ARGUMENT names the bad
-        field (a payload that breaks the event's schema: `payload.<field>`)."""
+        field (a payload that breaks the event's schema: `payload.<field>`). An Emit of a declared event writes an
+        execution record (`kind: webhook`, `resource: webhook:event`), failed or not."""
         tag, event_tag = split_event(call.event)
         problem = idempotency_key_problem(call.idempotency_key)
         if problem is not None:
             raise InvalidArgument.field("idempotency_key", problem)
         if call.payload is None:
             raise InvalidArgument.field("payload", "is required: the event's data")
-        slug, webhook = await self.webhook(call.product, call.env, tag)
+        started = datetime.now(UTC)
+        process_id = self._services.recorder.new_id()
+        resolved = await self._services.registry.resolve(call.product, call.env)
+        webhook = named(call.product, resolved.manifest.webhooks, "webhook", tag, Reason.WEBHOOK_NOT_FOUND)
         event = webhook.event(event_tag)
         if event is None:
             raise NotFound.in_resource(call.product, "webhook", tag, "event", event_tag, Reason.WEBHOOK_EVENT_NOT_FOUND)
+        try:
+            emitted = await self._emit(call, resolved.env.slug, webhook, event)
+        except ProcessorError as exc:
+            self._record(resolved, call.event, process_id, started, exc.reason, {})
+            raise
+        detail: dict[str, Any] = {"message_id": emitted.message_id, "deliveries": len(emitted.delivery_ids)}
+        if emitted.duplicate:
+            detail["duplicate"] = True
+        self._record(resolved, call.event, process_id, started, "", detail)
+        return replace(emitted, process_id=process_id)
+
+    def _record(
+        self, resolved: Resolved, resource: str, process_id: str, started: datetime, reason: str, detail: dict[str, Any]
+    ) -> None:
+        self._services.recorder.record(
+            execution_record(
+                resolved,
+                "webhook",
+                resource,
+                process_id,
+                started,
+                ExecutionStatus.FAIL if reason else ExecutionStatus.SUCCESS,
+                attempts=1,
+                error_reason=reason,
+                detail=json.dumps(detail, separators=(",", ":")) if detail else "",
+            )
+        )
+
+    async def _emit(self, call: EmitCall, slug: str, webhook: Webhook, event: WebhookEvent) -> Emitted:
+        tag, event_tag = webhook.tag, event.tag
         payload = call.payload
         if event.payload_schema is not None:
             if not isinstance(payload, dict):
@@ -165,7 +197,7 @@ class WebhookRuntime:
             raise key_reused("event or payload", call.idempotency_key)
         if new and ids:
             self._worker.wake()
-        return Emitted(stored.message_id, ids, not new)
+        return Emitted(stored.message_id, ids, not new, "")
 
     async def list_deliveries(
         self, where: DeliveryFilter, page_size: int, page_token: str

@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ductape/processor/v1/webhook.proto\x12\x14\x64uctape.processor.v1\x1a!ductape/processor/v1/broker.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"|\n\x0b\x45mitRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"K\n\x0c\x45mitResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65livery_ids\x18\x02 \x03(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\xcf\x01\n\x0f\x44\x65liveryAttempt\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rresponse_code\x18\x04 \x01(\x05\x12\x18\n\x10response_excerpt\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0f\n\x07success\x18\x07 \x01(\x08\"\x89\x03\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x34\n\x06status\x18\x05 \x01(\x0e\x32$.ductape.processor.v1.DeliveryStatus\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x35\n\x11next_attempt_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12last_response_code\x18\t \x01(\x05\x12>\n\x0f\x61ttempt_details\x18\n \x03(\x0b\x32%.ductape.processor.v1.DeliveryAttempt\x12\'\n\x07payload\x18\x0b \x01(\x0b\x32\x16.google.protobuf.Value\"\xb7\x01\n\x15ListDeliveriesRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x0f\n\x07webhook\x18\x03 \x01(\t\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x34\n\x06status\x18\x05 \x01(\x0e\x32$.ductape.processor.v1.DeliveryStatus\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"e\n\x16ListDeliveriesResponse\x12\x32\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1e.ductape.processor.v1.Delivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x12GetDeliveryRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x03 \x01(\t\"G\n\x13GetDeliveryResponse\x12\x30\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x1e.ductape.processor.v1.Delivery\"E\n\x10RedeliverRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x03 \x01(\t\"E\n\x11RedeliverResponse\x12\x30\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x1e.ductape.processor.v1.Delivery\"\xb8\x01\n\x0eReceiveRequest\x12\x31\n\x04init\x18\x01 \x01(\x0b\x32!.ductape.processor.v1.ReceiveInitH\x00\x12\x30\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32!.ductape.processor.v1.AcknowledgeH\x00\x12\x39\n\x04nack\x18\x03 \x01(\x0b\x32).ductape.processor.v1.NegativeAcknowledgeH\x00\x42\x06\n\x04kind\"\xd3\x01\n\x0bReceiveInit\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x0f\n\x07webhook\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\x12\x15\n\rmax_in_flight\x18\x05 \x01(\x05\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x12+\n\x08max_wait\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x61\x63k_deadline\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc7\x02\n\x0fReceivedWebhook\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07webhook\x18\x02 \x01(\t\x12\x12\n\nwebhook_id\x18\x03 \x01(\t\x12\x30\n\x0creceive_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12\x43\n\x07headers\x18\x07 \x03(\x0b\x32\x32.ductape.processor.v1.ReceivedWebhook.HeadersEntry\x12\x38\n\x08\x64ispatch\x18\x08 \x01(\x0b\x32&.ductape.processor.v1.ReceivedDispatch\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc4\x01\n\x10ReceivedDispatch\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.ductape.processor.v1.DispatchStatus\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\x05\x12\x35\n\x11next_attempt_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"t\n\x10ReceivedDelivery\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12\x36\n\x07webhook\x18\x02 \x01(\x0b\x32%.ductape.processor.v1.ReceivedWebhook\x12\x18\n\x10\x64\x65livery_attempt\x18\x03 \x01(\x05\"K\n\rReceivedBatch\x12:\n\ndeliveries\x18\x01 \x03(\x0b\x32&.ductape.processor.v1.ReceivedDelivery\"\xbd\x01\n\x0fReceiveResponse\x12\x35\n\x05ready\x18\x01 \x01(\x0b\x32$.ductape.processor.v1.SubscribeReadyH\x00\x12\x34\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32#.ductape.processor.v1.ReceivedBatchH\x00\x12\x35\n\nstale_acks\x18\x03 \x01(\x0b\x32\x1f.ductape.processor.v1.StaleAcksH\x00\x42\x06\n\x04kind\"k\n\x13ListReceivedRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x0f\n\x07webhook\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"h\n\x14ListReceivedResponse\x12\x37\n\x08received\x18\x01 \x03(\x0b\x32%.ductape.processor.v1.ReceivedWebhook\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb0\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45LIVERY_STATUS_PENDING\x10\x01\x12\x1d\n\x19\x44\x45LIVERY_STATUS_SUCCEEDED\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x03\x12%\n!DELIVERY_STATUS_ENDPOINT_DISABLED\x10\x04*\x8a\x01\n\x0e\x44ispatchStatus\x12\x1f\n\x1b\x44ISPATCH_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44ISPATCH_STATUS_PENDING\x10\x01\x12\x1e\n\x1a\x44ISPATCH_STATUS_DISPATCHED\x10\x02\x12\x1a\n\x16\x44ISPATCH_STATUS_FAILED\x10\x03\x32\xd1\x04\n\x0eWebhookService\x12M\n\x04\x45mit\x12!.ductape.processor.v1.EmitRequest\x1a\".ductape.processor.v1.EmitResponse\x12k\n\x0eListDeliveries\x12+.ductape.processor.v1.ListDeliveriesRequest\x1a,.ductape.processor.v1.ListDeliveriesResponse\x12\x62\n\x0bGetDelivery\x12(.ductape.processor.v1.GetDeliveryRequest\x1a).ductape.processor.v1.GetDeliveryResponse\x12\\\n\tRedeliver\x12&.ductape.processor.v1.RedeliverRequest\x1a\'.ductape.processor.v1.RedeliverResponse\x12Z\n\x07Receive\x12$.ductape.processor.v1.ReceiveRequest\x1a%.ductape.processor.v1.ReceiveResponse(\x01\x30\x01\x12\x65\n\x0cListReceived\x12).ductape.processor.v1.ListReceivedRequest\x1a*.ductape.processor.v1.ListReceivedResponseB\x80\x01\n\x18\x64\x65v.ductape.processor.v1B\x0cWebhookProtoP\x01Z=processor.ductape.dev/gen/go/ductape/processor/v1;processorv1\xaa\x02\x14\x44uctape.Processor.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ductape/processor/v1/webhook.proto\x12\x14\x64uctape.processor.v1\x1a!ductape/processor/v1/broker.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"|\n\x0b\x45mitRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"_\n\x0c\x45mitResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65livery_ids\x18\x02 \x03(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x12\n\nprocess_id\x18\x04 \x01(\t\"\xcf\x01\n\x0f\x44\x65liveryAttempt\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rresponse_code\x18\x04 \x01(\x05\x12\x18\n\x10response_excerpt\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0f\n\x07success\x18\x07 \x01(\x08\"\x89\x03\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x34\n\x06status\x18\x05 \x01(\x0e\x32$.ductape.processor.v1.DeliveryStatus\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x35\n\x11next_attempt_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12last_response_code\x18\t \x01(\x05\x12>\n\x0f\x61ttempt_details\x18\n \x03(\x0b\x32%.ductape.processor.v1.DeliveryAttempt\x12\'\n\x07payload\x18\x0b \x01(\x0b\x32\x16.google.protobuf.Value\"\xb7\x01\n\x15ListDeliveriesRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x0f\n\x07webhook\x18\x03 \x01(\t\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x34\n\x06status\x18\x05 \x01(\x0e\x32$.ductape.processor.v1.DeliveryStatus\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"e\n\x16ListDeliveriesResponse\x12\x32\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1e.ductape.processor.v1.Delivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x12GetDeliveryRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x03 \x01(\t\"G\n\x13GetDeliveryResponse\x12\x30\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x1e.ductape.processor.v1.Delivery\"E\n\x10RedeliverRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x03 \x01(\t\"E\n\x11RedeliverResponse\x12\x30\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x1e.ductape.processor.v1.Delivery\"\xb8\x01\n\x0eReceiveRequest\x12\x31\n\x04init\x18\x01 \x01(\x0b\x32!.ductape.processor.v1.ReceiveInitH\x00\x12\x30\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32!.ductape.processor.v1.AcknowledgeH\x00\x12\x39\n\x04nack\x18\x03 \x01(\x0b\x32).ductape.processor.v1.NegativeAcknowledgeH\x00\x42\x06\n\x04kind\"\xd3\x01\n\x0bReceiveInit\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x0f\n\x07webhook\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\x12\x15\n\rmax_in_flight\x18\x05 \x01(\x05\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x12+\n\x08max_wait\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x61\x63k_deadline\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc7\x02\n\x0fReceivedWebhook\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07webhook\x18\x02 \x01(\t\x12\x12\n\nwebhook_id\x18\x03 \x01(\t\x12\x30\n\x0creceive_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12\x43\n\x07headers\x18\x07 \x03(\x0b\x32\x32.ductape.processor.v1.ReceivedWebhook.HeadersEntry\x12\x38\n\x08\x64ispatch\x18\x08 \x01(\x0b\x32&.ductape.processor.v1.ReceivedDispatch\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc4\x01\n\x10ReceivedDispatch\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.ductape.processor.v1.DispatchStatus\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\x05\x12\x35\n\x11next_attempt_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"t\n\x10ReceivedDelivery\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12\x36\n\x07webhook\x18\x02 \x01(\x0b\x32%.ductape.processor.v1.ReceivedWebhook\x12\x18\n\x10\x64\x65livery_attempt\x18\x03 \x01(\x05\"K\n\rReceivedBatch\x12:\n\ndeliveries\x18\x01 \x03(\x0b\x32&.ductape.processor.v1.ReceivedDelivery\"\xbd\x01\n\x0fReceiveResponse\x12\x35\n\x05ready\x18\x01 \x01(\x0b\x32$.ductape.processor.v1.SubscribeReadyH\x00\x12\x34\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32#.ductape.processor.v1.ReceivedBatchH\x00\x12\x35\n\nstale_acks\x18\x03 \x01(\x0b\x32\x1f.ductape.processor.v1.StaleAcksH\x00\x42\x06\n\x04kind\"k\n\x13ListReceivedRequest\x12\x0f\n\x07product\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x0f\n\x07webhook\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"h\n\x14ListReceivedResponse\x12\x37\n\x08received\x18\x01 \x03(\x0b\x32%.ductape.processor.v1.ReceivedWebhook\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb0\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45LIVERY_STATUS_PENDING\x10\x01\x12\x1d\n\x19\x44\x45LIVERY_STATUS_SUCCEEDED\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x03\x12%\n!DELIVERY_STATUS_ENDPOINT_DISABLED\x10\x04*\x8a\x01\n\x0e\x44ispatchStatus\x12\x1f\n\x1b\x44ISPATCH_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44ISPATCH_STATUS_PENDING\x10\x01\x12\x1e\n\x1a\x44ISPATCH_STATUS_DISPATCHED\x10\x02\x12\x1a\n\x16\x44ISPATCH_STATUS_FAILED\x10\x03\x32\xd1\x04\n\x0eWebhookService\x12M\n\x04\x45mit\x12!.ductape.processor.v1.EmitRequest\x1a\".ductape.processor.v1.EmitResponse\x12k\n\x0eListDeliveries\x12+.ductape.processor.v1.ListDeliveriesRequest\x1a,.ductape.processor.v1.ListDeliveriesResponse\x12\x62\n\x0bGetDelivery\x12(.ductape.processor.v1.GetDeliveryRequest\x1a).ductape.processor.v1.GetDeliveryResponse\x12\\\n\tRedeliver\x12&.ductape.processor.v1.RedeliverRequest\x1a\'.ductape.processor.v1.RedeliverResponse\x12Z\n\x07Receive\x12$.ductape.processor.v1.ReceiveRequest\x1a%.ductape.processor.v1.ReceiveResponse(\x01\x30\x01\x12\x65\n\x0cListReceived\x12).ductape.processor.v1.ListReceivedRequest\x1a*.ductape.processor.v1.ListReceivedResponseB\x80\x01\n\x18\x64\x65v.ductape.processor.v1B\x0cWebhookProtoP\x01Z=processor.ductape.dev/gen/go/ductape/processor/v1;processorv1\xaa\x02\x14\x44uctape.Processor.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,50 +38,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\030dev.ductape.processor.v1B\014WebhookProtoP\001Z=processor.ductape.dev/gen/go/ductape/processor/v1;processorv1\252\002\024Ductape.Processor.V1'
   _globals['_RECEIVEDWEBHOOK_HEADERSENTRY']._loaded_options = None
   _globals['_RECEIVEDWEBHOOK_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_DELIVERYSTATUS']._serialized_start=3109
-  _globals['_DELIVERYSTATUS']._serialized_end=3285
-  _globals['_DISPATCHSTATUS']._serialized_start=3288
-  _globals['_DISPATCHSTATUS']._serialized_end=3426
+  _globals['_DELIVERYSTATUS']._serialized_start=3129
+  _globals['_DELIVERYSTATUS']._serialized_end=3305
+  _globals['_DISPATCHSTATUS']._serialized_start=3308
+  _globals['_DISPATCHSTATUS']._serialized_end=3446
   _globals['_EMITREQUEST']._serialized_start=190
   _globals['_EMITREQUEST']._serialized_end=314
   _globals['_EMITRESPONSE']._serialized_start=316
-  _globals['_EMITRESPONSE']._serialized_end=391
-  _globals['_DELIVERYATTEMPT']._serialized_start=394
-  _globals['_DELIVERYATTEMPT']._serialized_end=601
-  _globals['_DELIVERY']._serialized_start=604
-  _globals['_DELIVERY']._serialized_end=997
-  _globals['_LISTDELIVERIESREQUEST']._serialized_start=1000
-  _globals['_LISTDELIVERIESREQUEST']._serialized_end=1183
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=1185
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=1286
-  _globals['_GETDELIVERYREQUEST']._serialized_start=1288
-  _globals['_GETDELIVERYREQUEST']._serialized_end=1359
-  _globals['_GETDELIVERYRESPONSE']._serialized_start=1361
-  _globals['_GETDELIVERYRESPONSE']._serialized_end=1432
-  _globals['_REDELIVERREQUEST']._serialized_start=1434
-  _globals['_REDELIVERREQUEST']._serialized_end=1503
-  _globals['_REDELIVERRESPONSE']._serialized_start=1505
-  _globals['_REDELIVERRESPONSE']._serialized_end=1574
-  _globals['_RECEIVEREQUEST']._serialized_start=1577
-  _globals['_RECEIVEREQUEST']._serialized_end=1761
-  _globals['_RECEIVEINIT']._serialized_start=1764
-  _globals['_RECEIVEINIT']._serialized_end=1975
-  _globals['_RECEIVEDWEBHOOK']._serialized_start=1978
-  _globals['_RECEIVEDWEBHOOK']._serialized_end=2305
-  _globals['_RECEIVEDWEBHOOK_HEADERSENTRY']._serialized_start=2259
-  _globals['_RECEIVEDWEBHOOK_HEADERSENTRY']._serialized_end=2305
-  _globals['_RECEIVEDDISPATCH']._serialized_start=2308
-  _globals['_RECEIVEDDISPATCH']._serialized_end=2504
-  _globals['_RECEIVEDDELIVERY']._serialized_start=2506
-  _globals['_RECEIVEDDELIVERY']._serialized_end=2622
-  _globals['_RECEIVEDBATCH']._serialized_start=2624
-  _globals['_RECEIVEDBATCH']._serialized_end=2699
-  _globals['_RECEIVERESPONSE']._serialized_start=2702
-  _globals['_RECEIVERESPONSE']._serialized_end=2891
-  _globals['_LISTRECEIVEDREQUEST']._serialized_start=2893
-  _globals['_LISTRECEIVEDREQUEST']._serialized_end=3000
-  _globals['_LISTRECEIVEDRESPONSE']._serialized_start=3002
-  _globals['_LISTRECEIVEDRESPONSE']._serialized_end=3106
-  _globals['_WEBHOOKSERVICE']._serialized_start=3429
-  _globals['_WEBHOOKSERVICE']._serialized_end=4022
+  _globals['_EMITRESPONSE']._serialized_end=411
+  _globals['_DELIVERYATTEMPT']._serialized_start=414
+  _globals['_DELIVERYATTEMPT']._serialized_end=621
+  _globals['_DELIVERY']._serialized_start=624
+  _globals['_DELIVERY']._serialized_end=1017
+  _globals['_LISTDELIVERIESREQUEST']._serialized_start=1020
+  _globals['_LISTDELIVERIESREQUEST']._serialized_end=1203
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=1205
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=1306
+  _globals['_GETDELIVERYREQUEST']._serialized_start=1308
+  _globals['_GETDELIVERYREQUEST']._serialized_end=1379
+  _globals['_GETDELIVERYRESPONSE']._serialized_start=1381
+  _globals['_GETDELIVERYRESPONSE']._serialized_end=1452
+  _globals['_REDELIVERREQUEST']._serialized_start=1454
+  _globals['_REDELIVERREQUEST']._serialized_end=1523
+  _globals['_REDELIVERRESPONSE']._serialized_start=1525
+  _globals['_REDELIVERRESPONSE']._serialized_end=1594
+  _globals['_RECEIVEREQUEST']._serialized_start=1597
+  _globals['_RECEIVEREQUEST']._serialized_end=1781
+  _globals['_RECEIVEINIT']._serialized_start=1784
+  _globals['_RECEIVEINIT']._serialized_end=1995
+  _globals['_RECEIVEDWEBHOOK']._serialized_start=1998
+  _globals['_RECEIVEDWEBHOOK']._serialized_end=2325
+  _globals['_RECEIVEDWEBHOOK_HEADERSENTRY']._serialized_start=2279
+  _globals['_RECEIVEDWEBHOOK_HEADERSENTRY']._serialized_end=2325
+  _globals['_RECEIVEDDISPATCH']._serialized_start=2328
+  _globals['_RECEIVEDDISPATCH']._serialized_end=2524
+  _globals['_RECEIVEDDELIVERY']._serialized_start=2526
+  _globals['_RECEIVEDDELIVERY']._serialized_end=2642
+  _globals['_RECEIVEDBATCH']._serialized_start=2644
+  _globals['_RECEIVEDBATCH']._serialized_end=2719
+  _globals['_RECEIVERESPONSE']._serialized_start=2722
+  _globals['_RECEIVERESPONSE']._serialized_end=2911
+  _globals['_LISTRECEIVEDREQUEST']._serialized_start=2913
+  _globals['_LISTRECEIVEDREQUEST']._serialized_end=3020
+  _globals['_LISTRECEIVEDRESPONSE']._serialized_start=3022
+  _globals['_LISTRECEIVEDRESPONSE']._serialized_end=3126
+  _globals['_WEBHOOKSERVICE']._serialized_start=3449
+  _globals['_WEBHOOKSERVICE']._serialized_end=4042
 # @@protoc_insertion_point(module_scope)

@@ -156,10 +156,13 @@ class EmitResponse(_message.Message):
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     DELIVERY_IDS_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    PROCESS_ID_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     """The message's id: the `webhook-id` every delivery of it carries."""
     duplicate: _builtins.bool
     """True when the idempotency key was seen before: nothing new was emitted."""
+    process_id: _builtins.str
+    """The Emit's execution record in the execution log (LogService)."""
     @_builtins.property
     def delivery_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The deliveries made for it, one per subscribed endpoint (none when no
@@ -172,10 +175,11 @@ class EmitResponse(_message.Message):
         message_id: _builtins.str = ...,
         delivery_ids: _abc.Iterable[_builtins.str] | None = ...,
         duplicate: _builtins.bool = ...,
+        process_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_ids", b"delivery_ids", "duplicate", b"duplicate", "message_id", b"message_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_ids", b"delivery_ids", "duplicate", b"duplicate", "message_id", b"message_id", "process_id", b"process_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

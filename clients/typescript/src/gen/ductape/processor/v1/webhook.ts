@@ -100,6 +100,8 @@ export interface EmitResponse {
   deliveryIds: string[];
   /** True when the idempotency key was seen before: nothing new was emitted. */
   duplicate: boolean;
+  /** The Emit's execution record in the execution log (LogService). */
+  processId: string;
 }
 
 /** One try of a delivery. */
@@ -460,7 +462,7 @@ export const EmitRequest: MessageFns<EmitRequest> = {
 };
 
 function createBaseEmitResponse(): EmitResponse {
-  return { messageId: "", deliveryIds: [], duplicate: false };
+  return { messageId: "", deliveryIds: [], duplicate: false, processId: "" };
 }
 
 export const EmitResponse: MessageFns<EmitResponse> = {
@@ -473,6 +475,9 @@ export const EmitResponse: MessageFns<EmitResponse> = {
     }
     if (message.duplicate !== false) {
       writer.uint32(24).bool(message.duplicate);
+    }
+    if (message.processId !== "") {
+      writer.uint32(34).string(message.processId);
     }
     return writer;
   },
@@ -514,6 +519,14 @@ export const EmitResponse: MessageFns<EmitResponse> = {
             message.duplicate = reader.bool();
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.processId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -534,6 +547,7 @@ export const EmitResponse: MessageFns<EmitResponse> = {
     message.messageId = object.messageId ?? "";
     message.deliveryIds = object.deliveryIds?.map((e) => e) || [];
     message.duplicate = object.duplicate ?? false;
+    message.processId = object.processId ?? "";
     return message;
   },
 };
