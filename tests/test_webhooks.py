@@ -56,6 +56,7 @@ class Endpoint:
 
     server: TestServer
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # the loop's time of each POST
     answers: list[int] = field(default_factory=list)
     delay_s: float = 0.0
 
@@ -72,6 +73,7 @@ async def endpoint() -> AsyncIterator[Endpoint]:
 
     async def hook(request: web.Request) -> web.Response:
         state.received.append(({k.lower(): v for k, v in request.headers.items()}, await request.read()))
+        state.arrivals.append(asyncio.get_running_loop().time())
         if state.delay_s:
             await asyncio.sleep(state.delay_s)
         status = state.answers.pop(0) if state.answers else 200
@@ -83,7 +85,10 @@ async def endpoint() -> AsyncIterator[Endpoint]:
     await server.close()
 
 
-def manifest(url: str, *, private: bool = True, extra: str = "", schedule: str = "[0, 5s, 5m]") -> str:
+def manifest(
+    url: str, *, private: bool = True, extra: str = "", schedule: str = "[0, 5s, 5m]", rate: int | None = None
+) -> str:
+    limit = f", rate_limit: {rate}" if rate is not None else ""
     return f"""
 product: shop
 environments: [{{slug: dev, allow_private_endpoints: {str(private).lower()}}}]
@@ -97,7 +102,8 @@ webhooks:
       - {{tag: refunded}}
     endpoints:
       dev:
-        - {{url: "{url}", secret: ["$Secret{{HOOK}}", "$Secret{{OLD_HOOK}}"], events: [paid], headers: {{X-Shop: s1}}}}
+        - {{url: "{url}", secret: ["$Secret{{HOOK}}", "$Secret{{OLD_HOOK}}"], events: [paid],
+           headers: {{X-Shop: s1}}{limit}}}
 {extra}"""
 
 
@@ -433,3 +439,15 @@ async def test_an_emit_writes_an_execution_record_and_so_does_one_whose_payload_
     assert json.loads(repeat.detail) == {"message_id": emitted.message_id, "deliveries": 1, "duplicate": True}
     [refused] = [e for e in records.values() if e.status == log_pb2.EXECUTION_STATUS_FAIL]
     assert refused.error_reason == "INVALID_INPUT" and refused.detail == ""
+
+
+async def test_a_rate_limit_spaces_the_sends_and_a_long_queue_waits_in_the_store_unattempted(hooks: Factory) -> None:
+    state = await hooks(rate=2)  # a slot every 0.5 s; an attempt waits at most 5 s for one
+    emitted = [await state.emit({"orderId": str(n)}) for n in range(14)]
+    for one in emitted:
+        delivery = await state.settled(one.delivery_ids[0], 1, DELIVERED, timeout=20)
+        assert delivery.status == DELIVERED
+        assert delivery.attempts == 1 and len(delivery.attempt_details) == 1  # a deferral is not an attempt
+    gaps = [b - a for a, b in zip(state.endpoint.arrivals, state.endpoint.arrivals[1:], strict=False)]
+    assert len(state.endpoint.arrivals) == 14 and min(gaps) >= 0.45, gaps
+    assert state.endpoint.arrivals[-1] - state.endpoint.arrivals[0] >= 13 * 0.45

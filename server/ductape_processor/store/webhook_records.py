@@ -90,6 +90,15 @@ class AttemptEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class Deferral:
+    """A delivery `owner` claimed and hands back unattempted (its endpoint's rate is taken), due again at `due`."""
+
+    delivery_id: str
+    owner: str
+    due: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveryFilter:
     """Which deliveries to list; empty (or None) means any."""
 
@@ -171,6 +180,11 @@ class WebhookState(abc.ABC):
         endpoints' health; returns the endpoints this disabled. The pending deliveries of an endpoint that failed
         and is disabled (by this call or before) are disabled with it, but for those whose attempt is under way
         elsewhere: their own end disables them."""
+
+    @abc.abstractmethod
+    async def defer_deliveries(self, deferrals: list[Deferral]) -> None:
+        """Hand claimed deliveries back unattempted (those their owner still holds): due again at their `due`, the
+        claim's count of attempts taken back."""
 
     @abc.abstractmethod
     async def next_delivery_moment(self) -> datetime | None:

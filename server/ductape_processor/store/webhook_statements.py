@@ -47,6 +47,10 @@ END_DELIVERY: Final = Statement(
     "UPDATE webhook_deliveries SET status = ?, next_attempt_at = ?, last_code = ?, lease_owner = NULL, "
     "lease_until = NULL WHERE delivery_id = ? AND lease_owner = ? AND status = 1"
 )
+DEFER_DELIVERY: Final = Statement(
+    "UPDATE webhook_deliveries SET next_attempt_at = ?, attempts = attempts - 1, lease_owner = NULL, "
+    "lease_until = NULL WHERE delivery_id = ? AND lease_owner = ? AND status = 1"
+)
 ENDPOINT_RECOVERED: Final = Statement(
     "UPDATE webhook_endpoints SET failing_since = NULL "
     "WHERE product = ? AND env = ? AND webhook = ? AND endpoint = ? AND failing_since IS NOT NULL"

@@ -20,6 +20,7 @@ from ductape_processor.store.webhook_records import (
     WEBHOOKS_TOPIC,
     AttemptEnd,
     AttemptRecord,
+    Deferral,
     DeliveryFilter,
     DeliveryRecord,
     DeliveryStatus,
@@ -159,6 +160,14 @@ class SqlWebhookStore(SqlJobStore):
             return disabled
 
         return await self._transaction(end, retry=False)
+
+    async def defer_deliveries(self, deferrals: list[Deferral]) -> None:
+        rows: list[tuple[SqlValue, ...]] = [(self._dialect.time(d.due), d.delivery_id, d.owner) for d in deferrals]
+
+        async def defer(conn: Connection) -> None:
+            await conn.executemany(sql.DEFER_DELIVERY, rows)
+
+        await self._transaction(defer)
 
     async def next_delivery_moment(self) -> datetime | None:
         row = await self._reader.fetchrow(sql.NEXT_DELIVERY_MOMENT)

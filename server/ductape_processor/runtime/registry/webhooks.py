@@ -78,7 +78,9 @@ class WebhookEndpoint(ManifestModel):
     headers: Annotated[dict[str, str], AfterValidator(_headers)] = Field(
         default_factory=dict, description="Headers sent with every delivery."
     )
-    rate_limit: int | None = Field(None, ge=1, le=100_000, description="Most deliveries per second; unset: no cap.")
+    rate_limit: int | None = Field(
+        None, ge=1, le=100_000, description="Most deliveries per second from each replica; unset: no cap."
+    )
 
     @property
     def secrets(self) -> list[str]:

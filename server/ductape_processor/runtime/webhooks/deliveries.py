@@ -5,7 +5,8 @@ every attempt and the delivery's next state, a batch of them per transaction.
 An attempt succeeds on a 2xx within the webhook's `timeout` (15 s by default); any other answer, no answer, or a
 refused address fails it, and the delivery's next attempt is due after the next delay of the webhook's schedule, or
 it has failed for good when the schedule is used up. An endpoint that failed every attempt for `disable_after` is
-disabled (logged as a warning, `webhook endpoint disabled`), and its pending deliveries with it.
+disabled (logged as a warning, `webhook endpoint disabled`), and its pending deliveries with it. An endpoint's
+`rate_limit` spaces this replica's sends to it (docs/webhooks.md says why it is not shared between replicas).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ductape_processor.store.webhook_records import (
     WEBHOOKS_TOPIC,
     AttemptEnd,
     AttemptRecord,
+    Deferral,
     DeliveryRecord,
     DeliveryStatus,
 )
@@ -44,6 +46,10 @@ EXCERPT_BYTES: Final = 1024
 """The most of an endpoint's answer kept with an attempt."""
 FLUSH_BATCH: Final = 200
 """Attempt ends written in one transaction at most."""
+MAX_RATE_WAIT_S: Final = 5.0
+"""The longest an attempt waits for its endpoint's `rate_limit`: a delivery that would wait longer goes back to the
+store, due when the endpoint has a free slot, and is not counted as an attempt (so a queue of deliveries to a slow
+endpoint never outlasts their leases)."""
 
 
 DELIVERY_LIMITS: Final = ClaimLimits(poll_s=5.0, claim_batch=200, concurrency=256)
@@ -60,20 +66,22 @@ class DeliverySettings:
 
 
 class RateLimits:
-    """At most `rate` sends per second to each endpoint of this replica: each waits for its slot."""
+    """At most `rate` sends per second to each endpoint of this replica: each send takes the endpoint's next slot."""
 
     def __init__(self) -> None:
         self._next: dict[str, float] = {}
 
-    async def wait(self, endpoint: str, rate: int | None) -> None:
-        """Return when `endpoint` may be sent to again."""
+    def reserve(self, endpoint: str, rate: int | None, longest_wait_s: float) -> tuple[float, bool]:
+        """Seconds until `endpoint`'s next free slot, and whether it is reserved: it is when the wait is at most
+        `longest_wait_s` (the caller sends after it); a longer wait reserves nothing (the caller comes back then)."""
         if rate is None:
-            return
+            return 0.0, True
         now = asyncio.get_running_loop().time()
         slot = max(now, self._next.get(endpoint, now))
+        if slot - now > longest_wait_s:
+            return slot - now, False
         self._next[endpoint] = slot + 1.0 / rate
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        return slot - now, True
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +115,7 @@ class DeliveryWorker:
         self._work = ClaimedWork("webhook deliveries", self._claim, store.next_delivery_moment, clock, settings.limits)
         self._limits = RateLimits()
         self._ends = EndBatches("webhook attempt ends", self._write_ends, FLUSH_BATCH)
+        self._deferrals = EndBatches("webhook deferrals", self._write_deferrals, FLUSH_BATCH)
 
     async def start(self) -> None:
         """Listen for other replicas' deliveries and start claiming."""
@@ -121,6 +130,7 @@ class DeliveryWorker:
         makes them again); the ends are written."""
         await self._work.stop(grace_s)
         await self._ends.close()
+        await self._deferrals.close()
 
     async def _claim(self, free: int) -> int:
         now = self._clock.now()
@@ -161,13 +171,20 @@ class DeliveryWorker:
             problem = None if target.allow_private else address_problem(url.host or "")
             if problem is not None:
                 raise FailedPrecondition(f"refused: {problem}", reason=Reason.INVALID_ARGUMENT)
+            wait_s, reserved = self._limits.reserve(delivery.endpoint, target.endpoint.rate_limit, MAX_RATE_WAIT_S)
+            if not reserved:  # the endpoint's rate is taken for a while: back to the store, due when a slot frees
+                due = self._clock.now() + timedelta(seconds=wait_s)
+                self._deferrals.add(Deferral(delivery.delivery_id, self.owner, due))
+                return
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+                started, began = self._clock.now(), loop.time()
             data = body.encode()
             headers = {
                 **target.endpoint.headers,
                 "Content-Type": "application/json",
                 **signed_headers(delivery.message_id, int(started.timestamp()), data, self._keys(target.endpoint)),
             }
-            await self._limits.wait(delivery.endpoint, target.endpoint.rate_limit)
             pool = self._private if target.allow_private else self._public
             key = f"webhook {delivery.product}/{delivery.env}/{url.origin()}"
             response = await pool.send(
@@ -206,3 +223,7 @@ class DeliveryWorker:
                 extra={"product": product, "env": env, "webhook": webhook, "endpoint": endpoint},
             )
         self._work.wake()  # a retry may be due sooner than the rounds' wait
+
+    async def _write_deferrals(self, batch: list[Deferral]) -> None:
+        await self._store.defer_deliveries(batch)
+        self._work.wake()
