@@ -23,6 +23,9 @@ created on the brokers is deleted afterwards (a broker that is not reachable is 
      XREADGROUP COUNT 100 then XACK of the batch.
    Goal: processor >= 0.5x direct. Beside them, `grpc single bare`: the single-publish client against a bare
    grpc.aio server that only answers (no subscriber), the most unary publishes gRPC itself carries here.
+   Single publishes alone (`publish`, no subscriber): the processor against the floor, a bare grpc.aio handler that
+   decodes each PublishRequest and makes the direct client's single publish with its payload (`js.publish`,
+   `XADD`), with the same client at `--concurrency`. Goal: processor publish/s >= 0.8x the floor's.
 2. The memory broker through the processor (`batch`, as above). Goal: >= 100 000 messages/s. Beside it, `bare`: the
    bare server streams pre-serialized batches of 100 messages shaped like the processor's; `bare` reads them with
    the same subscriber code (the Python client, acking), `bare-raw` with the generated stub, counting.
@@ -31,17 +34,18 @@ created on the brokers is deleted afterwards (a broker that is not reachable is 
    Goal: processor p90 <= direct p90 + 1 ms.
 
 The bare server is one grpc.aio process with generic handlers (identity serializers, no interceptors) for
-BrokerService.Subscribe and BrokerService.Publish.
+BrokerService.Subscribe and BrokerService.Publish; the floor server another, whose Publish publishes to the broker
+its `event` names (`nats:<subject>` or `redis:<stream key>`, the direct client's), over one connection each.
 
-CPU pinning (two CPUs; `--no-pin` turns it off): the processor (and the bare server) on CPU 0; the gRPC publisher
-and subscriber on CPU 1. The direct publisher runs on CPU 0, where the processor would otherwise be publishing, and
-the direct subscriber on CPU 1, so both paths get the whole machine. The NATS and Redis servers are shared system
-services: they are not pinned, and their CPU time per message is shown. Latency clients (all paths) run on CPU 1.
-Rounds are interleaved (the order of the paths rotates); the median is shown, leaving out rounds that other
-processes or the hypervisor made noisy. Subprocesses are stopped on exit, Ctrl-C, SIGTERM or error.
+CPU pinning (two CPUs; `--no-pin` turns it off): the processor (and the bare and floor servers) on CPU 0; the gRPC
+publisher and subscriber on CPU 1. The direct publisher runs on CPU 0, where the processor would otherwise be
+publishing, and the direct subscriber on CPU 1, so both paths get the whole machine. The NATS and Redis servers are
+shared system services: they are not pinned, and their CPU time per message is shown. Latency clients (all paths)
+run on CPU 1. Rounds are interleaved (the order of the paths rotates); the median is shown, leaving out rounds that
+other processes or the hypervisor made noisy. Subprocesses are stopped on exit, Ctrl-C, SIGTERM or error.
 
-Internal sub-commands (the script runs itself with them): `_bare-server`, `_sub`, `_pub`, `_lat`. What the
-benchmarks share (the pinned-subprocess launcher, the load loop, the /proc readings) is in `_harness.py`.
+Internal sub-commands (the script runs itself with them): `_bare-server`, `_floor-server`, `_sub`, `_pub`, `_lat`.
+What the benchmarks share (the pinned-subprocess launcher, the load loop, the /proc readings) is in `_harness.py`.
 """
 
 from __future__ import annotations
@@ -104,8 +108,10 @@ IDLE_GIVE_UP_S = 5.0  # a subscriber that receives nothing for this long gives u
 
 RATIO_GOAL = 0.5  # processor msg/s / direct msg/s, at least
 MEMORY_GOAL = 100_000.0  # memory broker through the processor, msg/s, at least
+FLOOR_GOAL = 0.8  # single publishes: processor publish/s / the floor's (a bare handler's direct publish), at least
 P90_DIFF_GOAL_MS = 1.0  # processor publish p90 - direct p90 at concurrency 1, at most
 
+SERVER_INDEX = {"processor": 0, "bare": 1, "floor": 2}  # where each server's CPU time is in `Meter.stop`'s list
 DIRECT_PUB_CPU = SERVER_CPU  # the direct publisher runs where the processor would run
 SUB_CPU = CLIENT_CPU
 
@@ -500,7 +506,7 @@ async def publish_redis(args: argparse.Namespace, out: Published) -> None:
 
 async def publisher(args: argparse.Namespace) -> dict[str, Any]:
     out = Published()
-    if args.path in ("processor", "bare"):
+    if args.path in ("processor", "bare", "floor"):
         await publish_processor(args, out)
     elif args.kind == "nats":
         await publish_nats(args, out)
@@ -633,6 +639,46 @@ async def serve_bare(port: int, messages: int) -> None:
         "Publish": grpc.unary_unary_rpc_method_handler(publish),
     }
     await serve_handlers(port, SERVICE, handlers)
+
+
+async def serve_floor(port: int) -> None:
+    """A grpc.aio server with a generic Publish handler (identity serializers, no interceptors) that decodes each
+    PublishRequest and publishes its payload with the broker's own client, as the direct client's single publishes
+    do: `js.publish` to the subject, or XADD of a `data` field to the stream key, that `event` names
+    (`nats:<subject>`, `redis:<key>`). The floor of a processor's single publish: gRPC plus the broker call, on
+    uvloop when it is installed, as the processor runs."""
+    import grpc
+    import nats
+    import redis.asyncio as aioredis
+    from ductape.processor.v1 import broker_pb2
+
+    clients: dict[str, Any] = {}
+    lock = asyncio.Lock()
+
+    async def client(kind: str) -> Any:
+        if kind not in clients:
+            async with lock:
+                if kind not in clients:
+                    if kind == "nats":
+                        clients[kind] = (await nats.connect(NATS_URL)).jetstream()
+                    else:
+                        clients[kind] = aioredis.Redis.from_url(REDIS_URL)
+        return clients[kind]
+
+    async def publish(request: bytes, context: Any) -> bytes:
+        message = broker_pb2.PublishRequest.FromString(request)
+        kind, _, name = message.event.partition(":")
+        broker = await client(kind)
+        if kind == "nats":
+            ack = await broker.publish(name, message.message.data)
+            message_id = f"{ack.stream}:{ack.seq}"
+        elif kind == "redis":
+            message_id = (await broker.xadd(name, {b"data": message.message.data})).decode()
+        else:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no broker {kind!r}")
+        return broker_pb2.PublishResponse(message_id=message_id).SerializeToString()
+
+    await serve_handlers(port, SERVICE, {"Publish": grpc.unary_unary_rpc_method_handler(publish)})
 
 
 # -- broker housekeeping (in this process) -------------------------------------------------------------------------
@@ -922,6 +968,7 @@ class Bench:
         self.work = work
         self.processor: Server | None = None
         self.bare: Server | None = None
+        self.floor: Server | None = None
         self.flows: list[Flow] = []
         self.latencies: list[Latency] = []
         self.broker_pids = {kind: find_pid(name) for kind, (_, name) in BROKERS.items()}
@@ -929,7 +976,8 @@ class Bench:
 
     def manifest(self) -> dict[str, Any]:
         config, run = self.config, self.config.run
-        tags = ["lat", *(f"{mode}{r}" for mode in ("batch", "single") for r in range(1, config.rounds + 1))]
+        modes = ("batch", "single", "publish")
+        tags = ["lat", *(f"{mode}{r}" for mode in modes for r in range(1, config.rounds + 1))]
         settings = {
             "nats": {"type": "nats", "url": NATS_URL, "stream": processor_stream(run)},
             "redis": {"type": "redis", "url": REDIS_URL},
@@ -962,18 +1010,23 @@ class Bench:
         command = [sys.executable, SCRIPT, "_bare-server", "--port", str(port)]
         command += ["--messages", str(self.config.messages)]
         self.bare = self.procs.start_server("bare", command, f"{HOST}:{port}", child_env())
-        for server in (self.processor, self.bare):
+        port = free_port()
+        command = [sys.executable, SCRIPT, "_floor-server", "--port", str(port)]
+        self.floor = self.procs.start_server("floor", command, f"{HOST}:{port}", child_env())
+        for server in (self.processor, self.bare, self.floor):
             wait_ready(server)
         if "nats" in self.config.kinds:
             asyncio.run(prepare_direct_nats(self.config.run))
 
     def meter(self, kind: str) -> Meter:
-        """A meter of the processor, the bare server and the broker server of `kind` (when local)."""
-        assert self.processor is not None and self.bare is not None
-        for server in (self.processor, self.bare):
+        """A meter of the processor, the bare server, the floor server and the broker server of `kind` (when local):
+        `stop` gives their CPU seconds in that order."""
+        assert self.processor is not None and self.bare is not None and self.floor is not None
+        servers = (self.processor, self.bare, self.floor)
+        for server in servers:
             server.check_alive()
         broker = self.broker_pids.get(kind)
-        return Meter([self.processor.pid, self.bare.pid, *([broker] if broker is not None else [])])
+        return Meter([*(server.pid for server in servers), *([broker] if broker is not None else [])])
 
     # -- one end-to-end run --------------------------------------------------------------------------------------
 
@@ -981,19 +1034,21 @@ class Bench:
         """One run: a subscriber process, then (once it is subscribed) a publisher process, to the end.
 
         `bare` `stream`: no publisher (the bare server streams canned batches); `bare` `single` (kind `grpc`): no
-        subscriber (the publisher against the bare server's canned Publish reply, the ceiling of unary publishing).
+        subscriber (the publisher against the bare server's canned Publish reply, the ceiling of unary publishing);
+        `publish`: single publishes and no subscriber, through the processor or the floor server.
         """
         config = self.config
-        assert self.processor is not None and self.bare is not None
+        assert self.processor is not None and self.bare is not None and self.floor is not None
         names = Names(config.run, kind, f"{mode}{round_no}")
-        messages = config.single_messages if mode == "single" else config.messages
-        server = self.bare if path.startswith("bare") else self.processor
-        has_sub, has_pub = kind != "grpc", mode != "stream"
+        messages = config.single_messages if mode in ("single", "publish") else config.messages
+        server = self.bare if path.startswith("bare") else self.floor if path == "floor" else self.processor
+        has_sub, has_pub = kind != "grpc" and mode != "publish", mode != "stream"
         self._runs += 1
         ready_file = self.work / f"ready-{self._runs}"
         result_file = self.work / f"result-{self._runs}.json"
         common = ["--path", path, "--kind", kind, "--target", server.target, "--messages", str(messages)]
-        common += ["--name", names.direct if path == "direct" else names.event]
+        name = {"direct": names.direct, "floor": f"{kind}:{names.direct}"}.get(path, names.event)
+        common += ["--name", name]
         meter = self.meter(kind)
         sub: Server | None = None
         if has_sub:
@@ -1010,7 +1065,8 @@ class Bench:
                 time.sleep(0.005)
         pub: dict[str, Any] = {}
         if has_pub:
-            pub_args = [*common, "--mode", mode, "--batch", str(config.batch), "--inflight", str(config.inflight)]
+            pub_mode = "single" if mode == "publish" else mode
+            pub_args = [*common, "--mode", pub_mode, "--batch", str(config.batch), "--inflight", str(config.inflight)]
             pub_args += ["--concurrency", str(config.concurrency)]
             pub = self.procs.run_client(["_pub", *pub_args], cpu=DIRECT_PUB_CPU if path == "direct" else CLIENT_CPU)
         got: dict[str, Any] = {"received": pub.get("published", 0), "deliveries": 0, "cpu_s": 0.0, "last_ns": 0}
@@ -1029,8 +1085,8 @@ class Bench:
         last_ns = got["last_ns"] or pub.get("end_ns") or time.monotonic_ns()
         window = max(1e-9, (last_ns - start_ns) / 1e9)
         publish_window = (pub["end_ns"] - pub["start_ns"]) / 1e9 if pub else 0.0
-        if path in ("processor", "direct"):
-            asyncio.run(forget_topic(names, path))
+        if path in ("processor", "direct", "floor"):
+            asyncio.run(forget_topic(names, "processor" if path == "processor" else "direct"))
         return Flow(
             kind=kind,
             path=path,
@@ -1044,8 +1100,8 @@ class Bench:
             publish_rate=pub.get("published", 0) / publish_window if publish_window > 0 else 0.0,
             publish_errors=pub.get("errors", 0),
             error_codes=pub.get("error_codes", {}),
-            srv_cpu_s=0.0 if path == "direct" else used[1] if path.startswith("bare") else used[0],
-            brk_cpu_s=used[2] if len(used) > 2 else 0.0,
+            srv_cpu_s=0.0 if path == "direct" else used[SERVER_INDEX["bare" if path.startswith("bare") else path]],
+            brk_cpu_s=used[3] if len(used) > 3 else 0.0,
             pub_cpu_s=pub.get("cpu_s", 0.0),
             sub_cpu_s=got["cpu_s"],
             other_cpus=others,
@@ -1069,9 +1125,9 @@ class Bench:
         )
         used, others, steal = meter.stop()
         result = LoadResult(**raw)
-        result.server_cpu_s = {"processor": used[0], "bare": used[1]}.get(path, 0.0)
+        result.server_cpu_s = used[SERVER_INDEX[path]] if path in SERVER_INDEX else 0.0
         result.other_cpus, result.steal_cpus = others, steal
-        run = Latency(kind, path, round_no, result, used[2] if len(used) > 2 else 0.0)
+        run = Latency(kind, path, round_no, result, used[3] if len(used) > 3 else 0.0)
         errors = f", {result.errors} errors {result.error_codes}" if result.errors else ""
         print(
             f"  round {round_no}/{config.rounds}  {kind:<6} latency {path:<10} {result.qps:8.1f} QPS  "
@@ -1093,6 +1149,10 @@ class Bench:
                     for path in paths[turn:] + paths[:turn]:
                         self.flows.append(self.flow(kind, path, mode, round_no))
                         self._progress(self.flows[-1], round_no)
+                paths = ["processor", "floor"]  # single publishes alone, against their floor
+                for path in paths[turn:] + paths[:turn]:
+                    self.flows.append(self.flow(kind, path, "publish", round_no))
+                    self._progress(self.flows[-1], round_no)
             if config.kinds:  # the ceiling of single publishes: a server that only answers
                 self.flows.append(self.flow("grpc", "bare", "single", round_no))
                 self._progress(self.flows[-1], round_no)
@@ -1204,6 +1264,19 @@ def report(bench: Bench, config: Config) -> tuple[list[str], dict[str, Any]]:
                     "pass": ratio >= RATIO_GOAL,
                 }
             )
+        floor = summary(kind, "publish", "floor")
+        proc = summary(kind, "publish", "processor")
+        if floor is not None and proc is not None:
+            ratio = proc.rate / floor.rate if floor.rate else 0.0
+            lines.append(row(kind, "publish", "floor", floor, None, None))
+            lines.append(row(kind, "publish", "processor", proc, ratio, ratio >= FLOOR_GOAL))
+            verdicts.append(
+                {
+                    "goal": f"{kind} single publishes: processor publish/s >= {FLOOR_GOAL}x the floor",
+                    "value": f"{ratio:.3f}x ({proc.rate:.0f} vs {floor.rate:.0f} publishes/s)",
+                    "pass": ratio >= FLOOR_GOAL,
+                }
+            )
         lines.append("")
     ceiling = summary("grpc", "single", "bare")
     if ceiling is not None:
@@ -1234,6 +1307,8 @@ def report(bench: Bench, config: Config) -> tuple[list[str], dict[str, Any]]:
         "busy: share of CPU 0 and CPU 1 that the pinned processes used in the window, and of one CPU the broker used",
         "memory bare: the client's subscriber against canned batches (no processor); bare-raw: the generated stub",
         "grpc single bare: single publishes against a server that only answers (no subscriber): the gRPC ceiling",
+        f"publish: single publishes alone (no subscriber); floor: a bare handler making the direct client's publish; "
+        f"ratio: processor ÷ floor, goal >= {FLOOR_GOAL}x",
     ]
     if client_bound:
         lines.append(f"* CPU 1 was >= {CLIENT_BOUND:.0%} busy: the clients, not the processor, may have limited msg/s")
@@ -1309,6 +1384,7 @@ def report(bench: Bench, config: Config) -> tuple[list[str], dict[str, Any]]:
             "ratio_min": RATIO_GOAL,
             "memory_msg_per_s_min": MEMORY_GOAL,
             "p90_diff_ms_max": P90_DIFF_GOAL_MS,
+            "floor_ratio_min": FLOOR_GOAL,
         },
         "throughput": summaries,
         "latency": {key: asdict(value) for key, value in latency_summaries.items()},
@@ -1366,7 +1442,17 @@ def _internal(argv: list[str]) -> int:
         args = sub.parse_args(rest)
         asyncio.run(serve_bare(args.port, args.messages))
         return 0
-    sub.add_argument("--path", choices=["processor", "direct", "bare", "bare-raw"], required=True)
+    if command == "_floor-server":
+        sub.add_argument("--port", type=int, required=True)
+        port = sub.parse_args(rest).port
+        try:  # on the processor's loop: the floor is what the processor's own work comes on top of
+            import uvloop
+        except ModuleNotFoundError:
+            asyncio.run(serve_floor(port))
+        else:
+            uvloop.run(serve_floor(port))
+        return 0
+    sub.add_argument("--path", choices=["processor", "direct", "bare", "bare-raw", "floor"], required=True)
     sub.add_argument("--kind", choices=["nats", "redis", "memory", "grpc"], required=True)
     sub.add_argument("--target", required=True)
     sub.add_argument("--name", required=True)
@@ -1397,7 +1483,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_client"]:  # how _harness.Processes.run_client starts a client
         argv = argv[1:]
-    if argv[:1] in (["_bare-server"], ["_sub"], ["_pub"], ["_lat"]):
+    if argv[:1] in (["_bare-server"], ["_floor-server"], ["_sub"], ["_pub"], ["_lat"]):
         return _internal(argv)
     parser = _parser()
     args = parse_bench_args(parser, argv, quick={"messages": 3000, "single_messages": 300})

@@ -25,7 +25,8 @@ from ductape.processor.brokers import Message
 
 from ductape_processor.adapters.brokers import nats as nats_broker
 from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
-from ductape_processor.adapters.brokers.nats import NatsBroker, consumer_name, subject_covered
+from ductape_processor.adapters.brokers.nats import NatsBroker
+from ductape_processor.adapters.brokers.nats_names import consumer_name, subject_covered
 from ductape_processor.runtime.brokers.messages import OutgoingEvent
 from ductape_processor.store.sqlite import SqliteStore
 from tests.conftest import ServerFactory, require_tcp
@@ -288,6 +289,34 @@ async def test_cloudevents_fields_and_awkward_attribute_values_round_trip(nats_u
         # a re-sent copy (same id, same topic) is dropped by JetStream's duplicate window
         await adapter.publish(topic, sent)
         assert await sub.fetch(1, 0.5) == []
+        await sub.close()
+    finally:
+        await adapter.close()
+
+
+async def test_concurrent_first_publishes_and_a_batch_are_each_confirmed_once_in_order(nats_up: None) -> None:
+    # The first publishes of a connection race to set up publish_async's reply subscription: each must still get
+    # its own PubAck, and a batch's messages are stored in the order given.
+    run = _run()
+    adapter = NatsBroker(URL, f"t_{run}", "test/nats")
+    try:
+        topic = f"orders.{run}"
+        sub = await adapter.subscribe(topic, "all", SubscribeOptions(prefetch=500, ack_deadline_s=5))
+        singles = [_message(f"single {n}") for n in range(20)]
+        ids = await asyncio.gather(*(adapter.publish(topic, message) for message in singles))
+        batch = [_message(f"batch {n}") for n in range(300)]
+        results = await adapter.publish_batch(topic, batch)
+        assert all(isinstance(result, str) for result in results)
+        assert len(set(ids) | set(results)) == 320, "one stream sequence per message"
+        got = []
+        while len(got) < 320:
+            fetched = await sub.fetch(320 - len(got), 5)
+            assert fetched, f"only {len(got)} of 320 messages arrived"
+            got += fetched
+        bodies = [message.data.decode() for message in got]
+        assert sorted(bodies[:20]) == sorted(m.data.decode() for m in singles)
+        assert bodies[20:] == [m.data.decode() for m in batch]
+        await sub.ack([message.handle for message in got])
         await sub.close()
     finally:
         await adapter.close()

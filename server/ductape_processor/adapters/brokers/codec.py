@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from ductape_processor.runtime.brokers.messages import (
@@ -28,7 +28,8 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    """The header names of one CloudEvents protocol binding."""
+    """The header names of one CloudEvents protocol binding (each spelled out once, at construction: they are looked
+    up for every message)."""
 
     prefix: str
     """Before every CloudEvents attribute name: `ce-` (NATS, like HTTP), `cloudEvents_` (AMQP), none (Redis)."""
@@ -36,15 +37,27 @@ class Binding:
     """The extension carrying the ordering key (prefix included)."""
     content_type: str | None
     """The header of `datacontenttype`, or None when the protocol has a property of its own for it."""
+    specversion: str = field(init=False)
+    id: str = field(init=False)
+    source: str = field(init=False)
+    type: str = field(init=False)
+    time: str = field(init=False)
+    json_payload: str = field(init=False)
 
-    def headers(self, message: OutgoingEvent) -> dict[str, str]:
-        """The message's CloudEvents attributes, trace context and caller attributes as text headers."""
+    def __post_init__(self) -> None:
+        for name in ("specversion", "id", "source", "type", "time"):
+            object.__setattr__(self, name, self.prefix + name)
+        object.__setattr__(self, "json_payload", self.prefix + JSON_PAYLOAD_EXTENSION)
+
+    def headers(self, message: OutgoingEvent, time: str | None = None) -> dict[str, str]:
+        """The message's CloudEvents attributes, trace context and caller attributes as text headers; `time` is
+        its time already formatted (`format_time`), which the messages of one publish share."""
         headers = {
-            f"{self.prefix}specversion": "1.0",
-            f"{self.prefix}id": message.id,
-            f"{self.prefix}source": message.source,
-            f"{self.prefix}type": message.type,
-            f"{self.prefix}time": format_time(message.time),
+            self.specversion: "1.0",
+            self.id: message.id,
+            self.source: message.source,
+            self.type: message.type,
+            self.time: time or format_time(message.time),
         }
         if self.content_type is not None:
             headers[self.content_type] = message.content_type
@@ -55,7 +68,7 @@ class Binding:
         if message.tracestate:
             headers["tracestate"] = message.tracestate
         if message.json_payload:
-            headers[f"{self.prefix}{JSON_PAYLOAD_EXTENSION}"] = JSON_PAYLOAD_MARK
+            headers[self.json_payload] = JSON_PAYLOAD_MARK
         for key, value in message.attributes.items():
             headers[ATTRIBUTE_PREFIX + key] = value
         return headers
@@ -74,27 +87,38 @@ class Binding:
     ) -> IncomingEvent:
         """A received message from its text headers; the defaults stand in for attributes a foreign producer left
         out, `content_type` for the protocol's own content-type property."""
+        get = headers.get
+        # Positional, in IncomingEvent's field order: this runs for every message delivered.
         return IncomingEvent(
-            handle=handle,
-            id=headers.get(f"{self.prefix}id") or default_id,
-            source=headers.get(f"{self.prefix}source", ""),
-            type=headers.get(f"{self.prefix}type") or default_type,
-            time=parse_time(headers.get(f"{self.prefix}time"), default_time),
-            data=data,
-            content_type=(headers.get(self.content_type, "") if self.content_type else "")
-            or content_type
-            or DEFAULT_CONTENT_TYPE,
-            attributes={
-                key[len(ATTRIBUTE_PREFIX) :]: value
-                for key, value in headers.items()
-                if key.startswith(ATTRIBUTE_PREFIX)
-            },
-            ordering_key=headers.get(self.ordering_key, ""),
-            traceparent=headers.get("traceparent", ""),
-            tracestate=headers.get("tracestate", ""),
-            delivery_attempt=max(attempt, 1),
-            json_payload=headers.get(f"{self.prefix}{JSON_PAYLOAD_EXTENSION}") == JSON_PAYLOAD_MARK,
+            get(self.id) or default_id,
+            get(self.source, ""),
+            get(self.type) or default_type,
+            parse_time(get(self.time), default_time),
+            data,
+            (get(self.content_type, "") if self.content_type else "") or content_type or DEFAULT_CONTENT_TYPE,
+            handle,
+            {key[len(ATTRIBUTE_PREFIX) :]: value for key, value in headers.items() if key.startswith(ATTRIBUTE_PREFIX)},
+            get(self.ordering_key, ""),
+            get("traceparent", ""),
+            max(attempt, 1),
+            get("tracestate", ""),
+            get(self.json_payload) == JSON_PAYLOAD_MARK,
         )
+
+
+class TimeText:
+    """`format_time` for the messages of one publish, which share one time: formatted once, not once a message."""
+
+    __slots__ = ("_moment", "_text")
+
+    def __init__(self) -> None:
+        self._moment: datetime | None = None
+        self._text = ""
+
+    def __call__(self, moment: datetime) -> str:
+        if moment is not self._moment:
+            self._moment, self._text = moment, format_time(moment)
+        return self._text
 
 
 def aware(moment: datetime) -> datetime:

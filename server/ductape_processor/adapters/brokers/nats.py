@@ -11,14 +11,19 @@ Topics and the stream
     to add the subject. Messages are never removed by consumption.
 
 Publishing
-    `js.publish` with `Nats-Expected-Stream` = the stream and `Nats-Msg-Id` = `<topic>:<CloudEvents id>`, so
+    `js.publish_async` with `Nats-Expected-Stream` = the stream and `Nats-Msg-Id` = `<topic>:<CloudEvents id>`, so
     JetStream drops a re-sent copy inside its duplicate window (2 min by default); the topic is part of the key
     because the window is per stream and a dead-lettered copy keeps its id while moving to another topic. The
-    PubAck is the confirmation; the returned broker id is `<stream>:<sequence>`. A publish that gets no PubAck
+    PubAck is the confirmation; the returned broker id is `<stream>:<sequence>`. publish_async writes the message
+    and hands back a future of its PubAck (one reply subscription for all of them), where `js.publish` makes each a
+    request of its own (a new reply inbox, a response map entry, `wait_for`); a batch writes all its messages before
+    waiting for any PubAck, in order, so JetStream stores them in publish order. A publish that gets no PubAck
     (connection dropped, JetStream electing a leader) is re-sent with the same id until `PUBLISH_DEADLINE_S`,
-    then fails with BrokerUnavailable; the runtime cuts the whole publish (connecting and preparing the stream
-    included) at the caller's deadline or its own limit, whichever is first. A publish with an idempotency key
-    carries the same CloudEvents id on every attempt, so the server also drops a copy re-sent by a later call.
+    then fails with BrokerUnavailable; the PubAcks awaited when the connection comes back are given up at once (a
+    PUB written before a drop never gets one) and re-sent. The runtime cuts the whole publish (connecting and
+    preparing the stream included) at the caller's deadline or its own limit, whichever is first. A publish with an
+    idempotency key carries the same CloudEvents id on every attempt, so the server also drops a copy re-sent by a
+    later call.
 
 Headers (CloudEvents 1.0, binary content mode of the NATS binding as the CloudEvents Go SDK writes it)
     ce-specversion "1.0", ce-id, ce-source, ce-type, ce-time (ISO 8601, UTC) and `content-type` (datacontenttype);
@@ -81,9 +86,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import re
 from typing import Any
 
 import grpc
@@ -100,10 +103,13 @@ from ductape_processor.adapters.brokers.base import (
     SubscribeOptions,
 )
 from ductape_processor.adapters.brokers.buffer import UnseenReturns
+from ductape_processor.adapters.brokers.codec import TimeText
 from ductape_processor.adapters.brokers.connection import Endpoint, LazyConnection
-from ductape_processor.adapters.brokers.nats_headers import header_bytes, outgoing_headers
+from ductape_processor.adapters.brokers.nats_headers import prepared_headers
+from ductape_processor.adapters.brokers.nats_names import check_subject, consumer_name, subject_covered
+from ductape_processor.adapters.brokers.nats_publish import PubAcks, lost
 from ductape_processor.adapters.brokers.nats_pull import CLOSE_DEADLINE_S, NatsPullSubscription, RetiredInboxes
-from ductape_processor.errors import FieldViolation, InvalidArgument, ProcessorError
+from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.brokers.messages import OutgoingEvent
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
@@ -128,7 +134,6 @@ _ERR_STREAM_NOT_FOUND = 10059
 _ERR_EXPECTED_STREAM = 10060
 _ERR_SUBJECTS_OVERLAP = 10065
 
-_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
 
 _Retryable = (
     nats.errors.TimeoutError,
@@ -147,41 +152,6 @@ class StreamConflict(ProcessorError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = Reason.BROKER_STREAM_CONFLICT
-
-
-# -- names and headers ---------------------------------------------------------------------------------------------
-
-
-def consumer_name(topic: str, group: str) -> str:
-    """The durable consumer of `group` on `topic`: readable, valid for JetStream, distinct per (topic, group)."""
-    digest = hashlib.sha256(f"{topic}\n{group}".encode()).hexdigest()[:12]
-    return f"{_UNSAFE_NAME.sub('_', group)[:48]}__{_UNSAFE_NAME.sub('_', topic)[:64]}_{digest}"
-
-
-def subject_covered(subject: str, patterns: list[str]) -> bool:
-    """Whether one of the stream's subject patterns (with `*` and `>` wildcards) matches `subject`."""
-    tokens = subject.split(".")
-    for pattern in patterns:
-        parts = pattern.split(".")
-        for index, part in enumerate(parts):
-            if part == ">":
-                if len(tokens) > index:
-                    return True
-                break
-            if index >= len(tokens) or part not in ("*", tokens[index]):
-                break
-        else:
-            if len(parts) == len(tokens):
-                return True
-    return False
-
-
-def _check_subject(topic: str) -> None:
-    if not topic or any(not token for token in topic.split(".")):
-        raise InvalidArgument(
-            f"topic name {topic!r} is not a valid NATS subject (empty token between dots)",
-            violations=[FieldViolation("topic.name", "NATS subjects have no empty tokens ('a..b', '.a', 'a.')")],
-        )
 
 
 # -- the adapter ---------------------------------------------------------------------------------------------------
@@ -205,7 +175,7 @@ class NatsBroker(BrokerAdapter):
         self._closed = False
         self._last_error = ""
         self._reconnect_attempts = 0
-        self._reconnected = asyncio.Event()  # set (and replaced) on each reconnect
+        self._pub_acks = PubAcks()
 
     # -- connection --------------------------------------------------------------------------------------------
 
@@ -277,8 +247,9 @@ class NatsBroker(BrokerAdapter):
 
     async def _on_reconnected(self) -> None:
         self._reconnect_attempts = 0
-        self._reconnected.set()
-        self._reconnected = asyncio.Event()
+        # A PUB written before the drop never gets its PubAck: give those up now, so they are sent again at once
+        # instead of after their attempt's timeout (JetStream drops a copy that was stored after all, by its id).
+        self._pub_acks.give_up()
         log.warning("NATS broker %s: reconnected", self._name)
 
     # -- stream and consumers ----------------------------------------------------------------------------------
@@ -287,7 +258,7 @@ class NatsBroker(BrokerAdapter):
         """Make the stream exist and hold `topic` (created with file storage and limits retention when missing)."""
         if topic in self._subjects:
             return
-        _check_subject(topic)
+        check_subject(topic)
         async with self._stream_lock:
             if topic in self._subjects:
                 return
@@ -376,70 +347,89 @@ class NatsBroker(BrokerAdapter):
     # -- publishing ---------------------------------------------------------------------------------------------
 
     async def publish(self, topic: str, message: OutgoingEvent) -> str:
-        headers = outgoing_headers(topic, message)
         nc, js = await self._connected()
-        size = len(message.data) + header_bytes(headers)
-        if size > nc.max_payload:
-            raise InvalidArgument(
-                f"the message and its headers are {size} bytes; the NATS server accepts at most {nc.max_payload}",
-                reason=Reason.MESSAGE_TOO_LARGE,
-                violations=[FieldViolation("message.data", f"is larger than the NATS max_payload ({nc.max_payload})")],
-            )
+        headers = prepared_headers(nc.max_payload, topic, message, self._stream)
         await self._ensure_subject(js, topic)
+        return await self._publish_until_confirmed(js, topic, message.data, headers)
+
+    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
+        """Write every message, then wait for their PubAcks together (no task per message); a message whose first
+        attempt fails in a way worth retrying goes through `publish`'s retries on its own."""
+        nc, js = await self._connected()
+        await self._ensure_subject(js, topic)
+        results: list[str | ProcessorError | None] = [None] * len(messages)
+        sent: list[tuple[int, dict[str, str], asyncio.Future[api.PubAck]]] = []
+        time = TimeText()
+        for index, message in enumerate(messages):
+            try:
+                headers = prepared_headers(nc.max_payload, topic, message, self._stream, time(message.time))
+            except ProcessorError as exc:
+                results[index] = exc
+                continue
+            try:
+                sent.append((index, headers, await self._pub_acks.send(js, topic, message.data, headers)))
+            except _Retryable:
+                sent.append((index, headers, lost()))
+            except nats.errors.Error as exc:
+                results[index] = self._refused(topic, exc)
+        if sent:
+            await asyncio.wait([future for _, _, future in sent], timeout=PUBLISH_ATTEMPT_S)
+        retry: list[tuple[int, dict[str, str]]] = []
+        for index, headers, future in sent:
+            if not future.done():
+                future.cancel()
+                retry.append((index, headers))
+            elif future.cancelled() or isinstance(future.exception(), _Retryable):
+                retry.append((index, headers))
+            elif (failure := future.exception()) is not None:
+                results[index] = self._refused(topic, failure)
+            else:
+                ack = future.result()
+                results[index] = f"{ack.stream}:{ack.seq}"
+        for index, headers in retry:
+            try:
+                results[index] = await self._publish_until_confirmed(js, topic, messages[index].data, headers)
+            except ProcessorError as exc:
+                results[index] = exc
+        return [result if result is not None else self.unavailable("not published") for result in results]
+
+    async def _publish_until_confirmed(
+        self, js: JetStreamContext, topic: str, data: bytes, headers: dict[str, str]
+    ) -> str:
+        """Publish and wait for the PubAck, sending again (same Nats-Msg-Id) while failures are worth retrying, for
+        at most PUBLISH_DEADLINE_S."""
         deadline = Deadline(PUBLISH_DEADLINE_S)
         budget = RetryBudget(PUBLISH_BACKOFF, deadline)
         while True:
             try:
-                ack = await self._attempt(js, topic, message.data, headers, max(deadline.bound(PUBLISH_ATTEMPT_S), 0.1))
+                future = await self._pub_acks.send(js, topic, data, headers)
+                async with asyncio.timeout(max(deadline.bound(PUBLISH_ATTEMPT_S), 0.1)):
+                    ack = await future
                 return f"{ack.stream}:{ack.seq}"
-            except nats.errors.MaxPayloadError as exc:
-                raise InvalidArgument(
-                    f"NATS refused the message size: {exc}", reason=Reason.MESSAGE_TOO_LARGE
-                ) from None
-            except nats.js.errors.APIError as exc:
-                if exc.err_code == _ERR_EXPECTED_STREAM:
-                    raise self._conflict(
-                        topic, f"subject {topic!r} is stored by another stream than {self._stream!r}"
-                    ) from None
-                if not isinstance(exc, nats.js.errors.ServiceUnavailableError):
-                    raise self.unavailable(f"publish to {topic!r} was refused", exc) from exc
+            except (nats.js.errors.ServiceUnavailableError, *_Retryable) as exc:
                 failure: BaseException = exc
-            except nats.errors.ConnectionClosedError as exc:
-                raise self.unavailable(f"publish to {topic!r}: the connection is closed", exc) from exc
-            except _Retryable as exc:
-                failure = exc
                 if isinstance(exc, nats.js.errors.NoStreamResponseError):
                     self._subjects.discard(topic)  # the stream was deleted or lost the subject: set it up again
                     with contextlib.suppress(BrokerUnavailable):
                         await self._ensure_subject(js, topic)
-            except nats.errors.Error as exc:
-                raise self.unavailable(f"publish to {topic!r}", exc) from exc
+            except (nats.errors.Error, nats.js.errors.APIError) as exc:
+                raise self._refused(topic, exc) from exc
             if not await budget.pause():
                 raise self.unavailable(
                     f"publish to {topic!r} was not confirmed within {PUBLISH_DEADLINE_S:g}s", failure
                 ) from failure
 
-    async def _attempt(
-        self, js: JetStreamContext, topic: str, data: bytes, headers: dict[str, str], timeout: float
-    ) -> api.PubAck:
-        """One publish, given up (as a timeout) as soon as the connection is re-established: a PUB written before a
-        drop never gets its PubAck, so waiting out the attempt timeout would only stall the caller."""
-        reconnected = self._reconnected
-        attempt = asyncio.ensure_future(
-            js.publish(topic, data, timeout=timeout, stream=self._stream, headers=dict(headers))
-        )
-        watch = asyncio.ensure_future(reconnected.wait())
-        try:
-            await asyncio.wait({attempt, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            if not attempt.done():
-                attempt.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await attempt
-        if attempt.cancelled():
-            raise nats.errors.TimeoutError
-        return attempt.result()
+    def _refused(self, topic: str, exc: BaseException) -> ProcessorError:
+        """The error a publish that will not succeed by being sent again answers with."""
+        if isinstance(exc, nats.errors.MaxPayloadError):
+            return InvalidArgument(f"NATS refused the message size: {exc}", reason=Reason.MESSAGE_TOO_LARGE)
+        if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _ERR_EXPECTED_STREAM:
+            return self._conflict(topic, f"subject {topic!r} is stored by another stream than {self._stream!r}")
+        if isinstance(exc, nats.errors.ConnectionClosedError):
+            return self.unavailable(f"publish to {topic!r}: the connection is closed", exc)
+        if isinstance(exc, nats.js.errors.APIError):
+            return self.unavailable(f"publish to {topic!r} was refused", exc)
+        return self.unavailable(f"publish to {topic!r}", exc)
 
     # -- subscribing --------------------------------------------------------------------------------------------
 

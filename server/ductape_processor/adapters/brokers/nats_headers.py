@@ -14,6 +14,8 @@ from nats.js import api
 
 from ductape_processor.adapters.brokers.buffer import UnseenReturns
 from ductape_processor.adapters.brokers.codec import Binding
+from ductape_processor.errors import FieldViolation, InvalidArgument
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
 
 _BINDING = Binding(prefix="ce-", ordering_key="ce-orderingkey", content_type="content-type")
@@ -40,9 +42,32 @@ def decode(value: str | None) -> str:
     return unquote(value, errors="replace") if value else ""
 
 
-def outgoing_headers(topic: str, message: OutgoingEvent) -> dict[str, str]:
-    headers = {api.Header.MSG_ID.value: f"{topic}:{message.id}", **_BINDING.headers(message)}
+def outgoing_headers(topic: str, message: OutgoingEvent, stream: str, time: str | None = None) -> dict[str, str]:
+    """A message's NATS headers: JetStream's (the message id that dedupes a re-sent copy, the stream expected to
+    store it) and the CloudEvents binding's (`time`: the message's, formatted already), every value
+    percent-encoded."""
+    headers = {
+        api.Header.MSG_ID.value: f"{topic}:{message.id}",
+        api.Header.EXPECTED_STREAM.value: stream,
+        **_BINDING.headers(message, time),
+    }
     return {key: encode(value) for key, value in headers.items()}
+
+
+def prepared_headers(
+    max_payload: int, topic: str, message: OutgoingEvent, stream: str, time: str | None = None
+) -> dict[str, str]:
+    """`outgoing_headers`, once the message and its headers are known to fit the server's max_payload (else
+    INVALID_ARGUMENT `MESSAGE_TOO_LARGE`)."""
+    headers = outgoing_headers(topic, message, stream, time)
+    size = len(message.data) + header_bytes(headers)
+    if size > max_payload:
+        raise InvalidArgument(
+            f"the message and its headers are {size} bytes; the NATS server accepts at most {max_payload}",
+            reason=Reason.MESSAGE_TOO_LARGE,
+            violations=[FieldViolation("message.data", f"is larger than the NATS max_payload ({max_payload})")],
+        )
+    return headers
 
 
 def header_bytes(headers: Mapping[str, str]) -> int:

@@ -68,7 +68,7 @@ import contextlib
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -86,7 +86,7 @@ from ductape_processor.adapters.brokers.base import (
     BrokerUnavailable,
     SubscribeOptions,
 )
-from ductape_processor.adapters.brokers.codec import Binding, text
+from ductape_processor.adapters.brokers.codec import Binding, TimeText, text
 from ductape_processor.adapters.brokers.connection import Endpoint
 from ductape_processor.errors import ProcessorError
 from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
@@ -119,8 +119,8 @@ def stream_key(topic: str) -> str:
 _BINDING = Binding(prefix="", ordering_key="orderingkey", content_type="datacontenttype")
 
 
-def _fields(message: OutgoingEvent) -> dict[bytes, bytes]:
-    fields = {key.encode(): value.encode() for key, value in _BINDING.headers(message).items()}
+def _fields(message: OutgoingEvent, time: str | None = None) -> dict[bytes, bytes]:
+    fields = {key.encode(): value.encode() for key, value in _BINDING.headers(message, time).items()}
     fields[b"data"] = message.data
     return fields
 
@@ -130,12 +130,15 @@ def _entry_time(entry_id: str) -> datetime:
     return datetime.fromtimestamp(int(millis) / 1000 if millis.isdigit() else 0, UTC)
 
 
-def _incoming(entry_id: str, flat: list[bytes], attempt: int, topic: str) -> IncomingEvent:
-    fields = dict(zip(flat[::2], flat[1::2], strict=True))
-    data = fields.pop(b"data", b"")
+def _incoming(entry_id: str, fields: Mapping[bytes, bytes], attempt: int, topic: str) -> IncomingEvent:
+    data = fields.get(b"data", b"")
     attempt = max(attempt, 1)
     return _BINDING.incoming(
-        {text(key): text(value) for key, value in fields.items()},
+        {
+            key.decode("utf-8", "replace"): value.decode("utf-8", "replace")
+            for key, value in fields.items()
+            if key != b"data"
+        },
         handle=f"{entry_id}@{attempt}",  # one per delivery: a stale handle never settles a later delivery
         data=data,
         attempt=attempt,
@@ -145,11 +148,12 @@ def _incoming(entry_id: str, flat: list[bytes], attempt: int, topic: str) -> Inc
     )
 
 
-def _flat(value: Any) -> list[bytes]:
-    """An entry's field list as redis-py returns it: a flat list, or a dict from the parsed XREADGROUP reply."""
+def _fields_of(value: Any) -> Mapping[bytes, bytes]:
+    """An entry's fields as redis-py returns them: a dict from the parsed XREADGROUP reply, a flat list from a
+    script."""
     if isinstance(value, dict):
-        return [item for pair in value.items() for item in pair]
-    return list(value)
+        return value
+    return dict(zip(value[::2], value[1::2], strict=True))
 
 
 class RedisBroker(BrokerAdapter):
@@ -256,7 +260,8 @@ class RedisBroker(BrokerAdapter):
 
     async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
         key = stream_key(topic)
-        all_fields = [_fields(message) for message in messages]
+        time = TimeText()
+        all_fields = [_fields(message, time(message.time)) for message in messages]
 
         async def run(client: Any) -> list[Any]:
             pipe = client.pipeline(transaction=False)
@@ -322,7 +327,7 @@ class RedisSubscription(BrokerSubscription):
         loop = asyncio.get_running_loop()
         until = loop.time() + max(timeout_s, 0.0)
         async with self._lock:
-            taken: list[tuple[str, int, list[bytes]]] = []
+            taken: list[tuple[str, int, Mapping[bytes, bytes]]] = []
             while not self._closed:
                 taken = await self._reclaim(max_messages)
                 room = max_messages - len(taken)
@@ -343,16 +348,16 @@ class RedisSubscription(BrokerSubscription):
             await self._broker.maintain(self._key)
         return messages
 
-    async def _reclaim(self, want: int) -> list[tuple[str, int, list[bytes]]]:
+    async def _reclaim(self, want: int) -> list[tuple[str, int, Mapping[bytes, bytes]]]:
         script = self._broker.script("reclaim", redis_scripts.RECLAIM)
         args = [self._group, self.consumer, want, PARK_CONSUMER, PARK_MS, GRACE_MS, UNKNOWN_OWNER_DEADLINE_MS]
         reply = await self._broker.call(
             "reclaiming messages", lambda _: script(keys=[self._key], args=[*args, self._cursor, SCAN])
         )
         self._cursor = text(reply[0])
-        return [(text(entry_id), int(count), _flat(flat)) for entry_id, count, flat in reply[1]]
+        return [(text(entry_id), int(count), _fields_of(flat)) for entry_id, count, flat in reply[1]]
 
-    async def _read(self, count: int, block_ms: int | None) -> list[tuple[str, int, list[bytes]]]:
+    async def _read(self, count: int, block_ms: int | None) -> list[tuple[str, int, Mapping[bytes, bytes]]]:
         async def read(client: Any) -> Any:
             try:
                 return await client.xreadgroup(
@@ -366,12 +371,12 @@ class RedisSubscription(BrokerSubscription):
             return []
 
         reply = await self._broker.call("reading messages (XREADGROUP)", read)
-        entries: list[tuple[str, int, list[bytes]]] = []
+        entries: list[tuple[str, int, Mapping[bytes, bytes]]] = []
         streams = reply.items() if isinstance(reply, dict) else (reply or [])
         for _, stream_entries in streams:
             for entry_id, flat in stream_entries:
                 if flat is not None:  # None: deleted while pending (older servers)
-                    entries.append((text(entry_id), 1, _flat(flat)))
+                    entries.append((text(entry_id), 1, _fields_of(flat)))
         return entries
 
     async def ack(self, handles: list[str]) -> None:
