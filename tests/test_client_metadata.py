@@ -103,6 +103,12 @@ CALLS: dict[str, Call] = {
         product="shop", env="dev", delivery_id="none", metadata=m
     ),
     "WebhookService/ListReceived": lambda p, m: p.webhook.list_received(product="shop", env="dev", metadata=m),
+    "FeatureService/Run": lambda p, m: p.feature.run(product="shop", env="dev", feature="none", metadata=m),
+    "FeatureService/Get": lambda p, m: p.feature.get(product="shop", env="dev", process_id="none", metadata=m),
+    "FeatureService/List": lambda p, m: p.feature.list(product="shop", env="dev", metadata=m),
+    "FeatureService/Cancel": lambda p, m: p.feature.cancel(product="shop", env="dev", process_id="none", metadata=m),
+    "FeatureService/Resume": lambda p, m: p.feature.resume(product="shop", env="dev", process_id="none", metadata=m),
+    "FeatureService/Replay": lambda p, m: p.feature.replay(product="shop", env="dev", process_id="none", metadata=m),
 }
 
 

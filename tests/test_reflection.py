@@ -13,6 +13,7 @@ SERVICES = [
     "ductape.processor.v1.ActionService",
     "ductape.processor.v1.BrokerService",
     "ductape.processor.v1.DatabaseService",
+    "ductape.processor.v1.FeatureService",
     "ductape.processor.v1.JobService",
     "ductape.processor.v1.LogService",
     "ductape.processor.v1.MigrationService",

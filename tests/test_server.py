@@ -63,6 +63,7 @@ async def test_reflection_lists_the_services(server: Running) -> None:
         "ductape.processor.v1.ActionService",
         "ductape.processor.v1.BrokerService",
         "ductape.processor.v1.DatabaseService",
+        "ductape.processor.v1.FeatureService",
         "ductape.processor.v1.JobService",
         "ductape.processor.v1.LogService",
         "ductape.processor.v1.MigrationService",

@@ -20,6 +20,7 @@ from ductape_processor.api.action import ActionServicer
 from ductape_processor.api.auth import ApiKeyAuthenticator
 from ductape_processor.api.broker import BrokerServicer
 from ductape_processor.api.database import DatabaseServicer
+from ductape_processor.api.feature import FeatureServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.job import JobServicer
 from ductape_processor.api.log import LogServicer
@@ -37,6 +38,8 @@ from ductape_processor.runtime.brokers.publisher import BrokerRuntime
 from ductape_processor.runtime.databases.migrations import MigrationRunner
 from ductape_processor.runtime.databases.pools import DatabasePools
 from ductape_processor.runtime.databases.runner import DatabaseRunner
+from ductape_processor.runtime.features.runtime import FeatureRuntime, FeatureSettings
+from ductape_processor.runtime.features.steps import FeatureSteps
 from ductape_processor.runtime.jobs.runtime import JobRuntime
 from ductape_processor.runtime.jobs.scheduler import JobScheduler, SchedulerSettings
 from ductape_processor.runtime.jobs.targets import JobTargets
@@ -119,6 +122,7 @@ class Components:
     databases: DatabasePools
     notifications: NotificationRuntime
     jobs: JobRuntime
+    features: FeatureRuntime
     webhooks: WebhookRuntime
     webhook_receiver: WebhookReceiver
     webhook_pools: tuple[HttpClientPool, HttpClientPool]
@@ -174,9 +178,10 @@ def build(
     )
     notifications = NotificationRuntime(services, http, storage)
     clock = clock if clock is not None else SystemClock()
+    targets = JobTargets(actions, database_runner, notifications, storage, brokers)
     scheduler = JobScheduler(
         store,
-        JobTargets(actions, database_runner, notifications, storage, brokers),
+        targets,
         clock,
         SchedulerSettings(poll_s=settings.job_poll_s, lease=timedelta(seconds=settings.job_lease_s)),
         telemetry.job_lateness,
@@ -195,6 +200,12 @@ def build(
         jobs,
         clock,
         DispatchSettings(lease=timedelta(seconds=settings.webhook_dispatch_lease_s)),
+    )
+    features = FeatureRuntime(
+        services,
+        FeatureSteps(targets, jobs, webhooks),
+        clock,
+        FeatureSettings(poll_s=settings.feature_poll_s, lease=timedelta(seconds=settings.feature_lease_s)),
     )
     receiver = WebhookReceiver(registry, store, brokers, secrets, clock, dispatches)
     webhook_http: WebhookHttpListener | None = None
@@ -219,6 +230,7 @@ def build(
         notification=NotificationServicer(notifications),
         job=JobServicer(jobs),
         webhook=WebhookServicer(webhooks, receiver),
+        feature=FeatureServicer(features),
         health=health.aio.HealthServicer(),
     )
     interceptor = ProcessorInterceptor(ApiKeyAuthenticator(settings.api_key_hashes), telemetry)
@@ -235,6 +247,7 @@ def build(
         databases=databases,
         notifications=notifications,
         jobs=jobs,
+        features=features,
         webhooks=webhooks,
         webhook_receiver=receiver,
         webhook_pools=webhook_pools,
@@ -316,6 +329,7 @@ class ProcessorApp:
             await parts.jobs.start()
             await parts.webhooks.worker.start()
             parts.webhook_receiver.dispatches.start()
+            await parts.features.start()
             try:
                 self.port = listen(parts.server, settings)
             except ListenError as exc:
@@ -412,6 +426,7 @@ class ProcessorApp:
         grace = self.settings.shutdown_grace_s if grace is None else grace
         log.info("draining", extra={"grace_s": grace})
         await parts.server.stop(grace)
+        await parts.features.stop(grace)  # runs going finish within the grace; the others' leases are released
         await parts.jobs.stop(grace)  # runs going finish within the grace; their targets are still open
         await asyncio.gather(  # attempts and dispatches going finish within the grace (else: their leases run out)
             parts.webhooks.worker.stop(grace), parts.webhook_receiver.dispatches.stop(grace)
@@ -422,6 +437,7 @@ class ProcessorApp:
     async def _release(self, parts: Components) -> None:
         if parts.storage_http is not None:
             await parts.storage_http.stop()
+        await parts.features.stop(0)
         await parts.jobs.stop(0)
         await parts.webhook_check.stop()
         if parts.webhook_http is not None:

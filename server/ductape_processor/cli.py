@@ -76,6 +76,8 @@ _FLAGS: dict[str, _Flag] = {
     "registry_poll_s": {"type": float},
     "job_lease_s": {"type": float},
     "job_poll_s": {"type": float},
+    "feature_lease_s": {"type": float},
+    "feature_poll_s": {"type": float},
     "manifest_max_bytes": {"type": int},
     "max_upstream_response_bytes": {"type": int},
     "idempotency_retention_s": {"type": float},

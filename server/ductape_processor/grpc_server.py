@@ -18,6 +18,8 @@ from ductape.processor.v1 import (
     broker_pb2_grpc,
     database_pb2,
     database_pb2_grpc,
+    feature_pb2,
+    feature_pb2_grpc,
     job_pb2,
     job_pb2_grpc,
     log_pb2,
@@ -40,6 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ductape_processor.api.action import ActionServicer
 from ductape_processor.api.broker import BrokerServicer
 from ductape_processor.api.database import DatabaseServicer
+from ductape_processor.api.feature import FeatureServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
 from ductape_processor.api.job import JobServicer
 from ductape_processor.api.log import LogServicer
@@ -64,6 +67,7 @@ _SERVICES: Final[dict[str, tuple[ModuleType, Callable[[Any, grpc.aio.Server], No
     "notification": (notification_pb2, notification_pb2_grpc.add_NotificationServiceServicer_to_server),
     "job": (job_pb2, job_pb2_grpc.add_JobServiceServicer_to_server),
     "webhook": (webhook_pb2, webhook_pb2_grpc.add_WebhookServiceServicer_to_server),
+    "feature": (feature_pb2, feature_pb2_grpc.add_FeatureServiceServicer_to_server),
 }
 """Per field of `Servicers` (but health): the proto module of its service (one service a file) and the generated
 function that puts the servicer on a server."""
@@ -88,6 +92,7 @@ class Servicers:
     notification: NotificationServicer
     job: JobServicer
     webhook: WebhookServicer
+    feature: FeatureServicer
     health: health.aio.HealthServicer
 
 

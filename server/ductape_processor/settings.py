@@ -127,6 +127,15 @@ class Settings(BaseSettings):
         30.0, ge=1, le=3600, description="How long a job run is leased to the replica running it (renewed every third)."
     )
     job_poll_s: float = Field(5.0, gt=0, description="How often the job scheduler re-checks the store as a fallback.")
+    feature_lease_s: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="How long a feature run is leased to the replica running it (renewed every third).",
+    )
+    feature_poll_s: float = Field(
+        5.0, gt=0, description="How often a replica re-checks the store for feature runs to take over, as a fallback."
+    )
 
     @field_validator(
         "secrets_file",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
 
+from ductape_processor.store.feature_records import FeatureState
 from ductape_processor.store.job_records import JobState
 from ductape_processor.store.webhook_records import WebhookState
 
@@ -121,7 +122,7 @@ class SessionRecord:
 ChangeListener = Callable[[str], Awaitable[None] | None]
 
 
-class Store(WebhookState, JobState):
+class Store(WebhookState, JobState, FeatureState):
     """Durable state of the processor. Every method is safe to call concurrently, also from several replicas."""
 
     dialect: str
@@ -174,7 +175,8 @@ class Store(WebhookState, JobState):
     async def listen(self, listener: ChangeListener, topic: str = "products") -> None:
         """Call `listener(payload)` soon after another replica changes something of `topic`: a product ("products",
         the payload is the product), a job or a webhook delivery ("jobs", "webhooks": the payload is the product;
-        for a new job, `product@due` with its first due moment in Unix seconds). Optional: polling covers it."""
+        for a new job, `product@due` with its first due moment in Unix seconds), a feature run ("features": the
+        payload is the run's id, or empty when a replica released its runs). Optional: polling covers it."""
 
     # -- auth tokens minted by credential flows -------------------------------------------------------------------
 

@@ -266,6 +266,58 @@ _TEMPLATES: tuple[Migration, ...] = (
             "CREATE INDEX webhooks_received_by_time ON webhooks_received (received_at)",
         ),
     ),
+    Migration(
+        8,
+        "features: runs of features and each call they made",
+        (
+            """CREATE TABLE feature_runs (
+                run_id TEXT PRIMARY KEY,
+                product TEXT NOT NULL,
+                env TEXT NOT NULL,
+                feature TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                status {small} NOT NULL,
+                input TEXT NOT NULL,
+                session_tag TEXT NOT NULL,
+                session_token TEXT NOT NULL,
+                idempotency_key TEXT NOT NULL,
+                request_hash TEXT NOT NULL,
+                output TEXT NOT NULL,
+                error_reason TEXT NOT NULL,
+                error_message TEXT NOT NULL,
+                failed_step TEXT NOT NULL,
+                replay_of TEXT NOT NULL,
+                parent_run TEXT NOT NULL,
+                takeovers INTEGER NOT NULL,
+                created_at {time} NOT NULL,
+                ended_at {time},
+                expires_at {time},
+                owner TEXT,
+                lease_until {time}
+            )""",
+            "CREATE UNIQUE INDEX feature_runs_by_key ON feature_runs (product, env, idempotency_key) "
+            "WHERE idempotency_key <> ''",
+            "CREATE INDEX feature_runs_going ON feature_runs (lease_until) WHERE status IN (1, 6)",
+            "CREATE INDEX feature_runs_listed ON feature_runs (product, env, created_at DESC, run_id DESC)",
+            "CREATE INDEX feature_runs_expiry ON feature_runs (expires_at) WHERE expires_at IS NOT NULL",
+            """CREATE TABLE feature_steps (
+                run_id TEXT NOT NULL,
+                sequence TEXT NOT NULL,
+                event TEXT NOT NULL,
+                phase {small} NOT NULL,
+                status {small} NOT NULL,
+                attempts INTEGER NOT NULL,
+                iteration INTEGER NOT NULL,
+                position INTEGER NOT NULL,
+                started_at {time},
+                ended_at {time},
+                output TEXT NOT NULL,
+                error_reason TEXT NOT NULL,
+                error_message TEXT NOT NULL,
+                PRIMARY KEY (run_id, sequence, event, phase)
+            )""",
+        ),
+    ),
 )
 
 

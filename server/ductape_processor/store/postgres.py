@@ -20,6 +20,7 @@ import asyncpg
 from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store import job_statements, migrations, statements
 from ductape_processor.store.base import ChangeListener
+from ductape_processor.store.features import SqlFeatureStore
 from ductape_processor.store.job_records import (
     JOBS_TOPIC,
     JobRecord,
@@ -31,7 +32,6 @@ from ductape_processor.store.job_records import (
 )
 from ductape_processor.store.sql import Connection, Row
 from ductape_processor.store.statements import SqlValue, Statement
-from ductape_processor.store.webhooks import SqlWebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ _ADVANCE_JOBS: Final = Statement(
 )
 
 
-class PostgresStore(SqlWebhookStore):
+class PostgresStore(SqlFeatureStore):
     """Store on PostgreSQL, shared by every replica."""
 
     dialect = "postgresql"
@@ -198,6 +198,7 @@ class PostgresStore(SqlWebhookStore):
             "products": f"{schema}_product_changes",
             "jobs": f"{schema}_job_changes",
             "webhooks": f"{schema}_webhook_changes",
+            "features": f"{schema}_feature_changes",
         }
         self._min_size = min_size
         self._max_size = max_size

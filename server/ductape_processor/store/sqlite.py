@@ -18,10 +18,10 @@ import aiosqlite
 
 from ductape_processor.errors import StoreUnavailable
 from ductape_processor.store import migrations, statements
+from ductape_processor.store.features import SqlFeatureStore
 from ductape_processor.store.files import private_directory, private_file
 from ductape_processor.store.sql import Connection, Row
 from ductape_processor.store.statements import SqlValue, Statement
-from ductape_processor.store.webhooks import SqlWebhookStore
 
 _T = TypeVar("_T")
 
@@ -79,7 +79,7 @@ class _Connection:
             await self.raw.executemany(statement.qmark, rows)
 
 
-class SqliteStore(SqlWebhookStore):
+class SqliteStore(SqlFeatureStore):
     """Store on a local SQLite file."""
 
     dialect = "sqlite"

@@ -22,6 +22,7 @@ import grpc
 from ductape.processor.brokers import BrokerClient
 from ductape.processor.calls import Caller, CallMetadata, ResourceClient, RunOptions, every_item
 from ductape.processor.databases import DatabaseClient, MigrationClient
+from ductape.processor.features import FeatureClient
 from ductape.processor.jobs import JobClient
 from ductape.processor.notifications import NotificationClient
 from ductape.processor.storage import StorageClient
@@ -30,6 +31,7 @@ from ductape.processor.v1 import (
     action_pb2_grpc,
     broker_pb2_grpc,
     database_pb2_grpc,
+    feature_pb2_grpc,
     job_pb2_grpc,
     log_pb2,
     log_pb2_grpc,
@@ -375,6 +377,7 @@ class Processor:
         self.notification = NotificationClient(notification_pb2_grpc.NotificationServiceStub(channel), call)
         self.job = JobClient(job_pb2_grpc.JobServiceStub(channel), call)
         self.webhook = WebhookClient(webhook_pb2_grpc.WebhookServiceStub(channel), call)
+        self.feature = FeatureClient(feature_pb2_grpc.FeatureServiceStub(channel), call)
 
     async def close(self) -> None:
         """Close the channel."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ductape.processor.v1 import common_pb2
@@ -77,3 +78,13 @@ def record_from(record: type[RecordT], message: Message, **given: Any) -> Record
     message's field of the same name (so a record that renames or converts a field says so in `given`)."""
     copied = {name: getattr(message, name) for name in _field_names(record) if name not in given}
     return record(**copied, **given)
+
+
+def enum_word(enum: Any, value: int, prefix: str) -> str:
+    """An enum value as the facades show it: `FEATURE_RUN_STATUS_ROLLED_BACK` -> `rolled_back`."""
+    return str(enum.Name(value)).removeprefix(prefix).lower()
+
+
+def moment(message: Message, field: str) -> datetime | None:
+    """A Timestamp field as an aware datetime, None when the message does not set it."""
+    return getattr(message, field).ToDatetime(tzinfo=UTC) if message.HasField(field) else None

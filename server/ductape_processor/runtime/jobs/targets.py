@@ -38,6 +38,17 @@ RUN_TIMEOUT_S: Final = 300.0
 
 
 @dataclass(frozen=True, slots=True)
+class TargetOptions:
+    """How one call of a target runs beside what it runs: a job's run takes the defaults, a feature's event gives
+    its own (its timeout, its run's pinned version, its key, its cache)."""
+
+    timeout_s: float = RUN_TIMEOUT_S
+    version: int | None = None
+    idempotency_key: str = ""
+    cache: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What a target answered: a JSON-able result, and the execution log's id of the call when it has one."""
 
@@ -80,7 +91,7 @@ class JobTargets:
         self._notifications = notifications
         self._storage = storage
         self._brokers = brokers
-        self._calls: dict[TargetKind, Callable[[str, str, Target, Deadline], Awaitable[Outcome]]] = {
+        self._calls: dict[TargetKind, Callable[[str, str, Target, TargetOptions], Awaitable[Outcome]]] = {
             TargetKind.ACTION: self._action,
             TargetKind.DATABASE_ACTION: self._database,
             TargetKind.NOTIFICATION: self._notification,
@@ -88,15 +99,25 @@ class JobTargets:
             TargetKind.PUBLISH: self._publish,
         }
 
-    async def call(self, product: str, env: str, target: Target) -> Outcome:
+    async def call(self, product: str, env: str, target: Target, options: TargetOptions = TargetOptions()) -> Outcome:
         """Call `target` once in the product's environment; a failure raises the kind's ProcessorError."""
-        return await self._calls[target.kind](product, env, target, Deadline(RUN_TIMEOUT_S))
+        return await self._calls[target.kind](product, env, target, options)
 
-    async def _action(self, product: str, env: str, target: Target, deadline: Deadline) -> Outcome:
+    async def _action(self, product: str, env: str, target: Target, options: TargetOptions) -> Outcome:
         app, _, event = target.address.partition(":")
         parts = {part: _mapping(target.input.get(part), part) for part in ("query", "params", "body", "headers")}
-        call = ActionCall(product, env, app, event, parts, session=target.session)
-        result = await self._actions.run(call, deadline)
+        call = ActionCall(
+            product,
+            env,
+            app,
+            event,
+            parts,
+            session=target.session,
+            cache=options.cache,
+            version=options.version,
+            idempotency_key=options.idempotency_key,
+        )
+        result = await self._actions.run(call, Deadline(options.timeout_s))
         body: Any = result.body.decode("utf-8", "replace")
         if "json" in result.content_type:
             with contextlib.suppress(ValueError):  # not JSON after all: the text
@@ -110,18 +131,28 @@ class JobTargets:
             )
         return Outcome(answer, result.process_id)
 
-    async def _database(self, product: str, env: str, target: Target, deadline: Deadline) -> Outcome:
+    async def _database(self, product: str, env: str, target: Target, options: TargetOptions) -> Outcome:
         database, _, action = target.address.partition(":")
         given: dict[str, Any] = {
             part: _mapping(target.input.get(part), part) for part in ("data", "filter") if part in target.input
         }
-        call = DatabaseCall(product, env, database, action, given, session=target.session)
-        result = await self._databases.execute(call, deadline)
+        call = DatabaseCall(
+            product,
+            env,
+            database,
+            action,
+            given,
+            session=target.session,
+            cache=options.cache,
+            version=options.version,
+            idempotency_key=options.idempotency_key,
+        )
+        result = await self._databases.execute(call, Deadline(options.timeout_s))
         step = result.steps[0]
         answer = {"rows": list(step.rows), "affected_rows": step.affected_rows, "count": step.count}
         return Outcome(answer, result.process_id)
 
-    async def _notification(self, product: str, env: str, target: Target, deadline: Deadline) -> Outcome:
+    async def _notification(self, product: str, env: str, target: Target, options: TargetOptions) -> Outcome:
         given = target.input
         email, push, sms, callback = (_mapping(given.get(name), name) for name in ("email", "push", "sms", "callback"))
         call = NotificationCall(
@@ -144,8 +175,10 @@ class JobTargets:
             if callback
             else None,
             session=target.session,
+            idempotency_key=options.idempotency_key,
+            version=options.version,
         )
-        result = await self._notifications.send(call, deadline)
+        result = await self._notifications.send(call, Deadline(options.timeout_s))
         channels = [
             {"channel": r.channel, "success": r.success, "error_reason": r.error_reason} for r in result.results
         ]
@@ -158,7 +191,7 @@ class JobTargets:
             )
         return Outcome({"channels": channels}, result.process_id)
 
-    async def _save(self, product: str, env: str, target: Target, deadline: Deadline) -> Outcome:
+    async def _save(self, product: str, env: str, target: Target, options: TargetOptions) -> Outcome:
         given = target.input
         name = str(given.get("file_name", ""))
         if "text" in given:
@@ -172,15 +205,21 @@ class JobTargets:
         info = await self._storage.save(StorageRef(product, env, target.address), spec, data)
         return Outcome({"file_name": info.key, "size": info.size, "sha256": info.sha256})
 
-    async def _publish(self, product: str, env: str, target: Target, deadline: Deadline) -> Outcome:
+    async def _publish(self, product: str, env: str, target: Target, options: TargetOptions) -> Outcome:
         given = target.input
         message = given.get("message")
         data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
         attributes: Mapping[str, Any] = _mapping(given.get("attributes"), "attributes")
         outgoing = OutgoingMessage(
-            data, "application/json", {k: str(v) for k, v in attributes.items()}, str(given.get("ordering_key", ""))
+            data,
+            "application/json",
+            {k: str(v) for k, v in attributes.items()},
+            str(given.get("ordering_key", "")),
+            options.idempotency_key,
         )
-        message_id = await self._brokers.publish(product, env, target.address, outgoing, deadline=deadline)
+        message_id = await self._brokers.publish(
+            product, env, target.address, outgoing, deadline=Deadline(options.timeout_s)
+        )
         return Outcome({"message_id": message_id})
 
 
