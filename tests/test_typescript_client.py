@@ -147,6 +147,38 @@ def manifest(upstream_url: str) -> bytes:
                 ],
             }
         ],
+        "features": [
+            {
+                "tag": "greet",
+                "input": {"email": {"type": "email", "required": True}, "slow": {"type": "boolean", "default": False}},
+                "sequence": [
+                    {
+                        "tag": "echo",
+                        "events": [
+                            {
+                                "tag": "echo",
+                                "type": "action",
+                                "event": "echo:echo",
+                                "input": {"body": {"email": "$Input{email}"}},
+                            }
+                        ],
+                    },
+                    {
+                        "tag": "slow",
+                        "parents": ["echo"],
+                        "events": [
+                            {
+                                "tag": "wait",
+                                "type": "action",
+                                "event": "echo:slow",
+                                "condition": {"left": "$Input{slow}"},
+                            }
+                        ],
+                    },
+                ],
+                "output": {"echoed": "$Sequence{echo}{echo}"},
+            }
+        ],
         "sessions": [
             {
                 "tag": "user",

@@ -17,6 +17,7 @@ import { DatabaseClient, MigrationClient } from "./databases.js";
 import { ActionServiceClient } from "./gen/ductape/processor/v1/action.js";
 import { BrokerServiceClient } from "./gen/ductape/processor/v1/broker.js";
 import { DatabaseServiceClient } from "./gen/ductape/processor/v1/database.js";
+import { FeatureServiceClient } from "./gen/ductape/processor/v1/feature.js";
 import { JobServiceClient } from "./gen/ductape/processor/v1/job.js";
 import { MigrationServiceClient } from "./gen/ductape/processor/v1/migration.js";
 import { NotificationServiceClient } from "./gen/ductape/processor/v1/notification.js";
@@ -34,6 +35,7 @@ import {
   type ValidateResponse,
 } from "./gen/ductape/processor/v1/product.js";
 import { SessionServiceClient, type ListActiveResponse, type TokenPair } from "./gen/ductape/processor/v1/session.js";
+import { FeatureClient } from "./features.js";
 import { JobClient } from "./jobs.js";
 import { NotificationClient } from "./notifications.js";
 import { StorageClient } from "./storage.js";
@@ -342,6 +344,7 @@ export class Processor {
   readonly notification: NotificationClient;
   readonly job: JobClient;
   readonly webhook: WebhookClient;
+  readonly feature: FeatureClient;
 
   constructor(options: ProcessorOptions | string = {}) {
     const opts = typeof options === "string" ? { address: options } : options;
@@ -359,6 +362,7 @@ export class Processor {
     this.notification = new NotificationClient(on(NotificationServiceClient), caller);
     this.job = new JobClient(on(JobServiceClient), caller);
     this.webhook = new WebhookClient(on(WebhookServiceClient), caller);
+    this.feature = new FeatureClient(on(FeatureServiceClient), caller);
     this.db = this.database;
   }
 

@@ -19,6 +19,8 @@ export { StorageClient } from "./storage.js";
 export type { StorageAddress, FileContent } from "./storage.js";
 export { NotificationClient } from "./notifications.js";
 export { JobClient } from "./jobs.js";
+export { FeatureClient } from "./features.js";
+export type { FeatureCall, FeatureEvent, FeatureRun, FeatureStep, RunAddress, RunFeatureOptions } from "./features.js";
 export type { JobAddress, ScheduleOptions, ScheduledJob, Job, JobRun } from "./jobs.js";
 export type { SendOptions, SendResult, ChannelResult } from "./notifications.js";
 export { duration } from "./call.js";
