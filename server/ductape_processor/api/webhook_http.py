@@ -12,7 +12,9 @@ loop's transports with llhttp (httptools) parsing, strict, as the actions' clien
 (`adapters/http/connection.py`), rather than on aiohttp's web server, which cost about 12 MB of every processor
 that receives webhooks. A request's head is bounded, a connection that does not complete a request in
 REQUEST_TIMEOUT_S is closed, and after an early answer (404, 413) the rest of a body is read and dropped for a
-while, so that the sender sees the answer rather than a reset connection.
+while, so that the sender sees the answer rather than a reset connection. Bytes after the request (a pipelined one)
+are dropped unparsed, connections beyond MAX_CONNECTIONS are answered 503, and an unexpected failure is a 500 whose
+details stay in the log. docs/webhooks.md lists these promises; tests/test_webhook_listener_hostile.py holds them.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ REQUEST_TIMEOUT_S: Final = 30.0
 """A connection that has not sent a whole request by then is closed."""
 LINGER_S: Final = 5.0
 """After an answer sent before the body was read, the rest of the body is read and dropped for at most this long."""
+MAX_CONNECTIONS: Final = 512
+"""Connections open at once; one more is answered 503 and closed (each holds at most a head and a body)."""
 _REASONS: Final = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-                   413: "Payload Too Large", 503: "Service Unavailable"}  # fmt: skip
+                   413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
 
 
 def _text(raw: bytes) -> str:
@@ -74,6 +78,9 @@ class _Request(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        if len(self._listener.connections) >= MAX_CONNECTIONS:
+            self.answer(503, linger=False, reason=str(Reason.UNAVAILABLE))
+            return
         self._listener.connections.add(self)
         self._timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT_S, self.close)
 
@@ -84,14 +91,14 @@ class _Request(asyncio.Protocol):
             self._timer.cancel()
 
     def data_received(self, data: bytes) -> None:
-        if self._answered and self._complete:
-            return
+        if self._complete:
+            return  # one request per connection: what follows it (a pipelined request) is dropped
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.answer(400, linger=False, error="protocol upgrades are not served here")
         except httptools.HttpParserError as exc:
-            if not self._answered:
+            if not self._answered and not self._complete:
                 self.answer(400, linger=False, error=f"the request cannot be parsed: {exc}")
             return
         if self._target is None and not self._answered:  # the head is not complete yet
@@ -100,6 +107,10 @@ class _Request(asyncio.Protocol):
                 self.answer(400, linger=False, error=f"the request's head is larger than {MAX_HEAD_BYTES} bytes")
 
     # -- llhttp callbacks -----------------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            raise _Answered  # a second request in the same bytes: not parsed (the answer says Connection: close)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -160,7 +171,12 @@ class _Request(asyncio.Protocol):
 
     async def _find(self, product: str, env: str, path: str) -> None:
         assert self._target is not None and self._transport is not None
-        target = await self._listener.target(self, product, env, path)
+        try:
+            target = await self._listener.target(self, product, env, path)
+        except Exception:
+            log.exception("webhook receive target not found")
+            self.answer(500, reason=str(Reason.INTERNAL))
+            return
         if target is None:
             return  # answered
         self._limit = target.receive.max_body_bytes
@@ -177,7 +193,11 @@ class _Request(asyncio.Protocol):
         self._transport.resume_reading()
 
     async def _accept(self, target: ReceiveTarget, body: bytes) -> None:
-        status, fields = await self._listener.accept(target, self._headers, body)
+        try:
+            status, fields = await self._listener.accept(target, self._headers, body)
+        except Exception:
+            log.exception("received webhook not accepted")
+            status, fields = 500, {"reason": str(Reason.INTERNAL)}  # the details are in the log, not the answer
         self.answer(status, **fields)
 
     def answer(self, status: int, *, linger: bool = True, **fields: str) -> None:
