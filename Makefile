@@ -84,6 +84,7 @@ bench: setup ts-deps
 	$(PY) bench/bench_jobs.py
 	$(PY) bench/bench_clients.py
 	$(PY) bench/bench_webhooks.py
+	$(PY) bench/bench_features.py
 
 ## Every benchmark once, short (--quick: one round of 1 s runs, smaller loads): about 3 minutes on a quiet machine,
 ## a check during changes; `make bench` gives the figures to quote. BENCH_QUICK_DIR keeps each script's --json.
@@ -100,6 +101,7 @@ bench-quick: setup ts-deps
 	$(PY) bench/bench_jobs.py --quick --processes 1 --triggers 300 --json $(BENCH_QUICK_DIR)/bench_jobs.json
 	$(PY) bench/bench_clients.py --quick --json $(BENCH_QUICK_DIR)/bench_clients.json
 	$(PY) bench/bench_webhooks.py --quick --json $(BENCH_QUICK_DIR)/bench_webhooks.json
+	$(PY) bench/bench_features.py --quick --json $(BENCH_QUICK_DIR)/bench_features.json
 
 ## Mutation testing (cosmic-ray) of the security-critical modules, each in a scratch copy under .mutate/; prints the
 ## surviving mutants (docs/mutation.md has the verdict on each). Not part of `make test`. MUTATE_ARGS="--module auth".

@@ -89,13 +89,15 @@ async def test_the_readme_first_calls_work(start_server: ServerFactory, mailer_s
     assert printed[10] == (True, "scheduled", "publish"), "the example declares a repeating job"
     assert printed[11] == (204, 1), "the emitted webhook was delivered, signed, to the stub's endpoint"
     assert printed[12] == ("evt_1", {"id": "pay_1"}), "the signed POST arrived on the Receive stream"
-    assert printed[13] == (False, 1), "applying the same manifest again creates no version"
-    assert printed[14] == ("PRODUCT_NOT_FOUND", {"product": "blog"})
-    assert len(printed) == 15
+    assert printed[13] == ("completed", "u-7"), "the signup feature ran, waited for"
+    assert printed[14] == ("completed", ["completed"] * 4), "the second run, watched to its end"
+    assert printed[15] == (False, 1), "applying the same manifest again creates no version"
+    assert printed[16] == ("PRODUCT_NOT_FOUND", {"product": "blog"})
+    assert len(printed) == 17
     # What the README says each print shows (its trailing comment, `...` standing for the rest) is what it shows.
     promised = re.findall(r"^\s*print\(.*\)  # (.+)$", code, re.MULTILINE)
     lines = [" ".join(str(value) for value in values) for values in printed]
-    assert len(promised) == 13, promised
+    assert len(promised) == 15, promised
     for comment in promised:
         assert any(_shows(line, comment) for line in lines), (comment, lines)
 

@@ -9,6 +9,8 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from ductape.processor.features import FeatureRun
@@ -20,6 +22,7 @@ from ductape_processor.store.feature_records import (
     Phase,
     StepStatus,
 )
+from ductape_processor.store.sqlite import SqliteStore
 from tests.conftest import Running, ServerFactory
 from tests.features_harness import Ops, manifest, op, run_record, start_ops, step
 
@@ -114,3 +117,25 @@ async def test_a_dead_replicas_runs_are_taken_over_without_repeating_completed_o
     # The dead replica's lease is gone: anything it still tries to record is refused.
     late = left_call(safe, "c", "after", StepStatus.COMPLETED)
     assert await store.write_features(DEAD, [], [late], []) == {safe.run_id}
+
+
+class SlowJournalStore(SqliteStore):
+    """Writes a run's records half a second late: a lease renewal comes round while a run's start is still queued."""
+
+    async def write_features(self, owner: str, runs: Any, steps: Any, changes: Any) -> set[str]:
+        await asyncio.sleep(0.5)
+        return await super().write_features(owner, runs, steps, changes)
+
+
+async def test_a_run_is_renewed_only_once_stored_so_a_slow_store_does_not_stop_it(
+    start_server: ServerFactory, ops: Ops, tmp_path: Path
+) -> None:
+    store = SlowJournalStore(tmp_path / "slow.db")
+    await store.open()
+    running = await start_server(store=store, feature_lease_s=1)
+    await running.client.product.apply(manifest(ops.url, {"tag": "flow", "sequence": [step("a", op("one"))]}))
+    runs = await asyncio.gather(
+        *(running.client.feature.run(product="shop", env="dev", feature="flow", wait=True) for _ in range(5))
+    )
+    assert [run.status for run in runs] == ["completed"] * 5
+    assert ops.count["one"] == 5

@@ -6,6 +6,7 @@ run with FEATURE_STEP_OUTCOME_UNKNOWN (rolled back) instead of risking a second 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ductape.processor import ProcessorError
 from ductape.processor.features import FeatureRun
 
 from tests.faults.harness import CountingUpstream, product
@@ -110,33 +112,42 @@ async def test_kill_9_of_one_of_three_processes_leaves_every_run_finished_and_no
     counting.install()
     await _start(3, upstream, pg_schema, tmp_path, replicas)
     a, b, c = replicas
-    started = await asyncio.gather(
-        *(
-            a.client.feature.run(product="faults", env="dev", feature="unsafe", input={"name": f"r{n}"})
-            for n in range(RUNS)
-        )
-    )
+    started: list[FeatureRun] = []
+
+    async def start() -> None:  # one run every 10 ms: when the process dies, runs are at every stage
+        for n in range(RUNS):
+            started.append(
+                await a.client.feature.run(product="faults", env="dev", feature="unsafe", input={"name": f"r{n}"})
+            )
+            await asyncio.sleep(0.01)
+
+    starting = asyncio.ensure_future(start())
     async with asyncio.timeout(30):
-        while sum(counting.received.values()) < RUNS:  # about a third of the calls made
+        while sum(counting.received.values()) < RUNS * len(STEPS) // 2:  # about half of the calls made
             await asyncio.sleep(0.01)
     a.process.kill()
     await a.process.wait()
     made_at_kill = sum(counting.received.values())
+    with contextlib.suppress(ProcessorError):  # the starts still on their way when the process died
+        await starting
     ended = await asyncio.gather(
         *(_ended((b, c)[n % 2], run.process_id, LEASE_S + 60) for n, run in enumerate(started))
     )
+    names = {run.process_id: run.input["name"] for run in started}
     await asyncio.sleep(1.0)
     statuses = Counter(run.status for run in ended)
     repeated = {name: count for name, count in counting.received.items() if count > 1}
     unknown = [run for run in ended if run.error_reason == "FEATURE_STEP_OUTCOME_UNKNOWN"]
     print(
-        f"\nFAULT kill -9 of 1 of 3 processes: runs={RUNS} calls_at_kill={made_at_kill} statuses={dict(statuses)} "
+        f"\nFAULT kill -9 of 1 of 3 processes: runs={len(started)} calls_at_kill={made_at_kill} "
+        f"statuses={dict(statuses)} "
         f"outcome_unknown={len(unknown)} taken_over={sum(1 for run in ended if run.takeovers)} repeated={repeated}"
     )
     assert repeated == {}, "no call made twice"
     assert statuses["running"] == 0 and statuses["rolling_back"] == 0, "every run ended"
-    for n, run in enumerate(ended):
-        made = [step for step in STEPS if counting.received[f"r{n}-{step}"]]
+    for run in ended:
+        name = names[run.process_id]
+        made = [step for step in STEPS if counting.received[f"{name}-{step}"]]
         if run.status == "completed":
             assert made == list(STEPS)
         else:
@@ -147,5 +158,6 @@ async def test_kill_9_of_one_of_three_processes_leaves_every_run_finished_and_no
             assert made in (list(STEPS[: STEPS.index(failed) + 1]), list(STEPS[: STEPS.index(failed)]))
             rolled = failed != "a"
             assert run.status == ("rolled_back" if rolled else "failed")
-            assert counting.received[f"r{n}-undo"] == int(rolled)
-    assert statuses["completed"] + len(unknown) == RUNS, "a run fails only for a call it had in flight"
+            assert counting.received[f"{name}-undo"] == int(rolled)
+    assert statuses["completed"] + len(unknown) == len(started), "a run fails only for a call it had in flight"
+    assert statuses["completed"] and unknown, "the process died with runs completed and runs mid-way"

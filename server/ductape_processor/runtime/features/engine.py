@@ -6,7 +6,8 @@ What is recorded, and when (`journal.py` writes it, a batch of runs' records per
 
 - a call that is not safe to repeat is recorded `running` before it is made, so a replica taking the run over knows
   it may have been in flight; a call safe to repeat (a read, a PUT, a keyed call) is recorded when it ends only;
-- every call's end (completed with its output, failed, skipped) is recorded before anything that reads it starts;
+- every call's end (completed with its output, failed, skipped) is recorded before anything that reads it starts (a
+  step only the run's end reads is written with the run's end);
 - a loop records each run's output (`pending`, with the runs done) before the next one;
 - the run's end (or its turn to roll back) is recorded before the caller hears of it.
 
@@ -303,7 +304,9 @@ class RunExecution:
             output=_json(latest),
         )
         own[event.tag] = latest
-        await self._put(completed)
+        # Read by later steps: recorded before they start. Read by the run's end only: written with it (the journal
+        # keeps the order), one transaction less a run.
+        await self._put(completed, durable=event.sequence not in self.plan.sinks)
 
     def _holds(self, event: EventPlan, comparisons: tuple[ComparisonPlan, ...]) -> bool:
         try:

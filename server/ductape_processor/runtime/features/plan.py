@@ -97,6 +97,8 @@ class FeaturePlan:
     feature: Feature
     sequences: tuple[SequencePlan, ...]
     output: Template
+    sinks: frozenset[str]
+    """The steps no other step waits for: only the run's end reads them."""
 
     @property
     def events(self) -> Iterator[EventPlan]:
@@ -290,7 +292,8 @@ def _compile_feature(manifest: Manifest, feature: Feature, where: str, problems:
         )
         sequences.append(SequencePlan(step.tag, tuple(step.parents), events))
     output = compiler.template(feature.output, f"{where}.output", None, None)
-    return FeaturePlan(feature, tuple(sequences), output)
+    sinks = frozenset(step.tag for step in feature.sequence) - {p for step in feature.sequence for p in step.parents}
+    return FeaturePlan(feature, tuple(sequences), output, sinks)
 
 
 def _calls(feature: Feature) -> Iterator[tuple[str, str]]:

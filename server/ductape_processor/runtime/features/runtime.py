@@ -194,6 +194,7 @@ class FeatureRuntime:
             owner=self.owner,
             lease_until=now + self._settings.lease,
         )
+        recorded: asyncio.Future[None] | None = None
         if call.idempotency_key:
             stored, created = await self._store.insert_feature_run(run)
             if not created:
@@ -206,17 +207,32 @@ class FeatureRuntime:
                 ref = RunRef(stored.product, stored.env, stored.run_id)
                 return await self._wait(ref, timeout_s) if wait else RunView(stored)
         else:
-            await self._journal.record(runs=(run,))
+            recorded = self._journal.record(runs=(run,))
+            if not wait:
+                await recorded  # the process id answered names a stored run
+            # A caller that waits hears of the run once it ended: its records (this one first) are written by then.
         execution = RunExecution(self._engine, run, plan, resolved, session, [])
-        self._spawn(run.run_id, self._execute(execution), execution)
+        in_store = recorded is None or recorded.done()
+        self._spawn(run.run_id, self._execute(execution), execution, held=in_store)
+        if recorded is not None and not in_store:  # its lease is renewed once stored: a renewal would not find it
+            recorded.add_done_callback(lambda _: self._hold(run.run_id))
         if not wait:
             return RunView(run)
         return await self._wait(RunRef(run.product, run.env, run.run_id), timeout_s)
 
-    def _spawn(self, run_id: str, work: Coroutine[Any, Any, FeatureRunRecord], execution: RunExecution | None) -> None:
+    def _spawn(
+        self,
+        run_id: str,
+        work: Coroutine[Any, Any, FeatureRunRecord],
+        execution: RunExecution | None,
+        *,
+        held: bool = True,
+    ) -> None:
+        """Run `work` for the run; `held`: the run is stored under this replica's lease (renewed from now on)."""
         task = asyncio.get_running_loop().create_task(work, name=f"feature run {run_id}")
         going = self._going[run_id] = _Going(task, execution)
-        self._leases.hold(run_id)
+        if held:
+            self._leases.hold(run_id)
 
         def done(_: asyncio.Task[FeatureRunRecord]) -> None:
             if self._going.get(run_id) is going:
@@ -224,6 +240,11 @@ class FeatureRuntime:
                 self._leases.release(run_id)
 
         task.add_done_callback(done)
+
+    def _hold(self, run_id: str) -> None:
+        """Renew the run's lease from now on, if it still goes here."""
+        if run_id in self._going:
+            self._leases.hold(run_id)
 
     async def _execute(self, execution: RunExecution) -> FeatureRunRecord:
         run = execution.run
