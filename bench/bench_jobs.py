@@ -11,9 +11,15 @@ Each processor is `ductape-processor serve` on a fresh PostgreSQL schema (`PROCE
 - schedules/s: 32 coroutines call Schedule (one-off jobs due in a day) back to back for `--duration` seconds, spread
   over the processes; side by side with a bare grpc.aio server answering the same ScheduleResponse bytes (the
   floor: gRPC and the client alone).
-- triggers/s: `--triggers` one-off jobs per process, all due at one moment a little after they are scheduled; the
+- triggers/s: `--triggers` one-off jobs per process, all due at one moment after the whole batch is scheduled; the
   figure is how many runs ended per second from that moment until the last one ended (read from the store).
-- lateness: jobs due at `--rate` per second for 10 s; the start - due of each run (from the store), p50 and p99.
+- lateness: jobs due at `--rate` per second for 10 s, the first after the whole batch is scheduled; the start - due
+  of each run (from the store), p50 and p99.
+
+The due moments of both batches are set by the client once it is connected (its own start-up, which a loaded
+machine can stretch to seconds, does not eat the lead), with a lead of twice the time the batch takes at the measured
+Schedule rate; a job stored after its due moment (the lead was too short after all) is counted and reported, as its
+lateness would be the bench's, not the scheduler's.
 - CPU: the processor processes' CPU time (from /proc) per Schedule call (warm-up included) and per triggered run
   (from the batch's last Schedule until its last run ended): the figure a loaded machine disturbs least.
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import sys
 import time
@@ -113,15 +120,19 @@ async def schedule_load(targets: list[str], duration: float, warmup: float) -> L
             await channel.close()
 
 
-async def schedule_batch(targets: list[str], prefix: str, dues: list[float]) -> dict[str, float]:
-    """Schedule one job per due time (CONCURRENCY at a time), as fast as the processes take them."""
+async def schedule_batch(targets: list[str], prefix: str, count: int, lead: float, rate: float) -> dict[str, float]:
+    """Schedule `count` jobs (CONCURRENCY at a time, as fast as the processes take them): the first due `lead` seconds
+    after the channels are ready, then `rate` per second (0: all at that moment)."""
     import grpc
     from ductape.processor.v1 import job_pb2_grpc
 
     channels = [grpc.aio.insecure_channel(target) for target in targets]
     stubs = [job_pb2_grpc.JobServiceStub(channel) for channel in channels]
+    for channel in channels:
+        await asyncio.wait_for(channel.channel_ready(), CALL_TIMEOUT_S)
     started = time.monotonic()
-    queue = iter(enumerate(dues))
+    first = time.time() + lead
+    queue = iter(enumerate(first + (n / rate if rate else 0.0) for n in range(count)))
 
     async def worker() -> None:
         for n, due in queue:
@@ -132,7 +143,7 @@ async def schedule_batch(targets: list[str], prefix: str, dues: list[float]) -> 
     finally:
         for channel in channels:
             await channel.close()
-    return {"seconds": time.monotonic() - started}
+    return {"seconds": time.monotonic() - started, "first_due": first}
 
 
 def client_main(argv: list[str]) -> int:
@@ -142,11 +153,14 @@ def client_main(argv: list[str]) -> int:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--prefix", default="b")
-    parser.add_argument("--dues", type=Path, help="a JSON file: the due times (Unix seconds) of the batch")
+    parser.add_argument("--count", type=int, default=0, help="the batch's jobs")
+    parser.add_argument("--lead", type=float, default=0.0, help="seconds from the client's start to the first due")
+    parser.add_argument("--rate", type=float, default=0.0, help="due jobs per second (0: all due at once)")
     args = parser.parse_args(argv)
     if args.mode == "load":
         return emit(asyncio.run(schedule_load(args.targets, args.duration, args.warmup)))
-    print(json.dumps(asyncio.run(schedule_batch(args.targets, args.prefix, json.loads(args.dues.read_text())))))
+    batch = schedule_batch(args.targets, args.prefix, args.count, args.lead, args.rate)
+    print(json.dumps(asyncio.run(batch)))
     return 0
 
 
@@ -159,6 +173,8 @@ class Runs:
     first_due: float
     last_end: float
     lateness_ms: list[float]
+    stored_late: int
+    """Jobs of the batch stored after their due moment: their lateness is the bench's, not the scheduler's."""
 
 
 async def read_runs(dsn: str, schema: str, prefix: str) -> Runs:
@@ -168,7 +184,8 @@ async def read_runs(dsn: str, schema: str, prefix: str) -> Runs:
     try:
         rows = await conn.fetch(
             f"""SELECT EXTRACT(EPOCH FROM r.due_at) AS due, EXTRACT(EPOCH FROM r.ended_at) AS ended,
-                       EXTRACT(EPOCH FROM r.started_at - r.due_at) * 1000 AS late
+                       EXTRACT(EPOCH FROM r.started_at - r.due_at) * 1000 AS late,
+                       j.created_at > r.due_at AS late_stored
                 FROM "{schema}".job_runs r JOIN "{schema}".jobs j ON j.job_id = r.job_id
                 WHERE j.name LIKE $1 AND r.status = 4""",
             f"{prefix}-%",
@@ -176,12 +193,13 @@ async def read_runs(dsn: str, schema: str, prefix: str) -> Runs:
     finally:
         await conn.close()
     if not rows:
-        return Runs(0, 0.0, 0.0, [])
+        return Runs(0, 0.0, 0.0, [], 0)
     return Runs(
         len(rows),
         min(float(row["due"]) for row in rows),
         max(float(row["ended"]) for row in rows),
         sorted(float(row["late"]) for row in rows),
+        sum(1 for row in rows if row["late_stored"]),
     )
 
 
@@ -221,11 +239,13 @@ def start_processors(procs: Processes, work: Path, count: int, dsn: str, schema:
     return servers
 
 
-def batch(procs: Processes, work: Path, targets: list[str], prefix: str, dues: list[float]) -> float:
-    path = work / f"{prefix}.json"
-    path.write_text(json.dumps(dues))
-    answer = procs.run_client(["batch", "--targets", *targets, "--prefix", prefix, "--dues", str(path)])
-    return float(answer["seconds"])
+def batch(
+    procs: Processes, targets: list[str], prefix: str, count: int, lead: float, rate: float
+) -> tuple[float, float]:
+    """Schedule the batch; how long it took, and the first due moment (Unix seconds)."""
+    options = ["--prefix", prefix, "--count", str(count), "--lead", str(lead), "--rate", str(rate)]
+    answer = procs.run_client(["batch", "--targets", *targets, *options])
+    return float(answer["seconds"]), float(answer["first_due"])
 
 
 def measure_processes(procs: Processes, work: Path, args: argparse.Namespace, count: int) -> dict[str, Any]:
@@ -245,20 +265,19 @@ def measure_processes(procs: Processes, work: Path, args: argparse.Namespace, co
         schedule_cpu_us = (server_cpu() - cpu_before) / max(int(load["total_calls"]), 1) * 1e6
         # triggers: all due at one moment, after the whole batch is scheduled
         total = args.triggers * count
-        lead = total / max(schedules, 100.0) * 1.5 + 2.0
-        moment = time.time() + lead
-        took = batch(procs, work, targets, "t", [moment] * total)
+        lead = total / max(schedules, 100.0) * 2 + 1.0
+        took, moment = batch(procs, targets, "t", total, lead, 0.0)
         if took > lead:
-            raise RuntimeError(f"scheduling {total} jobs took {took:.1f} s, past their due time")
+            raise RuntimeError(f"scheduling {total} jobs took {took:.1f} s, past their due time ({lead:.1f} s)")
         cpu_before = server_cpu()
         runs = asyncio.run(wait_for_runs(args.dsn, schema, "t", total, lead + 120))
         trigger_cpu_us = (server_cpu() - cpu_before) / max(runs.ended, 1) * 1e6
         triggers = runs.ended / max(runs.last_end - moment, 1e-3)
-        # lateness: due at args.rate per second for LATENESS_SECONDS
+        # lateness: due at args.rate per second for LATENESS_SECONDS, from after the whole batch is scheduled
         spread = args.rate * LATENESS_SECONDS
-        start = time.time() + spread / max(schedules, 100.0) * 1.5 + 2.0
-        batch(procs, work, targets, "l", [start + n / args.rate for n in range(spread)])
-        late = asyncio.run(wait_for_runs(args.dsn, schema, "l", spread, LATENESS_SECONDS + 120)).lateness_ms
+        batch(procs, targets, "l", spread, spread / max(schedules, 100.0) * 2 + 1.0, args.rate)
+        lateness = asyncio.run(wait_for_runs(args.dsn, schema, "l", spread, LATENESS_SECONDS + 120))
+        late = lateness.lateness_ms
         for server in servers:
             server.popen.terminate()
         return {
@@ -271,6 +290,8 @@ def measure_processes(procs: Processes, work: Path, args: argparse.Namespace, co
             "triggers_ended": runs.ended,
             "triggers_per_s": triggers,
             "lateness_runs": len(late),
+            "lateness_stored_late": lateness.stored_late,
+            "load_average": os.getloadavg()[0],
             "lateness_p50_ms": percentile(late, 0.5) if late else float("nan"),
             "lateness_p99_ms": percentile(late, 0.99) if late else float("nan"),
         }
@@ -300,14 +321,15 @@ def run(procs: Processes, work: Path, args: argparse.Namespace) -> Report:
         f"bare grpc.aio Schedule (canned reply), c={CONCURRENCY}: {bare:,.0f} calls/s",
         "",
         f"{'processes':>9} {'schedules/s':>12} {'x bare':>7} {'triggers/s':>11} "
-        f"{'late p50 ms':>12} {'late p99 ms':>12} {'CPU us/sched':>13} {'CPU us/trig':>12}",
+        f"{'late p50 ms':>12} {'late p99 ms':>12} {'CPU us/sched':>13} {'CPU us/trig':>12} {'load':>5}",
     ]
     for r in results:
         lines.append(
             f"{r['processes']:>9} {r['schedules_per_s']:>12,.0f} {r['schedules_per_s'] / bare:>7.2f} "
             f"{r['triggers_per_s']:>11,.0f} {r['lateness_p50_ms']:>12.1f} {r['lateness_p99_ms']:>12.1f} "
-            f"{r['schedule_server_cpu_us']:>13,.0f} {r['trigger_server_cpu_us']:>12,.0f}"
+            f"{r['schedule_server_cpu_us']:>13,.0f} {r['trigger_server_cpu_us']:>12,.0f} {r['load_average']:>5.1f}"
         )
+    lines.append("(load: the machine's 1-minute load average when the processes' measures ended)")
     lines.append("")
     for r in results:
         n = r["processes"]
@@ -321,6 +343,11 @@ def run(procs: Processes, work: Path, args: argparse.Namespace) -> Report:
         ]
         if r["triggers_ended"] < r["triggers"]:
             lines.append(f"  ({r['triggers'] - r['triggers_ended']} of {r['triggers']} runs had not ended in time)")
+        if r["lateness_stored_late"]:
+            lines.append(
+                f"  ({r['lateness_stored_late']} of {r['lateness_runs']} lateness jobs were stored after their due "
+                "moment: the lead was too short, and the lateness figure is the bench's, not the scheduler's)"
+            )
     return lines, {"bare_schedules_per_s": bare, "results": results, "rate": args.rate}
 
 
