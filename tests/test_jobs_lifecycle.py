@@ -1,5 +1,6 @@
-"""Jobs over their lifetime: a dead replica's run taken over after its lease, concurrent claims on one database,
-and the jobs a manifest declares following the version pinned for each environment."""
+"""Jobs over their lifetime: a dead replica's run taken over after its lease, concurrent steps of due jobs on one
+database, a job whose stored schedule cannot be read, and the jobs a manifest declares following the version pinned
+for each environment."""
 
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ from ductape.processor.v1 import job_pb2
 from ductape_processor.runtime.jobs.model import RunTrigger
 from ductape_processor.runtime.jobs.scheduler import new_run
 from ductape_processor.store import Store
-from ductape_processor.store.job_records import JobRecord, JobStatus, RunStatus
-from tests.jobs_harness import START, Jobs, jobs_fixture, manifest, seconds, settled, until  # noqa: F401 - the fixture
+from ductape_processor.store.job_records import JobRecord, JobStatus, JobStep, RunStatus
+from tests.jobs_harness import (  # noqa: F401 - the fixture
+    START,
+    Jobs,
+    jobs_fixture,
+    manifest,
+    seconds,
+    settled,
+    stamp,
+    until,
+)
 
 
 async def test_a_run_whose_runner_died_is_taken_over_after_its_lease_and_says_so(jobs: Jobs) -> None:
@@ -44,33 +54,62 @@ async def test_a_run_whose_runner_died_is_taken_over_after_its_lease_and_says_so
     assert run.status == job_pb2.RUN_STATUS_SUCCEEDED
 
 
-async def test_replicas_claim_different_due_jobs(store_factory: Callable[[], Awaitable[Store]]) -> None:
+def _due_job(job_id: str, spec: str = "{}") -> JobRecord:
+    """A scheduled job due at START, stored as the store keeps it (its spec as given)."""
+    return JobRecord(
+        job_id=job_id,
+        product="shop",
+        env="dev",
+        name=job_id,
+        target_kind="action",
+        spec=spec,
+        status=JobStatus.SCHEDULED,
+        next_run_at=START,
+        runs=0,
+        declared=False,
+        idempotency_key="",
+        request_hash="",
+        created_at=START,
+    )
+
+
+async def test_replicas_step_each_due_job_once(store_factory: Callable[[], Awaitable[Store]]) -> None:
     first, second = await store_factory(), await store_factory()
     for index in range(40):
-        record = JobRecord(
-            job_id=f"job-{index:02}",
-            product="shop",
-            env="dev",
-            name="",
-            target_kind="action",
-            spec="{}",
-            status=JobStatus.SCHEDULED,
-            next_run_at=START,
-            runs=0,
-            declared=False,
-            idempotency_key="",
-            request_hash="",
-            created_at=START,
+        await first.insert_job(_due_job(f"job-{index:02}"), replace=False, now=START)
+
+    def step(job: JobRecord) -> JobStep:
+        run = new_run(
+            job, START, RunStatus.SUCCEEDED, RunTrigger.SCHEDULE, attempts=1, started_at=START, ended_at=START
         )
-        await first.insert_job(record, replace=False, now=START)
-    lease = START + timedelta(seconds=30)
-    claims = await asyncio.gather(
-        *(store.claim_due_jobs(owner, START, lease, 15) for store, owner in [(first, "a"), (second, "b")] * 3)
-    )
-    claimed = [job.job_id for claim in claims for job in claim]
-    assert sorted(claimed) == sorted(f"job-{index:02}" for index in range(40))  # each once, none twice
-    assert not await first.claim_due_jobs("c", START, lease, 15)  # all leased
-    assert len(await first.claim_due_jobs("c", lease, lease + timedelta(seconds=30), 50)) == 40  # leases ran out
+        return JobStep(job.job_id, None, JobStatus.COMPLETED, 1, [run])
+
+    # Six claims at once from two replicas, each holding what it takes until its step is written.
+    steps = await asyncio.gather(*(store.step_due_jobs(START, 15, step) for store in [first, second] * 3))
+    stepped = [s.job_id for claim in steps for s in claim]
+    assert sorted(stepped) == [f"job-{index:02}" for index in range(40)]  # each once, none twice
+    assert not await second.step_due_jobs(START + timedelta(days=1), 50, step)  # nothing is due any more
+    for index in (0, 39):
+        job = await first.get_job(f"job-{index:02}")
+        assert job is not None and job.status == JobStatus.COMPLETED and job.runs == 1 and job.next_run_at is None
+        [run] = await first.list_runs(job.job_id, None, after=None, limit=10)
+        assert run.status == RunStatus.SUCCEEDED
+
+
+async def test_a_job_whose_schedule_cannot_be_read_fails_and_the_others_due_with_it_run(jobs: Jobs) -> None:
+    broken = _due_job("broken", spec='{"target": {}}')  # not a spec this processor can read
+    await jobs.store.insert_job(broken, replace=False, now=START)
+    fine = await jobs.schedule(start_at=stamp(START))
+    [run] = await settled(jobs, fine.job_id, 1)
+    assert run.status == job_pb2.RUN_STATUS_SUCCEEDED and jobs.hits() == 1
+    [failed] = await settled(jobs, "broken", 1)
+    assert failed.status == job_pb2.RUN_STATUS_FAILED and failed.error_reason == "INTERNAL"
+    assert "cannot be read" in failed.error_message
+    stored = await jobs.store.get_job("broken")  # read from the store: JobService.Get reads the spec too
+    assert stored is not None and stored.status == JobStatus.FAILED and stored.next_run_at is None
+    jobs.clock.advance(timedelta(minutes=5))
+    await asyncio.sleep(0.3)
+    assert len(await jobs.runs("broken")) == 1  # not claimed again
 
 
 HEARTBEAT = """

@@ -5,7 +5,8 @@ interface."""
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Final
@@ -59,9 +60,8 @@ class RunStatus(IntEnum):
 class JobRecord:
     """One job: where it belongs, what it runs (`spec`, JSON the jobs runtime reads), its state and next occurrence.
 
-    `lease_owner`/`lease_until`: the replica advancing the job's schedule (held for moments, between a claim and
-    `advance_jobs`). `busy` and `queued` (filled by `claim_due_jobs` only): its runs going or waiting for a retry, and
-    its runs pending.
+    `busy` and `queued` (filled for `step_due_jobs`'s step only): its runs going or waiting for a retry, and its runs
+    pending.
     """
 
     job_id: str
@@ -77,8 +77,6 @@ class JobRecord:
     idempotency_key: str
     request_hash: str
     created_at: datetime
-    lease_owner: str | None = None
-    lease_until: datetime | None = None
     busy: int = 0
     queued: int = 0
 
@@ -109,7 +107,7 @@ class RunRecord:
 
 @dataclass(frozen=True, slots=True)
 class JobStep:
-    """A leased job moved past an occurrence (`Store.advance_jobs`): its next occurrence (None: no more) and status,
+    """A due job moved past an occurrence (`Store.step_due_jobs`): its next occurrence (None: no more) and status,
     how many runs started, and the runs to insert."""
 
     job_id: str
@@ -146,6 +144,21 @@ class RunEnd:
     process_id: str = ""
     job_status: JobStatus | None = None
 
+    def ended(self, run: RunRecord) -> RunRecord:
+        """`run` (as its owner held it) once this end is recorded (`Store.end_runs`): no longer leased."""
+        return replace(
+            run,
+            status=self.status,
+            ended_at=self.ended_at if self.status != RunStatus.RETRYING else None,
+            attempt_at=self.attempt_at,
+            result=self.result,
+            error_reason=self.error_reason,
+            error_message=self.error_message,
+            process_id=self.process_id,
+            owner=None,
+            lease_until=None,
+        )
+
 
 class JobState(abc.ABC):
     """The job operations of the store."""
@@ -180,16 +193,13 @@ class JobState(abc.ABC):
         Cancelling also clears its next occurrence and cancels its runs that wait (pending or retrying)."""
 
     @abc.abstractmethod
-    async def claim_due_jobs(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[JobRecord]:
-        """Lease up to `limit` scheduled jobs whose next occurrence is due at `now` and that no live lease holds
-        (`FOR UPDATE SKIP LOCKED` on PostgreSQL: replicas claim different jobs), with their `busy`/`queued` counts."""
-
-    @abc.abstractmethod
-    async def advance_jobs(self, owner: str, steps: list[JobStep]) -> set[str]:
-        """`owner`'s steps of leased jobs, all in one transaction: each job's next occurrence and status, its
-        `started` more runs counted, its `runs` inserted, its lease released. Returns the ids of the jobs stepped;
-        a job `owner` no longer holds the lease of, or that is no longer scheduled, is left as it is (its runs are
-        not inserted)."""
+    async def step_due_jobs(self, now: datetime, limit: int, step: Callable[[JobRecord], JobStep]) -> list[JobStep]:
+        """Step up to `limit` scheduled jobs whose next occurrence is due at `now` past it, in one transaction: the
+        jobs are taken with their `busy`/`queued` counts and held until it ends (`FOR UPDATE SKIP LOCKED` on
+        PostgreSQL: replicas step different jobs, and a replica that dies midway ends its transaction, which frees
+        them), `step(job)` (no waiting in it) says each one's next occurrence, status, `started` more runs counted
+        and the runs to insert, and all that is written. Returns the steps written, in the order of the jobs' due
+        moments."""
 
     @abc.abstractmethod
     async def insert_run(self, run: RunRecord) -> None:
@@ -208,13 +218,10 @@ class JobState(abc.ABC):
         `lease_until`)."""
 
     @abc.abstractmethod
-    async def end_run(self, run_id: str, owner: str, end: RunEnd) -> RunRecord | None:
-        """Record how `owner`'s attempt ended (and the job's new state, if any); None when `owner` no longer holds
-        the run (another replica reclaimed it)."""
-
-    @abc.abstractmethod
-    async def end_runs(self, owner: str, ends: list[tuple[str, RunEnd]]) -> dict[str, RunRecord]:
-        """`end_run` for many runs (by id) at once; the ended runs by id (a run `owner` no longer held is absent)."""
+    async def end_runs(self, owner: str, ends: list[tuple[str, RunEnd]]) -> set[str]:
+        """Record how `owner`'s attempts of runs (by id) ended (as `RunEnd.ended` says), and their jobs' new states if
+        any; the ids of the runs ended (one `owner` no longer held, another replica having reclaimed it, is left as
+        it is)."""
 
     @abc.abstractmethod
     async def get_run(self, run_id: str) -> RunRecord | None:
@@ -227,5 +234,6 @@ class JobState(abc.ABC):
         """A job's runs, newest due first, strictly older than the `after` (due_at, run_id) cursor."""
 
     @abc.abstractmethod
-    async def next_job_moment(self) -> datetime | None:
-        """The earliest moment something of the jobs may fall due: a next occurrence, a retry, a lease's end."""
+    async def next_job_moments(self) -> tuple[datetime | None, datetime | None]:
+        """The earliest moments something of the jobs falls due: a scheduled job's next occurrence, and a run's
+        (a pending or retrying attempt of an active job, a running run's lease's end)."""

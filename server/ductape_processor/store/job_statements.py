@@ -1,6 +1,7 @@
 """The store's SQL of jobs and their runs (store/jobs.py), written once for both back-ends, as statements.py is.
 
-Due occurrences and runs are claimed with the statement every claim under a lease is built with (store/leases.py).
+Due occurrences and runs are claimed with the statements every claim of due rows is built with (store/leases.py):
+occurrences held by the transaction that steps them, runs under a lease while their target is called.
 """
 
 from __future__ import annotations
@@ -8,23 +9,24 @@ from __future__ import annotations
 import functools
 from typing import Final
 
-from ductape_processor.store.leases import claim_statement
+from ductape_processor.store.leases import claim_statement, hold_statement
 from ductape_processor.store.statements import Dialect, Statement
 
 JOB_COLUMNS: Final = (
     "job_id, product, env, name, target_kind, spec, status, next_run_at, runs, declared, idempotency_key, "
-    "request_hash, created_at, lease_owner, lease_until"
+    "request_hash, created_at"
 )
 RUN_COLUMNS: Final = (
     "run_id, job_id, product, env, trigger, status, due_at, attempt_at, attempts, started_at, ended_at, owner, "
     "lease_until, reclaimed, result, error_reason, error_message, process_id"
 )
 _OPEN_COUNTS: Final = (
-    "(SELECT count(*) FROM job_runs r WHERE r.job_id = jobs.job_id AND r.status IN (2, 3)), "
-    "(SELECT count(*) FROM job_runs r WHERE r.job_id = jobs.job_id AND r.status = 1)"
+    # Counted on the open runs' index (job_runs_open: job_id, status), whatever number of runs a job has ended.
+    "(SELECT count(*) FROM job_runs r WHERE r.job_id = claimed.job_id AND r.status IN (2, 3)), "
+    "(SELECT count(*) FROM job_runs r WHERE r.job_id = claimed.job_id AND r.status = 1)"
 )
 INSERT_JOB: Final = Statement(
-    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)"  # noqa: S608
+    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
 )
 INSERT_NEW_JOB: Final = Statement(
     # Any unique index in the way (the active name, the idempotency key) makes it insert nothing: store/jobs.py then
@@ -41,16 +43,13 @@ JOB_BY_KEY: Final = Statement(
 SET_JOB_STATUS: Final = Statement(
     "UPDATE jobs SET status = ? WHERE job_id = ? AND status = ?"  # one allowed state per statement, see store/jobs.py
 )
-CANCEL_JOB: Final = Statement(
-    "UPDATE jobs SET status = 3, next_run_at = NULL, lease_owner = NULL, lease_until = NULL "
-    "WHERE job_id = ? AND status = ?"
-)
+CANCEL_JOB: Final = Statement("UPDATE jobs SET status = 3, next_run_at = NULL WHERE job_id = ? AND status = ?")
 CANCEL_WAITING_RUNS: Final = Statement(
     "UPDATE job_runs SET status = 7, ended_at = ?, attempt_at = NULL WHERE job_id = ? AND status IN (1, 3)"
 )
 ADVANCE_JOB: Final = Statement(
-    "UPDATE jobs SET next_run_at = ?, status = ?, runs = runs + ?, lease_owner = NULL, lease_until = NULL "
-    "WHERE job_id = ? AND lease_owner = ? AND status = 1"
+    # The job is held by the transaction that claimed it (hold_statement): nothing else changed it meanwhile.
+    "UPDATE jobs SET next_run_at = ?, status = ?, runs = runs + ? WHERE job_id = ?"
 )
 INSERT_RUN: Final = Statement(
     f"INSERT INTO job_runs ({RUN_COLUMNS}) "  # noqa: S608
@@ -58,43 +57,30 @@ INSERT_RUN: Final = Statement(
 )
 RUN: Final = Statement(f"SELECT {RUN_COLUMNS} FROM job_runs WHERE run_id = ?")  # noqa: S608
 END_RUN: Final = Statement(
-    "UPDATE job_runs SET status = ?, ended_at = ?, attempt_at = ?, result = ?, error_reason = ?, "  # noqa: S608
+    "UPDATE job_runs SET status = ?, ended_at = ?, attempt_at = ?, result = ?, error_reason = ?, "
     "error_message = ?, process_id = ?, owner = NULL, lease_until = NULL "
-    f"WHERE run_id = ? AND owner = ? AND status = 2 RETURNING {RUN_COLUMNS}"
+    "WHERE run_id = ? AND owner = ? AND status = 2 RETURNING job_id, product"
 )
 END_JOB: Final = Statement("UPDATE jobs SET status = ? WHERE job_id = ? AND status IN (1, 4)")
-NEXT_JOB_MOMENT: Final = Statement(
-    "SELECT min(moment) FROM ("
-    "SELECT min(CASE WHEN lease_until > next_run_at THEN lease_until ELSE next_run_at END) AS moment "
-    "FROM jobs WHERE status = 1 "
+NEXT_JOB_MOMENTS: Final = Statement(
+    # The earliest next occurrence (the due index's first entry), and the earliest moment a run falls due.
+    "SELECT (SELECT min(next_run_at) FROM jobs WHERE status = 1), (SELECT min(moment) FROM ("
     # Runs of paused jobs wait for Resume (which wakes the scheduler): counting them would make it look again at once.
-    "UNION ALL SELECT min(r.attempt_at) FROM job_runs r JOIN jobs j ON j.job_id = r.job_id "
+    "SELECT min(r.attempt_at) AS moment FROM job_runs r JOIN jobs j ON j.job_id = r.job_id "
     "WHERE r.status IN (1, 3) AND j.status NOT IN (2, 3) "
-    "UNION ALL SELECT min(lease_until) FROM job_runs WHERE status = 2) AS due"
+    "UNION ALL SELECT min(lease_until) FROM job_runs WHERE status = 2) AS due)"
 )
 
 
-def claim_due_jobs(dialect: Dialect) -> Statement:
-    """Lease the scheduled jobs due at a moment, with their runs going and pending: owner, lease end, moment,
+def due_jobs(dialect: Dialect) -> Statement:
+    """The scheduled jobs due at a moment, with their runs going and pending, held until the transaction ends:
     moment, limit."""
-    return claim_statement(
+    return hold_statement(
         dialect,
         "jobs",
-        "job_id",
-        "lease_owner = ?, lease_until = ?",
-        "claimed.status = 1 AND claimed.next_run_at <= ? AND (claimed.lease_until IS NULL OR claimed.lease_until <= ?)",
-        "claimed.next_run_at",
         f"{JOB_COLUMNS}, {_OPEN_COUNTS}",
-    )
-
-
-@functools.cache
-def held_jobs(lock_rows: str, count: int) -> Statement:
-    """Which of `count` scheduled jobs a replica holds the lease of, locked until the transaction ends (`lock_rows`:
-    the dialect's): owner, then the `count` job ids."""
-    marks = ", ".join("?" * count)
-    return Statement(
-        f"SELECT job_id FROM jobs WHERE lease_owner = ? AND status = 1 AND job_id IN ({marks}){lock_rows}"  # noqa: S608
+        "claimed.status = 1 AND claimed.next_run_at <= ?",
+        "claimed.next_run_at",
     )
 
 

@@ -1,12 +1,14 @@
 """The store's jobs and runs: `SqlJobStore` adds them to `SqlStore` with the shared statements (statements.py).
 
-Claims are one statement each: an UPDATE of the rows an inner SELECT picks, which PostgreSQL locks with
-`FOR UPDATE ... SKIP LOCKED` (replicas claim different rows, none waits for another) and SQLite runs one writer at a
-time. Every change another replica may be waiting for is announced on the "jobs" topic (NOTIFY on PostgreSQL).
+Due jobs and runs are claimed with the statements of store/leases.py: a job is held by the transaction that steps it
+past its due occurrence (PostgreSQL locks it with `FOR UPDATE ... SKIP LOCKED`: replicas step different jobs, none
+waits for another; SQLite runs one writer at a time), a run is leased while its target is called. Every change
+another replica may be waiting for is announced on the "jobs" topic (NOTIFY on PostgreSQL).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -24,7 +26,7 @@ from ductape_processor.store.job_records import (
 from ductape_processor.store.sql import Connection, Row, SqlStore, _named, _values
 from ductape_processor.store.statements import SqlValue, Where
 
-_JOB_FIELDS = 15
+_JOB_FIELDS = 13
 """The columns of JOB_COLUMNS: a JobRecord's fields before `busy` and `queued`."""
 _INSERT_ATTEMPTS = 3
 """How many times a locked Schedule reads who holds a name or key again when an unlocked one took it meanwhile."""
@@ -40,7 +42,7 @@ class SqlJobStore(SqlStore):
     def _job(self, row: Row) -> JobRecord:
         """A job from its columns (JOB_COLUMNS), and the two counts a claim adds after them."""
         moment = self._dialect.moment
-        times = dict.fromkeys(("next_run_at", "created_at", "lease_until"), moment)
+        times = dict.fromkeys(("next_run_at", "created_at"), moment)
         counts = (int(row[-2]), int(row[-1])) if len(row) > _JOB_FIELDS else (0, 0)
         return JobRecord(**_named(JobRecord, (*row[:_JOB_FIELDS], *counts), status=JobStatus, declared=bool, **times))
 
@@ -63,7 +65,7 @@ class SqlJobStore(SqlStore):
         self, job: JobRecord, *, replace: bool, now: datetime, announce: bool = True
     ) -> tuple[JobRecord, bool]:
         time = self._dialect.time
-        values = _values(job, status=int, next_run_at=time, created_at=time)[:13]  # the lease is NULL
+        values = _values(job, status=int, next_run_at=time, created_at=time)[:_JOB_FIELDS]
         # Most jobs take a name and a key nobody holds: one statement, and no lock.
         if await self._insert_new_job(job, values, announce=announce):
             return job, True
@@ -151,37 +153,29 @@ class SqlJobStore(SqlStore):
 
         return await self._transaction(change)
 
-    async def claim_due_jobs(self, owner: str, now: datetime, lease_until: datetime, limit: int) -> list[JobRecord]:
-        time = self._dialect.time
-        at = time(now)
-        statement = sql.claim_due_jobs(self._dialect)
-        rows = await self._write_returning(statement, owner, time(lease_until), at, at, limit, retry=False)
-        return [self._job(row) for row in rows]
+    async def step_due_jobs(self, now: datetime, limit: int, step: Callable[[JobRecord], JobStep]) -> list[JobStep]:
+        statement = sql.due_jobs(self._dialect)
 
-    async def advance_jobs(self, owner: str, steps: list[JobStep]) -> set[str]:
-        if not steps:
-            return set()
-        time = self._dialect.time
-
-        async def advance(conn: Connection) -> set[str]:
-            # The held jobs' rows stay locked until the steps are written: no lease can run out and be taken between.
-            held_jobs = sql.held_jobs(self._dialect.lock_rows, len(steps))
-            held = {str(row[0]) for row in await conn.fetch(held_jobs, owner, *(step.job_id for step in steps))}
-            mine = [step for step in steps if step.job_id in held]
-            if mine:
-                moves: list[tuple[SqlValue, ...]] = [
-                    (time(s.next_run_at) if s.next_run_at else None, int(s.status), s.started, s.job_id, owner)
-                    for s in mine
-                ]
-                await conn.executemany(sql.ADVANCE_JOB, moves)
-            runs = [self._run_row(run) for step in mine for run in step.runs]
-            if runs:
-                # No announcement: a run inserted RUNNING is this replica's, and a buffered (pending) one is claimed
-                # by the replica whose going run ends (it looks again then).
-                await conn.executemany(sql.INSERT_RUN, runs)
-            return held
+        async def advance(conn: Connection) -> list[JobStep]:
+            steps = [step(self._job(row)) for row in await conn.fetch(statement, self._dialect.time(now), limit)]
+            if steps:
+                await self._write_steps(conn, steps)
+            return steps
 
         return await self._transaction(advance, retry=False)
+
+    async def _write_steps(self, conn: Connection, steps: list[JobStep]) -> None:
+        """Write the steps of jobs `conn`'s transaction holds: their next occurrences and states, their runs."""
+        time = self._dialect.time
+        moves: list[tuple[SqlValue, ...]] = [
+            (time(s.next_run_at) if s.next_run_at else None, int(s.status), s.started, s.job_id) for s in steps
+        ]
+        await conn.executemany(sql.ADVANCE_JOB, moves)
+        runs = [self._run_row(run) for step in steps for run in step.runs]
+        if runs:
+            # No announcement: a run inserted RUNNING is this replica's, and a buffered (pending) one is claimed by the
+            # replica whose going run ends (it looks again then).
+            await conn.executemany(sql.INSERT_RUN, runs)
 
     async def insert_run(self, run: RunRecord) -> None:
         async def insert(conn: Connection) -> None:
@@ -206,7 +200,16 @@ class SqlJobStore(SqlStore):
             renewed.update(str(row[0]) for row in rows)
         return renewed
 
-    async def end_run(self, run_id: str, owner: str, end: RunEnd) -> RunRecord | None:
+    async def end_runs(self, owner: str, ends: list[tuple[str, RunEnd]]) -> set[str]:
+        ended: set[str] = set()
+        for run_id, end in ends:
+            if await self._end_run(run_id, owner, end):
+                ended.add(run_id)
+        return ended
+
+    async def _end_run(self, run_id: str, owner: str, end: RunEnd) -> bool:
+        """Record how `owner`'s attempt of the run ended (and its job's new state, if any); False when `owner` no
+        longer held the run."""
         time = self._dialect.time
         values = (
             int(end.status),
@@ -223,27 +226,18 @@ class SqlJobStore(SqlStore):
         if job_status is None:
             # One statement, not announced: what an end makes due (a buffered run, a retry) is claimed by this
             # replica, which looks again once a run ends.
-            rows = await self._write_returning(sql.END_RUN, *values, retry=False)
-            return self._run(rows[0]) if rows else None
+            return bool(await self._write_returning(sql.END_RUN, *values, retry=False))
 
-        async def finish(conn: Connection) -> RunRecord | None:
+        async def finish(conn: Connection) -> bool:
             rows = await conn.fetch(sql.END_RUN, *values)
             if not rows:
-                return None
-            run = self._run(rows[0])
-            await conn.execute(sql.END_JOB, int(job_status), run.job_id)
-            await self._job_changed(conn, run.product)
-            return run
+                return False
+            job_id, product = rows[0]
+            await conn.execute(sql.END_JOB, int(job_status), str(job_id))
+            await self._job_changed(conn, str(product))
+            return True
 
         return await self._transaction(finish, retry=False)
-
-    async def end_runs(self, owner: str, ends: list[tuple[str, RunEnd]]) -> dict[str, RunRecord]:
-        ended: dict[str, RunRecord] = {}
-        for run_id, end in ends:
-            run = await self.end_run(run_id, owner, end)
-            if run is not None:
-                ended[run_id] = run
-        return ended
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         row = await self._reader.fetchrow(sql.RUN, run_id)
@@ -260,6 +254,10 @@ class SqlJobStore(SqlStore):
         query = clause.select(sql.RUN_COLUMNS, "job_runs", "due_at DESC, run_id DESC")
         return [self._run(row) for row in await self._reader.fetch(query, *clause.params, limit)]
 
-    async def next_job_moment(self) -> datetime | None:
-        row = await self._reader.fetchrow(sql.NEXT_JOB_MOMENT)
-        return self._dialect.moment(row[0]) if row is not None and row[0] is not None else None
+    async def next_job_moments(self) -> tuple[datetime | None, datetime | None]:
+        row = await self._reader.fetchrow(sql.NEXT_JOB_MOMENTS)
+        if row is None:
+            return None, None
+        occurrence, run = row
+        moment = self._dialect.moment
+        return (moment(occurrence) if occurrence is not None else None, moment(run) if run is not None else None)

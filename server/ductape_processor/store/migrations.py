@@ -318,6 +318,19 @@ _TEMPLATES: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        9,
+        "jobs: due jobs held by the transaction that steps them (no lease on the job), open runs indexed by job",
+        (
+            # A job is stepped in the transaction that claims it (store/leases.py, hold_statement): its lease columns
+            # were written twice per occurrence and read by no one else.
+            "ALTER TABLE jobs DROP COLUMN lease_owner",
+            "ALTER TABLE jobs DROP COLUMN lease_until",
+            # The open runs by job: a claim counts a job's runs going and pending on it, not on all its runs.
+            "DROP INDEX job_runs_open",
+            "CREATE INDEX job_runs_open ON job_runs (job_id, status) WHERE status IN (1, 2, 3)",
+        ),
+    ),
 )
 
 

@@ -26,7 +26,6 @@ from ductape_processor.store.job_records import (
     JobRecord,
     JobStep,
     RunEnd,
-    RunRecord,
     RunStatus,
     new_job_payload,
 )
@@ -79,6 +78,8 @@ class _Transaction:
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
+        self.raw = conn
+        """The asyncpg connection, for what only PostgreSQL takes (arrays of values)."""
 
     async def fetch(self, statement: Statement, *args: SqlValue) -> Sequence[Row]:
         rows: list[Row] = await self._conn.fetch(statement.numbered, *args)
@@ -153,14 +154,13 @@ _INSERT_NEW_JOB_NOTIFIED: Final = Statement(
 )
 
 
-_RUN_FIELDS: Final = ", ".join(f"r.{column.strip()}" for column in job_statements.RUN_COLUMNS.split(","))
 _END_RUNS: Final = Statement(
     # Many runs' ends in one statement: one array per column of the ends, then the owner.
-    "UPDATE job_runs r SET status = e.status, ended_at = e.ended_at, attempt_at = e.attempt_at, result = e.result, "  # noqa: S608
+    "UPDATE job_runs r SET status = e.status, ended_at = e.ended_at, attempt_at = e.attempt_at, result = e.result, "
     "error_reason = e.error_reason, error_message = e.error_message, process_id = e.process_id, owner = NULL, "
     "lease_until = NULL FROM unnest(?::text[], ?::smallint[], ?::timestamptz[], ?::timestamptz[], ?::text[], "
     "?::text[], ?::text[], ?::text[]) AS e(run_id, status, ended_at, attempt_at, result, error_reason, error_message, "
-    f"process_id) WHERE r.run_id = e.run_id AND r.owner = ? AND r.status = 2 RETURNING {_RUN_FIELDS}"
+    "process_id) WHERE r.run_id = e.run_id AND r.owner = ? AND r.status = 2 RETURNING r.run_id"
 )
 
 
@@ -169,17 +169,15 @@ _RUN_TYPES: Final = (
     *("timestamptz", "timestamptz", "text", "timestamptz", "boolean", "text", "text", "text", "text"),
 )
 """The types of RUN_COLUMNS, in their order (for the arrays a batch of runs is sent as)."""
-_ADVANCE_JOBS: Final = Statement(
-    # One statement steps a claim: the jobs still leased to the owner (the UPDATE locks and re-checks each row), and
-    # the runs of those jobs only. Parameters: the steps' four arrays, the owner, then one array per run column.
-    "WITH moved AS (UPDATE jobs j SET next_run_at = s.next_run_at, status = s.status, runs = j.runs + s.started, "  # noqa: S608
-    "lease_owner = NULL, lease_until = NULL "
+_RUN_FIELDS: Final = tuple(column.strip() for column in job_statements.RUN_COLUMNS.split(","))
+_STEP_JOBS: Final = Statement(
+    # One statement writes the steps of the jobs the transaction holds, and their runs. Parameters: the steps' four
+    # arrays, then one array per run column.
+    "WITH moved AS (UPDATE jobs j SET next_run_at = s.next_run_at, status = s.status, runs = j.runs + s.started "  # noqa: S608
     "FROM unnest(?::text[], ?::timestamptz[], ?::smallint[], ?::integer[]) AS s(job_id, next_run_at, status, started) "
-    "WHERE j.job_id = s.job_id AND j.lease_owner = ? AND j.status = 1 RETURNING j.job_id), "
-    f"added AS (INSERT INTO job_runs ({job_statements.RUN_COLUMNS}) SELECT r.* "
-    f"FROM unnest({', '.join(f'?::{kind}[]' for kind in _RUN_TYPES)}) AS r({job_statements.RUN_COLUMNS}) "
-    "WHERE r.job_id IN (SELECT job_id FROM moved)) "
-    "SELECT job_id FROM moved"
+    "WHERE j.job_id = s.job_id) "
+    f"INSERT INTO job_runs ({job_statements.RUN_COLUMNS}) SELECT * "
+    f"FROM unnest({', '.join(f'?::{kind}[]' for kind in _RUN_TYPES)})"
 )
 
 
@@ -281,24 +279,20 @@ class PostgresStore(SqlFeatureStore):
         )
         return len(rows) == 1
 
-    async def advance_jobs(self, owner: str, steps: list[JobStep]) -> set[str]:
-        if not steps:
-            return set()
-        moves = (
+    async def _write_steps(self, conn: Connection, steps: list[JobStep]) -> None:
+        assert isinstance(conn, _Transaction)  # what _transaction hands its body
+        runs = [run for step in steps for run in step.runs]
+        await conn.raw.execute(
+            _STEP_JOBS.numbered,
             [step.job_id for step in steps],
             [step.next_run_at for step in steps],
             [int(step.status) for step in steps],
             [step.started for step in steps],
+            *([getattr(run, field) for run in runs] for field in _RUN_FIELDS),
         )
-        runs = [self._run_row(run) for step in steps for run in step.runs]
-        columns = [list(column) for column in zip(*runs, strict=True)] if runs else [[] for _ in _RUN_TYPES]
-        rows: list[Row] = await self.pool.call(
-            lambda pool: pool.fetch(_ADVANCE_JOBS.numbered, *moves, owner, *columns), retry=False
-        )
-        return {str(row[0]) for row in rows}
 
-    async def end_runs(self, owner: str, ends: list[tuple[str, RunEnd]]) -> dict[str, RunRecord]:
-        # An end that changes its job's state goes through end_run's transaction; the others share one statement.
+    async def end_runs(self, owner: str, ends: list[tuple[str, RunEnd]]) -> set[str]:
+        # An end that changes its job's state goes through _end_run's transaction; the others share one statement.
         ended = await super().end_runs(owner, [(run_id, end) for run_id, end in ends if end.job_status is not None])
         plain = [(run_id, end) for run_id, end in ends if end.job_status is None]
         if not plain:
@@ -316,9 +310,7 @@ class PostgresStore(SqlFeatureStore):
         rows: list[Row] = await self.pool.call(
             lambda pool: pool.fetch(_END_RUNS.numbered, *columns, owner), retry=False
         )
-        for row in rows:
-            run = self._run(row)
-            ended[run.run_id] = run
+        ended.update(str(row[0]) for row in rows)
         return ended
 
     async def _announce(self, conn: Connection, product: str, topic: str = "products") -> None:

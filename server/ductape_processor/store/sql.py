@@ -10,6 +10,7 @@ whose connection died.
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -58,20 +59,33 @@ class Connection(Protocol):
         """Run a statement once per row of parameters."""
 
 
-def _named(record: type[Any], row: Row, **convert: Callable[[Any], Any]) -> dict[str, Any]:
+@functools.cache
+def _field_names(record: type) -> tuple[str, ...]:
+    """The names of a record's fields, in order (read once per record type: `fields` is slow on every row)."""
+    return tuple(column.name for column in fields(record))
+
+
+def _named(record: type, row: Row, **convert: Callable[[Any], Any]) -> dict[str, Any]:
     """`row`'s values by the names of `record`'s fields (the statements list the columns in field order), those named
     in `convert` converted (NULL stays None)."""
-    values: dict[str, Any] = {}
-    for column, value in zip(fields(record), row, strict=True):
-        to = convert.get(column.name)
-        values[column.name] = to(value) if to is not None and value is not None else value
+    values = dict(zip(_field_names(record), row, strict=True))
+    for name, to in convert.items():
+        value = values[name]
+        if value is not None:
+            values[name] = to(value)
     return values
 
 
 def _values(record: Any, **convert: Callable[[Any], Any]) -> tuple[Any, ...]:
     """`record`'s fields in order (the statements' column order), those named in `convert` converted."""
-    values = ((column.name, getattr(record, column.name)) for column in fields(record))
-    return tuple(convert[name](value) if name in convert and value is not None else value for name, value in values)
+    names = _field_names(record.__class__)
+    values = [getattr(record, name) for name in names]
+    if convert:
+        for index, name in enumerate(names):
+            to = convert.get(name)
+            if to is not None and values[index] is not None:
+                values[index] = to(values[index])
+    return tuple(values)
 
 
 class SqlStore(Store):

@@ -1,12 +1,15 @@
-"""The scheduler of one replica: claims due occurrences and runs from the store, runs their targets under leases it
-heart-beats, records each run before its target is called and after it ends, and retries failures with backoff.
+"""The scheduler of one replica: steps due jobs past their occurrences and claims due runs from the store, runs their
+targets under leases it heart-beats, records each run before its target is called and after it ends, and retries
+failures with backoff.
 
 The rounds of claims are the ones every claimer of due work runs (`ClaimRounds`, runtime/policies/leases.py): the
 scheduler sleeps until the earliest moment the store says something falls due (a next occurrence, a retry, a lease's
 end), woken earlier when this replica schedules or changes a job, or, on PostgreSQL, when another replica does
-(LISTEN/NOTIFY on the store's "jobs" topic). A poll every `poll_s` covers a lost notification. A claim leases what it
-takes, so each occurrence starts once across replicas; a replica that dies mid-run leaves a lease that runs out, and
-another replica takes the run over (`reclaimed`).
+(LISTEN/NOTIFY on the store's "jobs" topic). A poll every `poll_s` covers a lost notification. A due job is held by
+the transaction that steps it (so each occurrence starts once across replicas) and its run is recorded under this
+replica's lease; a replica that dies mid-run leaves a lease that runs out, and another replica takes the run over
+(`reclaimed`). Runs are claimed only when one may be due: at the runs' next moment, when this replica was woken for
+them, or at the fallback poll.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,12 +28,11 @@ from opentelemetry.metrics import Histogram
 from ductape_processor.errors import ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.jobs.codec import decode_spec, encode_spec
-from ductape_processor.runtime.jobs.ends import EndRecorder
 from ductape_processor.runtime.jobs.model import JobSpec, Overlap, RunTrigger
 from ductape_processor.runtime.jobs.targets import JobTargets, Outcome
 from ductape_processor.runtime.jobs.timing import due_after
 from ductape_processor.runtime.policies.clock import Clock
-from ductape_processor.runtime.policies.leases import ClaimRounds, LeaseRenewer
+from ductape_processor.runtime.policies.leases import ClaimRounds, EndBatches, LeaseRenewer
 from ductape_processor.store.base import Store
 from ductape_processor.store.job_records import JOBS_TOPIC, JobRecord, JobStatus, JobStep, RunEnd, RunRecord, RunStatus
 
@@ -40,7 +42,12 @@ CLAIM_BATCH: Final = 250
 """Jobs (and runs) one claim takes at most; a full batch makes the scheduler claim again at once."""
 RUNS_CLAIM_EVERY: Final = timedelta(seconds=1)
 """While full claims of occurrences follow each other, how often the runs (retries, buffered, taken over) are claimed
-between them; otherwise every round claims both."""
+between them, should one be due."""
+CLAIM_LANES: Final = 2
+"""Claims of due jobs in flight at once while they come back full: one is stepped (Python) while the store works on
+the other."""
+MAX_ENDS_PER_CALL: Final = 500
+"""Runs' ends one store call records at most."""
 MAX_EVENTS_QUEUED: Final = 1000
 """Run events a WatchRuns stream may fall behind by; a slower reader loses the oldest."""
 
@@ -53,31 +60,41 @@ class SchedulerSettings:
     lease: timedelta = timedelta(seconds=30)
 
 
-def new_run(job: JobRecord, due: datetime, status: RunStatus, trigger: RunTrigger, **fields: object) -> RunRecord:
-    """A run of `job` due at `due`, not yet attempted unless `fields` say otherwise."""
-    values: dict[str, object] = {
-        "attempt_at": None,
-        "attempts": 0,
-        "started_at": None,
-        "ended_at": None,
-        "owner": None,
-        "lease_until": None,
-        "error_message": "",
-    }
-    values.update(fields)
+def new_run(
+    job: JobRecord,
+    due: datetime,
+    status: RunStatus,
+    trigger: RunTrigger,
+    *,
+    attempt_at: datetime | None = None,
+    attempts: int = 0,
+    started_at: datetime | None = None,
+    ended_at: datetime | None = None,
+    owner: str | None = None,
+    lease_until: datetime | None = None,
+    error_reason: str = "",
+    error_message: str = "",
+) -> RunRecord:
+    """A run of `job` due at `due`, not yet attempted unless told otherwise."""
     return RunRecord(
-        run_id=uuid.uuid4().hex,
+        run_id=os.urandom(16).hex(),  # 32 hex digits, as a uuid4's hex, for a fraction of uuid4's cost
         job_id=job.job_id,
         product=job.product,
         env=job.env,
         trigger=int(trigger),
         status=status,
         due_at=due,
+        attempt_at=attempt_at,
+        attempts=attempts,
+        started_at=started_at,
+        ended_at=ended_at,
+        owner=owner,
+        lease_until=lease_until,
         reclaimed=False,
         result="",
-        error_reason="",
+        error_reason=error_reason,
+        error_message=error_message,
         process_id="",
-        **values,  # type: ignore[arg-type]
     )
 
 
@@ -88,7 +105,7 @@ def new_job(
     values: dict[str, object] = {"declared": False, "idempotency_key": "", "request_hash": ""}
     values.update(fields)
     return JobRecord(
-        job_id=uuid.uuid4().hex,
+        job_id=os.urandom(16).hex(),
         product=product,
         env=env,
         name=name,
@@ -149,12 +166,21 @@ class JobScheduler:
         self._clock = clock
         self._settings = settings
         self._lateness = lateness
-        self.owner = uuid.uuid4().hex
+        self.owner = os.urandom(16).hex()
         """This replica's name on the leases it holds."""
         self.events = RunEvents()
-        self._ends = EndRecorder(store, self.owner)
-        self._rounds = ClaimRounds("job scheduler", self._round, store.next_job_moment, clock, settings.poll_s)
+        self._ends: EndBatches[tuple[RunRecord, RunEnd, JobSpec]] = EndBatches(
+            "job run ends", self._record_ends, MAX_ENDS_PER_CALL
+        )
+        self._rounds = ClaimRounds("job scheduler", self._round, self._next_moment, clock, settings.poll_s)
         self._runs_claimed_at = datetime.min.replace(tzinfo=UTC)
+        self._runs_due_at: datetime | None = None
+        """When a run falls due, as the store said after the last round that looked (a retry, a lease's end)."""
+        self._runs_woken = False
+        """Whether this replica was woken for runs (a trigger, a resume, an end that leaves a retry or a buffered
+        run) since it last claimed them."""
+        self._burst = False
+        """Whether the last round's claims all came back full: the next one claims on CLAIM_LANES at once."""
         self._announced: datetime | None = None
         """The earliest due moment this replica announced that may still be to come."""
         self._running: set[asyncio.Task[None]] = set()
@@ -170,7 +196,8 @@ class JobScheduler:
         self._leases.start()
 
     def wake(self) -> None:
-        """Look for due work now (a job was resumed or triggered)."""
+        """Look for due work now, runs included (a job was resumed or triggered, a run ended)."""
+        self._runs_woken = True
         self._rounds.wake()
 
     def scheduled(self, due: datetime) -> None:
@@ -204,35 +231,73 @@ class JobScheduler:
             if late:
                 await asyncio.wait(late)
         await self._leases.stop()
-        await self._ends.stop()
+        await self._ends.close()
 
     async def _round(self) -> bool:
-        """Claim and start what is due; True when a claim came back full (more may be due)."""
+        """Step the due jobs and start their runs, then claim the due runs if one may be due; True when a claim came
+        back full (more may be due)."""
         now = self._clock.now()
-        lease_until = now + self._settings.lease
-        jobs = await self._store.claim_due_jobs(self.owner, now, lease_until, CLAIM_BATCH)
-        if jobs:
-            # One transaction steps every claimed job and records its runs; the targets are called after it.
-            steps = [self._step(job, decode_spec(job.spec), now) for job in jobs]
-            held = await self._store.advance_jobs(self.owner, [step for step, _ in steps])
-            for step, spec in steps:
-                if step.job_id not in held:
-                    continue
-                for run in step.runs:
-                    self.events.publish(run)
-                    if run.status == RunStatus.RUNNING:
-                        self._spawn(run, spec)
+        lanes = CLAIM_LANES if self._burst else 1
+        claims = await asyncio.gather(*(self._step_due(now) for _ in range(lanes)))
+        busy = self._burst = all(claims)
         now = self._clock.now()  # the jobs above may have taken a while: leases start from now
-        if len(jobs) == CLAIM_BATCH and now < self._runs_claimed_at + RUNS_CLAIM_EVERY:
-            return True  # more occurrences are due: claim them first (retries and take-overs wait a moment)
-        self._runs_claimed_at = now
+        if not self._runs_may_be_due(now, busy):
+            return busy
+        self._runs_claimed_at, self._runs_woken = now, False
         runs = await self._store.claim_due_runs(self.owner, now, now + self._settings.lease, CLAIM_BATCH)
         for run in runs:
             self._spawn(run, None)
-        return len(jobs) == CLAIM_BATCH or len(runs) == CLAIM_BATCH
+        return busy or len(runs) == CLAIM_BATCH
 
-    def _step(self, job: JobRecord, spec: JobSpec, now: datetime) -> tuple[JobStep, JobSpec]:
-        """A claimed job stepped past its due occurrence: its run (or skip or buffer), and its next occurrence."""
+    async def _step_due(self, now: datetime) -> bool:
+        """One claim of due jobs, stepped, and their runs started; True when it came back full."""
+        specs: dict[str, JobSpec] = {}
+        steps = await self._store.step_due_jobs(now, CLAIM_BATCH, lambda job: self._step(job, now, specs))
+        for step in steps:
+            for run in step.runs:
+                self.events.publish(run)
+                if run.status == RunStatus.RUNNING:
+                    self._spawn(run, specs[step.job_id])
+        return len(steps) == CLAIM_BATCH
+
+    def _runs_may_be_due(self, now: datetime, busy: bool) -> bool:
+        """While occurrences come in full claims, runs are claimed every RUNS_CLAIM_EVERY; otherwise when this replica
+        was woken for them, when the store said one falls due by now, or at the fallback poll."""
+        if busy:
+            return now >= self._runs_claimed_at + RUNS_CLAIM_EVERY
+        due = self._runs_due_at
+        poll = timedelta(seconds=self._settings.poll_s)
+        return self._runs_woken or (due is not None and due <= now) or now >= self._runs_claimed_at + poll
+
+    async def _next_moment(self) -> datetime | None:
+        occurrence, run = await self._store.next_job_moments()
+        self._runs_due_at = run
+        return min(occurrence, run) if occurrence is not None and run is not None else occurrence or run
+
+    def _step(self, job: JobRecord, now: datetime, specs: dict[str, JobSpec]) -> JobStep:
+        """A due job stepped past its due occurrence: its run (or skip or buffer), and its next occurrence; its spec is
+        kept in `specs` for its run. A job whose spec or rhythm cannot be read fails (with a failed run that says
+        why) rather than fail every claim that takes it."""
+        try:
+            spec = decode_spec(job.spec)
+            step = self._stepped(job, spec, now)
+        except Exception as exc:
+            log.exception("job %s cannot be stepped: it fails", job.job_id)
+            why = f"the job's schedule cannot be read ({type(exc).__name__}): the processor failed"
+            run = new_run(
+                job,
+                job.next_run_at or now,
+                RunStatus.FAILED,
+                RunTrigger.SCHEDULE,
+                ended_at=now,
+                error_reason=Reason.INTERNAL,
+                error_message=why,
+            )
+            return JobStep(job.job_id, None, JobStatus.FAILED, 0, [run])
+        specs[job.job_id] = spec
+        return step
+
+    def _stepped(self, job: JobRecord, spec: JobSpec, now: datetime) -> JobStep:
         repeat = spec.repeat
         due = job.next_run_at
         assert due is not None  # a claimed job is due
@@ -240,12 +305,12 @@ class JobScheduler:
             # Missed by more than the catch-up window (downtime, a pause): skip to the first occurrence within it.
             latest = due_after(repeat, due, now - spec.catch_up, job.runs)
             if latest is None or latest > now:
-                return self._moved(job, latest, 0, []), spec
+                return self._moved(job, latest, 0, [])
             due = latest
         run = self._occurrence(job, spec, due, now)
         started = 1 if run.status != RunStatus.SKIPPED else 0
         following = due_after(repeat, due, due, job.runs + started) if repeat is not None else None
-        return self._moved(job, following, started, [run]), spec
+        return self._moved(job, following, started, [run])
 
     def _occurrence(self, job: JobRecord, spec: JobSpec, due: datetime, now: datetime) -> RunRecord:
         """The run of an occurrence due at `due`, by the job's overlap policy."""
@@ -307,13 +372,21 @@ class JobScheduler:
             end = self._failed(run, spec, Reason.INTERNAL, f"{type(exc).__name__}: the processor failed", "")
         finally:
             self._leases.release(run.run_id)
-        ended = await self._ends.end(run.run_id, end)
-        if ended is None:
-            log.warning("job run %s was taken over by another replica before it ended here", run.run_id)
-            return
-        self.events.publish(ended)
-        if end.status == RunStatus.RETRYING or spec.overlap == Overlap.BUFFER_ONE:
-            self.wake()  # the retry is due at a new moment, or a buffered run of the job may start now
+        self._ends.add((run, end, spec))
+
+    async def _record_ends(self, batch: list[tuple[RunRecord, RunEnd, JobSpec]]) -> None:
+        """Record runs' ends (`EndBatches`: many to a store call) and tell the WatchRuns streams."""
+        ended = await self._store.end_runs(self.owner, [(run.run_id, end) for run, end, _ in batch])
+        again = False
+        for run, end, spec in batch:
+            if run.run_id not in ended:
+                log.warning("job run %s was taken over by another replica before it ended here", run.run_id)
+                continue
+            self.events.publish(end.ended(run))
+            # the retry is due at a new moment, or a buffered run of the job may start now
+            again = again or end.status == RunStatus.RETRYING or spec.overlap == Overlap.BUFFER_ONE
+        if again:
+            self.wake()
 
     def _ended(self, outcome: Outcome) -> RunEnd:
         result = json.dumps(outcome.result, separators=(",", ":"), ensure_ascii=False, default=str)
