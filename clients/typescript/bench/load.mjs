@@ -202,20 +202,22 @@ async function consume(processor, mode, count) {
   return { messages: received, wall_s: (last.at - t0) / 1000, cpu_s: (last.cpu.user + last.cpu.system) / 1e6 };
 }
 
-/** Both clients in one process, `--slices` consumptions each in the order facade, raw, raw, facade, ... */
+/** Both clients in one process, `--slices` consumptions in all, in the order facade, raw, raw, facade, ...: totals
+ * per client, and each consumption in order (`slices`), so that neighbours can be paired. */
 async function subscribe() {
   const processor = new Processor({ address });
   const count = Number(values.count);
-  await consume(processor, "facade", 1000); // warm-up
-  await consume(processor, "raw", 1000);
+  for (const mode of ["facade", "raw", "facade", "raw"]) await consume(processor, mode, 5000); // warm-up (the JIT)
   const totals = { facade: { messages: 0, wall_s: 0, cpu_s: 0 }, raw: { messages: 0, wall_s: 0, cpu_s: 0 } };
+  const slices = [];
   for (let i = 0; i < Number(values.slices); i++) {
     const mode = [0, 3].includes(i % 4) ? "facade" : "raw";
     const one = await consume(processor, mode, count);
     for (const key of Object.keys(one)) totals[mode][key] += one[key];
+    slices.push({ mode, ...one });
   }
   processor.close();
-  return totals;
+  return { ...totals, slices };
 }
 
 async function serve() {

@@ -102,50 +102,84 @@ export abstract class StreamItem {
   }
 }
 
-/** A delivered message. Ack it when done, or nack it to have it delivered again. */
+/** A delivered message. Ack it when done, or nack it to have it delivered again. Its fields are read from the
+ * decoded `ReceivedMessage` when asked for (one is built for every message delivered). */
 export class Message extends StreamItem {
-  readonly id: string;
-  readonly contentType: string;
-  readonly attributes: Record<string, string>;
-  readonly publishTime: Date | undefined;
-  readonly source: string;
-  readonly type: string;
-  readonly orderingKey: string;
-  readonly traceparent: string;
-  readonly tracestate: string;
-  /** Whether it arrived as the JSON value it was published as (`json`) rather than as bytes. */
-  readonly publishedAsJson: boolean;
   private bytes: Buffer | undefined;
   private value: unknown;
   private hasValue: boolean;
 
-  constructor(received: ReceivedMessage, subscription: Settler, generation: number) {
+  constructor(
+    private readonly received: ReceivedMessage,
+    subscription: Settler,
+    generation: number,
+  ) {
     super(received.ackId, received.deliveryAttempt, subscription, generation);
-    this.id = received.id;
-    this.contentType = received.contentType;
-    this.attributes = received.attributes;
-    this.publishTime = received.publishTime;
-    this.source = received.source;
-    this.type = received.type;
-    this.orderingKey = received.orderingKey;
-    this.traceparent = received.traceparent;
-    this.tracestate = received.tracestate;
     // `json` is undefined when the payload came as bytes; a JSON null comes as null.
-    this.publishedAsJson = this.hasValue = received.json !== undefined;
+    this.hasValue = received.json !== undefined;
     if (this.hasValue) this.value = received.json;
-    else this.bytes = received.data;
+  }
+
+  /** The message's id (its CloudEvents id), the same on every delivery. */
+  get id(): string {
+    return this.received.id;
+  }
+
+  /** The payload's media type. */
+  get contentType(): string {
+    return this.received.contentType;
+  }
+
+  /** The attributes it was published with. */
+  get attributes(): Record<string, string> {
+    return this.received.attributes;
+  }
+
+  /** When it was published. */
+  get publishTime(): Date | undefined {
+    return this.received.publishTime;
+  }
+
+  /** The CloudEvents source: `/ductape/<product>/<env>/<broker>`. */
+  get source(): string {
+    return this.received.source;
+  }
+
+  /** The CloudEvents type: the topic's name. */
+  get type(): string {
+    return this.received.type;
+  }
+
+  /** The ordering key it was published with. */
+  get orderingKey(): string {
+    return this.received.orderingKey;
+  }
+
+  /** The W3C trace context it was published with. */
+  get traceparent(): string {
+    return this.received.traceparent;
+  }
+
+  /** The W3C `tracestate` that travels with `traceparent`. */
+  get tracestate(): string {
+    return this.received.tracestate;
+  }
+
+  /** Whether it arrived as the JSON value it was published as (`json`) rather than as bytes. */
+  get publishedAsJson(): boolean {
+    return this.received.json !== undefined;
   }
 
   /** The payload as bytes; for a message published as JSON, its UTF-8 JSON (encoded on first use). */
   get data(): Buffer {
-    this.bytes ??= Buffer.from(JSON.stringify(this.value), "utf8");
+    this.bytes ??= this.publishedAsJson ? Buffer.from(JSON.stringify(this.value), "utf8") : this.received.data;
     return this.bytes;
   }
 
   /** The payload as a JSON value: the value it was published as, or its bytes parsed as JSON (once). */
   json<T = unknown>(): T {
     if (!this.hasValue) {
-      this.value = JSON.parse(this.bytes!.toString("utf8"));
+      this.value = JSON.parse(this.received.data.toString("utf8"));
       this.hasValue = true;
     }
     return this.value as T;
