@@ -19,9 +19,10 @@ import redis.asyncio as aioredis
 from ductape.processor.brokers import Message
 
 from ductape_processor.adapters.brokers import redis as redis_broker
-from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
+from ductape_processor.adapters.brokers.base import BrokerSubscription, BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.redis import PARK_CONSUMER, RedisBroker, stream_key
-from ductape_processor.runtime.brokers.messages import OutgoingEvent
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
+from ductape_processor.runtime.brokers.subscriptions import Limits, Subscription
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_brokers import manifest, opened, pending_first, publish, subscribe, take
 
@@ -227,6 +228,46 @@ async def test_delivery_attempts_count_every_redelivery_and_delays_hold(
     assert summary["pending"] == 0
     await one.close()
     await two.close()
+
+
+class CountedFetches(BrokerSubscription):
+    """A subscription that counts the fetches the engine makes of it."""
+
+    def __init__(self, inner: BrokerSubscription) -> None:
+        self.inner = inner
+        self.fetches = 0
+
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[IncomingEvent]:
+        self.fetches += 1
+        return await self.inner.fetch(max_messages, timeout_s)
+
+    async def ack(self, handles: list[str]) -> None:
+        await self.inner.ack(handles)
+
+    async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
+        await self.inner.nack(handles, delay_s)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_batch_that_trickles_in_is_taken_in_two_fetches(adapter: RedisBroker) -> None:
+    # Each fetch is a script and a read: the first waits for a message, the second takes what came during max_wait.
+    name = topic()
+    counted = CountedFetches(await adapter.subscribe(name, "g", SubscribeOptions(prefetch=100, ack_deadline_s=5)))
+    engine = Subscription(counted, Limits.checked(max_batch=100, max_wait_s=0.5), None)
+
+    async def trickle() -> None:
+        for n in range(10):
+            await adapter.publish(name, message(f"m{n}".encode()))
+            await asyncio.sleep(0.01)
+
+    publishing = asyncio.ensure_future(trickle())
+    batch = await engine.next_batch()
+    await publishing
+    assert counted.fetches == 2
+    assert len(batch) > 1, "the messages that came while the batch filled"
+    await engine.close()
 
 
 async def test_close_hands_back_what_it_took_and_deletes_its_consumer(
