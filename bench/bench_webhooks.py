@@ -11,7 +11,8 @@ the deliveries, not the emits, are what saturates the processor. A client emits 
 warm-up + duration; deliveries/s is what reached the endpoint within the measured window (a processor that cannot
 keep up builds a backlog and the figure is its throughput). Configurations: one process on the embedded SQLite
 store, one on PostgreSQL, two sharing one PostgreSQL schema (each emit goes to one of them in turn; each delivery is
-claimed by one). Goal: >= 1,000 deliveries/s per process.
+claimed by one). Goal: >= 1,000 deliveries/s per process. Beside it, the processors' CPU time per delivery over each
+round (emits, claims and store writes included): a figure the machine's other load moves less than throughput.
 
 Receive: one processor (SQLite, memory broker), a Receive stream open on the webhook `payments`; the client POSTs
 Standard-Webhooks-signed bodies one after another (each waits for the previous to reach the stream) and measures
@@ -46,8 +47,10 @@ from _harness import (
     LoadResult,
     Processes,
     Report,
+    Server,
     bench_parser,
     child_env,
+    cpu_seconds,
     emit,
     free_port,
     load_result,
@@ -228,8 +231,8 @@ def postgres_reachable() -> bool:
 
 def start_processors(
     procs: Processes, work: Path, manifest_path: Path, name: str, count: int, store: str
-) -> list[tuple[str, str]]:
-    """`count` processors on `store` (their gRPC target and webhook listener URL), SERVING."""
+) -> list[tuple[Server, str]]:
+    """`count` processors on `store` (each one's server and webhook listener URL), SERVING."""
     secrets_path = work / "secrets.env"
     secrets_path.write_text(f"BENCH_HOOK={SECRET}\n")
     schema = f"bench_{secrets.token_hex(4)}"
@@ -243,7 +246,7 @@ def start_processors(
         command += ["--store", store, "--store-schema", schema] if store != "sqlite" else []
         server = procs.start_server(f"{name}-{n}", command, f"{HOST}:{port}", child_env(data_dir))
         wait_ready(server)
-        started.append((server.target, f"http://{HOST}:{http_port}/webhooks/{PRODUCT}/{ENV}/payments"))
+        started.append((server, f"http://{HOST}:{http_port}/webhooks/{PRODUCT}/{ENV}/payments"))
     return started
 
 
@@ -263,23 +266,30 @@ def run_all(procs: Processes, config: Config, work: Path) -> tuple[dict[str, lis
     else:
         print(f"  PostgreSQL at {POSTGRES_DSN} is not reachable: its configurations are skipped", file=sys.stderr)
     deliveries: dict[str, list[dict[str, Any]]] = {}
+    delivered = 0  # the endpoint's count of every delivery so far (it serves every configuration)
     for index, (name, count, store) in enumerate(setups):
         processors = start_processors(procs, work, manifest_path, f"setup{index}", count, store)
-        targets = ",".join(target for target, _ in processors)
+        targets = ",".join(server.target for server, _ in processors)
         deliveries[name] = []
         for round_no in range(config.rounds):
             endpoint.check_alive()
             arguments = ["--mode", "emit", "--targets", targets, "--endpoint-port", str(endpoint_port)]
             arguments += ["--duration", str(config.duration), "--warmup", str(config.warmup)]
+            cpu_before = sum(cpu_seconds(server.pid) for server, _ in processors)
             run = procs.run_client(arguments)
+            # The processors' CPU over the whole round (warm-up and tail included) per delivery made in it.
+            cpu = sum(cpu_seconds(server.pid) for server, _ in processors) - cpu_before
+            run["cpu_ms_per_delivery"] = 1000 * cpu / max(1, run["delivered_total"] - delivered)
+            delivered = run["delivered_total"]
             deliveries[name].append(run)
             print(
                 f"  round {round_no + 1}/{config.rounds}  {name:<24} {run['deliveries_per_s']:8.0f} deliveries/s"
-                f"  ({run['emits']} emits x {config.fanout})",
+                f"  ({run['emits']} emits x {config.fanout}; {run['cpu_ms_per_delivery']:.3f} CPU ms a delivery)",
                 file=sys.stderr,
                 flush=True,
             )
-    target, listener = start_processors(procs, work, manifest_path, "receive", 1, "sqlite")[0]
+    server, listener = start_processors(procs, work, manifest_path, "receive", 1, "sqlite")[0]
+    target = server.target
     receives = []
     for round_no in range(config.rounds):
         arguments = ["--mode", "receive", "--targets", target, "--listener", listener]
@@ -304,15 +314,16 @@ def report(runs: tuple[dict[str, list[dict[str, Any]]], list[LoadResult]], confi
         f" {EMIT_CONCURRENCY}); median of {config.rounds} round(s) of {config.duration:g} s after {config.warmup:g} s"
         f" warm-up; {pinning}",
         "",
-        f"{'configuration':<26} {'deliveries/s':>12} {'per process':>12}",
+        f"{'configuration':<26} {'deliveries/s':>12} {'per process':>12} {'CPU ms/delivery':>16}",
     ]
     figures: dict[str, Any] = {}
     verdicts = []
     for name, setup_runs in deliveries.items():
         rate = statistics.median(r["deliveries_per_s"] for r in setup_runs)
         per_process = rate / (2 if name.startswith("2") else 1)
-        figures[name] = {"deliveries_per_s": rate, "per_process": per_process}
-        lines.append(f"{name:<26} {rate:>12.0f} {per_process:>12.0f}")
+        cpu_ms = statistics.median(r["cpu_ms_per_delivery"] for r in setup_runs)
+        figures[name] = {"deliveries_per_s": rate, "per_process": per_process, "cpu_ms_per_delivery": cpu_ms}
+        lines.append(f"{name:<26} {rate:>12.0f} {per_process:>12.0f} {cpu_ms:>16.3f}")
         verdicts.append(
             f"{verdict(per_process >= DELIVERIES_GOAL)}  {name}: {per_process:.0f} deliveries/s per process"
             f" (goal >= {DELIVERIES_GOAL:.0f})"

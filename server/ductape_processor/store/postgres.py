@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 import asyncpg
 
 from ductape_processor.errors import StoreUnavailable
-from ductape_processor.store import job_statements, migrations, statements
+from ductape_processor.store import job_statements, migrations, statements, webhook_statements
 from ductape_processor.store.base import ChangeListener
 from ductape_processor.store.features import SqlFeatureStore
 from ductape_processor.store.job_records import (
@@ -31,6 +31,7 @@ from ductape_processor.store.job_records import (
 )
 from ductape_processor.store.sql import Connection, Row
 from ductape_processor.store.statements import SqlValue, Statement
+from ductape_processor.store.webhook_records import WEBHOOKS_TOPIC, DeliveryRecord, Stored, WebhookMessage
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,41 @@ _STEP_JOBS: Final = Statement(
 )
 
 
+_DELIVERY_TYPES: Final = (
+    *("text", "text", "text", "text", "text", "text", "text", "smallint", "integer", "timestamptz", "timestamptz"),
+    *("integer", "text", "timestamptz"),
+)
+"""The types of DELIVERY_COLUMNS, in their order (for the arrays an Emit's deliveries are sent as)."""
+_WHEN_DISABLED: Final = {
+    "status": "4",
+    "attempts": "0",
+    "next_attempt_at": "NULL",
+    "lease_owner": "NULL",
+    "lease_until": "NULL",
+}
+"""A delivery to a disabled endpoint is stored ENDPOINT_DISABLED, not due and unleased."""
+_UNLESS_DISABLED: Final = ", ".join(
+    f"CASE WHEN x.endpoint IS NULL THEN d.{column} ELSE {_WHEN_DISABLED[column]} END"
+    if column in _WHEN_DISABLED
+    else f"d.{column}"
+    for column in (c.strip() for c in webhook_statements.DELIVERY_COLUMNS.split(","))
+)
+_EMIT: Final = Statement(
+    # One round trip for an Emit without an idempotency key: the message, and its deliveries as given but those to
+    # a disabled endpoint (ENDPOINT_DISABLED, unleased). Returns the ids of those stored leased (the emitter attempts
+    # them). Parameters: the message's columns, then one array per delivery column.
+    f"WITH message AS (INSERT INTO webhook_messages ({webhook_statements.MESSAGE_COLUMNS}) "  # noqa: S608
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)), "
+    "disabled AS (SELECT endpoint FROM webhook_endpoints WHERE product = ? AND env = ? AND webhook = ? "
+    "AND disabled_at IS NOT NULL), "
+    f"stored AS (INSERT INTO webhook_deliveries ({webhook_statements.DELIVERY_COLUMNS}) SELECT {_UNLESS_DISABLED} "
+    f"FROM unnest({', '.join(f'?::{kind}[]' for kind in _DELIVERY_TYPES)}) "
+    f"AS d({webhook_statements.DELIVERY_COLUMNS}) LEFT JOIN disabled x ON x.endpoint = d.endpoint "
+    "RETURNING delivery_id, lease_owner) "
+    "SELECT delivery_id FROM stored WHERE lease_owner IS NOT NULL"
+)
+
+
 class PostgresStore(SqlFeatureStore):
     """Store on PostgreSQL, shared by every replica."""
 
@@ -312,6 +348,20 @@ class PostgresStore(SqlFeatureStore):
         )
         ended.update(str(row[0]) for row in rows)
         return ended
+
+    async def insert_webhook_message(self, message: WebhookMessage, deliveries: list[DeliveryRecord]) -> Stored:
+        if message.idempotency_key:  # the key's lock and lookup: the shared transaction
+            return await super().insert_webhook_message(message, deliveries)
+        rows = [self._delivery_row(d) for d in deliveries]
+        columns = [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in _DELIVERY_TYPES]
+        values = (*self._message_row(message), message.product, message.env, message.webhook)
+        held: list[Row] = await self.pool.call(lambda pool: pool.fetch(_EMIT.numbered, *values, *columns), retry=False)
+        if any(d.lease_owner is None for d in deliveries):  # any replica may take those
+            await self._write(_NOTIFY, self._channels[WEBHOOKS_TOPIC], message.product)
+        ids = {str(row[0]) for row in held}
+        return Stored(
+            message, [d.delivery_id for d in deliveries], True, [d for d in deliveries if d.delivery_id in ids]
+        )
 
     async def _announce(self, conn: Connection, product: str, topic: str = "products") -> None:
         await conn.execute(_NOTIFY, self._channels[topic], product)

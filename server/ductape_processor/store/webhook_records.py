@@ -63,6 +63,17 @@ class DeliveryRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Stored:
+    """What storing an emitted message did: the message (the first one, for a repeated idempotency key), its
+    deliveries' ids, whether it is new, and the deliveries stored leased to the emitter (to attempt now)."""
+
+    message: WebhookMessage
+    delivery_ids: list[str]
+    new: bool
+    held: list[DeliveryRecord]
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptRecord:
     """One try of a delivery."""
 
@@ -160,12 +171,10 @@ class WebhookState(abc.ABC):
     """The webhook operations of the store."""
 
     @abc.abstractmethod
-    async def insert_webhook_message(
-        self, message: WebhookMessage, deliveries: list[DeliveryRecord]
-    ) -> tuple[WebhookMessage, list[str], bool]:
-        """Store a message and its deliveries (those to a disabled endpoint as ENDPOINT_DISABLED); returns it, the
-        delivery ids and True. When its idempotency key was used in its environment, returns the first message and
-        its delivery ids and False, storing nothing."""
+    async def insert_webhook_message(self, message: WebhookMessage, deliveries: list[DeliveryRecord]) -> Stored:
+        """Store a message and its deliveries: as given (those with a `lease_owner` leased to it, their first attempt
+        counted), but those to a disabled endpoint, which are ENDPOINT_DISABLED and unleased. When its idempotency key
+        was used in its environment, returns the first message and its delivery ids, storing nothing."""
 
     @abc.abstractmethod
     async def claim_deliveries(

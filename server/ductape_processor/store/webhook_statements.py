@@ -33,7 +33,7 @@ DISABLED_ENDPOINTS: Final = Statement(
 )
 INSERT_DELIVERY: Final = Statement(
     f"INSERT INTO webhook_deliveries ({DELIVERY_COLUMNS}) "  # noqa: S608
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)"
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 DELIVERY: Final = Statement(
     f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries "  # noqa: S608

@@ -28,6 +28,7 @@ from ductape_processor.store.webhook_records import (
     DispatchStatus,
     EndpointKey,
     ReceivedRecord,
+    Stored,
     WebhookMessage,
 )
 
@@ -44,9 +45,12 @@ class SqlWebhookStore(SqlJobStore):
         times = dict.fromkeys(("next_attempt_at", "created_at", "lease_until"), self._dialect.moment)
         return DeliveryRecord(**_named(DeliveryRecord, row, status=DeliveryStatus, **times))
 
+    def _message_row(self, message: WebhookMessage) -> tuple[Any, ...]:
+        return _values(message, created_at=self._dialect.time)
+
     def _delivery_row(self, delivery: DeliveryRecord) -> tuple[Any, ...]:
-        times = dict.fromkeys(("next_attempt_at", "created_at"), self._dialect.time)
-        return _values(delivery, status=int, **times)[:-2]  # the lease is NULL
+        times = dict.fromkeys(("next_attempt_at", "created_at", "lease_until"), self._dialect.time)
+        return _values(delivery, status=int, **times)
 
     def _attempt(self, row: Row) -> AttemptRecord:
         return AttemptRecord(**_named(AttemptRecord, row, started_at=self._dialect.moment, success=bool))
@@ -57,33 +61,38 @@ class SqlWebhookStore(SqlJobStore):
 
     # -- emitting ---------------------------------------------------------------------------------------------------
 
-    async def insert_webhook_message(
-        self, message: WebhookMessage, deliveries: list[DeliveryRecord]
-    ) -> tuple[WebhookMessage, list[str], bool]:
-        async def insert(conn: Connection) -> tuple[WebhookMessage, list[str], bool]:
+    async def insert_webhook_message(self, message: WebhookMessage, deliveries: list[DeliveryRecord]) -> Stored:
+        async def insert(conn: Connection) -> Stored:
             if message.idempotency_key:
                 row = await conn.fetchrow(sql.MESSAGE_BY_KEY, message.product, message.env, message.idempotency_key)
                 if row is not None:
                     first = self._message(row)
                     ids = [str(r[0]) for r in await conn.fetch(sql.DELIVERY_IDS_OF, first.message_id)]
-                    return first, ids, False
-            await conn.execute(sql.INSERT_MESSAGE, *_values(message, created_at=self._dialect.time))
+                    return Stored(first, ids, False, [])
+            await conn.execute(sql.INSERT_MESSAGE, *self._message_row(message))
             disabled = {
                 str(r[0])
                 for r in await conn.fetch(sql.DISABLED_ENDPOINTS, message.product, message.env, message.webhook)
             }
-            rows = [
-                self._delivery_row(
-                    d
-                    if d.endpoint not in disabled
-                    else replace(d, status=DeliveryStatus.ENDPOINT_DISABLED, next_attempt_at=None)
+            stored = [
+                d
+                if d.endpoint not in disabled
+                else replace(
+                    d,
+                    status=DeliveryStatus.ENDPOINT_DISABLED,
+                    next_attempt_at=None,
+                    attempts=0,
+                    lease_owner=None,
+                    lease_until=None,
                 )
                 for d in deliveries
             ]
-            if rows:
-                await conn.executemany(sql.INSERT_DELIVERY, rows)
-                await self._announce(conn, message.product, WEBHOOKS_TOPIC)
-            return message, [d.delivery_id for d in deliveries], True
+            if stored:
+                await conn.executemany(sql.INSERT_DELIVERY, [self._delivery_row(d) for d in stored])
+            if any(d.status == DeliveryStatus.PENDING and d.lease_owner is None for d in stored):
+                await self._announce(conn, message.product, WEBHOOKS_TOPIC)  # any replica may take them
+            held = [d for d in stored if d.lease_owner is not None]
+            return Stored(message, [d.delivery_id for d in deliveries], True, held)
 
         lock = (
             f"webhooks:{message.product}:{message.env}:{message.idempotency_key}" if message.idempotency_key else None
@@ -140,8 +149,8 @@ class SqlWebhookStore(SqlJobStore):
             # Attempts first: the end clears the lease that says this owner still held the delivery.
             await conn.executemany(sql.insert_attempt_if_held(self._dialect), attempts)
             await conn.executemany(sql.END_DELIVERY, updates)
-            for where in recovered:  # a success in the batch: the endpoint is not failing every attempt
-                await conn.execute(sql.ENDPOINT_RECOVERED, *where)
+            if recovered:  # a success in the batch: the endpoint is not failing every attempt
+                await conn.executemany(sql.ENDPOINT_RECOVERED, sorted(recovered))
             disabled: list[EndpointKey] = []
             for where, disable_after in failing.items():
                 if where in recovered:

@@ -106,13 +106,18 @@ class ClaimRounds(PeriodicTask):
 class EndBatches(Generic[T]):
     """The ends of claimed work, written many to a store call by a task of their own: while one call is on its way,
     the ends that come in meanwhile wait and go together in the next (a group commit: no added wait when the store
-    keeps up, fewer transactions when it does not). A call that fails is logged and the batch is tried again a second
+    keeps up, fewer transactions when it does not). With a `linger`, a batch waits that long for more ends before it
+    is written: for ends nothing waits on, whose lease covers the delay, it makes fewer store writes, and keeps them
+    off the moments the work itself is busy. A call that fails is logged and the batch is tried again a second
     later; should the store stay away, the leases run out and the work is claimed again."""
 
-    def __init__(self, name: str, write: Callable[[list[T]], Awaitable[object]], batch: int) -> None:
+    def __init__(
+        self, name: str, write: Callable[[list[T]], Awaitable[object]], batch: int, linger_s: float = 0.0
+    ) -> None:
         self.name = name
         self._write = write
         self._batch = batch
+        self._linger_s = linger_s
         self._ends: list[T] = []
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -139,6 +144,8 @@ class EndBatches(Generic[T]):
     async def _rounds(self) -> None:
         while True:
             await self._ready.wait()
+            if self._linger_s and len(self._ends) < self._batch:
+                await asyncio.sleep(self._linger_s)
             self._ready.clear()
             try:
                 await self._flush()
@@ -165,8 +172,10 @@ class ClaimLimits:
 
 class ClaimedWork:
     """One replica's share of work claimed under leases: `claim(free)` claims up to `free` pieces and hands each to
-    `run` (a task); the rounds claim while fewer than `concurrency` run, and a piece that ends makes room. `stop`
-    gives the pieces running a grace; those cut off leave leases that run out, and the work is claimed again."""
+    `run` (a task); the rounds claim while fewer than `concurrency` run, and a piece that ends makes room. Work this
+    replica creates can skip the claim: `reserve` room for it, store it leased to this replica, then `run` it (or
+    `release` the room). `stop` gives the pieces running a grace; those cut off leave leases that run out, and the
+    work is claimed again."""
 
     def __init__(
         self,
@@ -180,9 +189,22 @@ class ClaimedWork:
         self._limits = limits
         self.rounds = ClaimRounds(name, self._claim, next_moment, clock, limits.poll_s)
         self._running: set[asyncio.Task[None]] = set()
+        self._reserved = 0
 
-    def run(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run one piece of work in a task of its own."""
+    def reserve(self, wanted: int) -> int:
+        """Room for up to `wanted` pieces this replica is about to store leased to itself: how many fit now."""
+        granted = max(0, min(wanted, self._limits.concurrency - len(self._running) - self._reserved))
+        self._reserved += granted
+        return granted
+
+    def release(self, count: int) -> None:
+        """Give back room `reserve` granted and no piece took."""
+        self._reserved -= count
+
+    def run(self, work: Coroutine[Any, Any, None], *, reserved: bool = False) -> None:
+        """Run one piece of work in a task of its own (`reserved`: in room `reserve` granted)."""
+        if reserved:
+            self._reserved -= 1
         task = asyncio.get_running_loop().create_task(work)
         self._running.add(task)
         task.add_done_callback(self._done)
@@ -202,7 +224,7 @@ class ClaimedWork:
                 await asyncio.wait(late)
 
     async def _claim(self) -> bool:
-        free = min(self._limits.claim_batch, self._limits.concurrency - len(self._running))
+        free = min(self._limits.claim_batch, self._limits.concurrency - len(self._running) - self._reserved)
         if free <= 0:
             return False  # a piece that ends wakes the rounds
         return await self._claim_up_to(free) == free

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Final
 
@@ -125,6 +125,24 @@ class DeliveryWorker:
         """Look for due deliveries now (one was emitted or redelivered here)."""
         self._work.wake()
 
+    def hold(self, deliveries: list[DeliveryRecord]) -> list[DeliveryRecord]:
+        """Deliveries an Emit is about to store, those this replica has room to attempt at once leased to it (their
+        first attempt counted): no claim stands between the emit and the POST. `release` the room of any not stored
+        so (a failed insert, a repeated key, a disabled endpoint)."""
+        room = self._work.reserve(len(deliveries))
+        now = self._clock.now()
+        lease = now + self._settings.lease
+        held = [replace(d, attempts=1, lease_owner=self.owner, lease_until=lease) for d in deliveries[:room]]
+        return held + deliveries[room:]
+
+    def release(self, count: int) -> None:
+        """Give back the room of `count` deliveries `hold` leased that were not stored leased."""
+        self._work.release(count)
+
+    def attempt(self, delivery: DeliveryRecord, body: str) -> None:
+        """Attempt a delivery `hold` leased to this replica and the store kept so (in the background)."""
+        self._work.run(self._attempt(delivery, body), reserved=True)
+
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; attempts going get `grace_s` to end (their leases run out otherwise, and another replica
         makes them again); the ends are written."""
@@ -222,7 +240,8 @@ class DeliveryWorker:
                 "webhook endpoint disabled",
                 extra={"product": product, "env": env, "webhook": webhook, "endpoint": endpoint},
             )
-        self._work.wake()  # a retry may be due sooner than the rounds' wait
+        if any(end.status == DeliveryStatus.PENDING for end in batch):
+            self._work.wake()  # a retry may be due sooner than the rounds' wait
 
     async def _write_deferrals(self, batch: list[Deferral]) -> None:
         await self._store.defer_deliveries(batch)

@@ -47,6 +47,9 @@ DISPATCH_ATTEMPTS: Final = 20
 DISPATCH_BACKOFF: Final = Backoff(1.0, 600.0)
 END_BATCH: Final = 500
 """Dispatch ends written in one store call at most."""
+END_LINGER_S: Final = 0.2
+"""How long a dispatch's end waits for others to be written with (nothing waits on it, and its lease covers it): one
+store write for the webhooks of that moment, rather than one each on the path of the next webhook's insert."""
 
 
 DISPATCH_LIMITS: Final = ClaimLimits(poll_s=5.0, claim_batch=100, concurrency=256)
@@ -114,7 +117,7 @@ class DispatchWorker:
         self.owner = uuid.uuid4().hex
         """This replica's name on the leases it holds."""
         self._work = ClaimedWork("webhook dispatches", self._claim, store.next_dispatch_moment, clock, settings.limits)
-        self._ends = EndBatches("webhook dispatch ends", self._store.end_dispatches, END_BATCH)
+        self._ends = EndBatches("webhook dispatch ends", self._store.end_dispatches, END_BATCH, END_LINGER_S)
 
     def start(self) -> None:
         """Start claiming dispatches that fall due (retries, and those of replicas that died)."""

@@ -192,12 +192,22 @@ class WebhookRuntime:
             for endpoint in webhook.endpoints.get(slug, [])
             if not endpoint.events or event_tag in endpoint.events
         ]
-        stored, ids, new = await self._store.insert_webhook_message(message, deliveries)
-        if not new and stored.request_hash != message.request_hash:
+        if first_delay <= timedelta(0):  # due at once: attempted here, without waiting for a claim
+            deliveries = self._worker.hold(deliveries)
+        held = sum(1 for d in deliveries if d.lease_owner is not None)
+        try:
+            stored = await self._store.insert_webhook_message(message, deliveries)
+        except BaseException:
+            self._worker.release(held)
+            raise
+        self._worker.release(held - len(stored.held))  # a repeated key's, or a disabled endpoint's
+        if not stored.new and stored.message.request_hash != message.request_hash:
             raise key_reused("event or payload", call.idempotency_key)
-        if new and ids:
-            self._worker.wake()
-        return Emitted(stored.message_id, ids, not new, "")
+        for delivery in stored.held:
+            self._worker.attempt(delivery, message.body)
+        if stored.new and len(stored.held) < len(stored.delivery_ids):
+            self._worker.wake()  # the rest are claimed (or a disabled endpoint's: nothing to do)
+        return Emitted(stored.message.message_id, stored.delivery_ids, not stored.new, "")
 
     async def list_deliveries(
         self, where: DeliveryFilter, page_size: int, page_token: str
