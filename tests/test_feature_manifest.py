@@ -245,3 +245,10 @@ def test_do_while_is_bounded_and_zero_values_in_conditions_are_values() -> None:
 def test_every_step_type_of_the_manifest_has_a_registration() -> None:
     declared = Manifest.model_json_schema()["$defs"]["FeatureEvent"]["properties"]["type"]["enum"]
     assert sorted(declared) == sorted(STEP_KINDS)
+
+
+def test_a_declared_job_may_run_a_feature_the_manifest_declares() -> None:
+    job = {"tag": "nightly", "target": {"kind": "feature", "event": "nope"}, "repeat": {"every": "1h"}}
+    found = problems(manifest(feature(step("a")), jobs=[job]))
+    assert found["jobs[0].target.event"] == "'nope' is not a feature of the product (give feature_tag)"
+    load_manifest(manifest(feature(step("a")), jobs=[{**job, "target": {"kind": "feature", "event": "signup"}}]))

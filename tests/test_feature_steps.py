@@ -135,3 +135,30 @@ async def test_one_run_calls_every_kind_of_resource_and_pipes_their_answers(
     assert json.loads(json.dumps(ops.bodies["hook"][0]))["data"] == {"orderId": "u1"}
     children = [r async for r in running.client.feature.runs(product="shop", env="dev", feature="child")]
     assert [r.parent_process_id for r in children] == [done.process_id]
+
+
+async def test_a_job_runs_a_feature_and_waits_for_its_end(start_server: ServerFactory, ops: Ops) -> None:
+    ops.failures["broken"] = 99
+    running = await start_server()
+    works = {"tag": "works", "sequence": [step("a", op("hello", body="$Input"))], "output": "$Sequence{a}{hello}{n}"}
+    fails = {"tag": "fails", "sequence": [step("a", op("broken"))]}
+    declared = {"tag": "nightly", "target": {"kind": "feature", "event": "works"}, "repeat": {"cron": "0 3 * * *"}}
+    await running.client.product.apply(manifest(ops.url, works, fails, jobs=[declared]))
+    ok = await running.client.job.schedule(product="shop", env="dev", kind="feature", event="works", input={"n": 7})
+    bad = await running.client.job.schedule(product="shop", env="dev", kind="feature", event="fails")
+
+    async def ended(job_id: str) -> Any:
+        async with asyncio.timeout(10):
+            while True:
+                runs = (await running.client.job.list_runs(product="shop", env="dev", job_id=job_id)).runs
+                if runs and runs[0].status in ("succeeded", "failed"):
+                    return runs[0]
+                await asyncio.sleep(0.05)
+
+    done, failed = await ended(ok.job_id), await ended(bad.job_id)
+    assert done.status == "succeeded" and done.result["status"] == "completed" and done.result["output"] == 1
+    run = await running.client.feature.get(product="shop", env="dev", process_id=done.result["process_id"])
+    assert run.feature == "works" and run.input == {"n": 7} and ops.bodies["hello"] == [{"n": 7}]
+    assert failed.status == "failed" and failed.error_reason == "FEATURE_RUN_FAILED"
+    nightly = await running.client.job.get(product="shop", env="dev", name="nightly")
+    assert (nightly.kind, nightly.event, nightly.declared) == ("feature", "works", True)

@@ -207,6 +207,7 @@ def build(
         clock,
         FeatureSettings(poll_s=settings.feature_poll_s, lease=timedelta(seconds=settings.feature_lease_s)),
     )
+    targets.serve_features(features)  # jobs run features too
     receiver = WebhookReceiver(registry, store, brokers, secrets, clock, dispatches)
     webhook_http: WebhookHttpListener | None = None
     if settings.webhook_http_address:

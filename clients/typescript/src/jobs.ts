@@ -7,7 +7,7 @@
  *                                  input: { message: { ping: 1 } }, repeat: { cron: "30 1 * * *" }, name: "nightly" });
  *   for await (const run of processor.job.runs({ product: "shop", env: "dev", jobId: job.jobId })) console.log(run.status);
  *
- * `kind` is `action` (default), `database_action`, `notification`, `storage` or `publish`. Times are Dates (or
+ * `kind` is `action` (default), `database_action`, `notification`, `storage`, `publish` or `feature`. Times are Dates (or
  * epoch milliseconds), durations milliseconds; statuses read as lower-case words (`scheduled`, `succeeded`, ...).
  */
 import { duration, paged, sessionRef, ResourceClient, type CallOptions, type SessionLike } from "./call.js";
@@ -61,7 +61,7 @@ export interface ScheduleOptions {
   env: string;
   /** The target: `app:action`, `database:action`, `notification:message`, `broker:topic`, ... */
   event: string;
-  kind?: "action" | "database_action" | "notification" | "storage" | "publish";
+  kind?: "action" | "database_action" | "notification" | "storage" | "publish" | "feature";
   /** The target's input, as a plain object. */
   input?: Record<string, unknown>;
   session?: SessionLike;

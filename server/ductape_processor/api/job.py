@@ -44,6 +44,7 @@ _KINDS = {
     job_pb2.TARGET_KIND_NOTIFICATION: TargetKind.NOTIFICATION,
     job_pb2.TARGET_KIND_STORAGE: TargetKind.STORAGE,
     job_pb2.TARGET_KIND_PUBLISH: TargetKind.PUBLISH,
+    job_pb2.TARGET_KIND_FEATURE: TargetKind.FEATURE,
 }
 _KIND_VALUES = {kind: value for value, kind in _KINDS.items()}
 _OVERLAPS = {

@@ -11,8 +11,9 @@
     page = await processor.job.list_runs(product="shop", env="dev", job_id=scheduled.job_id)
     await processor.job.cancel(product="shop", env="dev", name="nightly")
 
-`kind` is `action` (default), `database_action`, `notification`, `storage` or `publish`. Times are datetimes or
-Unix seconds; durations are timedeltas or seconds. Statuses read as lower-case words (`scheduled`, `succeeded` ...).
+`kind` is `action` (default), `database_action`, `notification`, `storage`, `publish` or `feature`. Times are
+datetimes or Unix seconds; durations are timedeltas or seconds. Statuses read as lower-case words (`scheduled`,
+`succeeded` ...).
 """
 
 from __future__ import annotations

@@ -441,6 +441,18 @@ class FeatureRuntime:
         )
         return await self.run(call, wait=wait, timeout_s=timeout_s)
 
+    async def _completed(self, call: RunCall, timeout_s: float | None) -> FeatureRunRecord:
+        """Run `call` to its end; FAILED_PRECONDITION `FEATURE_RUN_FAILED` when it did not complete (in time)."""
+        ended = (await self.run(call, wait=True, timeout_s=timeout_s)).run
+        if ended.status != FeatureRunStatus.COMPLETED:
+            state = ended.status.name.lower()
+            raise FailedPrecondition(
+                f"feature {call.feature!r} (run {ended.run_id}) is {state}: {ended.error_message or 'no output'}",
+                reason=Reason.FEATURE_RUN_FAILED,
+                metadata={"process_id": ended.run_id, "status": state},
+            )
+        return ended
+
     async def run_child(self, call: StepCall) -> Any:
         """A `feature` event: the child run (started once per key) once it ended; its output, or why it did not
         complete."""
@@ -456,13 +468,20 @@ class FeatureRuntime:
             version=call.version,
             parent_run=call.run_id,
         )
-        view = await self.run(child, wait=True, timeout_s=None)
-        ended = view.run
-        if ended.status != FeatureRunStatus.COMPLETED:
-            raise FailedPrecondition(
-                f"feature {call.address!r} (run {ended.run_id}) ended {ended.status.name.lower()}: "
-                f"{ended.error_message or 'no output'}",
-                reason=Reason.FEATURE_RUN_FAILED,
-                metadata={"process_id": ended.run_id, "status": ended.status.name.lower()},
-            )
+        ended = await self._completed(child, None)
         return json.loads(ended.output) if ended.output else None
+
+    async def run_target(
+        self,
+        product: str,
+        env: str,
+        feature: str,
+        input: dict[str, Any],
+        session: tuple[str, str] | None,
+        timeout_s: float,
+    ) -> tuple[Any, str]:
+        """A job's `feature` target (`FeatureTargets`): the run, waited for at most `timeout_s`; its
+        `{process_id, status, output}` and its process id."""
+        ended = await self._completed(RunCall(product, env, feature, input, session), timeout_s)
+        result = {"process_id": ended.run_id, "status": "completed", "output": json.loads(ended.output or "null")}
+        return result, ended.run_id

@@ -17,7 +17,7 @@ MAX_CRON_CHARS: Final = 1000
 """Longer than any real expression (every minute listed is 170 characters); parsing is bounded by it (~5 ms)."""
 MAX_ZONE_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 200
-TARGET_KINDS: Final = ("action", "database_action", "notification", "storage", "publish")
+TARGET_KINDS: Final = ("action", "database_action", "notification", "storage", "publish", "feature")
 """The kinds of resource a job runs."""
 _DECLARED: Final = {
     "action": ("apps", "actions", "app_tag:action_tag"),
@@ -25,6 +25,7 @@ _DECLARED: Final = {
     "notification": ("notifications", "messages", "notification_tag:message_tag"),
     "publish": ("brokers", "topics", "broker_tag:topic_tag"),
     "storage": ("storage", "", "storage_tag"),
+    "feature": ("features", "", "feature_tag"),
 }
 """Per kind: the manifest's list of resources, each one's list of addressable parts, and the address's form."""
 

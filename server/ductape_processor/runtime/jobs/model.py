@@ -30,6 +30,7 @@ class TargetKind(StrEnum):
     NOTIFICATION = "notification"
     STORAGE = "storage"
     PUBLISH = "publish"
+    FEATURE = "feature"
 
 
 class Overlap(StrEnum):

@@ -10,7 +10,7 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from ductape_processor.errors import FailedPrecondition, InvalidArgument
 from ductape_processor.reasons import Reason
@@ -46,6 +46,22 @@ class TargetOptions:
     version: int | None = None
     idempotency_key: str = ""
     cache: str = ""
+
+
+class FeatureTargets(Protocol):
+    """Runs a feature as a job's target (FeatureRuntime)."""
+
+    async def run_target(
+        self,
+        product: str,
+        env: str,
+        feature: str,
+        input: dict[str, Any],
+        session: tuple[str, str] | None,
+        timeout_s: float,
+    ) -> tuple[Any, str]:
+        """The ended run's `{process_id, status, output}` and its process id; FEATURE_RUN_FAILED when it did not
+        complete."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +113,13 @@ class JobTargets:
             TargetKind.NOTIFICATION: self._notification,
             TargetKind.STORAGE: self._save,
             TargetKind.PUBLISH: self._publish,
+            TargetKind.FEATURE: self._feature,
         }
+        self._features: FeatureTargets | None = None
+
+    def serve_features(self, features: FeatureTargets) -> None:
+        """Who runs `feature` targets (the features' runtime, built after this: its steps call these targets)."""
+        self._features = features
 
     async def call(self, product: str, env: str, target: Target, options: TargetOptions = TargetOptions()) -> Outcome:
         """Call `target` once in the product's environment; a failure raises the kind's ProcessorError."""
@@ -221,6 +243,14 @@ class JobTargets:
             product, env, target.address, outgoing, deadline=Deadline(options.timeout_s)
         )
         return Outcome({"message_id": message_id})
+
+    async def _feature(self, product: str, env: str, target: Target, options: TargetOptions) -> Outcome:
+        if self._features is None:
+            raise FailedPrecondition("this processor runs no features", reason=Reason.FEATURE_NOT_FOUND)
+        result, process_id = await self._features.run_target(
+            product, env, target.address, dict(target.input), target.session, options.timeout_s
+        )
+        return Outcome(result, process_id)
 
 
 _CALLBACK_FIELDS: Final = frozenset(("query", "params", "body", "headers", "variables"))

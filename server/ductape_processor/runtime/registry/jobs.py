@@ -12,7 +12,7 @@ from ductape_processor.runtime.jobs.checks import cron_problem, zone_problem
 from ductape_processor.runtime.registry.durations import PositiveDuration
 from ductape_processor.runtime.registry.fields import ManifestModel, NamedResource
 
-TargetKindName = Literal["action", "database_action", "notification", "storage", "publish"]
+TargetKindName = Literal["action", "database_action", "notification", "storage", "publish", "feature"]
 
 
 class JobTarget(ManifestModel):

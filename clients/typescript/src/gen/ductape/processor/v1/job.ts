@@ -55,6 +55,13 @@ export enum TargetKind {
    * `{message (any JSON), attributes, ordering_key}`.
    */
   TARGET_KIND_PUBLISH = 5,
+  /**
+   * TARGET_KIND_FEATURE - A feature (FeatureService.Run): address `feature_tag`; input: the
+   * feature's input. The run waits for the feature's run to end: its result is
+   * `{process_id, status, output}`; a feature run that did not complete fails
+   * the attempt (`FEATURE_RUN_FAILED`, retried by the job's retry policy).
+   */
+  TARGET_KIND_FEATURE = 6,
   UNRECOGNIZED = -1,
 }
 
