@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from ductape.processor.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from ductape.processor.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnauthenticatedError
 from ductape.processor.features import FeatureRun
 
 from ductape_processor.store import Store
@@ -431,3 +431,47 @@ async def test_a_waiting_run_answers_as_it_stands_when_its_deadline_comes(
     ended = await running.client.feature.run(**RUN, feature="flow", wait=False)
     assert ended.status == "running"
     assert json.loads(json.dumps(pending.input)) == {}
+
+
+async def test_a_run_reads_its_session_and_its_steps_present_it(start_server: ServerFactory, ops: Ops) -> None:
+    session_type = {
+        "tag": "user",
+        "schema": {"userId": {"type": "string", "required": True}},
+        "selector": "$Session{userId}",
+    }
+    with_session = {
+        "tag": "api",
+        "envs": {"dev": {"base_url": ops.url}},
+        "retry": {"max": 0},
+        "actions": [{"tag": "me", "method": "POST", "path": "/op/me", "body": {"from_action": "$Session{userId}"}}],
+    }
+    running = await serve(
+        start_server,
+        ops,
+        feature(
+            step("a", op("who", body={"user": "$Session{userId}"})),
+            step("b", {"tag": "me", "type": "action", "event": "api2:me"}, parents=["a"]),
+            output="$Session{userId}",
+        ),
+        sessions=[session_type],
+        apps=[json.loads(manifest(ops.url))["apps"][0], {**with_session, "tag": "api2"}],
+    )
+    tokens = await running.client.session.start(product="shop", env="dev", tag="user", data={"userId": "u-42"})
+    done = await run(running, session={"tag": "user", "token": tokens.token})
+    assert done.status == "completed" and done.output == "u-42"
+    assert ops.bodies["who"] == [{"user": "u-42"}], "the feature's template reads the session"
+    assert ops.bodies["me"] == [{"from_action": "u-42"}], "the action's own template reads the session it is given"
+    with pytest.raises(UnauthenticatedError):
+        await run(running, session={"tag": "user", "token": "not-a-token"})
+
+
+async def test_an_events_cache_serves_the_second_runs_call(start_server: ServerFactory, ops: Ops) -> None:
+    running = await serve(
+        start_server,
+        ops,
+        feature(step("a", op("cached", method="GET", cache="short")), output="$Sequence{a}{cached}{n}"),
+        caches=[{"tag": "short", "ttl": "1m"}],
+    )
+    first, second = await run(running), await run(running)
+    assert (first.output, second.output) == (1, 1), "the second run's call is answered from the cache"
+    assert ops.count["cached"] == 1
