@@ -242,6 +242,20 @@ async def test_a_dead_lettered_json_message_stays_a_json_value(broker: Running) 
     await dead.close()
 
 
+async def test_a_new_manifest_version_routes_its_topics_at_once(start_server: ServerFactory) -> None:
+    running = await start_server()
+    run = secrets.token_hex(4)
+    await running.client.product.apply(manifest("memory", run))
+    await publish(running, "before", event="events:other")
+    document = json.loads(manifest("memory", run))
+    document["brokers"][0]["topics"] = [t for t in document["brokers"][0]["topics"] if t["tag"] != "other"]
+    await running.client.product.apply(json.dumps(document).encode())
+    with pytest.raises(NotFoundError) as refused:
+        await publish(running, "after", event="events:other")
+    assert refused.value.reason == "TOPIC_NOT_FOUND"
+    await publish(running, "still", event="events:orders")
+
+
 async def test_one_group_shares_and_two_groups_each_get_everything(broker: Running) -> None:
     a, b, other = (
         subscribe(broker, "shared", max_batch=1),

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final, TypeVar
 
@@ -27,6 +27,7 @@ from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEv
 from ductape_processor.runtime.brokers.stream import SubscribeStream
 from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.runtime.policies import Deadline
+from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.idempotency import claim, idempotency_key_problem, key_reused, record_key
 from ductape_processor.runtime.registry.fields import named
@@ -42,6 +43,8 @@ later (or unset); then it answers UNAVAILABLE `BROKER_UNAVAILABLE` (docs/brokers
 PUBLISH_LEASE: Final = timedelta(seconds=PUBLISH_LIMIT_S + 5)
 """How long an idempotency key stays claimed by a publish: past PUBLISH_LIMIT_S its owner has given up or died."""
 MAX_ATTRIBUTES = 64
+ROUTES_REMEMBERED: Final = 1024
+"""Routes (product, environment, event) kept, the least recently used forgotten first."""
 ID_BYTES: Final = 12
 """Random bytes in a message id (24 hex characters) when the publish has no idempotency key."""
 MAX_BATCH_ENTRIES = 1000
@@ -51,16 +54,16 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A resolved `broker:topic` in one environment."""
+    """A resolved `broker:topic` in one environment, and the CloudEvents `source` of messages published there."""
 
     resolved: Resolved
     broker: Broker
     topic: Topic
+    source: str = field(init=False)
 
-    @property
-    def source(self) -> str:
-        """The CloudEvents source of messages published here."""
-        return f"/ductape/{self.resolved.product}/{self.resolved.env.slug}/{self.broker.tag}"
+    def __post_init__(self) -> None:
+        resolved = self.resolved
+        object.__setattr__(self, "source", f"/ductape/{resolved.product}/{resolved.env.slug}/{self.broker.tag}")
 
 
 class BrokerRuntime:
@@ -72,20 +75,28 @@ class BrokerRuntime:
         self._adapters = EnvironmentAdapters[BrokerAdapter]("broker", services.secrets)
         self._closing = asyncio.Event()
         self._subscriptions: set[Subscription] = set()
+        self._routes = BoundedCache[tuple[str, str, str], Route](ROUTES_REMEMBERED)
 
     # -- resolution ---------------------------------------------------------------------------------------------
 
     async def route(self, product: str, env: str, event: str, field: str = "event") -> Route:
-        """The broker and topic an event names in the caller's environment."""
+        """The broker and topic an event names in the caller's environment. A route is remembered for as long as
+        the environment resolves to the same model (finding it again took about 20 µs of a Publish's CPU)."""
         broker_tag, sep, topic_tag = event.partition(":")
         if not sep or not broker_tag or not topic_tag:
             raise InvalidArgument.field(field, "must be broker_tag:topic_tag")
         resolved = await self._services.registry.resolve(product, env)
+        key = (product, env, event)
+        known = self._routes.get(key)
+        if known is not None and known.resolved is resolved:
+            return known
         broker = named(product, resolved.manifest.brokers, "broker", broker_tag, Reason.BROKER_NOT_FOUND)
         topic = next((t for t in broker.topics if t.tag == topic_tag), None)
         if topic is None:
             raise NotFound.in_resource(product, "broker", broker_tag, "topic", topic_tag, Reason.TOPIC_NOT_FOUND)
-        return Route(resolved, broker, topic)
+        route = Route(resolved, broker, topic)
+        self._routes.put(key, route)
+        return route
 
     def adapter(self, route: Route) -> BrokerAdapter:
         """The (lazily opened, shared) adapter of the route's broker environment."""
