@@ -1195,7 +1195,7 @@ def pinned_cpu(run: Flow) -> tuple[float, float]:
 def report(bench: Bench, config: Config) -> tuple[list[str], dict[str, Any]]:
     """The tables as lines, and everything as data (for --json)."""
     pinning = (
-        f"CPUs: processor and bare server on {SERVER_CPU}; gRPC publisher + subscriber on {CLIENT_CPU}; direct "
+        f"CPUs: processor, bare and floor servers on {SERVER_CPU}; gRPC publisher + subscriber on {CLIENT_CPU}; direct "
         f"publisher on {DIRECT_PUB_CPU}, direct subscriber on {SUB_CPU}; NATS and Redis servers not pinned"
         if config.pin
         else "no CPU pinning"
