@@ -15,7 +15,7 @@ from ductape.processor.v1 import job_pb2
 from ductape_processor.runtime.jobs.model import RunTrigger
 from ductape_processor.runtime.jobs.scheduler import new_run
 from ductape_processor.store import Store
-from ductape_processor.store.job_records import JobRecord, JobStatus, JobStep, RunStatus
+from ductape_processor.store.job_records import JobRecord, JobStatus, JobStep, RunEnd, RunStatus
 from tests.jobs_harness import (  # noqa: F401 - the fixture
     START,
     Jobs,
@@ -166,3 +166,29 @@ async def test_declared_jobs_are_checked_when_the_manifest_is_applied(jobs: Jobs
         await jobs.running.client.product.apply(manifest(jobs.upstream.url, f"jobs: [{declaration}]"))
     assert caught.value.reason == "INVALID_MANIFEST"
     assert any(v.field.startswith(path) for v in caught.value.field_violations), caught.value.field_violations
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        RunEnd(RunStatus.SUCCEEDED, START + timedelta(seconds=2), result='{"ok":true}', process_id="p-1"),
+        RunEnd(
+            RunStatus.RETRYING, START + timedelta(seconds=2), START + timedelta(seconds=5), "", "X", "failed", "p-2"
+        ),
+        RunEnd(RunStatus.FAILED, START + timedelta(seconds=2), None, "", "X", "failed", "", JobStatus.FAILED),
+    ],
+    ids=["succeeded", "retrying", "failed-one-off"],
+)
+async def test_an_ended_run_as_the_scheduler_tells_it_is_the_run_the_store_holds(
+    store_factory: Callable[[], Awaitable[Store]], end: RunEnd
+) -> None:
+    store = await store_factory()
+    job = _due_job("ending")
+    await store.insert_job(job, replace=False, now=START)
+    running = new_run(
+        job, START, RunStatus.RUNNING, RunTrigger.SCHEDULE, attempts=1, started_at=START, owner="me", lease_until=START
+    )
+    await store.insert_run(running)
+    assert await store.end_runs("someone else", [(running.run_id, end)]) == set()  # not theirs to end
+    assert await store.end_runs("me", [(running.run_id, end)]) == {running.run_id}
+    assert await store.get_run(running.run_id) == end.ended(running)  # what WatchRuns streams is what ListRuns reads

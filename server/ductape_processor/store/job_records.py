@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Final
@@ -146,17 +146,26 @@ class RunEnd:
 
     def ended(self, run: RunRecord) -> RunRecord:
         """`run` (as its owner held it) once this end is recorded (`Store.end_runs`): no longer leased."""
-        return replace(
-            run,
+        # Built field by field: dataclasses.replace reads the fields anew on every call, for every run that ends.
+        return RunRecord(
+            run_id=run.run_id,
+            job_id=run.job_id,
+            product=run.product,
+            env=run.env,
+            trigger=run.trigger,
             status=self.status,
-            ended_at=self.ended_at if self.status != RunStatus.RETRYING else None,
+            due_at=run.due_at,
             attempt_at=self.attempt_at,
+            attempts=run.attempts,
+            started_at=run.started_at,
+            ended_at=self.ended_at if self.status != RunStatus.RETRYING else None,
+            owner=None,
+            lease_until=None,
+            reclaimed=run.reclaimed,
             result=self.result,
             error_reason=self.error_reason,
             error_message=self.error_message,
             process_id=self.process_id,
-            owner=None,
-            lease_until=None,
         )
 
 
