@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from ductape.processor import NotFoundError, Processor, ProcessorError, UnauthenticatedError
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ductape_processor.api.auth import hash_key
@@ -112,6 +113,16 @@ CALLS: dict[str, Call] = {
 }
 
 
+async def finished_span(spans: InMemorySpanExporter, name: str) -> ReadableSpan:
+    """The one finished span of that name: the server ends a call's span after it has answered, so it may lag."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while not (found := [s for s in spans.get_finished_spans() if s.name == name]):
+        assert asyncio.get_running_loop().time() < deadline, f"no span {name!r} ended within 10 s"
+        await asyncio.sleep(0.01)
+    [span] = found
+    return span
+
+
 @pytest.mark.parametrize("method", sorted(CALLS))
 async def test_the_callers_traceparent_is_the_parent_of_the_server_span(
     method: str, start_server: ServerFactory
@@ -120,7 +131,7 @@ async def test_the_callers_traceparent_is_the_parent_of_the_server_span(
     running = await start_server(telemetry=setup_telemetry(span_exporter=spans), manifests=[EXAMPLE])
     with contextlib.suppress(ProcessorError):  # some calls fail on purpose; the span is there either way
         await CALLS[method](running.client, {"traceparent": TRACEPARENT})
-    [span] = [s for s in spans.get_finished_spans() if s.name == f"ductape.processor.v1.{method}"]
+    span = await finished_span(spans, f"ductape.processor.v1.{method}")
     assert format(span.context.trace_id, "032x") == TRACE_ID
     assert span.parent is not None and format(span.parent.span_id, "016x") == PARENT_ID
 
@@ -152,11 +163,6 @@ async def test_a_subscriptions_metadata_reaches_the_server(start_server: ServerF
     )
     await opened(subscription)  # the server answered `ready`: the call is on
     await subscription.close()
-    for _ in range(100):
-        subscribes = [s for s in spans.get_finished_spans() if s.name.endswith("BrokerService/Subscribe")]
-        if subscribes:
-            break
-        await asyncio.sleep(0.02)
-    [span] = subscribes
+    span = await finished_span(spans, "ductape.processor.v1.BrokerService/Subscribe")
     assert format(span.context.trace_id, "032x") == TRACE_ID
     assert span.parent is not None and format(span.parent.span_id, "016x") == PARENT_ID
