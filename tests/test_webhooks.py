@@ -448,6 +448,9 @@ async def test_a_rate_limit_spaces_the_sends_and_a_long_queue_waits_in_the_store
         delivery = await state.settled(one.delivery_ids[0], 1, DELIVERED, timeout=20)
         assert delivery.status == DELIVERED
         assert delivery.attempts == 1 and len(delivery.attempt_details) == 1  # a deferral is not an attempt
-    gaps = [b - a for a, b in zip(state.endpoint.arrivals, state.endpoint.arrivals[1:], strict=False)]
-    assert len(state.endpoint.arrivals) == 14 and min(gaps) >= 0.45, gaps
-    assert state.endpoint.arrivals[-1] - state.endpoint.arrivals[0] >= 13 * 0.45
+    arrivals = state.endpoint.arrivals
+    assert len(arrivals) == 14
+    # Sends start on a 0.5 s grid; a send that a loaded machine delays may arrive just before the next one, so the
+    # spacing is checked two slots apart (1 s nominal) and over the whole run: without the limit all 14 come at once.
+    assert min(b - a for a, b in zip(arrivals, arrivals[2:], strict=False)) >= 0.5, arrivals
+    assert arrivals[-1] - arrivals[0] >= 13 * 0.45, arrivals
