@@ -29,6 +29,9 @@ from ductape_processor.telemetry.setup import Telemetry
 from tests.upstream import Upstream, start_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
+# The servers the tests start, in process or as `ductape-processor serve`, take a free port for the webhook listener,
+# never the default 127.0.0.1:8090: `make test` must pass beside a `make run` (and beside another suite).
+os.environ.setdefault("PROCESSOR_WEBHOOK_HTTP_ADDRESS", "127.0.0.1:0")
 EXAMPLE = ROOT / "examples" / "shop.yaml"
 POSTGRES_DSN = os.environ.get("PROCESSOR_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -195,6 +195,7 @@ async def test_a_documented_docker_run_serves_and_stops_cleanly(
 
     port = free_port()
     env["PROCESSOR_ADDRESS"] = f"127.0.0.1:{port}"
+    env.setdefault("PROCESSOR_WEBHOOK_HTTP_ADDRESS", "127.0.0.1:0")  # a container's own loopback: any free port here
     process = await asyncio.create_subprocess_exec(
         str(BIN / argv[0]),
         *argv[1:],

@@ -155,6 +155,22 @@ def test_exposure_rules() -> None:
     assert "together" in Settings(tls_cert=Path("c.pem")).exposure_problems()[0]
 
 
+@pytest.mark.parametrize("listener", ["webhook_http_address", "storage_http_address"])
+def test_a_plain_http_listener_is_kept_on_loopback_unless_insecure(listener: str) -> None:
+    """docs/deployment.md's security rules 4 and 5: also on a gRPC port that has TLS and keys."""
+    exposed = {
+        "address": "0.0.0.0:1",
+        "session_keys": [new_root_key("k1")],
+        "tls_cert": Path("c.pem"),
+        "tls_key": Path("k.pem"),
+        "api_key_hashes": [hash_key("k")],
+    }
+    assert Settings(**exposed, **{listener: "127.0.0.1:8090"}).exposure_problems() == []
+    [problem] = Settings(**exposed, **{listener: "0.0.0.0:8090"}).exposure_problems()
+    assert problem.startswith(f"{listener} 0.0.0.0:8090 is not a loopback address") and "--insecure" in problem
+    assert Settings(**exposed, insecure=True, **{listener: "0.0.0.0:8090"}).exposure_problems() == []
+
+
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Path]:
     return make_pki(tmp_path)
