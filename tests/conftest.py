@@ -26,6 +26,7 @@ from ductape_processor.store import Store
 from ductape_processor.store.postgres import PostgresStore
 from ductape_processor.store.sqlite import SqliteStore
 from ductape_processor.telemetry.setup import Telemetry
+from tests.features_harness import Ops, start_ops
 from tests.upstream import Upstream, start_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,6 +191,14 @@ async def upstream() -> AsyncIterator[Upstream]:
     yield state
     assert state.server is not None
     await state.server.close()
+
+
+@pytest.fixture
+async def ops() -> AsyncIterator[Ops]:
+    """A loopback upstream whose `/op/<name>` routes record each call (tests/features_harness.py)."""
+    started = await start_ops()
+    yield started
+    await started.server.close()
 
 
 @pytest.fixture

@@ -7,23 +7,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import ServerFactory
-from tests.features_harness import Ops, manifest, op, start_ops, step
+from tests.features_harness import Ops, manifest, op, step
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes, ok?!!").decode()
-
-
-@pytest.fixture
-async def ops() -> AsyncIterator[Ops]:
-    started = await start_ops()
-    yield started
-    await started.server.close()
 
 
 def event(tag: str, kind: str, address: str, input: Any, **fields: Any) -> dict[str, Any]:

@@ -71,11 +71,15 @@ async def test_a_call_record_is_replaced_by_the_same_calls_next_one(store_factor
     assert (record.status, record.attempts, json.loads(record.output)) == (StepStatus.COMPLETED, 2, {"ok": True})
 
 
-async def test_an_idempotency_key_keeps_the_first_run(store_factory: StoreFactory) -> None:
+async def test_an_idempotency_key_keeps_the_first_run_and_finds_it_again(store_factory: StoreFactory) -> None:
     store = await store_factory()
+    assert await store.feature_run_by_key("shop", "dev", "k") is None
     first, created = await store.insert_feature_run(new_run("a", key="k"))
     again, created_again = await store.insert_feature_run(new_run("b", key="k"))
     assert created and not created_again and again.run_id == first.run_id
+    found = await store.feature_run_by_key("shop", "dev", "k")
+    assert found is not None and found.run_id == first.run_id
+    assert await store.feature_run_by_key("shop", "prd", "k") is None, "a key is scoped to its environment"
 
 
 async def test_cancel_releases_the_run_and_resume_takes_only_failed_or_cancelled_runs(

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from ductape.processor.features import FeatureRun
 
 from ductape_processor.store import Store
@@ -24,16 +23,9 @@ from ductape_processor.store.feature_records import (
 )
 from ductape_processor.store.sqlite import SqliteStore
 from tests.conftest import Running, ServerFactory
-from tests.features_harness import Ops, manifest, op, run_record, start_ops, step
+from tests.features_harness import Ops, manifest, op, run_record, step
 
 DEAD = "a-replica-that-died"
-
-
-@pytest.fixture
-async def ops() -> AsyncIterator[Ops]:
-    started = await start_ops()
-    yield started
-    await started.server.close()
 
 
 def left_run(feature: str, version: int) -> FeatureRunRecord:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -16,16 +16,9 @@ from ductape.processor.features import FeatureRun
 
 from ductape_processor.store import Store
 from tests.conftest import Running, ServerFactory
-from tests.features_harness import Ops, manifest, op, start_ops, step
+from tests.features_harness import Ops, manifest, op, step
 
 RUN = {"product": "shop", "env": "dev"}
-
-
-@pytest.fixture
-async def ops() -> AsyncIterator[Ops]:
-    started = await start_ops()
-    yield started
-    await started.server.close()
 
 
 @pytest.fixture

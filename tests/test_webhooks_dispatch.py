@@ -170,13 +170,14 @@ async def test_a_body_a_job_cannot_take_fails_the_dispatch_at_once(setup: Setup,
 @pytest.mark.parametrize(
     ("dispatch", "field", "says"),
     [
-        ({"feature": "onboarding"}, "webhooks[0].receive.dev.dispatch.feature", "waits for features"),
+        ({"feature": "onboarding"}, "webhooks[0].receive.dev.dispatch.feature", "'onboarding' is not a feature"),
+        ({"feature": "a:b"}, "webhooks[0].receive.dev.dispatch.feature", "must be a tag"),
         ({}, "webhooks[0].receive.dev.dispatch", "give publish"),
         ({"job": {"kind": "action", "event": "billing:nope"}}, "webhooks[0].receive.dev.dispatch.job.event", "nope"),
         ({"job": {"kind": "notification", "event": "n:m"}}, "webhooks[0].receive.dev.dispatch.job.kind", ""),
     ],
 )
-def test_a_dispatch_to_a_feature_or_to_nothing_or_to_an_unknown_job_target_is_a_manifest_problem(
+def test_a_dispatch_to_nothing_or_to_an_unknown_feature_or_job_target_is_a_manifest_problem(
     dispatch: dict[str, Any], field: str, says: str
 ) -> None:
     document = {

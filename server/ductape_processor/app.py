@@ -193,14 +193,6 @@ def build(
     )
     deliveries = DeliveryWorker(store, registry, secrets, webhook_pools, clock, DeliverySettings())
     webhooks = WebhookRuntime(services, deliveries, clock, timedelta(seconds=settings.webhook_retention_s))
-    dispatches = DispatchWorker(
-        store,
-        registry,
-        brokers,
-        jobs,
-        clock,
-        DispatchSettings(lease=timedelta(seconds=settings.webhook_dispatch_lease_s)),
-    )
     features = FeatureRuntime(
         services,
         FeatureSteps(targets, jobs, webhooks),
@@ -208,6 +200,15 @@ def build(
         FeatureSettings(poll_s=settings.feature_poll_s, lease=timedelta(seconds=settings.feature_lease_s)),
     )
     targets.serve_features(features)  # jobs run features too
+    dispatches = DispatchWorker(
+        store,
+        registry,
+        brokers,
+        jobs,
+        features,
+        clock,
+        DispatchSettings(lease=timedelta(seconds=settings.webhook_dispatch_lease_s)),
+    )
     receiver = WebhookReceiver(registry, store, brokers, secrets, clock, dispatches)
     webhook_http: WebhookHttpListener | None = None
     if settings.webhook_http_address:
@@ -427,11 +428,12 @@ class ProcessorApp:
         grace = self.settings.shutdown_grace_s if grace is None else grace
         log.info("draining", extra={"grace_s": grace})
         await parts.server.stop(grace)
+        # Dispatches going finish within the grace (else: their leases run out), first: they start feature runs and
+        # schedule jobs, which this replica still runs.
+        await parts.webhook_receiver.dispatches.stop(grace)
         await parts.features.stop(grace)  # runs going finish within the grace; the others' leases are released
         await parts.jobs.stop(grace)  # runs going finish within the grace; their targets are still open
-        await asyncio.gather(  # attempts and dispatches going finish within the grace (else: their leases run out)
-            parts.webhooks.worker.stop(grace), parts.webhook_receiver.dispatches.stop(grace)
-        )
+        await parts.webhooks.worker.stop(grace)  # attempts going finish within the grace (else: leases run out)
         await self._release(parts)
         log.info("stopped")
 

@@ -93,6 +93,7 @@ def received_message(record: ReceivedRecord) -> webhook_pb2.ReceivedWebhook:
         dispatch.attempts = record.dispatch_attempts
         dispatch.message_id = made.get("message_id", "")
         dispatch.job_id = made.get("job_id", "")
+        dispatch.process_id = made.get("process_id", "")
         dispatch.error = made.get("error", "")
         if record.dispatch_status == DispatchStatus.PENDING and record.dispatch_at is not None:
             dispatch.next_attempt_time.CopyFrom(timestamp(record.dispatch_at))

@@ -155,6 +155,10 @@ class FeatureState(abc.ABC):
         """A run by id."""
 
     @abc.abstractmethod
+    async def feature_run_by_key(self, product: str, env: str, idempotency_key: str) -> FeatureRunRecord | None:
+        """The run its idempotency key started in the environment."""
+
+    @abc.abstractmethod
     async def feature_steps(self, run_id: str) -> list[FeatureStepRecord]:
         """A run's recorded calls."""
 

@@ -124,6 +124,10 @@ class SqlFeatureStore(SqlWebhookStore):
         row = await self._reader.fetchrow(sql.RUN, run_id)
         return self._feature_run(row) if row else None
 
+    async def feature_run_by_key(self, product: str, env: str, idempotency_key: str) -> FeatureRunRecord | None:
+        row = await self._reader.fetchrow(sql.RUN_BY_KEY, product, env, idempotency_key)
+        return self._feature_run(row) if row else None
+
     async def feature_steps(self, run_id: str) -> list[FeatureStepRecord]:
         return [self._feature_step(row) for row in await self._reader.fetch(sql.STEPS, run_id)]
 

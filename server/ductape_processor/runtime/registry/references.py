@@ -107,7 +107,8 @@ def reference_problems(manifest: Manifest) -> list[tuple[str, str]]:
 
 
 def _webhook_problems(manifest: Manifest, slugs: list[str]) -> Iterator[tuple[str, str]]:
-    """An endpoint's events are the webhook's; a receive's topic is the product's; environments are declared."""
+    """An endpoint's events are the webhook's; a receive's topic, job target and feature are the product's;
+    environments are declared."""
     topics = {f"{broker.tag}:{topic.tag}" for broker in manifest.brokers for topic in broker.topics}
     for index, webhook in enumerate(manifest.webhooks):
         where = f"webhooks[{index}]"
@@ -131,6 +132,10 @@ def _webhook_problems(manifest: Manifest, slugs: list[str]) -> Iterator[tuple[st
                 problem = target_problem(manifest, dispatch.job.kind, dispatch.job.event)
                 if problem is not None:
                     yield f"{where}.receive.{env}.dispatch.job.event", problem
+            if dispatch is not None and dispatch.feature is not None:
+                problem = target_problem(manifest, "feature", dispatch.feature)
+                if problem is not None:
+                    yield f"{where}.receive.{env}.dispatch.feature", problem
     paths: dict[tuple[str, str], str] = {}
     for index, webhook in enumerate(manifest.webhooks):
         for env, receive in webhook.receive.items():

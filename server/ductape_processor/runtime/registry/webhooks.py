@@ -13,7 +13,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Annotated, Final, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from ductape_processor.adapters.http.encoding import header_name_problem, header_value_problem
 from ductape_processor.runtime.registry.durations import Duration, PositiveDuration
@@ -107,30 +107,22 @@ class DispatchJob(ManifestModel):
 
 
 class Dispatch(ManifestModel):
-    """Where a received webhook goes once stored: a topic, a job, or both."""
+    """Where a received webhook goes once stored: a topic, a job, a feature, or several of them."""
 
     publish: str | None = Field(
         None, pattern=r"^[^:]+:[^:]+$", description="A topic of the product, `broker_tag:topic_tag`."
     )
     job: DispatchJob | None = Field(None, description="A job to schedule for each received webhook.")
-    feature: str | None = Field(
-        None, description="Reserved: dispatch to a feature waits for features (a manifest that sets it is refused)."
+    feature: Tag | None = Field(
+        None,
+        description="A feature of the product, by tag: one run is started for each received webhook, with its JSON "
+        "body as the run's input.",
     )
-
-    @field_validator("feature")
-    @classmethod
-    def _no_features(cls, value: str | None) -> str | None:
-        if value is not None:
-            raise ValueError(
-                "dispatch to a feature waits for features, which this processor does not run yet: "
-                "dispatch with publish (a topic) or job"
-            )
-        return value
 
     @model_validator(mode="after")
     def _somewhere(self) -> Dispatch:
-        if self.publish is None and self.job is None:
-            raise ValueError("give publish (a topic), job, or both")
+        if self.publish is None and self.job is None and self.feature is None:
+            raise ValueError("give publish (a topic), job, feature, or several of them")
         return self
 
 
@@ -156,7 +148,9 @@ class Receive(ManifestModel):
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1, le=64 * 1024 * 1024, description="Larger bodies are refused 413.")
     dispatch: Dispatch | None = Field(
-        None, description="Publish each received webhook to a topic, or schedule a job with it, or both."
+        None,
+        description="Publish each received webhook to a topic, schedule a job with it, start a feature run with it, "
+        "or several of them.",
     )
 
     @model_validator(mode="after")

@@ -3,11 +3,15 @@ replica that accepted it, which dispatches it at once (the fast path: no claim b
 should that replica die first, or the dispatch fail, the store still holds it pending, and a replica's claim rounds
 (`ClaimRounds`, store/leases.py) take it once its lease has run out or its retry falls due.
 
-A dispatch publishes the webhook to the receive's topic, schedules the receive's job (JobService's path, with the
-received webhook's id as the idempotency key, so a repeat finds the job already scheduled), or both. A dispatch that
-fails is tried again with backoff (1 s doubling to 10 min) up to `DISPATCH_ATTEMPTS` attempts in all (about three
-hours), then it has failed for good (logged: `received webhook not dispatched`); one the webhook's content cannot be
-dispatched at all (INVALID_ARGUMENT: a body that is not a JSON object for an action's job) fails at once.
+A dispatch publishes the webhook to the receive's topic, schedules the receive's job (JobService's path), starts a
+run of the receive's feature (FeatureService's path, not waiting for the run), or several of them. The job and the
+run are made under the received webhook's id as their idempotency key, so a repeat (a dispatch retried, or taken over
+from a replica that died before recording it) finds the job scheduled or the run started first. A dispatch is done
+once the run is started: the run's own failures are the run's (its retries, its rollback, Resume), never a reason to
+dispatch again. A dispatch that fails is tried again with backoff (1 s doubling to 10 min) up to `DISPATCH_ATTEMPTS`
+attempts in all (about three hours), then it has failed for good (logged: `received webhook not dispatched`); one the
+webhook's content cannot be dispatched at all (INVALID_ARGUMENT: a body that is not a JSON object for an action's job
+or a feature, or one the feature's input contract refuses) fails at once.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from ductape_processor.errors import FailedPrecondition, InvalidArgument, ProcessorError
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.brokers.messages import OutgoingMessage
 from ductape_processor.runtime.brokers.publisher import BrokerRuntime
+from ductape_processor.runtime.features.model import RunCall, RunView
 from ductape_processor.runtime.jobs.declared import declared_retry
 from ductape_processor.runtime.jobs.model import JobSpec, ScheduleCall, Target, TargetKind
 from ductape_processor.runtime.jobs.runtime import JobRuntime
@@ -42,6 +47,10 @@ HEADER_ATTRIBUTE: Final = "header."
 """The prefix of the attributes that carry a received webhook's headers on its dispatch topic."""
 MAX_HEADER_ATTRIBUTES: Final = 48
 """Headers carried as attributes at most (the broker takes 64 attributes)."""
+MAX_BODY_DEPTH: Final = 32
+"""The deepest JSON body (objects and arrays inside each other) given to a job or a feature run as its input: what the
+API hands on as a `google.protobuf.Value` (api/values.py's MAX_JSON_DEPTH), through which the job's or the run's input
+is read back (a deeper input would make Get and List of the runs fail)."""
 DISPATCH_ATTEMPTS: Final = 20
 """Attempts at a dispatch in all; with `DISPATCH_BACKOFF`, about three hours of them."""
 DISPATCH_BACKOFF: Final = Backoff(1.0, 600.0)
@@ -77,6 +86,34 @@ def attributes(record: ReceivedRecord, headers: Mapping[str, str]) -> dict[str, 
     return carried
 
 
+def _deeper_than(document: Any, limit: int) -> bool:
+    """Whether `document` nests objects and arrays more than `limit` levels deep (without recursing)."""
+    level: list[Any] = [document]
+    for _ in range(limit):
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value if isinstance(value, list) else ())
+        ]
+    return any(isinstance(value, dict | list) for value in level)
+
+
+def json_body(record: ReceivedRecord, taker: str) -> dict[str, Any]:
+    """The webhook's body as the JSON object `taker` takes; INVALID_ARGUMENT when it is not one, or nests deeper than
+    `MAX_BODY_DEPTH`."""
+    try:
+        document = json.loads(record.body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        document = None
+    if not isinstance(document, dict):
+        raise InvalidArgument(f"the webhook's body is not a JSON object, which {taker} takes")
+    if _deeper_than(document, MAX_BODY_DEPTH):
+        raise InvalidArgument(
+            f"the webhook's body nests deeper than {MAX_BODY_DEPTH} levels, which {taker} cannot take"
+        )
+    return document
+
+
 def job_input(job: DispatchJob, record: ReceivedRecord) -> dict[str, Any]:
     """What the job of a received webhook runs with: the JSON body as an action's `body` or a database action's
     `data`, or the body as a file named `<webhook>/<received id>` for a storage; INVALID_ARGUMENT when the body is
@@ -87,13 +124,15 @@ def job_input(job: DispatchJob, record: ReceivedRecord) -> dict[str, Any]:
             "content_type": record.content_type,
             "data": base64.b64encode(record.body).decode(),
         }
-    try:
-        document = json.loads(record.body)
-    except (UnicodeDecodeError, ValueError):
-        document = None
-    if not isinstance(document, dict):
-        raise InvalidArgument(f"the webhook's body is not a JSON object, which a {job.kind} job takes")
+    document = json_body(record, f"a {job.kind} job")
     return {"body": document} if job.kind == "action" else {"data": document}
+
+
+class FeatureStarts(Protocol):
+    """Starts feature runs (FeatureRuntime)."""
+
+    async def run(self, call: RunCall, *, wait: bool, timeout_s: float | None) -> RunView:
+        """Start a run (`wait` False: answered once it is stored, as it started)."""
 
 
 class DispatchWorker:
@@ -105,6 +144,7 @@ class DispatchWorker:
         registry: Registry,
         brokers: BrokerRuntime,
         jobs: JobRuntime,
+        features: FeatureStarts,
         clock: Clock,
         settings: DispatchSettings,
     ) -> None:
@@ -112,6 +152,7 @@ class DispatchWorker:
         self._registry = registry
         self._brokers = brokers
         self._jobs = jobs
+        self._features = features
         self._clock = clock
         self._settings = settings
         self.owner = uuid.uuid4().hex
@@ -172,6 +213,8 @@ class DispatchWorker:
             made: dict[str, str] = {}
             if dispatch.job is not None:
                 made["job_id"] = await self._schedule(record, dispatch.job)
+            if dispatch.feature is not None:
+                made["process_id"] = await self._start(record, dispatch.feature)
             if dispatch.publish is not None:
                 # No idempotency key: its claim and record would be two more store writes on the path to the
                 # subscriber. A publish made again (its answer lost, or its replica dead before the dispatch was
@@ -197,6 +240,21 @@ class DispatchWorker:
             record.product, record.env, spec, start_at=record.received_at, idempotency_key=record.received_id
         )
         return (await self._jobs.schedule(call)).job_id
+
+    async def _start(self, record: ReceivedRecord, feature: str) -> str:
+        """Start the feature's run with the JSON body as its input, once per webhook; its process id."""
+        key = record.received_id
+        call = RunCall(record.product, record.env, feature, json_body(record, "a feature"), idempotency_key=key)
+        try:
+            return (await self._features.run(call, wait=False, timeout_s=None)).run.run_id
+        except ProcessorError:
+            # The key started a run already, and the request would be refused now: a newer version was pinned since
+            # (IDEMPOTENCY_KEY_REUSED: the run's fingerprint has its version), or it changed the feature. That run is
+            # this webhook's: it is not started twice.
+            started = await self._store.feature_run_by_key(record.product, record.env, key)
+            if started is None:
+                raise
+            return started.run_id
 
     def _failed(self, record: ReceivedRecord, error: str, *, final: bool) -> DispatchEnd:
         result = json.dumps({"error": error})

@@ -76,15 +76,17 @@ class _DispatchStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dispat
     DISPATCH_STATUS_PENDING: _DispatchStatus.ValueType  # 1
     """Waiting for its first attempt or its next one (`next_attempt_time`)."""
     DISPATCH_STATUS_DISPATCHED: _DispatchStatus.ValueType  # 2
-    """Published, and its job scheduled."""
+    """Published, its job scheduled and its feature run started (the run's own
+    end is the run's: FeatureService.Get).
+    """
     DISPATCH_STATUS_FAILED: _DispatchStatus.ValueType  # 3
     """Failed for good: its attempts are used up, or the webhook's body cannot
-    be given to the receive's job.
+    be given to the receive's job or feature.
     """
 
 class DispatchStatus(_DispatchStatus, metaclass=_DispatchStatusEnumTypeWrapper):
-    """Where a received webhook's dispatch (to its receive's topic and job)
-    stands.
+    """Where a received webhook's dispatch (to its receive's topic, job and
+    feature) stands.
     """
 
 DISPATCH_STATUS_UNSPECIFIED: DispatchStatus.ValueType  # 0
@@ -94,10 +96,12 @@ which carries no dispatch state).
 DISPATCH_STATUS_PENDING: DispatchStatus.ValueType  # 1
 """Waiting for its first attempt or its next one (`next_attempt_time`)."""
 DISPATCH_STATUS_DISPATCHED: DispatchStatus.ValueType  # 2
-"""Published, and its job scheduled."""
+"""Published, its job scheduled and its feature run started (the run's own
+end is the run's: FeatureService.Get).
+"""
 DISPATCH_STATUS_FAILED: DispatchStatus.ValueType  # 3
 """Failed for good: its attempts are used up, or the webhook's body cannot
-be given to the receive's job.
+be given to the receive's job or feature.
 """
 Global___DispatchStatus: _TypeAlias = DispatchStatus  # noqa: Y015
 
@@ -673,6 +677,7 @@ class ReceivedDispatch(_message.Message):
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PROCESS_ID_FIELD_NUMBER: _builtins.int
     status: Global___DispatchStatus.ValueType
     """Pending, dispatched or failed."""
     attempts: _builtins.int
@@ -683,6 +688,10 @@ class ReceivedDispatch(_message.Message):
     """The id of the job scheduled with the webhook."""
     error: _builtins.str
     """Why the last attempt failed."""
+    process_id: _builtins.str
+    """The process id of the feature run started with the webhook (read it with
+    FeatureService.Get).
+    """
     @_builtins.property
     def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
         """When a pending dispatch is tried again."""
@@ -696,10 +705,11 @@ class ReceivedDispatch(_message.Message):
         message_id: _builtins.str = ...,
         job_id: _builtins.str = ...,
         error: _builtins.str = ...,
+        process_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["next_attempt_time", b"next_attempt_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "job_id", b"job_id", "message_id", b"message_id", "next_attempt_time", b"next_attempt_time", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "job_id", b"job_id", "message_id", b"message_id", "next_attempt_time", b"next_attempt_time", "process_id", b"process_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

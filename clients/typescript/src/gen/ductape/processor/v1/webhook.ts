@@ -44,8 +44,8 @@ export enum DeliveryStatus {
 }
 
 /**
- * Where a received webhook's dispatch (to its receive's topic and job)
- * stands.
+ * Where a received webhook's dispatch (to its receive's topic, job and
+ * feature) stands.
  */
 export enum DispatchStatus {
   /**
@@ -55,11 +55,14 @@ export enum DispatchStatus {
   DISPATCH_STATUS_UNSPECIFIED = 0,
   /** DISPATCH_STATUS_PENDING - Waiting for its first attempt or its next one (`next_attempt_time`). */
   DISPATCH_STATUS_PENDING = 1,
-  /** DISPATCH_STATUS_DISPATCHED - Published, and its job scheduled. */
+  /**
+   * DISPATCH_STATUS_DISPATCHED - Published, its job scheduled and its feature run started (the run's own
+   * end is the run's: FeatureService.Get).
+   */
   DISPATCH_STATUS_DISPATCHED = 2,
   /**
    * DISPATCH_STATUS_FAILED - Failed for good: its attempts are used up, or the webhook's body cannot
-   * be given to the receive's job.
+   * be given to the receive's job or feature.
    */
   DISPATCH_STATUS_FAILED = 3,
   UNRECOGNIZED = -1,
@@ -302,6 +305,11 @@ export interface ReceivedDispatch {
   jobId: string;
   /** Why the last attempt failed. */
   error: string;
+  /**
+   * The process id of the feature run started with the webhook (read it with
+   * FeatureService.Get).
+   */
+  processId: string;
 }
 
 /** A received webhook on a Receive stream. */
@@ -1806,7 +1814,7 @@ export const ReceivedWebhook_HeadersEntry: MessageFns<ReceivedWebhook_HeadersEnt
 };
 
 function createBaseReceivedDispatch(): ReceivedDispatch {
-  return { status: 0, attempts: 0, nextAttemptTime: undefined, messageId: "", jobId: "", error: "" };
+  return { status: 0, attempts: 0, nextAttemptTime: undefined, messageId: "", jobId: "", error: "", processId: "" };
 }
 
 export const ReceivedDispatch: MessageFns<ReceivedDispatch> = {
@@ -1828,6 +1836,9 @@ export const ReceivedDispatch: MessageFns<ReceivedDispatch> = {
     }
     if (message.error !== "") {
       writer.uint32(50).string(message.error);
+    }
+    if (message.processId !== "") {
+      writer.uint32(58).string(message.processId);
     }
     return writer;
   },
@@ -1893,6 +1904,14 @@ export const ReceivedDispatch: MessageFns<ReceivedDispatch> = {
             message.error = reader.string();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.processId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1916,6 +1935,7 @@ export const ReceivedDispatch: MessageFns<ReceivedDispatch> = {
     message.messageId = object.messageId ?? "";
     message.jobId = object.jobId ?? "";
     message.error = object.error ?? "";
+    message.processId = object.processId ?? "";
     return message;
   },
 };
