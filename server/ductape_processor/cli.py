@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import logging
@@ -25,6 +24,7 @@ from ductape_processor.app import ProcessorApp, StartupError, manifest_files
 from ductape_processor.errors import InvalidManifest, ManifestTooLarge
 from ductape_processor.migrate_command import add_parser as add_migrate_parser
 from ductape_processor.migrate_command import migrate
+from ductape_processor.runtime.policies.periodic import cancel_and_wait
 from ductape_processor.runtime.registry.durations import format_duration
 from ductape_processor.runtime.registry.loader import ManifestFormat, load_manifest
 from ductape_processor.runtime.registry.manifest import Manifest
@@ -149,9 +149,7 @@ async def serve(settings: Settings) -> int:
     log.info("shutdown requested")
     await app.stop()
     for task in (waiter, stopper):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
     return 0
 
 

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
+from ductape_processor.runtime.policies.periodic import cancel_and_wait
 from ductape_processor.store.base import Store
 from ductape_processor.store.feature_records import FeatureRunChange, FeatureRunRecord, FeatureStepRecord
 
@@ -66,10 +67,7 @@ class Journal:
     async def stop(self) -> None:
         """Write what is queued (once), then stop."""
         writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+        await cancel_and_wait(writer)
         with contextlib.suppress(Exception):  # the leases cover records that stay unwritten
             while self._queued:
                 await self._flush()

@@ -17,7 +17,6 @@ Work that may outlast its lease has the lease heart-beaten while it goes (`Lease
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from ductape_processor.runtime.policies.clock import Clock
-from ductape_processor.runtime.policies.periodic import PeriodicTask
+from ductape_processor.runtime.policies.periodic import PeriodicTask, cancel_and_wait
 from ductape_processor.store.base import Store
 from ductape_processor.store.job_records import announced_due
 
@@ -46,10 +45,9 @@ class ClaimRounds(PeriodicTask):
         clock: Clock,
         poll_s: float,
     ) -> None:
-        super().__init__(name, poll_s, claim)
+        super().__init__(name, poll_s, claim, clock)
         self._claim = claim
         self._next_moment = next_moment
-        self._clock = clock
         self._wake = asyncio.Event()
         self._next_look: datetime | None = None
         """When the waiting rounds look again; None while a round is going (it reads the next moment at its end)."""
@@ -132,10 +130,7 @@ class EndBatches(Generic[T]):
     async def close(self) -> None:
         """Stop the task and write the ends left (one try each batch; a failure is logged)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         try:
             await self._flush()
         except Exception as exc:
@@ -235,10 +230,11 @@ class ClaimedWork:
             self.rounds.wake()
 
 
-class LeaseRenewer:
+class LeaseRenewer(PeriodicTask):
     """Heart-beats the leases of the work this replica is doing: every third of `lease`, one call of `renew(ids,
     lease_until)` (which returns the ids whose lease the replica still held) extends them all, from `start` until
-    `stop`. Work whose lease another replica took over (this one stalled past it) is no longer renewed."""
+    `stop` (a call that fails is logged, and the next beat tries again). Work whose lease another replica took over
+    (this one stalled past it) is no longer renewed."""
 
     def __init__(
         self,
@@ -247,12 +243,10 @@ class LeaseRenewer:
         clock: Clock,
         lease: timedelta,
     ) -> None:
-        self.name = name
+        super().__init__(name, lease.total_seconds() / 3, self._beat, clock)
         self._renew = renew
-        self._clock = clock
         self._lease = lease
         self._held: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
 
     def hold(self, key: str) -> None:
         """Renew `key`'s lease from now on."""
@@ -262,31 +256,12 @@ class LeaseRenewer:
         """Stop renewing `key`'s lease (its work ended)."""
         self._held.discard(key)
 
-    def start(self) -> None:
-        """Start the heartbeats in a background task."""
-        self._task = asyncio.get_running_loop().create_task(self._beats(), name=self.name)
-
-    async def stop(self) -> None:
-        """Stop the heartbeats (the leases held run out unless their work ends first)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _beats(self) -> None:
-        never = asyncio.Event()
-        while True:
-            await self._clock.wait_until(self._clock.now() + self._lease / 3, never)
-            held = list(self._held)
-            if not held:
-                continue
-            try:
-                renewed = await self._renew(held, self._clock.now() + self._lease)
-            except Exception as exc:
-                log.warning("%s: renewal failed: %s", self.name, exc)
-                continue
-            for key in held:
-                if key not in renewed and key in self._held:
-                    log.warning("%s: %s was taken over by another replica (its lease ran out)", self.name, key)
-                    self._held.discard(key)
+    async def _beat(self) -> None:
+        held = list(self._held)
+        if not held:
+            return
+        renewed = await self._renew(held, self._clock.now() + self._lease)
+        for key in held:
+            if key not in renewed and key in self._held:
+                log.warning("%s: %s was taken over by another replica (its lease ran out)", self.name, key)
+                self._held.discard(key)

@@ -9,7 +9,6 @@ signing) within the call's deadline. Writes are never retried: their bytes come 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from ductape_processor.reasons import Reason
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
+from ductape_processor.runtime.policies.periodic import cancel_and_wait
 from ductape_processor.runtime.registry.fields import named
 from ductape_processor.runtime.registry.storage import StorageEnv
 from ductape_processor.runtime.services import CallServices
@@ -307,9 +307,7 @@ async def _read_ahead(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
                 raise item
             yield item
     finally:
-        filling.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await filling
+        await cancel_and_wait(filling)
         await chunks.aclose()  # type: ignore[attr-defined]
 
 
