@@ -26,7 +26,14 @@ from ductape_processor.reasons import Reason
 from ductape_processor.runtime.actions.contract import check_input
 from ductape_processor.runtime.features.engine import EngineServices, RunExecution
 from ductape_processor.runtime.features.journal import Journal, RunLost
-from ductape_processor.runtime.features.model import RunCall, RunRef, RunView, WatchEvent
+from ductape_processor.runtime.features.model import (
+    FeatureRunRecord,
+    FeatureRunStatus,
+    RunCall,
+    RunRef,
+    RunView,
+    WatchEvent,
+)
 from ductape_processor.runtime.features.plan import FeaturePlan
 from ductape_processor.runtime.features.steps import FeatureSteps, StepCall
 from ductape_processor.runtime.features.watching import RunEvents, follow, run_view
@@ -36,14 +43,7 @@ from ductape_processor.runtime.policies.leases import ClaimRounds, LeaseRenewer
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
 from ductape_processor.runtime.registry.registry import Resolved
 from ductape_processor.runtime.services import CallServices
-from ductape_processor.store.feature_records import (
-    FEATURES_TOPIC,
-    GOING,
-    FeatureRunChange,
-    FeatureRunFilter,
-    FeatureRunRecord,
-    FeatureRunStatus,
-)
+from ductape_processor.store.feature_records import FEATURES_TOPIC, GOING, FeatureRunChange, FeatureRunFilter
 
 log = logging.getLogger(__name__)
 
@@ -471,17 +471,9 @@ class FeatureRuntime:
         ended = await self._completed(child, None)
         return json.loads(ended.output) if ended.output else None
 
-    async def run_target(
-        self,
-        product: str,
-        env: str,
-        feature: str,
-        input: dict[str, Any],
-        session: tuple[str, str] | None,
-        timeout_s: float,
-    ) -> tuple[Any, str]:
+    async def run_target(self, call: RunCall, timeout_s: float) -> tuple[Any, str]:
         """A job's `feature` target (`FeatureTargets`): the run, waited for at most `timeout_s`; its
         `{process_id, status, output}` and its process id."""
-        ended = await self._completed(RunCall(product, env, feature, input, session), timeout_s)
+        ended = await self._completed(call, timeout_s)
         result = {"process_id": ended.run_id, "status": "completed", "output": json.loads(ended.output or "null")}
         return result, ended.run_id

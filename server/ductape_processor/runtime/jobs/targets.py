@@ -19,6 +19,7 @@ from ductape_processor.runtime.actions.executor import ActionExecutor
 from ductape_processor.runtime.brokers.messages import OutgoingMessage
 from ductape_processor.runtime.brokers.publisher import BrokerRuntime
 from ductape_processor.runtime.databases.runner import DatabaseCall, DatabaseRunner
+from ductape_processor.runtime.features.model import RunCall
 from ductape_processor.runtime.jobs.checks import target_problem
 from ductape_processor.runtime.jobs.model import Target, TargetKind
 from ductape_processor.runtime.notifications.call import (
@@ -51,15 +52,7 @@ class TargetOptions:
 class FeatureTargets(Protocol):
     """Runs a feature as a job's target (FeatureRuntime)."""
 
-    async def run_target(
-        self,
-        product: str,
-        env: str,
-        feature: str,
-        input: dict[str, Any],
-        session: tuple[str, str] | None,
-        timeout_s: float,
-    ) -> tuple[Any, str]:
+    async def run_target(self, call: RunCall, timeout_s: float) -> tuple[Any, str]:
         """The ended run's `{process_id, status, output}` and its process id; FEATURE_RUN_FAILED when it did not
         complete."""
 
@@ -247,9 +240,8 @@ class JobTargets:
     async def _feature(self, product: str, env: str, target: Target, options: TargetOptions) -> Outcome:
         if self._features is None:
             raise FailedPrecondition("this processor runs no features", reason=Reason.FEATURE_NOT_FOUND)
-        result, process_id = await self._features.run_target(
-            product, env, target.address, dict(target.input), target.session, options.timeout_s
-        )
+        call = RunCall(product, env, target.address, dict(target.input), target.session)
+        result, process_id = await self._features.run_target(call, options.timeout_s)
         return Outcome(result, process_id)
 
 
