@@ -10,7 +10,6 @@ import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from ductape.processor.features import FeatureRun
 
@@ -18,6 +17,7 @@ from ductape_processor.store import Store
 from ductape_processor.store.feature_records import (
     FeatureRunRecord,
     FeatureStepRecord,
+    FeatureWrites,
     Phase,
     StepStatus,
 )
@@ -89,15 +89,15 @@ async def test_a_dead_replicas_runs_are_taken_over_without_repeating_completed_o
         await store.insert_feature_run(run)
     lost = await store.write_features(
         DEAD,
-        [],
-        [
-            left_call(unsafe, "a", "created", StepStatus.COMPLETED, {"id": "u-9"}),
-            left_call(unsafe, "b", "posted", StepStatus.RUNNING),
-            left_call(safe, "a", "created", StepStatus.COMPLETED, {"id": "u-9"}),
-            left_call(safe, "b", "read", StepStatus.RUNNING),
-            left_call(safe, "b", "keyed", StepStatus.RUNNING),
-        ],
-        [],
+        FeatureWrites(
+            steps=(
+                left_call(unsafe, "a", "created", StepStatus.COMPLETED, {"id": "u-9"}),
+                left_call(unsafe, "b", "posted", StepStatus.RUNNING),
+                left_call(safe, "a", "created", StepStatus.COMPLETED, {"id": "u-9"}),
+                left_call(safe, "b", "read", StepStatus.RUNNING),
+                left_call(safe, "b", "keyed", StepStatus.RUNNING),
+            )
+        ),
     )
     assert lost == set()
     refused, finished = await wait_ended(running, unsafe.run_id), await wait_ended(running, safe.run_id)
@@ -108,15 +108,15 @@ async def test_a_dead_replicas_runs_are_taken_over_without_repeating_completed_o
     assert ops.bodies["after"] == [{"id": "u-9"}], "a completed call's output is read back from its record"
     # The dead replica's lease is gone: anything it still tries to record is refused.
     late = left_call(safe, "c", "after", StepStatus.COMPLETED)
-    assert await store.write_features(DEAD, [], [late], []) == {safe.run_id}
+    assert await store.write_features(DEAD, FeatureWrites(steps=(late,))) == {safe.run_id}
 
 
 class SlowJournalStore(SqliteStore):
     """Writes a run's records half a second late: a lease renewal comes round while a run's start is still queued."""
 
-    async def write_features(self, owner: str, runs: Any, steps: Any, changes: Any) -> set[str]:
+    async def write_features(self, owner: str, writes: FeatureWrites) -> set[str]:
         await asyncio.sleep(0.5)
-        return await super().write_features(owner, runs, steps, changes)
+        return await super().write_features(owner, writes)
 
 
 async def test_a_run_is_renewed_only_once_stored_so_a_slow_store_does_not_stop_it(

@@ -5,6 +5,7 @@ reaches them through the one store interface."""
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
@@ -120,6 +121,34 @@ class FeatureRunChange:
 
 
 @dataclass(frozen=True, slots=True)
+class FeatureWrites:
+    """Records of feature runs written together (`FeatureState.write_features`): new runs, calls, run changes."""
+
+    runs: tuple[FeatureRunRecord, ...] = ()
+    steps: tuple[FeatureStepRecord, ...] = ()
+    changes: tuple[FeatureRunChange, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """How many records."""
+        return len(self.runs) + len(self.steps) + len(self.changes)
+
+    @property
+    def touched(self) -> set[str]:
+        """The runs whose calls or state these records change: the ones their writer must still hold."""
+        return {step.run_id for step in self.steps} | {change.run_id for change in self.changes}
+
+    @classmethod
+    def joined(cls, parts: Sequence[FeatureWrites]) -> FeatureWrites:
+        """All the records of `parts`, in their order."""
+        return cls(
+            tuple(run for part in parts for run in part.runs),
+            tuple(step for part in parts for step in part.steps),
+            tuple(change for part in parts for change in part.changes),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class FeatureRunFilter:
     """Which runs to list; empty (or None) means any."""
 
@@ -138,17 +167,11 @@ class FeatureState(abc.ABC):
         environment, returns that run and False, storing nothing."""
 
     @abc.abstractmethod
-    async def write_features(
-        self,
-        owner: str,
-        runs: list[FeatureRunRecord],
-        steps: list[FeatureStepRecord],
-        changes: list[FeatureRunChange],
-    ) -> set[str]:
-        """In one transaction: insert `runs` (new, without idempotency keys), then, for the runs `owner` still holds
-        (running or rolling back, its lease), record `steps` (inserted or replacing the same call's record) and
-        `changes`. Returns the ids of the runs among `steps` and `changes` that `owner` no longer holds (cancelled,
-        or taken over by another replica): nothing of theirs was written."""
+    async def write_features(self, owner: str, writes: FeatureWrites) -> set[str]:
+        """In one transaction: insert the `runs` (new, without idempotency keys), then, for the runs `owner` still
+        holds (running or rolling back, its lease), record the `steps` (inserted or replacing the same call's record)
+        and the `changes`. Returns the ids of the runs among the steps and changes that `owner` no longer holds
+        (cancelled, or taken over by another replica): nothing of theirs was written."""
 
     @abc.abstractmethod
     async def get_feature_run(self, run_id: str) -> FeatureRunRecord | None:

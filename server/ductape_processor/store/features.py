@@ -21,6 +21,7 @@ from ductape_processor.store.feature_records import (
     FeatureRunRecord,
     FeatureRunStatus,
     FeatureStepRecord,
+    FeatureWrites,
     Phase,
     StepStatus,
 )
@@ -90,15 +91,9 @@ class SqlFeatureStore(SqlWebhookStore):
         lock = f"features:{run.product}:{run.env}:{run.idempotency_key}"
         return await self._transaction(insert, lock=lock, retry=False)
 
-    async def write_features(
-        self,
-        owner: str,
-        runs: list[FeatureRunRecord],
-        steps: list[FeatureStepRecord],
-        changes: list[FeatureRunChange],
-    ) -> set[str]:
-        touched = sorted({step.run_id for step in steps} | {change.run_id for change in changes})
-        inserted = [self._feature_run_row(run) for run in runs]
+    async def write_features(self, owner: str, writes: FeatureWrites) -> set[str]:
+        touched = sorted(writes.touched)
+        inserted = [self._feature_run_row(run) for run in writes.runs]
 
         async def write(conn: Connection) -> set[str]:
             if inserted:
@@ -108,10 +103,10 @@ class SqlFeatureStore(SqlWebhookStore):
                 chunk = touched[start : start + _IDS_PER_STATEMENT]
                 statement = sql.held_runs(self._dialect.lock_rows, len(chunk))
                 held.update(str(row[0]) for row in await conn.fetch(statement, owner, *chunk))
-            rows = [self._feature_step_row(step) for step in steps if step.run_id in held]
+            rows = [self._feature_step_row(step) for step in writes.steps if step.run_id in held]
             if rows:
                 await conn.executemany(sql.PUT_STEP, rows)
-            ends = [self._change_row(owner, change) for change in changes if change.run_id in held]
+            ends = [self._change_row(owner, change) for change in writes.changes if change.run_id in held]
             if ends:
                 await conn.executemany(sql.CHANGE_RUN, ends)
             return set(touched) - held

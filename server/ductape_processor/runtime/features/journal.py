@@ -14,7 +14,7 @@ from typing import Final
 
 from ductape_processor.runtime.policies.periodic import cancel_and_wait
 from ductape_processor.store.base import Store
-from ductape_processor.store.feature_records import FeatureRunChange, FeatureRunRecord, FeatureStepRecord
+from ductape_processor.store.feature_records import FeatureRunChange, FeatureRunRecord, FeatureStepRecord, FeatureWrites
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +36,8 @@ class RunLost(Exception):
 class _Entry:
     """One request's records, and who waits for them."""
 
-    runs: tuple[FeatureRunRecord, ...]
-    steps: tuple[FeatureStepRecord, ...]
-    changes: tuple[FeatureRunChange, ...]
+    writes: FeatureWrites
     done: asyncio.Future[None]
-
-    @property
-    def size(self) -> int:
-        return len(self.runs) + len(self.steps) + len(self.changes)
-
-    @property
-    def touched(self) -> set[str]:
-        return {step.run_id for step in self.steps} | {change.run_id for change in self.changes}
 
 
 class Journal:
@@ -81,7 +71,7 @@ class Journal:
     ) -> asyncio.Future[None]:
         """Queue records; the future is done once they are written (`RunLost` when a run's were not)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queued.append(_Entry(runs, steps, changes, done))
+        self._queued.append(_Entry(FeatureWrites(runs, steps, changes), done))
         self._pending.set()
         return done
 
@@ -100,18 +90,15 @@ class Journal:
         taken = 0
         size = 0
         while taken < len(self._queued) and (size < MAX_BATCH or taken == 0):
-            size += self._queued[taken].size
+            size += self._queued[taken].writes.size
             taken += 1
         batch = self._queued[:taken]
-        runs = [run for entry in batch for run in entry.runs]
-        steps = [step for entry in batch for step in entry.steps]
-        changes = [change for entry in batch for change in entry.changes]
-        lost = await self._store.write_features(self._owner, runs, steps, changes)
+        lost = await self._store.write_features(self._owner, FeatureWrites.joined([entry.writes for entry in batch]))
         del self._queued[:taken]
         for entry in batch:
             if entry.done.done():
                 continue
-            gone = entry.touched & lost
+            gone = entry.writes.touched & lost
             if gone:
                 entry.done.set_exception(RunLost(min(gone)))
                 entry.done.exception()  # retrieved here in case nobody waits any more
