@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
 from ductape.processor.v1 import feature_pb2, feature_pb2_grpc
 
@@ -96,6 +96,22 @@ def run_message(view: RunView, target: feature_pb2.FeatureRun) -> feature_pb2.Fe
     return target
 
 
+class _RunAnswer(Protocol):
+    """A response that carries one run (Run, Get, Cancel, Resume, Replay)."""
+
+    @property
+    def run(self) -> feature_pb2.FeatureRun: ...
+
+
+Answer = TypeVar("Answer", bound=_RunAnswer)
+
+
+def _answer(view: RunView, response: Answer) -> Answer:
+    """`response`, its run set to `view`."""
+    run_message(view, response.run)
+    return response
+
+
 class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     """Serves FeatureService."""
 
@@ -115,16 +131,12 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
             version=options["version"],
         )
         view = await self._runtime.run(call, wait=request.wait, timeout_s=_timeout(context))
-        response = feature_pb2.FeatureServiceRunResponse()
-        run_message(view, response.run)
-        return response
+        return _answer(view, feature_pb2.FeatureServiceRunResponse())
 
     async def Get(
         self, request: feature_pb2.FeatureServiceGetRequest, context: Context
     ) -> feature_pb2.FeatureServiceGetResponse:
-        response = feature_pb2.FeatureServiceGetResponse()
-        run_message(await self._runtime.get(_ref(request.run)), response.run)
-        return response
+        return _answer(await self._runtime.get(_ref(request.run)), feature_pb2.FeatureServiceGetResponse())
 
     async def List(
         self, request: feature_pb2.FeatureServiceListRequest, context: Context
@@ -156,17 +168,13 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     async def Cancel(
         self, request: feature_pb2.FeatureServiceCancelRequest, context: Context
     ) -> feature_pb2.FeatureServiceCancelResponse:
-        response = feature_pb2.FeatureServiceCancelResponse()
-        run_message(await self._runtime.cancel(_ref(request.run)), response.run)
-        return response
+        return _answer(await self._runtime.cancel(_ref(request.run)), feature_pb2.FeatureServiceCancelResponse())
 
     async def Resume(
         self, request: feature_pb2.FeatureServiceResumeRequest, context: Context
     ) -> feature_pb2.FeatureServiceResumeResponse:
         view = await self._runtime.resume(_ref(request.run), wait=request.wait, timeout_s=_timeout(context))
-        response = feature_pb2.FeatureServiceResumeResponse()
-        run_message(view, response.run)
-        return response
+        return _answer(view, feature_pb2.FeatureServiceResumeResponse())
 
     async def Replay(
         self, request: feature_pb2.FeatureServiceReplayRequest, context: Context
@@ -174,6 +182,4 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         view = await self._runtime.replay(
             _ref(request.run), pinned_version(request.version), wait=request.wait, timeout_s=_timeout(context)
         )
-        response = feature_pb2.FeatureServiceReplayResponse()
-        run_message(view, response.run)
-        return response
+        return _answer(view, feature_pb2.FeatureServiceReplayResponse())
