@@ -10,7 +10,7 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypedDict
 
 from ductape_processor.errors import FailedPrecondition, InvalidArgument
 from ductape_processor.reasons import Reason
@@ -72,6 +72,18 @@ def check_target(manifest: Manifest, target: Target, field: str) -> None:
         raise InvalidArgument.field(f"{field}.address", problem)
 
 
+class _Given(TypedDict):
+    """What a target's call takes from the job and the run beside its own input: the `CallOptions` it sets."""
+
+    session: tuple[str, str] | None
+    version: int | None
+    idempotency_key: str
+
+
+def _given(target: Target, options: TargetOptions) -> _Given:
+    return {"session": target.session, "version": options.version, "idempotency_key": options.idempotency_key}
+
+
 def _mapping(value: Any, name: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -121,17 +133,7 @@ class JobTargets:
     async def _action(self, product: str, env: str, target: Target, options: TargetOptions) -> Outcome:
         app, _, event = target.address.partition(":")
         parts = {part: _mapping(target.input.get(part), part) for part in ("query", "params", "body", "headers")}
-        call = ActionCall(
-            product,
-            env,
-            app,
-            event,
-            parts,
-            session=target.session,
-            cache=options.cache,
-            version=options.version,
-            idempotency_key=options.idempotency_key,
-        )
+        call = ActionCall(product, env, app, event, parts, cache=options.cache, **_given(target, options))
         result = await self._actions.run(call, Deadline(options.timeout_s))
         body: Any = result.body.decode("utf-8", "replace")
         if "json" in result.content_type:
@@ -151,17 +153,7 @@ class JobTargets:
         given: dict[str, Any] = {
             part: _mapping(target.input.get(part), part) for part in ("data", "filter") if part in target.input
         }
-        call = DatabaseCall(
-            product,
-            env,
-            database,
-            action,
-            given,
-            session=target.session,
-            cache=options.cache,
-            version=options.version,
-            idempotency_key=options.idempotency_key,
-        )
+        call = DatabaseCall(product, env, database, action, given, cache=options.cache, **_given(target, options))
         result = await self._databases.execute(call, Deadline(options.timeout_s))
         step = result.steps[0]
         answer = {"rows": list(step.rows), "affected_rows": step.affected_rows, "count": step.count}
@@ -189,9 +181,7 @@ class JobTargets:
             callback=CallbackInput(**{k: v for k, v in callback.items() if k in _CALLBACK_FIELDS})
             if callback
             else None,
-            session=target.session,
-            idempotency_key=options.idempotency_key,
-            version=options.version,
+            **_given(target, options),
         )
         result = await self._notifications.send(call, Deadline(options.timeout_s))
         channels = [
