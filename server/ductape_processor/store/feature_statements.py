@@ -6,7 +6,7 @@ import functools
 from typing import Final
 
 from ductape_processor.store.leases import claim_statement
-from ductape_processor.store.statements import Dialect, Statement
+from ductape_processor.store.statements import Dialect, Statement, insert, marks
 
 RUN_COLUMNS: Final = (
     "run_id, product, env, feature, version, status, input, session_tag, session_token, idempotency_key, "
@@ -19,22 +19,20 @@ STEP_COLUMNS: Final = (
 )
 _GOING: Final = "status IN (1, 6)"
 
-INSERT_RUN: Final = Statement(
-    f"INSERT INTO feature_runs ({RUN_COLUMNS}) "  # noqa: S608
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+INSERT_RUN: Final = insert("feature_runs", RUN_COLUMNS)
 INSERT_NEW_RUN: Final = Statement(f"{INSERT_RUN.qmark} ON CONFLICT DO NOTHING")
 RUN_BY_KEY: Final = Statement(
     f"SELECT {RUN_COLUMNS} FROM feature_runs WHERE product = ? AND env = ? AND idempotency_key = ?"  # noqa: S608
 )
 RUN: Final = Statement(f"SELECT {RUN_COLUMNS} FROM feature_runs WHERE run_id = ?")  # noqa: S608
 STEPS: Final = Statement(f"SELECT {STEP_COLUMNS} FROM feature_steps WHERE run_id = ?")  # noqa: S608
-PUT_STEP: Final = Statement(
-    f"INSERT INTO feature_steps ({STEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
-    "ON CONFLICT (run_id, sequence, event, phase) DO UPDATE SET status = excluded.status, "
+PUT_STEP: Final = insert(
+    "feature_steps",
+    STEP_COLUMNS,
+    " ON CONFLICT (run_id, sequence, event, phase) DO UPDATE SET status = excluded.status, "
     "attempts = excluded.attempts, iteration = excluded.iteration, position = excluded.position, "
     "started_at = excluded.started_at, ended_at = excluded.ended_at, output = excluded.output, "
-    "error_reason = excluded.error_reason, error_message = excluded.error_message"
+    "error_reason = excluded.error_reason, error_message = excluded.error_message",
 )
 CHANGE_RUN: Final = Statement(
     "UPDATE feature_runs SET status = ?, output = ?, error_reason = ?, error_message = ?, failed_step = ?, "  # noqa: S608
@@ -65,19 +63,17 @@ PURGE_RUNS: Final = Statement("DELETE FROM feature_runs WHERE expires_at <= ?")
 @functools.cache
 def held_runs(lock_rows: str, count: int) -> Statement:
     """Which of `count` going runs a replica holds, locked until the transaction ends: owner, then the run ids."""
-    marks = ", ".join("?" * count)
     return Statement(
-        f"SELECT run_id FROM feature_runs WHERE owner = ? AND {_GOING} AND run_id IN ({marks}){lock_rows}"  # noqa: S608
+        f"SELECT run_id FROM feature_runs WHERE owner = ? AND {_GOING} AND run_id IN ({marks(count)}){lock_rows}"  # noqa: S608
     )
 
 
 @functools.cache
 def renew_runs(count: int) -> Statement:
     """Extend a replica's leases of `count` going runs: lease end, owner, then the run ids."""
-    marks = ", ".join("?" * count)
     return Statement(
         f"UPDATE feature_runs SET lease_until = ? WHERE owner = ? AND {_GOING} "  # noqa: S608
-        f"AND run_id IN ({marks}) RETURNING run_id"
+        f"AND run_id IN ({marks(count)}) RETURNING run_id"
     )
 
 

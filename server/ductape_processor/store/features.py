@@ -25,12 +25,9 @@ from ductape_processor.store.feature_records import (
     Phase,
     StepStatus,
 )
-from ductape_processor.store.sql import Connection, Row, _named, _values
+from ductape_processor.store.sql import IDS_PER_STATEMENT, Connection, Row, _named, _values
 from ductape_processor.store.statements import SqlValue, Where
 from ductape_processor.store.webhooks import SqlWebhookStore
-
-_IDS_PER_STATEMENT = 500
-"""Runs one statement names at most (SQLite bounds a statement's parameters)."""
 
 
 class SqlFeatureStore(SqlWebhookStore):
@@ -99,8 +96,8 @@ class SqlFeatureStore(SqlWebhookStore):
             if inserted:
                 await conn.executemany(sql.INSERT_NEW_RUN, inserted)  # sent again after a lost commit: no-op
             held: set[str] = set()
-            for start in range(0, len(touched), _IDS_PER_STATEMENT):
-                chunk = touched[start : start + _IDS_PER_STATEMENT]
+            for start in range(0, len(touched), IDS_PER_STATEMENT):
+                chunk = touched[start : start + IDS_PER_STATEMENT]
                 statement = sql.held_runs(self._dialect.lock_rows, len(chunk))
                 held.update(str(row[0]) for row in await conn.fetch(statement, owner, *chunk))
             rows = [self._feature_step_row(step) for step in writes.steps if step.run_id in held]
@@ -129,14 +126,13 @@ class SqlFeatureStore(SqlWebhookStore):
     async def list_feature_runs(
         self, where: FeatureRunFilter, *, after: tuple[datetime, str] | None, limit: int
     ) -> list[FeatureRunRecord]:
-        time = self._dialect.time
         clause = Where("product = ? AND env = ?", where.product, where.env)
         clause.when("feature = ?", where.feature or None)
         clause.when("status = ?", where.status)
-        if after is not None:
-            clause.add("(created_at, run_id) < (?, ?)", time(after[0]), after[1])
-        query = clause.select(sql.RUN_COLUMNS, "feature_runs", "created_at DESC, run_id DESC")
-        return [self._feature_run(row) for row in await self._reader.fetch(query, *clause.params, limit)]
+        rows = await self._newest_first(
+            clause, (sql.RUN_COLUMNS, "feature_runs"), ("created_at", "run_id"), after, limit
+        )
+        return [self._feature_run(row) for row in rows]
 
     # -- leases -----------------------------------------------------------------------------------------------------
 
@@ -149,13 +145,7 @@ class SqlFeatureStore(SqlWebhookStore):
         return [self._feature_run(row) for row in rows]
 
     async def renew_feature_runs(self, owner: str, run_ids: list[str], lease_until: datetime) -> set[str]:
-        until = self._dialect.time(lease_until)
-        renewed: set[str] = set()
-        for start in range(0, len(run_ids), _IDS_PER_STATEMENT):
-            chunk = run_ids[start : start + _IDS_PER_STATEMENT]
-            rows = await self._write_returning(sql.renew_runs(len(chunk)), until, owner, *chunk)
-            renewed.update(str(row[0]) for row in rows)
-        return renewed
+        return await self._renewed(sql.renew_runs, owner, run_ids, lease_until)
 
     async def release_feature_runs(self, owner: str, now: datetime) -> int:
         async def release(conn: Connection) -> int:
@@ -193,8 +183,7 @@ class SqlFeatureStore(SqlWebhookStore):
         return await self._transaction(resume, retry=False)
 
     async def next_feature_moment(self) -> datetime | None:
-        row = await self._reader.fetchrow(sql.NEXT_MOMENT)
-        return self._dialect.moment(row[0]) if row is not None and row[0] is not None else None
+        return await self._first_moment(sql.NEXT_MOMENT)
 
     async def purge_expired(self, now: datetime) -> int:
         at = self._dialect.time(now)

@@ -10,7 +10,7 @@ import functools
 from typing import Final
 
 from ductape_processor.store.leases import claim_statement, hold_statement
-from ductape_processor.store.statements import Dialect, Statement
+from ductape_processor.store.statements import Dialect, Statement, insert, marks
 
 JOB_COLUMNS: Final = (
     "job_id, product, env, name, target_kind, spec, status, next_run_at, runs, declared, idempotency_key, "
@@ -25,9 +25,7 @@ _OPEN_COUNTS: Final = (
     "(SELECT count(*) FROM job_runs r WHERE r.job_id = claimed.job_id AND r.status IN (2, 3)), "
     "(SELECT count(*) FROM job_runs r WHERE r.job_id = claimed.job_id AND r.status = 1)"
 )
-INSERT_JOB: Final = Statement(
-    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
-)
+INSERT_JOB: Final = insert("jobs", JOB_COLUMNS)
 INSERT_NEW_JOB: Final = Statement(
     # Any unique index in the way (the active name, the idempotency key) makes it insert nothing: store/jobs.py then
     # reads who holds it.
@@ -51,10 +49,7 @@ ADVANCE_JOB: Final = Statement(
     # The job is held by the transaction that claimed it (hold_statement): nothing else changed it meanwhile.
     "UPDATE jobs SET next_run_at = ?, status = ?, runs = runs + ? WHERE job_id = ?"
 )
-INSERT_RUN: Final = Statement(
-    f"INSERT INTO job_runs ({RUN_COLUMNS}) "  # noqa: S608
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+INSERT_RUN: Final = insert("job_runs", RUN_COLUMNS)
 RUN: Final = Statement(f"SELECT {RUN_COLUMNS} FROM job_runs WHERE run_id = ?")  # noqa: S608
 END_RUN: Final = Statement(
     "UPDATE job_runs SET status = ?, ended_at = ?, attempt_at = ?, result = ?, error_reason = ?, "
@@ -87,9 +82,9 @@ def due_jobs(dialect: Dialect) -> Statement:
 @functools.cache
 def renew_runs(count: int) -> Statement:
     """Extend a replica's leases of `count` running runs: lease end, owner, then the `count` run ids."""
-    marks = ", ".join("?" * count)
     return Statement(
-        f"UPDATE job_runs SET lease_until = ? WHERE owner = ? AND status = 2 AND run_id IN ({marks}) RETURNING run_id"  # noqa: S608
+        f"UPDATE job_runs SET lease_until = ? WHERE owner = ? AND status = 2 AND run_id IN ({marks(count)}) "  # noqa: S608
+        "RETURNING run_id"
     )
 
 

@@ -30,8 +30,6 @@ _JOB_FIELDS = 13
 """The columns of JOB_COLUMNS: a JobRecord's fields before `busy` and `queued`."""
 _INSERT_ATTEMPTS = 3
 """How many times a locked Schedule reads who holds a name or key again when an unlocked one took it meanwhile."""
-_RENEWALS_PER_STATEMENT = 500
-"""Leases one statement renews at most (SQLite bounds a statement's parameters)."""
 
 
 class SqlJobStore(SqlStore):
@@ -120,16 +118,13 @@ class SqlJobStore(SqlStore):
         return self._job(row) if row else None
 
     async def list_jobs(self, where: JobFilter, *, after: tuple[datetime, str] | None, limit: int) -> list[JobRecord]:
-        time = self._dialect.time
         clause = Where("product = ? AND env = ?", where.product, where.env)
         clause.when("status = ?", where.status)
         clause.when("name = ?", where.name or None)
         clause.when("target_kind = ?", where.target_kind or None)
         clause.when("declared = ?", where.declared)
-        if after is not None:
-            clause.add("(created_at, job_id) < (?, ?)", time(after[0]), after[1])
-        query = clause.select(sql.JOB_COLUMNS, "jobs", "created_at DESC, job_id DESC")
-        return [self._job(row) for row in await self._reader.fetch(query, *clause.params, limit)]
+        rows = await self._newest_first(clause, (sql.JOB_COLUMNS, "jobs"), ("created_at", "job_id"), after, limit)
+        return [self._job(row) for row in rows]
 
     async def set_job_status(
         self, job_id: str, allowed: tuple[JobStatus, ...], status: JobStatus, now: datetime
@@ -192,13 +187,7 @@ class SqlJobStore(SqlStore):
         return [self._run(row) for row in rows]
 
     async def renew_runs(self, owner: str, run_ids: list[str], lease_until: datetime) -> set[str]:
-        until = self._dialect.time(lease_until)
-        renewed: set[str] = set()
-        for start in range(0, len(run_ids), _RENEWALS_PER_STATEMENT):
-            chunk = run_ids[start : start + _RENEWALS_PER_STATEMENT]
-            rows = await self._write_returning(sql.renew_runs(len(chunk)), until, owner, *chunk)
-            renewed.update(str(row[0]) for row in rows)
-        return renewed
+        return await self._renewed(sql.renew_runs, owner, run_ids, lease_until)
 
     async def end_runs(self, owner: str, ends: list[tuple[str, RunEnd]]) -> set[str]:
         ended: set[str] = set()
@@ -246,13 +235,10 @@ class SqlJobStore(SqlStore):
     async def list_runs(
         self, job_id: str, status: int | None, *, after: tuple[datetime, str] | None, limit: int
     ) -> list[RunRecord]:
-        time = self._dialect.time
         clause = Where("job_id = ?", job_id)
         clause.when("status = ?", status)
-        if after is not None:
-            clause.add("(due_at, run_id) < (?, ?)", time(after[0]), after[1])
-        query = clause.select(sql.RUN_COLUMNS, "job_runs", "due_at DESC, run_id DESC")
-        return [self._run(row) for row in await self._reader.fetch(query, *clause.params, limit)]
+        rows = await self._newest_first(clause, (sql.RUN_COLUMNS, "job_runs"), ("due_at", "run_id"), after, limit)
+        return [self._run(row) for row in rows]
 
     async def next_job_moments(self) -> tuple[datetime | None, datetime | None]:
         row = await self._reader.fetchrow(sql.NEXT_JOB_MOMENTS)

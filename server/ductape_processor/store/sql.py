@@ -32,6 +32,10 @@ from ductape_processor.store.migrations import Migration, migrations_table
 from ductape_processor.store.statements import Dialect, SqlValue, Statement, Where
 
 _T = TypeVar("_T")
+IDS_PER_STATEMENT: Final = 500
+"""Ids one statement names at most (SQLite bounds a statement's parameters)."""
+Cursor = tuple[datetime, str]
+"""Where a page of a listing starts: the moment and the id of the last row of the page before."""
 
 MIGRATION_LOCK: Final = 0x70726F63
 """Advisory lock key held while migrating ("proc"); replicas starting together migrate one after the other."""
@@ -122,6 +126,36 @@ class SqlStore(Store):
     async def _announce(self, conn: Connection, product: str, topic: str = "products") -> None:
         """Tell other replicas, inside the transaction that changed it, that something of `topic` in `product`
         changed (optional: see `Store.listen`)."""
+
+    async def _first_moment(self, statement: Statement) -> datetime | None:
+        """The moment `statement` reads (a time column of its one row), or None."""
+        row = await self._reader.fetchrow(statement)
+        return self._dialect.moment(row[0]) if row is not None and row[0] is not None else None
+
+    async def _renewed(
+        self, statement: Callable[[int], Statement], owner: str, ids: list[str], lease_until: datetime
+    ) -> set[str]:
+        """Extend `owner`'s leases of `ids` to `lease_until`, IDS_PER_STATEMENT ids a statement (`statement(count)`
+        takes the lease's end, the owner, then `count` ids, and returns the ids renewed); the ids it still held."""
+        until = self._dialect.time(lease_until)
+        renewed: set[str] = set()
+        for start in range(0, len(ids), IDS_PER_STATEMENT):
+            chunk = ids[start : start + IDS_PER_STATEMENT]
+            rows = await self._write_returning(statement(len(chunk)), until, owner, *chunk)
+            renewed.update(str(row[0]) for row in rows)
+        return renewed
+
+    async def _newest_first(
+        self, clause: Where, source: tuple[str, str], order: tuple[str, str], after: Cursor | None, limit: int
+    ) -> Sequence[Row]:
+        """One page of a listing: the rows of `source` (columns, table) that `clause` selects, newest first by
+        `order` (a moment column, then the id column that breaks its ties), strictly after the `after` cursor (that
+        moment and id of the last row of the page before), at most `limit`."""
+        moment, key = order
+        if after is not None:
+            clause.add(f"({moment}, {key}) < (?, ?)", self._dialect.time(after[0]), after[1])
+        query = clause.select(*source, f"{moment} DESC, {key} DESC")
+        return await self._reader.fetch(query, *clause.params, limit)
 
     # -- row mappers ------------------------------------------------------------------------------------------------
 
@@ -339,10 +373,10 @@ class SqlStore(Store):
         clause.when("status = ?", where.status)
         clause.when("started_at >= ?", where.since, time)
         clause.when("started_at < ?", where.until, time)
-        if after is not None:
-            clause.add("(started_at, process_id) < (?, ?)", time(after[0]), after[1])
-        query = clause.select(sql.EXECUTION_COLUMNS, "executions", "started_at DESC, process_id DESC")
-        return [self._execution(row) for row in await self._reader.fetch(query, *clause.params, limit)]
+        rows = await self._newest_first(
+            clause, (sql.EXECUTION_COLUMNS, "executions"), ("started_at", "process_id"), after, limit
+        )
+        return [self._execution(row) for row in rows]
 
     # -- sessions ---------------------------------------------------------------------------------------------------
 
@@ -377,10 +411,10 @@ class SqlStore(Store):
         clause = Where("product = ? AND env = ? AND tag = ?", where.product, where.env, where.tag)
         clause.add("revoked_at IS NULL AND expires_at > ?", time(now))
         clause.when("identifier = ?", where.identifier)
-        if after is not None:
-            clause.add("(started_at, session_id) < (?, ?)", time(after[0]), after[1])
-        query = clause.select(sql.SESSION_COLUMNS, "sessions", "started_at DESC, session_id DESC")
-        return [self._session(row) for row in await self._reader.fetch(query, *clause.params, limit)]
+        rows = await self._newest_first(
+            clause, (sql.SESSION_COLUMNS, "sessions"), ("started_at", "session_id"), after, limit
+        )
+        return [self._session(row) for row in rows]
 
     async def revoked_since(self, since: datetime) -> list[tuple[str, datetime, datetime]]:
         moment = self._dialect.moment

@@ -124,6 +124,17 @@ class Where:
         )
 
 
+def marks(count: int) -> str:
+    """`?, ?, ...`: `count` placeholders, for a list of values."""
+    return ", ".join("?" * count)
+
+
+def insert(table: str, columns: str, then: str = "") -> Statement:
+    """`INSERT INTO table (columns) VALUES (?, ...)`, a placeholder for each of the columns, followed by `then` (an
+    ON CONFLICT clause)."""
+    return Statement(f"INSERT INTO {table} ({columns}) VALUES ({marks(columns.count(',') + 1)}){then}")  # noqa: S608
+
+
 # -- schema migrations -------------------------------------------------------------------------------------------
 
 SCHEMA_VERSION: Final = Statement("SELECT coalesce(max(version), 0) FROM schema_migrations")
@@ -142,9 +153,7 @@ VERSIONS_BEFORE: Final = Statement(
     f"SELECT {VERSION_COLUMNS} FROM product_versions "  # noqa: S608
     "WHERE product = ? AND version < ? ORDER BY version DESC LIMIT ?"
 )
-INSERT_VERSION: Final = Statement(
-    f"INSERT INTO product_versions ({VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
-)
+INSERT_VERSION: Final = insert("product_versions", VERSION_COLUMNS)
 BUMP_REVISION: Final = Statement(
     "INSERT INTO products (product, revision) VALUES (?, 1) "
     "ON CONFLICT (product) DO UPDATE SET revision = products.revision + 1"
@@ -212,7 +221,7 @@ EXECUTION_ROWS: Final = (256, 64, 16, 4, 1)
 def insert_executions(rows: int) -> Statement:
     """One INSERT of `rows` execution records (one of EXECUTION_ROWS): one statement for many rows instead of one per
     row, because SQLite's `executemany` steps once per row and hands the interpreter lock back and forth each time."""
-    one = "(" + ", ".join("?" * (EXECUTION_COLUMNS.count(",") + 1)) + ")"
+    one = f"({marks(EXECUTION_COLUMNS.count(',') + 1)})"
     return Statement(
         f"INSERT INTO executions ({EXECUTION_COLUMNS}) VALUES "  # noqa: S608
         + ", ".join([one] * rows)

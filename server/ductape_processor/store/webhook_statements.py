@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 from ductape_processor.store.leases import claim_statement
-from ductape_processor.store.statements import Dialect, Statement
+from ductape_processor.store.statements import Dialect, Statement, insert, marks
 
 MESSAGE_COLUMNS: Final = "message_id, product, env, webhook, event, body, idempotency_key, request_hash, created_at"
 DELIVERY_COLUMNS: Final = (
@@ -18,9 +18,7 @@ RECEIVED_COLUMNS: Final = (
     "dispatch_attempts, dispatch_at, dispatch_result, lease_owner, lease_until"
 )
 
-INSERT_MESSAGE: Final = Statement(
-    f"INSERT INTO webhook_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
-)
+INSERT_MESSAGE: Final = insert("webhook_messages", MESSAGE_COLUMNS)
 MESSAGE_BY_KEY: Final = Statement(
     f"SELECT {MESSAGE_COLUMNS} FROM webhook_messages "  # noqa: S608
     "WHERE product = ? AND env = ? AND idempotency_key = ?"
@@ -31,10 +29,7 @@ DELIVERY_IDS_OF: Final = Statement(
 DISABLED_ENDPOINTS: Final = Statement(
     "SELECT endpoint FROM webhook_endpoints WHERE product = ? AND env = ? AND webhook = ? AND disabled_at IS NOT NULL"
 )
-INSERT_DELIVERY: Final = Statement(
-    f"INSERT INTO webhook_deliveries ({DELIVERY_COLUMNS}) "  # noqa: S608
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+INSERT_DELIVERY: Final = insert("webhook_deliveries", DELIVERY_COLUMNS)
 DELIVERY: Final = Statement(
     f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries "  # noqa: S608
     "WHERE product = ? AND env = ? AND delivery_id = ?"
@@ -86,9 +81,8 @@ NEXT_DELIVERY_MOMENT: Final = Statement(
     "SELECT min(CASE WHEN lease_until > next_attempt_at THEN lease_until ELSE next_attempt_at END) "
     "FROM webhook_deliveries WHERE status = 1"
 )
-INSERT_RECEIVED: Final = Statement(
-    f"INSERT INTO webhooks_received ({RECEIVED_COLUMNS}) "  # noqa: S608
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (product, env, webhook, webhook_id) DO NOTHING"
+INSERT_RECEIVED: Final = insert(
+    "webhooks_received", RECEIVED_COLUMNS, " ON CONFLICT (product, env, webhook, webhook_id) DO NOTHING"
 )
 END_DISPATCH: Final = Statement(
     "UPDATE webhooks_received SET dispatch_status = ?, dispatch_at = ?, dispatch_result = ?, lease_owner = NULL, "
@@ -145,8 +139,7 @@ def insert_attempt_if_held(dialect: Dialect) -> Statement:
 
 def message_bodies(count: int) -> Statement:
     """The bodies of `count` messages by id."""
-    marks = ", ".join("?" * count)
-    return Statement(f"SELECT message_id, body FROM webhook_messages WHERE message_id IN ({marks})")  # noqa: S608
+    return Statement(f"SELECT message_id, body FROM webhook_messages WHERE message_id IN ({marks(count)})")  # noqa: S608
 
 
 EXPIRED_MESSAGES: Final = Statement(
@@ -165,23 +158,20 @@ EXPIRED_RECEIVED: Final = Statement(
 def ended_deliveries_of(count: int) -> Statement:
     """Delete the deliveries of `count` messages that are not pending (a Redeliver may have made one pending since
     its message was picked: it stays), returning their ids."""
-    marks = ", ".join("?" * count)
     return Statement(
-        f"DELETE FROM webhook_deliveries WHERE message_id IN ({marks}) AND status <> 1 "  # noqa: S608
+        f"DELETE FROM webhook_deliveries WHERE message_id IN ({marks(count)}) AND status <> 1 "  # noqa: S608
         "RETURNING delivery_id"
     )
 
 
 def attempts_of(count: int) -> Statement:
     """Delete the attempts of `count` deliveries."""
-    marks = ", ".join("?" * count)
-    return Statement(f"DELETE FROM webhook_attempts WHERE delivery_id IN ({marks})")  # noqa: S608
+    return Statement(f"DELETE FROM webhook_attempts WHERE delivery_id IN ({marks(count)})")  # noqa: S608
 
 
 def messages_without_deliveries(count: int) -> Statement:
     """Delete those of `count` messages that have no delivery left."""
-    marks = ", ".join("?" * count)
     return Statement(
-        f"DELETE FROM webhook_messages WHERE message_id IN ({marks}) AND NOT EXISTS ("  # noqa: S608
+        f"DELETE FROM webhook_messages WHERE message_id IN ({marks(count)}) AND NOT EXISTS ("  # noqa: S608
         "SELECT 1 FROM webhook_deliveries d WHERE d.message_id = webhook_messages.message_id)"
     )

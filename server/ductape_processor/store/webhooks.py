@@ -179,23 +179,20 @@ class SqlWebhookStore(SqlJobStore):
         await self._transaction(defer)
 
     async def next_delivery_moment(self) -> datetime | None:
-        row = await self._reader.fetchrow(sql.NEXT_DELIVERY_MOMENT)
-        return self._dialect.moment(row[0]) if row is not None and row[0] is not None else None
+        return await self._first_moment(sql.NEXT_DELIVERY_MOMENT)
 
     # -- reading and redelivering -----------------------------------------------------------------------------------
 
     async def list_deliveries(
         self, where: DeliveryFilter, *, after: tuple[datetime, str] | None, limit: int
     ) -> list[DeliveryRecord]:
-        time = self._dialect.time
         clause = Where("product = ? AND env = ?", where.product, where.env)
         clause.when("webhook = ?", where.webhook or None)
         clause.when("message_id = ?", where.message_id or None)
         clause.when("status = ?", int(where.status) if where.status is not None else None)
-        if after is not None:
-            clause.add("(created_at, delivery_id) < (?, ?)", time(after[0]), after[1])
-        query = clause.select(sql.DELIVERY_COLUMNS, "webhook_deliveries", "created_at DESC, delivery_id DESC")
-        return [self._delivery(row) for row in await self._reader.fetch(query, *clause.params, limit)]
+        source = (sql.DELIVERY_COLUMNS, "webhook_deliveries")
+        rows = await self._newest_first(clause, source, ("created_at", "delivery_id"), after, limit)
+        return [self._delivery(row) for row in rows]
 
     async def get_delivery(
         self, product: str, env: str, delivery_id: str
@@ -254,8 +251,7 @@ class SqlWebhookStore(SqlJobStore):
         await self._transaction(end)
 
     async def next_dispatch_moment(self) -> datetime | None:
-        row = await self._reader.fetchrow(sql.NEXT_DISPATCH_MOMENT)
-        return self._dialect.moment(row[0]) if row is not None and row[0] is not None else None
+        return await self._first_moment(sql.NEXT_DISPATCH_MOMENT)
 
     async def purge_webhooks(self, before: datetime, limit: int) -> tuple[int, int]:
         at = self._dialect.time(before)
@@ -276,13 +272,11 @@ class SqlWebhookStore(SqlJobStore):
     async def list_received(
         self, product: str, env: str, webhook: str, *, after: tuple[datetime, str] | None, limit: int
     ) -> list[ReceivedRecord]:
-        time = self._dialect.time
         clause = Where("product = ? AND env = ?", product, env)
         clause.when("webhook = ?", webhook or None)
-        if after is not None:
-            clause.add("(received_at, received_id) < (?, ?)", time(after[0]), after[1])
-        query = clause.select(sql.RECEIVED_COLUMNS, "webhooks_received", "received_at DESC, received_id DESC")
-        return [self._received(row) for row in await self._reader.fetch(query, *clause.params, limit)]
+        source = (sql.RECEIVED_COLUMNS, "webhooks_received")
+        rows = await self._newest_first(clause, source, ("received_at", "received_id"), after, limit)
+        return [self._received(row) for row in rows]
 
 
 def _endpoint(delivery: DeliveryRecord) -> EndpointKey:
