@@ -41,6 +41,7 @@ from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem
 from ductape_processor.runtime.policies.leases import ClaimRounds, LeaseRenewer
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
+from ductape_processor.runtime.policies.periodic import end_within
 from ductape_processor.runtime.registry.registry import Resolved
 from ductape_processor.runtime.services import CallServices
 from ductape_processor.store.feature_records import FEATURES_TOPIC, GOING, FeatureRunChange, FeatureRunFilter
@@ -121,13 +122,7 @@ class FeatureRuntime:
             return
         self._started = False
         await self._rounds.stop()
-        tasks = [going.task for going in self._going.values()]
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=grace_s)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late)
+        await end_within([going.task for going in self._going.values()], grace_s)
         await self._leases.stop()
         await self._journal.stop()
         with contextlib.suppress(Exception):  # else the leases run out

@@ -33,6 +33,7 @@ from ductape_processor.runtime.jobs.targets import JobTargets, Outcome
 from ductape_processor.runtime.jobs.timing import due_after
 from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.policies.leases import ClaimRounds, EndBatches, LeaseRenewer
+from ductape_processor.runtime.policies.periodic import end_within
 from ductape_processor.store.base import Store
 from ductape_processor.store.job_records import JOBS_TOPIC, JobRecord, JobStatus, JobStep, RunEnd, RunRecord, RunStatus
 
@@ -224,12 +225,7 @@ class JobScheduler:
         """Stop claiming; let runs going finish within `grace_s`, then cancel them (their leases run out and
         another replica, or this one after a restart, takes them over)."""
         await self._rounds.stop()
-        if self._running:
-            _, late = await asyncio.wait(set(self._running), timeout=grace_s)
-            for run in late:
-                run.cancel()
-            if late:
-                await asyncio.wait(late)
+        await end_within(set(self._running), grace_s)
         await self._leases.stop()
         await self._ends.close()
 

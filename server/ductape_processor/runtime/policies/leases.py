@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from ductape_processor.runtime.policies.clock import Clock
-from ductape_processor.runtime.policies.periodic import PeriodicTask, cancel_and_wait
+from ductape_processor.runtime.policies.periodic import PeriodicTask, cancel_and_wait, end_within
 from ductape_processor.store.base import Store
 from ductape_processor.store.job_records import announced_due
 
@@ -211,12 +211,7 @@ class ClaimedWork:
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; the pieces running get `grace_s` to end, then are cancelled."""
         await self.rounds.stop()
-        if self._running:
-            _, late = await asyncio.wait(set(self._running), timeout=grace_s)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late)
+        await end_within(set(self._running), grace_s)
 
     async def _claim(self) -> bool:
         free = min(self._limits.claim_batch, self._limits.concurrency - len(self._running) - self._reserved)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +21,16 @@ async def cancel_and_wait(task: asyncio.Future[Any] | None) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def end_within(tasks: Collection[asyncio.Future[Any]], grace_s: float) -> None:
+    """Give `tasks` `grace_s` seconds to end, then cancel those still going and wait until they have ended."""
+    if tasks:
+        _, late = await asyncio.wait(tasks, timeout=grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
 
 
 class PeriodicTask:
