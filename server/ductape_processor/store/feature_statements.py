@@ -6,7 +6,7 @@ import functools
 from typing import Final
 
 from ductape_processor.store.leases import claim_statement
-from ductape_processor.store.statements import Dialect, Statement, insert, marks
+from ductape_processor.store.statements import Dialect, Statement, insert, marks, upsert
 
 RUN_COLUMNS: Final = (
     "run_id, product, env, feature, version, status, input, session_tag, session_token, idempotency_key, "
@@ -26,14 +26,7 @@ RUN_BY_KEY: Final = Statement(
 )
 RUN: Final = Statement(f"SELECT {RUN_COLUMNS} FROM feature_runs WHERE run_id = ?")  # noqa: S608
 STEPS: Final = Statement(f"SELECT {STEP_COLUMNS} FROM feature_steps WHERE run_id = ?")  # noqa: S608
-PUT_STEP: Final = insert(
-    "feature_steps",
-    STEP_COLUMNS,
-    " ON CONFLICT (run_id, sequence, event, phase) DO UPDATE SET status = excluded.status, "
-    "attempts = excluded.attempts, iteration = excluded.iteration, position = excluded.position, "
-    "started_at = excluded.started_at, ended_at = excluded.ended_at, output = excluded.output, "
-    "error_reason = excluded.error_reason, error_message = excluded.error_message",
-)
+PUT_STEP: Final = upsert("feature_steps", STEP_COLUMNS, "run_id, sequence, event, phase")
 CHANGE_RUN: Final = Statement(
     "UPDATE feature_runs SET status = ?, output = ?, error_reason = ?, error_message = ?, failed_step = ?, "  # noqa: S608
     "ended_at = ?, expires_at = ?, "

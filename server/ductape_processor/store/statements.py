@@ -135,6 +135,15 @@ def insert(table: str, columns: str, then: str = "") -> Statement:
     return Statement(f"INSERT INTO {table} ({columns}) VALUES ({marks(columns.count(',') + 1)}){then}")  # noqa: S608
 
 
+def upsert(table: str, columns: str, key: str) -> Statement:
+    """`insert` that, when a row with the same `key` (the columns of a unique index) is there, sets its other
+    columns to the new values instead."""
+    keys = {name.strip() for name in key.split(",")}
+    others = [name for name in (name.strip() for name in columns.split(",")) if name not in keys]
+    updated = ", ".join(f"{name} = excluded.{name}" for name in others)
+    return insert(table, columns, f" ON CONFLICT ({key}) DO UPDATE SET {updated}")
+
+
 # -- schema migrations -------------------------------------------------------------------------------------------
 
 SCHEMA_VERSION: Final = Statement("SELECT coalesce(max(version), 0) FROM schema_migrations")
@@ -159,26 +168,17 @@ BUMP_REVISION: Final = Statement(
     "ON CONFLICT (product) DO UPDATE SET revision = products.revision + 1"
 )
 PIN: Final = Statement("SELECT version FROM environment_pins WHERE product = ? AND env = ?")
-SET_PIN: Final = Statement(
-    "INSERT INTO environment_pins (product, env, version, updated_at) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (product, env) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at"
-)
+SET_PIN: Final = upsert("environment_pins", "product, env, version, updated_at", "product, env")
 PINS: Final = Statement("SELECT env, version FROM environment_pins WHERE product = ?")
 REVISIONS: Final = Statement("SELECT product, revision FROM products")
 
 # -- auth tokens and the result cache ----------------------------------------------------------------------------
 
 AUTH_TOKEN: Final = Statement("SELECT token_values FROM auth_tokens WHERE key = ? AND expires_at > ?")
-PUT_AUTH_TOKEN: Final = Statement(
-    "INSERT INTO auth_tokens (key, token_values, expires_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET token_values = excluded.token_values, expires_at = excluded.expires_at"
-)
+PUT_AUTH_TOKEN: Final = upsert("auth_tokens", "key, token_values, expires_at", "key")
 DELETE_AUTH_TOKEN: Final = Statement("DELETE FROM auth_tokens WHERE key = ? AND token_values = ?")
 CACHED: Final = Statement("SELECT value FROM cache_entries WHERE key = ? AND expires_at > ?")
-PUT_CACHED: Final = Statement(
-    "INSERT INTO cache_entries (key, value, expires_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at"
-)
+PUT_CACHED: Final = upsert("cache_entries", "key, value, expires_at", "key")
 PURGE: Final = tuple(
     Statement(f"DELETE FROM {table} WHERE expires_at <= ?")  # noqa: S608 - fixed table names
     for table in ("auth_tokens", "cache_entries", "idempotency_keys")
