@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final
 
 from ductape_processor.adapters.http.client import (
@@ -82,7 +83,10 @@ class ActionExecutor:
         if not state.recorded:
             status, reason = outcome(result)
             self._record(state, process_id, started, status, reason, cached=result.cached)
-        # Built directly rather than with dataclasses.replace: this is every call's answer.
+        if result.process_id == process_id and result.version == resolved.version:
+            return result  # sent by this call: `_send` built its answer whole
+        # A cached or recorded answer: this call's id and version. Built directly rather than with
+        # dataclasses.replace, which costs several times more.
         return ActionResult(
             result.status,
             result.headers,
@@ -158,7 +162,7 @@ class ActionExecutor:
         budget = RetryBudget(rules.backoff, state.deadline)
         while True:
             auth = await self._auths.values(state, plan.auth_tags) if plan.auth_tags else {}
-            request = build_request(state, state.scope(self._services.secrets, checked, auth), checked)
+            request = build_request(state, partial(state.scope, self._services.secrets, checked, auth), checked)
             state.attempts.detail = recorded_request(state, request)
             if breaker.opened_at is not None:
                 breaker.before_call(f"{call.app} ({state.resolved.env.slug})")
@@ -196,7 +200,13 @@ class ActionExecutor:
             else:
                 breaker.success()
             return ActionResult(
-                response.status, response.headers, response.body, response.content_type, attempts=state.attempts.count
+                response.status,
+                response.headers,
+                response.body,
+                response.content_type,
+                process_id=state.process_id,
+                attempts=state.attempts.count,
+                version=state.resolved.version,
             )
 
     @staticmethod

@@ -49,6 +49,8 @@ class ActionPlan:
     rules: RetryRules
     timeout_s: float
     idempotent: bool
+    renders: bool
+    """The action has templates (headers, query or body) to render: a call builds the scope they read."""
 
     @property
     def resource(self) -> str:
@@ -126,6 +128,7 @@ def _compile_action(app: App, action: Action, where: str) -> ActionPlan:
         rules=RetryRules.from_policy(action.retry or app.retry),
         timeout_s=(action.timeout or app.timeout).total_seconds(),
         idempotent=action.method in IDEMPOTENT_METHODS,
+        renders=any(t is not None for t in templates),
     )
 
 

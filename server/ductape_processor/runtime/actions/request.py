@@ -3,7 +3,7 @@ same request as the execution record shows it (every part built from a sensitive
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -74,8 +74,9 @@ def _caller_headers(plan: ActionPlan, given: Mapping[str, Any]) -> dict[str, str
     return headers
 
 
-def build_request(state: CallState, scope: Scope, checked: Mapping[str, Any]) -> HttpRequest:
-    """The request to send for the call: the plan's method, URL, headers, query and body, rendered with `scope`.
+def build_request(state: CallState, scope: Callable[[], Scope], checked: Mapping[str, Any]) -> HttpRequest:
+    """The request to send for the call: the plan's method, URL, headers, query and body, rendered with the scope
+    `scope()` builds (only when the plan has templates: `ActionPlan.renders`).
 
     The action's own headers win over the caller's, and the processor's (`state.upstream_headers`) over both.
     """
@@ -90,6 +91,28 @@ def build_request(state: CallState, scope: Scope, checked: Mapping[str, Any]) ->
     url = URL(app_env.base_url + path, encoded=True)
     given_headers = checked.get("headers")
     headers = _caller_headers(plan, given_headers) if given_headers else {}
+    query = checked.get("query") or None
+    body = checked.get("body") or None
+    if plan.renders:
+        rendering = scope()
+        _render_headers(plan, rendering, headers)
+        if plan.query is not None:
+            query = plan.query.render(rendering)
+        if plan.body is not None:
+            body = plan.body.render(rendering)
+    data, content_type = encode_body(body, app_env.request_type, plan.action.method)
+    if content_type and not any(h.lower() == "content-type" for h in headers):
+        headers["Content-Type"] = content_type
+    headers.update(outgoing_trace_context())
+    if state.upstream_headers:
+        ours = {name.lower() for name in state.upstream_headers}
+        headers = {name: value for name, value in headers.items() if name.lower() not in ours}
+        headers.update(state.upstream_headers)
+    return HttpRequest(plan.action.method, url, headers, query_pairs(query, "query"), data)
+
+
+def _render_headers(plan: ActionPlan, scope: Scope, headers: dict[str, str]) -> None:
+    """The action's own headers rendered into `headers`, each winning over a caller's of the same name."""
     for name, template in plan.headers.items():
         rendered = template.render(scope)
         if rendered is None:
@@ -107,17 +130,6 @@ def build_request(state: CallState, scope: Scope, checked: Mapping[str, Any]) ->
         for given in [given for given in headers if given.lower() == name.lower()]:
             del headers[given]  # the action's own header wins over the caller's, whatever the letter case
         headers[name] = text
-    query = plan.query.render(scope) if plan.query is not None else checked.get("query") or None
-    body = plan.body.render(scope) if plan.body is not None else (checked.get("body") or None)
-    data, content_type = encode_body(body, app_env.request_type, plan.action.method)
-    if content_type and not any(h.lower() == "content-type" for h in headers):
-        headers["Content-Type"] = content_type
-    headers.update(outgoing_trace_context())
-    if state.upstream_headers:
-        ours = {name.lower() for name in state.upstream_headers}
-        headers = {name: value for name, value in headers.items() if name.lower() not in ours}
-        headers.update(state.upstream_headers)
-    return HttpRequest(plan.action.method, url, headers, query_pairs(query, "query"), data)
 
 
 def recorded_request(state: CallState, request: HttpRequest) -> str:
