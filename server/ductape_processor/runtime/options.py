@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ductape_processor.records import record
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class CallOptions:
     """The options an action call, a database call and a notification send share, as the caller gave them; each
     kind's call record adds its own fields to these (keyword-only, so they follow the kind's own in a constructor).

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
 
+from ductape_processor.records import record
 from ductape_processor.store.feature_records import FeatureState
 from ductape_processor.store.job_records import JobState
 from ductape_processor.store.webhook_records import WebhookState
@@ -61,7 +62,7 @@ class ExecutionStatus(IntEnum):
     """An error, or an upstream answer outside 2xx (`error_reason` says which)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ExecutionRecord:
     """One run of a resource, as the execution log keeps it."""
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote
 
@@ -38,6 +37,7 @@ from ductape_processor.adapters.http.encoding import (
 )
 from ductape_processor.errors import InvalidArgument, ProcessorError, Unavailable
 from ductape_processor.reasons import Reason
+from ductape_processor.records import record
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -68,7 +68,7 @@ class ResponseTooLarge(
     """The upstream's response body is larger than the processor accepts."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HttpRequest:
     """A request ready to send."""
 
@@ -79,7 +79,7 @@ class HttpRequest:
     data: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HttpResponse:
     """What the upstream answered."""
 

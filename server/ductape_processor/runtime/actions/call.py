@@ -12,6 +12,7 @@ from typing import Any
 
 from ductape_processor.adapters.http.client import HttpResponse
 from ductape_processor.reasons import Reason
+from ductape_processor.records import record
 from ductape_processor.runtime.actions.plan import ActionPlan
 from ductape_processor.runtime.logs.recorder import execution_record
 from ductape_processor.runtime.options import CallOptions
@@ -22,7 +23,7 @@ from ductape_processor.runtime.templates import Scope, Taint
 from ductape_processor.store.base import ExecutionRecord, ExecutionStatus
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ActionCall(CallOptions):
     """What a caller asks for: an action of an app, its input, a cache tag, and the options every call has."""
 
@@ -34,7 +35,7 @@ class ActionCall(CallOptions):
     cache: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ActionResult(HttpResponse):
     """What the upstream answered (the `HttpResponse` fields), and how the processor got it."""
 

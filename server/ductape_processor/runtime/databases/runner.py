@@ -19,6 +19,7 @@ from typing import Any, Final
 from ductape_processor.adapters.databases.base import Bounds, DatabaseAdapter, DatabaseFailure, DatabaseUnreachable
 from ductape_processor.errors import FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
+from ductape_processor.records import record
 from ductape_processor.runtime.actions.cache import named_cache
 from ductape_processor.runtime.databases.errors import database_error
 from ductape_processor.runtime.databases.plan import DatabaseActionPlan
@@ -54,7 +55,7 @@ MAX_BATCH_STEPS: Final = 100
 """The most actions one Batch runs."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DatabaseCall(CallOptions):
     """What a caller asks for: one action of one database, its input, a cache tag and a page, and the options every
     call has."""

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ductape_processor.adapters.notify.base import EmailAttachment as EmailAttachment
+from ductape_processor.records import record
 from ductape_processor.runtime.options import CallOptions
 
 
@@ -61,7 +62,7 @@ class CallbackInput:
     variables: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class NotificationCall(CallOptions):
     """One Send: the message (`notification:message`), the input of each channel to send it on, and the options
     every call has."""
