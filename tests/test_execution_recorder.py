@@ -104,3 +104,19 @@ async def test_a_batch_of_any_size_is_stored_whole(store: CountingStore, count: 
     assert await stored(store) == [f"p{n:05d}" for n in range(count)]
     rows = await store.list_executions(ExecutionFilter(product="shop"), after=None, limit=1)
     assert rows == [record(count - 1)]
+
+
+async def test_a_flush_waits_for_the_batch_the_writer_is_storing(store: CountingStore) -> None:
+    recorder = ExecutionRecorder(store, flush_interval=0.05, batch_size=500)
+    recorder.start()
+    store.hold = asyncio.Event()
+    recorder.record(record(1))
+    while not store.batches:  # the writer took the record out of the queue; its write is held
+        await asyncio.sleep(0.01)
+    flushing = asyncio.ensure_future(recorder.flush())
+    await asyncio.sleep(0.1)
+    assert not flushing.done(), "the flush returned while the record it should cover was not stored"
+    store.hold.set()
+    await flushing
+    assert await stored(store) == ["p00001"]
+    await recorder.close()

@@ -68,6 +68,7 @@ class ExecutionRecorder:
         self._max_pending = max_pending
         self._pending: list[ExecutionRecord] = []
         self._wake = asyncio.Event()
+        self._writing = asyncio.Lock()  # held while a batch is on its way to the store
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.dropped = 0
@@ -94,9 +95,11 @@ class ExecutionRecorder:
             self.dropped += excess
 
     async def flush(self) -> None:
-        """Write everything queued now."""
-        while self._pending and await self._write_batch():
-            pass
+        """Write everything queued now; a batch the background writer took but has not stored yet is waited for, so
+        what was recorded before the flush is in the store after it."""
+        async with self._writing:
+            while self._pending and await self._write_batch():
+                pass
 
     async def _write_batch(self) -> bool:
         """Write the oldest `batch_size` records queued; False when the store failed (they stay queued)."""
@@ -119,7 +122,8 @@ class ExecutionRecorder:
                         await self._wake.wait()
             self._wake.clear()
             if self._pending:
-                await self._write_batch()
+                async with self._writing:
+                    await self._write_batch()
 
     async def close(self) -> None:
         """Stop the writer (letting a write in progress finish, so no transaction is cut) and write what is left."""
