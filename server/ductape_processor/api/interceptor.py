@@ -6,7 +6,6 @@ is a few attribute reads when telemetry is off. Health checks are public and lef
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import inspect
 import itertools
@@ -178,8 +177,11 @@ class _Call:
             otel_context.detach(cast(contextvars.Token[otel_context.Context], opened.otel_token))
         # A streaming handler that gRPC dropped mid-write (a Subscribe stream ended for not being read) is finalised
         # by the garbage collector in another context, where the token cannot be reset; that context dies anyway.
-        with contextlib.suppress(ValueError):
+        # try/except rather than contextlib.suppress, which costs an object and two calls on every call.
+        try:  # noqa: SIM105
             current_call.reset(opened.call_token)
+        except ValueError:
+            pass
         histogram = self.telemetry.rpc_duration
         if histogram is not None:
             histogram.record(

@@ -175,7 +175,8 @@ class SqlStore(Store):
         )
 
     def _execution_row(self, r: ExecutionRecord) -> tuple[SqlValue, ...]:
-        # Spelled out rather than `_values`: one per call served, written in batches.
+        # Spelled out rather than `_values`: one per call served, written in batches. The status goes as an exact
+        # int (not the IntEnum) and the flag as the dialect's: SQLite binds those without an adapter lookup.
         time = self._dialect.time
         return (
             r.process_id,
@@ -184,13 +185,13 @@ class SqlStore(Store):
             r.version,
             r.kind,
             r.resource,
-            r.status,
+            int(r.status),
             time(r.started_at),
             time(r.ended_at),
             r.attempts,
             r.upstream_status,
             r.error_reason,
-            r.cached,
+            self._dialect.flag(r.cached),
             r.detail,
         )
 

@@ -47,6 +47,9 @@ class Dialect:
     """A moment for the registry's timestamp columns (`created_at`, `updated_at`, `applied_at`)."""
     stamp_moment: Callable[[Any], datetime]
     """A registry timestamp column's value as an aware datetime."""
+    flag: Callable[[bool], SqlValue]
+    """A boolean as a value for a flag column: 0 or 1 on SQLite, which binds an exact int without looking for an
+    adapter (a bool is looked up as any other subclass, twice per value); the bool itself on PostgreSQL."""
     types: dict[str, str]
     """Column types by role, substituted into the migrations' `{role}` fields."""
     skip_locked: str = ""
@@ -68,6 +71,7 @@ SQLITE: Final = Dialect(
     moment=lambda seconds: datetime.fromtimestamp(seconds, UTC),
     stamp=lambda moment: moment.isoformat(),
     stamp_moment=lambda text: datetime.fromisoformat(text),
+    flag=int,
     types={
         "counter": "INTEGER",
         "small": "INTEGER",
@@ -85,6 +89,7 @@ POSTGRES: Final = Dialect(
     moment=_same,
     stamp=_same,
     stamp_moment=_same,
+    flag=lambda value: value,
     types={
         "counter": "BIGINT",
         "small": "SMALLINT",

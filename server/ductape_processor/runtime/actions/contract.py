@@ -58,6 +58,9 @@ def check_action_input(action_input: ActionInput, value: Mapping[str, Any] | Non
     for part in ACTION_PARTS:
         schema: Mapping[str, FieldSpec] = getattr(action_input, part)
         values = given.get(part)
+        if values is None and not schema:
+            result[part] = {}  # nothing declared, nothing given: what `_check_part` would make of it, without the call
+            continue
         if part == "headers" and isinstance(values, Mapping):
             values = _declared_header_names(schema, values, violations)
         result[part] = _check_part(schema, values, f"input.{part}", violations)
