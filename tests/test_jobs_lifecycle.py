@@ -1,6 +1,6 @@
 """Jobs over their lifetime: a dead replica's run taken over after its lease, concurrent steps of due jobs on one
-database, a job whose stored schedule cannot be read, and the jobs a manifest declares following the version pinned
-for each environment."""
+database, a job whose stored schedule cannot be read, a job found by its idempotency key, and the jobs a manifest
+declares following the version pinned for each environment."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ async def test_a_run_whose_runner_died_is_taken_over_after_its_lease_and_says_so
     assert run.status == job_pb2.RUN_STATUS_SUCCEEDED
 
 
-def _due_job(job_id: str, spec: str = "{}") -> JobRecord:
+def _due_job(job_id: str, spec: str = "{}", key: str = "") -> JobRecord:
     """A scheduled job due at START, stored as the store keeps it (its spec as given)."""
     return JobRecord(
         job_id=job_id,
@@ -67,10 +67,23 @@ def _due_job(job_id: str, spec: str = "{}") -> JobRecord:
         next_run_at=START,
         runs=0,
         declared=False,
-        idempotency_key="",
+        idempotency_key=key,
         request_hash="",
         created_at=START,
     )
+
+
+async def test_an_idempotency_key_finds_the_job_it_scheduled_in_its_environment_only(
+    store_factory: Callable[[], Awaitable[Store]],
+) -> None:
+    store = await store_factory()
+    assert await store.job_by_key("shop", "dev", "rcv_1") is None
+    await store.insert_job(_due_job("unkeyed"), replace=False, now=START)
+    await store.insert_job(_due_job("keyed", key="rcv_1"), replace=False, now=START)
+    found = await store.job_by_key("shop", "dev", "rcv_1")
+    assert found is not None and found.job_id == "keyed"
+    assert await store.job_by_key("shop", "prd", "rcv_1") is None, "a key is scoped to its environment"
+    assert await store.job_by_key("shop", "dev", "") is None, "the jobs without a key are no key's"
 
 
 async def test_replicas_step_each_due_job_once(store_factory: Callable[[], Awaitable[Store]]) -> None:

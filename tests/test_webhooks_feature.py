@@ -2,7 +2,9 @@
 listener starts one run of the feature with the JSON body as its input, seen through FeatureService; a dispatch made
 again after its run started (the replica that started it died before recording the dispatch) finds that run and
 starts no other; the run's own failure is the run's, not the dispatch's; a body the feature's contract refuses fails
-the dispatch at once; a feature the product does not declare is refused when the manifest is applied."""
+the dispatch at once; a feature the product does not declare is refused when the manifest is applied. A dispatch to a
+job (`dispatch.job`) made again after its job was scheduled finds that job, here too, even with the job's settings
+changed by a newer version since."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import aiohttp
 import pytest
 from ductape.processor.errors import InvalidArgumentError
 from ductape.processor.features import FeatureRun
+from ductape.processor.jobs import Job
 from ductape.processor.v1 import webhook_pb2
 
 from ductape_processor.store import Store
@@ -81,6 +84,9 @@ class Replica:
     async def runs(self) -> list[FeatureRun]:
         return (await self.running.client.feature.list(**RUN, feature="paid")).runs
 
+    async def jobs(self) -> list[Job]:
+        return (await self.running.client.job.list(**RUN)).jobs
+
     async def ended(self, process_id: str) -> FeatureRun:
         read = lambda: self.running.client.feature.get(**RUN, process_id=process_id)  # noqa: E731
         return await eventually(read, lambda run: run.status not in ("running", "rolling_back"), "the run goes on")
@@ -127,16 +133,15 @@ async def test_a_signed_webhook_starts_one_run_of_the_feature_with_its_body_as_i
     assert [r.process_id for r in await replica.runs()] == [dispatch.process_id]
 
 
-async def test_a_dispatch_made_again_after_its_run_started_finds_that_run_and_starts_no_other(
+async def dying_replica(
     start: Callable[..., Awaitable[Replica]],
     store_factory: Callable[[], Awaitable[Store]],
-    http: aiohttp.ClientSession,
-    ops: Ops,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The first replica starts the run and dies before its dispatch's end is written: its ends are lost, so the
-    # store holds the dispatch pending under a lease that runs out, and it is made again (by this replica's own
-    # claims while it lives, then by the second replica's).
+    source: bytes,
+) -> tuple[Replica, list[DispatchEnd]]:
+    """A replica (on its own store) that dies after each dispatch and before its end is written: its ends are lost
+    (into the list returned), so the store holds the dispatch pending under a lease (1 s) that runs out, and it is
+    made again (by this replica's own claims while it lives, then by another's)."""
     first_store = await store_factory()
     lost: list[DispatchEnd] = []
 
@@ -144,19 +149,36 @@ async def test_a_dispatch_made_again_after_its_run_started_finds_that_run_and_st
         lost.extend(ends)
 
     monkeypatch.setattr(first_store, "end_dispatches", die_before_recording)
-    first = await start(first_store, webhook_dispatch_lease_s=1.0)
+    return await start(first_store, source=source, webhook_dispatch_lease_s=1.0), lost
+
+
+async def stop_once_made_again(replica: Replica, lost: list[DispatchEnd], received_id: str) -> None:
+    """Wait for the dying replica to lose the first attempt's end and a repeat's (it claimed the dispatch once its
+    lease ran out), see the dispatch still pending with nothing made, and stop the replica."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + 20
+    while len(lost) < 2:
+        assert loop.time() < give_up, "the dispatch was not made again"
+        await asyncio.sleep(0.05)
+    pending = await replica.dispatch_of(received_id)
+    assert pending.status == webhook_pb2.DISPATCH_STATUS_PENDING and not pending.process_id and not pending.job_id
+    await replica.running.app.stop(grace=0)
+
+
+async def test_a_dispatch_made_again_after_its_run_started_finds_that_run_and_starts_no_other(
+    start: Callable[..., Awaitable[Replica]],
+    store_factory: Callable[[], Awaitable[Store]],
+    http: aiohttp.ClientSession,
+    ops: Ops,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first replica starts the run and dies before its dispatch's end is written, twice.
+    first, lost = await dying_replica(start, store_factory, monkeypatch, product(ops))
     body = b'{"type":"payment.succeeded","amount":3}'
     received_id = await first.post(http, body, "evt_again")
     [run] = await eventually(first.runs, lambda runs: len(runs) == 1, "no run started")
     await first.ended(run.process_id)
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + 20
-    while len(lost) < 2:  # the first attempt's end, and a repeat's (this replica claimed it once its lease ran out)
-        assert loop.time() < give_up, "the dispatch was not made again"
-        await asyncio.sleep(0.05)
-    pending = await first.dispatch_of(received_id)
-    assert pending.status == webhook_pb2.DISPATCH_STATUS_PENDING and not pending.process_id
-    await first.running.app.stop(grace=0)
+    await stop_once_made_again(first, lost, received_id)
 
     # The second replica applies a newer version: the run's request (its version) is not the one the key started,
     # and the dispatch still answers the run the key started.
@@ -166,6 +188,48 @@ async def test_a_dispatch_made_again_after_its_run_started_finds_that_run_and_st
     assert [(r.process_id, r.version) for r in await second.runs()] == [(run.process_id, 1)], "one run, version 1"
     assert ops.count["record"] == 1
     assert all(json.loads(end.result) == {"process_id": run.process_id} for end in lost)
+
+
+def job_product(ops: Ops, retries: int) -> bytes:
+    """The harness's product whose `payments` receive schedules a job calling `hooks:record` (POST /op/hook with the
+    body), its failed run retried `retries` times."""
+    receive = {
+        "path": "/payments",
+        "secret": "$Secret{PAY}",
+        "dispatch": {"job": {"event": "hooks:record", "retry": {"max_retries": retries}}},
+    }
+    document = json.loads(manifest(ops.url, PAID, webhooks=[{"tag": "payments", "receive": {"dev": receive}}]))
+    record = {"tag": "record", "method": "POST", "path": "/op/hook", "body": "$Input{body}"}
+    document["apps"].append({"tag": "hooks", "envs": {"dev": {"base_url": ops.url}}, "actions": [record]})
+    return json.dumps(document).encode()
+
+
+async def test_a_job_dispatch_made_again_with_the_jobs_settings_changed_since_finds_the_job_scheduled_first(
+    start: Callable[..., Awaitable[Replica]],
+    store_factory: Callable[[], Awaitable[Store]],
+    http: aiohttp.ClientSession,
+    ops: Ops,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first replica schedules the job and dies before its dispatch's end is written, twice.
+    first, lost = await dying_replica(start, store_factory, monkeypatch, job_product(ops, retries=0))
+    received_id = await first.post(http, b'{"type":"invoice.paid","amount":7}', "evt_job_again")
+    [job] = await eventually(first.jobs, lambda jobs: len(jobs) == 1, "no job scheduled")
+
+    async def hook_calls() -> int:
+        return ops.count["hook"]
+
+    await eventually(hook_calls, lambda calls: calls == 1, "the job did not run")
+    await stop_once_made_again(first, lost, received_id)
+
+    # The second replica applies a newer version whose receive retries the job: the Schedule request is not the one
+    # the key made (IDEMPOTENCY_KEY_REUSED), and the dispatch still answers the job the key scheduled.
+    second = await start(source=job_product(ops, retries=3), webhook_dispatch_lease_s=1.0)
+    dispatch = await second.settled(received_id, lambda d: d.status == DISPATCHED)
+    assert (dispatch.job_id, dispatch.error) == (job.job_id, "") and dispatch.attempts >= 3
+    assert [j.job_id for j in await second.jobs()] == [job.job_id], "one job"
+    assert ops.count["hook"] == 1 and ops.bodies["hook"] == [{"type": "invoice.paid", "amount": 7}]
+    assert all(json.loads(end.result) == {"job_id": job.job_id} for end in lost)
 
 
 async def test_a_run_that_fails_leaves_its_dispatch_dispatched_and_is_not_started_again(

@@ -191,6 +191,10 @@ class JobState(abc.ABC):
         """The active (scheduled or paused) job of that name."""
 
     @abc.abstractmethod
+    async def job_by_key(self, product: str, env: str, idempotency_key: str) -> JobRecord | None:
+        """The job its idempotency key scheduled in the environment; None for the empty key (no key)."""
+
+    @abc.abstractmethod
     async def list_jobs(self, where: JobFilter, *, after: tuple[datetime, str] | None, limit: int) -> list[JobRecord]:
         """Jobs matching `where`, newest first, strictly older than the `after` (created_at, job_id) cursor."""
 

@@ -117,6 +117,12 @@ class SqlJobStore(SqlStore):
         row = await self._reader.fetchrow(sql.ACTIVE_JOB, product, env, name)
         return self._job(row) if row else None
 
+    async def job_by_key(self, product: str, env: str, idempotency_key: str) -> JobRecord | None:
+        if not idempotency_key:
+            return None  # the jobs scheduled without a key share the empty one
+        row = await self._reader.fetchrow(sql.JOB_BY_KEY, product, env, idempotency_key)
+        return self._job(row) if row else None
+
     async def list_jobs(self, where: JobFilter, *, after: tuple[datetime, str] | None, limit: int) -> list[JobRecord]:
         clause = Where("product = ? AND env = ?", where.product, where.env)
         clause.when("status = ?", where.status)

@@ -6,7 +6,8 @@ should that replica die first, or the dispatch fail, the store still holds it pe
 A dispatch publishes the webhook to the receive's topic, schedules the receive's job (JobService's path), starts a
 run of the receive's feature (FeatureService's path, not waiting for the run), or several of them. The job and the
 run are made under the received webhook's id as their idempotency key, so a repeat (a dispatch retried, or taken over
-from a replica that died before recording it) finds the job scheduled or the run started first. A dispatch is done
+from a replica that died before recording it) finds the job scheduled or the run started first, by its key when the
+request is refused now (a newer version changed the job's settings or the run's version). A dispatch is done
 once the run is started: the run's own failures are the run's (its retries, its rollback, Resume), never a reason to
 dispatch again. A dispatch that fails is tried again with backoff (1 s doubling to 10 min) up to `DISPATCH_ATTEMPTS`
 attempts in all (about three hours), then it has failed for good (logged: `received webhook not dispatched`); one the
@@ -236,10 +237,18 @@ class DispatchWorker:
     async def _schedule(self, record: ReceivedRecord, job: DispatchJob) -> str:
         spec = JobSpec(Target(TargetKind(job.kind), job.event, job_input(job, record)), retry=declared_retry(job.retry))
         # Started when it was received: the same request every attempt, so a repeat answers the job scheduled first.
-        call = ScheduleCall(
-            record.product, record.env, spec, start_at=record.received_at, idempotency_key=record.received_id
-        )
-        return (await self._jobs.schedule(call)).job_id
+        key = record.received_id
+        call = ScheduleCall(record.product, record.env, spec, start_at=record.received_at, idempotency_key=key)
+        try:
+            return (await self._jobs.schedule(call)).job_id
+        except ProcessorError:
+            # The key scheduled a job already, and the request would be refused now: the receive's job settings
+            # changed since with a newer version (IDEMPOTENCY_KEY_REUSED: the job's fingerprint has its spec), or its
+            # target went. That job is this webhook's: it is not scheduled twice.
+            scheduled = await self._store.job_by_key(record.product, record.env, key)
+            if scheduled is None:
+                raise
+            return scheduled.job_id
 
     async def _start(self, record: ReceivedRecord, feature: str) -> str:
         """Start the feature's run with the JSON body as its input, once per webhook; its process id."""
