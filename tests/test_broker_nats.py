@@ -27,7 +27,7 @@ from ductape_processor.adapters.brokers import nats as nats_broker
 from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.nats import NatsBroker
 from ductape_processor.adapters.brokers.nats_names import consumer_name, subject_covered
-from ductape_processor.runtime.brokers.messages import OutgoingEvent
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
 from ductape_processor.store.sqlite import SqliteStore
 from tests.conftest import ServerFactory, require_tcp
 from tests.test_brokers import manifest, opened, pending_first, publish, subscribe, take
@@ -398,6 +398,52 @@ async def test_a_pull_request_that_outlives_its_closed_subscriber_loses_nothing(
         assert sorted(got) == [("one", 2), ("two", 1)], "the redelivery once, counting only the client's nack"
         assert await second.fetch(1, 1.0) == [], "no message handed out twice"
         await second.close()
+    finally:
+        await other.close()
+        await adapter.close()
+
+
+async def test_a_redelivery_the_server_loses_costs_no_attempt_and_its_repeat_is_not_handed_out(nats_up: None) -> None:
+    """nats-server before 2.10.16 counts a redelivery it picks for a pull request that is gone (expired but not yet
+    swept, or without a subscriber) and sends it nowhere: the message comes back after ack_wait one attempt higher,
+    and before 2.10.14 the newest message goes out again with num_delivered 1. Here a request without a subscriber
+    meets a nak'd message: the message must come back as attempt 2 (one client had it), and the acked message must
+    not be handed out again. (Before the adapter kept its own count: ("two", 1) again, then ("one", 3), which a
+    group with max_deliveries 2 dead-lettered unprocessed.)"""
+    run = _run()
+    adapter = NatsBroker(URL, f"t_{run}", "test/nats")
+    other = await nats.connect(URL)
+    try:
+        topic = f"orders.{run}"
+        subscription = await adapter.subscribe(topic, "lost", SubscribeOptions(prefetch=2, ack_deadline_s=1))
+        ack_wait = 1 + nats_broker.ACK_WAIT_MARGIN_S
+        await adapter.publish(topic, _message("one"))
+        await adapter.publish(topic, _message("two"))
+        taken: list[IncomingEvent] = []
+        async with asyncio.timeout(5):
+            while len(taken) < 2:
+                taken += await subscription.fetch(2 - len(taken), 1.0)
+        one, two = sorted(taken, key=lambda message: message.data)
+        await subscription.ack([two.handle])
+        await subscription.nack([one.handle])  # no request of ours is open: the redelivery waits for one
+        await asyncio.sleep(0.3)
+        consumer = subscription._consumer  # type: ignore[attr-defined]
+        await other.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.t_{run}.{consumer}",
+            json.dumps({"batch": 1, "expires": 10**10}).encode(),
+            "_INBOX.nobody_listens_here",
+        )
+        await other.flush()
+        got: list[tuple[str, int]] = []
+        async with asyncio.timeout(ack_wait + 4):
+            while ("one", 2) not in got:
+                for message in await subscription.fetch(2, 0.5):
+                    got.append((message.data.decode(), message.delivery_attempt))
+                    await subscription.ack([message.handle])
+                assert ("two", 1) not in got, "an acked message handed out again"
+        assert await subscription.fetch(2, 1.0) == []
+        assert got == [("one", 2)], "the lost redelivery counts only the client's delivery"
+        await subscription.close()
     finally:
         await other.close()
         await adapter.close()

@@ -53,7 +53,8 @@ class BrokerSubscription(abc.ABC):
 
     async def release(self, handles: list[str]) -> None:
         """Give back messages no client has seen (fetched, never written), without counting a delivery attempt.
-        Brokers that count every return (NATS, RabbitMQ) nack and subtract it on the way back (`UnseenReturns`)."""
+        Brokers that count every return (NATS, RabbitMQ) nack and subtract it on the way back (their adapters
+        remember each such return)."""
         await self.nack(handles)
 
     async def hold(self) -> None:

@@ -102,7 +102,7 @@ class BufferedSubscription(BrokerSubscription, Generic[M]):
 
 class UnseenReturns:
     """The returns a processor made of messages no client had seen, for brokers that count every return as a
-    delivery (JetStream's num_delivered, RabbitMQ's x-delivery-count).
+    delivery (RabbitMQ's x-delivery-count; the NATS adapter keeps a fuller record, `nats_deliveries.Deliveries`).
 
     A message fetched into the processor and given back before any stream wrote it (the stream ended or was held
     first) costs nothing on memory and Redis; on these brokers the broker counts it. The adapter notes each such

@@ -50,18 +50,21 @@ Subscriptions, redelivery and close
     (`$JS.API.CONSUMER.MSG.NEXT`), one request open at a time, for at most n messages and at most
     `PULL_EXPIRES_MAX_S`: what the broker hands out never exceeds what the engine asked for (its credit), and the
     messages land in a local queue from the subscription callback, so a cancelled fetch loses nothing.
-    `delivery_attempt` is JetStream's `num_delivered` minus the returns this adapter made of that message without a
-    client having seen it (released by the engine, fetched but not handed out at close; `buffer.UnseenReturns`),
-    since JetStream counts those too. ack = `+ACK`; nack(delay) = `-NAK` with that delay
+    `delivery_attempt` and copies not to hand out again come from the adapter's own record of each message
+    (`nats_deliveries.Deliveries`): on a server that loses redeliveries (before 2.10.16: it counts one it sends
+    nowhere, and may hand the newest message out again with num_delivered 1) it is the deliveries this processor
+    made to clients, plus one; on a fixed server, JetStream's `num_delivered` minus the returns this adapter made of
+    that message without a client having seen it (released by the engine, fetched but not handed out at close),
+    since JetStream counts those too. A copy of a message acked here is acked again and dropped; a copy of one a
+    subscriber here still holds is not handed out. ack = `+ACK`; nack(delay) = `-NAK` with that delay
     (JetStream redelivers to any consumer of the group with num_delivered + 1); both are sent without waiting for
     an answer, as JetStream clients do (one lost with a dropped connection means a redelivery after ack_wait).
     A nack while nobody is fetching (the stream is closing, or waits for credit) first lets the open request end,
     so the redelivery goes to the group instead of back into this subscription.
     close() stops asking, lets the open request end (at most `PULL_EXPIRES_MAX_S`), and naks what arrived but was
     never handed out. The inbox stays subscribed for `RETIRE_AFTER_S` more, naking at once what still reaches it:
-    nats-server 2.9 (seen on 2.9.10) loses a redelivered message until its ack_wait, and hands a newer one out a
-    second time with num_delivered 1, when it picks a redelivery for a pull request whose inbox has no subscriber,
-    and a request can outlive the end close() saw (`nats_pull.RetiredInboxes`). No phantom consumer is left
+    a pull request whose inbox has no subscriber is one of those the server loses a redelivery to, and a request
+    can outlive the end close() saw (`nats_pull.RetiredInboxes`). No phantom consumer is left
     (dapr#10228): a pull consumer pushes nothing, it only answers pull requests, and after close() this
     subscription sends none.
     The durable consumer itself stays: it is the group, not this subscriber.
@@ -70,8 +73,8 @@ Connection
     One connection per adapter, opened on first use (`CONNECT_DEADLINE_S` to succeed, else BrokerUnavailable).
     When it drops, nats-py reconnects forever, with capped exponential backoff and jitter (`_reconnect_delay`),
     replaying the inbox subscriptions; fetches return [] meanwhile, publishes wait for the PubAck up to their
-    deadline. A message in flight when the connection dropped comes back after ack_wait (the server bug above can
-    also strike a pull request cut off by the drop: at worst one message late and one duplicate, never a loss).
+    deadline. A message in flight when the connection dropped comes back after ack_wait (the server fault above can
+    also strike a pull request cut off by the drop: at worst one message late, never a loss).
     close() closes the connection.
 
 Ordering
@@ -102,9 +105,9 @@ from ductape_processor.adapters.brokers.base import (
     BrokerUnavailable,
     SubscribeOptions,
 )
-from ductape_processor.adapters.brokers.buffer import UnseenReturns
 from ductape_processor.adapters.brokers.codec import TimeText
 from ductape_processor.adapters.brokers.connection import Endpoint, LazyConnection
+from ductape_processor.adapters.brokers.nats_deliveries import Deliveries, loses_redeliveries
 from ductape_processor.adapters.brokers.nats_headers import prepared_headers
 from ductape_processor.adapters.brokers.nats_names import check_subject, consumer_name, subject_covered
 from ductape_processor.adapters.brokers.nats_publish import PubAcks, lost
@@ -171,7 +174,7 @@ class NatsBroker(BrokerAdapter):
         self._consumers: dict[str, float] = {}  # consumer name -> ack_wait known to be set
         self._subscriptions: set[BrokerSubscription] = set()
         self.retired = RetiredInboxes()
-        self.unseen = UnseenReturns()  # returns of messages no client saw, which JetStream counts (see `buffer`)
+        self.deliveries = Deliveries()  # what this processor did with each message (see `nats_deliveries`)
         self._closed = False
         self._last_error = ""
         self._reconnect_attempts = 0
@@ -224,6 +227,7 @@ class NatsBroker(BrokerAdapter):
             raise
         self._subjects.clear()
         self._consumers.clear()
+        self.deliveries.own_count = loses_redeliveries(nc.connected_server_version)
         where = self._endpoint.redacted_url
         log.info("connected to NATS %s for broker %s (stream %s)", where, self._name, self._stream)
         return nc, nc.jetstream(timeout=REQUEST_TIMEOUT_S)

@@ -12,7 +12,6 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from ductape_processor.adapters.brokers.buffer import UnseenReturns
 from ductape_processor.adapters.brokers.codec import Binding
 from ductape_processor.errors import FieldViolation, InvalidArgument
 from ductape_processor.reasons import Reason
@@ -75,21 +74,19 @@ def header_bytes(headers: Mapping[str, str]) -> int:
     return 12 + sum(len(key) + len(value) + 4 for key, value in headers.items())
 
 
-def returns_key(consumer: str, msg: Msg) -> tuple[str, int] | None:
-    """The key of a message in its adapter's `UnseenReturns`: the consumer and the stream sequence (None for a
-    message without JetStream metadata, which is never handed out)."""
+def message_key(consumer: str, msg: Msg) -> tuple[str, int] | None:
+    """The key of a message in its adapter's `Deliveries`: the consumer and the stream sequence (None for a message
+    without JetStream metadata, which is never handed out)."""
     try:
         return consumer, msg.metadata.sequence.stream
     except (nats.errors.Error, ValueError, IndexError, TypeError, AttributeError):
         return None
 
 
-def incoming(handle: str, msg: Msg, unseen: UnseenReturns, consumer: str) -> IncomingEvent:
+def incoming(handle: str, msg: Msg, attempt: int) -> IncomingEvent:
+    """The event of a JetStream message, handed out under `handle` as delivery `attempt`."""
     headers = {key: decode(value) for key, value in (msg.headers or {}).items()}
     meta = msg.metadata
-    attempt = meta.num_delivered
-    if unseen and attempt > 1:
-        attempt = unseen.attempt((consumer, meta.sequence.stream), attempt)
     return _BINDING.incoming(
         headers,
         handle=handle,

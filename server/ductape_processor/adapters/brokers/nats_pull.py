@@ -17,7 +17,8 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import api
 
 from ductape_processor.adapters.brokers.buffer import BufferedSubscription
-from ductape_processor.adapters.brokers.nats_headers import incoming, returns_key
+from ductape_processor.adapters.brokers.nats_deliveries import Repeat
+from ductape_processor.adapters.brokers.nats_headers import incoming, message_key
 from ductape_processor.runtime.brokers.messages import IncomingEvent
 
 if TYPE_CHECKING:
@@ -38,12 +39,13 @@ _DESCRIPTION = api.Header.DESCRIPTION.value
 class RetiredInboxes:
     """The inboxes of closed subscribers, kept subscribed for RETIRE_AFTER_S and then unsubscribed.
 
-    nats-server 2.9 (seen on 2.9.10) loses a redelivered message until its ack_wait, and hands a newer one out a
-    second time with num_delivered 1 (a duplicate, later a dead letter), when it picks a redelivery for a pull
-    request whose inbox has no subscriber. close() waits for its open request to end, but the end it sees can be
-    stale: under load a request's expiry status can arrive after the local grace has passed and a newer request
-    was sent, and the server counts a request's expiry from when it received it. So the inbox keeps interest well
-    past any request it may still have on the server; what reaches it after close is given back at once.
+    nats-server before 2.10.16 loses a redelivered message until its ack_wait (counting the lost delivery), and
+    before 2.10.14 hands a newer one out a second time with num_delivered 1, when it picks a redelivery for a pull
+    request whose inbox has no subscriber (`nats_deliveries` absorbs both; this keeps a closing subscriber from
+    causing them). close() waits for its open request to end, but the end it sees can be stale: under load a
+    request's expiry status can arrive after the local grace has passed and a newer request was sent, and the
+    server counts a request's expiry from when it received it. So the inbox keeps interest well past any request
+    it may still have on the server; what reaches it after close is given back at once.
     """
 
     def __init__(self) -> None:
@@ -88,6 +90,7 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
         self._fetching = False
         self._broken = ""
         self._retired = False  # closed: what still reaches the inbox is given back at once
+        self._repeats: list[Msg] = []  # copies of messages acked already, met while handing out: acked again
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
@@ -118,7 +121,7 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
         status = msg.headers.get(_STATUS) if msg.headers else None
         if self._retired:
             if not status:  # brought by a request the server still had open
-                self._note_unseen([msg])
+                self._note_arrived_unseen([msg])
                 with contextlib.suppress(Exception):
                     await msg.nak()
             return
@@ -138,6 +141,8 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
         self._request_left -= 1
         if self._request_left <= 0:
             self._end_request()
+        if (key := message_key(self._consumer, msg)) is not None:
+            self._adapter.deliveries.arrived(key, msg.metadata.num_delivered)
         self._buffer.put(msg)
 
     async def _request(self, batch: int, expires_s: float) -> None:
@@ -185,28 +190,49 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
             self._fetching = False
         if self._closed:
             return []
-        return self._buffer.hand_out(max_messages, self._readable)
+        events = self._buffer.hand_out(max_messages, self._readable)
+        if self._repeats:
+            repeats, self._repeats = self._repeats, []
+            for msg in repeats:
+                with contextlib.suppress(Exception):
+                    await msg.ack()
+        return events
 
     def _readable(self, handle: str, msg: Msg) -> IncomingEvent | None:
-        try:
-            return incoming(handle, msg, self._adapter.unseen, self._consumer)
-        except Exception:  # not a JetStream message (no ack subject): nothing to hand out or ack
+        key = message_key(self._consumer, msg)
+        if key is None:  # not a JetStream message (no ack subject): nothing to hand out or ack
             log.warning("dropping a message without JetStream metadata on %s", self._consumer)
+            return None
+        attempt = self._adapter.deliveries.hand_out(key, msg.metadata.num_delivered)
+        if attempt is Repeat.OUT:
+            return None  # a copy of one handed out here and not settled: its holder's ack or nack settles it
+        if attempt is Repeat.ACKED:
+            self._repeats.append(msg)
+            return None
+        try:
+            return incoming(handle, msg, attempt)
+        except Exception:  # unreadable headers or metadata: nothing to hand out
+            log.warning("dropping an unreadable message on %s", self._consumer)
+            self._adapter.deliveries.returned_unseen(key)
             return None
 
     async def ack(self, handles: list[str]) -> None:
         await self._settle(handles, None)
 
     async def release(self, handles: list[str]) -> None:
-        """A nak, as JetStream has no uncounted return; the adapter remembers it was one (`UnseenReturns`)."""
-        self._note_unseen(msg for handle in handles if (msg := self._buffer.held.get(handle)) is not None)
+        """A nak, as JetStream has no uncounted return; the adapter remembers it was one (`Deliveries`)."""
+        deliveries = self._adapter.deliveries
+        for handle in handles:
+            msg = self._buffer.held.get(handle)
+            if msg is not None and (key := message_key(self._consumer, msg)) is not None:
+                deliveries.returned_unseen(key)
         await self.nack(handles)
 
-    def _note_unseen(self, messages: Iterable[Msg]) -> None:
+    def _note_arrived_unseen(self, messages: Iterable[Msg]) -> None:
         for msg in messages:
-            key = returns_key(self._consumer, msg)
+            key = message_key(self._consumer, msg)
             if key is not None:
-                self._adapter.unseen.returned(key)
+                self._adapter.deliveries.arrived_unseen(key)
 
     async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
         if not self._fetching:
@@ -221,12 +247,15 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
             msg = self._buffer.settle(handle)
             if msg is None:
                 continue
+            key = message_key(self._consumer, msg)
             try:
                 if delay_s is None:
-                    if self._adapter.unseen and (key := returns_key(self._consumer, msg)) is not None:
-                        self._adapter.unseen.settled(key)
+                    if key is not None:
+                        self._adapter.deliveries.acked(key)
                     await msg.ack()
                 else:
+                    if key is not None:
+                        self._adapter.deliveries.returned(key)
                     await msg.nak(delay=delay_s if delay_s > 0 else None)
             except nats.errors.MsgAlreadyAckdError:
                 continue
@@ -241,7 +270,10 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
         # brings counted as this processor's; the inbox itself stays subscribed a while longer (`RetiredInboxes`).
         await self._request_ended()
         self._retired = True
-        self._note_unseen(self._buffer.ready)  # fetched into the processor, never handed out
+        self._note_arrived_unseen(self._buffer.ready)  # fetched into the processor, never handed out
+        for msg in self._buffer.held.values():
+            if (key := message_key(self._consumer, msg)) is not None:
+                self._adapter.deliveries.returned(key)
         leftovers = self._buffer.drain()
         for msg in leftovers:
             with contextlib.suppress(Exception):
