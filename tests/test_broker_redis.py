@@ -357,3 +357,45 @@ async def test_an_unreachable_server_is_broker_unavailable(monkeypatch: pytest.M
         await broker.close()
     with pytest.raises(BrokerUnavailable):
         await broker.publish("t", message(b"x"))
+
+
+async def test_concurrent_publishes_share_one_connection_and_each_gets_its_own_id(
+    adapter: RedisBroker, admin: aioredis.Redis
+) -> None:
+    # Replies are matched to callers by order on the shared connection: a caller that gave up (cancelled) must not
+    # shift the replies of the others.
+    name = topic()
+    await adapter.ensure_group(stream_key(name), "g")  # a stream without a group is trimmed to nothing
+    sent = [message(b"m%03d" % n) for n in range(200)]
+    tasks = [asyncio.ensure_future(adapter.publish(name, m)) for m in sent]
+    await asyncio.sleep(0)
+    for task in tasks[::3]:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    kept = {m.id: task.result() for m, task in zip(sent, tasks, strict=True) if not task.cancelled()}
+    kept[sent[0].id] = await adapter.publish(name, sent[0])  # the connection is still in step
+    stored = {fields[b"id"].decode(): entry_id.decode() for entry_id, fields in await admin.xrange(stream_key(name))}
+    assert all(stored[message_id] == entry_id for message_id, entry_id in kept.items() if message_id != sent[0].id)
+    assert kept[sent[0].id] in stored.values()
+    names = [client.get("name") for client in await admin.client_list()]
+    assert names.count(adapter.client_name) == 1, "every publish went over the one shared connection"
+
+
+async def test_a_cancelled_blocking_fetch_takes_nothing_afterwards(adapter: RedisBroker, admin: aioredis.Redis) -> None:
+    name = topic()
+    options = SubscribeOptions(prefetch=10, ack_deadline_s=30)
+    waiting = await adapter.subscribe(name, "g", options)
+    fetching = asyncio.ensure_future(waiting.fetch(10, 5))
+    await asyncio.sleep(0.2)  # blocked in XREADGROUP
+    fetching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await fetching
+    await adapter.publish(name, message(b"later"))
+    await asyncio.sleep(0.3)
+    assert (await admin.xpending(stream_key(name), "g"))["pending"] == 0, "the cancelled read took nothing"
+    other = await adapter.subscribe(name, "g", options)
+    [got] = await other.fetch(10, 2)
+    assert (got.data, got.delivery_attempt) == (b"later", 1)
+    await other.ack([got.handle])
+    await other.close()
+    await waiting.close()

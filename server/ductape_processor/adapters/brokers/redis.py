@@ -44,13 +44,16 @@ Ordering
     consumers of a group, and a redelivered message comes after the messages delivered meanwhile.
 
 Connections and failures
-    One `redis.asyncio` client (one connection pool, `decode_responses=False`) per adapter, opened on first use and
-    named ``ductape:<product/env/broker>`` in ``CLIENT LIST``. redis-py reconnects on the next command; every
-    command here is retried on connection errors and timeouts with exponential backoff (50 ms doubling to 1 s)
-    for `RETRY_BUDGET_S`, then fails with `BrokerUnavailable`, as does any error reply. A blocking read whose
-    connection is killed is retried the same way. Delivery is at least once: a publish retried after a lost reply
-    may be stored twice; an entry claimed by a read whose reply was lost comes back after the ack deadline + grace
-    (its counter then counts that lost delivery too).
+    Per adapter, one connection that every publish, ack and script shares, pipelining them
+    (`redis_connection.PipelinedConnection`: a batch publish is one write and one read of its replies), and per
+    subscription one more for its blocking reads, each opened on first use by redis-py (URL, TLS, AUTH, SELECT) and
+    named ``ductape:<product/env/broker>`` in ``CLIENT LIST``. A lost connection is opened again by the next
+    command; every command here is retried on connection errors and timeouts with exponential backoff (50 ms
+    doubling to 1 s) for `RETRY_BUDGET_S`, then fails with `BrokerUnavailable`, as does any error reply. A blocking
+    read whose connection is killed is retried the same way; one whose fetch is cancelled closes its connection,
+    so that Redis stops it before it takes anything for nobody. Delivery is at least once: a publish retried after a
+    lost reply may be stored twice; an entry claimed by a read whose reply was lost comes back after the ack
+    deadline + grace (its counter then counts that lost delivery too).
 
 Housekeeping
     Streams are never trimmed on XADD (a length cap would drop messages a durable group has not read yet).
@@ -65,14 +68,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar
 
-import redis.asyncio as aioredis
+from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -86,10 +90,18 @@ from ductape_processor.adapters.brokers.base import (
     BrokerUnavailable,
     SubscribeOptions,
 )
-from ductape_processor.adapters.brokers.codec import Binding, TimeText, text
+from ductape_processor.adapters.brokers.codec import (
+    ATTRIBUTE_PREFIX,
+    DEFAULT_CONTENT_TYPE,
+    Binding,
+    TimeText,
+    aware,
+    text,
+)
 from ductape_processor.adapters.brokers.connection import Endpoint
+from ductape_processor.adapters.brokers.redis_connection import Arg, Command, PipelinedConnection
 from ductape_processor.errors import ProcessorError
-from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
+from ductape_processor.runtime.brokers.messages import JSON_PAYLOAD_MARK, IncomingEvent, OutgoingEvent
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)
@@ -103,6 +115,7 @@ GRACE_MS = 3000  # an entry held this long past its owner's ack deadline is aban
 UNKNOWN_OWNER_DEADLINE_MS = 60_000  # owners whose name carries no ack deadline (not ours)
 BLOCK_CAP_S = 0.5  # one XREADGROUP blocks at most this long, so parked entries are noticed soon
 SCAN = 100  # pending entries examined per fetch when looking for abandoned ones
+REPLY_TIMEOUT_S = 10.0  # a reply (after a blocking read's block) later than this: the connection is dead
 RETRY_BUDGET_S = 5.0
 RETRY_BACKOFF = Backoff(0.05, 1.0, jitter=False)
 CLOSE_RETRY_BUDGET_S = 1.0
@@ -117,12 +130,30 @@ def stream_key(topic: str) -> str:
 
 
 _BINDING = Binding(prefix="", ordering_key="orderingkey", content_type="datacontenttype")
+# The field names as the replies carry them (bytes), spelled once from the binding.
+_ID: Final = _BINDING.id.encode()
+_SOURCE: Final = _BINDING.source.encode()
+_TYPE: Final = _BINDING.type.encode()
+_TIME: Final = _BINDING.time.encode()
+_CONTENT_TYPE: Final = b"datacontenttype"
+_ORDERING_KEY: Final = _BINDING.ordering_key.encode()
+_JSON_PAYLOAD: Final = _BINDING.json_payload.encode()
+_ATTRIBUTE: Final = ATTRIBUTE_PREFIX.encode()
+_DATA: Final = b"data"
+_KNOWN_FIELDS: Final = frozenset(
+    {_BINDING.specversion.encode(), _ID, _SOURCE, _TYPE, _TIME, _CONTENT_TYPE, _ORDERING_KEY, _JSON_PAYLOAD, _DATA}
+    | {b"traceparent", b"tracestate"}
+)
+_NO_BYTES = b""
 
 
-def _fields(message: OutgoingEvent, time: str | None = None) -> dict[bytes, bytes]:
-    fields = {key.encode(): value.encode() for key, value in _BINDING.headers(message, time).items()}
-    fields[b"data"] = message.data
-    return fields
+def _xadd(key: str, message: OutgoingEvent, time: str | None = None) -> Command:
+    """The XADD of one message: its CloudEvents fields, then the payload (hiredis encodes the text as UTF-8)."""
+    command: list[Arg] = [b"XADD", key, b"*"]
+    for name, value in _BINDING.headers(message, time).items():
+        command += (name, value)
+    command += (_DATA, message.data)
+    return tuple(command)
 
 
 def _entry_time(entry_id: str) -> datetime:
@@ -130,30 +161,40 @@ def _entry_time(entry_id: str) -> datetime:
     return datetime.fromtimestamp(int(millis) / 1000 if millis.isdigit() else 0, UTC)
 
 
-def _incoming(entry_id: str, fields: Mapping[bytes, bytes], attempt: int, topic: str) -> IncomingEvent:
-    data = fields.get(b"data", b"")
-    attempt = max(attempt, 1)
-    return _BINDING.incoming(
-        {
-            key.decode("utf-8", "replace"): value.decode("utf-8", "replace")
-            for key, value in fields.items()
-            if key != b"data"
-        },
-        handle=f"{entry_id}@{attempt}",  # one per delivery: a stale handle never settles a later delivery
-        data=data,
-        attempt=attempt,
-        default_id=entry_id,
-        default_type=topic,
-        default_time=_entry_time(entry_id),
-    )
+def _written_time(field: bytes | None) -> datetime | None:
+    """A `time` field's moment (a naive one is UTC); None when it is absent or unreadable."""
+    if field:
+        with contextlib.suppress(ValueError):
+            return aware(datetime.fromisoformat(_text(field)))
+    return None
 
 
-def _fields_of(value: Any) -> Mapping[bytes, bytes]:
-    """An entry's fields as redis-py returns them: a dict from the parsed XREADGROUP reply, a flat list from a
-    script."""
-    if isinstance(value, dict):
-        return value
-    return dict(zip(value[::2], value[1::2], strict=True))
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
+
+
+class _Script:
+    """A Lua script run by its SHA1 (EVALSHA), and sent whole (EVAL) when the server does not know it yet."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def run(self, connection: PipelinedConnection, key: str, args: Command) -> Any:
+        try:
+            return await connection.one(b"EVALSHA", self.sha, 1, key, *args)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await connection.one(b"EVAL", self.source, 1, key, *args)
+
+
+RECLAIM = _Script(redis_scripts.RECLAIM)
+PARK = _Script(redis_scripts.PARK)
+CLOSE = _Script(redis_scripts.CLOSE)
+MAINTAIN = _Script(redis_scripts.MAINTAIN)
 
 
 class RedisBroker(BrokerAdapter):
@@ -163,23 +204,32 @@ class RedisBroker(BrokerAdapter):
         self._url = url
         self._name = name
         self._endpoint = Endpoint(f"broker {name}", url, {"broker": name})
-        self._client: Any = None
-        self._scripts: dict[str, Any] = {}
+        self._pool: ConnectionPool | None = None
+        self._shared: PipelinedConnection | None = None
         self._closed = False
         self._maintained: dict[str, float] = {}
 
     # -- plumbing -----------------------------------------------------------------------------------------------
 
-    def _redis(self) -> Any:
+    def connection(self) -> PipelinedConnection:
+        """The connection every publish, ack and script of this adapter shares."""
+        if self._shared is None:
+            self._shared = self.new_connection()
+        return self._shared
+
+    def new_connection(self, reply_timeout_s: float = REPLY_TIMEOUT_S) -> PipelinedConnection:
+        """A connection of its own (a subscription's blocking reads), opened on first use."""
         if self._closed:
             raise self._endpoint.unavailable("the Redis adapter is closed")
-        if self._client is None:
+        if self._pool is None:
             try:
-                self._client = aioredis.Redis.from_url(
+                # Only its settings and its connection class are used: each connection is opened by redis-py and
+                # then driven by PipelinedConnection.
+                self._pool = ConnectionPool.from_url(
                     self._url,
                     decode_responses=False,
                     socket_connect_timeout=5.0,
-                    socket_timeout=10.0,  # longer than any blocking read (BLOCK_CAP_S)
+                    socket_timeout=REPLY_TIMEOUT_S,  # the handshake's replies
                     socket_keepalive=True,
                     retry=Retry(NoBackoff(), 0),  # retries are ours (`call`), with backoff and a budget
                     client_name=self.client_name,
@@ -189,36 +239,25 @@ class RedisBroker(BrokerAdapter):
                 raise self._endpoint.unavailable(
                     "the Redis URL cannot be parsed (reserved characters in a password must be percent-encoded)"
                 ) from None
-        return self._client
+        return PipelinedConnection(self._pool, reply_timeout_s)
 
     @property
     def client_name(self) -> str:
         """The name this adapter's connections carry in CLIENT LIST."""
         return "ductape:" + re.sub(r"[^A-Za-z0-9_.:/-]", "_", self._name)
 
-    def script(self, name: str, source: str) -> Any:
-        """A registered Lua script (EVALSHA, loaded again when the server lost it)."""
-        found = self._scripts.get(name)
-        if found is None:
-            found = self._scripts[name] = self._redis().register_script(source)
-        return found
-
-    async def call(self, what: str, op: Callable[[Any], Awaitable[T]], budget_s: float | None = None) -> T:
-        """Run `op(client)`, retrying connection failures with backoff for `budget_s` (default RETRY_BUDGET_S).
+    async def call(self, what: str, op: Callable[[], Awaitable[T]], budget_s: float | None = None) -> T:
+        """Run `op()`, retrying connection failures with backoff for `budget_s` (default RETRY_BUDGET_S).
 
         Failures past the budget and error replies become BrokerUnavailable.
         """
         budget = RetryBudget(RETRY_BACKOFF, Deadline(RETRY_BUDGET_S if budget_s is None else budget_s))
         while True:
             try:
-                return await op(self._redis())
+                return await op()
             except ProcessorError:
                 raise
             except _CONNECTION_ERRORS as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # redis-py turns a cancelled blocking read into a connection error: keep the cancellation.
-                    raise asyncio.CancelledError from exc
                 if self._closed or not await budget.pause():
                     raise self._endpoint.unavailable(
                         f"Redis is unreachable ({what} failed {budget.retries} time(s))", exc
@@ -239,11 +278,10 @@ class RedisBroker(BrokerAdapter):
         if self._maintained.get(key, 0.0) > now:
             return
         self._maintained[key] = now + MAINTENANCE_INTERVAL_S
-        script = self.script("maintain", redis_scripts.MAINTAIN)
         try:
             await self.call(
                 "stream trimming",
-                lambda _: script(keys=[key], args=[STALE_CONSUMER_MS, PARK_CONSUMER]),
+                lambda: MAINTAIN.run(self.connection(), key, (STALE_CONSUMER_MS, PARK_CONSUMER)),
                 budget_s=0.0,
             )
         except BrokerUnavailable as exc:
@@ -253,44 +291,39 @@ class RedisBroker(BrokerAdapter):
 
     async def publish(self, topic: str, message: OutgoingEvent) -> str:
         key = stream_key(topic)
-        fields = _fields(message)
-        entry_id = await self.call("publish (XADD)", lambda r: r.xadd(key, fields))
+        command = _xadd(key, message)
+        entry_id = await self.call("publish (XADD)", lambda: self.connection().one(*command))
         await self.maintain(key)
         return text(entry_id)
 
     async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
         key = stream_key(topic)
         time = TimeText()
-        all_fields = [_fields(message, time(message.time)) for message in messages]
-
-        async def run(client: Any) -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for fields in all_fields:
-                pipe.xadd(key, fields)
-            return cast(list[Any], await pipe.execute(raise_on_error=False))
-
-        replies = await self.call("publish batch (XADD)", run) if messages else []
+        commands = [_xadd(key, message, time(message.time)) for message in messages]
+        replies = []
+        if commands:
+            replies = await self.call("publish batch (XADD)", lambda: self.connection().execute(commands))
         await self.maintain(key)
-        results: list[str | ProcessorError] = []
-        for reply in replies:
-            if isinstance(reply, Exception):
-                results.append(self._endpoint.unavailable("Redis refused the publish", reply))
-            else:
-                results.append(text(reply))
-        return results
+        return [
+            self._endpoint.unavailable("Redis refused the publish", reply)
+            if isinstance(reply, ResponseError)
+            else text(reply)
+            for reply in replies
+        ]
 
     async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:
         key = stream_key(topic)
         await self.ensure_group(key, group)
         consumer = f"ductape:{max(round(options.ack_deadline_s * 1000), 1)}:{secrets.token_hex(8)}"
-        return RedisSubscription(self, topic, key, group, consumer)
+        reads = self.new_connection(BLOCK_CAP_S + REPLY_TIMEOUT_S)
+        return RedisSubscription(self, topic, key, group, consumer, reads)
 
     async def ensure_group(self, key: str, group: str) -> None:
         """Create the group at the stream's end (and the stream) unless it exists."""
 
-        async def create(client: Any) -> None:
+        async def create() -> None:
             try:
-                await client.xgroup_create(key, group, id="$", mkstream=True)
+                await self.connection().one(b"XGROUP", b"CREATE", key, group, b"$", b"MKSTREAM")
             except ResponseError as exc:
                 if not str(exc).startswith("BUSYGROUP"):
                     raise
@@ -299,27 +332,34 @@ class RedisBroker(BrokerAdapter):
 
     async def close(self) -> None:
         self._closed = True
-        client, self._client = self._client, None
-        self._scripts.clear()
-        if client is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await client.aclose()
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            await shared.close()
+
+
+Taken = tuple[bytes, int, list[bytes]]
+"""An entry as a fetch took it: its id, its delivery count, its fields and values in turn."""
 
 
 class RedisSubscription(BrokerSubscription):
     """One Redis consumer of one group."""
 
-    def __init__(self, broker: RedisBroker, topic: str, key: str, group: str, consumer: str) -> None:
+    def __init__(
+        self, broker: RedisBroker, topic: str, key: str, group: str, consumer: str, reads: PipelinedConnection
+    ) -> None:
         self._broker = broker
         self._topic = topic
         self._key = key
         self._group = group
         self.consumer = consumer
+        self._reads = reads  # blocking reads only: a blocked command holds up its connection
         self._held: dict[str, str] = {}  # handed out, not yet acked/nacked: handle -> entry id
         self._delivery: dict[str, str] = {}  # entry id -> its current handle
         self._cursor = "-"
         self._lock = asyncio.Lock()  # fetches and close never overlap
         self._closed = False
+        self._time_field = _NO_BYTES  # the last `time` field read, and its value: a batch's messages share one
+        self._time = datetime.fromtimestamp(0, UTC)
 
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IncomingEvent]:
         if self._closed or max_messages <= 0:
@@ -327,7 +367,7 @@ class RedisSubscription(BrokerSubscription):
         loop = asyncio.get_running_loop()
         until = loop.time() + max(timeout_s, 0.0)
         async with self._lock:
-            taken: list[tuple[str, int, Mapping[bytes, bytes]]] = []
+            taken: list[Taken] = []
             while not self._closed:
                 taken = await self._reclaim(max_messages)
                 room = max_messages - len(taken)
@@ -338,45 +378,93 @@ class RedisSubscription(BrokerSubscription):
                     break
             if self._closed:
                 return []  # close() parks them, keeping their attempt number: nobody saw them
-            messages = [_incoming(entry_id, flat, attempt, self._topic) for entry_id, attempt, flat in taken]
-            for message, (entry_id, _, _) in zip(messages, taken, strict=True):
-                stale = self._delivery.pop(entry_id, None)  # taken again after its deadline: forget the old one
+            held, delivery = self._held, self._delivery
+            messages = []
+            for raw_id, attempt, flat in taken:
+                entry_id = raw_id.decode()
+                message = self._incoming(entry_id, flat, max(attempt, 1))
+                stale = delivery.pop(entry_id, None)  # taken again after its deadline: forget the old one
                 if stale is not None:
-                    self._held.pop(stale, None)
-                self._held[message.handle] = entry_id
-                self._delivery[entry_id] = message.handle
+                    held.pop(stale, None)
+                held[message.handle] = entry_id
+                delivery[entry_id] = message.handle
+                messages.append(message)
             await self._broker.maintain(self._key)
         return messages
 
-    async def _reclaim(self, want: int) -> list[tuple[str, int, Mapping[bytes, bytes]]]:
-        script = self._broker.script("reclaim", redis_scripts.RECLAIM)
-        args = [self._group, self.consumer, want, PARK_CONSUMER, PARK_MS, GRACE_MS, UNKNOWN_OWNER_DEADLINE_MS]
+    def _incoming(self, entry_id: str, flat: list[bytes], attempt: int) -> IncomingEvent:
+        """A message from its entry's fields, decoded straight from the reply (see the module on foreign entries)."""
+        pairs = iter(flat)
+        fields: dict[bytes, bytes] = dict(zip(pairs, pairs, strict=False))
+        get = fields.get
+        raw_time = get(_TIME)
+        if raw_time is not None and raw_time == self._time_field:
+            moment = self._time
+        else:
+            written = _written_time(raw_time)
+            if raw_time is not None and written is not None:
+                self._time_field, self._time = raw_time, written
+            moment = written or _entry_time(entry_id)
+        raw_id, raw_type = get(_ID), get(_TYPE)
+        # Positional, in IncomingEvent's field order: this runs for every message delivered.
+        return IncomingEvent(
+            _text(raw_id) if raw_id else entry_id,
+            _text(get(_SOURCE, _NO_BYTES)),
+            _text(raw_type) if raw_type else self._topic,
+            moment,
+            get(_DATA, _NO_BYTES),
+            _text(get(_CONTENT_TYPE, _NO_BYTES)) or DEFAULT_CONTENT_TYPE,
+            f"{entry_id}@{attempt}",  # one per delivery: a stale handle never settles a later delivery
+            {}
+            if fields.keys() <= _KNOWN_FIELDS
+            else {
+                _text(name[len(_ATTRIBUTE) :]): _text(value)
+                for name, value in fields.items()
+                if name.startswith(_ATTRIBUTE)
+            },
+            _text(get(_ORDERING_KEY, _NO_BYTES)),
+            _text(get(b"traceparent", _NO_BYTES)),
+            attempt,
+            _text(get(b"tracestate", _NO_BYTES)),
+            get(_JSON_PAYLOAD) == JSON_PAYLOAD_MARK.encode(),
+        )
+
+    async def _reclaim(self, want: int) -> list[Taken]:
+        args = (self._group, self.consumer, want, PARK_CONSUMER, PARK_MS, GRACE_MS, UNKNOWN_OWNER_DEADLINE_MS)
         reply = await self._broker.call(
-            "reclaiming messages", lambda _: script(keys=[self._key], args=[*args, self._cursor, SCAN])
+            "reclaiming messages",
+            lambda: RECLAIM.run(self._broker.connection(), self._key, (*args, self._cursor, SCAN)),
         )
         self._cursor = text(reply[0])
-        return [(text(entry_id), int(count), _fields_of(flat)) for entry_id, count, flat in reply[1]]
+        return [(entry_id, int(count), flat) for entry_id, count, flat in reply[1]]
 
-    async def _read(self, count: int, block_ms: int | None) -> list[tuple[str, int, Mapping[bytes, bytes]]]:
-        async def read(client: Any) -> Any:
+    async def _read(self, count: int, block_ms: int | None) -> list[Taken]:
+        block: Command = () if block_ms is None else (b"BLOCK", block_ms)
+        command = (b"XREADGROUP", b"GROUP", self._group, self.consumer, b"COUNT", count, *block)
+        command += (b"STREAMS", self._key, b">")
+
+        async def read() -> Any:
             try:
-                return await client.xreadgroup(
-                    self._group, self.consumer, {self._key: ">"}, count=count, block=block_ms
-                )
+                return await self._reads.one(*command)
             except ResponseError as exc:
                 if not str(exc).startswith("NOGROUP"):
                     raise
             # The stream or group was deleted behind our back: start the group again at the end.
             await self._broker.ensure_group(self._key, self._group)
-            return []
+            return None
 
-        reply = await self._broker.call("reading messages (XREADGROUP)", read)
-        entries: list[tuple[str, int, Mapping[bytes, bytes]]] = []
-        streams = reply.items() if isinstance(reply, dict) else (reply or [])
-        for _, stream_entries in streams:
+        try:
+            reply = await self._broker.call("reading messages (XREADGROUP)", read)
+        except asyncio.CancelledError:
+            # Closing the connection stops the read in Redis: it takes nothing more for a fetch nobody waits for.
+            self._reads.abandon()
+            raise
+        entries: list[Taken] = []
+        streams = reply.values() if isinstance(reply, dict) else (stream[1] for stream in reply or ())
+        for stream_entries in streams:
             for entry_id, flat in stream_entries:
                 if flat is not None:  # None: deleted while pending (older servers)
-                    entries.append((text(entry_id), 1, _fields_of(flat)))
+                    entries.append((entry_id, 1, flat))
         return entries
 
     async def ack(self, handles: list[str]) -> None:
@@ -384,7 +472,9 @@ class RedisSubscription(BrokerSubscription):
         if not mine:
             return
         ids = [self._held[handle] for handle in mine]
-        await self._broker.call("acknowledging (XACK)", lambda r: r.xack(self._key, self._group, *ids))
+        await self._broker.call(
+            "acknowledging (XACK)", lambda: self._broker.connection().one(b"XACK", self._key, self._group, *ids)
+        )
         self._forget(mine)
 
     async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
@@ -398,9 +488,9 @@ class RedisSubscription(BrokerSubscription):
         mine = [handle for handle in dict.fromkeys(handles) if handle in self._held]
         if not mine:
             return
-        script = self._broker.script("park", redis_scripts.PARK)
-        args = [self._group, self.consumer, PARK_CONSUMER, idle, int(lower), *(self._held[handle] for handle in mine)]
-        await self._broker.call(what, lambda _: script(keys=[self._key], args=args))
+        ids = [self._held[handle] for handle in mine]
+        args: Command = (self._group, self.consumer, PARK_CONSUMER, idle, int(lower), *ids)
+        await self._broker.call(what, lambda: PARK.run(self._broker.connection(), self._key, args))
         self._forget(mine)
 
     def _forget(self, handles: list[str]) -> None:
@@ -414,16 +504,17 @@ class RedisSubscription(BrokerSubscription):
             return
         self._closed = True
         async with self._lock:
-            args = [self._group, self.consumer, PARK_CONSUMER, PARK_MS, *self._held.values()]
+            args: Command = (self._group, self.consumer, PARK_CONSUMER, PARK_MS, *self._held.values())
             try:
-                script = self._broker.script("close", redis_scripts.CLOSE)
                 await self._broker.call(
                     "closing the consumer",
-                    lambda _: script(keys=[self._key], args=args),
+                    lambda: CLOSE.run(self._broker.connection(), self._key, args),
                     budget_s=CLOSE_RETRY_BUDGET_S,
                 )
             except BrokerUnavailable as exc:
                 # Nothing is lost: the group claims this consumer's entries after its ack deadline + grace.
                 log.warning("%s; consumer %s is left for the group to clean up", exc.message, self.consumer)
+            finally:
+                await self._reads.close()
             self._held.clear()
             self._delivery.clear()
