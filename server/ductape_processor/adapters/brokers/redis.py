@@ -67,14 +67,12 @@ Housekeeping
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
 import re
 import secrets
+import weakref
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
@@ -83,25 +81,19 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ductape_processor.adapters.brokers import redis_scripts
 from ductape_processor.adapters.brokers.base import (
     BrokerAdapter,
     BrokerSubscription,
     BrokerUnavailable,
     SubscribeOptions,
 )
-from ductape_processor.adapters.brokers.codec import (
-    ATTRIBUTE_PREFIX,
-    DEFAULT_CONTENT_TYPE,
-    Binding,
-    TimeText,
-    aware,
-    text,
-)
+from ductape_processor.adapters.brokers.codec import TimeText, text
 from ductape_processor.adapters.brokers.connection import Endpoint
-from ductape_processor.adapters.brokers.redis_connection import Arg, Command, PipelinedConnection
+from ductape_processor.adapters.brokers.redis_connection import Command, PipelinedConnection
+from ductape_processor.adapters.brokers.redis_entries import EntryReader, xadd
+from ductape_processor.adapters.brokers.redis_scripts import CLOSE, MAINTAIN, PARK, RECLAIM
 from ductape_processor.errors import ProcessorError
-from ductape_processor.runtime.brokers.messages import JSON_PAYLOAD_MARK, IncomingEvent, OutgoingEvent
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)
@@ -129,74 +121,6 @@ def stream_key(topic: str) -> str:
     return KEY_PREFIX + topic
 
 
-_BINDING = Binding(prefix="", ordering_key="orderingkey", content_type="datacontenttype")
-# The field names as the replies carry them (bytes), spelled once from the binding.
-_ID: Final = _BINDING.id.encode()
-_SOURCE: Final = _BINDING.source.encode()
-_TYPE: Final = _BINDING.type.encode()
-_TIME: Final = _BINDING.time.encode()
-_CONTENT_TYPE: Final = b"datacontenttype"
-_ORDERING_KEY: Final = _BINDING.ordering_key.encode()
-_JSON_PAYLOAD: Final = _BINDING.json_payload.encode()
-_ATTRIBUTE: Final = ATTRIBUTE_PREFIX.encode()
-_DATA: Final = b"data"
-_KNOWN_FIELDS: Final = frozenset(
-    {_BINDING.specversion.encode(), _ID, _SOURCE, _TYPE, _TIME, _CONTENT_TYPE, _ORDERING_KEY, _JSON_PAYLOAD, _DATA}
-    | {b"traceparent", b"tracestate"}
-)
-_NO_BYTES = b""
-
-
-def _xadd(key: str, message: OutgoingEvent, time: str | None = None) -> Command:
-    """The XADD of one message: its CloudEvents fields, then the payload (hiredis encodes the text as UTF-8)."""
-    command: list[Arg] = [b"XADD", key, b"*"]
-    for name, value in _BINDING.headers(message, time).items():
-        command += (name, value)
-    command += (_DATA, message.data)
-    return tuple(command)
-
-
-def _entry_time(entry_id: str) -> datetime:
-    millis = entry_id.partition("-")[0]
-    return datetime.fromtimestamp(int(millis) / 1000 if millis.isdigit() else 0, UTC)
-
-
-def _written_time(field: bytes | None) -> datetime | None:
-    """A `time` field's moment (a naive one is UTC); None when it is absent or unreadable."""
-    if field:
-        with contextlib.suppress(ValueError):
-            return aware(datetime.fromisoformat(_text(field)))
-    return None
-
-
-def _text(value: bytes) -> str:
-    return value.decode("utf-8", "replace")
-
-
-class _Script:
-    """A Lua script run by its SHA1 (EVALSHA), and sent whole (EVAL) when the server does not know it yet."""
-
-    __slots__ = ("sha", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
-
-    async def run(self, connection: PipelinedConnection, key: str, args: Command) -> Any:
-        try:
-            return await connection.one(b"EVALSHA", self.sha, 1, key, *args)
-        except ResponseError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-        return await connection.one(b"EVAL", self.source, 1, key, *args)
-
-
-RECLAIM = _Script(redis_scripts.RECLAIM)
-PARK = _Script(redis_scripts.PARK)
-CLOSE = _Script(redis_scripts.CLOSE)
-MAINTAIN = _Script(redis_scripts.MAINTAIN)
-
-
 class RedisBroker(BrokerAdapter):
     """Topics as Redis streams, groups as Redis consumer groups."""
 
@@ -206,6 +130,7 @@ class RedisBroker(BrokerAdapter):
         self._endpoint = Endpoint(f"broker {name}", url, {"broker": name})
         self._pool: ConnectionPool | None = None
         self._shared: PipelinedConnection | None = None
+        self._connections: weakref.WeakSet[PipelinedConnection] = weakref.WeakSet()  # closed with the adapter
         self._closed = False
         self._maintained: dict[str, float] = {}
 
@@ -239,7 +164,9 @@ class RedisBroker(BrokerAdapter):
                 raise self._endpoint.unavailable(
                     "the Redis URL cannot be parsed (reserved characters in a password must be percent-encoded)"
                 ) from None
-        return PipelinedConnection(self._pool, reply_timeout_s)
+        connection = PipelinedConnection(self._pool, reply_timeout_s)
+        self._connections.add(connection)
+        return connection
 
     @property
     def client_name(self) -> str:
@@ -291,7 +218,7 @@ class RedisBroker(BrokerAdapter):
 
     async def publish(self, topic: str, message: OutgoingEvent) -> str:
         key = stream_key(topic)
-        command = _xadd(key, message)
+        command = xadd(key, message)
         entry_id = await self.call("publish (XADD)", lambda: self.connection().one(*command))
         await self.maintain(key)
         return text(entry_id)
@@ -299,7 +226,7 @@ class RedisBroker(BrokerAdapter):
     async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
         key = stream_key(topic)
         time = TimeText()
-        commands = [_xadd(key, message, time(message.time)) for message in messages]
+        commands = [xadd(key, message, time(message.time)) for message in messages]
         replies = []
         if commands:
             replies = await self.call("publish batch (XADD)", lambda: self.connection().execute(commands))
@@ -332,9 +259,9 @@ class RedisBroker(BrokerAdapter):
 
     async def close(self) -> None:
         self._closed = True
-        shared, self._shared = self._shared, None
-        if shared is not None:
-            await shared.close()
+        self._shared = None
+        for connection in list(self._connections):
+            await connection.close()
 
 
 Taken = tuple[bytes, int, list[bytes]]
@@ -358,8 +285,7 @@ class RedisSubscription(BrokerSubscription):
         self._cursor = "-"
         self._lock = asyncio.Lock()  # fetches and close never overlap
         self._closed = False
-        self._time_field = _NO_BYTES  # the last `time` field read, and its value: a batch's messages share one
-        self._time = datetime.fromtimestamp(0, UTC)
+        self._entries = EntryReader(topic)
 
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IncomingEvent]:
         if self._closed or max_messages <= 0:
@@ -382,7 +308,7 @@ class RedisSubscription(BrokerSubscription):
             messages = []
             for raw_id, attempt, flat in taken:
                 entry_id = raw_id.decode()
-                message = self._incoming(entry_id, flat, max(attempt, 1))
+                message = self._entries.incoming(entry_id, flat, max(attempt, 1))
                 stale = delivery.pop(entry_id, None)  # taken again after its deadline: forget the old one
                 if stale is not None:
                     held.pop(stale, None)
@@ -391,43 +317,6 @@ class RedisSubscription(BrokerSubscription):
                 messages.append(message)
             await self._broker.maintain(self._key)
         return messages
-
-    def _incoming(self, entry_id: str, flat: list[bytes], attempt: int) -> IncomingEvent:
-        """A message from its entry's fields, decoded straight from the reply (see the module on foreign entries)."""
-        pairs = iter(flat)
-        fields: dict[bytes, bytes] = dict(zip(pairs, pairs, strict=False))
-        get = fields.get
-        raw_time = get(_TIME)
-        if raw_time is not None and raw_time == self._time_field:
-            moment = self._time
-        else:
-            written = _written_time(raw_time)
-            if raw_time is not None and written is not None:
-                self._time_field, self._time = raw_time, written
-            moment = written or _entry_time(entry_id)
-        raw_id, raw_type = get(_ID), get(_TYPE)
-        # Positional, in IncomingEvent's field order: this runs for every message delivered.
-        return IncomingEvent(
-            _text(raw_id) if raw_id else entry_id,
-            _text(get(_SOURCE, _NO_BYTES)),
-            _text(raw_type) if raw_type else self._topic,
-            moment,
-            get(_DATA, _NO_BYTES),
-            _text(get(_CONTENT_TYPE, _NO_BYTES)) or DEFAULT_CONTENT_TYPE,
-            f"{entry_id}@{attempt}",  # one per delivery: a stale handle never settles a later delivery
-            {}
-            if fields.keys() <= _KNOWN_FIELDS
-            else {
-                _text(name[len(_ATTRIBUTE) :]): _text(value)
-                for name, value in fields.items()
-                if name.startswith(_ATTRIBUTE)
-            },
-            _text(get(_ORDERING_KEY, _NO_BYTES)),
-            _text(get(b"traceparent", _NO_BYTES)),
-            attempt,
-            _text(get(b"tracestate", _NO_BYTES)),
-            get(_JSON_PAYLOAD) == JSON_PAYLOAD_MARK.encode(),
-        )
 
     async def _reclaim(self, want: int) -> list[Taken]:
         args = (self._group, self.consumer, want, PARK_CONSUMER, PARK_MS, GRACE_MS, UNKNOWN_OWNER_DEADLINE_MS)

@@ -99,7 +99,7 @@ class _Wire:
                         pending.future.set_result(pending.replies)
         except RedisConnectionError as exc:
             self.fail(exc)
-        except (OSError, hiredis.ProtocolError) as exc:
+        except Exception as exc:  # the socket or the protocol failed: the callers retry on a new connection
             self.fail(RedisConnectionError(f"reading from Redis failed: {type(exc).__name__}: {exc}"))
         finally:
             self.fail(RedisConnectionError("the connection was closed"))
@@ -148,14 +148,16 @@ class PipelinedConnection:
         # hiredis' stub declares a tuple of one argument; it takes any number.
         packed = b"".join([hiredis.pack_command(command) for command in commands])  # type: ignore[arg-type]
         future = wire.send(packed, len(commands))
-        if wire.writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
-            await wire.writer.drain()
         try:
             async with asyncio.timeout(self._reply_timeout_s if timeout_s is None else timeout_s):
+                if wire.writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                    await wire.writer.drain()
                 return await future
         except TimeoutError:
             wire.fail(RedisTimeoutError("Redis did not answer in time"))
             raise RedisTimeoutError("Redis did not answer in time") from None
+        finally:
+            future.cancel()  # done already, or its caller stopped waiting: its replies are read and dropped
 
     async def one(self, *command: Arg, timeout_s: float | None = None) -> Any:
         """One command's reply; an error reply is raised as `ResponseError`."""

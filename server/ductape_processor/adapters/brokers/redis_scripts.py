@@ -1,8 +1,17 @@
 """The Lua scripts of the Redis Streams adapter (each runs atomically on the server; see `redis` for the design)."""
 
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from ductape_processor.adapters.brokers.redis_connection import Command, PipelinedConnection
+
 # Takes back due entries: parked ones whose delay passed, then abandoned ones (idle past owner deadline + grace).
 # Returns {next cursor, {{id, delivery count, {field, value, ...}}, ...}}.
-RECLAIM = """
+_RECLAIM_LUA = """
 local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
 local want, park, park_ms = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local grace, unknown_ms, cursor, scan = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
@@ -42,7 +51,7 @@ return {next_cursor, out}
 # Parks the given entries (if this consumer still owns them) until their idle time reaches PARK_MS. With `lower` = 1
 # their delivery counter goes down by one: they were fetched but never handed to a client, so their next delivery
 # carries the same attempt number (JUSTID leaves the counter as it is otherwise).
-PARK = """
+_PARK_LUA = """
 local stream, group, me, park, idle, lower = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local parked = 0
 for i = 6, #ARGV do
@@ -58,7 +67,7 @@ return parked
 """
 
 # Parks everything the consumer holds (due now; entries not handed out keep their attempt number), then deletes it.
-CLOSE = """
+_CLOSE_LUA = """
 local stream, group, me, park, park_ms = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local held = {}
 for i = 5, #ARGV do held[ARGV[i]] = true end
@@ -81,7 +90,7 @@ return moved
 """
 
 # Trims what no group needs any more and deletes long-idle consumers with nothing pending.
-MAINTAIN = """
+_MAINTAIN_LUA = """
 local stream, stale, park = KEYS[1], tonumber(ARGV[1]), ARGV[2]
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -118,3 +127,27 @@ end
 if keep == nil then return redis.call('XTRIM', stream, 'MAXLEN', '~', 0) end  -- no group: nobody can read them
 return redis.call('XTRIM', stream, 'MINID', '~', keep)
 """
+
+
+class Script:
+    """A Lua script run by its SHA1 (EVALSHA), and sent whole (EVAL) when the server does not know it yet."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def run(self, connection: PipelinedConnection, key: str, args: Command) -> Any:
+        try:
+            return await connection.one(b"EVALSHA", self.sha, 1, key, *args)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await connection.one(b"EVAL", self.source, 1, key, *args)
+
+
+RECLAIM = Script(_RECLAIM_LUA)
+PARK = Script(_PARK_LUA)
+CLOSE = Script(_CLOSE_LUA)
+MAINTAIN = Script(_MAINTAIN_LUA)
