@@ -32,7 +32,11 @@ from google.protobuf import duration_pb2, json_format
 from google.protobuf.message import Message as ProtoMessage
 
 ACK_FLUSH_S = 0.01
+"""Acks wait at most this long on the client before they are sent (in one request)."""
 ACK_FLUSH_COUNT = 100
+"""Acks sent in one request once that many wait, or a quarter of the stream's `max_in_flight` when larger: a busy
+stream sends fewer, larger requests (each costs both sides more than the acks in it), and its server still has
+three quarters of its credit while they wait."""
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
@@ -277,6 +281,7 @@ class StreamSubscription(Generic[ItemT]):
         self._max_backoff = max_backoff
         self._requests: asyncio.Queue[Any] = asyncio.Queue()
         self._pending_acks: list[str] = []
+        self._flush_count = max(ACK_FLUSH_COUNT, init.max_in_flight // 4)
         self._flusher: asyncio.Task[None] | None = None
         self._call: Any = None
         self._generation = 0
@@ -376,7 +381,7 @@ class StreamSubscription(Generic[ItemT]):
         if message._generation != self._generation or self._closed:
             return  # from an earlier stream: the broker delivers it again anyway
         self._pending_acks.append(message.ack_id)
-        if len(self._pending_acks) >= ACK_FLUSH_COUNT:
+        if len(self._pending_acks) >= self._flush_count:
             self._flush()
         elif self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())

@@ -43,6 +43,8 @@ later (or unset); then it answers UNAVAILABLE `BROKER_UNAVAILABLE` (docs/brokers
 PUBLISH_LEASE: Final = timedelta(seconds=PUBLISH_LIMIT_S + 5)
 """How long an idempotency key stays claimed by a publish: past PUBLISH_LIMIT_S its owner has given up or died."""
 MAX_ATTRIBUTES = 64
+MAX_ORDERING_KEY: Final = 256
+"""Characters in a message's ordering key, at most."""
 ROUTES_REMEMBERED: Final = 1024
 """Routes (product, environment, event) kept, the least recently used forgotten first."""
 ID_BYTES: Final = 12
@@ -121,8 +123,8 @@ class BrokerRuntime:
                 problems.append(FieldViolation(f"{field}.attributes.{key}", "keys are letters, digits, '-', '_', '.'"))
             elif len(value) > 4096:
                 problems.append(FieldViolation(f"{field}.attributes.{key}", "is longer than 4096 characters"))
-        if len(outgoing.ordering_key) > 256:
-            problems.append(FieldViolation(f"{field}.ordering_key", "is longer than 256 characters"))
+        if len(outgoing.ordering_key) > MAX_ORDERING_KEY:
+            problems.append(FieldViolation(f"{field}.ordering_key", f"is longer than {MAX_ORDERING_KEY} characters"))
         key_problem = idempotency_key_problem(outgoing.idempotency_key)
         if key_problem is not None:
             problems.append(FieldViolation(f"{field}.idempotency_key", key_problem))
@@ -252,25 +254,36 @@ class BrokerRuntime:
         adapter = self.adapter(route)
         trace = outgoing_trace_context()
         results: list[str | ProcessorError | None] = [None] * len(entries)
-        plain: list[tuple[int, OutgoingMessage]] = []
+        plain: list[OutgoingMessage] = []  # published together, at these positions
+        positions: list[int] = []
+        max_bytes = self._max_bytes
         for index, outgoing in enumerate(entries):
             if isinstance(outgoing, ProcessorError):
                 results[index] = outgoing
                 continue
-            try:
-                self._check(outgoing, f"messages[{index}]")
-            except ProcessorError as exc:
-                results[index] = exc
-                continue
-            if outgoing.idempotency_key:
+            # Most messages have nothing `_check` could refuse but their size; they skip it (this runs for every
+            # message, and the check's field names are spelled only for a message that needs them).
+            if (
+                outgoing.attributes
+                or outgoing.idempotency_key
+                or len(outgoing.data) > max_bytes
+                or len(outgoing.ordering_key) > MAX_ORDERING_KEY
+            ):
                 try:
-                    results[index] = await self._publish_once(route, adapter, outgoing, trace, give_up)
+                    self._check(outgoing, f"messages[{index}]")
                 except ProcessorError as exc:
                     results[index] = exc
-            else:
-                plain.append((index, outgoing))
+                    continue
+                if outgoing.idempotency_key:
+                    try:
+                        results[index] = await self._publish_once(route, adapter, outgoing, trace, give_up)
+                    except ProcessorError as exc:
+                        results[index] = exc
+                    continue
+            plain.append(outgoing)
+            positions.append(index)
         if plain:
-            messages = _events(route, [outgoing for _, outgoing in plain], trace, _new_ids(len(plain)))
+            messages = _events(route, plain, trace, _new_ids(len(plain)))
             try:
                 published = await self._send(
                     route,
@@ -280,7 +293,7 @@ class BrokerRuntime:
                 )
             except BrokerUnavailable as exc:
                 published = [exc] * len(plain)
-            for (index, _), message, outcome in zip(plain, messages, published, strict=True):
+            for index, message, outcome in zip(positions, messages, published, strict=True):
                 results[index] = message.id if isinstance(outcome, str) else outcome
         return [result if result is not None else ProcessorError("not published") for result in results]
 

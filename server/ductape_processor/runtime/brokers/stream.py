@@ -101,14 +101,20 @@ class SubscribeStream:
     async def _events(self, requests: AsyncIterator[StreamRequest], abort: Abort) -> AsyncGenerator[StreamEvent]:
         subscription = self.subscription
         stale = StaleAcks()
-        noticed = asyncio.Event()
+        # One event wakes the loop for whatever happened (a fetch ended, the reader or the watch ended, shutdown,
+        # acks to report), and the loop looks at what did: waiting on every worker anew for each batch
+        # (`asyncio.wait`) cost more than the rest of the loop.
+        wake = asyncio.Event()
+
+        def woken(_: object = None) -> None:
+            wake.set()
 
         def report(ignored: Ignored | None) -> None:
             if ignored is not None and len(stale.ack_ids) < MAX_STALE_REPORTED:
                 included = ignored.ack_ids[: MAX_STALE_REPORTED - len(stale.ack_ids)]
                 stale.ack_ids.extend(included)
                 stale.expired_ack_ids.extend(set(ignored.expired).intersection(included))
-                noticed.set()
+                wake.set()
 
         async def read() -> None:
             async for request in requests:
@@ -133,36 +139,37 @@ class SubscribeStream:
         reader = asyncio.ensure_future(read())
         closing = asyncio.ensure_future(self._closing.wait())
         watcher = asyncio.ensure_future(watch())
-        notice = asyncio.ensure_future(noticed.wait())
+        for worker in (reader, closing, watcher):
+            worker.add_done_callback(woken)
         fetching: asyncio.Future[list[tuple[str, IncomingEvent]]] | None = None
         try:
             while True:
+                wake.clear()
                 if fetching is None:
                     fetching = asyncio.ensure_future(subscription.next_batch())
-                waiting: set[asyncio.Future[Any]] = {fetching, reader, closing, watcher, notice}
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if notice in done:
+                    fetching.add_done_callback(woken)
+                if stale.ack_ids:
                     response, stale = stale, StaleAcks()
-                    noticed.clear()
-                    notice = asyncio.ensure_future(noticed.wait())
                     yield response
                     continue
-                if fetching in done and not fetching.exception() and fetching.result():
+                if fetching.done() and not fetching.exception() and fetching.result():
                     batch = fetching.result()
                     fetching = None
                     subscription.writing(batch)
                     yield Batch(batch)
                     subscription.written(batch)
                     continue
-                if closing in done:
+                if closing.done():
                     raise StreamClosing("the server is shutting down; reconnect to another replica")
-                for worker in (reader, fetching):
-                    failure = worker.exception() if worker in done else None
-                    if failure is not None:
-                        raise failure
-                return  # the client finished sending (or the subscription closed): the stream is over
+                if fetching.done() or reader.done() or watcher.done():
+                    for ended in (reader, fetching):
+                        failure = ended.exception() if ended.done() else None
+                        if failure is not None:
+                            raise failure
+                    return  # the client finished sending (or the subscription closed): the stream is over
+                await wake.wait()
         finally:
-            workers: set[asyncio.Future[Any]] = {reader, closing, watcher, notice}
+            workers: set[asyncio.Future[Any]] = {reader, closing, watcher}
             if fetching is not None:
                 workers.add(fetching)
             for pending in workers:

@@ -22,8 +22,9 @@ Filling a batch
     fetch is a script and a read: trickling messages made 1.6 messages a fetch).
 
 Cost per message
-    Outstanding messages are kept in the order they were fetched, which is the order their batches were written
-    and so the order of their deadlines: expiring looks at the oldest ones only, never at every message out.
+    Outstanding messages are kept by ack id, and their leases by batch: a batch written gets one deadline for all its
+    messages (ack ids), and batches are written in order, so leases are in deadline order: expiring looks at the
+    oldest batches only, never at every message out, and nothing is done per message when a batch is written.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -105,16 +106,6 @@ class Limits:
         )
 
 
-class _Outstanding:
-    """A message out on the stream: its deadline is None until its batch was written (its lease starts then)."""
-
-    __slots__ = ("deadline", "message")
-
-    def __init__(self, message: IncomingEvent) -> None:
-        self.message = message
-        self.deadline: float | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class Ignored:
     """Ack ids of one ack or nack that were not outstanding: all of them, and those whose deadline had passed."""
@@ -138,7 +129,8 @@ class Subscription:
         self._limits = limits
         self._dead_letter = dead_letter
         self._clock = clock
-        self._outstanding: dict[str, _Outstanding] = {}  # in fetch order, which is deadline order (see the module)
+        self._outstanding: dict[str, IncomingEvent] = {}  # by ack id, in fetch order
+        self._leases: deque[tuple[float, list[str]]] = deque()  # (deadline, ack ids) of written batches, in order
         self._writing: list[tuple[str, IncomingEvent]] = []  # handed to gRPC, its write not over yet
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._ids = itertools.count(1)
@@ -213,7 +205,7 @@ class Subscription:
                 await self._to_dead_letter(message)
                 continue
             ack_id = f"{next(ids):x}"
-            outstanding[ack_id] = _Outstanding(message)
+            outstanding[ack_id] = message
             admitted.append((ack_id, message))
         self.delivered += len(admitted)
         return admitted
@@ -230,11 +222,7 @@ class Subscription:
         self._writing_since = None
         self._writing = []
         deadline = self._clock() + self._limits.ack_deadline_s
-        outstanding = self._outstanding
-        for ack_id, _ in batch:
-            item = outstanding.get(ack_id)
-            if item is not None:
-                item.deadline = deadline
+        self._leases.append((deadline, [ack_id for ack_id, _ in batch]))
         if deadline < self._watch_until:
             self._changed.set()
 
@@ -261,9 +249,9 @@ class Subscription:
             await self._expire(now)
             now = self._clock()
             wake_in = FETCH_POLL_S * 2
-            oldest = next(iter(self._outstanding.values()), None)
-            if oldest is not None and oldest.deadline is not None:
-                wake_in = min(wake_in, oldest.deadline - now)
+            oldest = self._oldest_lease()
+            if oldest is not None:
+                wake_in = min(wake_in, oldest - now)
             if self._writing_since is not None:
                 wake_in = min(wake_in, self._writing_since + self.stall_s - now)
             self._watch_until = now + wake_in
@@ -273,17 +261,26 @@ class Subscription:
                     await self._changed.wait()
         return False
 
+    def _oldest_lease(self) -> float | None:
+        """The earliest deadline of a message still outstanding (leases whose messages were all settled go)."""
+        leases, outstanding = self._leases, self._outstanding
+        while leases:
+            deadline, ack_ids = leases[0]
+            if any(ack_id in outstanding for ack_id in ack_ids):
+                return deadline
+            leases.popleft()
+        return None
+
     async def _expire(self, now: float) -> None:
+        leases, outstanding = self._leases, self._outstanding
         late: list[str] = []
-        for ack_id, item in self._outstanding.items():  # oldest first: the first one not due ends the search
-            if item.deadline is None or item.deadline > now:
-                break
-            late.append(ack_id)
+        while leases and leases[0][0] <= now:  # oldest first: the first one not due ends the search
+            late.extend(ack_id for ack_id in leases.popleft()[1] if ack_id in outstanding)
         if not late:
             return
         handles = []
         for ack_id in late:
-            handles.append(self._outstanding.pop(ack_id).message.handle)
+            handles.append(outstanding.pop(ack_id).handle)
             self._expired[ack_id] = None
         while len(self._expired) > EXPIRED_REMEMBERED:
             self._expired.popitem(last=False)
@@ -294,15 +291,16 @@ class Subscription:
         await self._broker.hold()
         await self._broker.nack(handles)
 
-    def _take(self, ack_ids: list[str]) -> tuple[list[_Outstanding], Ignored | None]:
-        taken: list[_Outstanding] = []
+    def _take(self, ack_ids: list[str]) -> tuple[list[IncomingEvent], Ignored | None]:
+        taken: list[IncomingEvent] = []
         ignored: list[str] = []
+        pop = self._outstanding.pop
         for ack_id in ack_ids:
-            item = self._outstanding.pop(ack_id, None)
-            if item is None:
+            message = pop(ack_id, None)
+            if message is None:
                 ignored.append(ack_id)
             else:
-                taken.append(item)
+                taken.append(message)
         # The client is alive and settling: the stream may take messages again.
         self._held = False
         self._credit.set()
@@ -314,7 +312,7 @@ class Subscription:
         """The client is done with these messages; returns the ids that were not outstanding (ignored)."""
         taken, ignored = self._take(ack_ids)
         if taken:
-            await self._broker.ack([item.message.handle for item in taken])
+            await self._broker.ack([message.handle for message in taken])
         return ignored
 
     async def nack(self, ack_ids: list[str], delay_s: float, dead_letter: bool) -> Ignored | None:
@@ -323,16 +321,16 @@ class Subscription:
             raise InvalidArgument.field("nack.dead_letter", "this subscription has no dead_letter_event")
         taken, ignored = self._take(ack_ids)
         if dead_letter:
-            for item in taken:
-                await self._to_dead_letter(item.message)
+            for message in taken:
+                await self._to_dead_letter(message)
         elif taken:
-            await self._broker.nack([item.message.handle for item in taken], delay_s)
+            await self._broker.nack([message.handle for message in taken], delay_s)
         return ignored
 
     async def _release(self, ack_ids: list[str]) -> None:
-        items = [self._outstanding.pop(ack_id) for ack_id in ack_ids if ack_id in self._outstanding]
-        if items:
-            await self._broker.release([item.message.handle for item in items])
+        handles = [self._outstanding.pop(ack_id).handle for ack_id in ack_ids if ack_id in self._outstanding]
+        if handles:
+            await self._broker.release(handles)
 
     async def close(self) -> None:
         """Give back everything unacked and release the broker-side consumer."""
@@ -342,12 +340,15 @@ class Subscription:
         self._closing.set()
         self._credit.set()
         self._changed.set()
-        writing = {ack_id for ack_id, _ in self._writing}
+        written = {ack_id for ack_id, _ in self._writing}
+        for _, ack_ids in self._leases:
+            written.update(ack_ids)
         seen: list[str] = []
         unseen: list[str] = []
-        for ack_id, item in self._outstanding.items():
-            (seen if item.deadline is not None or ack_id in writing else unseen).append(item.message.handle)
+        for ack_id, message in self._outstanding.items():
+            (seen if ack_id in written else unseen).append(message.handle)
         self._outstanding.clear()
+        self._leases.clear()
         try:
             if seen:
                 await self._broker.nack(seen)
