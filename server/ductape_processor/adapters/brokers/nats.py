@@ -11,13 +11,14 @@ Topics and the stream
     to add the subject. Messages are never removed by consumption.
 
 Publishing
-    `js.publish_async` with `Nats-Expected-Stream` = the stream and `Nats-Msg-Id` = `<topic>:<CloudEvents id>`, so
-    JetStream drops a re-sent copy inside its duplicate window (2 min by default); the topic is part of the key
-    because the window is per stream and a dead-lettered copy keeps its id while moving to another topic. The
-    PubAck is the confirmation; the returned broker id is `<stream>:<sequence>`. publish_async writes the message
-    and hands back a future of its PubAck (one reply subscription for all of them), where `js.publish` makes each a
-    request of its own (a new reply inbox, a response map entry, `wait_for`); a batch writes all its messages before
-    waiting for any PubAck, in order, so JetStream stores them in publish order. A publish that gets no PubAck
+    A PUB with `Nats-Expected-Stream` = the stream and `Nats-Msg-Id` = `<topic>:<CloudEvents id>`, so JetStream
+    drops a re-sent copy inside its duplicate window (2 min by default); the topic is part of the key because the
+    window is per stream and a dead-lettered copy keeps its id while moving to another topic. The PubAck is the
+    confirmation; the returned broker id is `<stream>:<sequence>`. Each PUB has a reply subject of its own under one
+    inbox subscription of the connection, and its PubAck resolves a future (`nats_publish.PubAcks`: what nats-py's
+    `js.publish_async` does, for less CPU), where `js.publish` makes each a request of its own (a new reply inbox, a
+    response map entry, `wait_for`); a batch writes all its messages before waiting for any PubAck, in order, so
+    JetStream stores them in publish order. A publish that gets no PubAck
     (connection dropped, JetStream electing a leader) is re-sent with the same id until `PUBLISH_DEADLINE_S`,
     then fails with BrokerUnavailable; the PubAcks awaited when the connection comes back are given up at once (a
     PUB written before a drop never gets one) and re-sent. The runtime cuts the whole publish (connecting and
@@ -354,7 +355,7 @@ class NatsBroker(BrokerAdapter):
         nc, js = await self._connected()
         headers = prepared_headers(nc.max_payload, topic, message, self._stream)
         await self._ensure_subject(js, topic)
-        return await self._publish_until_confirmed(js, topic, message.data, headers)
+        return await self._publish_until_confirmed(nc, js, topic, message.data, headers)
 
     async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
         """Write every message, then wait for their PubAcks together (no task per message); a message whose first
@@ -362,7 +363,7 @@ class NatsBroker(BrokerAdapter):
         nc, js = await self._connected()
         await self._ensure_subject(js, topic)
         results: list[str | ProcessorError | None] = [None] * len(messages)
-        sent: list[tuple[int, dict[str, str], asyncio.Future[api.PubAck]]] = []
+        sent: list[tuple[int, dict[str, str], asyncio.Future[str]]] = []
         time = TimeText()
         for index, message in enumerate(messages):
             try:
@@ -371,7 +372,7 @@ class NatsBroker(BrokerAdapter):
                 results[index] = exc
                 continue
             try:
-                sent.append((index, headers, await self._pub_acks.send(js, topic, message.data, headers)))
+                sent.append((index, headers, await self._pub_acks.send(nc, topic, message.data, headers)))
             except _Retryable:
                 sent.append((index, headers, lost()))
             except nats.errors.Error as exc:
@@ -388,17 +389,16 @@ class NatsBroker(BrokerAdapter):
             elif (failure := future.exception()) is not None:
                 results[index] = self._refused(topic, failure)
             else:
-                ack = future.result()
-                results[index] = f"{ack.stream}:{ack.seq}"
+                results[index] = future.result()
         for index, headers in retry:
             try:
-                results[index] = await self._publish_until_confirmed(js, topic, messages[index].data, headers)
+                results[index] = await self._publish_until_confirmed(nc, js, topic, messages[index].data, headers)
             except ProcessorError as exc:
                 results[index] = exc
         return [result if result is not None else self.unavailable("not published") for result in results]
 
     async def _publish_until_confirmed(
-        self, js: JetStreamContext, topic: str, data: bytes, headers: dict[str, str]
+        self, nc: NATS, js: JetStreamContext, topic: str, data: bytes, headers: dict[str, str]
     ) -> str:
         """Publish and wait for the PubAck, sending again (same Nats-Msg-Id) while failures are worth retrying, for
         at most PUBLISH_DEADLINE_S."""
@@ -406,10 +406,9 @@ class NatsBroker(BrokerAdapter):
         budget = RetryBudget(PUBLISH_BACKOFF, deadline)
         while True:
             try:
-                future = await self._pub_acks.send(js, topic, data, headers)
+                future = await self._pub_acks.send(nc, topic, data, headers)
                 async with asyncio.timeout(max(deadline.bound(PUBLISH_ATTEMPT_S), 0.1)):
-                    ack = await future
-                return f"{ack.stream}:{ack.seq}"
+                    return await future
             except (nats.js.errors.ServiceUnavailableError, *_Retryable) as exc:
                 failure: BaseException = exc
                 if isinstance(exc, nats.js.errors.NoStreamResponseError):
