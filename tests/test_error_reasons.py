@@ -14,11 +14,28 @@ REASONS = PACKAGE / "reasons.py"
 UPPER_SNAKE = re.compile(r"[A-Z][A-Z0-9_]+")
 
 
-def documented_reasons() -> set[str]:
+def _error_rows() -> list[list[str]]:
     text = (ROOT / "docs" / "api.md").read_text()
     table = text[text.index("| code | reason | when |") :]
-    rows = [line for line in table.splitlines() if line.startswith("|")]
-    return {reason for row in rows for reason in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[2])}
+    return [line.split("|") for line in table.splitlines()[2:] if line.startswith("|")]
+
+
+def documented_reasons() -> set[str]:
+    return {reason for row in _error_rows() for reason in re.findall(r"`([A-Z][A-Z0-9_]+)`", row[2])}
+
+
+def documented_statuses() -> set[tuple[str, str]]:
+    """The (status code, reason) pairs docs/api.md's error table documents: a row's every code with its every
+    reason, except the row of the codes' own names, where a code goes with its own name only."""
+    pairs: set[tuple[str, str]] = set()
+    for row in _error_rows():
+        codes = re.findall(r"\b[A-Z][A-Z_]+\b", row[1])
+        reasons = re.findall(r"`([A-Z][A-Z0-9_]+)`", row[2])
+        if set(codes) == set(reasons):
+            pairs |= {(code, code) for code in codes}
+        else:
+            pairs |= {(code, reason) for code in codes for reason in reasons}
+    return pairs
 
 
 def literal_reasons(source: str, where: str) -> list[str]:
@@ -47,6 +64,14 @@ def test_the_error_table_documents_exactly_the_listed_reasons() -> None:
     documented = documented_reasons()
     assert not listed - documented, f"reasons missing from docs/api.md's error table: {sorted(listed - documented)}"
     assert not documented - listed, f"docs/api.md documents reasons reasons.py does not list: {documented - listed}"
+
+
+def test_the_table_pairs_each_code_with_its_reasons() -> None:
+    pairs = documented_statuses()
+    assert ("NOT_FOUND", "FEATURE_RUN_NOT_FOUND") in pairs
+    assert ("ALREADY_EXISTS", "DB_CONSTRAINT_VIOLATION") in pairs and ("UNAVAILABLE", "UNAVAILABLE") in pairs
+    assert ("NOT_FOUND", "FEATURE_RUN_NOT_RUNNING") not in pairs and ("NOT_FOUND", "UNAVAILABLE") not in pairs
+    assert not any(code == "none" for code, _ in pairs)
 
 
 def test_a_reason_is_its_own_upper_snake_name() -> None:

@@ -13,6 +13,7 @@ HYPOTHESIS_PROFILE=long runs many more examples with a random seed; the default 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -29,20 +30,31 @@ from ductape.processor import Processor
 from ductape.processor.v1 import (
     action_pb2,
     broker_pb2,
+    database_pb2,
+    feature_pb2,
+    feature_pb2_grpc,
+    job_pb2,
+    job_pb2_grpc,
     log_pb2,
+    migration_pb2,
+    migration_pb2_grpc,
     notification_pb2,
     product_pb2,
     session_pb2,
     storage_pb2,
+    webhook_pb2,
+    webhook_pb2_grpc,
 )
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import message_factory, struct_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from ductape_processor.runtime.sessions import new_root_key
 from tests.conftest import ROOT
+from tests.test_error_reasons import documented_statuses
 
 FieldDescriptor = pb_descriptor.FieldDescriptor
 
@@ -62,6 +74,8 @@ PROFILE = PROFILES.get(os.environ.get("HYPOTHESIS_PROFILE", "default"), PROFILES
 
 STATS: Counter[tuple[str, str]] = Counter()  # (method, status) seen, printed at the end (pytest -s) to judge coverage
 BAD_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+DOCUMENTED = documented_statuses()
+"""The (code, reason) pairs of docs/api.md's error table: every error a caller gets is one of them."""
 CALL_TIMEOUT_S = 5.0
 SUBSCRIBE_WINDOW_S = 0.2
 
@@ -92,7 +106,7 @@ def manifest(base_url: str) -> dict[str, Any]:
 
     return {
         "product": "fz",
-        "environments": [{"slug": "dev", "name": "development"}, {"slug": "prd"}],
+        "environments": [{"slug": "dev", "name": "development", "allow_private_endpoints": True}, {"slug": "prd"}],
         "apps": [
             app("api", "application/json"),
             app("form", "application/x-www-form-urlencoded"),
@@ -110,6 +124,101 @@ def manifest(base_url: str) -> dict[str, Any]:
             }
         ],
         "caches": [{"tag": "c", "ttl": "1s"}],
+        "databases": [
+            {
+                "tag": "db",
+                "envs": {"dev": {"type": "sqlite", "statement_timeout": "1s"}, "prd": {"type": "sqlite"}},
+                "migrations": [
+                    {
+                        "tag": "m1",
+                        "up": ["CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT UNIQUE, n INTEGER)"],
+                        "down": ["DROP TABLE items"],
+                    },
+                    {"tag": "m2", "up": ["CREATE INDEX items_n ON items (n)"], "down": ["DROP INDEX items_n"]},
+                ],
+                "actions": [
+                    {
+                        "tag": "find",
+                        "type": "read",
+                        "query": "SELECT id, name, n FROM items WHERE n >= {{n}} ORDER BY id",
+                        "params": {"n": "$Input{filter}{n}"},
+                        "input": {"filter": {"n": {"type": "integer"}}},
+                    },
+                    {
+                        "tag": "add",
+                        "type": "create",
+                        "query": "INSERT INTO items (name, n) VALUES ({{name}}, {{n}})",
+                        "params": {"name": "$Input{data}{name}", "n": "$Input{data}{n}"},
+                        "input": {"data": {"name": {"type": "string", "required": True}, "n": {"type": "integer"}}},
+                    },
+                    {"tag": "count", "type": "count", "query": "SELECT COUNT(*) FROM items"},
+                ],
+            }
+        ],
+        "features": [
+            {
+                "tag": "pub",
+                "input": {"name": {"type": "string"}, "n": {"type": "integer"}},
+                "sequence": [
+                    {
+                        "tag": "s1",
+                        "events": [
+                            {"tag": "p", "type": "publish", "event": "events:t", "input": {"message": "$Input{name}"}}
+                        ],
+                    },
+                    {
+                        "tag": "s2",
+                        "parents": ["s1"],
+                        "events": [{"tag": "q", "type": "database_action", "event": "db:count", "allow_fail": True}],
+                    },
+                ],
+                "output": {"id": "$Sequence{s1}{p}{message_id}"},
+            },
+            {
+                "tag": "call",
+                "sequence": [
+                    {
+                        "tag": "s1",
+                        "events": [
+                            {
+                                "tag": "get",
+                                "type": "action",
+                                "event": "api:get",
+                                "input": {"params": {"id": "1"}},
+                                "timeout": "1s",
+                                "rollback": {"type": "publish", "event": "events:dl", "input": {"message": 1}},
+                            },
+                        ],
+                    },
+                    {
+                        "tag": "s2",
+                        "parents": ["s1"],
+                        "events": [
+                            {
+                                "tag": "post",
+                                "type": "action",
+                                "event": "api:post",
+                                "input": {"body": {"name": "x"}},
+                                "timeout": "1s",
+                            },
+                        ],
+                    },
+                ],
+            },
+        ],
+        "webhooks": [
+            {
+                "tag": "wh",
+                "schedule": ["0s", "1s"],
+                "timeout": "1s",
+                "events": [{"tag": "e", "schema": {"name": {"type": "string", "required": True}}}, {"tag": "any"}],
+                "endpoints": {"dev": [{"url": f"{base_url}/hook", "secret": "$Secret{FZ_HOOK}"}]},
+                "receive": {
+                    "dev": {"path": "/in", "verify": "none", "dispatch": {"publish": "events:t"}},
+                    "prd": {"path": "/in", "verify": "none"},
+                },
+            }
+        ],
     }
 
 
@@ -228,6 +337,11 @@ SERVICES = [
         (broker_pb2, "BrokerService"),
         (storage_pb2, "StorageService"),
         (notification_pb2, "NotificationService"),
+        (database_pb2, "DatabaseService"),
+        (migration_pb2, "MigrationService"),
+        (feature_pb2, "FeatureService"),
+        (job_pb2, "JobService"),
+        (webhook_pb2, "WebhookService"),
     )
 ]
 METHODS = [method for service in SERVICES for method in service.methods]
@@ -236,6 +350,10 @@ BY_PATH = {f"/{method.containing_service.full_name}/{method.name}": method for m
 
 def _path(method: pb_descriptor.MethodDescriptor) -> str:
     return f"/{method.containing_service.full_name}/{method.name}"
+
+
+def _name(method: pb_descriptor.MethodDescriptor) -> str:
+    return f"{method.containing_service.name}.{method.name}"
 
 
 def _mostly(usual: st.SearchStrategy[Any], odd: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -254,14 +372,24 @@ NAMED: dict[str, list[str]] = {
     "product": ["fz", "fz", "nope"],
     "env": ["dev", "prd", "development", "nope"],
     "app": ["api", "form", "multi", "xml", "nope"],
-    "event": ["get", "post", "raw", "events:t", "events:dl", "events:nope", "nope:t", "t"],
+    "event": ["get", "post", "raw", "events:t", "events:dl", "events:nope", "nope:t", "t", "wh:e", "wh:any", "wh:x"],
     "dead_letter_event": ["events:dl", "events:t", "nope"],
-    "tag": ["user", "nope"],
+    "tag": ["user", "m1", "m2", "nope"],
     "cache": ["c", "nope"],
     "group": ["g1", "g2"],
     "content_type": ["application/json", "text/plain", "application/cloudevents+json"],
     "resource": ["api:get", "api:post"],
+    "database": ["db", "nope"],
+    "action": ["find", "add", "count", "nope"],
+    "feature": ["pub", "call", "nope"],
+    "webhook": ["wh", "nope"],
+    "address": ["events:t", "api:get", "api:nope", "db:add", "pub", "call", "nope"],
+    "name": ["j1", "j2", "x"],
+    "cron": ["*/5 * * * *", "0 0 30 2 *", "* * * * * *", "0 0 29 2 1", "61 * * * *", "* * *"],
+    "timezone": ["UTC", "Europe/London", "America/New_York", "Nowhere/Else", "../../etc/passwd"],
 }
+ISSUED = ("token", "refresh_token", "process_id", "job_id", "delivery_id", "message_id")
+"""Fields whose usual values are ids the running server gave out (`Known.issued`)."""
 int32s = _mostly(
     st.sampled_from([0, 0, 1, 2, 3, 10]),
     st.one_of(st.sampled_from([-1, 1000, 2**31 - 1, -(2**31)]), st.integers(-(2**31), 2**31 - 1)),
@@ -279,7 +407,14 @@ json_values = st.recursive(
 )
 
 
-SMALL_INTS = {"version": [0, 0, 0, 1], "retries": [0, 0, 1], "page_size": [0, 1, 2, 50]}
+SMALL_INTS = {
+    "version": [0, 0, 0, 1],
+    "retries": [0, 0, 1],
+    "page_size": [0, 1, 2, 50],
+    "steps": [0, 1, 2],
+    "limit": [0, 1, 3],
+    "max_retries": [0, 1],
+}
 PRESENCE = {True: [True] * 9 + [False], False: [True, False]}  # how often a field is set: the usual ones almost always
 STRUCT_KEYS = ["name", "n", "deep", "id", "userId", "X-Trace", "params", "body"]
 plain_values = st.one_of(
@@ -342,7 +477,7 @@ def _wrap(path: tuple[int, ...], payload: bytes) -> bytes:
 class Known:
     """Values only the running server can give (tokens it issued), offered to the strategies."""
 
-    tokens: list[str] = field(default_factory=list)
+    issued: dict[str, list[str]] = field(default_factory=dict)
     base_url: str = "http://127.0.0.1:9"
     server_logs: list[bytes] = field(default_factory=list)
 
@@ -354,8 +489,8 @@ def _scalar(fd: FieldDescriptor) -> st.SearchStrategy[Any]:
     kind = fd.type
     if kind == FieldDescriptor.TYPE_STRING:
         choices = NAMED.get(fd.name)
-        if fd.name in ("token", "refresh_token"):
-            choices = KNOWN.tokens or ["v1.x.y"]
+        if fd.name in ISSUED:
+            choices = KNOWN.issued.get(fd.name) or ["v1.x.y"]
         return _mostly(st.sampled_from(choices), odd_text) if choices else odd_text
     if kind == FieldDescriptor.TYPE_BYTES:
         if fd.name == "manifest":
@@ -425,13 +560,13 @@ def messages(draw: st.DrawFn, descriptor: pb_descriptor.Descriptor, depth: int =
         return message
     if name.endswith(".SessionRef") and draw(st.sampled_from(PRESENCE[True])):
         message.tag = draw(_mostly(st.just("user"), odd_text))
-        message.token = draw(_mostly(st.sampled_from(KNOWN.tokens or ["v1.x.y"]), odd_text))
+        message.token = draw(_mostly(st.sampled_from(KNOWN.issued.get("token") or ["v1.x.y"]), odd_text))
         return message
     chosen = {oneof.name: draw(st.sampled_from(list(oneof.fields))).name for oneof in descriptor.oneofs}
     for fd in descriptor.fields:
         if fd.containing_oneof is not None and chosen[fd.containing_oneof.name] != fd.name:
             continue  # one member of a oneof: setting several would keep only the last
-        wanted = fd.name in NAMED or fd.name in ("token", "refresh_token", "input", "init", "message", "messages")
+        wanted = fd.name in NAMED or fd.name in (*ISSUED, "input", "init", "message", "messages", "run", "job")
         if not draw(st.sampled_from(PRESENCE[wanted])):
             continue
         target = getattr(message, fd.name)
@@ -493,7 +628,7 @@ def upstream_runs(draw: st.DrawFn) -> bytes:
         trace = draw(_mostly(st.just("t-1"), odd_text))
         request.input.headers.update({"X-Trace": trace})
     if draw(st.booleans()):
-        request.session.tag, request.session.token = "user", KNOWN.tokens[0]
+        request.session.tag, request.session.token = "user", KNOWN.issued["token"][0]
     return request.SerializeToString()
 
 
@@ -539,14 +674,38 @@ def _call(channel: grpc.Channel, method: pb_descriptor.MethodDescriptor, payload
             details = error.details() or ""
             said = [line for line in KNOWN.server_logs if details[-16:].encode() in line] if details else []
             raise AssertionError(f"{path} answered {code.name}: {details!r}; the server logged {said[-1:]!r}") from None
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED and not method.client_streaming:
+        streaming = method.client_streaming or method.server_streaming
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and not streaming:
             raise AssertionError(f"{path} did not answer within {CALL_TIMEOUT_S}s") from None
-        STATS[(method.name, code.name)] += 1
+        reason = _reason(path, error, streaming)
+        STATS[(_name(method), f"{code.name} {reason}".rstrip())] += 1
         if os.environ.get("FUZZ_TRACE"):
             print("  ", code.name, (error.details() or "")[:150], flush=True)
         return code
-    STATS[(method.name, "OK")] += 1
+    STATS[(_name(method), "OK")] += 1
     return grpc.StatusCode.OK
+
+
+def _reason(path: str, error: grpc.RpcError, streaming: bool) -> str:
+    """The error's reason, checked: one docs/api.md's table documents with the error's code. Only a stream's deadline
+    (the test's window) carries none: no request is over the size limit, and an error's trailers over the size
+    clients accept (an error quoting a huge value) reach the caller as a RESOURCE_EXHAUSTED without details."""
+    code = error.code()  # type: ignore[attr-defined]
+    details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")  # type: ignore[attr-defined]
+    status = status_pb2.Status.FromString(details) if details else None
+    if streaming and code == grpc.StatusCode.DEADLINE_EXCEEDED and status is None:
+        return ""  # the test's window on a stream that stays open
+    assert status is not None, f"{path} answered {code.name} without details: {error.details()!r}"  # type: ignore[attr-defined]
+    assert status.code == code.value[0], f"{path} answered {code.name} with the details of code {status.code}"
+    infos: list[error_details_pb2.ErrorInfo] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            infos.append(error_details_pb2.ErrorInfo())
+            detail.Unpack(infos[-1])
+    assert len(infos) == 1, f"{path} answered {code.name} with {len(infos)} ErrorInfos"
+    reason = infos[0].reason
+    assert (code.name, reason) in DOCUMENTED, f"{path} answered {code.name} {reason}: not in docs/api.md's table"
+    return reason
 
 
 def _serving(channel: grpc.Channel) -> bool:
@@ -603,6 +762,7 @@ async def _serve(tmp_path: Path) -> ServerProcess:
         "PROCESSOR_SESSION_KEYS": new_root_key("k1"),
         "PROCESSOR_MAX_UPSTREAM_RESPONSE_BYTES": str(256 * 1024),
         "PROCESSOR_EXECUTION_FLUSH_S": "0.05",
+        "PROCESSOR_SECRET_FZ_HOOK": "whsec_" + base64.b64encode(b"the fuzz test's webhook secret!!").decode(),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -646,6 +806,38 @@ async def server_process(tmp_path: Path) -> AsyncIterator[ServerProcess]:
     await server.reader
 
 
+async def _seed(address: str) -> dict[str, list[str]]:
+    """Ids only the server gives out, so that requests name real records: the migrations applied, a feature run, a
+    job, a webhook message and its delivery."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        target = migration_pb2.MigrationTarget(product="fz", env="dev", database="db")
+        await migration_pb2_grpc.MigrationServiceStub(channel).Run(
+            migration_pb2.MigrationServiceRunRequest(target=target)
+        )
+        features = feature_pb2_grpc.FeatureServiceStub(channel)
+        ran = await features.Run(
+            feature_pb2.FeatureServiceRunRequest(product="fz", env="dev", feature="pub", wait=True), timeout=30
+        )
+        job = await job_pb2_grpc.JobServiceStub(channel).Schedule(
+            job_pb2.JobServiceScheduleRequest(
+                product="fz",
+                env="dev",
+                name="j1",
+                target=job_pb2.JobTarget(kind=job_pb2.TARGET_KIND_PUBLISH, address="events:t"),
+                repeat=job_pb2.Repeat(cron="0 0 1 1 *"),
+            )
+        )
+        emitted = await webhook_pb2_grpc.WebhookServiceStub(channel).Emit(
+            webhook_pb2.EmitRequest(product="fz", env="dev", event="wh:any", payload=struct_pb2.Value(number_value=1))
+        )
+    return {
+        "process_id": [ran.run.process_id],
+        "job_id": [job.job_id],
+        "message_id": [emitted.message_id],
+        "delivery_id": list(emitted.delivery_ids),
+    }
+
+
 @pytest.mark.timeout(600)
 async def test_no_request_or_upstream_answer_gets_internal_or_unknown(
     server_process: ServerProcess, raw_upstream: RawUpstream
@@ -655,7 +847,8 @@ async def test_no_request_or_upstream_answer_gets_internal_or_unknown(
     async with Processor(server_process.address, timeout=30) as client:
         await client.product.apply(json.dumps(manifest(KNOWN.base_url)).encode())
         pair = await client.session.start(product="fz", env="dev", tag="user", data={"userId": "u-1"})
-    KNOWN.tokens[:] = [pair.token, pair.refresh_token]
+    KNOWN.issued = {"token": [pair.token], "refresh_token": [pair.refresh_token]}
+    KNOWN.issued |= await _seed(server_process.address)
     try:
         await asyncio.to_thread(_property(server_process.address, raw_upstream))
     finally:

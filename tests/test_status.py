@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from ductape.processor import NotFoundError, UnavailableError
-from ductape.processor.v1 import action_pb2, action_pb2_grpc
+from ductape.processor import InvalidArgumentError, NotFoundError, UnavailableError
+from ductape.processor.v1 import action_pb2, action_pb2_grpc, job_pb2, job_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -68,3 +68,39 @@ async def test_an_error_without_a_retry_hint_has_none(server: Running) -> None:
     with pytest.raises(NotFoundError) as caught:
         await server.client.product.get("nope")
     assert caught.value.reason == "PRODUCT_NOT_FOUND" and caught.value.retry_after_s is None
+
+
+async def test_an_error_quoting_a_huge_value_still_reaches_the_caller_with_its_reason(server: Running) -> None:
+    """Found by tests/test_fuzz_rpcs.py: `no job 'xxx…'` quoted a 300 KB id, the trailers outgrew what gRPC clients
+    accept, and the caller got a RESOURCE_EXHAUSTED of its own client instead of the error."""
+    await server.client.product.apply(b"product: shop\nenvironments: [{slug: dev}]\n")
+    huge = "x\u00e9" * 150_000
+    async with server.channel() as channel:
+        call = job_pb2_grpc.JobServiceStub(channel).Get(
+            job_pb2.JobServiceGetRequest(job=job_pb2.JobRef(product="shop", env="dev", job_id=huge))
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        status = await rpc_status.aio.from_call(call)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND, caught.value.details()
+    assert status is not None
+    [detail] = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    info = error_details_pb2.ErrorInfo()
+    detail.Unpack(info)
+    assert info.reason == "JOB_NOT_FOUND"
+    assert len(status.message.encode()) <= 400 and status.message.endswith("…")
+    assert all(len(value.encode()) <= 200 for value in info.metadata.values())
+    assert info.metadata["job"].startswith("x\u00e9x\u00e9"), "the value is clipped, not dropped"
+
+
+async def test_a_request_with_thousands_of_bad_fields_lists_those_that_fit(server: Running, upstream: Upstream) -> None:
+    await server.client.product.apply(shop(upstream.url))
+    headers = {f"Bad Header {i:05d} " + "y" * 40: "z" for i in range(5000)}
+    with pytest.raises(InvalidArgumentError) as caught:
+        await server.client.action.run(
+            product="shop", env="dev", app="api", event="user", input={"params": {"id": "1"}, "headers": headers}
+        )
+    assert caught.value.reason == "INVALID_INPUT"
+    listed = [v.field for v in caught.value.field_violations]
+    assert 10 <= len(listed) < 100 and all(f.startswith('input.headers["Bad Header ') for f in listed), listed[:2]
+    assert upstream.seen == [], "nothing was sent"

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from ductape.processor.v1 import job_pb2, job_pb2_grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from ductape_processor.api.calls import Context, product_env
 from ductape_processor.api.values import (
+    delta,
+    moment,
     python_to_value,
     required,
-    seconds,
     session_pair,
     struct_to_dict,
     timestamp,
@@ -70,17 +71,9 @@ def _state(kind: type[JobStatus] | type[RunStatus], value: int, field: str) -> A
         raise InvalidArgument.field(field, f"{value} is not a status") from None
 
 
-def _delta(duration: duration_pb2.Duration) -> timedelta:
-    return timedelta(seconds=seconds(duration))
-
-
-def _duration(delta: timedelta) -> duration_pb2.Duration:
-    micros = round(delta.total_seconds() * 1_000_000)
+def _duration(span: timedelta) -> duration_pb2.Duration:
+    micros = round(span.total_seconds() * 1_000_000)
     return duration_pb2.Duration(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
-
-
-def _moment(stamp: timestamp_pb2.Timestamp) -> datetime:
-    return datetime.fromtimestamp(stamp.seconds, UTC) + timedelta(microseconds=stamp.nanos // 1000)
 
 
 def _target(given: job_pb2.JobTarget) -> Target:
@@ -100,21 +93,23 @@ def _target(given: job_pb2.JobTarget) -> Target:
 def _repeat(given: job_pb2.Repeat) -> Repeat:
     return Repeat(
         cron=given.cron,
-        every=_delta(given.every) if given.HasField("every") else None,
+        every=delta(given.every, "repeat.every") if given.HasField("every") else None,
         timezone=given.timezone or "UTC",
         limit=given.limit,
-        end_at=_moment(given.end_at) if given.HasField("end_at") else None,
+        end_at=moment(given.end_at, "repeat.end_at") if given.HasField("end_at") else None,
     )
 
 
 def _retry(given: job_pb2.JobRetryPolicy) -> JobRetry:
     defaults = JobRetry()
-    if given.max_retries < 0:
-        raise InvalidArgument.field("retry.max_retries", "must not be negative")
     return JobRetry(
         max_retries=given.max_retries,
-        initial_delay=_delta(given.initial_delay) if given.HasField("initial_delay") else defaults.initial_delay,
-        max_delay=_delta(given.max_delay) if given.HasField("max_delay") else defaults.max_delay,
+        initial_delay=(
+            delta(given.initial_delay, "retry.initial_delay")
+            if given.HasField("initial_delay")
+            else defaults.initial_delay
+        ),
+        max_delay=delta(given.max_delay, "retry.max_delay") if given.HasField("max_delay") else defaults.max_delay,
         jitter=given.jitter if given.HasField("jitter") else defaults.jitter,
     )
 
@@ -199,9 +194,11 @@ class JobServicer(job_pb2_grpc.JobServiceServicer):
     ) -> job_pb2.JobServiceScheduleResponse:
         if not request.HasField("target"):
             raise InvalidArgument.field("target", "is required: what the job runs")
-        catch_up = _delta(request.catch_up_window) if request.HasField("catch_up_window") else DEFAULT_CATCH_UP
-        if catch_up <= timedelta(0):
-            raise InvalidArgument.field("catch_up_window", "must be positive")
+        catch_up = (
+            delta(request.catch_up_window, "catch_up_window")
+            if request.HasField("catch_up_window")
+            else DEFAULT_CATCH_UP
+        )
         spec = JobSpec(
             target=_target(request.target),
             repeat=_repeat(request.repeat) if request.HasField("repeat") else None,
@@ -214,8 +211,8 @@ class JobServicer(job_pb2_grpc.JobServiceServicer):
                 **product_env(request),
                 spec=spec,
                 name=request.name,
-                start_at=_moment(request.start_at) if request.HasField("start_at") else None,
-                delay=_delta(request.delay) if request.HasField("delay") else None,
+                start_at=moment(request.start_at, "start_at") if request.HasField("start_at") else None,
+                delay=delta(request.delay, "delay") if request.HasField("delay") else None,
                 replace=request.replace,
                 idempotency_key=request.idempotency_key,
             )

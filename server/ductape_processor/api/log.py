@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from ductape.processor.v1 import log_pb2, log_pb2_grpc
-from google.protobuf import timestamp_pb2
 
 from ductape_processor.api.calls import Context
-from ductape_processor.api.values import timestamp
-from ductape_processor.errors import InvalidArgument
+from ductape_processor.api.values import moment, timestamp
 from ductape_processor.runtime.logs import ExecutionQueries, ExecutionRecord
 
 
@@ -32,15 +28,6 @@ def _execution(record: ExecutionRecord) -> log_pb2.Execution:
     )
 
 
-def _moment(value: timestamp_pb2.Timestamp, field: str) -> datetime:
-    try:
-        return value.ToDatetime(UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument.field(
-            field, "is not a valid timestamp (years 1 to 9999, nanos between 0 and 999,999,999)"
-        ) from None
-
-
 class LogServicer(log_pb2_grpc.LogServiceServicer):
     """Serves LogService."""
 
@@ -55,8 +42,8 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
             env=request.env or None,
             resource=request.resource or None,
             status=request.status or None,
-            since=_moment(request.start_time, "start_time") if request.HasField("start_time") else None,
-            until=_moment(request.end_time, "end_time") if request.HasField("end_time") else None,
+            since=moment(request.start_time, "start_time") if request.HasField("start_time") else None,
+            until=moment(request.end_time, "end_time") if request.HasField("end_time") else None,
             page_size=request.page_size,
             page_token=request.page_token,
         )

@@ -4,7 +4,7 @@ reading a Value is the Python client's `from_value`, shared by both sides)."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import orjson
@@ -133,6 +133,32 @@ def set_timestamp(target: timestamp_pb2.Timestamp, moment: datetime) -> timestam
 def seconds(duration: duration_pb2.Duration) -> float:
     """A `google.protobuf.Duration` in seconds."""
     return duration.seconds + duration.nanos / 1e9
+
+
+MAX_DURATION_SECONDS: Final = 315_576_000_000
+"""The longest `google.protobuf.Duration` (about 10,000 years either way), as protobuf defines it."""
+
+
+def moment(value: timestamp_pb2.Timestamp, field: str) -> datetime:
+    """A request's `google.protobuf.Timestamp` as an aware datetime; INVALID_ARGUMENT on `field` outside what a
+    datetime holds (years 1 to 9999) or with nanos out of range."""
+    try:
+        return value.ToDatetime(UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument.field(
+            field, "is not a valid timestamp (years 1 to 9999, nanos between 0 and 999,999,999)"
+        ) from None
+
+
+def delta(value: duration_pb2.Duration, field: str) -> timedelta:
+    """A request's `google.protobuf.Duration` as a timedelta; INVALID_ARGUMENT on `field` outside protobuf's range
+    (±10,000 years, nanos of the seconds' sign)."""
+    whole, nanos = value.seconds, value.nanos
+    if abs(whole) > MAX_DURATION_SECONDS or abs(nanos) > 999_999_999 or whole * nanos < 0:
+        raise InvalidArgument.field(
+            field, "is not a valid duration (at most 10,000 years either way, nanos of the seconds' sign)"
+        )
+    return timedelta(seconds=whole, microseconds=nanos // 1000 if nanos >= 0 else -(-nanos // 1000))
 
 
 def required(value: str, field: str, what: str) -> str:

@@ -20,6 +20,12 @@ DEFAULT_CATCH_UP: Final = timedelta(minutes=1)
 """How late an occurrence may still start when the schedule asks for no window: one due earlier is skipped."""
 MIN_EVERY: Final = timedelta(seconds=1)
 """The shortest `every` interval."""
+MAX_SPAN: Final = timedelta(days=36_525)
+"""The longest of a job's spans, 100 years: how far from now its start is (`start_at`, `delay`), and its `every`,
+retry delays and catch-up window. A job's times are sums of these, and a datetime ends in year 9999: a job of
+10,000-year spans would fail the scheduler's arithmetic, not the caller's call."""
+MAX_RETRIES: Final = 100
+"""The most retries a job's run makes (as the manifest's `retry.max_retries`)."""
 
 
 class TargetKind(StrEnum):

@@ -15,7 +15,7 @@ from ductape_processor.runtime.jobs.declared import DeclaredJobs
 from ductape_processor.runtime.jobs.model import ACTIVE, JobQuery, RunTrigger, ScheduleCall
 from ductape_processor.runtime.jobs.scheduler import JobScheduler, new_job, new_run
 from ductape_processor.runtime.jobs.targets import check_target
-from ductape_processor.runtime.jobs.timing import check_repeat, first_due
+from ductape_processor.runtime.jobs.timing import check_repeat, check_spans, first_due
 from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
@@ -64,6 +64,7 @@ class JobRuntime:
         spec = call.spec
         check_target(resolved.manifest, spec.target, "target")
         now = self._clock.now()
+        check_spans(spec, call.start_at, call.delay, now)
         if spec.repeat is not None:
             check_repeat(spec.repeat, now)
         problem = idempotency_key_problem(call.idempotency_key)
@@ -72,10 +73,6 @@ class JobRuntime:
         problem = name_problem(call.name)
         if problem is not None:
             raise InvalidArgument.field("name", problem)
-        if call.start_at is not None and call.delay is not None:
-            raise InvalidArgument.field("delay", "give start_at or delay, not both")
-        if call.delay is not None and call.delay.total_seconds() < 0:
-            raise InvalidArgument.field("delay", "must not be negative")
         start = call.start_at or (now + call.delay if call.delay is not None else now)
         first = first_due(spec.repeat, start)
         if first is None:

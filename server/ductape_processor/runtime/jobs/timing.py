@@ -16,7 +16,7 @@ from cronsim import CronSim
 
 from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.jobs.checks import cron_problem, time_zone, zone_problem
-from ductape_processor.runtime.jobs.model import MIN_EVERY, Repeat
+from ductape_processor.runtime.jobs.model import MAX_RETRIES, MAX_SPAN, MIN_EVERY, JobSpec, Repeat
 
 
 def zone(name: str, field: str) -> tzinfo:
@@ -35,13 +35,38 @@ def check_repeat(repeat: Repeat, now: datetime, prefix: str = "repeat") -> None:
             raise InvalidArgument.field(f"{prefix}.cron", problem)
     elif repeat.every is None:
         raise InvalidArgument.field(f"{prefix}.cron", "give a cron expression or an `every` interval")
-    elif repeat.every < MIN_EVERY:
-        raise InvalidArgument.field(f"{prefix}.every", f"must be at least {MIN_EVERY.total_seconds():g} second")
+    elif not MIN_EVERY <= repeat.every <= MAX_SPAN:
+        raise InvalidArgument.field(
+            f"{prefix}.every", f"must be at least {MIN_EVERY.total_seconds():g} second and at most 100 years"
+        )
     zone(repeat.timezone, f"{prefix}.timezone")
     if repeat.limit < 0:
         raise InvalidArgument.field(f"{prefix}.limit", "must not be negative")
     if repeat.end_at is not None and repeat.end_at <= now:
         raise InvalidArgument.field(f"{prefix}.end_at", "is in the past")
+
+
+def _span(value: timedelta, field: str, *, zero: bool = False) -> None:
+    low = "at least 0" if zero else "longer than 0"
+    if value < timedelta(0) or (not zero and value == timedelta(0)) or value > MAX_SPAN:
+        raise InvalidArgument.field(field, f"must be {low} and at most 100 years")
+
+
+def check_spans(spec: JobSpec, start_at: datetime | None, delay: timedelta | None, now: datetime) -> None:
+    """INVALID_ARGUMENT naming the field when a span of a job is out of bounds (`MAX_SPAN`, `MAX_RETRIES`): a start
+    more than 100 years from now, a negative delay, a retry policy or catch-up window that is not positive."""
+    if start_at is not None and delay is not None:
+        raise InvalidArgument.field("delay", "give start_at or delay, not both")
+    if start_at is not None and abs(start_at - now) > MAX_SPAN:
+        raise InvalidArgument.field("start_at", "must be within 100 years of now")
+    if delay is not None:
+        _span(delay, "delay", zero=True)
+    retry = spec.retry
+    if not 0 <= retry.max_retries <= MAX_RETRIES:
+        raise InvalidArgument.field("retry.max_retries", f"must be between 0 and {MAX_RETRIES}")
+    _span(retry.initial_delay, "retry.initial_delay")
+    _span(retry.max_delay, "retry.max_delay")
+    _span(spec.catch_up, "catch_up_window")
 
 
 def _cron_after(expression: str, after: datetime, where: tzinfo) -> datetime:
