@@ -12,6 +12,7 @@ from ductape_processor.runtime.policies.caches import BoundedCache
 from ductape_processor.runtime.policies.deadline import Deadline
 from ductape_processor.runtime.policies.paging import (
     DEFAULT_PAGE_SIZE,
+    MAX_PAGE_BYTES,
     MAX_PAGE_SIZE,
     decode_page_token,
     effective_page_size,
@@ -103,6 +104,17 @@ def test_a_page_keeps_size_items_and_a_token_only_when_more_follow() -> None:
     kept, token = page([5, 4, 3], 2, listing, lambda version: (version,))
     assert kept == [5, 4] and decode_page_token(listing, token, version_position) == 4
     assert page([2, 1], 2, listing, lambda version: (version,)) == ([2, 1], "")
+
+
+def test_a_page_stops_before_its_items_outweigh_the_page_bytes_and_keeps_one_at_least() -> None:
+    listing = ("runs", "shop")
+    third = MAX_PAGE_BYTES // 3 + 1
+    kept, token = page([9, 8, 7, 6], 100, listing, lambda n: (n,), lambda _: third)
+    assert kept == [9, 8] and decode_page_token(listing, token, version_position) == 8
+    kept, token = page([9, 8], 100, listing, lambda n: (n,), lambda _: MAX_PAGE_BYTES * 5)
+    assert kept == [9] and decode_page_token(listing, token, version_position) == 9
+    assert page([9], 100, listing, lambda n: (n,), lambda _: MAX_PAGE_BYTES * 5) == ([9], "")
+    assert page([9, 8], 100, listing, lambda n: (n,), lambda _: 10) == ([9, 8], "")
 
 
 def test_page_size_defaults_caps_and_refuses_negative() -> None:

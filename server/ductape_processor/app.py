@@ -197,7 +197,11 @@ def build(
         services,
         FeatureSteps(targets, jobs, webhooks),
         clock,
-        FeatureSettings(poll_s=settings.feature_poll_s, lease=timedelta(seconds=settings.feature_lease_s)),
+        FeatureSettings(
+            poll_s=settings.feature_poll_s,
+            lease=timedelta(seconds=settings.feature_lease_s),
+            max_wait_s=settings.feature_max_wait_s,
+        ),
     )
     targets.serve_features(features)  # jobs run features too
     dispatches = DispatchWorker(

@@ -78,6 +78,7 @@ _FLAGS: dict[str, _Flag] = {
     "job_poll_s": {"type": float},
     "feature_lease_s": {"type": float},
     "feature_poll_s": {"type": float},
+    "feature_max_wait_s": {"type": float},
     "manifest_max_bytes": {"type": int},
     "max_upstream_response_bytes": {"type": int},
     "idempotency_retention_s": {"type": float},

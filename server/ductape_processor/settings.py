@@ -136,6 +136,12 @@ class Settings(BaseSettings):
     feature_poll_s: float = Field(
         5.0, gt=0, description="How often a replica re-checks the store for feature runs to take over, as a fallback."
     )
+    feature_max_wait_s: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="The longest a FeatureService call with `wait` waits for its run to end, whatever its deadline.",
+    )
 
     @field_validator(
         "secrets_file",

@@ -25,10 +25,11 @@ WAIT_MARGIN_S: Final = 0.25
 """How long before the caller's deadline a waiting call answers with the run as it stands."""
 
 
-def _timeout(context: Context) -> float | None:
-    """How long a waiting call may wait: the caller's deadline, less a margin to answer in."""
+def _timeout(context: Context, longest: float) -> float:
+    """How long a waiting call may wait: the caller's deadline, less a margin to answer in, and at most `longest`
+    (the processor's bound, for a call without a deadline or with a far one)."""
     remaining = context.time_remaining()
-    return max(remaining - WAIT_MARGIN_S, 0.0) if remaining is not None else None
+    return min(max(remaining - WAIT_MARGIN_S, 0.0), longest) if remaining is not None else longest
 
 
 def _ref(given: feature_pb2.FeatureRunRef) -> RunRef:
@@ -130,7 +131,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
             idempotency_key=options["idempotency_key"],
             version=options["version"],
         )
-        view = await self._runtime.run(call, wait=request.wait, timeout_s=_timeout(context))
+        view = await self._runtime.run(call, wait=request.wait, timeout_s=_timeout(context, self._runtime.max_wait_s))
         return _answer(view, feature_pb2.FeatureServiceRunResponse())
 
     async def Get(
@@ -173,13 +174,18 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     async def Resume(
         self, request: feature_pb2.FeatureServiceResumeRequest, context: Context
     ) -> feature_pb2.FeatureServiceResumeResponse:
-        view = await self._runtime.resume(_ref(request.run), wait=request.wait, timeout_s=_timeout(context))
+        view = await self._runtime.resume(
+            _ref(request.run), wait=request.wait, timeout_s=_timeout(context, self._runtime.max_wait_s)
+        )
         return _answer(view, feature_pb2.FeatureServiceResumeResponse())
 
     async def Replay(
         self, request: feature_pb2.FeatureServiceReplayRequest, context: Context
     ) -> feature_pb2.FeatureServiceReplayResponse:
         view = await self._runtime.replay(
-            _ref(request.run), pinned_version(request.version), wait=request.wait, timeout_s=_timeout(context)
+            _ref(request.run),
+            pinned_version(request.version),
+            wait=request.wait,
+            timeout_s=_timeout(context, self._runtime.max_wait_s),
         )
         return _answer(view, feature_pb2.FeatureServiceReplayResponse())

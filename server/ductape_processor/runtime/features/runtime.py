@@ -37,10 +37,10 @@ from ductape_processor.runtime.features.model import (
 from ductape_processor.runtime.features.plan import FeaturePlan
 from ductape_processor.runtime.features.steps import FeatureSteps, StepCall
 from ductape_processor.runtime.features.watching import RunEvents, follow, run_view
+from ductape_processor.runtime.policies import paging
 from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem
 from ductape_processor.runtime.policies.leases import ClaimRounds, LeaseRenewer
-from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
 from ductape_processor.runtime.policies.periodic import end_within
 from ductape_processor.runtime.registry.registry import Resolved
 from ductape_processor.runtime.services import CallServices
@@ -63,6 +63,8 @@ class FeatureSettings:
     claim_batch: int = 100
     watch_poll_s: float = 1.0
     """How often a Watch of a run another replica executes reads the store."""
+    max_wait_s: float = 300.0
+    """The longest a caller's `wait` lasts, whatever its deadline (a child run's wait is not bounded by it)."""
 
 
 @dataclass(slots=True)
@@ -104,6 +106,11 @@ class FeatureRuntime:
         self._leases = LeaseRenewer("feature run leases", self._renew, clock, settings.lease)
         self._started = False
         steps.serve_children(self)
+
+    @property
+    def max_wait_s(self) -> float:
+        """The longest a caller's `wait` lasts (`FeatureSettings.max_wait_s`)."""
+        return self._settings.max_wait_s
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
 
@@ -341,14 +348,20 @@ class FeatureRuntime:
         self, product: str, env: str, feature: str, status: FeatureRunStatus | None, page_size: int, page_token: str
     ) -> tuple[list[FeatureRunRecord], str]:
         """One page of the environment's runs, newest first, and the next page's token."""
-        size = effective_page_size(page_size)
+        size = paging.effective_page_size(page_size)
         slug = await self._slug(product, env)
         state = int(status) if status is not None else None
         listing = ("feature_runs", product, slug, feature, str(state or ""))
-        after = decode_page_token(listing, page_token, time_position) if page_token else None
+        after = paging.decode_page_token(listing, page_token, paging.time_position) if page_token else None
         where = FeatureRunFilter(product, slug, feature, state)
         runs = await self._store.list_feature_runs(where, after=after, limit=size + 1)
-        return page(runs, size, listing, lambda run: (run.created_at.timestamp(), run.run_id))
+        return paging.page(
+            runs,
+            size,
+            listing,
+            lambda run: (run.created_at.timestamp(), run.run_id),
+            lambda run: paging.json_weight(run.input, run.output, run.error_message),
+        )
 
     async def _wait(self, ref: RunRef, timeout_s: float | None) -> RunView:
         """The run once it ended, or as it stands when `timeout_s` passed."""
@@ -360,8 +373,8 @@ class FeatureRuntime:
             if going is not None:
                 await asyncio.wait({going.task}, timeout=left)
                 execution = going.execution
-                if not going.task.done():
-                    return await self.get(ref)  # the time is up
+                if not going.task.done():  # the time is up: the run as it stands here (its records may be unwritten)
+                    return execution.view() if execution is not None else await self.get(ref)
                 if execution is not None and execution.run.status not in GOING:
                     return execution.view()
                 continue  # stopped here (cancelled, taken over): the store says how it stands

@@ -18,7 +18,13 @@ from ductape_processor.runtime.jobs.targets import check_target
 from ductape_processor.runtime.jobs.timing import check_repeat, check_spans, first_due
 from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem
-from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
+from ductape_processor.runtime.policies.paging import (
+    decode_page_token,
+    effective_page_size,
+    json_weight,
+    page,
+    time_position,
+)
 from ductape_processor.runtime.registry.registry import Registry
 from ductape_processor.store.base import Store
 from ductape_processor.store.job_records import JobFilter, JobRecord, JobStatus, RunRecord, RunStatus
@@ -139,7 +145,13 @@ class JobRuntime:
         after = decode_page_token(listing, page_token, time_position) if page_token else None
         where = JobFilter(query.product, slug, status, query.name, kind)
         records = await self._store.list_jobs(where, after=after, limit=size + 1)
-        return page(records, size, listing, lambda job: (job.created_at.timestamp(), job.job_id))
+        return page(
+            records,
+            size,
+            listing,
+            lambda job: (job.created_at.timestamp(), job.job_id),
+            lambda job: json_weight(job.spec),
+        )
 
     async def _transition(self, ref: JobRef, allowed: tuple[JobStatus, ...], status: JobStatus) -> JobRecord:
         job = await self.get(ref)
@@ -193,7 +205,13 @@ class JobRuntime:
         records = await self._store.list_runs(
             job.job_id, int(status) if status is not None else None, after=after, limit=size + 1
         )
-        return page(records, size, listing, lambda run: (run.due_at.timestamp(), run.run_id))
+        return page(
+            records,
+            size,
+            listing,
+            lambda run: (run.due_at.timestamp(), run.run_id),
+            lambda run: json_weight(run.result, run.error_message),
+        )
 
     async def watch(self, product: str, env: str, job_id: str) -> AsyncIterator[RunRecord]:
         """The runs of the environment (or of one job) as they change, from now on."""

@@ -1,4 +1,4 @@
-"""Paging of list calls (AIP-158): the page-size rule and one page-token format for every listing.
+"""Paging of list calls (AIP-158): the page-size rule, the page-bytes rule and one page-token format for every listing.
 
 A page token is base64url (unpadded) JSON: a fingerprint of the listing it belongs to (the product, the filters),
 then the position of the page's last item (a version, or a time and an id). A token is opaque to callers: one from
@@ -23,6 +23,12 @@ MAX_PAGE_SIZE: Final = 1000
 """The largest page: a larger `page_size` is read as this."""
 MAX_PAGE_TOKEN_CHARS: Final = 1024
 """The longest page token read: the ones this module writes are a fraction of that."""
+MAX_PAGE_BYTES: Final = 2 * 1024 * 1024
+"""About the most bytes the items of one page weigh (see `page`'s `weight`): half of a gRPC message's default
+4 MiB. A listing of large items (a feature run's input, a received webhook's body) returns fewer than `page_size`
+rather than a page the server cannot send (RESOURCE_EXHAUSTED for every page size); AIP-158 allows a short page."""
+ITEM_BYTES: Final = 512
+"""What an item weighs beside its large fields: ids, names, times, statuses."""
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -78,10 +84,30 @@ def time_position(seconds: object, identifier: object) -> tuple[datetime, str]:
     return datetime.fromtimestamp(seconds, UTC), identifier
 
 
-def page(fetched: list[T], size: int, listing: Sequence[str], position: Callable[[T], Position]) -> tuple[list[T], str]:
+def json_weight(*texts: str) -> int:
+    """What JSON texts (a Struct or Value kept as JSON) weigh once sent as protobuf: up to four times their length
+    (a number of one character is a nine-byte double inside its wrappers), and an item's `ITEM_BYTES`."""
+    return ITEM_BYTES + 4 * sum(len(text) for text in texts)
+
+
+def page(
+    fetched: list[T],
+    size: int,
+    listing: Sequence[str],
+    position: Callable[[T], Position],
+    weight: Callable[[T], int] | None = None,
+) -> tuple[list[T], str]:
     """The page to return from `fetched` (queried with a limit of `size` + 1) and the next page's token ("" when
-    this is the last page)."""
-    if len(fetched) <= size:
-        return fetched, ""
+    this is the last page). With `weight` (about an item's bytes as sent), the page also stops before its items
+    outweigh `MAX_PAGE_BYTES`; it always holds one item."""
     kept = fetched[:size]
+    if weight is not None:
+        total = 0
+        for index, item in enumerate(kept):
+            total += weight(item)
+            if total > MAX_PAGE_BYTES and index:
+                kept = kept[:index]
+                break
+    if len(kept) == len(fetched):
+        return fetched, ""
     return kept, encode_page_token(listing, position(kept[-1]))

@@ -21,7 +21,13 @@ from ductape_processor.runtime.actions.contract import check_input
 from ductape_processor.runtime.logs.recorder import execution_record
 from ductape_processor.runtime.policies.clock import Clock
 from ductape_processor.runtime.policies.idempotency import idempotency_key_problem, key_reused
-from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page, time_position
+from ductape_processor.runtime.policies.paging import (
+    ITEM_BYTES,
+    decode_page_token,
+    effective_page_size,
+    page,
+    time_position,
+)
 from ductape_processor.runtime.registry.fields import named
 from ductape_processor.runtime.registry.registry import Resolved
 from ductape_processor.runtime.registry.webhooks import Webhook, WebhookEvent
@@ -159,7 +165,10 @@ class WebhookRuntime:
                 raise InvalidArgument.field("payload", "must be an object: the event declares a schema")
             payload = check_input(event.payload_schema, payload, "payload", root="")
         now = self._clock.now()
-        data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+        try:
+            data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, sort_keys=True, allow_nan=False)
+        except ValueError:  # a NaN or an infinity (a Value's double can be one): no JSON reader would take the body
+            raise InvalidArgument.field("payload", "holds NaN or an infinite number, which JSON cannot carry") from None
         envelope = {"type": f"{tag}.{event_tag}", "timestamp": now.isoformat().replace("+00:00", "Z")}
         body = json.dumps(envelope, separators=(",", ":"))[:-1] + f',"data":{data}}}'
         message = WebhookMessage(
@@ -256,7 +265,13 @@ class WebhookRuntime:
             decode_page_token(listing, page_token, time_position) if page_token else None
         )
         records = await self._store.list_received(product, slug, webhook, after=after, limit=size + 1)
-        return page(records, size, listing, lambda r: (r.received_at.timestamp(), r.received_id))
+        return page(
+            records,
+            size,
+            listing,
+            lambda r: (r.received_at.timestamp(), r.received_id),
+            lambda r: ITEM_BYTES + len(r.body) + len(r.headers) + len(r.dispatch_result),
+        )
 
     async def purge(self) -> tuple[int, int]:
         """Delete what is older than the retention: messages with their deliveries and attempts (none pending), and

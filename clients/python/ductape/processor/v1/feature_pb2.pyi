@@ -345,7 +345,7 @@ class FeatureServiceRunRequest(_message.Message):
     """
     wait: _builtins.bool
     """Waits for the run to end before answering (bounded by the call's
-    deadline).
+    deadline and the processor's longest wait).
     """
     version: _builtins.int
     """The product version to run (0: the one pinned for the environment)."""
@@ -669,7 +669,7 @@ class FeatureServiceResumeRequest(_message.Message):
     WAIT_FIELD_NUMBER: _builtins.int
     wait: _builtins.bool
     """Waits for the run to end before answering (bounded by the call's
-    deadline).
+    deadline and the processor's longest wait).
     """
     @_builtins.property
     def run(self) -> Global___FeatureRunRef:
@@ -726,7 +726,7 @@ class FeatureServiceReplayRequest(_message.Message):
     """The product version the new run is pinned to (0: the replayed run's)."""
     wait: _builtins.bool
     """Waits for the new run to end before answering (bounded by the call's
-    deadline).
+    deadline and the processor's longest wait).
     """
     @_builtins.property
     def run(self) -> Global___FeatureRunRef:

@@ -82,8 +82,9 @@ class FeatureServiceServicer:
 
     def Run(self, request, context):
         """Starts a run of a feature. With `wait`, answers once the run has ended (or
-        when the call's deadline is about to pass: then the run is still
-        `running`); without, answers at once with the run's `process_id`.
+        when the call's deadline is about to pass, or after the processor's
+        longest wait, 5 minutes by default: then the run is still `running`);
+        without, answers at once with the run's `process_id`.
 
         INVALID_ARGUMENT (`INVALID_INPUT`, with a field violation per bad input
         field `input.<field>`) when the input breaks the feature's contract;

@@ -44,8 +44,9 @@ class FeatureServiceStub:
     def __new__(cls, channel: _aio.Channel) -> FeatureServiceAsyncStub: ...
     Run: _grpc.UnaryUnaryMultiCallable[_feature_pb2.FeatureServiceRunRequest, _feature_pb2.FeatureServiceRunResponse]
     """Starts a run of a feature. With `wait`, answers once the run has ended (or
-    when the call's deadline is about to pass: then the run is still
-    `running`); without, answers at once with the run's `process_id`.
+    when the call's deadline is about to pass, or after the processor's
+    longest wait, 5 minutes by default: then the run is still `running`);
+    without, answers at once with the run's `process_id`.
 
     INVALID_ARGUMENT (`INVALID_INPUT`, with a field violation per bad input
     field `input.<field>`) when the input breaks the feature's contract;
@@ -93,8 +94,9 @@ class FeatureServiceAsyncStub(FeatureServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Run: _aio.UnaryUnaryMultiCallable[_feature_pb2.FeatureServiceRunRequest, _feature_pb2.FeatureServiceRunResponse]  # type: ignore[assignment]
     """Starts a run of a feature. With `wait`, answers once the run has ended (or
-    when the call's deadline is about to pass: then the run is still
-    `running`); without, answers at once with the run's `process_id`.
+    when the call's deadline is about to pass, or after the processor's
+    longest wait, 5 minutes by default: then the run is still `running`);
+    without, answers at once with the run's `process_id`.
 
     INVALID_ARGUMENT (`INVALID_INPUT`, with a field violation per bad input
     field `input.<field>`) when the input breaks the feature's contract;
@@ -145,8 +147,9 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_feature_pb2.FeatureServiceRunResponse, _abc.Awaitable[_feature_pb2.FeatureServiceRunResponse]]:
         """Starts a run of a feature. With `wait`, answers once the run has ended (or
-        when the call's deadline is about to pass: then the run is still
-        `running`); without, answers at once with the run's `process_id`.
+        when the call's deadline is about to pass, or after the processor's
+        longest wait, 5 minutes by default: then the run is still `running`);
+        without, answers at once with the run's `process_id`.
 
         INVALID_ARGUMENT (`INVALID_INPUT`, with a field violation per bad input
         field `input.<field>`) when the input breaks the feature's contract;

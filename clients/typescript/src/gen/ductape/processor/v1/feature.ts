@@ -191,7 +191,7 @@ export interface FeatureServiceRunRequest {
   idempotencyKey: string;
   /**
    * Waits for the run to end before answering (bounded by the call's
-   * deadline).
+   * deadline and the processor's longest wait).
    */
   wait: boolean;
   /** The product version to run (0: the one pinned for the environment). */
@@ -294,7 +294,7 @@ export interface FeatureServiceResumeRequest {
     | undefined;
   /**
    * Waits for the run to end before answering (bounded by the call's
-   * deadline).
+   * deadline and the processor's longest wait).
    */
   wait: boolean;
 }
@@ -315,7 +315,7 @@ export interface FeatureServiceReplayRequest {
   version: number;
   /**
    * Waits for the new run to end before answering (bounded by the call's
-   * deadline).
+   * deadline and the processor's longest wait).
    */
   wait: boolean;
 }
@@ -1932,8 +1932,9 @@ export type FeatureServiceService = typeof FeatureServiceService;
 export const FeatureServiceService = {
   /**
    * Starts a run of a feature. With `wait`, answers once the run has ended (or
-   * when the call's deadline is about to pass: then the run is still
-   * `running`); without, answers at once with the run's `process_id`.
+   * when the call's deadline is about to pass, or after the processor's
+   * longest wait, 5 minutes by default: then the run is still `running`);
+   * without, answers at once with the run's `process_id`.
    *
    * INVALID_ARGUMENT (`INVALID_INPUT`, with a field violation per bad input
    * field `input.<field>`) when the input breaks the feature's contract;
@@ -2052,8 +2053,9 @@ export const FeatureServiceService = {
 export interface FeatureServiceServer extends UntypedServiceImplementation {
   /**
    * Starts a run of a feature. With `wait`, answers once the run has ended (or
-   * when the call's deadline is about to pass: then the run is still
-   * `running`); without, answers at once with the run's `process_id`.
+   * when the call's deadline is about to pass, or after the processor's
+   * longest wait, 5 minutes by default: then the run is still `running`);
+   * without, answers at once with the run's `process_id`.
    *
    * INVALID_ARGUMENT (`INVALID_INPUT`, with a field violation per bad input
    * field `input.<field>`) when the input breaks the feature's contract;
@@ -2102,8 +2104,9 @@ export interface FeatureServiceServer extends UntypedServiceImplementation {
 export interface FeatureServiceClient extends Client {
   /**
    * Starts a run of a feature. With `wait`, answers once the run has ended (or
-   * when the call's deadline is about to pass: then the run is still
-   * `running`); without, answers at once with the run's `process_id`.
+   * when the call's deadline is about to pass, or after the processor's
+   * longest wait, 5 minutes by default: then the run is still `running`);
+   * without, answers at once with the run's `process_id`.
    *
    * INVALID_ARGUMENT (`INVALID_INPUT`, with a field violation per bad input
    * field `input.<field>`) when the input breaks the feature's contract;
