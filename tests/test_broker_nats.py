@@ -24,6 +24,7 @@ from ductape.processor import UnavailableError
 from ductape.processor.brokers import Message
 
 from ductape_processor.adapters.brokers import nats as nats_broker
+from ductape_processor.adapters.brokers import nats_pull
 from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.nats import NatsBroker
 from ductape_processor.adapters.brokers.nats_names import consumer_name, subject_covered
@@ -384,7 +385,9 @@ async def test_a_pull_request_that_outlives_its_closed_subscriber_loses_nothing(
         consumer = first._consumer  # type: ignore[attr-defined]
         # the request the server still had for the closed subscriber's inbox
         await other.publish(
-            f"$JS.API.CONSUMER.MSG.NEXT.t_{run}.{consumer}", json.dumps({"batch": 1, "expires": 10**9}).encode(), inbox
+            f"$JS.API.CONSUMER.MSG.NEXT.t_{run}.{consumer}",
+            json.dumps({"batch": 1, "expires": 10**9}).encode(),
+            f"{inbox}.late",
         )
         await other.flush()
         await adapter.publish(topic, _message("two"))
@@ -443,6 +446,40 @@ async def test_a_redelivery_the_server_loses_costs_no_attempt_and_its_repeat_is_
                 assert ("two", 1) not in got, "an acked message handed out again"
         assert await subscription.fetch(2, 1.0) == []
         assert got == [("one", 2)], "the lost redelivery counts only the client's delivery"
+        await subscription.close()
+    finally:
+        await other.close()
+        await adapter.close()
+
+
+async def test_the_late_end_of_an_earlier_pull_request_does_not_end_the_open_one(
+    nats_up: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load a request's 408 can arrive after the local grace ended it and a newer request went out. Taken for
+    the newer one's end, it had the subscriber send a third while the second was still open on the server: two
+    requests at once (beyond the engine's credit), one of them unseen here, so a nak'd message could land in it.
+    Each request answers to its own subject now: the server holds one request of this subscriber, never two."""
+    monkeypatch.setattr(nats_pull, "PULL_EXPIRES_MAX_S", 2.0)
+    run = _run()
+    adapter = NatsBroker(URL, f"t_{run}", "test/nats")
+    other = await nats.connect(URL)
+    try:
+        topic = f"orders.{run}"
+        subscription = await adapter.subscribe(topic, "late", SubscribeOptions(prefetch=5, ack_deadline_s=10))
+        consumer = subscription._consumer  # type: ignore[attr-defined]
+        js = other.jetstream()
+        fetching = asyncio.ensure_future(subscription.fetch(5, 5.0))
+        async with asyncio.timeout(2):
+            while (await js.consumer_info(f"t_{run}", consumer)).num_waiting != 1:
+                await asyncio.sleep(0.02)
+        inbox = subscription._inbox  # type: ignore[attr-defined]
+        await other.publish(f"{inbox}.0", b"", headers={"Status": "408", "Description": "Request Timeout"})
+        await other.flush()
+        await asyncio.sleep(0.3)
+        assert (await js.consumer_info(f"t_{run}", consumer)).num_waiting == 1
+        await adapter.publish(topic, _message("one"))
+        [message] = await fetching
+        assert message.data == b"one"
         await subscription.close()
     finally:
         await other.close()

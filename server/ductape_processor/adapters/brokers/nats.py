@@ -48,7 +48,8 @@ Groups
 
 Subscriptions, redelivery and close
     Each subscription is one inbox subscription that receives the answers to its own pull requests
-    (`$JS.API.CONSUMER.MSG.NEXT`), one request open at a time, for at most n messages and at most
+    (`$JS.API.CONSUMER.MSG.NEXT`, each answered on its own subject under the inbox, so the late end of an earlier
+    request is never taken for the end of the open one), one request open at a time, for at most n messages and at most
     `PULL_EXPIRES_MAX_S`: what the broker hands out never exceeds what the engine asked for (its credit), and the
     messages land in a local queue from the subscription callback, so a cancelled fetch loses nothing.
     `delivery_attempt` and copies not to hand out again come from the adapter's own record of each message

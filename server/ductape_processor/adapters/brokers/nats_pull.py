@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 from collections.abc import Iterable
@@ -80,7 +81,9 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
         self._nc = nc
         self._consumer = consumer
         self._next = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{adapter.stream}.{consumer}"
-        self._inbox = nc.new_inbox()
+        self._inbox = nc.new_inbox()  # each pull request answers to its own subject below it (`_request`)
+        self._requests = itertools.count(1)
+        self._reply = ""  # the subject of the latest pull request
         self._sub: NatsSubscription | None = None
         self._request_left = 0  # messages the open pull request may still bring
         self._request_until = 0.0  # when the server expires it (loop time)
@@ -93,7 +96,7 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
         self._repeats: list[Msg] = []  # copies of messages acked already, met while handing out: acked again
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_message)
 
     def _end_request(self) -> None:
         self._request_left = 0
@@ -102,7 +105,8 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
     def _request_open(self) -> bool:
         """Whether our pull request may still bring messages: until it is filled or the server said it ended (408
         on expiry), or, should that answer be lost with a dropped connection, a grace period after its expiry.
-        Only one request is open at a time, so a late status can never be taken for the end of a newer one."""
+        Each request answers to its own subject, so the late end of an earlier one (the grace passed first under
+        load) is never taken for the end of the latest."""
         if self._request_left > 0 and asyncio.get_running_loop().time() < self._request_until + PULL_END_GRACE_S:
             return True
         self._end_request()
@@ -128,6 +132,8 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
         if status:
             if status == "100":  # idle heartbeat
                 return
+            if msg.subject != self._reply and status in ("404", "408"):
+                return  # the end of an earlier request, which the grace had already ended here
             self._end_request()  # 404 no messages, 408 expired, 409 ended early, 503 nobody answers
             description = msg.headers.get(_DESCRIPTION, "") if msg.headers else ""
             if status == "503" or (status == "409" and "deleted" in description.lower()):
@@ -138,6 +144,7 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
                 self._next_request_at = asyncio.get_running_loop().time() + 0.2
             self._buffer.wake()
             return
+        # A JetStream message carries its own subject, not the request's: it counts against the open request.
         self._request_left -= 1
         if self._request_left <= 0:
             self._end_request()
@@ -147,11 +154,12 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
 
     async def _request(self, batch: int, expires_s: float) -> None:
         body = json.dumps({"batch": batch, "expires": int(expires_s * 1e9)}).encode()
+        self._reply = f"{self._inbox}.{next(self._requests)}"
         self._request_left = batch
         self._request_until = asyncio.get_running_loop().time() + expires_s
         self._request_over.clear()
         try:
-            await self._nc.publish(self._next, body, reply=self._inbox)
+            await self._nc.publish(self._next, body, reply=self._reply)
         except nats.errors.ConnectionClosedError as exc:
             self._end_request()
             raise self._adapter.unavailable("fetch: the connection is closed", exc) from exc
