@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import datetime
 
 import orjson
 from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
@@ -73,27 +72,34 @@ def _json_payload(data: bytes, target: struct_pb2.Value) -> bool:
     return True
 
 
+def _shared(message: IncomingEvent) -> bytes:
+    """The fields a `ReceivedMessage` shares with the other messages of its publish (CloudEvents source, type,
+    content type, publish time, and its delivery attempt), serialized: merged into each message of a batch, they are
+    converted once per publish instead of once per message."""
+    shared = broker_pb2.ReceivedMessage(
+        content_type=message.content_type,
+        delivery_attempt=message.delivery_attempt,
+        source=message.source,
+        type=message.type,
+    )
+    set_timestamp(shared.publish_time, message.time)
+    return shared.SerializeToString()
+
+
 def _batch(messages: list[tuple[str, IncomingEvent]], json_values: bool) -> broker_pb2.SubscribeResponse:
     # Runs for every message delivered, so each ReceivedMessage is built in place in the response (no copy of a
-    # finished message into it), with only the fields it has (each keyword costs), and the publish time converted
-    # once for the messages of one publish (they share it).
+    # finished message into it), with only the fields it has (each keyword costs), and the fields it shares with
+    # the other messages of its publish merged in as bytes serialized once (`_shared`).
     response = broker_pb2.SubscribeResponse()
-    batch = response.batch
-    batch.SetInParent()
-    received = batch.messages
-    last_time: datetime | None = None
-    seconds_, nanos = 0, 0
+    add = response.batch.messages.add
+    shared: dict[tuple[object, ...], bytes] = {}
     for ack_id, message in messages:
-        as_value = json_values and message.json_payload
-        item = received.add(
-            ack_id=ack_id,
-            id=message.id,
-            content_type=message.content_type,
-            delivery_attempt=message.delivery_attempt,
-            source=message.source,
-            type=message.type,
-        )
-        if not as_value or not _json_payload(message.data, item.json):
+        key = (message.time, message.source, message.type, message.content_type, message.delivery_attempt)
+        common = shared.get(key)
+        if common is None:
+            common = shared[key] = _shared(message)
+        item = add(ack_id=ack_id, id=message.id)
+        if not (json_values and message.json_payload) or not _json_payload(message.data, item.json):
             item.data = message.data
         if message.ordering_key:
             item.ordering_key = message.ordering_key
@@ -103,13 +109,7 @@ def _batch(messages: list[tuple[str, IncomingEvent]], json_values: bool) -> brok
             item.tracestate = message.tracestate
         if message.attributes:
             item.attributes.update(message.attributes)
-        stamp = item.publish_time
-        if message.time != last_time:
-            last_time = message.time
-            set_timestamp(stamp, last_time)
-            seconds_, nanos = stamp.seconds, stamp.nanos
-        else:
-            stamp.seconds, stamp.nanos = seconds_, nanos
+        item.MergeFromString(common)
     return response
 
 
