@@ -51,6 +51,14 @@ class BrokerSubscription(abc.ABC):
     async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
         """Deliver these messages again (to any consumer of the group) after `delay_s`, with delivery_attempt + 1."""
 
+    async def wait_ready(self, max_messages: int) -> None:
+        """Return once `max_messages` messages are ready for a fetch that need not wait for the broker, or no more
+        can come without fetching again. The engine waits this, for at most `max_wait`, to fill a batch its first
+        fetch left short (see the engine's "Filling a batch"). By default it never returns: a fetch may be a round
+        trip (Redis: a script and a read), so the engine waits out `max_wait` and fetches once; adapters whose
+        deliveries arrive into a local buffer return as soon as the batch is there."""
+        await asyncio.get_running_loop().create_future()
+
     async def release(self, handles: list[str]) -> None:
         """Give back messages no client has seen (fetched, never written), without counting a delivery attempt.
         Brokers that count every return (NATS, RabbitMQ) nack and subtract it on the way back (their adapters

@@ -115,6 +115,12 @@ class _MemorySubscription(BrokerSubscription):
             group.arrived.set()  # wake another consumer of the group
         return taken
 
+    async def wait_ready(self, max_messages: int) -> None:
+        group = self._group
+        while len(group.ready) < max_messages and not self._closed:
+            group.arrived.clear()
+            await group.arrived.wait()
+
     async def ack(self, handles: list[str]) -> None:
         held = self._held
         for handle in handles:

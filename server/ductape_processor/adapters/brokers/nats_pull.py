@@ -206,6 +206,11 @@ class NatsPullSubscription(BufferedSubscription[Msg]):
                     await msg.ack()
         return events
 
+    async def wait_ready(self, max_messages: int) -> None:
+        # Only the open pull request can bring more; once it ended, waiting longer brings nothing.
+        while len(self._buffer.ready) < max_messages and not self._closed and self._request_open():
+            await self._buffer.wait(self._request_until + PULL_END_GRACE_S - asyncio.get_running_loop().time())
+
     def _readable(self, handle: str, msg: Msg) -> IncomingEvent | None:
         key = message_key(self._consumer, msg)
         if key is None:  # not a JetStream message (no ack subject): nothing to hand out or ack

@@ -17,9 +17,11 @@ Leases and frozen clients
     and reported back, never an error: a slow handler must not cost the whole stream.
 
 Filling a batch
-    The first fetch waits for a message; when it brings fewer than the batch holds, the engine waits out `max_wait`
-    and fetches once more for the rest, rather than fetching again for each message as they trickle in (on Redis a
-    fetch is a script and a read: trickling messages made 1.6 messages a fetch).
+    The first fetch waits for a message; when it brings fewer than the batch holds, the engine waits for the rest
+    (`wait_ready`) for at most `max_wait`, and fetches once more, rather than fetching again for each message as they
+    trickle in (on Redis a fetch is a script and a read: trickling messages made 1.6 messages a fetch). Adapters
+    that receive into a local buffer (memory, NATS) end the wait as soon as the batch is there, so a busy stream's
+    batches are not held `max_wait` each; on the others the engine waits out `max_wait`.
 
 Cost per message
     Outstanding messages are kept by ack id, and their leases by batch: a batch written gets one deadline for all its
@@ -188,13 +190,25 @@ class Subscription:
         wait = self._limits.max_wait_s
         if not first or len(first) >= wanted or wait <= 0 or self._closed:
             return taken
-        # Let the batch fill for max_wait, then take what came in one fetch (see "Filling a batch").
+        # Let the batch fill for at most max_wait, then take what came in one fetch (see "Filling a batch").
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
-                await self._closing.wait()
+                await self._filled(wanted - len(first))
         if not self._closed:
             taken += await self._admit(await self._broker.fetch(wanted - len(first), 0.0))
         return taken
+
+    async def _filled(self, count: int) -> None:
+        """Until the adapter has `count` messages ready (`wait_ready`) or the stream closes."""
+        filling = asyncio.ensure_future(self._broker.wait_ready(count))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait((filling, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            filling.cancel()
+            closing.cancel()
+            if filling.done() and not filling.cancelled():
+                filling.exception()  # a broken subscription: the fetch that follows reports it
 
     async def _admit(self, messages: list[IncomingEvent]) -> list[tuple[str, IncomingEvent]]:
         admitted: list[tuple[str, IncomingEvent]] = []
