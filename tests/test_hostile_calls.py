@@ -88,6 +88,35 @@ async def test_a_schedule_with_a_time_or_span_out_of_bounds_is_invalid_argument_
         assert job.next_run_at.seconds >= far.seconds
 
 
+async def test_an_enum_value_the_api_does_not_define_is_invalid_argument_not_a_default(shop: Running) -> None:
+    """An unknown `overlap` was scheduled as `skip`, an unknown List `target_kind` listed every job: each call did
+    something other than what it asked for."""
+    async with shop.channel() as channel:
+        stub = job_pb2_grpc.JobServiceStub(channel)
+        await stub.Schedule(_schedule(delay=_span(3600)), timeout=10)
+        unknown_kind = job_pb2.JobServiceScheduleRequest(
+            product="shop",
+            env="dev",
+            target=job_pb2.JobTarget(kind=77, address="events:done"),
+        )
+        calls = {
+            "overlap": stub.Schedule(_schedule(overlap=42), timeout=10),
+            "target_kind": stub.List(
+                job_pb2.JobServiceListRequest(product="shop", env="dev", target_kind=99), timeout=10
+            ),
+            "target.kind": stub.Schedule(unknown_kind, timeout=10),
+        }
+        for field, call in calls.items():
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, caught.value.details())
+            assert (caught.value.details() or "").startswith(f"{field}: "), caught.value.details()
+        listed = await stub.List(
+            job_pb2.JobServiceListRequest(product="shop", env="dev", target_kind=job_pb2.TARGET_KIND_PUBLISH)
+        )
+        assert len(listed.jobs) == 1
+
+
 # -- FeatureService: a wait that does not end --------------------------------------------------------------------------
 
 

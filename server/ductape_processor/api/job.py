@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from ductape.processor.v1 import job_pb2, job_pb2_grpc
 from google.protobuf import duration_pb2
@@ -38,6 +38,8 @@ from ductape_processor.runtime.jobs.model import (
     TargetKind,
 )
 from ductape_processor.runtime.jobs.runtime import JobRef, JobRuntime
+
+T = TypeVar("T")
 
 _KINDS = {
     job_pb2.TARGET_KIND_ACTION: TargetKind.ACTION,
@@ -76,11 +78,21 @@ def _duration(span: timedelta) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
 
 
+def _chosen(values: dict[Any, T], value: int, field: str) -> T:
+    """The member an enum field names; INVALID_ARGUMENT on `field` for a number the API does not define (a newer
+    client's), rather than a default that would do something else than asked."""
+    chosen = values.get(value)
+    if chosen is None:
+        raise InvalidArgument.field(field, f"{value} is not one of the values the API defines")
+    return chosen
+
+
 def _target(given: job_pb2.JobTarget) -> Target:
     kind = _KINDS.get(given.kind)
     if kind is None:
         raise InvalidArgument.field(
-            "target.kind", "is required: action, database action, notification, storage or publish"
+            "target.kind",
+            f"{given.kind} is not a target kind: action, database action, notification, storage, publish or feature",
         )
     return Target(
         kind,
@@ -203,7 +215,7 @@ class JobServicer(job_pb2_grpc.JobServiceServicer):
             target=_target(request.target),
             repeat=_repeat(request.repeat) if request.HasField("repeat") else None,
             retry=_retry(request.retry),
-            overlap=_OVERLAPS.get(request.overlap, Overlap.SKIP),
+            overlap=_chosen(_OVERLAPS, request.overlap, "overlap"),
             catch_up=catch_up,
         )
         job = await self._runtime.schedule(
@@ -230,7 +242,7 @@ class JobServicer(job_pb2_grpc.JobServiceServicer):
             **product_env(request),
             status=_state(JobStatus, request.status, "status"),
             name=request.name,
-            kind=_KINDS.get(request.target_kind),
+            kind=_chosen(_KINDS, request.target_kind, "target_kind") if request.target_kind else None,
         )
         jobs, token = await self._runtime.list_jobs(query, request.page_size, request.page_token)
         return job_pb2.JobServiceListResponse(jobs=[job_message(job) for job in jobs], next_page_token=token)
