@@ -98,6 +98,21 @@ def test_every_problem_is_listed_with_its_path() -> None:
     assert "not a duration" in found["caches[0].ttl"]
 
 
+@pytest.mark.parametrize("ttl", ["36526d", "3000000d", "99999999999999d", "9" * 400 + "s", 3_155_760_000_001])
+def test_a_duration_longer_than_100_years_is_a_problem_at_its_path(ttl: object) -> None:
+    # 99999999999999d overflowed Python's timedelta (a traceback, not a problem); 3000000d overflowed the calendar
+    # once added to a moment (a job's `every`).
+    found = problems(with_(caches=[{"tag": "c", "ttl": ttl}]))
+    assert "longer than 100 years (36525d)" in found["caches[0].ttl"]
+    job = {"tag": "j", "target": {"kind": "publish", "event": "b:t"}, "repeat": {"every": ttl}}
+    assert "longer than 100 years" in problems(with_(jobs=[job]))["jobs[0].repeat.every"]
+
+
+def test_a_duration_of_100_years_is_accepted() -> None:
+    manifest = load_manifest(json.dumps(with_(caches=[{"tag": "c", "ttl": "36525d"}])).encode())
+    assert manifest.compiled.model.caches[0].ttl == timedelta(days=36_525)
+
+
 def test_cross_references_are_checked() -> None:
     found = problems(
         with_(
