@@ -21,7 +21,9 @@ created on the brokers is deleted afterwards (a broker that is not reachable is 
      (deliver new, explicit ack) fetching 100 at a time and acking each message. Redis (redis.asyncio): pipelines
      of 100 XADD, as many in flight as the processor path (`batch`), or XADD at `--concurrency` (`single`);
      XREADGROUP COUNT 100 then XACK of the batch.
-   Goal: processor >= 0.5x direct. Beside them, `grpc single bare`: the single-publish client against a bare
+   Goal, with batches: processor >= 0.5x direct. Single publishes get no goal against the direct client (one unary
+   call a message cannot match its pipelined publishes; the ratio is shown for information): their goal is the
+   floor's, below. Beside them, `grpc single bare`: the single-publish client against a bare
    grpc.aio server that only answers (no subscriber), the most unary publishes gRPC itself carries here.
    Single publishes alone (`publish`, no subscriber): the processor against the floor, a bare grpc.aio handler that
    decodes each PublishRequest and makes the direct client's single publish with its payload (`js.publish`,
@@ -1207,7 +1209,8 @@ def report(bench: Bench, config: Config) -> tuple[list[str], dict[str, Any]]:
         f"batch: {config.batch} messages a call, {config.inflight} calls in flight; single: one message a call, "
         f"{config.concurrency} in flight; subscriber: batches of {SUB_BATCH}, {SUB_IN_FLIGHT} in flight",
         pinning,
-        f"goals: processor >= {RATIO_GOAL:.1f}x direct msg/s; memory broker >= {MEMORY_GOAL:,.0f} msg/s; "
+        f"goals: processor >= {RATIO_GOAL:.1f}x direct msg/s with batches; single publishes >= {FLOOR_GOAL:.1f}x "
+        f"the floor's publish/s; memory broker >= {MEMORY_GOAL:,.0f} msg/s; "
         f"publish p90 at concurrency 1 <= direct + {P90_DIFF_GOAL_MS:.1f} ms",
         "",
         f"{'broker':<6} {'mode':<6} {'path':<9} {'msg/s':>7} {'min-max':>11} {'ratio':>6} {'':4}  "
@@ -1255,15 +1258,20 @@ def report(bench: Bench, config: Config) -> tuple[list[str], dict[str, Any]]:
             if direct is None or proc is None:
                 continue
             ratio = proc.rate / direct.rate if direct.rate else 0.0
+            # Only batches have a goal against the direct client: one unary call per message cannot match a direct
+            # client's pipelined publishes, so single publishes are judged against the floor (the `publish` rows);
+            # their ratio to the direct client is shown for information.
+            goal = mode == "batch"
             lines.append(row(kind, mode, "direct", direct, None, None))
-            lines.append(row(kind, mode, "processor", proc, ratio, ratio >= RATIO_GOAL))
-            verdicts.append(
-                {
-                    "goal": f"{kind} {mode}: processor msg/s >= {RATIO_GOAL}x direct",
-                    "value": f"{ratio:.3f}x ({proc.rate:.0f} vs {direct.rate:.0f} msg/s)",
-                    "pass": ratio >= RATIO_GOAL,
-                }
-            )
+            lines.append(row(kind, mode, "processor", proc, ratio, ratio >= RATIO_GOAL if goal else None))
+            if goal:
+                verdicts.append(
+                    {
+                        "goal": f"{kind} {mode}: processor msg/s >= {RATIO_GOAL}x direct",
+                        "value": f"{ratio:.3f}x ({proc.rate:.0f} vs {direct.rate:.0f} msg/s)",
+                        "pass": ratio >= RATIO_GOAL,
+                    }
+                )
         floor = summary(kind, "publish", "floor")
         proc = summary(kind, "publish", "processor")
         if floor is not None and proc is not None:
