@@ -11,8 +11,6 @@ import argparse
 import asyncio
 import os
 
-from ductape.processor import Processor, ProcessorError
-
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The `migrate` sub-command and its four actions."""
@@ -29,6 +27,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 async def _migrate(args: argparse.Namespace) -> int:
+    # The client's facade is imported here, by the command, not by the server that imports this module with the CLI.
+    from ductape.processor import Processor, ProcessorError
+
     target = {"product": args.product, "env": args.env, "database": args.database, "timeout": args.timeout}
     async with Processor(args.address, api_key=os.environ.get("PROCESSOR_API_KEY") or None) as processor:
         client = processor.migration

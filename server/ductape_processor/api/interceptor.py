@@ -14,27 +14,26 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, cast
 
 import grpc
 from google.protobuf.message import DecodeError, Message
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ductape_processor.api.auth import ApiKeyAuthenticator
 from ductape_processor.api.calls import Context
 from ductape_processor.api.status import error_trailers, internal_trailers
 from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.reasons import Reason
-from ductape_processor.telemetry.context import CallInfo, current_call
+from ductape_processor.telemetry.context import CallInfo, current_call, w3c_propagator
 from ductape_processor.telemetry.setup import Telemetry
+
+if TYPE_CHECKING:
+    from opentelemetry import trace
 
 log = logging.getLogger(__name__)
 
 PUBLIC_SERVICES = ("/grpc.health.v1.Health/",)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_propagator = TraceContextTextMapPropagator()  # stateless: it only parses and formats the W3C headers
 
 # The interceptor wraps every method, whatever its request and response types: these stay Any.
 Behavior = Callable[..., Any]
@@ -154,7 +153,11 @@ class _Call:
         opened = _Opened(info, current_call.set(info))
         tracer = self.telemetry.tracer
         if tracer is not None:
-            parent = _propagator.extract(metadata) if "traceparent" in metadata else None
+            # Imported with the SDK that made the tracer (a processor that exports nothing does not load them).
+            from opentelemetry import context as otel_context
+            from opentelemetry import trace
+
+            parent = w3c_propagator().extract(metadata) if "traceparent" in metadata else None
             info.traced = True
             opened.span = span = tracer.start_span(
                 self.span_name, context=parent, kind=trace.SpanKind.SERVER, attributes=self.attributes
@@ -170,6 +173,9 @@ class _Call:
     def close(self, opened: _Opened, code: grpc.StatusCode, started: float) -> None:
         span = opened.span
         if span is not None:
+            from opentelemetry import context as otel_context
+            from opentelemetry import trace
+
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code != grpc.StatusCode.OK:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))

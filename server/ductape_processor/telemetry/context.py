@@ -1,13 +1,41 @@
-"""Per-call values that travel in a contextvar: the request id and the caller's trace context."""
+"""Per-call values that travel in a contextvar: the request id and the caller's trace context.
+
+The OpenTelemetry API is imported when something needs it, not with the server: a processor that exports no spans
+never starts one, and only a call that brings a `traceparent` needs the propagator (the API is about 0.5 MB idle).
+"""
 
 from __future__ import annotations
 
 import contextvars
+import functools
+import sys
+from typing import TYPE_CHECKING
 
-from opentelemetry import trace
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-_propagator = TraceContextTextMapPropagator()  # stateless: it only parses and formats the W3C headers
+
+@functools.cache
+def w3c_propagator() -> TraceContextTextMapPropagator:
+    """The W3C trace-context propagator (stateless: it only parses and formats the headers), imported on first use."""
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    return TraceContextTextMapPropagator()
+
+
+def current_span_context() -> SpanContext | None:
+    """The context of the current OpenTelemetry span, if one is current.
+
+    Until a module imported `opentelemetry.trace` (setup_telemetry does when spans are exported), no span can have
+    been started, so none is current: the API is not imported to find that out.
+    """
+    if "opentelemetry.trace" not in sys.modules:
+        return None
+    from opentelemetry import trace
+
+    span = trace.get_current_span().get_span_context()
+    return span if span.is_valid else None
 
 
 class CallInfo:
@@ -48,14 +76,15 @@ def outgoing_trace_context() -> dict[str, str]:
     if call is not None and not call.traced and not call.traceparent:
         return {}  # tracing off and no caller context: nothing to look up
     carrier: dict[str, str] = {}
-    if trace.get_current_span().get_span_context().is_valid:
-        _propagator.inject(carrier)
+    if current_span_context() is not None:
+        w3c_propagator().inject(carrier)
         return carrier
     if call is not None and call.traceparent:
         given = {"traceparent": call.traceparent}
         if call.tracestate:
             given["tracestate"] = call.tracestate
-        _propagator.inject(carrier, context=_propagator.extract(given))
+        propagator = w3c_propagator()
+        propagator.inject(carrier, context=propagator.extract(given))
     return carrier
 
 

@@ -7,10 +7,9 @@ import sys
 import time
 from typing import TextIO
 
-from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
-from ductape_processor.telemetry.context import current_call
+from ductape_processor.telemetry.context import current_call, current_span_context
 
 
 class CallContextFilter(logging.Filter):
@@ -18,8 +17,8 @@ class CallContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         call = current_call.get()
-        span = trace.get_current_span().get_span_context()
-        if span.is_valid:
+        span = current_span_context()
+        if span is not None:
             record.trace_id = format(span.trace_id, "032x")
             record.span_id = format(span.span_id, "016x")
         elif call is not None and (ids := call.trace_ids()) is not None:

@@ -20,16 +20,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
-from opentelemetry.metrics import Histogram
-from opentelemetry.trace import Tracer
-
 from ductape_processor import __version__
 
-if TYPE_CHECKING:  # the SDK is imported when telemetry is on (setup_telemetry), not by a processor that exports none
+if TYPE_CHECKING:  # the API and SDK are imported when telemetry is on (setup_telemetry), not by one that exports none
+    from opentelemetry.metrics import Histogram
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 

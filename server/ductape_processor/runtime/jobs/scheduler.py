@@ -21,9 +21,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final
-
-from opentelemetry.metrics import Histogram
+from typing import TYPE_CHECKING, Final
 
 from ductape_processor.errors import ProcessorError
 from ductape_processor.reasons import Reason
@@ -36,6 +34,9 @@ from ductape_processor.runtime.policies.leases import ClaimRounds, EndBatches, L
 from ductape_processor.runtime.policies.periodic import end_within
 from ductape_processor.store.base import Store
 from ductape_processor.store.job_records import JOBS_TOPIC, JobRecord, JobStatus, JobStep, RunEnd, RunRecord, RunStatus
+
+if TYPE_CHECKING:  # telemetry's histogram: the API is imported by setup_telemetry when metrics are exported
+    from opentelemetry.metrics import Histogram
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,11 @@ import gc
 import hashlib
 import itertools
 import json
-import multiprocessing
 import pickle
 import re
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import yaml
 from pydantic import ValidationError
@@ -43,6 +40,10 @@ from ductape_processor.runtime.features.plan import FeaturePlans, compile_featur
 from ductape_processor.runtime.registry.manifest import Manifest
 from ductape_processor.runtime.registry.problems import violation
 from ductape_processor.runtime.registry.references import reference_problems, secret_problems
+
+if TYPE_CHECKING:  # the worker's modules (multiprocessing's) are imported when a large manifest first needs one
+    import multiprocessing.context
+    from concurrent.futures import ProcessPoolExecutor
 
 MAX_MANIFEST_BYTES: Final = 1024 * 1024
 """Default largest manifest, in bytes (`PROCESSOR_MANIFEST_MAX_BYTES`); checked before parsing."""
@@ -367,6 +368,8 @@ class ManifestLoader:
             self._idle = None
         pool = self._pool
         if pool is None:
+            from concurrent.futures import ProcessPoolExecutor
+
             pool = self._pool = ProcessPoolExecutor(1, mp_context=_worker_context())
         running = asyncio.ensure_future(self._run(pool, job, args, kwargs))
         running.add_done_callback(self._finished)
@@ -377,6 +380,8 @@ class ManifestLoader:
     async def _run(
         self, pool: ProcessPoolExecutor, job: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> T:
+        from concurrent.futures.process import BrokenProcessPool  # imported with the pool
+
         try:
             # Submitted from a thread: starting a worker waits for the fork server, which imports modules first.
             submitted = await asyncio.to_thread(pool.submit, _pickled_result, job, args, kwargs)
@@ -439,6 +444,8 @@ def _adopt(data: bytes) -> Any:
 
 def _worker_context() -> multiprocessing.context.BaseContext:
     """A fork server preloaded with this module: workers start in milliseconds, without the server's threads."""
+    import multiprocessing
+
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")

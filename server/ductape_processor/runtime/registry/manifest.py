@@ -364,6 +364,10 @@ class Manifest(_Model):
     webhooks: list[Webhook] = Field(default_factory=list)
     features: list[Feature] = Field(default_factory=list)
 
+    # Built with the class (unlike the models it holds, see ManifestModel): the first Apply or Validate would
+    # otherwise wait some 30 ms for it.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, defer_build=False)
+
     def find_environment(self, slug_or_name: str) -> Environment | None:
         """The environment with this slug, else the one with this name."""
         for env in self.environments:

@@ -10,8 +10,6 @@ import unicodedata
 from collections.abc import AsyncIterator, Mapping
 from typing import Final
 
-import filetype  # type: ignore[import-untyped]
-
 from ductape_processor.adapters.storage.base import Checked, FileNameInvalid
 from ductape_processor.errors import FieldViolation, InvalidArgument
 from ductape_processor.reasons import Reason
@@ -100,6 +98,9 @@ def content_type_of(given: str, key: str, first: bytes) -> str:
     """The type given; else sniffed from the file's first bytes; else guessed from its name; else bytes."""
     if given:
         return given
+    # Imported by the first save that sniffs, not with the server: its tables of signatures are ~0.4 MB.
+    import filetype  # type: ignore[import-untyped]
+
     sniffed = filetype.guess_mime(first[:SNIFF_BYTES]) if first else None
     return str(sniffed or mimetypes.guess_type(key)[0] or DEFAULT_CONTENT_TYPE)
 
