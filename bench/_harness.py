@@ -277,10 +277,21 @@ def signals_as_interrupt() -> Iterator[None]:
 
 def rss_mb(pid: int) -> float:
     """VmRSS of a process, in MiB."""
+    return rss_parts_mb(pid)["VmRSS"]
+
+
+def rss_parts_mb(pid: int) -> dict[str, float]:
+    """VmRSS of a process and its parts, in MiB: `RssAnon` (the process's own memory) and `RssFile` (pages of mapped
+    files, such as shared libraries: how many of a library's pages count depends on how much of the file the page
+    cache holds, so this part moves between otherwise equal runs)."""
+    parts = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            parts[name] = int(value.split()[0]) / 1024.0
+    if "VmRSS" not in parts:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return parts
 
 
 def machine_seconds() -> tuple[float, float]:

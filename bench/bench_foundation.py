@@ -57,6 +57,7 @@ from _harness import (
     pinnable,
     processor_command,
     rss_mb,
+    rss_parts_mb,
     run_and_report,
     serve_canned_command,
     timed_load,
@@ -83,6 +84,8 @@ class ServerResult:
 
     name: str
     idle_rss_mb: float = 0.0
+    idle_anon_mb: float = 0.0
+    """Of the idle RSS, the process's own memory (RssAnon); the rest is mapped files' pages (RssFile)."""
     loaded_rss_mb: float = 0.0
     runs: list[LoadResult] = field(default_factory=list)
 
@@ -185,15 +188,18 @@ def run_all(procs: Processes, config: Config, work: Path) -> tuple[list[ServerRe
     for server in (full, full_auth):
         wait_ready(server)
     time.sleep(config.idle)
-    idle = {s.name: rss_mb(s.pid) for s in (full, full_auth)}
+    idle = {s.name: rss_parts_mb(s.pid) for s in (full, full_auth)}
     reply = fetch_reply(full.target, (("authorization", f"Bearer {config.api_key}"),))
     bare = procs.start_canned(work, reply)
     wait_ready(bare)
     time.sleep(config.idle)
-    idle[bare.name] = rss_mb(bare.pid)
+    idle[bare.name] = rss_parts_mb(bare.pid)
 
     servers = [bare, full, full_auth]
-    results = {s.name: ServerResult(s.name, idle_rss_mb=idle[s.name]) for s in servers}
+    results = {
+        s.name: ServerResult(s.name, idle_rss_mb=idle[s.name]["VmRSS"], idle_anon_mb=idle[s.name].get("RssAnon", 0.0))
+        for s in servers
+    }
     for round_no in range(config.rounds):
         order = servers[round_no % 3 :] + servers[: round_no % 3]  # rotate, so no server always goes first
         for concurrency in config.concurrency:
@@ -277,18 +283,20 @@ def report(results: list[ServerResult], config: Config, reply_size: int) -> tupl
         lines.append(f"WARNING: others + steal reached {noisy:.0%} of a CPU in rounds used: the figures are noisy")
     lines += [f"ERROR: {e}" for e in errors]
     lines.append("")
-    lines.append(f"{'server':<9} {'idle RSS MB':>11} {'':4}  {'RSS after load MB':>17}")
+    lines.append(f"{'server':<9} {'idle RSS MB':>11} {'':4}  {'anon + file':>13}  {'RSS after load MB':>17}")
     memory: list[dict[str, Any]] = []
     for server in results:
         ok = None if server is bare else server.idle_rss_mb <= IDLE_RSS_GOAL_MB
         lines.append(
             f"{server.name:<9} {server.idle_rss_mb:>11.1f} {'' if ok is None else verdict(ok):<4}  "
+            f"{server.idle_anon_mb:>6.1f} + {server.idle_rss_mb - server.idle_anon_mb:>4.1f}  "
             f"{server.loaded_rss_mb:>17.1f}"
         )
         memory.append(
             {
                 "server": server.name,
                 "idle_rss_mb": server.idle_rss_mb,
+                "idle_anon_mb": server.idle_anon_mb,
                 "loaded_rss_mb": server.loaded_rss_mb,
                 "idle_rss_pass": ok,
             }
