@@ -101,8 +101,9 @@ class ListenError(Exception):
 
 
 class _GenericHandlersOnly:
-    """The server as the generated `add_*_to_server` functions see it: their generic handlers are added, their
-    registered method handlers are not (the same handlers, served the same way).
+    """The server as the generated `add_*_to_server` functions see it: their generic handlers go to the interceptor,
+    which the server serves as its one generic handler; their registered method handlers are not registered (the
+    same handlers, served the same way).
 
     grpc.aio (1.85) keeps one pending request per registered method and, for every call it accepts, waits on all of
     them at once (`asyncio.wait` over ~50 tasks here: a callback added and removed on each): about 40 µs of CPU per
@@ -110,11 +111,11 @@ class _GenericHandlersOnly:
     it keeps one pending request.
     """
 
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self._server = server
+    def __init__(self, interceptor: ProcessorInterceptor) -> None:
+        self._interceptor = interceptor
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(handlers)
+        self._interceptor.add_generic_rpc_handlers(handlers)
 
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
@@ -133,14 +134,15 @@ def grpc_server(settings: Settings, interceptor: ProcessorInterceptor, servicers
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(
-        interceptors=[interceptor], options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs
-    )
-    generic = cast(grpc.aio.Server, _GenericHandlersOnly(server))
+    # No grpc.aio interceptors: the interceptor is the server's one generic handler, wrapping each method's handler
+    # once (see ProcessorInterceptor).
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    generic = cast(grpc.aio.Server, _GenericHandlersOnly(interceptor))
     for name, (_, add_to_server) in _SERVICES.items():
         add_to_server(getattr(servicers, name), generic)
     health_pb2_grpc.add_HealthServicer_to_server(servicers.health, generic)
-    enable_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    enable_reflection(generic, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    server.add_generic_rpc_handlers((interceptor,))
     return server
 
 

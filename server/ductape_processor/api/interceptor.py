@@ -13,7 +13,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, cast
 
 import grpc
@@ -208,29 +208,39 @@ class _Call:
         await context.abort(code, message, trailing_metadata=trailers)
 
 
-class ProcessorInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every non-public method handler once, then serves the cached wrapper."""
+class ProcessorInterceptor(grpc.GenericRpcHandler):
+    """Serves the servicers' generic handlers, each non-public method's handler wrapped once and cached.
+
+    Put on the server as its one generic handler (`handlers` holds the servicers'), not as a grpc.aio interceptor:
+    with interceptors, grpc.aio runs its interceptor pipeline on every call (an iterator, a `functools.partial`
+    and a coroutine per interceptor before the handler is even found), which the cached wrapper does not need.
+    """
 
     def __init__(self, authenticator: ApiKeyAuthenticator, telemetry: Telemetry) -> None:
         self._authenticator = authenticator
         self._telemetry = telemetry
         self._request_ids = RequestIds()
+        self._inner: list[grpc.GenericRpcHandler] = []
         self._handlers: dict[str, Handler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """Serve `handlers` (the generated `add_*_to_server` functions call this, as on a server)."""
+        self._inner.extend(handlers)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        """The handler of the call's method, wrapped (once per method) unless the method is public."""
         method: str = handler_call_details.method
         cached = self._handlers.get(method)
         if cached is not None:
             return cached
-        handler = await continuation(handler_call_details)
+        handler = None
+        for inner in self._inner:
+            handler = inner.service(handler_call_details)
+            if handler is not None:
+                break
         if handler is None or method.startswith(PUBLIC_SERVICES):
-            return handler
-        wrapped = self._wrap(method, handler)
-        self._handlers[method] = wrapped
+            return handler  # an unknown method is not cached: a caller's made-up names would fill the cache
+        wrapped = self._handlers[method] = self._wrap(method, handler)
         return wrapped
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
@@ -274,46 +284,26 @@ def _aborted_code(context: Context) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-class _Served:
-    """One call's life around the handler: open and authenticate it, map what it raises, close it.
-
-    A class rather than an `asynccontextmanager` generator: it is entered on every call, and costs a third of one.
-    """
-
-    __slots__ = ("call", "code", "context", "opened", "started")
-
-    def __init__(self, call: _Call, context: Context) -> None:
-        self.call = call
-        self.context = context
-        self.opened: _Opened | None = None
-        self.code = grpc.StatusCode.OK
-        self.started = 0.0
-
-    async def __aenter__(self) -> None:
-        self.started = time.perf_counter()
-        try:
-            self.opened, authorization = self.call.open(self.context)
-            self.call.authenticate(authorization)
-        except BaseException as exc:
-            await self.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        try:
-            if isinstance(exc, grpc.aio.AbortError):
-                self.code = _aborted_code(self.context)
-            elif isinstance(exc, Exception):
-                self.code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
-                await self.call.fail(exc, self.opened, self.context)
-        finally:
-            if self.opened is not None:
-                self.call.close(self.opened, self.code, self.started)
-
-
 def _unary(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
+    # One coroutine a call: open and authenticate it, map what it raises, close it. Written out here rather than
+    # as an async context manager, whose `__aenter__` and `__aexit__` are two more coroutines a call.
     async def behavior(request: object, context: Context) -> object:
-        async with _Served(call, context):
+        started = time.perf_counter()
+        opened: _Opened | None = None
+        code = grpc.StatusCode.OK
+        try:
+            opened, authorization = call.open(context)
+            call.authenticate(authorization)
             return await inner(_checked(request, streamed), context)
+        except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
+        except Exception as exc:
+            code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
+            await call.fail(exc, opened, context)
+        finally:
+            if opened is not None:
+                call.close(opened, code, started)
 
     return behavior
 
@@ -322,9 +312,23 @@ def _streaming(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
     if inspect.isasyncgenfunction(inner):
 
         async def generator(request: object, context: Context) -> AsyncIterator[object]:
-            async with _Served(call, context):
+            started = time.perf_counter()
+            opened: _Opened | None = None
+            code = grpc.StatusCode.OK
+            try:
+                opened, authorization = call.open(context)
+                call.authenticate(authorization)
                 async for response in inner(_checked(request, streamed), context):
                     yield response
+            except grpc.aio.AbortError:
+                code = _aborted_code(context)
+                raise
+            except Exception as exc:
+                code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
+                await call.fail(exc, opened, context)
+            finally:
+                if opened is not None:
+                    call.close(opened, code, started)
 
         return generator
     return _unary(call, inner, streamed=streamed)
