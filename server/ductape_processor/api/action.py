@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from ductape.processor.v1 import action_pb2, action_pb2_grpc
 
 from ductape_processor.api.calls import Context, call_options, deadline, product_env
 from ductape_processor.api.values import json_to_value, required, struct_to_dict
 from ductape_processor.runtime.actions.call import ActionCall
 from ductape_processor.runtime.actions.executor import ActionExecutor
-
-_PARTS: tuple[Literal["query"], Literal["params"], Literal["body"], Literal["headers"]] = (
-    "query",
-    "params",
-    "body",
-    "headers",
-)
 
 
 class ActionServicer(action_pb2_grpc.ActionServiceServicer):
@@ -26,13 +17,13 @@ class ActionServicer(action_pb2_grpc.ActionServiceServicer):
         self._executor = executor
 
     async def Run(self, request: action_pb2.RunRequest, context: Context) -> action_pb2.RunResponse:
-        given = request.input
         call = ActionCall(
             **call_options(request),
             **product_env(request),
             app=required(request.app, "app", "the app's tag"),
             event=required(request.event, "event", "the action's tag"),
-            input={part: struct_to_dict(getattr(given, part)) for part in _PARTS if given.HasField(part)},
+            # The parts present (a part set to an empty object included), read in one call rather than four HasField.
+            input={field.name: struct_to_dict(part) for field, part in request.input.ListFields()},
             cache=request.cache,
         )
         result = await self._executor.run(call, deadline(context))

@@ -4,10 +4,12 @@ resource."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any, TypedDict, TypeVar
 
 import grpc
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 from ductape_processor.api.values import pinned_version, required, session_pair
@@ -66,11 +68,17 @@ class CallOptionFields(TypedDict):
     idempotency_key: str
 
 
+@functools.cache
+def _has_retries(descriptor: Descriptor) -> bool:
+    # Once per message type: `fields_by_name` builds a mapping on every read.
+    return "retries" in descriptor.fields_by_name
+
+
 def call_options(request: Any) -> CallOptionFields:
     """The options of a request that runs a resource: its `session`, `retries` (when the request has the field and
     sets it), `version` and `idempotency_key`; INVALID_ARGUMENT for a session without tag or token, or a negative
     version."""
-    has_retries = "retries" in request.DESCRIPTOR.fields_by_name and request.HasField("retries")
+    has_retries = _has_retries(request.DESCRIPTOR) and request.HasField("retries")
     return CallOptionFields(
         session=session_pair(request),
         retries=request.retries if has_retries else None,

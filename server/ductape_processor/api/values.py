@@ -33,7 +33,9 @@ def value_to_python(value: struct_pb2.Value) -> JsonValue:
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, JsonValue]:
     """A `google.protobuf.Struct` as a dict."""
-    return {key: from_value(item) for key, item in struct.fields.items()}
+    # The map's own iteration and lookup run in C; `.items()` is `collections.abc`'s view, iterated in Python.
+    fields = struct.fields
+    return {key: from_value(fields[key]) for key in fields}
 
 
 def python_to_value(data: object, value: struct_pb2.Value | None = None) -> struct_pb2.Value:

@@ -205,7 +205,8 @@ class HttpClientPool:
             raise ResponseTooLarge(
                 f"the upstream's response{size} is larger than {self._max_response_bytes} bytes", metadata=where
             ) from None
-        fields = [(_text(name), _text(value)) for name, value in answer.headers]
+        # Names are tokens (llhttp refuses others): ASCII, which latin-1 decodes as UTF-8 would, without the fallback.
+        fields = [(name.decode("latin-1"), _text(value)) for name, value in answer.headers]
         return HttpResponse(answer.status, fields, answer.body, _content_type(fields))
 
     async def close(self) -> None:

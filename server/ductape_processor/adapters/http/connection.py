@@ -311,7 +311,9 @@ class OriginPool:
         Raises ConnectFailed, ExchangeFailed, BodyTooLarge or TimeoutError; a connection whose exchange failed, timed
         out or was cancelled is closed.
         """
-        connection = await self._acquire(deadline)
+        # An idle connection is taken without the coroutine `_acquire` is (most calls find one).
+        idle = self._idle_connection()
+        connection = idle if idle is not None else await self._acquire(deadline)
         reused = connection.used
         try:
             return await self._answer(connection, method, request, deadline)

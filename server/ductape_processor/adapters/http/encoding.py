@@ -28,6 +28,8 @@ FRAMING_HEADERS: Final = frozenset(
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _TARGET = re.compile(r"[\x21-\x7e]*")
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]+")
+"""What `quote(..., safe="")` leaves as it is and `unquote` cannot change (RFC 3986's unreserved characters)."""
 """What a request target may hold (RFC 9112): visible ASCII, so no space, CR, LF or NUL can end the request line."""
 
 
@@ -89,6 +91,8 @@ def path_parameter(name: str, value: Any) -> str:
     segments, so a proxy or framework in front of the upstream would take `/items/%2E%2E/detail` to `/detail`.
     """
     text = _segment(value)
+    if text not in (".", "..") and _UNRESERVED.fullmatch(text):
+        return text  # nothing to decode, nothing to encode: `quote(text, safe="")` is `text`
     decoded = text
     for _ in range(8):  # and what any number of rounds of percent-decoding make of it (bounded)
         if decoded in (".", ".."):

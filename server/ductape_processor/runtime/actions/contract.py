@@ -109,17 +109,16 @@ def _check_part(
         values = {}
     result = dict(values)
     for name, spec in schema.items():
-        field = f"{where}.{name}"
         given = values.get(name)
         if given is None:
             if spec.default is not None:
                 result[name] = _decorate(spec, copy.deepcopy(spec.default))
             elif spec.required:
-                violations.append(FieldViolation(field, "is required"))
+                violations.append(FieldViolation(f"{where}.{name}", "is required"))
             continue
         problems = list(_problems(spec, given))
         if problems:
-            violations.append(FieldViolation(field, "; ".join(problems)))
+            violations.append(FieldViolation(f"{where}.{name}", "; ".join(problems)))
             continue
         result[name] = _decorate(spec, _normalised(spec, given))
     return result

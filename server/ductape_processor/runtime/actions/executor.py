@@ -152,12 +152,12 @@ class ActionExecutor:
                 raise InvalidArgument.field("retries", "must be between 0 and 20")
             rules = replace(rules, max_retries=call.retries)
         may_retry_sent = plan.idempotent or retry_unsafe
-        breaker_key = f"{call.product}/{state.resolved.env.slug}/{call.app}"
-        breaker = self._breakers.get(breaker_key)
+        upstream = f"{call.product}/{state.resolved.env.slug}/{call.app}"  # the breaker's and the pool's key
+        breaker = self._breakers.get(upstream)
         if breaker is None:
             policy = plan.app.circuit_breaker
             breaker = CircuitBreaker(policy.failures, policy.cooldown.total_seconds())
-            self._breakers.put(breaker_key, breaker)
+            self._breakers.put(upstream, breaker)
         reminted = False
         budget = RetryBudget(rules.backoff, state.deadline)
         while True:
@@ -168,11 +168,7 @@ class ActionExecutor:
                 breaker.before_call(f"{call.app} ({state.resolved.env.slug})")
             state.attempts.count += 1
             try:
-                response = await self._http.send(
-                    f"{call.product}/{state.resolved.env.slug}/{call.app}",
-                    request,
-                    state.deadline.bound(plan.timeout_s),
-                )
+                response = await self._http.send(upstream, request, state.deadline.bound(plan.timeout_s))
             except (UpstreamUnreachable, UpstreamTimeout) as exc:
                 breaker.failure()
                 sent = exc.sent if isinstance(exc, UpstreamUnreachable) else True

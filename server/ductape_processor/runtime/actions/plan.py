@@ -51,11 +51,8 @@ class ActionPlan:
     idempotent: bool
     renders: bool
     """The action has templates (headers, query or body) to render: a call builds the scope they read."""
-
-    @property
-    def resource(self) -> str:
-        """`app:action`, the way the execution log names it."""
-        return f"{self.app.tag}:{self.action.tag}"
+    resource: str
+    """`app:action`, the way the execution log names it (spelled once here, not on every call's record)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +126,7 @@ def _compile_action(app: App, action: Action, where: str) -> ActionPlan:
         timeout_s=(action.timeout or app.timeout).total_seconds(),
         idempotent=action.method in IDEMPOTENT_METHODS,
         renders=any(t is not None for t in templates),
+        resource=f"{app.tag}:{action.tag}",
     )
 
 
