@@ -84,7 +84,8 @@ def _decompressor(encoding: bytes) -> zlib._Decompress | None:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection and the exchange in progress on it (the llhttp callbacks fill it in)."""
 
-    def __init__(self, max_body: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_body: int) -> None:
+        self._loop = loop
         self._max_body = max_body
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
@@ -235,7 +236,7 @@ class _Connection(asyncio.Protocol):
     def start(self, request: bytes, *, head_only: bool) -> asyncio.Future[RawResponse]:
         """Write `request` (head and body, already framed) and return the future of its answer."""
         assert self.transport is not None
-        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter = self._loop.create_future()
         self._head_only = head_only
         self._received = self._status = self._size = 0
         self._body = []
@@ -281,7 +282,8 @@ class _Connection(asyncio.Protocol):
 
 
 class OriginPool:
-    """The connections to one origin (scheme, host, port): at most `limit` open, idle ones reused last-in first-out."""
+    """The connections to one origin (scheme, host, port): at most `limit` open, idle ones reused last-in first-out.
+    Built in the running loop, the loop its connections belong to."""
 
     def __init__(
         self,
@@ -304,6 +306,9 @@ class OriginPool:
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        # Built in the loop its connections live in (by HttpClientPool.send). Kept: `asyncio.get_running_loop()`
+        # checks the process id, a getpid system call each time, and a call asked for it five times.
+        self._loop = asyncio.get_running_loop()
 
     async def exchange(self, method: str, request: bytes, deadline: float) -> RawResponse:
         """Send `request` (framed) on a pooled or new connection and read the answer, by `deadline` (loop time).
@@ -329,10 +334,9 @@ class OriginPool:
         finally:
             self._release(connection)
 
-    @staticmethod
-    async def _answer(connection: _Connection, method: str, request: bytes, deadline: float) -> RawResponse:
+    async def _answer(self, connection: _Connection, method: str, request: bytes, deadline: float) -> RawResponse:
         # A timer on the answer rather than `asyncio.timeout` around it: the same bound for a third of the CPU.
-        timer = asyncio.get_running_loop().call_at(deadline, connection.expire)
+        timer = self._loop.call_at(deadline, connection.expire)
         try:
             return await connection.start(request, head_only=method == "HEAD")
         finally:
@@ -348,7 +352,7 @@ class OriginPool:
 
     def _idle_connection(self) -> _Connection | None:
         """The most recently used idle connection still fit to reuse (those that are not are closed on the way)."""
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         while self._idle:
             connection = self._idle.pop()
             if connection.reusable and now - connection.idle_since < KEEPALIVE_S:
@@ -364,7 +368,7 @@ class OriginPool:
                 return idle
             if self._open < self._limit:
                 break
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = self._loop.create_future()
             self._waiting.append(waiter)
             try:
                 await waiter
@@ -382,10 +386,10 @@ class OriginPool:
 
     def _release(self, connection: _Connection) -> None:
         if connection.reusable and not self._closed:
-            connection.idle_since = asyncio.get_running_loop().time()
+            connection.idle_since = self._loop.time()
             self._idle.append(connection)
             if self._sweeper is None:
-                self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._sweep)
+                self._sweeper = self._loop.call_later(KEEPALIVE_S, self._sweep)
         else:
             connection.close()
             self._open -= 1
@@ -401,7 +405,7 @@ class OriginPool:
     def _sweep(self) -> None:
         """Close the connections idle for KEEPALIVE_S, and those the upstream closed meanwhile."""
         self._sweeper = None
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         kept = collections.deque(c for c in self._idle if c.reusable and now - c.idle_since < KEEPALIVE_S)
         for connection in self._idle:
             if connection not in kept:
@@ -409,11 +413,11 @@ class OriginPool:
                 self._open -= 1
         self._idle = kept
         if kept:
-            self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._sweep)
+            self._sweeper = self._loop.call_later(KEEPALIVE_S, self._sweep)
         self._wake()
 
     async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         try:
             addresses = [self._host] if self._resolve is None else await self._resolve(self._host, self._port)
         except OSError as exc:  # no name, or only private addresses where those are refused
@@ -422,7 +426,7 @@ class OriginPool:
         for address in addresses:
             try:
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(self._max_body),
+                    lambda: _Connection(loop, self._max_body),
                     address,
                     self._port,
                     ssl=self._tls,
