@@ -195,6 +195,20 @@ class _Call:
                 {**self.attributes, "rpc.grpc.status_code": code.value[0]},
             )
 
+    async def ended(self, exc: BaseException, opened: _Opened | None, context: Context, started: float) -> None:
+        """The call ended with `exc`: an error is mapped and aborts the call (abort raises); the call is closed. A
+        handler's own abort, or a cancellation, is only closed (the caller raises it on)."""
+        code = grpc.StatusCode.OK
+        try:
+            if isinstance(exc, grpc.aio.AbortError):
+                code = _aborted_code(context)
+            elif isinstance(exc, Exception):
+                code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
+                await self.fail(exc, opened, context)
+        finally:
+            if opened is not None:
+                self.close(opened, code, started)
+
     async def fail(self, exc: Exception, opened: _Opened | None, context: Context) -> NoReturn:
         """Abort the call with the mapped status (abort raises)."""
         request_id = opened.info.request_id if opened is not None else self.request_ids.new()
@@ -290,20 +304,15 @@ def _unary(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
     async def behavior(request: object, context: Context) -> object:
         started = time.perf_counter()
         opened: _Opened | None = None
-        code = grpc.StatusCode.OK
         try:
             opened, authorization = call.open(context)
             call.authenticate(authorization)
-            return await inner(_checked(request, streamed), context)
-        except grpc.aio.AbortError:
-            code = _aborted_code(context)
+            response = await inner(_checked(request, streamed), context)
+        except BaseException as exc:
+            await call.ended(exc, opened, context, started)
             raise
-        except Exception as exc:
-            code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
-            await call.fail(exc, opened, context)
-        finally:
-            if opened is not None:
-                call.close(opened, code, started)
+        call.close(opened, grpc.StatusCode.OK, started)
+        return response
 
     return behavior
 
@@ -314,21 +323,15 @@ def _streaming(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
         async def generator(request: object, context: Context) -> AsyncIterator[object]:
             started = time.perf_counter()
             opened: _Opened | None = None
-            code = grpc.StatusCode.OK
             try:
                 opened, authorization = call.open(context)
                 call.authenticate(authorization)
                 async for response in inner(_checked(request, streamed), context):
                     yield response
-            except grpc.aio.AbortError:
-                code = _aborted_code(context)
+            except BaseException as exc:
+                await call.ended(exc, opened, context, started)
                 raise
-            except Exception as exc:
-                code = exc.code if isinstance(exc, ProcessorError) else grpc.StatusCode.INTERNAL
-                await call.fail(exc, opened, context)
-            finally:
-                if opened is not None:
-                    call.close(opened, code, started)
+            call.close(opened, grpc.StatusCode.OK, started)
 
         return generator
     return _unary(call, inner, streamed=streamed)
