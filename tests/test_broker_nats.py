@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import nats
+import nats.errors
 import nats.js.errors
 import pytest
 from ductape.processor import UnavailableError
@@ -27,7 +28,10 @@ from ductape_processor.adapters.brokers import nats as nats_broker
 from ductape_processor.adapters.brokers import nats_pull
 from ductape_processor.adapters.brokers.base import BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.nats import NatsBroker
+from ductape_processor.adapters.brokers.nats_headers import outgoing_headers, prepared_headers
 from ductape_processor.adapters.brokers.nats_names import consumer_name, subject_covered
+from ductape_processor.adapters.brokers.nats_publish import write
+from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
 from ductape_processor.store.sqlite import SqliteStore
 from tests.conftest import ServerFactory, require_tcp
@@ -291,6 +295,52 @@ async def test_cloudevents_fields_and_awkward_attribute_values_round_trip(nats_u
         await adapter.publish(topic, sent)
         assert await sub.fetch(1, 0.5) == []
         await sub.close()
+    finally:
+        await adapter.close()
+
+
+async def test_the_adapters_own_hpub_is_what_nats_py_would_write_and_queue(nats_up: None) -> None:
+    # The adapter writes its HPUB itself (nats_publish.write), through nats-py's command queue, which is not public
+    # API: the bytes queued and the counters must be what `Client.publish` gives for the same headers, and a
+    # closed connection must refuse it alike.
+    message = _message(
+        "payload",
+        attributes={"crlf": "a\r\nNats-Msg-Id: forged", "unicode": "Zürich ✓", "spaces": "  padded  ", "empty": ""},
+        ordering_key="customer 7/ä",
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    )
+    nc = await nats.connect(URL)
+    try:
+        queued: list[bytes] = []
+        send_command = nc._send_command
+
+        async def capture(cmd: bytes, priority: bool = False) -> None:
+            queued.append(cmd)
+            await send_command(cmd, priority)
+
+        nc._send_command = capture  # type: ignore[method-assign]
+        head = prepared_headers(nc.max_payload, "orders.hpub", message, "t_hpub")
+        await nc.publish(
+            "orders.hpub", message.data, "_INBOX.r.1", headers=outgoing_headers("orders.hpub", message, "t_hpub")
+        )
+        stats = dict(nc.stats)
+        await write(nc, "orders.hpub", "_INBOX.r.1", head, message.data)
+        assert len(queued) == 2 and queued[0] == queued[1]
+        assert nc.stats["out_msgs"] == stats["out_msgs"] + 1
+        assert nc.stats["out_bytes"] == stats["out_bytes"] + len(message.data)
+    finally:
+        await nc.close()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await write(nc, "orders.hpub", "_INBOX.r.1", head, message.data)
+
+
+async def test_a_topic_that_is_no_nats_subject_is_refused_before_anything_is_written(nats_up: None) -> None:
+    run = _run()
+    adapter = NatsBroker(URL, f"t_{run}", "test/nats")
+    try:
+        for topic in (f"orders {run}", f"orders.{run}\r\nPUB x 1", f"orders..{run}"):
+            with pytest.raises(InvalidArgument):
+                await adapter.publish(topic, _message("payload"))
     finally:
         await adapter.close()
 

@@ -1,7 +1,8 @@
-"""The policies every resource kind and adapter share: backoff, retry budgets, paging, bounded caches."""
+"""The policies every resource kind and adapter share: backoff, retry budgets, time limits, paging, bounded caches."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
@@ -9,7 +10,7 @@ import pytest
 
 from ductape_processor.errors import InvalidArgument
 from ductape_processor.runtime.policies.caches import BoundedCache
-from ductape_processor.runtime.policies.deadline import Deadline
+from ductape_processor.runtime.policies.deadline import Deadline, Timeouts
 from ductape_processor.runtime.policies.paging import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_BYTES,
@@ -61,6 +62,67 @@ async def test_a_budget_honours_an_upstreams_retry_after_within_its_bound() -> N
     limited = RetryBudget(Backoff(0.01, 0.01), Deadline(1.0))
     assert not await limited.pause(retry_after_s=3600.0)
     assert limited.pause_s == MAX_RETRY_AFTER_S
+
+
+async def test_time_limits_end_each_await_at_its_own_limit_and_leave_the_rest_alone() -> None:
+    timeouts = Timeouts()
+    ended: dict[str, tuple[str, float]] = {}
+    started = time.monotonic()
+
+    async def limited(name: str, limit_s: float, work_s: float) -> None:
+        try:
+            await timeouts.within(limit_s, asyncio.sleep(work_s))
+            outcome = "done"
+        except TimeoutError:
+            outcome = "timed out"
+        ended[name] = (outcome, time.monotonic() - started)
+
+    await asyncio.gather(
+        limited("late", 0.3, 5.0),
+        limited("early", 0.1, 5.0),
+        limited("quick", 5.0, 0.01),
+        limited("in time", 0.5, 0.2),
+    )
+    assert {name: outcome for name, (outcome, _) in ended.items()} == {
+        "late": "timed out",
+        "early": "timed out",
+        "quick": "done",
+        "in time": "done",
+    }
+    assert 0.09 <= ended["early"][1] < 0.25 and 0.29 <= ended["late"][1] < 0.45
+    assert await timeouts.within(0.05, asyncio.sleep(0, "value")) == "value"
+    assert timeouts._heap == [], "nothing is kept for awaits that ended"
+
+
+async def test_a_cancellation_from_elsewhere_stays_one_within_a_time_limit() -> None:
+    timeouts = Timeouts()
+    task = asyncio.ensure_future(timeouts.within(5.0, asyncio.sleep(5.0)))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    # the limit passing together with a cancellation from elsewhere: still a cancellation, as asyncio.timeout does
+    async def both() -> None:
+        current = asyncio.current_task()
+        assert current is not None
+        asyncio.get_running_loop().call_later(0.05, current.cancel)
+        await timeouts.within(0.05, asyncio.sleep(1.0))
+
+    task = asyncio.ensure_future(both())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_an_inner_time_limit_ends_the_inner_await_only() -> None:
+    timeouts = Timeouts()
+
+    async def outer() -> str:
+        with pytest.raises(TimeoutError):
+            await timeouts.within(0.05, asyncio.sleep(1.0))
+        return await timeouts.within(0.05, asyncio.sleep(0.01, "outer goes on"))
+
+    assert await timeouts.within(2.0, outer()) == "outer goes on"
 
 
 def test_a_page_token_reads_back_only_in_its_own_listing() -> None:

@@ -353,10 +353,14 @@ class NatsBroker(BrokerAdapter):
     # -- publishing ---------------------------------------------------------------------------------------------
 
     async def publish(self, topic: str, message: OutgoingEvent) -> str:
-        nc, js = await self._connected()
-        headers = prepared_headers(nc.max_payload, topic, message, self._stream)
-        await self._ensure_subject(js, topic)
-        return await self._publish_until_confirmed(nc, js, topic, message.data, headers)
+        current = self._connection.current  # open, most of the time: no coroutine (two levels) to find it
+        if self._closed or current is None or current[0].is_closed:
+            current = await self._connected()
+        nc, js = current
+        head = prepared_headers(nc.max_payload, topic, message, self._stream)
+        if topic not in self._subjects:
+            await self._ensure_subject(js, topic)
+        return await self._publish_until_confirmed(nc, js, topic, message.data, head)
 
     async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
         """Write every message, then wait for their PubAcks together (no task per message); a message whose first
@@ -364,52 +368,51 @@ class NatsBroker(BrokerAdapter):
         nc, js = await self._connected()
         await self._ensure_subject(js, topic)
         results: list[str | ProcessorError | None] = [None] * len(messages)
-        sent: list[tuple[int, dict[str, str], asyncio.Future[str]]] = []
+        sent: list[tuple[int, bytes, asyncio.Future[str]]] = []
         time = TimeText()
         for index, message in enumerate(messages):
             try:
-                headers = prepared_headers(nc.max_payload, topic, message, self._stream, time(message.time))
+                head = prepared_headers(nc.max_payload, topic, message, self._stream, time(message.time))
             except ProcessorError as exc:
                 results[index] = exc
                 continue
             try:
-                sent.append((index, headers, await self._pub_acks.send(nc, topic, message.data, headers)))
+                sent.append((index, head, await self._pub_acks.send(nc, topic, message.data, head)))
             except _Retryable:
-                sent.append((index, headers, lost()))
+                sent.append((index, head, lost()))
             except nats.errors.Error as exc:
                 results[index] = self._refused(topic, exc)
         if sent:
             await asyncio.wait([future for _, _, future in sent], timeout=PUBLISH_ATTEMPT_S)
-        retry: list[tuple[int, dict[str, str]]] = []
-        for index, headers, future in sent:
+        retry: list[tuple[int, bytes]] = []
+        for index, head, future in sent:
             if not future.done():
                 future.cancel()
-                retry.append((index, headers))
+                retry.append((index, head))
             elif future.cancelled() or isinstance(future.exception(), _Retryable):
-                retry.append((index, headers))
+                retry.append((index, head))
             elif (failure := future.exception()) is not None:
                 results[index] = self._refused(topic, failure)
             else:
                 results[index] = future.result()
-        for index, headers in retry:
+        for index, head in retry:
             try:
-                results[index] = await self._publish_until_confirmed(nc, js, topic, messages[index].data, headers)
+                results[index] = await self._publish_until_confirmed(nc, js, topic, messages[index].data, head)
             except ProcessorError as exc:
                 results[index] = exc
         return [result if result is not None else self.unavailable("not published") for result in results]
 
     async def _publish_until_confirmed(
-        self, nc: NATS, js: JetStreamContext, topic: str, data: bytes, headers: dict[str, str]
+        self, nc: NATS, js: JetStreamContext, topic: str, data: bytes, head: bytes
     ) -> str:
-        """Publish and wait for the PubAck, sending again (same Nats-Msg-Id) while failures are worth retrying, for
-        at most PUBLISH_DEADLINE_S."""
+        """Publish (`head`: the encoded header block) and wait for the PubAck, sending again (same Nats-Msg-Id) while
+        failures are worth retrying, for at most PUBLISH_DEADLINE_S."""
         deadline = Deadline(PUBLISH_DEADLINE_S)
-        budget = RetryBudget(PUBLISH_BACKOFF, deadline)
+        budget: RetryBudget | None = None  # built at the first failure: most publishes have none
         while True:
             try:
-                future = await self._pub_acks.send(nc, topic, data, headers)
-                async with asyncio.timeout(max(deadline.bound(PUBLISH_ATTEMPT_S), 0.1)):
-                    return await future
+                attempt_s = max(deadline.bound(PUBLISH_ATTEMPT_S), 0.1)
+                return await self._pub_acks.confirmed(nc, topic, data, head, attempt_s)
             except (nats.js.errors.ServiceUnavailableError, *_Retryable) as exc:
                 failure: BaseException = exc
                 if isinstance(exc, nats.js.errors.NoStreamResponseError):
@@ -418,6 +421,8 @@ class NatsBroker(BrokerAdapter):
                         await self._ensure_subject(js, topic)
             except (nats.errors.Error, nats.js.errors.APIError) as exc:
                 raise self._refused(topic, exc) from exc
+            if budget is None:
+                budget = RetryBudget(PUBLISH_BACKOFF, deadline)
             if not await budget.pause():
                 raise self.unavailable(
                     f"publish to {topic!r} was not confirmed within {PUBLISH_DEADLINE_S:g}s", failure

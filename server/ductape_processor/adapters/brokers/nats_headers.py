@@ -3,8 +3,6 @@ writes it), every value percent-encoded, and the defaults of messages other prod
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from urllib.parse import unquote
 
@@ -22,13 +20,21 @@ _BINDING = Binding(prefix="ce-", ordering_key="ce-orderingkey", content_type="co
 
 _MSG_ID = api.Header.MSG_ID.value
 _EXPECTED_STREAM = api.Header.EXPECTED_STREAM.value
-_PLAIN = re.compile(r"[!#$&-~]*\Z")
-"""A value with nothing to encode: printable ASCII but space, '"' and '%' (most values: ids, times, types)."""
+
+
+_PLAIN = bytes(code for code in range(0x21, 0x7F) if chr(code) not in '"%')
+
+
+def _plain(value: str) -> bool:
+    """Nothing in `value` to percent-encode: printable ASCII but space, '"' and '%' (most values: ids, times, types).
+    Deleting those bytes leaves nothing: one C loop over a table, a third of the instructions of the regular
+    expression that says the same."""
+    return value.isascii() and not value.encode().translate(None, _PLAIN)
 
 
 def encode(value: str) -> str:
     """Percent-encode a header value (CloudEvents HTTP binding 3.1.3.2): space, '"', '%' and non-printable ASCII."""
-    if _PLAIN.match(value):
+    if _plain(value):
         return value
     out: list[str] = []
     for char in value:
@@ -47,6 +53,8 @@ def outgoing_headers(topic: str, message: OutgoingEvent, stream: str, time: str 
     """A message's NATS headers: JetStream's (the message id that dedupes a re-sent copy, the stream expected to
     store it) and the CloudEvents binding's (`time`: the message's, formatted already), every value
     percent-encoded."""
+    # JetStream's headers first: nats-server reads a header at the first place its name appears in the block, so
+    # an attribute value holding the text `Nats-Msg-Id` (encoded or not) must come after the real one.
     headers = {
         _MSG_ID: f"{topic}:{message.id}",
         _EXPECTED_STREAM: stream,
@@ -54,30 +62,28 @@ def outgoing_headers(topic: str, message: OutgoingEvent, stream: str, time: str 
     }
     # Most messages have nothing to encode: one look at all their values, rather than one call for each (this runs
     # for every message published).
-    if _PLAIN.match("".join(headers.values())):
+    if _plain("".join(headers.values())):
         return headers
     return {key: encode(value) for key, value in headers.items()}
 
 
 def prepared_headers(
     max_payload: int, topic: str, message: OutgoingEvent, stream: str, time: str | None = None
-) -> dict[str, str]:
-    """`outgoing_headers`, once the message and its headers are known to fit the server's max_payload (else
-    INVALID_ARGUMENT `MESSAGE_TOO_LARGE`)."""
-    headers = outgoing_headers(topic, message, stream, time)
-    size = len(message.data) + header_bytes(headers)
+) -> bytes:
+    """The message's header block as written on the wire (`NATS/1.0`, a `name: value` line per header of
+    `outgoing_headers`, an empty line), once the message and it are known to fit the server's max_payload (else
+    INVALID_ARGUMENT `MESSAGE_TOO_LARGE`). Percent-encoding leaves no space, CR or LF in a value and attribute keys
+    are tokens, so nothing in it needs nats-py's own checks (see `nats_publish.write`)."""
+    head = "".join([f"{key}: {value}\r\n" for key, value in outgoing_headers(topic, message, stream, time).items()])
+    block = f"NATS/1.0\r\n{head}\r\n".encode()
+    size = len(message.data) + len(block)
     if size > max_payload:
         raise InvalidArgument(
             f"the message and its headers are {size} bytes; the NATS server accepts at most {max_payload}",
             reason=Reason.MESSAGE_TOO_LARGE,
             violations=[FieldViolation("message.data", f"is larger than the NATS max_payload ({max_payload})")],
         )
-    return headers
-
-
-def header_bytes(headers: Mapping[str, str]) -> int:
-    # NATS/1.0\r\n + "key: value\r\n" per header + \r\n
-    return 12 + len("".join(headers)) + len("".join(headers.values())) + 4 * len(headers)
+    return block
 
 
 def message_key(consumer: str, msg: Msg) -> tuple[str, int] | None:

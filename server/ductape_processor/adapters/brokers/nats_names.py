@@ -9,6 +9,7 @@ import re
 from ductape_processor.errors import FieldViolation, InvalidArgument
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
+_WHITESPACE = re.compile(r"\s")
 
 
 def consumer_name(topic: str, group: str) -> str:
@@ -36,8 +37,16 @@ def subject_covered(subject: str, patterns: list[str]) -> bool:
 
 
 def check_subject(topic: str) -> None:
+    """INVALID_ARGUMENT unless `topic` is a NATS subject a publish can name: the adapter writes its HPUB itself
+    (`nats_publish.write`), so this is where whitespace, which would end the subject (and CR/LF the command), is
+    refused, as nats-py's own publish does."""
     if not topic or any(not token for token in topic.split(".")):
         raise InvalidArgument(
             f"topic name {topic!r} is not a valid NATS subject (empty token between dots)",
             violations=[FieldViolation("topic.name", "NATS subjects have no empty tokens ('a..b', '.a', 'a.')")],
+        )
+    if _WHITESPACE.search(topic):
+        raise InvalidArgument(
+            f"topic name {topic!r} is not a valid NATS subject (whitespace)",
+            violations=[FieldViolation("topic.name", "NATS subjects hold no whitespace")],
         )
