@@ -20,7 +20,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from pydantic import BaseModel
 
@@ -45,9 +45,10 @@ A = TypeVar("A", bound=Closable)
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 
-@dataclass(frozen=True, slots=True)
-class EnvironmentRef:
-    """A resource environment as one call resolved it."""
+class EnvironmentRef(NamedTuple):
+    """A resource environment as one call resolved it. A named tuple, not a frozen dataclass: it is a dictionary
+    key on every call of a resource, and a tuple hashes and compares in C (a dataclass's `__hash__` and `__eq__`
+    are Python functions, two of each on every publish)."""
 
     product: str
     version: int
