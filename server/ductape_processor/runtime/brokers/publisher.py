@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final, TypeVar
@@ -154,10 +154,10 @@ class BrokerRuntime:
             self._ids = _new_ids(IDS_DRAWN)
         return self._ids.pop()
 
-    async def _send(self, route: Route, send: Callable[[], Awaitable[T]], seconds: float, *, keyed: bool) -> T:
-        """Run one broker write (connecting included) for at most `seconds`."""
+    async def _send(self, route: Route, send: Awaitable[T], seconds: float, *, keyed: bool) -> T:
+        """Await one broker write (connecting included) for at most `seconds`."""
         try:
-            return await self._timeouts.within(seconds, send())
+            return await self._timeouts.within(seconds, send)
         except TimeoutError:
             retry = (
                 "publishing it again with the same idempotency key cannot store a second copy under another id"
@@ -188,9 +188,7 @@ class BrokerRuntime:
         trace = outgoing_trace_context()
         if not outgoing.idempotency_key:
             message = self._message(route, outgoing, trace)
-            await self._send(
-                route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic(), keyed=False
-            )
+            await self._send(route, adapter.publish(route.topic.name, message), give_up - time.monotonic(), keyed=False)
             return message.id
         return await self._publish_once(route, adapter, outgoing, trace, give_up)
 
@@ -240,9 +238,7 @@ class BrokerRuntime:
             return answer.decode()
         message = self._message(route, outgoing, trace, message_id)
         try:
-            await self._send(
-                route, lambda: adapter.publish(route.topic.name, message), give_up - time.monotonic(), keyed=True
-            )
+            await self._send(route, adapter.publish(route.topic.name, message), give_up - time.monotonic(), keyed=True)
         except BaseException:
             await self._services.store.idempotency_release(key, owner)
             raise
@@ -297,7 +293,7 @@ class BrokerRuntime:
             try:
                 published = await self._send(
                     route,
-                    lambda: adapter.publish_batch(route.topic.name, messages),
+                    adapter.publish_batch(route.topic.name, messages),
                     give_up - time.monotonic(),
                     keyed=False,
                 )
