@@ -55,11 +55,11 @@ class Timeouts:
 
     async def within(self, seconds: float, work: Awaitable[T]) -> T:
         """`await work`, for at most `seconds` (TimeoutError after). Must run in a task."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a new loop (tests run several in turn): what the old one held is gone
-            self._loop, self._heap, self._timer, self._timer_at = loop, [], None, math.inf
         task = asyncio.current_task()
         assert task is not None, "Timeouts.within runs in a task"
+        loop = task.get_loop()  # not get_running_loop(): in C it asks the system for the process id each time
+        if loop is not self._loop:  # a new loop (tests run several in turn): what the old one held is gone
+            self._loop, self._heap, self._timer, self._timer_at = loop, [], None, math.inf
         when = loop.time() + max(seconds, 0.0)
         entry = [when, next(self._order), task, False]
         heap = self._heap
