@@ -87,7 +87,7 @@ from ductape_processor.adapters.brokers.base import (
     BrokerUnavailable,
     SubscribeOptions,
 )
-from ductape_processor.adapters.brokers.codec import TimeText, text
+from ductape_processor.adapters.brokers.codec import text
 from ductape_processor.adapters.brokers.connection import Endpoint
 from ductape_processor.adapters.brokers.redis_connection import Command, PipelinedConnection
 from ductape_processor.adapters.brokers.redis_entries import EntryReader, xadd
@@ -218,18 +218,19 @@ class RedisBroker(BrokerAdapter):
 
     async def publish(self, topic: str, message: OutgoingEvent) -> str:
         key = stream_key(topic)
-        command = xadd(key, message)
-        entry_id = await self.call("publish (XADD)", lambda: self.connection().one(*command))
+        command = xadd(key, [message])
+        [entry_id] = await self.call("publish (XADD)", lambda: self.connection().send(command, 1))
+        if isinstance(entry_id, ResponseError):
+            raise self._endpoint.unavailable("Redis refused publish (XADD)", entry_id)
         await self.maintain(key)
         return text(entry_id)
 
     async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
         key = stream_key(topic)
-        time = TimeText()
-        commands = [xadd(key, message, time(message.time)) for message in messages]
         replies = []
-        if commands:
-            replies = await self.call("publish batch (XADD)", lambda: self.connection().execute(commands))
+        if messages:
+            commands = xadd(key, messages)
+            replies = await self.call("publish batch (XADD)", lambda: self.connection().send(commands, len(messages)))
         await self.maintain(key)
         return [
             self._endpoint.unavailable("Redis refused the publish", reply)
@@ -280,8 +281,7 @@ class RedisSubscription(BrokerSubscription):
         self._group = group
         self.consumer = consumer
         self._reads = reads  # blocking reads only: a blocked command holds up its connection
-        self._held: dict[str, str] = {}  # handed out, not yet acked/nacked: handle -> entry id
-        self._delivery: dict[str, str] = {}  # entry id -> its current handle
+        self._held: dict[str, str] = {}  # handed out, not yet acked/nacked: entry id -> its current delivery's handle
         self._cursor = "-"
         self._lock = asyncio.Lock()  # fetches and close never overlap
         self._closed = False
@@ -293,28 +293,23 @@ class RedisSubscription(BrokerSubscription):
         loop = asyncio.get_running_loop()
         until = loop.time() + max(timeout_s, 0.0)
         async with self._lock:
-            taken: list[Taken] = []
+            reclaimed: list[Taken] = []
+            read: list[Any] = []
             while not self._closed:
-                taken = await self._reclaim(max_messages)
-                room = max_messages - len(taken)
+                reclaimed = await self._reclaim(max_messages)
+                room = max_messages - len(reclaimed)
                 if room > 0:
-                    block_ms = 0 if taken else int(min(until - loop.time(), BLOCK_CAP_S) * 1000)
-                    taken += await self._read(room, block_ms if block_ms > 0 else None)
-                if taken or loop.time() >= until:
+                    block_ms = 0 if reclaimed else int(min(until - loop.time(), BLOCK_CAP_S) * 1000)
+                    read = await self._read(room, block_ms if block_ms > 0 else None)
+                if reclaimed or read or loop.time() >= until:
                     break
             if self._closed:
                 return []  # close() parks them, keeping their attempt number: nobody saw them
-            held, delivery = self._held, self._delivery
             messages = []
-            for raw_id, attempt, flat in taken:
-                entry_id = raw_id.decode()
-                message = self._entries.incoming(entry_id, flat, max(attempt, 1))
-                stale = delivery.pop(entry_id, None)  # taken again after its deadline: forget the old one
-                if stale is not None:
-                    held.pop(stale, None)
-                held[message.handle] = entry_id
-                delivery[entry_id] = message.handle
-                messages.append(message)
+            for entry_id, attempt, flat in reclaimed:
+                messages += self._entries.messages([(entry_id, flat)], max(attempt, 1), self._held)
+            if read:
+                messages += self._entries.messages(read, 1, self._held)
             await self._broker.maintain(self._key)
         return messages
 
@@ -327,7 +322,8 @@ class RedisSubscription(BrokerSubscription):
         self._cursor = text(reply[0])
         return [(entry_id, int(count), flat) for entry_id, count, flat in reply[1]]
 
-    async def _read(self, count: int, block_ms: int | None) -> list[Taken]:
+    async def _read(self, count: int, block_ms: int | None) -> list[Any]:
+        """New entries `[entry id, [field, value, ...]]` (the reply's own lists) for this consumer."""
         block: Command = () if block_ms is None else (b"BLOCK", block_ms)
         command = (b"XREADGROUP", b"GROUP", self._group, self.consumer, b"COUNT", count, *block)
         command += (b"STREAMS", self._key, b">")
@@ -348,23 +344,33 @@ class RedisSubscription(BrokerSubscription):
             # Closing the connection stops the read in Redis: it takes nothing more for a fetch nobody waits for.
             self._reads.abandon()
             raise
-        entries: list[Taken] = []
-        streams = reply.values() if isinstance(reply, dict) else (stream[1] for stream in reply or ())
-        for stream_entries in streams:
-            for entry_id, flat in stream_entries:
-                if flat is not None:  # None: deleted while pending (older servers)
-                    entries.append((entry_id, 1, flat))
-        return entries
+        if not reply:
+            return []
+        if isinstance(reply, dict):  # RESP3
+            [entries] = reply.values()
+        else:
+            [[_, entries]] = reply
+        return entries  # type: ignore[no-any-return]
+
+    def _mine(self, handles: list[str]) -> dict[str, str]:
+        """Those of `handles` that are current deliveries to this consumer, by entry id."""
+        held = self._held
+        return {entry_id: handle for handle in handles if held.get(entry_id := handle.partition("@")[0]) == handle}
+
+    def _forget(self, mine: dict[str, str]) -> None:
+        """Settled: `mine` are not held any more (unless an entry was delivered again meanwhile)."""
+        held = self._held
+        for entry_id, handle in mine.items():
+            if held.get(entry_id) == handle:
+                del held[entry_id]
 
     async def ack(self, handles: list[str]) -> None:
-        mine = [handle for handle in dict.fromkeys(handles) if handle in self._held]
-        if not mine:
-            return
-        ids = [self._held[handle] for handle in mine]
-        await self._broker.call(
-            "acknowledging (XACK)", lambda: self._broker.connection().one(b"XACK", self._key, self._group, *ids)
-        )
-        self._forget(mine)
+        mine = self._mine(handles)
+        if mine:
+            await self._broker.call(
+                "acknowledging (XACK)", lambda: self._broker.connection().one(b"XACK", self._key, self._group, *mine)
+            )
+            self._forget(mine)
 
     async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
         idle = PARK_MS - min(max(round(delay_s * 1000), 0), PARK_MS)
@@ -374,26 +380,18 @@ class RedisSubscription(BrokerSubscription):
         await self._park(handles, PARK_MS, "giving unseen messages back", lower=True)
 
     async def _park(self, handles: list[str], idle: int, what: str, *, lower: bool = False) -> None:
-        mine = [handle for handle in dict.fromkeys(handles) if handle in self._held]
-        if not mine:
-            return
-        ids = [self._held[handle] for handle in mine]
-        args: Command = (self._group, self.consumer, PARK_CONSUMER, idle, int(lower), *ids)
-        await self._broker.call(what, lambda: PARK.run(self._broker.connection(), self._key, args))
-        self._forget(mine)
-
-    def _forget(self, handles: list[str]) -> None:
-        for handle in handles:
-            entry_id = self._held.pop(handle, None)
-            if entry_id is not None and self._delivery.get(entry_id) == handle:
-                del self._delivery[entry_id]
+        mine = self._mine(handles)
+        if mine:
+            args: Command = (self._group, self.consumer, PARK_CONSUMER, idle, int(lower), *mine)
+            await self._broker.call(what, lambda: PARK.run(self._broker.connection(), self._key, args))
+            self._forget(mine)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         async with self._lock:
-            args: Command = (self._group, self.consumer, PARK_CONSUMER, PARK_MS, *self._held.values())
+            args: Command = (self._group, self.consumer, PARK_CONSUMER, PARK_MS, *self._held)
             try:
                 await self._broker.call(
                     "closing the consumer",
@@ -406,4 +404,3 @@ class RedisSubscription(BrokerSubscription):
             finally:
                 await self._reads.close()
             self._held.clear()
-            self._delivery.clear()

@@ -2,7 +2,8 @@
 
 Redis answers the commands of one connection in the order it read them, so a caller needs neither a connection of
 its own nor to wait for the previous caller's reply: each `execute` writes its commands at once (packed by hiredis,
-in C) behind whatever is already on the wire, and one reader task per connection hands the replies back in order.
+in C; or `send`, already encoded: the XADDs of a publish) behind whatever is already on the wire, and one reader
+task per connection hands the replies back in order.
 A `PublishBatch` of 100 messages is one write and one read of 100 replies; 32 concurrent single publishes share one
 socket, most of their writes and reads coalesced by the kernel.
 
@@ -142,12 +143,16 @@ class PipelinedConnection:
         Raises redis-py's ConnectionError when the connection fails, TimeoutError when the replies do not come
         within `timeout_s` (default: the connection's reply timeout), and closes the connection in both cases.
         """
+        # hiredis' stub declares a tuple of one argument; it takes any number.
+        packed = b"".join([hiredis.pack_command(command) for command in commands])  # type: ignore[arg-type]
+        return await self.send(packed, len(commands), timeout_s)
+
+    async def send(self, packed: bytes, count: int, timeout_s: float | None = None) -> list[Any]:
+        """As `execute`, for `count` commands already encoded for the wire (RESP) one after the other in `packed`."""
         wire = await self._wire.get()
         if wire.failure is not None:
             raise wire.failure
-        # hiredis' stub declares a tuple of one argument; it takes any number.
-        packed = b"".join([hiredis.pack_command(command) for command in commands])  # type: ignore[arg-type]
-        future = wire.send(packed, len(commands))
+        future = wire.send(packed, count)
         try:
             async with asyncio.timeout(self._reply_timeout_s if timeout_s is None else timeout_s):
                 if wire.writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
