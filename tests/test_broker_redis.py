@@ -204,6 +204,74 @@ async def test_cloudevents_fields_round_trip_binary_data_and_colliding_attribute
     await sub.close()
 
 
+async def test_a_batch_is_written_with_the_documented_fields_and_entries_of_any_shape_are_read(
+    adapter: RedisBroker, admin: aioredis.Redis
+) -> None:
+    name = topic()
+    sub = await adapter.subscribe(name, "g", SubscribeOptions(prefetch=10, ack_deadline_s=5))
+    plain, other_type = message(b"plain"), message(b"other")
+    plain.content_type, other_type.content_type, other_type.type = "application/json", "text/plain\u00e9", "orders.v2"
+    extras = message(
+        b'{"a":1}',
+        attributes={"k": "v\u00fc"},
+        ordering_key="o",
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        tracestate="x=1",
+        json_payload=True,
+    )
+    other_type.time = extras.time = plain.time  # as the messages of one publish
+    published = await adapter.publish_batch(name, [plain, other_type, extras])
+    assert all(isinstance(entry_id, str) for entry_id in published)
+    stamp = plain.time.isoformat().encode()
+
+    def head(sent: OutgoingEvent, content_type: bytes) -> list[bytes]:
+        fields = [b"specversion", b"1.0", b"id", sent.id.encode(), b"source", sent.source.encode(), b"type"]
+        return [*fields, sent.type.encode(), b"time", stamp, b"datacontenttype", content_type]
+
+    extra_fields = [b"orderingkey", b"o", b"traceparent", extras.traceparent.encode(), b"tracestate", b"x=1"]
+    extra_fields += [b"ductapepayload", b"json", b"attr-k", "v\u00fc".encode()]
+    expected = [
+        [*head(plain, b"application/json"), b"data", b"plain"],
+        [*head(other_type, "text/plain\u00e9".encode()), b"data", b"other"],
+        [*head(extras, b"application/octet-stream"), *extra_fields, b"data", b'{"a":1}'],
+    ]
+    raw = await admin.xrange(stream_key(name))
+    assert [[part for pair in fields.items() for part in pair] for _, fields in raw] == expected  # in their order
+    # Another producer's entries: only a payload; the fields in another order, an empty id and an unreadable time.
+    foreign_id = await admin.xadd(stream_key(name), {"data": b"bare"})
+    shuffled_id = await admin.xadd(
+        stream_key(name),
+        {"type": "t", "data": b"x", "id": "", "time": "yesterday", "source": "s", "specversion": "1.0"},
+    )
+    got = await sub.fetch(10, 2)
+    assert [m.data for m in got] == [b"plain", b"other", b'{"a":1}', b"bare", b"x"]
+    for sent, received in zip([plain, other_type, extras], got, strict=False):
+        assert (received.id, received.source, received.type, received.time) == (
+            sent.id,
+            sent.source,
+            sent.type,
+            sent.time,
+        )
+        assert (received.content_type, received.attributes, received.json_payload) == (
+            sent.content_type,
+            dict(sent.attributes),
+            sent.json_payload,
+        )
+        assert (received.ordering_key, received.traceparent, received.tracestate) == (
+            sent.ordering_key,
+            sent.traceparent,
+            sent.tracestate,
+        )
+    foreign, shuffled = got[3], got[4]
+    assert (foreign.id, foreign.source, foreign.type) == (foreign_id.decode(), "", name)
+    assert (foreign.content_type, foreign.attributes) == ("application/octet-stream", {})
+    assert foreign.time == datetime.fromtimestamp(int(foreign_id.split(b"-")[0]) / 1000, UTC)
+    assert (shuffled.id, shuffled.source, shuffled.type) == (shuffled_id.decode(), "s", "t")
+    assert shuffled.time == datetime.fromtimestamp(int(shuffled_id.split(b"-")[0]) / 1000, UTC)
+    await sub.ack([m.handle for m in got])
+    await sub.close()
+
+
 async def test_delivery_attempts_count_every_redelivery_and_delays_hold(
     adapter: RedisBroker, admin: aioredis.Redis
 ) -> None:
