@@ -21,6 +21,9 @@ Delivery and `delivery_attempt`
     A handle is ``<entry id>@<attempt>``, one per delivery, so a stale handle never settles a later delivery.
     `fetch` first takes back, in one Lua script (atomic, so two consumers never claim the same entry), the entries
     that are due for redelivery, then reads new entries with ``XREADGROUP ... BLOCK`` (each block at most 0.5 s).
+    A consumer runs that script at most every `RECLAIM_INTERVAL_S`, except that its next fetch runs it at once after
+    it gave entries back (nack, release) or when the last run found some: on a busy stream, a script and its scan of
+    the pending entries for every fetch of 100 messages cost both the processor and Redis more than the read.
 
 Redelivery (nack, delay, ack deadline, close, crashed processors)
     A nack parks the entry on the group's pseudo-consumer ``ductape:redeliver`` with
@@ -28,8 +31,8 @@ Redelivery (nack, delay, ack deadline, close, crashed processors)
     other groups of the stream are unaffected and the counter stays exact), and its idle time reaches `PARK_MS`
     (ten years) exactly `delay` later, when any consumer of the group claims it (counter + 1). The alternative,
     XADD of a copy plus XACK of the original, was rejected: the copy would reach every group of the stream and
-    loses the entry id. Trade-offs: a parked entry is taken only when some consumer of the group fetches (every
-    fetch checks, so at most one 0.5 s block late), and the parked entries are visible as a consumer in
+    loses the entry id. Trade-offs: a parked entry is taken only when some consumer of the group fetches (at most
+    one 0.5 s block, or `RECLAIM_INTERVAL_S`, late), and the parked entries are visible as a consumer in
     ``XINFO CONSUMERS``. The nack script only parks entries this consumer still owns.
     `close` (after the engine nacked what it held) parks whatever the consumer still holds and deletes the consumer
     (``XGROUP DELCONSUMER``) in the same script, so it leaves no phantom consumer and loses nothing (deleting a
@@ -106,6 +109,7 @@ PARK_MS = 10 * 365 * 24 * 3600 * 1000  # a parked entry is due once its idle tim
 GRACE_MS = 3000  # an entry held this long past its owner's ack deadline is abandoned
 UNKNOWN_OWNER_DEADLINE_MS = 60_000  # owners whose name carries no ack deadline (not ours)
 BLOCK_CAP_S = 0.5  # one XREADGROUP blocks at most this long, so parked entries are noticed soon
+RECLAIM_INTERVAL_S = 0.1  # a consumer looks for entries due for redelivery at most this often (see Redelivery)
 SCAN = 100  # pending entries examined per fetch when looking for abandoned ones
 REPLY_TIMEOUT_S = 10.0  # a reply (after a blocking read's block) later than this: the connection is dead
 RETRY_BUDGET_S = 5.0
@@ -283,6 +287,7 @@ class RedisSubscription(BrokerSubscription):
         self._reads = reads  # blocking reads only: a blocked command holds up its connection
         self._held: dict[str, str] = {}  # handed out, not yet acked/nacked: entry id -> its current delivery's handle
         self._cursor = "-"
+        self._reclaim_at = 0.0  # when a fetch looks for entries due for redelivery next (loop time)
         self._lock = asyncio.Lock()  # fetches and close never overlap
         self._closed = False
         self._entries = EntryReader(topic)
@@ -296,7 +301,10 @@ class RedisSubscription(BrokerSubscription):
             reclaimed: list[Taken] = []
             read: list[Any] = []
             while not self._closed:
-                reclaimed = await self._reclaim(max_messages)
+                if loop.time() >= self._reclaim_at:
+                    reclaimed = await self._reclaim(max_messages)
+                    # While it finds some, look again at the next fetch: more may be due.
+                    self._reclaim_at = 0.0 if reclaimed else loop.time() + RECLAIM_INTERVAL_S
                 room = max_messages - len(reclaimed)
                 if room > 0:
                     block_ms = 0 if reclaimed else int(min(until - loop.time(), BLOCK_CAP_S) * 1000)
@@ -385,6 +393,7 @@ class RedisSubscription(BrokerSubscription):
             args: Command = (self._group, self.consumer, PARK_CONSUMER, idle, int(lower), *mine)
             await self._broker.call(what, lambda: PARK.run(self._broker.connection(), self._key, args))
             self._forget(mine)
+            self._reclaim_at = 0.0  # given back: the next fetch looks for what is due
 
     async def close(self) -> None:
         if self._closed:

@@ -154,7 +154,10 @@ class SubscribeStream:
                     continue
                 if fetching.done() and not fetching.exception() and fetching.result():
                     batch = fetching.result()
-                    fetching = None
+                    # The next batch is fetched while this one is written (within the stream's credit, which counts
+                    # this one already): a broker's round trips overlap gRPC's write instead of following it.
+                    fetching = asyncio.ensure_future(subscription.next_batch())
+                    fetching.add_done_callback(woken)
                     subscription.writing(batch)
                     yield Batch(batch)
                     subscription.written(batch)
