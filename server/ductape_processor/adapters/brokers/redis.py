@@ -237,7 +237,9 @@ class RedisBroker(BrokerAdapter):
             replies = await self.call("publish batch (XADD)", lambda: self.connection().send(commands, len(messages)))
         await self.maintain(key)
         return [
-            self._endpoint.unavailable("Redis refused the publish", reply)
+            reply.decode()
+            if type(reply) is bytes
+            else self._endpoint.unavailable("Redis refused the publish", reply)
             if isinstance(reply, ResponseError)
             else text(reply)
             for reply in replies

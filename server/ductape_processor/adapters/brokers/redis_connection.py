@@ -80,24 +80,28 @@ class _Wire:
         return future
 
     async def _read(self) -> None:
-        parser, waiting = self.parser, self.waiting
+        gets, waiting = self.parser.gets, self.waiting
         try:
             while True:
-                reply = parser.gets()
+                reply = gets()
                 if reply is _MORE:
                     data = await self.stream.read(READ_SIZE)
                     if not data:
                         raise RedisConnectionError("Redis closed the connection")
-                    parser.feed(data)
+                    self.parser.feed(data)
                     continue
                 if not waiting:
                     raise RedisConnectionError("Redis sent a reply nobody asked for")
                 pending = waiting[0]
-                pending.replies.append(reply)
-                if len(pending.replies) == pending.count:
+                replies, count = pending.replies, pending.count
+                replies.append(reply)
+                # The rest of this caller's replies that are here already (a batch's 100 XADD replies), in one loop.
+                while len(replies) < count and (reply := gets()) is not _MORE:
+                    replies.append(reply)
+                if len(replies) == count:
                     waiting.popleft()
                     if not pending.future.done():  # a cancelled caller's replies are dropped
-                        pending.future.set_result(pending.replies)
+                        pending.future.set_result(replies)
         except RedisConnectionError as exc:
             self.fail(exc)
         except Exception as exc:  # the socket or the protocol failed: the callers retry on a new connection
