@@ -93,11 +93,24 @@ def _batch(messages: list[tuple[str, IncomingEvent]], json_values: bool) -> brok
     response = broker_pb2.SubscribeResponse()
     add = response.batch.messages.add
     shared: dict[tuple[object, ...], bytes] = {}
+    last: IncomingEvent | None = None
+    common = b""
     for ack_id, message in messages:
-        key = (message.time, message.source, message.type, message.content_type, message.delivery_attempt)
-        common = shared.get(key)
-        if common is None:
-            common = shared[key] = _shared(message)
+        # The messages of one publish usually come in a row, with the very same values (adapters decode them once).
+        if (
+            last is None
+            or message.time is not last.time
+            or message.source is not last.source
+            or message.type is not last.type
+            or message.content_type is not last.content_type
+            or message.delivery_attempt != last.delivery_attempt
+        ):
+            key = (message.time, message.source, message.type, message.content_type, message.delivery_attempt)
+            known = shared.get(key)
+            if known is None:
+                known = shared[key] = _shared(message)
+            common = known
+        last = message
         item = add(ack_id=ack_id, id=message.id)
         if not (json_values and message.json_payload) or not _json_payload(message.data, item.json):
             item.data = message.data

@@ -211,16 +211,18 @@ class Subscription:
                 filling.exception()  # a broken subscription: the fetch that follows reports it
 
     async def _admit(self, messages: list[IncomingEvent]) -> list[tuple[str, IncomingEvent]]:
-        admitted: list[tuple[str, IncomingEvent]] = []
-        limits = self._limits
-        outstanding, ids = self._outstanding, self._ids
-        for message in messages:
-            if limits.max_deliveries and message.delivery_attempt > limits.max_deliveries and self._dead_letter:
-                await self._to_dead_letter(message)
-                continue
-            ack_id = f"{next(ids):x}"
-            outstanding[ack_id] = message
-            admitted.append((ack_id, message))
+        ids = self._ids
+        max_deliveries = self._limits.max_deliveries
+        if max_deliveries and self._dead_letter and any(m.delivery_attempt > max_deliveries for m in messages):
+            admitted: list[tuple[str, IncomingEvent]] = []
+            for message in messages:
+                if message.delivery_attempt > max_deliveries:
+                    await self._to_dead_letter(message)
+                else:
+                    admitted.append((f"{next(ids):x}", message))
+        else:
+            admitted = [(f"{next(ids):x}", message) for message in messages]
+        self._outstanding.update(admitted)
         self.delivered += len(admitted)
         return admitted
 
