@@ -156,6 +156,10 @@ class EntryReader:
         append = out.append
         suffix = f"@{attempt}"  # a handle is one per delivery: a stale handle never settles a later delivery
         topic = self._topic
+        # The remembered values as locals for the loop (written back after it): (the field as read, its value).
+        time_field, moment = self._time_field, self._time
+        (raw_source_seen, source), (raw_type_seen, type_) = self._source, self._type
+        raw_content_type_seen, content_type = self._content_type
         for raw_entry_id, flat in entries:
             if flat is None:  # deleted while pending (older servers)
                 continue
@@ -166,34 +170,32 @@ class EntryReader:
                 append(message)
                 continue
             _, raw_id, raw_source, raw_type, raw_time, raw_content_type, data = flat[1::2]
-            if raw_time != self._time_field:
-                written = _written_time(raw_time)
-                if written is None:
+            if raw_time == time_field:
+                written = moment
+            else:
+                parsed = _written_time(raw_time)
+                if parsed is None:
                     written = _entry_time(entry_id)
                 else:
-                    self._time_field, self._time = raw_time, written
-            else:
-                written = self._time
-            source, type_, content_type = self._source, self._type, self._content_type
-            if raw_source != source[0]:
-                source = self._source = (raw_source, _text(raw_source))
-            if raw_type != type_[0]:
-                type_ = self._type = (raw_type, _text(raw_type) if raw_type else topic)
-            if raw_content_type != content_type[0]:
-                content_type = self._content_type = (
-                    raw_content_type,
-                    _text(raw_content_type) or DEFAULT_CONTENT_TYPE,
-                )
+                    written = moment = parsed
+                    time_field = raw_time
+            if raw_source != raw_source_seen:
+                raw_source_seen, source = raw_source, raw_source.decode("utf-8", "replace")
+            if raw_type != raw_type_seen:
+                raw_type_seen, type_ = raw_type, raw_type.decode("utf-8", "replace") if raw_type else topic
+            if raw_content_type != raw_content_type_seen:
+                raw_content_type_seen = raw_content_type
+                content_type = raw_content_type.decode("utf-8", "replace") or DEFAULT_CONTENT_TYPE
             handle = held[entry_id] = entry_id + suffix
             # Positional, in IncomingEvent's field order.
             append(
                 IncomingEvent(
-                    _text(raw_id) if raw_id else entry_id,
-                    source[1],
-                    type_[1],
+                    raw_id.decode("utf-8", "replace") if raw_id else entry_id,
+                    source,
+                    type_,
                     written,
                     data,
-                    content_type[1],
+                    content_type,
                     handle,
                     {},
                     "",
@@ -201,6 +203,9 @@ class EntryReader:
                     attempt,
                 )
             )
+        self._time_field, self._time = time_field, moment
+        self._source, self._type = (raw_source_seen, source), (raw_type_seen, type_)
+        self._content_type = (raw_content_type_seen, content_type)
         return out
 
     def incoming(self, entry_id: str, flat: list[bytes], attempt: int) -> IncomingEvent:
