@@ -23,7 +23,13 @@ from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerUnavail
 from ductape_processor.adapters.brokers.registry import BROKER_TYPES
 from ductape_processor.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ProcessorError
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent, OutgoingMessage, carried
+from ductape_processor.runtime.brokers.messages import (
+    NO_ATTRIBUTES,
+    IncomingEvent,
+    OutgoingEvent,
+    OutgoingMessage,
+    carried,
+)
 from ductape_processor.runtime.brokers.stream import SubscribeStream
 from ductape_processor.runtime.brokers.subscriptions import Limits, StreamClosing, Subscription
 from ductape_processor.runtime.policies import Deadline
@@ -50,7 +56,11 @@ ROUTES_REMEMBERED: Final = 1024
 """Routes (product, environment, event) kept, the least recently used forgotten first."""
 ID_BYTES: Final = 12
 """Random bytes in a message id (24 hex characters) when the publish has no idempotency key."""
+ID_CHARS: Final = 2 * ID_BYTES
+"""Characters in every message id: ID_BYTES in hex, or the hex digest's first ID_CHARS with an idempotency key."""
 MAX_BATCH_ENTRIES = 1000
+DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
+"""The CloudEvents `datacontenttype` of a message published without a content type."""
 IDS_DRAWN: Final = 256
 """Message ids drawn from the system's random source at once for single publishes."""
 _ATTRIBUTE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")  # \Z: "$" would let a trailing newline through
@@ -212,7 +222,7 @@ class BrokerRuntime:
         # a copy stored by an attempt that answered UNAVAILABLE is dropped by JetStream (Nats-Msg-Id) and carries the
         # same id as the retry everywhere else. The message is part of it because a key may come back with another
         # message once its record has expired.
-        message_id = hashlib.sha256(f"{key}\n{request_hash}".encode()).hexdigest()[:24]
+        message_id = hashlib.sha256(f"{key}\n{request_hash}".encode()).hexdigest()[:ID_CHARS]
         owner = os.urandom(8).hex()
 
         async def wait(_: IdempotencyRecord) -> None:
@@ -259,37 +269,61 @@ class BrokerRuntime:
         keeps its position (`messages[i]` names the i-th entry of the request).
         """
         give_up = time.monotonic() + (deadline or Deadline(None)).bound(PUBLISH_LIMIT_S)
-        if len(entries) > MAX_BATCH_ENTRIES:
+        count = len(entries)
+        if count > MAX_BATCH_ENTRIES:
             raise InvalidArgument.field("messages", f"holds more than {MAX_BATCH_ENTRIES} entries")
         route = await self.route(product, env, event)
         adapter = self.adapter(route)
         trace = outgoing_trace_context()
-        results: list[str | ProcessorError | None] = [None] * len(entries)
-        plain: list[OutgoingMessage] = []  # published together, at these positions
-        positions: list[int] = []
+        # Everything below runs for every message, so most messages (no attributes, no idempotency key, within the
+        # limits: nothing `_check` could refuse) become their event in this one loop, unpacked in one step, with
+        # what the messages of a publish share (source, type, time, trace context, the random read of their ids)
+        # looked up once. The others go the whole way: their error kept, their fields checked (the field names
+        # spelled only for them), a keyed message published on its own.
+        source, type_, now = route.source, route.topic.name, datetime.now(UTC)
+        traceparent, tracestate = trace.get("traceparent", ""), trace.get("tracestate", "")
+        ids = _new_ids(count)
         max_bytes = self._max_bytes
+        messages: list[OutgoingEvent] = []
+        append = messages.append
+        others: dict[int, str | ProcessorError] = {}  # the outcomes of entries not published with the others
         for index, outgoing in enumerate(entries):
+            if type(outgoing) is OutgoingMessage:
+                data, content_type, attributes, ordering_key, key, json_payload = outgoing
+                if not attributes and not key and len(data) <= max_bytes and len(ordering_key) <= MAX_ORDERING_KEY:
+                    append(
+                        OutgoingEvent(
+                            ids[index],
+                            source,
+                            type_,
+                            now,
+                            data,
+                            content_type or DEFAULT_CONTENT_TYPE,
+                            NO_ATTRIBUTES,
+                            ordering_key,
+                            traceparent,
+                            tracestate,
+                            json_payload,
+                        )
+                    )
+                    continue
             if isinstance(outgoing, ProcessorError):
-                results[index] = outgoing
+                others[index] = outgoing
                 continue
-            # Most messages have nothing `_check` could refuse; they skip it (this runs for every message, and the
-            # check's field names are spelled only for a message that needs them).
-            if not _nothing_to_check(outgoing, max_bytes):
+            try:
+                self._check(outgoing, f"messages[{index}]")
+            except ProcessorError as exc:
+                others[index] = exc
+                continue
+            if outgoing.idempotency_key:
                 try:
-                    self._check(outgoing, f"messages[{index}]")
+                    others[index] = await self._publish_once(route, adapter, outgoing, trace, give_up)
                 except ProcessorError as exc:
-                    results[index] = exc
-                    continue
-                if outgoing.idempotency_key:
-                    try:
-                        results[index] = await self._publish_once(route, adapter, outgoing, trace, give_up)
-                    except ProcessorError as exc:
-                        results[index] = exc
-                    continue
-            plain.append(outgoing)
-            positions.append(index)
-        if plain:
-            messages = _events(route, plain, trace, _new_ids(len(plain)))
+                    others[index] = exc
+                continue
+            append(_events(route, [outgoing], trace, [ids[index]], now)[0])
+        outcomes: list[str | ProcessorError] = []
+        if messages:
             try:
                 published = await self._send(
                     route,
@@ -298,10 +332,16 @@ class BrokerRuntime:
                     keyed=False,
                 )
             except BrokerUnavailable as exc:
-                published = [exc] * len(plain)
-            for index, message, outcome in zip(positions, messages, published, strict=True):
-                results[index] = message.id if isinstance(outcome, str) else outcome
-        return [result if result is not None else ProcessorError("not published") for result in results]
+                published = [exc] * len(messages)
+            outcomes = [
+                message.id if isinstance(outcome, str) else outcome
+                for message, outcome in zip(messages, published, strict=True)
+            ]
+        if not others:
+            return outcomes
+        # Put the plain messages' outcomes back between the others, in the entries' order.
+        plain = iter(outcomes)
+        return [others[index] if index in others else next(plain) for index in range(count)]
 
     # -- subscribing --------------------------------------------------------------------------------------------
 
@@ -366,11 +406,15 @@ def _new_ids(count: int) -> list[str]:
 
 
 def _events(
-    route: Route, messages: Sequence[OutgoingMessage], trace: Mapping[str, str], ids: Sequence[str]
+    route: Route,
+    messages: Sequence[OutgoingMessage],
+    trace: Mapping[str, str],
+    ids: Sequence[str],
+    now: datetime | None = None,
 ) -> list[OutgoingEvent]:
     """The CloudEvents of messages published in one call: they share the source, the type, the time (the call's)
-    and the trace context. Built positionally, in OutgoingEvent's field order: this runs for every message."""
-    source, type_, now = route.source, route.topic.name, datetime.now(UTC)
+    and the trace context. Built positionally, in OutgoingEvent's field order."""
+    source, type_, now = route.source, route.topic.name, now or datetime.now(UTC)
     traceparent, tracestate = trace.get("traceparent", ""), trace.get("tracestate", "")
     return [
         OutgoingEvent(
@@ -379,8 +423,8 @@ def _events(
             type_,
             now,
             outgoing.data,
-            outgoing.content_type or "application/octet-stream",
-            dict(outgoing.attributes) if outgoing.attributes else {},
+            outgoing.content_type or DEFAULT_CONTENT_TYPE,
+            dict(outgoing.attributes) if outgoing.attributes else NO_ATTRIBUTES,
             outgoing.ordering_key,
             traceparent,
             tracestate,
