@@ -31,6 +31,7 @@ from ductape_processor.runtime.registry.manifest import Manifest
 from ductape_processor.runtime.sessions import new_root_key, parse_root_key
 from ductape_processor.settings import Settings
 from ductape_processor.telemetry.logging import configure_logging
+from ductape_processor.threads import HelperThreads
 
 log = logging.getLogger("ductape_processor")
 
@@ -60,6 +61,7 @@ _FLAGS: dict[str, _Flag] = {
     "log_level": {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]},
     "event_loop": {"choices": ["auto", "asyncio", "uvloop"]},
     "log_format": {"choices": ["json", "text"]},
+    "helper_thread_nice": {"type": int},
     "max_message_bytes": {"type": int},
     "max_concurrent_rpcs": {"type": int},
     "keepalive_time_s": {"type": float},
@@ -140,6 +142,8 @@ async def serve(settings: Settings) -> int:
     # collector's reach, a full collection no longer walks its ~85 000 objects (about 45 ms a time under load).
     gc.collect()
     gc.freeze()
+    helpers = HelperThreads(settings.helper_thread_nice)
+    helpers.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,6 +152,7 @@ async def serve(settings: Settings) -> int:
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutdown requested")
+    helpers.stop()
     await app.stop()
     for task in (waiter, stopper):
         await cancel_and_wait(task)

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+    helper_thread_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Nice value of the process's threads but the event loop's (gRPC's, the SQLite writer's): they"
+        " stop preempting the loop at each wake-up (threads.py). 0: left as started.",
+    )
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     max_concurrent_rpcs: int | None = Field(
         None, ge=1, description="Calls served at once; more are refused with RESOURCE_EXHAUSTED. Unset: no cap."
