@@ -463,6 +463,20 @@ async def test_publish_batch_reports_each_entry(broker: Running) -> None:
     await sub.close()
 
 
+async def test_a_batch_that_all_went_out_answers_each_entry_with_the_id_its_subscriber_sees(broker: Running) -> None:
+    sub = subscribe(broker)
+    messages = await opened(sub)
+    batch = [outgoing(b"%d" % n) for n in range(5)]
+    batch.append(outgoing(b"keyed", idempotency_key="k-" + broker.run))  # type: ignore[attr-defined]
+    results = await broker.client.message_broker.publish_batch(
+        product="shop", env="dev", event="events:orders", messages=batch
+    )
+    assert all(r.ok and len(r.message_id) == 24 and not r.reason for r in results)
+    received = {m.data: m.id for m in await take(messages, len(batch))}
+    assert [received[message.data] for message in batch] == [r.message_id for r in results]
+    await sub.close()
+
+
 async def test_publish_batch_names_each_failed_entry_by_its_own_position(broker: Running) -> None:
     await publish(broker, "taken", idempotency_key="batch-k")
     results = await broker.client.message_broker.publish_batch(

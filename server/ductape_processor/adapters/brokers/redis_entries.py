@@ -54,6 +54,9 @@ _CONTENT_TYPE_NAME: Final = _bulk(_CONTENT_TYPE)
 _DATA_NAME: Final = _bulk(_DATA)
 _PLAIN_HEADER: Final = b"*%d\r\n" % (3 + _PLAIN_LENGTH)  # XADD, key, *, and the fields of a plain entry
 _CRLF: Final = b"\r\n"
+_LENGTHS: Final = tuple(b"$%d\r\n" % length for length in range(1024))
+"""The head of a bulk string of each length up to 1023 bytes (an id, most payloads), picked instead of formatted:
+`bytes %` parses its format on every use (2 formats a message)."""
 
 
 def _optional(message: OutgoingEvent) -> tuple[bytes, int]:
@@ -108,8 +111,19 @@ def xadd(key: str, messages: Sequence[OutgoingEvent]) -> bytes:
             header = b"*%d\r\n" % (3 + _PLAIN_LENGTH + 2 * count)
             tail = tail[: -len(_DATA_NAME)] + optional + _DATA_NAME
         identity, data = message.id.encode(), message.data
+        size, length = len(identity), len(data)
         extend(
-            (header, start, b"$%d\r\n" % len(identity), identity, after_id, tail, b"$%d\r\n" % len(data), data, _CRLF)
+            (
+                header,
+                start,
+                _LENGTHS[size] if size < 1024 else b"$%d\r\n" % size,
+                identity,
+                after_id,
+                tail,
+                _LENGTHS[length] if length < 1024 else b"$%d\r\n" % length,
+                data,
+                _CRLF,
+            )
         )
     return b"".join(parts)
 
