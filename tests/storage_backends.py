@@ -29,12 +29,17 @@ class Backend:
     """Every key stored, read without the processor (leftovers of failed uploads included)."""
     unreachable_env: dict[str, Any] | None = None
     """Settings pointing at nothing, with credentials that must not appear in errors."""
+    env_at: Callable[[str], tuple[dict[str, Any], dict[str, str]]] | None = None
+    """The settings of the same storage reached at another endpoint (`http://127.0.0.1:<port>`, a proxy), and the
+    secrets they reference."""
     secrets: dict[str, str] = field(default_factory=dict)
     """Secrets the settings reference, as PROCESSOR_SECRET_* environment variables."""
     client: Any = None
     """The provider's own client, for tests that look closer (None for fs)."""
     signs_urls: bool = True
     """Whether the adapter makes signed URLs (not yet on GCS)."""
+    port: int = 0
+    """The emulator's port on loopback (0 for fs)."""
 
 
 def fs_backend(data_dir: Path, product: str, tag: str, env: str) -> Backend:
@@ -81,6 +86,70 @@ async def wait_for_port(port: int, process: asyncio.subprocess.Process, what: st
         await writer.wait_closed()
         return
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {seconds} s")
+
+
+class FlakyLink:
+    """A TCP proxy on loopback in front of an emulator that the test controls: it closes the first `drop` connections
+    as soon as they open (a provider restarting, a load balancer shedding), then passes bytes; with `hang`, it keeps
+    every new connection open and answers nothing (a provider that hung). `connections` counts what it accepted: one
+    per attempt of a client that opens a connection for each (a dropped connection is never reused)."""
+
+    def __init__(self, port: int, *, drop: int = 0, hang: bool = False) -> None:
+        self.port, self.drop, self.hang = port, drop, hang
+        self.connections = 0
+        self.endpoint = ""
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def cut(self) -> None:
+        """Close every connection through the link: clients' pooled connections too, so their next call opens one."""
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    async def __aenter__(self) -> FlakyLink:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.endpoint = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            if self.hang:
+                while await reader.read(65536):
+                    pass
+                return
+            if self.drop > 0:
+                self.drop -= 1
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self._writers.update((writer, up_writer))
+            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            self._writers.discard(writer)
+            writer.close()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+    writer.close()
 
 
 @contextlib.asynccontextmanager
@@ -164,8 +233,10 @@ async def s3_backend() -> AsyncIterator[Backend]:
             fetch,
             keys,
             unreachable_env=unreachable,
+            env_at=lambda at: ({**settings, "endpoint": at}, {}),
             secrets={"S3_KEY_ID": S3_KEY_ID, "S3_SECRET": S3_SECRET},
             client=client,
+            port=port,
         )
 
 
@@ -209,10 +280,13 @@ async def azure_backend(workdir: Path) -> AsyncIterator[Backend]:
         async def keys() -> list[str]:
             return await asyncio.to_thread(lambda: sorted(blob.name for blob in container.list_blobs()))
 
-        unreachable = (
-            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-            f"BlobEndpoint=http://127.0.0.1:{free_port()}/{AZURITE_ACCOUNT};"
-        )
+        unreachable = azurite_connection_string(free_port())
+
+        def env_at(endpoint: str) -> tuple[dict[str, Any], dict[str, str]]:
+            at = connection.replace(f"http://127.0.0.1:{port}/", f"{endpoint}/")
+            env = {"provider": "azure", "container": "storage-contract", "connection_string": "$Secret{AZURE_AT}"}
+            return env, {"AZURE_AT": at}
+
         yield Backend(
             "azure",
             {"provider": "azure", "container": "storage-contract", "connection_string": "$Secret{AZURE_CONNECTION}"},
@@ -223,13 +297,16 @@ async def azure_backend(workdir: Path) -> AsyncIterator[Backend]:
                 "container": "storage-contract",
                 "connection_string": "$Secret{AZURE_DOWN}",
             },
+            env_at=env_at,
             secrets={"AZURE_CONNECTION": connection, "AZURE_DOWN": unreachable, "AZURE_KEY": AZURITE_KEY},
             client=container,
+            port=port,
         )
 
 
-def made_up_service_account() -> str:
-    """A service account key file of no Google project (a fresh RSA key), for the adapter to sign URLs with."""
+def made_up_service_account(token_uri: str = "http://127.0.0.1:9/token") -> str:
+    """A service account key file of no Google project (a fresh RSA key), for the adapter to sign URLs with;
+    `token_uri` is where the client would fetch its tokens."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -245,7 +322,7 @@ def made_up_service_account() -> str:
             "private_key": pem,
             "client_email": "storage-tests@test.iam.gserviceaccount.com",
             "client_id": "1",
-            "token_uri": "http://127.0.0.1:9/token",
+            "token_uri": token_uri,
         }
     )
 
@@ -285,6 +362,8 @@ async def gcs_backend() -> AsyncIterator[Backend]:
             fetch,
             keys,
             unreachable_env={**settings, "endpoint": f"http://127.0.0.1:{free_port()}"},
+            env_at=lambda at: ({**settings, "endpoint": at}, {}),
             secrets={"GCS_SA": made_up_service_account()},
             client=client,
+            port=port,
         )

@@ -9,7 +9,8 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,16 @@ from ductape.processor import InvalidArgumentError, NotFoundError, Processor, Pr
 from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
 
 from tests.conftest import Running, ServerFactory, _missing
-from tests.storage_backends import Backend, azure_backend, free_port, fs_backend, gcs_backend, s3_backend
+from tests.storage_backends import (
+    Backend,
+    FlakyLink,
+    azure_backend,
+    free_port,
+    fs_backend,
+    gcs_backend,
+    made_up_service_account,
+    s3_backend,
+)
 
 PRODUCT = "st"
 TAG = "files"
@@ -338,6 +348,48 @@ async def test_an_empty_file_is_a_file(running: Running, backend: Backend) -> No
     assert (await running.client.storage.read(**where(), file_name="empty")).data == b""
 
 
+# -- a provider that fails: the runtime's retries, within the caller's deadline --------------------------------
+
+CALLER_DEADLINE_S = 10.0
+"""The deadline of the calls below, as the test client's default timeout."""
+REFUSED_ANSWER_S = 2.0
+"""The longest the processor may take to answer UNAVAILABLE for a provider that refuses connections: four attempts
+(each refused at once on loopback) and three pauses of at most 0.1, 0.2 and 0.4 s, plus room for a loaded machine.
+A fifth of the deadline: answered at the deadline itself, UNAVAILABLE raced the caller's own timer to
+DEADLINE_EXCEEDED (S3: botocore's own three attempts, with pauses of up to 2 s, inside each of the runtime's)."""
+ATTEMPTS = 4
+"""The runtime's attempts of one call (or one step of a save) before it answers UNAVAILABLE."""
+
+
+def storage_calls(client: Processor, timeout: float | None) -> dict[str, Callable[[], Awaitable[object]]]:
+    """Every StorageService call that reaches the provider, by name; streamed calls get `timeout` (the client gives
+    them none of its own)."""
+
+    async def download() -> None:
+        async for _ in client.storage.download(**where(), file_name="a", timeout=timeout):
+            pass
+
+    return {
+        "save": lambda: client.storage.save(**where(), file_name="a", data=b"x"),
+        "upload": lambda: client.storage.upload([b"x" * 1000, b"y" * 1000], **where(), file_name="u", timeout=timeout),
+        "read": lambda: client.storage.read(**where(), file_name="a"),
+        "download": download,
+        "list": lambda: client.storage.list(**where()),
+        "delete": lambda: client.storage.delete(**where(), file_name="a"),
+    }
+
+
+async def unavailable_within(call: Callable[[], Awaitable[object]], what: str) -> tuple[ProcessorError, float]:
+    """The UNAVAILABLE error `call` ends with, and the seconds it took."""
+    started = time.monotonic()
+    with pytest.raises(ProcessorError) as caught:
+        await call()
+    took = time.monotonic() - started
+    error = caught.value
+    assert error.code == grpc.StatusCode.UNAVAILABLE and error.reason == "STORAGE_UNAVAILABLE", (what, error)
+    return error, took
+
+
 async def test_an_unreachable_provider_is_unavailable_without_credentials(
     start_server: ServerFactory, backend: Backend
 ) -> None:
@@ -345,20 +397,138 @@ async def test_an_unreachable_provider_is_unavailable_without_credentials(
         pytest.skip(f"{backend.provider} has no network endpoint")
     server = await start_server()
     await server.client.product.apply(manifest(backend.unreachable_env))
-    calls = {
-        "save": server.client.storage.save(**where(), file_name="a", data=b"x"),
-        "read": server.client.storage.read(**where(), file_name="a"),
-        "list": server.client.storage.list(**where()),
-        "delete": server.client.storage.delete(**where(), file_name="a"),
-    }
-    for what, call in calls.items():
-        with pytest.raises(ProcessorError) as caught:
-            await call
-        error = caught.value
-        assert error.code == grpc.StatusCode.UNAVAILABLE and error.reason == "STORAGE_UNAVAILABLE", (what, error)
-        shown = f"{error} {error.metadata}"
-        for secret in backend.secrets.values():
-            assert secret not in shown, (what, shown)
+    # Retries off in the client: the time measured is the processor's answer, not the client's attempts at it.
+    async with Processor(server.address, timeout=CALLER_DEADLINE_S, retries=0) as client:
+        for what, call in storage_calls(client, CALLER_DEADLINE_S).items():
+            error, took = await unavailable_within(call, what)
+            assert took < REFUSED_ANSWER_S, f"{what} answered UNAVAILABLE after {took:.2f} s"
+            shown = f"{error} {error.metadata}"
+            assert f"({backend.provider})" in shown and error.metadata["provider"] == backend.provider, shown
+            assert " failed: " in shown and "storage 'st/dev/files'" in shown, shown
+            for secret in backend.secrets.values():
+                assert secret not in shown, (what, shown)
+    # What a caller of the Python client sees: it repeats reads itself (up to three times), each answered as promptly.
+    for what, call in storage_calls(server.client, CALLER_DEADLINE_S).items():
+        _, took = await unavailable_within(call, what)
+        assert took < (1 + 3) * REFUSED_ANSWER_S, f"{what} answered UNAVAILABLE after {took:.2f} s"
+
+
+async def flaky_server(
+    start_server: ServerFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch, link: FlakyLink
+) -> Running:
+    """A processor whose storage reaches the backend's emulator through `link`."""
+    assert backend.env_at is not None
+    env, secrets = backend.env_at(link.endpoint)
+    for name, value in secrets.items():
+        monkeypatch.setenv(f"PROCESSOR_SECRET_{name}", value)
+    server = await start_server()
+    await server.client.product.apply(manifest(env))
+    return server
+
+
+async def test_each_call_is_tried_four_times_by_the_runtime_and_once_by_the_providers_client(
+    start_server: ServerFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider that closes every connection at once: each call is the runtime's four attempts, then UNAVAILABLE.
+    The providers' clients retry nothing themselves (botocore tried three times in each of the runtime's attempts,
+    gcloud-aio and Azure's SDK made a save one attempt in all); aiohttp alone sends a request HTTP calls idempotent
+    once more, at once, on a connection closed before its answer (RFC 9112: a pooled connection the server closed)."""
+    if backend.env_at is None:
+        pytest.skip(f"{backend.provider} has no network endpoint")
+    async with FlakyLink(backend.port, drop=1_000_000) as link:
+        server = await flaky_server(start_server, backend, monkeypatch, link)
+        async with Processor(server.address, timeout=CALLER_DEADLINE_S, retries=0) as client:
+            for what, call in storage_calls(client, CALLER_DEADLINE_S).items():
+                before = link.connections
+                _, took = await unavailable_within(call, what)
+                assert ATTEMPTS <= link.connections - before <= 2 * ATTEMPTS, (what, link.connections - before)
+                assert took < REFUSED_ANSWER_S, f"{what} answered UNAVAILABLE after {took:.2f} s"
+    assert await backend.keys() == []
+
+
+async def test_a_provider_that_drops_its_first_connections_is_retried_until_it_answers(
+    start_server: ServerFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Transient failures (connections closed at once, then served): every call succeeds on the runtime's third
+    attempt, and a save lands once, whole."""
+    if backend.env_at is None:
+        pytest.skip(f"{backend.provider} has no network endpoint")
+    async with FlakyLink(backend.port) as link:
+        server = await flaky_server(start_server, backend, monkeypatch, link)
+        storage = server.client.storage
+        data = os.urandom(100_000)
+        steps: dict[str, Callable[[], Awaitable[object]]] = {
+            "save": lambda: storage.save(**where(), file_name="t/a.bin", data=data),
+            "upload": lambda: storage.upload(data, **where(), file_name="t/b.bin"),
+            "read": lambda: storage.read(**where(), file_name="t/a.bin"),
+            "list": lambda: storage.list(**where(), prefix="t/"),
+            "delete": lambda: storage.delete(**where(), file_name="t/b.bin"),
+        }
+        answers = {}
+        for what, call in steps.items():
+            link.cut()  # the provider's client then opens a connection for the call, which the link drops
+            await asyncio.sleep(0.1)
+            link.drop = 2
+            before = link.connections
+            answers[what] = await call()
+            assert link.connections - before >= 3, (what, link.connections - before)
+        assert answers["read"].data == data  # type: ignore[attr-defined]
+        assert [f.file_name for f in answers["list"].files] == ["t/a.bin", "t/b.bin"]  # type: ignore[attr-defined]
+        assert answers["delete"] is True
+    assert await backend.fetch("t/a.bin") == data
+    assert await backend.keys() == ["t/a.bin"]
+
+
+async def test_a_provider_that_never_answers_is_unavailable_before_the_callers_deadline(
+    start_server: ServerFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider that accepts connections and answers nothing: the clients' own timeouts (a minute between bytes)
+    are far past the caller's deadline, so the runtime cuts each attempt and answers UNAVAILABLE, naming the storage,
+    provider and operation, before the deadline rather than leaving the caller a bare DEADLINE_EXCEEDED."""
+    if backend.env_at is None:
+        pytest.skip(f"{backend.provider} has no network endpoint")
+    deadline = 2.0
+    async with FlakyLink(backend.port, hang=True) as link:
+        server = await flaky_server(start_server, backend, monkeypatch, link)
+        async with Processor(server.address, timeout=deadline, retries=0) as client:
+            for what, call in storage_calls(client, deadline).items():
+                error, took = await unavailable_within(call, what)
+                # The processor keeps half a second (at most a quarter of the deadline) to answer in.
+                assert deadline - 0.5 - 0.1 < took < deadline, f"{what} answered after {took:.2f} s"
+                assert "no answer within" in str(error) and error.metadata["provider"] == backend.provider, error
+
+
+async def test_a_gcs_token_that_cannot_be_fetched_is_tried_once_per_attempt(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GCS without an emulator fetches an OAuth token first; gcloud-aio fetched it five times, with pauses of up to a
+    minute, inside each of the runtime's attempts. The token endpoint here closes every connection (nothing reaches
+    Google: without a token no request is made)."""
+    async with FlakyLink(free_port(), drop=1_000_000) as link:
+        monkeypatch.setenv("PROCESSOR_SECRET_GCS_SA", made_up_service_account(f"{link.endpoint}/token"))
+        server = await start_server()
+        env = {"provider": "gcs", "bucket": "storage-contract", "credentials": "$Secret{GCS_SA}"}
+        await server.client.product.apply(manifest(env))
+        async with Processor(server.address, timeout=CALLER_DEADLINE_S, retries=0) as client:
+            _, took = await unavailable_within(lambda: client.storage.list(**where()), "list")
+    assert link.connections == ATTEMPTS, link.connections
+    assert took < REFUSED_ANSWER_S, took
+
+
+async def test_a_caller_with_no_deadline_gets_the_runtimes_limit(
+    start_server: ServerFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a deadline, a listing of a provider that never answers is tried for RETRY_LIMIT_S (10 s), attempts of
+    at most 5 s each, then UNAVAILABLE. On one provider: the limit is the runtime's, the same for each."""
+    if backend.provider != "s3":
+        pytest.skip("the runtime's limit is checked on one provider")
+    async with FlakyLink(backend.port, hang=True) as link:
+        server = await flaky_server(start_server, backend, monkeypatch, link)
+        async with Processor(server.address, timeout=None, retries=0) as client:
+            error, took = await unavailable_within(lambda: client.storage.list(**where()), "list")
+    assert 9.5 < took < 11, took
+    assert link.connections == 2, "two attempts of 5 s"
+    assert "list failed: no answer within" in str(error)
 
 
 # -- memory: a real server process ------------------------------------------------------------------------

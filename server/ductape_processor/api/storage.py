@@ -54,7 +54,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
     async def Save(self, request: storage_pb2.SaveRequest, context: Context) -> storage_pb2.SaveResponse:
         spec = FileSpec(request.file_name, request.content_type, dict(request.metadata), request.sha256)
-        info = await self._runtime.save(_ref(request), spec, request.data)
+        info = await self._runtime.save(_ref(request), spec, request.data, deadline(context))
         return storage_pb2.SaveResponse(file=_info(info))
 
     async def Upload(
@@ -63,7 +63,11 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         header = (await first_message(request_iterator, "header")).header
         spec = FileSpec(header.file_name, header.content_type, dict(header.metadata), header.sha256)
         info = await self._runtime.upload(
-            _ref(header, "header."), spec, _chunks(request_iterator), declared_size=header.size
+            _ref(header, "header."),
+            spec,
+            _chunks(request_iterator),
+            declared_size=header.size,
+            deadline=deadline(context),
         )
         return storage_pb2.UploadResponse(file=_info(info))
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
 from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
@@ -32,6 +32,7 @@ GET_BYTES: Final = 4 * 1024 * 1024
 """The size of each ranged GET of a download, the first one included (the SDK's own first GET is 32 MiB, held whole
 in memory while the stream drains it)."""
 _FAILURES = (AzureError, aiohttp.ClientError, OSError)
+T = TypeVar("T")
 
 
 class AzureStorage(base.StorageAdapter):
@@ -50,8 +51,8 @@ class AzureStorage(base.StorageAdapter):
             # No SDK retries (its first pause is 15 s): the runtime retries what is safe to repeat, within the deadline.
             options: dict[str, Any] = {
                 "retry_total": 0,
-                "connection_timeout": 5,
-                "read_timeout": 60,
+                "connection_timeout": base.CONNECT_TIMEOUT_S,
+                "read_timeout": base.READ_TIMEOUT_S,
                 "max_single_get_size": GET_BYTES,
                 "max_chunk_get_size": GET_BYTES,
             }
@@ -81,15 +82,22 @@ class AzureStorage(base.StorageAdapter):
 
     # -- writing ------------------------------------------------------------------------------------------------
 
-    async def put(self, new: base.NewFile, chunks: base.Checked) -> base.FileInfo:
+    async def put(self, new: base.NewFile, chunks: base.Checked, repeat: base.Repeat) -> base.FileInfo:
         blob = self._container().get_blob_client(new.key)
+
+        async def saving(request: Awaitable[T]) -> T:
+            try:
+                return await request
+            except _FAILURES as exc:
+                raise self._failure("save", exc) from None
 
         async def start() -> None:
             pass  # a blob's blocks need no session: staging the first one is the start
 
         async def send(number: int, body: bytes) -> str:
+            # A block staged again under its id replaces the first; the commit names each id once.
             block_id = base64.b64encode(f"{number:08d}".encode()).decode()
-            await blob.stage_block(block_id, body, length=len(body))
+            await repeat("save", lambda: saving(blob.stage_block(block_id, body, length=len(body))))
             return block_id
 
         upload = PartedUpload(BLOCK_BYTES, BLOCKS_IN_FLIGHT, start, send)
@@ -98,10 +106,17 @@ class AzureStorage(base.StorageAdapter):
             metadata = {**new.metadata, base.SHA256_METADATA: chunks.sha256}
             settings = ContentSettings(content_type=new.content_type)
             if whole is not None:
-                await blob.upload_blob(whole, overwrite=True, content_settings=settings, metadata=metadata)
+                await repeat(
+                    "save",
+                    lambda: saving(
+                        blob.upload_blob(whole, overwrite=True, content_settings=settings, metadata=metadata)
+                    ),
+                )
             else:
                 blocks = [BlobBlock(block_id) for block_id in upload.results]
-                await blob.commit_block_list(blocks, content_settings=settings, metadata=metadata)
+                await repeat(
+                    "save", lambda: saving(blob.commit_block_list(blocks, content_settings=settings, metadata=metadata))
+                )
         except _FAILURES as exc:
             raise self._failure("save", exc) from None
         return base.FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))

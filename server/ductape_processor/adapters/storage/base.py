@@ -5,7 +5,8 @@ from a stream of chunks so that the file exists only once the stream ended well 
 multipart upload completed, a block list committed) and leaves nothing behind otherwise: the runtime checks sizes
 and checksums *inside* that stream, raising from it, so an adapter only has to discard whatever it wrote when
 iterating the chunks raises. Key validation, content types, limits, retries and paging are the runtime's
-(runtime/storage/), written once for every provider.
+(runtime/storage/), written once for every provider: an adapter makes one attempt of each call, with its client's
+own retries off, and hands the steps of a save that are safe to repeat to the runtime's `Repeat`.
 
 Adding a provider is one module that subclasses `StorageAdapter`, plus one entry in `registry.STORAGE_PROVIDERS`.
 """
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
 import grpc
 
@@ -30,6 +31,14 @@ from ductape_processor.errors import (
     Unavailable,
 )
 from ductape_processor.reasons import Reason
+
+T = TypeVar("T")
+CONNECT_TIMEOUT_S: Final = 5.0
+"""How long a provider's client waits for a connection to open before the attempt fails."""
+READ_TIMEOUT_S: Final = 60.0
+"""How long a provider's client waits for the next bytes of an answer (not for the whole answer: a large download
+takes what it takes). The runtime cuts a metadata call's attempt much sooner, and any attempt at the caller's
+deadline."""
 
 SHA256_METADATA: Final = "ductape_sha256"
 """The metadata key under which cloud providers keep a file's SHA-256 (callers' keys may not start `ductape_`)."""
@@ -76,6 +85,15 @@ class Checked(abc.ABC):
         """The bytes read so far."""
 
 
+class Repeat(Protocol):
+    """How an adapter runs a step of a save that is safe to repeat, because the adapter holds its bytes (a whole
+    small file, one part, a commit of parts): again while it raises `StorageUnavailable`, within the runtime's retry
+    budget and the caller's deadline. A step must map its client's errors itself (`StorageUnavailable` for those
+    worth another attempt); the caller's stream is never read inside one."""
+
+    def __call__(self, what: str, step: Callable[[], Awaitable[T]], /) -> Awaitable[T]: ...
+
+
 class UrlMethod(enum.Enum):
     """What a signed URL lets its holder do."""
 
@@ -97,9 +115,10 @@ class StorageAdapter(abc.ABC):
     provider: str = ""
 
     @abc.abstractmethod
-    async def put(self, new: NewFile, chunks: Checked) -> FileInfo:
+    async def put(self, new: NewFile, chunks: Checked, repeat: Repeat) -> FileInfo:
         """Write the file from `chunks`; it replaces any file with that key only once every chunk was read. When
-        iterating `chunks` raises (a check failed, the caller went away) nothing is kept and the error propagates."""
+        iterating `chunks` raises (a check failed, the caller went away) nothing is kept and the error propagates.
+        Requests that send bytes already read (and only those) go through `repeat`."""
 
     @abc.abstractmethod
     async def head(self, key: str) -> FileInfo:

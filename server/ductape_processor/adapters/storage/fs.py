@@ -29,6 +29,7 @@ from ductape_processor.adapters.storage.base import (
     FileNameInvalid,
     FileNotFound,
     NewFile,
+    Repeat,
     SignedUrl,
     StorageAdapter,
     UrlMethod,
@@ -102,7 +103,8 @@ class FsStorage(StorageAdapter):
 
     # -- writing ----------------------------------------------------------------------------------------------
 
-    async def put(self, new: NewFile, chunks: Checked) -> FileInfo:
+    async def put(self, new: NewFile, chunks: Checked, repeat: Repeat) -> FileInfo:
+        # `repeat` goes unused: a disk that failed a write is not a provider that may answer a second attempt.
         data_path, meta_path = await asyncio.to_thread(self._paths, new.key, True)
         tmp = os.path.join(self._real_root(), RESERVED, "tmp", secrets.token_hex(16))
         handle: BinaryIO = await asyncio.to_thread(_create, tmp)

@@ -5,6 +5,9 @@ file (on disk, in the storage folder's `.spool/`, written a chunk at a time in a
 written once the last chunk passed the runtime's checks, with its SHA-256 in its metadata. A failed or cancelled save
 deletes the spool file and sends nothing, so the bucket keeps nothing. Memory per upload: a chunk; disk: the file.
 Signed URLs are V4, signed locally with the service account key given as `credentials`.
+
+The client's own retries are off (`_Storage`, `_Token`): the runtime retries, within the caller's deadline. The
+client's timeouts are for the connection and for each read of an answer, never for a whole transfer.
 """
 
 from __future__ import annotations
@@ -17,17 +20,57 @@ import secrets
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Final, cast
 
 import aiohttp
+from gcloud.aio.auth import Token
 from gcloud.aio.storage import Blob, Bucket, Storage
 from gcloud.aio.storage.blob import HOST as BLOB_HOST
+from gcloud.aio.storage.storage import SCOPES
+from tenacity import stop_after_attempt
 
 from ductape_processor.adapters.storage import base
 from ductape_processor.errors import ProcessorError
 from ductape_processor.runtime.registry.storage import GcsStorageEnv
 
 _FAILURES = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+# gcloud-aio's `timeout` is an int of seconds for the whole request (a download cut at it, however well it flows); it
+# passes an aiohttp.ClientTimeout through as it is, so each call gets this one.
+_TIMEOUT: Final = cast(
+    int, aiohttp.ClientTimeout(total=None, sock_connect=base.CONNECT_TIMEOUT_S, sock_read=base.READ_TIMEOUT_S)
+)
+
+
+class _Token(Token):
+    """gcloud-aio's token, fetched in one attempt: its own fetch is tried five times with pauses of up to a minute."""
+
+    async def acquire_access_token(self, timeout: int = 10) -> None:  # type: ignore[override]
+        await Token.acquire_access_token.retry_with(stop=stop_after_attempt(1))(self, timeout=timeout)
+
+
+class _Storage(Storage):
+    """gcloud-aio's client with its own retries off: a resumable upload's PUT was tried five times, with pauses of
+    1 to 8 s, and the token fetch five times."""
+
+    def __init__(self, credentials: str | None, api_root: str | None) -> None:
+        super().__init__(service_file=io.StringIO(credentials) if credentials else None, api_root=api_root)
+        self.token = _Token(
+            service_file=io.StringIO(credentials) if credentials else None,
+            scopes=SCOPES,
+            session=self.session.session,  # type: ignore[arg-type]
+        )
+
+    async def _do_upload(
+        self,
+        session_uri: str,
+        stream: Any,
+        headers: dict[str, str],
+        *,
+        retries: int = 5,
+        session: Any = None,
+        timeout: int = 30,
+    ) -> dict[str, Any]:
+        return await super()._do_upload(session_uri, stream, headers, retries=1, session=session, timeout=timeout)
 
 
 def _when(text: object) -> datetime | None:
@@ -51,8 +94,7 @@ class GcsStorage(base.StorageAdapter):
 
     def _storage(self) -> Storage:
         if self._client is None:
-            service_file = io.StringIO(self._settings.credentials) if self._settings.credentials else None
-            self._client = Storage(service_file=service_file, api_root=self._settings.endpoint)
+            self._client = _Storage(self._settings.credentials, self._settings.endpoint)
         return self._client
 
     def _failure(self, what: str, exc: BaseException, key: str | None = None) -> ProcessorError:
@@ -68,27 +110,32 @@ class GcsStorage(base.StorageAdapter):
 
     # -- writing ------------------------------------------------------------------------------------------------
 
-    async def put(self, new: base.NewFile, chunks: base.Checked) -> base.FileInfo:
+    async def put(self, new: base.NewFile, chunks: base.Checked, repeat: base.Repeat) -> base.FileInfo:
         storage = self._storage()
         path = self._spool / secrets.token_hex(16)
         handle: BinaryIO = await asyncio.to_thread(_spool_file, path)
         try:
             async for chunk in chunks:
                 await asyncio.to_thread(handle.write, chunk)
-            await asyncio.to_thread(handle.seek, 0)
             metadata = {"metadata": {**new.metadata, base.SHA256_METADATA: chunks.sha256}}
-            try:
-                await storage.upload(
-                    self._bucket,
-                    new.key,
-                    handle,
-                    content_type=new.content_type,
-                    metadata=metadata,
-                    force_resumable_upload=chunks.size > 8 * 1024 * 1024,
-                    timeout=300,
-                )
-            except _FAILURES as exc:
-                raise self._failure("save", exc) from None
+
+            async def send() -> None:
+                # The spooled file is sent whole each attempt: a second attempt writes the same object again.
+                await asyncio.to_thread(handle.seek, 0)
+                try:
+                    await storage.upload(
+                        self._bucket,
+                        new.key,
+                        handle,
+                        content_type=new.content_type,
+                        metadata=metadata,
+                        force_resumable_upload=chunks.size > 8 * 1024 * 1024,
+                        timeout=_TIMEOUT,
+                    )
+                except _FAILURES as exc:
+                    raise self._failure("save", exc) from None
+
+            await repeat("save", send)
         finally:
             await asyncio.shield(asyncio.to_thread(_discard, handle, path))
         return base.FileInfo(new.key, chunks.size, chunks.sha256, new.content_type, dict(new.metadata))
@@ -109,7 +156,7 @@ class GcsStorage(base.StorageAdapter):
 
     async def head(self, key: str) -> base.FileInfo:
         try:
-            item = await self._storage().download_metadata(self._bucket, key)
+            item = await self._storage().download_metadata(self._bucket, key, timeout=_TIMEOUT)
         except _FAILURES as exc:
             raise self._failure("head", exc, key) from None
         return self._info(item)
@@ -117,7 +164,7 @@ class GcsStorage(base.StorageAdapter):
     async def read(self, key: str, start: int, stop: int, chunk_size: int) -> AsyncIterator[bytes]:
         try:
             stream = await self._storage().download_stream(
-                self._bucket, key, headers={"Range": f"bytes={start}-{stop - 1}"}, timeout=300
+                self._bucket, key, headers={"Range": f"bytes={start}-{stop - 1}"}, timeout=_TIMEOUT
             )
             sent = 0
             while sent < stop - start:
@@ -133,7 +180,7 @@ class GcsStorage(base.StorageAdapter):
 
     async def delete(self, key: str) -> bool:
         try:
-            await self._storage().delete(self._bucket, key)
+            await self._storage().delete(self._bucket, key, timeout=_TIMEOUT)
         except _FAILURES as exc:
             if getattr(exc, "status", 0) == 404:
                 return False
@@ -149,7 +196,7 @@ class GcsStorage(base.StorageAdapter):
             params["startOffset"] = after  # inclusive, and not every emulator honours it: filtered below too
         try:
             while len(found) < limit:
-                page = await self._storage().list_objects(self._bucket, params=params)
+                page = await self._storage().list_objects(self._bucket, params=params, timeout=_TIMEOUT)
                 for item in page.get("items", []):
                     name = str(item.get("name", ""))
                     if name.encode() > after.encode() and len(found) < limit:

@@ -6,14 +6,19 @@ PARTS_IN_FLIGHT at a time, and the upload is completed only after the last chunk
 any failure, cancellation included, it is aborted, so S3 keeps nothing. Its metadata is written when it starts,
 so it carries the SHA-256 only when the caller declared one. Memory per upload: the parts in flight and the one
 filling.
+
+botocore's own retries are off (one attempt per request): the runtime retries, within the caller's deadline, the
+reads and the requests of a save whose bytes are in hand (the PutObject, each part, the start and the completion).
+With botocore's retries as well, each of the runtime's attempts was up to three of botocore's, with pauses of up to
+2 s and more between them: a bucket that refused connections was answered only at the caller's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Final
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -36,6 +41,7 @@ PARTS_IN_FLIGHT: Final = 2
 """Parts of one upload sent at once."""
 _DENIED: Final = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 _MISSING: Final = {"NoSuchKey", "NotFound", "404"}
+T = TypeVar("T")
 
 
 class S3Storage(base.StorageAdapter):
@@ -59,9 +65,9 @@ class S3Storage(base.StorageAdapter):
                     config = AioConfig(
                         s3={"addressing_style": "path" if settings.path_style else "auto"},
                         signature_version="s3v4",
-                        retries={"max_attempts": 2, "mode": "standard"},
-                        connect_timeout=5,
-                        read_timeout=60,
+                        retries={"total_max_attempts": 1, "mode": "standard"},
+                        connect_timeout=base.CONNECT_TIMEOUT_S,
+                        read_timeout=base.READ_TIMEOUT_S,
                         max_pool_connections=64,
                         # Checksums only where S3 requires them: the runtime checks SHA-256 itself, and the default
                         # (a CRC on every part, sent as an aws-chunked trailer) costs CPU and copies.
@@ -101,23 +107,42 @@ class S3Storage(base.StorageAdapter):
 
     # -- writing ------------------------------------------------------------------------------------------------
 
-    async def put(self, new: base.NewFile, chunks: base.Checked) -> base.FileInfo:
+    async def put(self, new: base.NewFile, chunks: base.Checked, repeat: base.Repeat) -> base.FileInfo:
         s3 = await self._s3()
         metadata = dict(new.metadata)
         if new.sha256:
             metadata[base.SHA256_METADATA] = new.sha256
         upload_id = ""
 
+        async def sent(request: Callable[[], Awaitable[T]]) -> T:
+            """One request whose bytes are in hand, repeated by the runtime while S3 is unavailable."""
+
+            async def attempt() -> T:
+                try:
+                    return await request()
+                except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+                    raise self._failure("save", exc) from None
+
+            return await repeat("save", attempt)
+
         async def start() -> None:
             nonlocal upload_id
-            started = await s3.create_multipart_upload(
-                Bucket=self._bucket, Key=new.key, ContentType=new.content_type, Metadata=metadata
+            # A start repeated after S3 began it but its answer was lost leaves an unfinished upload that only the
+            # bucket's lifecycle rule for those removes (botocore's retries did the same); a refused connection, the
+            # usual failure, began nothing.
+            started = await sent(
+                lambda: s3.create_multipart_upload(
+                    Bucket=self._bucket, Key=new.key, ContentType=new.content_type, Metadata=metadata
+                )
             )
             upload_id = started["UploadId"]
 
         async def send(number: int, body: bytes) -> CompletedPartTypeDef:
-            answer = await s3.upload_part(
-                Bucket=self._bucket, Key=new.key, UploadId=upload_id, PartNumber=number, Body=body
+            # A part sent again under its number replaces the first: the upload holds it once.
+            answer = await sent(
+                lambda: s3.upload_part(
+                    Bucket=self._bucket, Key=new.key, UploadId=upload_id, PartNumber=number, Body=body
+                )
             )
             return {"ETag": answer["ETag"], "PartNumber": number}
 
@@ -127,15 +152,18 @@ class S3Storage(base.StorageAdapter):
                 whole = await upload.run(chunks)
                 if whole is not None:
                     metadata[base.SHA256_METADATA] = chunks.sha256
-                    await s3.put_object(
-                        Bucket=self._bucket, Key=new.key, Body=whole, ContentType=new.content_type, Metadata=metadata
+                    body = whole
+                    await sent(
+                        lambda: s3.put_object(
+                            Bucket=self._bucket, Key=new.key, Body=body, ContentType=new.content_type, Metadata=metadata
+                        )
                     )
                 else:
-                    await s3.complete_multipart_upload(
-                        Bucket=self._bucket,
-                        Key=new.key,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": upload.results},
+                    parts = upload.results
+                    await sent(
+                        lambda: s3.complete_multipart_upload(
+                            Bucket=self._bucket, Key=new.key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                        )
                     )
             except BaseException:
                 if upload_id:

@@ -2,19 +2,20 @@
 
 It resolves (product, env, storage tag) through the registry to the storage's settings in that environment, opens
 (lazily, once per settings) the provider's adapter found in `adapters.storage.registry.STORAGE_PROVIDERS`, checks
-keys, metadata, sizes and checksums (files.py), and retries the calls that are safe to repeat (head, list, delete,
-signing) within the call's deadline. Writes are never retried: their bytes come from the caller's stream.
+keys, metadata, sizes and checksums (files.py), and retries what is safe to repeat (attempts.py: a file's
+description, a listing, a delete, signing, a small file read whole, and the steps of a save whose bytes are in hand)
+within the call's deadline. A save's stream is never read twice: the caller's bytes are taken once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
 from ductape_processor.adapters.storage.base import FileInfo as FileInfo
 from ductape_processor.adapters.storage.base import (
@@ -22,19 +23,19 @@ from ductape_processor.adapters.storage.base import (
     RangeNotSatisfiable,
     SignedUrl,
     StorageAdapter,
-    StorageUnavailable,
 )
 from ductape_processor.adapters.storage.base import UrlMethod as UrlMethod
 from ductape_processor.adapters.storage.registry import STORAGE_PROVIDERS, Placement, Signer
 from ductape_processor.errors import FailedPrecondition, InvalidArgument
 from ductape_processor.reasons import Reason
-from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
+from ductape_processor.runtime.policies import Deadline
 from ductape_processor.runtime.policies.environments import EnvironmentAdapters, EnvironmentRef
 from ductape_processor.runtime.policies.paging import decode_page_token, effective_page_size, page
 from ductape_processor.runtime.policies.periodic import cancel_and_wait
 from ductape_processor.runtime.registry.fields import named
 from ductape_processor.runtime.registry.storage import StorageEnv
 from ductape_processor.runtime.services import CallServices
+from ductape_processor.runtime.storage.attempts import Attempts
 from ductape_processor.runtime.storage.files import (
     Intake,
     checked_content_type,
@@ -56,13 +57,8 @@ DEFAULT_URL_EXPIRY_S: Final = 15 * 60
 """How long a signed URL lasts when its request says nothing."""
 MAX_URL_EXPIRY_S: Final = 7 * 24 * 3600
 """The longest a signed URL may last: S3's limit for presigned URLs."""
-RETRY_LIMIT_S: Final = 10.0
-"""The longest a repeatable call (head, list, delete, signing) keeps retrying a provider that is unavailable, when
-the caller's deadline is later."""
-RETRY_BACKOFF: Final = Backoff(0.1, 2.0)
 READ_AHEAD: Final = 1
 """Chunks of a download read ahead of the one being sent."""
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +87,10 @@ class Opened:
     name: str
     max_file_bytes: int
     adapter: StorageAdapter
+
+    def attempts(self, deadline: Deadline) -> Attempts:
+        """The attempts of one call to this storage's provider, within the caller's deadline."""
+        return Attempts(self.name, self.adapter.provider, deadline)
 
 
 class StorageRuntime:
@@ -146,21 +146,11 @@ class StorageRuntime:
                 metadata={"storage": environment.tag, "provider": settings.provider},
             ) from None
 
-    async def _repeatable(self, deadline: Deadline, operation: Callable[[], Awaitable[T]]) -> T:
-        """`operation`, tried again while the provider is unavailable and the retry budget lasts."""
-        budget = RetryBudget(RETRY_BACKOFF, Deadline(deadline.bound(RETRY_LIMIT_S)))
-        while True:
-            try:
-                return await operation()
-            except StorageUnavailable:
-                if budget.retries >= 3 or not await budget.pause():
-                    raise
-
     # -- writing ------------------------------------------------------------------------------------------------
 
-    async def save(self, ref: StorageRef, spec: FileSpec, data: bytes) -> FileInfo:
+    async def save(self, ref: StorageRef, spec: FileSpec, data: bytes, deadline: Deadline | None = None) -> FileInfo:
         """Save a file given whole."""
-        return await self.upload(ref, spec, _once(data), declared_size=0, size_field="data")
+        return await self.upload(ref, spec, _once(data), declared_size=0, size_field="data", deadline=deadline)
 
     async def upload(
         self,
@@ -170,8 +160,10 @@ class StorageRuntime:
         *,
         declared_size: int,
         size_field: str = "size",
+        deadline: Deadline | None = None,
     ) -> FileInfo:
-        """Save a file from a stream of chunks: it exists once the stream ended with every check passed."""
+        """Save a file from a stream of chunks: it exists once the stream ended with every check passed. The
+        provider's steps whose bytes are in hand are retried (`Attempts.step`), never the stream."""
         key = checked_key(spec.key)
         content_type = checked_content_type(spec.content_type)
         metadata = checked_metadata(spec.metadata or {})
@@ -195,7 +187,7 @@ class StorageRuntime:
             size_field=size_field,
         )
         new = NewFile(key, content_type_of(content_type, key, first), metadata, sha256)
-        return await opened.adapter.put(new, intake)
+        return await opened.adapter.put(new, intake, opened.attempts(deadline or Deadline(None)).step)
 
     # -- reading ------------------------------------------------------------------------------------------------
 
@@ -203,7 +195,7 @@ class StorageRuntime:
         """A file's description."""
         checked_key(key)
         opened = await self.open(ref)
-        return opened, await self._repeatable(deadline, lambda: opened.adapter.head(key))
+        return opened, await opened.attempts(deadline).metadata("head", lambda: opened.adapter.head(key))
 
     async def download(
         self, ref: StorageRef, key: str, offset: int, length: int, chunk_size: int, deadline: Deadline
@@ -235,8 +227,12 @@ class StorageRuntime:
             raise too_large(info.size, limit, "file_name")
         if not info.size:
             return info, b""  # no range to ask for (a provider may refuse an empty one)
-        parts = [chunk async for chunk in opened.adapter.read(key, 0, info.size, DEFAULT_CHUNK_BYTES)]
-        return info, b"".join(parts)
+
+        async def whole() -> bytes:
+            return b"".join([chunk async for chunk in opened.adapter.read(key, 0, info.size, DEFAULT_CHUNK_BYTES)])
+
+        # Nothing is sent before the whole file is in, so a read cut off part way is safe to start again.
+        return info, await opened.attempts(deadline).step("download", whole)
 
     # -- the rest -----------------------------------------------------------------------------------------------
 
@@ -244,7 +240,7 @@ class StorageRuntime:
         """Delete a file; False when there was none."""
         checked_key(key)
         opened = await self.open(ref)
-        return await self._repeatable(deadline, lambda: opened.adapter.delete(key))
+        return await opened.attempts(deadline).metadata("delete", lambda: opened.adapter.delete(key))
 
     async def list_files(
         self, ref: StorageRef, prefix: str, page_size: int, page_token: str, deadline: Deadline
@@ -255,7 +251,9 @@ class StorageRuntime:
         listing = ["storage", ref.product, ref.env, ref.tag, prefix]
         after = decode_page_token(listing, page_token, _key_position) if page_token else ""
         opened = await self.open(ref)
-        fetched = await self._repeatable(deadline, lambda: opened.adapter.list_files(prefix, after, size + 1))
+        fetched = await opened.attempts(deadline).metadata(
+            "list", lambda: opened.adapter.list_files(prefix, after, size + 1)
+        )
         return page(fetched, size, listing, lambda info: [info.key])
 
     async def signed_url(
@@ -275,7 +273,9 @@ class StorageRuntime:
         seconds = int(expires_s) or DEFAULT_URL_EXPIRY_S
         opened = await self.open(ref)
         expires = datetime.now(UTC) + timedelta(seconds=seconds)
-        url = await self._repeatable(deadline, lambda: opened.adapter.signed_url(key, method, seconds, content_type))
+        url = await opened.attempts(deadline).metadata(
+            "signing", lambda: opened.adapter.signed_url(key, method, seconds, content_type)
+        )
         return url, expires
 
     async def close(self) -> None:
