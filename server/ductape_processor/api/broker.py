@@ -73,10 +73,10 @@ def _json_payload(data: bytes, target: struct_pb2.Value) -> bool:
     return True
 
 
-def _shared(message: IncomingEvent) -> bytes:
+def _shared(message: IncomingEvent) -> broker_pb2.ReceivedMessage:
     """The fields a `ReceivedMessage` shares with the other messages of its publish (CloudEvents source, type,
-    content type, publish time, and its delivery attempt), serialized: merged into each message of a batch, they are
-    converted once per publish instead of once per message."""
+    content type, publish time, and its delivery attempt): copied into each message of a batch, they are converted
+    once per publish instead of once per message."""
     shared = broker_pb2.ReceivedMessage(
         content_type=message.content_type,
         delivery_attempt=message.delivery_attempt,
@@ -84,36 +84,40 @@ def _shared(message: IncomingEvent) -> bytes:
         type=message.type,
     )
     set_timestamp(shared.publish_time, message.time)
-    return shared.SerializeToString()
+    return shared
 
 
-def _batch(messages: list[tuple[str, IncomingEvent]], json_values: bool) -> broker_pb2.SubscribeResponse:
+def _batch(messages: list[IncomingEvent], json_values: bool) -> broker_pb2.SubscribeResponse:
     # Runs for every message delivered, so each ReceivedMessage is built in place in the response (no copy of a
-    # finished message into it), with only the fields it has (each keyword costs), and the fields it shares with
-    # the other messages of its publish merged in as bytes serialized once (`_shared`).
+    # finished message into it): a copy of the fields it shares with the other messages of its publish (`_shared`,
+    # made once per publish; `CopyFrom` costs less than setting them, or than merging them in as bytes), then only
+    # the fields of its own that it has (each one set costs).
     response = broker_pb2.SubscribeResponse()
     add = response.batch.messages.add
-    shared: dict[tuple[object, ...], bytes] = {}
-    last: IncomingEvent | None = None
-    common = b""
-    for ack_id, message in messages:
-        # The messages of one publish usually come in a row, with the very same values (adapters decode them once).
+    shared: dict[tuple[object, ...], broker_pb2.ReceivedMessage] = {}
+    # The shared values of the message before: the messages of one publish usually come in a row, with the very same
+    # values (adapters decode them once).
+    time = source = type_ = content_type = None
+    attempt = 0
+    common = broker_pb2.ReceivedMessage()
+    for message in messages:
         if (
-            last is None
-            or message.time is not last.time
-            or message.source is not last.source
-            or message.type is not last.type
-            or message.content_type is not last.content_type
-            or message.delivery_attempt != last.delivery_attempt
+            message.time is not time
+            or message.source is not source
+            or message.type is not type_
+            or message.content_type is not content_type
+            or message.delivery_attempt != attempt
         ):
-            key = (message.time, message.source, message.type, message.content_type, message.delivery_attempt)
+            time, source, type_ = message.time, message.source, message.type
+            content_type, attempt = message.content_type, message.delivery_attempt
+            key = (time, source, type_, content_type, attempt)
             known = shared.get(key)
             if known is None:
                 known = shared[key] = _shared(message)
             common = known
-        last = message
-        item = add()  # then each field set: cheaper than the keywords of add(...) (0.49 against 0.55 µs a message)
-        item.ack_id = ack_id
+        item = add()
+        item.CopyFrom(common)
+        item.ack_id = message.handle  # its ack id
         item.id = message.id
         if not (json_values and message.json_payload) or not _json_payload(message.data, item.json):
             item.data = message.data
@@ -125,7 +129,6 @@ def _batch(messages: list[tuple[str, IncomingEvent]], json_values: bool) -> brok
             item.tracestate = message.tracestate
         if message.attributes:
             item.attributes.update(message.attributes)
-        item.MergeFromString(common)
     return response
 
 

@@ -104,9 +104,11 @@ def _response(event: StreamEvent) -> webhook_pb2.ReceiveResponse:
     if isinstance(event, Batch):
         deliveries = [
             webhook_pb2.ReceivedDelivery(
-                ack_id=ack_id, webhook=received_message(received(message)), delivery_attempt=message.delivery_attempt
+                ack_id=message.handle,
+                webhook=received_message(received(message)),
+                delivery_attempt=message.delivery_attempt,
             )
-            for ack_id, message in event.messages
+            for message in event.messages
         ]
         return webhook_pb2.ReceiveResponse(batch=webhook_pb2.ReceivedBatch(deliveries=deliveries))
     if isinstance(event, StaleAcks):

@@ -41,7 +41,11 @@ class BrokerSubscription(abc.ABC):
 
     @abc.abstractmethod
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IncomingEvent]:
-        """Up to `max_messages` messages, waiting at most `timeout_s` for the first one; [] when none came."""
+        """Up to `max_messages` messages, waiting at most `timeout_s` for the first one; [] when none came.
+
+        A message's `handle` is not that of an earlier delivery by this subscription, but for one given back with
+        `release` (which no client saw): the engine sends it to the client as the message's ack id, and tells late
+        acks from unknown ones by it."""
 
     @abc.abstractmethod
     async def ack(self, handles: list[str]) -> None:

@@ -57,9 +57,9 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Messages to write, each with the ack id the client settles it by."""
+    """Messages to write; the client settles each by its ack id, the message's `handle`."""
 
-    messages: list[tuple[str, IncomingEvent]]
+    messages: list[IncomingEvent]
 
 
 @dataclass(slots=True)
@@ -141,7 +141,7 @@ class SubscribeStream:
         watcher = asyncio.ensure_future(watch())
         for worker in (reader, closing, watcher):
             worker.add_done_callback(woken)
-        fetching: asyncio.Future[list[tuple[str, IncomingEvent]]] | None = None
+        fetching: asyncio.Future[list[IncomingEvent]] | None = None
         try:
             while True:
                 wake.clear()

@@ -24,9 +24,12 @@ Filling a batch
     batches are not held `max_wait` each; on the others the engine waits out `max_wait`.
 
 Cost per message
-    Outstanding messages are kept by ack id, and their leases by batch: a batch written gets one deadline for all its
-    messages (ack ids), and batches are written in order, so leases are in deadline order: expiring looks at the
-    oldest batches only, never at every message out, and nothing is done per message when a batch is written.
+    A message's ack id is its adapter's handle (unique among a subscription's deliveries), so there is no second id
+    to make and map back on every ack. Outstanding messages are kept by ack id, and their leases by batch: a batch
+    written gets one deadline for all its messages (ack ids), and batches are written in order, so leases are in
+    deadline order: expiring looks at the oldest batches only, never at every message out, and nothing is done per
+    message when a batch is written. Taking a batch in and settling an ack are loops in C (`map` over the batch,
+    `dict.pop` over the ack ids), not Python loops.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import operator
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -51,6 +55,7 @@ FETCH_POLL_S = 0.5
 STALL_MIN_S = 2.0  # a write pending this long (or the ack deadline, when longer) means the client stopped reading
 EXPIRED_REMEMBERED = 10_000  # expired ack ids kept per stream, to tell a late ack from an unknown id
 DeadLetter = Callable[[IncomingEvent], Awaitable[None]]
+_handle = operator.attrgetter("handle")  # a message's ack id
 
 
 class StreamClosing(Unavailable, reason=Reason.SHUTTING_DOWN):
@@ -131,11 +136,10 @@ class Subscription:
         self._limits = limits
         self._dead_letter = dead_letter
         self._clock = clock
-        self._outstanding: dict[str, IncomingEvent] = {}  # by ack id, in fetch order
+        self._outstanding: dict[str, IncomingEvent] = {}  # by ack id (the handle), in fetch order
         self._leases: deque[tuple[float, list[str]]] = deque()  # (deadline, ack ids) of written batches, in order
-        self._writing: list[tuple[str, IncomingEvent]] = []  # handed to gRPC, its write not over yet
+        self._writing: list[IncomingEvent] = []  # handed to gRPC, its write not over yet
         self._expired: OrderedDict[str, None] = OrderedDict()
-        self._ids = itertools.count(1)
         self._credit = asyncio.Event()  # set when fetching may go on: credit freed, client acted, or closed
         self._credit.set()
         self._changed = asyncio.Event()  # wakes `watch`: a deadline earlier than `_watch_until`, or closing
@@ -159,8 +163,9 @@ class Subscription:
         """Whether the stream waits for its client to ack or nack before it takes more messages."""
         return self._held
 
-    async def next_batch(self) -> list[tuple[str, IncomingEvent]]:
-        """The next batch of (ack id, message) to write, honouring credit and batching; [] once closed.
+    async def next_batch(self) -> list[IncomingEvent]:
+        """The next batch of messages to write (each acked by its `handle`), honouring credit and batching; [] once
+        closed.
 
         Call `writing` before writing it and `written` after, so that its ack deadlines start then.
         """
@@ -178,13 +183,13 @@ class Subscription:
                 self._not_fetching.set()
             if self._held and batch:
                 # Messages expired while this fetch ran: these go back to the group unseen.
-                await self._release([ack_id for ack_id, _ in batch])
+                await self._release(list(map(_handle, batch)))
                 continue
             if batch:
                 return batch
         return []
 
-    async def _collect(self, wanted: int) -> list[tuple[str, IncomingEvent]]:
+    async def _collect(self, wanted: int) -> list[IncomingEvent]:
         first = await self._broker.fetch(wanted, FETCH_POLL_S)
         taken = await self._admit(first)
         wait = self._limits.max_wait_s
@@ -210,35 +215,33 @@ class Subscription:
             if filling.done() and not filling.cancelled():
                 filling.exception()  # a broken subscription: the fetch that follows reports it
 
-    async def _admit(self, messages: list[IncomingEvent]) -> list[tuple[str, IncomingEvent]]:
-        ids = self._ids
+    async def _admit(self, messages: list[IncomingEvent]) -> list[IncomingEvent]:
         max_deliveries = self._limits.max_deliveries
         if max_deliveries and self._dead_letter and any(m.delivery_attempt > max_deliveries for m in messages):
-            admitted: list[tuple[str, IncomingEvent]] = []
+            admitted: list[IncomingEvent] = []
             for message in messages:
                 if message.delivery_attempt > max_deliveries:
                     await self._to_dead_letter(message)
                 else:
-                    admitted.append((f"{next(ids):x}", message))
-        else:
-            admitted = [(f"{next(ids):x}", message) for message in messages]
-        self._outstanding.update(admitted)
-        self.delivered += len(admitted)
-        return admitted
+                    admitted.append(message)
+            messages = admitted
+        self._outstanding.update(zip(map(_handle, messages), messages, strict=False))
+        self.delivered += len(messages)
+        return messages
 
-    def writing(self, batch: list[tuple[str, IncomingEvent]]) -> None:
+    def writing(self, batch: list[IncomingEvent]) -> None:
         """A batch is handed to gRPC: from here it counts as delivered; its deadline waits for the write to end.
         The lease watch need not wake for it: it looks at least every second, and a stall takes STALL_MIN_S."""
         self._writing_since = self._clock()
         self._writing = batch
 
-    def written(self, batch: list[tuple[str, IncomingEvent]]) -> None:
+    def written(self, batch: list[IncomingEvent]) -> None:
         """The batch reached the stream: its messages' ack deadlines start now (the lease watch is woken only when
         they come before the moment it would look anyway)."""
         self._writing_since = None
         self._writing = []
         deadline = self._clock() + self._limits.ack_deadline_s
-        self._leases.append((deadline, [ack_id for ack_id, _ in batch]))
+        self._leases.append((deadline, list(map(_handle, batch))))
         if deadline < self._watch_until:
             self._changed.set()
 
@@ -294,9 +297,8 @@ class Subscription:
             late.extend(ack_id for ack_id in leases.popleft()[1] if ack_id in outstanding)
         if not late:
             return
-        handles = []
         for ack_id in late:
-            handles.append(outstanding.pop(ack_id).handle)
+            del outstanding[ack_id]
             self._expired[ack_id] = None
         while len(self._expired) > EXPIRED_REMEMBERED:
             self._expired.popitem(last=False)
@@ -305,30 +307,32 @@ class Subscription:
         self._held = True
         await self._not_fetching.wait()
         await self._broker.hold()
-        await self._broker.nack(handles)
+        await self._broker.nack(late)
 
     def _take(self, ack_ids: list[str]) -> tuple[list[IncomingEvent], Ignored | None]:
-        taken: list[IncomingEvent] = []
-        ignored: list[str] = []
-        pop = self._outstanding.pop
-        for ack_id in ack_ids:
-            message = pop(ack_id, None)
-            if message is None:
-                ignored.append(ack_id)
-            else:
-                taken.append(message)
+        # The messages of `ack_ids` out of the outstanding ones, in one loop in C (a message never comes out twice:
+        # a second occurrence of an id in `ack_ids` finds nothing, and is ignored).
+        taken = list(filter(None, map(self._outstanding.pop, ack_ids, itertools.repeat(None))))
         # The client is alive and settling: the stream may take messages again.
         self._held = False
         self._credit.set()
-        if not ignored:
+        if len(taken) == len(ack_ids):
             return taken, None
+        found = set(map(_handle, taken))
+        ignored: list[str] = []
+        for ack_id in ack_ids:
+            if ack_id in found:
+                found.discard(ack_id)  # its first occurrence took it: any other is ignored
+            else:
+                ignored.append(ack_id)
         return taken, Ignored(ignored, [ack_id for ack_id in ignored if ack_id in self._expired])
 
     async def ack(self, ack_ids: list[str]) -> Ignored | None:
         """The client is done with these messages; returns the ids that were not outstanding (ignored)."""
         taken, ignored = self._take(ack_ids)
         if taken:
-            await self._broker.ack([message.handle for message in taken])
+            # An ack id is its message's handle: when all were outstanding, the ids are the handles to ack.
+            await self._broker.ack(ack_ids if ignored is None else list(map(_handle, taken)))
         return ignored
 
     async def nack(self, ack_ids: list[str], delay_s: float, dead_letter: bool) -> Ignored | None:
@@ -340,11 +344,12 @@ class Subscription:
             for message in taken:
                 await self._to_dead_letter(message)
         elif taken:
-            await self._broker.nack([message.handle for message in taken], delay_s)
+            await self._broker.nack(list(map(_handle, taken)), delay_s)
         return ignored
 
     async def _release(self, ack_ids: list[str]) -> None:
-        handles = [self._outstanding.pop(ack_id).handle for ack_id in ack_ids if ack_id in self._outstanding]
+        outstanding = self._outstanding
+        handles = [ack_id for ack_id in ack_ids if outstanding.pop(ack_id, None) is not None]
         if handles:
             await self._broker.release(handles)
 
@@ -356,7 +361,7 @@ class Subscription:
         self._closing.set()
         self._credit.set()
         self._changed.set()
-        written = {ack_id for ack_id, _ in self._writing}
+        written = set(map(_handle, self._writing))
         for _, ack_ids in self._leases:
             written.update(ack_ids)
         seen: list[str] = []
