@@ -316,6 +316,47 @@ async def test_delivery_attempts_count_every_redelivery_and_delays_hold(
     await two.close()
 
 
+async def test_a_delivery_claimed_again_by_its_own_consumer_is_settled_by_its_new_handle_only(
+    adapter: RedisBroker, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_broker, "GRACE_MS", 0)
+    name = topic()
+    sub = await adapter.subscribe(name, "g", SubscribeOptions(prefetch=10, ack_deadline_s=0.1))
+    await adapter.publish(name, message(b"x"))
+    [first] = await sub.fetch(1, 2)
+    await asyncio.sleep(0.3)  # past its deadline (0.1 s, no grace here): the consumer's next look claims it again
+    [again] = await sub.fetch(1, 2)
+    assert (again.id, again.delivery_attempt) == (first.id, 2) and again.handle != first.handle
+    await sub.ack([first.handle])  # the earlier delivery's handle settles nothing
+    assert (await admin.xpending(stream_key(name), "g"))["pending"] == 1
+    await sub.ack([again.handle])
+    assert (await admin.xpending(stream_key(name), "g"))["pending"] == 0
+    await sub.close()
+
+
+async def test_an_ack_that_fails_leaves_its_messages_held_to_ack_again(
+    adapter: RedisBroker, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = topic()
+    sub = await adapter.subscribe(name, "g", SubscribeOptions(prefetch=10, ack_deadline_s=5))
+    await adapter.publish_batch(name, [message(b"a"), message(b"b")])
+    got = await sub.fetch(2, 2)
+    assert len(got) == 2
+    calls = adapter.call
+
+    async def refused(what: str, op: Any, budget_s: float | None = None) -> Any:
+        raise BrokerUnavailable("Redis refused acknowledging (XACK)")
+
+    monkeypatch.setattr(adapter, "call", refused)
+    with pytest.raises(BrokerUnavailable):
+        await sub.ack([m.handle for m in got])
+    monkeypatch.setattr(adapter, "call", calls)
+    assert (await admin.xpending(stream_key(name), "g"))["pending"] == 2
+    await sub.ack([m.handle for m in got])  # still held: acked now
+    assert (await admin.xpending(stream_key(name), "g"))["pending"] == 0
+    await sub.close()
+
+
 class CountedFetches(BrokerSubscription):
     """A subscription that counts the fetches the engine makes of it."""
 

@@ -70,6 +70,7 @@ Housekeeping
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import secrets
@@ -287,7 +288,9 @@ class RedisSubscription(BrokerSubscription):
         self._group = group
         self.consumer = consumer
         self._reads = reads  # blocking reads only: a blocked command holds up its connection
-        self._held: dict[str, str] = {}  # handed out, not yet acked/nacked: entry id -> its current delivery's handle
+        # Handed out, not yet acked/nacked: a current delivery's handle -> its entry id (as the reply had it). By
+        # handle, so that an ack takes its entries out in one loop in C; an entry has one handle here at a time.
+        self._held: dict[str, bytes] = {}
         self._cursor = "-"
         self._reclaim_at = 0.0  # when a fetch looks for entries due for redelivery next (loop time)
         self._lock = asyncio.Lock()  # fetches and close never overlap
@@ -316,6 +319,8 @@ class RedisSubscription(BrokerSubscription):
             if self._closed:
                 return []  # close() parks them, keeping their attempt number: nobody saw them
             messages = []
+            if reclaimed:
+                self._forget_entries({entry_id for entry_id, _, _ in reclaimed})
             for entry_id, attempt, flat in reclaimed:
                 messages += self._entries.messages([(entry_id, flat)], max(attempt, 1), self._held)
             if read:
@@ -362,38 +367,49 @@ class RedisSubscription(BrokerSubscription):
             [[_, entries]] = reply
         return entries  # type: ignore[no-any-return]
 
-    def _mine(self, handles: list[str]) -> dict[str, str]:
-        """Those of `handles` that are current deliveries to this consumer, by entry id."""
+    def _mine(self, handles: list[str]) -> dict[str, bytes]:
+        """Those of `handles` that are current deliveries to this consumer, with their entry ids."""
         held = self._held
-        return {entry_id: handle for handle in handles if held.get(entry_id := handle.partition("@")[0]) == handle}
+        return {handle: held[handle] for handle in handles if handle in held}
 
-    def _forget(self, mine: dict[str, str]) -> None:
-        """Settled: `mine` are not held any more (unless an entry was delivered again meanwhile)."""
+    def _forget(self, mine: dict[str, bytes]) -> None:
+        """Settled: `mine` are not held any more."""
+        pop = self._held.pop
+        for handle in mine:
+            pop(handle, None)
+
+    def _forget_entries(self, entry_ids: set[bytes]) -> None:
+        """An earlier delivery of these entries is not current any more (they were claimed again): its handle goes."""
         held = self._held
-        for entry_id, handle in mine.items():
-            if held.get(entry_id) == handle:
-                del held[entry_id]
+        for handle in [handle for handle, entry_id in held.items() if entry_id in entry_ids]:
+            del held[handle]
 
     async def ack(self, handles: list[str]) -> None:
-        # Taken out of `_held` before the XACK is sent (one loop instead of two), and put back if it fails: a
-        # `close` meanwhile goes out behind the XACK (or its retry) on the same connection, so whichever way it
-        # goes these entries end acked, as they would have.
+        # Taken out of `_held` before the XACK is sent (in one loop in C), and put back if it fails: a `close`
+        # meanwhile goes out behind the XACK (or its retry) on the same connection, so whichever way it goes these
+        # entries end acked, as they would have. A handle that is not current (settled, or an earlier delivery)
+        # finds nothing.
         held = self._held
-        mine = {
-            entry_id: handle
-            for handle in handles
-            if held.get(entry_id := handle.partition("@")[0]) == handle and held.pop(entry_id)
-        }
-        if mine:
+        entry_ids = list(filter(None, map(held.pop, handles, itertools.repeat(None))))
+        if entry_ids:
             try:
                 await self._broker.call(
                     "acknowledging (XACK)",
-                    lambda: self._broker.connection().one(b"XACK", self._key, self._group, *mine),
+                    lambda: self._broker.connection().one(b"XACK", self._key, self._group, *entry_ids),
                 )
             except BaseException:
-                for entry_id, handle in mine.items():
-                    held.setdefault(entry_id, handle)  # unless delivered again meanwhile
+                self._put_back(handles, set(entry_ids))
                 raise
+
+    def _put_back(self, handles: list[str], entry_ids: set[bytes]) -> None:
+        """The entries of an ack that failed are held again, under their handles, unless delivered again meanwhile."""
+        held = self._held
+        entry_ids.difference_update(held.values())  # delivered again meanwhile: the new delivery is current
+        for handle in handles:
+            entry_id = handle.rpartition("@")[0].encode()
+            if entry_id in entry_ids:
+                entry_ids.discard(entry_id)
+                held[handle] = entry_id
 
     async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
         idle = PARK_MS - min(max(round(delay_s * 1000), 0), PARK_MS)
@@ -405,7 +421,7 @@ class RedisSubscription(BrokerSubscription):
     async def _park(self, handles: list[str], idle: int, what: str, *, lower: bool = False) -> None:
         mine = self._mine(handles)  # held until parked: a `close` meanwhile counts them as handed out
         if mine:
-            args: Command = (self._group, self.consumer, PARK_CONSUMER, idle, int(lower), *mine)
+            args: Command = (self._group, self.consumer, PARK_CONSUMER, idle, int(lower), *mine.values())
             await self._broker.call(what, lambda: PARK.run(self._broker.connection(), self._key, args))
             self._forget(mine)
             self._reclaim_at = 0.0  # given back: the next fetch looks for what is due
@@ -415,7 +431,7 @@ class RedisSubscription(BrokerSubscription):
             return
         self._closed = True
         async with self._lock:
-            args: Command = (self._group, self.consumer, PARK_CONSUMER, PARK_MS, *self._held)
+            args: Command = (self._group, self.consumer, PARK_CONSUMER, PARK_MS, *self._held.values())
             try:
                 await self._broker.call(
                     "closing the consumer",

@@ -159,9 +159,9 @@ class EntryReader:
         self._type = (_NO_BYTES, topic)
         self._content_type = (_NO_BYTES, DEFAULT_CONTENT_TYPE)
 
-    def messages(self, entries: Iterable[Sequence[Any]], attempt: int, held: dict[str, str]) -> list[IncomingEvent]:
+    def messages(self, entries: Iterable[Sequence[Any]], attempt: int, held: dict[str, bytes]) -> list[IncomingEvent]:
         """The messages of entries `[entry id, [field, value, ...]]` of one delivery attempt, each noted in `held`
-        (entry id -> its handle, the current delivery's).
+        (its handle -> the entry id as the reply had it).
 
         An entry as this adapter writes it without optional fields (the fields `_PLAIN_NAMES`, in that order) is read
         by position; any other (optional fields, another producer's) through `incoming`.
@@ -180,7 +180,7 @@ class EntryReader:
             entry_id = raw_entry_id.decode()
             if len(flat) != _PLAIN_LENGTH or flat[::2] != _PLAIN_NAMES:
                 message = self.incoming(entry_id, flat, attempt)
-                held[entry_id] = message.handle
+                held[message.handle] = raw_entry_id
                 append(message)
                 continue
             _, raw_id, raw_source, raw_type, raw_time, raw_content_type, data = flat[1::2]
@@ -200,7 +200,8 @@ class EntryReader:
             if raw_content_type != raw_content_type_seen:
                 raw_content_type_seen = raw_content_type
                 content_type = raw_content_type.decode("utf-8", "replace") or DEFAULT_CONTENT_TYPE
-            handle = held[entry_id] = entry_id + suffix
+            handle = entry_id + suffix
+            held[handle] = raw_entry_id
             # Positional, in IncomingEvent's field order.
             append(
                 IncomingEvent(
