@@ -86,19 +86,23 @@ class BrokerAdapter(abc.ABC):
     async def publish(self, topic: str, message: OutgoingEvent) -> str:
         """Publish and return once the broker confirmed the write; returns the broker's id for the message."""
 
-    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
+    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> dict[int, ProcessorError]:
         """Publish concurrently, at most CONCURRENT_PUBLISHES at a time (the broker confirms each write on its own),
-        and one failure does not stop the others; the results keep the input order. Adapters may pipeline instead."""
+        and one failure does not stop the others. Returns the failures by their message's position: empty when the
+        broker confirmed every message (most batches: the caller then looks at no message's outcome). Adapters may
+        pipeline instead."""
         gate = asyncio.Semaphore(CONCURRENT_PUBLISHES)
 
-        async def one(message: OutgoingEvent) -> str | ProcessorError:
+        async def one(message: OutgoingEvent) -> ProcessorError | None:
             async with gate:
                 try:
-                    return await self.publish(topic, message)
+                    await self.publish(topic, message)
                 except ProcessorError as exc:
                     return exc
+                return None
 
-        return list(await asyncio.gather(*(one(message) for message in messages)))
+        outcomes = await asyncio.gather(*(one(message) for message in messages))
+        return {index: outcome for index, outcome in enumerate(outcomes) if outcome is not None}
 
     @abc.abstractmethod
     async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:

@@ -66,10 +66,10 @@ class MemoryBroker(BrokerAdapter):
             group.put(message, 1)
         return message.id
 
-    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
+    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> dict[int, ProcessorError]:
         for group in self._topics.get(topic, {}).values():
             group.put_new(messages)
-        return [message.id for message in messages]
+        return {}
 
     async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:
         groups = self._topics.setdefault(topic, {})

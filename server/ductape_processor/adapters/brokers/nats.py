@@ -362,7 +362,7 @@ class NatsBroker(BrokerAdapter):
             await self._ensure_subject(js, topic)
         return await self._publish_until_confirmed(nc, js, topic, message.data, head)
 
-    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
+    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> dict[int, ProcessorError]:
         """Write every message, then wait for their PubAcks together (no task per message); a message whose first
         attempt fails in a way worth retrying goes through `publish`'s retries on its own."""
         nc, js = await self._connected()
@@ -400,7 +400,11 @@ class NatsBroker(BrokerAdapter):
                 results[index] = await self._publish_until_confirmed(nc, js, topic, messages[index].data, head)
             except ProcessorError as exc:
                 results[index] = exc
-        return [result if result is not None else self.unavailable("not published") for result in results]
+        return {
+            index: self.unavailable("not published") if result is None else result
+            for index, result in enumerate(results)
+            if not isinstance(result, str)
+        }
 
     async def _publish_until_confirmed(
         self, nc: NATS, js: JetStreamContext, topic: str, data: bytes, head: bytes

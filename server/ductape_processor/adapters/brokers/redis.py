@@ -119,6 +119,7 @@ CLOSE_RETRY_BUDGET_S = 1.0
 MAINTENANCE_INTERVAL_S = 30.0
 STALE_CONSUMER_MS = 3_600_000
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+_ENTRY_IDS = frozenset({bytes})  # the type of an XADD's reply when it stored its entry
 
 
 def stream_key(topic: str) -> str:
@@ -230,21 +231,20 @@ class RedisBroker(BrokerAdapter):
         await self.maintain(key)
         return text(entry_id)
 
-    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> list[str | ProcessorError]:
+    async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> dict[int, ProcessorError]:
         key = stream_key(topic)
         replies = []
         if messages:
             commands = xadd(key, messages)
             replies = await self.call("publish batch (XADD)", lambda: self.connection().send(commands, len(messages)))
         await self.maintain(key)
-        return [
-            reply.decode()
-            if type(reply) is bytes
-            else self._endpoint.unavailable("Redis refused the publish", reply)
+        if set(map(type, replies)) <= _ENTRY_IDS:  # every XADD answered with its entry id (most batches)
+            return {}
+        return {
+            index: self._endpoint.unavailable("Redis refused the publish", reply)
+            for index, reply in enumerate(replies)
             if isinstance(reply, ResponseError)
-            else text(reply)
-            for reply in replies
-        ]
+        }
 
     async def subscribe(self, topic: str, group: str, options: SubscribeOptions) -> BrokerSubscription:
         key = stream_key(topic)

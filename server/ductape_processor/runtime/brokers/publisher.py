@@ -63,7 +63,6 @@ DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 """The CloudEvents `datacontenttype` of a message published without a content type."""
 IDS_DRAWN: Final = 1024
 """Message ids drawn from the system's random source at once (12 KiB), for single publishes and batches."""
-_ONLY_STR: Final = {str}
 _ATTRIBUTE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")  # \Z: "$" would let a trailing newline through
 T = TypeVar("T")
 
@@ -339,20 +338,17 @@ class BrokerRuntime:
         outcomes: list[str | ProcessorError] = []
         if messages:
             try:
-                published = await self._send(
+                failures = await self._send(
                     route,
                     adapter.publish_batch(route.topic.name, messages),
                     give_up - time.monotonic(),
                     keyed=False,
                 )
             except BrokerUnavailable as exc:
-                published = [exc] * len(messages)
-            if not others and set(map(type, published)) == _ONLY_STR:
+                failures = dict.fromkeys(range(len(messages)), exc)
+            if not others and not failures:
                 return ids  # every entry plain and stored (most batches): each one's id is the one drawn for it
-            outcomes = [
-                message.id if isinstance(outcome, str) else outcome
-                for message, outcome in zip(messages, published, strict=True)
-            ]
+            outcomes = [failures.get(index, message.id) for index, message in enumerate(messages)]
         if not others:
             return outcomes
         # Put the plain messages' outcomes back between the others, in the entries' order.
