@@ -35,6 +35,8 @@ from tests.storage_backends import (
 PRODUCT = "st"
 TAG = "files"
 PROVIDERS = ["fs", "s3", "azure", "gcs"]
+NETWORK = pytest.mark.parametrize("backend", ["s3", "azure", "gcs"], indirect=True)
+"""The providers reached over the network (fs has no endpoint to be unreachable, flaky or silent)."""
 MIB = 1024 * 1024
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452") + b"\0" * 64
 
@@ -390,11 +392,11 @@ async def unavailable_within(call: Callable[[], Awaitable[object]], what: str) -
     return error, took
 
 
+@NETWORK
 async def test_an_unreachable_provider_is_unavailable_without_credentials(
     start_server: ServerFactory, backend: Backend
 ) -> None:
-    if backend.unreachable_env is None:
-        pytest.skip(f"{backend.provider} has no network endpoint")
+    assert backend.unreachable_env is not None
     server = await start_server()
     await server.client.product.apply(manifest(backend.unreachable_env))
     # Retries off in the client: the time measured is the processor's answer, not the client's attempts at it.
@@ -426,6 +428,7 @@ async def flaky_server(
     return server
 
 
+@NETWORK
 async def test_each_call_is_tried_four_times_by_the_runtime_and_once_by_the_providers_client(
     start_server: ServerFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -433,8 +436,6 @@ async def test_each_call_is_tried_four_times_by_the_runtime_and_once_by_the_prov
     The providers' clients retry nothing themselves (botocore tried three times in each of the runtime's attempts,
     gcloud-aio and Azure's SDK made a save one attempt in all); aiohttp alone sends a request HTTP calls idempotent
     once more, at once, on a connection closed before its answer (RFC 9112: a pooled connection the server closed)."""
-    if backend.env_at is None:
-        pytest.skip(f"{backend.provider} has no network endpoint")
     async with FlakyLink(backend.port, drop=1_000_000) as link:
         server = await flaky_server(start_server, backend, monkeypatch, link)
         async with Processor(server.address, timeout=CALLER_DEADLINE_S, retries=0) as client:
@@ -446,13 +447,12 @@ async def test_each_call_is_tried_four_times_by_the_runtime_and_once_by_the_prov
     assert await backend.keys() == []
 
 
+@NETWORK
 async def test_a_provider_that_drops_its_first_connections_is_retried_until_it_answers(
     start_server: ServerFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Transient failures (connections closed at once, then served): every call succeeds on the runtime's third
     attempt, and a save lands once, whole."""
-    if backend.env_at is None:
-        pytest.skip(f"{backend.provider} has no network endpoint")
     async with FlakyLink(backend.port) as link:
         server = await flaky_server(start_server, backend, monkeypatch, link)
         storage = server.client.storage
@@ -479,14 +479,13 @@ async def test_a_provider_that_drops_its_first_connections_is_retried_until_it_a
     assert await backend.keys() == ["t/a.bin"]
 
 
+@NETWORK
 async def test_a_provider_that_never_answers_is_unavailable_before_the_callers_deadline(
     start_server: ServerFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A provider that accepts connections and answers nothing: the clients' own timeouts (a minute between bytes)
     are far past the caller's deadline, so the runtime cuts each attempt and answers UNAVAILABLE, naming the storage,
     provider and operation, before the deadline rather than leaving the caller a bare DEADLINE_EXCEEDED."""
-    if backend.env_at is None:
-        pytest.skip(f"{backend.provider} has no network endpoint")
     deadline = 2.0
     async with FlakyLink(backend.port, hang=True) as link:
         server = await flaky_server(start_server, backend, monkeypatch, link)
@@ -515,13 +514,12 @@ async def test_a_gcs_token_that_cannot_be_fetched_is_tried_once_per_attempt(
     assert took < REFUSED_ANSWER_S, took
 
 
+@pytest.mark.parametrize("backend", ["s3"], indirect=True)
 async def test_a_caller_with_no_deadline_gets_the_runtimes_limit(
     start_server: ServerFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without a deadline, a listing of a provider that never answers is tried for RETRY_LIMIT_S (10 s), attempts of
     at most 5 s each, then UNAVAILABLE. On one provider: the limit is the runtime's, the same for each."""
-    if backend.provider != "s3":
-        pytest.skip("the runtime's limit is checked on one provider")
     async with FlakyLink(backend.port, hang=True) as link:
         server = await flaky_server(start_server, backend, monkeypatch, link)
         async with Processor(server.address, timeout=None, retries=0) as client:
