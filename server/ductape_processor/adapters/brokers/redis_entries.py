@@ -2,7 +2,7 @@
 
 Both run for every message. The XADDs of a publish are encoded for the wire here, what its messages share encoded
 once; entries are read straight from hiredis' reply, one written by this adapter without optional fields by
-position (its field names compared with the expected ones in one go), any other through a dict of its fields, and
+position (its field names compared with the expected ones in place), any other through a dict of its fields, and
 what the messages of one publish share (`time`, `source`, `type`, content type) is decoded once.
 """
 
@@ -33,9 +33,10 @@ _KNOWN_FIELDS: Final = frozenset(
 )
 _NO_BYTES = b""
 _JSON_MARK: Final = JSON_PAYLOAD_MARK.encode()
-_PLAIN_NAMES: Final = [_BINDING.specversion.encode(), _ID, _SOURCE, _TYPE, _TIME, _CONTENT_TYPE, _DATA]
-"""The fields of an entry this adapter wrote for a message without optional fields, in their order (a list: it is
-compared with a slice of the reply's)."""
+_SPECVERSION_NAME: Final = _BINDING.specversion.encode()
+_PLAIN_NAMES: Final = (_SPECVERSION_NAME, _ID, _SOURCE, _TYPE, _TIME, _CONTENT_TYPE, _DATA)
+"""The fields of an entry this adapter wrote for a message without optional fields, in their order (`messages`
+compares each with the reply's name in its place: cheaper than a slice of the reply compared with a list)."""
 _PLAIN_LENGTH: Final = 2 * len(_PLAIN_NAMES)
 
 
@@ -178,12 +179,24 @@ class EntryReader:
             if flat is None:  # deleted while pending (older servers)
                 continue
             entry_id = raw_entry_id.decode()
-            if len(flat) != _PLAIN_LENGTH or flat[::2] != _PLAIN_NAMES:
+            if len(flat) == _PLAIN_LENGTH:
+                n0, _, n1, raw_id, n2, raw_source, n3, raw_type, n4, raw_time, n5, raw_content_type, n6, data = flat
+                plain = (
+                    n1 == _ID
+                    and n2 == _SOURCE
+                    and n3 == _TYPE
+                    and n4 == _TIME
+                    and n5 == _CONTENT_TYPE
+                    and n6 == _DATA
+                    and n0 == _SPECVERSION_NAME
+                )
+            else:
+                plain = False
+            if not plain:
                 message = self.incoming(entry_id, flat, attempt)
                 held[message.handle] = raw_entry_id
                 append(message)
                 continue
-            _, raw_id, raw_source, raw_type, raw_time, raw_content_type, data = flat[1::2]
             if raw_time == time_field:
                 written = moment
             else:
