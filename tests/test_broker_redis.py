@@ -325,6 +325,15 @@ async def test_a_delivery_claimed_again_by_its_own_consumer_is_settled_by_its_ne
     await asyncio.sleep(0.3)  # past its deadline (0.1 s, no grace here): the consumer's next look claims it again
     [again] = await sub.fetch(1, 2)
     assert (again.id, again.delivery_attempt) == (first.id, 2) and again.handle != first.handle
+    calls = adapter.call
+
+    async def refused(what: str, op: Any, budget_s: float | None = None) -> Any:
+        raise BrokerUnavailable("Redis refused acknowledging (XACK)")
+
+    monkeypatch.setattr(adapter, "call", refused)
+    with pytest.raises(BrokerUnavailable):
+        await sub.ack([first.handle, again.handle])  # failed: the current delivery stays held, under its handle
+    monkeypatch.setattr(adapter, "call", calls)
     await sub.ack([first.handle])  # the earlier delivery's handle settles nothing
     assert (await admin.xpending(stream_key(name), "g"))["pending"] == 1
     await sub.ack([again.handle])

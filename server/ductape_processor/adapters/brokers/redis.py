@@ -390,7 +390,8 @@ class RedisSubscription(BrokerSubscription):
         # entries end acked, as they would have. A handle that is not current (settled, or an earlier delivery)
         # finds nothing.
         held = self._held
-        entry_ids = list(filter(None, map(held.pop, handles, itertools.repeat(None))))
+        taken = list(map(held.pop, handles, itertools.repeat(None)))  # each handle's entry id, or None
+        entry_ids = list(filter(None, taken))
         if entry_ids:
             try:
                 await self._broker.call(
@@ -398,17 +399,16 @@ class RedisSubscription(BrokerSubscription):
                     lambda: self._broker.connection().one(b"XACK", self._key, self._group, *entry_ids),
                 )
             except BaseException:
-                self._put_back(handles, set(entry_ids))
+                self._put_back(handles, taken)
                 raise
 
-    def _put_back(self, handles: list[str], entry_ids: set[bytes]) -> None:
-        """The entries of an ack that failed are held again, under their handles, unless delivered again meanwhile."""
+    def _put_back(self, handles: list[str], taken: list[bytes | None]) -> None:
+        """The entries an ack that failed took out are held again, under their handles, unless delivered again
+        meanwhile."""
         held = self._held
-        entry_ids.difference_update(held.values())  # delivered again meanwhile: the new delivery is current
-        for handle in handles:
-            entry_id = handle.rpartition("@")[0].encode()
-            if entry_id in entry_ids:
-                entry_ids.discard(entry_id)
+        again = set(held.values())  # delivered again meanwhile: the new delivery is current
+        for handle, entry_id in zip(handles, taken, strict=True):
+            if entry_id is not None and entry_id not in again:
                 held[handle] = entry_id
 
     async def nack(self, handles: list[str], delay_s: float = 0.0) -> None:
