@@ -278,6 +278,11 @@ async def test_a_batch_is_written_with_the_documented_fields_and_entries_of_any_
             sent.traceparent,
             sent.tracestate,
         )
+    # Every field of a plain entry's message is set, as the dataclass's own `__init__` sets them (the reader sets
+    # them in place).
+    assert got[0] == IncomingEvent(
+        plain.id, plain.source, plain.type, plain.time, b"plain", "application/json", got[0].handle, {}, "", "", 1
+    )
     foreign, shuffled = got[3], got[4]
     assert (foreign.id, foreign.source, foreign.type) == (foreign_id.decode(), "", name)
     assert (foreign.content_type, foreign.attributes) == ("application/octet-stream", {})
