@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import hiredis
 import pytest
 import redis.asyncio as aioredis
 from ductape.processor.brokers import Message
@@ -406,6 +407,31 @@ async def test_a_batch_that_trickles_in_is_taken_in_two_fetches(adapter: RedisBr
     await publishing
     assert counted.fetches == 2
     assert len(batch) > 1, "the messages that came while the batch filled"
+    await engine.close()
+
+
+def test_an_xack_is_the_command_hiredis_packs_with_its_entry_ids_shortest_first() -> None:
+    ids = [b"1733355555555-%d" % n for n in (5, 10, 7, 100, 11, 9)] + [b"1733355555556-0", b"17333555555560-3"]
+    expected = hiredis.pack_command((b"XACK", "k\u00e9y", "gr\u00f6up", *sorted(ids, key=len)))
+    assert redis_broker.xack("k\u00e9y", "gr\u00f6up", ids) == expected
+    assert redis_broker.xack("k", "g", ids[:1]) == hiredis.pack_command((b"XACK", "k", "g", ids[0]))
+
+
+async def test_a_batch_publish_that_wakes_a_blocked_read_fills_a_batch_at_once(adapter: RedisBroker) -> None:
+    # The first XADD of a batch wakes the blocked XREADGROUP, which takes that entry alone: the fetch reads the rest
+    # at once (one more read, not blocking), so a batch that fills is not held max_wait for messages already stored.
+    name = topic()
+    counted = CountedFetches(await adapter.subscribe(name, "g", SubscribeOptions(prefetch=20, ack_deadline_s=5)))
+    engine = Subscription(counted, Limits.checked(max_batch=20, max_wait_s=5), None)
+    fetching = asyncio.ensure_future(engine.next_batch())
+    await asyncio.sleep(0.2)  # the read is blocked by now
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await adapter.publish_batch(name, [message(b"%d" % n) for n in range(30)]) == {}
+    batch = await asyncio.wait_for(fetching, 10)
+    assert [m.data for m in batch] == [b"%d" % n for n in range(20)]
+    assert loop.time() - started < 2.5, "not held max_wait"
+    assert counted.fetches == 1
     await engine.close()
 
 

@@ -21,6 +21,9 @@ Delivery and `delivery_attempt`
     A handle is ``<entry id>@<attempt>``, one per delivery, so a stale handle never settles a later delivery.
     `fetch` first takes back, in one Lua script (atomic, so two consumers never claim the same entry), the entries
     that are due for redelivery, then reads new entries with ``XREADGROUP ... BLOCK`` (each block at most 0.5 s).
+    A blocked read is woken by the first entry stored, and takes only what is there by then (one entry of a batch
+    publish, whose other XADDs Redis runs right after): when it brings fewer than asked, one more read, not
+    blocking, takes the rest at once, so a batch that fills is not held `max_wait` for entries already stored.
     A consumer runs that script at most every `RECLAIM_INTERVAL_S`, except that its next fetch runs it at once after
     it gave entries back (nack, release) or when the last run found some: on a busy stream, a script and its scan of
     the pending entries for every fetch of 100 messages cost both the processor and Redis more than the read.
@@ -272,6 +275,21 @@ class RedisBroker(BrokerAdapter):
             await connection.close()
 
 
+def xack(key: str, group: str, entry_ids: list[bytes]) -> bytes:
+    """``XACK <key> <group> <entry id>...`` encoded for the wire (RESP): the entry ids shortest first (their order
+    does not matter to Redis), those of each length joined in one step.
+
+    hiredis' `pack_command` formats each argument's length with `sprintf`: about 1,760 instructions an entry id,
+    against about 640 here (callgrind, acks of 250 ids)."""
+    parts = [b"*%d\r\n$4\r\nXACK\r\n" % (len(entry_ids) + 3)]
+    for name in (key.encode(), group.encode()):
+        parts.append(b"$%d\r\n%b\r\n" % (len(name), name))
+    for size, same in itertools.groupby(sorted(entry_ids, key=len), len):
+        length = b"$%d\r\n" % size
+        parts.append(length + (b"\r\n" + length).join(same) + b"\r\n")
+    return b"".join(parts)
+
+
 Taken = tuple[bytes, int, list[bytes]]
 """An entry as a fetch took it: its id, its delivery count, its fields and values in turn."""
 
@@ -314,6 +332,11 @@ class RedisSubscription(BrokerSubscription):
                 if room > 0:
                     block_ms = 0 if reclaimed else int(min(until - loop.time(), BLOCK_CAP_S) * 1000)
                     read = await self._read(room, block_ms if block_ms > 0 else None)
+                    if block_ms > 0 and 0 < len(read) < room:
+                        # A blocked read is woken by the first entry stored (a batch publish's first XADD) and
+                        # takes only what is there by then: one more read, not blocking, takes the rest of the
+                        # batch, stored right behind it, rather than leaving it to the engine's max_wait.
+                        read += await self._read(room - len(read), None)
                 if reclaimed or read or loop.time() >= until:
                     break
             if self._closed:
@@ -393,11 +416,15 @@ class RedisSubscription(BrokerSubscription):
         taken = list(map(held.pop, handles, itertools.repeat(None)))  # each handle's entry id, or None
         entry_ids = list(filter(None, taken))
         if entry_ids:
+            command = xack(self._key, self._group, entry_ids)
+
+            async def acknowledge() -> None:
+                [reply] = await self._broker.connection().send(command, 1)
+                if isinstance(reply, ResponseError):
+                    raise reply
+
             try:
-                await self._broker.call(
-                    "acknowledging (XACK)",
-                    lambda: self._broker.connection().one(b"XACK", self._key, self._group, *entry_ids),
-                )
+                await self._broker.call("acknowledging (XACK)", acknowledge)
             except BaseException:
                 self._put_back(handles, taken)
                 raise

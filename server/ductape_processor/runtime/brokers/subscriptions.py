@@ -21,7 +21,8 @@ Filling a batch
     (`wait_ready`) for at most `max_wait`, and fetches once more, rather than fetching again for each message as they
     trickle in (on Redis a fetch is a script and a read: trickling messages made 1.6 messages a fetch). Adapters
     that receive into a local buffer (memory, NATS) end the wait as soon as the batch is there, so a busy stream's
-    batches are not held `max_wait` each; on the others the engine waits out `max_wait`.
+    batches are not held `max_wait` each; on the others the engine waits out `max_wait` (Redis fills a batch from
+    one fetch when its read, woken by a batch publish's first entry, reads the rest of that publish at once).
 
 Cost per message
     A message's ack id is its adapter's handle (unique among a subscription's deliveries), so there is no second id
