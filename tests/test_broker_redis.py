@@ -435,6 +435,29 @@ async def test_a_batch_publish_that_wakes_a_blocked_read_fills_a_batch_at_once(a
     await engine.close()
 
 
+async def test_a_failed_read_for_the_rest_of_a_batch_hands_out_what_the_woken_read_took(
+    adapter: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = topic()
+    sub = await adapter.subscribe(name, "g", SubscribeOptions(prefetch=20, ack_deadline_s=5))
+    assert isinstance(sub, redis_broker.RedisSubscription)
+    real = sub._read
+
+    async def read(count: int, block_ms: int | None) -> list[Any]:
+        if block_ms is None:  # the read for the rest, once the blocked one was woken
+            raise BrokerUnavailable("Redis is unreachable (reading messages (XREADGROUP) failed 3 time(s))")
+        return await real(count, block_ms)
+
+    monkeypatch.setattr(sub, "_read", read)
+    fetching = asyncio.ensure_future(sub.fetch(20, 2))
+    await asyncio.sleep(0.2)  # the read is blocked by now
+    assert await adapter.publish_batch(name, [message(b"%d" % n) for n in range(5)]) == {}
+    got = await asyncio.wait_for(fetching, 5)
+    assert [m.data for m in got] == [b"0"], "handed out, not lost with the failure"
+    await sub.ack([m.handle for m in got])
+    await sub.close()
+
+
 async def test_close_hands_back_what_it_took_and_deletes_its_consumer(
     adapter: RedisBroker, admin: aioredis.Redis
 ) -> None:

@@ -23,7 +23,8 @@ Delivery and `delivery_attempt`
     that are due for redelivery, then reads new entries with ``XREADGROUP ... BLOCK`` (each block at most 0.5 s).
     A blocked read is woken by the first entry stored, and takes only what is there by then (one entry of a batch
     publish, whose other XADDs Redis runs right after): when it brings fewer than asked, one more read, not
-    blocking, takes the rest at once, so a batch that fills is not held `max_wait` for entries already stored.
+    blocking, takes the rest at once, so a batch that fills is not held `max_wait` for entries already stored (when
+    that read fails, what the first took is handed out and the next fetch reports the failure).
     A consumer runs that script at most every `RECLAIM_INTERVAL_S`, except that its next fetch runs it at once after
     it gave entries back (nack, release) or when the last run found some: on a busy stream, a script and its scan of
     the pending entries for every fetch of 100 messages cost both the processor and Redis more than the read.
@@ -73,6 +74,7 @@ Housekeeping
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import re
@@ -336,7 +338,10 @@ class RedisSubscription(BrokerSubscription):
                         # A blocked read is woken by the first entry stored (a batch publish's first XADD) and
                         # takes only what is there by then: one more read, not blocking, takes the rest of the
                         # batch, stored right behind it, rather than leaving it to the engine's max_wait.
-                        read += await self._read(room - len(read), None)
+                        # Best effort: when it fails, what the first read took is handed out all the same, and the
+                        # next fetch reports the failure.
+                        with contextlib.suppress(BrokerUnavailable):
+                            read += await self._read(room - len(read), None)
                 if reclaimed or read or loop.time() >= until:
                     break
             if self._closed:
