@@ -17,6 +17,9 @@ BODIES = [
     b"NaN",  # not JSON, but Python's parser takes it
     b"1e999999",
     b'{"a": {"b": {"c": [[[1]]]}}}',
+    # Members of every kind, in an object and in an array (strings, numbers and flags are set without `_fill`).
+    b'{"t": true, "f": false, "s": "", "i": -3, "x": 0.25, "n": null, "big": 18446744073709551616, "l": [], "o": {}}',
+    b'[true, false, "s", 2, 2.5, null, [1, "x", true], {"k": false}, 18446744073709551616]',
     b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH,
 ]
 
@@ -34,6 +37,7 @@ def test_json_answers_become_the_value_the_standard_parser_gives(body: bytes) ->
     [
         b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1),
         b'{"name": "\\ud800"}',  # a lone surrogate: no protobuf string can hold it
+        b'["ok", "\\ud800"]',  # the same in an array
         b'{"a":',
         b"\xff\xfe",
         b"",

@@ -104,11 +104,26 @@ def _fill(target: struct_pb2.Value, data: object, depth: int) -> None:
         elif isinstance(data, dict):
             fields = target.struct_value.fields
             for key, item in data.items():
-                _fill(fields[key], item, depth + 1)
+                # A string, a number or a flag (what most members are) set here, without a call; the rest by `_fill`.
+                kind = type(item)
+                if kind is str:
+                    fields[key].string_value = item
+                elif kind is int or kind is float:
+                    fields[key].number_value = item
+                elif kind is bool:
+                    fields[key].bool_value = item
+                else:
+                    _fill(fields[key], item, depth + 1)
         else:
             items = target.list_value.values
             for item in data:
-                _fill(items.add(), item, depth + 1)
+                kind = type(item)
+                if kind is str:
+                    items.add().string_value = item
+                elif kind is int or kind is float:
+                    items.add().number_value = item
+                else:
+                    _fill(items.add(), item, depth + 1)
     else:
         target.string_value = str(data)
 

@@ -46,6 +46,10 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _DEFAULT_HEADERS: Final = (("user-agent", "User-Agent", USER_AGENT), ("accept", "Accept", "*/*"))
 _ACCEPT_ENCODING: Final = "gzip, deflate"
 """What the processor asks compressed answers in: what it can decompress (and bound) itself."""
+_DEFAULT_LINES: Final = "\r\n".join(
+    [*(f"{name}: {value}" for _, name, value in _DEFAULT_HEADERS), f"Accept-Encoding: {_ACCEPT_ENCODING}"]
+)
+"""The header lines a request without headers of its own gets (those of `_DEFAULT_HEADERS` and Accept-Encoding)."""
 _QUERY_SAFE: Final = "-._~!$'()*,;:@/?"
 """Left as they are in a query name or value: unreserved and sub-delimiters but `&`, `=` and `+` (RFC 3986)."""
 
@@ -122,6 +126,9 @@ class HttpClientPool:
         self._resolve = resolve
         self._pools: dict[tuple[str, str, str, int], OriginPool] = {}
         self._tls: ssl.SSLContext | None = None
+        # The loop the pools were made in (their connections belong to it), kept: `asyncio.get_running_loop()`
+        # checks the process id, a getpid system call each time. A new loop (tests run several) is asked again.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _pool(self, key: str, scheme: str, host: str, port: int) -> OriginPool:
         pool = self._pools.get((key, scheme, host, port))
@@ -152,7 +159,10 @@ class HttpClientPool:
             if problem is not None:
                 raise InvalidArgument.field(header_field("headers", name), problem)
         method, url, data, query = request.method, request.url, request.data, request.query
-        deadline = asyncio.get_running_loop().time() + timeout_s  # one bound over every exchange and redirect
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s  # one bound over every exchange and redirect
         try:
             for _ in range(MAX_REDIRECTS + 1):
                 response = await self._exchange(key, method, url, request.headers, query, data, deadline)
@@ -206,7 +216,11 @@ class HttpClientPool:
                 f"the upstream's response{size} is larger than {self._max_response_bytes} bytes", metadata=where
             ) from None
         # Names are tokens (llhttp refuses others): ASCII, which latin-1 decodes as UTF-8 would, without the fallback.
-        fields = [(name.decode("latin-1"), _text(value)) for name, value in answer.headers]
+        # Values are most often UTF-8 all of them: decoded in one go, and one by one (`_text`) only when one is not.
+        try:
+            fields = [(name.decode("latin-1"), value.decode("utf-8")) for name, value in answer.headers]
+        except UnicodeDecodeError:
+            fields = [(name.decode("latin-1"), _text(value)) for name, value in answer.headers]
         return HttpResponse(answer.status, fields, answer.body, _content_type(fields))
 
     async def close(self) -> None:
@@ -227,7 +241,7 @@ def _framed(
 ) -> bytes:
     """The request's bytes: request line, headers (the processor's framing ones, then the request's), body."""
     target = url.raw_path or "/"
-    extra = "&".join(f"{quote(k, safe=_QUERY_SAFE)}={quote(v, safe=_QUERY_SAFE)}" for k, v in query)
+    extra = "&".join(f"{quote(k, safe=_QUERY_SAFE)}={quote(v, safe=_QUERY_SAFE)}" for k, v in query) if query else ""
     raw_query = url.raw_query_string
     if raw_query or extra:
         target += "?" + "&".join(part for part in (raw_query, extra) if part)
@@ -235,11 +249,14 @@ def _framed(
     if port != _DEFAULT_PORTS.get(url.scheme):
         authority += f":{port}"
     lines = [f"{method} {target} HTTP/1.1", f"Host: {authority}"]
-    given = {name.lower() for name in headers}
-    lines += [f"{name}: {value}" for lowered, name, value in _DEFAULT_HEADERS if lowered not in given]
-    if "accept-encoding" not in given:
-        lines.append(f"Accept-Encoding: {_ACCEPT_ENCODING}")
-    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if headers:
+        given = {name.lower() for name in headers}
+        lines += [f"{name}: {value}" for lowered, name, value in _DEFAULT_HEADERS if lowered not in given]
+        if "accept-encoding" not in given:
+            lines.append(f"Accept-Encoding: {_ACCEPT_ENCODING}")
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+    else:
+        lines.append(_DEFAULT_LINES)  # no headers of the request's own: the processor's, spelled once
     if data is not None or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(data or b'')}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode()

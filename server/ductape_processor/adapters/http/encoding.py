@@ -90,7 +90,7 @@ def path_parameter(name: str, value: Any) -> str:
     Encoding cannot make a dot-segment safe: RFC 3986 normalisation decodes `%2E` back to `.` and then removes dot
     segments, so a proxy or framework in front of the upstream would take `/items/%2E%2E/detail` to `/detail`.
     """
-    text = _segment(value)
+    text = value if type(value) is str else _segment(value)
     if text not in (".", "..") and _UNRESERVED.fullmatch(text):
         return text  # nothing to decode, nothing to encode: `quote(text, safe="")` is `text`
     decoded = text

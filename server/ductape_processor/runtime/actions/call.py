@@ -70,15 +70,6 @@ def outcome(result: ActionResult) -> tuple[ExecutionStatus, str]:
 
 
 @dataclass(slots=True)
-class Attempts:
-    """What a call's sends did: how many there were, the last upstream status, the last request as recorded."""
-
-    count: int = 0
-    upstream_status: int = 0
-    detail: str = ""
-
-
-@dataclass(slots=True)
 class CallState:
     """Per-call state threaded through the steps (a login action minting a token has its own)."""
 
@@ -86,11 +77,17 @@ class CallState:
     resolved: Resolved
     plan: ActionPlan
     deadline: Deadline
-    attempts: Attempts = field(default_factory=Attempts)
+    # What the call's sends did (kept here, not in an object of their own: one fewer a call).
+    attempts: int = 0
+    """How many sends there were."""
+    upstream_status: int = 0
+    """The last upstream status."""
+    detail: str = ""
+    """The last request as the execution record shows it."""
     session: Mapping[str, Any] | None = None
     taint: Taint = field(default_factory=Taint)
     """The call's rendered values that derive from secrets, auths or the session: the record redacts them."""
-    upstream_headers: Mapping[str, str] = field(default_factory=dict)  # set by the processor, over the request's
+    upstream_headers: Mapping[str, str] | None = None  # set by the processor, over the request's
     process_id: str = ""
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     recorded: bool = False  # the execution record was written with the idempotency answer
@@ -119,9 +116,9 @@ class CallState:
             process_id,
             started,
             status,
-            attempts=self.attempts.count,
+            attempts=self.attempts,
             error_reason=reason,
             cached=cached,
-            upstream_status=self.attempts.upstream_status,
-            detail=self.attempts.detail,
+            upstream_status=self.upstream_status,
+            detail=self.detail,
         )

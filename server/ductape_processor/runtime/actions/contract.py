@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
 
@@ -116,11 +116,14 @@ def _check_part(
             elif spec.required:
                 violations.append(FieldViolation(f"{where}.{name}", "is required"))
             continue
-        problems = list(_problems(spec, given))
+        problems = _problems(spec, given)
         if problems:
             violations.append(FieldViolation(f"{where}.{name}", "; ".join(problems)))
             continue
-        result[name] = _decorate(spec, _normalised(spec, given))
+        # gRPC Struct numbers are doubles: a caller's 3 arrives as 3.0, and an integer field hands on 3.
+        if spec.type == "integer" and isinstance(given, float):
+            given = int(given)
+        result[name] = given if spec.decorator is None else _decorate(spec, given)
     return result
 
 
@@ -132,54 +135,51 @@ def _decorate(spec: FieldSpec, value: Any) -> Any:
     return value + spec.decorator.text
 
 
-def _normalised(spec: FieldSpec, value: Any) -> Any:
-    # gRPC Struct numbers are doubles: a caller's 3 arrives as 3.0, and an integer field hands on 3.
-    if spec.type == "integer" and isinstance(value, float):
-        return int(value)
-    return value
-
-
-def _problems(spec: FieldSpec, value: Any) -> Iterable[str]:
-    """What is wrong with a present value, if anything."""
+def _problems(spec: FieldSpec, value: Any) -> list[str]:
+    """What is wrong with a present value, if anything (a list, not a generator: one call a field, most often with
+    nothing to say)."""
     kind = spec.type
+    found: list[str] = []
     if kind in ("string", "email", "uuid", "date"):
         if not isinstance(value, str):
-            yield f"must be a string, not {json_kind(value)}"
-            return
+            found.append(f"must be a string, not {json_kind(value)}")
+            return found
         if kind == "email" and not is_email(value):
-            yield "is not an email address"
+            found.append("is not an email address")
         elif kind == "uuid" and not is_uuid(value):
-            yield "is not a UUID (8-4-4-4-12 hexadecimal digits)"
+            found.append("is not a UUID (8-4-4-4-12 hexadecimal digits)")
         elif kind == "date" and not is_iso_date(value):
-            yield "is not an ISO 8601 date or date-time"
-        yield from _length_problems(spec, len(value), "character")
+            found.append("is not an ISO 8601 date or date-time")
+        if spec.min_length is not None or spec.max_length is not None:
+            _length_problems(spec, len(value), "character", found)
     elif kind == "number":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            yield f"must be a number, not {json_kind(value)}"
+            found.append(f"must be a number, not {json_kind(value)}")
         elif isinstance(value, float) and not math.isfinite(value):
-            yield "must be a finite number"
+            found.append("must be a finite number")
     elif kind == "integer":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            yield f"must be an integer, not {json_kind(value)}"
+            found.append(f"must be an integer, not {json_kind(value)}")
         elif isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            yield "must be an integer, not a fractional number"
+            found.append("must be an integer, not a fractional number")
     elif kind == "boolean":
         if not isinstance(value, bool):
-            yield f"must be a boolean, not {json_kind(value)}"
+            found.append(f"must be a boolean, not {json_kind(value)}")
     elif kind == "array":
         if not isinstance(value, list | tuple):
-            yield f"must be an array, not {json_kind(value)}"
-            return
-        yield from _length_problems(spec, len(value), "item")
+            found.append(f"must be an array, not {json_kind(value)}")
+            return found
+        _length_problems(spec, len(value), "item", found)
     elif kind == "object" and not isinstance(value, Mapping):
-        yield f"must be an object, not {json_kind(value)}"
+        found.append(f"must be an object, not {json_kind(value)}")
+    return found
 
 
-def _length_problems(spec: FieldSpec, length: int, unit: str) -> Iterable[str]:
+def _length_problems(spec: FieldSpec, length: int, unit: str, found: list[str]) -> None:
     if spec.min_length is not None and length < spec.min_length:
-        yield f"must have at least {_count(spec.min_length, unit)}, has {length}"
+        found.append(f"must have at least {_count(spec.min_length, unit)}, has {length}")
     if spec.max_length is not None and length > spec.max_length:
-        yield f"must have at most {_count(spec.max_length, unit)}, has {length}"
+        found.append(f"must have at most {_count(spec.max_length, unit)}, has {length}")
 
 
 def _count(number: int, unit: str) -> str:

@@ -36,11 +36,15 @@ from ductape_processor.runtime.policies.retry import RetryBudget, parse_retry_af
 from ductape_processor.runtime.policies.secrets import TokenVault
 from ductape_processor.runtime.registry.manifest import CredentialAuth, Manifest
 from ductape_processor.runtime.services import CallServices
-from ductape_processor.runtime.templates import RenderError
+from ductape_processor.runtime.templates import RenderError, Scope
 from ductape_processor.store.base import ExecutionStatus
 
 BREAKERS_REMEMBERED: Final = 10_000
 """Circuit breakers kept, one per (product, environment, app); the least recently used goes first."""
+
+
+def _no_scope() -> Scope:
+    raise AssertionError("a plan without templates renders nothing")  # pragma: no cover
 
 
 class ActionExecutor:
@@ -60,7 +64,10 @@ class ActionExecutor:
         """Run `call`; raise a ProcessorError for anything but an upstream answer."""
         started = datetime.now(UTC)
         process_id = self._services.recorder.new_id()
-        resolved = await self._services.registry.resolve(call.product, call.env, call.version)
+        registry = self._services.registry
+        resolved = registry.in_memory(call.product, call.env, call.version)  # most calls: no coroutine
+        if resolved is None:
+            resolved = await registry.resolve(call.product, call.env, call.version)
         plan = resolved.plan.actions.get((call.app, call.event))
         if plan is None:
             self._not_found(resolved.manifest, call)
@@ -159,18 +166,22 @@ class ActionExecutor:
             breaker = CircuitBreaker(policy.failures, policy.cooldown.total_seconds())
             self._breakers.put(upstream, breaker)
         reminted = False
-        budget = RetryBudget(rules.backoff, state.deadline)
+        budget: RetryBudget | None = None  # made at the first failure: most calls have none
         while True:
             auth = await self._auths.values(state, plan.auth_tags) if plan.auth_tags else {}
-            request = build_request(state, partial(state.scope, self._services.secrets, checked, auth), checked)
-            state.attempts.detail = recorded_request(state, request)
+            # The scope's maker only for a plan with templates: `build_request` calls it only then.
+            scope = partial(state.scope, self._services.secrets, checked, auth) if plan.renders else _no_scope
+            request = build_request(state, scope, checked)
+            state.detail = recorded_request(state, request)
             if breaker.opened_at is not None:
                 breaker.before_call(f"{call.app} ({state.resolved.env.slug})")
-            state.attempts.count += 1
+            state.attempts += 1
             try:
                 response = await self._http.send(upstream, request, state.deadline.bound(plan.timeout_s))
             except (UpstreamUnreachable, UpstreamTimeout) as exc:
                 breaker.failure()
+                if budget is None:
+                    budget = RetryBudget(rules.backoff, state.deadline)
                 sent = exc.sent if isinstance(exc, UpstreamUnreachable) else True
                 if not (rules.network and budget.retries < rules.max_retries and (not sent or may_retry_sent)):
                     raise
@@ -182,11 +193,14 @@ class ActionExecutor:
             except BaseException:
                 breaker.release()
                 raise
-            state.attempts.upstream_status = response.status
+            state.upstream_status = response.status
             if response.status == 401 and not reminted and await self._auths.forget(state, plan.auth_tags):
                 reminted = True
                 continue
-            if response.status in rules.statuses and budget.retries < rules.max_retries and may_retry_sent:
+            retries = budget.retries if budget is not None else 0
+            if response.status in rules.statuses and retries < rules.max_retries and may_retry_sent:
+                if budget is None:
+                    budget = RetryBudget(rules.backoff, state.deadline)
                 if response.status >= 500 or response.status == 429:
                     breaker.failure()
                 await self._pause(state, budget, parse_retry_after(response.header("Retry-After")))
@@ -201,7 +215,7 @@ class ActionExecutor:
                 response.body,
                 response.content_type,
                 process_id=state.process_id,
-                attempts=state.attempts.count,
+                attempts=state.attempts,
                 version=state.resolved.version,
             )
 
@@ -210,7 +224,7 @@ class ActionExecutor:
         if not await budget.pause(retry_after_s):
             raise UpstreamTimeout(
                 f"the next retry (in {budget.pause_s:.2f}s) would pass the caller's deadline",
-                metadata={"attempts": str(state.attempts.count)},
+                metadata={"attempts": str(state.attempts)},
             )
 
     async def _login(self, state: CallState, checked: dict[str, Any], auth: CredentialAuth) -> ActionResult:

@@ -38,6 +38,10 @@ class ActionPlan:
     app: App
     action: Action
     path_parts: tuple[str, ...]
+    path_names: tuple[str | None, ...]
+    """For each of `path_parts`, the parameter's name (`:id` -> `id`), or None for a literal part."""
+    path_params: tuple[str, ...]
+    """The path's parameters' names, in order."""
     headers: dict[str, Template]
     query: Template | None
     body: Template | None
@@ -106,15 +110,19 @@ def _compile_action(app: App, action: Action, where: str) -> ActionPlan:
     query = compile_template(action.query, f"{where}.query") if action.query else None
     body = compile_template(action.body, f"{where}.body") if action.body is not None else None
     templates = [*headers.values(), query, body]
+    # Literal parts are percent-encoded once here; parameters are encoded per call as one segment each.
+    path_parts = tuple(
+        part if part.startswith(":") else quote(part, safe="/:@!$&'()*+,;=-._~%")
+        for part in _PATH_SPLIT.split(action.path)
+        if part
+    )
+    path_names = tuple(part[1:] if part.startswith(":") else None for part in path_parts)
     return ActionPlan(
         app=app,
         action=action,
-        # Literal parts are percent-encoded once here; parameters are encoded per call as one segment each.
-        path_parts=tuple(
-            part if part.startswith(":") else quote(part, safe="/:@!$&'()*+,;=-._~%")
-            for part in _PATH_SPLIT.split(action.path)
-            if part
-        ),
+        path_parts=path_parts,
+        path_names=path_names,
+        path_params=tuple(name for name in path_names if name is not None),
         headers=headers,
         query=query,
         body=body,

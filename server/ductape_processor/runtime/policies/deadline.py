@@ -27,8 +27,8 @@ class Deadline:
 
     def bound(self, timeout_s: float) -> float:
         """`timeout_s`, shortened to what is left of the deadline."""
-        left = self.remaining()
-        return timeout_s if left is None else min(timeout_s, left)
+        at = self.at  # `remaining()` written out: a call fewer on every send
+        return timeout_s if at is None else min(timeout_s, at - time.monotonic())
 
 
 class Timeouts:

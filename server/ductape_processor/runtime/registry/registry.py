@@ -260,16 +260,21 @@ class Registry:
             raise EnvNotFound(product, env, state.latest.version, [e.slug for e in latest_model.environments])
         return found, state.pins.get(found.slug, state.latest.version)
 
+    def in_memory(self, product: str, env: str, version: int | None = None) -> Resolved | None:
+        """What `resolve` answers from memory, without a coroutine (None when it would have to look further)."""
+        slot = self._slots.get(product)
+        if slot is not None and slot.state is not None:
+            return slot.resolved.get((env, version))
+        return None
+
     async def resolve(self, product: str, env: str, version: int | None = None) -> Resolved:
         """The model a call runs: the version asked for, else the environment's pin, else the latest.
 
         Served from memory (one dictionary lookup) until the product changes.
         """
-        slot = self._slots.get(product)
-        if slot is not None and slot.state is not None:
-            hit = slot.resolved.get((env, version))
-            if hit is not None:
-                return hit
+        hit = self.in_memory(product, env, version)
+        if hit is not None:
+            return hit
         slot = self._slots.setdefault(product, _Slot())
         generation = slot.generation
         environment, chosen = await self.environment(product, env, version)
