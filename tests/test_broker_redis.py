@@ -22,6 +22,7 @@ from ductape.processor.brokers import Message
 from ductape_processor.adapters.brokers import redis as redis_broker
 from ductape_processor.adapters.brokers.base import BrokerSubscription, BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.redis import PARK_CONSUMER, RedisBroker, stream_key
+from ductape_processor.adapters.brokers.redis_entries import xadd
 from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
 from ductape_processor.runtime.brokers.subscriptions import Limits, Subscription
 from tests.conftest import Running, ServerFactory, require_tcp
@@ -586,3 +587,30 @@ async def test_a_cancelled_blocking_fetch_takes_nothing_afterwards(adapter: Redi
     await other.ack([got.handle])
     await other.close()
     await waiting.close()
+
+
+def test_a_batch_is_encoded_as_its_messages_one_by_one_whatever_they_share() -> None:
+    # A batch's encoding shares the pieces of consecutive messages with the same source, type, time and content type;
+    # this pins that it is still each message's own XADD when those change in the middle, when equal values are
+    # other objects, and when a message with optional fields (or an empty attributes dict) comes between plain ones.
+    def event(data: bytes, content_type: str, **fields: Any) -> OutgoingEvent:
+        sent = message(data)
+        sent.content_type = content_type
+        for name, value in fields.items():
+            setattr(sent, name, value)
+        return sent
+
+    first = event(b"a", "application/json")
+    later = datetime.fromtimestamp(first.time.timestamp() + 1, UTC)
+    batch = [
+        first,
+        event(b"b" * 1500, "application/" + "json".lower(), time=first.time),
+        event(b"", "application/json", time=first.time, attributes={}),
+        event(b"c", "application/json", time=first.time, ordering_key="o", json_payload=True),
+        event(b"d", "application/json", time=later),
+        event(b"e", "text/plain", time=later, attributes={"k": "v"}),
+        event(b"f", "text/plain", time=first.time),
+        event(b"g", "text/plain", time=first.time, source="/elsewhere"),
+    ]
+    assert xadd("k", batch) == b"".join(xadd("k", [one]) for one in batch)
+    assert xadd("k", []) == b""

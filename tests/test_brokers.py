@@ -631,3 +631,34 @@ async def test_bad_publishes_are_refused(broker: Running) -> None:
         await publish(broker, "x", idempotency_key="k" * 257)
     assert long_key.value.field_violations[0].field == "message.idempotency_key"
     assert long_key.value.field_violations[0].description == "is longer than 256 characters"
+
+
+def test_publish_batch_responses_encoded_by_the_servicer_pass_through_and_messages_are_serialized() -> None:
+    from ductape_processor.api.broker import PUBLISH_BATCH, BrokerServicer, add_to_server
+
+    class Collected:
+        def __init__(self) -> None:
+            self.handlers: list[grpc.GenericRpcHandler] = []
+
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            self.handlers.extend(handlers)
+
+        def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+            pass
+
+    class Details(grpc.HandlerCallDetails):
+        def __init__(self, method: str) -> None:
+            self.method = method
+
+    server = Collected()
+    add_to_server(BrokerServicer(runtime=None), server)  # type: ignore[arg-type]
+    [generic] = server.handlers
+    batch = generic.service(Details(PUBLISH_BATCH))
+    assert batch is not None and batch.response_serializer is not None
+    response = broker_pb2.PublishBatchResponse(results=[broker_pb2.PublishResult(message_id="a" * 24)])
+    assert batch.response_serializer(response.SerializeToString()) == response.SerializeToString()  # as it is
+    assert batch.response_serializer(response) == response.SerializeToString()  # a batch with refused entries
+    single = generic.service(Details(PUBLISH_BATCH.replace("PublishBatch", "Publish")))
+    assert single is not None and single.response_serializer is not None
+    with pytest.raises(TypeError):  # the generated serializer, which wants a message
+        single.response_serializer(b"")

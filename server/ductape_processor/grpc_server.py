@@ -15,7 +15,6 @@ from ductape.processor.v1 import (
     action_pb2,
     action_pb2_grpc,
     broker_pb2,
-    broker_pb2_grpc,
     database_pb2,
     database_pb2_grpc,
     feature_pb2,
@@ -41,6 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ductape_processor.api.action import ActionServicer
 from ductape_processor.api.broker import BrokerServicer
+from ductape_processor.api.broker import add_to_server as add_broker_servicer
 from ductape_processor.api.database import DatabaseServicer
 from ductape_processor.api.feature import FeatureServicer
 from ductape_processor.api.interceptor import ProcessorInterceptor
@@ -60,7 +60,7 @@ _SERVICES: Final[dict[str, tuple[ModuleType, Callable[[Any, grpc.aio.Server], No
     "action": (action_pb2, action_pb2_grpc.add_ActionServiceServicer_to_server),
     "log": (log_pb2, log_pb2_grpc.add_LogServiceServicer_to_server),
     "session": (session_pb2, session_pb2_grpc.add_SessionServiceServicer_to_server),
-    "broker": (broker_pb2, broker_pb2_grpc.add_BrokerServiceServicer_to_server),
+    "broker": (broker_pb2, add_broker_servicer),
     "storage": (storage_pb2, storage_pb2_grpc.add_StorageServiceServicer_to_server),
     "database": (database_pb2, database_pb2_grpc.add_DatabaseServiceServicer_to_server),
     "migration": (migration_pb2, migration_pb2_grpc.add_MigrationServiceServicer_to_server),

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from ductape_processor.adapters.brokers.codec import ATTRIBUTE_PREFIX, DEFAULT_CONTENT_TYPE, Binding, aware, format_time
-from ductape_processor.runtime.brokers.messages import JSON_PAYLOAD_MARK, IncomingEvent, OutgoingEvent
+from ductape_processor.runtime.brokers.messages import JSON_PAYLOAD_MARK, NO_ATTRIBUTES, IncomingEvent, OutgoingEvent
 
 _BINDING = Binding(prefix="", ordering_key="orderingkey", content_type="datacontenttype")
 # The field names as the replies carry them (bytes), spelled once from the binding.
@@ -83,50 +83,54 @@ def xadd(key: str, messages: Sequence[OutgoingEvent]) -> bytes:
     The fields are those `Binding.headers` gives, in its order, then the payload. Encoded here rather than by
     hiredis' `pack_command`, which formats each argument's length with `sprintf` (18 arguments a message: 2 µs), and
     without a dict of headers in between: what the messages of one publish share (the command, the key, `source`,
-    `type`, `time`, a content type) is encoded once, and a message adds the pieces it does not share to one list
-    (a formatting of all its pieces at once cost more than the list: `bytes %` parses its format every time).
+    `type`, `time`, a content type) is encoded once, joined into the piece between a message's id and its payload,
+    and a message without optional fields adds five pieces to one list (a formatting of all its pieces at once cost
+    more than the list: `bytes %` parses its format every time). The source, type and time are compared by identity
+    with the message before's (the runtime gives the messages of one publish the very same objects), and by value only
+    when they are other objects.
     """
     start = b"$4\r\nXADD\r\n" + _bulk(key.encode()) + b"$1\r\n*\r\n" + _SPECVERSION + _ID_NAME
+    plain_start = _PLAIN_HEADER + start
     parts: list[bytes] = []
     extend = parts.extend
     moment: datetime | None = None
-    source = type_ = ""
+    source = type_ = content_type = None
     after_id = b""  # the end of the id, and the fields that follow up to the content type's value
-    tails: dict[str, bytes] = {}  # a content type -> its value and the payload's name
+    middle = b""  # after_id, the content type's value and the payload's name: what a plain message shares
     for message in messages:
-        if message.time is not moment or message.source != source or message.type != type_:
+        if message.time is not moment or message.source is not source or message.type is not type_:
+            if message.time != moment or message.source != source or message.type != type_:
+                after_id = b"\r\n" + _pair(_BINDING.source, message.source) + _pair(_BINDING.type, message.type)
+                after_id += _pair(_BINDING.time, format_time(message.time)) + _CONTENT_TYPE_NAME
+                content_type = None
             moment, source, type_ = message.time, message.source, message.type
-            after_id = b"\r\n" + _pair(_BINDING.source, source) + _pair(_BINDING.type, type_)
-            after_id += _pair(_BINDING.time, format_time(moment)) + _CONTENT_TYPE_NAME
-        tail = tails.get(message.content_type)
-        if tail is None:
-            tail = tails[message.content_type] = _bulk(message.content_type.encode()) + _DATA_NAME
-        header = _PLAIN_HEADER
-        if (
-            message.ordering_key
-            or message.traceparent
-            or message.tracestate
-            or message.json_payload
-            or message.attributes
-        ):
-            optional, count = _optional(message)
-            header = b"*%d\r\n" % (3 + _PLAIN_LENGTH + 2 * count)
-            tail = tail[: -len(_DATA_NAME)] + optional + _DATA_NAME
+        if message.content_type != content_type:  # equal strings (each message's own, from its request)
+            content_type = message.content_type
+            middle = after_id + _bulk(content_type.encode()) + _DATA_NAME
         identity, data = message.id.encode(), message.data
         size, length = len(identity), len(data)
-        extend(
-            (
-                header,
-                start,
-                _LENGTHS[size] if size < 1024 else b"$%d\r\n" % size,
-                identity,
-                after_id,
-                tail,
-                _LENGTHS[length] if length < 1024 else b"$%d\r\n" % length,
-                data,
-                _CRLF,
+        if (
+            message.traceparent
+            or message.ordering_key
+            or message.tracestate
+            or message.json_payload
+            or (message.attributes is not NO_ATTRIBUTES and message.attributes)  # the shared empty one: no len()
+        ):
+            optional, count = _optional(message)
+            extend(
+                (
+                    b"*%d\r\n" % (3 + _PLAIN_LENGTH + 2 * count),
+                    start,
+                    _LENGTHS[size] if size < 1024 else b"$%d\r\n" % size,
+                    identity,
+                    middle[: -len(_DATA_NAME)],
+                    optional,
+                    _DATA_NAME,
+                )
             )
-        )
+        else:
+            extend((plain_start, _LENGTHS[size] if size < 1024 else b"$%d\r\n" % size, identity, middle))
+        extend((_LENGTHS[length] if length < 1024 else b"$%d\r\n" % length, data, _CRLF))
     return b"".join(parts)
 
 
