@@ -662,3 +662,19 @@ def test_publish_batch_responses_encoded_by_the_servicer_pass_through_and_messag
     assert single is not None and single.response_serializer is not None
     with pytest.raises(TypeError):  # the generated serializer, which wants a message
         single.response_serializer(b"")
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        ["a" * 24, "b" * 24, "c" * 24],  # the runtime's ids: passed through as one join
+        ["a" * 23, "b" * 25],  # lengths that add up to two ids' worth: must not be framed by the fixed heads
+        ["é" * 24],  # not ASCII: more bytes than characters
+        ["a" * 24, ""],
+    ],
+)
+def test_publish_batch_response_holds_exactly_the_ids_given_whatever_their_lengths(ids: list[str]) -> None:
+    from ductape_processor.api.broker import _published, serialized
+
+    wire = serialized(_published(ids))
+    assert [result.message_id for result in broker_pb2.PublishBatchResponse.FromString(wire).results] == ids

@@ -149,15 +149,19 @@ def _published(published: Sequence[str | ProcessorError]) -> broker_pb2.PublishB
     # as it is (`serialized`): one `PublishResult` with a message id each, no message built and serialized again
     # (`add(message_id=...)`, a call with a keyword a message, cost three times as much as the parse of the join,
     # and the parse and the serialization together 0.9k instructions a message). Every id the runtime gives is
-    # ID_CHARS ASCII characters long, which the encoding's length checks.
+    # ID_CHARS ASCII characters long; the join is used only when every id has ID_CHARS characters and the bytes
+    # are as long as those characters (so all ASCII): an id of another length could not be framed by the fixed
+    # heads, however the lengths add up.
     if published:
         try:
-            encoded = (_RESULT_HEAD + _RESULT_HEAD.join(published)).encode()  # type: ignore[arg-type]
+            lengths = set(map(len, published))  # type: ignore[arg-type]
         except TypeError:  # an entry's error
             pass
         else:
-            if len(encoded) == len(published) * (len(_RESULT_HEAD) + ID_CHARS):
-                return encoded
+            if lengths == _ID_LENGTH:
+                encoded = (_RESULT_HEAD + _RESULT_HEAD.join(published)).encode()  # type: ignore[arg-type]
+                if len(encoded) == len(published) * (len(_RESULT_HEAD) + ID_CHARS):
+                    return encoded
     response = broker_pb2.PublishBatchResponse()
     add = response.results.add
     for outcome in published:
@@ -212,6 +216,7 @@ PUBLISH_BATCH: Final = f"/{broker_pb2.DESCRIPTOR.services_by_name['BrokerService
 _new = tuple.__new__
 # `results` (field 1, 2 + ID_CHARS bytes long) holding a PublishResult whose `message_id` (field 1) is ID_CHARS long.
 _RESULT_HEAD: Final = f"\n{chr(ID_CHARS + 2)}\n{chr(ID_CHARS)}"
+_ID_LENGTH: Final = {ID_CHARS}
 
 
 class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
