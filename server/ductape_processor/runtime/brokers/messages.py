@@ -71,10 +71,10 @@ class IncomingEvent(CloudEvent):
     """A message received on a subscription. `handle` is what ack/nack take; `id` is the CloudEvents id;
     `json_payload`: it was published as a JSON value (see `OutgoingEvent`).
 
-    An adapter's hot loop may make one with `object.__new__` and set every field itself (the Redis reader does: a
-    class call runs the dataclass's Python `__init__` in a nested frame, about 1k instructions more a message);
-    such an adapter's tests compare what it makes with the class's own `__init__`, so a field added here and not set
-    there fails them."""
+    An adapter's hot loop may make one with `object.__new__` and set every field itself (the Redis reader and the
+    in-process broker do: a class call runs the dataclass's Python `__init__` in a nested frame, about 1k
+    instructions more a message); such an adapter's tests compare what it makes with the class's own `__init__`, so
+    a field added here and not set there fails them."""
 
     handle: str
     attributes: dict[str, str]

@@ -1,0 +1,56 @@
+"""The in-process broker's adapter on its own: what a subscription hands out is the message that was published."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from ductape_processor.adapters.brokers.base import SubscribeOptions
+from ductape_processor.adapters.brokers.memory import MemoryBroker
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
+
+
+async def test_fetched_events_equal_the_class_own_init_with_every_field_carried() -> None:
+    broker = MemoryBroker()
+    sub = await broker.subscribe("orders", "g", SubscribeOptions(prefetch=10, ack_deadline_s=5))
+    moment = datetime(2026, 12, 5, 1, 2, 3, tzinfo=UTC)
+    full = OutgoingEvent(
+        "id-1",
+        "/ductape/shop/dev/events",
+        "orders",
+        moment,
+        b'{"a":1}',
+        "application/json",
+        attributes={"k": "v"},
+        ordering_key="key",
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        tracestate="vendor=1",
+        json_payload=True,
+    )
+    plain = OutgoingEvent("id-2", "/s", "orders", moment, b"x", "application/octet-stream")
+    await broker.publish_batch("orders", [full, plain])
+    got = await sub.fetch(10, 1)
+    # Built with the dataclass's own `__init__`: a field the adapter does not set fails the comparison.
+    assert got == [
+        IncomingEvent(
+            "id-1",
+            "/ductape/shop/dev/events",
+            "orders",
+            moment,
+            b'{"a":1}',
+            "application/json",
+            got[0].handle,
+            {"k": "v"},
+            "key",
+            full.traceparent,
+            1,
+            "vendor=1",
+            True,
+        ),
+        IncomingEvent("id-2", "/s", "orders", moment, b"x", "application/octet-stream", got[1].handle, {}, "", "", 1),
+    ]
+    assert got[0].attributes is not full.attributes  # the subscriber's own copy
+    await sub.nack([got[1].handle], 0)
+    [again] = await sub.fetch(10, 1)
+    assert (again.id, again.delivery_attempt) == ("id-2", 2)
+    await sub.close()
+    await broker.close()
