@@ -32,19 +32,19 @@ async def test_fetched_events_equal_the_class_own_init_with_every_field_carried(
     # Built with the dataclass's own `__init__`: a field the adapter does not set fails the comparison.
     assert got == [
         IncomingEvent(
-            "id-1",
-            "/ductape/shop/dev/events",
-            "orders",
-            moment,
-            b'{"a":1}',
-            "application/json",
+            full.id,
+            full.source,
+            full.type,
+            full.time,
+            full.data,
+            full.content_type,
             got[0].handle,
             {"k": "v"},
-            "key",
+            full.ordering_key,
             full.traceparent,
             1,
-            "vendor=1",
-            True,
+            full.tracestate,
+            full.json_payload,
         ),
         IncomingEvent("id-2", "/s", "orders", moment, b"x", "application/octet-stream", got[1].handle, {}, "", "", 1),
     ]
