@@ -295,6 +295,32 @@ async def test_a_batch_is_written_with_the_documented_fields_and_entries_of_any_
     await sub.close()
 
 
+async def test_a_plain_entry_s_id_that_is_not_utf8_is_read_with_replacement_characters(
+    adapter: RedisBroker, admin: aioredis.Redis
+) -> None:
+    # A plain entry's id is decoded strictly first and with replacement characters only when that fails: both ways
+    # give what `decode("utf-8", "replace")` gives, and an empty id is the entry id, as for any other entry.
+    name = topic()
+    sub = await adapter.subscribe(name, "g", SubscribeOptions(prefetch=10, ack_deadline_s=5))
+    sent = message(b"x")
+    ids = [b"\xffnot utf-8\xc3", "caf\u00e9 \U0001f600".encode(), b"plain", b""]
+    stored = []
+    for raw_id in ids:
+        fields = {"specversion": "1.0", "id": raw_id, "source": sent.source, "type": sent.type}
+        fields |= {"time": sent.time.isoformat(), "datacontenttype": "text/plain", "data": raw_id}
+        stored.append(await admin.xadd(stream_key(name), fields))  # type: ignore[arg-type]
+    got = await sub.fetch(10, 2)
+    expected = [raw.decode("utf-8", "replace") or entry.decode() for raw, entry in zip(ids, stored, strict=True)]
+    assert [m.id for m in got] == expected
+    assert expected[0] == "\ufffdnot utf-8\ufffd" and expected[1] == "caf\u00e9 \U0001f600"
+    assert [(m.data, m.source, m.type, m.time, m.content_type) for m in got] == [
+        (raw_id, sent.source, sent.type, sent.time, "text/plain") for raw_id in ids
+    ]
+    assert all(m.attributes == {} for m in got)
+    await sub.ack([m.handle for m in got])
+    await sub.close()
+
+
 async def test_delivery_attempts_count_every_redelivery_and_delays_hold(
     adapter: RedisBroker, admin: aioredis.Redis
 ) -> None:
@@ -411,9 +437,12 @@ async def test_a_batch_that_trickles_in_is_taken_in_two_fetches(adapter: RedisBr
     await engine.close()
 
 
-def test_an_xack_is_the_command_hiredis_packs_with_its_entry_ids_shortest_first() -> None:
+def test_an_xack_is_the_command_hiredis_packs_with_its_entry_ids_in_their_order() -> None:
+    # Runs of ids of one length are joined in one step each: ids whose lengths change back and forth, the shortest
+    # and the longest a stream id can be, one longer than any (past the table of heads), and a single id.
     ids = [b"1733355555555-%d" % n for n in (5, 10, 7, 100, 11, 9)] + [b"1733355555556-0", b"17333555555560-3"]
-    expected = hiredis.pack_command((b"XACK", "k\u00e9y", "gr\u00f6up", *sorted(ids, key=len)))
+    ids += [b"0-1", b"18446744073709551615-18446744073709551615", b"9" * 60, b"1-1"]
+    expected = hiredis.pack_command((b"XACK", "k\u00e9y", "gr\u00f6up", *ids))
     assert redis_broker.xack("k\u00e9y", "gr\u00f6up", ids) == expected
     assert redis_broker.xack("k", "g", ids[:1]) == hiredis.pack_command((b"XACK", "k", "g", ids[0]))
 

@@ -22,7 +22,7 @@ async def acks_and_nacks(requests: AsyncIterator[Any]) -> AsyncIterator[StreamRe
     async for request in requests:
         kind = request.WhichOneof("kind")
         if kind == "ack":
-            yield Ack(list(request.ack.ack_ids))
+            yield Ack(request.ack.ack_ids[:])  # a list made in C (`list()` iterates the field: ~120 more an id)
         elif kind == "nack":
             delay = seconds(request.nack.delay) if request.nack.HasField("delay") else 0.0
             yield Nack(list(request.nack.ack_ids), delay, request.nack.dead_letter)

@@ -125,6 +125,7 @@ MAINTENANCE_INTERVAL_S = 30.0
 STALE_CONSUMER_MS = 3_600_000
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 _ENTRY_IDS = frozenset({bytes})  # the type of an XADD's reply when it stored its entry
+_ID_LENGTHS = tuple(b"$%d\r\n" % size for size in range(48))  # a bulk string's head for each entry id length
 
 
 def stream_key(topic: str) -> str:
@@ -278,16 +279,18 @@ class RedisBroker(BrokerAdapter):
 
 
 def xack(key: str, group: str, entry_ids: list[bytes]) -> bytes:
-    """``XACK <key> <group> <entry id>...`` encoded for the wire (RESP): the entry ids shortest first (their order
-    does not matter to Redis), those of each length joined in one step.
+    """``XACK <key> <group> <entry id>...`` encoded for the wire (RESP): the entry ids in their order, each run of ids
+    of one length joined in one step (ids delivered in a row differ in length only when their sequence number gains
+    a digit, or at a new millisecond).
 
-    hiredis' `pack_command` formats each argument's length with `sprintf`: about 1,760 instructions an entry id,
-    against about 640 here (callgrind, acks of 250 ids)."""
+    hiredis' `pack_command` formats each argument's length with `sprintf`: about 1,760 instructions an entry id;
+    sorted by length first (groups as large as can be), about 800; in their order, about 620 (callgrind, acks of 250
+    ids in runs of 10 and 27)."""
     parts = [b"*%d\r\n$4\r\nXACK\r\n" % (len(entry_ids) + 3)]
     for name in (key.encode(), group.encode()):
         parts.append(b"$%d\r\n%b\r\n" % (len(name), name))
-    for size, same in itertools.groupby(sorted(entry_ids, key=len), len):
-        length = b"$%d\r\n" % size
+    for size, same in itertools.groupby(entry_ids, len):
+        length = _ID_LENGTHS[size] if size < len(_ID_LENGTHS) else b"$%d\r\n" % size
         parts.append(length + (b"\r\n" + length).join(same) + b"\r\n")
     return b"".join(parts)
 

@@ -185,8 +185,11 @@ class EntryReader:
             if flat is None:  # deleted while pending (older servers)
                 continue
             entry_id = raw_entry_id.decode()
-            if len(flat) == _PLAIN_LENGTH:
+            try:  # no len() first: a list of another length (optional fields) raises here
                 n0, _, n1, raw_id, n2, raw_source, n3, raw_type, n4, raw_time, n5, raw_content_type, n6, data = flat
+            except ValueError:
+                plain = False
+            else:
                 plain = (
                     n1 == _ID
                     and n2 == _SOURCE
@@ -196,8 +199,6 @@ class EntryReader:
                     and n6 == _DATA
                     and n0 == _SPECVERSION_NAME
                 )
-            else:
-                plain = False
             if not plain:
                 message = self.incoming(entry_id, flat, attempt)
                 held[message.handle] = raw_entry_id
@@ -224,14 +225,20 @@ class EntryReader:
             # Made with `object.__new__` and every field set here (a test checks them against the dataclass's own
             # `__init__`): calling the class runs its Python `__init__` in a nested frame, about 1k instructions more.
             event = new_event(IncomingEvent)
-            event.id = raw_id.decode("utf-8", "replace") if raw_id else entry_id
+            if raw_id:
+                try:  # without arguments: `decode("utf-8", "replace")` looks its codec up by name, about 300 more
+                    event.id = raw_id.decode()
+                except UnicodeDecodeError:
+                    event.id = _text(raw_id)
+            else:
+                event.id = entry_id
             event.source = source
             event.type = type_
             event.time = written
             event.data = data
             event.content_type = content_type
             event.handle = handle
-            event.attributes = {}
+            event.attributes = NO_ATTRIBUTES  # shared and read-only, as a published message's (no dict a message)
             event.ordering_key = event.traceparent = event.tracestate = ""
             event.delivery_attempt = attempt
             event.json_payload = False

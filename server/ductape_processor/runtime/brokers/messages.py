@@ -74,10 +74,11 @@ class IncomingEvent(CloudEvent):
     An adapter's hot loop may make one with `object.__new__` and set every field itself (the Redis reader and the
     in-process broker do: a class call runs the dataclass's Python `__init__` in a nested frame, about 1k
     instructions more a message); such an adapter's tests compare what it makes with the class's own `__init__`, so
-    a field added here and not set there fails them."""
+    a field added here and not set there fails them. `attributes` is read-only, as a published message's: the Redis
+    reader gives every plain entry's message the shared empty `NO_ATTRIBUTES` (no dict a message)."""
 
     handle: str
-    attributes: dict[str, str]
+    attributes: Mapping[str, str]
     ordering_key: str
     traceparent: str
     delivery_attempt: int

@@ -286,7 +286,7 @@ class Subscription:
         leases, outstanding = self._leases, self._outstanding
         while leases:
             deadline, ack_ids = leases[0]
-            if any(ack_id in outstanding for ack_id in ack_ids):
+            if not outstanding.keys().isdisjoint(ack_ids):  # one of them still outstanding (a loop in C)
                 return deadline
             leases.popleft()
         return None
