@@ -22,8 +22,8 @@ from ductape.processor.brokers import Message
 from ductape_processor.adapters.brokers import redis as redis_broker
 from ductape_processor.adapters.brokers.base import BrokerSubscription, BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.redis import PARK_CONSUMER, RedisBroker, stream_key
-from ductape_processor.adapters.brokers.redis_entries import xadd
-from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
+from ductape_processor.adapters.brokers.redis_entries import xadd, xadd_plain
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent, PlainEvents
 from ductape_processor.runtime.brokers.subscriptions import Limits, Subscription
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_brokers import manifest, opened, pending_first, publish, subscribe, take
@@ -643,3 +643,66 @@ def test_a_batch_is_encoded_as_its_messages_one_by_one_whatever_they_share() -> 
     ]
     assert xadd("k", batch) == b"".join(xadd("k", [one]) for one in batch)
     assert xadd("k", []) == b""
+
+
+def test_plain_columns_are_encoded_as_their_events_and_as_hiredis_packs_each_xadd() -> None:
+    # `publish_plain` writes the columns without making the events: the bytes must be those of `xadd` of the same
+    # events and those of hiredis' `pack_command` of each XADD with the documented fields in their order, for
+    # payloads empty, short, at the length table's edge and large, ids of any length, many distinct or
+    # non-ASCII content types, and with and without trace context.
+    moment = datetime(2026, 12, 5, 21, 30, 1, 234567, UTC)
+    sizes = [0, 1, 127, 1023, 1024, 20_000, 70_000, 5]
+    data = [bytes([n % 251]) * n for n in sizes] + [b"\r\n$3\r\n*\r\n", "\u00e9\u4e2d".encode()]
+    kinds = ["application/json", "text/plain", "t\u00e9xt/\u00fc", "application/json", "a" * 300]
+    content_types = [kinds[n % len(kinds)] for n in range(len(data))]
+    ids = [secrets.token_hex(12) for _ in data]
+    ids[3], ids[4] = "i" * 1500, "x"
+    trace = [("", ""), ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", ""), ("00-ab-cd-01", "k=v,\u00e9=1")]
+    # Columns of every shape: one message; mixed lengths and content types; all of one length (short, and past the
+    # table's edge) with one content type (each its own string, as a request gives them).
+    shapes = [(ids[:count], data[:count], content_types[:count]) for count in (1, 2, len(data))]
+    same = [secrets.token_hex(12) for _ in range(5)]
+    for size in (3, 2000):
+        shapes.append(
+            (same, [bytes([n]) * size for n in range(5)], ["application/" + "json"[:n] + "json"[n:] for n in range(5)])
+        )
+    for traceparent, tracestate in trace:
+        for shape_ids, shape_data, shape_content_types in shapes:
+            events = PlainEvents(
+                shape_ids, "/ductape/shop/dev/\u00e9v", "orders", moment, shape_data, shape_content_types,
+                traceparent, tracestate,
+            )  # fmt: skip
+            encoded = xadd_plain("ductape:topic:t\u00e9", events)
+            assert encoded == xadd("ductape:topic:t\u00e9", events.events())
+            packed = []
+            for event in events.events():
+                fields = [b"specversion", b"1.0", b"id", event.id, b"source", event.source, b"type", event.type]
+                fields += [b"time", moment.isoformat(), b"datacontenttype", event.content_type]
+                fields += [b"traceparent", traceparent] if traceparent else []
+                fields += [b"tracestate", tracestate] if tracestate else []
+                packed.append(
+                    hiredis.pack_command((b"XADD", "ductape:topic:t\u00e9", b"*", *fields, b"data", event.data))
+                )
+            assert encoded == b"".join(packed)
+    assert xadd_plain("k", PlainEvents([], "s", "t", moment, [], [], "", "")) == b""
+
+
+async def test_plain_columns_are_stored_as_the_same_events_published_as_a_batch(
+    adapter: RedisBroker, admin: aioredis.Redis
+) -> None:
+    name = topic()
+    sub = await adapter.subscribe(name, "g", SubscribeOptions(prefetch=10, ack_deadline_s=5))
+    events = PlainEvents(
+        [secrets.token_hex(12) for _ in range(3)], "/ductape/shop/dev/events", "orders", datetime.now(UTC),
+        [b"a", b"", b"c" * 2000], ["application/json", "text/plain", "application/json"], "00-ab-cd-01", "",
+    )  # fmt: skip
+    assert await adapter.publish_plain(name, events) == {}, "no failures"
+    assert await adapter.publish_batch(name, events.events()) == {}, "no failures"
+    raw = [fields for _, fields in await admin.xrange(stream_key(name))]
+    assert [list(fields.items()) for fields in raw[:3]] == [list(fields.items()) for fields in raw[3:]]
+    got = await sub.fetch(10, 2)
+    assert [(m.id, m.data, m.content_type, m.traceparent) for m in got[:3]] == [
+        (e.id, e.data, e.content_type, e.traceparent) for e in events.events()
+    ]
+    await sub.ack([m.handle for m in got])
+    await sub.close()

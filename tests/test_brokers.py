@@ -511,6 +511,37 @@ async def test_publish_batch_names_each_failed_entry_by_its_own_position(broker:
     assert "idempotency key" in results[3].message
 
 
+async def test_a_batch_of_plain_messages_carries_each_payload_and_content_type_and_refuses_one_too_large(
+    broker: Running,
+) -> None:
+    # A batch whose messages are bytes and a content type only goes from the servicer to the adapter as columns:
+    # each message still arrives with its own payload, content type (the default where none was given) and the id
+    # answered at its position; a message too large is refused at its position and the others are published.
+    sub = subscribe(broker)
+    messages = await opened(sub)
+    kinds = ["application/json", "", "text/plain; charset=utf-8", "t\u00e9xt/\u00fcnicode", "application/json"]
+    batch = [outgoing(b"p%d" % n + b"\x00\xff" * n, content_type=kinds[n % len(kinds)]) for n in range(12)]
+    batch.append(outgoing(b"L" * 70_000, content_type="application/octet-stream"))
+    results = await broker.client.message_broker.publish_batch(
+        product="shop", env="dev", event="events:orders", messages=batch
+    )
+    assert all(r.ok for r in results) and len({r.message_id for r in results}) == len(batch)
+    received = {m.id: m for m in await take(messages, len(batch))}
+    for sent, result in zip(batch, results, strict=True):
+        got = received[result.message_id]
+        assert (got.data, got.content_type) == (sent.data, sent.content_type or "application/octet-stream")
+        assert (got.attributes, got.ordering_key) == ({}, "")
+    too_large = [outgoing(b"a"), outgoing(b"x" * (2 * 1024 * 1024)), outgoing(b"b")]
+    results = await broker.client.message_broker.publish_batch(
+        product="shop", env="dev", event="events:orders", messages=too_large
+    )
+    assert [(r.ok, r.reason) for r in results] == [(True, ""), (False, "MESSAGE_TOO_LARGE"), (True, "")]
+    assert results[1].message == "messages[1].data: is 2097152 bytes; the limit is 1048576"
+    received = {m.id: m.data for m in await take(messages, 2)}
+    assert received == {results[0].message_id: b"a", results[2].message_id: b"b"}
+    await sub.close()
+
+
 async def test_an_idempotency_key_publishes_once(broker: Running) -> None:
     sub = subscribe(broker)
     messages = await opened(sub)
@@ -678,3 +709,67 @@ def test_publish_batch_response_holds_exactly_the_ids_given_whatever_their_lengt
 
     wire = serialized(_published(ids))
     assert [result.message_id for result in broker_pb2.PublishBatchResponse.FromString(wire).results] == ids
+
+
+def test_a_batch_is_passed_on_as_columns_only_when_nothing_but_payloads_and_content_types_is_set() -> None:
+    # PublishBatch tells a plain batch from the request's size instead of reading each message's other fields; it
+    # must never take a batch with anything else set for a plain one (that message's attributes, ordering key,
+    # idempotency key or an unknown field would be lost), and should take a plain one whose lengths share their
+    # varint sizes. Checked against the fields themselves, across the varint boundaries of each length.
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    from ductape_processor.api.broker import _only_columns
+
+    def read(request: broker_pb2.PublishBatchRequest) -> tuple[list[bytes], list[str], int]:
+        return [m.data for m in request.messages], [m.content_type for m in request.messages], request.ByteSize()
+
+    def plain(request: broker_pb2.PublishBatchRequest) -> bool:
+        return all(
+            m.WhichOneof("payload") == "data"
+            and m.data
+            and not m.attributes
+            and not m.ordering_key
+            and not m.idempotency_key
+            and not len(UnknownFieldSet(m))
+            for m in request.messages
+        ) and not len(UnknownFieldSet(request))
+
+    def batch(*messages: broker_pb2.OutgoingMessage, event: str = "events:orders") -> broker_pb2.PublishBatchRequest:
+        return broker_pb2.PublishBatchRequest(product="shop", env="d\u00e9v", event=event, messages=messages)
+
+    taken = []
+    for size in (1, 127, 128, 16383, 16384, 70_000):
+        for kind in ("", "a", "x" * 127, "x" * 128):
+            for count in (1, 3):
+                taken.append(batch(*[outgoing(b"p" * size, content_type=kind) for _ in range(count)]))
+    taken.append(batch(*[outgoing(b"p" * n, content_type="t/" + "x" * n) for n in range(1, 60)], event="e" * 200))
+    refused = [
+        batch(outgoing(b"a"), outgoing(b"b", attributes={"k": "v"})),
+        batch(outgoing(b"a", ordering_key="o")),
+        batch(outgoing(b"a"), outgoing(b"b", idempotency_key="k")),
+        batch(outgoing(b"a"), outgoing(json={"a": 1})),
+        batch(outgoing(b"a"), outgoing(b"")),  # data set, empty
+        batch(outgoing(b"a"), broker_pb2.OutgoingMessage()),
+        batch(outgoing(b"a", content_type="t\u00e9xt/plain")),  # not ASCII: read the whole way
+        batch(outgoing(b"a" * 127), outgoing(b"b" * 128)),  # lengths of two varint sizes
+        batch(outgoing(b"a", content_type="t"), outgoing(b"b")),  # a content type and none
+    ]
+    # An unknown field (a newer client's) in a message and in the request, each adding as few bytes as possible.
+    unknown = batch(outgoing(b"a"))
+    unknown.messages[0].MergeFromString(b"\x38\x00")  # field 7, varint 0
+    refused.append(unknown)
+    refused.append(broker_pb2.PublishBatchRequest.FromString(batch(outgoing(b"a")).SerializeToString() + b"\x28\x00"))
+    # As received, the size is that of the client's encoding: one longer than the shortest (an overlong length, a
+    # field written twice, the last one kept) is read the whole way too.
+    target = batch().SerializeToString()
+    for encoded in (b"\x0a\x81\x00a", b"\x0a\x01b\x0a\x01a", b"\x1a\x00\x0a\x01a"):
+        raw = target + b"\x22" + bytes([len(encoded)]) + encoded
+        request = broker_pb2.PublishBatchRequest.FromString(raw)
+        assert plain(request) and [m.data for m in request.messages] == [b"a"]
+        assert not _only_columns(request, *read(request)[:2], len(raw))
+        assert _only_columns(request, *read(request))  # as upb encodes it
+    for request in taken:
+        assert plain(request) and _only_columns(request, *read(request)), request.messages[0].content_type
+    for request in refused:
+        assert not _only_columns(request, *read(request)), request
+    assert not any(plain(request) for request in refused[:6]) and plain(refused[6]) and plain(refused[7])

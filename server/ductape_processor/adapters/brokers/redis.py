@@ -99,10 +99,10 @@ from ductape_processor.adapters.brokers.base import (
 from ductape_processor.adapters.brokers.codec import text
 from ductape_processor.adapters.brokers.connection import Endpoint
 from ductape_processor.adapters.brokers.redis_connection import Command, PipelinedConnection
-from ductape_processor.adapters.brokers.redis_entries import EntryReader, xadd
+from ductape_processor.adapters.brokers.redis_entries import EntryReader, xadd, xadd_plain
 from ductape_processor.adapters.brokers.redis_scripts import CLOSE, MAINTAIN, PARK, RECLAIM
 from ductape_processor.errors import ProcessorError
-from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent
+from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent, PlainEvents
 from ductape_processor.runtime.policies import Backoff, Deadline, RetryBudget
 
 log = logging.getLogger(__name__)
@@ -239,10 +239,18 @@ class RedisBroker(BrokerAdapter):
 
     async def publish_batch(self, topic: str, messages: list[OutgoingEvent]) -> dict[int, ProcessorError]:
         key = stream_key(topic)
+        return await self._added(key, xadd(key, messages), len(messages))
+
+    async def publish_plain(self, topic: str, events: PlainEvents) -> dict[int, ProcessorError]:
+        # The columns encoded as they are (`xadd_plain`): the same XADDs as `publish_batch` of `events.events()`.
+        key = stream_key(topic)
+        return await self._added(key, xadd_plain(key, events), len(events.ids))
+
+    async def _added(self, key: str, commands: bytes, count: int) -> dict[int, ProcessorError]:
+        """Send `count` XADDs encoded in `commands`; the failures by their position."""
         replies = []
-        if messages:
-            commands = xadd(key, messages)
-            replies = await self.call("publish batch (XADD)", lambda: self.connection().send(commands, len(messages)))
+        if count:
+            replies = await self.call("publish batch (XADD)", lambda: self.connection().send(commands, count))
         await self.maintain(key)
         if set(map(type, replies)) <= _ENTRY_IDS:  # every XADD answered with its entry id (most batches)
             return {}

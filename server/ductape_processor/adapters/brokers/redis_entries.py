@@ -14,7 +14,13 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from ductape_processor.adapters.brokers.codec import ATTRIBUTE_PREFIX, DEFAULT_CONTENT_TYPE, Binding, aware, format_time
-from ductape_processor.runtime.brokers.messages import JSON_PAYLOAD_MARK, NO_ATTRIBUTES, IncomingEvent, OutgoingEvent
+from ductape_processor.runtime.brokers.messages import (
+    JSON_PAYLOAD_MARK,
+    NO_ATTRIBUTES,
+    IncomingEvent,
+    OutgoingEvent,
+    PlainEvents,
+)
 
 _BINDING = Binding(prefix="", ordering_key="orderingkey", content_type="datacontenttype")
 # The field names as the replies carry them (bytes), spelled once from the binding.
@@ -59,6 +65,7 @@ _CRLF: Final = b"\r\n"
 _LENGTHS: Final = tuple(b"$%d\r\n" % length for length in range(1024))
 """The head of a bulk string of each length up to 1023 bytes (an id, most payloads), picked instead of formatted:
 `bytes %` parses its format on every use (2 formats a message)."""
+_HEADS_LIST: Final = list(_LENGTHS)  # the same, for `map` (see `_heads`)
 
 
 def _optional(message: OutgoingEvent) -> tuple[bytes, int]:
@@ -77,6 +84,73 @@ def _optional(message: OutgoingEvent) -> tuple[bytes, int]:
     return b"".join(pairs), len(pairs)
 
 
+def _start(key: str) -> bytes:
+    """An XADD of this adapter's up to its message's id: the command, the key, `*` (Redis picks the entry id), the
+    `specversion` field and the `id` field's name."""
+    return b"$4\r\nXADD\r\n" + _bulk(key.encode()) + b"$1\r\n*\r\n" + _SPECVERSION + _ID_NAME
+
+
+def _after_id(source: str, type_: str, moment: datetime) -> bytes:
+    """The end of a message's id, and the fields that follow up to the content type's value."""
+    return (
+        _CRLF
+        + _pair(_BINDING.source, source)
+        + _pair(_BINDING.type, type_)
+        + _pair(_BINDING.time, format_time(moment))
+        + _CONTENT_TYPE_NAME
+    )
+
+
+def _heads(values: list[bytes]) -> list[bytes]:
+    """The bulk-string head (`$<length>\\r\\n`) of each value: one object repeated when they are all as long (the
+    ids), else each picked from the table (through a list's `__getitem__`, a C method: a tuple's goes through a
+    slot wrapper that makes an argument tuple a call)."""
+    sizes = list(map(len, values))
+    first = sizes[0]
+    if sizes.count(first) == len(sizes):
+        return [_LENGTHS[first] if first < len(_LENGTHS) else b"$%d\r\n" % first] * len(sizes)
+    if max(sizes) < len(_LENGTHS):
+        return list(map(_HEADS_LIST.__getitem__, sizes))
+    return [_LENGTHS[size] if size < len(_LENGTHS) else b"$%d\r\n" % size for size in sizes]
+
+
+def xadd_plain(key: str, events: PlainEvents) -> bytes:
+    """The XADDs of plain events, the same bytes as `xadd` of `events.events()`, made from the columns without a
+    loop in Python: what the events share is encoded once (and each distinct content type once), each column's
+    pieces are put in their places in one list by slice assignments (each a step in C), and the list joined."""
+    count = len(events.ids)
+    if not count:
+        return b""
+    optional = []
+    if events.traceparent:
+        optional.append(_pair("traceparent", events.traceparent))
+    if events.tracestate:
+        optional.append(_pair("tracestate", events.tracestate))
+    head = b"*%d\r\n" % (3 + _PLAIN_LENGTH + 2 * len(optional)) + _start(key)
+    after_id = _after_id(events.source, events.type, events.time)
+    after_content_type = b"".join(optional) + _DATA_NAME
+    content_types = events.content_types
+    first = content_types[0]
+    if content_types.count(first) == count:  # one content type (most batches): compared, not hashed
+        middles = [after_id + _bulk(first.encode()) + after_content_type] * count
+    else:
+        encoded = {kind: after_id + _bulk(kind.encode()) + after_content_type for kind in set(content_types)}
+        middles = list(map(encoded.__getitem__, content_types))
+    ids = list(map(str.encode, events.ids))
+    data = events.data
+    # Six pieces a message: the end of the message before and the command's head, the id's length and the id, the
+    # fields up to the payload's name, the payload's length and the payload.
+    parts = [_CRLF + head] * (6 * count)
+    parts[0] = head
+    parts[1::6] = _heads(ids)
+    parts[2::6] = ids
+    parts[3::6] = middles
+    parts[4::6] = _heads(data)
+    parts[5::6] = data
+    parts.append(_CRLF)
+    return b"".join(parts)
+
+
 def xadd(key: str, messages: Sequence[OutgoingEvent]) -> bytes:
     """The XADDs of `messages`, one after the other, RESP-encoded for the wire (`PipelinedConnection.send`).
 
@@ -89,7 +163,7 @@ def xadd(key: str, messages: Sequence[OutgoingEvent]) -> bytes:
     with the message before's (the runtime gives the messages of one publish the very same objects), and by value only
     when they are other objects.
     """
-    start = b"$4\r\nXADD\r\n" + _bulk(key.encode()) + b"$1\r\n*\r\n" + _SPECVERSION + _ID_NAME
+    start = _start(key)
     plain_start = _PLAIN_HEADER + start
     parts: list[bytes] = []
     extend = parts.extend
@@ -100,8 +174,7 @@ def xadd(key: str, messages: Sequence[OutgoingEvent]) -> bytes:
     for message in messages:
         if message.time is not moment or message.source is not source or message.type is not type_:
             if message.time != moment or message.source != source or message.type != type_:
-                after_id = b"\r\n" + _pair(_BINDING.source, message.source) + _pair(_BINDING.type, message.type)
-                after_id += _pair(_BINDING.time, format_time(message.time)) + _CONTENT_TYPE_NAME
+                after_id = _after_id(message.source, message.type, message.time)
                 content_type = None
             moment, source, type_ = message.time, message.source, message.type
         if message.content_type != content_type:  # equal strings (each message's own, from its request)

@@ -86,6 +86,68 @@ class IncomingEvent(CloudEvent):
     json_payload: bool = False
 
 
+class PlainMessages(NamedTuple):
+    """The messages of one batch publish when every one is plain, as the caller gave them: a non-empty payload of
+    bytes and a content type, nothing else (no attributes, ordering key or idempotency key), in two columns (the
+    i-th message is `data[i]`, `content_types[i]`). The API passes a batch on in this form when it can, so that
+    no object is made per message between the request and an adapter that takes `PlainEvents`."""
+
+    data: list[bytes]
+    content_types: list[str]
+
+    def entries(self) -> list[OutgoingMessage]:
+        """The same messages, one `OutgoingMessage` each."""
+        return [
+            OutgoingMessage(data, content_type, NO_ATTRIBUTES)
+            for data, content_type in zip(self.data, self.content_types, strict=True)
+        ]
+
+
+class PlainEvents(NamedTuple):
+    """The CloudEvents of `PlainMessages` published in one call, as columns: what they share once (source, type,
+    time, trace context), and per message its id, payload and content type (the default one where the caller gave
+    none). The i-th event is `events()[i]`: an adapter that takes this form (`BrokerAdapter.publish_plain`) writes
+    exactly what it would for those events."""
+
+    ids: list[str]
+    source: str
+    type: str
+    time: datetime
+    data: list[bytes]
+    content_types: list[str]
+    traceparent: str
+    tracestate: str
+
+    def events(self) -> list[OutgoingEvent]:
+        """One `OutgoingEvent` each (for adapters that publish events), made as the runtime's loop makes them:
+        with `object.__new__` and every field set here (no call of the dataclass's `__init__` a message)."""
+        source, type_, time, traceparent, tracestate = (
+            self.source,
+            self.type,
+            self.time,
+            self.traceparent,
+            self.tracestate,
+        )
+        new_event = object.__new__
+        events: list[OutgoingEvent] = []
+        append = events.append
+        for message_id, data, content_type in zip(self.ids, self.data, self.content_types, strict=True):
+            made = new_event(OutgoingEvent)
+            made.id = message_id
+            made.source = source
+            made.type = type_
+            made.time = time
+            made.data = data
+            made.content_type = content_type
+            made.attributes = NO_ATTRIBUTES
+            made.ordering_key = ""
+            made.traceparent = traceparent
+            made.tracestate = tracestate
+            made.json_payload = False
+            append(made)
+        return events
+
+
 JSON_PAYLOAD_EXTENSION: Final = "ductapepayload"
 """The CloudEvents extension attribute that marks a payload published as a JSON value, with the value
 `JSON_PAYLOAD_MARK`: brokers carry it like the other attributes (NATS `ce-ductapepayload`, AMQP

@@ -28,6 +28,8 @@ from ductape_processor.runtime.brokers.messages import (
     IncomingEvent,
     OutgoingEvent,
     OutgoingMessage,
+    PlainEvents,
+    PlainMessages,
     carried,
 )
 from ductape_processor.runtime.brokers.stream import SubscribeStream
@@ -273,21 +275,33 @@ class BrokerRuntime:
         product: str,
         env: str,
         event: str,
-        entries: Sequence[OutgoingMessage | ProcessorError],
+        entries: Sequence[OutgoingMessage | ProcessorError] | PlainMessages,
         deadline: Deadline | None = None,
     ) -> Sequence[str | ProcessorError]:
         """Publish entries independently; each result is an id or the entry's error.
 
         An entry the caller's layer already refused is passed as its error and comes back as it is, so every entry
-        keeps its position (`messages[i]` names the i-th entry of the request).
+        keeps its position (`messages[i]` names the i-th entry of the request). A batch of plain messages may come
+        as `PlainMessages` (columns): published as the same entries would be, with no object made a message on
+        the way to an adapter that takes `PlainEvents`.
         """
         give_up = time.monotonic() + (deadline or Deadline(None)).bound(PUBLISH_LIMIT_S)
-        count = len(entries)
+        columns: PlainMessages | None = None
+        if isinstance(entries, PlainMessages):
+            # Nothing in a plain message but its size for `_check` to refuse: one pass over the sizes (in C) for
+            # the batch; a batch with one too large (or none at all) goes the whole way, each entry checked.
+            if entries.data and max(map(len, entries.data)) <= self._max_bytes:
+                columns, entries = entries, ()
+            else:
+                entries = entries.entries()
+        count = len(entries) if columns is None else len(columns.data)
         if count > MAX_BATCH_ENTRIES:
             raise InvalidArgument.field("messages", f"holds more than {MAX_BATCH_ENTRIES} entries")
         route = await self.route(product, env, event)
         adapter = self.adapter(route)
         trace = outgoing_trace_context()
+        if columns is not None:
+            return await self._publish_plain(route, adapter, columns, trace, give_up)
         # Everything below runs for every message, so most messages (no attributes, no idempotency key, within the
         # limits: nothing `_check` could refuse) become their event in this one loop, unpacked in one step, with
         # what the messages of a publish share (source, type, time, trace context, the random read of their ids)
@@ -355,6 +369,29 @@ class BrokerRuntime:
         # Put the plain messages' outcomes back between the others, in the entries' order.
         plain = iter(outcomes)
         return [others[index] if index in others else next(plain) for index in range(count)]
+
+    async def _publish_plain(
+        self, route: Route, adapter: BrokerAdapter, plain: PlainMessages, trace: Mapping[str, str], give_up: float
+    ) -> Sequence[str | ProcessorError]:
+        """`publish_batch` of plain messages within the limits, handed on as columns (`PlainEvents`)."""
+        data, content_types = plain
+        count = len(data)
+        ids = self._new_id_list(count)
+        if "" in content_types:  # a scan in C; a new list only when a message has no content type
+            content_types = [content_type or DEFAULT_CONTENT_TYPE for content_type in content_types]
+        shared = (route.source, route.topic.name, datetime.now(UTC))
+        events = PlainEvents(
+            ids, *shared, data, content_types, trace.get("traceparent", ""), trace.get("tracestate", "")
+        )
+        try:
+            failures = await self._send(
+                route, adapter.publish_plain(route.topic.name, events), give_up - time.monotonic(), keyed=False
+            )
+        except BrokerUnavailable as exc:
+            return [exc] * count
+        if not failures:
+            return ids  # every message stored (most batches): each one's id is the one drawn for it
+        return [failures.get(index, message_id) for index, message_id in enumerate(ids)]
 
     # -- subscribing --------------------------------------------------------------------------------------------
 
