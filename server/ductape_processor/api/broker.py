@@ -12,6 +12,7 @@ from ductape.processor.v1 import broker_pb2, broker_pb2_grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
+from ductape_processor.api.broker_wire import subscribe_batch
 from ductape_processor.api.calls import Context, deadline, first_message, require_target
 from ductape_processor.api.streams import aborter, acks_and_nacks
 from ductape_processor.api.values import json_to_value, seconds, set_timestamp, value_to_python
@@ -185,10 +186,12 @@ def _shared(message: IncomingEvent) -> broker_pb2.ReceivedMessage:
 
 
 def _batch(messages: list[IncomingEvent], json_values: bool) -> broker_pb2.SubscribeResponse:
-    # Runs for every message delivered, so each ReceivedMessage is built in place in the response (no copy of a
-    # finished message into it): a copy of the fields it shares with the other messages of its publish (`_shared`,
-    # made once per publish; `CopyFrom` costs less than setting them, or than merging them in as bytes), then only
-    # the fields of its own that it has (each one set costs).
+    # Only for a batch with a payload to send as a JSON value (`_response`); the others are encoded by hand
+    # (`subscribe_batch`). Each ReceivedMessage is built in place in the response (no copy of a finished message
+    # into it; a Value converted in a message of its own and serialized alone cost 4k instructions more): a copy of
+    # the fields it shares with the other messages of its publish (`_shared`, made once per publish; `CopyFrom`
+    # costs less than setting them, or than merging them in as bytes), then only the fields of its own that it has
+    # (each one set costs).
     response = broker_pb2.SubscribeResponse()
     add = response.batch.messages.add
     shared: dict[tuple[object, ...], broker_pb2.ReceivedMessage] = {}
@@ -229,9 +232,15 @@ def _batch(messages: list[IncomingEvent], json_values: bool) -> broker_pb2.Subsc
     return response
 
 
-def _response(event: StreamEvent, json_values: bool = False) -> broker_pb2.SubscribeResponse:
+def _response(event: StreamEvent, json_values: bool = False) -> broker_pb2.SubscribeResponse | bytes:
+    # A batch is encoded by hand and passed through to gRPC as it is (`subscribe_batch`, `add_to_server`), unless a
+    # payload in it is to be sent as a JSON value: its conversion into a Value costs most, and costs least built in
+    # place in the response by upb (`_batch`). The other responses are messages, serialized by `serialized`.
     if isinstance(event, Batch):
-        return _batch(event.messages, json_values)
+        messages = event.messages
+        if json_values and any(message.json_payload for message in messages):
+            return _batch(messages, json_values)
+        return subscribe_batch(messages)
     if isinstance(event, StaleAcks):
         return broker_pb2.SubscribeResponse(
             stale_acks=broker_pb2.StaleAcks(ack_ids=event.ack_ids, expired_ack_ids=event.expired_ack_ids)
@@ -273,29 +282,30 @@ def serialized(response: Message | bytes) -> bytes:
 
 
 def add_to_server(servicer: BrokerServicer, server: grpc.aio.Server) -> None:
-    """`add_BrokerServiceServicer_to_server`, with the responses that PublishBatch encodes itself (`_published`)
-    passed through to gRPC."""
+    """`add_BrokerServiceServicer_to_server`, with the responses that PublishBatch and Subscribe encode themselves
+    (`_published`, `subscribe_batch`) passed through to gRPC."""
     broker_pb2_grpc.add_BrokerServiceServicer_to_server(servicer, cast(grpc.aio.Server, _PassedThrough(server)))
 
 
 class _PassedThrough:
-    """The server as the generated function sees it: its generic handler serves PublishBatch with `serialized`."""
+    """The server as the generated function sees it: its generic handler serves PublishBatch and Subscribe with
+    `serialized`."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers([_PublishBatchPassedThrough(handler) for handler in handlers])
+        self._server.add_generic_rpc_handlers([_EncodedPassedThrough(handler) for handler in handlers])
 
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
-        # The same handlers as the generic handler's, PublishBatch's serializer aside; the processor's server does
+        # The same handlers as the generic handler's, the serializers aside; the processor's server does
         # not register them (grpc_server._GenericHandlersOnly), so they are not passed on.
         pass
 
 
-class _PublishBatchPassedThrough(grpc.GenericRpcHandler):
+class _EncodedPassedThrough(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler) -> None:
         self._inner = inner
 
@@ -306,10 +316,14 @@ class _PublishBatchPassedThrough(grpc.GenericRpcHandler):
             return handler._replace(  # type: ignore[attr-defined,no-any-return]
                 request_deserializer=received_batch, response_serializer=serialized
             )
+        if handler is not None and handler_call_details.method == SUBSCRIBE:
+            # Batches encoded already (`subscribe_batch`), the other responses messages.
+            return handler._replace(response_serializer=serialized)  # type: ignore[attr-defined,no-any-return]
         return handler
 
 
 PUBLISH_BATCH: Final = f"/{broker_pb2.DESCRIPTOR.services_by_name['BrokerService'].full_name}/PublishBatch"
+SUBSCRIBE: Final = f"/{broker_pb2.DESCRIPTOR.services_by_name['BrokerService'].full_name}/Subscribe"
 _new = tuple.__new__
 # `results` (field 1, 2 + ID_CHARS bytes long) holding a PublishResult whose `message_id` (field 1) is ID_CHARS long.
 _RESULT_HEAD: Final = f"\n{chr(ID_CHARS + 2)}\n{chr(ID_CHARS)}"
@@ -365,9 +379,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         published = await self._runtime.publish_batch(product, env, event, entries, deadline(context))
         return _published(published)
 
-    async def Subscribe(
+    async def Subscribe(  # type: ignore[override]  # bytes: a batch encoded already (`add_to_server`)
         self, request_iterator: AsyncIterator[broker_pb2.SubscribeRequest], context: Context
-    ) -> AsyncIterator[broker_pb2.SubscribeResponse]:
+    ) -> AsyncIterator[broker_pb2.SubscribeResponse | bytes]:
         init = (await first_message(request_iterator, "init")).init
         require_target(init, "init.")
         if not init.group:
