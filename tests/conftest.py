@@ -185,6 +185,29 @@ async def start_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
 
 
 @pytest.fixture
+def made_queues(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The names of the RabbitMQ queues the processor declares during the test, for its teardown to delete.
+
+    RabbitMQ keeps a group's quorum queue after its last consumer leaves (that is what makes a group durable), so a
+    test that does not delete the queues it caused leaves them on the server for good."""
+    made: set[str] = set()
+    try:
+        from ductape_processor.adapters.brokers.rabbitmq import RabbitMQBroker
+        from ductape_processor.adapters.brokers.rabbitmq_queue import queue_name
+    except ModuleNotFoundError:  # installed without the RabbitMQ driver: no queue can be made
+        return made
+
+    subscribe = RabbitMQBroker.subscribe
+
+    async def recording(self: RabbitMQBroker, topic: str, group: str, options: Any) -> Any:
+        made.add(queue_name(topic, group))
+        return await subscribe(self, topic, group, options)
+
+    monkeypatch.setattr(RabbitMQBroker, "subscribe", recording)
+    return made
+
+
+@pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     """A real HTTP server on 127.0.0.1 that records what it receives."""
     state = await start_upstream()

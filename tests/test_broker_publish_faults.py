@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
 import grpc
 import pytest
 from ductape.processor.brokers import outgoing
@@ -33,7 +32,7 @@ from ductape_processor.runtime.policies import Deadline
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.faulty_link import FaultyLink
 from tests.test_broker_rabbitmq import _rabbitmqctl, _require_rabbitmqctl
-from tests.test_brokers import SERVERS, _forget_run, opened, take
+from tests.test_brokers import SERVERS, _forget_run, delete_rabbitmq, opened, take
 
 pytestmark = pytest.mark.faults
 
@@ -67,7 +66,7 @@ def _manifest(kind: str, run: str, dev_port: int, prd_port: int) -> bytes:
 
 @pytest.fixture(params=DURABLE)
 async def faulty(
-    request: pytest.FixtureRequest, start_server: ServerFactory
+    request: pytest.FixtureRequest, start_server: ServerFactory, made_queues: set[str]
 ) -> AsyncIterator[tuple[Running, FaultyLink]]:
     """A processor whose `dev` environment reaches the broker through a FaultyLink and `prd` directly."""
     kind: str = request.param
@@ -81,7 +80,7 @@ async def faulty(
     await running.client.product.apply(_manifest(kind, running.run, link.listen_port, port))  # type: ignore[attr-defined]
     yield running, link
     await link.close()
-    await _forget_run(kind, running.run)  # type: ignore[attr-defined]
+    await _forget_run(kind, running.run, made_queues)  # type: ignore[attr-defined]
 
 
 async def _publish(running: Running, body: bytes, key: str = "", timeout: float | None = None) -> str:
@@ -194,12 +193,7 @@ async def test_a_connection_closed_by_rabbitmq_logs_one_warning_and_no_driver_er
         await subscription.close()
     finally:
         await adapter.close()
-        with contextlib.suppress(Exception):
-            connection = await aio_pika.connect(settings["url"])
-            channel = await connection.channel()
-            await channel.queue_delete(queue_name(topic, "g"))
-            await channel.exchange_delete(topic)
-            await connection.close()
+        await delete_rabbitmq([queue_name(topic, "g")], [topic])
 
 
 class RestartingJetStream:

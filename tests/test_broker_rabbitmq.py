@@ -33,6 +33,8 @@ from ductape_processor.runtime.brokers.messages import OutgoingEvent
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_brokers import (
     _forget_pending_reads,  # noqa: F401 - the autouse fixture that ends reads left pending by `take`
+    _forget_run,
+    delete_rabbitmq,
     manifest,
     opened,
     publish,
@@ -41,7 +43,6 @@ from tests.test_brokers import (
 )
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
-TOPICS = ("orders", "dead", "other")  # the topic tags of test_brokers.manifest; their names end in ".<run>"
 _LEFTOVER_QUEUE = re.compile(r"^ductape\.(orders|dead|other)\.[0-9a-f]{8}:")
 _LEFTOVER_EXCHANGE = re.compile(r"^(orders|dead|other)\.[0-9a-f]{8}$")
 _purged = False
@@ -64,20 +65,6 @@ async def _rabbitmqctl(*args: str) -> str:
     return out.decode()
 
 
-async def _delete(queues: list[str], exchanges: list[str]) -> None:
-    connection = await aio_pika.connect(URL)
-    try:
-        channel = await connection.channel()
-        for name in queues:
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.queue_delete(name)
-        for name in exchanges:
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.exchange_delete(name)
-    finally:
-        await connection.close()
-
-
 async def _purge_leftovers() -> None:
     """Delete the test-named queues (without consumers) and exchanges that earlier runs of the suite left."""
     global _purged
@@ -88,25 +75,20 @@ async def _purge_leftovers() -> None:
     listed = json.loads(await _rabbitmqctl("-q", "list_queues", "name", "consumers", "--formatter", "json") or "[]")
     queues = [q["name"] for q in listed if _LEFTOVER_QUEUE.match(q["name"]) and not q["consumers"]]
     exchanges = json.loads(await _rabbitmqctl("-q", "list_exchanges", "name", "--formatter", "json") or "[]")
-    await _delete(queues, [e["name"] for e in exchanges if _LEFTOVER_EXCHANGE.match(e["name"])])
+    await delete_rabbitmq(queues, [e["name"] for e in exchanges if _LEFTOVER_EXCHANGE.match(e["name"])])
 
 
 @pytest.fixture
-async def rabbit(start_server: ServerFactory) -> AsyncIterator[Running]:
-    """A processor with test_brokers' manifest on RabbitMQ; the run's queues and exchanges are deleted after."""
+async def rabbit(start_server: ServerFactory, made_queues: set[str]) -> AsyncIterator[Running]:
+    """A processor with test_brokers' manifest on RabbitMQ; the queues it declared and the run's exchanges are
+    deleted after."""
     await require_tcp("RabbitMQ", "127.0.0.1", 5672)
     await _purge_leftovers()
     running = await start_server()
     running.run = secrets.token_hex(4)  # type: ignore[attr-defined]
-    running.groups = []  # type: ignore[attr-defined]
     await running.client.product.apply(manifest("rabbitmq", running.run))  # type: ignore[attr-defined]
     yield running
-    run: str = running.run  # type: ignore[attr-defined]
-    groups: list[str] = running.groups  # type: ignore[attr-defined]
-    await _delete(
-        [queue_name(f"{topic}.{run}", group) for topic in TOPICS for group in groups],
-        [f"{topic}.{run}" for topic in TOPICS],
-    )
+    await _forget_run("rabbitmq", running.run, made_queues)  # type: ignore[attr-defined]
 
 
 def _adapter(running: Running) -> RabbitMQBroker:
@@ -117,7 +99,6 @@ def _adapter(running: Running) -> RabbitMQBroker:
 
 async def test_a_connection_closed_by_the_server_is_restored_and_the_subscriber_continues(rabbit: Running) -> None:
     _require_rabbitmqctl()
-    rabbit.groups.append("drop")  # type: ignore[attr-defined]
     sub = subscribe(rabbit, "drop", max_in_flight=20, max_batch=5)
     messages = await opened(sub)
     received: collections.Counter[str] = collections.Counter()
@@ -172,7 +153,6 @@ async def test_a_connection_closed_by_the_server_is_restored_and_the_subscriber_
 
 
 async def test_a_group_keeps_its_messages_while_no_processor_runs(rabbit: Running, start_server: ServerFactory) -> None:
-    rabbit.groups.append("durable")  # type: ignore[attr-defined]
     first = subscribe(rabbit, "durable")
     await opened(first)  # the group exists from here on
     await first.close()
@@ -249,7 +229,7 @@ async def test_messages_carry_cloudevents_headers_on_the_wire() -> None:
     finally:
         await adapter.close()
         await connection.close()
-        await _delete([queue_name(topic, "g")], [topic])
+        await delete_rabbitmq([queue_name(topic, "g")], [topic])
 
 
 async def test_an_unreachable_broker_is_unavailable_with_a_clear_message() -> None:

@@ -19,7 +19,7 @@ from ductape_processor.adapters.brokers.base import BrokerAdapter, BrokerSubscri
 from ductape_processor.runtime.brokers.messages import IncomingEvent
 from tests.conftest import require_tcp
 from tests.test_broker_redis import message
-from tests.test_brokers import KINDS, SERVERS
+from tests.test_brokers import KINDS, SERVERS, delete_rabbitmq
 
 OPTIONS = SubscribeOptions(prefetch=1, ack_deadline_s=10.0)
 
@@ -63,20 +63,9 @@ async def _forget(kind: str, run: str, topic: str, group: str) -> None:
         finally:
             await connection.close()
     elif kind == "rabbitmq":
-        import aio_pika
-
         from ductape_processor.adapters.brokers.rabbitmq_queue import queue_name
 
-        connection = await aio_pika.connect(str(SERVERS["rabbitmq"][3]["url"]))
-        try:
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.queue_delete(queue_name(topic, group))
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.exchange_delete(topic)
-        finally:
-            await connection.close()
+        await delete_rabbitmq([queue_name(topic, group)], [topic])
 
 
 @pytest.fixture(params=KINDS)

@@ -11,7 +11,7 @@ import contextlib
 import importlib
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -79,7 +79,9 @@ async def _forget_pending_reads() -> AsyncIterator[None]:
 
 
 @pytest.fixture(params=KINDS)
-async def broker(request: pytest.FixtureRequest, start_server: ServerFactory) -> AsyncIterator[Running]:
+async def broker(
+    request: pytest.FixtureRequest, start_server: ServerFactory, made_queues: set[str]
+) -> AsyncIterator[Running]:
     kind: str = request.param
     if kind != "memory":
         name, host, port, _ = SERVERS[kind]
@@ -89,10 +91,27 @@ async def broker(request: pytest.FixtureRequest, start_server: ServerFactory) ->
     running.run = secrets.token_hex(4)  # type: ignore[attr-defined]
     await running.client.product.apply(manifest(kind, running.run))  # type: ignore[attr-defined]
     yield running
-    await _forget_run(kind, running.run)  # type: ignore[attr-defined]
+    await _forget_run(kind, running.run, made_queues)  # type: ignore[attr-defined]
 
 
-async def _forget_run(kind: str, run: str) -> None:
+async def delete_rabbitmq(queues: Iterable[str], exchanges: Iterable[str]) -> None:
+    """Delete queues and exchanges on the local RabbitMQ; those already gone are skipped."""
+    import aio_pika
+
+    connection = await aio_pika.connect(str(SERVERS["rabbitmq"][3]["url"]))
+    try:
+        channel = await connection.channel()
+        for name in queues:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                await channel.queue_delete(name)
+        for name in exchanges:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+async def _forget_run(kind: str, run: str, queues: Iterable[str] = ()) -> None:
     """Delete what a durable broker keeps for this test's topics, so runs do not pile up on the servers."""
     if kind == "redis":
         import redis.asyncio as redis
@@ -113,6 +132,8 @@ async def _forget_run(kind: str, run: str) -> None:
                 await connection.jetstream().delete_stream(f"t_{run}")
         finally:
             await connection.close()
+    elif kind == "rabbitmq":
+        await delete_rabbitmq(queues, [f"{tag}.{run}" for tag in ("orders", "dead", "other")])
 
 
 def subscribe(running: Running, group: str = "g", **options: Any) -> Subscription:
