@@ -48,14 +48,24 @@ async def test_health_is_serving_for_the_server_and_each_service(server: Running
 
 
 async def list_services(address: str, metadata: tuple[tuple[str, str], ...] = ()) -> list[str]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        call = stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=metadata, timeout=5
-        )
-        async for response in call:
-            return sorted(s.name for s in response.list_services_response.service)
-    return []
+    """The services reflection lists, asked through gRPC's synchronous client (in a thread).
+
+    Not grpc.aio's: when a server ends a client-streaming call before reading its request (as an unauthenticated
+    one is), a grpc.aio client whose request write then fails reports INTERNAL "Internal error from Core" instead of
+    the server's status, now and then under load (grpc/grpc#36066, open); the synchronous client reports the
+    server's status."""
+
+    def ask() -> list[str]:
+        with grpc.insecure_channel(address) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=metadata, timeout=5
+            )
+            for response in responses:
+                return sorted(s.name for s in response.list_services_response.service)
+        return []
+
+    return await asyncio.to_thread(ask)
 
 
 async def test_reflection_lists_the_services(server: Running) -> None:
@@ -126,7 +136,7 @@ async def test_api_keys_are_required_except_for_health(start_server: ServerFacto
         with pytest.raises(UnauthenticatedError) as caught:
             await wrong.product.get("shop")
         assert caught.value.reason == "API_KEY_INVALID"
-    with pytest.raises(grpc.aio.AioRpcError) as raw:
+    with pytest.raises(grpc.RpcError) as raw:
         await list_services(running.address)
     assert raw.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert await list_services(running.address, (("authorization", "Bearer s3cret-key"),))
