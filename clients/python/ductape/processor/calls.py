@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any, Protocol, TypedDict, TypeVar
 
 import grpc
-from ductape.processor.errors import from_rpc_error
+from ductape.processor.errors import ProcessorError, from_rpc_error
 
 Response = TypeVar("Response")
 Item = TypeVar("Item")
@@ -39,6 +39,23 @@ class RunOptions(TypedDict, total=False):
     retries: int | None
     version: int
     idempotency_key: str
+
+
+STATUS_LOST = (
+    "the server ended the call before reading the whole request stream, and grpc.aio lost the status it gave "
+    "(grpc/grpc#36066); nothing was kept: repeat the call to see the server's reason"
+)
+
+
+def status_lost(exc: grpc.aio.AioRpcError) -> bool:
+    """True when grpc.aio reports INTERNAL "Internal error from Core" for a request message it could not write
+    because the server had already ended the call: the status the server ended it with (an error: a call that reads
+    a stream answers only at its end) is lost (grpc/grpc#36066)."""
+    return (
+        exc.code() == grpc.StatusCode.INTERNAL
+        and exc.details() == "Internal error from Core"
+        and '"execute_batch"' in (exc.debug_error_string() or "")
+    )
 
 
 RETRY_FIRST_DELAY_S = 0.05
@@ -87,13 +104,12 @@ class Caller:
         streamed: bool = False,
         safe: bool = False,
     ) -> Response:
-        """One call with one response: `request` is a message, or with `streamed` an iterator of them (an upload).
-        `safe`: the call may be repeated (a read); a request with an `idempotency_key` always may."""
+        """One call with one response: `request` is a message, or with `streamed` an iterator of them (an upload),
+        or a function that makes that iterator anew, which lets the call be repeated once when grpc.aio lost the
+        server's status (see `status_lost`). `safe`: the call may be repeated (a read); a request with an
+        `idempotency_key` always may."""
         if streamed:
-            try:
-                return await method(request, metadata=self.metadata(metadata), timeout=timeout)
-            except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc) from None
+            return await self._streamed(method, request, timeout, self.metadata(metadata))
         repeatable = self._retries > 0 and (safe or bool(getattr(request, "idempotency_key", "")))
         loop = asyncio.get_running_loop()
         budget = timeout or self._timeout
@@ -119,6 +135,23 @@ class Caller:
                 ):
                     raise from_rpc_error(exc) from None
             await asyncio.sleep(pause)
+
+    async def _streamed(
+        self, method: Callable[..., Awaitable[Response]], request: Any, timeout: float | None, sent: Any
+    ) -> Response:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout else None
+        replays = 1 if callable(request) else 0
+        while True:
+            left = deadline - loop.time() if deadline is not None else None
+            try:
+                return await method(request() if callable(request) else request, metadata=sent, timeout=left)
+            except grpc.aio.AioRpcError as exc:
+                if not status_lost(exc):
+                    raise from_rpc_error(exc) from None
+                if replays == 0:
+                    raise ProcessorError(grpc.StatusCode.UNKNOWN, STATUS_LOST) from None
+                replays -= 1  # the server ended the call before the end of the stream: it kept nothing
 
     async def stream(
         self,

@@ -228,7 +228,9 @@ class StorageClient(ResourceClient):
                 if chunk:
                     yield storage_pb2.UploadRequest(chunk=chunk)
 
-        response = await self._call(self._stub.Upload, requests(), timeout, metadata, streamed=True)
+        # Bytes can be sent again: the call is repeated once if grpc.aio loses the server's status (`status_lost`).
+        stream = requests if isinstance(source, bytes) else requests()
+        response = await self._call(self._stub.Upload, stream, timeout, metadata, streamed=True)
         return StoredFile.from_proto(response.file)
 
     async def download(
