@@ -22,7 +22,7 @@ from ductape.processor.brokers import Message
 from ductape_processor.adapters.brokers import redis as redis_broker
 from ductape_processor.adapters.brokers.base import BrokerSubscription, BrokerUnavailable, SubscribeOptions
 from ductape_processor.adapters.brokers.redis import PARK_CONSUMER, RedisBroker, stream_key
-from ductape_processor.adapters.brokers.redis_entries import xadd, xadd_plain
+from ductape_processor.adapters.brokers.redis_entries import xack, xadd, xadd_plain
 from ductape_processor.runtime.brokers.messages import IncomingEvent, OutgoingEvent, PlainEvents
 from ductape_processor.runtime.brokers.subscriptions import Limits, Subscription
 from tests.conftest import Running, ServerFactory, require_tcp
@@ -437,14 +437,50 @@ async def test_a_batch_that_trickles_in_is_taken_in_two_fetches(adapter: RedisBr
     await engine.close()
 
 
+async def test_overlapping_next_batch_calls_fetch_in_turn_in_order_within_credit(adapter: RedisBroker) -> None:
+    # The Subscribe stream asks for the next batch before it took the one before: the calls fetch one after the
+    # other, in the order made, each within the credit the batches before it left.
+    name = topic()
+    counted = CountedFetches(await adapter.subscribe(name, "g", SubscribeOptions(prefetch=100, ack_deadline_s=5)))
+    engine = Subscription(counted, Limits.checked(max_in_flight=150, max_batch=100, max_wait_s=0.05), None)
+    assert await adapter.publish_batch(name, [message(b"%d" % n) for n in range(300)]) == {}
+    calls = [asyncio.ensure_future(engine.next_batch()) for _ in range(3)]
+    first, second = await asyncio.wait_for(asyncio.gather(*calls[:2]), 10)
+    assert [m.data for m in first + second] == [b"%d" % n for n in range(150)]
+    assert engine.in_flight == 150
+    await asyncio.sleep(0.2)
+    assert not calls[2].done(), "no credit left: the third call waits for an ack"
+    await engine.ack([m.handle for m in first])
+    third = await asyncio.wait_for(calls[2], 10)
+    assert [m.data for m in third] == [b"%d" % n for n in range(150, 250)]
+    assert counted.fetches == 3
+    await engine.close()
+
+
+async def test_a_read_is_the_xreadgroup_hiredis_packs_kept_for_each_count_and_block(adapter: RedisBroker) -> None:
+    name = topic()
+    sub = await adapter.subscribe(name, "gr\u00f6up", SubscribeOptions(prefetch=100, ack_deadline_s=5))
+    assert isinstance(sub, redis_broker.RedisSubscription)
+    for count, block_ms in [(100, 500), (99, None), (100, 500), (1, 0)]:
+        block = () if block_ms is None else (b"BLOCK", block_ms)
+        head = (b"XREADGROUP", b"GROUP", "gr\u00f6up", sub.consumer, b"COUNT", count)
+        expected = hiredis.pack_command((*head, *block, b"STREAMS", stream_key(name), b">"))
+        assert sub._read_command(count, block_ms) == expected
+    assert len(sub._read_commands) == 3
+    for count in range(redis_broker.READ_COMMANDS_KEPT + 1):
+        sub._read_command(count, None)
+    assert len(sub._read_commands) <= redis_broker.READ_COMMANDS_KEPT, "bounded"
+    await sub.close()
+
+
 def test_an_xack_is_the_command_hiredis_packs_with_its_entry_ids_in_their_order() -> None:
     # Runs of ids of one length are joined in one step each: ids whose lengths change back and forth, the shortest
     # and the longest a stream id can be, one longer than any (past the table of heads), and a single id.
     ids = [b"1733355555555-%d" % n for n in (5, 10, 7, 100, 11, 9)] + [b"1733355555556-0", b"17333555555560-3"]
     ids += [b"0-1", b"18446744073709551615-18446744073709551615", b"9" * 60, b"1-1"]
     expected = hiredis.pack_command((b"XACK", "k\u00e9y", "gr\u00f6up", *ids))
-    assert redis_broker.xack("k\u00e9y", "gr\u00f6up", ids) == expected
-    assert redis_broker.xack("k", "g", ids[:1]) == hiredis.pack_command((b"XACK", "k", "g", ids[0]))
+    assert xack("k\u00e9y", "gr\u00f6up", ids) == expected
+    assert xack("k", "g", ids[:1]) == hiredis.pack_command((b"XACK", "k", "g", ids[0]))
 
 
 async def test_a_batch_publish_that_wakes_a_blocked_read_fills_a_batch_at_once(adapter: RedisBroker) -> None:

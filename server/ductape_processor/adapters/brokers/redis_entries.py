@@ -1,14 +1,16 @@
 """A message as an entry of a Redis stream, and an entry as a message (see `redis` for the fields).
 
 Both run for every message. The XADDs of a publish are encoded for the wire here, what its messages share encoded
-once; entries are read straight from hiredis' reply, one written by this adapter without optional fields by
-position (its field names compared with the expected ones in place), any other through a dict of its fields, and
-what the messages of one publish share (`time`, `source`, `type`, content type) is decoded once.
+once, as are a subscription's XACKs; entries are read straight from hiredis' reply, one written by this adapter
+without optional fields by position (its field names compared with the expected ones in place), any other through
+a dict of its fields, and what the messages of one publish share (`time`, `source`, `type`, content type) is
+decoded once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -38,6 +40,7 @@ _KNOWN_FIELDS: Final = frozenset(
     | {b"traceparent", b"tracestate"}
 )
 _NO_BYTES = b""
+_ID_LENGTHS: Final = tuple(b"$%d\r\n" % size for size in range(48))  # a bulk string's head for each entry id length
 _new_object = object.__new__
 _JSON_MARK: Final = JSON_PAYLOAD_MARK.encode()
 _SPECVERSION_NAME: Final = _BINDING.specversion.encode()
@@ -204,6 +207,23 @@ def xadd(key: str, messages: Sequence[OutgoingEvent]) -> bytes:
         else:
             extend((plain_start, _LENGTHS[size] if size < 1024 else b"$%d\r\n" % size, identity, middle))
         extend((_LENGTHS[length] if length < 1024 else b"$%d\r\n" % length, data, _CRLF))
+    return b"".join(parts)
+
+
+def xack(key: str, group: str, entry_ids: list[bytes]) -> bytes:
+    """``XACK <key> <group> <entry id>...`` encoded for the wire (RESP): the entry ids in their order, each run of ids
+    of one length joined in one step (ids delivered in a row differ in length only when their sequence number gains
+    a digit, or at a new millisecond).
+
+    hiredis' `pack_command` formats each argument's length with `sprintf`: about 1,760 instructions an entry id;
+    sorted by length first (groups as large as can be), about 800; in their order, about 620 (callgrind, acks of 250
+    ids in runs of 10 and 27)."""
+    parts = [b"*%d\r\n$4\r\nXACK\r\n" % (len(entry_ids) + 3)]
+    for name in (key.encode(), group.encode()):
+        parts.append(b"$%d\r\n%b\r\n" % (len(name), name))
+    for size, same in itertools.groupby(entry_ids, len):
+        length = _ID_LENGTHS[size] if size < len(_ID_LENGTHS) else b"$%d\r\n" % size
+        parts.append(length + (b"\r\n" + length).join(same) + b"\r\n")
     return b"".join(parts)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from ductape_processor.runtime.brokers.subscriptions import (
 
 MAX_STALE_REPORTED = 10_000  # ids in one StaleAcks notice; more are dropped from the notice (still ignored)
 MAX_NACK_DELAY_S = 3600.0
+FETCHES_AHEAD = 2  # batches a stream asks the engine for at a time (see `_events`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,23 +143,32 @@ class SubscribeStream:
         watcher = asyncio.ensure_future(watch())
         for worker in (reader, closing, watcher):
             worker.add_done_callback(woken)
-        fetching: asyncio.Future[list[IncomingEvent]] | None = None
+        # The batches asked for, oldest first: FETCHES_AHEAD at a time, so that the next fetch starts as soon as
+        # the one before returns (the engine runs them in turn, within the stream's credit), rather than when this
+        # loop has taken that one's batch, which waits for the write before it.
+        fetches: deque[asyncio.Future[list[IncomingEvent]]] = deque()
+
+        def ask() -> None:
+            while len(fetches) < FETCHES_AHEAD:
+                fetch = asyncio.ensure_future(subscription.next_batch())
+                fetch.add_done_callback(woken)
+                fetches.append(fetch)
+
         try:
             while True:
                 wake.clear()
-                if fetching is None:
-                    fetching = asyncio.ensure_future(subscription.next_batch())
-                    fetching.add_done_callback(woken)
+                ask()
                 if stale.ack_ids:
                     response, stale = stale, StaleAcks()
                     yield response
                     continue
+                fetching = fetches[0]
                 if fetching.done() and not fetching.exception() and fetching.result():
-                    batch = fetching.result()
-                    # The next batch is fetched while this one is written (within the stream's credit, which counts
-                    # this one already): a broker's round trips overlap gRPC's write instead of following it.
-                    fetching = asyncio.ensure_future(subscription.next_batch())
-                    fetching.add_done_callback(woken)
+                    batch = fetches.popleft().result()
+                    # The batches after it are fetched while this one is written (within the stream's credit,
+                    # which counts this one already): a broker's round trips overlap gRPC's write instead of
+                    # following it.
+                    ask()
                     subscription.writing(batch)
                     yield Batch(batch)
                     subscription.written(batch)
@@ -172,9 +183,7 @@ class SubscribeStream:
                     return  # the client finished sending (or the subscription closed): the stream is over
                 await wake.wait()
         finally:
-            workers: set[asyncio.Future[Any]] = {reader, closing, watcher}
-            if fetching is not None:
-                workers.add(fetching)
+            workers: set[asyncio.Future[Any]] = {reader, closing, watcher, *fetches}
             for pending in workers:
                 pending.cancel()
             # Bounded: a driver that swallows a cancellation must not keep the stream (and its status) hanging;

@@ -146,6 +146,7 @@ class Subscription:
         self._changed = asyncio.Event()  # wakes `watch`: a deadline earlier than `_watch_until`, or closing
         self._watch_until = 0.0  # when `watch` looks next
         self._held = False  # messages expired: take nothing more until the client acks or nacks
+        self._in_turn = asyncio.Lock()  # `next_batch` calls fetch one at a time, in the order made (FIFO)
         self._not_fetching = asyncio.Event()
         self._not_fetching.set()
         self._writing_since: float | None = None
@@ -168,26 +169,30 @@ class Subscription:
         """The next batch of messages to write (each acked by its `handle`), honouring credit and batching; [] once
         closed.
 
-        Call `writing` before writing it and `written` after, so that its ack deadlines start then.
+        Call `writing` before writing it and `written` after, so that its ack deadlines start then. Calls may
+        overlap (the stream asks for the next batch before it took the one before): they fetch one after the other,
+        in the order they were made, each within the credit left by the batches before it (those count as
+        outstanding from their fetch on), so batches come in the broker's order and never exceed `max_in_flight`.
         """
         limits = self._limits
-        while not self._closed:
-            room = limits.max_in_flight - len(self._outstanding)
-            if room <= 0 or self._held:
-                self._credit.clear()
-                await self._credit.wait()
-                continue
-            self._not_fetching.clear()
-            try:
-                batch = await self._collect(min(room, limits.max_batch))
-            finally:
-                self._not_fetching.set()
-            if self._held and batch:
-                # Messages expired while this fetch ran: these go back to the group unseen.
-                await self._release(list(map(_handle, batch)))
-                continue
-            if batch:
-                return batch
+        async with self._in_turn:  # a call made while another fetches starts when that one returns
+            while not self._closed:
+                room = limits.max_in_flight - len(self._outstanding)
+                if room <= 0 or self._held:
+                    self._credit.clear()
+                    await self._credit.wait()
+                    continue
+                self._not_fetching.clear()
+                try:
+                    batch = await self._collect(min(room, limits.max_batch))
+                finally:
+                    self._not_fetching.set()
+                if self._held and batch:
+                    # Messages expired while this fetch ran: these go back to the group unseen.
+                    await self._release(list(map(_handle, batch)))
+                    continue
+                if batch:
+                    return batch
         return []
 
     async def _collect(self, wanted: int) -> list[IncomingEvent]:
