@@ -618,8 +618,11 @@ async def test_100_mb_streams_through_with_the_servers_memory_flat(
     growth = peak - baseline
     figures = {"baseline": baseline, "upload_peak": upload_peak, "peak": peak, "growth": growth}
     print(json.dumps({name + "_rss_mib": round(value / MIB, 1) for name, value in figures.items()}))
-    # fs and GCS (which spools to disk) hold a chunk per transfer. An S3 or Azure upload holds the part filling and
-    # two parts being sent, the HTTP client's buffers and what gRPC's flow-control window lets in meanwhile; measured
-    # on S3, that plateaus at 65-100 MiB (the same for 100 and 700 MiB moved): a bound, not a growth with the file.
-    bound = 40 * MIB if backend.provider in ("fs", "gcs") else 128 * MIB
+    # fs and GCS (which spools to disk) hold a chunk per transfer, plus what gRPC lets in ahead of the handler: 18-26
+    # MiB on a quiet machine, 45-55 MiB with both CPUs busy (the handler, its writes in worker threads, fall behind
+    # the stream, which gRPC's flow-control window bounds, not the file's size). An S3 or Azure upload holds the part
+    # filling and two parts being sent, the HTTP client's buffers and that window; measured on S3, that plateaus at
+    # 65-100 MiB (the same for 100 and 700 MiB moved). Either way a bound below the 100 MiB moved: a server that held
+    # the file would grow by at least that.
+    bound = 64 * MIB if backend.provider in ("fs", "gcs") else 128 * MIB
     assert growth < bound, f"the server grew {growth / MIB:.1f} MiB moving 100 MiB (baseline {baseline / MIB:.1f})"
