@@ -48,11 +48,11 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def cleanup(kind: str) -> AsyncIterator[list[Running]]:
+async def cleanup(kind: str, made_queues: set[str]) -> AsyncIterator[list[Running]]:
     started: list[Running] = []
     yield started
     for running in started:
-        await _forget_run(kind, running.run)  # type: ignore[attr-defined]
+        await _forget_run(kind, running.run, made_queues)  # type: ignore[attr-defined]
 
 
 async def _publish_and_receive(running: Running, metadata: tuple[tuple[str, str], ...]) -> Message:
