@@ -228,7 +228,7 @@ def build(
         product=ProductServicer(registry),
         action=ActionServicer(actions),
         session=SessionServicer(sessions),
-        broker=BrokerServicer(brokers),
+        broker=BrokerServicer(brokers, settings.max_message_bytes),
         log=LogServicer(ExecutionQueries(registry, store, recorder.flush)),
         storage=StorageServicer(storage),
         database=DatabaseServicer(database_runner),

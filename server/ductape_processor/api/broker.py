@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any, Final, NamedTuple, cast
 
 import grpc
@@ -232,15 +232,37 @@ def _batch(messages: list[IncomingEvent], json_values: bool) -> broker_pb2.Subsc
     return response
 
 
-def _response(event: StreamEvent, json_values: bool = False) -> broker_pb2.SubscribeResponse | bytes:
+def _batch_responses(
+    messages: list[IncomingEvent], json_values: bool, limit: int, too_large: list[IncomingEvent]
+) -> Iterator[broker_pb2.SubscribeResponse | bytes]:
+    """A batch as responses of at most `limit` bytes each, in its order: one response (nearly always), or, when the
+    batch encodes to more (large payloads, many of them), its halves, split again until each fits. A message that
+    alone is larger is left out of the responses and added to `too_large`."""
+    response = _batch_response(messages, json_values)
+    size = len(response) if type(response) is bytes else response.ByteSize()  # type: ignore[union-attr]
+    if size <= limit:
+        yield response
+    elif len(messages) == 1:
+        too_large.append(messages[0])
+    else:
+        half = len(messages) // 2
+        yield from _batch_responses(messages[:half], json_values, limit, too_large)
+        yield from _batch_responses(messages[half:], json_values, limit, too_large)
+
+
+def _batch_response(messages: list[IncomingEvent], json_values: bool) -> broker_pb2.SubscribeResponse | bytes:
     # A batch is encoded by hand and passed through to gRPC as it is (`subscribe_batch`, `add_to_server`), unless a
     # payload in it is to be sent as a JSON value: its conversion into a Value costs most, and costs least built in
-    # place in the response by upb (`_batch`). The other responses are messages, serialized by `serialized`.
+    # place in the response by upb (`_batch`).
+    if json_values and any(message.json_payload for message in messages):
+        return _batch(messages, json_values)
+    return subscribe_batch(messages)
+
+
+def _response(event: StreamEvent, json_values: bool = False) -> broker_pb2.SubscribeResponse | bytes:
+    # The responses other than batches are messages, serialized by `serialized`.
     if isinstance(event, Batch):
-        messages = event.messages
-        if json_values and any(message.json_payload for message in messages):
-            return _batch(messages, json_values)
-        return subscribe_batch(messages)
+        return _batch_response(event.messages, json_values)
     if isinstance(event, StaleAcks):
         return broker_pb2.SubscribeResponse(
             stale_acks=broker_pb2.StaleAcks(ack_ids=event.ack_ids, expired_ack_ids=event.expired_ack_ids)
@@ -330,11 +352,17 @@ _RESULT_HEAD: Final = f"\n{chr(ID_CHARS + 2)}\n{chr(ID_CHARS)}"
 _ID_LENGTH: Final = {ID_CHARS}
 
 
+DEFAULT_MAX_RESPONSE_BYTES: Final = 4 * 1024 * 1024
+"""The largest Subscribe response when the server gives none: gRPC's own default limit on a message, which the
+server's `max_message_bytes` keeps by default (a client's receive limit is the same unless it raised it)."""
+
+
 class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
     """Serves BrokerService."""
 
-    def __init__(self, runtime: BrokerRuntime) -> None:
+    def __init__(self, runtime: BrokerRuntime, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         self._runtime = runtime
+        self._max_response_bytes = max_response_bytes  # the server's send limit (`max_message_bytes`)
 
     async def Publish(self, request: broker_pb2.PublishRequest, context: Context) -> broker_pb2.PublishResponse:
         require_target(request)
@@ -390,7 +418,16 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             init.product, init.env, init.event, init.group, _limits(init), init.dead_letter_event
         )
 
-        json_values = init.json_values
+        json_values, limit = init.json_values, self._max_response_bytes
         async with contextlib.aclosing(stream.run(acks_and_nacks(request_iterator), aborter(context))) as events:
             async for event in events:
-                yield _response(event, json_values)
+                if not isinstance(event, Batch):
+                    yield _response(event, json_values)
+                    continue
+                # A batch larger than gRPC lets the server send is written in parts; a message too large on its own
+                # would end the stream (and come back to end the next one): the runtime sends it elsewhere.
+                too_large: list[IncomingEvent] = []
+                for response in _batch_responses(event.messages, json_values, limit, too_large):
+                    yield response
+                if too_large:
+                    await stream.undeliverable(too_large, limit)

@@ -407,10 +407,11 @@ class BrokerRuntime:
             dead_route = await self.route(product, env, dead_letter_event, "init.dead_letter_event")
             dead_adapter = self.adapter(dead_route)
 
-            async def dead_letter(message: IncomingEvent) -> None:
+            async def dead_letter(message: IncomingEvent, reason: str) -> None:
                 attributes = {
                     **message.attributes,
                     "dead_letter_from": event,
+                    "dead_letter_reason": reason,
                     "delivery_attempt": str(message.delivery_attempt),
                 }
                 await dead_adapter.publish(

@@ -100,6 +100,11 @@ class SubscribeStream:
             self._forget(self.subscription)
             await self.subscription.close()
 
+    async def undeliverable(self, messages: list[IncomingEvent], limit: int) -> None:
+        """Messages of the batch being written that are each too large for one response of `limit` bytes: the API
+        found them encoding the batch (`Subscription.undeliverable` says where they go)."""
+        await self.subscription.undeliverable(messages, limit)
+
     async def _events(self, requests: AsyncIterator[StreamRequest], abort: Abort) -> AsyncGenerator[StreamEvent]:
         subscription = self.subscription
         stale = StaleAcks()

@@ -55,7 +55,11 @@ log = logging.getLogger(__name__)
 FETCH_POLL_S = 0.5
 STALL_MIN_S = 2.0  # a write pending this long (or the ack deadline, when longer) means the client stopped reading
 EXPIRED_REMEMBERED = 10_000  # expired ack ids kept per stream, to tell a late ack from an unknown id
-DeadLetter = Callable[[IncomingEvent], Awaitable[None]]
+TOO_LARGE_RETRY_S = 60.0
+"""When a message too large for its stream comes back to the group, when there is no dead-letter topic to send it to
+(`Subscription.undeliverable`)."""
+DeadLetter = Callable[[IncomingEvent, str], Awaitable[None]]
+"""Publishes a message to the subscription's dead-letter topic; the second argument says why (`dead_letter_reason`)."""
 _handle = operator.attrgetter("handle")  # a message's ack id
 
 
@@ -227,7 +231,7 @@ class Subscription:
             admitted: list[IncomingEvent] = []
             for message in messages:
                 if message.delivery_attempt > max_deliveries:
-                    await self._to_dead_letter(message)
+                    await self._to_dead_letter(message, "max_deliveries")
                 else:
                     admitted.append(message)
             messages = admitted
@@ -251,10 +255,10 @@ class Subscription:
         if deadline < self._watch_until:
             self._changed.set()
 
-    async def _to_dead_letter(self, message: IncomingEvent) -> None:
+    async def _to_dead_letter(self, message: IncomingEvent, reason: str) -> None:
         assert self._dead_letter is not None
         try:
-            await self._dead_letter(message)
+            await self._dead_letter(message, reason)
         except ProcessorError as exc:
             log.warning("dead-letter publish failed (%s); the message will be delivered again", exc.reason)
             await self._broker.nack([message.handle], 1.0)
@@ -348,10 +352,30 @@ class Subscription:
         taken, ignored = self._take(ack_ids)
         if dead_letter:
             for message in taken:
-                await self._to_dead_letter(message)
+                await self._to_dead_letter(message, "nack")
         elif taken:
             await self._broker.nack(list(map(_handle, taken)), delay_s)
         return ignored
+
+    async def undeliverable(self, messages: list[IncomingEvent], limit: int) -> None:
+        """Messages of a batch being written that the stream cannot carry: each alone is larger than the largest
+        response the stream may send (`limit` bytes; another producer wrote it to the broker, or a payload grew as a
+        JSON value). Each goes to the dead-letter topic when the subscription has one (reason `too_large`); else it
+        goes back to the group for TOO_LARGE_RETRY_S (kept, not lost: a server allowed larger responses delivers it
+        then). Logged either way, for the operator to act on."""
+        for message in messages:
+            if self._outstanding.pop(message.handle, None) is None:
+                continue  # settled meanwhile (its deadline passed)
+            where = "sent to the dead-letter topic" if self._dead_letter else f"given back for {TOO_LARGE_RETRY_S:g} s"
+            log.warning(
+                "message %r (%d bytes of payload, delivery %d) is larger than a Subscribe response may be "
+                "(%d bytes): %s",
+                message.id[:100], len(message.data), message.delivery_attempt, limit, where,
+            )  # fmt: skip
+            if self._dead_letter is not None:
+                await self._to_dead_letter(message, "too_large")
+            else:
+                await self._broker.nack([message.handle], TOO_LARGE_RETRY_S)
 
     async def _release(self, ack_ids: list[str]) -> None:
         outstanding = self._outstanding
