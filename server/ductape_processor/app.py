@@ -239,7 +239,9 @@ def build(
         feature=FeatureServicer(features),
         health=health.aio.HealthServicer(),
     )
-    interceptor = ProcessorInterceptor(ApiKeyAuthenticator(settings.api_key_hashes), telemetry)
+    interceptor = ProcessorInterceptor(
+        ApiKeyAuthenticator(settings.api_key_hashes), telemetry, settings.max_message_bytes
+    )
     return Components(
         store=store,
         telemetry=telemetry,

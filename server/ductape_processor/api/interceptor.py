@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError, Message
 from ductape_processor.api.auth import ApiKeyAuthenticator
 from ductape_processor.api.calls import Context
 from ductape_processor.api.status import error_trailers, internal_trailers
-from ductape_processor.errors import InvalidArgument, ProcessorError
+from ductape_processor.errors import InvalidArgument, ProcessorError, ResourceExhausted
 from ductape_processor.reasons import Reason
 from ductape_processor.telemetry.context import CallInfo, current_call, w3c_propagator
 from ductape_processor.telemetry.setup import Telemetry
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PUBLIC_SERVICES = ("/grpc.health.v1.Health/",)
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # gRPC's own default limit, and the server's max_message_bytes
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 # The interceptor wraps every method, whatever its request and response types: these stay Any.
@@ -98,6 +99,19 @@ async def _decoded(requests: AsyncIterator[Message | _Undecodable]) -> AsyncIter
         if isinstance(request, _Undecodable):
             raise request.error()
         yield request
+
+
+def _too_large(response: object, size: int, limit: int) -> ResourceExhausted:
+    """A unary call's answer larger than the server may send: said as such, rather than as gRPC's own "Sent message
+    larger than max" with no reason, and with the call's process id when it has one (it ran: its record says how)."""
+    process_id = getattr(response, "process_id", "")
+    ran = f"; the call itself ran: process id {process_id}" if isinstance(process_id, str) and process_id else ""
+    return ResourceExhausted(
+        f"the response is {size} bytes, more than the {limit} a response may be (the server's max_message_bytes, "
+        f"PROCESSOR_MAX_MESSAGE_BYTES){ran}",
+        reason=Reason.RESPONSE_TOO_LARGE,
+        metadata={"size": str(size), "limit": str(limit), **({"process_id": process_id} if ran else {})},
+    )
 
 
 def _checked(request: object, streamed: bool) -> object:
@@ -233,9 +247,15 @@ class ProcessorInterceptor(grpc.GenericRpcHandler):
     and a coroutine per interceptor before the handler is even found), which the cached wrapper does not need.
     """
 
-    def __init__(self, authenticator: ApiKeyAuthenticator, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        authenticator: ApiKeyAuthenticator,
+        telemetry: Telemetry,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         self._authenticator = authenticator
         self._telemetry = telemetry
+        self._max_response_bytes = max_response_bytes
         self._request_ids = RequestIds()
         self._inner: list[grpc.GenericRpcHandler] = []
         self._handlers: dict[str, Handler] = {}
@@ -264,17 +284,16 @@ class ProcessorInterceptor(grpc.GenericRpcHandler):
         call = _Call(method, self._authenticator, self._telemetry, self._request_ids)
         deserializer = _lenient(handler.request_deserializer)
         serializer = handler.response_serializer
+        # A unary answer is serialized by the wrapper, which checks its size, and handed to gRPC as bytes (no
+        # serializer: gRPC sends bytes as they are).
+        answer = _Answer(serializer, self._max_response_bytes)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(call, handler.unary_unary, streamed=False),
-                request_deserializer=deserializer,
-                response_serializer=serializer,
+                _unary(call, handler.unary_unary, streamed=False, answer=answer), request_deserializer=deserializer
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _unary(call, handler.stream_unary, streamed=True),
-                request_deserializer=deserializer,
-                response_serializer=serializer,
+                _unary(call, handler.stream_unary, streamed=True, answer=answer), request_deserializer=deserializer
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
@@ -301,7 +320,17 @@ def _aborted_code(context: Context) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def _unary(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
+class _Answer:
+    """How a unary call's answer goes out: serialized (by the method's own serializer), within the size limit."""
+
+    __slots__ = ("limit", "serializer")
+
+    def __init__(self, serializer: Callable[[Any], bytes] | None, limit: int) -> None:
+        self.serializer = serializer
+        self.limit = limit
+
+
+def _unary(call: _Call, inner: Behavior, *, streamed: bool, answer: _Answer | None = None) -> Behavior:
     # One coroutine a call: open and authenticate it, map what it raises, close it. Written out here rather than
     # as an async context manager, whose `__aenter__` and `__aexit__` are two more coroutines a call; the request's
     # check and the authentication written out too (two calls fewer a call).
@@ -323,6 +352,12 @@ def _unary(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
             if isinstance(request, _Undecodable):
                 raise request.error()
             response = await inner(request, context)
+            if answer is not None and response is not None:
+                serializer = answer.serializer
+                encoded = response if serializer is None else serializer(response)
+                if len(encoded) > answer.limit:
+                    raise _too_large(response, len(encoded), answer.limit)
+                response = encoded
         except BaseException as exc:
             await call.ended(exc, opened, context, started)
             raise
