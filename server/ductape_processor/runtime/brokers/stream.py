@@ -30,6 +30,10 @@ from ductape_processor.runtime.brokers.subscriptions import (
 )
 
 MAX_STALE_REPORTED = 10_000  # ids in one StaleAcks notice; more are dropped from the notice (still ignored)
+# Characters of ids in one StaleAcks notice (each id at most once more, in `expired_ack_ids`): the ids past it are
+# dropped from the notice, as past MAX_STALE_REPORTED, so that a notice fits in a response (4 MiB by default) and a
+# client acking long ids it was never given, without reading, cannot grow what the server keeps for it.
+MAX_STALE_REPORTED_CHARS = 512 * 1024
 MAX_NACK_DELAY_S = 3600.0
 FETCHES_AHEAD = 2  # batches a stream asks the engine for at a time (see `_events`)
 
@@ -108,6 +112,7 @@ class SubscribeStream:
     async def _events(self, requests: AsyncIterator[StreamRequest], abort: Abort) -> AsyncGenerator[StreamEvent]:
         subscription = self.subscription
         stale = StaleAcks()
+        stale_chars = 0  # characters of the ids in `stale`
         # One event wakes the loop for whatever happened (a fetch ended, the reader or the watch ended, shutdown,
         # acks to report), and the loop looks at what did: waiting on every worker anew for each batch
         # (`asyncio.wait`) cost more than the rest of the loop.
@@ -117,8 +122,21 @@ class SubscribeStream:
             wake.set()
 
         def report(ignored: Ignored | None) -> None:
+            nonlocal stale_chars
             if ignored is not None and len(stale.ack_ids) < MAX_STALE_REPORTED:
                 included = ignored.ack_ids[: MAX_STALE_REPORTED - len(stale.ack_ids)]
+                chars = sum(map(len, included))
+                if stale_chars + chars > MAX_STALE_REPORTED_CHARS:
+                    kept: list[str] = []
+                    for ack_id in included:
+                        if stale_chars + len(ack_id) <= MAX_STALE_REPORTED_CHARS:
+                            stale_chars += len(ack_id)
+                            kept.append(ack_id)
+                    included = kept
+                else:
+                    stale_chars += chars
+                if not included:
+                    return
                 stale.ack_ids.extend(included)
                 stale.expired_ack_ids.extend(set(ignored.expired).intersection(included))
                 wake.set()
@@ -164,7 +182,7 @@ class SubscribeStream:
                 wake.clear()
                 ask()
                 if stale.ack_ids:
-                    response, stale = stale, StaleAcks()
+                    response, stale, stale_chars = stale, StaleAcks(), 0
                     yield response
                     continue
                 fetching = fetches[0]
