@@ -4,10 +4,12 @@ nobody reads, Receive batches larger than a response may be, upload messages car
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from ductape.processor.v1 import (
@@ -17,6 +19,7 @@ from ductape.processor.v1 import (
     webhook_pb2_grpc,
 )
 
+from ductape_processor.runtime.brokers import subscriptions
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_brokers import _forget_run, manifest
 
@@ -103,3 +106,99 @@ async def test_stale_acks_nobody_reads_stay_bounded_and_fit_in_a_response(broker
         assert message.data == b"after"
         stream.ack([message.ack_id])
         assert await stream.close() == grpc.StatusCode.OK
+
+
+RECEIVE_MANIFEST = {
+    "product": "shop",
+    "environments": [{"slug": "dev"}],
+    "brokers": [{"tag": "events", "envs": {"dev": {"type": "memory"}}, "topics": [{"tag": "hooks", "name": "hooks"}]}],
+    "webhooks": [
+        {
+            "tag": "big",
+            "receive": {
+                "dev": {
+                    "path": "/big",
+                    "verify": "none",
+                    "max_body_bytes": 8 * MIB,
+                    "dispatch": {"publish": "events:hooks"},
+                }
+            },
+        }
+    ],
+}
+
+
+@pytest.fixture
+async def hooks(start_server: ServerFactory) -> AsyncIterator[tuple[Running, aiohttp.ClientSession, str]]:
+    # Received webhooks are published to the receive's topic: the publish limit must let their bodies through.
+    running = await start_server(broker_max_message_bytes=16 * MIB)
+    await running.client.product.apply(json.dumps(RECEIVE_MANIFEST).encode())
+    http = running.app.components.webhook_http
+    assert http is not None
+    await http.ensure()
+    async with aiohttp.ClientSession() as session:
+        yield running, session, f"http://127.0.0.1:{http.port}/webhooks/shop/dev/big"
+
+
+async def _post(session: aiohttp.ClientSession, url: str, size: int, mark: str) -> None:
+    body = json.dumps({"mark": mark, "pad": "p" * size}).encode()
+    async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
+        assert response.status == 200, await response.text()
+
+
+async def _receive_stream(channel: grpc.aio.Channel) -> Stream:
+    stream = Stream.receive(channel, "big", "watchers")
+    await stream.ready()
+    return stream
+
+
+def _marks(response: webhook_pb2.ReceiveResponse) -> list[str]:
+    return [json.loads(delivery.webhook.body)["mark"] for delivery in response.batch.deliveries]
+
+
+async def test_a_receive_batch_larger_than_a_response_may_be_arrives_in_parts(
+    hooks: tuple[Running, aiohttp.ClientSession, str],
+) -> None:
+    # Six received webhooks of 900 KB (each within the receive's max_body_bytes) in one batch: a 5.4 MB response.
+    # Before, gRPC refused to send it (RESOURCE_EXHAUSTED "Sent message larger than max"), the stream ended, the
+    # webhooks went back, and every next Receive stream of the group got the same batch: none was ever received.
+    running, session, url = hooks
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        opening = await _receive_stream(channel)  # the group exists from here on
+        assert await opening.close() == grpc.StatusCode.OK
+        for n in range(6):
+            await _post(session, url, 900_000, f"w{n}")
+        stream = await _receive_stream(channel)
+        marks: list[str] = []
+        while len(marks) < 6:
+            response = await stream.read()
+            assert response.HasField("batch") and response.ByteSize() <= 4 * MIB
+            marks += _marks(response)
+            assert {d.delivery_attempt for d in response.batch.deliveries} == {1}
+            stream.ack([delivery.ack_id for delivery in response.batch.deliveries])
+        assert sorted(marks) == [f"w{n}" for n in range(6)]
+        assert await stream.close() == grpc.StatusCode.OK
+
+
+async def test_a_received_webhook_too_large_for_any_response_is_given_back_and_the_stream_goes_on(
+    hooks: tuple[Running, aiohttp.ClientSession, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 5 MB body (the receive allows 8 MiB) can never fit a 4 MiB response: Receive streams have no dead-letter
+    # topic, so it goes back to the group for a while and the stream delivers the others. Before, it ended every
+    # Receive stream of the group with RESOURCE_EXHAUSTED, one after the other.
+    monkeypatch.setattr(subscriptions, "TOO_LARGE_RETRY_S", 0.5)
+    running, session, url = hooks
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        stream = await _receive_stream(channel)
+        await _post(session, url, 5 * MIB, "huge")
+        await _post(session, url, 10, "small")
+        response = await stream.read()
+        assert _marks(response) == ["small"]
+        stream.ack([delivery.ack_id for delivery in response.batch.deliveries])
+        # The huge one comes back each 0.5 s and is given back again: never a response, never the stream's end.
+        # (A read is not cancelled: that would cancel the call.)
+        reading = asyncio.ensure_future(stream.call.read())
+        done, _ = await asyncio.wait({reading}, timeout=1.5)
+        assert not done
+        assert await stream.close() == grpc.StatusCode.OK
+        assert await reading is grpc.aio.EOF

@@ -235,7 +235,7 @@ def build(
         migration=MigrationServicer(MigrationRunner(registry, databases)),
         notification=NotificationServicer(notifications),
         job=JobServicer(jobs),
-        webhook=WebhookServicer(webhooks, receiver),
+        webhook=WebhookServicer(webhooks, receiver, settings.max_message_bytes),
         feature=FeatureServicer(features),
         health=health.aio.HealthServicer(),
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Final, NamedTuple, cast
 
 import grpc
@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 
 from ductape_processor.api.broker_wire import subscribe_batch
 from ductape_processor.api.calls import Context, deadline, first_message, require_target
-from ductape_processor.api.streams import aborter, acks_and_nacks
+from ductape_processor.api.streams import DEFAULT_MAX_RESPONSE_BYTES, aborter, acks_and_nacks, batch_responses
 from ductape_processor.api.values import json_to_value, seconds, set_timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument, ProcessorError
 from ductape_processor.runtime.brokers.messages import NO_ATTRIBUTES, IncomingEvent, OutgoingMessage, PlainMessages
@@ -232,24 +232,6 @@ def _batch(messages: list[IncomingEvent], json_values: bool) -> broker_pb2.Subsc
     return response
 
 
-def _batch_responses(
-    messages: list[IncomingEvent], json_values: bool, limit: int, too_large: list[IncomingEvent]
-) -> Iterator[broker_pb2.SubscribeResponse | bytes]:
-    """A batch as responses of at most `limit` bytes each, in its order: one response (nearly always), or, when the
-    batch encodes to more (large payloads, many of them), its halves, split again until each fits. A message that
-    alone is larger is left out of the responses and added to `too_large`."""
-    response = _batch_response(messages, json_values)
-    size = len(response) if type(response) is bytes else response.ByteSize()  # type: ignore[union-attr]
-    if size <= limit:
-        yield response
-    elif len(messages) == 1:
-        too_large.append(messages[0])
-    else:
-        half = len(messages) // 2
-        yield from _batch_responses(messages[:half], json_values, limit, too_large)
-        yield from _batch_responses(messages[half:], json_values, limit, too_large)
-
-
 def _batch_response(messages: list[IncomingEvent], json_values: bool) -> broker_pb2.SubscribeResponse | bytes:
     # A batch is encoded by hand and passed through to gRPC as it is (`subscribe_batch`, `add_to_server`), unless a
     # payload in it is to be sent as a JSON value: its conversion into a Value costs most, and costs least built in
@@ -352,11 +334,6 @@ _RESULT_HEAD: Final = f"\n{chr(ID_CHARS + 2)}\n{chr(ID_CHARS)}"
 _ID_LENGTH: Final = {ID_CHARS}
 
 
-DEFAULT_MAX_RESPONSE_BYTES: Final = 4 * 1024 * 1024
-"""The largest Subscribe response when the server gives none: gRPC's own default limit on a message, which the
-server's `max_message_bytes` keeps by default (a client's receive limit is the same unless it raised it)."""
-
-
 class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
     """Serves BrokerService."""
 
@@ -427,7 +404,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
                 # A batch larger than gRPC lets the server send is written in parts; a message too large on its own
                 # would end the stream (and come back to end the next one): the runtime sends it elsewhere.
                 too_large: list[IncomingEvent] = []
-                for response in _batch_responses(event.messages, json_values, limit, too_large):
+                for response in batch_responses(
+                    event.messages, lambda batch: _batch_response(batch, json_values), limit, too_large
+                ):
                     yield response
                 if too_large:
                     await stream.undeliverable(too_large, limit)

@@ -4,15 +4,17 @@ as the runtime takes them, and ending a call from outside its handler."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Final, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from ductape_processor.api.calls import Context
 from ductape_processor.api.status import error_trailers
 from ductape_processor.api.values import seconds
 from ductape_processor.errors import InvalidArgument, ProcessorError
+from ductape_processor.runtime.brokers.messages import IncomingEvent
 from ductape_processor.runtime.brokers.stream import Abort, Ack, Nack, StreamRequest
 from ductape_processor.telemetry.context import current_call
 
@@ -30,6 +32,35 @@ async def acks_and_nacks(requests: AsyncIterator[Any]) -> AsyncIterator[StreamRe
             raise InvalidArgument.field("init", "a stream takes init only once, as its first request")
         else:
             raise InvalidArgument.field("kind", "a request must carry init, ack or nack")
+
+
+DEFAULT_MAX_RESPONSE_BYTES: Final = 4 * 1024 * 1024
+"""The largest Subscribe (or Receive) response when the server gives none: gRPC's own default limit on a message,
+which the server's `max_message_bytes` keeps by default (a client's receive limit is the same unless it raised it)."""
+Response = TypeVar("Response", bound=Message | bytes)
+
+
+def batch_responses(
+    messages: list[IncomingEvent],
+    encode: Callable[[list[IncomingEvent]], Response],
+    limit: int,
+    too_large: list[IncomingEvent],
+) -> Iterator[Response]:
+    """A batch as responses of at most `limit` bytes each (the server's send limit), in its order: `encode(messages)`
+    (nearly always), or, when the batch encodes to more (large payloads, many of them), its halves, split again until
+    each fits. A message that alone is larger is left out of the responses and added to `too_large`, for the stream
+    to send elsewhere (`SubscribeStream.undeliverable`): gRPC would refuse to send it and end the call, and the next
+    stream of the group would get it again."""
+    response = encode(messages)
+    size = len(response) if isinstance(response, bytes) else response.ByteSize()
+    if size <= limit:
+        yield response
+    elif len(messages) == 1:
+        too_large.append(messages[0])
+    else:
+        half = len(messages) // 2
+        yield from batch_responses(messages[:half], encode, limit, too_large)
+        yield from batch_responses(messages[half:], encode, limit, too_large)
 
 
 def aborter(context: Context) -> Abort:

@@ -11,9 +11,10 @@ from ductape.processor.v1 import broker_pb2, webhook_pb2, webhook_pb2_grpc
 from google.protobuf import duration_pb2
 
 from ductape_processor.api.calls import Context, ProductEnv, first_message, product_env
-from ductape_processor.api.streams import aborter, acks_and_nacks
+from ductape_processor.api.streams import DEFAULT_MAX_RESPONSE_BYTES, aborter, acks_and_nacks, batch_responses
 from ductape_processor.api.values import python_to_value, required, seconds, timestamp, value_to_python
 from ductape_processor.errors import InvalidArgument
+from ductape_processor.runtime.brokers.messages import IncomingEvent
 from ductape_processor.runtime.brokers.stream import Batch, StaleAcks, StreamEvent
 from ductape_processor.runtime.brokers.subscriptions import Limits
 from ductape_processor.runtime.webhooks.emitter import (
@@ -100,17 +101,21 @@ def received_message(record: ReceivedRecord) -> webhook_pb2.ReceivedWebhook:
     return message
 
 
+def _batch(messages: list[IncomingEvent]) -> webhook_pb2.ReceiveResponse:
+    deliveries = [
+        webhook_pb2.ReceivedDelivery(
+            ack_id=message.handle,
+            webhook=received_message(received(message)),
+            delivery_attempt=message.delivery_attempt,
+        )
+        for message in messages
+    ]
+    return webhook_pb2.ReceiveResponse(batch=webhook_pb2.ReceivedBatch(deliveries=deliveries))
+
+
 def _response(event: StreamEvent) -> webhook_pb2.ReceiveResponse:
     if isinstance(event, Batch):
-        deliveries = [
-            webhook_pb2.ReceivedDelivery(
-                ack_id=message.handle,
-                webhook=received_message(received(message)),
-                delivery_attempt=message.delivery_attempt,
-            )
-            for message in event.messages
-        ]
-        return webhook_pb2.ReceiveResponse(batch=webhook_pb2.ReceivedBatch(deliveries=deliveries))
+        return _batch(event.messages)
     if isinstance(event, StaleAcks):
         return webhook_pb2.ReceiveResponse(
             stale_acks=broker_pb2.StaleAcks(ack_ids=event.ack_ids, expired_ack_ids=event.expired_ack_ids)
@@ -121,9 +126,12 @@ def _response(event: StreamEvent) -> webhook_pb2.ReceiveResponse:
 class WebhookServicer(webhook_pb2_grpc.WebhookServiceServicer):
     """Serves WebhookService."""
 
-    def __init__(self, runtime: WebhookRuntime, receiver: WebhookReceiver) -> None:
+    def __init__(
+        self, runtime: WebhookRuntime, receiver: WebhookReceiver, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    ) -> None:
         self._runtime = runtime
         self._receiver = receiver
+        self._max_response_bytes = max_response_bytes  # the server's send limit (`max_message_bytes`)
 
     async def Emit(self, request: webhook_pb2.EmitRequest, context: Context) -> webhook_pb2.EmitResponse:
         call = EmitCall(
@@ -194,4 +202,12 @@ class WebhookServicer(webhook_pb2_grpc.WebhookServiceServicer):
         )
         async with contextlib.aclosing(stream.run(acks_and_nacks(request_iterator), aborter(context))) as events:
             async for event in events:
-                yield _response(event)
+                if not isinstance(event, Batch):
+                    yield _response(event)
+                    continue
+                # As Subscribe's: a batch of large webhooks in parts, one too large alone sent elsewhere.
+                too_large: list[IncomingEvent] = []
+                for response in batch_responses(event.messages, _batch, self._max_response_bytes, too_large):
+                    yield response
+                if too_large:
+                    await stream.undeliverable(too_large, self._max_response_bytes)
