@@ -15,6 +15,8 @@ import pytest
 from ductape.processor.v1 import (
     broker_pb2,
     broker_pb2_grpc,
+    storage_pb2,
+    storage_pb2_grpc,
     webhook_pb2,
     webhook_pb2_grpc,
 )
@@ -22,6 +24,8 @@ from ductape.processor.v1 import (
 from ductape_processor.runtime.brokers import subscriptions
 from tests.conftest import Running, ServerFactory, require_tcp
 from tests.test_brokers import _forget_run, manifest
+from tests.test_storage import PRODUCT, TAG
+from tests.test_storage import manifest as storage_manifest
 
 MIB = 1024 * 1024
 
@@ -202,3 +206,21 @@ async def test_a_received_webhook_too_large_for_any_response_is_given_back_and_t
         assert not done
         assert await stream.close() == grpc.StatusCode.OK
         assert await reading is grpc.aio.EOF
+
+
+async def test_an_upload_message_carrying_nothing_is_refused_on_kind_not_as_a_second_header(
+    start_server: ServerFactory,
+) -> None:
+    # Before, an UploadRequest with neither header nor chunk after the header was refused as "header: an upload
+    # takes its header once", naming a field the client never sent twice.
+    running = await start_server()
+    await running.client.product.apply(storage_manifest({"provider": "fs"}))
+    header = storage_pb2.UploadHeader(product=PRODUCT, env="dev", event=TAG, file_name="nothing.bin")
+    requests = [storage_pb2.UploadRequest(header=header), storage_pb2.UploadRequest()]
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await storage_pb2_grpc.StorageServiceStub(channel).Upload(iter(requests), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith("kind:")
+    listed = await running.client.storage.list(product=PRODUCT, env="dev", event=TAG)
+    assert not listed.files

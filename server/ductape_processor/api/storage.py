@@ -41,8 +41,11 @@ def _info(info: FileInfo) -> storage_pb2.FileInfo:
 
 async def _chunks(requests: AsyncIterator[storage_pb2.UploadRequest]) -> AsyncIterator[bytes]:
     async for request in requests:
-        if request.WhichOneof("kind") != "chunk":
-            raise InvalidArgument.field("header", "an upload takes its header once, as its first message")
+        kind = request.WhichOneof("kind")
+        if kind != "chunk":
+            if kind == "header":
+                raise InvalidArgument.field("header", "an upload takes its header once, as its first message")
+            raise InvalidArgument.field("kind", "a message after the header must carry a chunk")
         yield request.chunk
 
 
