@@ -6,6 +6,8 @@ max" with no reason, no limit and no way to find the call, though an action had 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 import pytest
 from aiohttp import web
@@ -48,3 +50,44 @@ async def test_an_action_answer_larger_than_a_response_may_be_is_response_too_la
     upstream.on("GET /users/8", fits)
     result = await run(running, "user", input={"params": {"id": "8"}})
     assert result.body == small
+
+
+async def test_a_streamed_response_larger_than_a_response_may_be_ends_its_stream_with_response_too_large() -> None:
+    """The same limit for each response a stream yields (the services' own streams split what they send: this is
+    the net under them), through the interceptor as the server wires it."""
+    from ductape.processor.errors import from_rpc_error
+
+    from ductape_processor.api.auth import ApiKeyAuthenticator
+    from ductape_processor.api.interceptor import ProcessorInterceptor
+    from ductape_processor.telemetry.setup import Telemetry
+
+    limit = 64 * 1024
+
+    async def responses(request: bytes, context: object) -> AsyncIterator[bytes]:
+        yield b"x" * 10
+        yield b"y" * (limit + 1)
+        yield b"never sent"
+
+    def identity(value: bytes) -> bytes:
+        return value
+
+    handler = grpc.unary_stream_rpc_method_handler(
+        responses, request_deserializer=identity, response_serializer=identity
+    )
+    interceptor = ProcessorInterceptor(ApiKeyAuthenticator(()), Telemetry(), limit)
+    interceptor.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Big", {"Stream": handler})])
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", limit)])
+    server.add_generic_rpc_handlers((interceptor,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_stream("/test.Big/Stream")(b"")
+            assert await call.read() == b"x" * 10
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call.read()
+        error = from_rpc_error(raised.value)
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.reason == "RESPONSE_TOO_LARGE"
+        assert error.metadata["size"] == str(limit + 1) and error.metadata["limit"] == str(limit)
+    finally:
+        await server.stop(0)

@@ -295,18 +295,16 @@ class ProcessorInterceptor(grpc.GenericRpcHandler):
             return grpc.stream_unary_rpc_method_handler(
                 _unary(call, handler.stream_unary, streamed=True, answer=answer), request_deserializer=deserializer
             )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _streaming(call, handler.unary_stream, streamed=False),
-                request_deserializer=deserializer,
-                response_serializer=serializer,
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            _streaming(call, handler.stream_stream, streamed=True),
-            request_deserializer=deserializer,
-            response_serializer=serializer,
+        # A stream's responses too, when the handler yields them (an async generator); one that writes them with
+        # `context.write` keeps gRPC's serializer.
+        streaming = handler.unary_stream or handler.stream_stream
+        assert streaming is not None
+        yields = inspect.isasyncgenfunction(streaming)
+        wrapped = _streaming(call, streaming, streamed=handler.unary_stream is None, answer=answer if yields else None)
+        factory = (
+            grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
         )
+        return factory(wrapped, request_deserializer=deserializer, response_serializer=None if yields else serializer)
 
 
 def _aborted_code(context: Context) -> grpc.StatusCode:
@@ -367,8 +365,9 @@ def _unary(call: _Call, inner: Behavior, *, streamed: bool, answer: _Answer | No
     return behavior
 
 
-def _streaming(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
+def _streaming(call: _Call, inner: Behavior, *, streamed: bool, answer: _Answer | None = None) -> Behavior:
     if inspect.isasyncgenfunction(inner):
+        serializer, limit = (answer.serializer, answer.limit) if answer is not None else (None, 0)
 
         async def generator(request: object, context: Context) -> AsyncIterator[object]:
             started = time.perf_counter()
@@ -377,6 +376,11 @@ def _streaming(call: _Call, inner: Behavior, *, streamed: bool) -> Behavior:
                 opened = call.open(context)
                 call.authenticate(opened.authorization)
                 async for response in inner(_checked(request, streamed), context):
+                    if answer is not None:  # each response within the limit, as a unary answer (`_unary`)
+                        encoded = response if serializer is None else serializer(response)
+                        if len(encoded) > limit:
+                            raise _too_large(response, len(encoded), limit)
+                        response = encoded
                     yield response
             except BaseException as exc:
                 await call.ended(exc, opened, context, started)
