@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from ductape.processor import InvalidArgumentError, NotFoundError, Processor, ProcessorError
+from ductape.processor import DeadlineExceededError, InvalidArgumentError, NotFoundError, Processor, ProcessorError
 from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
 
 from tests.conftest import Running, ServerFactory, _missing
@@ -297,6 +297,33 @@ async def test_an_upload_cut_off_mid_stream_keeps_nothing(running: Running, back
         await asyncio.sleep(0.1)
     assert await backend.fetch("cut.bin") == b"before"
     assert await leftovers(backend, "cut.bin") == ["cut.bin"], "no temporary file, no unfinished upload"
+
+
+async def test_an_upload_that_goes_quiet_is_refused_as_idle_and_keeps_nothing(
+    start_server: ServerFactory, backend: Backend
+) -> None:
+    server = await start_server(stream_idle_s=0.5)
+    await server.client.product.apply(manifest(backend.env))
+    await server.client.storage.save(**where(), file_name="idle.bin", data=b"before")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield os.urandom(256 * 1024)
+        await asyncio.Event().wait()  # connected, the stream open, and nothing more sent
+
+    with pytest.raises(DeadlineExceededError) as caught:
+        await asyncio.wait_for(server.client.storage.upload(chunks(), **where(), file_name="idle.bin"), 10)
+    assert caught.value.reason == "UPLOAD_IDLE" and "0.5 s" in caught.value.message
+    assert await backend.fetch("idle.bin") == b"before"
+    assert await leftovers(backend, "idle.bin") == ["idle.bin"], "no temporary file, no unfinished upload"
+    # A client that keeps sending, however slowly within the limit, is not cut off.
+
+    async def slow() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            await asyncio.sleep(0.2)
+            yield b"x" * 1000
+
+    await server.client.storage.upload(slow(), **where(), file_name="idle.bin")
+    assert await backend.fetch("idle.bin") == b"x" * 3000
 
 
 async def test_files_over_the_storages_limit_are_refused(start_server: ServerFactory, backend: Backend) -> None:

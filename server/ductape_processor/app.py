@@ -230,7 +230,7 @@ def build(
         session=SessionServicer(sessions),
         broker=BrokerServicer(brokers, settings.max_message_bytes),
         log=LogServicer(ExecutionQueries(registry, store, recorder.flush)),
-        storage=StorageServicer(storage),
+        storage=StorageServicer(storage, settings.stream_idle_s),
         database=DatabaseServicer(database_runner),
         migration=MigrationServicer(MigrationRunner(registry, databases)),
         notification=NotificationServicer(notifications),

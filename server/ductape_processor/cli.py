@@ -89,6 +89,7 @@ _FLAGS: dict[str, _Flag] = {
     "session_revocation_poll_s": {"type": float},
     "broker_max_message_bytes": {"type": int},
     "storage_max_file_bytes": {"type": int},
+    "stream_idle_s": {"type": float},
     "database_max_rows": {"type": int},
     "database_max_result_bytes": {"type": int},
     "storage_http_address": {"help": "host:port serving fs storages' signed URLs (off when unset)"},

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     storage_max_file_bytes: int = Field(
         5 * 1024**3, ge=1, description="Largest file a storage saves, unless its manifest entry sets max_file_bytes."
     )
+    stream_idle_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Longest an upload may send nothing before it is refused (UPLOAD_IDLE), what it brought dropped.",
+    )
     storage_http_address: str | None = Field(
         None, description="host:port of the HTTP listener serving fs storages' signed URLs; unset: off."
     )

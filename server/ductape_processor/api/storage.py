@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,8 +11,11 @@ from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
 
 from ductape_processor.api.calls import Context, deadline, first_message, require_target
 from ductape_processor.api.values import seconds, timestamp
-from ductape_processor.errors import InvalidArgument
+from ductape_processor.errors import DeadlineExceeded, InvalidArgument
+from ductape_processor.reasons import Reason
 from ductape_processor.runtime.storage.operations import FileInfo, FileSpec, StorageRef, StorageRuntime, UrlMethod
+
+DEFAULT_IDLE_S = 60.0  # the server's stream_idle_s when none is given
 
 _METHODS = {
     storage_pb2.SIGNED_URL_METHOD_UNSPECIFIED: UrlMethod.GET,
@@ -39,8 +43,21 @@ def _info(info: FileInfo) -> storage_pb2.FileInfo:
     return message
 
 
-async def _chunks(requests: AsyncIterator[storage_pb2.UploadRequest]) -> AsyncIterator[bytes]:
-    async for request in requests:
+async def _chunks(requests: AsyncIterator[storage_pb2.UploadRequest], idle_s: float) -> AsyncIterator[bytes]:
+    """The chunks of an upload after its header; a client that sends nothing for `idle_s` fails it (UPLOAD_IDLE):
+    an upload left open without sending would hold its temporary file (and a descriptor) for as long as it liked."""
+    iterator = aiter(requests)
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                request = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the upload sent nothing for {idle_s:g} s (the server's stream_idle_s); nothing was kept",
+                reason=Reason.UPLOAD_IDLE,
+            ) from None
         kind = request.WhichOneof("kind")
         if kind != "chunk":
             if kind == "header":
@@ -52,8 +69,9 @@ async def _chunks(requests: AsyncIterator[storage_pb2.UploadRequest]) -> AsyncIt
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     """Serves StorageService."""
 
-    def __init__(self, runtime: StorageRuntime) -> None:
+    def __init__(self, runtime: StorageRuntime, idle_s: float = DEFAULT_IDLE_S) -> None:
         self._runtime = runtime
+        self._idle_s = idle_s  # the server's stream_idle_s
 
     async def Save(self, request: storage_pb2.SaveRequest, context: Context) -> storage_pb2.SaveResponse:
         spec = FileSpec(request.file_name, request.content_type, dict(request.metadata), request.sha256)
@@ -68,7 +86,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         info = await self._runtime.upload(
             _ref(header, "header."),
             spec,
-            _chunks(request_iterator),
+            _chunks(request_iterator, self._idle_s),
             declared_size=header.size,
             deadline=deadline(context),
         )
