@@ -18,6 +18,7 @@ import aiohttp
 import grpc
 import pytest
 from ductape.processor import DeadlineExceededError, InvalidArgumentError, NotFoundError, Processor, ProcessorError
+from ductape.processor.errors import from_rpc_error
 from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
 
 from tests.conftest import Running, ServerFactory, _missing
@@ -324,6 +325,51 @@ async def test_an_upload_that_goes_quiet_is_refused_as_idle_and_keeps_nothing(
 
     await server.client.storage.upload(slow(), **where(), file_name="idle.bin")
     assert await backend.fetch("idle.bin") == b"x" * 3000
+
+
+async def test_a_download_nobody_reads_is_ended_and_lets_go_of_its_file(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    backend = fs_backend(tmp_path / "data0", PRODUCT, TAG, "dev")
+    server = await start_server(stream_idle_s=0.5)
+    await server.client.product.apply(manifest(backend.env))
+    chunk = os.urandom(1024 * 1024)
+    await server.client.storage.upload([chunk] * 48, **where(), file_name="unread.bin")  # more than gRPC buffers
+    path = os.path.realpath(tmp_path / "data0" / "storage" / PRODUCT / TAG / "dev" / "unread.bin")
+
+    def open_on_it() -> int:  # the server runs in this process: its descriptors are ours
+        links = (os.path.join("/proc/self/fd", fd) for fd in os.listdir("/proc/self/fd"))
+        return sum(1 for link in links if os.path.realpath(link) == path)
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = storage_pb2_grpc.StorageServiceStub(channel).Download(
+            storage_pb2.DownloadRequest(**where(), file_name="unread.bin")
+        )
+        first = await call.read()
+        assert first.file.size == 48 * len(chunk)
+        for _ in range(50):  # the file is opened as the first chunk is read, just after the first response
+            if open_on_it():
+                break
+            await asyncio.sleep(0.01)
+        assert open_on_it() == 1, "the download holds its file while it is read"
+        await asyncio.sleep(2.0)  # the client reads nothing more
+        for _ in range(50):
+            if open_on_it() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert open_on_it() == 0, "the server let go of the file"
+
+        async def read_to_the_end() -> None:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_to_the_end()
+    error = from_rpc_error(caught.value)
+    assert error.code == grpc.StatusCode.UNAVAILABLE and error.reason == "DOWNLOAD_NOT_READ"
+    # A reader that keeps reading is not cut off: the whole file arrives.
+    got = b"".join([part async for part in server.client.storage.download(**where(), file_name="unread.bin")])
+    assert got == chunk * 48
 
 
 async def test_files_over_the_storages_limit_are_refused(start_server: ServerFactory, backend: Backend) -> None:

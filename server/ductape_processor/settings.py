@@ -94,7 +94,8 @@ class Settings(BaseSettings):
         60.0,
         gt=0,
         le=3600,
-        description="Longest an upload may send nothing before it is refused (UPLOAD_IDLE), what it brought dropped.",
+        description="Longest an upload may send nothing (UPLOAD_IDLE), or a download's client read nothing "
+        "(DOWNLOAD_NOT_READ), before the call ends and lets go of its file.",
     )
     storage_http_address: str | None = Field(
         None, description="host:port of the HTTP listener serving fs storages' signed URLs; unset: off."

@@ -10,8 +10,9 @@ from typing import Any
 from ductape.processor.v1 import storage_pb2, storage_pb2_grpc
 
 from ductape_processor.api.calls import Context, deadline, first_message, require_target
+from ductape_processor.api.streams import WriteWatch, aborter
 from ductape_processor.api.values import seconds, timestamp
-from ductape_processor.errors import DeadlineExceeded, InvalidArgument
+from ductape_processor.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from ductape_processor.reasons import Reason
 from ductape_processor.runtime.storage.operations import FileInfo, FileSpec, StorageRef, StorageRuntime, UrlMethod
 
@@ -98,10 +99,33 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         info, chunks = await self._runtime.download(
             _ref(request), request.file_name, request.offset, request.length, request.chunk_size, deadline(context)
         )
-        yield storage_pb2.DownloadResponse(file=_info(info))
-        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
-            async for chunk in chunks:
-                yield storage_pb2.DownloadResponse(chunk=chunk)
+        idle_s, abort = self._idle_s, aborter(context)
+
+        async def stalled() -> None:
+            # The client stopped reading: the handler is held in a write, with the file open. Close the file (the
+            # handler, left in the write, is only finalised when gRPC lets go of it), and end the call.
+            with contextlib.suppress(RuntimeError):  # not suspended (cannot be: a write was pending)
+                await chunks.aclose()  # type: ignore[attr-defined]
+            await abort(
+                Unavailable(
+                    f"the download was not read for {idle_s:g} s (the server's stream_idle_s); download the rest "
+                    "again from the offset reached",
+                    reason=Reason.DOWNLOAD_NOT_READ,
+                )
+            )
+
+        watch = WriteWatch(idle_s, stalled)
+        try:
+            watch.writing()
+            yield storage_pb2.DownloadResponse(file=_info(info))
+            watch.written()
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                async for chunk in chunks:
+                    watch.writing()
+                    yield storage_pb2.DownloadResponse(chunk=chunk)
+                    watch.written()
+        finally:
+            watch.stop()
 
     async def Read(self, request: storage_pb2.ReadRequest, context: Context) -> storage_pb2.ReadResponse:
         info, data = await self._runtime.read(_ref(request), request.file_name, deadline(context))

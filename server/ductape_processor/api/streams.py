@@ -1,10 +1,11 @@
 """The glue of the Subscribe-style streams (BrokerService.Subscribe, WebhookService.Receive): their acks and nacks
-as the runtime takes them, and ending a call from outside its handler."""
+as the runtime takes them, and ending a call from outside its handler (also a download nobody reads)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -73,3 +74,36 @@ def aborter(context: Context) -> Abort:
             await context.abort(code, message, trailing_metadata=trailers)
 
     return abort
+
+
+class WriteWatch:
+    """Watches a server stream's writes for a client that stopped reading: a write still pending after `limit_s`
+    runs `stalled` (which ends the call and lets go of what the handler holds: gRPC keeps a handler in such a write,
+    with its open files, for as long as the client keeps the connection). Looks four times per `limit_s`; `stop`
+    when the stream is over."""
+
+    def __init__(self, limit_s: float, stalled: Callable[[], Awaitable[None]]) -> None:
+        self._limit_s = limit_s
+        self._stalled = stalled
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None  # when the pending write began; None between writes
+        self._task = asyncio.ensure_future(self._watch())
+
+    def writing(self) -> None:
+        """A response is handed to gRPC."""
+        self._since = self._loop.time()
+
+    def written(self) -> None:
+        """gRPC took it."""
+        self._since = None
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._limit_s / 4)
+            since = self._since
+            if since is not None and self._loop.time() - since >= self._limit_s:
+                await self._stalled()
+                return
