@@ -10,11 +10,12 @@ verify, is too old or replays a webhook id, 404 for an unknown path.
 The HTTP/1.1 it needs is small (one POST, one JSON answer, then the connection closes), so it is served on the
 loop's transports with llhttp (httptools) parsing, strict, as the actions' client parses answers
 (`adapters/http/connection.py`), rather than on aiohttp's web server, which cost about 12 MB of every processor
-that receives webhooks. A request's head is bounded, a connection that does not complete a request in
-REQUEST_TIMEOUT_S is closed, and after an early answer (404, 413) the rest of a body is read and dropped for a
-while, so that the sender sees the answer rather than a reset connection. Bytes after the request (a pipelined one)
-are dropped unparsed, connections beyond MAX_CONNECTIONS are answered 503, and an unexpected failure is a 500 whose
-details stay in the log. docs/webhooks.md lists these promises; tests/test_webhook_listener_hostile.py holds them.
+that receives webhooks. A request's head is bounded, and so are its chunk framing and trailers (FRAMING_BYTES), a
+connection that does not complete a request in REQUEST_TIMEOUT_S is closed, and after an early answer (404, 413) the
+rest of a body is read and dropped for a while, so that the sender sees the answer rather than a reset connection.
+Bytes after the request (a pipelined one) are dropped unparsed, connections beyond MAX_CONNECTIONS are answered 503,
+and an unexpected failure is a 500 whose details stay in the log. docs/webhooks.md lists these promises;
+tests/test_webhook_listener_hostile.py and tests/test_hostile_http.py hold them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 PATH_PREFIX = "/webhooks"
 MAX_HEAD_BYTES: Final = 65_536
 """Bytes of a request's line and headers, together."""
+FRAMING_BYTES: Final = 65_536
+"""Bytes a request may carry beyond its head and its body's limit: chunk sizes and extensions, and trailers (which
+llhttp hands over whole, so an endless one would otherwise grow in memory until the connection's timeout)."""
 REQUEST_TIMEOUT_S: Final = 30.0
 """A connection that has not sent a whole request by then is closed."""
 LINGER_S: Final = 5.0
@@ -65,6 +69,8 @@ class _Request(asyncio.Protocol):
         self._url = b""
         self._head = 0
         self._head_parsed = 0
+        self._received = 0
+        self._head_done = False
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._size = 0
@@ -93,6 +99,13 @@ class _Request(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._complete:
             return  # one request per connection: what follows it (a pipelined request) is dropped
+        self._received += len(data)
+        if self._head_done and self._received > MAX_HEAD_BYTES + FRAMING_BYTES + self._limit:
+            if self._answered:
+                return  # lingering: dropped unparsed
+            if self._target is not None and self._target.done():  # else reading is paused; the head's bytes
+                self.answer(413, error=f"the body with its framing is larger than {self._limit} bytes")
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -118,6 +131,8 @@ class _Request(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
+        if self._head_done:
+            return  # a trailer field: not a header (the signature covers neither), dropped
         key, text = _text(name).lower(), _text(value)
         self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
 
@@ -128,12 +143,15 @@ class _Request(asyncio.Protocol):
             raise _Answered
 
     def on_headers_complete(self) -> None:
+        self._head_done = True
         if self._parser.get_method() != b"POST":
             self.answer(405, error="only POST is served here")
             return
-        path = unquote(_text(self._url).split("?", 1)[0])
+        # Each segment is decoded alone: an encoded slash (`shop%2Fdev`) must not move a name into the next part.
+        segments = [unquote(segment) for segment in _text(self._url).split("?", 1)[0].split("/")]
+        path = "/".join(segments)
         product, env, receive = "", "", ""
-        if path.startswith(PATH_PREFIX + "/"):
+        if path.startswith(PATH_PREFIX + "/") and not any("/" in segment for segment in segments):
             product, _, rest = path[len(PATH_PREFIX) + 1 :].partition("/")
             env, _, receive = rest.partition("/")
         if not (product and env and receive):

@@ -69,7 +69,7 @@ def verify_standard(headers: Mapping[str, str], body: bytes, key: bytes, now: fl
     within `tolerance_s` of `now` (either way); SignatureRefused otherwise."""
     message_id = _header(headers, "webhook-id")
     stamp = _header(headers, "webhook-timestamp")
-    if not stamp.isdigit() or len(stamp) > 12:
+    if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:  # str.isdigit takes '²' and other scripts
         raise SignatureRefused("webhook-timestamp is not a number of seconds")
     timestamp = int(stamp)
     if abs(now - timestamp) > tolerance_s:
