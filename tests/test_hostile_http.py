@@ -5,13 +5,23 @@ refuse, or holding a connection (and memory) for as long as the sender liked."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import re
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 
-from ductape_processor.api import webhook_http
+from ductape_processor.api import storage_http, webhook_http
 from tests import test_webhooks_receive
+from tests.conftest import Running, ServerFactory
+from tests.test_storage import PRODUCT, TAG, manifest, where
 from tests.test_webhook_listener_hostile import clean, closed_within, connect, read_head
 from tests.test_webhooks_receive import Listener, post_request, raw_exchange, signed
 
@@ -98,3 +108,114 @@ async def test_a_timestamp_in_other_digits_than_ascii_is_401(listener: Listener,
     clean(answer, 401)
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": "the webhook's signature does not verify"}
     assert await listener.received("payments") == []
+
+
+# -- the storage listener ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def storage_server(
+    start_server: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Running, Path]:
+    monkeypatch.setattr(storage_http, "IDLE_S", 0.5, raising=False)  # read when the listener starts
+    server = await start_server(storage_http_address="127.0.0.1:0")
+    await server.client.product.apply(manifest({"provider": "fs"}))
+    await server.client.storage.save(**where(), file_name="first", data=b"1")
+    return server, tmp_path / "data0" / "storage" / PRODUCT / TAG / "dev"
+
+
+async def open_url(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    """A raw connection to the listener of `url`, and the request target to put in a request line."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    return reader, writer, f"{parts.path}?{parts.query}"
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda url: url.split("&sig=")[0] + "&sig=%C3%A9", id="a sig that is not ASCII (500)"),
+        pytest.param(
+            lambda url: re.sub(
+                r"expires=(\d+)", lambda m: "expires=" + "".join(chr(0x660 + int(d)) for d in m[1]), url
+            ),
+            id="the signed expiry in Arabic-Indic digits (accepted: int() reads them)",
+        ),
+    ],
+)
+async def test_a_signed_url_query_in_other_characters_is_403(
+    storage_server: tuple[Running, Path], spoil: Callable[[str], str]
+) -> None:
+    server, _ = storage_server
+    good = await server.client.storage.signed_url(**where(), file_name="first", expires_in=60)
+    async with aiohttp.ClientSession() as http, http.get(spoil(good.url)) as answer:
+        assert answer.status == 403, await answer.text()
+        assert (await answer.json())["reason"] == "STORAGE_URL_INVALID"
+
+
+async def test_a_slow_head_is_cut(storage_server: tuple[Running, Path]) -> None:
+    """aiohttp waited 3630 s (its keep-alive timeout) for a head sent a byte now and then."""
+    server, _ = storage_server
+    good = await server.client.storage.signed_url(**where(), file_name="first", expires_in=60)
+    reader, writer, target = await open_url(good.url)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n".encode())
+        for _ in range(4):  # a byte now and then does not keep the connection
+            await asyncio.sleep(0.2)
+            if not reader.at_eof():
+                writer.write(b"X")
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+    finally:
+        writer.close()
+
+
+async def test_a_put_whose_body_stops_is_408_and_leaves_no_file(storage_server: tuple[Running, Path]) -> None:
+    """A PUT that declared 10 bytes and sent 1 was waited for forever, its temporary file open."""
+    server, root = storage_server
+    put = await server.client.storage.signed_url(**where(), file_name="stalled.bin", method="PUT", expires_in=60)
+    reader, writer, target = await open_url(put.url)
+    try:
+        writer.write(f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nx".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+        answer = json.loads(await asyncio.wait_for(reader.readexactly(length), 1))
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in head, head
+    assert answer["reason"] == "DEADLINE_EXCEEDED" and "sent nothing" in answer["message"]
+    assert [f.file_name async for f in server.client.storage.files(**where())] == ["first"]
+    assert list((root / ".ductape" / "tmp").iterdir()) == []
+
+
+async def test_a_get_whose_reader_stops_reading_is_cut_and_its_file_closed(
+    storage_server: tuple[Running, Path],
+) -> None:
+    """A GET whose client took no bytes held the connection and the open file forever (the write waited)."""
+    server, root = storage_server
+    await server.client.storage.upload([b"z" * (1024 * 1024)] * 32, **where(), file_name="big.bin")
+    get = await server.client.storage.signed_url(**where(), file_name="big.bin", expires_in=60)
+
+    def open_copies() -> int:  # the server runs in this process
+        found = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # closed since it was listed
+                found += os.readlink(f"/proc/self/fd/{fd}") == str(root / "big.bin")
+        return found
+
+    reader, writer, target = await open_url(get.url)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await asyncio.sleep(0.3)
+        assert open_copies() == 1  # the download is under way, waiting for the reader
+        for _ in range(40):
+            if open_copies() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert open_copies() == 0, "a download nobody reads still holds its file"
+        received = 0
+        while chunk := await asyncio.wait_for(reader.read(1024 * 1024), 3):  # what was sent, then the end
+            received += len(chunk)
+        assert received < 32 * 1024 * 1024
+    finally:
+        writer.close()

@@ -3,13 +3,18 @@
 Off unless `PROCESSOR_STORAGE_HTTP_ADDRESS` is set, and on loopback unless the processor is told it may be exposed.
 Like a servicer it only converts: HTTP in, a verified link (runtime/storage/links.py) and a StorageRuntime call,
 HTTP out. Bodies stream both ways a chunk at a time; an error answers the same reason as the gRPC API would, as JSON.
+A connection that sends no whole head within IDLE_S (or stays idle that long between requests) is closed, a PUT
+whose body stops for IDLE_S is answered 408 and saves nothing, and a GET whose reader takes no bytes for IDLE_S is
+cut: none holds a connection, a file or an upload for as long as the other side likes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
 
 import grpc
 from aiohttp import web
@@ -23,6 +28,8 @@ from ductape_processor.runtime.storage.operations import FileSpec, StorageRef, S
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
+IDLE_S = 30.0
+"""Seconds a head may take, and a body (either way) may wait for its next bytes."""
 _STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.UNAUTHENTICATED: 403,
@@ -44,6 +51,10 @@ def _error(exc: ProcessorError) -> web.Response:
     )
 
 
+class _Stalled(Exception):
+    """A PUT's body sent nothing for IDLE_S."""
+
+
 class StorageHttpListener:
     """One aiohttp server bound to `address` (host:port; port 0 picks one)."""
 
@@ -56,7 +67,8 @@ class StorageHttpListener:
         app = web.Application()
         app.router.add_route("GET", PATH_PREFIX + "/{product}/{env}/{tag}/{key:.+}", self._get)
         app.router.add_route("PUT", PATH_PREFIX + "/{product}/{env}/{tag}/{key:.+}", self._put)
-        self._runner = web.AppRunner(app, access_log=None)
+        # aiohttp's keep-alive timeout also closes a connection whose head is not whole by then (default 3630 s).
+        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_S)
 
     async def start(self) -> int:
         """Bind and serve; returns the port and tells the links their base URL."""
@@ -89,8 +101,17 @@ class StorageHttpListener:
         if info.sha256:
             response.headers["X-Checksum-Sha256"] = info.sha256
         await response.prepare(request)
-        async for chunk in chunks:
-            await response.write(chunk)
+        try:
+            async for chunk in chunks:
+                async with asyncio.timeout(IDLE_S):
+                    await response.write(chunk)
+        except TimeoutError:
+            log.info("storage download cut: its reader took no bytes", extra={"file": link.key, "idle_s": IDLE_S})
+            assert request.transport is not None
+            request.transport.close()  # the answer's head is sent: cutting it short is all that is left to say
+            return response
+        finally:
+            await cast(AsyncGenerator[bytes, None], chunks).aclose()  # the file closes now, not when collected
         await response.write_eof()
         return response
 
@@ -102,13 +123,31 @@ class StorageHttpListener:
                 return web.Response(status=403, text="the URL is signed for another Content-Type")
 
             async def body() -> AsyncIterator[bytes]:
-                async for chunk in request.content.iter_chunked(CHUNK_BYTES):
+                chunks = request.content.iter_chunked(CHUNK_BYTES)
+                while True:
+                    try:
+                        async with asyncio.timeout(IDLE_S):
+                            chunk = await anext(chunks, b"")
+                    except TimeoutError:
+                        raise _Stalled from None
+                    if not chunk:
+                        return
                     yield chunk
 
             spec = FileSpec(link.key, link.content_type or given)
             info = await self._runtime.upload(link.ref, spec, body(), declared_size=request.content_length or 0)
         except ProcessorError as exc:
             return _error(exc)
+        except _Stalled:
+            stalled = web.Response(
+                status=408,
+                content_type="application/json",
+                text=json.dumps(
+                    {"reason": str(Reason.DEADLINE_EXCEEDED), "message": f"the body sent nothing for {IDLE_S:g} s"}
+                ),
+            )
+            stalled.force_close()
+            return stalled
         return web.Response(
             status=200,
             content_type="application/json",

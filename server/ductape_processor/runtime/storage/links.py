@@ -75,14 +75,18 @@ class StorageLinks:
         """The link a request presents, or UNAUTHENTICATED when its signature, method or expiry do not hold."""
         kid = query.get("kid", "")
         secret = self._keys.get(kid)
+        given_expiry = query.get("expires", "")
         try:
             signed_method = UrlMethod(query.get("method", ""))
-            expires = int(query.get("expires", ""))
         except ValueError:
             raise _refused("the URL is not a signed storage URL") from None
+        if not (given_expiry.isascii() and given_expiry.isdigit()) or len(given_expiry) > 12:  # int() reads '١٢'
+            raise _refused("the URL is not a signed storage URL")
+        expires = int(given_expiry)
         content_type = query.get("type", "")
         expected = self._mac(kid, ref, key, signed_method, expires, content_type) if secret is not None else ""
-        if not expected or not hmac.compare_digest(expected, query.get("sig", "")):
+        given = query.get("sig", "").encode()  # compare_digest raises TypeError on str that is not ASCII
+        if not expected or not hmac.compare_digest(expected.encode(), given):
             raise _refused("the URL's signature does not match")
         if signed_method.value != method:
             raise _refused(f"the URL is signed for {signed_method.value}, not {method}")
