@@ -19,13 +19,16 @@ import aiohttp
 import pytest
 
 from ductape_processor.api import storage_http, webhook_http
-from tests import test_webhooks_receive
+from tests import test_webhooks_dispatch, test_webhooks_receive
 from tests.conftest import Running, ServerFactory
 from tests.test_storage import PRODUCT, TAG, manifest, where
 from tests.test_webhook_listener_hostile import clean, closed_within, connect, read_head
+from tests.test_webhooks_dispatch import FAILED, Setup
 from tests.test_webhooks_receive import Listener, post_request, raw_exchange, signed
+from tests.upstream import Upstream
 
 listener = test_webhooks_receive.listener  # a started processor with the shop's receive paths (2048 bytes on /payments)
+setup = test_webhooks_dispatch.setup  # one whose /invoices receive dispatches to a job of the upstream's action
 
 QUIET = "/webhooks/shop/dev/quiet"
 
@@ -108,6 +111,31 @@ async def test_a_timestamp_in_other_digits_than_ascii_is_401(listener: Listener,
     clean(answer, 401)
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": "the webhook's signature does not verify"}
     assert await listener.received("payments") == []
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        pytest.param(b'{"x": 1e999999}', "out of range", id="a float past a double (was sent on as Infinity)"),
+        pytest.param(b'{"x": -Infinity}', "out of range", id="-Infinity (was sent on)"),
+        pytest.param(b'{"x": NaN}', "out of range", id="NaN (was sent on)"),
+        pytest.param(b'{"x": ' + b"9" * 400 + b"}", "out of range", id="an integer past a double (Get was INTERNAL)"),
+        pytest.param(b'{"x": ' + b"9" * 5000 + b"}", "out of range", id="an integer past int()'s 4300 digits"),
+        pytest.param(b'{"x": "\\ud800"}', "lone surrogate", id="a lone surrogate (pending: UnicodeEncodeError)"),
+        pytest.param(b'{"x": "\xff"}', "not UTF-8", id="bytes that are not UTF-8"),
+    ],
+)
+async def test_a_body_no_job_can_carry_fails_its_dispatch_at_once_saying_why(
+    setup: Setup, upstream: Upstream, body: bytes, says: str
+) -> None:
+    """Python's json takes NaN, Infinity and numbers past a double, and keeps lone surrogates: these bodies made a
+    job that sent `{"x": Infinity}` upstream and poisoned JobService.Get (INTERNAL, or a client that cannot read the
+    answer), or a dispatch that failed `UnicodeEncodeError` and was tried again for three hours."""
+    received_id = await setup.post("/invoices", body, {"content-type": "application/json"})
+    failed = await setup.settled(received_id, lambda d: d.status == FAILED)
+    assert failed.attempts == 1 and not failed.job_id, failed
+    assert says in failed.error and "processor failed" not in failed.error, failed.error
+    assert upstream.hits("/record") == []
 
 
 # -- the storage listener ----------------------------------------------------------------------------------------

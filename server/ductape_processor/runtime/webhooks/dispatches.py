@@ -20,11 +20,14 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
+import re
+import sys
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Final, Protocol
+from typing import Any, Final, NoReturn, Protocol
 
 from ductape_processor.errors import FailedPrecondition, InvalidArgument, ProcessorError
 from ductape_processor.reasons import Reason
@@ -99,12 +102,49 @@ def _deeper_than(document: Any, limit: int) -> bool:
     return any(isinstance(value, dict | list) for value in level)
 
 
+class _Unfit(ValueError):
+    """A JSON body that parses but that no job or run can carry (JSON numbers and text travel as protobuf's)."""
+
+
+def _out_of_range(text: str) -> NoReturn:
+    raise _Unfit(f"holds a number out of range ({text[:24]}: NaN, Infinity and beyond ±1.8e308 are not JSON values)")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        _out_of_range(text)
+    return number
+
+
+def _finite_int(text: str) -> int:
+    # An integer past a double has no protobuf number (JobService.Get answered INTERNAL); int() refuses 4300 digits.
+    number = int(text) if len(text) <= 320 else None
+    if number is None or abs(number) > sys.float_info.max:
+        _out_of_range(text)
+    return number
+
+
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def json_body(record: ReceivedRecord, taker: str) -> dict[str, Any]:
-    """The webhook's body as the JSON object `taker` takes; INVALID_ARGUMENT when it is not one, or nests deeper than
-    `MAX_BODY_DEPTH`."""
+    """The webhook's body as the JSON object `taker` takes; INVALID_ARGUMENT when it is not one, nests deeper than
+    `MAX_BODY_DEPTH`, or holds what no job or run can carry: a number past a double (NaN, Infinity, 1e999), text
+    with a lone surrogate (`\\ud800`), bytes that are not UTF-8."""
     try:
-        document = json.loads(record.body)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        document = json.loads(
+            record.body, parse_constant=_out_of_range, parse_float=_finite_float, parse_int=_finite_int
+        )
+        if _SURROGATE_ESCAPE.search(record.body):  # rare: then check the text is Unicode (a pair is)
+            json.dumps(document, ensure_ascii=False).encode()
+    except _Unfit as exc:
+        raise InvalidArgument(f"the webhook's body {exc}, which {taker} cannot take") from None
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"the webhook's body holds a lone surrogate, which {taker} cannot take") from None
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"the webhook's body is not UTF-8 JSON, which {taker} takes") from None
+    except (ValueError, RecursionError):
         document = None
     if not isinstance(document, dict):
         raise InvalidArgument(f"the webhook's body is not a JSON object, which {taker} takes")
