@@ -63,8 +63,9 @@ def cron_problem(expression: str) -> str | None:
         return f"a cron expression has 5 or 6 fields, not {fields}"
     try:
         next(CronSim(expression, _EPOCH))
-    except (CronSimError, StopIteration, ValueError) as exc:
-        return f"{expression!r} is not a valid cron expression: {exc}"
+    except (CronSimError, StopIteration, ValueError) as exc:  # the reason first: a long expression is cut short
+        shown = repr(expression) if len(expression) <= 64 else f"{expression[:60]!r}…"
+        return f"is not a valid cron expression ({exc}): {shown}"
     return None
 
 

@@ -66,10 +66,16 @@ class Outcome:
 
 
 def check_target(manifest: Manifest, target: Target, field: str) -> None:
-    """INVALID_ARGUMENT on `field`.address unless the manifest declares the target's resource."""
+    """INVALID_ARGUMENT on `field`.address unless the manifest declares the target's resource, and on `field`.input
+    when the input holds what JSON cannot carry (a Struct's double may be NaN or infinite)."""
     problem = target_problem(manifest, target.kind.value, target.address)
     if problem is not None:
         raise InvalidArgument.field(f"{field}.address", problem)
+    try:
+        json.dumps(target.input, allow_nan=False)
+    except ValueError:  # stored, it ran as `Infinity` sent upstream, and clients could not read the job
+        why = "holds NaN or an infinite number, which JSON cannot carry"
+        raise InvalidArgument.field(f"{field}.input", why) from None
 
 
 class _Given(TypedDict):
