@@ -65,6 +65,17 @@ async def test_endless_chunk_framing_is_413_and_not_read_until_the_timeout(
     assert await listener.received("payments") == []
 
 
+async def test_a_body_at_its_limit_in_small_chunks_is_received(listener: Listener) -> None:
+    """The bound on framing grows with the body: 16-byte chunks add 6 bytes of framing to each (1.4 MiB for a body
+    of 1 MiB, the default limit), which a sender may well do."""
+    body = b"x" * (1024 * 1024 - 16)
+    chunks = b"".join(b"10\r\n" + body[i : i + 16] + b"\r\n" for i in range(0, len(body), 16))
+    head = f"POST {QUIET} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    clean(await raw_exchange(listener, head + chunks + b"0\r\n\r\n"), 200)
+    [received] = await listener.received("quiet")
+    assert received.body == body
+
+
 async def test_trailer_fields_are_not_taken_for_headers(listener: Listener) -> None:
     """A trailer came into the stored headers (and merged into a header of its name), as if the sender had sent it
     in the head."""

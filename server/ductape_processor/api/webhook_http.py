@@ -39,8 +39,9 @@ PATH_PREFIX = "/webhooks"
 MAX_HEAD_BYTES: Final = 65_536
 """Bytes of a request's line and headers, together."""
 FRAMING_BYTES: Final = 65_536
-"""Bytes a request may carry beyond its head and its body's limit: chunk sizes and extensions, and trailers (which
-llhttp hands over whole, so an endless one would otherwise grow in memory until the connection's timeout)."""
+"""Bytes a request may carry beyond its head, its body's limit and 4 bytes a body byte (chunks of 2 bytes on pass):
+chunk sizes and extensions, and trailers (which llhttp hands over whole, so an endless one would otherwise grow in
+memory until the connection's timeout)."""
 REQUEST_TIMEOUT_S: Final = 30.0
 """A connection that has not sent a whole request by then is closed."""
 LINGER_S: Final = 5.0
@@ -100,7 +101,7 @@ class _Request(asyncio.Protocol):
         if self._complete:
             return  # one request per connection: what follows it (a pipelined request) is dropped
         self._received += len(data)
-        if self._head_done and self._received > MAX_HEAD_BYTES + FRAMING_BYTES + self._limit:
+        if self._head_done and self._received > MAX_HEAD_BYTES + FRAMING_BYTES + self._limit + 4 * self._size:
             if self._answered:
                 return  # lingering: dropped unparsed
             if self._target is not None and self._target.done():  # else reading is paused; the head's bytes
