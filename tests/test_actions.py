@@ -322,6 +322,17 @@ async def test_a_json_answer_holding_a_lone_surrogate_is_returned_as_bytes(
     assert result.status_code == 200 and result.body == body
 
 
+@pytest.mark.parametrize("body", [b'{"n": ' + b"9" * 400 + b"}", b'{"n": NaN}', b'{"n": 1e999}'])
+async def test_a_json_answer_holding_a_number_no_double_holds_is_returned_as_bytes(
+    running: Running, upstream: Upstream, body: bytes
+) -> None:
+    # Python's parser takes each (an integer past a double's range made the call INTERNAL; NaN and Infinity, which
+    # are not JSON, came back as a Value no JSON encoder writes back).
+    upstream.on("GET /users/1", lambda r: web.Response(body=body, content_type="application/json"))
+    result = await run(running, "user", input={"params": {"id": "1"}})
+    assert result.status_code == 200 and result.body == body
+
+
 async def test_only_2xx_results_are_cached(running: Running, upstream: Upstream) -> None:
     upstream.on("GET /users/1", lambda r: json_answer({}, status=404))
     await run(running, "user", input={"params": {"id": "1"}}, cache="short")

@@ -4,6 +4,7 @@ reading a Value is the Python client's `from_value`, shared by both sides)."""
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -62,9 +63,22 @@ class _TooDeep(Exception):
     """A JSON document nests deeper than MAX_JSON_DEPTH."""
 
 
+def _not_a_number(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999
+        raise ValueError(f"{text[:20]} is past a double's range")
+    return number
+
+
 def json_to_value(body: bytes, target: struct_pb2.Value) -> bool:
     """Fill `target` with the JSON document `body`, in one pass; False when `body` is not JSON, nests deeper than
-    `MAX_JSON_DEPTH`, or holds a string no protobuf string can (JSON may escape a lone surrogate, "\\ud800").
+    `MAX_JSON_DEPTH`, holds a string no protobuf string can (JSON may escape a lone surrogate, "\\ud800"), or a
+    number no double can (an integer past its range; NaN, Infinity and 1e999, which Python's parser takes: a
+    `Value` holding one would not be JSON again).
 
     On False, `target` may be partly filled: the caller answers with the bytes instead. An empty object or array at
     the top leaves `target` unset, as an empty document has no value to carry.
@@ -73,16 +87,17 @@ def json_to_value(body: bytes, target: struct_pb2.Value) -> bool:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         # orjson refuses what Python's json takes (integers past 64 bits, NaN and Infinity, lone surrogates, very
-        # deep nesting): the standard parser decides, so a document reads the same as it always has.
+        # deep nesting): the standard parser decides, so a document reads the same as it always has, but for the
+        # numbers no double holds (NaN, the infinities and what overflows to them are not JSON: refused).
         try:
-            data = json.loads(body)
+            data = json.loads(body, parse_constant=_not_a_number, parse_float=_finite)
         except (ValueError, RecursionError):
             return False
     if isinstance(data, dict | list) and not data:
         return True
     try:
         _fill(target, data, 0)
-    except (_TooDeep, UnicodeEncodeError):
+    except (_TooDeep, UnicodeEncodeError, OverflowError):  # OverflowError: an integer past a double
         return False
     return True
 
