@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from google.protobuf import struct_pb2
@@ -55,3 +56,38 @@ def test_an_empty_document_leaves_the_value_unset(body: bytes) -> None:
     value = struct_pb2.Value()
     assert json_to_value(body, value)
     assert value.WhichOneof("kind") is None
+
+
+def test_a_document_the_processor_wrote_keeps_nan_and_infinity_when_asked() -> None:
+    # Feature outputs: JSON the runtime wrote from values that held them (a PostgreSQL row's 'NaN'::float8); no bytes
+    # to answer instead, so they stay numbers, as they always were.
+    value = struct_pb2.Value()
+    assert json_to_value(b'{"x": NaN, "y": -Infinity}', value, finite=False)
+    assert math.isnan(value.struct_value.fields["x"].number_value)
+    assert value.struct_value.fields["y"].number_value == -math.inf
+    assert not json_to_value(b'{"x": NaN}', struct_pb2.Value()), "refused where the bytes can be answered instead"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"n": 1, "x": NaN}', None),  # a Value, NaN kept
+        ('{"big": ' + "9" * 400 + "}", '{"big": ' + "9" * 400 + "}"),  # no double holds it: the JSON text
+        (
+            "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1),
+            "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1),
+        ),
+    ],
+)
+def test_a_feature_output_no_value_holds_is_shown_as_its_json_text_not_cut_short(
+    text: str, expected: str | None
+) -> None:
+    from ductape_processor.api.feature import _output
+
+    value = struct_pb2.Value()
+    _output(text, value)
+    if expected is None:
+        assert value.struct_value.fields["n"].number_value == 1
+        assert math.isnan(value.struct_value.fields["x"].number_value)
+    else:
+        assert value.WhichOneof("kind") == "string_value" and value.string_value == expected

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Final, Protocol, TypeVar
 
 from ductape.processor.v1 import feature_pb2, feature_pb2_grpc
+from google.protobuf import struct_pb2
 
 from ductape_processor.api.calls import Context, call_options, product_env
 from ductape_processor.api.values import json_to_value, pinned_version, required, set_timestamp, struct_to_dict
@@ -45,6 +46,14 @@ def _status(value: int) -> FeatureRunStatus | None:
         raise InvalidArgument.field("status", f"{value} is not a status") from None
 
 
+def _output(text: str, target: struct_pb2.Value) -> None:
+    """A stored output (JSON the runtime wrote) as a Value; one no Value can hold (an integer past a double's range,
+    nesting past MAX_JSON_DEPTH) as its JSON text, rather than a Value cut short where it failed."""
+    if not json_to_value(text.encode("utf-8", "replace"), target, finite=False):
+        target.Clear()
+        target.string_value = text.encode("utf-8", "replace").decode()
+
+
 def _call(target: feature_pb2.FeatureCall, record: FeatureStepRecord) -> None:
     target.status = int(record.status)  # type: ignore[assignment]
     target.attempts = record.attempts
@@ -53,7 +62,7 @@ def _call(target: feature_pb2.FeatureCall, record: FeatureStepRecord) -> None:
     if record.ended_at is not None:
         set_timestamp(target.end_time, record.ended_at)
     if record.output and record.output != "null":
-        json_to_value(record.output.encode(), target.output)
+        _output(record.output, target.output)
     target.error_reason = record.error_reason
     target.error_message = record.error_message
 
@@ -82,7 +91,7 @@ def run_message(view: RunView, target: feature_pb2.FeatureRun) -> feature_pb2.Fe
     target.status = int(run.status)  # type: ignore[assignment]
     target.input.update(json.loads(run.input))
     if run.output:
-        json_to_value(run.output.encode(), target.output)
+        _output(run.output, target.output)
     target.error_reason = run.error_reason
     target.error_message = run.error_message
     target.failed_step = run.failed_step

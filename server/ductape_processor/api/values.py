@@ -74,11 +74,12 @@ def _finite(text: str) -> float:
     return number
 
 
-def json_to_value(body: bytes, target: struct_pb2.Value) -> bool:
+def json_to_value(body: bytes, target: struct_pb2.Value, *, finite: bool = True) -> bool:
     """Fill `target` with the JSON document `body`, in one pass; False when `body` is not JSON, nests deeper than
     `MAX_JSON_DEPTH`, holds a string no protobuf string can (JSON may escape a lone surrogate, "\\ud800"), or a
-    number no double can (an integer past its range; NaN, Infinity and 1e999, which Python's parser takes: a
-    `Value` holding one would not be JSON again).
+    number no double can: an integer past its range, and, when `finite`, NaN, Infinity and 1e999, which Python's
+    parser takes (a `Value` holding one would not be JSON again; a caller with the bytes to answer instead refuses
+    them, one whose document the processor wrote itself, from values that held them, keeps them).
 
     On False, `target` may be partly filled: the caller answers with the bytes instead. An empty object or array at
     the top leaves `target` unset, as an empty document has no value to carry.
@@ -90,7 +91,7 @@ def json_to_value(body: bytes, target: struct_pb2.Value) -> bool:
         # deep nesting): the standard parser decides, so a document reads the same as it always has, but for the
         # numbers no double holds (NaN, the infinities and what overflows to them are not JSON: refused).
         try:
-            data = json.loads(body, parse_constant=_not_a_number, parse_float=_finite)
+            data = json.loads(body, parse_constant=_not_a_number, parse_float=_finite) if finite else json.loads(body)
         except (ValueError, RecursionError):
             return False
     if isinstance(data, dict | list) and not data:
