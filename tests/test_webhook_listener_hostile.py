@@ -5,6 +5,7 @@ and garbage are answered with a clean 4xx (or cut), never a traceback, and the l
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 
 import pytest
@@ -179,6 +180,47 @@ async def test_connections_over_the_cap_are_refused_and_the_listener_recovers(
             w.close()
     await asyncio.sleep(0.2)
     await still_serving(listener)
+
+
+async def test_bodies_past_the_listeners_budget_are_503_while_others_hold_theirs(
+    listener: Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_http, "BODY_BUDGET_BYTES", 3000)
+    http = listener.running.app.components.webhook_http
+    assert http is not None
+    body = json.dumps({"pad": "x" * 1960}).encode()  # 1,972 bytes: within /payments' 2048
+    first = post_request("/payments", body, signed(body, "evt_budget_first"))
+    reader, writer = await connect(listener)
+    try:
+        writer.write(first[: len(first) - 400])  # all but the last 400 bytes: about 1,570 held
+        await writer.drain()
+        for _ in range(50):
+            if http.buffered:
+                break
+            await asyncio.sleep(0.02)
+        assert 1000 < http.buffered < 2000
+        # Another sender's whole body would pass the budget while the first holds its bytes: 503, kept nowhere.
+        second = post_request("/payments", body, signed(body, "evt_budget_second"))
+        other_reader, other_writer = await connect(listener)
+        try:
+            other_writer.write(second)
+            clean(await read_head(other_reader), 503)  # then the rest is read and dropped for a while
+        finally:
+            other_writer.close()
+        # The first completes: a body is refused only for what others hold.
+        writer.write(first[len(first) - 400 :])
+        await writer.drain()
+        clean(await closed_within(reader, 3), 200)
+    finally:
+        writer.close()
+    for _ in range(50):
+        if http.buffered == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert http.buffered == 0, "what the connections held is given back"
+    assert [r.webhook_id for r in await listener.received("payments")] == ["evt_budget_first"]
+    # With nothing held, the one refused goes through when sent again (as a provider retries a 503).
+    clean(await raw_exchange(listener, second), 200)
 
 
 # -- 3. pipelining -----------------------------------------------------------------------------------------------

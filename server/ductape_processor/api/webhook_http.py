@@ -48,6 +48,10 @@ LINGER_S: Final = 5.0
 """After an answer sent before the body was read, the rest of the body is read and dropped for at most this long."""
 MAX_CONNECTIONS: Final = 512
 """Connections open at once; one more is answered 503 and closed (each holds at most a head and a body)."""
+BODY_BUDGET_BYTES: Final = 256 * 1024 * 1024
+"""Bytes of bodies all connections may hold at once: a body that would pass it while others hold bytes is answered
+503 (providers retry), so that MAX_CONNECTIONS senders of `max_body_bytes` (up to 64 MiB each) cannot make the
+listener hold their product (32 GiB); a request alone is never refused by it."""
 _REASONS: Final = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
                    413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
 
@@ -74,6 +78,7 @@ class _Request(asyncio.Protocol):
         self._head_done = False
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
+        self._held = 0  # bytes of `_body` counted in the listener's `buffered`
         self._size = 0
         self._limit = 0
         self._target: asyncio.Future[ReceiveTarget | None] | None = None
@@ -94,6 +99,8 @@ class _Request(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         # A task in progress goes on: a webhook being stored when its sender went away is still received.
         self._listener.connections.discard(self)
+        self._listener.buffered -= self._held
+        self._held = 0
         if self._timer is not None:
             self._timer.cancel()
 
@@ -171,6 +178,12 @@ class _Request(asyncio.Protocol):
         if self._limit and self._size > self._limit:
             self.answer(413, error=f"the body is larger than {self._limit} bytes")
             raise _Answered
+        listener = self._listener
+        if listener.buffered + len(chunk) > BODY_BUDGET_BYTES and listener.buffered > self._held:
+            self.answer(503, reason=str(Reason.UNAVAILABLE), error="too many bodies are being received at once; retry")
+            raise _Answered
+        listener.buffered += len(chunk)
+        self._held += len(chunk)
         self._body.append(chunk)
 
     def on_message_complete(self) -> None:
@@ -264,6 +277,8 @@ class WebhookHttpListener:
         self._server: asyncio.Server | None = None
         self._stopped = False
         self.connections: set[_Request] = set()
+        self.buffered = 0
+        """Bytes of bodies the connections hold (BODY_BUDGET_BYTES)."""
 
     async def ensure(self) -> None:
         """Start serving when a product declares a receive path (and the listener is not serving yet)."""
